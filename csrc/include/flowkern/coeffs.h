@@ -1,0 +1,73 @@
+// Per-sample coefficient math (DESIGN §1, §3): every training target and
+// every prediction conversion is affine in two per-sample vectors, so a
+// kernel loads the schedule coefficients of a row once and applies a 2-term
+// affine map to each element. The Triton kernels mirror these functions in
+// flowkern/triton/coeffs.py; the reference is flowkern/reference/coeffs.py.
+#pragma once
+
+#include "hd.h"
+
+namespace fk {
+
+// Must match flowkern/_enums.py.
+enum Pred : int { VELOCITY = 0, X1 = 1, EPS = 2, SCORE = 3 };
+
+// Schedule values at one sample's time: x_t = alpha*x1 + sigma*x0,
+// u_t = d_alpha*x1 + d_sigma*x0. Kernels receive them as a (B, 4) row-major
+// tensor in this order.
+template <class A> struct Sched { A alpha, sigma, d_alpha, d_sigma; };
+
+template <class A> FK_HD Sched<A> load_sched(const A* coef, i64 row) {
+  const A* c = coef + row * 4;
+  return Sched<A>{c[0], c[1], c[2], c[3]};
+}
+
+// y = a*x1 + b*x0, the two coefficients of a linear combination.
+template <class A> struct Lin2 { A a, b; };
+
+// Training target y = c_x1*x1 + c_x0*x0 for a prediction type (DESIGN §4):
+// velocity u_t; x1; eps = x0; score = -x0/sigma (Gaussian noise only).
+template <class A> FK_HD Lin2<A> target_coeffs(int target, Sched<A> s) {
+  switch (target) {
+    case VELOCITY: return {s.d_alpha, s.d_sigma};
+    case X1: return {A(1), A(0)};
+    case EPS: return {A(0), A(1)};
+    default: return {A(0), A(-1) / s.sigma};
+  }
+}
+
+// A prediction of type `src` at state x rewritten as type `dst`:
+// dst = c_x*x + c_p*pred (DESIGN §3). Each pair uses the direct formula, not
+// a composition through x1, so that no division appears that the pair does
+// not need (velocity -> eps stays finite at sigma = 0, for example).
+// Lin2.a multiplies x, Lin2.b multiplies the prediction.
+template <class A> FK_HD Lin2<A> convert_coeffs(int src, int dst, Sched<A> s) {
+  const A al = s.alpha, sg = s.sigma, da = s.d_alpha, ds = s.d_sigma;
+  if (src == dst) return {A(0), A(1)};
+  if (src == SCORE) {
+    // score = -eps/sigma: rewrite as eps, then convert eps -> dst.
+    if (dst == EPS) return {A(0), -sg};
+    Lin2<A> e = convert_coeffs<A>(EPS, dst, s);
+    return {e.a, -sg * e.b};
+  }
+  if (dst == SCORE) {
+    // score = -eps/sigma with eps from src.
+    Lin2<A> e = convert_coeffs<A>(src, EPS, s);
+    return {-e.a / sg, -e.b / sg};
+  }
+  switch (src) {
+    case X1:  // d
+      if (dst == EPS) return {A(1) / sg, -al / sg};
+      return {ds / sg, da - al * ds / sg};                  // velocity
+    case EPS:  // eps
+      if (dst == X1) return {A(1) / al, -sg / al};
+      return {da / al, ds - sg * da / al};                  // velocity
+    default: {  // velocity, det = alpha*d_sigma - sigma*d_alpha
+      const A det = al * ds - sg * da;
+      if (dst == X1) return {ds / det, -sg / det};
+      return {-da / det, al / det};                         // eps
+    }
+  }
+}
+
+}  // namespace fk

@@ -1,0 +1,98 @@
+// The elementwise engine behind every fused training and sampler step.
+//
+// A tensor of shape (B, ...) is viewed as `rows` = B rows of `inner`
+// contiguous elements. Each op supplies a row functor `Fn` with
+//   static constexpr int NI, NO;          // inputs, outputs
+//   FK_HD Mat<A, NO, NI> row(i64 r) const; // per-sample coefficients
+// and every element e of row r becomes out[k][e] = sum_j M[k][j] * in[j][e].
+// The coefficient math lives in the functors (coeffs.h and the op headers);
+// the loops live here once, for the CPU kernels and for the CUDA kernels.
+#pragma once
+
+#include "hd.h"
+
+namespace fk {
+
+template <class A, int NO, int NI> struct Mat { A m[NO][NI]; };
+
+template <class T, int N> struct Ptrs { const T* p[N]; };
+template <class T, int N> struct OutPtrs { T* p[N]; };
+
+// out = M * in for one element, in the accumulation type.
+template <class A, int NO, int NI>
+FK_HD void apply(const Mat<A, NO, NI>& M, const A (&in)[NI], A (&out)[NO]) {
+FK_UNROLL
+  for (int k = 0; k < NO; ++k) {
+    A s = M.m[k][0] * in[0];
+FK_UNROLL
+    for (int j = 1; j < NI; ++j) s += M.m[k][j] * in[j];
+    out[k] = s;
+  }
+}
+
+// Elements [e0, e1) of row r: the CPU kernels call this on cache-sized
+// segments; the loop is branch-free so g++ vectorises it for fp32/fp64.
+template <class T, class Fn>
+inline void lincomb_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
+                            Ptrs<T, Fn::NI> in, OutPtrs<T, Fn::NO> out) {
+  using A = acc_t<T>;
+  const auto M = fn.row(r);
+  const i64 base = r * inner;
+  for (i64 e = base + e0; e < base + e1; ++e) {
+    A x[Fn::NI], y[Fn::NO];
+    for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], e);
+    apply(M, x, y);
+    for (int k = 0; k < Fn::NO; ++k) store(out.p[k], e, y[k]);
+  }
+}
+
+// Aligned pack of VEC elements: one 128-bit load or store on the GPU.
+template <class T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
+
+// The CUDA kernel body, written as a function of the global thread index so
+// that the CPU grid simulator (csrc/cpu/cuda_sim.cpp) runs exactly the code
+// the GPU runs. Grid-stride loop over chunks of VEC consecutive elements;
+// VEC > 1 only when inner % VEC == 0 and every pointer is 16-byte aligned
+// (the launcher checks), so a chunk never straddles two rows. Offsets are
+// 64-bit. The row coefficients are recomputed only when the row changes.
+template <int VEC, class T, class Fn>
+FK_HD void lincomb_thread(const Fn& fn, i64 gtid, i64 nthreads, i64 rows, i64 inner,
+                          Ptrs<T, Fn::NI> in, OutPtrs<T, Fn::NO> out) {
+  using A = acc_t<T>;
+  const i64 nchunks = rows * inner / VEC;
+  i64 cached = -1;
+  decltype(fn.row(0)) M{};
+  for (i64 c = gtid; c < nchunks; c += nthreads) {
+    const i64 e = c * VEC;
+    const i64 r = e / inner;
+    if (r != cached) { M = fn.row(r); cached = r; }
+    Pack<T, VEC> pin[Fn::NI], pout[Fn::NO];
+FK_UNROLL
+    for (int j = 0; j < Fn::NI; ++j) {
+#if defined(__CUDA_ARCH__)
+      pin[j] = *reinterpret_cast<const Pack<T, VEC>*>(in.p[j] + e);
+#else
+      for (int v = 0; v < VEC; ++v) pin[j].v[v] = in.p[j][e + v];
+#endif
+    }
+FK_UNROLL
+    for (int v = 0; v < VEC; ++v) {
+      A x[Fn::NI], y[Fn::NO];
+FK_UNROLL
+      for (int j = 0; j < Fn::NI; ++j) x[j] = to_float(pin[j].v[v]);
+      apply(M, x, y);
+FK_UNROLL
+      for (int k = 0; k < Fn::NO; ++k) pout[k].v[v] = from_acc<T>(y[k]);
+    }
+FK_UNROLL
+    for (int k = 0; k < Fn::NO; ++k) {
+#if defined(__CUDA_ARCH__)
+      *reinterpret_cast<Pack<T, VEC>*>(out.p[k] + e) = pout[k];
+#else
+      for (int v = 0; v < VEC; ++v) out.p[k][e + v] = pout[k].v[v];
+#endif
+    }
+  }
+}
+
+}  // namespace fk

@@ -1,0 +1,71 @@
+// Row reduction engine: sum over each row of (M_row * in)^2 for a row functor
+// with NO == 1 (the flow-matching loss residual). CPU kernels reduce a row
+// segment with 8 independent lanes (vectorisable, and pairwise-like error);
+// the CUDA kernel body is split into the two phases between barriers so the
+// grid simulator can run it: per-thread partials, then a shared-memory tree.
+#pragma once
+
+#include "lincomb.h"
+
+namespace fk {
+
+template <class T, class Fn>
+inline acc_t<T> rowsum_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
+                               Ptrs<T, Fn::NI> in) {
+  static_assert(Fn::NO == 1, "rowsum reduces a single output");
+  using A = acc_t<T>;
+  constexpr int L = 8;
+  const auto M = fn.row(r);
+  const i64 base = r * inner;
+  A lane[L] = {};
+  i64 e = base + e0;
+  const i64 end = base + e1;
+  for (; e + L <= end; e += L) {
+    for (int l = 0; l < L; ++l) {
+      A x[Fn::NI], y[1];
+      for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], e + l);
+      apply(M, x, y);
+      lane[l] += y[0] * y[0];
+    }
+  }
+  for (int l = 0; e < end; ++e, ++l) {
+    A x[Fn::NI], y[1];
+    for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], e);
+    apply(M, x, y);
+    lane[l] += y[0] * y[0];
+  }
+  A s = A(0);
+  for (int l = 0; l < L; ++l) s += lane[l];
+  return s;
+}
+
+// Phase 1 of the CUDA row-sum kernel: block `blk` covers elements
+// [chunk*chunk_len, (chunk+1)*chunk_len) of row blk / nchunks; thread `tid`
+// of `nthr` sums its strided elements. Returns the thread's partial.
+template <class T, class Fn>
+FK_HD acc_t<T> rowsum_thread(const Fn& fn, i64 blk, int tid, int nthr, i64 inner,
+                             i64 nchunks, i64 chunk_len, Ptrs<T, Fn::NI> in) {
+  using A = acc_t<T>;
+  const i64 r = blk / nchunks;
+  const i64 c = blk - r * nchunks;
+  const i64 e0 = c * chunk_len;
+  i64 e1 = e0 + chunk_len;
+  if (e1 > inner) e1 = inner;
+  const auto M = fn.row(r);
+  A s = A(0);
+  for (i64 e = e0 + tid; e < e1; e += nthr) {
+    A x[Fn::NI], y[1];
+FK_UNROLL
+    for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], r * inner + e);
+    apply(M, x, y);
+    s += y[0] * y[0];
+  }
+  return s;
+}
+
+// Phase 2, one step of the tree (all threads tid < stride, then a barrier).
+template <class A> FK_HD void tree_step(A* smem, int tid, int stride) {
+  if (tid < stride) smem[tid] += smem[tid + stride];
+}
+
+}  // namespace fk

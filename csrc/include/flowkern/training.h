@@ -1,0 +1,81 @@
+// Row functors of the training op family (DESIGN §4 "Training"), for the
+// lincomb engine (lincomb.h) and the row-reduction engine (rowsum.h).
+// Inputs and outputs are listed in the order the kernels pass pointers.
+#pragma once
+
+#include "coeffs.h"
+#include "lincomb.h"
+
+namespace fk {
+
+// interpolate: in (x0, x1) -> out (x_t, y); x_t = a x1 + s x0, y = target.
+template <class A> struct InterpolateFn {
+  static constexpr int NI = 2, NO = 2;
+  const A* coef; int target;
+  FK_HD Mat<A, 2, 2> row(i64 r) const {
+    const Sched<A> s = load_sched(coef, r);
+    const Lin2<A> y = target_coeffs(target, s);
+    return {{{s.sigma, s.alpha}, {y.b, y.a}}};
+  }
+};
+
+// Its vector-Jacobian product: in (g_xt, g_y) -> out (g_x0, g_x1).
+template <class A> struct InterpolateBwdFn {
+  static constexpr int NI = 2, NO = 2;
+  const A* coef; int target;
+  FK_HD Mat<A, 2, 2> row(i64 r) const {
+    const Sched<A> s = load_sched(coef, r);
+    const Lin2<A> y = target_coeffs(target, s);
+    return {{{s.sigma, y.b}, {s.alpha, y.a}}};
+  }
+};
+
+// convert: in (x, pred) -> out (pred as dst).
+template <class A> struct ConvertFn {
+  static constexpr int NI = 2, NO = 1;
+  const A* coef; int src, dst;
+  FK_HD Mat<A, 1, 2> row(i64 r) const {
+    const Lin2<A> c = convert_coeffs(src, dst, load_sched(coef, r));
+    return {{{c.a, c.b}}};
+  }
+};
+
+// Its vector-Jacobian product: in (g) -> out (g_x, g_pred).
+template <class A> struct ConvertBwdFn {
+  static constexpr int NI = 1, NO = 2;
+  const A* coef; int src, dst;
+  FK_HD Mat<A, 2, 1> row(i64 r) const {
+    const Lin2<A> c = convert_coeffs(src, dst, load_sched(coef, r));
+    return {{{c.a}, {c.b}}};
+  }
+};
+
+// flow_matching_loss residual: in (pred, x0, x1) -> pred - y. The loss kernel
+// sums its square over each row; y is never stored.
+template <class A> struct LossResidualFn {
+  static constexpr int NI = 3, NO = 1;
+  const A* coef; int target;
+  FK_HD Mat<A, 1, 3> row(i64 r) const {
+    const Lin2<A> y = target_coeffs(target, load_sched(coef, r));
+    return {{{A(1), -y.b, -y.a}}};
+  }
+};
+
+// d(row loss)/d(pred, x0, x1) scaled by the incoming per-row gradient g:
+// with rho = pred - a x1 - b x0, g_pred = 2 g rho, g_x0 = -b g_pred,
+// g_x1 = -a g_pred; in (pred, x0, x1) -> out (g_pred, g_x0, g_x1).
+template <class A> struct LossBwdFn {
+  static constexpr int NI = 3, NO = 3;
+  const A* coef; const A* grad_rows; int target;
+  FK_HD Mat<A, 3, 3> row(i64 r) const {
+    const Lin2<A> y = target_coeffs(target, load_sched(coef, r));
+    const A g = A(2) * grad_rows[r];
+    const A p[3] = {A(1), -y.b, -y.a};  // d rho / d(pred, x0, x1)
+    Mat<A, 3, 3> M;
+    for (int k = 0; k < 3; ++k)
+      for (int j = 0; j < 3; ++j) M.m[k][j] = g * p[k] * p[j];
+    return M;
+  }
+};
+
+}  // namespace fk
