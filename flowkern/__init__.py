@@ -1,0 +1,16 @@
+"""flowkern: fused kernels for flow-matching and diffusion models.
+
+Public API; see README.md for the conventions (t = 0 noise, t = 1 data,
+x_t = alpha_t x1 + sigma_t x0) and the backend table.
+"""
+from . import schedules
+from .backend import BACKENDS, available, use_backend
+from .ops.training import convert, flow_matching_loss, interpolate
+from .schedules import get_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "interpolate", "flow_matching_loss", "convert",
+    "schedules", "get_schedule", "use_backend", "available", "BACKENDS",
+]

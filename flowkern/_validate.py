@@ -1,0 +1,99 @@
+"""Argument checks shared by every op (DESIGN §6).
+
+Metadata errors (type, shape, dtype, device, names) are always raised, since
+they cost no device sync. Value checks (t in [0, 1], NaN, sigma = 0 where a
+form divides by it) run on CPU tensors only, and on GPU tensors when
+FLOWKERN_DEBUG=1, so the fast path never synchronises with the host; they are
+skipped while torch.compile traces.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._enums import PRED_CODE, PREDICTIONS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Coefficient/accumulation dtype: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {x.dtype} is not supported; use float16, bfloat16, "
+                        f"float32 or float64")
+    if x.dim() == 0:
+        raise ValueError(f"{name}: expected a batch of shape (B, ...), got a scalar tensor")
+    return x
+
+
+def same_shape(names: list[str], tensors: list[torch.Tensor]) -> torch.Size:
+    """The common shape of tensors that must broadcast to one (B, ...) shape,
+    with a clear error naming the first that does not, and one dtype/device."""
+    first = tensors[0]
+    for n, x in zip(names[1:], tensors[1:]):
+        if x.dtype != first.dtype:
+            raise TypeError(f"{n}: dtype {x.dtype} differs from {names[0]}'s {first.dtype}; "
+                            f"cast one of them")
+        if x.device != first.device:
+            raise ValueError(f"{n}: on {x.device} but {names[0]} is on {first.device}; "
+                             f"move them to one device")
+    try:
+        shape = torch.broadcast_shapes(*(x.shape for x in tensors))
+    except RuntimeError:
+        shapes = ", ".join(f"{n}{tuple(x.shape)}" for n, x in zip(names, tensors))
+        raise ValueError(f"shapes do not broadcast: {shapes}") from None
+    return shape
+
+
+def dense(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """x broadcast to shape and made contiguous (a no-op when it already is)."""
+    if x.shape != shape:
+        x = x.expand(shape)
+    return x.contiguous()
+
+
+def prediction(name: str, value: str) -> int:
+    try:
+        return PRED_CODE[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"{name}: unknown prediction type {value!r}; expected one of "
+                         f"{PREDICTIONS}") from None
+
+
+def values_checked(x: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return x.device.type == "cpu" or os.environ.get("FLOWKERN_DEBUG") == "1"
+
+
+def time(name: str, t, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """t as a tensor of shape (1,) or (rows,), on like's device."""
+    if isinstance(t, (int, float)):
+        t = torch.tensor([float(t)], device=like.device)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a float or a tensor of shape (B,), got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating tensor, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: on {t.device} but the data is on {like.device}")
+    if not (t.dim() == 0 or (t.dim() == 1 and t.shape[0] in (1, rows))):
+        raise ValueError(f"{name}: expected shape () or ({rows},) for a batch of {rows}, "
+                         f"got {tuple(t.shape)}")
+    t = t.reshape(-1)
+    if values_checked(t) and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+        raise ValueError(f"{name}: times must lie in [0, 1] (0 = noise, 1 = data); got values "
+                         f"in [{t.min().item():g}, {t.max().item():g}] (NaN included)")
+    return t
+
+
+def nonzero(name: str, what: str, v: torch.Tensor, why: str):
+    """Raise when a coefficient the chosen form divides by is zero (value check)."""
+    if values_checked(v) and v.numel() and bool((v == 0).any()):
+        raise ValueError(f"{name}: {what} is 0 at some sample, and {why}")

@@ -1,0 +1,111 @@
+"""Backend selection (DESIGN §5).
+
+Precedence: an explicit ``backend=`` argument > the innermost
+:func:`use_backend` context > the ``FLOWKERN_BACKEND`` environment variable >
+auto (CUDA tensors: triton if importable, else cuda, else torch; CPU tensors:
+cpu if flowkern._C is built, else torch).
+
+``triton`` also accepts CPU tensors when ``TRITON_INTERPRET=1`` is set before
+triton is imported (how the test-suite runs the Triton kernels without a GPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+_stack: list[str] = []
+
+
+def _check_name(name, arg="backend"):
+    if name not in BACKENDS:
+        raise ValueError(f"{arg}: unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the enclosed flowkern calls on backend `name` unless a call passes
+    ``backend=`` itself."""
+    _stack.append(_check_name(name))
+    try:
+        yield
+    finally:
+        _stack.pop()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_built() -> bool:
+    try:
+        import flowkern._C  # noqa: F401  (registers torch.ops.flowkern.*)
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_built() -> bool:
+    return importlib.util.find_spec("flowkern._cuda") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available() -> dict[str, bool]:
+    """Which backends can run here, for ``python -m flowkern info``."""
+    return {"torch": True, "cpu": cpu_built(),
+            "cuda": cuda_built() and torch.cuda.is_available(),
+            "triton": triton_available() and (torch.cuda.is_available() or triton_interpreted())}
+
+
+def _auto(device: torch.device) -> str:
+    if device.type == "cuda":
+        if triton_available():
+            return "triton"
+        return "cuda" if cuda_built() else "torch"
+    if device.type == "cpu" and cpu_built():
+        return "cpu"
+    return "torch"
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The backend a call runs on, with a clear error when it cannot run."""
+    if backend is None:
+        backend = _stack[-1] if _stack else os.environ.get("FLOWKERN_BACKEND") or None
+        if backend is None:
+            return _auto(device)
+        _check_name(backend, "backend (from use_backend/FLOWKERN_BACKEND)")
+    else:
+        _check_name(backend)
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got {device}; "
+                             f"use backend='triton', 'cuda' or 'torch'")
+        if not cpu_built():
+            raise RuntimeError("backend='cpu': flowkern._C is not built (reinstall flowkern "
+                               "with a C++ compiler); falling back is explicit: use backend='torch'")
+    elif backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got {device}; "
+                             f"use backend='cpu' or 'torch'")
+        if not cuda_built():
+            raise RuntimeError("backend='cuda': flowkern._cuda was not built (no nvcc at install "
+                               "time, or FLOWKERN_SKIP_CUDA=1); use backend='triton' or 'torch'")
+    elif backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton': triton is not installed "
+                               "(pip install triton); use backend='cuda' or 'torch'")
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with "
+                             f"TRITON_INTERPRET=1), got {device}; use backend='cpu' or 'torch'")
+    return backend

@@ -1,0 +1,1 @@
+"""Op families: validation, backend choice, torch.library registration, autograd."""

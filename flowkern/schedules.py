@@ -1,0 +1,183 @@
+"""Schedules: maps from time t to (alpha_t, sigma_t, d_alpha_t, d_sigma_t).
+
+Convention (DESIGN §1): t in [0, 1], t = 0 is noise and t = 1 is data,
+x_t = alpha_t * x1 + sigma_t * x0 and u_t = d_alpha_t * x1 + d_sigma_t * x0.
+
+Any object with ``__call__(t) -> (alpha, sigma, d_alpha, d_sigma)`` (tensors
+shaped like t) is a schedule; subclass :class:`Schedule` and implement
+``alpha_sigma`` to get analytic-or-autograd derivatives for free.
+Kernels never see a schedule: they get the (B, 4) coefficient table from
+:func:`coefficients`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "Schedule", "Linear", "Cosine", "Polynomial", "VP", "VE", "EDM",
+    "get_schedule", "coefficients",
+]
+
+
+class Schedule:
+    """Base class. Subclasses implement ``alpha_sigma(t)``; they may override
+    ``derivatives(t)`` with analytic forms (the built-ins do)."""
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def derivatives(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Fallback for user schedules: forward-mode derivative of alpha_sigma.
+        with torch.enable_grad():
+            _, (da, ds) = torch.func.jvp(self.alpha_sigma, (t,), (torch.ones_like(t),))
+        return da, ds
+
+    def __call__(self, t: torch.Tensor):
+        alpha, sigma = self.alpha_sigma(t)
+        d_alpha, d_sigma = self.derivatives(t)
+        return alpha, sigma, d_alpha, d_sigma
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class Linear(Schedule):
+    """CondOT / rectified flow: alpha = t, sigma = 1 - t."""
+
+    def alpha_sigma(self, t):
+        return t, 1 - t
+
+    def derivatives(self, t):
+        return torch.ones_like(t), -torch.ones_like(t)
+
+
+class Cosine(Schedule):
+    """alpha = sin(pi t / 2), sigma = cos(pi t / 2)."""
+
+    def alpha_sigma(self, t):
+        return torch.sin(0.5 * math.pi * t), torch.cos(0.5 * math.pi * t)
+
+    def derivatives(self, t):
+        h = 0.5 * math.pi
+        return h * torch.cos(h * t), -h * torch.sin(h * t)
+
+
+class Polynomial(Schedule):
+    """alpha = t^n, sigma = 1 - t^n."""
+
+    def __init__(self, n: float = 2.0):
+        if not n > 0:
+            raise ValueError(f"polynomial schedule: n must be > 0, got {n}")
+        self.n = float(n)
+
+    def alpha_sigma(self, t):
+        a = t ** self.n
+        return a, 1 - a
+
+    def derivatives(self, t):
+        d = self.n * t ** (self.n - 1)
+        return d, -d
+
+
+class VP(Schedule):
+    """Variance preserving (score-SDE VP with linear beta), in our time:
+    s = 1 - t, alpha = exp(-s^2 (b_max - b_min)/4 - s b_min/2), sigma = sqrt(1 - alpha^2)."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        if not 0 <= beta_min <= beta_max:
+            raise ValueError(f"vp schedule: need 0 <= beta_min <= beta_max, got {beta_min}, {beta_max}")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+
+    def _log_alpha(self, t):
+        s = 1 - t
+        return -0.25 * s * s * (self.beta_max - self.beta_min) - 0.5 * s * self.beta_min
+
+    def alpha_sigma(self, t):
+        la = self._log_alpha(t)
+        # sigma^2 = 1 - alpha^2 = -expm1(2 log alpha): accurate near t = 1.
+        return torch.exp(la), torch.sqrt(-torch.expm1(2 * la))
+
+    def derivatives(self, t):
+        s = 1 - t
+        la = self._log_alpha(t)
+        dla = 0.5 * s * (self.beta_max - self.beta_min) + 0.5 * self.beta_min  # d log(alpha)/dt
+        alpha = torch.exp(la)
+        sigma = torch.sqrt(-torch.expm1(2 * la))
+        return alpha * dla, -alpha * alpha * dla / sigma
+
+
+class VE(Schedule):
+    """Variance exploding (heat equation): alpha = 1,
+    sigma = sigma_min (sigma_max / sigma_min)^(1 - t)."""
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"ve schedule: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def alpha_sigma(self, t):
+        r = math.log(self.sigma_max / self.sigma_min)
+        return torch.ones_like(t), self.sigma_min * torch.exp(r * (1 - t))
+
+    def derivatives(self, t):
+        r = math.log(self.sigma_max / self.sigma_min)
+        return torch.zeros_like(t), -r * self.sigma_min * torch.exp(r * (1 - t))
+
+
+class EDM(Schedule):
+    """Karras et al. (2022) noise levels as a schedule: alpha = 1,
+    sigma = (smax^(1/rho) + t (smin^(1/rho) - smax^(1/rho)))^rho."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+        if not 0 < sigma_min < sigma_max or not rho > 0:
+            raise ValueError(f"edm schedule: need 0 < sigma_min < sigma_max and rho > 0, "
+                             f"got {sigma_min}, {sigma_max}, {rho}")
+        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+
+    def _base(self, t):
+        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        return hi + t * (lo - hi), lo - hi
+
+    def alpha_sigma(self, t):
+        b, _ = self._base(t)
+        return torch.ones_like(t), b ** self.rho
+
+    def derivatives(self, t):
+        b, db = self._base(t)
+        return torch.zeros_like(t), self.rho * b ** (self.rho - 1) * db
+
+
+_BUILTIN = {"linear": Linear, "cosine": Cosine, "polynomial": Polynomial,
+            "vp": VP, "ve": VE, "edm": EDM}
+
+
+def get_schedule(schedule) -> Schedule:
+    """A schedule from a name (``"linear"``, ``"cosine"``, ``"polynomial"``,
+    ``"vp"``, ``"ve"``, ``"edm"``), a Schedule, or any callable returning
+    ``(alpha, sigma, d_alpha, d_sigma)``."""
+    if isinstance(schedule, str):
+        try:
+            return _BUILTIN[schedule]()
+        except KeyError:
+            raise ValueError(f"schedule: unknown name {schedule!r}; expected one of "
+                             f"{sorted(_BUILTIN)} or a Schedule object") from None
+    if callable(schedule):
+        return schedule
+    raise TypeError(f"schedule: expected a name or a callable returning (alpha, sigma, "
+                    f"d_alpha, d_sigma), got {type(schedule).__name__}")
+
+
+def coefficients(schedule, t: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (rows, 4) table [alpha, sigma, d_alpha, d_sigma] the kernels read.
+
+    t: shape () or (1,) (broadcast to every row) or (rows,); evaluated in
+    `dtype` (float32 for 16/32-bit inputs, float64 for float64 inputs).
+    """
+    t = t.to(dtype).reshape(-1)
+    coef = torch.stack([c.to(dtype).reshape(-1) for c in get_schedule(schedule)(t)], dim=1)
+    if coef.shape[0] != rows:
+        coef = coef.expand(rows, 4)
+    return coef.contiguous()
