@@ -11,7 +11,6 @@ triton is imported (how the test-suite runs the Triton kernels without a GPU).
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 
@@ -38,8 +37,7 @@ def use_backend(name: str):
         _stack.pop()
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_built() -> bool:
+def _import_cpu() -> bool:
     try:
         import flowkern._C  # noqa: F401  (registers torch.ops.flowkern.*)
     except ImportError:
@@ -47,14 +45,23 @@ def cpu_built() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import (cheap: _C is small, the others are find_spec), so
+# that torch.compile traces constants instead of cached calls.
+_CPU_BUILT = _import_cpu()
+_CUDA_BUILT = importlib.util.find_spec("flowkern._cuda") is not None
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def cpu_built() -> bool:
+    return _CPU_BUILT
+
+
 def cuda_built() -> bool:
-    return importlib.util.find_spec("flowkern._cuda") is not None
+    return _CUDA_BUILT
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def triton_interpreted() -> bool:

@@ -153,8 +153,9 @@ def _prepare(names, tensors, t, schedule):
     return tensors, shape, coef
 
 
-def _upcast(x, coef):
-    return x.to(coef.dtype)
+def _upcast(x, coef, shape):
+    """x broadcast to the batch shape (a view) in the coefficient dtype."""
+    return x.expand(shape).to(coef.dtype)
 
 
 def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
@@ -185,8 +186,8 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
     if out is not None:
         out = _check_out(out, shape, x1)
     if be == "torch":
-        xt, y = ref.interpolate(_upcast(x0, coef), _upcast(x1, coef), coef, target)
-        xt, y = xt.to(x1.dtype).expand(shape), y.to(x1.dtype).expand(shape)
+        xt, y = ref.interpolate(_upcast(x0, coef, shape), _upcast(x1, coef, shape), coef, target)
+        xt, y = xt.to(x1.dtype), y.to(x1.dtype)
         if out is None:
             return xt, y
         out[0].copy_(xt), out[1].copy_(y)
@@ -251,7 +252,7 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
     rows_n, inner = shape[0], (shape.numel() // shape[0] if shape[0] else 0)
     if be == "torch":
         rows = ref.training.flow_matching_loss_rows(
-            *(_upcast(V.dense(x, shape), coef) for x in (pred, x0, x1)), coef, target)
+            *(_upcast(x, coef, shape) for x in (pred, x0, x1)), coef, target)
     else:
         rows = ops_for(be).fm_loss_rows(*(V.dense(x, shape) for x in (pred, x0, x1)), coef, code)
     if weight is not None:
@@ -294,8 +295,8 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
                   f"converting {src} -> {dst} divides by it")
     be = resolve(backend, x_t.device)
     if be == "torch":
-        out = ref.convert(_upcast(pred, coef), _upcast(x_t, coef), coef, src, dst)
-        return out.to(x_t.dtype).expand(shape)
+        out = ref.convert(_upcast(pred, coef, shape), _upcast(x_t, coef, shape), coef, src, dst)
+        return out.to(x_t.dtype)
     return ops_for(be).convert(V.dense(x_t, shape), V.dense(pred, shape), coef, s, d)
 
 

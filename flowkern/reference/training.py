@@ -39,7 +39,7 @@ def interpolate(x0, x1, coef, target_type: str = "velocity"):
 def flow_matching_loss_rows(pred, x0, x1, coef, target_type: str = "velocity"):
     """Per-sample sum over features of (pred - y)^2, shape (B,)."""
     y = target(x0, x1, coef, target_type)
-    return ((pred - y) ** 2).reshape(pred.shape[0], -1).sum(1)
+    return ((pred - y) ** 2).flatten(1).sum(1) if pred.dim() > 1 else (pred - y) ** 2
 
 
 def flow_matching_loss(pred, x0, x1, coef, target_type="velocity", weight=None, reduction="mean"):

@@ -12,14 +12,15 @@ import triton.language as tl
 from .rows import row_matrix
 
 TILE = 2048          # elements per program: 16 per thread at 4 warps
+MAX_ROWS = 64        # rows per program: each row holds a 3x3 coefficient matrix in registers
 NUM_WARPS = 4
 
 
 def tile_config(inner: int) -> tuple[int, int]:
-    """(ROWS, BLOCK_N) for rows of length `inner`: whole rows when they are
-    short (tiny 2-D data), row segments of TILE otherwise."""
+    """(ROWS, BLOCK_N) for rows of length `inner`: several whole rows when they
+    are short (tiny 2-D data), row segments of TILE otherwise."""
     block_n = min(triton.next_power_of_2(max(inner, 1)), TILE)
-    return TILE // block_n, block_n
+    return min(TILE // block_n, MAX_ROWS), block_n
 
 
 @triton.jit

@@ -1,0 +1,55 @@
+# Every target builds its own virtualenv (.venv) first: a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS := torch==2.13.0 triton==3.9.0 pytest pytest-benchmark hypothesis numpy ninja \
+        pybind11 setuptools wheel tqdm
+STAMP := $(VENV)/.flowkern-deps
+BUILT := $(VENV)/.flowkern-built
+SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') setup.py
+
+.PHONY: test test-full bench gpu-check build wheel clean aot
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+$(BUILT): $(STAMP) $(SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(BUILT)
+
+test: $(BUILT)
+	$(PY) -m pytest tests -q
+
+test-full: $(BUILT)
+	$(PY) -m pytest tests -q --full
+
+aot: $(BUILT)
+	$(PY) -m flowkern.triton.aot
+
+BENCH_PEERS := flow_matching torchcfm
+bench: $(BUILT)
+	-$(PY) -m pip install -q $(BENCH_PEERS)
+	mkdir -p bench/results
+	$(PY) -m pytest bench -o python_files='bench_*.py' -q \
+	    --benchmark-json=bench/results/training.json
+	$(PY) bench/report.py bench/results/training.json BENCHMARKS.md
+
+# On a machine with a CUDA GPU: the suite on the real cuda and triton kernels
+# (no interpreter), then the benchmarks, with a summary.
+gpu-check: $(BUILT)
+	FLOWKERN_TEST_DEVICE=cuda $(PY) -m pytest tests -q -x --durations=10 \
+	    -k "not test_build" 2>&1 | tee gpu-check.log
+	FLOWKERN_BENCH_DEVICE=cuda $(PY) -m pytest bench -o python_files='bench_*.py' -q \
+	    --benchmark-json=bench/results/gpu.json 2>&1 | tee -a gpu-check.log
+	@echo "=== gpu-check summary ==="; grep -E "passed|failed|error" gpu-check.log | tail -5
+
+wheel: $(STAMP)
+	$(PY) -m pip wheel . --no-deps --no-build-isolation -w dist
+
+clean:
+	rm -rf build dist *.egg-info flowkern/*.so $(BUILT)

@@ -1,0 +1,119 @@
+"""Ahead-of-time compile of the shipped Triton kernel configurations for
+sm_80 and sm_90, without a GPU, with ptxas's register/spill report.
+
+    python -m flowkern.triton.aot [--quick] [--json]   # table; exit 1 on any spill
+
+Must run WITHOUT TRITON_INTERPRET (the interpreter replaces @triton.jit).
+tests/test_aot.py runs it in a subprocess.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+
+ARCHS = (80, 90)
+DTYPES = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp32"), "bf16": ("bf16", "fp32"),
+          "fp64": ("fp64", "fp64")}
+
+
+def configs(full: bool = True):
+    """(name, kernel, signature, constexprs) for the shipped launch configs:
+    each training op and dtype, the tile shapes tile_config picks from tiny
+    rows (2-D data) to long rows, with a 64-bit `inner` (and 32-bit for fp32)."""
+    from . import lincomb as L
+    from . import rows as R
+
+    ops = [("interpolate", R.INTERPOLATE, 2, 2, 0, 0), ("interpolate_bwd", R.INTERPOLATE_BWD, 2, 2, 0, 0),
+           ("convert_v2x1", R.CONVERT, 2, 1, 0, 1), ("convert_score2v", R.CONVERT, 2, 1, 3, 0),
+           ("convert_bwd", R.CONVERT_BWD, 1, 2, 1, 2), ("loss_bwd", R.LOSS_BWD, 3, 3, 3, 0)]
+    out = []
+    tiles = sorted({L.tile_config(n) for n in (1, 2, 3, 100, 3072, 1 << 20)})
+    if not full:  # the quick set: the widest tiles of both kinds, the heaviest ops
+        tiles = [L.tile_config(2), L.tile_config(1 << 20)]
+        ops = [o for o in ops if o[0] in ("interpolate", "convert_score2v", "loss_bwd")]
+    for dname, (io_t, acc_t) in DTYPES.items():
+        for rows_per, block_n in tiles:
+            for idx_t in ("i32", "i64") if dname == "fp32" else ("i64",):
+                for name, op, ni, no, p0, p1 in ops:
+                    sig = {f"i{k}": f"*{io_t}" for k in range(3)}
+                    sig.update({f"o{k}": f"*{io_t}" for k in range(3)})
+                    sig.update(coef=f"*{acc_t}", aux=f"*{acc_t}", rows="i32", inner=idx_t,
+                               n_col_blocks="i32")
+                    const = dict(OP=op, P0=p0, P1=p1, NI=ni, NO=no, ROWS=rows_per, BLOCK_N=block_n)
+                    sig.update({k: "constexpr" for k in const})
+                    out.append((f"lincomb/{name}/{dname}/{rows_per}x{block_n}/{idx_t}",
+                                L.lincomb_kernel, sig, const))
+                sig = {f"i{k}": f"*{io_t}" for k in range(3)}
+                sig.update(partial=f"*{acc_t}", coef=f"*{acc_t}", aux=f"*{acc_t}", rows="i32",
+                           inner=idx_t, n_col_blocks="i32")
+                const = dict(OP=R.LOSS_RESIDUAL, P0=0, P1=0, NI=3, ROWS=rows_per, BLOCK_N=block_n)
+                sig.update({k: "constexpr" for k in const})
+                out.append((f"rowsum/loss/{dname}/{rows_per}x{block_n}/{idx_t}", L.rowsum_kernel,
+                            sig, const))
+    return out
+
+
+def compile_one(kernel, signature, constexprs, arch):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .lincomb import NUM_WARPS
+
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    buf = io.StringIO()
+    # ptxas -v writes to the process's stderr/stdout file descriptors
+    r, w = os.pipe()
+    saved = os.dup(2), os.dup(1)
+    os.dup2(w, 2), os.dup2(w, 1)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": NUM_WARPS})
+    finally:
+        os.dup2(saved[0], 2), os.dup2(saved[1], 1)
+        os.close(w)
+        with os.fdopen(r) as f:
+            buf.write(f.read())
+        os.close(saved[0]), os.close(saved[1])
+    log = buf.getvalue()
+    regs = [int(m) for m in re.findall(r"Used (\d+) registers", log)]
+    spills = [int(a) + int(b) for a, b in
+              re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    stack = [int(m) for m in re.findall(r"(\d+) bytes stack frame", log)]
+    return {"registers": max(regs) if regs else None, "spill_bytes": sum(spills),
+            "stack_bytes": sum(stack), "shared": compiled.metadata.shared,
+            "parsed": bool(regs)}
+
+
+def report(full: bool = True):
+    from triton import knobs
+
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True
+    rows = []
+    for name, kernel, sig, const in configs(full):
+        for arch in ARCHS:
+            rows.append({"kernel": name, "arch": f"sm_{arch}", **compile_one(kernel, sig, const, arch)})
+    return rows
+
+
+def main():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("flowkern.triton.aot: unset TRITON_INTERPRET (the interpreter cannot compile)")
+    rows = report(full="--quick" not in sys.argv)
+    print(f"{'kernel':48s} {'arch':6s} {'regs':>5s} {'spill':>6s} {'stack':>6s} {'smem':>6s}")
+    for r in rows:
+        print(f"{r['kernel']:48s} {r['arch']:6s} {r['registers']!s:>5s} {r['spill_bytes']:6d} "
+              f"{r['stack_bytes']:6d} {r['shared']:6d}")
+    if "--json" in sys.argv:
+        print("JSON:" + json.dumps(rows))
+    bad = [r for r in rows if r["spill_bytes"] or r["stack_bytes"] or not r["parsed"]]
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Comparison helpers in the spirit of flash-attention's tests: a kernel's
+error against a float64 reference must be within a small multiple of what
+PyTorch itself makes when it evaluates the same formula eagerly in the
+input dtype."""
+import torch
+
+EPS = {torch.float64: 2.0 ** -52, torch.float32: 2.0 ** -23,
+       torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def max_err(a, b):
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_close(out, ref64, naive, what="", factor=3.0, ulps=4.0, scale=None):
+    """|out - ref64| <= factor * |naive - ref64| + ulps * eps(dtype) * scale.
+
+    naive: the same formula evaluated by PyTorch in out's dtype (its own error);
+    the ulps term covers a final rounding to a 16-bit dtype and exact naive
+    results. scale defaults to max|ref64|; a result computed through
+    cancellation passes the magnitude of its terms instead.
+    """
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(out).any() or torch.isnan(ref64).any(), f"{what}: NaN in output"
+    if scale is None:
+        scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    tol = factor * max_err(naive, ref64) + ulps * EPS[out.dtype] * max(scale, 1e-30)
+    err = max_err(out, ref64)
+    assert err <= tol, f"{what}: max error {err:.3g} > tolerance {tol:.3g} (naive {max_err(naive, ref64):.3g})"
