@@ -23,37 +23,39 @@ DTYPES = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp32"), "bf16": ("bf16", "
 def configs(full: bool = True):
     """(name, kernel, signature, constexprs) for the shipped launch configs:
     each training op and dtype, the tile shapes tile_config picks from tiny
-    rows (2-D data) to long rows, with a 64-bit `inner` (and 32-bit for fp32)."""
+    rows (2-D data) to long rows, with a 64-bit `inner` (and 32-bit for fp32).
+    full=False is the quick set: the widest tiles of both kinds, the heaviest ops."""
     from . import lincomb as L
-    from . import rows as R
+    from . import training as T
 
-    ops = [("interpolate", R.INTERPOLATE, 2, 2, 0, 0), ("interpolate_bwd", R.INTERPOLATE_BWD, 2, 2, 0, 0),
-           ("convert_v2x1", R.CONVERT, 2, 1, 0, 1), ("convert_score2v", R.CONVERT, 2, 1, 3, 0),
-           ("convert_bwd", R.CONVERT_BWD, 1, 2, 1, 2), ("loss_bwd", R.LOSS_BWD, 3, 3, 3, 0)]
-    out = []
+    ops = [("interpolate", T.interpolate_rows, 2, 2, 0, 0),
+           ("interpolate_bwd", T.interpolate_bwd_rows, 2, 2, 0, 0),
+           ("convert_v2x1", T.convert_rows, 2, 1, 0, 1), ("convert_score2v", T.convert_rows, 2, 1, 3, 0),
+           ("convert_bwd", T.convert_bwd_rows, 1, 2, 1, 2), ("loss_bwd", T.loss_bwd_rows, 3, 3, 3, 0)]
     tiles = sorted({L.tile_config(n) for n in (1, 2, 3, 100, 3072, 1 << 20)})
-    if not full:  # the quick set: the widest tiles of both kinds, the heaviest ops
+    if not full:
         tiles = [L.tile_config(2), L.tile_config(1 << 20)]
         ops = [o for o in ops if o[0] in ("interpolate", "convert_score2v", "loss_bwd")]
+    out = []
     for dname, (io_t, acc_t) in DTYPES.items():
         for rows_per, block_n in tiles:
             for idx_t in ("i32", "i64") if dname == "fp32" else ("i64",):
-                for name, op, ni, no, p0, p1 in ops:
-                    sig = {f"i{k}": f"*{io_t}" for k in range(3)}
-                    sig.update({f"o{k}": f"*{io_t}" for k in range(3)})
-                    sig.update(coef=f"*{acc_t}", aux=f"*{acc_t}", rows="i32", inner=idx_t,
-                               n_col_blocks="i32")
-                    const = dict(OP=op, P0=p0, P1=p1, NI=ni, NO=no, ROWS=rows_per, BLOCK_N=block_n)
+                base = dict(coef=f"*{acc_t}", aux=f"*{acc_t}", rows="i32", inner=idx_t,
+                            n_col_blocks="i32")
+                ins = {f"i{k}": f"*{io_t}" for k in range(L.MAX_IN)}
+                for name, fn, ni, no, p0, p1 in ops:
+                    sig = {**ins, **{f"o{k}": f"*{io_t}" for k in range(L.MAX_OUT)}, **base}
+                    const = dict(P0=p0, P1=p1, ROW_FN=fn, NI=ni, NO=no, ROWS=rows_per,
+                                 BLOCK_N=block_n)
                     sig.update({k: "constexpr" for k in const})
                     out.append((f"lincomb/{name}/{dname}/{rows_per}x{block_n}/{idx_t}",
                                 L.lincomb_kernel, sig, const))
-                sig = {f"i{k}": f"*{io_t}" for k in range(3)}
-                sig.update(partial=f"*{acc_t}", coef=f"*{acc_t}", aux=f"*{acc_t}", rows="i32",
-                           inner=idx_t, n_col_blocks="i32")
-                const = dict(OP=R.LOSS_RESIDUAL, P0=0, P1=0, NI=3, ROWS=rows_per, BLOCK_N=block_n)
+                sig = {**ins, "partial": f"*{acc_t}", **base}
+                const = dict(P0=3, P1=0, ROW_FN=T.loss_residual_rows, NI=3, ROWS=rows_per,
+                             BLOCK_N=block_n)
                 sig.update({k: "constexpr" for k in const})
-                out.append((f"rowsum/loss/{dname}/{rows_per}x{block_n}/{idx_t}", L.rowsum_kernel,
-                            sig, const))
+                out.append((f"rowsum/loss/{dname}/{rows_per}x{block_n}/{idx_t}",
+                            L.rowsum_kernel, sig, const))
     return out
 
 

@@ -1,41 +1,96 @@
-"""Triton launchers of the training family (same names as flowkern/ops/training.py)."""
+"""Triton kernels of the training family: the per-row coefficient matrices
+(the twins of the row functors in csrc/include/flowkern/training.h) run by
+the shared engine, and the launchers (same names as flowkern/ops/training.py).
+Each row function returns M as a tuple of output rows of [ROWS, 1] tensors."""
 import torch
+import triton
+import triton.language as tl
 
-from . import rows as R
+from .coeffs import convert_coeffs, load_sched, target_coeffs
 from .lincomb import launch_lincomb, launch_rowsum
+
+
+@triton.jit
+def interpolate_rows(TARGET: tl.constexpr, _P1: tl.constexpr, coef, aux, r, rmask):
+    """(x0, x1) -> (x_t, y)."""
+    al, sg, da, ds = load_sched(coef, r, rmask)
+    ya, yb = target_coeffs(TARGET, al, sg, da, ds)
+    return (sg, al), (yb, ya)
+
+
+@triton.jit
+def interpolate_bwd_rows(TARGET: tl.constexpr, _P1: tl.constexpr, coef, aux, r, rmask):
+    """(g_xt, g_y) -> (g_x0, g_x1)."""
+    al, sg, da, ds = load_sched(coef, r, rmask)
+    ya, yb = target_coeffs(TARGET, al, sg, da, ds)
+    return (sg, yb), (al, ya)
+
+
+@triton.jit
+def convert_rows(SRC: tl.constexpr, DST: tl.constexpr, coef, aux, r, rmask):
+    """(x, pred) -> pred as DST."""
+    al, sg, da, ds = load_sched(coef, r, rmask)
+    ca, cb = convert_coeffs(SRC, DST, al, sg, da, ds)
+    return ((ca, cb),)
+
+
+@triton.jit
+def convert_bwd_rows(SRC: tl.constexpr, DST: tl.constexpr, coef, aux, r, rmask):
+    """(g,) -> (g_x, g_pred)."""
+    al, sg, da, ds = load_sched(coef, r, rmask)
+    ca, cb = convert_coeffs(SRC, DST, al, sg, da, ds)
+    return (ca,), (cb,)
+
+
+@triton.jit
+def loss_residual_rows(TARGET: tl.constexpr, _P1: tl.constexpr, coef, aux, r, rmask):
+    """(pred, x0, x1) -> pred - y."""
+    al, sg, da, ds = load_sched(coef, r, rmask)
+    ya, yb = target_coeffs(TARGET, al, sg, da, ds)
+    return ((al * 0.0 + 1.0, -yb, -ya),)
+
+
+@triton.jit
+def loss_bwd_rows(TARGET: tl.constexpr, _P1: tl.constexpr, coef, grad_rows, r, rmask):
+    """(pred, x0, x1) -> 2 g rho * d rho / d(pred, x0, x1), rho = pred - y."""
+    al, sg, da, ds = load_sched(coef, r, rmask)
+    ya, yb = target_coeffs(TARGET, al, sg, da, ds)
+    g = 2.0 * tl.load(grad_rows + r.to(tl.int64)[:, None], mask=rmask[:, None], other=0.0)
+    q1, q2 = -yb, -ya
+    return (g, g * q1, g * q2), (g * q1, g * q1 * q1, g * q1 * q2), (g * q2, g * q2 * q1, g * q2 * q2)
 
 
 def interpolate(x0, x1, coef, target, xt=None, y=None):
     xt = torch.empty_like(x0) if xt is None else xt
     y = torch.empty_like(x0) if y is None else y
-    launch_lincomb(R.INTERPOLATE, target, 0, (x0, x1), (xt, y), coef)
+    launch_lincomb(interpolate_rows, target, 0, (x0, x1), (xt, y), coef)
     return xt, y
 
 
 def interpolate_backward(gxt, gy, coef, target):
     gx0, gx1 = torch.empty_like(gxt), torch.empty_like(gxt)
-    launch_lincomb(R.INTERPOLATE_BWD, target, 0, (gxt, gy), (gx0, gx1), coef)
+    launch_lincomb(interpolate_bwd_rows, target, 0, (gxt, gy), (gx0, gx1), coef)
     return gx0, gx1
 
 
 def convert(x, pred, coef, src, dst):
     out = torch.empty_like(x)
-    launch_lincomb(R.CONVERT, src, dst, (x, pred), (out,), coef)
+    launch_lincomb(convert_rows, src, dst, (x, pred), (out,), coef)
     return out
 
 
 def convert_backward(g, coef, src, dst):
     gx, gp = torch.empty_like(g), torch.empty_like(g)
-    launch_lincomb(R.CONVERT_BWD, src, dst, (g,), (gx, gp), coef)
+    launch_lincomb(convert_bwd_rows, src, dst, (g,), (gx, gp), coef)
     return gx, gp
 
 
 def fm_loss_rows(pred, x0, x1, coef, target):
-    return launch_rowsum(R.LOSS_RESIDUAL, target, 0, (pred, x0, x1), coef)
+    return launch_rowsum(loss_residual_rows, target, 0, (pred, x0, x1), coef)
 
 
 def fm_loss_backward(grad_rows, pred, x0, x1, coef, target):
     gp, g0, g1 = (torch.empty_like(pred) for _ in range(3))
-    launch_lincomb(R.LOSS_BWD, target, 0, (pred, x0, x1), (gp, g0, g1), coef,
+    launch_lincomb(loss_bwd_rows, target, 0, (pred, x0, x1), (gp, g0, g1), coef,
                    aux=grad_rows.contiguous())
     return gp, g0, g1
