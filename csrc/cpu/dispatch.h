@@ -62,9 +62,9 @@ template <class Body> void for_each_segment(i64 rows, i64 inner, Body&& body) {
 // out_k = M_row * in over whole tensors (all contiguous, same shape).
 template <class T, class Fn>
 void run_lincomb(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
-                 fk::OutPtrs<T, Fn::NO> out) {
+                 fk::OutPtrs<T, Fn::NO> out, fk::NoiseKey key = {}) {
   for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
-    fk::lincomb_segment<T>(fn, r, inner, e0, e1, in, out);
+    fk::lincomb_segment<T>(fn, r, inner, e0, e1, in, out, key);
   });
 }
 

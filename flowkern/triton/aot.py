@@ -40,7 +40,7 @@ def configs(full: bool = True):
     for dname, (io_t, acc_t) in DTYPES.items():
         for rows_per, block_n in tiles:
             for idx_t in ("i32", "i64") if dname == "fp32" else ("i64",):
-                base = dict(coef=f"*{acc_t}", aux=f"*{acc_t}", rows="i32", inner=idx_t,
+                base = dict(coef=f"*{acc_t}", stride="i32", aux=f"*{acc_t}", w="fp32", rows="i32", inner=idx_t,
                             n_col_blocks="i32")
                 ins = {f"i{k}": f"*{io_t}" for k in range(L.MAX_IN)}
                 for name, fn, ni, no, p0, p1 in ops:

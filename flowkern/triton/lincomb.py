@@ -2,13 +2,18 @@
 
 A (B, ...) tensor is a (rows, inner) matrix; a program owns a [ROWS, BLOCK_N]
 tile (a 1-D grid, so neither grid-axis limit binds) and writes
-out_k = sum_j M[k][j] in_j, where ROW_FN(P0, P1, coef, aux, r, rmask) returns
-the per-row matrix M as a tuple of NO tuples of NI [ROWS, 1] tensors. Each op
-family passes its own ROW_FN (a @triton.jit function, as a constexpr), so the
-loops live here once. Offsets are 64-bit.
+out_k = sum_j M[k][j] in_j, where
+ROW_FN(P0, P1, P2, coef, stride, aux, w, r, rmask) returns the per-row matrix
+M as a tuple of NO tuples of NI [ROWS, 1] tensors (NI + 1 with NOISE: the
+last entry multiplies the in-kernel Gaussian xi, philox.py). Each op family
+passes its own ROW_FN (a @triton.jit function, as a constexpr), so the loops
+live here once. Offsets are 64-bit; the coefficient table's row stride is 0
+when one row serves the whole batch.
 """
 import triton
 import triton.language as tl
+
+from .philox import normal
 
 TILE = 2048          # elements per program: 16 per thread at 4 warps
 MAX_ROWS = 64        # rows per program: each row keeps its coefficient matrix in registers
@@ -69,30 +74,43 @@ def _dot(m, xs, NI: tl.constexpr):
 
 
 @triton.jit
-def lincomb_kernel(i0, i1, i2, i3, i4, i5, o0, o1, o2, coef, aux, rows, inner, n_col_blocks,
-                   P0: tl.constexpr, P1: tl.constexpr, ROW_FN: tl.constexpr,
-                   NI: tl.constexpr, NO: tl.constexpr,
+def _out(m, xs, xi, NI: tl.constexpr, NOISE: tl.constexpr):
+    y = _dot(m, xs, NI)
+    if NOISE:
+        y += m[NI] * xi
+    return y
+
+
+@triton.jit
+def lincomb_kernel(i0, i1, i2, i3, i4, i5, o0, o1, o2, coef, stride, aux, w, seed, offset,
+                   rows, inner, n_col_blocks,
+                   P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, ROW_FN: tl.constexpr,
+                   NI: tl.constexpr, NO: tl.constexpr, NOISE: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     ACC: tl.constexpr = coef.dtype.element_ty
     OUT: tl.constexpr = o0.dtype.element_ty
     r, rmask, offs, mask, _ = _tile(rows, inner, n_col_blocks, ROWS, BLOCK_N)
-    M = ROW_FN(P0, P1, coef, aux, r, rmask)
+    M = ROW_FN(P0, P1, P2, coef, stride, aux, w, r, rmask)
     xs = _load_inputs(i0, i1, i2, i3, i4, i5, offs, mask, ACC, NI)
-    tl.store(o0 + offs, _dot(M[0], xs, NI).to(OUT), mask=mask)
+    xi = 0.0
+    if NOISE:
+        xi = normal(seed, offset + offs).to(ACC)
+    tl.store(o0 + offs, _out(M[0], xs, xi, NI, NOISE).to(OUT), mask=mask)
     if NO > 1:
-        tl.store(o1 + offs, _dot(M[1], xs, NI).to(OUT), mask=mask)
+        tl.store(o1 + offs, _out(M[1], xs, xi, NI, NOISE).to(OUT), mask=mask)
     if NO > 2:
-        tl.store(o2 + offs, _dot(M[2], xs, NI).to(OUT), mask=mask)
+        tl.store(o2 + offs, _out(M[2], xs, xi, NI, NOISE).to(OUT), mask=mask)
 
 
 @triton.jit
-def rowsum_kernel(i0, i1, i2, i3, i4, i5, partial, coef, aux, rows, inner, n_col_blocks,
-                  P0: tl.constexpr, P1: tl.constexpr, ROW_FN: tl.constexpr, NI: tl.constexpr,
+def rowsum_kernel(i0, i1, i2, i3, i4, i5, partial, coef, stride, aux, w, rows, inner,
+                  n_col_blocks, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                  ROW_FN: tl.constexpr, NI: tl.constexpr,
                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """partial[r, pid_c] = sum over the tile's columns of (M_row[0] . in)^2."""
     ACC: tl.constexpr = coef.dtype.element_ty
     r, rmask, offs, mask, pid_c = _tile(rows, inner, n_col_blocks, ROWS, BLOCK_N)
-    M = ROW_FN(P0, P1, coef, aux, r, rmask)
+    M = ROW_FN(P0, P1, P2, coef, stride, aux, w, r, rmask)
     xs = _load_inputs(i0, i1, i2, i3, i4, i5, offs, mask, ACC, NI)
     y = tl.where(mask, _dot(M[0], xs, NI), 0.0)
     tl.store(partial + r.to(tl.int64) * n_col_blocks + pid_c, tl.sum(y * y, axis=1), mask=rmask)
@@ -110,26 +128,36 @@ def _pad(ts, n):
     return list(ts) + [ts[0]] * (n - len(ts))
 
 
-def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None):
-    """outputs[k] = M_row[k] . inputs for contiguous (rows, ...) tensors."""
+def _stride(coef, rows):
+    return 0 if coef.shape[0] == 1 and rows != 1 else coef.shape[1]
+
+
+def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
+                   noise=None):
+    """outputs[k] = M_row[k] . inputs (+ noise term) for contiguous (rows, ...)
+    tensors; noise=(seed, offset) draws xi per element (philox.py)."""
     assert 1 <= len(inputs) <= MAX_IN and 1 <= len(outputs) <= MAX_OUT
     if inputs[0].numel() == 0:
         return
     grid, rows, inner, rows_per, block_n, n_col = _grid(inputs[0])
+    seed, offset = noise if noise is not None else (0, 0)
     lincomb_kernel[grid](*_pad(inputs, MAX_IN), *_pad(outputs, MAX_OUT), coef,
-                         coef if aux is None else aux, rows, inner, n_col,
-                         P0=p0, P1=p1, ROW_FN=row_fn, NI=len(inputs), NO=len(outputs),
-                         ROWS=rows_per, BLOCK_N=block_n, num_warps=NUM_WARPS)
+                         _stride(coef, rows), coef if aux is None else aux, float(w),
+                         seed, offset, rows, inner, n_col,
+                         P0=p0, P1=p1, P2=p2, ROW_FN=row_fn, NI=len(inputs), NO=len(outputs),
+                         NOISE=noise is not None, ROWS=rows_per, BLOCK_N=block_n,
+                         num_warps=NUM_WARPS)
 
 
-def launch_rowsum(row_fn, p0, p1, inputs, coef, aux=None):
+def launch_rowsum(row_fn, p0, p1, inputs, coef, aux=None, p2=0, w=1.0):
     """(rows,) sums of the squared first output, in coef's dtype."""
     x = inputs[0]
     if x.numel() == 0:
         return coef.new_zeros(x.shape[0])
     grid, rows, inner, rows_per, block_n, n_col = _grid(x)
     partial = coef.new_empty(rows, n_col)
-    rowsum_kernel[grid](*_pad(inputs, MAX_IN), partial, coef, coef if aux is None else aux,
-                        rows, inner, n_col, P0=p0, P1=p1, ROW_FN=row_fn, NI=len(inputs),
+    rowsum_kernel[grid](*_pad(inputs, MAX_IN), partial, coef, _stride(coef, rows),
+                        coef if aux is None else aux, float(w), rows, inner, n_col,
+                        P0=p0, P1=p1, P2=p2, ROW_FN=row_fn, NI=len(inputs),
                         ROWS=rows_per, BLOCK_N=block_n, num_warps=NUM_WARPS)
     return partial.sum(1)

@@ -11,7 +11,7 @@ from .lincomb import launch_lincomb, launch_rowsum
 
 
 @triton.jit
-def interpolate_rows(TARGET: tl.constexpr, _P1: tl.constexpr, coef, aux, r, rmask):
+def interpolate_rows(TARGET: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(x0, x1) -> (x_t, y)."""
     al, sg, da, ds = load_sched(coef, r, rmask)
     ya, yb = target_coeffs(TARGET, al, sg, da, ds)
@@ -19,7 +19,7 @@ def interpolate_rows(TARGET: tl.constexpr, _P1: tl.constexpr, coef, aux, r, rmas
 
 
 @triton.jit
-def interpolate_bwd_rows(TARGET: tl.constexpr, _P1: tl.constexpr, coef, aux, r, rmask):
+def interpolate_bwd_rows(TARGET: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(g_xt, g_y) -> (g_x0, g_x1)."""
     al, sg, da, ds = load_sched(coef, r, rmask)
     ya, yb = target_coeffs(TARGET, al, sg, da, ds)
@@ -27,7 +27,7 @@ def interpolate_bwd_rows(TARGET: tl.constexpr, _P1: tl.constexpr, coef, aux, r, 
 
 
 @triton.jit
-def convert_rows(SRC: tl.constexpr, DST: tl.constexpr, coef, aux, r, rmask):
+def convert_rows(SRC: tl.constexpr, DST: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(x, pred) -> pred as DST."""
     al, sg, da, ds = load_sched(coef, r, rmask)
     ca, cb = convert_coeffs(SRC, DST, al, sg, da, ds)
@@ -35,7 +35,7 @@ def convert_rows(SRC: tl.constexpr, DST: tl.constexpr, coef, aux, r, rmask):
 
 
 @triton.jit
-def convert_bwd_rows(SRC: tl.constexpr, DST: tl.constexpr, coef, aux, r, rmask):
+def convert_bwd_rows(SRC: tl.constexpr, DST: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(g,) -> (g_x, g_pred)."""
     al, sg, da, ds = load_sched(coef, r, rmask)
     ca, cb = convert_coeffs(SRC, DST, al, sg, da, ds)
@@ -43,7 +43,7 @@ def convert_bwd_rows(SRC: tl.constexpr, DST: tl.constexpr, coef, aux, r, rmask):
 
 
 @triton.jit
-def loss_residual_rows(TARGET: tl.constexpr, _P1: tl.constexpr, coef, aux, r, rmask):
+def loss_residual_rows(TARGET: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(pred, x0, x1) -> pred - y."""
     al, sg, da, ds = load_sched(coef, r, rmask)
     ya, yb = target_coeffs(TARGET, al, sg, da, ds)
@@ -51,7 +51,7 @@ def loss_residual_rows(TARGET: tl.constexpr, _P1: tl.constexpr, coef, aux, r, rm
 
 
 @triton.jit
-def loss_bwd_rows(TARGET: tl.constexpr, _P1: tl.constexpr, coef, grad_rows, r, rmask):
+def loss_bwd_rows(TARGET: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, _stride, grad_rows, _w, r, rmask):
     """(pred, x0, x1) -> 2 g rho * d rho / d(pred, x0, x1), rho = pred - y."""
     al, sg, da, ds = load_sched(coef, r, rmask)
     ya, yb = target_coeffs(TARGET, al, sg, da, ds)

@@ -10,10 +10,18 @@
 #pragma once
 
 #include "hd.h"
+#include "philox.h"
 
 namespace fk {
 
-template <class A, int NO, int NI> struct Mat { A m[NO][NI]; };
+// The per-row coefficients: out_k = sum_j m[k][j] in_j (+ noise[k] * xi for
+// functors that declare NOISE = true; xi from philox.h, keyed per element).
+template <class A, int NO, int NI> struct Mat { A m[NO][NI]; A noise[NO]; };
+
+template <class Fn, class = void> struct has_noise { static constexpr bool value = false; };
+template <class Fn> struct has_noise<Fn, decltype(void(Fn::NOISE))> {
+  static constexpr bool value = Fn::NOISE;
+};
 
 template <class T, int N> struct Ptrs { const T* p[N]; };
 template <class T, int N> struct OutPtrs { T* p[N]; };
@@ -34,7 +42,7 @@ FK_UNROLL
 // segments; the loop is branch-free so g++ vectorises it for fp32/fp64.
 template <class T, class Fn>
 inline void lincomb_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
-                            Ptrs<T, Fn::NI> in, OutPtrs<T, Fn::NO> out) {
+                            Ptrs<T, Fn::NI> in, OutPtrs<T, Fn::NO> out, NoiseKey key = {}) {
   using A = acc_t<T>;
   const auto M = fn.row(r);
   const i64 base = r * inner;
@@ -42,6 +50,10 @@ inline void lincomb_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
     A x[Fn::NI], y[Fn::NO];
     for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], e);
     apply(M, x, y);
+    if constexpr (has_noise<Fn>::value) {
+      const A xi = A(normal_at(key, e));
+      for (int k = 0; k < Fn::NO; ++k) y[k] += M.noise[k] * xi;
+    }
     for (int k = 0; k < Fn::NO; ++k) store(out.p[k], e, y[k]);
   }
 }
@@ -57,7 +69,7 @@ template <class T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
 // 64-bit. The row coefficients are recomputed only when the row changes.
 template <int VEC, class T, class Fn>
 FK_HD void lincomb_thread(const Fn& fn, i64 gtid, i64 nthreads, i64 rows, i64 inner,
-                          Ptrs<T, Fn::NI> in, OutPtrs<T, Fn::NO> out) {
+                          Ptrs<T, Fn::NI> in, OutPtrs<T, Fn::NO> out, NoiseKey key = {}) {
   using A = acc_t<T>;
   const i64 nchunks = rows * inner / VEC;
   i64 cached = -1;
@@ -81,6 +93,11 @@ FK_UNROLL
 FK_UNROLL
       for (int j = 0; j < Fn::NI; ++j) x[j] = to_float(pin[j].v[v]);
       apply(M, x, y);
+      if constexpr (has_noise<Fn>::value) {
+        const A xi = A(normal_at(key, e + v));
+FK_UNROLL
+        for (int k = 0; k < Fn::NO; ++k) y[k] += M.noise[k] * xi;
+      }
 FK_UNROLL
       for (int k = 0; k < Fn::NO; ++k) pout[k].v[v] = from_acc<T>(y[k]);
     }

@@ -1,0 +1,188 @@
+// Row functors of the sampler-step family (DESIGN §4 "Sampling"). Every step
+// is affine in its inputs with per-sample coefficients, plus (EM, churn) a
+// noise term drawn in the kernel; the lincomb engine runs them all.
+//
+// Step table: one row of STEP_COLS values per sample, or a single row shared
+// by the batch (row stride 0, as samplers precompute it per step):
+//   [alpha_t, sigma_t, d_alpha_t, d_sigma_t,  alpha_s, sigma_s, d_alpha_s, d_sigma_s,
+//    alpha_p, sigma_p,  h = s - t,  g]
+// (p: the previous time of DPM-Solver++(2M); g: the EM diffusion coefficient).
+// Guidance: with CFG the inputs carry the conditional prediction p_c and, last,
+// the unconditional p_u; the guided prediction p_u + w (p_c - p_u) is never
+// formed: its coefficient c splits into w c (for p_c) and (1 - w) c (for p_u).
+#pragma once
+
+#include <math.h>
+
+#include "coeffs.h"
+#include "lincomb.h"
+
+namespace fk {
+
+constexpr int STEP_COLS = 12;
+enum EIForm : int { EI_DATA = 0, EI_NOISE = 1 };
+
+template <class A> struct StepRow {
+  Sched<A> t, s;
+  A alpha_p, sigma_p, h, g;
+};
+
+template <class A> FK_HD StepRow<A> load_step(const A* coef, i64 stride, i64 r) {
+  const A* c = coef + r * stride;
+  return {{c[0], c[1], c[2], c[3]}, {c[4], c[5], c[6], c[7]}, c[8], c[9], c[10], c[11]};
+}
+
+// Shared fields of every step functor.
+template <class A> struct StepBase {
+  const A* coef; i64 stride; int pred; A w;
+};
+
+// Puts coefficient c of the guided prediction at columns jc (p_c) and ju (p_u).
+template <class A, int NO, int NI>
+FK_HD void put_guided(Mat<A, NO, NI>& M, int k, int jc, int ju, A c, A w) {
+  if (ju >= 0) { M.m[k][jc] = w * c; M.m[k][ju] = (A(1) - w) * c; }
+  else M.m[k][jc] = c;
+}
+
+// Euler: x_s = x + h u_t. In (x, p[, p_u]).
+template <class A, bool CFG> struct EulerFn : StepBase<A> {
+  static constexpr int NI = CFG ? 3 : 2, NO = 1;
+  FK_HD Mat<A, 1, NI> row(i64 r) const {
+    const StepRow<A> c = load_step(this->coef, this->stride, r);
+    const Lin2<A> u = convert_coeffs(this->pred, VELOCITY, c.t);
+    Mat<A, 1, NI> M{};
+    M.m[0][0] = A(1) + c.h * u.a;
+    put_guided(M, 0, 1, CFG ? 2 : -1, c.h * u.b, this->w);
+    return M;
+  }
+};
+
+// Heun, second stage: x_s = x + h/2 (u_t(x, p) + u_s(x_e, p_e)).
+// In (x, p, x_e, p_e[, p_u, p_e_u]).
+template <class A, bool CFG> struct HeunFn : StepBase<A> {
+  static constexpr int NI = CFG ? 6 : 4, NO = 1;
+  FK_HD Mat<A, 1, NI> row(i64 r) const {
+    const StepRow<A> c = load_step(this->coef, this->stride, r);
+    const Lin2<A> ut = convert_coeffs(this->pred, VELOCITY, c.t);
+    const Lin2<A> us = convert_coeffs(this->pred, VELOCITY, c.s);
+    const A hh = A(0.5) * c.h;
+    Mat<A, 1, NI> M{};
+    M.m[0][0] = A(1) + hh * ut.a;
+    M.m[0][2] = hh * us.a;
+    put_guided(M, 0, 1, CFG ? 4 : -1, hh * ut.b, this->w);
+    put_guided(M, 0, 3, CFG ? 5 : -1, hh * us.b, this->w);
+    return M;
+  }
+};
+
+// First-order exponential integrator / DDIM, as x_s = a x + b p:
+// data form  x_s = (sigma_s/sigma_t) x + (alpha_s - sigma_s alpha_t/sigma_t) d,
+// noise form x_s = (alpha_s/alpha_t) x + (sigma_s - alpha_s sigma_t/alpha_t) eps,
+// with d (eps) the prediction converted in registers.
+template <class A> FK_HD Lin2<A> ei_coeffs(int pred, int form, const StepRow<A>& c) {
+  if (form == EI_DATA) {
+    const Lin2<A> d = convert_coeffs(pred, X1, c.t);
+    const A q = c.s.sigma / c.t.sigma;
+    const A B = c.s.alpha - q * c.t.alpha;
+    return {q + B * d.a, B * d.b};
+  }
+  const Lin2<A> e = convert_coeffs(pred, EPS, c.t);
+  const A q = c.s.alpha / c.t.alpha;
+  const A C = c.s.sigma - q * c.t.sigma;
+  return {q + C * e.a, C * e.b};
+}
+
+// In (x, p[, p_u]) -> x_s.
+template <class A, bool CFG> struct EIFn : StepBase<A> {
+  static constexpr int NI = CFG ? 3 : 2, NO = 1;
+  int form;
+  FK_HD Mat<A, 1, NI> row(i64 r) const {
+    const Lin2<A> e = ei_coeffs(this->pred, form, load_step(this->coef, this->stride, r));
+    Mat<A, 1, NI> M{};
+    M.m[0][0] = e.a;
+    put_guided(M, 0, 1, CFG ? 2 : -1, e.b, this->w);
+    return M;
+  }
+};
+
+// Its vector-Jacobian product: in (g) -> (g_x, g_p[, g_p_u]).
+template <class A, bool CFG> struct EIBwdFn : StepBase<A> {
+  static constexpr int NI = 1, NO = CFG ? 3 : 2;
+  int form;
+  FK_HD Mat<A, NO, 1> row(i64 r) const {
+    const Lin2<A> e = ei_coeffs(this->pred, form, load_step(this->coef, this->stride, r));
+    Mat<A, NO, 1> M{};
+    M.m[0][0] = e.a;
+    if (CFG) { M.m[1][0] = this->w * e.b; M.m[NO - 1][0] = (A(1) - this->w) * e.b; }
+    else M.m[1][0] = e.b;
+    return M;
+  }
+};
+
+// DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): lambda = log(alpha/sigma),
+// h = lambda_s - lambda_t, r = (lambda_t - lambda_p)/h,
+// D = (1 + 1/(2r)) d_t - d_prev/(2r), x_s = (sigma_s/sigma_t) x - alpha_s expm1(-h) D.
+// First order (D = d_t) when `second` is false or h is not finite (sigma_s = 0).
+// In (x, p, d_prev[, p_u]) -> (x_s, d_t); d_t is stored for the next step.
+template <class A, bool CFG> struct DPMpp2MFn : StepBase<A> {
+  static constexpr int NI = CFG ? 4 : 3, NO = 2;
+  bool second;
+  FK_HD Mat<A, 2, NI> row(i64 r) const {
+    const StepRow<A> c = load_step(this->coef, this->stride, r);
+    const Lin2<A> d = convert_coeffs(this->pred, X1, c.t);
+    const A lt = log(c.t.alpha / c.t.sigma), ls = log(c.s.alpha / c.s.sigma);
+    const A h = ls - lt;
+    A c1 = A(1), c2 = A(0);
+    if (second && isfinite(h)) {
+      const A rr = (lt - log(c.alpha_p / c.sigma_p)) / h;
+      c2 = A(1) / (A(2) * rr);
+      c1 = A(1) + c2;
+    }
+    const A E = -c.s.alpha * expm1(-h);  // alpha_s (1 - e^{-h})
+    Mat<A, 2, NI> M{};
+    M.m[0][0] = c.s.sigma / c.t.sigma + E * c1 * d.a;
+    M.m[0][2] = -E * c2;
+    put_guided(M, 0, 1, CFG ? 3 : -1, E * c1 * d.b, this->w);
+    M.m[1][0] = d.a;
+    put_guided(M, 1, 1, CFG ? 3 : -1, d.b, this->w);
+    return M;
+  }
+};
+
+// Euler-Maruyama for dX = [u + g^2/2 s] dt + g dW:
+// x_s = x + h (u + g^2/2 score) + g sqrt(h) xi. In (x, p[, p_u]).
+template <class A, bool CFG> struct EMFn : StepBase<A> {
+  static constexpr int NI = CFG ? 3 : 2, NO = 1;
+  static constexpr bool NOISE = true;
+  FK_HD Mat<A, 1, NI> row(i64 r) const {
+    const StepRow<A> c = load_step(this->coef, this->stride, r);
+    const Lin2<A> u = convert_coeffs(this->pred, VELOCITY, c.t);
+    const Lin2<A> s = convert_coeffs(this->pred, SCORE, c.t);
+    const A k = A(0.5) * c.g * c.g;
+    Mat<A, 1, NI> M{};
+    M.m[0][0] = A(1) + c.h * (u.a + k * s.a);
+    put_guided(M, 0, 1, CFG ? 2 : -1, c.h * (u.b + k * s.b), this->w);
+    M.noise[0] = c.g * sqrt(c.h);
+    return M;
+  }
+};
+
+// Churn: renoise from t to an earlier t_hat (the table's "s" columns):
+// x_hat = (alpha_that/alpha_t) x + sqrt(sigma_that^2 - (alpha_that sigma_t/alpha_t)^2) xi.
+template <class A> struct ChurnFn : StepBase<A> {
+  static constexpr int NI = 1, NO = 1;
+  static constexpr bool NOISE = true;
+  FK_HD Mat<A, 1, 1> row(i64 r) const {
+    const StepRow<A> c = load_step(this->coef, this->stride, r);
+    const A q = c.s.alpha / c.t.alpha;
+    const A base = q * c.t.sigma;
+    A var = c.s.sigma * c.s.sigma - base * base;
+    if (!(var > A(0))) var = A(0);
+    Mat<A, 1, 1> M{};
+    M.m[0][0] = q;
+    M.noise[0] = sqrt(var);
+    return M;
+  }
+};
+
+}  // namespace fk

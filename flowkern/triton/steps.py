@@ -1,0 +1,204 @@
+"""Triton kernels of the sampler-step family: per-row coefficient matrices
+(twins of the functors in csrc/include/flowkern/steps.h) for the shared
+engine, and the launchers (same names as flowkern/ops/steps.py).
+
+P0 is the prediction type, P1 the EI form / DPM second-order flag, P2 whether
+an unconditional prediction follows (classifier-free guidance, weight w)."""
+import triton
+import triton.language as tl
+
+from .coeffs import convert_coeffs
+from .lincomb import launch_lincomb
+
+VELOCITY: tl.constexpr = tl.constexpr(0)
+X1: tl.constexpr = tl.constexpr(1)
+EPS: tl.constexpr = tl.constexpr(2)
+SCORE: tl.constexpr = tl.constexpr(3)
+
+
+@triton.jit
+def load_step(coef, stride, r, rmask):
+    """The 12 step-table columns of rows r (stride 0: one shared row)."""
+    base = coef + r.to(tl.int64)[:, None] * stride
+    m = rmask[:, None]
+    # Masked rows read a harmless (1, 1, 0, 1) schedule: no division by zero.
+    return (tl.load(base + 0, mask=m, other=1.0), tl.load(base + 1, mask=m, other=1.0),
+            tl.load(base + 2, mask=m, other=0.0), tl.load(base + 3, mask=m, other=1.0),
+            tl.load(base + 4, mask=m, other=1.0), tl.load(base + 5, mask=m, other=1.0),
+            tl.load(base + 6, mask=m, other=0.0), tl.load(base + 7, mask=m, other=1.0),
+            tl.load(base + 8, mask=m, other=1.0), tl.load(base + 9, mask=m, other=1.0),
+            tl.load(base + 10, mask=m, other=0.0), tl.load(base + 11, mask=m, other=0.0))
+
+
+@triton.jit
+def _guided(c, w, CFG: tl.constexpr):
+    """Coefficient c of the guided prediction, split over (p_c, p_u)."""
+    if CFG:
+        return w * c, (1.0 - w) * c
+    else:
+        return c, c
+
+
+@triton.jit
+def euler_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, stride, aux,
+               w, r, rmask):
+    """(x, p[, p_u]) -> x + h u_t."""
+    at, st, dat, dst, _a, _b, _c, _d, _e, _f, h, _g = load_step(coef, stride, r, rmask)
+    ua, ub = convert_coeffs(PRED, VELOCITY, at, st, dat, dst)
+    pc, pu = _guided(h * ub, w, CFG)
+    if CFG:
+        return ((1.0 + h * ua, pc, pu),)
+    else:
+        return ((1.0 + h * ua, pc),)
+
+
+@triton.jit
+def heun_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, stride, aux,
+              w, r, rmask):
+    """(x, p, x_e, p_e[, p_u, p_e_u]) -> x + h/2 (u_t + u_s)."""
+    at, st, dat, dst, as_, ss, das, dss, _e, _f, h, _g = load_step(coef, stride, r, rmask)
+    ta, tb = convert_coeffs(PRED, VELOCITY, at, st, dat, dst)
+    sa, sb = convert_coeffs(PRED, VELOCITY, as_, ss, das, dss)
+    hh = 0.5 * h
+    tc, tu = _guided(hh * tb, w, CFG)
+    sc, su = _guided(hh * sb, w, CFG)
+    if CFG:
+        return ((1.0 + hh * ta, tc, hh * sa, sc, tu, su),)
+    else:
+        return ((1.0 + hh * ta, tc, hh * sa, sc),)
+
+
+@triton.jit
+def _ei(PRED: tl.constexpr, FORM: tl.constexpr, at, st, dat, dst, as_, ss):
+    """x_s = a x + b p (steps.h ei_coeffs): data form (FORM 0) or noise form."""
+    if FORM == 0:
+        da, db = convert_coeffs(PRED, X1, at, st, dat, dst)
+        q = ss / st
+        B = as_ - q * at
+        return q + B * da, B * db
+    else:
+        ea, eb = convert_coeffs(PRED, EPS, at, st, dat, dst)
+        q = as_ / at
+        C = ss - q * st
+        return q + C * ea, C * eb
+
+
+@triton.jit
+def ei_rows(PRED: tl.constexpr, FORM: tl.constexpr, CFG: tl.constexpr, coef, stride, aux, w,
+            r, rmask):
+    """(x, p[, p_u]) -> x_s."""
+    at, st, dat, dst, as_, ss, _c, _d, _e, _f, _h, _g = load_step(coef, stride, r, rmask)
+    a, b = _ei(PRED, FORM, at, st, dat, dst, as_, ss)
+    pc, pu = _guided(b, w, CFG)
+    if CFG:
+        return ((a, pc, pu),)
+    else:
+        return ((a, pc),)
+
+
+@triton.jit
+def ei_bwd_rows(PRED: tl.constexpr, FORM: tl.constexpr, CFG: tl.constexpr, coef, stride, aux,
+                w, r, rmask):
+    """(g,) -> (g_x, g_p[, g_p_u])."""
+    at, st, dat, dst, as_, ss, _c, _d, _e, _f, _h, _g = load_step(coef, stride, r, rmask)
+    a, b = _ei(PRED, FORM, at, st, dat, dst, as_, ss)
+    pc, pu = _guided(b, w, CFG)
+    if CFG:
+        return (a,), (pc,), (pu,)
+    else:
+        return (a,), (pc,)
+
+
+@triton.jit
+def dpmpp_2m_rows(PRED: tl.constexpr, SECOND: tl.constexpr, CFG: tl.constexpr, coef, stride,
+                  aux, w, r, rmask):
+    """(x, p, d_prev[, p_u]) -> (x_s, d_t), DPM-Solver++(2M) (steps.h DPMpp2MFn)."""
+    at, st, dat, dst, as_, ss, _c, _d, ap, sp, _h, _g = load_step(coef, stride, r, rmask)
+    da, db = convert_coeffs(PRED, X1, at, st, dat, dst)
+    lt = tl.log(at / st)
+    h = tl.log(as_ / ss) - lt
+    c1 = tl.full(at.shape, 1.0, at.dtype)
+    c2 = tl.zeros(at.shape, at.dtype)
+    if SECOND:
+        rr = (lt - tl.log(ap / sp)) / h
+        finite = h < float("inf")
+        c2 = tl.where(finite, 1.0 / (2.0 * rr), 0.0)
+        c1 = 1.0 + c2
+    # alpha_s (1 - e^{-h}) = alpha_s - sigma_s alpha_t / sigma_t, the exact form of
+    # -alpha_s expm1(-h) (libdevice's expm1 is not available to the interpreter).
+    E = as_ - ss * at / st
+    xc, xu = _guided(E * c1 * db, w, CFG)
+    dc, du = _guided(db, w, CFG)
+    if CFG:
+        return (ss / st + E * c1 * da, xc, -E * c2, xu), (da, dc, 0.0 * da, du)
+    else:
+        return (ss / st + E * c1 * da, xc, -E * c2), (da, dc, 0.0 * da)
+
+
+@triton.jit
+def em_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, stride, aux, w,
+            r, rmask):
+    """(x, p[, p_u]) -> x + h (u + g^2/2 score) + g sqrt(h) xi."""
+    at, st, dat, dst, _a, _b, _c, _d, _e, _f, h, g = load_step(coef, stride, r, rmask)
+    ua, ub = convert_coeffs(PRED, VELOCITY, at, st, dat, dst)
+    sa, sb = convert_coeffs(PRED, SCORE, at, st, dat, dst)
+    k = 0.5 * g * g
+    pc, pu = _guided(h * (ub + k * sb), w, CFG)
+    nz = g * tl.sqrt(h)
+    if CFG:
+        return ((1.0 + h * (ua + k * sa), pc, pu, nz),)
+    else:
+        return ((1.0 + h * (ua + k * sa), pc, nz),)
+
+
+@triton.jit
+def churn_rows(_P0: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, stride, aux, w,
+               r, rmask):
+    """(x,) -> (alpha_that/alpha_t) x + sqrt(sigma_that^2 - (alpha_that sigma_t/alpha_t)^2) xi."""
+    at, st, _a, _b, ah, sh, _c, _d, _e, _f, _h, _g = load_step(coef, stride, r, rmask)
+    q = ah / at
+    base = q * st
+    var = tl.maximum(sh * sh - base * base, 0.0)
+    return ((q, tl.sqrt(var)),)
+
+
+def _ins(*ts):
+    return tuple(t for t in ts if t is not None)
+
+
+def euler_step(x, pred, pred_uncond, coef, prediction, guidance, out):
+    launch_lincomb(euler_rows, prediction, 0, _ins(x, pred, pred_uncond), (out,), coef,
+                   p2=pred_uncond is not None, w=guidance)
+
+
+def heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, coef, prediction,
+              guidance, out):
+    launch_lincomb(heun_rows, prediction, 0,
+                   _ins(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond), (out,),
+                   coef, p2=pred_uncond is not None, w=guidance)
+
+
+def ei_step(x, pred, pred_uncond, coef, prediction, form, guidance, out):
+    launch_lincomb(ei_rows, prediction, form, _ins(x, pred, pred_uncond), (out,), coef,
+                   p2=pred_uncond is not None, w=guidance)
+
+
+def ei_step_backward(grad, coef, prediction, form, guidance, cfg, outs):
+    launch_lincomb(ei_bwd_rows, prediction, form, (grad,), tuple(outs), coef, p2=cfg,
+                   w=guidance)
+
+
+def dpmpp_2m_step(x, pred, d_prev, pred_uncond, coef, prediction, guidance, out, d_out):
+    third = x if d_prev is None else d_prev  # unused by the first-order step
+    launch_lincomb(dpmpp_2m_rows, prediction, d_prev is not None,
+                   _ins(x, pred, third, pred_uncond), (out, d_out), coef,
+                   p2=pred_uncond is not None, w=guidance)
+
+
+def em_step(x, pred, pred_uncond, coef, prediction, guidance, seed, offset, out):
+    launch_lincomb(em_rows, prediction, 0, _ins(x, pred, pred_uncond), (out,), coef,
+                   p2=pred_uncond is not None, w=guidance, noise=(seed, offset))
+
+
+def churn(x, coef, seed, offset, out):
+    launch_lincomb(churn_rows, 0, 0, (x,), (out,), coef, noise=(seed, offset))
