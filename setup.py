@@ -71,18 +71,49 @@ class Build(BuildExtension):
         ext.extra_objects = objects + list(ext.extra_objects or [])
 
 
+def nvcc_top(nvcc):
+    """The CUDA root nvcc itself uses: nvcc on the PATH may be a wrapper script
+    (it is on the dev machines), so its own location proves nothing."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return line.split("=", 1)[1].strip()
+    return None
+
+
+def find_cudart_dir(nvcc):
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), nvcc_top(nvcc),
+             "/usr/local/cuda"]
+    for root in filter(None, roots):
+        for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
+                    os.path.join("targets", "sbsa-linux", "lib")):
+            d = os.path.join(root, sub)
+            if os.path.exists(os.path.join(d, "libcudart_static.a")):
+                return os.path.realpath(d)
+    print(f"flowkern: libcudart_static.a not found under {[r for r in roots if r]}, not "
+          "building flowkern._cuda (set CUDA_HOME)", file=sys.stderr)
+    return None
+
+
 def cuda_extension():
     nvcc = find_nvcc()
     if nvcc is None:
         return []
-    cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    cudart_dir = find_cudart_dir(nvcc)
+    if cudart_dir is None:
+        return []
     import pybind11
 
     ext = Extension(
         "flowkern._cuda",
         sources=rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))),
         include_dirs=[INCLUDE, os.path.join(ROOT, "csrc", "cuda"), pybind11.get_include()],
-        library_dirs=[os.path.join(cuda_home, "lib64")],
+        library_dirs=[cudart_dir],
         libraries=["cudart_static", "rt", "dl", "pthread"],
         extra_compile_args=["-O3", "-std=c++17"],
         language="c++",

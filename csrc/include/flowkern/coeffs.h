@@ -36,25 +36,13 @@ template <class A> FK_HD Lin2<A> target_coeffs(int target, Sched<A> s) {
   }
 }
 
-// A prediction of type `src` at state x rewritten as type `dst`:
-// dst = c_x*x + c_p*pred (DESIGN §3). Each pair uses the direct formula, not
-// a composition through x1, so that no division appears that the pair does
-// not need (velocity -> eps stays finite at sigma = 0, for example).
-// Lin2.a multiplies x, Lin2.b multiplies the prediction.
-template <class A> FK_HD Lin2<A> convert_coeffs(int src, int dst, Sched<A> s) {
+// Direct formulas between velocity, x1 and eps (DESIGN §3): dst = c_x*x +
+// c_p*pred. Each pair uses its own formula, not a composition through x1, so
+// that no division appears that the pair does not need (velocity -> eps stays
+// finite at sigma = 0, for example). Lin2.a multiplies x, Lin2.b the prediction.
+template <class A> FK_HD Lin2<A> convert_coeffs_direct(int src, int dst, Sched<A> s) {
   const A al = s.alpha, sg = s.sigma, da = s.d_alpha, ds = s.d_sigma;
   if (src == dst) return {A(0), A(1)};
-  if (src == SCORE) {
-    // score = -eps/sigma: rewrite as eps, then convert eps -> dst.
-    if (dst == EPS) return {A(0), -sg};
-    Lin2<A> e = convert_coeffs<A>(EPS, dst, s);
-    return {e.a, -sg * e.b};
-  }
-  if (dst == SCORE) {
-    // score = -eps/sigma with eps from src.
-    Lin2<A> e = convert_coeffs<A>(src, EPS, s);
-    return {-e.a / sg, -e.b / sg};
-  }
   switch (src) {
     case X1:  // d
       if (dst == EPS) return {A(1) / sg, -al / sg};
@@ -68,6 +56,25 @@ template <class A> FK_HD Lin2<A> convert_coeffs(int src, int dst, Sched<A> s) {
       return {-da / det, al / det};                         // eps
     }
   }
+}
+
+// A prediction of type `src` at state x rewritten as type `dst`, any pair.
+// A score is eps in disguise (score = -eps/sigma), so score pairs wrap the
+// direct eps formulas. Not recursive: nvcc cannot inline a recursive
+// function, and the call cost a stack frame with spills in every kernel.
+template <class A> FK_HD Lin2<A> convert_coeffs(int src, int dst, Sched<A> s) {
+  if (src == dst) return {A(0), A(1)};
+  if (src == SCORE) {
+    // eps = -sigma*score, then eps -> dst (dst != SCORE here).
+    const Lin2<A> e = convert_coeffs_direct<A>(EPS, dst, s);
+    return {e.a, -s.sigma * e.b};
+  }
+  if (dst == SCORE) {
+    // score = -eps/sigma with eps from src.
+    const Lin2<A> e = convert_coeffs_direct<A>(src, EPS, s);
+    return {-e.a / s.sigma, -e.b / s.sigma};
+  }
+  return convert_coeffs_direct<A>(src, dst, s);
 }
 
 }  // namespace fk

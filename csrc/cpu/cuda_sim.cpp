@@ -1,0 +1,185 @@
+// CPU grid simulator of the CUDA training kernels (TOOLCHAIN "Testing CUDA
+// kernels' indexing without a GPU"): debug ops that run the kernels' header
+// bodies (fk::lincomb_thread, fk::rowsum_thread + fk::tree_step) over every
+// block and thread of the grid that csrc/cuda/training.cu would launch, with
+// the same plan (flowkern/launch.h) computed from the same pointers. A view
+// at a storage offset makes pointers misaligned (vec = 1); a small max_blocks
+// exercises the grid-stride loop.
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "dispatch.h"
+#include "flowkern/launch.h"
+#include "flowkern/training.h"
+
+namespace flowkern_cpu {
+namespace {
+
+using Plan = std::vector<int64_t>;
+
+void check_inputs(const std::vector<at::Tensor>& in, const at::Tensor& coef, const char* op) {
+  TORCH_CHECK(!in.empty(), op, ": no inputs");
+  for (const auto& t : in) {
+    TORCH_CHECK(t.is_contiguous() && t.sizes() == in[0].sizes() &&
+                    t.scalar_type() == in[0].scalar_type(),
+                op, ": inputs must be contiguous with one shape and dtype");
+  }
+  const auto acc = in[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coef.scalar_type() == acc && coef.is_contiguous() && coef.dim() == 2 &&
+                  coef.size(0) == rows_of(in[0]) && coef.size(1) == 4,
+              op, ": coef must be contiguous (B, 4) in the accumulation dtype");
+}
+
+// An output of `like`'s shape whose data starts `offset` elements into its
+// storage, filled with NaN so that an element the grid skips is caught.
+at::Tensor nan_output(const at::Tensor& like, int64_t offset) {
+  const int64_t n = like.numel();
+  return at::full({n + offset}, std::numeric_limits<double>::quiet_NaN(), like.options())
+      .narrow(0, offset, n)
+      .view(like.sizes());
+}
+
+// Calls f(functor) for the op name, as the launcher of that op builds it.
+template <class T, class F>
+void with_functor(const std::string& op, const at::Tensor& coef,
+                  const std::optional<at::Tensor>& grad_rows, at::IntArrayRef params, F&& f) {
+  using A = fk::acc_t<T>;
+  const A* c = cptr<A>(coef);
+  const auto param = [&](size_t k) {
+    TORCH_CHECK(params.size() > k, "_sim_lincomb(", op, "): missing params[", k, "]");
+    return int(params[k]);
+  };
+  if (op == "interpolate") return f(fk::InterpolateFn<A>{c, param(0)});
+  if (op == "interpolate_backward") return f(fk::InterpolateBwdFn<A>{c, param(0)});
+  if (op == "convert") return f(fk::ConvertFn<A>{c, param(0), param(1)});
+  if (op == "convert_backward") return f(fk::ConvertBwdFn<A>{c, param(0), param(1)});
+  if (op == "fm_loss_backward") {
+    TORCH_CHECK(grad_rows && grad_rows->is_contiguous() &&
+                    grad_rows->scalar_type() == coef.scalar_type() &&
+                    grad_rows->numel() == coef.size(0),
+                "_sim_lincomb(fm_loss_backward): grad_rows must be (B,) in the coef dtype");
+    return f(fk::LossBwdFn<A>{c, cptr<A>(*grad_rows), param(0)});
+  }
+  TORCH_CHECK(false, "_sim_lincomb: unknown op '", op, "'");
+}
+
+// Every thread of every block runs lincomb_thread; the kernel is race-free
+// (each chunk has one owner), so the blocks may run in any order.
+template <class T, class Fn>
+Plan sweep_lincomb(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
+                   fk::OutPtrs<T, Fn::NO> out, i64 max_blocks) {
+  const fk::LincombPlan plan = fk::plan_lincomb_for(rows, inner, in, out, max_blocks);
+  const i64 nthreads = plan.blocks * plan.threads;
+  fk::with_vec<T>(plan.vec, [&](auto vec) {
+    at::parallel_for(0, plan.blocks, 1, [&](i64 b0, i64 b1) {
+      for (i64 b = b0; b < b1; ++b)
+        for (int t = 0; t < plan.threads; ++t)
+          fk::lincomb_thread<decltype(vec)::value>(fn, b * plan.threads + t, nthreads, rows,
+                                                   inner, in, out);
+    });
+  });
+  return {plan.vec, plan.threads, plan.blocks};
+}
+
+std::tuple<std::vector<at::Tensor>, Plan> sim_lincomb(
+    const std::string& op, const std::vector<at::Tensor>& inputs, const at::Tensor& coef,
+    const std::optional<at::Tensor>& grad_rows, at::IntArrayRef params, int64_t max_blocks,
+    int64_t out_offset) {
+  check_inputs(inputs, coef, "_sim_lincomb");
+  TORCH_CHECK(out_offset >= 0, "_sim_lincomb: out_offset must be >= 0");
+  const at::Tensor& x = inputs[0];
+  std::vector<at::Tensor> outs;
+  Plan plan;
+  dispatch_dtype(x, "_sim_lincomb", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    with_functor<T>(op, coef, grad_rows, params, [&](auto fn) {
+      using Fn = decltype(fn);
+      TORCH_CHECK(inputs.size() == size_t(Fn::NI), "_sim_lincomb(", op, "): expected ",
+                  Fn::NI, " inputs, got ", inputs.size());
+      fk::Ptrs<T, Fn::NI> in;
+      for (int j = 0; j < Fn::NI; ++j) in.p[j] = cptr<T>(inputs[j]);
+      fk::OutPtrs<T, Fn::NO> out;
+      for (int k = 0; k < Fn::NO; ++k) {
+        outs.push_back(nan_output(x, out_offset));
+        out.p[k] = mptr<T>(outs.back());
+      }
+      plan = sweep_lincomb<T>(fn, rows_of(x), inner_of(x), in, out, max_blocks);
+    });
+  });
+  return {outs, plan};
+}
+
+// Block by block, exactly the kernel's phases between barriers: every thread
+// stores its partial in shared memory, then each halving step runs for all
+// threads before the next (the step reads only slots >= stride, which no
+// thread of the same step writes, so thread order within a step is free).
+std::tuple<at::Tensor, Plan> sim_fm_loss_partial(const at::Tensor& pred, const at::Tensor& x0,
+                                                 const at::Tensor& x1, const at::Tensor& coef,
+                                                 int64_t target, int64_t chunk_len) {
+  check_inputs({pred, x0, x1}, coef, "_sim_fm_loss_partial");
+  const i64 rows = rows_of(pred), inner = inner_of(pred);
+  const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, chunk_len);
+  auto partial =
+      at::full({rows, plan.nchunks}, std::numeric_limits<double>::quiet_NaN(), coef.options());
+  dispatch_dtype(pred, "_sim_fm_loss_partial", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = fk::acc_t<T>;
+    const fk::LossResidualFn<A> fn{cptr<A>(coef), int(target)};
+    const fk::Ptrs<T, 3> in{{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}};
+    A* out = mptr<A>(partial);
+    at::parallel_for(0, plan.blocks, 1, [&](i64 b0, i64 b1) {
+      std::vector<A> smem(plan.threads);
+      for (i64 b = b0; b < b1; ++b) {
+        for (int t = 0; t < plan.threads; ++t)
+          smem[t] = fk::rowsum_thread<T>(fn, b, t, plan.threads, inner, plan.nchunks,
+                                         plan.chunk_len, in);
+        for (int stride = plan.threads / 2; stride > 0; stride /= 2)
+          for (int t = 0; t < plan.threads; ++t) fk::tree_step(smem.data(), t, stride);
+        out[b] = smem[0];
+      }
+    });
+  });
+  return {partial, {plan.threads, plan.chunk_len, plan.nchunks, plan.blocks}};
+}
+
+Plan sim_plan_lincomb(int64_t rows, int64_t inner, int64_t elem_size, bool aligned,
+                      int64_t max_blocks) {
+  const fk::LincombPlan p = fk::plan_lincomb(rows, inner, int(elem_size), aligned, max_blocks);
+  return {p.vec, p.threads, p.blocks};
+}
+
+Plan sim_plan_rowsum(int64_t rows, int64_t inner, int64_t chunk_len) {
+  const fk::RowsumPlan p = fk::plan_rowsum(rows, inner, chunk_len);
+  return {p.threads, p.chunk_len, p.nchunks, p.blocks};
+}
+
+}  // namespace
+
+// Debug ops for tests; not part of the public API. Plans are returned so a
+// test can assert which path (vec, grid-stride) it exercised.
+TORCH_LIBRARY_FRAGMENT(flowkern, m) {
+  m.def(
+      "_sim_lincomb(str op, Tensor[] inputs, Tensor coef, Tensor? grad_rows, int[] params, "
+      "int max_blocks=0, int out_offset=0) -> (Tensor[], int[])");
+  m.def(
+      "_sim_fm_loss_partial(Tensor pred, Tensor x0, Tensor x1, Tensor coef, int target, "
+      "int chunk_len=0) -> (Tensor, int[])");
+  // No tensor arguments, hence nothing to dispatch on: one kernel for all keys.
+  m.def(
+      "_sim_plan_lincomb(int rows, int inner, int elem_size, bool aligned, int max_blocks=0) "
+      "-> int[]",
+      &sim_plan_lincomb);
+  m.def("_sim_plan_rowsum(int rows, int inner, int chunk_len=0) -> int[]", &sim_plan_rowsum);
+}
+
+TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
+  m.impl("_sim_lincomb", &sim_lincomb);
+  m.impl("_sim_fm_loss_partial", &sim_fm_loss_partial);
+}
+
+}  // namespace flowkern_cpu

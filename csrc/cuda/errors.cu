@@ -1,0 +1,17 @@
+// Messages of the launchers' return codes (launchers.h).
+#include <cuda_runtime.h>
+
+#include "launchers.h"
+
+namespace fk_cuda {
+
+const char* error_string(int code) {
+  switch (code) {
+    case kBadDtype: return "unsupported dtype code (expected 0=float32, 1=float64, 2=float16, 3=bfloat16)";
+    case kBadPred: return "unknown prediction/target code (expected 0=velocity, 1=x1, 2=eps, 3=score)";
+    case kGridTooLarge: return "rows * chunks exceeds the CUDA grid limit of 2^31 - 1 blocks";
+    default: return cudaGetErrorString(static_cast<cudaError_t>(code));
+  }
+}
+
+}  // namespace fk_cuda

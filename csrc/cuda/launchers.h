@@ -1,0 +1,53 @@
+// Host entry points of flowkern._cuda's kernels, callable from g++ code
+// (bindings.cpp) without torch or CUDA headers: device pointers and the
+// cudaStream_t travel as uintptr_t, results are cudaError_t codes (0 = ok).
+//
+// Common arguments: `dtype` 0 = float32, 1 = float64, 2 = float16,
+// 3 = bfloat16; tensors are contiguous (rows, inner); `coef` is (rows, 4)
+// float (double for float64) holding alpha, sigma, d_alpha, d_sigma;
+// `max_blocks` caps the grid (<= 0: fk::kDefaultMaxBlocks). Launches are
+// asynchronous on `stream`; nothing synchronises with the host.
+#pragma once
+
+#include <stdint.h>
+
+#include "flowkern/launch.h"
+
+namespace fk_cuda {
+
+using fk::i64;
+using dptr = uintptr_t;
+
+// (x0, x1) -> (x_t, y).
+int interpolate(int dtype, i64 rows, i64 inner, dptr x0, dptr x1, dptr coef, int target,
+                dptr xt, dptr y, uintptr_t stream, i64 max_blocks);
+
+// (g_xt, g_y) -> (g_x0, g_x1).
+int interpolate_backward(int dtype, i64 rows, i64 inner, dptr g_xt, dptr g_y, dptr coef,
+                         int target, dptr g_x0, dptr g_x1, uintptr_t stream, i64 max_blocks);
+
+// (x, pred of type src) -> pred as type dst.
+int convert(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr coef, int src, int dst,
+            dptr out, uintptr_t stream, i64 max_blocks);
+
+// g -> (g_x, g_pred).
+int convert_backward(int dtype, i64 rows, i64 inner, dptr g, dptr coef, int src, int dst,
+                     dptr g_x, dptr g_pred, uintptr_t stream, i64 max_blocks);
+
+// Per (row, chunk) sums of (pred - y)^2 into `partial`, (rows, nchunks) of
+// fk::plan_rowsum(rows, inner, chunk_len) in the coefficient dtype.
+int fm_loss_partial(int dtype, i64 rows, i64 inner, dptr pred, dptr x0, dptr x1, dptr coef,
+                    int target, dptr partial, i64 chunk_len, uintptr_t stream);
+
+// grad_rows (rows,) in the coefficient dtype -> (g_pred, g_x0, g_x1).
+int fm_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, dptr x0,
+                     dptr x1, dptr coef, int target, dptr g_pred, dptr g_x0, dptr g_x1,
+                     uintptr_t stream, i64 max_blocks);
+
+// The launchers' own argument errors (CUDA's codes are all >= 0).
+enum : int { kBadDtype = -1, kBadPred = -2, kGridTooLarge = -3 };
+
+// cudaGetErrorString, or the message of one of the codes above.
+const char* error_string(int code);
+
+}  // namespace fk_cuda
