@@ -5,6 +5,7 @@ x_t = alpha_t x1 + sigma_t x0) and the backend table.
 """
 from . import schedules
 from .backend import BACKENDS, available, use_backend
+from .ops.steps import churn, dpmpp_2m_step, ei_step, em_step, euler_step, heun_step, step_table
 from .ops.training import convert, flow_matching_loss, interpolate
 from .schedules import get_schedule
 
@@ -12,5 +13,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "interpolate", "flow_matching_loss", "convert",
+    "euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn", "step_table",
     "schedules", "get_schedule", "use_backend", "available", "BACKENDS",
 ]

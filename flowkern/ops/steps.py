@@ -1,0 +1,435 @@
+"""Sampler-step op family (DESIGN §4 "Sampling"): euler_step, heun_step,
+ei_step, dpmpp_2m_step, em_step, churn, and step_table.
+
+Each public step validates, builds (or takes) the step table, picks a
+backend and runs one fused pass over the state: the prediction is converted
+in registers, classifier-free guidance p_u + w (p_c - p_u) is folded into the
+coefficients, and noise (em_step, churn) is drawn in the kernel from
+Philox4x32-10 keyed by (seed, offset + element index), so no noise tensor
+exists and every backend draws the same numbers. Outputs may be given with
+``out=`` (``out=x`` updates in place); samplers reuse buffers this way.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _validate as V
+from ..backend import resolve
+from ..reference import steps as ref
+from ..schedules import get_schedule
+from ._registry import TRITON_NS, lazy, ops_for, register
+
+_T = "flowkern.triton.steps"
+_C = "flowkern.cuda.steps"
+STEP_COLS = 12
+FORMS = {"data": 0, "noise": 1}
+
+# ---------------------------------------------------------------------------
+# flowkern_triton:: schemas (flowkern:: twins: csrc/cpu/steps.cpp)
+Opt = Optional[torch.Tensor]
+
+
+@torch.library.custom_op(f"{TRITON_NS}::euler_step", mutates_args=("out",))
+def _t_euler(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, coef: torch.Tensor,
+             prediction: int, guidance: float, out: torch.Tensor) -> None:
+    lazy(_T, "euler_step")(x, pred, pred_uncond, coef, prediction, guidance, out)
+
+
+@torch.library.custom_op(f"{TRITON_NS}::heun_step", mutates_args=("out",))
+def _t_heun(x: torch.Tensor, pred: torch.Tensor, x_euler: torch.Tensor,
+            pred_euler: torch.Tensor, pred_uncond: Opt, pred_euler_uncond: Opt,
+            coef: torch.Tensor, prediction: int, guidance: float, out: torch.Tensor) -> None:
+    lazy(_T, "heun_step")(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, coef,
+                          prediction, guidance, out)
+
+
+@torch.library.custom_op(f"{TRITON_NS}::ei_step", mutates_args=())
+def _t_ei(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, coef: torch.Tensor,
+          prediction: int, form: int, guidance: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    lazy(_T, "ei_step")(x, pred, pred_uncond, coef, prediction, form, guidance, out)
+    return out
+
+
+@torch.library.custom_op(f"{TRITON_NS}::ei_step_out", mutates_args=("out",))
+def _t_ei_out(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, coef: torch.Tensor,
+              prediction: int, form: int, guidance: float, out: torch.Tensor) -> None:
+    lazy(_T, "ei_step")(x, pred, pred_uncond, coef, prediction, form, guidance, out)
+
+
+@torch.library.custom_op(f"{TRITON_NS}::ei_step_backward", mutates_args=())
+def _t_ei_bwd(grad: torch.Tensor, coef: torch.Tensor, prediction: int, form: int,
+              guidance: float, cfg: bool) -> list[torch.Tensor]:
+    grad = grad.contiguous()
+    outs = [torch.empty_like(grad) for _ in range(3 if cfg else 2)]
+    lazy(_T, "ei_step_backward")(grad, coef, prediction, form, guidance, cfg, outs)
+    return outs
+
+
+@torch.library.custom_op(f"{TRITON_NS}::dpmpp_2m_step", mutates_args=("out", "d_out"))
+def _t_dpmpp(x: torch.Tensor, pred: torch.Tensor, d_prev: Opt, pred_uncond: Opt,
+             coef: torch.Tensor, prediction: int, guidance: float, out: torch.Tensor,
+             d_out: torch.Tensor) -> None:
+    lazy(_T, "dpmpp_2m_step")(x, pred, d_prev, pred_uncond, coef, prediction, guidance, out,
+                              d_out)
+
+
+@torch.library.custom_op(f"{TRITON_NS}::em_step", mutates_args=("out",))
+def _t_em(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, coef: torch.Tensor,
+          prediction: int, guidance: float, seed: int, offset: int, out: torch.Tensor) -> None:
+    lazy(_T, "em_step")(x, pred, pred_uncond, coef, prediction, guidance, seed, offset, out)
+
+
+@torch.library.custom_op(f"{TRITON_NS}::churn", mutates_args=("out",))
+def _t_churn(x: torch.Tensor, coef: torch.Tensor, seed: int, offset: int,
+             out: torch.Tensor) -> None:
+    lazy(_T, "churn")(x, coef, seed, offset, out)
+
+
+# ---------------------------------------------------------------------------
+# fake functions, autograd (ei_step: the flow-map parametrisation), CUDA kernels
+
+
+def _none(*_):
+    return None
+
+
+def _ei_setup(ctx, inputs, output):
+    _, _, pred_uncond, coef, prediction, form, guidance = inputs
+    ctx.coef, ctx.prediction, ctx.form, ctx.guidance = coef, prediction, form, guidance
+    ctx.cfg = pred_uncond is not None
+
+
+def _ei_backward(ops):
+    def backward(ctx, g):
+        grads = ops.ei_step_backward(g.contiguous(), ctx.coef, ctx.prediction, ctx.form,
+                                     ctx.guidance, ctx.cfg)
+        return grads[0], grads[1], grads[2] if ctx.cfg else None, None, None, None, None
+    return backward
+
+
+def _ei_bwd_fake(grad, coef, prediction, form, guidance, cfg):
+    return [torch.empty_like(grad) for _ in range(3 if cfg else 2)]
+
+
+for _name in ("euler_step", "heun_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn"):
+    register(_name, _none, cuda_impl=lazy(_C, _name))
+register("ei_step", lambda x, *_: torch.empty_like(x), _ei_backward, _ei_setup,
+         cuda_impl=lazy(_C, "ei_step"))
+register("ei_step_backward", _ei_bwd_fake, cuda_impl=lazy(_C, "ei_step_backward"))
+
+# ---------------------------------------------------------------------------
+# step tables
+
+
+def _as_times(name, v, device, dtype):
+    if isinstance(v, (int, float)):
+        return torch.tensor([float(v)], device=device, dtype=dtype)
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+        raise TypeError(f"{name}: expected a float or a floating tensor of shape (B,), "
+                        f"got {type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
+    if v.dim() > 1:
+        raise ValueError(f"{name}: expected shape () or (B,), got {tuple(v.shape)}")
+    return v.to(device=device, dtype=dtype).reshape(-1)
+
+
+def step_table(schedule, t, s, t_prev=None, g=None, dtype=torch.float32,
+               device=None) -> torch.Tensor:
+    """The coefficient table the step kernels read, shape (R, 12):
+    [alpha_t, sigma_t, d_alpha_t, d_sigma_t, alpha_s, sigma_s, d_alpha_s, d_sigma_s,
+     alpha_prev, sigma_prev, h = s - t, g]. t, s (and t_prev, g) are floats or
+    tensors of shape (R,); R = 1 serves a whole batch. Samplers build one table
+    for all steps up front and pass ``table=table[i]`` to each step."""
+    device = device or (t.device if isinstance(t, torch.Tensor) else "cpu")
+    sched = get_schedule(schedule)
+    vals = [_as_times(n, v, device, dtype) for n, v in (("t", t), ("s", s))]
+    tp = _as_times("t_prev", t_prev, device, dtype) if t_prev is not None else None
+    gg = _as_times("g", g, device, dtype) if g is not None else torch.zeros(1, device=device,
+                                                                         dtype=dtype)
+    rows = max(v.numel() for v in vals + [gg] + ([tp] if tp is not None else []))
+    cols = [*sched(vals[0]), *sched(vals[1])]
+    if tp is not None:
+        cols += list(sched(tp)[:2])
+    else:
+        cols += [torch.ones_like(vals[0]), torch.ones_like(vals[0])]
+    cols += [vals[1] - vals[0], gg]
+    return torch.stack([c.to(dtype).expand(rows) for c in cols], dim=1).contiguous()
+
+
+# ---------------------------------------------------------------------------
+# validation shared by the public steps
+
+
+class _Step:
+    """Validated tensors, table and backend of one step call."""
+
+    def __init__(self, op, x, preds, t, s, schedule, table, backend, t_prev=None, g=None,
+                 check_times=True):
+        V.tensor("x", x)
+        for name, p in preds.items():
+            if p is None:
+                continue
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(p).__name__}")
+            if p.shape != x.shape or p.dtype != x.dtype or p.device != x.device:
+                raise ValueError(f"{name}: the model output must match the state x in shape, "
+                                 f"dtype and device; got {tuple(p.shape)} {p.dtype} {p.device}, "
+                                 f"x is {tuple(x.shape)} {x.dtype} {x.device}")
+        self.acc = V.acc_dtype(x.dtype)
+        rows = x.shape[0]
+        if table is None:
+            if t is None or s is None:
+                raise TypeError(f"{op}: give the times t and s (or a precomputed table=)")
+            times = {"t": t, "s": s, "t_prev": t_prev}
+            for name, v in times.items():
+                if v is None:
+                    continue
+                v = _as_times(name, v, x.device, self.acc)
+                if v.numel() not in (1, rows):
+                    raise ValueError(f"{name}: expected shape () or ({rows},), got {tuple(v.shape)}")
+                if check_times:
+                    V.time(name, v, rows, x)
+            table = step_table(schedule, t, s, t_prev, g, self.acc, x.device)
+        else:
+            if not isinstance(table, torch.Tensor):
+                raise TypeError(f"table: expected a tensor from flowkern.step_table, "
+                                f"got {type(table).__name__}")
+            table = table.reshape(-1, STEP_COLS) if table.dim() == 1 else table
+            if table.dim() != 2 or table.shape[1] != STEP_COLS or table.shape[0] not in (1, rows):
+                raise ValueError(f"table: expected shape ({STEP_COLS},), (1, {STEP_COLS}) or "
+                                 f"({rows}, {STEP_COLS}), got {tuple(table.shape)}")
+            table = table.to(device=x.device, dtype=self.acc).contiguous()
+        self.table = table
+        self.backend = resolve(backend, x.device)
+
+    def dense(self, *ts):
+        return [None if t is None else t.contiguous() for t in ts]
+
+
+def _guidance(pred_uncond, guidance):
+    if pred_uncond is None and guidance is not None:
+        raise ValueError("guidance: a guidance weight needs the unconditional prediction "
+                         "pred_uncond")
+    if pred_uncond is not None and guidance is None:
+        raise ValueError("pred_uncond: give the guidance weight `guidance` with it")
+    if guidance is not None and not isinstance(guidance, (int, float)):
+        raise TypeError(f"guidance: expected a float, got {type(guidance).__name__}")
+    return 1.0 if guidance is None else float(guidance)
+
+
+def _out(name, out, x):
+    if out is None:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"{name}: must match x in shape, dtype and device")
+    if not out.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous")
+    return out
+
+
+def _pred(prediction):
+    return V.prediction("prediction", prediction)
+
+
+def _nonzero_for(st, prediction, dst, at="t"):
+    """Value check of the divisions the conversion to dst needs (CPU / debug)."""
+    tab = st.table
+    base = 0 if at == "t" else 4
+    al, sg, da, ds = (tab[:, base + k] for k in range(4))
+    if prediction == dst:
+        return
+    if "score" in (prediction, dst) and not (prediction == "score" and dst == "eps"):
+        V.nonzero(at, f"sigma_{at}", sg, f"converting {prediction} -> {dst} divides by it")
+    if prediction == "x1" and dst in ("velocity", "eps"):
+        V.nonzero(at, f"sigma_{at}", sg, f"converting {prediction} -> {dst} divides by it")
+    if prediction in ("eps", "score") and dst in ("velocity", "x1"):
+        V.nonzero(at, f"alpha_{at}", al, f"converting {prediction} -> {dst} divides by it")
+    if prediction == "velocity" and dst in ("x1", "eps", "score"):
+        V.nonzero(at, "alpha*d_sigma - sigma*d_alpha", al * ds - sg * da,
+                  f"converting velocity -> {dst} divides by it")
+
+
+def _cast(out_val, out):
+    out.copy_(out_val)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# public steps
+
+
+def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity",
+               pred_uncond=None, guidance=None, out=None, table=None, backend=None):
+    """One Euler step of the probability-flow ODE: x_s = x_t + (s - t) u_t.
+
+    Args:
+        x: state at time t, (B, ...). pred: the model's output at (x, t) of type
+            `prediction` ("velocity", "x1", "eps", "score"); same shape/dtype as x.
+        t, s: current and next time (floats or (B,) tensors); or table=.
+        pred_uncond, guidance: classifier-free guidance p_u + w (p_c - p_u).
+        out: output buffer (may be x itself).
+    Returns: x_s, shape of x.
+    """
+    w = _guidance(pred_uncond, guidance)
+    st = _Step("euler_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
+               table, backend)
+    code = _pred(prediction)
+    _nonzero_for(st, prediction, "velocity")
+    out = _out("out", out, x)
+    if st.backend == "torch":
+        return _cast(ref.euler_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4],
+                                    st.table[:, 10], prediction, _up(pred_uncond, st), w), out)
+    x, pred, pu = st.dense(x, pred, pred_uncond)
+    ops_for(st.backend).euler_step(x, pred, pu, st.table, code, w, out)
+    return out
+
+
+def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
+              prediction="velocity", pred_uncond=None, pred_euler_uncond=None, guidance=None,
+              out=None, table=None, backend=None):
+    """Second stage of Heun's method: x_s = x_t + (s - t)/2 (u_t + u_s), with
+    u_t from (x, pred) at t and u_s from the Euler predictor (x_euler,
+    pred_euler) at s. Shapes as :func:`euler_step`."""
+    w = _guidance(pred_uncond, guidance)
+    if (pred_uncond is None) != (pred_euler_uncond is None):
+        raise ValueError("pred_euler_uncond: give both unconditional predictions or neither")
+    V.tensor("x_euler", x_euler)
+    st = _Step("heun_step", x, {"pred": pred, "x_euler": x_euler, "pred_euler": pred_euler,
+                                "pred_uncond": pred_uncond,
+                                "pred_euler_uncond": pred_euler_uncond},
+               t, s, schedule, table, backend)
+    code = _pred(prediction)
+    _nonzero_for(st, prediction, "velocity")
+    _nonzero_for(st, prediction, "velocity", at="s")
+    out = _out("out", out, x)
+    if st.backend == "torch":
+        return _cast(ref.heun_step(x.to(st.acc), pred.to(st.acc), x_euler.to(st.acc),
+                                   pred_euler.to(st.acc), st.table[:, :4], st.table[:, 4:8],
+                                   st.table[:, 10], prediction, _up(pred_uncond, st),
+                                   _up(pred_euler_uncond, st), w), out)
+    args = st.dense(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond)
+    ops_for(st.backend).heun_step(*args, st.table, code, w, out)
+    return out
+
+
+def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="data",
+            pred_uncond=None, guidance=None, out=None, table=None, backend=None):
+    """First-order exponential integrator (DDIM) from t to s:
+    data form  x_s = (sigma_s/sigma_t) x_t + (alpha_s - sigma_s alpha_t/sigma_t) d,
+    noise form x_s = (alpha_s/alpha_t) x_t + (sigma_s - alpha_s sigma_t/alpha_t) eps.
+    Differentiable in x and pred (without out=): it is also the one-step
+    flow-map parametrisation g(t, s, x). Shapes as :func:`euler_step`."""
+    w = _guidance(pred_uncond, guidance)
+    if form not in FORMS:
+        raise ValueError(f"form: expected 'data' or 'noise', got {form!r}")
+    st = _Step("ei_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
+               table, backend)
+    code = _pred(prediction)
+    if form == "data":
+        V.nonzero("t", "sigma_t", st.table[:, 1], "the data form divides by it")
+        _nonzero_for(st, prediction, "x1")
+    else:
+        V.nonzero("t", "alpha_t", st.table[:, 0], "the noise form divides by it")
+        _nonzero_for(st, prediction, "eps")
+    if st.backend == "torch":
+        val = ref.ei_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4], st.table[:, 4:8],
+                          prediction, form, _up(pred_uncond, st), w).to(x.dtype)
+        return val if out is None else _cast(val, _out("out", out, x))
+    x, pred, pu = st.dense(x, pred, pred_uncond)
+    ops = ops_for(st.backend)
+    if out is None:
+        return ops.ei_step(x, pred, pu, st.table, code, FORMS[form], w)
+    out = _out("out", out, x)
+    ops.ei_step_out(x, pred, pu, st.table, code, FORMS[form], w, out)
+    return out
+
+
+def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d_prev=None,
+                  t_prev=None, pred_uncond=None, guidance=None, out=None, d_out=None,
+                  table=None, backend=None):
+    """DPM-Solver++(2M) step from t to s (Lu et al. 2022): returns (x_s, d_t),
+    where d_t (the guided x1-prediction at t) is what the next step passes as
+    d_prev, with t_prev = t. Without d_prev (the first step) or when sigma_s = 0
+    the step is first order. Shapes as :func:`euler_step`."""
+    w = _guidance(pred_uncond, guidance)
+    if (d_prev is None) != (t_prev is None) and table is None:
+        raise ValueError("t_prev: give d_prev and t_prev together (both None for the first step)")
+    st = _Step("dpmpp_2m_step", x, {"pred": pred, "pred_uncond": pred_uncond, "d_prev": d_prev},
+               t, s, schedule, table, backend, t_prev=t_prev)
+    code = _pred(prediction)
+    V.nonzero("t", "sigma_t", st.table[:, 1], "the data form divides by it")
+    V.nonzero("t", "alpha_t", st.table[:, 0], "log(alpha_t/sigma_t) needs it")
+    _nonzero_for(st, prediction, "x1")
+    out, d_out = _out("out", out, x), _out("d_out", d_out, x)
+    if st.backend == "torch":
+        xs, d = ref.dpmpp_2m_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4],
+                                  st.table[:, 4:8], prediction, _up(d_prev, st),
+                                  _pad_prev(st.table), _up(pred_uncond, st), w)
+        return _cast(xs, out), _cast(d, d_out)
+    x, pred, dp, pu = st.dense(x, pred, d_prev, pred_uncond)
+    ops_for(st.backend).dpmpp_2m_step(x, pred, dp, pu, st.table, code, w, out, d_out)
+    return out, d_out
+
+
+def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g=1.0, seed=0,
+            offset=0, pred_uncond=None, guidance=None, out=None, table=None, backend=None):
+    """Euler-Maruyama step of dX = [u + g^2/2 score] dt + g dW (which keeps the
+    marginals of the flow for any g):  x_s = x + h (u + g^2/2 score) + g sqrt(h) xi.
+
+    xi is drawn in the kernel: element e uses Philox4x32-10(seed, offset + e),
+    identical on every backend. Advance `offset` by x.numel() per step (the
+    samplers do). Shapes as :func:`euler_step`; g a float or (B,) tensor."""
+    w = _guidance(pred_uncond, guidance)
+    _seed_offset(seed, offset)
+    st = _Step("em_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule, table,
+               backend, g=g)
+    code = _pred(prediction)
+    _nonzero_for(st, prediction, "velocity")
+    _nonzero_for(st, prediction, "score")
+    out = _out("out", out, x)
+    if st.backend == "torch":
+        xi = ref.philox_normal(seed, offset, x.shape, st.acc, x.device)
+        return _cast(ref.em_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4], st.table[:, 10],
+                                 st.table[:, 11], xi, prediction, _up(pred_uncond, st), w), out)
+    x, pred, pu = st.dense(x, pred, pred_uncond)
+    ops_for(st.backend).em_step(x, pred, pu, st.table, code, w, seed, offset, out)
+    return out
+
+
+def churn(x, t=None, t_hat=None, schedule="linear", seed=0, offset=0, out=None, table=None,
+          backend=None):
+    """EDM "churn" in this convention: renoise x from time t back to an earlier
+    t_hat <= t, x_hat = (alpha_that/alpha_t) x + sqrt(sigma_that^2 -
+    (alpha_that sigma_t/alpha_t)^2) xi, xi from Philox(seed, offset + e)."""
+    _seed_offset(seed, offset)
+    st = _Step("churn", x, {}, t, t_hat, schedule, table, backend)
+    V.nonzero("t", "alpha_t", st.table[:, 0], "churn divides by it")
+    out = _out("out", out, x)
+    if st.backend == "torch":
+        xi = ref.philox_normal(seed, offset, x.shape, st.acc, x.device)
+        return _cast(ref.churn(x.to(st.acc), st.table[:, :4], st.table[:, 4:8], xi), out)
+    ops_for(st.backend).churn(x.contiguous(), st.table, seed, offset, out)
+    return out
+
+
+def _seed_offset(seed, offset):
+    for name, v in (("seed", seed), ("offset", offset)):
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2 ** 63:
+            raise ValueError(f"{name}: expected an int in [0, 2^63), got {v!r}")
+
+
+def _up(p, st):
+    return None if p is None else p.to(st.acc)
+
+
+def _pad_prev(table):
+    """The previous time's (alpha, sigma) as a (R, 4) schedule block for the reference."""
+    return torch.cat([table[:, 8:10], table[:, 8:10]], dim=1)
+
+
+__all__ = ["euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn",
+           "step_table"]
