@@ -291,42 +291,44 @@ def test_compile_training_step(backend):
 # ---------------------------------------------------------------------- bad input
 
 
-def test_bad_inputs():
-    x = torch.randn(4, 3)
-    t = torch.rand(4)
-    cases = [
-        (lambda: fk.interpolate([1.0], x, t), TypeError, "x0"),
-        (lambda: fk.interpolate(x, x.long(), t), TypeError, "x1"),
-        (lambda: fk.interpolate(x, x.double(), t), TypeError, "x1"),
-        (lambda: fk.interpolate(x, torch.randn(5, 3), t), ValueError, "broadcast"),
-        (lambda: fk.interpolate(torch.tensor(1.0), x, t), ValueError, "x0"),
-        (lambda: fk.interpolate(x, x, torch.rand(3)), ValueError, "t"),
-        (lambda: fk.interpolate(x, x, torch.rand(4, 1)), ValueError, "t"),
-        (lambda: fk.interpolate(x, x, "0.5"), TypeError, "t"),
-        (lambda: fk.interpolate(x, x, torch.tensor([0.1, 0.2, 1.5, 0.3])), ValueError, r"\[0, 1\]"),
-        (lambda: fk.interpolate(x, x, torch.tensor([0.1, float("nan"), 0.5, 0.3])), ValueError, "NaN"),
-        (lambda: fk.interpolate(x, x, torch.tensor([1, 0, 1, 0])), TypeError, "t"),
-        (lambda: fk.interpolate(x, x, t, target="noise"), ValueError, "target"),
-        (lambda: fk.interpolate(x, x, t, schedule="sigmoid"), ValueError, "schedule"),
-        (lambda: fk.interpolate(x, x, t, schedule=3), TypeError, "schedule"),
-        (lambda: fk.interpolate(x, x, t, backend="metal"), ValueError, "backend"),
-        (lambda: fk.interpolate(x, x, t, backend="cuda"), ValueError, "CUDA tensors"),
-        (lambda: fk.interpolate(x, x, torch.ones(4), target="score"), ValueError, "sigma_t"),
-        (lambda: fk.interpolate(x, x, t, out=(x,)), TypeError, "out"),
-        (lambda: fk.interpolate(x, x, t, out=(torch.empty(4, 2), torch.empty(4, 3))), ValueError, "out"),
-        (lambda: fk.interpolate(x, x, t, out=(torch.empty(3, 4).t(), torch.empty(4, 3))), ValueError, "contiguous"),
-        (lambda: fk.flow_matching_loss(x, x, x, t, reduction="max"), ValueError, "reduction"),
-        (lambda: fk.flow_matching_loss(x, x, x, t, weight=torch.ones(3)), ValueError, "weight"),
-        (lambda: fk.flow_matching_loss(x, x, x, torch.ones(4), target="score"), ValueError, "sigma_t"),
-        (lambda: fk.convert(x, x, torch.zeros(4), src="eps", dst="x1"), ValueError, "alpha_t"),
-        (lambda: fk.convert(x, x, torch.ones(4), src="x1", dst="eps"), ValueError, "sigma_t"),
-        (lambda: fk.convert(x, x, t, src="v", dst="x1"), ValueError, "src"),
-        (lambda: fk.convert(x, x, t, src="x1", dst="noise"), ValueError, "dst"),
-        (lambda: fk.schedules.VE(sigma_min=5, sigma_max=1), ValueError, "sigma_min"),
-    ]
-    for fn, exc, pattern in cases:
-        with pytest.raises(exc, match=pattern):
-            fn()
+x = torch.randn(4, 3)
+t = torch.rand(4)
+BAD = [
+    (lambda: fk.interpolate([1.0], x, t), TypeError, "x0"),
+    (lambda: fk.interpolate(x, x.long(), t), TypeError, "x1"),
+    (lambda: fk.interpolate(x, x.double(), t), TypeError, "x1"),
+    (lambda: fk.interpolate(x, torch.randn(5, 3), t), ValueError, "broadcast"),
+    (lambda: fk.interpolate(torch.tensor(1.0), x, t), ValueError, "x0"),
+    (lambda: fk.interpolate(x, x, torch.rand(3)), ValueError, "t"),
+    (lambda: fk.interpolate(x, x, torch.rand(4, 1)), ValueError, "t"),
+    (lambda: fk.interpolate(x, x, "0.5"), TypeError, "t"),
+    (lambda: fk.interpolate(x, x, torch.tensor([0.1, 0.2, 1.5, 0.3])), ValueError, r"\[0, 1\]"),
+    (lambda: fk.interpolate(x, x, torch.tensor([0.1, float("nan"), 0.5, 0.3])), ValueError, "NaN"),
+    (lambda: fk.interpolate(x, x, torch.tensor([1, 0, 1, 0])), TypeError, "t"),
+    (lambda: fk.interpolate(x, x, t, target="noise"), ValueError, "target"),
+    (lambda: fk.interpolate(x, x, t, schedule="sigmoid"), ValueError, "schedule"),
+    (lambda: fk.interpolate(x, x, t, schedule=3), TypeError, "schedule"),
+    (lambda: fk.interpolate(x, x, t, backend="metal"), ValueError, "backend"),
+    (lambda: fk.interpolate(x, x, t, backend="cuda"), ValueError, "CUDA tensors"),
+    (lambda: fk.interpolate(x, x, torch.ones(4), target="score"), ValueError, "sigma_t"),
+    (lambda: fk.interpolate(x, x, t, out=(x,)), TypeError, "out"),
+    (lambda: fk.interpolate(x, x, t, out=(torch.empty(4, 2), torch.empty(4, 3))), ValueError, "out"),
+    (lambda: fk.interpolate(x, x, t, out=(torch.empty(3, 4).t(), torch.empty(4, 3))), ValueError, "contiguous"),
+    (lambda: fk.flow_matching_loss(x, x, x, t, reduction="max"), ValueError, "reduction"),
+    (lambda: fk.flow_matching_loss(x, x, x, t, weight=torch.ones(3)), ValueError, "weight"),
+    (lambda: fk.flow_matching_loss(x, x, x, torch.ones(4), target="score"), ValueError, "sigma_t"),
+    (lambda: fk.convert(x, x, torch.zeros(4), src="eps", dst="x1"), ValueError, "alpha_t"),
+    (lambda: fk.convert(x, x, torch.ones(4), src="x1", dst="eps"), ValueError, "sigma_t"),
+    (lambda: fk.convert(x, x, t, src="v", dst="x1"), ValueError, "src"),
+    (lambda: fk.convert(x, x, t, src="x1", dst="noise"), ValueError, "dst"),
+    (lambda: fk.schedules.VE(sigma_min=5, sigma_max=1), ValueError, "sigma_min"),
+]
+
+
+@pytest.mark.parametrize("fn,exc,pattern", BAD, ids=[f"{i}-{c[2]}" for i, c in enumerate(BAD)])
+def test_bad_inputs(fn, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fn()
 
 
 def test_out_rejects_autograd():

@@ -8,8 +8,8 @@ tests/test_aot.py runs it in a subprocess.
 """
 from __future__ import annotations
 
-import contextlib
 import io
+import itertools
 import json
 import os
 import re
@@ -20,39 +20,69 @@ DTYPES = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp32"), "bf16": ("bf16", "
           "fp64": ("fp64", "fp64")}
 
 
+def _ops():
+    """(name, row function, NI, NO, NOISE, P0, P1, P2) of every shipped kernel."""
+    from . import steps as S
+    from . import training as T
+
+    return [("interpolate", T.interpolate_rows, 2, 2, False, 0, 0, 0),
+            ("interpolate_bwd", T.interpolate_bwd_rows, 2, 2, False, 0, 0, 0),
+            ("convert_v2x1", T.convert_rows, 2, 1, False, 0, 1, 0),
+            ("convert_score2v", T.convert_rows, 2, 1, False, 3, 0, 0),
+            ("convert_bwd", T.convert_bwd_rows, 1, 2, False, 1, 2, 0),
+            ("loss_bwd", T.loss_bwd_rows, 3, 3, False, 3, 0, 0),
+            ("euler_x1", S.euler_rows, 2, 1, False, 1, 0, 0),
+            ("euler_cfg_v", S.euler_rows, 3, 1, False, 0, 0, 1),
+            ("heun_cfg_x1", S.heun_rows, 6, 1, False, 1, 0, 1),
+            ("ei_data_eps", S.ei_rows, 2, 1, False, 2, 0, 0),
+            ("ei_noise_cfg_v", S.ei_rows, 3, 1, False, 0, 1, 1),
+            ("ei_bwd_cfg", S.ei_bwd_rows, 1, 3, False, 1, 0, 1),
+            ("dpmpp_2m_cfg_x1", S.dpmpp_2m_rows, 4, 2, False, 1, 1, 1),
+            ("em_cfg_score", S.em_rows, 3, 1, True, 3, 0, 1),
+            ("churn", S.churn_rows, 1, 1, True, 0, 0, 0)]
+
+
+QUICK = ("interpolate", "convert_score2v", "loss_bwd", "heun_cfg_x1", "dpmpp_2m_cfg_x1",
+         "em_cfg_score")
+
+
 def configs(full: bool = True):
     """(name, kernel, signature, constexprs) for the shipped launch configs:
-    each training op and dtype, the tile shapes tile_config picks from tiny
-    rows (2-D data) to long rows, with a 64-bit `inner` (and 32-bit for fp32).
+    each op and dtype, the tile shapes tile_config picks from tiny rows (2-D
+    data) to long rows, with a 64-bit `inner` (and 32-bit for fp32).
     full=False is the quick set: the widest tiles of both kinds, the heaviest ops."""
     from . import lincomb as L
     from . import training as T
 
-    ops = [("interpolate", T.interpolate_rows, 2, 2, 0, 0),
-           ("interpolate_bwd", T.interpolate_bwd_rows, 2, 2, 0, 0),
-           ("convert_v2x1", T.convert_rows, 2, 1, 0, 1), ("convert_score2v", T.convert_rows, 2, 1, 3, 0),
-           ("convert_bwd", T.convert_bwd_rows, 1, 2, 1, 2), ("loss_bwd", T.loss_bwd_rows, 3, 3, 3, 0)]
-    tiles = sorted({L.tile_config(n) for n in (1, 2, 3, 100, 3072, 1 << 20)})
+    ops = _ops()
+    sizes = (1, 2, 3, 100, 3072, 1 << 20) if full else (2, 1 << 20)
     if not full:
-        tiles = [L.tile_config(2), L.tile_config(1 << 20)]
-        ops = [o for o in ops if o[0] in ("interpolate", "convert_score2v", "loss_bwd")]
+        ops = [o for o in ops if o[0] in QUICK]
     out = []
     for dname, (io_t, acc_t) in DTYPES.items():
-        for rows_per, block_n in tiles:
-            for idx_t in ("i32", "i64") if dname == "fp32" else ("i64",):
-                base = dict(coef=f"*{acc_t}", stride="i32", aux=f"*{acc_t}", w="fp32", rows="i32", inner=idx_t,
-                            n_col_blocks="i32")
+        for heavy in (False, True):
+            for (rows_per, block_n), idx_t in itertools.product(
+                    sorted({L.tile_config(n, heavy) for n in sizes}),
+                    ("i32", "i64") if dname == "fp32" else ("i64",)):
                 ins = {f"i{k}": f"*{io_t}" for k in range(L.MAX_IN)}
-                for name, fn, ni, no, p0, p1 in ops:
-                    sig = {**ins, **{f"o{k}": f"*{io_t}" for k in range(L.MAX_OUT)}, **base}
-                    const = dict(P0=p0, P1=p1, ROW_FN=fn, NI=ni, NO=no, ROWS=rows_per,
-                                 BLOCK_N=block_n)
+                tail = dict(rows="i32", inner=idx_t, n_col_blocks="i32")
+                for name, fn, ni, no, noise, p0, p1, p2 in ops:
+                    if L.is_heavy(ni, noise) != heavy:
+                        continue
+                    sig = {**ins, **{f"o{k}": f"*{io_t}" for k in range(L.MAX_OUT)},
+                           "coef": f"*{acc_t}", "stride": "i32", "aux": f"*{acc_t}",
+                           "w": "fp32", "seed": "i64", "offset": "i64", **tail}
+                    const = dict(P0=p0, P1=p1, P2=p2, ROW_FN=fn, NI=ni, NO=no, NOISE=noise,
+                                 ROWS=rows_per, BLOCK_N=block_n)
                     sig.update({k: "constexpr" for k in const})
                     out.append((f"lincomb/{name}/{dname}/{rows_per}x{block_n}/{idx_t}",
                                 L.lincomb_kernel, sig, const))
-                sig = {**ins, "partial": f"*{acc_t}", **base}
-                const = dict(P0=3, P1=0, ROW_FN=T.loss_residual_rows, NI=3, ROWS=rows_per,
-                             BLOCK_N=block_n)
+                if heavy:
+                    continue
+                sig = {**ins, "partial": f"*{acc_t}", "coef": f"*{acc_t}", "stride": "i32",
+                       "aux": f"*{acc_t}", "w": "fp32", **tail}
+                const = dict(P0=3, P1=0, P2=0, ROW_FN=T.loss_residual_rows, NI=3,
+                             ROWS=rows_per, BLOCK_N=block_n)
                 sig.update({k: "constexpr" for k in const})
                 out.append((f"rowsum/loss/{dname}/{rows_per}x{block_n}/{idx_t}",
                             L.rowsum_kernel, sig, const))

@@ -16,16 +16,23 @@ import triton.language as tl
 from .philox import normal
 
 TILE = 2048          # elements per program: 16 per thread at 4 warps
+HEAVY_TILE = 1024    # for kernels with >= 4 inputs or in-kernel noise (Philox state):
+                     # 8 elements per thread keeps them free of spills (flowkern.triton.aot)
 MAX_ROWS = 64        # rows per program: each row keeps its coefficient matrix in registers
 NUM_WARPS = 4
 MAX_IN, MAX_OUT = 6, 3
 
 
-def tile_config(inner: int) -> tuple[int, int]:
+def is_heavy(n_in: int, noise: bool) -> bool:
+    return n_in >= 4 or noise
+
+
+def tile_config(inner: int, heavy: bool = False) -> tuple[int, int]:
     """(ROWS, BLOCK_N) for rows of length `inner`: several whole rows when they
-    are short (tiny 2-D data), row segments of TILE otherwise."""
-    block_n = min(triton.next_power_of_2(max(inner, 1)), TILE)
-    return min(TILE // block_n, MAX_ROWS), block_n
+    are short (tiny 2-D data), row segments of the tile otherwise."""
+    tile = HEAVY_TILE if heavy else TILE
+    block_n = min(triton.next_power_of_2(max(inner, 1)), tile)
+    return min(tile // block_n, MAX_ROWS), block_n
 
 
 @triton.jit
@@ -116,10 +123,10 @@ def rowsum_kernel(i0, i1, i2, i3, i4, i5, partial, coef, stride, aux, w, rows, i
     tl.store(partial + r.to(tl.int64) * n_col_blocks + pid_c, tl.sum(y * y, axis=1), mask=rmask)
 
 
-def _grid(x):
+def _grid(x, heavy=False):
     rows = x.shape[0]
     inner = x.numel() // rows
-    rows_per, block_n = tile_config(inner)
+    rows_per, block_n = tile_config(inner, heavy)
     n_col = triton.cdiv(inner, block_n)
     return (triton.cdiv(rows, rows_per) * n_col,), rows, inner, rows_per, block_n, n_col
 
@@ -139,7 +146,8 @@ def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
     assert 1 <= len(inputs) <= MAX_IN and 1 <= len(outputs) <= MAX_OUT
     if inputs[0].numel() == 0:
         return
-    grid, rows, inner, rows_per, block_n, n_col = _grid(inputs[0])
+    grid, rows, inner, rows_per, block_n, n_col = _grid(
+        inputs[0], is_heavy(len(inputs), noise is not None))
     seed, offset = noise if noise is not None else (0, 0)
     lincomb_kernel[grid](*_pad(inputs, MAX_IN), *_pad(outputs, MAX_OUT), coef,
                          _stride(coef, rows), coef if aux is None else aux, float(w),

@@ -21,12 +21,13 @@ def load_step(coef, stride, r, rmask):
     """The 12 step-table columns of rows r (stride 0: one shared row)."""
     base = coef + r.to(tl.int64)[:, None] * stride
     m = rmask[:, None]
-    # Masked rows read a harmless (1, 1, 0, 1) schedule: no division by zero.
+    # Masked rows read a harmless table (t: (1, 1, 0, 1), s: (1, 0.5, 0, 1),
+    # prev: (1, 2)): no division by zero, and h = r = log(2) in DPM-Solver++.
     return (tl.load(base + 0, mask=m, other=1.0), tl.load(base + 1, mask=m, other=1.0),
             tl.load(base + 2, mask=m, other=0.0), tl.load(base + 3, mask=m, other=1.0),
-            tl.load(base + 4, mask=m, other=1.0), tl.load(base + 5, mask=m, other=1.0),
+            tl.load(base + 4, mask=m, other=1.0), tl.load(base + 5, mask=m, other=0.5),
             tl.load(base + 6, mask=m, other=0.0), tl.load(base + 7, mask=m, other=1.0),
-            tl.load(base + 8, mask=m, other=1.0), tl.load(base + 9, mask=m, other=1.0),
+            tl.load(base + 8, mask=m, other=1.0), tl.load(base + 9, mask=m, other=2.0),
             tl.load(base + 10, mask=m, other=0.0), tl.load(base + 11, mask=m, other=0.0))
 
 

@@ -1,0 +1,249 @@
+"""Sampler-step family on every backend against the float64 reference:
+prediction types, guidance, shared and per-sample tables, in-place updates,
+the in-kernel noise (same numbers on every backend), autograd of ei_step,
+opcheck, torch.compile, and bad input."""
+import pytest
+import torch
+
+import flowkern as fk
+from flowkern._enums import PREDICTIONS
+from flowkern.reference import steps as R
+
+from conftest import DEVICE, backends_under_test, dtypes_for
+from helpers import assert_close
+
+BACKENDS = backends_under_test()
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
+CASES = [(b, d) for b in KERNEL_BACKENDS for d in dtypes_for(b)]
+STEPS = ["euler", "heun", "ei_data", "ei_noise", "dpmpp_2m", "dpmpp_2m_first", "em"]
+
+
+def _inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+            for _ in range(7)]
+
+
+def _call(step, x, p, xe, pe, pu, peu, dp, tab, prediction, cfg, backend=None, out=None):
+    """One step through the public API with a precomputed table."""
+    kw = dict(table=tab, prediction=prediction, backend=backend)
+    if cfg:
+        kw.update(pred_uncond=pu, guidance=2.5)
+    if step == "euler":
+        return fk.euler_step(x, p, out=out, **kw)
+    if step == "heun":
+        if cfg:
+            kw["pred_euler_uncond"] = peu
+        return fk.heun_step(x, p, xe, pe, out=out, **kw)
+    if step.startswith("ei"):
+        return fk.ei_step(x, p, form=step[3:], out=out, **kw)
+    if step.startswith("dpmpp"):
+        return fk.dpmpp_2m_step(x, p, d_prev=None if step.endswith("first") else dp, out=out,
+                                **kw)[0]
+    return fk.em_step(x, p, seed=7, offset=123, out=out, **kw)
+
+
+def _table(rows, dtype, per_sample):
+    n = rows if per_sample else 1
+    g = torch.Generator().manual_seed(1)
+    t = 0.2 + 0.5 * torch.rand(n, generator=g, dtype=torch.float64)
+    return fk.step_table("vp", t, t + 0.1, t_prev=t - 0.08, g=0.8 + 0 * t, dtype=dtype,
+                         device=DEVICE)
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("cfg", [False, True])
+def test_step_matches_reference(backend, dtype, step, prediction, cfg):
+    shape = (5, 3, 37)
+    args = _inputs(shape, dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tab = _table(shape[0], acc, per_sample=cfg)  # shared table without CFG, per-sample with
+    out = _call(step, *args, tab, prediction, cfg, backend)
+    assert out.dtype == dtype and out.shape == shape
+    ref64 = _call(step, *[a.double() for a in args], tab.double(), prediction, cfg, "torch")
+    # PyTorch's own error: the reference evaluated with inputs and table in `dtype`.
+    naive = _call(step, *args, tab.to(dtype), prediction, cfg, "torch") if dtype != torch.float64 \
+        else ref64
+    # Terms of these combinations can cancel (cfg weight 2.5, conversions dividing by
+    # sigma): error is relative to the largest term, which the inputs' scale bounds.
+    scale = max(a.abs().max().item() for a in args) * tab.abs().max().item() ** 2 * 10
+    # Noise is drawn in fp32 on every backend (Box-Muller's log/cos may differ by an
+    # ulp between libm, libdevice and the interpreter): |xi| < 6, g sqrt(h) < 1.
+    atol = 4 * 2.0 ** -23 * 6 if step == "em" else 0.0
+    assert_close(out, ref64, naive, f"{step} {prediction} cfg={cfg} {backend} {dtype}",
+                 factor=4.0, ulps=8.0, scale=scale, atol=atol)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("step", ["euler", "ei_data", "dpmpp_2m", "em"])
+def test_in_place_and_times(backend, step):
+    """out=x updates in place; t/s given as floats equal the shared table."""
+    x, p, xe, pe, pu, peu, dp = _inputs((4, 65), torch.float32)
+    tab = fk.step_table("cosine", 0.3, 0.4, t_prev=0.25, g=0.5, device=DEVICE)
+    want = _call(step, x, p, xe, pe, pu, peu, dp, tab, "x1", False, backend)
+    y = x.clone()
+    got = _call(step, y, p, xe, pe, pu, peu, dp, tab, "x1", False, backend, out=y)
+    assert got.data_ptr() == y.data_ptr()
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_public_times_match_table(backend):
+    x, p = _inputs((3, 10), torch.float32)[:2]
+    t = torch.tensor([0.1, 0.4, 0.6], device=DEVICE)
+    a = fk.euler_step(x, p, t, t + 0.05, "vp", "eps", backend=backend)
+    b = fk.euler_step(x, p, table=fk.step_table("vp", t, t + 0.05, device=DEVICE),
+                      prediction="eps", backend=backend)
+    torch.testing.assert_close(a, b)
+    c = fk.euler_step(x, p, 0.3, 0.35, "vp", "eps", backend=backend)
+    d = fk.euler_step(x, p, torch.full((3,), 0.3, device=DEVICE), torch.full((3,), 0.35, device=DEVICE),
+                      "vp", "eps", backend=backend)
+    torch.testing.assert_close(c, d)
+
+
+def test_noise_is_the_same_on_every_backend():
+    """em_step and churn draw xi = Philox4x32-10(seed, offset + e) in the kernel:
+    the 32-bit words are bit-identical on every backend; Box-Muller's log and cos
+    come from different libraries (libm, libdevice, numpy in the interpreter) and
+    may round differently, so xi agrees to within one ulp of the largest radius
+    sqrt(-2 log 1e-7) < 8, i.e. 2^-21, and most values agree exactly."""
+    x = torch.zeros(3, 1000, device=DEVICE)
+    outs = {b: fk.churn(x, 0.5, 0.3, "linear", seed=2 ** 40 + 3, offset=2 ** 33, backend=b)
+            for b in BACKENDS}
+    ref = outs["torch"]
+    for b, o in outs.items():
+        diff = (o - ref).abs()
+        assert diff.max().item() <= 2.0 ** -21, (b, diff.max().item())
+        assert (diff == 0).float().mean().item() > 0.5, b
+    # the reference Philox is the published algorithm: spot-check the first words
+    assert torch.isfinite(ref).all() and ref.std() > 0
+
+
+def test_noise_statistics_and_keys():
+    n = 1 << 18
+    x = torch.zeros(1, n, device=DEVICE)
+    be = KERNEL_BACKENDS[0] if KERNEL_BACKENDS else "torch"
+    # churn from t = 1 (sigma 0) to t_hat = 0 (sigma 1, alpha 0 -> 1) on the cosine
+    # schedule adds exactly xi: x_hat = (alpha_0/alpha_1) x + sigma_0 xi = xi
+    xi = fk.churn(x, 1.0, 0.0, "cosine", seed=5, offset=0, backend=be)
+    assert abs(xi.mean().item()) < 0.01 and abs(xi.std().item() - 1) < 0.01
+    again = fk.churn(x, 1.0, 0.0, "cosine", seed=5, offset=0, backend=be)
+    assert torch.equal(xi, again)
+    other = fk.churn(x, 1.0, 0.0, "cosine", seed=6, offset=0, backend=be)
+    shifted = fk.churn(x[:, :100], 1.0, 0.0, "cosine", seed=5, offset=7, backend=be)
+    assert not torch.equal(xi, other)
+    torch.testing.assert_close(shifted[0], xi[0, 7:107])  # offsets index the same stream
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpmpp_final_step_is_finite(backend):
+    """At s = 1 (sigma_s = 0, h = inf) DPM-Solver++(2M) falls back to first order,
+    which lands on the denoised prediction."""
+    x, p, d = _inputs((2, 9), torch.float64 if backend != "cuda" else torch.float32)[:3]
+    xs, dt = fk.dpmpp_2m_step(x, p, 0.9, 1.0, "linear", "x1", d_prev=d, t_prev=0.8,
+                              backend=backend)
+    assert torch.isfinite(xs).all()
+    torch.testing.assert_close(xs, p)
+    torch.testing.assert_close(dt, p)
+
+
+GRAD_BACKENDS = [b for b in KERNEL_BACKENDS if b != "cuda"]
+
+
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("form", ["data", "noise"])
+def test_ei_step_gradcheck(backend, prediction, form):
+    kw = dict(dtype=torch.float64, device=DEVICE, requires_grad=True)
+    x, p, pu = (torch.randn(3, 4, **kw) for _ in range(3))
+    t = torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64, device=DEVICE)
+    assert torch.autograd.gradcheck(
+        lambda a, b: fk.ei_step(a, b, t, t + 0.1, "vp", prediction, form, backend=backend), (x, p))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: fk.ei_step(a, b, t, t + 0.1, "cosine", prediction, form, pred_uncond=c,
+                                   guidance=1.7, backend=backend), (x, p, pu))
+
+
+def _namespaces():
+    return (["flowkern"] if ("cpu" in BACKENDS or "cuda" in BACKENDS) else []) + \
+        (["flowkern_triton"] if "triton" in BACKENDS else [])
+
+
+@pytest.mark.parametrize("ns", _namespaces())
+def test_opcheck(ns):
+    ops = getattr(torch.ops, ns)
+    x, p, pu, xe, pe, dp = (torch.randn(3, 7, device=DEVICE) for _ in range(6))
+    tab = fk.step_table("vp", torch.tensor([0.2, 0.4, 0.5]), torch.tensor([0.3, 0.5, 0.6]),
+                        t_prev=torch.tensor([0.1, 0.3, 0.4]), g=0.5, device=DEVICE)
+    shared = tab[:1].contiguous()
+    o, o2 = torch.empty_like(x), torch.empty_like(x)
+    for c in (tab, shared):
+        for pred in range(4):
+            torch.library.opcheck(ops.euler_step, (x, p, pu, c, pred, 2.0, o))
+            torch.library.opcheck(ops.euler_step, (x, p, None, c, pred, 1.0, o))
+            torch.library.opcheck(ops.heun_step, (x, p, xe, pe, pu, pe, c, pred, 2.0, o))
+            torch.library.opcheck(ops.ei_step_out, (x, p, None, c, pred, 1, 1.0, o))
+            torch.library.opcheck(ops.dpmpp_2m_step, (x, p, dp, pu, c, pred, 1.5, o, o2))
+            torch.library.opcheck(ops.dpmpp_2m_step, (x, p, None, None, c, pred, 1.0, o, o2))
+            torch.library.opcheck(ops.em_step, (x, p, pu, c, pred, 2.0, 3, 5, o))
+            torch.library.opcheck(ops.ei_step_backward, (x, c, pred, 0, 1.5, True))
+        xg, pg, pug = (v.clone().requires_grad_() for v in (x, p, pu))
+        torch.library.opcheck(ops.ei_step, (xg, pg, pug, c, 1, 0, 1.5))
+        torch.library.opcheck(ops.ei_step, (xg, pg, None, c, 2, 1, 1.0))
+        torch.library.opcheck(ops.churn, (x, c, 11, 0, o))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_compile_sampling_loop(backend):
+    """A fixed-step sampling loop over precomputed tables, with in-place steps,
+    compiles with fullgraph=True and matches eager."""
+    torch._dynamo.reset()
+    model = torch.nn.Linear(4, 4).to(DEVICE)
+    grid = torch.linspace(0, 1, 5)
+    tables = fk.step_table("linear", grid[:-1], grid[1:], device=DEVICE)
+
+    def loop(x):
+        for i in range(4):
+            v = model(x)
+            fk.euler_step(x, v, table=tables[i], out=x, backend=backend)
+        return x
+
+    x0 = torch.randn(6, 4, device=DEVICE)
+    with torch.no_grad():
+        got = torch.compile(loop, fullgraph=True)(x0.clone())
+        want = loop(x0.clone())
+    torch.testing.assert_close(got, want)
+
+
+x, p = torch.randn(4, 3), torch.randn(4, 3)
+BAD = [
+    (lambda: fk.euler_step(x, p[:, :2], 0.1, 0.2), ValueError, "pred"),
+    (lambda: fk.euler_step(x, p.double(), 0.1, 0.2), ValueError, "pred"),
+    (lambda: fk.euler_step(x, p, 0.1, 0.2, prediction="noise"), ValueError, "prediction"),
+    (lambda: fk.euler_step(x, p, 0.1, 0.2, guidance=3.0), ValueError, "guidance"),
+    (lambda: fk.euler_step(x, p, 0.1, 0.2, pred_uncond=p), ValueError, "guidance"),
+    (lambda: fk.euler_step(x, p, 0.1, 1.5), ValueError, r"\[0, 1\]"),
+    (lambda: fk.euler_step(x, p, torch.rand(3), 0.5), ValueError, "t"),
+    (lambda: fk.euler_step(x, p), TypeError, "t and s"),
+    (lambda: fk.euler_step(x, p, table=torch.zeros(2, 12)), ValueError, "table"),
+    (lambda: fk.euler_step(x, p, 0.1, 0.2, out=torch.empty(4, 2)), ValueError, "out"),
+    (lambda: fk.euler_step(x, p, 1.0, 1.0, prediction="x1"), ValueError, "sigma_t"),
+    (lambda: fk.heun_step(x, p, x, p, 0.1, 0.2, pred_uncond=p, guidance=2.0), ValueError,
+     "pred_euler_uncond"),
+    (lambda: fk.heun_step(x, p, x, p, 0.5, 1.0, prediction="x1"), ValueError, "sigma_s"),
+    (lambda: fk.ei_step(x, p, 0.1, 0.2, form="ode"), ValueError, "form"),
+    (lambda: fk.ei_step(x, p, 1.0, 1.0), ValueError, "sigma_t"),
+    (lambda: fk.dpmpp_2m_step(x, p, 0.2, 0.3, d_prev=p), ValueError, "t_prev"),
+    (lambda: fk.em_step(x, p, 0.1, 0.2, seed=-1), ValueError, "seed"),
+    (lambda: fk.em_step(x, p, 0.1, 0.2, offset=1.5), ValueError, "offset"),
+    (lambda: fk.churn(x, 0.0, 0.0), ValueError, "alpha_t"),
+    (lambda: fk.euler_step(x, p, 0.1, 0.2, backend="cuda"), ValueError, "CUDA"),
+]
+
+
+@pytest.mark.parametrize("fn,exc,pattern", BAD, ids=[f"{i}-{c[2]}" for i, c in enumerate(BAD)])
+def test_bad_inputs(fn, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fn()
