@@ -3,12 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEPS := torch==2.13.0 triton==3.9.0 pytest pytest-benchmark hypothesis numpy ninja \
-        pybind11 setuptools wheel tqdm
+        pybind11 setuptools wheel tqdm matplotlib pot
 STAMP := $(VENV)/.flowkern-deps
 BUILT := $(VENV)/.flowkern-built
 SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') setup.py
 
-.PHONY: test test-full bench gpu-check build wheel clean aot
+.PHONY: demo test test-full bench gpu-check build wheel clean aot
+
+# The main job: train a small flow on built-in 2-D data with the fused ops,
+# sample it with every fused sampler, print quality vs NFE, write plots.
+demo: $(BUILT)
+	$(PY) -m flowkern demo --out flowkern-demo
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
