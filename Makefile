@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEPS := torch==2.13.0 triton==3.9.0 pytest pytest-benchmark hypothesis numpy ninja \
-        pybind11 setuptools wheel tqdm matplotlib pot
+        pybind11 setuptools wheel tqdm matplotlib pot diffusers flow_matching torchsde
+# k-diffusion's declared dependencies would replace torch: its sampling module
+# needs only torch, torchsde and scipy, so it is installed without them.
+NODEPS := k-diffusion
 STAMP := $(VENV)/.flowkern-deps
 BUILT := $(VENV)/.flowkern-built
 SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') setup.py
@@ -19,6 +22,7 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(DEPS)
+	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 
 $(BUILT): $(STAMP) $(SOURCES)

@@ -3,10 +3,11 @@
 Public API; see README.md for the conventions (t = 0 noise, t = 1 data,
 x_t = alpha_t x1 + sigma_t x0) and the backend table.
 """
-from . import schedules
+from . import grids, samplers, schedules
 from .backend import BACKENDS, available, use_backend
 from .ops.steps import churn, dpmpp_2m_step, ei_step, em_step, euler_step, heun_step, step_table
 from .ops.training import convert, flow_matching_loss, interpolate
+from .samplers import sample
 from .schedules import get_schedule
 
 __version__ = "0.1.0"
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "interpolate", "flow_matching_loss", "convert",
     "euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn", "step_table",
-    "schedules", "get_schedule", "use_backend", "available", "BACKENDS",
+    "sample", "grids", "samplers", "schedules", "get_schedule", "use_backend", "available", "BACKENDS",
 ]

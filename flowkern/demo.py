@@ -19,7 +19,7 @@ from . import toy
 from .samplers import sample
 
 METHODS = ("euler", "heun", "ei", "dpmpp_2m", "em")
-# model calls per step: heun evaluates twice (its last step once, see samplers)
+# model calls per step: heun evaluates twice per step (once where it falls back to Euler)
 CALLS = {"euler": 1, "heun": 2, "ei": 1, "dpmpp_2m": 1, "em": 1}
 
 

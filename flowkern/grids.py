@@ -10,12 +10,14 @@ A grid is an increasing float64 CPU tensor ``t_0 < t_1 < ... < t_N`` in
   for any other schedule with sigma_k decreasing in t).
 - ``logsnr``: equal steps in lambda = log(alpha_t / sigma_t) = -log sigma_k.
 
-Infinite endpoints. Where the schedule reaches pure noise (alpha_t = 0,
-sigma_k = inf, e.g. t = 0 on ``linear``/``cosine``) or clean data (sigma_t =
-0, sigma_k = 0, t = 1 on most schedules), a spacing in sigma_k cannot reach
-the endpoint. As in k-diffusion (``get_sigmas_karras`` + ``append_zero``), the
-endpoint stays in the grid as its own point and the spaced points run between
-``sigma_max`` (default 80, EDM) and ``sigma_min`` (default 0.002, EDM).
+Endpoints. Where the schedule reaches pure noise (alpha_t = 0, sigma_k = inf,
+e.g. t = 0 on ``linear``/``cosine``) or clean data (sigma_t = 0, sigma_k = 0,
+t = 1 on most schedules), a spacing in sigma_k cannot reach the endpoint. As
+in k-diffusion (``get_sigmas_karras`` + ``append_zero``), such an endpoint,
+and any endpoint beyond [sigma_min, sigma_max] (default [0.002, 80], EDM's),
+stays in the grid as its own point and the spaced points run between
+sigma_max and sigma_min. Call :func:`karras` / :func:`logsnr` with other
+bounds and pass the tensor to change them.
 """
 from __future__ import annotations
 
@@ -92,10 +94,13 @@ def _spaced(schedule, steps, t_start, t_end, ramp, sigma_min, sigma_max):
     """steps + 1 times whose sigma_k follow ramp(hi, lo, m) (m points, hi -> lo)."""
     sched = get_schedule(schedule)
     s_hi, s_lo = sigma_k(sched, [t_start, t_end]).tolist()
-    head = not math.isfinite(s_hi)          # pure noise at t_start: keep it as its own point
-    tail = not s_lo > 0                     # clean data at t_end: likewise
-    hi = s_hi if not head else max(sigma_max, 10.0 * (s_lo if not tail else sigma_min))
-    lo = s_lo if not tail else min(sigma_min, hi / 10.0)
+    # An endpoint beyond [sigma_min, sigma_max] (pure noise sigma_k = inf, clean
+    # data sigma_k = 0, or just very far) stays in the grid as its own point and
+    # the spaced points stop at sigma_max / sigma_min.
+    head = not math.isfinite(s_hi) or (s_hi > sigma_max and s_lo < sigma_max)
+    tail = not s_lo > 0 or (s_lo < sigma_min and s_hi > sigma_min)
+    hi = s_hi if not head else (sigma_max if (tail or s_lo < sigma_max) else 10.0 * s_lo)
+    lo = s_lo if not tail else (sigma_min if hi > sigma_min else hi / 10.0)
     m = steps + 1 - head - tail
     if m <= 0:
         return torch.tensor([t_start, t_end], dtype=torch.float64)

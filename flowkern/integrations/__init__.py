@@ -1,0 +1,26 @@
+"""Adapters that let existing users of other libraries run flowkern's fused
+steps without changing their code (DESIGN §1 maps the conventions):
+
+- :mod:`flowkern.integrations.diffusers`: ``FlowMatchEulerDiscreteScheduler``
+  and ``DPMSolverMultistepScheduler`` with diffusers' scheduler interface.
+- :mod:`flowkern.integrations.k_diffusion`: ``sample_euler``,
+  ``sample_heun``, ``sample_dpmpp_2m``, ``sample_euler_ancestral`` with
+  k-diffusion's signatures.
+- :mod:`flowkern.integrations.flow_matching`: ``AffineProbPath`` /
+  ``CondOTProbPath`` and ``ODESolver`` with flow_matching's interface.
+
+None of them imports its peer library at import time; the peers are only
+needed to compare against (tests) or for their output classes when present.
+The submodules are imported on first attribute access.
+"""
+import importlib
+
+_SUBMODULES = ("diffusers", "k_diffusion", "flow_matching")
+
+__all__ = list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

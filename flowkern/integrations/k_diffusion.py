@@ -1,0 +1,262 @@
+"""k-diffusion-compatible samplers backed by flowkern's fused steps.
+
+``sample_euler``, ``sample_heun``, ``sample_dpmpp_2m`` and
+``sample_euler_ancestral`` take k-diffusion's arguments: ``model(x, sigma,
+**extra_args)`` returns the denoised x (E[x1 | x]), ``sigmas`` decreasing to
+(usually) 0, ``extra_args``, ``callback`` (called with k-diffusion's dict),
+``disable`` (the progress bar), and the churn/ancestral options.
+
+Convention (DESIGN §1): k-diffusion's state is x_k = x_t / alpha_t at noise
+level sigma_k = sigma_t / alpha_t, i.e. a VE/EDM schedule with alpha = 1 and
+sigma = sigma_k, and its denoiser is our x1 prediction. The step tables are
+filled with those values directly: per step alpha = 1, sigma = sigma_i,
+d_alpha = 0, and a time that runs linearly in sigma over the step, in units
+of sigma_i (sigma = sigma_i (1 - t'), so d_sigma = -sigma_i and h = (sigma_i -
+sigma_{i+1})/sigma_i). The fused Euler step is then k-diffusion's
+``x + (sigma_next - sigma) (x - denoised)/sigma`` (with an exact 0 coefficient
+of x into sigma = 0), Heun's second stage its ``x + dt (d + d_2)/2``, and the
+fused DPM-Solver++ step k-diffusion's (lambda = -log sigma).
+
+Noise: k-diffusion draws ``torch.randn_like``; the fused kernels draw
+Philox4x32-10 in the kernel, so with churn (``s_churn > 0``) or ancestral
+noise the samples differ from k-diffusion's draw for draw but have the same
+distribution. The noise of step i is Philox(seed, i * x.numel()), seed given
+by the extra ``seed=`` argument (None: one draw from torch's generator); pass
+``noise_sampler=`` to ``sample_euler_ancestral`` to use your own noise (then
+the noise is added in a separate pass, as in k-diffusion).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _validate as V
+from ..ops.steps import churn as _churn
+from ..ops.steps import dpmpp_2m_step, em_step, euler_step, heun_step
+
+try:
+    from tqdm.auto import trange as _trange
+except ImportError:  # pragma: no cover
+    _trange = None
+
+__all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral",
+           "get_ancestral_step", "denoiser_to_x1_model"]
+
+
+def _range(n, disable):
+    if _trange is None:
+        return range(n)
+    return _trange(n, disable=disable)
+
+
+def _host(sigmas, x):
+    if not isinstance(sigmas, torch.Tensor):
+        sigmas = torch.as_tensor(sigmas)
+    if sigmas.dim() != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas: expected a 1-D tensor of at least 2 noise levels, got shape "
+                         f"{tuple(sigmas.shape)}")
+    V.tensor("x", x)
+    return sigmas, sigmas.detach().to("cpu", torch.float64).tolist()   # one copy, up front
+
+
+def _table(rows, x):
+    """(n, 12) step table of the VE rows (sigma_t, sigma_s, sigma_p, h, g, d_sigma)
+    (alpha = 1, d_alpha = 0; d_sigma at both t and s)."""
+    out = []
+    for s_t, s_s, s_p, h, g, ds in rows:
+        out.append([1.0, s_t, 0.0, ds, 1.0, s_s, 0.0, ds, 1.0, s_p, h, g])
+    return torch.tensor(out, dtype=torch.float64).to(x.device, V.acc_dtype(x.dtype))
+
+
+def _step_row(s_t, s_s):
+    """An Euler/Heun row from sigma s_t to s_s. Time runs in units of s_t
+    (sigma = s_t (1 - t')): d_sigma = -s_t and h = (s_t - s_s)/s_t, so the
+    kernel's coefficient of x, 1 + h d_sigma/s_t = 1 - h, is exact where it
+    matters (0 into sigma = 0) instead of 1 - (s_t - s_s) * (1/s_t) rounded."""
+    return (s_t, s_s, 1.0, (s_t - s_s) / s_t, 0.0, -s_t)
+
+
+def _seed(seed):
+    if seed is None:
+        return int(torch.randint(0, 2 ** 62, (1,)).item())
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed: expected None or an int in [0, 2^63), got {seed!r}")
+    return seed
+
+
+def _denoise(model, x, sigma, s_in, extra_args):
+    d = model(x, sigma * s_in, **extra_args)
+    if not isinstance(d, torch.Tensor) or d.shape != x.shape:
+        raise ValueError(f"model: expected the denoised x of shape {tuple(x.shape)}, got "
+                         f"{getattr(d, 'shape', type(d).__name__)}")
+    return d if d.dtype == x.dtype else d.to(x.dtype)
+
+
+def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
+    """(sigma_down, sigma_up) of an ancestral step, as in k-diffusion (floats)."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2)
+                                    / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise):
+    """Per step (gamma, sigma_hat, sigma' for the churn op or None), k-diffusion's rule."""
+    n = len(sig) - 1
+    plan = []
+    for i in range(n):
+        gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sig[i] <= s_tmax else 0.0
+        s_hat = sig[i] * (gamma + 1)
+        if gamma > 0:
+            # x + s_noise sqrt(s_hat^2 - s^2) xi is churn from sigma to the level sigma'
+            # with sigma'^2 - sigma^2 = s_noise^2 (s_hat^2 - s^2).
+            plan.append((gamma, s_hat,
+                         math.sqrt(sig[i] ** 2 + s_noise ** 2 * (s_hat ** 2 - sig[i] ** 2))))
+        else:
+            plan.append((gamma, s_hat, None))
+    return plan
+
+
+def _churn_step(x, i, sig_i, target, seed, backend):
+    row = torch.tensor([1.0, sig_i, 0.0, -1.0, 1.0, target, 0.0, -1.0, 1.0, 1.0, 0.0, 0.0],
+                       dtype=torch.float64).to(x.device, V.acc_dtype(x.dtype))
+    return _churn(x, table=row, seed=seed, offset=i * x.numel(), backend=backend)
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.,
+                 s_tmin=0., s_tmax=float("inf"), s_noise=1., seed=None, backend=None):
+    """Euler steps (Karras et al. 2022, Alg. 2) on the fused Euler step."""
+    extra_args = {} if extra_args is None else extra_args
+    sigmas, sig = _host(sigmas, x)
+    s_in = x.new_ones([x.shape[0]])
+    plan = _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise)
+    seed = _seed(seed) if any(c is not None for _, _, c in plan) else 0
+    table = _table([_step_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x)
+    for i in _range(len(sig) - 1, disable):
+        gamma, _, target = plan[i]
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if target is not None:
+            x = _churn_step(x, i, sig[i], target, seed, backend)
+        denoised = _denoise(model, x, sigma_hat, s_in, extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
+                      "denoised": denoised})
+        x = euler_step(x, denoised, prediction="x1", table=table[i], backend=backend)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.,
+                s_tmin=0., s_tmax=float("inf"), s_noise=1., seed=None, backend=None):
+    """Heun steps (Karras et al. 2022, Alg. 2) on the fused Euler and Heun
+    steps; Euler into sigma = 0."""
+    extra_args = {} if extra_args is None else extra_args
+    sigmas, sig = _host(sigmas, x)
+    s_in = x.new_ones([x.shape[0]])
+    plan = _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise)
+    seed = _seed(seed) if any(c is not None for _, _, c in plan) else 0
+    table = _table([_step_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x)
+    xe = None
+    for i in _range(len(sig) - 1, disable):
+        gamma, _, target = plan[i]
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if target is not None:
+            x = _churn_step(x, i, sig[i], target, seed, backend)
+        denoised = _denoise(model, x, sigma_hat, s_in, extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
+                      "denoised": denoised})
+        if sig[i + 1] == 0:
+            x = euler_step(x, denoised, prediction="x1", table=table[i], backend=backend)
+        else:
+            if xe is None or xe.shape != x.shape or xe.dtype != x.dtype:
+                xe = torch.empty_like(x, memory_format=torch.contiguous_format)
+            euler_step(x, denoised, prediction="x1", table=table[i], out=xe, backend=backend)
+            denoised_2 = _denoise(model, xe, sigmas[i + 1], s_in, extra_args)
+            x = heun_step(x, denoised, xe, denoised_2, prediction="x1", table=table[i],
+                          backend=backend)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                    backend=None):
+    """DPM-Solver++(2M) on the fused step: first order at the first step and
+    into sigma = 0, lambda = -log sigma."""
+    extra_args = {} if extra_args is None else extra_args
+    sigmas, sig = _host(sigmas, x)
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sig) - 1
+    table = _table([(sig[i], sig[i + 1], sig[i - 1] if i else 1.0, 0.0, 0.0, -sig[i])
+                    for i in range(n)], x)
+    d = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2)]
+    k = 0
+    for i in _range(n, disable):
+        denoised = _denoise(model, x, sigmas[i], s_in, extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        d_prev = d[1 - k] if i > 0 and sig[i + 1] != 0 else None
+        x, _ = dpmpp_2m_step(x, denoised, prediction="x1", d_prev=d_prev, table=table[i],
+                             d_out=d[k], backend=backend)
+        k = 1 - k
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                           eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None):
+    """Ancestral Euler: Euler to sigma_down, then noise of std s_noise sigma_up.
+
+    Without a noise_sampler both happen in ONE fused pass: the Euler-Maruyama
+    kernel with a table row chosen so that x + h (u + g^2/2 score) + g sqrt(h) xi
+    equals x + (sigma_down - sigma)(x - denoised)/sigma + s_noise sigma_up xi
+    (h = 1, g = s_noise sigma_up, d_sigma = sigma_down - sigma + g^2/(2 sigma)),
+    xi = Philox(seed, i * x.numel()). With a noise_sampler (k-diffusion's
+    ``noise_sampler(sigma, sigma_next)``) its noise is added after the fused
+    Euler step."""
+    extra_args = {} if extra_args is None else extra_args
+    sigmas, sig = _host(sigmas, x)
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sig) - 1
+    steps = [get_ancestral_step(sig[i], sig[i + 1], eta=eta) for i in range(n)]
+    if noise_sampler is None:
+        seed = _seed(seed)
+        rows = []
+        for i, (down, up) in enumerate(steps):
+            g = s_noise * up
+            rows.append((sig[i], sig[i + 1], 1.0, 1.0, g, down - sig[i] + g * g / (2 * sig[i])))
+    else:
+        rows = [_step_row(sig[i], down) for i, (down, _) in enumerate(steps)]
+    table = _table(rows, x)
+    for i in _range(n, disable):
+        denoised = _denoise(model, x, sigmas[i], s_in, extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        if noise_sampler is None:
+            x = em_step(x, denoised, prediction="x1", seed=seed, offset=i * x.numel(),
+                        table=table[i], backend=backend)
+        else:
+            x = euler_step(x, denoised, prediction="x1", table=table[i], backend=backend)
+            if sig[i + 1] > 0:
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * steps[i][1]
+    return x
+
+
+def denoiser_to_x1_model(denoiser, schedule="edm", **extra_args):
+    """A flowkern ``model(x_t, t)`` (x1 prediction, for flowkern.sample) from a
+    k-diffusion denoiser ``denoiser(x_k, sigma_k, **extra_args)`` on any
+    schedule: x_k = x_t / alpha_t, sigma_k = sigma_t / alpha_t (alpha_t > 0)."""
+    from ..schedules import get_schedule
+    sched = get_schedule(schedule)
+
+    def model(x, t):
+        alpha, sigma = sched(t)[:2]
+        a = alpha.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+        return denoiser(x / a, (sigma / alpha).to(x.dtype), **extra_args)
+    return model

@@ -1,0 +1,352 @@
+"""The adapters against the real libraries (diffusers, k-diffusion,
+flow_matching) on the same toy model and grid: <= 1e-5 relative in float32.
+Each peer is optional (pytest.importorskip).
+
+k-diffusion: ``import k_diffusion`` imports its whole training stack
+(torchvision, kornia, clip, clean-fid, scikit-image, wandb, ...). Only
+``k_diffusion/sampling.py`` is needed, which imports scipy, torchdiffeq,
+torchsde, tqdm and ``utils.append_dims``; when the package import fails, the
+test loads the installed sampling.py itself inside a stub package whose
+``utils`` holds a copy of the one-line ``append_dims``.
+"""
+import importlib
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+from flowkern.integrations import diffusers as fk_diffusers
+from flowkern.integrations import flow_matching as fk_fm
+from flowkern.integrations import k_diffusion as fk_k
+from flowkern.reference.steps import philox_normal
+
+from conftest import backends_under_test
+
+BACKENDS = [b for b in ("torch", "cpu") if b in backends_under_test()]
+TOL = 1e-5
+# diffusers' own np.array(tensor) under numpy 2 (not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _toy(dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, dim, generator=g) * (0.5 / dim ** 0.5)
+
+
+# ---------------------------------------------------------------------------
+# diffusers
+
+
+def _diffusers():
+    return pytest.importorskip("diffusers")
+
+
+def _run_scheduler(sched, model, x, n):
+    sched.set_timesteps(n)
+    for t in sched.timesteps:
+        out = model(x, t.expand(x.shape[0]))
+        x = sched.step(out, t, x).prev_sample
+    return x
+
+
+def _diffusers_model(W):
+    def model(x, t):
+        return torch.tanh(x.flatten(1) @ W).reshape(x.shape) * (1 + t.float()[:, None, None]
+                                                                / 1000)
+    return model
+
+
+@pytest.mark.parametrize("n", [1, 4, 20])
+@pytest.mark.parametrize("config", [{}, {"shift": 3.0}, {"use_karras_sigmas": True},
+                                    {"use_dynamic_shifting": True}])
+def test_diffusers_flow_match_euler(n, config):
+    d = _diffusers()
+    x = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(1))
+    model = _diffusers_model(_toy())
+    kw = {"mu": 0.7} if config.get("use_dynamic_shifting") else {}
+    a, b = d.FlowMatchEulerDiscreteScheduler(**config), \
+        fk_diffusers.FlowMatchEulerDiscreteScheduler(**config)
+    a.set_timesteps(n, **kw)
+    b.set_timesteps(n, **kw)
+    assert torch.allclose(a.sigmas, b.sigmas) and torch.allclose(a.timesteps, b.timesteps)
+    xa, xb = x.clone(), x.clone()
+    for t in a.timesteps:
+        xa = a.step(model(xa, t.expand(3)), t, xa).prev_sample
+        xb = b.step(model(xb, t.expand(3)), t, xb, return_dict=False)[0]
+    assert _rel(xb, xa) <= TOL
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 25])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("config", [{}, {"use_karras_sigmas": True},
+                                    {"final_sigmas_type": "sigma_min"},
+                                    {"beta_schedule": "scaled_linear",
+                                     "timestep_spacing": "trailing"},
+                                    {"beta_schedule": "squaredcos_cap_v2", "solver_order": 1}])
+def test_diffusers_dpmsolver_multistep(n, prediction_type, config):
+    d = _diffusers()
+    x = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(2))
+    model = _diffusers_model(_toy(seed=1))
+    a = d.DPMSolverMultistepScheduler(prediction_type=prediction_type, **config)
+    b = fk_diffusers.DPMSolverMultistepScheduler(prediction_type=prediction_type, **config)
+    ref, out = _run_scheduler(a, model, x, n), _run_scheduler(b, model, x, n)
+    assert torch.equal(a.timesteps, b.timesteps) and torch.allclose(a.sigmas, b.sigmas)
+    assert _rel(out, ref) <= TOL
+
+
+def test_diffusers_dpmsolver_flow_sigmas():
+    d = _diffusers()
+    x = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(3))
+    model = _diffusers_model(_toy(seed=2))
+    cfg = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    ref = _run_scheduler(d.DPMSolverMultistepScheduler(**cfg), model, x, 8)
+    out = _run_scheduler(fk_diffusers.DPMSolverMultistepScheduler(**cfg), model, x, 8)
+    assert _rel(out, ref) <= TOL
+
+
+def test_diffusers_from_config_and_pipeline_surface():
+    d = _diffusers()
+    theirs = d.DPMSolverMultistepScheduler(beta_schedule="scaled_linear")
+    ours = fk_diffusers.DPMSolverMultistepScheduler.from_config(theirs.config)
+    assert ours.config.beta_schedule == "scaled_linear" and ours.order == 1
+    assert ours.init_noise_sigma == 1.0 and len(ours) == 1000
+    ours.set_timesteps(10)
+    x = torch.randn(2, 3)
+    assert ours.scale_model_input(x, ours.timesteps[0]) is x
+    noisy = ours.add_noise(x, torch.zeros_like(x), ours.timesteps[:2])
+    theirs.set_timesteps(10)
+    assert torch.allclose(noisy, theirs.add_noise(x, torch.zeros_like(x), theirs.timesteps[:2]))
+    fm = fk_diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+        d.FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert fm.shift == 3.0 and fm.config.get("base_image_seq_len", 0) == 256
+
+
+def test_diffusers_adapter_errors():
+    with pytest.raises(NotImplementedError, match="solver_type='heun'"):
+        fk_diffusers.DPMSolverMultistepScheduler(solver_type="heun")
+    with pytest.raises(NotImplementedError, match="thresholding"):
+        fk_diffusers.DPMSolverMultistepScheduler(thresholding=True)
+    with pytest.raises(NotImplementedError, match="stochastic_sampling"):
+        fk_diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    s = fk_diffusers.FlowMatchEulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.step(torch.zeros(1, 2), torch.tensor(1000.0), torch.zeros(1, 2))
+    s.set_timesteps(4)
+    with pytest.raises(ValueError, match="integer indices"):
+        s.step(torch.zeros(1, 2), 0, torch.zeros(1, 2))
+
+
+# ---------------------------------------------------------------------------
+# k-diffusion
+
+
+def _k_sampling():
+    try:
+        return importlib.import_module("k_diffusion.sampling")
+    except Exception:            # ImportError of its training stack, or worse
+        pass
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("k-diffusion is not installed")
+    for dep in ("scipy", "torchdiffeq", "torchsde", "tqdm"):
+        pytest.importorskip(dep)
+    name = "_flowkern_test_kdiff"
+    if f"{name}.sampling" in sys.modules:
+        return sys.modules[f"{name}.sampling"]
+    pkg, utils = types.ModuleType(name), types.ModuleType(f"{name}.utils")
+    pkg.__path__ = []
+
+    def append_dims(x, target_dims):      # k_diffusion.utils.append_dims
+        dims_to_append = target_dims - x.ndim
+        if dims_to_append < 0:
+            raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}")
+        return x[(...,) + (None,) * dims_to_append]
+
+    utils.append_dims, pkg.utils = append_dims, utils
+    sys.modules[name], sys.modules[f"{name}.utils"] = pkg, utils
+    path = spec.submodule_search_locations[0] + "/sampling.py"
+    sspec = importlib.util.spec_from_file_location(f"{name}.sampling", path)
+    mod = importlib.util.module_from_spec(sspec)
+    sys.modules[f"{name}.sampling"] = mod
+    sspec.loader.exec_module(mod)
+    return mod
+
+
+def _k_model(W):
+    def model(x, sigma, **extra):          # an O(1) denoised x at every noise level
+        c = extra.get("scale", 1.0)
+        z = (x.flatten(1) @ W) * (2.0 / (1 + sigma[:, None].to(x.dtype)))
+        return c * torch.tanh(z).reshape(x.shape)
+    return model
+
+
+def _k_setup(n=10, dtype=torch.float32):
+    ks = _k_sampling()
+    x = 80.0 * torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(4))
+    sigmas = ks.get_sigmas_karras(n, 0.002, 80.0).to(dtype)
+    return ks, x.to(dtype), sigmas, _k_model(_toy(seed=3).to(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["sample_euler", "sample_heun", "sample_dpmpp_2m"])
+@pytest.mark.parametrize("n", [1, 2, 10, 30])
+def test_k_diffusion_deterministic(backend, name, n):
+    # With 1 or 2 steps the first step leaves sigma = 80 for 0 or 0.002, and
+    # k-diffusion's own float32 x + dt (x - d)/sigma (|x| ~ 80, result O(1))
+    # is only good to ~1e-5: those cases compare in float64.
+    ks, x, sigmas, model = _k_setup(n, torch.float64 if n < 10 else torch.float32)
+    log_a, log_b = [], []
+    ref = getattr(ks, name)(model, x, sigmas, extra_args={"scale": 0.9}, disable=True,
+                            callback=lambda d: log_a.append(d))
+    out = getattr(fk_k, name)(model, x, sigmas, extra_args={"scale": 0.9}, disable=True,
+                              callback=lambda d: log_b.append(d), backend=backend)
+    assert _rel(out, ref) <= TOL
+    assert len(log_a) == len(log_b) and set(log_b[0]) == set(log_a[0])
+    for a, b in zip(log_a, log_b):
+        assert a["i"] == b["i"] and torch.allclose(a["sigma_hat"], b["sigma_hat"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["sample_euler", "sample_heun"])
+def test_k_diffusion_churn_same_noise(backend, name, monkeypatch):
+    """s_churn > 0: k-diffusion draws torch.randn_like once per step; feeding
+    it flowkern's Philox noise of step i (offset i * numel) gives the same
+    samples as the fused churn."""
+    ks, x, sigmas, model = _k_setup(10)
+    seed, calls = 1234, [0]
+
+    def philox_like(t, *args, **kwargs):
+        z = philox_normal(seed, calls[0] * t.numel(), t.shape, t.dtype)
+        calls[0] += 1
+        return z
+
+    kw = dict(s_churn=3.0, s_tmin=0.05, s_tmax=40.0, s_noise=1.003, disable=True)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randn_like", philox_like)
+        ref = getattr(ks, name)(model, x, sigmas, **kw)
+    out = getattr(fk_k, name)(model, x, sigmas, seed=seed, backend=backend, **kw)
+    plain = getattr(fk_k, name)(model, x, sigmas, disable=True, backend=backend)
+    assert _rel(out, ref) <= TOL and _rel(out, plain) > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.5, 0.8), (0.0, 1.0)])
+def test_k_diffusion_euler_ancestral_same_noise(backend, eta, s_noise):
+    """flowkern's Philox noise passed to k-diffusion as a noise_sampler: the
+    one-pass fused ancestral step (Euler-Maruyama kernel) and the
+    noise_sampler path both match k-diffusion."""
+    ks, x, sigmas, model = _k_setup(10)
+    seed = 99
+
+    def sampler():
+        calls = [0]
+
+        def noise_sampler(sigma, sigma_next):
+            z = philox_normal(seed, calls[0] * x.numel(), x.shape, x.dtype)
+            calls[0] += 1
+            return z
+        return noise_sampler
+
+    ref = ks.sample_euler_ancestral(model, x, sigmas, eta=eta, s_noise=s_noise,
+                                    noise_sampler=sampler(), disable=True)
+    fused = fk_k.sample_euler_ancestral(model, x, sigmas, eta=eta, s_noise=s_noise, seed=seed,
+                                        disable=True, backend=backend)
+    given = fk_k.sample_euler_ancestral(model, x, sigmas, eta=eta, s_noise=s_noise,
+                                        noise_sampler=sampler(), disable=True, backend=backend)
+    assert _rel(fused, ref) <= TOL and _rel(given, ref) <= TOL
+
+
+def test_k_diffusion_adapter_without_peer():
+    """The adapter's own contract, peer or not: sigmas validation, the
+    denoiser wrapper (x_k = x_t / alpha_t, sigma_k = sigma_t / alpha_t)."""
+    with pytest.raises(ValueError, match="sigmas: expected a 1-D tensor"):
+        fk_k.sample_euler(lambda x, s: x, torch.zeros(2, 2), torch.tensor([1.0]))
+    seen = {}
+
+    def denoiser(x, sigma):
+        seen["x"], seen["sigma"] = x, sigma
+        return torch.zeros_like(x)
+    model = fk_k.denoiser_to_x1_model(denoiser, "vp")
+    x, t = torch.ones(2, 3), torch.tensor([0.3, 0.7])
+    model(x, t)
+    a, s = torch.stack(__import__("flowkern").get_schedule("vp")(t)[:2])
+    assert torch.allclose(seen["sigma"], s / a)
+    assert torch.allclose(seen["x"], x / a[:, None])
+
+
+# ---------------------------------------------------------------------------
+# flow_matching
+
+
+def _fm():
+    return pytest.importorskip("flow_matching")
+
+
+def test_flow_matching_paths():
+    _fm()
+    from flow_matching.path import AffineProbPath, CondOTProbPath
+    from flow_matching.path.scheduler import (CondOTScheduler, CosineScheduler,
+                                              PolynomialConvexScheduler, VPScheduler)
+    g = torch.Generator().manual_seed(5)
+    x0, x1, t = torch.randn(6, 3, 4, generator=g), torch.randn(6, 3, 4, generator=g), \
+        torch.rand(6, generator=g)
+    for sched in (CondOTScheduler(), CosineScheduler(), VPScheduler(),
+                  PolynomialConvexScheduler(2)):
+        a = AffineProbPath(sched).sample(x0, x1, t)
+        b = fk_fm.AffineProbPath(sched).sample(x0, x1, t)
+        assert type(b) is type(a)
+        assert _rel(b.x_t, a.x_t) <= TOL and _rel(b.dx_t, a.dx_t) <= TOL
+        assert b.x_0 is x0 and b.x_1 is x1 and b.t is t
+    a, b = CondOTProbPath(), fk_fm.CondOTProbPath()
+    assert _rel(b.sample(x0, x1, t).x_t, a.sample(x0, x1, t).x_t) <= TOL
+    tt = t.reshape(-1, 1, 1)
+    for name in ("target_to_velocity", "epsilon_to_velocity", "velocity_to_target",
+                 "epsilon_to_target", "velocity_to_epsilon", "target_to_epsilon"):
+        assert _rel(getattr(b, name)(x1, x0, tt), getattr(a, name)(x1, x0, tt)) <= TOL, name
+
+
+def test_flow_matching_path_is_differentiable():
+    x0 = torch.randn(4, 3, requires_grad=True)
+    x1 = torch.randn(4, 3, requires_grad=True)
+    s = fk_fm.CondOTProbPath().sample(x0, x1, torch.rand(4))
+    (s.x_t.sum() + 2 * s.dx_t.sum()).backward()
+    assert torch.isfinite(x0.grad).all() and torch.isfinite(x1.grad).all()
+    with pytest.raises(ValueError, match="t: the time vector must have shape"):
+        fk_fm.CondOTProbPath().sample(x0, x1, torch.rand(4, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun2"])
+@pytest.mark.parametrize("step_size,grid", [
+    (0.1, [0.0, 1.0]), (None, [0.0, 0.2, 0.5, 0.9, 1.0]), (0.07, [0.0, 0.33, 0.5, 1.0]),
+    (0.1, [1.0, 0.4, 0.0])])
+@pytest.mark.parametrize("intermediates", [False, True])
+def test_flow_matching_ode_solver(backend, method, step_size, grid, intermediates):
+    _fm()
+    from flow_matching.solver import ODESolver
+    W = _toy(4, seed=6)
+
+    class Velocity(torch.nn.Module):
+        def forward(self, x, t, **extras):
+            return torch.tanh(x @ W) * (1 + t) + extras.get("bias", 0.0)
+
+    x = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(7))
+    grid = torch.tensor(grid)
+    kw = dict(method=method, time_grid=grid, return_intermediates=intermediates, bias=0.1)
+    ref = ODESolver(Velocity()).sample(x, step_size, **kw)
+    out = fk_fm.ODESolver(Velocity()).sample(x, step_size, backend=backend, **kw)
+    assert out.shape == ref.shape and _rel(out, ref) <= TOL
+
+
+def test_flow_matching_solver_errors():
+    solver = fk_fm.ODESolver(lambda x, t: x)
+    with pytest.raises(ValueError, match="method: 'dopri5' is not a fixed-step method"):
+        solver.sample(torch.zeros(2, 2), None, method="dopri5")
+    with pytest.raises(NotImplementedError, match="enable_grad"):
+        solver.sample(torch.zeros(2, 2), 0.5, enable_grad=True)
