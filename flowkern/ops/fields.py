@@ -83,7 +83,7 @@ def _check_refs(x, ref, xname):
 
 
 def _flat(t):
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], t.shape[1:].numel())
 
 
 def _per_query(name, v, rows, like, acc):
