@@ -26,9 +26,11 @@ POISSON: tl.constexpr = tl.constexpr(0)
 GAUSSIAN: tl.constexpr = tl.constexpr(1)
 UNIFORM: tl.constexpr = tl.constexpr(2)
 
-# Shipped tile configuration (flowkern.triton.aot compiles it for sm_80/sm_90).
-BQ, BR, BK, BN = 16, 32, 8, 64
-NUM_WARPS = 4
+# Shipped tile configurations (BQ, BR, BK, BN, num_warps) by accumulation
+# dtype; flowkern.triton.aot compiles them for sm_80/sm_90 (no spills). fp64
+# has no tensor-core-free dot here and reduces [BQ, BR, BN] broadcasts in
+# registers, so its feature chunks are narrower.
+TILES = {"fp32": (16, 32, 8, 64, 8), "fp64": (16, 32, 4, 8, 8)}
 
 
 @triton.jit
@@ -154,8 +156,32 @@ def field_mean(x, ref, qp, kind, p0, p1):
         return mean, best, sumexp
     if R == 0:
         raise ValueError("field_mean: the reference set is empty")
-    field_kernel[(triton.cdiv(B, BQ),)](
+    bq, br, bk, bn, warps = TILES["fp64" if acc == torch.float64 else "fp32"]
+    field_kernel[(triton.cdiv(B, bq),)](
         x, ref, qp, mean, best, sumexp, B, R, N, float(p0), float(p1),
-        KIND=int(kind), BQ=BQ, BR=BR, BK=BK, BN=BN, USE_DOT=acc == torch.float32,
-        num_warps=NUM_WARPS)
+        KIND=int(kind), BQ=bq, BR=br, BK=bk, BN=bn, USE_DOT=acc == torch.float32,
+        num_warps=warps)
     return mean, best, sumexp
+
+
+AOT_DTYPES = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp32"), "bf16": ("bf16", "fp32"),
+              "fp64": ("fp64", "fp64")}
+
+
+def aot_configs(full: bool = True):
+    """The shipped configurations for flowkern.triton.aot: every kind and
+    dtype with the one tile shape (the quick set: fp32 and fp64, every kind)."""
+    out = []
+    for dname, (io_t, acc_t) in AOT_DTYPES.items():
+        if not full and dname not in ("fp32", "fp64"):
+            continue
+        for kind, kname in ((0, "poisson"), (1, "gaussian"), (2, "uniform")):
+            sig = {"x": f"*{io_t}", "ref": f"*{io_t}", "qp": f"*{acc_t}", "mean": f"*{acc_t}",
+                   "best": f"*{acc_t}", "sumexp": f"*{acc_t}", "B": "i32", "R": "i32", "N": "i32",
+                   "p0": "fp32", "p1": "fp32"}
+            bq, br, bk, bn, warps = TILES[acc_t]
+            const = dict(KIND=kind, BQ=bq, BR=br, BK=bk, BN=bn, USE_DOT=acc_t == "fp32")
+            sig.update({k: "constexpr" for k in const})
+            out.append((f"fields/{kname}/{dname}/{bq}x{br}x{bk}x{bn}/w{warps}", field_kernel, sig,
+                        const, warps))
+    return out
