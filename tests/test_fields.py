@@ -140,7 +140,10 @@ def _accuracy(N, Rn, B, backend):
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "triton" or DEVICE != "cpu"])
 def test_pfgm_target_accuracy_small(backend):
     """The normalised target within 1e-3 relative of float64 and no worse than
-    the PFGM code's formulation in fp32, over m in [0, M]: N = 192, R = 512."""
+    the PFGM code's formulation in fp32, over m in [0, M]: N = 192, R = 512.
+    "No worse" allows a floor of 1e-6 (8 fp32 ulps of the result): both are
+    at fp32 rounding level here (measured ~3e-7 and ~5e-7), where the order
+    between them is noise."""
     e_ours, e_theirs, _ = _accuracy(192, 512, 40, backend)
     assert e_ours <= 1e-3, e_ours
     assert e_ours <= max(e_theirs, 1e-6), (e_ours, e_theirs)
