@@ -9,7 +9,7 @@ DEPS := torch==2.13.0 triton==3.9.0 pytest pytest-benchmark hypothesis numpy nin
 NODEPS := k-diffusion
 STAMP := $(VENV)/.flowkern-deps
 BUILT := $(VENV)/.flowkern-built
-SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') setup.py
+SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.inc') setup.py
 
 .PHONY: demo test test-full bench gpu-check build wheel clean aot
 

@@ -25,6 +25,9 @@ def _run(*flags):
 def _check(proc, rows):
     assert rows, proc.stderr[-2000:]
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    # the empirical-field kernels (flowkern/triton/fields.py) of every score kind
+    fields = {r["kernel"].split("/")[1] for r in rows if r["kernel"].startswith("fields/")}
+    assert fields == {"poisson", "gaussian", "uniform"}, fields
     for r in rows:
         assert r["parsed"], f"no ptxas report for {r['kernel']} {r['arch']}"
         assert r["spill_bytes"] == 0, f"{r['kernel']} {r['arch']} spills {r['spill_bytes']} bytes"

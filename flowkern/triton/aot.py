@@ -89,12 +89,29 @@ def configs(full: bool = True):
     return out
 
 
-def compile_one(kernel, signature, constexprs, arch):
+# Modules of other op families that ship their own kernels: each has
+# aot_configs(full) -> [(name, kernel, signature, constexprs, num_warps)].
+FAMILY_MODULES = ("flowkern.triton.fields",)
+
+
+def family_configs(full: bool = True):
+    import importlib
+
+    out = []
+    for mod in FAMILY_MODULES:
+        out += importlib.import_module(mod).aot_configs(full)
+    return out
+
+
+def compile_one(kernel, signature, constexprs, arch, num_warps=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from .lincomb import NUM_WARPS
+
+    if num_warps is None:
+        num_warps = NUM_WARPS
 
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     buf = io.StringIO()
@@ -104,7 +121,7 @@ def compile_one(kernel, signature, constexprs, arch):
     os.dup2(w, 2), os.dup2(w, 1)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": NUM_WARPS})
+                                  options={"num_warps": num_warps})
     finally:
         os.dup2(saved[0], 2), os.dup2(saved[1], 1)
         os.close(w)
@@ -130,6 +147,10 @@ def report(full: bool = True):
     for name, kernel, sig, const in configs(full):
         for arch in ARCHS:
             rows.append({"kernel": name, "arch": f"sm_{arch}", **compile_one(kernel, sig, const, arch)})
+    for name, kernel, sig, const, warps in family_configs(full):
+        for arch in ARCHS:
+            rows.append({"kernel": name, "arch": f"sm_{arch}",
+                         **compile_one(kernel, sig, const, arch, warps)})
     return rows
 
 

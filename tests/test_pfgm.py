@@ -1,0 +1,144 @@
+"""flowkern.pfgm on 2-D data: the perturbation and prior radius laws, the
+backward ODE driven by the exact empirical field (PFGM, D = 1, and PFGM++,
+D = 128) and by a small MLP trained with PFGM++ at D = 128.
+
+Distributional check: the sliced Wasserstein-2 distance (256 random
+directions) between n = 2000 samples and n = 2000 fresh data points. The
+thresholds are set against two yardsticks measured in the same test:
+  sw_dd    the distance between two independent data samples of the same
+           size (the floor: sampling noise of the estimator itself), and
+  sw_gauss the distance between the data and the best Gaussian fit of it
+           (moment matched): a sampler that only got the mean and the
+           covariance right, missing the 8 modes, scores this.
+A sampler passes with sw <= 2 sw_dd and sw <= 0.6 sw_gauss: within a factor
+of the noise floor and clearly better than any Gaussian. (Measured: exact
+field 1.1x / 1.7x sw_dd, trained PFGM++ 1.1x sw_dd = 0.42 sw_gauss.)
+"""
+import math
+
+import pytest
+import torch
+
+import flowkern as fk
+from flowkern import pfgm
+
+from conftest import DEVICE
+
+
+def eight_gaussians(n, g):
+    k = torch.randint(0, 8, (n,), generator=g)
+    ang = k * 2 * math.pi / 8
+    c = torch.stack([torch.cos(ang), torch.sin(ang)], 1) * 2
+    return c + 0.1 * torch.randn(n, 2, generator=g)
+
+
+def sliced_w2(a, b, nproj=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    th = torch.randn(nproj, a.shape[1], generator=g, dtype=torch.float64)
+    th /= th.norm(dim=1, keepdim=True)
+    pa = (a.cpu().double() @ th.T).sort(0)[0]
+    pb = (b.cpu().double() @ th.T).sort(0)[0]
+    return ((pa - pb) ** 2).mean().sqrt().item()
+
+
+def yardsticks(g, n=2000):
+    d1, d2 = eight_gaussians(n, g), eight_gaussians(n, g)
+    gauss = d1.mean(0) + torch.randn(n, 2, generator=g) @ torch.linalg.cholesky(torch.cov(d1.T)).T
+    return d1, sliced_w2(d2, d1), sliced_w2(gauss, d1)
+
+
+def test_perturbation_radius_laws():
+    g = torch.Generator().manual_seed(0)
+    N, n = 6, 20000
+    x = torch.zeros(n, N, dtype=torch.float64)
+    # PFGM++: ||x~ - x||^2 = r^2 b/(1-b), b ~ Beta(N/2, D/2): E = sigma^2 D N/(D - 2)
+    for D in (8, 128):
+        xt, r = pfgm.perturb(x, D=D, sigma=0.7, generator=g)
+        torch.testing.assert_close(r, torch.full((n,), 0.7 * math.sqrt(D), dtype=torch.float64))
+        ratio = (xt.pow(2).sum(1).mean() / (0.49 * N)).item()
+        assert abs(ratio - D / (D - 2)) < 0.04 * D / (D - 2), (D, ratio)
+    # PFGM (Algorithm 2) at m = 0: x~ - x = eps with eps ~ N(0, sigma^2 I), r = |z|, z ~ N(0, sigma^2)
+    xt, r = pfgm.perturb(x, D=1, m=torch.zeros(n), sigma=0.01, generator=g)
+    assert abs(xt.pow(2).sum(1).mean().item() / (1e-4 * N) - 1) < 0.04
+    assert abs(r.pow(2).mean().item() / 1e-4 - 1) < 0.04 and (r >= 0).all()
+    # ... and at m the perturbation and r scale by (1 + tau)^m
+    xm, rm = pfgm.perturb(x, D=1, m=torch.full((n,), 100.0), sigma=0.01, generator=g)
+    assert abs(rm.pow(2).mean().sqrt().item() / (0.01 * 1.03 ** 100) - 1) < 0.04
+    # prior: ||x|| = r_max sqrt(b/(1-b)), uniform directions
+    p = pfgm.prior(n, (N,), r_max=3.0, D=64, generator=g, dtype=torch.float64)
+    assert abs(p.pow(2).sum(1).mean().item() / (9 * N / 62) - 1) < 0.04
+    assert p.mean(0).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("D", [1, 128])
+def test_sample_with_exact_field_regenerates_data(D):
+    """The ODE driven by the exact empirical field of 2000 data points (no
+    training) turns prior samples into the data distribution."""
+    g = torch.Generator().manual_seed(1)
+    ref = eight_gaussians(2000, g).to(DEVICE)
+    d1, sw_dd, sw_gauss = yardsticks(g)
+    if D == 1:
+        r_max = 40.0
+        model = lambda x, r: fk.poisson_field(x, r, ref, D=1)  # noqa: E731
+        kind = "field"
+    else:
+        r_max = 80 * math.sqrt(D)
+        model = lambda x, r: fk.poisson_field(x, r, ref, D=D, normalize=False)  # noqa: E731
+        kind = "denoiser"
+    x = pfgm.prior(2000, (2,), r_max=r_max, D=D, generator=g).to(DEVICE)
+    y = pfgm.sample(model, x, r_max, 1e-3, steps=100, prediction=kind)
+    assert torch.isfinite(y).all()
+    sw = sliced_w2(y, d1)
+    assert sw <= 2 * sw_dd and sw <= 0.6 * sw_gauss, (sw, sw_dd, sw_gauss)
+    assert sliced_w2(x, d1) > 10 * sw_gauss  # the prior is far from the data
+
+
+@pytest.mark.slow
+def test_train_pfgmpp_mlp_2d():
+    """Train a small MLP on 2-D data with PFGM++ (D = 128): the target is the
+    empirical field mean over a 1024-point batch (flowkern.pfgm.target,
+    normalize=False), EDM preconditioning and weighting; sample with the
+    ODE in log r. 40-120 s on 2 cores (slow)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    D, steps, sd = 128, 1000, 0.5
+    net = torch.nn.Sequential(torch.nn.Linear(3, 128), torch.nn.SiLU(), torch.nn.Linear(128, 128),
+                              torch.nn.SiLU(), torch.nn.Linear(128, 128), torch.nn.SiLU(),
+                              torch.nn.Linear(128, 2))
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+
+    def denoiser(x, r):
+        s = r / math.sqrt(D)
+        cs = sd ** 2 / (s ** 2 + sd ** 2)
+        co = s * sd / torch.sqrt(s ** 2 + sd ** 2)
+        ci = 1 / torch.sqrt(s ** 2 + sd ** 2)
+        o = net(torch.cat([x * ci[:, None], torch.log(s)[:, None] / 4], 1))
+        return cs[:, None] * x + co[:, None] * o
+
+    for _ in range(steps):
+        ref = eight_gaussians(1024, g)
+        xq, r = pfgm.perturb(ref[:256], D=D, generator=g)
+        with torch.no_grad():
+            xbar = pfgm.target(xq, r, ref, D=D, normalize=False)
+        s = r / math.sqrt(D)
+        w = (s ** 2 + sd ** 2) / (s * sd) ** 2
+        loss = (w[:, None] * (denoiser(xq, r) - xbar) ** 2).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    d1, sw_dd, sw_gauss = yardsticks(g)
+    r_max = 80 * math.sqrt(D)
+    x = pfgm.prior(2000, (2,), r_max=r_max, D=D, generator=g)
+    y = pfgm.sample(denoiser, x, r_max, 0.002 * math.sqrt(D), steps=200, prediction="denoiser")
+    sw = sliced_w2(y, d1)
+    assert torch.isfinite(y).all()
+    assert sw <= 2 * sw_dd and sw <= 0.6 * sw_gauss, (sw, sw_dd, sw_gauss)
+
+
+def test_sample_bad_input():
+    with pytest.raises(ValueError, match="prediction"):
+        pfgm.sample(lambda x, r: x, torch.zeros(2, 2), 1.0, prediction="eps")
+    with pytest.raises(ValueError, match="r_max"):
+        pfgm.sample(lambda x, r: x, torch.zeros(2, 2), 1.0, 2.0)
