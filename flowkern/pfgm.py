@@ -174,3 +174,57 @@ def sample(model: Callable, x: torch.Tensor, r_max: float, r_min: float = 1e-3,
             u = (-span * drift).to(x.dtype)  # dx/ds = dx/d(log r) * d(log r)/ds
             euler_step(x, u, t, s, "linear", "velocity", out=x, backend=backend)
     return x
+
+
+class ToyDenoiser(torch.nn.Module):
+    """A small MLP field-mean model for 2-D PFGM++ with EDM preconditioning
+    (Karras et al. 2022, Table 1) in the noise level s = r/sqrt(D):
+    x̂ = c_skip x + c_out F([c_in x, log(s)/4]). sd is the data's std."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, D: float = 128, sd: float = 0.5):
+        super().__init__()
+        self.D, self.sd = float(D), float(sd)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(dim + 1, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden),
+            torch.nn.SiLU(), torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
+            torch.nn.Linear(hidden, dim))
+
+    def forward(self, x, r):
+        s = r / math.sqrt(self.D)
+        v = s ** 2 + self.sd ** 2
+        o = self.net(torch.cat([x / torch.sqrt(v)[:, None], torch.log(s)[:, None] / 4], 1))
+        return (self.sd ** 2 / v)[:, None] * x + (s * self.sd / torch.sqrt(v))[:, None] * o
+
+    def weight(self, r):
+        """EDM loss weight 1/c_out^2 at radius r."""
+        s = r / math.sqrt(self.D)
+        return (s ** 2 + self.sd ** 2) / (s * self.sd) ** 2
+
+
+def train_toy(data_fn: Callable, D: float = 128, steps: int = 1000, batch: int = 256,
+              ref_batch: int = 1024, lr: float = 2e-3, generator=None, progress=False):
+    """Train a ToyDenoiser with PFGM++ on a 2-D data stream data_fn(n, generator):
+    each step perturbs `batch` points (perturb) and regresses the empirical
+    field mean over a larger `ref_batch` (target, normalize=False: the fused
+    poisson_field), with the EDM weighting. Returns the trained model."""
+    model = ToyDenoiser(D=D)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    it = range(steps)
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            it = tqdm(it, desc=f"train PFGM++ D={D:g}", leave=False)
+        except ImportError:
+            pass
+    for _ in it:
+        ref = data_fn(ref_batch, generator)
+        xq, r = perturb(ref[:batch], D=D, generator=generator)
+        with torch.no_grad():
+            xbar = target(xq, r, ref, D=D, normalize=False)
+        loss = (model.weight(r)[:, None] * (model(xq, r) - xbar) ** 2).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model

@@ -101,33 +101,8 @@ def test_train_pfgmpp_mlp_2d():
     ODE in log r. 40-120 s on 2 cores (slow)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    D, steps, sd = 128, 1000, 0.5
-    net = torch.nn.Sequential(torch.nn.Linear(3, 128), torch.nn.SiLU(), torch.nn.Linear(128, 128),
-                              torch.nn.SiLU(), torch.nn.Linear(128, 128), torch.nn.SiLU(),
-                              torch.nn.Linear(128, 2))
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-
-    def denoiser(x, r):
-        s = r / math.sqrt(D)
-        cs = sd ** 2 / (s ** 2 + sd ** 2)
-        co = s * sd / torch.sqrt(s ** 2 + sd ** 2)
-        ci = 1 / torch.sqrt(s ** 2 + sd ** 2)
-        o = net(torch.cat([x * ci[:, None], torch.log(s)[:, None] / 4], 1))
-        return cs[:, None] * x + co[:, None] * o
-
-    for _ in range(steps):
-        ref = eight_gaussians(1024, g)
-        xq, r = pfgm.perturb(ref[:256], D=D, generator=g)
-        with torch.no_grad():
-            xbar = pfgm.target(xq, r, ref, D=D, normalize=False)
-        s = r / math.sqrt(D)
-        w = (s ** 2 + sd ** 2) / (s * sd) ** 2
-        loss = (w[:, None] * (denoiser(xq, r) - xbar) ** 2).sum(1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+    D = 128
+    denoiser = pfgm.train_toy(eight_gaussians, D=D, steps=1000, generator=g)
     d1, sw_dd, sw_gauss = yardsticks(g)
     r_max = 80 * math.sqrt(D)
     x = pfgm.prior(2000, (2,), r_max=r_max, D=D, generator=g)
