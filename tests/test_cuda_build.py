@@ -11,10 +11,14 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(ROOT, "csrc", "cuda", "training.cu")
 ARCHS = ("sm_80", "sm_90")
-# 5 elementwise ops x 4 dtypes x 2 vector widths + the loss row-sum x 4 dtypes.
-KERNELS_PER_ARCH = 5 * 4 * 2 + 4
+# Kernels per arch of each source (x 4 dtypes x 2 vector widths per elementwise functor):
+KERNELS_PER_ARCH = {
+    # 5 elementwise ops + the loss row-sum x 4 dtypes.
+    "training.cu": 5 * 4 * 2 + 4,
+    # 6 steps with and without guidance + churn.
+    "steps.cu": 6 * 2 * 4 * 2 + 4 * 2,
+}
 
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
@@ -68,23 +72,31 @@ def parse_ptxas(log):
 
 @pytest.fixture(scope="module")
 def resource_usage(tmp_path_factory):
+    """{source: parse_ptxas(...)}; the sources compile concurrently."""
     out = tmp_path_factory.mktemp("nvcc")
-    cmd = [NVCC, "-c", SOURCE, "-o", str(out / "training.o"), "-O3", "-std=c++17",
-           "-I", os.path.join(ROOT, "csrc", "include"), "--expt-relaxed-constexpr",
-           "--resource-usage", "-Xcompiler", "-fPIC"]
-    cmd += [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]
-    res = subprocess.run(cmd, cwd=out, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    return parse_ptxas(res.stdout + res.stderr)
+    procs = {}
+    for source in KERNELS_PER_ARCH:
+        cmd = [NVCC, "-c", os.path.join(ROOT, "csrc", "cuda", source),
+               "-o", str(out / f"{source}.o"), "-O3", "-std=c++17",
+               "-I", os.path.join(ROOT, "csrc", "include"), "--expt-relaxed-constexpr",
+               "--resource-usage", "-Xcompiler", "-fPIC"]
+        cmd += [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]
+        procs[source] = subprocess.Popen(cmd, cwd=out, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
+    logs = {source: p.communicate()[0] for source, p in procs.items()}
+    for source, p in procs.items():
+        assert p.returncode == 0, logs[source]
+    return {source: parse_ptxas(log) for source, log in logs.items()}
 
 
 @needs_nvcc
-def test_no_spills_no_local_memory(resource_usage):
-    funcs = resource_usage
+@pytest.mark.parametrize("source", KERNELS_PER_ARCH)
+def test_no_spills_no_local_memory(resource_usage, source):
+    funcs = resource_usage[source]
     names = demangle(sorted({name for _, name in funcs}))
     rows = sorted((((arch, short(names[name])), info) for (arch, name), info in funcs.items()),
                   key=lambda r: r[0])
-    print(f"\n{'arch':6} {'kernel':58} {'regs':>4} {'spill st/ld':>11} {'stack':>5} "
+    print(f"\n{source}\n{'arch':6} {'kernel':58} {'regs':>4} {'spill st/ld':>11} {'stack':>5} "
           f"{'lmem':>4} {'smem':>5}")
     for (arch, name), info in rows:
         print(f"{arch:6} {name:58} {info.get('registers', '-'):>4} "
@@ -98,7 +110,7 @@ def test_no_spills_no_local_memory(resource_usage):
     assert not bad, f"spills, local memory or out-of-line calls: {bad}"
     for arch in ARCHS:
         kernels = [n for (a, n), info in funcs.items() if a == arch and info["entry"]]
-        assert len(kernels) == KERNELS_PER_ARCH, (arch, len(kernels))
+        assert len(kernels) == KERNELS_PER_ARCH[source], (arch, len(kernels))
         assert all("registers" in funcs[(arch, n)] for n in kernels)
 
 
@@ -135,6 +147,38 @@ def test_cuda_module_imports():
         # fails cleanly with cudaErrorInsufficientDriver (35) or similar. Never
         # tried where a driver exists: the pointers here are null.
         code = m.interpolate(0, 1, 4, 0, 0, 0, 0, 0, 0, 0)
+        assert code > 0 and m.error_string(code)
+
+
+@pytest.mark.skipif(not cuda_module_built(),
+                    reason="flowkern._cuda was not built (needs nvcc at build time: "
+                           "python setup.py build_ext --inplace)")
+def test_step_launchers_check_their_arguments():
+    """Every code the step launchers reject is caught before any CUDA call
+    (P: a fake non-null device pointer, never dereferenced)."""
+    import flowkern._cuda as m
+
+    assert m.STEP_COLS == 12
+    P = 1 << 12
+    # euler_step(dtype, rows, inner, x, pred, pred_uncond, coef, coef_rows, prediction,
+    #            guidance, out, stream)
+    assert m.euler_step(7, 1, 4, P, P, 0, P, 1, 0, 1.0, P, 0) == -1
+    assert m.euler_step(0, 1, 4, P, P, 0, P, 1, 9, 1.0, P, 0) == -2
+    assert m.ei_step(0, 1, 4, P, P, 0, P, 1, 0, 2, 1.0, P, 0) == -4
+    assert m.ei_step_backward(0, 1, 4, P, P, 1, 0, -1, 1.0, P, P, 0, 0) == -4
+    assert m.euler_step(0, 3, 4, P, P, 0, P, 2, 0, 1.0, P, 0) == -5  # table: 1 or 3 rows
+    # Only one of heun's two unconditional predictions; a required tensor missing.
+    assert m.heun_step(0, 1, 4, P, P, P, P, P, 0, P, 1, 0, 1.0, P, 0) == -6
+    assert m.euler_step(0, 1, 4, 0, P, 0, P, 1, 0, 1.0, P, 0) == -6
+    assert m.dpmpp_2m_step(0, 1, 4, P, P, 0, 0, P, 1, 0, 1.0, P, 0, 0) == -6
+    for code, word in ((-4, "form"), (-5, "table"), (-6, "unconditional")):
+        assert word in m.error_string(code)
+    # Nothing to launch (empty tensors have null pointers), with a full uint64 seed.
+    assert m.em_step(0, 0, 8, 0, 0, 0, P, 1, 0, 1.0, 2 ** 64 - 1, 2 ** 62, 0, 0) == 0
+    assert m.churn(3, 4, 0, 0, P, 4, 1, 0, 0, 0) == 0
+    if ctypes.util.find_library("cuda") is None:
+        # No driver: the launch itself fails cleanly (see test_cuda_module_imports).
+        code = m.churn(0, 1, 4, P, P, 1, 1, 0, P, 0)
         assert code > 0 and m.error_string(code)
 
 

@@ -5,14 +5,18 @@ grid simulator on it. Wrong pointer order, dtype codes, sizes or output
 allocation in the glue then show up as wrong results on CPU tensors."""
 import contextlib
 import ctypes
+import inspect
 import math
 import sys
 
 import pytest
 import torch
 
+import flowkern
 import flowkern._C  # noqa: F401
+from cuda_sim_helpers import assert_within_fp32_ulp
 from flowkern.cuda import _launch
+from flowkern.cuda import steps as fks
 from flowkern.cuda import training as fkc
 
 OPS = torch.ops.flowkern
@@ -82,6 +86,74 @@ class SimLib:
         res, plan = OPS._sim_fm_loss_partial(*x, at(coef, (rows, 4), acc(T)), target, chunk_len)
         at(partial, (rows, plan[2]), acc(T)).copy_(res)
         return 0
+
+    # ------------------------------------------------------ sampler steps
+    # As steps.cu: absent tensors are 0 and dropped, an unconditional
+    # prediction selects guidance, dpmpp_2m_step passes x for an absent d_prev.
+
+    def _step(self, op, dtype, rows, inner, ins, coef, coef_rows, outs, stream, max_blocks,
+              prediction=0, variant=0, cfg=False, guidance=1.0, seed=0, offset=0):
+        self.calls.append((op, stream, max_blocks))
+        # pybind11 would reject what its int / uint64 / double casters cannot take.
+        for a in (dtype, rows, inner, *ins, coef, coef_rows, *outs, stream, max_blocks,
+                  prediction, variant, offset):
+            assert isinstance(a, int) and not isinstance(a, bool), (op, a)
+        assert isinstance(guidance, float) and 0 <= seed < 2 ** 64, (op, guidance, seed)
+        if rows * inner == 0:
+            return 0
+        T = DTYPES[dtype]
+        x = [at(p, (rows, inner), T) for p in ins if p]
+        c = at(coef, (coef_rows, 12), acc(T))
+        res, _ = OPS._sim_step(op, x, c, prediction, variant, cfg, guidance,
+                               seed - 2 ** 64 if seed >= 2 ** 63 else seed, offset,
+                               max_blocks, 0)
+        for p, r in zip([p for p in outs if p], res, strict=True):
+            at(p, (rows, inner), T).copy_(r)
+        return 0
+
+    def euler_step(self, dtype, rows, inner, x, pred, pred_uncond, coef, coef_rows,
+                   prediction, guidance, out, stream, max_blocks):
+        return self._step("euler_step", dtype, rows, inner, [x, pred, pred_uncond], coef,
+                          coef_rows, [out], stream, max_blocks, prediction, 0,
+                          pred_uncond != 0, guidance)
+
+    def heun_step(self, dtype, rows, inner, x, pred, x_euler, pred_euler, pred_uncond,
+                  pred_euler_uncond, coef, coef_rows, prediction, guidance, out, stream,
+                  max_blocks):
+        return self._step("heun_step", dtype, rows, inner,
+                          [x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond], coef,
+                          coef_rows, [out], stream, max_blocks, prediction, 0,
+                          pred_uncond != 0, guidance)
+
+    def ei_step(self, dtype, rows, inner, x, pred, pred_uncond, coef, coef_rows, prediction,
+                form, guidance, out, stream, max_blocks):
+        return self._step("ei_step", dtype, rows, inner, [x, pred, pred_uncond], coef,
+                          coef_rows, [out], stream, max_blocks, prediction, form,
+                          pred_uncond != 0, guidance)
+
+    def ei_step_backward(self, dtype, rows, inner, grad, coef, coef_rows, prediction, form,
+                         guidance, g_x, g_pred, g_pred_uncond, stream, max_blocks):
+        return self._step("ei_step_backward", dtype, rows, inner, [grad], coef, coef_rows,
+                          [g_x, g_pred, g_pred_uncond], stream, max_blocks, prediction, form,
+                          g_pred_uncond != 0, guidance)
+
+    def dpmpp_2m_step(self, dtype, rows, inner, x, pred, d_prev, pred_uncond, coef,
+                      coef_rows, prediction, guidance, out, d_out, stream, max_blocks):
+        return self._step("dpmpp_2m_step", dtype, rows, inner,
+                          [x, pred, d_prev or x, pred_uncond], coef, coef_rows, [out, d_out],
+                          stream, max_blocks, prediction, int(d_prev != 0), pred_uncond != 0,
+                          guidance)
+
+    def em_step(self, dtype, rows, inner, x, pred, pred_uncond, coef, coef_rows, prediction,
+                guidance, seed, offset, out, stream, max_blocks):
+        return self._step("em_step", dtype, rows, inner, [x, pred, pred_uncond], coef,
+                          coef_rows, [out], stream, max_blocks, prediction, 0,
+                          pred_uncond != 0, guidance, seed, offset)
+
+    def churn(self, dtype, rows, inner, x, coef, coef_rows, seed, offset, out, stream,
+              max_blocks):
+        return self._step("churn", dtype, rows, inner, [x], coef, coef_rows, [out], stream,
+                          max_blocks, seed=seed, offset=offset)
 
     def plan_rowsum(self, rows, inner, chunk_len):
         return tuple(OPS._sim_plan_rowsum(rows, inner, chunk_len))
@@ -193,3 +265,115 @@ def test_cpu_tensors_are_rejected():
     x = torch.zeros(2, 4)
     with pytest.raises(ValueError, match="x0: the cuda backend needs CUDA tensors"):
         fkc.interpolate(x, x, coef_for(2), 0)
+
+
+# ------------------------------------------------------------------ steps
+
+# Every flowkern:: step op whose CUDA kernel flowkern/ops/steps.py registers.
+STEP_OPS = ("euler_step", "heun_step", "ei_step", "ei_step_out", "ei_step_backward",
+            "dpmpp_2m_step", "em_step", "churn")
+
+
+def step_table(rows, per_sample, churn=False):
+    """float64 on purpose (the glue converts it); churn renoises to t_hat < t."""
+    gen = torch.Generator().manual_seed(rows)
+    t = 0.1 + 0.7 * torch.rand(rows if per_sample else 1, generator=gen, dtype=torch.float64)
+    s = t - 0.05 if churn else t + 0.1
+    return flowkern.step_table("cosine", t, s, t_prev=t - 0.07, g=0.7, dtype=torch.float64)
+
+
+def same(glue, cpu, like, n_out=1, noisy=False):
+    """glue(*outs) and cpu(*outs) write equal outputs; the glue returns None."""
+    got = [torch.empty_like(like) for _ in range(n_out)]
+    want = [torch.empty_like(like) for _ in range(n_out)]
+    assert glue(*got) is None
+    cpu(*want)
+    for g, w in zip(got, want):
+        if noisy:
+            assert_within_fp32_ulp(g, w, "noise")
+        else:
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=str)
+@pytest.mark.parametrize("shape", [(5, 3, 8), (3, 1023), (0, 4)], ids=str)
+def test_step_glue_matches_cpu_ops(sim, dtype, shape):
+    """Every step, prediction type, guidance on/off, EI form, DPM order and
+    table layout; x non-contiguous, the table in float64."""
+    rows = shape[0]
+    x, pred, xe, pe, dp, pu, peu = tensors(7, shape, dtype)
+    xt = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    for per_sample in (False, True) if rows else (False,):
+        tab, ctab = step_table(rows, per_sample), step_table(rows, per_sample, churn=True)
+        c, cc = tab.to(acc(dtype)), ctab.to(acc(dtype))
+        for k in range(4):
+            for u, eu, w in ((None, None, 1.0), (pu, peu, 2.5)):
+                cfg = u is not None
+                same(lambda o: fks.euler_step(xt, pred, u, tab, k, w, o),
+                     lambda o: OPS.euler_step(x, pred, u, c, k, w, o), x)
+                same(lambda o: fks.heun_step(xt, pred, xe, pe, u, eu, tab, k, w, o),
+                     lambda o: OPS.heun_step(x, pred, xe, pe, u, eu, c, k, w, o), x)
+                for form in (0, 1):
+                    assert torch.equal(fks.ei_step(xt, pred, u, tab, k, form, w),
+                                       OPS.ei_step(x, pred, u, c, k, form, w))
+                    same(lambda o: fks.ei_step_out(xt, pred, u, tab, k, form, w, o),
+                         lambda o: OPS.ei_step_out(x, pred, u, c, k, form, w, o), x)
+                    for g, want in zip(fks.ei_step_backward(xt, tab, k, form, w, cfg),
+                                       OPS.ei_step_backward(x, c, k, form, w, cfg), strict=True):
+                        assert torch.equal(g, want)
+                for d in (None, dp):
+                    same(lambda o, do: fks.dpmpp_2m_step(xt, pred, d, u, tab, k, w, o, do),
+                         lambda o, do: OPS.dpmpp_2m_step(x, pred, d, u, c, k, w, o, do), x, 2)
+                same(lambda o: fks.em_step(xt, pred, u, tab, k, w, 2 ** 40 + 3, 77, o),
+                     lambda o: OPS.em_step(x, pred, u, c, k, w, 2 ** 40 + 3, 77, o), x,
+                     noisy=True)
+        same(lambda o: fks.churn(xt, ctab, 5, 2 ** 33, o),
+             lambda o: OPS.churn(x, cc, 5, 2 ** 33, o), x, noisy=True)
+    if rows:
+        assert {s for _, s, _ in sim.calls} == {1234}
+        assert {m for _, _, m in sim.calls} == {MAX_BLOCKS}
+
+
+def test_steps_write_in_place(sim):
+    """out=x updates the state (samplers do this); given outputs are used."""
+    x, pred = tensors(2, (4, 16), torch.float32)
+    tab = step_table(4, True)
+    want = torch.empty_like(x)
+    OPS.euler_step(x, pred, None, tab.float(), 1, 1.0, want)
+    fks.euler_step(x, pred, None, tab, 1, 1.0, x)
+    assert torch.equal(x, want)
+    outs = [torch.empty_like(x) for _ in range(3)]
+    assert fks.ei_step_backward(pred, tab, 0, 0, 2.0, True, outs) == outs
+    ei = torch.empty_like(x)
+    assert fks.ei_step(x, pred, None, tab, 2, 1, 1.0, ei) is ei
+
+
+def test_step_ops_match_their_schemas():
+    """flowkern/ops/steps.py registers flowkern.cuda.steps.<op> as the CUDA
+    kernel of flowkern::<op>; torch.library calls it with the schema's
+    arguments in order, so the parameters must be those (extra ones optional)."""
+    for op in STEP_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"flowkern::{op}", "CUDA"), op
+        schema = getattr(OPS, op).default._schema
+        names = [a.name for a in schema.arguments]
+        params = list(inspect.signature(getattr(fks, op)).parameters.values())
+        assert [p.name for p in params[:len(names)]] == names, op
+        assert all(p.default is not inspect.Parameter.empty for p in params[len(names):]), op
+
+
+def test_step_bad_metadata_names_the_argument(sim):
+    x, pred, pu = tensors(3, (4, 16), torch.float32)
+    out = torch.empty_like(x)
+    with pytest.raises(ValueError, match="coef: expected a step table"):
+        fks.euler_step(x, pred, None, step_table(2, True), 0, 1.0, out)
+    with pytest.raises(ValueError, match="coef: expected a step table"):
+        fks.churn(x, torch.zeros(4, 4), 0, 0, out)
+    with pytest.raises(ValueError, match="pred_uncond: expected"):
+        fks.em_step(x, pred, pu[:, :8], step_table(4, True), 0, 2.0, 0, 0, out)
+    with pytest.raises(ValueError, match="give both unconditional predictions or neither"):
+        fks.heun_step(x, pred, x, pred, pu, None, step_table(1, False), 0, 2.0, out)
+    with pytest.raises(ValueError, match="outs: expected 3 gradients"):
+        fks.ei_step_backward(x, step_table(1, False), 0, 0, 2.0, True, [out, out])
+    with pytest.raises(ValueError, match="d_out: must be contiguous"):
+        fks.dpmpp_2m_step(x, pred, None, None, step_table(1, False), 1, 1.0, out,
+                          torch.empty(16, 4).t())

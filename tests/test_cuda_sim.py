@@ -13,18 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import flowkern._C  # noqa: F401  (registers torch.ops.flowkern.*)
+from cuda_sim_helpers import (DTYPES, OPS, SHAPES, THREADS, WIDE, acc, check_plan,
+                              make_inputs)
 
-OPS = torch.ops.flowkern
 VELOCITY, X1, EPS, SCORE = range(4)
 PREDS = (VELOCITY, X1, EPS, SCORE)
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-WIDE = {torch.float32: 4, torch.float64: 2, torch.float16: 8, torch.bfloat16: 8}
-THREADS = 256
-
-
-def acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------- inputs
@@ -39,17 +32,6 @@ def make_coef(rows, dtype, gen):
                        h * torch.cos(h * t), -h * torch.sin(h * t)], 1)
     odd = (torch.arange(rows) % 2 == 1)[:, None]
     return torch.where(odd, cos, lin).to(acc(dtype)).contiguous()
-
-
-def make_inputs(n, shape, dtype, gen, offset=0):
-    """n contiguous tensors; with offset > 0 each starts `offset` elements into
-    its storage, so its data pointer is not 16-byte aligned."""
-    numel = math.prod(shape)
-    out = []
-    for _ in range(n):
-        base = torch.randn(numel + offset, generator=gen, dtype=torch.float64).to(dtype)
-        out.append(base[offset:].view(shape))
-    return out
 
 
 # ------------------------------------------------------ reference maps
@@ -220,9 +202,6 @@ def test_lincomb_every_config(op, params, dtype):
     assert check_lincomb(op, params, dtype, (7, 1023), 1, 1) == [1, THREADS, 1]
 
 
-SHAPES = [(1, 1), (1, 7), (7, 1), (7, 7), (1023, 1), (1, 1023), (7, 1023), (1023, 7),
-          (1023, 8), (1023, 16), (1, 4099), (4099, 1), (3, 4099), (2, 4096), (7, 4104),
-          (5, 3, 4, 4), (0, 8), (4, 0)]
 REPRESENTATIVE = [("interpolate", (SCORE,)), ("interpolate_backward", (VELOCITY,)),
                   ("convert", (VELOCITY, SCORE)), ("convert_backward", (SCORE, X1)),
                   ("fm_loss_backward", (EPS,))]
@@ -236,16 +215,9 @@ def test_lincomb_shapes(op, params, dtype):
     for shape in SHAPES:
         for offset in (0, 1):
             for max_blocks in (0, 1, 3):
-                vec, threads, blocks = check_lincomb(op, params, dtype, shape, offset,
-                                                     max_blocks, seed=len(shape) + shape[0])
-                chunks = math.prod(shape) // vec
-                if chunks == 0:  # empty tensors have null data pointers: nothing to launch
-                    assert blocks == 0
-                    continue
-                aligned = offset == 0 and math.prod(shape[1:]) % WIDE[dtype] == 0
-                assert vec == (WIDE[dtype] if aligned else 1)
-                full = -(-chunks // threads)
-                assert blocks == (min(full, max_blocks) if max_blocks else full)
+                plan = check_lincomb(op, params, dtype, shape, offset, max_blocks,
+                                     seed=len(shape) + shape[0])
+                check_plan(plan, shape, dtype, offset, max_blocks)
 
 
 # ------------------------------------------------------------------- loss

@@ -4,7 +4,8 @@
 // block and thread of the grid that csrc/cuda/training.cu would launch, with
 // the same plan (flowkern/launch.h) computed from the same pointers. A view
 // at a storage offset makes pointers misaligned (vec = 1); a small max_blocks
-// exercises the grid-stride loop.
+// exercises the grid-stride loop. The sampler steps' simulator is
+// cuda_sim_steps.cpp; the sweep itself is shared (cuda_sim.h).
 #include <ATen/ops/full.h>
 #include <torch/library.h>
 
@@ -13,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_sim.h"
 #include "dispatch.h"
 #include "flowkern/launch.h"
 #include "flowkern/training.h"
@@ -20,28 +22,14 @@
 namespace flowkern_cpu {
 namespace {
 
-using Plan = std::vector<int64_t>;
+using sim::Plan;
 
 void check_inputs(const std::vector<at::Tensor>& in, const at::Tensor& coef, const char* op) {
-  TORCH_CHECK(!in.empty(), op, ": no inputs");
-  for (const auto& t : in) {
-    TORCH_CHECK(t.is_contiguous() && t.sizes() == in[0].sizes() &&
-                    t.scalar_type() == in[0].scalar_type(),
-                op, ": inputs must be contiguous with one shape and dtype");
-  }
+  sim::check_same(in, op);
   const auto acc = in[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(coef.scalar_type() == acc && coef.is_contiguous() && coef.dim() == 2 &&
                   coef.size(0) == rows_of(in[0]) && coef.size(1) == 4,
               op, ": coef must be contiguous (B, 4) in the accumulation dtype");
-}
-
-// An output of `like`'s shape whose data starts `offset` elements into its
-// storage, filled with NaN so that an element the grid skips is caught.
-at::Tensor nan_output(const at::Tensor& like, int64_t offset) {
-  const int64_t n = like.numel();
-  return at::full({n + offset}, std::numeric_limits<double>::quiet_NaN(), like.options())
-      .narrow(0, offset, n)
-      .view(like.sizes());
 }
 
 // Calls f(functor) for the op name, as the launcher of that op builds it.
@@ -68,47 +56,18 @@ void with_functor(const std::string& op, const at::Tensor& coef,
   TORCH_CHECK(false, "_sim_lincomb: unknown op '", op, "'");
 }
 
-// Every thread of every block runs lincomb_thread; the kernel is race-free
-// (each chunk has one owner), so the blocks may run in any order.
-template <class T, class Fn>
-Plan sweep_lincomb(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
-                   fk::OutPtrs<T, Fn::NO> out, i64 max_blocks) {
-  const fk::LincombPlan plan = fk::plan_lincomb_for(rows, inner, in, out, max_blocks);
-  const i64 nthreads = plan.blocks * plan.threads;
-  fk::with_vec<T>(plan.vec, [&](auto vec) {
-    at::parallel_for(0, plan.blocks, 1, [&](i64 b0, i64 b1) {
-      for (i64 b = b0; b < b1; ++b)
-        for (int t = 0; t < plan.threads; ++t)
-          fk::lincomb_thread<decltype(vec)::value>(fn, b * plan.threads + t, nthreads, rows,
-                                                   inner, in, out);
-    });
-  });
-  return {plan.vec, plan.threads, plan.blocks};
-}
-
 std::tuple<std::vector<at::Tensor>, Plan> sim_lincomb(
     const std::string& op, const std::vector<at::Tensor>& inputs, const at::Tensor& coef,
     const std::optional<at::Tensor>& grad_rows, at::IntArrayRef params, int64_t max_blocks,
     int64_t out_offset) {
   check_inputs(inputs, coef, "_sim_lincomb");
-  TORCH_CHECK(out_offset >= 0, "_sim_lincomb: out_offset must be >= 0");
-  const at::Tensor& x = inputs[0];
   std::vector<at::Tensor> outs;
   Plan plan;
-  dispatch_dtype(x, "_sim_lincomb", [&](auto tag) {
+  dispatch_dtype(inputs[0], "_sim_lincomb", [&](auto tag) {
     using T = typename decltype(tag)::type;
     with_functor<T>(op, coef, grad_rows, params, [&](auto fn) {
-      using Fn = decltype(fn);
-      TORCH_CHECK(inputs.size() == size_t(Fn::NI), "_sim_lincomb(", op, "): expected ",
-                  Fn::NI, " inputs, got ", inputs.size());
-      fk::Ptrs<T, Fn::NI> in;
-      for (int j = 0; j < Fn::NI; ++j) in.p[j] = cptr<T>(inputs[j]);
-      fk::OutPtrs<T, Fn::NO> out;
-      for (int k = 0; k < Fn::NO; ++k) {
-        outs.push_back(nan_output(x, out_offset));
-        out.p[k] = mptr<T>(outs.back());
-      }
-      plan = sweep_lincomb<T>(fn, rows_of(x), inner_of(x), in, out, max_blocks);
+      plan = sim::sweep_into<T>(fn, "_sim_lincomb(" + op + ")", inputs, max_blocks,
+                                out_offset, outs);
     });
   });
   return {outs, plan};

@@ -8,6 +8,10 @@
 
 namespace py = pybind11;
 
+namespace fk_cuda {
+void bind_steps(py::module_& m);  // bindings_steps.cpp
+}
+
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "flowkern CUDA kernels (raw-pointer launchers; use flowkern.cuda)";
   // Launches can block while the launch queue is full: let other threads run.
@@ -56,4 +60,5 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("THREADS") = fk::kThreads;
   m.attr("DEFAULT_MAX_BLOCKS") = fk::kDefaultMaxBlocks;
   m.attr("ROWSUM_CHUNK") = fk::kRowsumChunk;
+  fk_cuda::bind_steps(m);
 }

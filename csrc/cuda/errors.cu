@@ -10,6 +10,10 @@ const char* error_string(int code) {
     case kBadDtype: return "unsupported dtype code (expected 0=float32, 1=float64, 2=float16, 3=bfloat16)";
     case kBadPred: return "unknown prediction/target code (expected 0=velocity, 1=x1, 2=eps, 3=score)";
     case kGridTooLarge: return "rows * chunks exceeds the CUDA grid limit of 2^31 - 1 blocks";
+    case kBadForm: return "unknown exponential-integrator form (expected 0=data, 1=noise)";
+    case kBadTable: return "step table rows must be 1 (shared by the batch) or the batch size";
+    case kBadTensors: return "the given tensors do not fit the step (both unconditional "
+                             "predictions or neither; every required tensor non-null)";
     default: return cudaGetErrorString(static_cast<cudaError_t>(code));
   }
 }

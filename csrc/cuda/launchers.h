@@ -44,8 +44,57 @@ int fm_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, 
                      dptr x1, dptr coef, int target, dptr g_pred, dptr g_x0, dptr g_x1,
                      uintptr_t stream, i64 max_blocks);
 
+// Sampler steps (steps.cu; the per-element maps are the functors of
+// flowkern/steps.h). `coef` is a step table (coef_rows, fk::STEP_COLS) in the
+// accumulation dtype, coef_rows 1 (one row for the whole batch) or rows.
+// Optional tensors are 0 when absent; an unconditional prediction selects
+// classifier-free guidance p_u + guidance (p - p_u). `out` may equal `x`
+// (each element is read before it is written, by the same thread).
+
+// x_s = x + h u_t.
+int euler_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr pred_uncond, dptr coef,
+               i64 coef_rows, int prediction, double guidance, dptr out, uintptr_t stream,
+               i64 max_blocks);
+
+// x_s = x + h/2 (u_t(x, pred) + u_s(x_euler, pred_euler)); both unconditional
+// predictions or neither.
+int heun_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr x_euler, dptr pred_euler,
+              dptr pred_uncond, dptr pred_euler_uncond, dptr coef, i64 coef_rows,
+              int prediction, double guidance, dptr out, uintptr_t stream, i64 max_blocks);
+
+// First-order exponential integrator; form 0 = data, 1 = noise (fk::EIForm).
+int ei_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr pred_uncond, dptr coef,
+            i64 coef_rows, int prediction, int form, double guidance, dptr out,
+            uintptr_t stream, i64 max_blocks);
+
+// grad -> (g_x, g_pred[, g_pred_uncond]); g_pred_uncond given selects guidance.
+int ei_step_backward(int dtype, i64 rows, i64 inner, dptr grad, dptr coef, i64 coef_rows,
+                     int prediction, int form, double guidance, dptr g_x, dptr g_pred,
+                     dptr g_pred_uncond, uintptr_t stream, i64 max_blocks);
+
+// DPM-Solver++(2M) -> (x_s, d_t); first order when d_prev is absent.
+int dpmpp_2m_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr d_prev,
+                  dptr pred_uncond, dptr coef, i64 coef_rows, int prediction, double guidance,
+                  dptr out, dptr d_out, uintptr_t stream, i64 max_blocks);
+
+// Euler-Maruyama; element e draws Philox(seed, offset + e) (flowkern/philox.h).
+int em_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr pred_uncond, dptr coef,
+            i64 coef_rows, int prediction, double guidance, uint64_t seed, i64 offset,
+            dptr out, uintptr_t stream, i64 max_blocks);
+
+// Renoising from t to t_hat (the table's s columns), noise as em_step.
+int churn(int dtype, i64 rows, i64 inner, dptr x, dptr coef, i64 coef_rows, uint64_t seed,
+          i64 offset, dptr out, uintptr_t stream, i64 max_blocks);
+
 // The launchers' own argument errors (CUDA's codes are all >= 0).
-enum : int { kBadDtype = -1, kBadPred = -2, kGridTooLarge = -3 };
+enum : int {
+  kBadDtype = -1,
+  kBadPred = -2,
+  kGridTooLarge = -3,
+  kBadForm = -4,
+  kBadTable = -5,
+  kBadTensors = -6,
+};
 
 // cudaGetErrorString, or the message of one of the codes above.
 const char* error_string(int code);

@@ -1,24 +1,19 @@
 // CUDA kernels of the training op family (DESIGN §4). The kernel bodies are
 // the header thread functions (lincomb.h, rowsum.h) that the CPU grid
 // simulator (csrc/cpu/cuda_sim.cpp) runs over the same plans (launch.h); this
-// file only maps launcher arguments to functors, plans and grids.
+// file only maps launcher arguments to functors, plans and grids. The
+// elementwise kernel is shared with the other families (lincomb_kernel.cuh).
 #include <cuda_runtime.h>
 
+#include "args.cuh"
 #include "flowkern/launch.h"
 #include "flowkern/rowsum.h"
 #include "flowkern/training.h"
 #include "launchers.h"
+#include "lincomb_kernel.cuh"
 
 namespace fk_cuda {
 namespace {
-
-template <int VEC, class T, class Fn>
-__global__ void __launch_bounds__(fk::kThreads)
-    lincomb_kernel(Fn fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
-                   fk::OutPtrs<T, Fn::NO> out) {
-  fk::lincomb_thread<VEC>(fn, i64(blockIdx.x) * blockDim.x + threadIdx.x,
-                          i64(gridDim.x) * blockDim.x, rows, inner, in, out);
-}
 
 // One block per (row, chunk): per-thread partials, then a shared-memory tree
 // with a barrier after each halving; thread 0 writes the block's sum.
@@ -37,39 +32,6 @@ __global__ void __launch_bounds__(fk::kThreads)
     __syncthreads();
   }
   if (tid == 0) partial[blockIdx.x] = smem[0];
-}
-
-cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
-
-template <class T> const T* in_ptr(dptr p) { return reinterpret_cast<const T*>(p); }
-template <class T> T* out_ptr(dptr p) { return reinterpret_cast<T*>(p); }
-
-template <class T> struct Tag { using type = T; };
-
-// Storage type of a dtype code; 16-bit floats as the header's bit-compatible
-// structs (fk::f16, fk::bf16).
-template <class F> int dispatch_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case 0: return f(Tag<float>{});
-    case 1: return f(Tag<double>{});
-    case 2: return f(Tag<fk::f16>{});
-    case 3: return f(Tag<fk::bf16>{});
-    default: return kBadDtype;
-  }
-}
-
-bool is_pred(int code) { return code >= fk::VELOCITY && code <= fk::SCORE; }
-
-template <class T, class Fn>
-int launch_lincomb(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
-                   fk::OutPtrs<T, Fn::NO> out, uintptr_t stream, i64 max_blocks) {
-  const fk::LincombPlan plan = fk::plan_lincomb_for(rows, inner, in, out, max_blocks);
-  if (plan.blocks == 0) return cudaSuccess;
-  fk::with_vec<T>(plan.vec, [&](auto vec) {
-    lincomb_kernel<decltype(vec)::value, T, Fn>
-        <<<unsigned(plan.blocks), plan.threads, 0, as_stream(stream)>>>(fn, rows, inner, in, out);
-  });
-  return cudaGetLastError();
 }
 
 }  // namespace

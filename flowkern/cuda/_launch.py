@@ -49,8 +49,9 @@ def rows_inner(t: torch.Tensor) -> tuple[int, int]:
     return rows, (t.numel() // rows if rows else 0)
 
 
-def inputs(**named: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors, contiguous, after checking they can share one launch."""
+def inputs(**named: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors, contiguous, after checking they can share one launch; an
+    absent optional input (None, after the first) stays None."""
     (name0, t0), *rest = named.items()
     if t0.device.type != DEVICE_TYPE:
         raise ValueError(f"{name0}: the cuda backend needs CUDA tensors, got {t0.device}; "
@@ -59,10 +60,12 @@ def inputs(**named: torch.Tensor) -> list[torch.Tensor]:
         raise TypeError(f"{name0}: dtype {t0.dtype} is not supported by the cuda backend; "
                         f"expected float32, float64, float16 or bfloat16")
     for name, t in rest:
+        if t is None:
+            continue
         if t.device != t0.device or t.dtype != t0.dtype or t.shape != t0.shape:
             raise ValueError(f"{name}: expected {tuple(t0.shape)} {t0.dtype} on {t0.device} "
                              f"like {name0}, got {tuple(t.shape)} {t.dtype} on {t.device}")
-    return [t.contiguous() for _, t in named.items()]
+    return [None if t is None else t.contiguous() for t in named.values()]
 
 
 def per_row(t: torch.Tensor, like: torch.Tensor, name: str, cols: int | None) -> torch.Tensor:
@@ -99,11 +102,21 @@ def device_of(t: torch.Tensor):
         yield torch.cuda.current_stream().cuda_stream, _max_blocks(t.device.index)
 
 
+def _arg(a):
+    """A launcher argument: a tensor as its data pointer, an absent tensor
+    (None) as 0, a float as itself, anything else as an int."""
+    if isinstance(a, torch.Tensor):
+        return a.data_ptr()
+    if a is None:
+        return 0
+    return a if isinstance(a, float) else int(a)
+
+
 def launch(op: str, like: torch.Tensor, *args, capped: bool = True) -> None:
     """lib().op(dtype, rows, inner, *args, stream[, max_blocks]) with tensors
-    passed as their data pointers. `like` gives dtype, rows and inner."""
+    passed as their data pointers (None as 0). `like` gives dtype, rows and inner."""
     fn = getattr(lib(), op)
-    ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else int(a) for a in args]
+    ptrs = [_arg(a) for a in args]
     with device_of(like) as (stream, max_blocks):
         code = fn(DTYPE_CODE[like.dtype], *rows_inner(like), *ptrs, stream,
                   *((max_blocks,) if capped else ()))

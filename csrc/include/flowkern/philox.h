@@ -37,6 +37,28 @@ FK_HD float uniform_from_bits(uint32_t u) {
   return float(x) * 4.6566127342e-10f;
 }
 
+// cos(a) of the Box-Muller angle a = 2 pi u2 in [0, 2 pi). The CPU (and the
+// simulator) call cosf. On the GPU, cosf carries a Payne-Hanek reduction for
+// |a| > 105615 whose table costs every noise kernel a 28-byte local-memory
+// stack frame; here cos(a) = cospi(a / pi) instead, with a / pi = hi + lo to
+// ~2^-48 (fmaf residual) and cospi(hi + lo) = cospi(hi) - pi lo sinpi(hi)
+// (|pi lo| < 2e-7: the dropped terms are below 1e-13). With exactly rounded
+// sinpi/cospi this is within 1.5 ulp of cos(a) (tests/test_cuda_sim_steps.py
+// emulates it); CUDA documents sincospif at 1 ulp and cosf itself at 2 ulp.
+FK_HD float cos_angle(float a) {
+#if defined(__CUDA_ARCH__)
+  const float inv_pi_hi = 0.31830987334251404f;   // float(1/pi)
+  const float inv_pi_lo = 1.2841276486597053e-08f;  // float(1/pi - inv_pi_hi)
+  const float hi = a * inv_pi_hi;
+  const float lo = fmaf(a, inv_pi_lo, fmaf(a, inv_pi_hi, -hi));
+  float s, c;
+  sincospif(hi, &s, &c);
+  return fmaf(-3.14159265f * lo, s, c);
+#else
+  return cosf(a);
+#endif
+}
+
 FK_HD float normal_at(NoiseKey key, i64 e) {
   const uint64_t ctr = uint64_t(key.offset + e);
   uint32_t c[4] = {uint32_t(ctr), uint32_t(ctr >> 32), 0u, 0u};
@@ -44,7 +66,7 @@ FK_HD float normal_at(NoiseKey key, i64 e) {
   float u1 = uniform_from_bits(c[0]);
   const float u2 = uniform_from_bits(c[1]);
   u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
-  return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
+  return sqrtf(-2.0f * logf(u1)) * cos_angle(6.283185307179586f * u2);
 }
 
 }  // namespace fk

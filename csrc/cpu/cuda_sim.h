@@ -1,0 +1,79 @@
+// What the grid simulators of the CUDA kernels share (cuda_sim.cpp: training
+// family, cuda_sim_steps.cpp: sampler steps): NaN-filled outputs at a chosen
+// storage offset, and the sweep of fk::lincomb_thread over every block and
+// thread of the grid the launchers would launch (same plan, launch.h).
+#pragma once
+
+#include <ATen/ops/full.h>
+
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "dispatch.h"
+#include "flowkern/launch.h"
+
+namespace flowkern_cpu {
+namespace sim {
+
+using Plan = std::vector<int64_t>;
+
+// An output of `like`'s shape whose data starts `offset` elements into its
+// storage, filled with NaN so that an element the grid skips is caught.
+inline at::Tensor nan_output(const at::Tensor& like, int64_t offset) {
+  const int64_t n = like.numel();
+  return at::full({n + offset}, std::numeric_limits<double>::quiet_NaN(), like.options())
+      .narrow(0, offset, n)
+      .view(like.sizes());
+}
+
+// Every thread of every block runs lincomb_thread; the kernel is race-free
+// (each chunk has one owner), so the blocks may run in any order.
+template <class T, class Fn>
+Plan sweep_lincomb(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
+                   fk::OutPtrs<T, Fn::NO> out, i64 max_blocks, fk::NoiseKey key = {}) {
+  const fk::LincombPlan plan = fk::plan_lincomb_for(rows, inner, in, out, max_blocks);
+  const i64 nthreads = plan.blocks * plan.threads;
+  fk::with_vec<T>(plan.vec, [&](auto vec) {
+    at::parallel_for(0, plan.blocks, 1, [&](i64 b0, i64 b1) {
+      for (i64 b = b0; b < b1; ++b)
+        for (int t = 0; t < plan.threads; ++t)
+          fk::lincomb_thread<decltype(vec)::value>(fn, b * plan.threads + t, nthreads, rows,
+                                                   inner, in, out, key);
+    });
+  });
+  return {plan.vec, plan.threads, plan.blocks};
+}
+
+// Runs fn's grid over `inputs` (Fn::NI contiguous tensors of one shape and
+// storage type T) into Fn::NO fresh NaN outputs; returns them and the plan.
+template <class T, class Fn>
+Plan sweep_into(const Fn& fn, const std::string& op, const std::vector<at::Tensor>& inputs,
+                int64_t max_blocks, int64_t out_offset, std::vector<at::Tensor>& outs,
+                fk::NoiseKey key = {}) {
+  TORCH_CHECK(inputs.size() == size_t(Fn::NI), op, ": expected ", Fn::NI, " inputs, got ",
+              inputs.size());
+  TORCH_CHECK(out_offset >= 0, op, ": out_offset must be >= 0");
+  const at::Tensor& x = inputs[0];
+  fk::Ptrs<T, Fn::NI> in;
+  for (int j = 0; j < Fn::NI; ++j) in.p[j] = cptr<T>(inputs[j]);
+  fk::OutPtrs<T, Fn::NO> out;
+  for (int k = 0; k < Fn::NO; ++k) {
+    outs.push_back(nan_output(x, out_offset));
+    out.p[k] = mptr<T>(outs.back());
+  }
+  return sweep_lincomb<T>(fn, rows_of(x), inner_of(x), in, out, max_blocks, key);
+}
+
+// Inputs must be contiguous with one shape and dtype.
+inline void check_same(const std::vector<at::Tensor>& in, const char* op) {
+  TORCH_CHECK(!in.empty(), op, ": no inputs");
+  for (const auto& t : in) {
+    TORCH_CHECK(t.is_contiguous() && t.sizes() == in[0].sizes() &&
+                    t.scalar_type() == in[0].scalar_type(),
+                op, ": inputs must be contiguous with one shape and dtype");
+  }
+}
+
+}  // namespace sim
+}  // namespace flowkern_cpu

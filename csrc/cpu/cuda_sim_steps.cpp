@@ -1,0 +1,81 @@
+// CPU grid simulator of the CUDA sampler-step kernels (csrc/cuda/steps.cu):
+// a debug op that builds a step's functor with the launchers' own
+// fk::with_step_fn (flowkern/step_launch.h) and sweeps fk::lincomb_thread over
+// every block and thread of the launch plan (cuda_sim.h), noise included.
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "cuda_sim.h"
+#include "dispatch.h"
+#include "flowkern/step_launch.h"
+
+namespace flowkern_cpu {
+namespace {
+
+// The launchers' names, in fk::StepOp order.
+constexpr const char* kStepNames[] = {"euler_step",    "heun_step", "ei_step", "ei_step_backward",
+                                      "dpmpp_2m_step", "em_step",   "churn"};
+static_assert(sizeof(kStepNames) / sizeof(kStepNames[0]) == fk::CHURN + 1);
+
+// Calls f(std::integral_constant<int, OP>{}) for the op of that name.
+template <int OP = 0, class F> void with_step_op(const std::string& op, F&& f) {
+  if constexpr (OP <= fk::CHURN) {
+    if (op == kStepNames[OP]) return f(std::integral_constant<int, OP>{});
+    return with_step_op<OP + 1>(op, f);
+  } else {
+    TORCH_CHECK(false, "_sim_step: unknown op '", op, "'");
+  }
+}
+
+// inputs: the tensors the launcher passes to the kernel, in its order (absent
+// optionals dropped; dpmpp_2m_step's third is x when first order); variant:
+// the EI form or DPM second-order flag; cfg: the guided instantiation.
+std::tuple<std::vector<at::Tensor>, sim::Plan> sim_step(
+    const std::string& op, const std::vector<at::Tensor>& inputs, const at::Tensor& coef,
+    int64_t prediction, int64_t variant, bool cfg, double guidance, int64_t seed,
+    int64_t offset, int64_t max_blocks, int64_t out_offset) {
+  const std::string what = "_sim_step(" + op + ")";
+  sim::check_same(inputs, what.c_str());
+  const at::Tensor& x = inputs[0];
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const i64 stride = coef.dim() == 2 ? fk::step_stride(coef.size(0), rows_of(x)) : -1;
+  TORCH_CHECK(coef.scalar_type() == acc && coef.is_contiguous() && coef.dim() == 2 &&
+                  coef.size(1) == fk::STEP_COLS && stride >= 0,
+              what, ": coef must be a contiguous (1 or B, ", fk::STEP_COLS,
+              ") step table in the accumulation dtype");
+  TORCH_CHECK(prediction >= fk::VELOCITY && prediction <= fk::SCORE, what,
+              ": unknown prediction ", prediction);
+  const fk::StepParams p{int(prediction), int(variant), cfg, guidance, stride};
+  const fk::NoiseKey key{uint64_t(seed), offset};
+  std::vector<at::Tensor> outs;
+  sim::Plan plan;
+  dispatch_dtype(x, what.c_str(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = fk::acc_t<T>;
+    with_step_op(op, [&](auto id) {
+      fk::with_step_fn<decltype(id)::value>(cptr<A>(coef), p, [&](auto fn) {
+        plan = sim::sweep_into<T>(fn, what, inputs, max_blocks, out_offset, outs, key);
+      });
+    });
+  });
+  return {outs, plan};
+}
+
+}  // namespace
+
+// Debug op for tests; not part of the public API. Returns the outputs and the
+// plan (vec, threads, blocks) so a test can assert which path it exercised.
+TORCH_LIBRARY_FRAGMENT(flowkern, m) {
+  m.def(
+      "_sim_step(str op, Tensor[] inputs, Tensor coef, int prediction=0, int variant=0, "
+      "bool cfg=False, float guidance=1.0, int seed=0, int offset=0, int max_blocks=0, "
+      "int out_offset=0) -> (Tensor[], int[])");
+}
+
+TORCH_LIBRARY_IMPL(flowkern, CPU, m) { m.impl("_sim_step", &sim_step); }
+
+}  // namespace flowkern_cpu

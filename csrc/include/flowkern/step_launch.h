@@ -1,0 +1,78 @@
+// How a step launch builds its functor (steps.h) from the launcher's scalar
+// arguments. The CUDA launchers (csrc/cuda/steps.cu) and their grid simulator
+// (csrc/cpu/cuda_sim_steps.cpp) both call with_step_fn, so the simulator runs
+// exactly the functor the GPU runs. Host-only; no torch, no CUDA headers
+// (TOOLCHAIN "no torch headers in .cu").
+#pragma once
+
+#include <type_traits>
+
+#include "steps.h"
+
+namespace fk {
+
+// One launcher per op.
+enum StepOp : int {
+  EULER_STEP, HEUN_STEP, EI_STEP, EI_STEP_BACKWARD, DPMPP_2M_STEP, EM_STEP, CHURN
+};
+
+// A step's scalar arguments.
+struct StepParams {
+  int pred;     // prediction type (Pred)
+  int variant;  // EI_STEP(_BACKWARD): the form (EIForm); DPMPP_2M_STEP: 1 = second order
+  bool cfg;     // an unconditional prediction (or its gradient) follows: weight w
+  double w;     // guidance weight
+  i64 stride;   // table row stride (step_stride)
+};
+
+// Row stride of a (coef_rows, STEP_COLS) step table for `rows` samples: 0 when
+// one row serves the batch (as the CPU ops read a (1, 12) table), STEP_COLS
+// for one row per sample, -1 when the table fits neither.
+inline i64 step_stride(i64 coef_rows, i64 rows) {
+  if (coef_rows == 1) return 0;
+  return coef_rows == rows ? STEP_COLS : -1;
+}
+
+template <class Fn, class A> Fn step_base(const A* coef, const StepParams& p) {
+  Fn fn{};
+  fn.coef = coef;
+  fn.stride = p.stride;
+  fn.pred = p.pred;
+  fn.w = A(p.w);
+  return fn;
+}
+
+// Returns f(fn) for OP's functor in accumulation type A; p.cfg picks the CFG
+// instantiation (churn has none).
+template <int OP, class A, class F>
+decltype(auto) with_step_fn(const A* coef, const StepParams& p, F&& f) {
+  const auto go = [&](auto cfg) -> decltype(auto) {
+    [[maybe_unused]] constexpr bool CFG = decltype(cfg)::value;  // churn has none
+    if constexpr (OP == EULER_STEP) {
+      return f(step_base<EulerFn<A, CFG>>(coef, p));
+    } else if constexpr (OP == HEUN_STEP) {
+      return f(step_base<HeunFn<A, CFG>>(coef, p));
+    } else if constexpr (OP == EI_STEP) {
+      auto fn = step_base<EIFn<A, CFG>>(coef, p);
+      fn.form = p.variant;
+      return f(fn);
+    } else if constexpr (OP == EI_STEP_BACKWARD) {
+      auto fn = step_base<EIBwdFn<A, CFG>>(coef, p);
+      fn.form = p.variant;
+      return f(fn);
+    } else if constexpr (OP == DPMPP_2M_STEP) {
+      auto fn = step_base<DPMpp2MFn<A, CFG>>(coef, p);
+      fn.second = p.variant != 0;
+      return f(fn);
+    } else if constexpr (OP == EM_STEP) {
+      return f(step_base<EMFn<A, CFG>>(coef, p));
+    } else {
+      static_assert(OP == CHURN, "unknown step op");
+      return f(step_base<ChurnFn<A>>(coef, p));
+    }
+  };
+  if (p.cfg && OP != CHURN) return go(std::true_type{});
+  return go(std::false_type{});
+}
+
+}  // namespace fk

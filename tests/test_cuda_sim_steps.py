@@ -1,0 +1,191 @@
+"""The CUDA sampler-step kernels' indexing, proven on CPU by the grid simulator.
+
+torch.ops.flowkern._sim_step builds a step's functor with the launchers' own
+fk::with_step_fn and runs fk::lincomb_thread over every block and thread of
+the grid csrc/cuda/steps.cu launches (same plan, same pointers). Each result
+must equal the CPU op (csrc/cpu/steps.cpp, the ground truth: same per-element
+code), the noisy steps to within 1 ulp of fp32. Outputs start as NaN, so an
+element the grid never writes fails.
+"""
+import numpy as np
+import pytest
+import torch
+
+import flowkern
+from cuda_sim_helpers import (DTYPES, OPS, SHAPES, THREADS, WIDE, acc, assert_within_fp32_ulp,
+                              check_plan, make_inputs)
+
+PREDS = range(4)  # velocity, x1, eps, score (flowkern/_enums.py)
+
+# (op, variant): variant is the EI form (0 data, 1 noise) or DPM's second-order flag.
+CONFIGS = [("euler_step", 0), ("heun_step", 0), ("ei_step", 0), ("ei_step", 1),
+           ("ei_step_backward", 0), ("ei_step_backward", 1), ("dpmpp_2m_step", 0),
+           ("dpmpp_2m_step", 1), ("em_step", 0), ("churn", 0)]
+NOISY = ("em_step", "churn")
+
+
+def n_inputs(op, cfg):
+    """How many inputs the launcher passes to the kernel (steps.h order: the
+    step's own, then with guidance the unconditional predictions)."""
+    base = {"euler_step": 2, "heun_step": 4, "ei_step": 2, "ei_step_backward": 1,
+            "dpmpp_2m_step": 3, "em_step": 2, "churn": 1}[op]
+    uncond = {"heun_step": 2, "ei_step_backward": 0, "churn": 0}.get(op, 1)
+    return base + (uncond if cfg else 0)
+
+
+def make_table(op, rows, per_sample, dtype, gen):
+    """A step table from flowkern.step_table: one shared row (float times,
+    linear schedule) or one row per sample (cosine schedule). t in [0.1, 0.8];
+    s > t (toward the data) except for churn, which renoises to t_hat < t;
+    t_prev < t for DPM-Solver++(2M); g > 0 for Euler-Maruyama."""
+    n = rows if per_sample else 1
+    t = 0.1 + 0.7 * torch.rand(n, generator=gen, dtype=torch.float64)
+    s = t - 0.05 if op == "churn" else t + 0.1
+    if not per_sample:
+        t, s = float(t[0]), float(s[0])
+    return flowkern.step_table("cosine" if per_sample else "linear", t, s, t_prev=t - 0.07,
+                               g=0.7, dtype=acc(dtype))
+
+
+def cpu_step(op, ins, table, pred, variant, cfg, w, seed, offset):
+    """The CPU op on the same inputs; returns its outputs as a list."""
+    x = ins[0]
+    out, d_out = torch.empty_like(x), torch.empty_like(x)
+    pu = ins[-1] if cfg else None
+    if op == "euler_step":
+        OPS.euler_step(x, ins[1], pu, table, pred, w, out)
+    elif op == "heun_step":
+        OPS.heun_step(*ins[:4], ins[4] if cfg else None, ins[5] if cfg else None, table, pred,
+                      w, out)
+    elif op == "ei_step":
+        out = OPS.ei_step(x, ins[1], pu, table, pred, variant, w)
+    elif op == "ei_step_backward":
+        return list(OPS.ei_step_backward(x, table, pred, variant, w, cfg))
+    elif op == "dpmpp_2m_step":
+        OPS.dpmpp_2m_step(x, ins[1], ins[2] if variant else None, pu, table, pred, w, out,
+                          d_out)
+        return [out, d_out]
+    elif op == "em_step":
+        OPS.em_step(x, ins[1], pu, table, pred, w, seed, offset, out)
+    else:
+        OPS.churn(x, table, seed, offset, out)
+    return [out]
+
+
+def check_step(op, variant, pred, cfg, dtype, shape, per_sample, offset, max_blocks,
+               seed=0, noise=(12345, 678)):
+    """Simulates the step's grid and compares with the CPU op; returns the plan."""
+    gen = torch.Generator().manual_seed(seed)
+    ins = make_inputs(n_inputs(op, cfg), shape, dtype, gen, offset)
+    if op == "dpmpp_2m_step" and not variant:
+        ins[2] = ins[0]  # the launcher passes x for the absent d_prev
+    table = make_table(op, shape[0], per_sample, dtype, gen)
+    w = 2.5 if cfg else 1.0
+    outs, plan = OPS._sim_step(op, ins, table, pred, variant, cfg, w, *noise, max_blocks,
+                               offset)
+    want = cpu_step(op, ins, table, pred, variant, cfg, w, *noise)
+    what = (f"{op} variant={variant} pred={pred} cfg={cfg} {dtype} {shape} "
+            f"table={'per-sample' if per_sample else 'shared'} offset={offset} "
+            f"max_blocks={max_blocks}")
+    assert len(outs) == len(want), what
+    for k, (g, c) in enumerate(zip(outs, want)):
+        assert g.shape == torch.Size(shape) and g.dtype == dtype, what
+        assert not c.isnan().any(), f"{what}: the CPU op made NaN (bad test table)"
+        if op in NOISY:
+            assert_within_fp32_ulp(g, c, f"{what} out {k}")
+        else:
+            assert torch.equal(g, c), f"{what}: output {k} differs from the CPU op"
+    return plan
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op,variant", CONFIGS, ids=str)
+def test_step_every_config(op, variant, dtype):
+    """Every prediction type, guidance on/off and table layout on the three
+    launch paths: 128-bit packs with a grid-stride loop (2 blocks for
+    9*1024/wide chunks), the scalar path (inner % wide != 0), and misaligned
+    pointers with one block striding over rows of 1023."""
+    wide = WIDE[dtype]
+    for pred in PREDS if op != "churn" else (0,):
+        for cfg in (False, True) if op != "churn" else (False,):
+            for per_sample in (False, True):
+                args = (op, variant, pred, cfg, dtype)
+                plan = check_step(*args, (9, 1024), per_sample, 0, 2)
+                assert plan[0] == wide and plan[2] == 2
+                assert check_step(*args, (5, 7), per_sample, 0, 0)[0] == 1
+                assert check_step(*args, (7, 1023), per_sample, 1, 1) == [1, THREADS, 1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op,variant", [("euler_step", 0), ("heun_step", 0), ("ei_step", 1),
+                                        ("ei_step_backward", 0), ("dpmpp_2m_step", 1),
+                                        ("em_step", 0), ("churn", 0)], ids=str)
+def test_step_shapes(op, variant, dtype):
+    """Tails, row boundaries inside chunks, grid strides and empty tensors:
+    every shape aligned and misaligned, with the full grid and 1 or 3 blocks,
+    guided, with a per-sample table for an even batch (step_table cannot
+    build an empty one) and a shared one otherwise."""
+    for shape in SHAPES:
+        for offset in (0, 1):
+            for max_blocks in (0, 1, 3):
+                per_sample = shape[0] > 0 and shape[0] % 2 == 0
+                plan = check_step(op, variant, 3 if op != "churn" else 0, op != "churn",
+                                  dtype, shape, per_sample, offset, max_blocks,
+                                  seed=len(shape) + shape[0])
+                check_plan(plan, shape, dtype, offset, max_blocks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", NOISY)
+def test_noise_counters(op, dtype):
+    """Seeds and offsets past 2^32 (both Philox key words, the counter's high
+    word) give the CPU op's noise on every launch path; the noise is really
+    drawn (seed and offset change it) and keyed by the flat element index."""
+    for seed, offset in ((0, 0), (2 ** 40 + 7, 3), (5, 2 ** 33 - 100), (2 ** 63 - 1, 2 ** 62)):
+        for shape, off, max_blocks in (((6, 1024), 0, 2), ((3, 4099), 1, 0), ((2, 8), 0, 1)):
+            check_step(op, 0, 0, False, dtype, shape, True, off, max_blocks,
+                       noise=(seed, offset))
+    gen = torch.Generator().manual_seed(1)
+    ins = make_inputs(n_inputs(op, False), (4, 256), dtype, gen)
+    table = make_table(op, 4, False, dtype, gen)
+
+    def run(seed, offset, inputs=ins):
+        return OPS._sim_step(op, inputs, table, 0, 0, False, 1.0, seed, offset, 3, 0)[0][0]
+
+    a = run(1, 0)
+    assert not torch.equal(a, run(2, 0)) and not torch.equal(a, run(1, 1))
+    # Element e draws counter offset + e: dropping the first row of the batch
+    # and advancing the offset by its length gives the same rows 1..3.
+    assert torch.equal(run(1, 256, [t[1:] for t in ins]), a[1:])
+
+
+def test_bad_arguments():
+    x = torch.zeros(2, 8)
+    table = flowkern.step_table("linear", 0.2, 0.3)
+    with pytest.raises(RuntimeError, match=r"_sim_step\(euler_step\): expected 2 inputs"):
+        OPS._sim_step("euler_step", [x], table)
+    with pytest.raises(RuntimeError, match="step table"):
+        OPS._sim_step("euler_step", [x, x], torch.zeros(3, 12))
+    with pytest.raises(RuntimeError, match="unknown op 'nope'"):
+        OPS._sim_step("nope", [x, x], table)
+
+
+def test_device_cos_formula():
+    """philox.h cos_angle on the GPU, emulated in numpy float32 with exactly
+    rounded sinpi/cospi standing in for CUDA's sincospif (<= 1 ulp): over
+    Box-Muller angles a = fl(2 pi) u2 it stays within 1.5 ulp of cos(a), so
+    the GPU's noise matches glibc's cosf on the CPU to about CUDA cosf's
+    own accuracy (2 ulp)."""
+    f32 = np.float32
+    u = np.random.default_rng(0).integers(0, 2 ** 31, size=200_000).astype(f32) * f32(2 ** -31)
+    a = f32(6.283185307179586) * u
+    inv_pi_hi, inv_pi_lo = f32(0.31830987334251404), f32(1.2841276486597053e-08)
+    hi = a * inv_pi_hi
+    # fmaf(a, inv_pi_lo, fmaf(a, inv_pi_hi, -hi)): the products are exact in float64.
+    lo = (a.astype(np.float64) * float(inv_pi_lo)
+          + f32(a.astype(np.float64) * float(inv_pi_hi) - hi)).astype(f32)
+    s, c = (f(np.pi * hi.astype(np.float64)).astype(f32) for f in (np.sin, np.cos))
+    got = ((f32(-3.14159265) * lo).astype(np.float64) * s + c).astype(f32)
+    exact = np.cos(a.astype(np.float64))
+    ulp = np.spacing(np.abs(exact.astype(f32))).astype(np.float64)
+    assert (np.abs(got - exact) <= 1.5 * ulp).all()
