@@ -247,3 +247,12 @@ BAD = [
 def test_bad_inputs(fn, exc, pattern):
     with pytest.raises(exc, match=pattern):
         fn()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 5, device=DEVICE)
+    t = torch.rand(0, device=DEVICE)
+    assert fk.step_table("vp", t, t, g=0.5).shape == (0, 12)
+    assert fk.euler_step(x, x, t, t, backend=backend).shape == (0, 5)
+    assert fk.em_step(x, x, t, t, g=0.5, backend=backend).shape == (0, 5)

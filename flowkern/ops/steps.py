@@ -148,7 +148,8 @@ def step_table(schedule, t, s, t_prev=None, g=None, dtype=torch.float32,
     tp = _as_times("t_prev", t_prev, device, dtype) if t_prev is not None else None
     gg = _as_times("g", g, device, dtype) if g is not None else torch.zeros(1, device=device,
                                                                          dtype=dtype)
-    rows = max(v.numel() for v in vals + [gg] + ([tp] if tp is not None else []))
+    sizes = [v.numel() for v in vals + [gg] + ([tp] if tp is not None else [])]
+    rows = 0 if 0 in sizes else max(sizes)  # an empty batch broadcasts the scalars to 0 rows
     cols = [*sched(vals[0]), *sched(vals[1])]
     if tp is not None:
         cols += list(sched(tp)[:2])
