@@ -10,8 +10,9 @@ writing into ping-pong buffers (``out=``): after the first step it allocates
 no full-size tensor (besides what the model itself allocates; the ``torch``
 backend, being the readable reference, does allocate temporaries) and never
 synchronises with the host on GPU, so it can be captured in a CUDA graph
-(``cuda_graph=True``). On CPU tensors (or with FLOWKERN_DEBUG=1) each model
-output is checked for NaN (one reduction per call).
+(``cuda_graph=True``). With FLOWKERN_DEBUG=1 each model
+output is checked for NaN (one reduction per call); otherwise CPU samples
+are checked once, at the end.
 """
 from __future__ import annotations
 
@@ -270,9 +271,9 @@ class _Loop:
 
     def run(self, x_init):
         p, be = self.p, self.p.backend
-        cur = 0
-        x = self.buf[0]
-        x.copy_(x_init)
+        # The first step reads x_init itself (never written) and writes buf[0]:
+        # no copy of the initial state.
+        cur, x = 1, x_init
         kw = dict(prediction=p.prediction, guidance=p.guidance, backend=be)
         numel, offset, k = x.numel(), 0, 0
         if self.trajectory is not None:
@@ -283,7 +284,8 @@ class _Loop:
                 _churn(x, table=p.churn_table[i], seed=p.seed, offset=offset, out=nxt,
                        backend=be)
                 offset += numel
-                cur, x, nxt = 1 - cur, nxt, x
+                cur, x = 1 - cur, nxt
+                nxt = self.buf[1 - cur]  # never x_init, which the first step only reads
             tab = p.table[i]
             pc, pu = self.call(x, i, i)
             kind = p.kind[i]
@@ -326,7 +328,10 @@ def _has_nan(v):
 
 
 def _checks_on(x):
-    return V.values_checked(x)
+    """Per-step NaN checks cost a full pass over every model output (as much as
+    the fused step itself), so they run only in debug mode; on CPU the final
+    state is checked once instead (see sample)."""
+    return os.environ.get("FLOWKERN_DEBUG") == "1" and not torch.compiler.is_compiling()
 
 
 # ---------------------------------------------------------------------------
@@ -452,8 +457,10 @@ def sample(model, x_init, schedule="linear", method="euler", steps=None, grid="u
     Errors: unknown method/prediction/grid, steps < 1, a grid that is not
     increasing or outside [0, 1], a model output of the wrong shape, dtype or
     device (checked on the first call, metadata only), guidance without a
-    (cond, uncond) pair. On CPU tensors (or with FLOWKERN_DEBUG=1) a model
-    output with NaN raises a ValueError naming the step and time.
+    (cond, uncond) pair. With FLOWKERN_DEBUG=1 a model output with NaN
+    raises a ValueError naming the step and time; without it (a per-step
+    check costs a full pass per model call) NaN samples on CPU raise a
+    ValueError at the end that says how to find the step.
 
     Returns:
         the final state (B, ...) in x_init's dtype, or (final, trajectory).
@@ -481,4 +488,7 @@ def sample(model, x_init, schedule="linear", method="euler", steps=None, grid="u
     finally:
         if bar is not None:
             bar.close()
+    if not loop.checks and V.values_checked(out) and _has_nan(out):
+        raise ValueError("model: the samples contain NaN (the model returned NaN at some step); "
+                         "rerun with FLOWKERN_DEBUG=1 to find the step and time")
     return (out, trajectory) if return_trajectory else out

@@ -401,7 +401,8 @@ def test_guidance_needs_a_pair():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_nan_reports_step_and_time(method):
+def test_nan_reports_step_and_time(method, monkeypatch):
+    monkeypatch.setenv("FLOWKERN_DEBUG", "1")
     def model(x, t):
         out = 0.1 * x
         if float(t[0]) > 0.55:
@@ -412,7 +413,15 @@ def test_nan_reports_step_and_time(method):
         sample(model, torch.ones(2, 3), "vp", method, 5, progress=False, seed=0, t_end=0.99)
 
 
-def test_nan_check_ignores_infinite_sums():
+def test_nan_reported_at_the_end_without_debug(monkeypatch):
+    monkeypatch.delenv("FLOWKERN_DEBUG", raising=False)
+    with pytest.raises(ValueError, match="FLOWKERN_DEBUG=1 to find the step"):
+        sample(lambda x, t: torch.full_like(x, float("nan")), torch.ones(2, 3), steps=2,
+               progress=False)
+
+
+def test_nan_check_ignores_infinite_sums(monkeypatch):
+    monkeypatch.setenv("FLOWKERN_DEBUG", "1")
     big = torch.finfo(torch.float32).max
 
     def model(x, t):

@@ -1,0 +1,269 @@
+"""Benchmarks of the sampler-step family (flowkern.euler_step, heun_step,
+ei_step, dpmpp_2m_step, em_step) per step, and of a whole sampling loop's
+non-model overhead, against the peers' schedulers and samplers.
+
+State: (64, 65536) fp32 (4M elements; 16M with `large`), the model output a
+fixed random tensor (steps) or the identity (loops: a trivial model, so the
+loop's own cost is what is timed). Every step candidate writes into an
+existing buffer where its API allows it (flowkern out=; the peers allocate).
+
+Groups "<step> · <size> · per step":
+  euler     flowkern.euler_step            | eager x + h*v (diffusers FlowMatchEuler's
+            formula) | torch.compile(eager) | diffusers FlowMatchEulerDiscreteScheduler.step
+  heun      flowkern euler_step + heun_step (both stages) | eager (both stages)
+  ei (DDIM) flowkern.ei_step(eps, noise form) | eager DDIM formula | diffusers DDIMScheduler.step
+  dpmpp_2m  flowkern.dpmpp_2m_step (2nd order) | eager | diffusers
+            DPMSolverMultistepScheduler(dpmsolver++, order 2).step
+  em        flowkern.em_step (noise in the kernel) | eager with torch.randn_like
+  roofline bytes: euler/ei/em 12 B/elem (read x, pred; write x_s); heun 32 (stage 1:
+  12, stage 2 reads x, pred, x_e, pred_e and writes x_s: 20); dpmpp_2m 20 (read x,
+  pred, d_prev; write x_s, d_t).
+Groups "loop · <size> · per step" (trivial model, 20 steps, per step):
+  flowkern.sample(method) | diffusers scheduler loop | k-diffusion sample_* |
+  the sum of the fused steps alone (the loop's floor).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import flowkern
+
+ROWS, LOOP_STEPS = 64, 20
+SIZES = [pytest.param("4M", 1 << 22, id="4M"),
+         pytest.param("16M", 1 << 24, id="16M", marks=[pytest.mark.large])]
+_DATA: dict = {}
+_COMPILED: dict = {}
+
+
+def data(n):
+    if n not in _DATA:
+        g = torch.Generator().manual_seed(n)
+        shape = (ROWS, n // ROWS)
+        mk = lambda: torch.randn(shape, generator=g)  # noqa: E731
+        _DATA[n] = SimpleNamespace(x=mk(), p=mk(), xe=mk(), pe=mk(), dp=mk(), out=mk(),
+                                   out2=mk())
+    return _DATA[n]
+
+
+def compiled(fn):
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+T, S, TP = 0.4, 0.45, 0.35
+TAB = flowkern.step_table("linear", T, S, t_prev=TP)
+TAB_VP = flowkern.step_table("vp", T, S, t_prev=TP)
+
+
+# eager formulas, written the way the peers write them
+def eager_euler(x, v):
+    return x + (S - T) * v
+
+
+def eager_heun(x, v, xe, ve):
+    x_e = x + (S - T) * v
+    return x_e, x + 0.5 * (S - T) * (v + ve)
+
+
+def _vp(t):
+    a, s, _, _ = flowkern.get_schedule("vp")(torch.tensor([t], dtype=torch.float64))
+    return float(a), float(s)
+
+
+(A_T, S_T), (A_S, S_S), (A_P, S_P) = _vp(T), _vp(S), _vp(TP)
+
+
+def eager_ddim(x, eps):
+    x1 = (x - S_T * eps) / A_T
+    return A_S * x1 + S_S * eps
+
+
+def eager_dpmpp(x, eps, d_prev):
+    import math
+    d = (x - S_T * eps) / A_T
+    lt, ls, lp = math.log(A_T / S_T), math.log(A_S / S_S), math.log(A_P / S_P)
+    h, r = ls - lt, (lt - lp) / (ls - lt)
+    D = (1 + 1 / (2 * r)) * d - d_prev / (2 * r)
+    return (S_S / S_T) * x - A_S * math.expm1(-h) * D, d
+
+
+def eager_em(x, v):
+    h, g = S - T, 0.5
+    return x + h * v + g * h ** 0.5 * torch.randn_like(x)
+
+
+def _diffusers(name, **cfg):
+    diffusers = pytest.importorskip("diffusers")
+    sched = getattr(diffusers, name)(**cfg)
+    sched.set_timesteps(50)
+    return sched
+
+
+STEP_CASES = {
+    "euler": [
+        ("flowkern", lambda d: lambda: flowkern.euler_step(d.x, d.p, table=TAB, out=d.out)),
+        ("eager", lambda d: lambda: eager_euler(d.x, d.p)),
+        ("torch.compile(eager)", lambda d: (lambda f: lambda: f(d.x, d.p))(compiled(eager_euler))),
+        ("diffusers FlowMatchEulerDiscreteScheduler.step", "fm_euler"),
+    ],
+    "heun": [
+        ("flowkern (both stages)", lambda d: lambda: (
+            flowkern.euler_step(d.x, d.p, table=TAB, out=d.out),
+            flowkern.heun_step(d.x, d.p, d.xe, d.pe, table=TAB, out=d.out2))),
+        ("eager (both stages)", lambda d: lambda: eager_heun(d.x, d.p, d.xe, d.pe)),
+        ("torch.compile(eager)", lambda d: (lambda f: lambda: f(d.x, d.p, d.xe, d.pe))(
+            compiled(eager_heun))),
+    ],
+    "ei": [
+        ("flowkern", lambda d: lambda: flowkern.ei_step(d.x, d.p, table=TAB_VP, prediction="eps",
+                                                        form="noise", out=d.out)),
+        ("eager", lambda d: lambda: eager_ddim(d.x, d.p)),
+        ("torch.compile(eager)", lambda d: (lambda f: lambda: f(d.x, d.p))(compiled(eager_ddim))),
+        ("diffusers DDIMScheduler.step", "ddim"),
+    ],
+    "dpmpp_2m": [
+        ("flowkern", lambda d: lambda: flowkern.dpmpp_2m_step(
+            d.x, d.p, table=TAB_VP, prediction="eps", d_prev=d.dp, t_prev=TP, out=d.out,
+            d_out=d.out2)),
+        ("eager", lambda d: lambda: eager_dpmpp(d.x, d.p, d.dp)),
+        ("torch.compile(eager)", lambda d: (lambda f: lambda: f(d.x, d.p, d.dp))(
+            compiled(eager_dpmpp))),
+        ("diffusers DPMSolverMultistepScheduler(dpmsolver++, 2).step", "dpm"),
+    ],
+    "em": [
+        ("flowkern", lambda d: lambda: flowkern.em_step(
+            d.x, d.p, table=flowkern.step_table("linear", T, S, g=0.5), seed=1, out=d.out)),
+        ("eager (torch.randn_like)", lambda d: lambda: eager_em(d.x, d.p)),
+    ],
+}
+STEP_BYTES = {"euler": 12, "heun": 32, "ei": 12, "dpmpp_2m": 20, "em": 12}
+
+
+def _peer_step(kind, d):
+    if kind == "fm_euler":
+        s = _diffusers("FlowMatchEulerDiscreteScheduler")
+        ts = s.timesteps[10]
+
+        def run():
+            s._step_index = 10  # the same step every call
+            return s.step(d.p, ts, d.x).prev_sample
+        return run
+    if kind == "ddim":
+        s = _diffusers("DDIMScheduler")
+        ts = s.timesteps[10]
+        return lambda: s.step(d.p, ts, d.x).prev_sample
+    s = _diffusers("DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2)
+    ts = s.timesteps[10]
+
+    def run():
+        s._step_index = 10
+        s.lower_order_nums = 2
+        s.model_outputs = [None, d.dp]  # step() shifts the history left first
+        return s.step(d.p, ts, d.x).prev_sample
+    return run
+
+
+CASES = [(step, i) for step, cands in STEP_CASES.items() for i in range(len(cands))]
+
+
+@pytest.mark.parametrize("step,order", CASES, ids=[f"{s}-{i}" for s, i in CASES])
+@pytest.mark.parametrize("size,n", SIZES)
+def test_step(benchmark, measure, roofline, size, n, step, order):
+    name, factory = STEP_CASES[step][order]
+    roofline.label(benchmark, op=f"{step} step", size=size, n=n, pass_="per step",
+                   candidate=name, order=order, bytes_per_elem=STEP_BYTES[step],
+                   counted="see bench_steps.py docstring")
+    d = data(n)
+    fn = _peer_step(factory, d) if isinstance(factory, str) else factory(d)
+    measure(fn)
+
+
+# ---------------------------------------------------------------------------
+# whole loops with a trivial model: the non-model overhead per step
+
+
+def _identity(x, t):
+    return x
+
+
+def _kdiff():
+    try:
+        from flowkern.integrations import k_diffusion as kd_adapter  # noqa: F401
+        import k_diffusion.sampling as kd
+    except Exception:
+        try:
+            import importlib.util
+            import sys
+            import types
+            spec = importlib.util.find_spec("k_diffusion")
+            if spec is None:
+                pytest.skip("k-diffusion not installed")
+            import os
+            path = os.path.join(os.path.dirname(spec.origin), "sampling.py")
+            pkg = types.ModuleType("k_diffusion_stub")
+            pkg.utils = types.SimpleNamespace(
+                append_dims=lambda x, n: x[(...,) + (None,) * (n - x.ndim)])
+            sys.modules.setdefault("k_diffusion_stub", pkg)
+            src = open(path).read().replace("from . import utils", "utils = __import__('k_diffusion_stub').utils")
+            mod = types.ModuleType("k_diffusion_sampling_bench")
+            mod.__dict__["__file__"] = path
+            exec(compile(src, path, "exec"), mod.__dict__)
+            kd = mod
+        except Exception as exc:  # pragma: no cover
+            pytest.skip(f"k-diffusion sampling not importable: {exc}")
+    return kd
+
+
+LOOP_CASES = [
+    ("flowkern.sample euler", "fk", "euler"),
+    ("fused euler steps alone (floor)", "floor", "euler"),
+    ("k-diffusion sample_euler", "kd", "sample_euler"),
+    ("flowkern.sample dpmpp_2m", "fk", "dpmpp_2m"),
+    ("k-diffusion sample_dpmpp_2m", "kd", "sample_dpmpp_2m"),
+    ("flowkern.sample heun", "fk", "heun"),
+    ("k-diffusion sample_heun", "kd", "sample_heun"),
+    ("diffusers FlowMatchEuler loop", "fm_loop", None),
+]
+
+
+@pytest.mark.parametrize("order", range(len(LOOP_CASES)), ids=[c[0] for c in LOOP_CASES])
+@pytest.mark.parametrize("size,n", SIZES[:1])
+def test_loop(benchmark, measure, roofline, size, n, order):
+    name, kind, method = LOOP_CASES[order]
+    roofline.label(benchmark, op=f"{LOOP_STEPS}-step loop, trivial model", size=size, n=n,
+                   pass_="whole loop", candidate=name, order=order,
+                   bytes_per_elem=12 * LOOP_STEPS, counted=f"{LOOP_STEPS} x 12 B/elem")
+    d = data(n)
+    if kind == "fk":
+        pred = "velocity" if method != "dpmpp_2m" else "x1"
+        fn = lambda: flowkern.sample(_identity, d.x, "linear", method, steps=LOOP_STEPS,  # noqa: E731
+                                     prediction=pred, progress=False, t_end=0.98)
+    elif kind == "floor":
+        grid = torch.linspace(0, 0.98, LOOP_STEPS + 1)
+        tabs = flowkern.step_table("linear", grid[:-1], grid[1:])
+        bufs = (d.out, d.out2)
+
+        def fn():
+            x = d.x
+            for i in range(LOOP_STEPS):
+                x = flowkern.euler_step(x, x, table=tabs[i], out=bufs[i % 2])
+            return x
+    elif kind == "kd":
+        kd = _kdiff()
+        sigmas = torch.cat([torch.linspace(80, 0.02, LOOP_STEPS), torch.zeros(1)])
+        fn = lambda: getattr(kd, method)(lambda x, s: x, d.x, sigmas, disable=True)  # noqa: E731
+    else:
+        s = _diffusers("FlowMatchEulerDiscreteScheduler")
+        s.set_timesteps(LOOP_STEPS)
+
+        def fn():
+            s._step_index = None
+            x = d.x
+            for ts in s.timesteps:
+                x = s.step(x, ts, x).prev_sample
+            return x
+    measure(fn)
