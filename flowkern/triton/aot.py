@@ -46,7 +46,7 @@ QUICK = ("interpolate", "convert_score2v", "loss_bwd", "heun_cfg_x1", "dpmpp_2m_
          "em_cfg_score")
 
 
-def configs(full: bool = True):
+def configs(full: bool = True, sizes=None):
     """(name, kernel, signature, constexprs) for the shipped launch configs:
     each op and dtype, the tile shapes tile_config picks from tiny rows (2-D
     data) to long rows, with a 64-bit `inner` (and 32-bit for fp32).
@@ -55,7 +55,7 @@ def configs(full: bool = True):
     from . import training as T
 
     ops = _ops()
-    sizes = (1, 2, 3, 100, 3072, 1 << 20) if full else (2, 1 << 20)
+    sizes = sizes or ((1, 2, 3, 100, 3072, 1 << 20) if full else (2, 1 << 20))
     if not full:
         ops = [o for o in ops if o[0] in QUICK]
     out = []

@@ -32,7 +32,11 @@ def tile_config(inner: int, heavy: bool = False) -> tuple[int, int]:
     are short (tiny 2-D data), row segments of the tile otherwise."""
     tile = HEAVY_TILE if heavy else TILE
     block_n = min(triton.next_power_of_2(max(inner, 1)), tile)
-    return min(tile // block_n, MAX_ROWS), block_n
+    if block_n < tile:
+        # Multi-row tiles hold a coefficient matrix per row: half the elements keep
+        # them spill-free (ptxas reports of flowkern.triton.aot).
+        tile //= 2
+    return max(1, min(tile // block_n, MAX_ROWS)), block_n
 
 
 @triton.jit
