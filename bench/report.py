@@ -1,0 +1,316 @@
+"""Turn a pytest-benchmark JSON of the flowkern suites into BENCHMARKS.md.
+
+    .venv/bin/python bench/report.py [bench/results/training.json ...] [BENCHMARKS.md]
+
+Several JSON files (e.g. one per op family) give one section each; the last
+argument, when it ends in .md, is the output (default: BENCHMARKS.md at the
+repository root).
+
+Every number written comes from the JSON: the candidates' timing statistics,
+and what bench/conftest.py stored beside them (per benchmark `extra_info`:
+op, size, pass, candidate, bytes counted and roofline time; per run
+`machine_info["flowkern"]`: command, copy bandwidth, load average, versions).
+Nothing is typed in by hand; the targets are the issue's thresholds, and
+whether they are met is computed here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections import OrderedDict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEFAULT_JSON = os.path.join(HERE, "results", "training.json")
+DEFAULT_OUT = os.path.join(ROOT, "BENCHMARKS.md")
+
+BASELINE = "flowkern"
+OUT_CANDIDATE = "flowkern out="
+COMPILE = "torch.compile(eager)"
+EAGER = "eager"
+FLOW_MATCHING = "flow_matching AffineProbPath.sample"
+COPY = "copy_ roofline (x0, x1 -> 2 buffers)"
+OP_ORDER = {"interpolate": 0, "flow_matching_loss": 1}
+PASS_ORDER = {"fwd": 0, "fwd+bwd": 1}
+SLACK = 0.25  # cores of oversubscription tolerated before a group is called noisy
+
+
+def noise_limit(doc):
+    """Other-process load (cores) above which the run's own threads no longer
+    had a core each: nproc - torch threads + SLACK (0.25 for a default run on
+    an otherwise idle machine)."""
+    fk = doc.get("machine_info", {}).get("flowkern", {})
+    nproc, threads = fk.get("nproc"), fk.get("torch_threads")
+    if not nproc or not threads:
+        return SLACK
+    return max(0, nproc - threads) + SLACK
+
+
+def other_load(b):
+    return b.get("extra_info", {}).get("other_load")
+
+
+def group_noise(rows):
+    loads = [other_load(b) for b in rows if other_load(b) is not None]
+    return max(loads) if loads else None
+
+
+def fmt_time(s):
+    if s is None:
+        return "—"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
+    if s < 1:
+        return f"{s * 1e3:.3g} ms" if s < 1e-2 else f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
+
+
+def fmt_ratio(x):
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def fmt_bytes(b):
+    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= k:
+            return f"{b / k:.3g} {unit}"
+    return f"{b} B"
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def groups_of(doc):
+    """OrderedDict group -> list of benchmark rows, in (op, size, pass) order,
+    candidates in the suite's order."""
+    groups = {}
+    for b in doc["benchmarks"]:
+        ex = b.get("extra_info", {})
+        if "candidate" not in ex:
+            continue
+        groups.setdefault(b["group"], []).append(b)
+
+    def key(item):
+        ex = item[1][0]["extra_info"]
+        return (OP_ORDER.get(ex["op"], 99), ex["op"], PASS_ORDER.get(ex["pass_"], 99), ex["n"])
+
+    out = OrderedDict()
+    for g, rows in sorted(groups.items(), key=key):
+        out[g] = sorted(rows, key=lambda b: b["extra_info"]["order"])
+    return out
+
+
+def median(rows, candidate):
+    for b in rows:
+        if b["extra_info"]["candidate"] == candidate:
+            return b["stats"]["median"]
+    return None
+
+
+def run_section(doc, json_path):
+    """The '## Run' part of one JSON: machine, versions, load, roofline, command."""
+    mi = doc.get("machine_info", {})
+    fk = mi.get("flowkern", {})
+    cpu = mi.get("cpu", {}) or {}
+    brand = cpu.get("brand_raw") or mi.get("processor") or "unknown CPU"
+    peers = fk.get("peers", {}) or {}
+    peer_txt = ", ".join(f"{k} {v}" if v else f"{k} not installed (its rows are skipped)"
+                         for k, v in peers.items()) or "none recorded"
+    la0, la1 = fk.get("loadavg_start"), fk.get("loadavg_end")
+    nproc = fk.get("nproc")
+    ops = sorted({b["extra_info"]["op"] for b in doc["benchmarks"]
+                  if "candidate" in b.get("extra_info", {})}, key=lambda o: OP_ORDER.get(o, 99))
+    lines = [
+        f"## {', '.join(ops) or 'no labelled benchmarks'} — `{os.path.relpath(json_path, ROOT)}`",
+        "",
+        "### Run",
+        "",
+        f"- Machine: {brand}, nproc = {nproc}, torch threads = {fk.get('torch_threads')} "
+        f"({'set by --bench-threads' if fk.get('threads_set') else 'torch default'}), "
+        f"{mi.get('system', '')} {mi.get('release', '')}".rstrip(),
+        f"- Device: {fk.get('device', 'cpu')}" + (f" ({fk['gpu']})" if fk.get("gpu") else ""),
+        f"- Software: torch {fk.get('torch')}, flowkern {fk.get('flowkern')} (auto backend for "
+        f"these tensors: `{fk.get('flowkern_backend_auto')}`), Python {mi.get('python_version')}; "
+        f"peers: {peer_txt}",
+        f"- Date: {doc.get('datetime', fk.get('started'))}; benchmark session wall time "
+        f"{fk.get('wall_s', 0):.0f} s",
+    ]
+    if la0 and la1:
+        lines.append(f"- Load average (1 min) at start / end: {la0[0]:.2f} / {la1[0]:.2f}")
+        lines[-1] += " (this run's own threads included; see *other load* per row)"
+    if fk.get("copy_gbps"):
+        lines.append(f"- Copy bandwidth (the roofline): {fk['copy_gbps']:.1f} GB/s = (bytes read "
+                     f"+ bytes written) / best time of `dst.copy_(src)` on "
+                     f"{fmt_bytes(fk['copy_buffer_bytes'])} fp32 buffers, measured in this run "
+                     f"(best of {len(fk.get('copy_samples_s', []))})")
+    lines += [f"- Benchmark command (from the repository root): "
+              f"`{fk.get('command', '(not recorded)')}`", ""]
+    return lines
+
+
+def group_table(name, rows, limit):
+    ex0 = rows[0]["extra_info"]
+    base = median(rows, BASELINE)
+    lines = [
+        f"#### {ex0['op']} — {ex0['size']} elements ({ex0['n']:,} fp32), {ex0['pass_']}",
+        "",
+        f"Roofline: {ex0['bytes_per_elem']} B/elem ({ex0['counted']}) = "
+        f"{fmt_bytes(ex0['bytes'])} → {fmt_time(ex0['roofline_s'])} at "
+        f"{ex0['copy_gbps']:.1f} GB/s." + (f" Note: {ex0['note']}." if ex0.get("note") else ""),
+        "",
+        "| candidate | median | min | IQR | rounds | other load | flowkern speedup over it "
+        "| time ÷ roofline |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in rows:
+        ex, st = b["extra_info"], b["stats"]
+        speed = st["median"] / base if base else None
+        cand = f"**{ex['candidate']}**" if ex["candidate"] == BASELINE else ex["candidate"]
+        load_ = other_load(b)
+        lines.append(f"| {cand} | {fmt_time(st['median'])} | {fmt_time(st['min'])} | "
+                     f"{fmt_time(st['iqr'])} | {st['rounds']} | "
+                     f"{'—' if load_ is None else f'{load_:.2f}'} | {fmt_ratio(speed)} | "
+                     f"{fmt_ratio(st['median'] / ex['roofline_s'])} |")
+    noise = group_noise(rows)
+    if noise is not None and noise > limit:
+        lines += ["", f"**Noisy:** other processes kept up to {noise:.2f} cores busy while this "
+                  "group was timed, so the run's threads did not have a core each; its ratios "
+                  "are unreliable."]
+    lines.append("")
+    return lines
+
+
+def targets(groups):
+    """(target, group, measured, threshold, met) rows; the thresholds are the
+    issue's targets for the training ops."""
+    rows = []
+    for g, bs in groups.items():
+        ex = bs[0]["extra_info"]
+        fk = median(bs, BASELINE)
+        if fk is None or ex["op"] not in OP_ORDER:  # the training ops' targets only
+            continue
+        if ex["op"] == "interpolate" and ex["size"] in ("4M", "16M"):
+            fm = median(bs, FLOW_MATCHING)
+            if fm is not None:
+                rows.append(("interpolate ≥ 4× flow_matching AffineProbPath.sample", g,
+                             f"{fm / fk:.2f}×", "≥ 4×", fm / fk >= 4))
+            else:
+                rows.append(("interpolate ≥ 4× flow_matching AffineProbPath.sample", g,
+                             "not measured (flow_matching missing)", "≥ 4×", None))
+        comp = median(bs, COMPILE)
+        if comp is not None:
+            rows.append(("never slower than torch.compile of the reference", g,
+                         f"{comp / fk:.2f}× (compile ÷ flowkern)", "≥ 1×", comp / fk >= 1))
+        if ex["op"] == "interpolate":
+            out = next((b for b in bs if b["extra_info"]["candidate"] == OUT_CANDIDATE), None)
+            if out is not None:
+                r = out["stats"]["median"] / out["extra_info"]["roofline_s"]
+                copy = median(bs, COPY)
+                extra = (f"; {out['stats']['median'] / copy:.2f}× the copy_ row at this size"
+                         if copy else "")
+                rows.append(("interpolate out= within 1.5× of the copy roofline", g,
+                             f"{r:.2f}× roofline{extra}", "≤ 1.5×", r <= 1.5))
+        if ex["op"] == "flow_matching_loss" and ex["pass_"] == "fwd+bwd":
+            eager = median(bs, EAGER)
+            if eager is not None:
+                rows.append(("flow_matching_loss fwd+bwd ≥ 3× eager", g,
+                             f"{eager / fk:.2f}×", "≥ 3×", eager / fk >= 3))
+    return rows
+
+
+def unlabelled_tables(doc):
+    """Benchmarks a suite did not label with roofline.label: median table per
+    pytest-benchmark group, no ratios."""
+    groups = OrderedDict()
+    for b in doc["benchmarks"]:
+        if "candidate" not in b.get("extra_info", {}):
+            groups.setdefault(b.get("group") or b["fullname"].split("[")[0], []).append(b)
+    lines = []
+    for g, rows in groups.items():
+        lines += [f"#### {g}", "", "| benchmark | median | min | IQR | rounds |",
+                  "|---|---:|---:|---:|---:|"]
+        for b in rows:
+            st = b["stats"]
+            lines.append(f"| {b['name']} | {fmt_time(st['median'])} | {fmt_time(st['min'])} | "
+                         f"{fmt_time(st['iqr'])} | {st['rounds']} |")
+        lines.append("")
+    return lines
+
+
+def doc_section(doc, json_path):
+    groups = groups_of(doc)
+    limit = noise_limit(doc)
+    lines = run_section(doc, json_path)
+    trows = targets(groups)
+    if trows:
+        missed = [r for r in trows if r[4] is False]
+        noisy = {g for g, rows in groups.items() if (group_noise(rows) or 0) > limit}
+        recorded = any(group_noise(r) is not None for r in groups.values())
+        lines += ["### Targets", "",
+                  f"{len(trows) - len(missed)} of {len(trows)} checks met"
+                  + (f"; **{len(missed)} missed**." if missed else ".")
+                  + (f" {len(noisy)} of {len(groups)} groups were timed while other processes "
+                     f"used more than {limit:.2f} cores (marked *noisy*: fewer free cores than "
+                     "the run's threads)." if noisy else
+                     f" No group saw other processes use more than {limit:.2f} cores "
+                     "(every thread of the run had a core)."
+                     if recorded else " (Other-process load was not recorded.)"), "",
+                  "| target | group | measured | threshold | met |", "|---|---|---|---|---|"]
+        for t, g, m, th, ok in trows:
+            flag = " (*noisy*)" if g in noisy else ""
+            lines.append(f"| {t} | {g}{flag} | {m} | {th} | "
+                         f"{'yes' if ok else ('—' if ok is None else '**NO**')} |")
+        lines.append("")
+    lines += ["### Results", "",
+              "Median time per call. *flowkern speedup over it* = that candidate's median ÷ "
+              "flowkern's (above 1: flowkern is faster). *time ÷ roofline* = the median ÷ the "
+              "time the counted bytes take at the measured copy bandwidth (1 = streaming at "
+              "copy speed; below 1 is possible when the working set fits in cache, as at 256k). "
+              "*other load* = cores that other processes (and hypervisor steal) kept busy "
+              "while that row was timed, from /proc/stat.",
+              ""]
+    for g, rows in groups.items():
+        lines += group_table(g, rows, limit)
+    return lines + unlabelled_tables(doc)
+
+
+def render(docs, report_cmd):
+    """docs: [(absolute json path, parsed json)]."""
+    names = ", ".join(f"`{os.path.relpath(p, ROOT)}`" for p, _ in docs)
+    lines = ["# flowkern benchmarks", "",
+             f"Generated by `bench/report.py` from {names}; every number below is read from "
+             f"{'that file' if len(docs) == 1 else 'those files'} (pytest-benchmark medians; "
+             "ratios computed from them). Report command "
+             f"(from the repository root): `{report_cmd}`", ""]
+    for path, doc in docs:
+        lines += doc_section(doc, path)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        usage="report.py [JSON ...] [OUT.md]  (default: %s %s)" % (
+            os.path.relpath(DEFAULT_JSON, ROOT), os.path.relpath(DEFAULT_OUT, ROOT)))
+    p.add_argument("paths", nargs="*")
+    a = p.parse_args(argv)
+    paths = list(a.paths)
+    out = paths.pop() if paths and paths[-1].endswith(".md") else DEFAULT_OUT
+    paths = paths or [DEFAULT_JSON]
+    docs = [(os.path.abspath(q), load(q)) for q in paths]
+    exe = sys.executable
+    if exe.startswith(os.getcwd() + os.sep):
+        exe = os.path.relpath(exe, os.getcwd())
+    cmd = shlex.join([exe, os.path.relpath(os.path.abspath(__file__), os.getcwd()), *argv])
+    with open(out, "w") as f:
+        f.write(render(docs, cmd))
+    print(f"wrote {out} ({sum(len(groups_of(d)) for _, d in docs)} groups)")
+
+
+if __name__ == "__main__":
+    main()
