@@ -108,7 +108,14 @@ def flow_matching_section(args, out):
     return report
 
 
-SECTIONS = [("flow matching", flow_matching_section)]
+def rectified_section(args, out):
+    """Rectified flow, reflow, distillation and the one-step flow map
+    (flowkern/demo_rectified.py)."""
+    from .demo_rectified import rectified_section as run
+    return run(args, out)
+
+
+SECTIONS = [("flow matching", flow_matching_section), ("rectified flow", rectified_section)]
 
 
 def main(argv=None):
@@ -118,6 +125,10 @@ def main(argv=None):
     p.add_argument("--out", default="flowkern-demo", help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--only", action="append", metavar="SECTION",
+                   choices=[title for title, _ in SECTIONS],
+                   help="run only this section (repeatable); default: all of "
+                        + ", ".join(repr(title) for title, _ in SECTIONS))
     args = p.parse_args(argv)
     if args.quick:
         args.datasets, args.train_steps, args.samples, args.nfe = ["8gaussians"], 300, 2000, [4, 16]
@@ -129,6 +140,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     report = {}
     for title, fn in SECTIONS:
+        if args.only and title not in args.only:
+            continue
         report[title] = fn(args, args.out)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1, default=float)
