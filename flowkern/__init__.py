@@ -6,11 +6,12 @@ x_t = alpha_t x1 + sigma_t x0) and the backend table.
 from . import grids, samplers, schedules
 from .backend import BACKENDS, available, use_backend
 from .ops.fields import empirical_denoiser, poisson_field
+from .ops.flowmap import flowmap_loss
 from .ops.steps import churn, dpmpp_2m_step, ei_step, em_step, euler_step, heun_step, step_table
 from .ops.training import convert, flow_matching_loss, interpolate
 from .samplers import sample
 from .schedules import get_schedule
-from . import pfgm  # noqa: E402  (uses the ops above)
+from . import flowmap, pfgm, rectified  # noqa: E402  (after the ops they build on)
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,6 @@ __all__ = [
     "interpolate", "flow_matching_loss", "convert",
     "poisson_field", "empirical_denoiser", "pfgm",
     "euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn", "step_table",
+    "flowmap_loss", "rectified", "flowmap",
     "sample", "grids", "samplers", "schedules", "get_schedule", "use_backend", "available", "BACKENDS",
 ]

@@ -64,8 +64,10 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 512, seed
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(a.shape[1], n_proj, generator=g, dtype=torch.float64)
     dirs /= dirs.norm(dim=0, keepdim=True)
-    pa = torch.sort(a.double().cpu() @ dirs, dim=0).values
-    pb = torch.sort(b.double().cpu() @ dirs, dim=0).values
+    # (n_proj, n) projections sorted along contiguous rows: torch.sort over
+    # dim 0 of an (n, n_proj) tensor is 4-5x slower on CPU
+    pa = torch.sort(dirs.T @ a.double().cpu().T, dim=1).values
+    pb = torch.sort(dirs.T @ b.double().cpu().T, dim=1).values
     return float(((pa - pb) ** 2).mean().sqrt())
 
 

@@ -22,6 +22,7 @@ DTYPES = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp32"), "bf16": ("bf16", "
 
 def _ops():
     """(name, row function, NI, NO, NOISE, P0, P1, P2) of every shipped kernel."""
+    from . import flowmap as FM
     from . import steps as S
     from . import training as T
 
@@ -39,11 +40,23 @@ def _ops():
             ("ei_bwd_cfg", S.ei_bwd_rows, 1, 3, False, 1, 0, 1),
             ("dpmpp_2m_cfg_x1", S.dpmpp_2m_rows, 4, 2, False, 1, 1, 1),
             ("em_cfg_score", S.em_rows, 3, 1, True, 3, 0, 1),
-            ("churn", S.churn_rows, 1, 1, True, 0, 0, 0)]
+            ("churn", S.churn_rows, 1, 1, True, 0, 0, 0),
+            ("flowmap_bwd_v", FM.flowmap_bwd_rows, 3, 3, False, 0, 0, 3),
+            ("flowmap_bwd_x1", FM.flowmap_bwd_rows, 3, 1, False, 1, 0, 0)]
+
+
+def _rowsums():
+    """(name, row function, NI, P0, P1) of every shipped row-sum kernel."""
+    from . import flowmap as FM
+    from . import training as T
+
+    return [("loss", T.loss_residual_rows, 3, 3, 0),
+            ("flowmap_score_noise", FM.flowmap_residual_rows, 3, 3, 1),
+            ("flowmap_v", FM.flowmap_residual_rows, 3, 0, 0)]
 
 
 QUICK = ("interpolate", "convert_score2v", "loss_bwd", "heun_cfg_x1", "dpmpp_2m_cfg_x1",
-         "em_cfg_score")
+         "em_cfg_score", "flowmap_bwd_v", "loss", "flowmap_score_noise")
 
 
 def configs(full: bool = True, sizes=None):
@@ -52,12 +65,13 @@ def configs(full: bool = True, sizes=None):
     data) to long rows, with a 64-bit `inner` (and 32-bit for fp32).
     full=False is the quick set: the widest tiles of both kinds, the heaviest ops."""
     from . import lincomb as L
-    from . import training as T
 
     ops = _ops()
+    rowsums = _rowsums()
     sizes = sizes or ((1, 2, 3, 100, 3072, 1 << 20) if full else (2, 1 << 20))
     if not full:
         ops = [o for o in ops if o[0] in QUICK]
+        rowsums = [o for o in rowsums if o[0] in QUICK]
     out = []
     for dname, (io_t, acc_t) in DTYPES.items():
         for heavy in (False, True):
@@ -79,13 +93,14 @@ def configs(full: bool = True, sizes=None):
                                 L.lincomb_kernel, sig, const))
                 if heavy:
                     continue
-                sig = {**ins, "partial": f"*{acc_t}", "coef": f"*{acc_t}", "stride": "i32",
-                       "aux": f"*{acc_t}", "w": "fp32", **tail}
-                const = dict(P0=3, P1=0, P2=0, ROW_FN=T.loss_residual_rows, NI=3,
-                             ROWS=rows_per, BLOCK_N=block_n)
-                sig.update({k: "constexpr" for k in const})
-                out.append((f"rowsum/loss/{dname}/{rows_per}x{block_n}/{idx_t}",
-                            L.rowsum_kernel, sig, const))
+                for name, fn, ni, p0, p1 in rowsums:
+                    sig = {**ins, "partial": f"*{acc_t}", "coef": f"*{acc_t}", "stride": "i32",
+                           "aux": f"*{acc_t}", "w": "fp32", **tail}
+                    const = dict(P0=p0, P1=p1, P2=0, ROW_FN=fn, NI=ni,
+                                 ROWS=rows_per, BLOCK_N=block_n)
+                    sig.update({k: "constexpr" for k in const})
+                    out.append((f"rowsum/{name}/{dname}/{rows_per}x{block_n}/{idx_t}",
+                                L.rowsum_kernel, sig, const))
     return out
 
 

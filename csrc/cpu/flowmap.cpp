@@ -1,0 +1,112 @@
+// CPU kernels of the flow-map op family and the flowkern:: schemas they
+// implement: the per-row squared error of the EI map (the one-step flow map
+// g(t, s, x)) against a target, and its fused backward. User-facing
+// validation is in flowkern/ops/flowmap.py; the TORCH_CHECKs here guard
+// direct callers of torch.ops.flowkern.*.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "dispatch.h"
+#include "flowkern/flowmap.h"
+
+namespace flowkern_cpu {
+namespace {
+
+struct Args {
+  at::Tensor x, pred, target, coef;
+  i64 stride;
+};
+
+Args flowmap_args(const char* op, const at::Tensor& x, const at::Tensor& pred,
+                  const at::Tensor& target, const at::Tensor& coef) {
+  const auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coef.scalar_type() == want && coef.dim() == 2 && coef.size(1) == fk::STEP_COLS &&
+                  (coef.size(0) == 1 || coef.size(0) == rows_of(x)),
+              op, ": coef must be a (1 or B, ", fk::STEP_COLS, ") step table of dtype ", want);
+  for (const at::Tensor* t : {&pred, &target})
+    TORCH_CHECK(t->sizes() == x.sizes() && t->scalar_type() == x.scalar_type(), op,
+                ": pred and target must match x in shape and dtype");
+  return {x.contiguous(), pred.contiguous(), target.contiguous(), coef.contiguous(),
+          coef.size(0) == 1 ? 0 : fk::STEP_COLS};
+}
+
+// Per-row sum of (a x + b pred - target)^2 in the accumulation dtype, shape (B,).
+at::Tensor flowmap_loss_rows(const at::Tensor& x_, const at::Tensor& pred_,
+                             const at::Tensor& target_, const at::Tensor& coef_,
+                             int64_t prediction, int64_t form) {
+  const Args a = flowmap_args("flowmap_loss_rows", x_, pred_, target_, coef_);
+  const i64 rows = rows_of(a.x), inner = inner_of(a.x);
+  const i64 seg = std::max<i64>(1, std::min(inner, kSegment));
+  const i64 nseg = inner == 0 ? 1 : (inner + seg - 1) / seg;
+  auto partial = at::zeros({rows, nseg}, a.coef.options());
+  dispatch_dtype(a.x, "flowmap_loss_rows", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = fk::acc_t<T>;
+    const fk::FlowMapResidualFn<A> fn{cptr<A>(a.coef), a.stride, int(prediction), int(form)};
+    A* out = mptr<A>(partial);
+    const fk::Ptrs<T, 3> in{{cptr<T>(a.x), cptr<T>(a.pred), cptr<T>(a.target)}};
+    for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
+      out[r * nseg + e0 / seg] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
+    });
+  });
+  return partial.sum(1);
+}
+
+// Gradients [g_pred, g_x (if grad_x), g_target (if grad_target)] from the
+// per-row gradient of flowmap_loss_rows, in one pass over (x, pred, target).
+std::vector<at::Tensor> flowmap_loss_backward(const at::Tensor& grad_rows_, const at::Tensor& x_,
+                                              const at::Tensor& pred_,
+                                              const at::Tensor& target_,
+                                              const at::Tensor& coef_, int64_t prediction,
+                                              int64_t form, bool grad_x, bool grad_target) {
+  const Args a = flowmap_args("flowmap_loss_backward", x_, pred_, target_, coef_);
+  TORCH_CHECK(grad_rows_.numel() == rows_of(a.x) &&
+                  grad_rows_.scalar_type() == a.coef.scalar_type(),
+              "flowmap_loss_backward: grad_rows must be (B,) in the coefficient dtype");
+  const auto grad_rows = grad_rows_.contiguous();
+  std::vector<at::Tensor> g;
+  const int n = 1 + int(grad_x) + int(grad_target);
+  for (int k = 0; k < n; ++k) g.push_back(at::empty(a.x.sizes(), a.x.options()));
+  dispatch_dtype(a.x, "flowmap_loss_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = fk::acc_t<T>;
+    const fk::Ptrs<T, 3> in{{cptr<T>(a.x), cptr<T>(a.pred), cptr<T>(a.target)}};
+    auto go = [&](auto fn) {
+      using Fn = decltype(fn);
+      fn.coef = cptr<A>(a.coef);
+      fn.stride = a.stride;
+      fn.pred = int(prediction);
+      fn.form = int(form);
+      fn.grad_rows = cptr<A>(grad_rows);
+      fk::OutPtrs<T, Fn::NO> out;
+      for (int k = 0; k < Fn::NO; ++k) out.p[k] = mptr<T>(g[k]);
+      run_lincomb<T>(fn, rows_of(a.x), inner_of(a.x), in, out);
+    };
+    if (grad_x && grad_target) go(fk::FlowMapBwdFn<A, true, true>{});
+    else if (grad_x) go(fk::FlowMapBwdFn<A, true, false>{});
+    else if (grad_target) go(fk::FlowMapBwdFn<A, false, true>{});
+    else go(fk::FlowMapBwdFn<A, false, false>{});
+  });
+  return g;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(flowkern, m) {
+  m.def(
+      "flowmap_loss_rows(Tensor x, Tensor pred, Tensor target, Tensor coef, int prediction, "
+      "int form) -> Tensor");
+  m.def(
+      "flowmap_loss_backward(Tensor grad_rows, Tensor x, Tensor pred, Tensor target, "
+      "Tensor coef, int prediction, int form, bool grad_x, bool grad_target) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
+  m.impl("flowmap_loss_rows", &flowmap_loss_rows);
+  m.impl("flowmap_loss_backward", &flowmap_loss_backward);
+}
+
+}  // namespace flowkern_cpu

@@ -1,0 +1,204 @@
+"""One-step flow maps: a model of the ODE's solution operator g(t, s, x) (the
+state at time s of the ODE trajectory through x at time t), so that
+generation is one evaluation g(0, 1, x0), or a few jumps.
+
+Parametrisation (the "one-step generative ODE flow" in DESIGN §1's
+convention: its alpha is our sigma, its beta our alpha):
+
+    g(t, s, x) = (sigma_s/sigma_t) x + (alpha_s - sigma_s alpha_t/sigma_t) d̄(t, s, x)
+
+which is exactly the exponential-integrator (DDIM) step of
+:func:`flowkern.ei_step` with the x1-prediction d̄: :class:`FlowMap` calls
+it, so the map costs one fused pass over x after the network (and the
+network may output d̄ as any prediction type; ei_step converts it in
+registers). g(t, t, x) = x for any d̄, and the map solves the ODE to first
+order in s - t exactly when d̄(t, t, x) is the denoiser E[x1 | x_t = x]
+(then d/ds g(t, s, x) at s = t is the ODE's velocity). For the linear
+schedule with a velocity output v̄ the map is g = x + (s - t) v̄(t, s, x): an
+Euler step with the average velocity over [t, s].
+
+Training (Boffi et al. 2024, "Flow map matching"; Frans et al. 2024,
+"shortcut models", at toy scale):
+* :func:`local_loss` (s = t): d̄(t, t, x_t) matches the data (the
+  flow-matching/denoising loss through the fused flow_matching_loss) or a
+  teacher denoiser.
+* :func:`semigroup_loss`: g(t, s, x) matches the stop-gradient composition
+  g(u, s, g(t, u, x)) for t <= u <= s, through the fused
+  :func:`flowkern.flowmap_loss` (the map and its squared error in one pass,
+  with a fused backward to x and d̄).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+from . import _validate as V
+from ._enums import PREDICTIONS
+from .ops.flowmap import flowmap_loss
+from .ops.steps import ei_step
+from .ops.training import convert, flow_matching_loss, interpolate
+
+__all__ = ["FlowMap", "extend_time_input", "local_loss", "semigroup_loss", "flowmap_loss"]
+
+
+def _form(prediction):
+    return "data" if prediction in ("x1", "velocity") else "noise"
+
+
+def _time_vec(name, v, x):
+    """v as a (B,) tensor in x's dtype on x's device (floats broadcast)."""
+    rows = x.shape[0]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return torch.full((rows,), float(v), dtype=x.dtype, device=x.device)
+    t = V.time(name, v, rows, x)
+    return t.to(x.dtype).expand(rows)
+
+
+class FlowMap(torch.nn.Module):
+    """The flow map g(t, s, x) = ei_step(x, net(x, t, s), t, s): a wrapper of a
+    network ``net(x, t, s)`` with a second time input s.
+
+    Args:
+        net: ``net(x, t, s) -> prediction`` of type `prediction` at (x, t) for
+            the jump to s (t, s: (B,) tensors). "x1" outputs d̄ directly;
+            "velocity" outputs the average velocity v̄ (linear schedule:
+            g = x + (s - t) v̄); "eps" and "score" use the noise form.
+        schedule: the schedule of the ODE (default "linear", rectified flow).
+    Calling the module returns g(t, s, x) (differentiable in x and the
+    network). :meth:`from_pretrained` builds one from a one-time model.
+    """
+
+    def __init__(self, net, schedule="linear", prediction: str = "x1",
+                 backend: Optional[str] = None):
+        super().__init__()
+        if not callable(net):
+            raise TypeError(f"net: expected a callable net(x, t, s), got {type(net).__name__}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: unknown prediction type {prediction!r}; expected "
+                             f"one of {PREDICTIONS}")
+        self.net = net
+        self.schedule, self.prediction, self.backend = schedule, prediction, backend
+        self.form = _form(prediction)
+
+    @classmethod
+    def from_pretrained(cls, model, schedule="linear", prediction: str = "velocity",
+                        backend: Optional[str] = None) -> "FlowMap":
+        """A flow map whose d̄(t, s, x) starts as the pretrained model's
+        denoiser D(t, x) for every s: ``model`` is a :class:`flowkern.toy.MLP`
+        (one time input) predicting `prediction`; the flow-map network is a
+        copy with a second time input whose first-layer weights are zero (see
+        :func:`extend_time_input`). Then d̄(t, t, x) = D(t, x) exactly, and
+        g(t, s, x) starts as the DDIM step of the pretrained model from t to
+        s (for a rectified flow with velocity output, its Euler step): the
+        first-order expansion of the true map, which training improves."""
+        return cls(extend_time_input(model), schedule, prediction, backend)
+
+    def pred(self, x, t, s):
+        """The network's output at (x, t, s) (t, s: floats or (B,) tensors)."""
+        return self.net(x, _time_vec("t", t, x), _time_vec("s", s, x))
+
+    def forward(self, x, t, s):
+        """g(t, s, x): one fused EI pass after the network."""
+        tt, ss = _time_vec("t", t, x), _time_vec("s", s, x)
+        p = self.net(x, tt, ss)
+        return ei_step(x, p, tt, ss, self.schedule, self.prediction, self.form,
+                       backend=self.backend)
+
+    @torch.no_grad()
+    def sample(self, x0, steps: int = 1, t_start: float = 0.0, t_end: float = 1.0):
+        """Generation by `steps` uniform jumps of the map from t_start to t_end
+        (one network call per jump)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+        grid = torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64).tolist()
+        x = x0
+        for i in range(steps):
+            x = self(x, grid[i], grid[i + 1])
+        return x
+
+
+def extend_time_input(model):
+    """A copy of a :class:`flowkern.toy.MLP` ``v(x, t)`` as an MLP with a second
+    time input ``d̄(x, t, s)`` (``MLP(extra_time=True)``) that computes the same
+    function for every s.
+
+    How: the extra-time MLP's first layer reads [x, emb(t), emb(s)] instead
+    of [x, emb(t)]; its weights on x and emb(t), its bias and every later
+    layer are copied, and its weights on emb(s) are set to zero. Then
+    net(x, t, s) = model(x, t) exactly, for all s; the emb(s) weights still
+    get gradients (emb(s) = (s, sin, cos of s) is not zero), so training
+    learns the s-dependence starting from the pretrained function (the
+    zero-initialised new input of ControlNet / adaLN-zero)."""
+    from .toy import MLP
+
+    if not isinstance(model, MLP) or model.extra_time:
+        raise TypeError("model: expected a flowkern.toy.MLP with one time input; for another "
+                        "network build net(x, t, s) yourself and pass it to FlowMap(net)")
+    first = model.net[0]
+    n_freq = model.freq.numel()
+    dim = model.net[-1].out_features
+    hidden, depth = first.out_features, sum(isinstance(m, torch.nn.Linear) for m in model.net) - 1
+    new = MLP(dim=dim, hidden=hidden, depth=depth, n_freq=n_freq, extra_time=True)
+    new = new.to(device=first.weight.device, dtype=first.weight.dtype)
+    state = copy.deepcopy(model.state_dict())
+    w = state["net.0.weight"]
+    state["net.0.weight"] = torch.cat([w, torch.zeros(w.shape[0], 1 + 2 * n_freq,
+                                                       dtype=w.dtype, device=w.device)], 1)
+    new.load_state_dict(state)
+    return new
+
+
+def local_loss(fm: FlowMap, x0: torch.Tensor, x1: torch.Tensor, t=None, teacher=None,
+               teacher_prediction: str = "velocity", generator: Optional[torch.Generator] = None):
+    """The local (s = t) consistency loss: at x_t = alpha_t x1 + sigma_t x0 the
+    network's output net(x_t, t, t) is the flow-matching regression of its
+    prediction type (d̄(t, t, x_t) -> x1, i.e. the denoiser), through the
+    fused :func:`flowkern.flow_matching_loss`. With a `teacher` model(x, t)
+    (of type `teacher_prediction`), it matches the teacher's prediction
+    converted to the flow map's type instead (distillation of the denoiser).
+
+    t: (B,) times, or None for U[0, 1) from `generator`."""
+    V.tensor("x0", x0)
+    V.tensor("x1", x1)
+    rows = x0.shape[0]
+    if t is None:
+        t = torch.rand(rows, generator=generator, dtype=V.acc_dtype(x0.dtype)).to(x0.device)
+    with torch.no_grad():
+        xt, _ = interpolate(x0, x1, t, fm.schedule, "x1", backend=fm.backend)
+    tt = _time_vec("t", t, xt)
+    p = fm.net(xt, tt, tt)
+    if teacher is None:
+        return flow_matching_loss(p, x0, x1, t, fm.schedule, fm.prediction, backend=fm.backend)
+    with torch.no_grad():
+        y = convert(teacher(xt, tt), xt, t, fm.schedule, teacher_prediction, fm.prediction,
+                    backend=fm.backend)
+    return ((p - y) ** 2).mean()
+
+
+def semigroup_loss(fm: FlowMap, x: torch.Tensor, t, s, u=None,
+                   generator: Optional[torch.Generator] = None, weight=None):
+    """The semigroup (composition) loss ‖g(t, s, x) - sg[g(u, s, g(t, u, x))]‖²,
+    mean over elements, t <= u <= s: one jump must land where two shorter
+    jumps land. The target is computed without gradient (stop-gradient); the
+    one-jump map and its squared error are one fused pass
+    (:func:`flowkern.flowmap_loss`, backward to x and the network output).
+
+    Args:
+        x: states at time t, (B, ...). t, s: floats or (B,) tensors.
+        u: the intermediate time; None draws u uniformly in [t, s] per
+            sample from `generator`.
+    """
+    V.tensor("x", x)
+    tt, ss = _time_vec("t", t, x), _time_vec("s", s, x)
+    if u is None:
+        r = torch.rand(x.shape[0], generator=generator, dtype=x.dtype).to(x.device)
+        uu = tt + r * (ss - tt)
+    else:
+        uu = _time_vec("u", u, x)
+    with torch.no_grad():
+        target = fm(fm(x, tt, uu), uu, ss)
+    p = fm.net(x, tt, ss)
+    return flowmap_loss(x, p, target, tt, ss, fm.schedule, fm.prediction, fm.form,
+                        weight=weight, backend=fm.backend)

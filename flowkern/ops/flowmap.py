@@ -1,0 +1,205 @@
+"""Flow-map op family: flowmap_loss, the squared error of the one-step flow
+map g(t, s, x) against a target with g never stored (DESIGN §4; the map is
+ei_step's exponential-integrator step).
+
+    g(t, s, x) = (sigma_s/sigma_t) x + (alpha_s - sigma_s alpha_t/sigma_t) d̄   (data form)
+
+with d̄ the model's prediction converted to an x1-prediction in registers.
+It is the hot loop of the flow map's semigroup loss (target: the
+stop-gradient composition g(u, s, g(t, u, x))) and of k-step distillation
+of a rectified flow (the last Euler step, which is this map for the linear
+schedule and a velocity prediction, against the data x1). The kernel-level
+ops (flowkern::flowmap_loss_rows / flowkern_triton::flowmap_loss_rows) sum
+the squared residual per row; their backward writes the gradients of pred
+(and of x and the target when they need one) in one pass.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _validate as V
+from ..backend import resolve
+from ..reference import flowmap as ref
+from ._registry import TRITON_NS, lazy, ops_for, register
+from .steps import FORMS, STEP_COLS, _as_times, _nonzero_for, step_table
+
+_T = "flowkern.triton.flowmap"
+_C = "flowkern.cuda.flowmap"
+
+# ---------------------------------------------------------------------------
+# flowkern_triton:: schemas (flowkern:: twins: csrc/cpu/flowmap.cpp)
+
+
+@torch.library.custom_op(f"{TRITON_NS}::flowmap_loss_rows", mutates_args=())
+def _t_rows(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
+            prediction: int, form: int) -> torch.Tensor:
+    return lazy(_T, "flowmap_loss_rows")(x.contiguous(), pred.contiguous(), target.contiguous(),
+                                         coef.contiguous(), prediction, form)
+
+
+@torch.library.custom_op(f"{TRITON_NS}::flowmap_loss_backward", mutates_args=())
+def _t_bwd(grad_rows: torch.Tensor, x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+           coef: torch.Tensor, prediction: int, form: int, grad_x: bool,
+           grad_target: bool) -> list[torch.Tensor]:
+    return lazy(_T, "flowmap_loss_backward")(grad_rows, x.contiguous(), pred.contiguous(),
+                                             target.contiguous(), coef.contiguous(), prediction,
+                                             form, grad_x, grad_target)
+
+
+# ---------------------------------------------------------------------------
+# fake functions, autograd, CUDA kernels: once for both namespaces
+
+
+def _rows_fake(x, pred, target, coef, prediction, form):
+    return coef.new_empty(x.shape[0])
+
+
+def _bwd_fake(grad_rows, x, pred, target, coef, prediction, form, grad_x, grad_target):
+    return [torch.empty_like(x) for _ in range(1 + int(grad_x) + int(grad_target))]
+
+
+def _setup(ctx, inputs, output):
+    x, pred, target, coef, prediction, form = inputs
+    ctx.save_for_backward(x, pred, target, coef)
+    ctx.prediction, ctx.form = prediction, form
+
+
+def _backward(ops):
+    def backward(ctx, g_rows):
+        x, pred, target, coef = ctx.saved_tensors
+        need_x, _, need_t = ctx.needs_input_grad[:3]
+        grads = ops.flowmap_loss_backward(g_rows.contiguous(), x, pred, target, coef,
+                                          ctx.prediction, ctx.form, bool(need_x), bool(need_t))
+        g_x = grads[1] if need_x else None
+        g_t = grads[-1] if need_t else None
+        return g_x, grads[0], g_t, None, None, None
+    return backward
+
+
+register("flowmap_loss_rows", _rows_fake, _backward, _setup,
+         cuda_impl=lazy(_C, "flowmap_loss_rows"))
+register("flowmap_loss_backward", _bwd_fake, cuda_impl=lazy(_C, "flowmap_loss_backward"))
+
+# ---------------------------------------------------------------------------
+# public API
+
+
+def flowmap_loss(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, t=None, s=None,
+                 schedule="linear", prediction: str = "x1", form: str = "data",
+                 weight: Optional[torch.Tensor] = None, reduction: str = "mean",
+                 table: Optional[torch.Tensor] = None,
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """Squared error of the one-step flow map against a target, fused:
+    mean over all elements of w_b (g(t, s, x) - target)^2 with
+
+        g(t, s, x) = ei_step(x, pred, t, s, schedule, prediction, form)
+                   = (sigma_s/sigma_t) x + (alpha_s - sigma_s alpha_t/sigma_t) d̄   (data form)
+
+    computed in registers: the mapped tensor is never written.
+
+    Args:
+        x: the state at time t, (B, ...). pred: the model's output at (x, t, s)
+            of type `prediction` ("x1": d̄ itself; "velocity", "eps", "score"
+            are converted at t in registers). target: what g(t, s, x) should
+            equal (e.g. the stop-gradient two-jump map, or the data x1).
+            All three of one shape, dtype and device (target may broadcast).
+        t, s: start and end times (floats or (B,) tensors); or a step table
+            ``table=flowkern.step_table(schedule, t, s)``.
+        form: "data" (divides by sigma_t) or "noise" (divides by alpha_t).
+        weight: optional per-sample weights w_b, shape (B,) or scalar.
+        reduction: "mean" (over all elements), "sum", or "none" (per-sample
+            mean over the non-batch dims, shape (B,)).
+    Returns:
+        The loss in x's dtype. Backward: the gradient of pred, and of x and
+        target when they require one, in one pass (no full-size temporary).
+    """
+    V.tensor("x", x)
+    V.tensor("pred", pred)
+    V.tensor("target", target)
+    if pred.shape != x.shape or pred.dtype != x.dtype or pred.device != x.device:
+        raise ValueError(f"pred: the model output must match the state x in shape, dtype and "
+                         f"device; got {tuple(pred.shape)} {pred.dtype} {pred.device}, x is "
+                         f"{tuple(x.shape)} {x.dtype} {x.device}")
+    if target.dtype != x.dtype or target.device != x.device:
+        raise ValueError(f"target: must match x in dtype and device; got {target.dtype} "
+                         f"{target.device}, x is {x.dtype} {x.device}")
+    try:
+        if torch.broadcast_shapes(target.shape, x.shape) != x.shape:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"target: shape {tuple(target.shape)} does not broadcast to x's "
+                         f"{tuple(x.shape)}") from None
+    if form not in FORMS:
+        raise ValueError(f"form: expected 'data' or 'noise', got {form!r}")
+    code = V.prediction("prediction", prediction)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    acc = V.acc_dtype(x.dtype)
+    rows = x.shape[0]
+    table = _table(x, t, s, schedule, table, acc)
+    if form == "data":
+        V.nonzero("t", "sigma_t", table[:, 1], "the data form divides by it")
+    else:
+        V.nonzero("t", "alpha_t", table[:, 0], "the noise form divides by it")
+    _nonzero_for(_TableView(table), prediction, "x1" if form == "data" else "eps")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            weight = torch.as_tensor(weight, device=x.device)
+        if weight.device != x.device:
+            raise ValueError(f"weight: on {weight.device} but x is on {x.device}")
+        if weight.numel() not in (1, rows) or weight.dim() > 1:
+            raise ValueError(f"weight: expected shape ({rows},) or a scalar, "
+                             f"got {tuple(weight.shape)}")
+    be = resolve(backend, x.device)
+    inner = x.numel() // rows if rows else 0
+    if be == "torch":
+        full = table.expand(rows, STEP_COLS) if rows else table[:0]
+        r = ref.flowmap_loss_rows(x.to(acc), pred.to(acc), target.expand(x.shape).to(acc),
+                                  full[:, :4], full[:, 4:8], prediction, form)
+    else:
+        r = ops_for(be).flowmap_loss_rows(x.contiguous(), pred.contiguous(),
+                                          V.dense(target, x.shape), table, code, FORMS[form])
+    if weight is not None:
+        r = r * weight.to(r.dtype).reshape(-1)
+    if reduction == "none":
+        loss = r / max(inner, 1)
+    elif reduction == "sum":
+        loss = r.sum()
+    else:
+        loss = r.sum() / max(rows * inner, 1)
+    return loss.to(x.dtype)
+
+
+class _TableView:
+    """The attribute _nonzero_for reads from a validated step."""
+
+    def __init__(self, table):
+        self.table = table
+
+
+def _table(x, t, s, schedule, table, acc):
+    rows = x.shape[0]
+    if table is None:
+        if t is None or s is None:
+            raise TypeError("flowmap_loss: give the times t and s (or a precomputed table=)")
+        for name, v in (("t", t), ("s", s)):
+            v = _as_times(name, v, x.device, acc)
+            if v.numel() not in (1, rows):
+                raise ValueError(f"{name}: expected shape () or ({rows},), got {tuple(v.shape)}")
+            V.time(name, v, rows, x)
+        if rows == 0:  # step_table cannot broadcast an empty t against a float s
+            t = s = 0.5  # a shared row that no sample reads
+        return step_table(schedule, t, s, dtype=acc, device=x.device)
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"table: expected a tensor from flowkern.step_table, "
+                        f"got {type(table).__name__}")
+    table = table.reshape(-1, STEP_COLS) if table.dim() == 1 else table
+    if table.dim() != 2 or table.shape[1] != STEP_COLS or table.shape[0] not in (1, rows):
+        raise ValueError(f"table: expected shape ({STEP_COLS},), (1, {STEP_COLS}) or "
+                         f"({rows}, {STEP_COLS}), got {tuple(table.shape)}")
+    return table.to(device=x.device, dtype=acc).contiguous()
+
+
+__all__ = ["flowmap_loss"]
