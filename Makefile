@@ -40,9 +40,10 @@ test-full: $(BUILT)
 aot: $(BUILT)
 	$(PY) -m flowkern.triton.aot
 
-BENCH_PEERS := flow_matching torchcfm
+# torchcfm's declared dependencies would replace torch; it imports with what
+# DEPS already brings (pot, scipy), so it comes without them.
 bench: $(BUILT)
-	-$(PY) -m pip install -q $(BENCH_PEERS)
+	-$(PY) -m pip install -q --no-deps torchcfm
 	mkdir -p bench/results
 	$(PY) -m pytest bench -o python_files='bench_*.py' -q \
 	    --benchmark-json=bench/results/all.json
