@@ -37,7 +37,7 @@ import torch
 from . import _validate as V
 from ._enums import PREDICTIONS
 from .ops.flowmap import flowmap_loss
-from .ops.steps import ei_step
+from .ops.steps import ei_step, step_table
 from .ops.training import convert, flow_matching_loss, interpolate
 
 __all__ = ["FlowMap", "extend_time_input", "local_loss", "semigroup_loss", "flowmap_loss"]
@@ -102,8 +102,17 @@ class FlowMap(torch.nn.Module):
     def forward(self, x, t, s):
         """g(t, s, x): one fused EI pass after the network."""
         tt, ss = _time_vec("t", t, x), _time_vec("s", s, x)
-        p = self.net(x, tt, ss)
-        return ei_step(x, p, tt, ss, self.schedule, self.prediction, self.form,
+        return self.jump(x, self.net(x, tt, ss), self.table(x, tt, ss))
+
+    def table(self, x, t, s):
+        """The step table of the jumps t -> s ((B,) tensors of validated times)."""
+        if x.shape[0] == 0:  # step_table cannot broadcast empty times; no row is read
+            t = s = 0.5
+        return step_table(self.schedule, t, s, dtype=V.acc_dtype(x.dtype), device=x.device)
+
+    def jump(self, x, pred, table):
+        """g = ei_step(x, pred) with a precomputed table (no second validation)."""
+        return ei_step(x, pred, table=table, prediction=self.prediction, form=self.form,
                        backend=self.backend)
 
     @torch.no_grad()
@@ -197,8 +206,13 @@ def semigroup_loss(fm: FlowMap, x: torch.Tensor, t, s, u=None,
         uu = tt + r * (ss - tt)
     else:
         uu = _time_vec("u", u, x)
+    # the three jumps' coefficients in one table: t -> u, u -> s, t -> s
+    rows = x.shape[0]
+    tab = fm.table(x, torch.cat([tt, uu, tt]), torch.cat([uu, ss, ss]))
+    t_u, u_s, t_s = (tab[k * rows:(k + 1) * rows] for k in range(3)) if rows else (tab,) * 3
     with torch.no_grad():
-        target = fm(fm(x, tt, uu), uu, ss)
+        mid = fm.jump(x, fm.net(x, tt, uu), t_u)
+        target = fm.jump(mid, fm.net(mid, uu, ss), u_s)
     p = fm.net(x, tt, ss)
-    return flowmap_loss(x, p, target, tt, ss, fm.schedule, fm.prediction, fm.form,
+    return flowmap_loss(x, p, target, table=t_s, prediction=fm.prediction, form=fm.form,
                         weight=weight, backend=fm.backend)
