@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ("sm_80", "sm_90")
 # Kernels per arch of each source (x 4 dtypes x 2 vector widths per elementwise functor):
 KERNELS_PER_ARCH = {
-    # 5 elementwise ops + the loss row-sum x 4 dtypes.
-    "training.cu": 5 * 4 * 2 + 4,
+    # 6 elementwise ops + the loss row-sum x 4 dtypes.
+    "training.cu": 6 * 4 * 2 + 4,
     # 6 steps with and without guidance + churn.
     "steps.cu": 6 * 2 * 4 * 2 + 4 * 2,
 }
@@ -128,8 +128,8 @@ def test_cuda_module_imports():
     import flowkern._cuda as m
 
     for fn in ("interpolate", "interpolate_backward", "convert", "convert_backward",
-               "fm_loss_partial", "fm_loss_backward", "error_string", "plan_lincomb",
-               "plan_rowsum"):
+               "fm_loss_partial", "fm_loss_backward", "fm_loss_backward_pred", "error_string",
+               "plan_lincomb", "plan_rowsum"):
         assert callable(getattr(m, fn)), fn
     # The same launch.h as the simulator's plans.
     for args in ((7, 1024, 4, True, 0), (1023, 7, 2, True, 3), (5, 4096, 8, False, 1)):

@@ -78,6 +78,11 @@ class SimLib:
         return self._lincomb("fm_loss_backward", dtype, rows, inner, [pred, x0, x1], coef,
                              grad_rows, [target], [g_pred, g_x0, g_x1], stream, max_blocks)
 
+    def fm_loss_backward_pred(self, dtype, rows, inner, grad_rows, pred, x0, x1, coef, target,
+                              g_pred, stream, max_blocks):
+        return self._lincomb("fm_loss_backward_pred", dtype, rows, inner, [pred, x0, x1], coef,
+                             grad_rows, [target], [g_pred], stream, max_blocks)
+
     def fm_loss_partial(self, dtype, rows, inner, pred, x0, x1, coef, target, partial,
                         chunk_len, stream):
         self.calls.append(("fm_loss_partial", stream, None))
@@ -210,6 +215,8 @@ def test_glue_matches_cpu_kernels(sim, dtype, shape):
         for got, want in zip(fkc.fm_loss_backward(g, pred, x0, x1_t, coef, target),
                              OPS.fm_loss_backward(g.to(acc(dtype)), pred, x0, x1, c, target)):
             assert torch.equal(got, want)
+        assert torch.equal(fkc.fm_loss_backward_pred(g, pred, x0, x1_t, coef, target),
+                           OPS.fm_loss_backward_pred(g.to(acc(dtype)), pred, x0, x1, c, target))
     for src in range(4):
         for dst in range(4):
             assert torch.equal(fkc.convert(x0, x1_t, coef, src, dst),

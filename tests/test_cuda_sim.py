@@ -104,7 +104,9 @@ def reference_matrix(op, coef, params, grad_rows=None):
          "convert": lambda: convert_matrix(c, *params),
          "convert_backward": lambda: transpose(convert_matrix(c, *params)),
          "fm_loss_backward": lambda: loss_backward_matrix(
-             c, grad_rows.double().numpy().astype(LD), *params)}[op]()
+             c, grad_rows.double().numpy().astype(LD), *params),
+         "fm_loss_backward_pred": lambda: loss_backward_matrix(
+             c, grad_rows.double().numpy().astype(LD), *params)[:1]}[op]()
     return np.stack([np.stack(row, -1) for row in M], -2)
 
 
@@ -142,7 +144,7 @@ def assert_within(got, ref, scale, own, dtype, what):
 # ------------------------------------------------------------ simulation
 
 NI = {"interpolate": 2, "interpolate_backward": 2, "convert": 2, "convert_backward": 1,
-      "fm_loss_backward": 3}
+      "fm_loss_backward": 3, "fm_loss_backward_pred": 3}
 
 
 def cpu_op(op, inputs, coef, params, grad_rows):
@@ -154,6 +156,8 @@ def cpu_op(op, inputs, coef, params, grad_rows):
         return (OPS.convert(*inputs, coef, *params),)
     if op == "convert_backward":
         return OPS.convert_backward(*inputs, coef, *params)
+    if op == "fm_loss_backward_pred":
+        return (OPS.fm_loss_backward_pred(grad_rows, *inputs, coef, *params),)
     return OPS.fm_loss_backward(grad_rows, *inputs, coef, *params)
 
 
@@ -164,7 +168,7 @@ def check_lincomb(op, params, dtype, shape, offset, max_blocks, seed=0):
     inputs = make_inputs(NI[op], shape, dtype, gen, offset)
     coef = make_coef(rows, dtype, gen)
     grad_rows = (torch.randn(rows, generator=gen, dtype=torch.float64).to(acc(dtype))
-                 if op == "fm_loss_backward" else None)
+                 if op.startswith("fm_loss_backward") else None)
     outs, plan = OPS._sim_lincomb(op, inputs, coef, grad_rows, list(params), max_blocks, offset)
     what = f"{op}{tuple(params)} {dtype} {shape} offset={offset} max_blocks={max_blocks}"
     cpu = cpu_op(op, inputs, coef, params, grad_rows)
@@ -185,6 +189,7 @@ LINCOMB_CONFIGS = (
     + [("convert", (s, d)) for s in PREDS for d in PREDS]
     + [("convert_backward", (s, d)) for s in PREDS for d in PREDS]
     + [("fm_loss_backward", (t,)) for t in PREDS]
+    + [("fm_loss_backward_pred", (t,)) for t in PREDS]
 )
 
 
@@ -204,7 +209,7 @@ def test_lincomb_every_config(op, params, dtype):
 
 REPRESENTATIVE = [("interpolate", (SCORE,)), ("interpolate_backward", (VELOCITY,)),
                   ("convert", (VELOCITY, SCORE)), ("convert_backward", (SCORE, X1)),
-                  ("fm_loss_backward", (EPS,))]
+                  ("fm_loss_backward", (EPS,)), ("fm_loss_backward_pred", (X1,))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -95,6 +95,43 @@ def test_flow_matching_loss(backend, dtype, shape, target, reduction):
 
 
 @pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (3, 1023), (2, 3, 5, 7)])
+@pytest.mark.parametrize("target", PREDICTIONS)
+@pytest.mark.parametrize("inputs_grad", [False, True])
+def test_flow_matching_loss_grad(backend, dtype, shape, target, inputs_grad):
+    """The loss gradients in every dtype: g_pred alone (x0 and x1 are noise and
+    data, the usual case, one tensor written) and all three."""
+    x0, x1, pred = _data(shape, dtype, seed=1)
+    t = _times(shape[0], hi=0.99 if target == "score" else 1.0).to(DEVICE)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    leaves = [v.clone().requires_grad_(i == 0 or inputs_grad) for i, v in enumerate((pred, x0, x1))]
+    loss = fk.flow_matching_loss(*leaves, t.to(acc), target=target, reduction="sum",
+                                 backend=backend)
+    loss.backward(torch.tensor(0.75, dtype=loss.dtype, device=DEVICE))
+    if not inputs_grad:
+        assert leaves[1].grad is None and leaves[2].grad is None
+
+    # d(0.75 * sum rho^2) / d pred = 1.5 rho, rho = pred - y
+    out64, naive = _refs(lambda v, c: 1.5 * (v[0] - ref.target(v[1], v[2], c, target)),
+                         [pred, x0, x1], t, "linear", dtype)
+    c64 = coefficients("linear", t.double(), t.numel(), torch.float64)
+    mag = pred.double().abs() + ref.target(x0.double(), x1.double(), c64, target).abs()
+    assert_close(leaves[0].grad, out64, naive, f"g_pred {backend} {dtype}", factor=4.0,
+                 ulps=8.0, scale=1.5 * mag.max().item())
+    if inputs_grad:
+        # rho is linear in (x0, x1): their gradients are -d y / d x times g_pred (DESIGN §4).
+        for k, leaf in ((1, leaves[1]), (2, leaves[2])):
+            e = torch.zeros(shape, dtype=torch.float64, device=DEVICE)
+            args = [e, e, e]
+            args[k] = torch.ones_like(e)
+            dy = ref.target(args[1], args[2], c64, target)  # d y / d x_k, per element
+            want = -dy * out64
+            got = torch.zeros_like(leaf) if leaf.grad is None else leaf.grad  # y independent of x_k
+            assert_close(got, want, -dy.to(dtype) * naive, f"g_x{k - 1} {backend} {dtype}",
+                         factor=4.0, ulps=8.0, scale=(dy.abs() * 1.5 * mag).max().item())
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
 @pytest.mark.parametrize("src", PREDICTIONS)
 @pytest.mark.parametrize("dst", PREDICTIONS)
 @pytest.mark.parametrize("schedule", ["linear", "vp"])
@@ -250,6 +287,8 @@ def test_opcheck(ns):
         torch.library.opcheck(ops.fm_loss_rows, (p, x0, x1, coef, target))
         torch.library.opcheck(ops.fm_loss_backward, (g, p.detach(), x0.detach(), x1.detach(),
                                                      coef, target))
+        torch.library.opcheck(ops.fm_loss_backward_pred,
+                              (g, p.detach(), x0.detach(), x1.detach(), coef, target))
         torch.library.opcheck(ops.interpolate_backward, (x0.detach(), x1.detach(), coef, target))
         for dst in range(4):
             torch.library.opcheck(ops.convert, (x0, p, coef, target, dst))

@@ -46,12 +46,14 @@ void with_functor(const std::string& op, const at::Tensor& coef,
   if (op == "interpolate_backward") return f(fk::InterpolateBwdFn<A>{c, param(0)});
   if (op == "convert") return f(fk::ConvertFn<A>{c, param(0), param(1)});
   if (op == "convert_backward") return f(fk::ConvertBwdFn<A>{c, param(0), param(1)});
-  if (op == "fm_loss_backward") {
+  if (op == "fm_loss_backward" || op == "fm_loss_backward_pred") {
     TORCH_CHECK(grad_rows && grad_rows->is_contiguous() &&
                     grad_rows->scalar_type() == coef.scalar_type() &&
                     grad_rows->numel() == coef.size(0),
-                "_sim_lincomb(fm_loss_backward): grad_rows must be (B,) in the coef dtype");
-    return f(fk::LossBwdFn<A>{c, cptr<A>(*grad_rows), param(0)});
+                "_sim_lincomb(", op, "): grad_rows must be (B,) in the coef dtype");
+    if (op == "fm_loss_backward_pred")
+      return f(fk::LossBwdFn<A, 1>{c, cptr<A>(*grad_rows), param(0)});
+    return f(fk::LossBwdFn<A, 3>{c, cptr<A>(*grad_rows), param(0)});
   }
   TORCH_CHECK(false, "_sim_lincomb: unknown op '", op, "'");
 }

@@ -6,6 +6,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <array>
+
 #include "dispatch.h"
 #include "flowkern/training.h"
 
@@ -128,29 +130,50 @@ at::Tensor fm_loss_rows(const at::Tensor& pred_, const at::Tensor& x0_, const at
   return partial.sum(1);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fm_loss_backward(
-    const at::Tensor& grad_rows_, const at::Tensor& pred_, const at::Tensor& x0_,
-    const at::Tensor& x1_, const at::Tensor& coef_, int64_t target) {
-  check_same(pred_, x0_, "fm_loss_backward");
-  check_same(pred_, x1_, "fm_loss_backward");
-  check_coef(coef_, pred_, "fm_loss_backward");
-  TORCH_CHECK(grad_rows_.numel() == rows_of(pred_) &&
-                  grad_rows_.scalar_type() == coef_.scalar_type(),
-              "fm_loss_backward: grad_rows must be (B,) in the coefficient dtype");
+void check_loss_backward(const at::Tensor& grad_rows, const at::Tensor& pred,
+                         const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& coef,
+                         const char* op) {
+  check_same(pred, x0, op);
+  check_same(pred, x1, op);
+  check_coef(coef, pred, op);
+  TORCH_CHECK(grad_rows.numel() == rows_of(pred) && grad_rows.scalar_type() == coef.scalar_type(),
+              op, ": grad_rows must be (B,) in the coefficient dtype");
+}
+
+// The loss gradients: NO = 3 gives (g_pred, g_x0, g_x1), NO = 1 g_pred alone.
+template <int NO>
+std::array<at::Tensor, NO> loss_backward(const at::Tensor& grad_rows_, const at::Tensor& pred_,
+                                         const at::Tensor& x0_, const at::Tensor& x1_,
+                                         const at::Tensor& coef_, int64_t target,
+                                         const char* op) {
+  check_loss_backward(grad_rows_, pred_, x0_, x1_, coef_, op);
   const auto pred = pred_.contiguous(), x0 = x0_.contiguous(), x1 = x1_.contiguous();
   const auto coef = coef_.contiguous(), grad_rows = grad_rows_.contiguous();
-  auto gp = at::empty(pred.sizes(), pred.options());
-  auto g0 = at::empty(pred.sizes(), pred.options());
-  auto g1 = at::empty(pred.sizes(), pred.options());
-  dispatch_dtype(pred, "fm_loss_backward", [&](auto tag) {
+  std::array<at::Tensor, NO> g;
+  for (auto& gk : g) gk = at::empty(pred.sizes(), pred.options());
+  dispatch_dtype(pred, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
-    fk::LossBwdFn<A> fn{cptr<A>(coef), cptr<A>(grad_rows), int(target)};
+    fk::LossBwdFn<A, NO> fn{cptr<A>(coef), cptr<A>(grad_rows), int(target)};
+    fk::OutPtrs<T, NO> out;
+    for (int k = 0; k < NO; ++k) out.p[k] = mptr<T>(g[k]);
     run_lincomb<T>(fn, rows_of(pred), inner_of(pred),
-                   {{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}},
-                   {{mptr<T>(gp), mptr<T>(g0), mptr<T>(g1)}});
+                   {{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}}, out);
   });
-  return {gp, g0, g1};
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fm_loss_backward(
+    const at::Tensor& grad_rows, const at::Tensor& pred, const at::Tensor& x0,
+    const at::Tensor& x1, const at::Tensor& coef, int64_t target) {
+  auto g = loss_backward<3>(grad_rows, pred, x0, x1, coef, target, "fm_loss_backward");
+  return {g[0], g[1], g[2]};
+}
+
+at::Tensor fm_loss_backward_pred(const at::Tensor& grad_rows, const at::Tensor& pred,
+                                 const at::Tensor& x0, const at::Tensor& x1,
+                                 const at::Tensor& coef, int64_t target) {
+  return loss_backward<1>(grad_rows, pred, x0, x1, coef, target, "fm_loss_backward_pred")[0];
 }
 
 }  // namespace
@@ -170,6 +193,9 @@ TORCH_LIBRARY_FRAGMENT(flowkern, m) {
   m.def(
       "fm_loss_backward(Tensor grad_rows, Tensor pred, Tensor x0, Tensor x1, Tensor coef, "
       "int target) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "fm_loss_backward_pred(Tensor grad_rows, Tensor pred, Tensor x0, Tensor x1, Tensor coef, "
+      "int target) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
@@ -180,6 +206,7 @@ TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("convert_backward", &convert_backward);
   m.impl("fm_loss_rows", &fm_loss_rows);
   m.impl("fm_loss_backward", &fm_loss_backward);
+  m.impl("fm_loss_backward_pred", &fm_loss_backward_pred);
 }
 
 }  // namespace flowkern_cpu

@@ -38,6 +38,10 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("rows"), py::arg("inner"), py::arg("grad_rows"), py::arg("pred"),
         py::arg("x0"), py::arg("x1"), py::arg("coef"), py::arg("target"), py::arg("g_pred"),
         py::arg("g_x0"), py::arg("g_x1"), py::arg("stream"), py::arg("max_blocks") = 0);
+  m.def("fm_loss_backward_pred", &fk_cuda::fm_loss_backward_pred, nogil, py::arg("dtype"),
+        py::arg("rows"), py::arg("inner"), py::arg("grad_rows"), py::arg("pred"),
+        py::arg("x0"), py::arg("x1"), py::arg("coef"), py::arg("target"), py::arg("g_pred"),
+        py::arg("stream"), py::arg("max_blocks") = 0);
   m.def("error_string", &fk_cuda::error_string, py::arg("code"));
 
   m.def(

@@ -44,6 +44,11 @@ int fm_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, 
                      dptr x1, dptr coef, int target, dptr g_pred, dptr g_x0, dptr g_x1,
                      uintptr_t stream, i64 max_blocks);
 
+// The same, g_pred alone (x0 and x1 need no gradient).
+int fm_loss_backward_pred(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, dptr x0,
+                          dptr x1, dptr coef, int target, dptr g_pred, uintptr_t stream,
+                          i64 max_blocks);
+
 // Sampler steps (steps.cu; the per-element maps are the functors of
 // flowkern/steps.h). `coef` is a step table (coef_rows, fk::STEP_COLS) in the
 // accumulation dtype, coef_rows 1 (one row for the whole batch) or rows.

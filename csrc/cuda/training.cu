@@ -108,9 +108,23 @@ int fm_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, 
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     return launch_lincomb<T>(
-        fk::LossBwdFn<A>{in_ptr<A>(coef), in_ptr<A>(grad_rows), target}, rows, inner,
+        fk::LossBwdFn<A, 3>{in_ptr<A>(coef), in_ptr<A>(grad_rows), target}, rows, inner,
         {{in_ptr<T>(pred), in_ptr<T>(x0), in_ptr<T>(x1)}},
         {{out_ptr<T>(g_pred), out_ptr<T>(g_x0), out_ptr<T>(g_x1)}}, stream, max_blocks);
+  });
+}
+
+int fm_loss_backward_pred(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, dptr x0,
+                          dptr x1, dptr coef, int target, dptr g_pred, uintptr_t stream,
+                          i64 max_blocks) {
+  if (!is_pred(target)) return kBadPred;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = fk::acc_t<T>;
+    return launch_lincomb<T>(
+        fk::LossBwdFn<A, 1>{in_ptr<A>(coef), in_ptr<A>(grad_rows), target}, rows, inner,
+        {{in_ptr<T>(pred), in_ptr<T>(x0), in_ptr<T>(x1)}}, {{out_ptr<T>(g_pred)}}, stream,
+        max_blocks);
   });
 }
 

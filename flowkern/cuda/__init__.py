@@ -3,10 +3,11 @@
 call does, and raises RuntimeError naming the fallback if it cannot."""
 from .steps import (churn, dpmpp_2m_step, ei_step, ei_step_backward, ei_step_out, em_step,
                     euler_step, heun_step)
-from .training import (convert, convert_backward, fm_loss_backward, fm_loss_rows,
+from .training import (convert, convert_backward, fm_loss_backward,
+                       fm_loss_backward_pred, fm_loss_rows,
                        interpolate, interpolate_backward)
 
 __all__ = ["interpolate", "interpolate_backward", "convert", "convert_backward",
-           "fm_loss_rows", "fm_loss_backward",
+           "fm_loss_rows", "fm_loss_backward", "fm_loss_backward_pred",
            "euler_step", "heun_step", "ei_step", "ei_step_out", "ei_step_backward",
            "dpmpp_2m_step", "em_step", "churn"]

@@ -73,3 +73,13 @@ def fm_loss_backward(grad_rows, pred, x0, x1, coef, target: int):
     _launch.launch("fm_loss_backward", pred, grad_rows, pred, x0, x1, coef, int(target),
                    gp, g0, g1)
     return gp, g0, g1
+
+
+def fm_loss_backward_pred(grad_rows, pred, x0, x1, coef, target: int):
+    """g_pred alone (x0 and x1 need no gradient): one output written, not three."""
+    pred, x0, x1 = _launch.inputs(pred=pred, x0=x0, x1=x1)
+    coef = _launch.per_row(coef, pred, "coef", 4)
+    grad_rows = _launch.per_row(grad_rows, pred, "grad_rows", None)
+    gp = _launch.output(None, pred, "g_pred")
+    _launch.launch("fm_loss_backward_pred", pred, grad_rows, pred, x0, x1, coef, int(target), gp)
+    return gp

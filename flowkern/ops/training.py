@@ -69,6 +69,12 @@ def _t_fm_loss_backward(grad_rows: torch.Tensor, pred: torch.Tensor, x0: torch.T
     return lazy(_T, "fm_loss_backward")(grad_rows, pred, x0, x1, coef, target)
 
 
+@torch.library.custom_op(f"{TRITON_NS}::fm_loss_backward_pred", mutates_args=())
+def _t_fm_loss_backward_pred(grad_rows: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor,
+                             x1: torch.Tensor, coef: torch.Tensor, target: int) -> torch.Tensor:
+    return lazy(_T, "fm_loss_backward_pred")(grad_rows, pred, x0, x1, coef, target)
+
+
 # ---------------------------------------------------------------------------
 # fake functions, autograd, CUDA kernels: once for both namespaces
 
@@ -116,9 +122,16 @@ def _loss_setup(ctx, inputs, output):
 def _loss_backward(ops):
     def backward(ctx, g_rows):
         pred, x0, x1, coef = ctx.saved_tensors
+        need_pred, need_x0, need_x1 = ctx.needs_input_grad[:3]
+        if not (need_x0 or need_x1):
+            # The usual case (x0, x1 are noise and data): one tensor written, not three.
+            g_pred = ops.fm_loss_backward_pred(g_rows.contiguous(), pred, x0, x1, coef,
+                                               ctx.target) if need_pred else None
+            return g_pred, None, None, None, None
         g_pred, g_x0, g_x1 = ops.fm_loss_backward(g_rows.contiguous(), pred, x0, x1, coef,
                                                   ctx.target)
-        return g_pred, g_x0, g_x1, None, None
+        return (g_pred if need_pred else None, g_x0 if need_x0 else None,
+                g_x1 if need_x1 else None, None, None)
     return backward
 
 
@@ -138,6 +151,8 @@ register("fm_loss_rows", _rows_fake, _loss_backward, _loss_setup,
 register("fm_loss_backward",
          lambda g, p, *_: (torch.empty_like(p), torch.empty_like(p), torch.empty_like(p)),
          cuda_impl=lazy(_C, "fm_loss_backward"))
+register("fm_loss_backward_pred", lambda g, p, *_: torch.empty_like(p),
+         cuda_impl=lazy(_C, "fm_loss_backward_pred"))
 
 # ---------------------------------------------------------------------------
 # public API

@@ -32,6 +32,7 @@ def _ops():
             ("convert_score2v", T.convert_rows, 2, 1, False, 3, 0, 0),
             ("convert_bwd", T.convert_bwd_rows, 1, 2, False, 1, 2, 0),
             ("loss_bwd", T.loss_bwd_rows, 3, 3, False, 3, 0, 0),
+            ("loss_bwd_pred", T.loss_bwd_rows, 3, 1, False, 3, 1, 0),
             ("euler_x1", S.euler_rows, 2, 1, False, 1, 0, 0),
             ("euler_cfg_v", S.euler_rows, 3, 1, False, 0, 0, 1),
             ("heun_cfg_x1", S.heun_rows, 6, 1, False, 1, 0, 1),
@@ -55,8 +56,8 @@ def _rowsums():
             ("flowmap_v", FM.flowmap_residual_rows, 3, 0, 0)]
 
 
-QUICK = ("interpolate", "convert_score2v", "loss_bwd", "heun_cfg_x1", "dpmpp_2m_cfg_x1",
-         "em_cfg_score", "flowmap_bwd_v", "loss", "flowmap_score_noise")
+QUICK = ("interpolate", "convert_score2v", "loss_bwd", "loss_bwd_pred", "heun_cfg_x1",
+         "dpmpp_2m_cfg_x1", "em_cfg_score", "flowmap_bwd_v", "loss", "flowmap_score_noise")
 
 
 def configs(full: bool = True, sizes=None):
@@ -118,7 +119,7 @@ def family_configs(full: bool = True):
     return out
 
 
-def compile_one(kernel, signature, constexprs, arch, num_warps=None):
+def compile_one(kernel, signature, constexprs, arch, num_warps=None, maxnreg=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -135,8 +136,10 @@ def compile_one(kernel, signature, constexprs, arch, num_warps=None):
     saved = os.dup(2), os.dup(1)
     os.dup2(w, 2), os.dup2(w, 1)
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": num_warps})
+        options = {"num_warps": num_warps}
+        if maxnreg is not None:
+            options["maxnreg"] = maxnreg
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     finally:
         os.dup2(saved[0], 2), os.dup2(saved[1], 1)
         os.close(w)
@@ -158,10 +161,13 @@ def report(full: bool = True):
 
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True
+    from .lincomb import MAX_NREG
+
     rows = []
     for name, kernel, sig, const in configs(full):
         for arch in ARCHS:
-            rows.append({"kernel": name, "arch": f"sm_{arch}", **compile_one(kernel, sig, const, arch)})
+            rows.append({"kernel": name, "arch": f"sm_{arch}",
+                         **compile_one(kernel, sig, const, arch, maxnreg=MAX_NREG)})
     for name, kernel, sig, const, warps in family_configs(full):
         for arch in ARCHS:
             rows.append({"kernel": name, "arch": f"sm_{arch}",

@@ -20,6 +20,10 @@ HEAVY_TILE = 1024    # for kernels with >= 4 inputs or in-kernel noise (Philox s
                      # 8 elements per thread keeps them free of spills (flowkern.triton.aot)
 MAX_ROWS = 64        # rows per program: each row keeps its coefficient matrix in registers
 NUM_WARPS = 4
+# Register budget per thread given to ptxas. Left to itself it picks 64 for some
+# 3-input fp16 tiles and spills; 128 x 4 warps still fits 4 programs per SM.
+# flowkern.triton.aot compiles with the same option.
+MAX_NREG = 128
 MAX_IN, MAX_OUT = 6, 3
 
 
@@ -158,7 +162,7 @@ def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
                          seed, offset, rows, inner, n_col,
                          P0=p0, P1=p1, P2=p2, ROW_FN=row_fn, NI=len(inputs), NO=len(outputs),
                          NOISE=noise is not None, ROWS=rows_per, BLOCK_N=block_n,
-                         num_warps=NUM_WARPS)
+                         num_warps=NUM_WARPS, maxnreg=MAX_NREG)
 
 
 def launch_rowsum(row_fn, p0, p1, inputs, coef, aux=None, p2=0, w=1.0):
@@ -171,5 +175,6 @@ def launch_rowsum(row_fn, p0, p1, inputs, coef, aux=None, p2=0, w=1.0):
     rowsum_kernel[grid](*_pad(inputs, MAX_IN), partial, coef, _stride(coef, rows),
                         coef if aux is None else aux, float(w), rows, inner, n_col,
                         P0=p0, P1=p1, P2=p2, ROW_FN=row_fn, NI=len(inputs),
-                        ROWS=rows_per, BLOCK_N=block_n, num_warps=NUM_WARPS)
+                        ROWS=rows_per, BLOCK_N=block_n, num_warps=NUM_WARPS,
+                        maxnreg=MAX_NREG)
     return partial.sum(1)

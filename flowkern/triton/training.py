@@ -51,12 +51,15 @@ def loss_residual_rows(TARGET: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexp
 
 
 @triton.jit
-def loss_bwd_rows(TARGET: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, _stride, grad_rows, _w, r, rmask):
-    """(pred, x0, x1) -> 2 g rho * d rho / d(pred, x0, x1), rho = pred - y."""
+def loss_bwd_rows(TARGET: tl.constexpr, PRED_ONLY: tl.constexpr, _P2: tl.constexpr, coef, _stride, grad_rows, _w, r, rmask):
+    """(pred, x0, x1) -> 2 g rho * d rho / d(pred, x0, x1), rho = pred - y;
+    the g_pred row alone when PRED_ONLY."""
     al, sg, da, ds = load_sched(coef, r, rmask)
     ya, yb = target_coeffs(TARGET, al, sg, da, ds)
     g = 2.0 * tl.load(grad_rows + r.to(tl.int64)[:, None], mask=rmask[:, None], other=0.0)
     q1, q2 = -yb, -ya
+    if PRED_ONLY:
+        return ((g, g * q1, g * q2),)
     return (g, g * q1, g * q2), (g * q1, g * q1 * q1, g * q1 * q2), (g * q2, g * q2 * q1, g * q2 * q2)
 
 
@@ -94,3 +97,10 @@ def fm_loss_backward(grad_rows, pred, x0, x1, coef, target):
     launch_lincomb(loss_bwd_rows, target, 0, (pred, x0, x1), (gp, g0, g1), coef,
                    aux=grad_rows.contiguous())
     return gp, g0, g1
+
+
+def fm_loss_backward_pred(grad_rows, pred, x0, x1, coef, target):
+    gp = torch.empty_like(pred)
+    launch_lincomb(loss_bwd_rows, target, 1, (pred, x0, x1), (gp,), coef,
+                   aux=grad_rows.contiguous())
+    return gp

@@ -63,16 +63,19 @@ template <class A> struct LossResidualFn {
 
 // d(row loss)/d(pred, x0, x1) scaled by the incoming per-row gradient g:
 // with rho = pred - a x1 - b x0, g_pred = 2 g rho, g_x0 = -b g_pred,
-// g_x1 = -a g_pred; in (pred, x0, x1) -> out (g_pred, g_x0, g_x1).
-template <class A> struct LossBwdFn {
-  static constexpr int NI = 3, NO = 3;
+// g_x1 = -a g_pred; in (pred, x0, x1) -> out (g_pred, g_x0, g_x1), or with
+// NO = 1 g_pred alone (x0 and x1 are noise and data: the usual backward
+// writes one tensor instead of three).
+template <class A, int NOUT = 3> struct LossBwdFn {
+  static_assert(NOUT == 1 || NOUT == 3, "g_pred alone, or all three gradients");
+  static constexpr int NI = 3, NO = NOUT;
   const A* coef; const A* grad_rows; int target;
-  FK_HD Mat<A, 3, 3> row(i64 r) const {
+  FK_HD Mat<A, NO, 3> row(i64 r) const {
     const Lin2<A> y = target_coeffs(target, load_sched(coef, r));
     const A g = A(2) * grad_rows[r];
     const A p[3] = {A(1), -y.b, -y.a};  // d rho / d(pred, x0, x1)
-    Mat<A, 3, 3> M;
-    for (int k = 0; k < 3; ++k)
+    Mat<A, NO, 3> M;
+    for (int k = 0; k < NO; ++k)
       for (int j = 0; j < 3; ++j) M.m[k][j] = g * p[k] * p[j];
     return M;
   }
