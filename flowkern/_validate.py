@@ -44,6 +44,8 @@ def same_shape(names: list[str], tensors: list[torch.Tensor]) -> torch.Size:
         if x.device != first.device:
             raise ValueError(f"{n}: on {x.device} but {names[0]} is on {first.device}; "
                              f"move them to one device")
+    if all(x.shape == first.shape for x in tensors):
+        return first.shape  # the common case, without broadcast_shapes' Python cost
     try:
         shape = torch.broadcast_shapes(*(x.shape for x in tensors))
     except RuntimeError:
@@ -87,10 +89,15 @@ def time(name: str, t, rows: int, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name}: expected shape () or ({rows},) for a batch of {rows}, "
                          f"got {tuple(t.shape)}")
     t = t.reshape(-1)
-    if values_checked(t) and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+    if values_checked(t) and t.numel() and not _within_unit(t):
         raise ValueError(f"{name}: times must lie in [0, 1] (0 = noise, 1 = data); got values "
                          f"in [{t.min().item():g}, {t.max().item():g}] (NaN included)")
     return t
+
+
+def _within_unit(t: torch.Tensor) -> bool:
+    lo, hi = torch.aminmax(t)
+    return bool(lo >= 0) and bool(hi <= 1)  # False for NaN
 
 
 def nonzero(name: str, what: str, v: torch.Tensor, why: str):

@@ -337,13 +337,27 @@ def _dist_worker(rank, world, port, path):
         r = torch.rand(7, generator=g)
         t = torch.rand(7, generator=g) * 0.9
         mine = ref[:17] if rank == 0 else ref[17:]  # unequal shards
-        out = {
-            "pf": fk.poisson_field(x, r, mine, D=3, group=dist.group.WORLD),
-            "mean": fk.poisson_field(x, r, mine, normalize=False, group=dist.group.WORLD),
-            "g": fk.empirical_denoiser(x, t, mine, "vp", group=dist.group.WORLD),
-            "u": fk.empirical_denoiser(x, t, mine, "linear", "uniform", box=(-2, 2),
-                                       group=dist.group.WORLD),
-        }
+        calls = []
+        for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
+                     "reduce_scatter", "all_to_all"):
+            real = getattr(dist, name)
+            setattr(dist, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                          _real(*a, **k))[1])
+        out, collectives = {}, {}
+        for key, fn in {
+            "pf": lambda: fk.poisson_field(x, r, mine, D=3, group=dist.group.WORLD),
+            "mean": lambda: fk.poisson_field(x, r, mine, normalize=False, group=dist.group.WORLD),
+            "g": lambda: fk.empirical_denoiser(x, t, mine, "vp", group=dist.group.WORLD),
+            "u": lambda: fk.empirical_denoiser(x, t, mine, "linear", "uniform", box=(-2, 2),
+                                               group=dist.group.WORLD),
+            # rank 1 holds no reference: its neutral state must not disturb the merge
+            "g_empty_shard": lambda: fk.empirical_denoiser(
+                x, t, ref if rank == 0 else ref[:0], "vp", group=dist.group.WORLD),
+        }.items():
+            calls.clear()
+            out[key] = fn()
+            collectives[key] = list(calls)
+        out["collectives"] = collectives
         if rank == 0:
             torch.save({"out": out, "x": x, "r": r, "t": t}, path)
     finally:
@@ -351,8 +365,8 @@ def _dist_worker(rank, world, port, path):
 
 
 def test_sharded_references_two_ranks(tmp_path):
-    """References sharded over 2 gloo processes (unequal shards) give the
-    single-process result."""
+    """References sharded over 2 gloo processes (unequal shards, and one empty
+    shard) give the single-process result, with one all-reduce per call."""
     import socket
 
     import torch.multiprocessing as mp
@@ -373,7 +387,11 @@ def test_sharded_references_two_ranks(tmp_path):
         "mean": fk.poisson_field(x, r, full, normalize=False),
         "g": fk.empirical_denoiser(x, t, full, "vp"),
         "u": fk.empirical_denoiser(x, t, full, "linear", "uniform", box=(-2, 2)),
+        "g_empty_shard": fk.empirical_denoiser(x, t, full, "vp"),
     }
+    # the states merge after ONE all-reduce and no other collective
+    assert all(c == ["all_reduce"] for c in res["out"]["collectives"].values()), \
+        res["out"]["collectives"]
     for k, v in want.items():
         got = res["out"][k]
         if isinstance(v, tuple):

@@ -11,8 +11,7 @@ B x R tensor exists on any kernel backend. `best` and `sumexp` are the online
 state (the key of the largest logit and sum_j exp(logit_j - max logit)), so
 that states over disjoint reference sets merge exactly: ``group=`` shards the
 references across torch.distributed ranks, each rank reduces its shard, and
-the states are merged with a MIN all-reduce of the (B,) keys followed by one
-SUM all-reduce of the (B, N + 1) payload (sum exp, sum exp * x).
+the states are merged after one all-reduce (see _all_reduce).
 
 Autograd: not supported (the outputs are regression targets and denoisers
 used under no_grad; a gradient through the softmax would need a second pass
@@ -124,17 +123,29 @@ def _run(x2, ref2, qp, kind, p0, p1, backend, group):
 
 
 def _all_reduce(state, qp, kind, p0, p1, group):
+    """Merges the ranks' states with ONE collective, a SUM all-reduce of a
+    (world, B, N + 2) buffer in which each rank fills its own slot with
+    (best, sumexp, mean). No reduction op of torch.distributed merges softmax
+    states directly, and a single SUM of rescaled states would need a shift
+    common to all ranks, i.e. a second collective for the global best key.
+    The merge then runs on every rank in rank order, so all ranks get the same
+    bits; the buffer is world x the (B, N + 2) state, small next to the
+    B x R x N work of the field."""
     import torch.distributed as dist
 
     mean, best, sumexp = state
-    gbest = best.clone()
-    dist.all_reduce(gbest, op=dist.ReduceOp.MIN, group=group)
-    f = ref_fields.key_weight(kind, best, gbest, qp, p0, p1) * sumexp
-    f = torch.where(sumexp > 0, f, torch.zeros_like(f))  # empty shards contribute nothing
-    payload = torch.cat([f[:, None], mean * f[:, None]], dim=1)
-    dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
-    tot = payload[:, 0]
-    return payload[:, 1:] / tot[:, None], gbest, tot
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    slots = mean.new_zeros(world, mean.shape[0], mean.shape[1] + 2)
+    slots[rank, :, 0], slots[rank, :, 1], slots[rank, :, 2:] = best, sumexp, mean
+    dist.all_reduce(slots, op=dist.ReduceOp.SUM, group=group)
+    bests, sums, means = slots[:, :, 0], slots[:, :, 1], slots[:, :, 2:]
+    gbest = bests.amin(0)
+    # w(best_k, gbest) * sumexp_k: rank k's weights rescaled to the global best key (fields.h)
+    f = torch.stack([ref_fields.key_weight(kind, bests[k], gbest, qp, p0, p1) * sums[k]
+                     for k in range(world)])
+    f = torch.where(sums > 0, f, torch.zeros_like(f))  # empty shards contribute nothing
+    tot = f.sum(0)
+    return (f[:, :, None] * means).sum(0) / tot[:, None], gbest, tot
 
 
 # ---------------------------------------------------------------------------
