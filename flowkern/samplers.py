@@ -6,9 +6,11 @@ host before the loop: the grid itself, one step table for all steps
 (:func:`flowkern.step_table`), the churn times and their table, which steps
 fall back to a lower order, the model's time vectors and the Philox noise
 offsets. The loop then only calls the model and one fused kernel per stage,
-writing into ping-pong buffers (``out=``): after the first step it allocates
-no full-size tensor (besides what the model itself allocates; the ``torch``
-backend, being the readable reference, does allocate temporaries) and never
+updating one state buffer in place (``out=x``: each element is read before
+it is written). The first step reads x_init and writes that buffer, which
+becomes the result; besides Heun's predictor and DPM-Solver's d no other
+full-size tensor is allocated (nor what the model allocates; the ``torch``
+backend, being the readable reference, does allocate temporaries). It never
 synchronises with the host on GPU, so it can be captured in a CUDA graph
 (``cuda_graph=True``). With FLOWKERN_DEBUG=1 each model
 output is checked for NaN (one reduction per call); otherwise CPU samples
@@ -222,12 +224,14 @@ class _Loop:
     def __init__(self, plan, model, x_init, checks, callback=None, trajectory=None, bar=None):
         self.p, self.model = plan, model
         self.checks, self.callback, self.trajectory, self.bar = checks, callback, trajectory, bar
-        like = x_init
-        self.buf = [torch.empty_like(like, memory_format=torch.contiguous_format)
-                    for _ in range(2)]
-        self.xe = (torch.empty_like(self.buf[0]) if "heun" in plan.kind else None)
-        self.d = ([torch.empty_like(self.buf[0]) for _ in range(2)]
-                  if plan.method == "dpmpp_2m" else None)
+        # One state buffer and one DPM-Solver buffer, updated in place: every
+        # step reads each element before it writes it, in the same thread, so
+        # out may equal x (and d_out d_prev). The first step reads x_init and
+        # writes the buffer, which becomes the result: no copy, and the only
+        # full-size allocation that is not a scratch buffer.
+        self.buf = torch.empty_like(x_init, memory_format=torch.contiguous_format)
+        self.xe = torch.empty_like(self.buf) if "heun" in plan.kind else None
+        self.d = torch.empty_like(self.buf) if plan.method == "dpmpp_2m" else None
         self.first_call = True
 
     # -- the model ---------------------------------------------------------
@@ -271,44 +275,38 @@ class _Loop:
 
     def run(self, x_init):
         p, be = self.p, self.p.backend
-        # The first step reads x_init itself (never written) and writes buf[0]:
-        # no copy of the initial state.
-        cur, x = 1, x_init
+        x, out = x_init, self.buf
         kw = dict(prediction=p.prediction, guidance=p.guidance, backend=be)
-        numel, offset, k = x.numel(), 0, 0
+        numel, offset = x.numel(), 0
         if self.trajectory is not None:
             self.trajectory.append(x.clone())
         for i in range(p.n):
-            nxt = self.buf[1 - cur]
             if p.churn_at[i]:
-                _churn(x, table=p.churn_table[i], seed=p.seed, offset=offset, out=nxt,
+                _churn(x, table=p.churn_table[i], seed=p.seed, offset=offset, out=out,
                        backend=be)
                 offset += numel
-                cur, x = 1 - cur, nxt
-                nxt = self.buf[1 - cur]  # never x_init, which the first step only reads
+                x = out
             tab = p.table[i]
             pc, pu = self.call(x, i, i)
             kind = p.kind[i]
             if kind == "euler":
-                euler_step(x, pc, pred_uncond=pu, table=tab, out=nxt, **kw)
+                euler_step(x, pc, pred_uncond=pu, table=tab, out=out, **kw)
             elif kind == "heun":
                 euler_step(x, pc, pred_uncond=pu, table=tab, out=self.xe, **kw)
                 pe, peu = self.call(self.xe, p.n + i, i)
                 heun_step(x, pc, self.xe, pe, pred_uncond=pu, pred_euler_uncond=peu, table=tab,
-                          out=nxt, **kw)
+                          out=out, **kw)
             elif kind == "ei":
                 ei_step(x, pc, pred_uncond=pu, form=p.form if p.method == "ei" else "data",
-                        table=tab, out=nxt, **kw)
+                        table=tab, out=out, **kw)
             elif kind in ("dpm1", "dpm2"):
-                d_prev = self.d[1 - k] if kind == "dpm2" else None
-                dpmpp_2m_step(x, pc, d_prev=d_prev, pred_uncond=pu, table=tab, out=nxt,
-                              d_out=self.d[k], **kw)
-                k = 1 - k
+                dpmpp_2m_step(x, pc, d_prev=self.d if kind == "dpm2" else None, pred_uncond=pu,
+                              table=tab, out=out, d_out=self.d, **kw)
             else:  # em
-                em_step(x, pc, pred_uncond=pu, seed=p.seed, offset=offset, table=tab, out=nxt,
+                em_step(x, pc, pred_uncond=pu, seed=p.seed, offset=offset, table=tab, out=out,
                         **kw)
                 offset += numel
-            cur, x = 1 - cur, nxt
+            x = out
             if self.trajectory is not None:
                 self.trajectory.append(x.clone())
             if self.callback is not None:

@@ -281,7 +281,9 @@ def test_no_full_size_allocation_per_step(method):
     number for 3 and 9 steps (only the warm-up buffers)."""
     few, many = (_full_size_allocations(method, n, "cpu") for n in (3, 9))
     assert few == many, f"{method}: {few} full-size allocations for 3 steps, {many} for 9"
-    assert many <= 12
+    # the state buffer, plus Heun's predictor or DPM-Solver's d (each is an
+    # empty_like event and the empty event inside it)
+    assert many <= (4 if method in ("heun", "dpmpp_2m") else 2)
 
 
 def test_allocation_counter_sees_per_step_allocations():
@@ -292,12 +294,31 @@ def test_allocation_counter_sees_per_step_allocations():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_ping_pong_buffers(method):
+def test_one_state_buffer_updated_in_place(method):
+    """Every step writes the same buffer (the steps update it in place), which
+    is the result; x_init is only read."""
     ptrs = set()
     x = _x()
-    sample(GMM.model("velocity", SCHED), x, SCHED, method, 6, t_start=T0, progress=False,
-           seed=0, callback=lambda i, t, y: ptrs.add(y.data_ptr()))
-    assert len(ptrs) == 2 and x.data_ptr() not in ptrs
+    x0 = x.clone()
+    out = sample(GMM.model("velocity", SCHED), x, SCHED, method, 6, t_start=T0, progress=False,
+                 seed=0, callback=lambda i, t, y: ptrs.add(y.data_ptr()))
+    assert ptrs == {out.data_ptr()} and x.data_ptr() not in ptrs
+    assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_model_output_aliasing_the_state(method, backend):
+    """A model that returns its input (or a view of it) is read by the
+    in-place step before the step overwrites it: same result as a model that
+    returns a copy."""
+    kw = dict(schedule="linear", method=method, steps=5, progress=False, seed=3, t_end=0.9,
+              backend=backend)
+    x = _x()
+    same = sample(lambda y, t: y, x, **kw)
+    view = sample(lambda y, t: y.view(y.shape), x, **kw)
+    copy = sample(lambda y, t: y.clone(), x, **kw)
+    assert torch.equal(same, copy) and torch.equal(view, copy)
 
 
 class _SyncSpy(TorchDispatchMode):
