@@ -8,6 +8,8 @@ skipped while torch.compile traces.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -69,8 +71,24 @@ def prediction(name: str, value: str) -> int:
                          f"{PREDICTIONS}") from None
 
 
+_PRECHECKED = contextvars.ContextVar("flowkern_values_prechecked", default=False)
+
+
+@contextlib.contextmanager
+def values_prechecked(on: bool = True):
+    """Skip the value checks of the ops called inside: for callers that have
+    checked the same values already (the samplers validate the whole grid
+    before the loop; each check costs several small tensor ops per step).
+    on=False restores them inside, e.g. around a user's model."""
+    token = _PRECHECKED.set(on)
+    try:
+        yield
+    finally:
+        _PRECHECKED.reset(token)
+
+
 def values_checked(x: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling():
+    if _PRECHECKED.get() or torch.compiler.is_compiling():
         return False
     return x.device.type == "cpu" or os.environ.get("FLOWKERN_DEBUG") == "1"
 

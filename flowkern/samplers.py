@@ -273,6 +273,28 @@ class _Loop:
 
     # -- one step ----------------------------------------------------------
 
+    def step(self, i, x, pc, pu, tab, out, offset, kw):
+        """Step i from x (with the model's predictions) into out (may be x)."""
+        p = self.p
+        kind = p.kind[i]
+        if kind == "euler":
+            euler_step(x, pc, pred_uncond=pu, table=tab, out=out, **kw)
+        elif kind == "heun":
+            euler_step(x, pc, pred_uncond=pu, table=tab, out=self.xe, **kw)
+            with V.values_prechecked(False):  # the model's own flowkern calls are checked
+                pe, peu = self.call(self.xe, p.n + i, i)
+            heun_step(x, pc, self.xe, pe, pred_uncond=pu, pred_euler_uncond=peu, table=tab,
+                      out=out, **kw)
+        elif kind == "ei":
+            ei_step(x, pc, pred_uncond=pu, form=p.form if p.method == "ei" else "data",
+                    table=tab, out=out, **kw)
+        elif kind in ("dpm1", "dpm2"):
+            dpmpp_2m_step(x, pc, d_prev=self.d if kind == "dpm2" else None, pred_uncond=pu,
+                          table=tab, out=out, d_out=self.d, **kw)
+        else:  # em
+            em_step(x, pc, pred_uncond=pu, seed=p.seed, offset=offset, table=tab, out=out,
+                    **kw)
+
     def run(self, x_init):
         p, be = self.p, self.p.backend
         x, out = x_init, self.buf
@@ -282,29 +304,16 @@ class _Loop:
             self.trajectory.append(x.clone())
         for i in range(p.n):
             if p.churn_at[i]:
-                _churn(x, table=p.churn_table[i], seed=p.seed, offset=offset, out=out,
-                       backend=be)
+                with V.values_prechecked():
+                    _churn(x, table=p.churn_table[i], seed=p.seed, offset=offset, out=out,
+                           backend=be)
                 offset += numel
                 x = out
             tab = p.table[i]
             pc, pu = self.call(x, i, i)
-            kind = p.kind[i]
-            if kind == "euler":
-                euler_step(x, pc, pred_uncond=pu, table=tab, out=out, **kw)
-            elif kind == "heun":
-                euler_step(x, pc, pred_uncond=pu, table=tab, out=self.xe, **kw)
-                pe, peu = self.call(self.xe, p.n + i, i)
-                heun_step(x, pc, self.xe, pe, pred_uncond=pu, pred_euler_uncond=peu, table=tab,
-                          out=out, **kw)
-            elif kind == "ei":
-                ei_step(x, pc, pred_uncond=pu, form=p.form if p.method == "ei" else "data",
-                        table=tab, out=out, **kw)
-            elif kind in ("dpm1", "dpm2"):
-                dpmpp_2m_step(x, pc, d_prev=self.d if kind == "dpm2" else None, pred_uncond=pu,
-                              table=tab, out=out, d_out=self.d, **kw)
-            else:  # em
-                em_step(x, pc, pred_uncond=pu, seed=p.seed, offset=offset, table=tab, out=out,
-                        **kw)
+            with V.values_prechecked():  # the plan checked the grid's divisions before the loop
+                self.step(i, x, pc, pu, tab, out, offset, kw)
+            if p.kind[i] == "em":
                 offset += numel
             x = out
             if self.trajectory is not None:
