@@ -18,6 +18,8 @@ KERNELS_PER_ARCH = {
     "training.cu": 6 * 4 * 2 + 4,
     # 6 steps with and without guidance + churn.
     "steps.cu": 6 * 2 * 4 * 2 + 4 * 2,
+    # The backward with each set of optional outputs (4) + the loss row-sum x 4 dtypes.
+    "flowmap.cu": 4 * 4 * 2 + 4,
 }
 
 NVCC = shutil.which("nvcc")
@@ -180,6 +182,41 @@ def test_step_launchers_check_their_arguments():
         # No driver: the launch itself fails cleanly (see test_cuda_module_imports).
         code = m.churn(0, 1, 4, P, P, 1, 1, 0, P, 0)
         assert code > 0 and m.error_string(code)
+
+
+@pytest.mark.skipif(not cuda_module_built(),
+                    reason="flowkern._cuda was not built (needs nvcc at build time: "
+                           "python setup.py build_ext --inplace)")
+def test_flowmap_launchers_check_their_arguments():
+    """Every code the flow-map launchers reject is caught before any CUDA call
+    (P: a fake non-null device pointer, never dereferenced)."""
+    import flowkern._cuda as m
+
+    P = 1 << 12
+    # flowmap_loss_partial(dtype, rows, inner, x, pred, target, coef, coef_rows, prediction,
+    #                      form, partial, chunk_len, stream)
+    assert m.flowmap_loss_partial(7, 1, 4, P, P, P, P, 1, 0, 0, P, 0, 0) == -1
+    assert m.flowmap_loss_partial(0, 1, 4, P, P, P, P, 1, 4, 0, P, 0, 0) == -2
+    assert m.flowmap_loss_partial(0, 1, 4, P, P, P, P, 1, 0, 2, P, 0, 0) == -4
+    assert m.flowmap_loss_partial(0, 3, 4, P, P, P, P, 2, 0, 0, P, 0, 0) == -5
+    assert m.flowmap_loss_partial(0, 1, 4, P, 0, P, P, 1, 0, 0, P, 0, 0) == -6
+    assert m.flowmap_loss_partial(0, 1, 4, P, P, P, P, 1, 0, 0, 0, 0, 0) == -6
+    # flowmap_loss_backward(dtype, rows, inner, grad_rows, x, pred, target, coef, coef_rows,
+    #                       prediction, form, g_pred, g_x, g_target, stream)
+    assert m.flowmap_loss_backward(7, 1, 4, P, P, P, P, P, 1, 0, 0, P, 0, 0, 0) == -1
+    assert m.flowmap_loss_backward(0, 1, 4, P, P, P, P, P, 1, -1, 0, P, 0, 0, 0) == -2
+    assert m.flowmap_loss_backward(0, 1, 4, P, P, P, P, P, 1, 0, 5, P, 0, 0, 0) == -4
+    assert m.flowmap_loss_backward(0, 3, 4, P, P, P, P, P, 0, 0, 0, P, 0, 0, 0) == -5
+    assert m.flowmap_loss_backward(0, 1, 4, P, P, P, P, P, 1, 0, 0, 0, P, P, 0) == -6
+    # Nothing to launch (empty tensors have null pointers).
+    assert m.flowmap_loss_partial(0, 0, 8, 0, 0, 0, P, 1, 0, 0, 0, 0, 0) == 0
+    assert m.flowmap_loss_backward(3, 4, 0, P, 0, 0, 0, P, 4, 1, 1, 0, 0, 0, 0) == 0
+    if ctypes.util.find_library("cuda") is None:
+        # No driver: the launches themselves fail cleanly (see test_cuda_module_imports).
+        for code in (m.flowmap_loss_partial(0, 1, 4, P, P, P, P, 1, 0, 0, P, 0, 0),
+                     m.flowmap_loss_partial(0, 2, 0, 0, 0, 0, P, 1, 0, 0, P, 0, 0),
+                     m.flowmap_loss_backward(0, 1, 4, P, P, P, P, P, 1, 0, 0, P, P, 0, 0)):
+            assert code > 0 and m.error_string(code)
 
 
 def test_import_flowkern_does_not_load_cuda_module():

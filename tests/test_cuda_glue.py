@@ -8,6 +8,7 @@ import ctypes
 import inspect
 import math
 import sys
+import types
 
 import pytest
 import torch
@@ -16,8 +17,10 @@ import flowkern
 import flowkern._C  # noqa: F401
 from cuda_sim_helpers import assert_within_fp32_ulp
 from flowkern.cuda import _launch
+from flowkern.cuda import flowmap as fkm
 from flowkern.cuda import steps as fks
 from flowkern.cuda import training as fkc
+from flowkern.ops import flowmap as ops_flowmap
 
 OPS = torch.ops.flowkern
 DTYPES = {0: torch.float32, 1: torch.float64, 2: torch.float16, 3: torch.bfloat16}
@@ -159,6 +162,40 @@ class SimLib:
               max_blocks):
         return self._step("churn", dtype, rows, inner, [x], coef, coef_rows, [out], stream,
                           max_blocks, seed=seed, offset=offset)
+
+    # ------------------------------------------------------ flow-map loss
+    # As flowmap.cu: an absent optional gradient is 0 and not computed.
+
+    def flowmap_loss_partial(self, dtype, rows, inner, x, pred, target, coef, coef_rows,
+                             prediction, form, partial, chunk_len, stream):
+        self.calls.append(("flowmap_loss_partial", stream, None))
+        for a in (dtype, rows, inner, x, pred, target, coef, coef_rows, prediction, form,
+                  partial, chunk_len, stream):
+            assert isinstance(a, int) and not isinstance(a, bool), a
+        T = DTYPES[dtype]
+        ins = [at(p, (rows, inner), T) for p in (x, pred, target)]
+        res, plan = OPS._sim_flowmap_loss_partial(*ins, at(coef, (coef_rows, 12), acc(T)),
+                                                  prediction, form, chunk_len)
+        at(partial, (rows, plan[2]), acc(T)).copy_(res)
+        return 0
+
+    def flowmap_loss_backward(self, dtype, rows, inner, grad_rows, x, pred, target, coef,
+                              coef_rows, prediction, form, g_pred, g_x, g_target, stream,
+                              max_blocks):
+        self.calls.append(("flowmap_loss_backward", stream, max_blocks))
+        for a in (dtype, rows, inner, grad_rows, x, pred, target, coef, coef_rows, prediction,
+                  form, g_pred, g_x, g_target, stream, max_blocks):
+            assert isinstance(a, int) and not isinstance(a, bool), a
+        if rows * inner == 0:
+            return 0
+        T = DTYPES[dtype]
+        ins = [at(p, (rows, inner), T) for p in (x, pred, target)]
+        res, _ = OPS._sim_flowmap_loss_backward(
+            at(grad_rows, (rows,), acc(T)), *ins, at(coef, (coef_rows, 12), acc(T)), prediction,
+            form, g_x != 0, g_target != 0, max_blocks, 0)
+        for p, r in zip([p for p in (g_pred, g_x, g_target) if p], res, strict=True):
+            at(p, (rows, inner), T).copy_(r)
+        return 0
 
     def plan_rowsum(self, rows, inner, chunk_len):
         return tuple(OPS._sim_plan_rowsum(rows, inner, chunk_len))
@@ -384,3 +421,129 @@ def test_step_bad_metadata_names_the_argument(sim):
     with pytest.raises(ValueError, match="d_out: must be contiguous"):
         fks.dpmpp_2m_step(x, pred, None, None, step_table(1, False), 1, 1.0, out,
                           torch.empty(16, 4).t())
+
+
+# ---------------------------------------------------------- flow-map loss
+
+FLOWMAP_OPS = ("flowmap_loss_rows", "flowmap_loss_backward")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=str)
+@pytest.mark.parametrize("shape", [(5, 3, 8), (3, 1023), (0, 4), (4, 0)], ids=str)
+def test_flowmap_glue_matches_cpu_ops(sim, dtype, shape):
+    """Row sums and every set of optional gradients, for each prediction type,
+    form and table layout; x non-contiguous, the table in float64."""
+    rows = shape[0]
+    x, pred, target = tensors(3, shape, dtype)
+    xt = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # non-contiguous input
+    g = torch.randn(rows, dtype=torch.float64)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for per_sample in (False, True) if rows else (False,):
+        tab = step_table(rows, per_sample)
+        c = tab.to(acc(dtype))
+        for k in range(4):
+            for form in (0, 1):
+                got = fkm.flowmap_loss_rows(xt, pred, target, tab, k, form)
+                assert got.shape == (rows,) and got.dtype == acc(dtype)
+                torch.testing.assert_close(got, OPS.flowmap_loss_rows(x, pred, target, c, k,
+                                                                      form),
+                                           rtol=rtol, atol=0)
+                for gx in (False, True):
+                    for gt in (False, True):
+                        outs = fkm.flowmap_loss_backward(g, xt, pred, target, tab, k, form, gx,
+                                                         gt)
+                        want = OPS.flowmap_loss_backward(g.to(acc(dtype)), x, pred, target, c,
+                                                         k, form, gx, gt)
+                        assert len(outs) == len(want) == 1 + gx + gt
+                        for o, w in zip(outs, want):
+                            assert torch.equal(o, w)
+    if rows:
+        assert {s for _, s, _ in sim.calls} == {1234}
+        assert {m for _, _, m in sim.calls} == {MAX_BLOCKS, None}
+
+
+@pytest.fixture
+def cuda_path(sim, monkeypatch):
+    """flowkern.flowmap_loss(backend="cuda") on CPU tensors: the op's own
+    validation, table, weights and reduction around flowkern.cuda.flowmap."""
+    resolve, ops_for = ops_flowmap.resolve, ops_flowmap.ops_for
+    glue = types.SimpleNamespace(flowmap_loss_rows=fkm.flowmap_loss_rows)
+    monkeypatch.setattr(ops_flowmap, "resolve",
+                        lambda b, device: "cuda" if b == "cuda" else resolve(b, device))
+    monkeypatch.setattr(ops_flowmap, "ops_for", lambda b: glue if b == "cuda" else ops_for(b))
+    return sim
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=str)
+def test_flowmap_loss_weights_and_reductions(cuda_path, dtype):
+    """Every reduction with and without per-sample or scalar weights, times as
+    floats, per-sample tensors or a table, a broadcast target: the cuda path
+    gives the cpu backend's loss."""
+    shape = (6, 5, 7)
+    x, pred, target = tensors(3, shape, dtype, seed=3)
+    t = 0.1 + 0.5 * torch.rand(6, generator=torch.Generator().manual_seed(4),
+                               dtype=torch.float64)
+    times = [dict(t=0.3, s=0.7), dict(t=t, s=t + 0.2),
+             dict(table=flowkern.step_table("vp", t, t + 0.2, dtype=acc(dtype)))]
+    weights = [None, torch.rand(6, dtype=torch.float64).to(dtype), 0.5]
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for when in times:
+        for weight in weights:
+            for reduction in ("mean", "sum", "none"):
+                for prediction, form, y in (("x1", "data", target), ("velocity", "noise",
+                                                                     target[:1])):
+                    args = dict(schedule="vp", prediction=prediction, form=form,
+                                weight=weight, reduction=reduction, **when)
+                    got = flowkern.flowmap_loss(x, pred, y, backend="cuda", **args)
+                    want = flowkern.flowmap_loss(x, pred, y, backend="cpu", **args)
+                    assert got.dtype == dtype and got.shape == want.shape
+                    torch.testing.assert_close(got, want, rtol=max(rtol, 2 * torch.finfo(
+                        dtype).eps), atol=0)
+    assert {op for op, _, _ in cuda_path.calls} == {"flowmap_loss_partial"}
+
+
+def test_flowmap_backward_formula_on_the_glue(sim):
+    """The op's registered backward (flowkern/ops/flowmap.py) driving the glue
+    returns what autograd of the CPU op returns, for each subset of inputs
+    that needs a gradient."""
+    x, pred, target = tensors(3, (4, 9), torch.float32, seed=5)
+    tab = step_table(4, True).float()
+    g = torch.randn(4)
+    backward = ops_flowmap._backward(types.SimpleNamespace(
+        flowmap_loss_backward=fkm.flowmap_loss_backward))
+    for need_x in (False, True):
+        for need_t in (False, True):
+            leaves = [t.clone().requires_grad_(n) for t, n in ((x, need_x), (pred, True),
+                                                              (target, need_t))]
+            rows = OPS.flowmap_loss_rows(*leaves, tab, 2, 1)
+            want = torch.autograd.grad(rows, [t for t in leaves if t.requires_grad], g)
+            ctx = types.SimpleNamespace(saved_tensors=(x, pred, target, tab),
+                                        needs_input_grad=(need_x, True, need_t, False, False,
+                                                          False),
+                                        prediction=2, form=1)
+            got = backward(ctx, g)
+            assert len(got) == 6 and got[3:] == (None, None, None)
+            assert (got[0] is not None, got[2] is not None) == (need_x, need_t)
+            for a, b in zip([v for v in got[:3] if v is not None], want, strict=True):
+                assert torch.equal(a, b)
+
+
+def test_flowmap_ops_match_their_schemas():
+    """flowkern/ops/flowmap.py registers flowkern.cuda.flowmap.<op> as the CUDA
+    kernel of flowkern::<op>, called with the schema's arguments in order."""
+    for op in FLOWMAP_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"flowkern::{op}", "CUDA"), op
+        names = [a.name for a in getattr(OPS, op).default._schema.arguments]
+        params = list(inspect.signature(getattr(fkm, op)).parameters)
+        assert params == names, op
+
+
+def test_flowmap_bad_metadata_names_the_argument(sim):
+    x, pred, target = tensors(3, (4, 16), torch.float32)
+    tab = step_table(4, True)
+    with pytest.raises(ValueError, match="target: expected"):
+        fkm.flowmap_loss_rows(x, pred, target[:, :8], tab, 1, 0)
+    with pytest.raises(ValueError, match="coef: expected a step table"):
+        fkm.flowmap_loss_rows(x, pred, target, step_table(2, True), 1, 0)
+    with pytest.raises(ValueError, match="grad_rows: expected shape"):
+        fkm.flowmap_loss_backward(torch.zeros(3), x, pred, target, tab, 1, 0, True, True)

@@ -4,12 +4,11 @@
 // block and thread of the grid that csrc/cuda/training.cu would launch, with
 // the same plan (flowkern/launch.h) computed from the same pointers. A view
 // at a storage offset makes pointers misaligned (vec = 1); a small max_blocks
-// exercises the grid-stride loop. The sampler steps' simulator is
-// cuda_sim_steps.cpp; the sweep itself is shared (cuda_sim.h).
-#include <ATen/ops/full.h>
+// exercises the grid-stride loop. The sampler steps' and flow-map loss's
+// simulators are cuda_sim_steps.cpp and cuda_sim_flowmap.cpp; the sweeps
+// themselves are shared (cuda_sim.h).
 #include <torch/library.h>
 
-#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -75,37 +74,22 @@ std::tuple<std::vector<at::Tensor>, Plan> sim_lincomb(
   return {outs, plan};
 }
 
-// Block by block, exactly the kernel's phases between barriers: every thread
-// stores its partial in shared memory, then each halving step runs for all
-// threads before the next (the step reads only slots >= stride, which no
-// thread of the same step writes, so thread order within a step is free).
+// The row-sum grid (sim::sweep_rowsum) of fm_loss_partial.
 std::tuple<at::Tensor, Plan> sim_fm_loss_partial(const at::Tensor& pred, const at::Tensor& x0,
                                                  const at::Tensor& x1, const at::Tensor& coef,
                                                  int64_t target, int64_t chunk_len) {
   check_inputs({pred, x0, x1}, coef, "_sim_fm_loss_partial");
   const i64 rows = rows_of(pred), inner = inner_of(pred);
-  const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, chunk_len);
-  auto partial =
-      at::full({rows, plan.nchunks}, std::numeric_limits<double>::quiet_NaN(), coef.options());
+  auto partial = sim::nan_partial(rows, inner, chunk_len, coef);
+  Plan plan;
   dispatch_dtype(pred, "_sim_fm_loss_partial", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
-    const fk::LossResidualFn<A> fn{cptr<A>(coef), int(target)};
-    const fk::Ptrs<T, 3> in{{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}};
-    A* out = mptr<A>(partial);
-    at::parallel_for(0, plan.blocks, 1, [&](i64 b0, i64 b1) {
-      std::vector<A> smem(plan.threads);
-      for (i64 b = b0; b < b1; ++b) {
-        for (int t = 0; t < plan.threads; ++t)
-          smem[t] = fk::rowsum_thread<T>(fn, b, t, plan.threads, inner, plan.nchunks,
-                                         plan.chunk_len, in);
-        for (int stride = plan.threads / 2; stride > 0; stride /= 2)
-          for (int t = 0; t < plan.threads; ++t) fk::tree_step(smem.data(), t, stride);
-        out[b] = smem[0];
-      }
-    });
+    plan = sim::sweep_rowsum<T>(fk::LossResidualFn<A>{cptr<A>(coef), int(target)}, rows, inner,
+                                {{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}}, mptr<A>(partial),
+                                chunk_len);
   });
-  return {partial, {plan.threads, plan.chunk_len, plan.nchunks, plan.blocks}};
+  return {partial, plan};
 }
 
 Plan sim_plan_lincomb(int64_t rows, int64_t inner, int64_t elem_size, bool aligned,

@@ -1,7 +1,8 @@
 // What the grid simulators of the CUDA kernels share (cuda_sim.cpp: training
-// family, cuda_sim_steps.cpp: sampler steps): NaN-filled outputs at a chosen
-// storage offset, and the sweep of fk::lincomb_thread over every block and
-// thread of the grid the launchers would launch (same plan, launch.h).
+// family, cuda_sim_steps.cpp: sampler steps, cuda_sim_flowmap.cpp: flow-map
+// loss): NaN-filled outputs at a chosen storage offset, and the sweeps of
+// fk::lincomb_thread and of fk::rowsum_thread + fk::tree_step over every block
+// and thread of the grid the launchers would launch (same plan, launch.h).
 #pragma once
 
 #include <ATen/ops/full.h>
@@ -12,6 +13,7 @@
 
 #include "dispatch.h"
 #include "flowkern/launch.h"
+#include "flowkern/rowsum.h"
 
 namespace flowkern_cpu {
 namespace sim {
@@ -63,6 +65,38 @@ Plan sweep_into(const Fn& fn, const std::string& op, const std::vector<at::Tenso
     out.p[k] = mptr<T>(outs.back());
   }
   return sweep_lincomb<T>(fn, rows_of(x), inner_of(x), in, out, max_blocks, key);
+}
+
+// The row-sum kernel (csrc/cuda/rowsum_kernel.cuh) block by block, exactly
+// its phases between barriers: every thread stores its partial in shared
+// memory, then each halving step runs for all threads before the next (the
+// step reads only slots >= stride, which no thread of the same step writes, so
+// thread order within a step is free). Writes `partial`, (rows, nchunks) of
+// the plan, which it returns as (threads, chunk_len, nchunks, blocks).
+template <class T, class Fn>
+Plan sweep_rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
+                  fk::acc_t<T>* partial, i64 chunk_len) {
+  using A = fk::acc_t<T>;
+  const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, chunk_len);
+  at::parallel_for(0, plan.blocks, 1, [&](i64 b0, i64 b1) {
+    std::vector<A> smem(plan.threads);
+    for (i64 b = b0; b < b1; ++b) {
+      for (int t = 0; t < plan.threads; ++t)
+        smem[t] = fk::rowsum_thread<T>(fn, b, t, plan.threads, inner, plan.nchunks,
+                                       plan.chunk_len, in);
+      for (int stride = plan.threads / 2; stride > 0; stride /= 2)
+        for (int t = 0; t < plan.threads; ++t) fk::tree_step(smem.data(), t, stride);
+      partial[b] = smem[0];
+    }
+  });
+  return {plan.threads, plan.chunk_len, plan.nchunks, plan.blocks};
+}
+
+// A (rows, nchunks) partials tensor of the row-sum plan, NaN-filled so that a
+// block the grid skips is caught.
+inline at::Tensor nan_partial(i64 rows, i64 inner, i64 chunk_len, const at::Tensor& coef) {
+  return at::full({rows, fk::plan_rowsum(rows, inner, chunk_len).nchunks},
+                  std::numeric_limits<double>::quiet_NaN(), coef.options());
 }
 
 // Inputs must be contiguous with one shape and dtype.

@@ -74,21 +74,14 @@ std::vector<at::Tensor> flowmap_loss_backward(const at::Tensor& grad_rows_, cons
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     const fk::Ptrs<T, 3> in{{cptr<T>(a.x), cptr<T>(a.pred), cptr<T>(a.target)}};
-    auto go = [&](auto fn) {
+    const auto run = [&](auto fn) {
       using Fn = decltype(fn);
-      fn.coef = cptr<A>(a.coef);
-      fn.stride = a.stride;
-      fn.pred = int(prediction);
-      fn.form = int(form);
-      fn.grad_rows = cptr<A>(grad_rows);
       fk::OutPtrs<T, Fn::NO> out;
       for (int k = 0; k < Fn::NO; ++k) out.p[k] = mptr<T>(g[k]);
       run_lincomb<T>(fn, rows_of(a.x), inner_of(a.x), in, out);
     };
-    if (grad_x && grad_target) go(fk::FlowMapBwdFn<A, true, true>{});
-    else if (grad_x) go(fk::FlowMapBwdFn<A, true, false>{});
-    else if (grad_target) go(fk::FlowMapBwdFn<A, false, true>{});
-    else go(fk::FlowMapBwdFn<A, false, false>{});
+    fk::with_flowmap_bwd_fn(cptr<A>(a.coef), a.stride, int(prediction), int(form),
+                            cptr<A>(grad_rows), grad_x, grad_target, run);
   });
   return g;
 }

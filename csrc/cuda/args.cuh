@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "flowkern/coeffs.h"
+#include "flowkern/steps.h"
 #include "launchers.h"
 
 namespace fk_cuda {
@@ -31,6 +32,8 @@ template <class F> int dispatch_dtype(int dtype, F&& f) {
 }
 
 inline bool is_pred(int code) { return code >= fk::VELOCITY && code <= fk::SCORE; }
+
+inline bool is_form(int form) { return form == fk::EI_DATA || form == fk::EI_NOISE; }
 
 }  // namespace
 }  // namespace fk_cuda

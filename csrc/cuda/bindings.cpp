@@ -9,7 +9,8 @@
 namespace py = pybind11;
 
 namespace fk_cuda {
-void bind_steps(py::module_& m);  // bindings_steps.cpp
+void bind_steps(py::module_& m);    // bindings_steps.cpp
+void bind_flowmap(py::module_& m);  // bindings_flowmap.cpp
 }
 
 PYBIND11_MODULE(_cuda, m) {
@@ -65,4 +66,5 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("DEFAULT_MAX_BLOCKS") = fk::kDefaultMaxBlocks;
   m.attr("ROWSUM_CHUNK") = fk::kRowsumChunk;
   fk_cuda::bind_steps(m);
+  fk_cuda::bind_flowmap(m);
 }

@@ -12,8 +12,8 @@ const char* error_string(int code) {
     case kGridTooLarge: return "rows * chunks exceeds the CUDA grid limit of 2^31 - 1 blocks";
     case kBadForm: return "unknown exponential-integrator form (expected 0=data, 1=noise)";
     case kBadTable: return "step table rows must be 1 (shared by the batch) or the batch size";
-    case kBadTensors: return "the given tensors do not fit the step (both unconditional "
-                             "predictions or neither; every required tensor non-null)";
+    case kBadTensors: return "the given tensors do not fit the launch (a step's unconditional "
+                             "predictions: both or neither; every required tensor non-null)";
     default: return cudaGetErrorString(static_cast<cudaError_t>(code));
   }
 }

@@ -91,6 +91,24 @@ int em_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr pred_uncond,
 int churn(int dtype, i64 rows, i64 inner, dptr x, dptr coef, i64 coef_rows, uint64_t seed,
           i64 offset, dptr out, uintptr_t stream, i64 max_blocks);
 
+// Flow-map loss (flowmap.cu; the functors of flowkern/flowmap.h): the squared
+// error of the EI map a x + b pred against `target`, with (a, b) from the step
+// table `coef` (coef_rows 1 or rows) as in ei_step; prediction and form as there.
+
+// Per (row, chunk) sums of (a x + b pred - target)^2 into `partial`,
+// (rows, nchunks) of fk::plan_rowsum(rows, inner, chunk_len) in the
+// accumulation dtype.
+int flowmap_loss_partial(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr target,
+                         dptr coef, i64 coef_rows, int prediction, int form, dptr partial,
+                         i64 chunk_len, uintptr_t stream);
+
+// grad_rows (rows,) in the accumulation dtype -> (g_pred[, g_x][, g_target]);
+// an output given as 0 is not computed.
+int flowmap_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr x, dptr pred,
+                          dptr target, dptr coef, i64 coef_rows, int prediction, int form,
+                          dptr g_pred, dptr g_x, dptr g_target, uintptr_t stream,
+                          i64 max_blocks);
+
 // The launchers' own argument errors (CUDA's codes are all >= 0).
 enum : int {
   kBadDtype = -1,

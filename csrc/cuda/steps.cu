@@ -52,8 +52,6 @@ int launch_step(int dtype, i64 rows, i64 inner, Given ins, dptr coef, i64 coef_r
   });
 }
 
-bool is_form(int form) { return form == fk::EI_DATA || form == fk::EI_NOISE; }
-
 }  // namespace
 
 int euler_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr pred_uncond, dptr coef,

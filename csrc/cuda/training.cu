@@ -1,40 +1,18 @@
 // CUDA kernels of the training op family (DESIGN §4). The kernel bodies are
 // the header thread functions (lincomb.h, rowsum.h) that the CPU grid
 // simulator (csrc/cpu/cuda_sim.cpp) runs over the same plans (launch.h); this
-// file only maps launcher arguments to functors, plans and grids. The
-// elementwise kernel is shared with the other families (lincomb_kernel.cuh).
+// file only maps launcher arguments to functors. The elementwise and row-sum
+// kernels are shared with the other families (lincomb_kernel.cuh,
+// rowsum_kernel.cuh).
 #include <cuda_runtime.h>
 
 #include "args.cuh"
-#include "flowkern/launch.h"
-#include "flowkern/rowsum.h"
 #include "flowkern/training.h"
 #include "launchers.h"
 #include "lincomb_kernel.cuh"
+#include "rowsum_kernel.cuh"
 
 namespace fk_cuda {
-namespace {
-
-// One block per (row, chunk): per-thread partials, then a shared-memory tree
-// with a barrier after each halving; thread 0 writes the block's sum.
-// blockDim.x is kThreads (plan_rowsum), a compile-time size for smem.
-template <class T, class Fn>
-__global__ void __launch_bounds__(fk::kThreads)
-    rowsum_kernel(Fn fn, i64 inner, i64 nchunks, i64 chunk_len, fk::Ptrs<T, Fn::NI> in,
-                  fk::acc_t<T>* partial) {
-  __shared__ fk::acc_t<T> smem[fk::kThreads];
-  const int tid = threadIdx.x;
-  smem[tid] = fk::rowsum_thread<T>(fn, blockIdx.x, tid, fk::kThreads, inner, nchunks,
-                                   chunk_len, in);
-  __syncthreads();
-  for (int stride = fk::kThreads / 2; stride > 0; stride /= 2) {
-    fk::tree_step(smem, tid, stride);
-    __syncthreads();
-  }
-  if (tid == 0) partial[blockIdx.x] = smem[0];
-}
-
-}  // namespace
 
 int interpolate(int dtype, i64 rows, i64 inner, dptr x0, dptr x1, dptr coef, int target,
                 dptr xt, dptr y, uintptr_t stream, i64 max_blocks) {
@@ -87,16 +65,12 @@ int convert_backward(int dtype, i64 rows, i64 inner, dptr g, dptr coef, int src,
 int fm_loss_partial(int dtype, i64 rows, i64 inner, dptr pred, dptr x0, dptr x1, dptr coef,
                     int target, dptr partial, i64 chunk_len, uintptr_t stream) {
   if (!is_pred(target)) return kBadPred;
-  const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, chunk_len);
-  if (plan.blocks == 0) return cudaSuccess;
-  if (plan.blocks > fk::kMaxGridX) return kGridTooLarge;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
-    rowsum_kernel<T><<<unsigned(plan.blocks), plan.threads, 0, as_stream(stream)>>>(
-        fk::LossResidualFn<A>{in_ptr<A>(coef), target}, inner, plan.nchunks, plan.chunk_len,
-        fk::Ptrs<T, 3>{{in_ptr<T>(pred), in_ptr<T>(x0), in_ptr<T>(x1)}}, out_ptr<A>(partial));
-    return int(cudaGetLastError());
+    return launch_rowsum<T>(fk::LossResidualFn<A>{in_ptr<A>(coef), target}, rows, inner,
+                            {{in_ptr<T>(pred), in_ptr<T>(x0), in_ptr<T>(x1)}},
+                            out_ptr<A>(partial), chunk_len, stream);
   });
 }
 

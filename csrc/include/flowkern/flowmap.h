@@ -46,4 +46,17 @@ template <class A, bool GX, bool GT> struct FlowMapBwdFn {
   }
 };
 
+// Returns f(fn) for the backward functor with the requested optional outputs
+// (the run-time flags select FlowMapBwdFn's GX / GT). Host-only: the CPU
+// kernel, the CUDA launcher and its grid simulator build the same functor.
+template <class A, class F>
+decltype(auto) with_flowmap_bwd_fn(const A* coef, i64 stride, int pred, int form,
+                                   const A* grad_rows, bool grad_x, bool grad_target, F&& f) {
+  if (grad_x && grad_target)
+    return f(FlowMapBwdFn<A, true, true>{coef, stride, pred, form, grad_rows});
+  if (grad_x) return f(FlowMapBwdFn<A, true, false>{coef, stride, pred, form, grad_rows});
+  if (grad_target) return f(FlowMapBwdFn<A, false, true>{coef, stride, pred, form, grad_rows});
+  return f(FlowMapBwdFn<A, false, false>{coef, stride, pred, form, grad_rows});
+}
+
 }  // namespace fk

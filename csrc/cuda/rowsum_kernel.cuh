@@ -1,0 +1,50 @@
+// The generic row-sum kernel of every op family with a squared-residual loss:
+// one block per (row, chunk) runs fk::rowsum_thread (rowsum.h), the body the
+// CPU grid simulator (csrc/cpu/cuda_sim.h, sweep_rowsum) runs over the same
+// plan (launch.h), then a shared-memory tree. Internal linkage for the reason
+// given in lincomb_kernel.cuh.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "args.cuh"
+#include "flowkern/launch.h"
+#include "flowkern/rowsum.h"
+
+namespace fk_cuda {
+namespace {
+
+// Per-thread partials, then a shared-memory tree with a barrier after each
+// halving; thread 0 writes the block's sum. blockDim.x is kThreads
+// (plan_rowsum), a compile-time size for smem.
+template <class T, class Fn>
+__global__ void __launch_bounds__(fk::kThreads)
+    rowsum_kernel(Fn fn, i64 inner, i64 nchunks, i64 chunk_len, fk::Ptrs<T, Fn::NI> in,
+                  fk::acc_t<T>* partial) {
+  __shared__ fk::acc_t<T> smem[fk::kThreads];
+  const int tid = threadIdx.x;
+  smem[tid] = fk::rowsum_thread<T>(fn, blockIdx.x, tid, fk::kThreads, inner, nchunks,
+                                   chunk_len, in);
+  __syncthreads();
+  for (int stride = fk::kThreads / 2; stride > 0; stride /= 2) {
+    fk::tree_step(smem, tid, stride);
+    __syncthreads();
+  }
+  if (tid == 0) partial[blockIdx.x] = smem[0];
+}
+
+// Per (row, chunk) sums into `partial`, (rows, nchunks) of
+// fk::plan_rowsum(rows, inner, chunk_len); asynchronous on `stream`.
+template <class T, class Fn>
+int launch_rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
+                  fk::acc_t<T>* partial, i64 chunk_len, uintptr_t stream) {
+  const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, chunk_len);
+  if (plan.blocks == 0) return cudaSuccess;
+  if (plan.blocks > fk::kMaxGridX) return kGridTooLarge;
+  rowsum_kernel<T><<<unsigned(plan.blocks), plan.threads, 0, as_stream(stream)>>>(
+      fn, inner, plan.nchunks, plan.chunk_len, in, partial);
+  return int(cudaGetLastError());
+}
+
+}  // namespace
+}  // namespace fk_cuda
