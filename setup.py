@@ -127,7 +127,11 @@ cpu_extension = CppExtension(
     "flowkern._C",
     sources=rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))),
     include_dirs=[INCLUDE],
-    extra_compile_args=["-O3", "-std=c++20", "-fopenmp", "-fno-strict-aliasing"],
+    # no-math-errno / no-trapping-math: lets g++ vectorise sqrt and selects
+    # (csrc/include/flowkern/noise_block.h); flowkern reads neither errno nor
+    # floating-point exception flags.
+    extra_compile_args=["-O3", "-std=c++20", "-fopenmp", "-fno-strict-aliasing",
+                        "-fno-math-errno", "-fno-trapping-math"],
     extra_link_args=["-fopenmp"],
 )
 

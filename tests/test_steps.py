@@ -121,6 +121,27 @@ def test_noise_is_the_same_on_every_backend():
     assert torch.isfinite(ref).all() and ref.std() > 0
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
+def test_cpu_noise_blocks_are_the_same_on_every_isa(monkeypatch):
+    """The CPU kernels draw noise 64 elements at a time with the widest vector
+    ISA (csrc/cpu/noise.cpp): the baseline build of the same code gives the
+    same bits, for segment tails and row boundaries that do not fall on a
+    block (rows of 1000, 3 rows, offset 2^33 - 5: the counter's high word
+    changes inside the tensor), and equals the per-element Philox that the
+    CUDA kernel body runs (the grid simulator)."""
+    x = torch.zeros(3, 1000)
+    draw = lambda: fk.churn(x, 0.5, 0.3, "linear", seed=2 ** 40 + 3, offset=2 ** 33 - 5,  # noqa: E731
+                            backend="cpu")
+    wide = draw()
+    monkeypatch.setenv("FLOWKERN_CPU_ISA", "base")
+    base = draw()
+    assert torch.equal(wide, base)
+    tab = fk.step_table("linear", 0.5, 0.3)
+    sim = torch.ops.flowkern._sim_step("churn", [x], tab, 0, 0, False, 1.0, 2 ** 40 + 3, 2 ** 33 - 5,
+                                       0, 0)
+    assert torch.equal(sim[0][0], wide)
+
+
 def test_noise_statistics_and_keys():
     n = 1 << 18
     x = torch.zeros(1, n, device=DEVICE)

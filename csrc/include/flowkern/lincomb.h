@@ -11,6 +11,9 @@
 
 #include "hd.h"
 #include "philox.h"
+#if !defined(__CUDACC__)
+#include "noise_block.h"
+#endif
 
 namespace fk {
 
@@ -38,25 +41,37 @@ FK_UNROLL
   }
 }
 
+#if !defined(__CUDACC__)
 // Elements [e0, e1) of row r: the CPU kernels call this on cache-sized
 // segments; the loop is branch-free so g++ vectorises it for fp32/fp64.
+// Noise comes a block at a time from fk::fill_normals (noise_block.h: the
+// numbers of normal_at, vectorised).
 template <class T, class Fn>
 inline void lincomb_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
                             Ptrs<T, Fn::NI> in, OutPtrs<T, Fn::NO> out, NoiseKey key = {}) {
   using A = acc_t<T>;
   const auto M = fn.row(r);
   const i64 base = r * inner;
-  for (i64 e = base + e0; e < base + e1; ++e) {
+  const auto element = [&](i64 e, A xi) {
     A x[Fn::NI], y[Fn::NO];
     for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], e);
     apply(M, x, y);
-    if constexpr (has_noise<Fn>::value) {
-      const A xi = A(normal_at(key, e));
+    if constexpr (has_noise<Fn>::value)
       for (int k = 0; k < Fn::NO; ++k) y[k] += M.noise[k] * xi;
-    }
     for (int k = 0; k < Fn::NO; ++k) store(out.p[k], e, y[k]);
+  };
+  if constexpr (has_noise<Fn>::value) {
+    float xi[kNoiseBlock];
+    for (i64 b = base + e0; b < base + e1; b += kNoiseBlock) {
+      const i64 n = base + e1 - b < kNoiseBlock ? base + e1 - b : kNoiseBlock;
+      fill_normals(key, b, n, xi);
+      for (i64 i = 0; i < n; ++i) element(b + i, A(xi[i]));
+    }
+  } else {
+    for (i64 e = base + e0; e < base + e1; ++e) element(e, A(0));
   }
 }
+#endif  // !__CUDACC__ (the GPU runs lincomb_thread)
 
 // Aligned pack of VEC elements: one 128-bit load or store on the GPU.
 template <class T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };

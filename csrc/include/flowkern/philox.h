@@ -3,7 +3,8 @@
 // = (offset + e) as (lo, hi, 0, 0), maps the first two words to uniforms as
 // Triton's uint_to_uniform_float does, and takes the cosine branch of
 // Box-Muller (as tl.randn). flowkern/triton/philox.py and
-// flowkern/reference/steps.philox_normal are its twins.
+// flowkern/reference/steps.philox_normal are its twins; the CPU kernels draw
+// the same numbers a block at a time (noise_block.h).
 #pragma once
 
 #include <math.h>
@@ -30,23 +31,23 @@ FK_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
   }
 }
 
-// [0, 1) from 31 random bits, the way Triton maps a uint32.
+// [0, 1) from 31 random bits, the way Triton maps a uint32 (x < 0 -> ~x,
+// written branch-free so that the CPU's block loop vectorises).
 FK_HD float uniform_from_bits(uint32_t u) {
-  int32_t x = int32_t(u);
-  if (x < 0) x = ~x;
-  return float(x) * 4.6566127342e-10f;
+  const int32_t x = int32_t(u);
+  return float(x ^ (x >> 31)) * 4.6566127342e-10f;
 }
 
-// cos(a) of the Box-Muller angle a = 2 pi u2 in [0, 2 pi). The CPU (and the
-// simulator) call cosf. On the GPU, cosf carries a Payne-Hanek reduction for
-// |a| > 105615 whose table costs every noise kernel a 28-byte local-memory
-// stack frame; here cos(a) = cospi(a / pi) instead, with a / pi = hi + lo to
-// ~2^-48 (fmaf residual) and cospi(hi + lo) = cospi(hi) - pi lo sinpi(hi)
-// (|pi lo| < 2e-7: the dropped terms are below 1e-13). With exactly rounded
-// sinpi/cospi this is within 1.5 ulp of cos(a) (tests/test_cuda_sim_steps.py
-// emulates it); CUDA documents sincospif at 1 ulp and cosf itself at 2 ulp.
-FK_HD float cos_angle(float a) {
 #if defined(__CUDA_ARCH__)
+// cos(a) of the Box-Muller angle a = 2 pi u2 in [0, 2 pi). cosf carries a
+// Payne-Hanek reduction for |a| > 105615 whose table costs every noise kernel
+// a 28-byte local-memory stack frame; here cos(a) = cospi(a / pi) instead,
+// with a / pi = hi + lo to ~2^-48 (fmaf residual) and cospi(hi + lo) =
+// cospi(hi) - pi lo sinpi(hi) (|pi lo| < 2e-7: the dropped terms are below
+// 1e-13). With exactly rounded sinpi/cospi this is within 1.5 ulp of cos(a)
+// (tests/test_cuda_sim_steps.py emulates it); CUDA documents sincospif at
+// 1 ulp and cosf itself at 2 ulp.
+__device__ inline float cos_angle(float a) {
   const float inv_pi_hi = 0.31830987334251404f;   // float(1/pi)
   const float inv_pi_lo = 1.2841276486597053e-08f;  // float(1/pi - inv_pi_hi)
   const float hi = a * inv_pi_hi;
@@ -54,19 +55,89 @@ FK_HD float cos_angle(float a) {
   float s, c;
   sincospif(hi, &s, &c);
   return fmaf(-3.14159265f * lo, s, c);
+}
+__device__ inline float log_unit(float x) { return logf(x); }
 #else
-  return cosf(a);
+// Inlined into the CPU kernels' ISA-specific loops (csrc/cpu/noise.cpp).
+#define FK_HOST_INLINE __attribute__((always_inline)) inline
+
+// The host's log and cos, rounded to float: evaluated in double by
+// branch-free polynomials (below 1e-13 relative error, so correctly rounded
+// but for values within 1e-13 of a rounding boundary; glibc's logf/cosf miss
+// the correct rounding on ~1% of these arguments), so that the CPU kernels'
+// block loop (noise_block.h) vectorises them. CUDA's logf is within 1 ulp.
+
+// ln(x) for a float x in [1e-7, 1]: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// ln m = 2 atanh(s) = 2 (s + s^3/3 + ... + s^15/15), s = (m - 1)/(m + 1),
+// |s| <= 0.1716 (the next term is < 1e-14 of ln m).
+FK_HOST_INLINE float log_unit(float x) {
+  const uint32_t bits = float_bits(x);
+  int e = int((bits >> 23) & 0xffu) - 127;
+  double m = bits_float((bits & 0x7fffffu) | 0x3f800000u);
+  const bool big = m > 1.4142135623730951;
+  m = big ? 0.5 * m : m;
+  e = big ? e + 1 : e;
+  const double s = (m - 1.0) / (m + 1.0), s2 = s * s;
+  double p = 1.0 / 15;
+  p = p * s2 + 1.0 / 13;
+  p = p * s2 + 1.0 / 11;
+  p = p * s2 + 1.0 / 9;
+  p = p * s2 + 1.0 / 7;
+  p = p * s2 + 1.0 / 5;
+  p = p * s2 + 1.0 / 3;
+  p = p * s2 + 1.0;
+  return float(double(e) * 0.6931471805599453 + 2.0 * s * p);
+}
+
+// cos(a) for a float a in [0, 2 pi]: a = q pi/2 + r, |r| <= pi/4, with pi/2
+// split into a 33-bit head (q * head is exact) and its tail (fdlibm's pio2_1,
+// pio2_1t); Taylor polynomials of cos r and sin r to r^14 and r^15.
+FK_HOST_INLINE float cos_angle(float a) {
+  const double x = a;
+  const double q = floor(x * 0.6366197723675814 + 0.5);
+  const double r = (x - q * 1.57079632673412561417e+00) - q * 6.07710050650619224932e-11;
+  const double r2 = r * r;
+  double c = -1.0 / 87178291200.0;
+  c = c * r2 + 1.0 / 479001600.0;
+  c = c * r2 - 1.0 / 3628800.0;
+  c = c * r2 + 1.0 / 40320.0;
+  c = c * r2 - 1.0 / 720.0;
+  c = c * r2 + 1.0 / 24.0;
+  c = c * r2 - 0.5;
+  c = c * r2 + 1.0;
+  double s = -1.0 / 1307674368000.0;
+  s = s * r2 + 1.0 / 6227020800.0;
+  s = s * r2 - 1.0 / 39916800.0;
+  s = s * r2 + 1.0 / 362880.0;
+  s = s * r2 - 1.0 / 5040.0;
+  s = s * r2 + 1.0 / 120.0;
+  s = s * r2 - 1.0 / 6.0;
+  s = r + r * r2 * s;
+  // cos(q pi/2 + r) for q = 0..4: +c, -s, -c, +s, +c (selects, no branches)
+  const double odd = (q == 1.0) | (q == 3.0) ? 1.0 : 0.0;
+  const double neg = (q == 1.0) | (q == 2.0) ? -1.0 : 1.0;
+  return float(neg * (odd * s + (1.0 - odd) * c));
+}
 #endif
+
+// Box-Muller, cosine branch, from the first two Philox words.
+#if defined(__CUDA_ARCH__)
+FK_HD
+#else
+FK_HOST_INLINE
+#endif
+float box_muller(uint32_t w0, uint32_t w1) {
+  float u1 = uniform_from_bits(w0);
+  const float u2 = uniform_from_bits(w1);
+  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
+  return sqrtf(-2.0f * log_unit(u1)) * cos_angle(6.283185307179586f * u2);
 }
 
 FK_HD float normal_at(NoiseKey key, i64 e) {
   const uint64_t ctr = uint64_t(key.offset + e);
   uint32_t c[4] = {uint32_t(ctr), uint32_t(ctr >> 32), 0u, 0u};
   philox4x32_10(c, uint32_t(key.seed), uint32_t(key.seed >> 32));
-  float u1 = uniform_from_bits(c[0]);
-  const float u2 = uniform_from_bits(c[1]);
-  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
-  return sqrtf(-2.0f * logf(u1)) * cos_angle(6.283185307179586f * u2);
+  return box_muller(c[0], c[1]);
 }
 
 }  // namespace fk

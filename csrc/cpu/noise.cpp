@@ -1,0 +1,67 @@
+// fk::fill_normals: the CPU kernels' in-kernel noise (noise_block.h), one
+// copy per vector ISA, picked once at run time. The numbers are the same
+// bits on every path (integer Philox, and the same double-precision
+// polynomials in the same order); only their width differs.
+// FLOWKERN_CPU_ISA=base forces the baseline path (tests run both).
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "flowkern/noise_block.h"
+
+namespace {
+
+using fk::i64;
+
+template <class Block>
+inline void fill_blocks(fk::NoiseKey key, i64 e0, i64 n, float* out, Block&& block) {
+  i64 i = 0;
+  for (; i + fk::kNoiseBlock <= n; i += fk::kNoiseBlock) block(key, e0 + i, out + i);
+  if (i < n) {
+    float tail[fk::kNoiseBlock];
+    block(key, e0 + i, tail);
+    std::copy(tail, tail + (n - i), out + i);
+  }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
+void fill_avx512(fk::NoiseKey key, i64 e0, i64 n, float* out) {
+  fill_blocks(key, e0, n, out, [](fk::NoiseKey k, i64 e, float* o) { fk::normal_block(k, e, o); });
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+void fill_avx2(fk::NoiseKey key, i64 e0, i64 n, float* out) {
+  fill_blocks(key, e0, n, out, [](fk::NoiseKey k, i64 e, float* o) { fk::normal_block(k, e, o); });
+}
+#pragma GCC pop_options
+
+void fill_base(fk::NoiseKey key, i64 e0, i64 n, float* out) {
+  fill_blocks(key, e0, n, out, [](fk::NoiseKey k, i64 e, float* o) { fk::normal_block(k, e, o); });
+}
+
+using Fill = void (*)(fk::NoiseKey, i64, i64, float*);
+
+Fill pick() {
+  const char* env = std::getenv("FLOWKERN_CPU_ISA");
+  if (env && std::strcmp(env, "base") == 0) return fill_base;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl"))
+    return fill_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return fill_avx2;
+  return fill_base;
+}
+
+}  // namespace
+
+namespace fk {
+
+void fill_normals(NoiseKey key, i64 e0, i64 n, float* out) {
+  // Read per call (a getenv), not cached: the tests switch FLOWKERN_CPU_ISA.
+  pick()(key, e0, n, out);
+}
+
+}  // namespace fk
