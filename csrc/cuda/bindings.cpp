@@ -10,6 +10,7 @@ namespace py = pybind11;
 
 namespace fk_cuda {
 void bind_steps(py::module_& m);  // bindings_steps.cpp
+void bind_fields(py::module_& m);  // bindings_fields.cpp
 }
 
 PYBIND11_MODULE(_cuda, m) {
@@ -61,4 +62,5 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("DEFAULT_MAX_BLOCKS") = fk::kDefaultMaxBlocks;
   m.attr("ROWSUM_CHUNK") = fk::kRowsumChunk;
   fk_cuda::bind_steps(m);
+  fk_cuda::bind_fields(m);
 }

@@ -1,6 +1,7 @@
 """The ``cuda`` backend: CUDA C++ kernels from the shared math headers
 (DESIGN §5). Importing this package does not load flowkern._cuda; the first
 call does, and raises RuntimeError naming the fallback if it cannot."""
+from .fields import field_mean
 from .steps import (churn, dpmpp_2m_step, ei_step, ei_step_backward, ei_step_out, em_step,
                     euler_step, heun_step)
 from .training import (convert, convert_backward, fm_loss_backward, fm_loss_rows,
@@ -9,4 +10,4 @@ from .training import (convert, convert_backward, fm_loss_backward, fm_loss_rows
 __all__ = ["interpolate", "interpolate_backward", "convert", "convert_backward",
            "fm_loss_rows", "fm_loss_backward",
            "euler_step", "heun_step", "ei_step", "ei_step_out", "ei_step_backward",
-           "dpmpp_2m_step", "em_step", "churn"]
+           "dpmpp_2m_step", "em_step", "churn", "field_mean"]
