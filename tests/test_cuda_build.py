@@ -20,7 +20,12 @@ KERNELS_PER_ARCH = {
     "steps.cu": 6 * 2 * 4 * 2 + 4 * 2,
     # The backward with each set of optional outputs (4) + the loss row-sum x 4 dtypes.
     "flowmap.cu": 4 * 4 * 2 + 4,
+    # The tile kernel per score kind x 4 dtypes, the merge kernel per kind x 2
+    # accumulation dtypes.
+    "fields.cu": 3 * 4 + 3 * 2,
 }
+# Static shared memory of one block (the 48 KB a kernel may declare statically).
+SMEM_LIMIT = 48 * 1024
 
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
@@ -106,10 +111,10 @@ def test_no_spills_no_local_memory(resource_usage, source):
               f"{info.get('stack', 0):>5} {info.get('lmem', 0):>4} {info.get('smem', 0):>5}")
     bad = [(arch, name, info) for (arch, name), info in rows
            if not info["entry"] or info.get("spill_stores", 0) or info.get("spill_loads", 0)
-           or info.get("stack", 0) or info.get("lmem", 0)]
+           or info.get("stack", 0) or info.get("lmem", 0) or info.get("smem", 0) > SMEM_LIMIT]
     # A non-entry function in the log is a device function nvcc could not inline
     # (it costs a call, a stack frame and usually spills): also a failure.
-    assert not bad, f"spills, local memory or out-of-line calls: {bad}"
+    assert not bad, f"spills, local memory, out-of-line calls or too much shared memory: {bad}"
     for arch in ARCHS:
         kernels = [n for (a, n), info in funcs.items() if a == arch and info["entry"]]
         assert len(kernels) == KERNELS_PER_ARCH[source], (arch, len(kernels))
@@ -131,13 +136,15 @@ def test_cuda_module_imports():
 
     for fn in ("interpolate", "interpolate_backward", "convert", "convert_backward",
                "fm_loss_partial", "fm_loss_backward", "fm_loss_backward_pred", "error_string",
-               "plan_lincomb", "plan_rowsum"):
+               "plan_lincomb", "plan_rowsum", "field_mean", "plan_fields"):
         assert callable(getattr(m, fn)), fn
-    # The same launch.h as the simulator's plans.
+    # The same launch.h / fields_block.h as the simulator's plans.
     for args in ((7, 1024, 4, True, 0), (1023, 7, 2, True, 3), (5, 4096, 8, False, 1)):
         assert list(m.plan_lincomb(*args)) == torch.ops.flowkern._sim_plan_lincomb(*args)
     for args in ((3, 4099, 0), (1, 0, 0), (2, 10, 3)):
         assert list(m.plan_rowsum(*args)) == torch.ops.flowkern._sim_plan_rowsum(*args)
+    for args in ((1, 100000, 3072, 4, 0, 2112), (33, 130, 67, 8, 0, 32), (7, 300, 5, 4, 3, 0)):
+        assert list(m.plan_fields(*args)) == torch.ops.flowkern._sim_plan_fields(*args)
     # Argument errors are caught before any CUDA call.
     assert m.interpolate(7, 1, 1, 0, 0, 0, 0, 0, 0, 0) == -1
     assert "dtype" in m.error_string(-1)
@@ -224,3 +231,34 @@ def test_import_flowkern_does_not_load_cuda_module():
             "assert 'flowkern._cuda' not in sys.modules, 'flowkern._cuda imported eagerly'")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.skipif(not cuda_module_built(),
+                    reason="flowkern._cuda was not built (needs nvcc at build time: "
+                           "python setup.py build_ext --inplace)")
+def test_field_launcher_checks_its_arguments():
+    """Every code the field launcher rejects is caught before any CUDA call
+    (P: a fake non-null device pointer, never dereferenced)."""
+    import flowkern._cuda as m
+
+    P = 1 << 12
+    # field_mean(dtype, rows, inner, R, x, ref, qp, kind, p0, p1, mean, best, sumexp,
+    #            workspace, workspace_size, splits, stream)
+    ok = dict(dtype=0, rows=3, inner=5, R=130, x=P, ref=P, qp=P, kind=0, p0=3.0, p1=0.0,
+              mean=P, best=P, sumexp=P, workspace=0, workspace_size=0, splits=1, stream=0)
+    assert m.field_mean(**{**ok, "dtype": 7}) == -1
+    assert m.field_mean(**{**ok, "kind": 3}) == -7
+    assert m.field_mean(**{**ok, "R": 0}) == -8
+    assert m.field_mean(**{**ok, "rows": -1}) == -8
+    # Two ranges need the plan's workspace: 2 * 3 * (5 + 2) elements.
+    assert m.plan_fields(3, 130, 5, 4, 2, 0)[4:] == (2, 128, 42)
+    assert m.field_mean(**{**ok, "splits": 2}) == -9
+    assert m.field_mean(**{**ok, "splits": 2, "workspace": P, "workspace_size": 41}) == -9
+    for code, word in ((-7, "kind"), (-8, "sizes"), (-9, "workspace")):
+        assert word in m.error_string(code)
+    # Nothing to launch: an empty batch.
+    assert m.field_mean(**{**ok, "rows": 0}) == 0
+    if ctypes.util.find_library("cuda") is None:
+        # No driver: the launch itself fails cleanly (see test_cuda_module_imports).
+        code = m.field_mean(**ok)
+        assert code > 0 and m.error_string(code)

@@ -17,6 +17,7 @@ import flowkern
 import flowkern._C  # noqa: F401
 from cuda_sim_helpers import assert_within_fp32_ulp
 from flowkern.cuda import _launch
+from flowkern.cuda import fields as fkf
 from flowkern.cuda import flowmap as fkm
 from flowkern.cuda import steps as fks
 from flowkern.cuda import training as fkc
@@ -196,6 +197,34 @@ class SimLib:
         for p, r in zip([p for p in (g_pred, g_x, g_target) if p], res, strict=True):
             at(p, (rows, inner), T).copy_(r)
         return 0
+
+    # ------------------------------------------------------ empirical fields
+    # As fields.cu: the plan's ranges, the workspace it sizes, the grid
+    # simulator for the kernels themselves.
+
+    def field_mean(self, dtype, rows, inner, R, x, ref, qp, kind, p0, p1, mean, best, sumexp,
+                   workspace, workspace_size, splits, stream):
+        self.calls.append(("field_mean", stream, splits))
+        for a in (dtype, rows, inner, R, x, ref, qp, kind, mean, best, sumexp, workspace,
+                  workspace_size, splits, stream):
+            assert isinstance(a, int) and not isinstance(a, bool), ("field_mean", a)
+        assert isinstance(p0, float) and isinstance(p1, float)
+        T = DTYPES[dtype]
+        A = acc(T)
+        plan = OPS._sim_plan_fields(rows, R, inner, A.itemsize, splits, 0)
+        if plan[4] > 1:  # the workspace exists and is large enough: fill all of it
+            assert workspace and workspace_size >= plan[6]
+            at(workspace, (workspace_size,), A).fill_(math.nan)
+        if rows == 0:
+            return 0
+        res = OPS._sim_field_mean(at(x, (rows, inner), T), at(ref, (R, inner), T),
+                                  at(qp, (rows, 2), A), kind, p0, p1, splits)
+        for p, shape, r in zip((mean, best, sumexp), ((rows, inner), (rows,), (rows,)), res):
+            at(p, shape, A).copy_(r)
+        return 0
+
+    def plan_fields(self, B, R, N, acc_size, splits, max_blocks):
+        return tuple(OPS._sim_plan_fields(B, R, N, acc_size, splits, max_blocks))
 
     def plan_rowsum(self, rows, inner, chunk_len):
         return tuple(OPS._sim_plan_rowsum(rows, inner, chunk_len))
@@ -547,3 +576,72 @@ def test_flowmap_bad_metadata_names_the_argument(sim):
         fkm.flowmap_loss_rows(x, pred, target, step_table(2, True), 1, 0)
     with pytest.raises(ValueError, match="grad_rows: expected shape"):
         fkm.flowmap_loss_backward(torch.zeros(3), x, pred, target, tab, 1, 0, True, True)
+# ------------------------------------------------------------------ fields
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=str)
+def test_field_glue_matches_cpu_kernel(sim, monkeypatch, dtype):
+    """Every kind; references non-contiguous, qp in float64; a device of 4
+    SMs (max_blocks 64) so that a small batch splits the references and the
+    glue allocates the plan's workspace; an empty batch launches nothing."""
+    @contextlib.contextmanager
+    def device_of(t):
+        yield 1234, 64
+
+    monkeypatch.setattr(_launch, "device_of", device_of)
+    gen = torch.Generator().manual_seed(0)
+    for B, Rn, N in ((5, 37, 3), (3, 300, 19), (40, 70, 9), (0, 4, 3)):
+        x = torch.randn(B, N, generator=gen, dtype=torch.float64).to(dtype)
+        ref = torch.randn(N, Rn, generator=gen, dtype=torch.float64).to(dtype).t()
+        qp = torch.stack([torch.rand(B, generator=gen, dtype=torch.float64),
+                          0.5 + torch.rand(B, generator=gen, dtype=torch.float64)], 1)
+        for kind, p0, p1 in ((0, (N + 1) / 2, 0.0), (1, 0.0, 0.0), (2, -1.5, 1.5)):
+            sim.calls.clear()
+            got = fkf.field_mean(x, ref, qp, kind, p0, p1)
+            want = OPS.field_mean(x, ref.contiguous(), qp.to(acc(dtype)), kind, p0, p1)
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == w.dtype and g.shape == w.shape
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+            splits = [s for op, _, s in sim.calls if op == "field_mean"]
+            want_splits = OPS._sim_plan_fields(B, Rn, N, acc(dtype).itemsize, 0, 64)[4]
+            assert splits == ([] if B == 0 else [want_splits]), (B, Rn, splits)
+            assert (want_splits > 1) == (Rn == 300)
+
+
+def test_field_mean_matches_its_schema():
+    """flowkern/ops/fields.py registers flowkern.cuda.fields.field_mean as the
+    CUDA kernel of flowkern::field_mean, called with the schema's arguments."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("flowkern::field_mean", "CUDA")
+    names = [a.name for a in OPS.field_mean.default._schema.arguments]
+    assert list(inspect.signature(fkf.field_mean).parameters) == names
+
+
+def test_field_bad_metadata_names_the_argument(sim):
+    x, ref = torch.randn(4, 6), torch.randn(9, 6)
+    qp = torch.rand(4, 2)
+    with pytest.raises(ValueError, match="ref: expected torch.float32"):
+        fkf.field_mean(x, ref.double(), qp, 0, 3.5, 0.0)
+    with pytest.raises(ValueError, match=r"ref: expected shape \(R, 6\)"):
+        fkf.field_mean(x, ref[:, :5], qp, 0, 3.5, 0.0)
+    with pytest.raises(ValueError, match="ref: the reference set is empty"):
+        fkf.field_mean(x, ref[:0], qp, 0, 3.5, 0.0)
+    with pytest.raises(ValueError, match="x: expected queries of shape"):
+        fkf.field_mean(x[None], ref, qp, 0, 3.5, 0.0)
+    with pytest.raises(ValueError, match="qp: expected shape"):
+        fkf.field_mean(x, ref, qp[:3], 0, 3.5, 0.0)
+
+
+def test_field_cpu_tensors_are_rejected():
+    """The kernel entry and the public ops name the backends that take CPU
+    tensors (flowkern/backend.py), whether or not flowkern._cuda is built."""
+    x, ref = torch.randn(4, 6), torch.randn(9, 6)
+    with pytest.raises(ValueError, match="x: the cuda backend needs CUDA tensors"):
+        fkf.field_mean(x, ref, torch.rand(4, 2), 0, 3.5, 0.0)
+    for call in (lambda: flowkern.poisson_field(x, 0.5, ref, backend="cuda"),
+                 lambda: flowkern.empirical_denoiser(x, 0.5, ref, backend="cuda")):
+        with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors, got cpu; "
+                                             "use backend='cpu' or 'torch'"):
+            call()
+    with flowkern.use_backend("cuda"):
+        with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+            flowkern.poisson_field(x, 0.5, ref)

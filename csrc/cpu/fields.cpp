@@ -131,23 +131,17 @@ void field_mean_impl(const at::Tensor& x, const at::Tensor& ref, const at::Tenso
     }
   });
   if (splits == 1) return;
-  // Merge the split states of each query (fields.h field_merge).
+  // Merge the split states of each query (fields.h field_merge_states).
   at::parallel_for(0, B, 1, [&](i64 b, i64 e) {
+    std::vector<A> f(splits);
     for (i64 i = b; i < e; ++i) {
       const S sc = S::make(q, i, a0, a1);
-      A best_k = pkb[i], lsum = A(0);
-      for (i64 s = 1; s < splits; ++s) best_k = std::min(best_k, pkb[s * B + i]);
-      std::vector<A> f(splits);
-      for (i64 s = 0; s < splits; ++s) {
-        f[s] = sc.weight(pkb[s * B + i], best_k);
-        lsum += f[s] * pl[s * B + i];
-      }
+      A best_k;
+      const A lsum = fk::field_merge_states(sc, pkb.data() + i, pl.data() + i, B, int(splits),
+                                            f.data(), &best_k);
       A* o = m + i * N;
-      for (i64 k = 0; k < N; ++k) {
-        A v = A(0);
-        for (i64 s = 0; s < splits; ++s) v += f[s] * pacc[(s * B + i) * N + k];
-        o[k] = v / lsum;
-      }
+      for (i64 k = 0; k < N; ++k)
+        o[k] = fk::field_merge_sum(f.data(), pacc.data() + i * N + k, B * N, int(splits)) / lsum;
       kb[i] = best_k;
       l[i] = lsum;
     }

@@ -11,6 +11,7 @@ namespace py = pybind11;
 namespace fk_cuda {
 void bind_steps(py::module_& m);    // bindings_steps.cpp
 void bind_flowmap(py::module_& m);  // bindings_flowmap.cpp
+void bind_fields(py::module_& m);   // bindings_fields.cpp
 }
 
 PYBIND11_MODULE(_cuda, m) {
@@ -67,4 +68,5 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("ROWSUM_CHUNK") = fk::kRowsumChunk;
   fk_cuda::bind_steps(m);
   fk_cuda::bind_flowmap(m);
+  fk_cuda::bind_fields(m);
 }

@@ -14,6 +14,10 @@ const char* error_string(int code) {
     case kBadTable: return "step table rows must be 1 (shared by the batch) or the batch size";
     case kBadTensors: return "the given tensors do not fit the launch (a step's unconditional "
                              "predictions: both or neither; every required tensor non-null)";
+    case kBadKind: return "unknown field kind (expected 0=poisson, 1=gaussian, 2=uniform)";
+    case kBadSizes: return "bad field sizes (need at least one reference and rows, inner >= 0)";
+    case kBadWorkspace: return "the field workspace is missing or smaller than the plan's "
+                               "(plan_fields)";
     default: return cudaGetErrorString(static_cast<cudaError_t>(code));
   }
 }

@@ -48,6 +48,7 @@ int fm_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, 
 int fm_loss_backward_pred(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, dptr x0,
                           dptr x1, dptr coef, int target, dptr g_pred, uintptr_t stream,
                           i64 max_blocks);
+// The empirical-field launchers are in launchers_fields.h (fields.cu).
 
 // Sampler steps (steps.cu; the per-element maps are the functors of
 // flowkern/steps.h). `coef` is a step table (coef_rows, fk::STEP_COLS) in the
@@ -117,6 +118,9 @@ enum : int {
   kBadForm = -4,
   kBadTable = -5,
   kBadTensors = -6,
+  kBadKind = -7,
+  kBadSizes = -8,
+  kBadWorkspace = -9,
 };
 
 // cudaGetErrorString, or the message of one of the codes above.

@@ -37,7 +37,8 @@ POISSON, GAUSSIAN, UNIFORM = ref_fields.POISSON, ref_fields.GAUSSIAN, ref_fields
 PRIORS = {"gaussian": GAUSSIAN, "uniform": UNIFORM}
 
 # ---------------------------------------------------------------------------
-# flowkern_triton:: schema (flowkern:: twin: csrc/cpu/fields.cpp)
+# flowkern_triton:: schema (flowkern:: twin: csrc/cpu/fields.cpp; its CUDA
+# kernel: flowkern/cuda/fields.py)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::field_mean", mutates_args=())
@@ -52,7 +53,7 @@ def _fake(x, ref, qp, kind, p0, p1):
     return x.new_empty(B, N, dtype=acc), x.new_empty(B, dtype=acc), x.new_empty(B, dtype=acc)
 
 
-register("field_mean", _fake)
+register("field_mean", _fake, cuda_impl=lazy(_C, "field_mean"))
 
 # ---------------------------------------------------------------------------
 # validation

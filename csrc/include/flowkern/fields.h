@@ -2,7 +2,8 @@
 // the score functions of the Poisson field (PFGM / PFGM++), the Gaussian
 // empirical denoiser and the uniform-box denoiser, and the online-softmax
 // state they share. Torch-free; shared by the CPU kernel (csrc/cpu/fields.cpp),
-// the CUDA kernel and its grid simulator. flowkern/triton/fields.py mirrors
+// the CUDA kernel (csrc/cuda/fields.cu, body in fields_block.h) and its grid
+// simulator (csrc/cpu/cuda_sim_fields.cpp). flowkern/triton/fields.py mirrors
 // these formulas; flowkern/reference/fields.py is the ground truth.
 //
 // For query i and reference j every kind reduces the feature differences
@@ -153,6 +154,31 @@ template <class S, class A> struct MergeFactors { A kb, fa, fb; };
 template <class S, class A> FK_HD MergeFactors<S, A> field_merge(const S& s, A kb_a, A kb_b) {
   const A nb = kb_a < kb_b ? kb_a : kb_b;
   return {nb, s.weight(kb_a, nb), s.weight(kb_b, nb)};
+}
+
+// Merging n partial states of one query (keys kb[k * stride], sums
+// l[k * stride]; the CPU kernel's and the CUDA kernel's reference-range
+// splits): writes the factor of state k's (l, acc) to f[k] and the merged key
+// to *kb_out; returns the merged sum l.
+template <class S, class A>
+FK_HD A field_merge_states(const S& s, const A* kb, const A* l, i64 stride, int n, A* f,
+                           A* kb_out) {
+  A best = kb[0];
+  for (int k = 1; k < n; ++k) best = kb[k * stride] < best ? kb[k * stride] : best;
+  A lsum = A(0);
+  for (int k = 0; k < n; ++k) {
+    f[k] = s.weight(kb[k * stride], best);
+    lsum += f[k] * l[k * stride];
+  }
+  *kb_out = best;
+  return lsum;
+}
+
+// One element of the merged accumulator: sum_k f[k] acc[k * stride].
+template <class A> FK_HD A field_merge_sum(const A* f, const A* acc, i64 stride, int n) {
+  A v = A(0);
+  for (int k = 0; k < n; ++k) v += f[k] * acc[k * stride];
+  return v;
 }
 
 }  // namespace fk
