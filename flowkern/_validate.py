@@ -88,7 +88,7 @@ def values_prechecked(on: bool = True):
 
 
 def values_checked(x: torch.Tensor) -> bool:
-    if _PRECHECKED.get() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _PRECHECKED.get():  # Dynamo cannot trace ContextVar
         return False
     return x.device.type == "cpu" or os.environ.get("FLOWKERN_DEBUG") == "1"
 

@@ -16,13 +16,23 @@
 
 namespace fk_cuda {
 
+namespace {
+
+// The codes both launchers check first; the table's row stride on success.
+int check_codes(int prediction, int form, i64 coef_rows, i64 rows, i64& stride) {
+  if (!is_pred(prediction)) return kBadPred;
+  if (!is_form(form)) return kBadForm;
+  stride = fk::step_stride(coef_rows, rows);
+  return stride < 0 ? kBadTable : 0;
+}
+
+}  // namespace
+
 int flowmap_loss_partial(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr target,
                          dptr coef, i64 coef_rows, int prediction, int form, dptr partial,
                          i64 chunk_len, uintptr_t stream) {
-  if (!is_pred(prediction)) return kBadPred;
-  if (!is_form(form)) return kBadForm;
-  const i64 stride = fk::step_stride(coef_rows, rows);
-  if (stride < 0) return kBadTable;
+  i64 stride = 0;
+  if (const int bad = check_codes(prediction, form, coef_rows, rows, stride)) return bad;
   return dispatch_dtype(dtype, [&](auto tag) -> int {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
@@ -41,10 +51,8 @@ int flowmap_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr x
                           dptr target, dptr coef, i64 coef_rows, int prediction, int form,
                           dptr g_pred, dptr g_x, dptr g_target, uintptr_t stream,
                           i64 max_blocks) {
-  if (!is_pred(prediction)) return kBadPred;
-  if (!is_form(form)) return kBadForm;
-  const i64 stride = fk::step_stride(coef_rows, rows);
-  if (stride < 0) return kBadTable;
+  i64 stride = 0;
+  if (const int bad = check_codes(prediction, form, coef_rows, rows, stride)) return bad;
   return dispatch_dtype(dtype, [&](auto tag) -> int {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;

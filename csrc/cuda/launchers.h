@@ -48,6 +48,7 @@ int fm_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, 
 int fm_loss_backward_pred(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, dptr x0,
                           dptr x1, dptr coef, int target, dptr g_pred, uintptr_t stream,
                           i64 max_blocks);
+
 // The empirical-field launchers are in launchers_fields.h (fields.cu).
 
 // Sampler steps (steps.cu; the per-element maps are the functors of
