@@ -87,6 +87,41 @@ def values_prechecked(on: bool = True):
         _PRECHECKED.reset(token)
 
 
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def reduction(value: str) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {value!r}")
+    return value
+
+
+def sample_weight(weight, rows: int, like: torch.Tensor):
+    """An optional per-sample loss weight as a tensor of shape (B,) or (1,)."""
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor):
+        weight = torch.as_tensor(weight, device=like.device)
+    if weight.device != like.device:
+        raise ValueError(f"weight: on {weight.device} but the data is on {like.device}")
+    if weight.numel() not in (1, rows) or weight.dim() > 1:
+        raise ValueError(f"weight: expected shape ({rows},) or a scalar, got {tuple(weight.shape)}")
+    return weight
+
+
+def reduce_rows(row_sums: torch.Tensor, weight, reduction: str, inner: int) -> torch.Tensor:
+    """A loss from per-sample sums of squares over `inner` features: w_b times
+    each, then the mean over all elements ("mean"), their sum ("sum"), or the
+    per-sample mean over the features ("none", shape (B,))."""
+    if weight is not None:
+        row_sums = row_sums * weight.to(row_sums.dtype).reshape(-1)
+    if reduction == "none":
+        return row_sums / max(inner, 1)
+    if reduction == "sum":
+        return row_sums.sum()
+    return row_sums.sum() / max(row_sums.shape[0] * inner, 1)
+
+
 def values_checked(x: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or _PRECHECKED.get():  # Dynamo cannot trace ContextVar
         return False

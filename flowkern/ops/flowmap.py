@@ -23,7 +23,7 @@ from .. import _validate as V
 from ..backend import resolve
 from ..reference import flowmap as ref
 from ._registry import TRITON_NS, lazy, ops_for, register
-from .steps import FORMS, STEP_COLS, _as_times, _nonzero_for, step_table
+from .steps import FORMS, STEP_COLS, _as_times, _nonzero_for, check_table, step_table
 
 _T = "flowkern.triton.flowmap"
 _C = "flowkern.cuda.flowmap"
@@ -134,8 +134,7 @@ def flowmap_loss(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, t=No
     if form not in FORMS:
         raise ValueError(f"form: expected 'data' or 'noise', got {form!r}")
     code = V.prediction("prediction", prediction)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    V.reduction(reduction)
     acc = V.acc_dtype(x.dtype)
     rows = x.shape[0]
     table = _table(x, t, s, schedule, table, acc)
@@ -144,14 +143,7 @@ def flowmap_loss(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, t=No
     else:
         V.nonzero("t", "alpha_t", table[:, 0], "the noise form divides by it")
     _nonzero_for(_TableView(table), prediction, "x1" if form == "data" else "eps")
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor):
-            weight = torch.as_tensor(weight, device=x.device)
-        if weight.device != x.device:
-            raise ValueError(f"weight: on {weight.device} but x is on {x.device}")
-        if weight.numel() not in (1, rows) or weight.dim() > 1:
-            raise ValueError(f"weight: expected shape ({rows},) or a scalar, "
-                             f"got {tuple(weight.shape)}")
+    weight = V.sample_weight(weight, rows, x)
     be = resolve(backend, x.device)
     inner = x.numel() // rows if rows else 0
     if be == "torch":
@@ -161,15 +153,7 @@ def flowmap_loss(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, t=No
     else:
         r = ops_for(be).flowmap_loss_rows(x.contiguous(), pred.contiguous(),
                                           V.dense(target, x.shape), table, code, FORMS[form])
-    if weight is not None:
-        r = r * weight.to(r.dtype).reshape(-1)
-    if reduction == "none":
-        loss = r / max(inner, 1)
-    elif reduction == "sum":
-        loss = r.sum()
-    else:
-        loss = r.sum() / max(rows * inner, 1)
-    return loss.to(x.dtype)
+    return V.reduce_rows(r, weight, reduction, inner).to(x.dtype)
 
 
 class _TableView:
@@ -192,14 +176,7 @@ def _table(x, t, s, schedule, table, acc):
         if rows == 0:  # step_table cannot broadcast an empty t against a float s
             t = s = 0.5  # a shared row that no sample reads
         return step_table(schedule, t, s, dtype=acc, device=x.device)
-    if not isinstance(table, torch.Tensor):
-        raise TypeError(f"table: expected a tensor from flowkern.step_table, "
-                        f"got {type(table).__name__}")
-    table = table.reshape(-1, STEP_COLS) if table.dim() == 1 else table
-    if table.dim() != 2 or table.shape[1] != STEP_COLS or table.shape[0] not in (1, rows):
-        raise ValueError(f"table: expected shape ({STEP_COLS},), (1, {STEP_COLS}) or "
-                         f"({rows}, {STEP_COLS}), got {tuple(table.shape)}")
-    return table.to(device=x.device, dtype=acc).contiguous()
+    return check_table(table, rows, x.device, acc)
 
 
 __all__ = ["flowmap_loss"]

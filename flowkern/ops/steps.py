@@ -194,19 +194,25 @@ class _Step:
                     V.time(name, v, rows, x)
             table = step_table(schedule, t, s, t_prev, g, self.acc, x.device)
         else:
-            if not isinstance(table, torch.Tensor):
-                raise TypeError(f"table: expected a tensor from flowkern.step_table, "
-                                f"got {type(table).__name__}")
-            table = table.reshape(-1, STEP_COLS) if table.dim() == 1 else table
-            if table.dim() != 2 or table.shape[1] != STEP_COLS or table.shape[0] not in (1, rows):
-                raise ValueError(f"table: expected shape ({STEP_COLS},), (1, {STEP_COLS}) or "
-                                 f"({rows}, {STEP_COLS}), got {tuple(table.shape)}")
-            table = table.to(device=x.device, dtype=self.acc).contiguous()
+            table = check_table(table, rows, x.device, self.acc)
         self.table = table
         self.backend = resolve(backend, x.device)
 
     def dense(self, *ts):
         return [None if t is None else t.contiguous() for t in ts]
+
+
+def check_table(table, rows, device, acc):
+    """A step table from flowkern.step_table for a batch of `rows`, as a
+    contiguous (1 or rows, STEP_COLS) tensor in `acc` on `device`."""
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"table: expected a tensor from flowkern.step_table, "
+                        f"got {type(table).__name__}")
+    table = table.reshape(-1, STEP_COLS) if table.dim() == 1 else table
+    if table.dim() != 2 or table.shape[1] != STEP_COLS or table.shape[0] not in (1, rows):
+        raise ValueError(f"table: expected shape ({STEP_COLS},), (1, {STEP_COLS}) or "
+                         f"({rows}, {STEP_COLS}), got {tuple(table.shape)}")
+    return table.to(device=device, dtype=acc).contiguous()
 
 
 def _guidance(pred_uncond, guidance):

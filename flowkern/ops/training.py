@@ -251,34 +251,18 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
     """
     (pred, x0, x1), shape, coef = _prepare(["pred", "x0", "x1"], [pred, x0, x1], t, schedule)
     code = V.prediction("target", target)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    V.reduction(reduction)
     if code == PRED_CODE["score"]:
         V.nonzero("t", "sigma_t", coef[:, 1], "the score target -x0/sigma_t is undefined there")
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor):
-            weight = torch.as_tensor(weight, device=pred.device)
-        if weight.device != pred.device:
-            raise ValueError(f"weight: on {weight.device} but pred is on {pred.device}")
-        if weight.numel() not in (1, shape[0]) or weight.dim() > 1:
-            raise ValueError(f"weight: expected shape ({shape[0]},) or a scalar, "
-                             f"got {tuple(weight.shape)}")
+    weight = V.sample_weight(weight, shape[0], pred)
     be = resolve(backend, pred.device)
-    rows_n, inner = shape[0], (shape.numel() // shape[0] if shape[0] else 0)
+    inner = shape.numel() // shape[0] if shape[0] else 0
     if be == "torch":
         rows = ref.training.flow_matching_loss_rows(
             *(_upcast(x, coef, shape) for x in (pred, x0, x1)), coef, target)
     else:
         rows = ops_for(be).fm_loss_rows(*(V.dense(x, shape) for x in (pred, x0, x1)), coef, code)
-    if weight is not None:
-        rows = rows * weight.to(rows.dtype).reshape(-1)
-    if reduction == "none":
-        loss = rows / max(inner, 1)
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows.sum() / max(rows_n * inner, 1)
-    return loss.to(pred.dtype)
+    return V.reduce_rows(rows, weight, reduction, inner).to(pred.dtype)
 
 
 # Denominators each conversion divides by (DESIGN §3), for the value checks.

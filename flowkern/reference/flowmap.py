@@ -5,6 +5,7 @@ at t and s."""
 from __future__ import annotations
 
 from .steps import ei_step
+from .training import reduce_rows
 
 
 def flowmap(x, pred, ct, cs, prediction="x1", form="data"):
@@ -21,11 +22,4 @@ def flowmap_loss_rows(x, pred, target, ct, cs, prediction="x1", form="data"):
 def flowmap_loss(x, pred, target, ct, cs, prediction="x1", form="data", weight=None,
                  reduction="mean"):
     rows = flowmap_loss_rows(x, pred, target, ct, cs, prediction, form)
-    inner = x[0].numel() if x.shape[0] else 1
-    if weight is not None:
-        rows = rows * weight
-    if reduction == "none":
-        return rows / inner
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / max(x.numel(), 1)
+    return reduce_rows(rows, x, weight, reduction)

@@ -46,14 +46,20 @@ def flow_matching_loss(pred, x0, x1, coef, target_type="velocity", weight=None, 
     """mean over elements of w_b (pred - y)^2; 'sum' sums them; 'none' gives
     the per-sample mean over features, shape (B,)."""
     rows = flow_matching_loss_rows(pred, x0, x1, coef, target_type)
-    inner = pred[0].numel() if pred.shape[0] else 1
+    return reduce_rows(rows, pred, weight, reduction)
+
+
+def reduce_rows(rows, like, weight=None, reduction="mean"):
+    """The loss from per-sample sums of squares over the features of `like`:
+    w_b times each, then mean over all elements / sum / per-sample mean."""
+    inner = like[0].numel() if like.shape[0] else 1
     if weight is not None:
         rows = rows * weight
     if reduction == "none":
         return rows / inner
     if reduction == "sum":
         return rows.sum()
-    return rows.sum() / max(pred.numel(), 1)
+    return rows.sum() / max(like.numel(), 1)
 
 
 def convert(pred, x, coef, src: str, dst: str):
