@@ -18,6 +18,7 @@ import sys
 ARCHS = (80, 90)
 DTYPES = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp32"), "bf16": ("bf16", "fp32"),
           "fp64": ("fp64", "fp64")}
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 
 
 def _ops():
@@ -77,7 +78,7 @@ def configs(full: bool = True, sizes=None):
     for dname, (io_t, acc_t) in DTYPES.items():
         for heavy in (False, True):
             for (rows_per, block_n), idx_t in itertools.product(
-                    sorted({L.tile_config(n, heavy) for n in sizes}),
+                    sorted({L.tile_config(n, heavy, ITEMSIZE[dname]) for n in sizes}),
                     ("i32", "i64") if dname == "fp32" else ("i64",)):
                 ins = {f"i{k}": f"*{io_t}" for k in range(L.MAX_IN)}
                 tail = dict(rows="i32", inner=idx_t, n_col_blocks="i32")

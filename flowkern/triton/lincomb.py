@@ -31,10 +31,13 @@ def is_heavy(n_in: int, noise: bool) -> bool:
     return n_in >= 4 or noise
 
 
-def tile_config(inner: int, heavy: bool = False) -> tuple[int, int]:
+def tile_config(inner: int, heavy: bool = False, itemsize: int = 4) -> tuple[int, int]:
     """(ROWS, BLOCK_N) for rows of length `inner`: several whole rows when they
-    are short (tiny 2-D data), row segments of the tile otherwise."""
+    are short (tiny 2-D data), row segments of the tile otherwise. float64 tiles
+    hold half the elements: each takes two registers, and at MAX_NREG the
+    3-in/3-out loss backward spills at 2048 (flowkern.triton.aot)."""
     tile = HEAVY_TILE if heavy else TILE
+    tile //= max(1, itemsize // 4)
     block_n = min(triton.next_power_of_2(max(inner, 1)), tile)
     if block_n < tile:
         # Multi-row tiles hold a coefficient matrix per row: half the elements keep
@@ -134,7 +137,7 @@ def rowsum_kernel(i0, i1, i2, i3, i4, i5, partial, coef, stride, aux, w, rows, i
 def _grid(x, heavy=False):
     rows = x.shape[0]
     inner = x.numel() // rows
-    rows_per, block_n = tile_config(inner, heavy)
+    rows_per, block_n = tile_config(inner, heavy, x.element_size())
     n_col = triton.cdiv(inner, block_n)
     return (triton.cdiv(rows, rows_per) * n_col,), rows, inner, rows_per, block_n, n_col
 
