@@ -6,6 +6,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <unistd.h>
+
+#include <cstdio>
+
 #include <algorithm>
 
 #include "flowkern/lincomb.h"
@@ -59,12 +63,34 @@ template <class Body> void for_each_segment(i64 rows, i64 inner, Body&& body) {
   });
 }
 
-// out_k = M_row * in over whole tensors (all contiguous, same shape).
+// Bytes of the last-level cache this CPU shares: sysfs (what lscpu reports;
+// in a VM sysconf's figure can be the host socket's, 8x larger here), else
+// sysconf, else 32 MiB.
+inline i64 last_level_cache_bytes() {
+  static const i64 bytes = [] {
+    if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+      long kib = 0;
+      char unit = 0;
+      const int got = std::fscanf(f, "%ld%c", &kib, &unit);
+      std::fclose(f);
+      if (got == 2 && kib > 0 && unit == 'K') return i64(kib) << 10;
+    }
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return l3 > 0 ? i64(l3) : i64(32) << 20;
+  }();
+  return bytes;
+}
+
+// out_k = M_row * in over whole tensors (all contiguous, same shape). The
+// outputs are streamed past the cache when the op's working set could not
+// stay in it anyway (lincomb.h).
 template <class T, class Fn>
 void run_lincomb(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
                  fk::OutPtrs<T, Fn::NO> out, fk::NoiseKey key = {}) {
+  const bool stream =
+      rows * inner * i64(sizeof(T)) * (Fn::NI + Fn::NO) > last_level_cache_bytes();
   for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
-    fk::lincomb_segment<T>(fn, r, inner, e0, e1, in, out, key);
+    fk::lincomb_segment<T>(fn, r, inner, e0, e1, in, out, key, stream);
   });
 }
 
