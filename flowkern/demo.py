@@ -57,14 +57,15 @@ def _floor(name, n):
 
 
 def _table(rows, floor):
-    lines = [f"{'method':10s} {'NFE':>4s} {'steps':>5s} {'SW2':>8s} {'W2':>8s} {'time (s)':>9s}"]
+    w = max([10] + [len(r["method"]) for r in rows])
+    lines = [f"{'method':{w}s} {'NFE':>4s} {'steps':>5s} {'SW2':>8s} {'W2':>8s} {'time (s)':>9s}"]
     for r in rows:
         w2 = f"{r['w2']:.4f}" if r["w2"] is not None else "   n/a"
-        lines.append(f"{r['method']:10s} {r['nfe']:4d} {r['steps']:5d} {r['sw2']:8.4f} {w2:>8s} "
+        lines.append(f"{r['method']:{w}s} {r['nfe']:4d} {r['steps']:5d} {r['sw2']:8.4f} {w2:>8s} "
                      f"{r['seconds']:9.3f}")
     sw_floor, w2_floor = floor
     w2 = f"{w2_floor:.4f}" if w2_floor is not None else "   n/a"
-    lines.append(f"{'data':10s} {'':>4s} {'':>5s} {sw_floor:8.4f} {w2:>8s}   "
+    lines.append(f"{'data':{w}s} {'':>4s} {'':>5s} {sw_floor:8.4f} {w2:>8s}   "
                  f"(two independent data samples)")
     return "\n".join(lines)
 
@@ -121,34 +122,41 @@ def flow_matching_section(args, out):
 
 
 def pfgm_section(args, out):
-    """PFGM++ (D = 128) on 8 gaussians: the training target is the empirical
-    Poisson field over a reference batch (the fused, tiled poisson_field), the
-    sampler the backward ODE in log r with fused Euler steps."""
+    """PFGM (D = 1) and PFGM++ (D = 128) on 8 gaussians: the training target
+    is the empirical Poisson field mean over a reference batch (the fused,
+    tiled poisson_field), the sampler the backward ODE in log r with fused
+    Euler steps. D = 1 samples from r_max = 40 (prior radius capped at
+    100 r_max: its law has a 1/k tail) down to r = 1e-3."""
     import math
 
     from . import pfgm
 
     g = torch.Generator().manual_seed(args.seed)
-    D = 128
-    t0 = time.perf_counter()
-    model = pfgm.train_toy(toy.eight_gaussians, D=D, steps=args.pfgm_steps, generator=g,
-                           progress=not args.no_progress)
-    train_s = time.perf_counter() - t0
     data = toy.dataset("8gaussians", args.samples, seed=10_000)
     floor = _floor("8gaussians", args.samples)
-    r_max = 80 * math.sqrt(D)
-    rows = []
-    for steps in args.pfgm_nfe:
-        x = pfgm.prior(args.samples, (2,), r_max=r_max, D=D, generator=g)
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            y = pfgm.sample(model, x, r_max, 0.002 * math.sqrt(D), steps=steps,
-                            prediction="denoiser")
-        rows.append(dict(method="pfgm++ D=128", nfe=steps, steps=steps,
-                         sw2=toy.sliced_wasserstein(y, data),
-                         w2=toy.exact_w2(y[:W2_POINTS], data[:W2_POINTS]),
-                         seconds=time.perf_counter() - t1))
-    print(f"\n== 8gaussians: PFGM++ (D={D}), {args.pfgm_steps} training steps in {train_s:.1f} s ==")
+    rows, train_s = [], {}
+    for D, steps, label in ((1, args.pfgm1_steps, "pfgm D=1"),
+                            (128, args.pfgm_steps, "pfgm++ D=128")):
+        t0 = time.perf_counter()
+        model = pfgm.train_toy(toy.eight_gaussians, D=D, steps=steps, generator=g,
+                               progress=not args.no_progress)
+        train_s[label] = time.perf_counter() - t0
+        if D == 1:
+            r_max, r_min, cap = 40.0, 1e-3, 100 * 40.0
+        else:
+            r_max, r_min, cap = 80 * math.sqrt(D), 0.002 * math.sqrt(D), None
+        for nfe in args.pfgm_nfe:
+            x = pfgm.prior(args.samples, (2,), r_max=r_max, D=D, generator=g, max_norm=cap)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                y = pfgm.sample(model, x, r_max, r_min, steps=nfe, prediction="denoiser")
+            rows.append(dict(method=label, nfe=nfe, steps=nfe,
+                             sw2=toy.sliced_wasserstein(y, data),
+                             w2=toy.exact_w2(y[:W2_POINTS], data[:W2_POINTS]),
+                             seconds=time.perf_counter() - t1))
+    print(f"\n== 8gaussians: PFGM (D=1), {args.pfgm1_steps} training steps in "
+          f"{train_s['pfgm D=1']:.1f} s; PFGM++ (D=128), {args.pfgm_steps} training steps in "
+          f"{train_s['pfgm++ D=128']:.1f} s ==")
     print(_table(rows, floor))
     return dict(train_seconds=train_s, rows=rows, data_floor=floor)
 
@@ -178,11 +186,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.datasets, args.train_steps, args.samples, args.nfe = ["8gaussians"], 300, 2000, [4, 16]
-        args.pfgm_steps, args.pfgm_nfe = 150, [50]
+        args.pfgm_steps, args.pfgm1_steps, args.pfgm_nfe = 150, 300, [50]
     else:
         args.datasets, args.train_steps, args.samples, args.nfe = (list(toy.DATASETS), 1200, 5000,
                                                                    [2, 4, 8, 16, 32])
-        args.pfgm_steps, args.pfgm_nfe = 1000, [25, 50, 200]
+        args.pfgm_steps, args.pfgm1_steps, args.pfgm_nfe = 1000, 1500, [25, 50, 200]
     os.makedirs(args.out, exist_ok=True)
     # 2-D toy models: a second OpenMP thread saves little on matmuls this small
     # and, on a shared machine, its barrier waits cost many times the work.
