@@ -128,8 +128,10 @@ def values_checked(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" or os.environ.get("FLOWKERN_DEBUG") == "1"
 
 
-def time(name: str, t, rows: int, like: torch.Tensor) -> torch.Tensor:
-    """t as a tensor of shape (1,) or (rows,), on like's device."""
+def time(name: str, t, rows: int, like: torch.Tensor, check_values: bool = True) -> torch.Tensor:
+    """t as a tensor of shape (1,) or (rows,), on like's device. check_values:
+    whether to check here that the times lie in [0, 1] (when values_checked);
+    callers that pass the check on to schedules.coefficients say False."""
     if isinstance(t, (int, float)):
         t = torch.tensor([float(t)], device=like.device)
     if not isinstance(t, torch.Tensor):
@@ -142,10 +144,17 @@ def time(name: str, t, rows: int, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name}: expected shape () or ({rows},) for a batch of {rows}, "
                          f"got {tuple(t.shape)}")
     t = t.reshape(-1)
-    if values_checked(t) and t.numel() and not _within_unit(t):
+    if check_values and values_checked(t):
+        check_unit_interval(name, t)
+    return t
+
+
+def check_unit_interval(name: str, t: torch.Tensor) -> None:
+    """ValueError naming `name` unless every time lies in [0, 1] (NaN fails).
+    csrc/cpu/schedules.cpp raises the same message."""
+    if t.numel() and not _within_unit(t):
         raise ValueError(f"{name}: times must lie in [0, 1] (0 = noise, 1 = data); got values "
                          f"in [{t.min().item():g}, {t.max().item():g}] (NaN included)")
-    return t
 
 
 def _within_unit(t: torch.Tensor) -> bool:

@@ -30,6 +30,7 @@ from .backend import resolve
 from .grids import make_grid, sigma_k, t_from_sigma_k
 from .ops.steps import churn as _churn
 from .ops.steps import dpmpp_2m_step, ei_step, em_step, euler_step, heun_step, step_table
+from .ops._registry import empty_output
 from .schedules import get_schedule
 
 try:  # optional
@@ -229,9 +230,9 @@ class _Loop:
         # out may equal x (and d_out d_prev). The first step reads x_init and
         # writes the buffer, which becomes the result: no copy, and the only
         # full-size allocation that is not a scratch buffer.
-        self.buf = torch.empty_like(x_init, memory_format=torch.contiguous_format)
-        self.xe = torch.empty_like(self.buf) if "heun" in plan.kind else None
-        self.d = torch.empty_like(self.buf) if plan.method == "dpmpp_2m" else None
+        self.buf = empty_output(x_init)
+        self.xe = empty_output(self.buf) if "heun" in plan.kind else None
+        self.d = empty_output(self.buf) if plan.method == "dpmpp_2m" else None
         self.first_call = True
 
     # -- the model ---------------------------------------------------------
@@ -374,7 +375,7 @@ def _run_graphed(plan, model, x_init):
             hit.x_in.copy_(x_init)
             hit.graph.replay()
             return hit.x_out.clone()
-        x_in = torch.empty_like(x_init, memory_format=torch.contiguous_format).copy_(x_init)
+        x_in = empty_output(x_init).copy_(x_init)
         loop = _Loop(plan, model, x_in, checks=False)
         # Warm up on a side stream: the whole loop once, so that every kernel
         # variant is compiled (Triton) and the model's lazy state exists before

@@ -47,6 +47,8 @@ class Schedule:
 class Linear(Schedule):
     """CondOT / rectified flow: alpha = t, sigma = 1 - t."""
 
+    _KIND = 0  # csrc/include/flowkern/schedules.h SchedKind
+
     def alpha_sigma(self, t):
         return t, 1 - t
 
@@ -56,6 +58,8 @@ class Linear(Schedule):
 
 class Cosine(Schedule):
     """alpha = sin(pi t / 2), sigma = cos(pi t / 2)."""
+
+    _KIND = 1
 
     def alpha_sigma(self, t):
         return torch.sin(0.5 * math.pi * t), torch.cos(0.5 * math.pi * t)
@@ -67,6 +71,8 @@ class Cosine(Schedule):
 
 class Polynomial(Schedule):
     """alpha = t^n, sigma = 1 - t^n."""
+
+    _KIND = 2
 
     def __init__(self, n: float = 2.0):
         if not n > 0:
@@ -85,6 +91,8 @@ class Polynomial(Schedule):
 class VP(Schedule):
     """Variance preserving (score-SDE VP with linear beta), in our time:
     s = 1 - t, alpha = exp(-s^2 (b_max - b_min)/4 - s b_min/2), sigma = sqrt(1 - alpha^2)."""
+
+    _KIND = 3
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
         if not 0 <= beta_min <= beta_max:
@@ -113,6 +121,8 @@ class VE(Schedule):
     """Variance exploding (heat equation): alpha = 1,
     sigma = sigma_min (sigma_max / sigma_min)^(1 - t)."""
 
+    _KIND = 4
+
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"ve schedule: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
@@ -130,6 +140,8 @@ class VE(Schedule):
 class EDM(Schedule):
     """Karras et al. (2022) noise levels as a schedule: alpha = 1,
     sigma = (smax^(1/rho) + t (smin^(1/rho) - smax^(1/rho)))^rho."""
+
+    _KIND = 5
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
         if not 0 < sigma_min < sigma_max or not rho > 0:
@@ -170,14 +182,46 @@ def get_schedule(schedule) -> Schedule:
                     f"d_alpha, d_sigma), got {type(schedule).__name__}")
 
 
-def coefficients(schedule, t: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+# The parameters each built-in passes to flowkern::schedule_table, in the
+# order of csrc/include/flowkern/schedules.h.
+_TABLE_PARAMS = {Linear: lambda s: [], Cosine: lambda s: [], Polynomial: lambda s: [s.n],
+                 VP: lambda s: [s.beta_min, s.beta_max], VE: lambda s: [s.sigma_min, s.sigma_max],
+                 EDM: lambda s: [s.sigma_min, s.sigma_max, s.rho]}
+
+
+def _native_table(sched, t: torch.Tensor):
+    """Whether flowkern::schedule_table (one C++ call, ~3 us) can build the
+    table: a built-in schedule (its exact class), CPU times, eager mode, the
+    extension built."""
+    if type(sched) not in _TABLE_PARAMS or t.device.type != "cpu" or t.requires_grad:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    from .backend import cpu_built
+    return cpu_built()
+
+
+def coefficients(schedule, t: torch.Tensor, rows: int, dtype: torch.dtype,
+                 check: str = "") -> torch.Tensor:
     """The (rows, 4) table [alpha, sigma, d_alpha, d_sigma] the kernels read.
 
     t: shape () or (1,) (broadcast to every row) or (rows,); evaluated in
     `dtype` (float32 for 16/32-bit inputs, float64 for float64 inputs).
+    check: if given, the name under which times outside [0, 1] (or NaN) are
+    reported as a ValueError (flowkern._validate.check_unit_interval).
+    Built-in schedules on CPU take one C++ call (computed in float64 and
+    rounded to `dtype`); other schedules and devices the torch ops below.
     """
-    t = t.to(dtype).reshape(-1)
-    coef = torch.stack([c.to(dtype).reshape(-1) for c in get_schedule(schedule)(t)], dim=1)
+    sched = get_schedule(schedule)
+    t = t.reshape(-1)
+    if t.dtype in (torch.float32, torch.float64) and _native_table(sched, t):
+        return torch.ops.flowkern.schedule_table(t, sched._KIND, _TABLE_PARAMS[type(sched)](sched),
+                                                 rows, dtype, check)
+    if check:
+        from ._validate import check_unit_interval
+        check_unit_interval(check, t)
+    t = t.to(dtype)
+    coef = torch.stack([c.to(dtype).reshape(-1) for c in sched(t)], dim=1)
     if coef.shape[0] != rows:
         coef = coef.expand(rows, 4)
     return coef.contiguous()

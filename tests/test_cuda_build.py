@@ -125,9 +125,13 @@ def cuda_module_built():
     return importlib.util.find_spec("flowkern._cuda") is not None
 
 
-@pytest.mark.skipif(not cuda_module_built(),
-                    reason="flowkern._cuda was not built (needs nvcc at build time: "
-                           "python setup.py build_ext --inplace)")
+needs_cuda_module = pytest.mark.skipif(
+    not cuda_module_built(),
+    reason="flowkern._cuda was not built (needs nvcc at build time: "
+           "python setup.py build_ext --inplace)")
+
+
+@needs_cuda_module
 def test_cuda_module_imports():
     import torch
 
@@ -159,9 +163,7 @@ def test_cuda_module_imports():
         assert code > 0 and m.error_string(code)
 
 
-@pytest.mark.skipif(not cuda_module_built(),
-                    reason="flowkern._cuda was not built (needs nvcc at build time: "
-                           "python setup.py build_ext --inplace)")
+@needs_cuda_module
 def test_step_launchers_check_their_arguments():
     """Every code the step launchers reject is caught before any CUDA call
     (P: a fake non-null device pointer, never dereferenced)."""
@@ -191,9 +193,7 @@ def test_step_launchers_check_their_arguments():
         assert code > 0 and m.error_string(code)
 
 
-@pytest.mark.skipif(not cuda_module_built(),
-                    reason="flowkern._cuda was not built (needs nvcc at build time: "
-                           "python setup.py build_ext --inplace)")
+@needs_cuda_module
 def test_flowmap_launchers_check_their_arguments():
     """Every code the flow-map launchers reject is caught before any CUDA call
     (P: a fake non-null device pointer, never dereferenced)."""
@@ -233,9 +233,7 @@ def test_import_flowkern_does_not_load_cuda_module():
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.skipif(not cuda_module_built(),
-                    reason="flowkern._cuda was not built (needs nvcc at build time: "
-                           "python setup.py build_ext --inplace)")
+@needs_cuda_module
 def test_field_launcher_checks_its_arguments():
     """Every code the field launcher rejects is caught before any CUDA call
     (P: a fake non-null device pointer, never dereferenced)."""

@@ -68,3 +68,74 @@ def test_bad_parameters():
         fk.schedules.EDM(sigma_min=1, sigma_max=0.5)
     with pytest.raises(ValueError, match="unknown name"):
         fk.get_schedule("sigmoid")
+
+
+# flowkern::schedule_table (csrc/cpu/schedules.cpp): the C++ table of the
+# built-ins that coefficients() uses on CPU, against the Python classes.
+native = pytest.mark.skipif(not fk.backend.cpu_built(), reason="flowkern._C not built")
+SCHEDULE_PARAMS = BUILTINS + [fk.schedules.Polynomial(0.5), fk.schedules.VP(0.5, 5.0),
+                              fk.schedules.VE(0.002, 80.0), fk.schedules.EDM(0.01, 10.0, 3.0)]
+
+
+def _python_table(schedule, t, rows, dtype):
+    """coefficients() without the native path (a subclass is not a built-in)."""
+    wrapped = type("Wrapped", (fk.schedules.Schedule,), {"__call__": lambda self, u: schedule(u)})()
+    return coefficients(wrapped, t, rows, dtype)
+
+
+@native
+@pytest.mark.parametrize("schedule", SCHEDULE_PARAMS, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_table_matches_python(schedule, dtype):
+    t = torch.cat([torch.tensor([0.0, 1.0, 1e-7, 1 - 1e-7, 0.5]),
+                   torch.rand(1018, generator=torch.Generator().manual_seed(0))]).double()
+    t = t.clamp(1e-6, 1) if isinstance(schedule, fk.schedules.Polynomial) and schedule.n < 1 else t
+    got = torch.ops.flowkern.schedule_table(t, schedule._KIND,
+                                            fk.schedules._TABLE_PARAMS[type(schedule)](schedule),
+                                            t.numel(), dtype, "t")
+    assert got.dtype == dtype and got.shape == (t.numel(), 4)
+    want = _python_table(schedule, t, t.numel(), torch.float64)
+    # float64: the same formulas (libm vs torch's vectorised math: a few ulps);
+    # float32: one rounding of the float64 value, where the Python path
+    # evaluates in float32 (its error is larger than this bound)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1.2e-7, atol=1e-30)
+    torch.testing.assert_close(got.double(), want, **tol)
+    # coefficients() takes this path for a built-in on CPU
+    torch.testing.assert_close(coefficients(schedule, t.to(dtype), t.numel(), dtype),
+                               got if dtype == torch.float64 else
+                               torch.ops.flowkern.schedule_table(
+                                   t.to(dtype), schedule._KIND,
+                                   fk.schedules._TABLE_PARAMS[type(schedule)](schedule),
+                                   t.numel(), dtype, ""), rtol=0, atol=0)
+
+
+@native
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_native_table_broadcasts_one_time(shape):
+    t = torch.full(shape, 0.3)
+    table = coefficients("cosine", t, 5, torch.float32)
+    assert table.shape == (5, 4) and table.is_contiguous()
+    assert (table == table[:1]).all()
+    assert coefficients("cosine", t, 0, torch.float32).shape == (0, 4)
+
+
+@native
+@pytest.mark.parametrize("bad", [-0.25, 1.5, float("nan")])
+def test_native_table_range_check(bad):
+    t = torch.tensor([0.5, bad, 0.25])
+    with pytest.raises(ValueError, match=r"^t: times must lie in \[0, 1\]"):
+        coefficients("linear", t, 3, torch.float32, check="t")
+    with pytest.raises(ValueError, match=r"^tt: times must lie in \[0, 1\]"):
+        torch.ops.flowkern.schedule_table(t, 0, [], 3, torch.float32, "tt")
+    coefficients("linear", t, 3, torch.float32)  # no check asked: no error
+    # the public ops report it under their argument's name
+    x = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=r"^t: times must lie in \[0, 1\]"):
+        fk.interpolate(x, x, t)
+
+
+@native
+def test_native_table_opcheck():
+    t = torch.rand(7, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.flowkern.schedule_table.default,
+                          (t, 5, [0.002, 80.0, 7.0], 7, torch.float32, "t"))

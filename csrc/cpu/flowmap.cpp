@@ -69,7 +69,7 @@ std::vector<at::Tensor> flowmap_loss_backward(const at::Tensor& grad_rows_, cons
   const auto grad_rows = grad_rows_.contiguous();
   std::vector<at::Tensor> g;
   const int n = 1 + int(grad_x) + int(grad_target);
-  for (int k = 0; k < n; ++k) g.push_back(at::empty(a.x.sizes(), a.x.options()));
+  for (int k = 0; k < n; ++k) g.push_back(empty_output(a.x));
   dispatch_dtype(a.x, "flowmap_loss_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;

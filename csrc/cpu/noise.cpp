@@ -4,6 +4,7 @@
 // polynomials in the same order); only their width differs.
 // FLOWKERN_CPU_ISA=base forces the baseline path (tests run both).
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -59,9 +60,20 @@ Fill pick() {
 
 namespace fk {
 
+// The path in use: picked by refresh_noise_isa() at the start of every noisy
+// CPU launch (one getenv per op call; the tests switch FLOWKERN_CPU_ISA
+// between calls), not per block: a getenv per 64 elements cost ~2 ns/element.
+static std::atomic<Fill> g_fill{nullptr};
+
+void refresh_noise_isa() { g_fill.store(pick(), std::memory_order_relaxed); }
+
 void fill_normals(NoiseKey key, i64 e0, i64 n, float* out) {
-  // Read per call (a getenv), not cached: the tests switch FLOWKERN_CPU_ISA.
-  pick()(key, e0, n, out);
+  Fill f = g_fill.load(std::memory_order_relaxed);
+  if (f == nullptr) {
+    f = pick();
+    g_fill.store(f, std::memory_order_relaxed);
+  }
+  f(key, e0, n, out);
 }
 
 }  // namespace fk

@@ -112,7 +112,7 @@ void ei_step_out(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_u
 
 at::Tensor ei_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
                    const at::Tensor& coef, int64_t prediction, int64_t form, double guidance) {
-  auto out = at::empty(x.sizes(), x.options());
+  auto out = empty_output(x);
   ei_step_out(x, pred, pred_uncond, coef, prediction, form, guidance, out);
   return out;
 }
@@ -121,7 +121,7 @@ std::vector<at::Tensor> ei_step_backward(const at::Tensor& grad, const at::Tenso
                                          int64_t prediction, int64_t form, double guidance,
                                          bool cfg) {
   std::vector<at::Tensor> g;
-  for (int k = 0; k < (cfg ? 3 : 2); ++k) g.push_back(at::empty(grad.sizes(), grad.options()));
+  for (int k = 0; k < (cfg ? 3 : 2); ++k) g.push_back(empty_output(grad));
   std::vector<at::Tensor*> outs;
   for (auto& t : g) outs.push_back(&t);
   auto a = step_args("ei_step_backward", grad, {grad}, coef, outs);

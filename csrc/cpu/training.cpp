@@ -51,8 +51,8 @@ void interpolate_out(const at::Tensor& x0_, const at::Tensor& x1_, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor> interpolate(const at::Tensor& x0, const at::Tensor& x1,
                                                const at::Tensor& coef, int64_t target) {
-  auto xt = at::empty(x0.sizes(), x0.options());
-  auto y = at::empty(x0.sizes(), x0.options());
+  auto xt = empty_output(x0);
+  auto y = empty_output(x0);
   interpolate_out(x0, x1, coef, target, xt, y);
   return {xt, y};
 }
@@ -64,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor> interpolate_backward(const at::Tensor& gxt_,
   check_same(gxt_, gy_, "interpolate_backward");
   check_coef(coef_, gxt_, "interpolate_backward");
   const auto gxt = gxt_.contiguous(), gy = gy_.contiguous(), coef = coef_.contiguous();
-  auto gx0 = at::empty(gxt.sizes(), gxt.options());
-  auto gx1 = at::empty(gxt.sizes(), gxt.options());
+  auto gx0 = empty_output(gxt);
+  auto gx1 = empty_output(gxt);
   dispatch_dtype(gxt, "interpolate_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto fn = make_fn<T, fk::InterpolateBwdFn>(coef, int(target));
@@ -80,7 +80,7 @@ at::Tensor convert(const at::Tensor& x_, const at::Tensor& pred_, const at::Tens
   check_same(x_, pred_, "convert");
   check_coef(coef_, x_, "convert");
   const auto x = x_.contiguous(), pred = pred_.contiguous(), coef = coef_.contiguous();
-  auto out = at::empty(x.sizes(), x.options());
+  auto out = empty_output(x);
   dispatch_dtype(x, "convert", [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto fn = make_fn<T, fk::ConvertFn>(coef, int(src), int(dst));
@@ -95,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor> convert_backward(const at::Tensor& g_,
                                                     int64_t dst) {
   check_coef(coef_, g_, "convert_backward");
   const auto g = g_.contiguous(), coef = coef_.contiguous();
-  auto gx = at::empty(g.sizes(), g.options());
-  auto gp = at::empty(g.sizes(), g.options());
+  auto gx = empty_output(g);
+  auto gp = empty_output(g);
   dispatch_dtype(g, "convert_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto fn = make_fn<T, fk::ConvertBwdFn>(coef, int(src), int(dst));
@@ -150,7 +150,7 @@ std::array<at::Tensor, NO> loss_backward(const at::Tensor& grad_rows_, const at:
   const auto pred = pred_.contiguous(), x0 = x0_.contiguous(), x1 = x1_.contiguous();
   const auto coef = coef_.contiguous(), grad_rows = grad_rows_.contiguous();
   std::array<at::Tensor, NO> g;
-  for (auto& gk : g) gk = at::empty(pred.sizes(), pred.options());
+  for (auto& gk : g) gk = empty_output(pred);
   dispatch_dtype(pred, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;

@@ -49,3 +49,21 @@ def register(name: str, fake, backward=None, setup_context=None, cuda_impl=None)
                                             setup_context=setup_context)
     if cuda_impl is not None and cpu_built():
         torch.library.register_kernel(f"{NATIVE_NS}::{name}", "cuda")(cuda_impl)
+
+
+# Fresh outputs of at least this many bytes come from flowkern::empty_output
+# (csrc/cpu/dispatch.h): on huge pages, so their first touch faults 512x less.
+HUGE_OUTPUT_BYTES = 8 << 20
+
+if cpu_built():
+    torch.library.register_fake(f"{NATIVE_NS}::empty_output")(
+        lambda like: torch.empty_like(like, memory_format=torch.contiguous_format))
+
+
+def empty_output(x: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous tensor like x (uninitialised): on huge pages when it
+    is a large CPU tensor and flowkern._C is built."""
+    if (x.device.type == "cpu" and x.numel() * x.element_size() >= HUGE_OUTPUT_BYTES
+            and cpu_built() and not torch.compiler.is_compiling()):
+        return torch.ops.flowkern.empty_output(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

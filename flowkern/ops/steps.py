@@ -19,7 +19,7 @@ from .. import _validate as V
 from ..backend import resolve
 from ..reference import steps as ref
 from ..schedules import get_schedule
-from ._registry import TRITON_NS, lazy, ops_for, register
+from ._registry import TRITON_NS, empty_output, lazy, ops_for, register
 
 _T = "flowkern.triton.steps"
 _C = "flowkern.cuda.steps"
@@ -228,7 +228,7 @@ def _guidance(pred_uncond, guidance):
 
 def _out(name, out, x):
     if out is None:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return empty_output(x)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(out).__name__}")
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:

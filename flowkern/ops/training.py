@@ -15,7 +15,7 @@ import torch
 from .. import _validate as V
 from .. import reference as ref
 from .._enums import PRED_CODE, PREDICTIONS
-from ..backend import resolve
+from ..backend import cpu_built, resolve
 from ..schedules import coefficients
 from ._registry import TRITON_NS, lazy, ops_for, register
 
@@ -154,6 +154,12 @@ register("fm_loss_backward",
 register("fm_loss_backward_pred", lambda g, p, *_: torch.empty_like(p),
          cuda_impl=lazy(_C, "fm_loss_backward_pred"))
 
+if cpu_built():
+    # flowkern::schedule_table (csrc/cpu/schedules.cpp, CPU only): the table
+    # builder flowkern.schedules.coefficients calls for built-in schedules.
+    torch.library.register_fake("flowkern::schedule_table")(
+        lambda t, kind, params, rows, dtype, check: t.new_empty((rows, 4), dtype=dtype))
+
 # ---------------------------------------------------------------------------
 # public API
 
@@ -163,8 +169,9 @@ def _prepare(names, tensors, t, schedule):
     tensors = [V.tensor(n, x) for n, x in zip(names, tensors)]
     shape = V.same_shape(names, tensors)
     like = tensors[0]
-    t = V.time("t", t, shape[0], like)
-    coef = coefficients(schedule, t, shape[0], V.acc_dtype(like.dtype))
+    t = V.time("t", t, shape[0], like, check_values=False)
+    coef = coefficients(schedule, t, shape[0], V.acc_dtype(like.dtype),
+                        check="t" if V.values_checked(t) else "")
     return tensors, shape, coef
 
 

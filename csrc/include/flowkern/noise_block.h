@@ -43,4 +43,8 @@ FK_HOST_INLINE void normal_block(NoiseKey key, i64 e0, float* out) {
 // CPU has (csrc/cpu/noise.cpp).
 void fill_normals(NoiseKey key, i64 e0, i64 n, float* out);
 
+// Re-reads FLOWKERN_CPU_ISA and picks fill_normals' path; the CPU ops call it
+// once per launch, before their parallel loop.
+void refresh_noise_isa();
+
 }  // namespace fk

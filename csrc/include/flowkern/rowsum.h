@@ -1,6 +1,6 @@
 // Row reduction engine: sum over each row of (M_row * in)^2 for a row functor
 // with NO == 1 (the flow-matching loss residual). CPU kernels reduce a row
-// segment with 8 independent lanes (vectorisable, and pairwise-like error);
+// segment with an OpenMP simd reduction (vectorised, lane-wise partial sums);
 // the CUDA kernel body is split into the two phases between barriers so the
 // grid simulator can run it: per-thread partials, then a shared-memory tree.
 #pragma once
@@ -14,28 +14,19 @@ inline acc_t<T> rowsum_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
                                Ptrs<T, Fn::NI> in) {
   static_assert(Fn::NO == 1, "rowsum reduces a single output");
   using A = acc_t<T>;
-  constexpr int L = 8;
   const auto M = fn.row(r);
-  const i64 base = r * inner;
-  A lane[L] = {};
-  i64 e = base + e0;
-  const i64 end = base + e1;
-  for (; e + L <= end; e += L) {
-    for (int l = 0; l < L; ++l) {
-      A x[Fn::NI], y[1];
-      for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], e + l);
-      apply(M, x, y);
-      lane[l] += y[0] * y[0];
-    }
-  }
-  for (int l = 0; e < end; ++e, ++l) {
-    A x[Fn::NI], y[1];
-    for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], e);
-    apply(M, x, y);
-    lane[l] += y[0] * y[0];
-  }
+  const T* p[Fn::NI];
+  for (int j = 0; j < Fn::NI; ++j) p[j] = in.p[j] + r * inner;
   A s = A(0);
-  for (int l = 0; l < L; ++l) s += lane[l];
+  // An OpenMP simd reduction lets g++ keep one partial sum per vector lane
+  // (reassociation it may not do on its own without -ffast-math): packed
+  // loads, multiplies and adds, and a lane-wise, pairwise-like error.
+#pragma omp simd reduction(+ : s)
+  for (i64 e = e0; e < e1; ++e) {
+    A y = M.m[0][0] * load(p[0], e);
+    for (int j = 1; j < Fn::NI; ++j) y += M.m[0][j] * load(p[j], e);
+    s += y * y;
+  }
   return s;
 }
 
