@@ -126,10 +126,7 @@ def pfgm_section(args, out):
     """PFGM (D = 1) and PFGM++ (D = 128) on 8 gaussians: the training target
     is the empirical Poisson field mean over a reference batch (the fused,
     tiled poisson_field), the sampler the backward ODE in log r with fused
-    Euler steps. D = 1 samples from r_max = 40 (prior radius capped at
-    100 r_max: its law has a 1/k tail) down to r = 1e-3."""
-    import math
-
+    Euler steps, over pfgm.toy_sampling_range(D)."""
     from . import pfgm
 
     g = torch.Generator().manual_seed(args.seed)
@@ -142,10 +139,7 @@ def pfgm_section(args, out):
         model = pfgm.train_toy(toy.eight_gaussians, D=D, steps=steps, generator=g,
                                progress=not args.no_progress)
         train_s[label] = time.perf_counter() - t0
-        if D == 1:
-            r_max, r_min, cap = 40.0, 1e-3, 100 * 40.0
-        else:
-            r_max, r_min, cap = 80 * math.sqrt(D), 0.002 * math.sqrt(D), None
+        r_max, r_min, cap = pfgm.toy_sampling_range(D)
         for nfe in args.pfgm_nfe:
             x = pfgm.prior(args.samples, (2,), r_max=r_max, D=D, generator=g, max_norm=cap)
             t1 = time.perf_counter()

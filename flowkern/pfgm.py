@@ -33,7 +33,7 @@ from .ops.fields import poisson_field
 from .ops.steps import euler_step
 
 __all__ = ["perturb", "target", "prior", "sample", "radius", "ToyDenoiser",
-           "ToyPFGMDenoiser", "train_toy"]
+           "ToyPFGMDenoiser", "train_toy", "toy_sampling_range"]
 
 
 def _unit_directions(B, N, like, generator):
@@ -308,3 +308,19 @@ def train_toy(data_fn: Callable, D: float = 128, steps: int = 1000, batch: int =
         opt.step()
         sched.step()
     return model
+
+
+def toy_sampling_range(D: float) -> tuple[float, float, Optional[float]]:
+    """(r_max, r_min, max_norm) for sampling a :func:`train_toy` model on 2-D
+    data of unit scale: pass r_max and max_norm to :func:`prior`, r_max and
+    r_min to :func:`sample`.
+
+    D = 1 (PFGM): from r_max = 40 down to r_min = 1e-3, the prior radius
+    capped at 100 r_max (its law has a 1/k tail; see :func:`prior`).
+    D > 1 (PFGM++): r = sigma sqrt(D) over EDM's noise levels 80 -> 0.002, no
+    cap (the radius law's tail falls as k^-D).
+    """
+    if D == 1:
+        return 40.0, 1e-3, 100 * 40.0
+    return 80 * math.sqrt(D), 0.002 * math.sqrt(D), None
+

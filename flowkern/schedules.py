@@ -15,6 +15,9 @@ import math
 
 import torch
 
+from ._validate import check_unit_interval
+from .backend import cpu_built
+
 __all__ = [
     "Schedule", "Linear", "Cosine", "Polynomial", "VP", "VE", "EDM",
     "get_schedule", "coefficients",
@@ -47,8 +50,6 @@ class Schedule:
 class Linear(Schedule):
     """CondOT / rectified flow: alpha = t, sigma = 1 - t."""
 
-    _KIND = 0  # csrc/include/flowkern/schedules.h SchedKind
-
     def alpha_sigma(self, t):
         return t, 1 - t
 
@@ -58,8 +59,6 @@ class Linear(Schedule):
 
 class Cosine(Schedule):
     """alpha = sin(pi t / 2), sigma = cos(pi t / 2)."""
-
-    _KIND = 1
 
     def alpha_sigma(self, t):
         return torch.sin(0.5 * math.pi * t), torch.cos(0.5 * math.pi * t)
@@ -71,8 +70,6 @@ class Cosine(Schedule):
 
 class Polynomial(Schedule):
     """alpha = t^n, sigma = 1 - t^n."""
-
-    _KIND = 2
 
     def __init__(self, n: float = 2.0):
         if not n > 0:
@@ -91,8 +88,6 @@ class Polynomial(Schedule):
 class VP(Schedule):
     """Variance preserving (score-SDE VP with linear beta), in our time:
     s = 1 - t, alpha = exp(-s^2 (b_max - b_min)/4 - s b_min/2), sigma = sqrt(1 - alpha^2)."""
-
-    _KIND = 3
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
         if not 0 <= beta_min <= beta_max:
@@ -121,8 +116,6 @@ class VE(Schedule):
     """Variance exploding (heat equation): alpha = 1,
     sigma = sigma_min (sigma_max / sigma_min)^(1 - t)."""
 
-    _KIND = 4
-
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"ve schedule: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
@@ -140,8 +133,6 @@ class VE(Schedule):
 class EDM(Schedule):
     """Karras et al. (2022) noise levels as a schedule: alpha = 1,
     sigma = (smax^(1/rho) + t (smin^(1/rho) - smax^(1/rho)))^rho."""
-
-    _KIND = 5
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
         if not 0 < sigma_min < sigma_max or not rho > 0:
@@ -182,23 +173,30 @@ def get_schedule(schedule) -> Schedule:
                     f"d_alpha, d_sigma), got {type(schedule).__name__}")
 
 
-# The parameters each built-in passes to flowkern::schedule_table, in the
-# order of csrc/include/flowkern/schedules.h.
-_TABLE_PARAMS = {Linear: lambda s: [], Cosine: lambda s: [], Polynomial: lambda s: [s.n],
-                 VP: lambda s: [s.beta_min, s.beta_max], VE: lambda s: [s.sigma_min, s.sigma_max],
-                 EDM: lambda s: [s.sigma_min, s.sigma_max, s.rho]}
+# What flowkern::schedule_table needs of each built-in: its kind (SchedKind
+# in csrc/include/flowkern/schedules.h) and its parameters in that header's
+# order. Keyed by the exact class: a subclass may redefine the formulas.
+_NATIVE = {Linear: (0, lambda s: []), Cosine: (1, lambda s: []),
+           Polynomial: (2, lambda s: [s.n]), VP: (3, lambda s: [s.beta_min, s.beta_max]),
+           VE: (4, lambda s: [s.sigma_min, s.sigma_max]),
+           EDM: (5, lambda s: [s.sigma_min, s.sigma_max, s.rho])}
+
+
+def native_args(sched):
+    """(kind, params) of flowkern::schedule_table for a built-in schedule
+    object, or None for any other schedule."""
+    entry = _NATIVE.get(type(sched))
+    return None if entry is None else (entry[0], entry[1](sched))
 
 
 def _native_table(sched, t: torch.Tensor):
     """Whether flowkern::schedule_table (one C++ call, ~3 us) can build the
-    table: a built-in schedule (its exact class), CPU times, eager mode, the
+    table: a built-in schedule, float32/float64 CPU times, eager mode, the
     extension built."""
-    if type(sched) not in _TABLE_PARAMS or t.device.type != "cpu" or t.requires_grad:
+    if (type(sched) not in _NATIVE or t.device.type != "cpu" or t.requires_grad
+            or t.dtype not in (torch.float32, torch.float64)):
         return False
-    if torch.compiler.is_compiling():
-        return False
-    from .backend import cpu_built
-    return cpu_built()
+    return not torch.compiler.is_compiling() and cpu_built()
 
 
 def coefficients(schedule, t: torch.Tensor, rows: int, dtype: torch.dtype,
@@ -214,11 +212,9 @@ def coefficients(schedule, t: torch.Tensor, rows: int, dtype: torch.dtype,
     """
     sched = get_schedule(schedule)
     t = t.reshape(-1)
-    if t.dtype in (torch.float32, torch.float64) and _native_table(sched, t):
-        return torch.ops.flowkern.schedule_table(t, sched._KIND, _TABLE_PARAMS[type(sched)](sched),
-                                                 rows, dtype, check)
+    if _native_table(sched, t):
+        return torch.ops.flowkern.schedule_table(t, *native_args(sched), rows, dtype, check)
     if check:
-        from ._validate import check_unit_interval
         check_unit_interval(check, t)
     t = t.to(dtype)
     coef = torch.stack([c.to(dtype).reshape(-1) for c in sched(t)], dim=1)

@@ -90,9 +90,8 @@ def test_native_table_matches_python(schedule, dtype):
     t = torch.cat([torch.tensor([0.0, 1.0, 1e-7, 1 - 1e-7, 0.5]),
                    torch.rand(1018, generator=torch.Generator().manual_seed(0))]).double()
     t = t.clamp(1e-6, 1) if isinstance(schedule, fk.schedules.Polynomial) and schedule.n < 1 else t
-    got = torch.ops.flowkern.schedule_table(t, schedule._KIND,
-                                            fk.schedules._TABLE_PARAMS[type(schedule)](schedule),
-                                            t.numel(), dtype, "t")
+    kind, params = fk.schedules.native_args(schedule)
+    got = torch.ops.flowkern.schedule_table(t, kind, params, t.numel(), dtype, "t")
     assert got.dtype == dtype and got.shape == (t.numel(), 4)
     want = _python_table(schedule, t, t.numel(), torch.float64)
     # float64: the same formulas (libm vs torch's vectorised math: a few ulps);
@@ -104,9 +103,8 @@ def test_native_table_matches_python(schedule, dtype):
     torch.testing.assert_close(coefficients(schedule, t.to(dtype), t.numel(), dtype),
                                got if dtype == torch.float64 else
                                torch.ops.flowkern.schedule_table(
-                                   t.to(dtype), schedule._KIND,
-                                   fk.schedules._TABLE_PARAMS[type(schedule)](schedule),
-                                   t.numel(), dtype, ""), rtol=0, atol=0)
+                                   t.to(dtype), kind, params, t.numel(), dtype, ""),
+                               rtol=0, atol=0)
 
 
 @native

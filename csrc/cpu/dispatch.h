@@ -47,10 +47,11 @@ template <class T> T* mptr(at::Tensor& t) { return reinterpret_cast<T*>(t.mutabl
 // interpolate, 5x the kernel). With 2 MiB pages it faults 512x less often.
 // Only where THP is "madvise" or "always"; elsewhere madvise fails harmlessly.
 constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kHugeOutputBytes = 4 * kHugePage;  // flowkern/ops/_registry.py gates on it too
 inline at::Tensor empty_output(const at::Tensor& like) {
   auto out = at::empty(like.sizes(), like.options());
   const size_t bytes = out.nbytes();
-  if (bytes >= 4 * kHugePage) {
+  if (bytes >= kHugeOutputBytes) {
     const uintptr_t p = reinterpret_cast<uintptr_t>(out.mutable_data_ptr());
     const uintptr_t lo = (p + kHugePage - 1) & ~(kHugePage - 1);
     const uintptr_t hi = (p + bytes) & ~(kHugePage - 1);

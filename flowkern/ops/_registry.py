@@ -53,6 +53,8 @@ def register(name: str, fake, backward=None, setup_context=None, cuda_impl=None)
 
 # Fresh outputs of at least this many bytes come from flowkern::empty_output
 # (csrc/cpu/dispatch.h): on huge pages, so their first touch faults 512x less.
+# Equal to dispatch.h's kHugeOutputBytes, the size below which that op would
+# return a plain tensor anyway: smaller ones skip the op call.
 HUGE_OUTPUT_BYTES = 8 << 20
 
 if cpu_built():

@@ -23,9 +23,10 @@ inline acc_t<T> rowsum_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
   // loads, multiplies and adds, and a lane-wise, pairwise-like error.
 #pragma omp simd reduction(+ : s)
   for (i64 e = e0; e < e1; ++e) {
-    A y = M.m[0][0] * load(p[0], e);
-    for (int j = 1; j < Fn::NI; ++j) y += M.m[0][j] * load(p[j], e);
-    s += y * y;
+    A x[Fn::NI], y[1];
+    for (int j = 0; j < Fn::NI; ++j) x[j] = load(p[j], e);
+    apply(M, x, y);
+    s += y[0] * y[0];
   }
   return s;
 }

@@ -12,7 +12,7 @@
 
 namespace fk {
 
-// Must match the `_KIND` attribute of the classes in flowkern/schedules.py.
+// Must match the kinds of flowkern/schedules.py's _NATIVE table.
 enum SchedKind : int { LINEAR = 0, COSINE = 1, POLYNOMIAL = 2, VP = 3, VE = 4, EDM = 5 };
 constexpr int kSchedParams = 3;  // the most parameters a built-in takes
 
