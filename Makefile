@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEPS := torch==2.13.0 triton==3.9.0 pytest pytest-benchmark hypothesis numpy ninja \
+# torch: PyPI's default wheel (CUDA 13, the nvcc here), the newest pip offers on
+# these machines; triton: the version that torch pins.
+DEPS := torch==2.14.1 triton==3.8.0 pytest pytest-benchmark hypothesis numpy ninja \
         pybind11 setuptools wheel tqdm matplotlib pot diffusers flow_matching torchsde
 # k-diffusion's declared dependencies would replace torch: its sampling module
 # needs only torch, torchsde and scipy, so it is installed without them.
@@ -56,6 +58,7 @@ gpu-check: $(BUILT)
 	FLOWKERN_TEST_DEVICE=cuda $(PY) -m pytest tests -q --durations=10 \
 	    -k "not test_build" 2>&1 | tee gpu-check.log
 	$(PY) bench/device_bench.py --device cuda 2>&1 | tee -a gpu-check.log
+	$(PY) bench/gpu_sync_check.py 2>&1 | tee -a gpu-check.log
 	@echo "=== gpu-check summary ==="; grep -E "passed|failed|error" gpu-check.log | tail -3; \
 	    grep -A40 "^device cuda" gpu-check.log
 

@@ -12,6 +12,11 @@ op, size, pass, candidate, bytes counted and roofline time; per run
 `machine_info["flowkern"]`: command, copy bandwidth, load average, versions).
 Nothing is typed in by hand; the targets are the issue's thresholds, and
 whether they are met is computed here.
+
+bench/bench_overhead.py's rows (extra_info["overhead_op"]: host overhead per
+call on tiny tensors) get their own table, "Host overhead", with times
+relative to a native torch.add; JSON files without them (older runs) give
+the report as before.
 """
 from __future__ import annotations
 
@@ -124,6 +129,8 @@ def run_section(doc, json_path):
     nproc = fk.get("nproc")
     ops = sorted({b["extra_info"]["op"] for b in doc["benchmarks"]
                   if "candidate" in b.get("extra_info", {})}, key=lambda o: OP_ORDER.get(o, 99))
+    if overhead_rows(doc):
+        ops.append("host overhead")
     lines = [
         f"## {', '.join(ops) or 'no labelled benchmarks'} — `{os.path.relpath(json_path, ROOT)}`",
         "",
@@ -304,7 +311,8 @@ def unlabelled_tables(doc):
     pytest-benchmark group, no ratios."""
     groups = OrderedDict()
     for b in doc["benchmarks"]:
-        if "candidate" not in b.get("extra_info", {}):
+        ex = b.get("extra_info", {})
+        if "candidate" not in ex and "overhead_op" not in ex:
             groups.setdefault(b.get("group") or b["fullname"].split("[")[0], []).append(b)
     lines = []
     for g, rows in groups.items():
@@ -328,22 +336,205 @@ def unlabelled_tables(doc):
     return lines
 
 
+# ---------------------------------------------------------------------------
+# host overhead (bench/bench_overhead.py): tiny tensors, times vs torch.add
+
+OVH_FLOOR = "floor"               # overhead_role of torch.add(a, b)
+OVH_RAW = "raw op"                # the bare torch.ops.flowkern call
+OVH_FK_ROLES = ("flowkern", "adapter")
+OVH_PEER_ROLES = ("eager", "peer")
+OVH_MAX_VS_ADD = 2.5              # every single-call op and step: flowkern <= 2.5x torch.add
+OVH_FWD_BWD = "flow_matching_loss fwd+bwd"
+OVH_ROW_NAMES = {"adapter": "k-diffusion adapter sample_euler (per step)"}
+
+
+def overhead_rows(doc):
+    return [b for b in doc.get("benchmarks", []) if "overhead_op" in b.get("extra_info", {})]
+
+
+def overhead_groups(rows):
+    """group -> rows, in the order the suite ran them."""
+    out = OrderedDict()
+    for b in rows:
+        out.setdefault(b["group"], []).append(b)
+    return out
+
+
+def overhead_noise_limit(doc, rows):
+    """As noise_limit, with the thread count the overhead rows ran with."""
+    fk = doc.get("machine_info", {}).get("flowkern", {})
+    nproc = fk.get("nproc")
+    threads = next((b["extra_info"].get("threads") for b in rows), None)
+    if not nproc or not threads:
+        return SLACK
+    return max(0, nproc - threads) + SLACK
+
+
+def _per(b, stat):
+    """A statistic of one row per call (per step for the sampling loops), seconds."""
+    return b["stats"][stat] / (b["extra_info"].get("steps") or 1)
+
+
+def _ovh_floor(rows):
+    return next((b for b in rows if b["extra_info"]["overhead_role"] == OVH_FLOOR), None)
+
+
+def _ovh_pairs(rows):
+    """(row name, group, flowkern row, eager/peer row or None) per flowkern
+    candidate, in the suite's order."""
+    out = []
+    for g, bs in overhead_groups(rows).items():
+        peer = next((b for b in bs if b["extra_info"]["overhead_role"] in OVH_PEER_ROLES), None)
+        for b in bs:
+            role = b["extra_info"]["overhead_role"]
+            if role in OVH_FK_ROLES:
+                out.append((OVH_ROW_NAMES.get(role, b["extra_info"]["overhead_op"]), g, b, peer))
+    return out
+
+
+def _ratio_cell(a, b):
+    """'x.xx× (median y.yy×)' of rows a over b, or —."""
+    if a is None or b is None:
+        return "—"
+    r_min = _per(a, "min") / _per(b, "min")
+    r_med = _per(a, "median") / _per(b, "median")
+    return f"{r_min:.2f}× (med {r_med:.2f}×)"
+
+
+def overhead_targets(rows):
+    """The host-overhead targets: every single-call training op and sampler
+    step <= 2.5x torch.add; flow_matching_loss fwd+bwd <= eager fwd+bwd;
+    fk.sample and the k-diffusion adapter per step <= k-diffusion's own
+    sample_euler per step. Compared on the min (the noise-free estimate of a
+    fixed cost; the median is given beside it)."""
+    out = []
+    add = _ovh_floor(rows)
+    for name, g, fk, peer in _ovh_pairs(rows):
+        kind = fk["extra_info"].get("kind")
+        if kind == "sampler":
+            if peer is None:
+                out.append((f"{name} ≤ k-diffusion sample_euler per step", g,
+                            "not measured (k-diffusion missing)", "≤ 1×", None))
+                continue
+            r = _per(fk, "min") / _per(peer, "min")
+            out.append((f"{name} ≤ k-diffusion sample_euler per step", g,
+                        f"{_ratio_cell(fk, peer)} k-diffusion's "
+                        f"({fmt_time(_per(fk, 'min'))} vs {fmt_time(_per(peer, 'min'))} min)",
+                        "≤ 1×", r <= 1))
+            continue
+        if fk["extra_info"]["overhead_op"] == OVH_FWD_BWD:
+            if peer is not None:
+                r = _per(fk, "min") / _per(peer, "min")
+                out.append(("flow_matching_loss fwd+bwd ≤ eager fwd+bwd (host overhead)", g,
+                            f"{_ratio_cell(fk, peer)} eager's", "≤ 1×", r <= 1))
+            continue
+        if add is None:
+            out.append((f"host overhead ≤ {OVH_MAX_VS_ADD}× torch.add", g,
+                        "not measured (no torch.add row)", f"≤ {OVH_MAX_VS_ADD}×", None))
+        else:
+            r = _per(fk, "min") / _per(add, "min")
+            out.append((f"host overhead ≤ {OVH_MAX_VS_ADD}× torch.add", g,
+                        f"{_ratio_cell(fk, add)} torch.add", f"≤ {OVH_MAX_VS_ADD}×",
+                        r <= OVH_MAX_VS_ADD))
+    return out
+
+
+def overhead_table(rows, limit):
+    """The 'Host overhead' section: per op flowkern and eager time per call and
+    both relative to torch.add. Empty when the JSON has no overhead rows."""
+    if not rows:
+        return []
+    ex0 = rows[0]["extra_info"]
+    dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}.get(
+        ex0.get("dtype"), ex0.get("dtype"))
+    threads = ex0.get("threads")
+    title = (f"### Host overhead ({ex0.get('shape')} {dtype}, {threads} "
+             f"thread{'s' if threads != 1 else ''})")
+    add = _ovh_floor(rows)
+    raw = next((b for b in rows if b["extra_info"]["overhead_role"] == OVH_RAW), None)
+    lines = [title, "",
+             "Tiny tensors, where the arithmetic is negligible: these times are each call's "
+             "fixed cost (Python wrapper, validation, coefficient table, dispatch, allocation). "
+             "Time = min over rounds, median in parentheses; ratios are taken on the min "
+             "(the noise-free estimate of a fixed cost; medians on a shared machine swing by up "
+             "to 2× between runs) with the median-based ratio beside it. The sampling loops "
+             "(20 steps, model `x * 0`) are per step. *other load*: cores that other processes "
+             "(and hypervisor steal) kept busy while the row was timed, from /proc/stat (the "
+             f"larger of its two candidates'); above {limit:.2f} the row's thread had no core "
+             "of its own (*noisy*).", ""]
+    if add is not None:
+        floor = (f"Floor: `torch.add(a, b)` {fmt_time(_per(add, 'min'))} "
+                 f"({fmt_time(_per(add, 'median'))})")
+        if raw is not None:
+            floor += (f"; the bare C++ op `{raw['extra_info']['overhead_op']}` on a precomputed "
+                      f"coefficient table {fmt_time(_per(raw, 'min'))} "
+                      f"({fmt_time(_per(raw, 'median'))}) = {_ratio_cell(raw, add)} torch.add")
+        else:
+            floor += "; the bare C++ op row is missing (skipped: schema changed or _C not built)"
+        lines += [floor + ".", ""]
+    else:
+        lines += ["No `torch.add` floor row in this JSON: the ratios to it are omitted.", ""]
+    lines += ["| op | flowkern call | flowkern | eager / peer | eager / peer time "
+              "| flowkern ÷ torch.add | eager ÷ torch.add | flowkern ÷ eager | other load |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for name, g, fk, peer in _ovh_pairs(rows):
+        loads = [other_load(b) for b in (fk, peer)
+                 if b is not None and other_load(b) is not None]
+        load_ = max(loads) if loads else None
+        noisy = load_ is not None and load_ > limit
+        lines.append(
+            f"| {name} | {fk['name']} | {fmt_time(_per(fk, 'min'))} "
+            f"({fmt_time(_per(fk, 'median'))}) | {peer['name'] if peer else '—'} | "
+            + (f"{fmt_time(_per(peer, 'min'))} ({fmt_time(_per(peer, 'median'))})"
+               if peer else "—")
+            + f" | {_ratio_cell(fk, add)} | {_ratio_cell(peer, add)} | "
+            f"{_ratio_cell(fk, peer)} | {'—' if load_ is None else f'{load_:.2f}'}"
+            f"{' (*noisy*)' if noisy else ''} |")
+    notes = list(OrderedDict.fromkeys(
+        f"- {fk['extra_info']['overhead_op']}: {fk['extra_info']['note']}"
+        for _, _, fk, _ in _ovh_pairs(rows) if fk["extra_info"].get("note")))
+    missing = [g for g, bs in overhead_groups(rows).items()
+               if g != (add or {}).get("group") and not any(
+                   b["extra_info"]["overhead_role"] in OVH_FK_ROLES for b in bs)]
+    if missing:
+        notes.append("- no flowkern row (skipped) in: " + ", ".join(missing))
+    if notes:
+        lines += ["", "Notes:", ""] + notes
+    lines.append("")
+    return lines
+
+
 def doc_section(doc, json_path):
     groups = groups_of(doc)
     limit = noise_limit(doc)
     lines = run_section(doc, json_path)
-    trows = targets(groups) + step_targets(groups) + field_targets(doc)
+    ovh = overhead_rows(doc)
+    ovh_groups = overhead_groups(ovh)
+    o_limit = overhead_noise_limit(doc, ovh)
+    trows = targets(groups) + step_targets(groups) + field_targets(doc) + overhead_targets(ovh)
     if trows:
         missed = [r for r in trows if r[4] is False]
+        unmeasured = [r for r in trows if r[4] is None]
         noisy = {g for g, rows in groups.items() if (group_noise(rows) or 0) > limit}
-        recorded = any(group_noise(r) is not None for r in groups.values())
+        noisy |= {g for g, rows in ovh_groups.items() if (group_noise(rows) or 0) > o_limit}
+        n_groups = len(groups) + len(ovh_groups)
+        recorded = any(group_noise(r) is not None
+                       for r in list(groups.values()) + list(ovh_groups.values()))
+        if not ovh_groups:
+            limits = f"{limit:.2f} cores"
+        elif not groups:
+            limits = f"{o_limit:.2f} cores"
+        else:
+            limits = (f"{limit:.2f} cores, or {o_limit:.2f} for the "
+                      f"{ovh[0]['extra_info'].get('threads')}-thread host-overhead rows")
         lines += ["### Targets", "",
-                  f"{len(trows) - len(missed)} of {len(trows)} checks met"
-                  + (f"; **{len(missed)} missed**." if missed else ".")
-                  + (f" {len(noisy)} of {len(groups)} groups were timed while other processes "
-                     f"used more than {limit:.2f} cores (marked *noisy*: fewer free cores than "
+                  f"{len(trows) - len(missed) - len(unmeasured)} of {len(trows)} checks met"
+                  + (f"; **{len(missed)} missed**" if missed else "")
+                  + (f"; {len(unmeasured)} not measured" if unmeasured else "") + "."
+                  + (f" {len(noisy)} of {n_groups} groups were timed while other processes "
+                     f"used more than {limits} (marked *noisy*: fewer free cores than "
                      "the run's threads)." if noisy else
-                     f" No group saw other processes use more than {limit:.2f} cores "
+                     f" No group saw other processes use more than {limits} "
                      "(every thread of the run had a core)."
                      if recorded else " (Other-process load was not recorded.)"), "",
                   "| target | group | measured | threshold | met |", "|---|---|---|---|---|"]
@@ -352,16 +543,18 @@ def doc_section(doc, json_path):
             lines.append(f"| {t} | {g}{flag} | {m} | {th} | "
                          f"{'yes' if ok else ('—' if ok is None else '**NO**')} |")
         lines.append("")
-    lines += ["### Results", "",
-              "Median time per call. *flowkern speedup over it* = that candidate's median ÷ "
-              "flowkern's (above 1: flowkern is faster). *time ÷ roofline* = the median ÷ the "
-              "time the counted bytes take at the measured copy bandwidth (1 = streaming at "
-              "copy speed; below 1 is possible when the working set fits in cache, as at 256k). "
-              "*other load* = cores that other processes (and hypervisor steal) kept busy "
-              "while that row was timed, from /proc/stat.",
-              ""]
+    if groups:
+        lines += ["### Results", "",
+                  "Median time per call. *flowkern speedup over it* = that candidate's median "
+                  "÷ flowkern's (above 1: flowkern is faster). *time ÷ roofline* = the median ÷ "
+                  "the time the counted bytes take at the measured copy bandwidth (1 = streaming "
+                  "at copy speed; below 1 is possible when the working set fits in cache, as at "
+                  "256k). *other load* = cores that other processes (and hypervisor steal) kept "
+                  "busy while that row was timed, from /proc/stat.",
+                  ""]
     for g, rows in groups.items():
         lines += group_table(g, rows, limit)
+    lines += overhead_table(ovh, o_limit)
     return lines + unlabelled_tables(doc)
 
 
@@ -371,7 +564,10 @@ def render(docs, report_cmd):
     lines = ["# flowkern benchmarks", "",
              f"Generated by `bench/report.py` from {names}; every number below is read from "
              f"{'that file' if len(docs) == 1 else 'those files'} (pytest-benchmark medians; "
-             "ratios computed from them). Report command "
+             "ratios computed from them"
+             + ("; the host-overhead table: min and median" if any(
+                 overhead_rows(d) for _, d in docs) else "")
+             + "). Report command "
              f"(from the repository root): `{report_cmd}`", ""]
     for path, doc in docs:
         lines += doc_section(doc, path)
@@ -396,7 +592,9 @@ def main(argv=None):
     cmd = shlex.join([exe, os.path.relpath(os.path.abspath(__file__), os.getcwd()), *argv])
     with open(out, "w") as f:
         f.write(render(docs, cmd))
-    print(f"wrote {out} ({sum(len(groups_of(d)) for _, d in docs)} groups)")
+    n_ovh = sum(len(overhead_groups(overhead_rows(d))) for _, d in docs)
+    print(f"wrote {out} ({sum(len(groups_of(d)) for _, d in docs)} groups"
+          + (f", {n_ovh} host-overhead groups)" if n_ovh else ")"))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,12 @@ def reduce_rows(row_sums: torch.Tensor, weight, reduction: str, inner: int) -> t
     return row_sums.sum() / max(row_sums.shape[0] * inner, 1)
 
 
+def check_flag() -> bool:
+    """The `check` argument of the native ops: False inside values_prechecked().
+    Dynamo cannot trace a ContextVar, and a compiled call checks like eager."""
+    return True if torch.compiler.is_compiling() else not _PRECHECKED.get()
+
+
 def values_checked(x: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or _PRECHECKED.get():  # Dynamo cannot trace ContextVar
         return False

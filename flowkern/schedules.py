@@ -189,6 +189,31 @@ def native_args(sched):
     return None if entry is None else (entry[0], entry[1](sched))
 
 
+# The native ops' (kind, params) of each built-in name, computed once: a
+# public call with schedule="cosine" costs a dict look-up.
+_NATIVE_BY_NAME = {name: native_args(cls()) for name, cls in _BUILTIN.items()}
+_BY_KIND = {kind: cls for cls, (kind, _) in _NATIVE.items()}
+
+
+def native_spec(schedule):
+    """(kind, params) for a built-in schedule given by name or object, None for
+    any other schedule (its kernels read a coefficient table instead). An
+    unknown name or a non-schedule raises as :func:`get_schedule` does."""
+    if type(schedule) is str:
+        spec = _NATIVE_BY_NAME.get(schedule)
+        return spec if spec is not None else native_args(get_schedule(schedule))
+    entry = _NATIVE.get(type(schedule))
+    if entry is not None:
+        return entry[0], entry[1](schedule)
+    get_schedule(schedule)  # TypeError for what is no schedule at all
+    return None
+
+
+def from_native(kind: int, params) -> Schedule:
+    """The built-in schedule object of a native (kind, params) pair."""
+    return _BY_KIND[kind](*params)
+
+
 def _native_table(sched, t: torch.Tensor):
     """Whether flowkern::schedule_table (one C++ call, ~3 us) can build the
     table: a built-in schedule, float32/float64 CPU times, eager mode, the

@@ -267,28 +267,32 @@ def test_glue_matches_cpu_kernels(sim, dtype, shape):
     coef = coef_for(rows)
     c = coef.to(acc(dtype))
     x1_t = x1.transpose(-1, -2).contiguous().transpose(-1, -2)  # non-contiguous input
+    tab, ctab = (coef, 0.0, -1, []), (c, 0.0, -1, [])
     for target in range(4):
-        for got, want in zip(fkc.interpolate(x0, x1_t, coef, target),
-                             OPS.interpolate(x0, x1, c, target)):
+        for got, want in zip(fkc.interpolate(x0, x1_t, *tab, target),
+                             OPS.interpolate(x0, x1, *ctab, target, False)):
             assert torch.equal(got, want)
-        for got, want in zip(fkc.interpolate_backward(x0, x1_t, coef, target),
-                             OPS.interpolate_backward(x0, x1, c, target)):
+        for got, want in zip(fkc.interpolate_backward(x0, x1_t, *tab, target),
+                             OPS.interpolate_backward(x0, x1, *ctab, target)):
             assert torch.equal(got, want)
-        torch.testing.assert_close(fkc.fm_loss_rows(pred, x0, x1_t, coef, target),
-                                   OPS.fm_loss_rows(pred, x0, x1, c, target), rtol=1e-5,
-                                   atol=0)
-        g = torch.randn(rows, dtype=torch.float64)
-        for got, want in zip(fkc.fm_loss_backward(g, pred, x0, x1_t, coef, target),
-                             OPS.fm_loss_backward(g.to(acc(dtype)), pred, x0, x1, c, target)):
-            assert torch.equal(got, want)
-        assert torch.equal(fkc.fm_loss_backward_pred(g, pred, x0, x1_t, coef, target),
-                           OPS.fm_loss_backward_pred(g.to(acc(dtype)), pred, x0, x1, c, target))
+        for red in range(3):
+            torch.testing.assert_close(
+                fkc.fm_loss(pred, x0, x1_t, *tab, target, None, red),
+                OPS.fm_loss(pred, x0, x1, *ctab, target, None, red, False),
+                rtol=1e-5 if dtype in (torch.float32, torch.float64) else 1e-2, atol=0)
+        g = torch.randn(rows, dtype=torch.float64).to(acc(dtype))
+        for nout in (1, 3):
+            for got, want in zip(fkc.fm_loss_backward(torch.ones(()), pred, x0, x1_t, *tab,
+                                                      target, g, 1, nout),
+                                 OPS.fm_loss_backward(torch.ones(()), pred, x0, x1, *ctab, target,
+                                                      g, 1, nout)):
+                assert torch.equal(got, want)
     for src in range(4):
         for dst in range(4):
-            assert torch.equal(fkc.convert(x0, x1_t, coef, src, dst),
-                               OPS.convert(x0, x1, c, src, dst))
-            for got, want in zip(fkc.convert_backward(x1_t, coef, src, dst),
-                                 OPS.convert_backward(x1, c, src, dst)):
+            assert torch.equal(fkc.convert(x1_t, x0, *tab, src, dst),
+                               OPS.convert(x1, x0, *ctab, src, dst, False))
+            for got, want in zip(fkc.convert_backward(x1_t, *tab, src, dst),
+                                 OPS.convert_backward(x1, *ctab, src, dst)):
                 assert torch.equal(got, want)
     if rows:
         assert {s for _, s, _ in sim.calls} == {1234}
@@ -298,21 +302,21 @@ def test_glue_matches_cpu_kernels(sim, dtype, shape):
 def test_out_buffers_are_written_in_place(sim):
     x0, x1 = tensors(2, (4, 16), torch.float32)
     xt, y = torch.empty_like(x0), torch.empty_like(x0)
-    rxt, ry = fkc.interpolate(x0, x1, coef_for(4), 0, xt=xt, y=y)
+    rxt, ry = fkc.interpolate(x0, x1, coef_for(4), 0.0, -1, [], 0, False, xt, y)
     assert rxt is xt and ry is y
-    assert torch.equal(xt, OPS.interpolate(x0, x1, coef_for(4).float(), 0)[0])
+    assert torch.equal(xt, OPS.interpolate(x0, x1, coef_for(4).float(), 0.0, -1, [], 0, False)[0])
     with pytest.raises(ValueError, match="xt: must be contiguous"):
-        fkc.interpolate(x0, x1, coef_for(4), 0, xt=torch.empty(16, 4).t())
+        fkc.interpolate(x0, x1, coef_for(4), 0.0, -1, [], 0, False, torch.empty(16, 4).t())
 
 
 def test_bad_metadata_names_the_argument(sim):
     x0, x1 = tensors(2, (4, 16), torch.float32)
-    with pytest.raises(ValueError, match="x1: expected"):
-        fkc.interpolate(x0, x1[:, :8], coef_for(4), 0)
+    with pytest.raises(ValueError, match=r"do not broadcast: x0\(4, 16\), x1\(4, 8\)"):
+        fkc.interpolate(x0, x1[:, :8], coef_for(4), 0.0, -1, [], 0)
     with pytest.raises(ValueError, match="coef: expected shape"):
-        fkc.interpolate(x0, x1, coef_for(3), 0)
+        fkc.interpolate(x0, x1, coef_for(3), 0.0, -1, [], 0)
     with pytest.raises(TypeError, match="x0: dtype torch.int32"):
-        fkc.interpolate(x0.int(), x1.int(), coef_for(4), 0)
+        fkc.interpolate(x0.int(), x1.int(), coef_for(4), 0.0, -1, [], 0)
 
 
 def test_launch_error_names_the_fallback(sim, monkeypatch):
@@ -320,7 +324,7 @@ def test_launch_error_names_the_fallback(sim, monkeypatch):
     x0, x1 = tensors(2, (2, 8), torch.float32)
     with pytest.raises(RuntimeError, match=r"error 35 \(simulated error 35\).*backend='triton' "
                                            r"or 'torch'"):
-        fkc.interpolate(x0, x1, coef_for(2), 0)
+        fkc.interpolate(x0, x1, coef_for(2), 0.0, -1, [], 0)
 
 
 def test_missing_module_names_the_fallback(monkeypatch):
@@ -337,7 +341,7 @@ def test_missing_module_names_the_fallback(monkeypatch):
 def test_cpu_tensors_are_rejected():
     x = torch.zeros(2, 4)
     with pytest.raises(ValueError, match="x0: the cuda backend needs CUDA tensors"):
-        fkc.interpolate(x, x, coef_for(2), 0)
+        fkc.interpolate(x, x, coef_for(2), 0.0, -1, [], 0)
 
 
 # ------------------------------------------------------------------ steps
@@ -353,6 +357,9 @@ def step_table(rows, per_sample, churn=False):
     t = 0.1 + 0.7 * torch.rand(rows if per_sample else 1, generator=gen, dtype=torch.float64)
     s = t - 0.05 if churn else t + 0.1
     return flowkern.step_table("cosine", t, s, t_prev=t - 0.07, g=0.7, dtype=torch.float64)
+
+
+NT = ([], -1, [])  # the schemas' (times, kind, params) beside a given table
 
 
 def same(glue, cpu, like, n_out=1, noisy=False):
@@ -382,26 +389,26 @@ def test_step_glue_matches_cpu_ops(sim, dtype, shape):
         for k in range(4):
             for u, eu, w in ((None, None, 1.0), (pu, peu, 2.5)):
                 cfg = u is not None
-                same(lambda o: fks.euler_step(xt, pred, u, tab, k, w, o),
-                     lambda o: OPS.euler_step(x, pred, u, c, k, w, o), x)
-                same(lambda o: fks.heun_step(xt, pred, xe, pe, u, eu, tab, k, w, o),
-                     lambda o: OPS.heun_step(x, pred, xe, pe, u, eu, c, k, w, o), x)
+                same(lambda o: fks.euler_step(xt, pred, u, tab, *NT, k, w, False, o),
+                     lambda o: OPS.euler_step(x, pred, u, c, *NT, k, w, False, o), x)
+                same(lambda o: fks.heun_step(xt, pred, xe, pe, u, eu, tab, *NT, k, w, False, o),
+                     lambda o: OPS.heun_step(x, pred, xe, pe, u, eu, c, *NT, k, w, False, o), x)
                 for form in (0, 1):
-                    assert torch.equal(fks.ei_step(xt, pred, u, tab, k, form, w),
-                                       OPS.ei_step(x, pred, u, c, k, form, w))
-                    same(lambda o: fks.ei_step_out(xt, pred, u, tab, k, form, w, o),
-                         lambda o: OPS.ei_step_out(x, pred, u, c, k, form, w, o), x)
-                    for g, want in zip(fks.ei_step_backward(xt, tab, k, form, w, cfg),
-                                       OPS.ei_step_backward(x, c, k, form, w, cfg), strict=True):
+                    assert torch.equal(fks.ei_step(xt, pred, u, tab, *NT, k, form, w, False),
+                                       OPS.ei_step(x, pred, u, c, *NT, k, form, w, False))
+                    same(lambda o: fks.ei_step_out(xt, pred, u, tab, *NT, k, form, w, False, o),
+                         lambda o: OPS.ei_step_out(x, pred, u, c, *NT, k, form, w, False, o), x)
+                    for g, want in zip(fks.ei_step_backward(xt, tab, *NT, k, form, w, cfg),
+                                       OPS.ei_step_backward(x, c, *NT, k, form, w, cfg), strict=True):
                         assert torch.equal(g, want)
                 for d in (None, dp):
-                    same(lambda o, do: fks.dpmpp_2m_step(xt, pred, d, u, tab, k, w, o, do),
-                         lambda o, do: OPS.dpmpp_2m_step(x, pred, d, u, c, k, w, o, do), x, 2)
-                same(lambda o: fks.em_step(xt, pred, u, tab, k, w, 2 ** 40 + 3, 77, o),
-                     lambda o: OPS.em_step(x, pred, u, c, k, w, 2 ** 40 + 3, 77, o), x,
+                    same(lambda o, do: fks.dpmpp_2m_step(xt, pred, d, u, tab, *NT, k, w, False, o, do),
+                         lambda o, do: OPS.dpmpp_2m_step(x, pred, d, u, c, *NT, k, w, False, o, do), x, 2)
+                same(lambda o: fks.em_step(xt, pred, u, tab, *NT, k, w, 2 ** 40 + 3, 77, False, o),
+                     lambda o: OPS.em_step(x, pred, u, c, *NT, k, w, 2 ** 40 + 3, 77, False, o), x,
                      noisy=True)
-        same(lambda o: fks.churn(xt, ctab, 5, 2 ** 33, o),
-             lambda o: OPS.churn(x, cc, 5, 2 ** 33, o), x, noisy=True)
+        same(lambda o: fks.churn(xt, ctab, *NT, 5, 2 ** 33, False, o),
+             lambda o: OPS.churn(x, cc, *NT, 5, 2 ** 33, False, o), x, noisy=True)
     if rows:
         assert {s for _, s, _ in sim.calls} == {1234}
         assert {m for _, _, m in sim.calls} == {MAX_BLOCKS}
@@ -412,13 +419,13 @@ def test_steps_write_in_place(sim):
     x, pred = tensors(2, (4, 16), torch.float32)
     tab = step_table(4, True)
     want = torch.empty_like(x)
-    OPS.euler_step(x, pred, None, tab.float(), 1, 1.0, want)
-    fks.euler_step(x, pred, None, tab, 1, 1.0, x)
+    OPS.euler_step(x, pred, None, tab.float(), *NT, 1, 1.0, False, want)
+    fks.euler_step(x, pred, None, tab, *NT, 1, 1.0, False, x)
     assert torch.equal(x, want)
     outs = [torch.empty_like(x) for _ in range(3)]
-    assert fks.ei_step_backward(pred, tab, 0, 0, 2.0, True, outs) == outs
+    assert fks.ei_step_backward(pred, tab, *NT, 0, 0, 2.0, True, outs) == outs
     ei = torch.empty_like(x)
-    assert fks.ei_step(x, pred, None, tab, 2, 1, 1.0, ei) is ei
+    assert fks.ei_step(x, pred, None, tab, *NT, 2, 1, 1.0, False, ei) is ei
 
 
 def test_step_ops_match_their_schemas():
@@ -437,19 +444,18 @@ def test_step_ops_match_their_schemas():
 def test_step_bad_metadata_names_the_argument(sim):
     x, pred, pu = tensors(3, (4, 16), torch.float32)
     out = torch.empty_like(x)
-    with pytest.raises(ValueError, match="coef: expected a step table"):
-        fks.euler_step(x, pred, None, step_table(2, True), 0, 1.0, out)
-    with pytest.raises(ValueError, match="coef: expected a step table"):
-        fks.churn(x, torch.zeros(4, 4), 0, 0, out)
+    with pytest.raises(ValueError, match="table: expected a step table"):
+        fks.euler_step(x, pred, None, step_table(2, True), *NT, 0, 1.0, False, out)
+    with pytest.raises(ValueError, match="table: expected a step table"):
+        fks.churn(x, torch.zeros(4, 4), *NT, 0, 0, False, out)
     with pytest.raises(ValueError, match="pred_uncond: expected"):
-        fks.em_step(x, pred, pu[:, :8], step_table(4, True), 0, 2.0, 0, 0, out)
+        fks.em_step(x, pred, pu[:, :8], step_table(4, True), *NT, 0, 2.0, 0, 0, False, out)
     with pytest.raises(ValueError, match="give both unconditional predictions or neither"):
-        fks.heun_step(x, pred, x, pred, pu, None, step_table(1, False), 0, 2.0, out)
+        fks.heun_step(x, pred, x, pred, pu, None, step_table(1, False), *NT, 0, 2.0, False, out)
     with pytest.raises(ValueError, match="outs: expected 3 gradients"):
-        fks.ei_step_backward(x, step_table(1, False), 0, 0, 2.0, True, [out, out])
+        fks.ei_step_backward(x, step_table(1, False), *NT, 0, 0, 2.0, True, [out, out])
     with pytest.raises(ValueError, match="d_out: must be contiguous"):
-        fks.dpmpp_2m_step(x, pred, None, None, step_table(1, False), 1, 1.0, out,
-                          torch.empty(16, 4).t())
+        fks.dpmpp_2m_step(x, pred, None, None, step_table(1, False), *NT, 1, 1.0, False, out, torch.empty(16, 4).t())
 
 
 # ---------------------------------------------------------- flow-map loss
@@ -572,7 +578,7 @@ def test_flowmap_bad_metadata_names_the_argument(sim):
     tab = step_table(4, True)
     with pytest.raises(ValueError, match="target: expected"):
         fkm.flowmap_loss_rows(x, pred, target[:, :8], tab, 1, 0)
-    with pytest.raises(ValueError, match="coef: expected a step table"):
+    with pytest.raises(ValueError, match="table: expected a step table"):
         fkm.flowmap_loss_rows(x, pred, target, step_table(2, True), 1, 0)
     with pytest.raises(ValueError, match="grad_rows: expected shape"):
         fkm.flowmap_loss_backward(torch.zeros(3), x, pred, target, tab, 1, 0, True, True)

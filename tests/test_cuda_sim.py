@@ -148,17 +148,20 @@ NI = {"interpolate": 2, "interpolate_backward": 2, "convert": 2, "convert_backwa
 
 
 def cpu_op(op, inputs, coef, params, grad_rows):
+    """The CPU op of the kernel `op`, given the table (kind -1) as the kernel is."""
+    tab = (coef, 0.0, -1, [])
     if op == "interpolate":
-        return OPS.interpolate(*inputs, coef, *params)
+        return OPS.interpolate(*inputs, *tab, *params, False)
     if op == "interpolate_backward":
-        return OPS.interpolate_backward(*inputs, coef, *params)
-    if op == "convert":
-        return (OPS.convert(*inputs, coef, *params),)
-    if op == "convert_backward":
-        return OPS.convert_backward(*inputs, coef, *params)
-    if op == "fm_loss_backward_pred":
-        return (OPS.fm_loss_backward_pred(grad_rows, *inputs, coef, *params),)
-    return OPS.fm_loss_backward(grad_rows, *inputs, coef, *params)
+        return OPS.interpolate_backward(*inputs, *tab, *params)
+    if op == "convert":  # the kernel's inputs are (x, pred), the op's (pred, x_t)
+        return (OPS.convert(inputs[1], inputs[0], *tab, *params, False),)
+    if op == "convert_backward":  # the kernel writes (g_x, g_pred), the op returns (g_pred, g_x)
+        return OPS.convert_backward(*inputs, *tab, *params)[::-1]
+    # The kernel's per-row gradient is the op's: reduction "sum" (1) of a unit
+    # gradient with the weights w = grad_rows.
+    nout = 1 if op == "fm_loss_backward_pred" else 3
+    return OPS.fm_loss_backward(torch.ones(()), *inputs, *tab, *params, grad_rows, 1, nout)
 
 
 def check_lincomb(op, params, dtype, shape, offset, max_blocks, seed=0):
@@ -259,8 +262,9 @@ def test_fm_loss_partial(dtype, target):
             assert nchunks == (max(1, -(-inner // clen)))
             assert partial.shape == (rows, nchunks) and partial.dtype == acc(dtype)
             got = partial.sum(1)
-            cpu = OPS.fm_loss_rows(*inputs, coef, target)
-            torch.testing.assert_close(got, cpu, rtol=64 * ac.eps, atol=0, msg=what)
+            if dtype in (torch.float32, torch.float64):  # the op's per-sample means are in dtype
+                cpu = OPS.fm_loss(*inputs, coef, 0.0, -1, [], target, None, 2, False) * inner
+                torch.testing.assert_close(got, cpu, rtol=64 * ac.eps, atol=0, msg=what)
             ref, scale = loss_reference(inputs, coef, target)
             err = np.abs(got.double().numpy().astype(LD) - ref)
             assert (err <= 64 * ac.eps * scale).all(), what

@@ -52,23 +52,24 @@ def cpu_step(op, ins, table, pred, variant, cfg, w, seed, offset):
     x = ins[0]
     out, d_out = torch.empty_like(x), torch.empty_like(x)
     pu = ins[-1] if cfg else None
+    tab = (table, [], -1, [])  # the schemas' coefficient arguments: a table as given
     if op == "euler_step":
-        OPS.euler_step(x, ins[1], pu, table, pred, w, out)
+        OPS.euler_step(x, ins[1], pu, *tab, pred, w, False, out)
     elif op == "heun_step":
-        OPS.heun_step(*ins[:4], ins[4] if cfg else None, ins[5] if cfg else None, table, pred,
-                      w, out)
+        OPS.heun_step(*ins[:4], ins[4] if cfg else None, ins[5] if cfg else None, *tab, pred,
+                      w, False, out)
     elif op == "ei_step":
-        out = OPS.ei_step(x, ins[1], pu, table, pred, variant, w)
+        out = OPS.ei_step(x, ins[1], pu, *tab, pred, variant, w, False)
     elif op == "ei_step_backward":
-        return list(OPS.ei_step_backward(x, table, pred, variant, w, cfg))
+        return list(OPS.ei_step_backward(x, *tab, pred, variant, w, cfg))
     elif op == "dpmpp_2m_step":
-        OPS.dpmpp_2m_step(x, ins[1], ins[2] if variant else None, pu, table, pred, w, out,
+        OPS.dpmpp_2m_step(x, ins[1], ins[2] if variant else None, pu, *tab, pred, w, False, out,
                           d_out)
         return [out, d_out]
     elif op == "em_step":
-        OPS.em_step(x, ins[1], pu, table, pred, w, seed, offset, out)
+        OPS.em_step(x, ins[1], pu, *tab, pred, w, seed, offset, False, out)
     else:
-        OPS.churn(x, table, seed, offset, out)
+        OPS.churn(x, *tab, seed, offset, False, out)
     return [out]
 
 

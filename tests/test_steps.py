@@ -200,20 +200,29 @@ def test_opcheck(ns):
                         t_prev=torch.tensor([0.1, 0.3, 0.4]), g=0.5, device=DEVICE)
     shared = tab[:1].contiguous()
     o, o2 = torch.empty_like(x), torch.empty_like(x)
-    for c in (tab, shared):
+    # the coefficient arguments (table, times, kind, params): a per-sample and a
+    # shared table; on the native ops also float times + a built-in schedule
+    coefs = [(tab, [], -1, []), (shared, [], -1, [])]
+    if ns == "flowkern":
+        coefs += [(None, [0.2, 0.3, 0.1, 0.5], 3, [0.1, 20.0]),
+                  (None, [0.4, 0.45, float("nan"), 0.0], 1, [])]
+    for c in coefs:
         for pred in range(4):
-            torch.library.opcheck(ops.euler_step, (x, p, pu, c, pred, 2.0, o))
-            torch.library.opcheck(ops.euler_step, (x, p, None, c, pred, 1.0, o))
-            torch.library.opcheck(ops.heun_step, (x, p, xe, pe, pu, pe, c, pred, 2.0, o))
-            torch.library.opcheck(ops.ei_step_out, (x, p, None, c, pred, 1, 1.0, o))
-            torch.library.opcheck(ops.dpmpp_2m_step, (x, p, dp, pu, c, pred, 1.5, o, o2))
-            torch.library.opcheck(ops.dpmpp_2m_step, (x, p, None, None, c, pred, 1.0, o, o2))
-            torch.library.opcheck(ops.em_step, (x, p, pu, c, pred, 2.0, 3, 5, o))
-            torch.library.opcheck(ops.ei_step_backward, (x, c, pred, 0, 1.5, True))
+            torch.library.opcheck(ops.euler_step, (x, p, pu, *c, pred, 2.0, True, o))
+            torch.library.opcheck(ops.euler_step, (x, p, None, *c, pred, 1.0, True, o))
+            torch.library.opcheck(ops.heun_step, (x, p, xe, pe, pu, pe, *c, pred, 2.0, True, o))
+            torch.library.opcheck(ops.ei_step_out, (x, p, None, *c, pred, 1, 1.0, True, o))
+            torch.library.opcheck(ops.dpmpp_2m_step, (x, p, dp, pu, *c, pred, 1.5, True, o, o2))
+            torch.library.opcheck(ops.dpmpp_2m_step,
+                                  (x, p, None, None, *c, pred, 1.0, True, o, o2))
+            torch.library.opcheck(ops.em_step, (x, p, pu, *c, pred, 2.0, 3, 5, True, o))
+            torch.library.opcheck(ops.ei_step_backward, (x, *c, pred, 0, 1.5, True))
         xg, pg, pug = (v.clone().requires_grad_() for v in (x, p, pu))
-        torch.library.opcheck(ops.ei_step, (xg, pg, pug, c, 1, 0, 1.5))
-        torch.library.opcheck(ops.ei_step, (xg, pg, None, c, 2, 1, 1.0))
-        torch.library.opcheck(ops.churn, (x, c, 11, 0, o))
+        torch.library.opcheck(ops.ei_step.default, (xg, pg, pug, *c, 1, 0, 1.5, True))
+        torch.library.opcheck(ops.ei_step.default, (xg, pg, None, *c, 2, 1, 1.0, True))
+        if ns == "flowkern":
+            torch.library.opcheck(ops.ei_step.nograd, (x, p, pu, *c, 1, 0, 1.5, True))
+        torch.library.opcheck(ops.churn, (x, *c, 11, 0, True, o))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -275,26 +275,53 @@ def _namespaces():
     return out
 
 
+def _coef_args(ns, kw):
+    """Coefficient arguments (t, t_value, kind, params) of the schemas: the
+    native ops take times + a built-in schedule, a float time, or a table
+    (kind -1); the triton ops are always given a table."""
+    t = torch.tensor([0.1, 0.5, 0.8], **kw)
+    table = coefficients("cosine", t, 3, torch.float32)
+    out = [(table, 0.0, -1, [])]
+    if ns == "flowkern":
+        out += [(t, 0.0, 1, []), (None, 0.3, 3, [0.1, 20.0]), (t[:1], 0.0, 5, [0.002, 80.0, 7.0])]
+    return out
+
+
 @pytest.mark.parametrize("ns", _namespaces())
 def test_opcheck(ns):
     ops = getattr(torch.ops, ns)
     kw = dict(device=DEVICE)
     x0, x1, p = (torch.randn(3, 7, **kw, requires_grad=True) for _ in range(3))
-    coef = coefficients("cosine", torch.tensor([0.1, 0.5, 0.8], **kw), 3, torch.float32)
-    g = torch.randn(3, **kw)
-    for target in range(4):
-        torch.library.opcheck(ops.interpolate, (x0, x1, coef, target))
-        torch.library.opcheck(ops.fm_loss_rows, (p, x0, x1, coef, target))
-        torch.library.opcheck(ops.fm_loss_backward, (g, p.detach(), x0.detach(), x1.detach(),
-                                                     coef, target))
-        torch.library.opcheck(ops.fm_loss_backward_pred,
-                              (g, p.detach(), x0.detach(), x1.detach(), coef, target))
-        torch.library.opcheck(ops.interpolate_backward, (x0.detach(), x1.detach(), coef, target))
-        for dst in range(4):
-            torch.library.opcheck(ops.convert, (x0, p, coef, target, dst))
-            torch.library.opcheck(ops.convert_backward, (x0.detach(), coef, target, dst))
-    out = (torch.empty(3, 7, **kw), torch.empty(3, 7, **kw))
-    torch.library.opcheck(ops.interpolate_out, (x0.detach(), x1.detach(), coef, 0, *out))
+    x1b = torch.randn(1, 7, **kw, requires_grad=True)  # broadcast over the batch
+    w = torch.rand(3, **kw)
+    overloads = ["default"] + (["nograd"] if ns == "flowkern" else [])
+    for coef in _coef_args(ns, kw):
+        for target in range(4):
+            for ov in overloads:
+                grad = ov == "default"
+                a, b, q = (v if grad else v.detach() for v in (x0, x1, p))
+                xb = x1b if grad and ns == "flowkern" else b
+                torch.library.opcheck(getattr(ops.interpolate, ov), (a, xb, *coef, target, True))
+                for red, wt in ((0, None), (1, w), (2, w)):
+                    torch.library.opcheck(getattr(ops.fm_loss, ov),
+                                          (q, a, b, *coef, target, wt, red, True))
+            for red, gshape in ((0, ()), (2, (3,))):
+                g = torch.randn(gshape, **kw)
+                for nout in (1, 3):
+                    torch.library.opcheck(ops.fm_loss_backward,
+                                          (g, p.detach(), x0.detach(), x1.detach(), *coef,
+                                           target, w, red, nout))
+            torch.library.opcheck(ops.interpolate_backward,
+                                  (x0.detach(), x1.detach(), *coef, target))
+            for dst in range(4):
+                for ov in overloads:
+                    a, q = (x0, p) if ov == "default" else (x0.detach(), p.detach())
+                    torch.library.opcheck(getattr(ops.convert, ov),
+                                          (q, a, *coef, target, dst, False))
+                torch.library.opcheck(ops.convert_backward, (x0.detach(), *coef, target, dst))
+        out = (torch.empty(3, 7, **kw), torch.empty(3, 7, **kw))
+        torch.library.opcheck(ops.interpolate_out,
+                              (x0.detach(), x1.detach(), *coef, 0, True, *out))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])

@@ -48,8 +48,8 @@ template <class T> T* mptr(at::Tensor& t) { return reinterpret_cast<T*>(t.mutabl
 // Only where THP is "madvise" or "always"; elsewhere madvise fails harmlessly.
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kHugeOutputBytes = 4 * kHugePage;  // flowkern/ops/_registry.py gates on it too
-inline at::Tensor empty_output(const at::Tensor& like) {
-  auto out = at::empty(like.sizes(), like.options());
+inline at::Tensor empty_output(const at::Tensor& like, at::IntArrayRef shape) {
+  auto out = at::empty(shape, like.options());
   const size_t bytes = out.nbytes();
   if (bytes >= kHugeOutputBytes) {
     const uintptr_t p = reinterpret_cast<uintptr_t>(out.mutable_data_ptr());
@@ -59,6 +59,7 @@ inline at::Tensor empty_output(const at::Tensor& like) {
   }
   return out;
 }
+inline at::Tensor empty_output(const at::Tensor& like) { return empty_output(like, like.sizes()); }
 
 // Rows of a (B, ...) tensor and their length.
 inline i64 rows_of(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }

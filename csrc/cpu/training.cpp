@@ -1,212 +1,328 @@
 // CPU kernels of the training op family and the flowkern:: schemas they
-// implement. Validation with user-facing messages happens in
-// flowkern/ops/training.py; the TORCH_CHECKs here guard direct callers of
-// torch.ops.flowkern.*.
+// implement. Each public call (flowkern/ops/training.py) is one call of one
+// of these ops: the argument checks (args.h), the coefficients (coef_args.h),
+// broadcasting, the kernel and the loss reduction all happen here.
+//
+// Coefficient arguments, in every schema: `Tensor? t, float t_value, int
+// kind, float[] params` (coef_args.h). `check`: check the times' range and
+// the divisions the target needs (the public functions pass False where a
+// caller has checked them already). Ops with a `.nograd` overload run the
+// same kernel without the Python autograd kernel of the default overload:
+// the public function calls it when no input needs a gradient.
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <array>
+#include <vector>
 
+#include "args.h"
+#include "coef_args.h"
 #include "dispatch.h"
 #include "flowkern/training.h"
 
 namespace flowkern_cpu {
 namespace {
 
-void check_coef(const at::Tensor& coef, const at::Tensor& x, const char* op) {
-  const auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(coef.scalar_type() == want, op, ": coef must be ", want, " for ", x.scalar_type(),
-              " inputs");
-  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == rows_of(x) && coef.size(1) == 4, op,
-              ": coef must have shape (B, 4)");
+using OptT = c10::optional<at::Tensor>;
+constexpr int64_t kPreds = 4;  // flowkern/_enums.py PREDICTIONS
+enum Reduction : int64_t { MEAN = 0, SUM = 1, NONE = 2 };  // flowkern/_validate.py REDUCTIONS
+
+#define FK_COEF_ARGS const OptT &t, double t_value, int64_t kind, at::ArrayRef<double> params
+#define FK_COEF_PASS t, t_value, kind, params
+
+template <class A> void check_score_sigma(const HostCoef<A>& c, int64_t target) {
+  if (target == fk::SCORE)
+    check_nonzero(c, "t", "sigma_t", "the score target -x0/sigma_t is undefined there",
+                  [](fk::Sched<A> s) { return s.sigma; });
 }
 
-void check_same(const at::Tensor& a, const at::Tensor& b, const char* op) {
-  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(), op,
-              ": tensors must share shape and dtype");
+// The functor FnT<A> over the op's coefficient table.
+template <template <class> class FnT, class A, class... Extra>
+FnT<A> make_fn(const HostCoef<A>& c, Extra... extra) {
+  FnT<A> fn{c.table, extra...};
+  fn.row_step = c.row_step();
+  return fn;
 }
 
-template <class T, template <class> class FnT, class... Extra>
-auto make_fn(const at::Tensor& coef, Extra... extra) {
-  using A = fk::acc_t<T>;
-  return FnT<A>{cptr<A>(coef), extra...};
-}
-
-void interpolate_out(const at::Tensor& x0_, const at::Tensor& x1_, const at::Tensor& coef_,
-                     int64_t target, at::Tensor& xt, at::Tensor& y) {
-  check_same(x0_, x1_, "interpolate");
-  check_same(x0_, xt, "interpolate");
-  check_same(x0_, y, "interpolate");
-  check_coef(coef_, x0_, "interpolate");
-  TORCH_CHECK(xt.is_contiguous() && y.is_contiguous(), "interpolate: outputs must be contiguous");
-  const auto x0 = x0_.contiguous(), x1 = x1_.contiguous(), coef = coef_.contiguous();
-  dispatch_dtype(x0, "interpolate", [&](auto tag) {
+void interpolate_into(const at::Tensor& x0, const at::Tensor& x1, FK_COEF_ARGS, int64_t target,
+                      bool check, at::Tensor& xt, at::Tensor& y, at::IntArrayRef shape) {
+  check_code("target", target, kPreds);
+  const auto a = dense(x0, shape), b = dense(x1, shape);
+  dispatch_dtype(a, "interpolate", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto fn = make_fn<T, fk::InterpolateFn>(coef, int(target));
-    run_lincomb<T>(fn, rows_of(x0), inner_of(x0), {{cptr<T>(x0), cptr<T>(x1)}},
-                   {{mptr<T>(xt), mptr<T>(y)}});
+    using A = fk::acc_t<T>;
+    const auto c = host_coef<A>(FK_COEF_PASS, rows_of(a), a, check);
+    if (check) check_score_sigma(c, target);
+    run_lincomb<T>(make_fn<fk::InterpolateFn>(c, int(target)), rows_of(a), inner_of(a),
+                   {{cptr<T>(a), cptr<T>(b)}}, {{mptr<T>(xt), mptr<T>(y)}});
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> interpolate(const at::Tensor& x0, const at::Tensor& x1,
-                                               const at::Tensor& coef, int64_t target) {
-  auto xt = empty_output(x0);
-  auto y = empty_output(x0);
-  interpolate_out(x0, x1, coef, target, xt, y);
+                                               FK_COEF_ARGS, int64_t target, bool check) {
+  const auto shape = common_shape({{"x0", &x0}, {"x1", &x1}});
+  auto xt = empty_output(x0, shape);
+  auto y = empty_output(x0, shape);
+  interpolate_into(x0, x1, FK_COEF_PASS, target, check, xt, y, shape);
   return {xt, y};
 }
 
+void interpolate_out(const at::Tensor& x0, const at::Tensor& x1, FK_COEF_ARGS, int64_t target,
+                     bool check, at::Tensor& xt, at::Tensor& y) {
+  const auto shape = common_shape({{"x0", &x0}, {"x1", &x1}});
+  check_out("out[0]", xt, shape, x0);
+  check_out("out[1]", y, shape, x0);
+  interpolate_into(x0, x1, FK_COEF_PASS, target, check, xt, y, shape);
+}
+
 std::tuple<at::Tensor, at::Tensor> interpolate_backward(const at::Tensor& gxt_,
-                                                        const at::Tensor& gy_,
-                                                        const at::Tensor& coef_,
+                                                        const at::Tensor& gy_, FK_COEF_ARGS,
                                                         int64_t target) {
-  check_same(gxt_, gy_, "interpolate_backward");
-  check_coef(coef_, gxt_, "interpolate_backward");
-  const auto gxt = gxt_.contiguous(), gy = gy_.contiguous(), coef = coef_.contiguous();
-  auto gx0 = empty_output(gxt);
-  auto gx1 = empty_output(gxt);
+  check_code("target", target, kPreds);
+  const auto shape = common_shape({{"grad_xt", &gxt_}, {"grad_y", &gy_}});
+  const auto gxt = dense(gxt_, shape), gy = dense(gy_, shape);
+  auto gx0 = empty_output(gxt, shape);
+  auto gx1 = empty_output(gxt, shape);
   dispatch_dtype(gxt, "interpolate_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto fn = make_fn<T, fk::InterpolateBwdFn>(coef, int(target));
-    run_lincomb<T>(fn, rows_of(gxt), inner_of(gxt), {{cptr<T>(gxt), cptr<T>(gy)}},
-                   {{mptr<T>(gx0), mptr<T>(gx1)}});
+    using A = fk::acc_t<T>;
+    const auto c = host_coef<A>(FK_COEF_PASS, rows_of(gxt), gxt, false);
+    run_lincomb<T>(make_fn<fk::InterpolateBwdFn>(c, int(target)), rows_of(gxt), inner_of(gxt),
+                   {{cptr<T>(gxt), cptr<T>(gy)}}, {{mptr<T>(gx0), mptr<T>(gx1)}});
   });
   return {gx0, gx1};
 }
 
-at::Tensor convert(const at::Tensor& x_, const at::Tensor& pred_, const at::Tensor& coef_,
-                   int64_t src, int64_t dst) {
-  check_same(x_, pred_, "convert");
-  check_coef(coef_, x_, "convert");
-  const auto x = x_.contiguous(), pred = pred_.contiguous(), coef = coef_.contiguous();
-  auto out = empty_output(x);
+// The divisions each conversion needs (DESIGN §3), as flowkern/ops/training.py
+// _DIVIDES lists them for the Python backends: [src][dst] in the order of
+// flowkern/_enums.py (velocity, x1, eps, score).
+enum : int { BY_SIGMA = 1, BY_ALPHA = 2, BY_DET = 4 };
+constexpr int kDivides[4][4] = {{0, BY_DET, BY_DET, BY_DET | BY_SIGMA},
+                                {BY_SIGMA, 0, BY_SIGMA, BY_SIGMA},
+                                {BY_ALPHA, BY_ALPHA, 0, BY_SIGMA},
+                                {BY_ALPHA, BY_ALPHA, 0, 0}};
+
+template <class A> void check_convert(const HostCoef<A>& c, int64_t src, int64_t dst) {
+  static const char* names[] = {"velocity", "x1", "eps", "score"};
+  const int need = kDivides[src][dst];
+  const std::string why =
+      std::string("converting ") + names[src] + " -> " + names[dst] + " divides by it";
+  if (need & BY_SIGMA)
+    check_nonzero(c, "t", "sigma_t", why.c_str(), [](fk::Sched<A> s) { return s.sigma; });
+  if (need & BY_ALPHA)
+    check_nonzero(c, "t", "alpha_t", why.c_str(), [](fk::Sched<A> s) { return s.alpha; });
+  if (need & BY_DET)
+    check_nonzero(c, "t", "alpha*d_sigma - sigma*d_alpha", why.c_str(),
+                  [](fk::Sched<A> s) { return s.alpha * s.d_sigma - s.sigma * s.d_alpha; });
+}
+
+at::Tensor convert(const at::Tensor& pred_, const at::Tensor& x_, FK_COEF_ARGS, int64_t src,
+                   int64_t dst, bool check) {
+  check_code("src", src, kPreds);
+  check_code("dst", dst, kPreds);
+  const auto shape = common_shape({{"pred", &pred_}, {"x_t", &x_}});
+  const auto x = dense(x_, shape), pred = dense(pred_, shape);
+  auto out = empty_output(x, shape);
   dispatch_dtype(x, "convert", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto fn = make_fn<T, fk::ConvertFn>(coef, int(src), int(dst));
-    run_lincomb<T>(fn, rows_of(x), inner_of(x), {{cptr<T>(x), cptr<T>(pred)}},
-                   {{mptr<T>(out)}});
+    using A = fk::acc_t<T>;
+    const auto c = host_coef<A>(FK_COEF_PASS, rows_of(x), x, check);
+    if (check) check_convert(c, src, dst);
+    run_lincomb<T>(make_fn<fk::ConvertFn>(c, int(src), int(dst)), rows_of(x), inner_of(x),
+                   {{cptr<T>(x), cptr<T>(pred)}}, {{mptr<T>(out)}});
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> convert_backward(const at::Tensor& g_,
-                                                    const at::Tensor& coef_, int64_t src,
-                                                    int64_t dst) {
-  check_coef(coef_, g_, "convert_backward");
-  const auto g = g_.contiguous(), coef = coef_.contiguous();
-  auto gx = empty_output(g);
-  auto gp = empty_output(g);
+// Gradients (g_pred, g_x) of convert.
+std::tuple<at::Tensor, at::Tensor> convert_backward(const at::Tensor& g_, FK_COEF_ARGS,
+                                                    int64_t src, int64_t dst) {
+  check_code("src", src, kPreds);
+  check_code("dst", dst, kPreds);
+  check_batch("grad", g_);
+  const auto g = g_.contiguous();
+  auto gx = empty_output(g, g.sizes());
+  auto gp = empty_output(g, g.sizes());
   dispatch_dtype(g, "convert_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto fn = make_fn<T, fk::ConvertBwdFn>(coef, int(src), int(dst));
-    run_lincomb<T>(fn, rows_of(g), inner_of(g), {{cptr<T>(g)}}, {{mptr<T>(gx), mptr<T>(gp)}});
+    using A = fk::acc_t<T>;
+    const auto c = host_coef<A>(FK_COEF_PASS, rows_of(g), g, false);
+    run_lincomb<T>(make_fn<fk::ConvertBwdFn>(c, int(src), int(dst)), rows_of(g), inner_of(g),
+                   {{cptr<T>(g)}}, {{mptr<T>(gx), mptr<T>(gp)}});
   });
-  return {gx, gp};
+  return {gp, gx};
 }
 
-// Per-row sum of (pred - y)^2 in the accumulation dtype, shape (B,).
-at::Tensor fm_loss_rows(const at::Tensor& pred_, const at::Tensor& x0_, const at::Tensor& x1_,
-                        const at::Tensor& coef_, int64_t target) {
-  check_same(pred_, x0_, "fm_loss_rows");
-  check_same(pred_, x1_, "fm_loss_rows");
-  check_coef(coef_, pred_, "fm_loss_rows");
-  const auto pred = pred_.contiguous(), x0 = x0_.contiguous(), x1 = x1_.contiguous();
-  const auto coef = coef_.contiguous();
+// A small host tensor's values as doubles (any real dtype, any stride).
+std::vector<double> read_doubles(const at::Tensor& x) {
+  std::vector<double> v(size_t(x.numel()));
+  if (v.empty()) return v;
+  const int64_t stride = x.dim() == 0 ? 0 : x.stride(0);
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "read", [&] {
+    const scalar_t* p = x.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) v[i] = double(p[int64_t(i) * stride]);
+  });
+  return v;
+}
+
+// The optional per-sample weight (1 or rows values; empty: none).
+std::vector<double> read_weight(const OptT& weight, int64_t rows, const at::Tensor& like) {
+  if (!weight.has_value()) return {};
+  const at::Tensor& w = *weight;
+  TORCH_CHECK_VALUE(w.device() == like.device(), "weight: on ", w.device(),
+                    " but the data is on ", like.device());
+  TORCH_CHECK_VALUE(w.dim() <= 1 && (w.numel() == 1 || w.numel() == rows),
+                    "weight: expected shape (", rows, ",) or a scalar, got ",
+                    py_shape(w.sizes()));
+  TORCH_CHECK_TYPE(!w.is_complex(), "weight: expected a real tensor, got ",
+                   py_dtype(w.scalar_type()));
+  return read_doubles(w);
+}
+
+// Dense (pred, x0, x1) of one broadcast shape.
+std::array<at::Tensor, 3> loss_inputs(const at::Tensor& pred, const at::Tensor& x0,
+                                      const at::Tensor& x1, at::DimVector& shape) {
+  shape = common_shape({{"pred", &pred}, {"x0", &x0}, {"x1", &x1}});
+  return {dense(pred, shape), dense(x0, shape), dense(x1, shape)};
+}
+
+// flow_matching_loss: mean / sum over all elements of w_b (pred - y)^2, or the
+// per-sample mean over the features (reduction NONE, shape (B,)); in pred's
+// dtype. Row sums are per-segment partials summed in double on the host.
+at::Tensor fm_loss(const at::Tensor& pred_, const at::Tensor& x0_, const at::Tensor& x1_,
+                   FK_COEF_ARGS, int64_t target, const OptT& weight, int64_t reduction,
+                   bool check) {
+  check_code("target", target, kPreds);
+  TORCH_CHECK_VALUE(reduction >= MEAN && reduction <= NONE,
+                    "reduction: expected 'mean', 'sum' or 'none', got code ", reduction);
+  at::DimVector shape;
+  const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
   const i64 rows = rows_of(pred), inner = inner_of(pred);
+  const auto w = read_weight(weight, rows, pred);
   const i64 seg = std::max<i64>(1, std::min(inner, kSegment));
   const i64 nseg = inner == 0 ? 1 : (inner + seg - 1) / seg;
-  auto partial = at::zeros({rows, nseg}, coef.options());
-  dispatch_dtype(pred, "fm_loss_rows", [&](auto tag) {
+  std::vector<double> sums(size_t(rows), 0.0);
+  dispatch_dtype(pred, "flow_matching_loss", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
-    auto fn = make_fn<T, fk::LossResidualFn>(coef, int(target));
-    A* out = mptr<A>(partial);
+    const auto c = host_coef<A>(FK_COEF_PASS, rows, pred, check);
+    if (check) check_score_sigma(c, target);
+    const auto fn = make_fn<fk::LossResidualFn>(c, int(target));
+    std::vector<A> partial(size_t(rows * nseg), A(0));
     const fk::Ptrs<T, 3> in{{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}};
     for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
-      out[r * nseg + e0 / seg] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
+      partial[size_t(r * nseg + e0 / seg)] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
     });
+    for (i64 r = 0; r < rows; ++r)
+      for (i64 k = 0; k < nseg; ++k) sums[size_t(r)] += double(partial[size_t(r * nseg + k)]);
   });
-  return partial.sum(1);
+  if (!w.empty())
+    for (i64 r = 0; r < rows; ++r) sums[size_t(r)] *= w[w.size() == 1 ? 0 : size_t(r)];
+  const double denom = double(std::max<i64>(inner, 1));
+  if (reduction == NONE) {
+    at::Tensor out = at::empty({rows}, pred.options());
+    dispatch_dtype(pred, "flow_matching_loss", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      T* o = mptr<T>(out);
+      for (i64 r = 0; r < rows; ++r) fk::store(o, r, fk::acc_t<T>(sums[size_t(r)] / denom));
+    });
+    return out;
+  }
+  double total = 0;
+  for (double s : sums) total += s;
+  if (reduction == MEAN) total /= double(std::max<i64>(rows * inner, 1));
+  at::Tensor out = at::empty({}, pred.options());
+  dispatch_dtype(pred, "flow_matching_loss", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    fk::store(mptr<T>(out), 0, fk::acc_t<T>(total));
+  });
+  return out;
 }
 
-void check_loss_backward(const at::Tensor& grad_rows, const at::Tensor& pred,
-                         const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& coef,
-                         const char* op) {
-  check_same(pred, x0, op);
-  check_same(pred, x1, op);
-  check_coef(coef, pred, op);
-  TORCH_CHECK(grad_rows.numel() == rows_of(pred) && grad_rows.scalar_type() == coef.scalar_type(),
-              op, ": grad_rows must be (B,) in the coefficient dtype");
-}
-
-// The loss gradients: NO = 3 gives (g_pred, g_x0, g_x1), NO = 1 g_pred alone.
-template <int NO>
-std::array<at::Tensor, NO> loss_backward(const at::Tensor& grad_rows_, const at::Tensor& pred_,
+// Gradients of fm_loss from that of its output `grad` (a scalar, or (B,) for
+// NONE): (g_pred) when nout = 1, (g_pred, g_x0, g_x1) when nout = 3, each of
+// the broadcast shape (the autograd formula reduces them to the inputs').
+std::vector<at::Tensor> fm_loss_backward(const at::Tensor& grad, const at::Tensor& pred_,
                                          const at::Tensor& x0_, const at::Tensor& x1_,
-                                         const at::Tensor& coef_, int64_t target,
-                                         const char* op) {
-  check_loss_backward(grad_rows_, pred_, x0_, x1_, coef_, op);
-  const auto pred = pred_.contiguous(), x0 = x0_.contiguous(), x1 = x1_.contiguous();
-  const auto coef = coef_.contiguous(), grad_rows = grad_rows_.contiguous();
-  std::array<at::Tensor, NO> g;
-  for (auto& gk : g) gk = empty_output(pred);
-  dispatch_dtype(pred, op, [&](auto tag) {
+                                         FK_COEF_ARGS, int64_t target, const OptT& weight,
+                                         int64_t reduction, int64_t nout) {
+  check_code("target", target, kPreds);
+  TORCH_CHECK(nout == 1 || nout == 3, "fm_loss_backward: nout must be 1 or 3");
+  at::DimVector shape;
+  const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
+  const i64 rows = rows_of(pred), inner = inner_of(pred);
+  const auto w = read_weight(weight, rows, pred);
+  TORCH_CHECK(grad.device() == pred.device() &&
+                  (reduction == NONE ? grad.numel() == rows : grad.numel() == 1),
+              "fm_loss_backward: grad must be a scalar, or (B,) for reduction 'none'");
+  const std::vector<double> gv = read_doubles(grad);
+  const double* gp = gv.data();
+  const double scale = reduction == MEAN ? 1.0 / double(std::max<i64>(rows * inner, 1))
+                       : reduction == NONE ? 1.0 / double(std::max<i64>(inner, 1))
+                                           : 1.0;
+  std::vector<at::Tensor> g(static_cast<size_t>(nout));
+  for (auto& gk : g) gk = empty_output(pred, shape);
+  dispatch_dtype(pred, "fm_loss_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
-    fk::LossBwdFn<A, NO> fn{cptr<A>(coef), cptr<A>(grad_rows), int(target)};
-    fk::OutPtrs<T, NO> out;
-    for (int k = 0; k < NO; ++k) out.p[k] = mptr<T>(g[k]);
-    run_lincomb<T>(fn, rows_of(pred), inner_of(pred),
-                   {{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}}, out);
+    const auto c = host_coef<A>(FK_COEF_PASS, rows, pred, false);
+    std::vector<A> grad_rows(static_cast<size_t>(rows));
+    for (i64 r = 0; r < rows; ++r) {
+      const double wr = w.empty() ? 1.0 : w[w.size() == 1 ? 0 : size_t(r)];
+      grad_rows[size_t(r)] = A(gp[reduction == NONE ? r : 0] * scale * wr);
+    }
+    const fk::Ptrs<T, 3> in{{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}};
+    const auto go = [&](auto fn) {
+      using Fn = decltype(fn);
+      fn.row_step = c.row_step();
+      fk::OutPtrs<T, Fn::NO> out;
+      for (int k = 0; k < Fn::NO; ++k) out.p[k] = mptr<T>(g[size_t(k)]);
+      run_lincomb<T>(fn, rows, inner, in, out);
+    };
+    if (nout == 1) go(fk::LossBwdFn<A, 1>{c.table, grad_rows.data(), int(target)});
+    else go(fk::LossBwdFn<A, 3>{c.table, grad_rows.data(), int(target)});
   });
   return g;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fm_loss_backward(
-    const at::Tensor& grad_rows, const at::Tensor& pred, const at::Tensor& x0,
-    const at::Tensor& x1, const at::Tensor& coef, int64_t target) {
-  auto g = loss_backward<3>(grad_rows, pred, x0, x1, coef, target, "fm_loss_backward");
-  return {g[0], g[1], g[2]};
-}
-
-at::Tensor fm_loss_backward_pred(const at::Tensor& grad_rows, const at::Tensor& pred,
-                                 const at::Tensor& x0, const at::Tensor& x1,
-                                 const at::Tensor& coef, int64_t target) {
-  return loss_backward<1>(grad_rows, pred, x0, x1, coef, target, "fm_loss_backward_pred")[0];
-}
-
 }  // namespace
 
+#define FK_COEF_SCHEMA "Tensor? t, float t_value, int kind, float[] params"
+
 TORCH_LIBRARY_FRAGMENT(flowkern, m) {
-  m.def("interpolate(Tensor x0, Tensor x1, Tensor coef, int target) -> (Tensor, Tensor)");
-  m.def(
-      "interpolate_out(Tensor x0, Tensor x1, Tensor coef, int target, Tensor(a!) xt, "
-      "Tensor(b!) y) -> ()");
-  m.def(
-      "interpolate_backward(Tensor grad_xt, Tensor grad_y, Tensor coef, int target) -> "
-      "(Tensor, Tensor)");
-  m.def("convert(Tensor x, Tensor pred, Tensor coef, int src, int dst) -> Tensor");
-  m.def(
-      "convert_backward(Tensor grad, Tensor coef, int src, int dst) -> (Tensor, Tensor)");
-  m.def("fm_loss_rows(Tensor pred, Tensor x0, Tensor x1, Tensor coef, int target) -> Tensor");
-  m.def(
-      "fm_loss_backward(Tensor grad_rows, Tensor pred, Tensor x0, Tensor x1, Tensor coef, "
-      "int target) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "fm_loss_backward_pred(Tensor grad_rows, Tensor pred, Tensor x0, Tensor x1, Tensor coef, "
-      "int target) -> Tensor");
+  m.def("interpolate(Tensor x0, Tensor x1, " FK_COEF_SCHEMA
+        ", int target, bool check) -> (Tensor, Tensor)");
+  m.def("interpolate.nograd(Tensor x0, Tensor x1, " FK_COEF_SCHEMA
+        ", int target, bool check) -> (Tensor, Tensor)");
+  m.def("interpolate_out(Tensor x0, Tensor x1, " FK_COEF_SCHEMA
+        ", int target, bool check, Tensor(a!) xt, Tensor(b!) y) -> ()");
+  m.def("interpolate_backward(Tensor grad_xt, Tensor grad_y, " FK_COEF_SCHEMA
+        ", int target) -> (Tensor, Tensor)");
+  m.def("convert(Tensor pred, Tensor x_t, " FK_COEF_SCHEMA
+        ", int src, int dst, bool check) -> Tensor");
+  m.def("convert.nograd(Tensor pred, Tensor x_t, " FK_COEF_SCHEMA
+        ", int src, int dst, bool check) -> Tensor");
+  m.def("convert_backward(Tensor grad, " FK_COEF_SCHEMA
+        ", int src, int dst) -> (Tensor, Tensor)");
+  m.def("fm_loss(Tensor pred, Tensor x0, Tensor x1, " FK_COEF_SCHEMA
+        ", int target, Tensor? weight, int reduction, bool check) -> Tensor");
+  m.def("fm_loss.nograd(Tensor pred, Tensor x0, Tensor x1, " FK_COEF_SCHEMA
+        ", int target, Tensor? weight, int reduction, bool check) -> Tensor");
+  m.def("fm_loss_backward(Tensor grad, Tensor pred, Tensor x0, Tensor x1, " FK_COEF_SCHEMA
+        ", int target, Tensor? weight, int reduction, int nout) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("interpolate", &interpolate);
+  m.impl("interpolate.nograd", &interpolate);
   m.impl("interpolate_out", &interpolate_out);
   m.impl("interpolate_backward", &interpolate_backward);
   m.impl("convert", &convert);
+  m.impl("convert.nograd", &convert);
   m.impl("convert_backward", &convert_backward);
-  m.impl("fm_loss_rows", &fm_loss_rows);
+  m.impl("fm_loss", &fm_loss);
+  m.impl("fm_loss.nograd", &fm_loss);
   m.impl("fm_loss_backward", &fm_loss_backward);
-  m.impl("fm_loss_backward_pred", &fm_loss_backward_pred);
 }
 
 }  // namespace flowkern_cpu

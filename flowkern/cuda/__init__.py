@@ -5,12 +5,11 @@ from .fields import field_mean
 from .flowmap import flowmap_loss_backward, flowmap_loss_rows
 from .steps import (churn, dpmpp_2m_step, ei_step, ei_step_backward, ei_step_out, em_step,
                     euler_step, heun_step)
-from .training import (convert, convert_backward, fm_loss_backward,
-                       fm_loss_backward_pred, fm_loss_rows,
-                       interpolate, interpolate_backward)
+from .training import (convert, convert_backward, fm_loss, fm_loss_backward, fm_loss_rows,
+                       interpolate, interpolate_backward, interpolate_out)
 
-__all__ = ["interpolate", "interpolate_backward", "convert", "convert_backward",
-           "fm_loss_rows", "fm_loss_backward", "fm_loss_backward_pred",
+__all__ = ["interpolate", "interpolate_out", "interpolate_backward", "convert",
+           "convert_backward", "fm_loss", "fm_loss_rows", "fm_loss_backward",
            "euler_step", "heun_step", "ei_step", "ei_step_out", "ei_step_backward",
            "dpmpp_2m_step", "em_step", "churn", "flowmap_loss_rows", "flowmap_loss_backward",
            "field_mean"]

@@ -23,56 +23,75 @@ def _table(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     rows = like.shape[0] if like.dim() else 1
     if (coef.dim() != 2 or coef.shape[1] != STEP_COLS or coef.shape[0] not in (1, rows)
             or coef.device != like.device):
-        raise ValueError(f"coef: expected a step table of shape (1, {STEP_COLS}) or "
+        raise ValueError(f"table: expected a step table of shape (1, {STEP_COLS}) or "
                          f"({rows}, {STEP_COLS}) on {like.device}, got {tuple(coef.shape)} "
                          f"on {coef.device}")
     return coef.to(_launch.acc_dtype(like.dtype)).contiguous()
 
 
-def euler_step(x, pred, pred_uncond, coef, prediction, guidance, out):
+def _coef(table, times, kind, params, like):
+    """The step table of the schema's coefficient arguments (csrc/cpu/steps.cpp)."""
+    coef = table
+    if coef is None:
+        import math
+
+        from ..ops.steps import step_table
+        from ..schedules import from_native
+        t, s, tp, g = times
+        coef = step_table(from_native(kind, params), t, s, None if math.isnan(tp) else tp, g,
+                          dtype=_launch.acc_dtype(like.dtype), device=like.device)
+    return _table(coef, like)
+
+
+def euler_step(x, pred, pred_uncond, table, times, kind, params, prediction, guidance, check,
+               out):
     """out = x + h u_t (steps.h EulerFn)."""
     x, pred, pred_uncond = _launch.inputs(x=x, pred=pred, pred_uncond=pred_uncond)
-    coef = _table(coef, x)
+    coef = _coef(table, times, kind, params, x)
     out = _launch.output(out, x, "out")
     _launch.launch("euler_step", x, x, pred, pred_uncond, coef, coef.shape[0], prediction,
                    float(guidance), out)
 
 
-def heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, coef, prediction,
-              guidance, out):
+def heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, table, times, kind,
+              params, prediction, guidance, check, out):
     """out = x + h/2 (u_t + u_s) (steps.h HeunFn)."""
     if (pred_uncond is None) != (pred_euler_uncond is None):
         raise ValueError("pred_euler_uncond: give both unconditional predictions or neither")
     x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond = _launch.inputs(
         x=x, pred=pred, x_euler=x_euler, pred_euler=pred_euler, pred_uncond=pred_uncond,
         pred_euler_uncond=pred_euler_uncond)
-    coef = _table(coef, x)
+    coef = _coef(table, times, kind, params, x)
     out = _launch.output(out, x, "out")
     _launch.launch("heun_step", x, x, pred, x_euler, pred_euler, pred_uncond,
                    pred_euler_uncond, coef, coef.shape[0], prediction, float(guidance), out)
 
 
-def ei_step(x, pred, pred_uncond, coef, prediction, form, guidance, out=None):
+def ei_step(x, pred, pred_uncond, table, times, kind, params, prediction, form, guidance,
+            check=False, out=None):
     """First-order exponential integrator (steps.h EIFn) into `out`, a new
     tensor when None (the functional flowkern::ei_step); returns it."""
     x, pred, pred_uncond = _launch.inputs(x=x, pred=pred, pred_uncond=pred_uncond)
-    coef = _table(coef, x)
+    coef = _coef(table, times, kind, params, x)
     out = _launch.output(out, x, "out")
     _launch.launch("ei_step", x, x, pred, pred_uncond, coef, coef.shape[0], prediction, form,
                    float(guidance), out)
     return out
 
 
-def ei_step_out(x, pred, pred_uncond, coef, prediction, form, guidance, out):
+def ei_step_out(x, pred, pred_uncond, table, times, kind, params, prediction, form, guidance,
+                check, out):
     """flowkern::ei_step_out: ei_step written into `out`."""
-    ei_step(x, pred, pred_uncond, coef, prediction, form, guidance, out)
+    ei_step(x, pred, pred_uncond, table, times, kind, params, prediction, form, guidance, check,
+            out)
 
 
-def ei_step_backward(grad, coef, prediction, form, guidance, cfg, outs=None):
+def ei_step_backward(grad, table, times, kind, params, prediction, form, guidance, cfg,
+                     outs=None):
     """[g_x, g_pred(, g_pred_uncond when cfg)] of ei_step from the gradient of
     its output (steps.h EIBwdFn), into `outs` or new tensors; returns them."""
     (grad,) = _launch.inputs(grad=grad)
-    coef = _table(coef, grad)
+    coef = _coef(table, times, kind, params, grad)
     n = 3 if cfg else 2
     outs = [None] * n if outs is None else list(outs)
     if len(outs) != n:
@@ -83,30 +102,32 @@ def ei_step_backward(grad, coef, prediction, form, guidance, cfg, outs=None):
     return outs
 
 
-def dpmpp_2m_step(x, pred, d_prev, pred_uncond, coef, prediction, guidance, out, d_out):
+def dpmpp_2m_step(x, pred, d_prev, pred_uncond, table, times, kind, params, prediction, guidance,
+                  check, out, d_out):
     """(out, d_out) = (x_s, d_t) of DPM-Solver++(2M) (steps.h DPMpp2MFn); first
     order without d_prev."""
     x, pred, d_prev, pred_uncond = _launch.inputs(x=x, pred=pred, d_prev=d_prev,
                                                   pred_uncond=pred_uncond)
-    coef = _table(coef, x)
+    coef = _coef(table, times, kind, params, x)
     out, d_out = _launch.output(out, x, "out"), _launch.output(d_out, x, "d_out")
     _launch.launch("dpmpp_2m_step", x, x, pred, d_prev, pred_uncond, coef, coef.shape[0],
                    prediction, float(guidance), out, d_out)
 
 
-def em_step(x, pred, pred_uncond, coef, prediction, guidance, seed, offset, out):
+def em_step(x, pred, pred_uncond, table, times, kind, params, prediction, guidance, seed, offset,
+            check, out):
     """Euler-Maruyama step (steps.h EMFn); element e draws Philox(seed, offset + e)."""
     x, pred, pred_uncond = _launch.inputs(x=x, pred=pred, pred_uncond=pred_uncond)
-    coef = _table(coef, x)
+    coef = _coef(table, times, kind, params, x)
     out = _launch.output(out, x, "out")
     _launch.launch("em_step", x, x, pred, pred_uncond, coef, coef.shape[0], prediction,
                    float(guidance), _seed(seed), offset, out)
 
 
-def churn(x, coef, seed, offset, out):
+def churn(x, table, times, kind, params, seed, offset, check, out):
     """Renoising from t to t_hat (steps.h ChurnFn), noise as em_step."""
     (x,) = _launch.inputs(x=x)
-    coef = _table(coef, x)
+    coef = _coef(table, times, kind, params, x)
     out = _launch.output(out, x, "out")
     _launch.launch("churn", x, x, coef, coef.shape[0], _seed(seed), offset, out)
 

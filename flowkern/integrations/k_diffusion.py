@@ -120,9 +120,19 @@ def _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise):
     return plan
 
 
-def _churn_step(x, i, sig_i, target, seed, backend):
-    row = torch.tensor([1.0, sig_i, 0.0, -1.0, 1.0, target, 0.0, -1.0, 1.0, 1.0, 0.0, 0.0],
-                       dtype=torch.float64).to(x.device, V.acc_dtype(x.dtype))
+def _churn_table(sig, plan, x):
+    """(n, 12) churn rows, row i from sigma_i to the level sigma' of plan[i]
+    (alpha = 1; unused rows stay at sigma_i), or None without churn. Built
+    once before the loop: a row made per step would be a blocking
+    host->device copy per churned step on a GPU."""
+    if all(c is None for _, _, c in plan):
+        return None
+    rows = [[1.0, sig[i], 0.0, -1.0, 1.0, sig[i] if c is None else c, 0.0, -1.0, 1.0, 1.0, 0.0,
+             0.0] for i, (_, _, c) in enumerate(plan)]
+    return torch.tensor(rows, dtype=torch.float64).to(x.device, V.acc_dtype(x.dtype))
+
+
+def _churn_step(x, i, row, seed, backend):
     return _churn(x, table=row, seed=seed, offset=i * x.numel(), backend=backend)
 
 
@@ -136,11 +146,12 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     plan = _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise)
     seed = _seed(seed) if any(c is not None for _, _, c in plan) else 0
     table = _table([_step_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x)
+    churn_rows = _churn_table(sig, plan, x)
     for i in _range(len(sig) - 1, disable):
         gamma, _, target = plan[i]
         sigma_hat = sigmas[i] * (gamma + 1)
         if target is not None:
-            x = _churn_step(x, i, sig[i], target, seed, backend)
+            x = _churn_step(x, i, churn_rows[i], seed, backend)
         denoised = _denoise(model, x, sigma_hat, s_in, extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
@@ -160,12 +171,13 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     plan = _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise)
     seed = _seed(seed) if any(c is not None for _, _, c in plan) else 0
     table = _table([_step_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x)
+    churn_rows = _churn_table(sig, plan, x)
     xe = None
     for i in _range(len(sig) - 1, disable):
         gamma, _, target = plan[i]
         sigma_hat = sigmas[i] * (gamma + 1)
         if target is not None:
-            x = _churn_step(x, i, sig[i], target, seed, backend)
+            x = _churn_step(x, i, churn_rows[i], seed, backend)
         denoised = _denoise(model, x, sigma_hat, s_in, extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,

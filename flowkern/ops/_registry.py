@@ -39,16 +39,26 @@ def lazy(module: str, name: str):
     return call
 
 
-def register(name: str, fake, backward=None, setup_context=None, cuda_impl=None):
-    """Fake + autograd for `name` in every namespace; CUDA kernel for flowkern::."""
+def register(name: str, fake, backward=None, setup_context=None, cuda_impl=None,
+             nograd=False):
+    """Fake + autograd for `name` in every namespace; CUDA kernel for flowkern::.
+    nograd: flowkern::name also has the `.nograd` overload (same kernel, no
+    autograd kernel), which the public functions call when no input needs a
+    gradient: the Python autograd kernel costs ~10 us a call even then."""
     for ns in namespaces():
         qual = f"{ns}::{name}"
         torch.library.register_fake(qual)(fake)
         if backward is not None:
             torch.library.register_autograd(qual, backward(getattr(torch.ops, ns)),
                                             setup_context=setup_context)
-    if cuda_impl is not None and cpu_built():
-        torch.library.register_kernel(f"{NATIVE_NS}::{name}", "cuda")(cuda_impl)
+    if not cpu_built():
+        return
+    overloads = [name] + ([f"{name}.nograd"] if nograd else [])
+    if nograd:
+        torch.library.register_fake(f"{NATIVE_NS}::{name}.nograd")(fake)
+    if cuda_impl is not None:
+        for qual in overloads:
+            torch.library.register_kernel(f"{NATIVE_NS}::{qual}", "cuda")(cuda_impl)
 
 
 # Fresh outputs of at least this many bytes come from flowkern::empty_output

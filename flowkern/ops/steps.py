@@ -16,10 +16,11 @@ from typing import Optional
 import torch
 
 from .. import _validate as V
-from ..backend import resolve
+from ..backend import cpu_built, resolve
 from ..reference import steps as ref
-from ..schedules import get_schedule
+from ..schedules import get_schedule, native_spec
 from ._registry import TRITON_NS, empty_output, lazy, ops_for, register
+from .training import TABLE_KIND
 
 _T = "flowkern.triton.steps"
 _C = "flowkern.cuda.steps"
@@ -31,61 +32,72 @@ FORMS = {"data": 0, "noise": 1}
 Opt = Optional[torch.Tensor]
 
 
+# Every schema takes the step coefficients as `table, times, kind, params`
+# (csrc/cpu/steps.cpp); the public functions give the triton ops a table.
+Times = list[float]
+Params = list[float]
+
+
 @torch.library.custom_op(f"{TRITON_NS}::euler_step", mutates_args=("out",))
-def _t_euler(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, coef: torch.Tensor,
-             prediction: int, guidance: float, out: torch.Tensor) -> None:
-    lazy(_T, "euler_step")(x, pred, pred_uncond, coef, prediction, guidance, out)
+def _t_euler(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, times: Times,
+             kind: int, params: Params, prediction: int, guidance: float, check: bool,
+             out: torch.Tensor) -> None:
+    lazy(_T, "euler_step")(x, pred, pred_uncond, table, prediction, guidance, out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::heun_step", mutates_args=("out",))
 def _t_heun(x: torch.Tensor, pred: torch.Tensor, x_euler: torch.Tensor,
             pred_euler: torch.Tensor, pred_uncond: Opt, pred_euler_uncond: Opt,
-            coef: torch.Tensor, prediction: int, guidance: float, out: torch.Tensor) -> None:
-    lazy(_T, "heun_step")(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, coef,
+            table: Opt, times: Times, kind: int, params: Params, prediction: int,
+            guidance: float, check: bool, out: torch.Tensor) -> None:
+    lazy(_T, "heun_step")(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, table,
                           prediction, guidance, out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::ei_step", mutates_args=())
-def _t_ei(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, coef: torch.Tensor,
-          prediction: int, form: int, guidance: float) -> torch.Tensor:
+def _t_ei(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, times: Times,
+          kind: int, params: Params, prediction: int, form: int, guidance: float,
+          check: bool) -> torch.Tensor:
     out = torch.empty_like(x)
-    lazy(_T, "ei_step")(x, pred, pred_uncond, coef, prediction, form, guidance, out)
+    lazy(_T, "ei_step")(x, pred, pred_uncond, table, prediction, form, guidance, out)
     return out
 
 
 @torch.library.custom_op(f"{TRITON_NS}::ei_step_out", mutates_args=("out",))
-def _t_ei_out(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, coef: torch.Tensor,
-              prediction: int, form: int, guidance: float, out: torch.Tensor) -> None:
-    lazy(_T, "ei_step")(x, pred, pred_uncond, coef, prediction, form, guidance, out)
+def _t_ei_out(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, times: Times,
+              kind: int, params: Params, prediction: int, form: int, guidance: float,
+              check: bool, out: torch.Tensor) -> None:
+    lazy(_T, "ei_step")(x, pred, pred_uncond, table, prediction, form, guidance, out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::ei_step_backward", mutates_args=())
-def _t_ei_bwd(grad: torch.Tensor, coef: torch.Tensor, prediction: int, form: int,
-              guidance: float, cfg: bool) -> list[torch.Tensor]:
+def _t_ei_bwd(grad: torch.Tensor, table: Opt, times: Times, kind: int, params: Params,
+              prediction: int, form: int, guidance: float, cfg: bool) -> list[torch.Tensor]:
     grad = grad.contiguous()
     outs = [torch.empty_like(grad) for _ in range(3 if cfg else 2)]
-    lazy(_T, "ei_step_backward")(grad, coef, prediction, form, guidance, cfg, outs)
+    lazy(_T, "ei_step_backward")(grad, table, prediction, form, guidance, cfg, outs)
     return outs
 
 
 @torch.library.custom_op(f"{TRITON_NS}::dpmpp_2m_step", mutates_args=("out", "d_out"))
 def _t_dpmpp(x: torch.Tensor, pred: torch.Tensor, d_prev: Opt, pred_uncond: Opt,
-             coef: torch.Tensor, prediction: int, guidance: float, out: torch.Tensor,
-             d_out: torch.Tensor) -> None:
-    lazy(_T, "dpmpp_2m_step")(x, pred, d_prev, pred_uncond, coef, prediction, guidance, out,
+             table: Opt, times: Times, kind: int, params: Params, prediction: int,
+             guidance: float, check: bool, out: torch.Tensor, d_out: torch.Tensor) -> None:
+    lazy(_T, "dpmpp_2m_step")(x, pred, d_prev, pred_uncond, table, prediction, guidance, out,
                               d_out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::em_step", mutates_args=("out",))
-def _t_em(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, coef: torch.Tensor,
-          prediction: int, guidance: float, seed: int, offset: int, out: torch.Tensor) -> None:
-    lazy(_T, "em_step")(x, pred, pred_uncond, coef, prediction, guidance, seed, offset, out)
+def _t_em(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, times: Times,
+          kind: int, params: Params, prediction: int, guidance: float, seed: int, offset: int,
+          check: bool, out: torch.Tensor) -> None:
+    lazy(_T, "em_step")(x, pred, pred_uncond, table, prediction, guidance, seed, offset, out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::churn", mutates_args=("out",))
-def _t_churn(x: torch.Tensor, coef: torch.Tensor, seed: int, offset: int,
-             out: torch.Tensor) -> None:
-    lazy(_T, "churn")(x, coef, seed, offset, out)
+def _t_churn(x: torch.Tensor, table: Opt, times: Times, kind: int, params: Params, seed: int,
+             offset: int, check: bool, out: torch.Tensor) -> None:
+    lazy(_T, "churn")(x, table, seed, offset, out)
 
 
 # ---------------------------------------------------------------------------
@@ -97,27 +109,28 @@ def _none(*_):
 
 
 def _ei_setup(ctx, inputs, output):
-    _, _, pred_uncond, coef, prediction, form, guidance = inputs
-    ctx.coef, ctx.prediction, ctx.form, ctx.guidance = coef, prediction, form, guidance
+    _, _, pred_uncond, table, times, kind, params, prediction, form, guidance, _ = inputs
+    ctx.coef = (table, times, kind, params)
+    ctx.prediction, ctx.form, ctx.guidance = prediction, form, guidance
     ctx.cfg = pred_uncond is not None
 
 
 def _ei_backward(ops):
     def backward(ctx, g):
-        grads = ops.ei_step_backward(g.contiguous(), ctx.coef, ctx.prediction, ctx.form,
+        grads = ops.ei_step_backward(g.contiguous(), *ctx.coef, ctx.prediction, ctx.form,
                                      ctx.guidance, ctx.cfg)
-        return grads[0], grads[1], grads[2] if ctx.cfg else None, None, None, None, None
+        return (grads[0], grads[1], grads[2] if ctx.cfg else None) + (None,) * 8
     return backward
 
 
-def _ei_bwd_fake(grad, coef, prediction, form, guidance, cfg):
+def _ei_bwd_fake(grad, table, times, kind, params, prediction, form, guidance, cfg):
     return [torch.empty_like(grad) for _ in range(3 if cfg else 2)]
 
 
 for _name in ("euler_step", "heun_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn"):
     register(_name, _none, cuda_impl=lazy(_C, _name))
 register("ei_step", lambda x, *_: torch.empty_like(x), _ei_backward, _ei_setup,
-         cuda_impl=lazy(_C, "ei_step"))
+         cuda_impl=lazy(_C, "ei_step"), nograd=True)
 register("ei_step_backward", _ei_bwd_fake, cuda_impl=lazy(_C, "ei_step_backward"))
 
 # ---------------------------------------------------------------------------
@@ -266,6 +279,53 @@ def _cast(out_val, out):
 
 
 # ---------------------------------------------------------------------------
+# the native (cpu) fast path: one op call, arguments checked in C++
+
+_NOTHING: list = []
+_NAN = float("nan")
+_NATIVE = torch.ops.flowkern if cpu_built() else None
+
+
+def _native(x, backend) -> bool:
+    """Whether this step runs on the C++ CPU op (the others read a Python-built table)."""
+    return isinstance(x, torch.Tensor) and resolve(backend, x.device) == "cpu"
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float))
+
+
+def _native_coef(op, x, t, s, schedule, table, t_prev=None, g=None, check_times=True):
+    """(table, times, kind, params) of a native step: the caller's table; or,
+    for float times and a built-in schedule, [t, s, t_prev, g] and the
+    schedule's kind and parameters (the op builds the row); otherwise the
+    table step_table builds from the times here."""
+    if table is not None:
+        if not isinstance(table, torch.Tensor):
+            raise TypeError(f"table: expected a tensor from flowkern.step_table, "
+                            f"got {type(table).__name__}")
+        return table, _NOTHING, TABLE_KIND, _NOTHING
+    if t is None or s is None:
+        raise TypeError(f"{op}: give the times t and s (or a precomputed table=)")
+    if (_number(t) and _number(s) and (t_prev is None or _number(t_prev))
+            and (g is None or _number(g))):
+        spec = native_spec(schedule)
+        if spec is not None:
+            times = [float(t), float(s), _NAN if t_prev is None else float(t_prev),
+                     0.0 if g is None else float(g)]
+            return None, times, spec[0], spec[1]
+    st = _Step(op, x, {}, t, s, schedule, None, "cpu", t_prev=t_prev, g=g,
+               check_times=check_times)
+    return st.table, _NOTHING, TABLE_KIND, _NOTHING
+
+
+def _tensors(**named):
+    for name, v in named.items():
+        if v is not None and not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(v).__name__}")
+
+
+# ---------------------------------------------------------------------------
 # public steps
 
 
@@ -282,6 +342,13 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
     Returns: x_s, shape of x.
     """
     w = _guidance(pred_uncond, guidance)
+    if _native(x, backend):
+        _tensors(pred=pred, pred_uncond=pred_uncond)
+        code = _pred(prediction)
+        coef = _native_coef("euler_step", x, t, s, schedule, table)
+        out = _out("out", out, x)
+        _NATIVE.euler_step(x, pred, pred_uncond, *coef, code, w, V.check_flag(), out)
+        return out
     st = _Step("euler_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
                table, backend)
     code = _pred(prediction)
@@ -291,7 +358,7 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
         return _cast(ref.euler_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4],
                                     st.table[:, 10], prediction, _up(pred_uncond, st), w), out)
     x, pred, pu = st.dense(x, pred, pred_uncond)
-    ops_for(st.backend).euler_step(x, pred, pu, st.table, code, w, out)
+    ops_for(st.backend).euler_step(x, pred, pu, *_table_args(st), code, w, False, out)
     return out
 
 
@@ -304,6 +371,15 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
     w = _guidance(pred_uncond, guidance)
     if (pred_uncond is None) != (pred_euler_uncond is None):
         raise ValueError("pred_euler_uncond: give both unconditional predictions or neither")
+    if _native(x, backend):
+        _tensors(pred=pred, x_euler=x_euler, pred_euler=pred_euler, pred_uncond=pred_uncond,
+                 pred_euler_uncond=pred_euler_uncond)
+        code = _pred(prediction)
+        coef = _native_coef("heun_step", x, t, s, schedule, table)
+        out = _out("out", out, x)
+        _NATIVE.heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, *coef,
+                          code, w, V.check_flag(), out)
+        return out
     V.tensor("x_euler", x_euler)
     st = _Step("heun_step", x, {"pred": pred, "x_euler": x_euler, "pred_euler": pred_euler,
                                 "pred_uncond": pred_uncond,
@@ -319,7 +395,7 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
                                    st.table[:, 10], prediction, _up(pred_uncond, st),
                                    _up(pred_euler_uncond, st), w), out)
     args = st.dense(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond)
-    ops_for(st.backend).heun_step(*args, st.table, code, w, out)
+    ops_for(st.backend).heun_step(*args, *_table_args(st), code, w, False, out)
     return out
 
 
@@ -333,6 +409,18 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
     w = _guidance(pred_uncond, guidance)
     if form not in FORMS:
         raise ValueError(f"form: expected 'data' or 'noise', got {form!r}")
+    if _native(x, backend):
+        _tensors(pred=pred, pred_uncond=pred_uncond)
+        code = _pred(prediction)
+        args = (x, pred, pred_uncond, *_native_coef("ei_step", x, t, s, schedule, table), code,
+                FORMS[form], w, V.check_flag())
+        if out is None:
+            grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
+                pred_uncond is not None and pred_uncond.requires_grad))
+            return (_NATIVE.ei_step.default if grad else _NATIVE.ei_step.nograd)(*args)
+        out = _out("out", out, x)
+        _NATIVE.ei_step_out(*args, out)
+        return out
     st = _Step("ei_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
                table, backend)
     code = _pred(prediction)
@@ -349,9 +437,9 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
     x, pred, pu = st.dense(x, pred, pred_uncond)
     ops = ops_for(st.backend)
     if out is None:
-        return ops.ei_step(x, pred, pu, st.table, code, FORMS[form], w)
+        return ops.ei_step(x, pred, pu, *_table_args(st), code, FORMS[form], w, False)
     out = _out("out", out, x)
-    ops.ei_step_out(x, pred, pu, st.table, code, FORMS[form], w, out)
+    ops.ei_step_out(x, pred, pu, *_table_args(st), code, FORMS[form], w, False, out)
     return out
 
 
@@ -365,6 +453,14 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
     w = _guidance(pred_uncond, guidance)
     if (d_prev is None) != (t_prev is None) and table is None:
         raise ValueError("t_prev: give d_prev and t_prev together (both None for the first step)")
+    if _native(x, backend):
+        _tensors(pred=pred, pred_uncond=pred_uncond, d_prev=d_prev)
+        code = _pred(prediction)
+        coef = _native_coef("dpmpp_2m_step", x, t, s, schedule, table, t_prev=t_prev)
+        out, d_out = _out("out", out, x), _out("d_out", d_out, x)
+        _NATIVE.dpmpp_2m_step(x, pred, d_prev, pred_uncond, *coef, code, w, V.check_flag(), out,
+                              d_out)
+        return out, d_out
     st = _Step("dpmpp_2m_step", x, {"pred": pred, "pred_uncond": pred_uncond, "d_prev": d_prev},
                t, s, schedule, table, backend, t_prev=t_prev)
     code = _pred(prediction)
@@ -378,7 +474,8 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
                                   _pad_prev(st.table), _up(pred_uncond, st), w)
         return _cast(xs, out), _cast(d, d_out)
     x, pred, dp, pu = st.dense(x, pred, d_prev, pred_uncond)
-    ops_for(st.backend).dpmpp_2m_step(x, pred, dp, pu, st.table, code, w, out, d_out)
+    ops_for(st.backend).dpmpp_2m_step(x, pred, dp, pu, *_table_args(st), code, w, False, out,
+                                      d_out)
     return out, d_out
 
 
@@ -392,6 +489,13 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     samplers do). Shapes as :func:`euler_step`; g a float or (B,) tensor."""
     w = _guidance(pred_uncond, guidance)
     _seed_offset(seed, offset)
+    if _native(x, backend):
+        _tensors(pred=pred, pred_uncond=pred_uncond)
+        code = _pred(prediction)
+        coef = _native_coef("em_step", x, t, s, schedule, table, g=g)
+        out = _out("out", out, x)
+        _NATIVE.em_step(x, pred, pred_uncond, *coef, code, w, seed, offset, V.check_flag(), out)
+        return out
     st = _Step("em_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule, table,
                backend, g=g)
     code = _pred(prediction)
@@ -403,7 +507,8 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
         return _cast(ref.em_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4], st.table[:, 10],
                                  st.table[:, 11], xi, prediction, _up(pred_uncond, st), w), out)
     x, pred, pu = st.dense(x, pred, pred_uncond)
-    ops_for(st.backend).em_step(x, pred, pu, st.table, code, w, seed, offset, out)
+    ops_for(st.backend).em_step(x, pred, pu, *_table_args(st), code, w, seed, offset, False,
+                                out)
     return out
 
 
@@ -413,14 +518,24 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=0, offset=0, out=None, 
     t_hat <= t, x_hat = (alpha_that/alpha_t) x + sqrt(sigma_that^2 -
     (alpha_that sigma_t/alpha_t)^2) xi, xi from Philox(seed, offset + e)."""
     _seed_offset(seed, offset)
+    if _native(x, backend):
+        coef = _native_coef("churn", x, t, t_hat, schedule, table)
+        out = _out("out", out, x)
+        _NATIVE.churn(x, *coef, seed, offset, V.check_flag(), out)
+        return out
     st = _Step("churn", x, {}, t, t_hat, schedule, table, backend)
     V.nonzero("t", "alpha_t", st.table[:, 0], "churn divides by it")
     out = _out("out", out, x)
     if st.backend == "torch":
         xi = ref.philox_normal(seed, offset, x.shape, st.acc, x.device)
         return _cast(ref.churn(x.to(st.acc), st.table[:, :4], st.table[:, 4:8], xi), out)
-    ops_for(st.backend).churn(x.contiguous(), st.table, seed, offset, out)
+    ops_for(st.backend).churn(x.contiguous(), *_table_args(st), seed, offset, False, out)
     return out
+
+
+def _table_args(st):
+    """The coefficient arguments of a step whose table was built and checked here."""
+    return st.table, _NOTHING, TABLE_KIND, _NOTHING
 
 
 def _seed_offset(seed, offset):

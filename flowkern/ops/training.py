@@ -1,10 +1,13 @@
 """Training op family: interpolate, flow_matching_loss, convert (DESIGN §3-4).
 
-Public functions validate, build the (B, 4) coefficient table from the
-schedule, pick a backend and call a kernel-level op; the kernel-level ops
-(flowkern::* and flowkern_triton::*) take dense (B, ...) tensors and the
-table, and carry their autograd formulas (vector-Jacobian products that are
-themselves one fused pass).
+On the native backends (cpu, cuda) a public call is one call of one
+flowkern:: op: the C++ op checks the arguments (same messages as
+flowkern/_validate.py), evaluates a built-in schedule at the times itself
+(kind and parameters, no table tensor), broadcasts, runs the kernel and, for
+the loss, reduces. The Python function only picks the op: the `.nograd`
+overload when no input needs a gradient (no autograd kernel on the way), the
+default overload, whose autograd formula is registered here, otherwise.
+The torch and triton backends validate here and read a coefficient table.
 """
 from __future__ import annotations
 
@@ -16,79 +19,117 @@ from .. import _validate as V
 from .. import reference as ref
 from .._enums import PRED_CODE, PREDICTIONS
 from ..backend import cpu_built, resolve
-from ..schedules import coefficients
-from ._registry import TRITON_NS, lazy, ops_for, register
+from ..schedules import coefficients, from_native, native_spec
+from ._registry import TRITON_NS, lazy, register
 
 _T = "flowkern.triton.training"
 _C = "flowkern.cuda.training"
+TABLE_KIND = -1  # csrc/cpu/coef_args.h kTableKind: `t` holds a (1 or B, 4) table
+REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}  # csrc/cpu/training.cpp Reduction
+Opt = Optional[torch.Tensor]
 
 # ---------------------------------------------------------------------------
-# flowkern_triton:: schemas (the flowkern:: twins are in csrc/cpu/training.cpp)
+# flowkern_triton:: schemas (the flowkern:: twins are in csrc/cpu/training.cpp;
+# the public functions always pass the triton ops a coefficient table)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::interpolate", mutates_args=())
-def _t_interpolate(x0: torch.Tensor, x1: torch.Tensor, coef: torch.Tensor,
-                   target: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return lazy(_T, "interpolate")(x0, x1, coef, target)
+def _t_interpolate(x0: torch.Tensor, x1: torch.Tensor, t: Opt, t_value: float, kind: int,
+                   params: list[float], target: int,
+                   check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return lazy(_T, "interpolate")(x0, x1, t, target)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::interpolate_out", mutates_args=("xt", "y"))
-def _t_interpolate_out(x0: torch.Tensor, x1: torch.Tensor, coef: torch.Tensor, target: int,
-                       xt: torch.Tensor, y: torch.Tensor) -> None:
-    lazy(_T, "interpolate")(x0, x1, coef, target, xt, y)
+def _t_interpolate_out(x0: torch.Tensor, x1: torch.Tensor, t: Opt, t_value: float, kind: int,
+                       params: list[float], target: int, check: bool, xt: torch.Tensor,
+                       y: torch.Tensor) -> None:
+    lazy(_T, "interpolate")(x0, x1, t, target, xt, y)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::interpolate_backward", mutates_args=())
-def _t_interpolate_backward(grad_xt: torch.Tensor, grad_y: torch.Tensor, coef: torch.Tensor,
+def _t_interpolate_backward(grad_xt: torch.Tensor, grad_y: torch.Tensor, t: Opt, t_value: float,
+                            kind: int, params: list[float],
                             target: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return lazy(_T, "interpolate_backward")(grad_xt.contiguous(), grad_y.contiguous(), coef, target)
+    return lazy(_T, "interpolate_backward")(grad_xt.contiguous(), grad_y.contiguous(), t, target)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::convert", mutates_args=())
-def _t_convert(x: torch.Tensor, pred: torch.Tensor, coef: torch.Tensor, src: int,
-               dst: int) -> torch.Tensor:
-    return lazy(_T, "convert")(x, pred, coef, src, dst)
+def _t_convert(pred: torch.Tensor, x_t: torch.Tensor, t: Opt, t_value: float, kind: int,
+               params: list[float], src: int, dst: int, check: bool) -> torch.Tensor:
+    return lazy(_T, "convert")(x_t, pred, t, src, dst)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::convert_backward", mutates_args=())
-def _t_convert_backward(grad: torch.Tensor, coef: torch.Tensor, src: int,
+def _t_convert_backward(grad: torch.Tensor, t: Opt, t_value: float, kind: int,
+                        params: list[float], src: int,
                         dst: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return lazy(_T, "convert_backward")(grad.contiguous(), coef, src, dst)
+    g_x, g_pred = lazy(_T, "convert_backward")(grad.contiguous(), t, src, dst)
+    return g_pred, g_x
 
 
-@torch.library.custom_op(f"{TRITON_NS}::fm_loss_rows", mutates_args=())
-def _t_fm_loss_rows(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, coef: torch.Tensor,
-                    target: int) -> torch.Tensor:
-    return lazy(_T, "fm_loss_rows")(pred, x0, x1, coef, target)
+@torch.library.custom_op(f"{TRITON_NS}::fm_loss", mutates_args=())
+def _t_fm_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t: Opt, t_value: float,
+               kind: int, params: list[float], target: int, weight: Opt, reduction: int,
+               check: bool) -> torch.Tensor:
+    rows = lazy(_T, "fm_loss_rows")(pred, x0, x1, t, target)
+    return _reduce(rows, weight, reduction, pred)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::fm_loss_backward", mutates_args=())
-def _t_fm_loss_backward(grad_rows: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor,
-                        x1: torch.Tensor, coef: torch.Tensor,
-                        target: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return lazy(_T, "fm_loss_backward")(grad_rows, pred, x0, x1, coef, target)
+def _t_fm_loss_backward(grad: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor,
+                        x1: torch.Tensor, t: Opt, t_value: float, kind: int,
+                        params: list[float], target: int, weight: Opt, reduction: int,
+                        nout: int) -> list[torch.Tensor]:
+    grad_rows = _grad_rows(grad, weight, reduction, pred, t.dtype)
+    if nout == 1:
+        return [lazy(_T, "fm_loss_backward_pred")(grad_rows, pred, x0, x1, t, target)]
+    return list(lazy(_T, "fm_loss_backward")(grad_rows, pred, x0, x1, t, target))
 
 
-@torch.library.custom_op(f"{TRITON_NS}::fm_loss_backward_pred", mutates_args=())
-def _t_fm_loss_backward_pred(grad_rows: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor,
-                             x1: torch.Tensor, coef: torch.Tensor, target: int) -> torch.Tensor:
-    return lazy(_T, "fm_loss_backward_pred")(grad_rows, pred, x0, x1, coef, target)
+def _reduce(rows, weight, reduction, pred):
+    """The loss from per-sample sums of squares (the kernels' (B,) output)."""
+    inner = pred[0].numel() if pred.shape[0] else 0
+    return V.reduce_rows(rows, weight, list(REDUCTION_CODE)[reduction], inner).to(pred.dtype)
+
+
+def _grad_rows(grad, weight, reduction, pred, acc):
+    """d loss / d (row sum of squares), shape (B,), in the accumulation dtype."""
+    rows = pred.shape[0]
+    inner = pred[0].numel() if rows else 0
+    scale = {0: 1.0 / max(rows * inner, 1), 1: 1.0, 2: 1.0 / max(inner, 1)}[reduction]
+    g = grad.to(acc).reshape(-1).expand(rows) * scale
+    if weight is not None:
+        g = g * weight.to(acc).reshape(-1)
+    return g.contiguous()
 
 
 # ---------------------------------------------------------------------------
 # fake functions, autograd, CUDA kernels: once for both namespaces
 
 
-def _two_like(x, *_):
-    return torch.empty_like(x), torch.empty_like(x)
+def _broadcast(*xs):
+    return torch.broadcast_shapes(*(x.shape for x in xs))
 
 
-def _rows_fake(pred, x0, x1, coef, target):
-    return coef.new_empty(pred.shape[0])
+def _two_like_bcast(a, b, *_):
+    shape = _broadcast(a, b)
+    return a.new_empty(shape), a.new_empty(shape)
+
+
+def _loss_fake(pred, x0, x1, t, t_value, kind, params, target, weight, reduction, check):
+    return pred.new_empty((pred.shape[0],) if reduction == 2 else ())
+
+
+def _loss_bwd_fake(grad, pred, x0, x1, t, t_value, kind, params, target, weight, reduction,
+                   nout):
+    shape = _broadcast(pred, x0, x1)
+    return [pred.new_empty(shape) for _ in range(nout)]
 
 
 def _interpolate_setup(ctx, inputs, output):
-    ctx.coef, ctx.target = inputs[2], inputs[3]
+    ctx.coef = inputs[2:6]
+    ctx.target = inputs[6]
 
 
 def _interpolate_backward(ops):
@@ -96,63 +137,59 @@ def _interpolate_backward(ops):
         like = g_xt if g_xt is not None else g_y
         g_xt = torch.zeros_like(like) if g_xt is None else g_xt
         g_y = torch.zeros_like(like) if g_y is None else g_y
-        g_x0, g_x1 = ops.interpolate_backward(g_xt.contiguous(), g_y.contiguous(), ctx.coef,
-                                              ctx.target)
-        return g_x0, g_x1, None, None
+        g_x0, g_x1 = ops.interpolate_backward(g_xt, g_y, *ctx.coef, ctx.target)
+        return g_x0, g_x1, None, None, None, None, None, None
     return backward
 
 
 def _convert_setup(ctx, inputs, output):
-    ctx.coef, ctx.src, ctx.dst = inputs[2], inputs[3], inputs[4]
+    ctx.coef = inputs[2:6]
+    ctx.src, ctx.dst = inputs[6], inputs[7]
 
 
 def _convert_backward(ops):
     def backward(ctx, g):
-        g_x, g_pred = ops.convert_backward(g.contiguous(), ctx.coef, ctx.src, ctx.dst)
-        return g_x, g_pred, None, None, None
+        g_pred, g_x = ops.convert_backward(g.contiguous(), *ctx.coef, ctx.src, ctx.dst)
+        return g_pred, g_x, None, None, None, None, None, None, None
     return backward
 
 
 def _loss_setup(ctx, inputs, output):
-    pred, x0, x1, coef, target = inputs
-    ctx.save_for_backward(pred, x0, x1, coef)
-    ctx.target = target
+    pred, x0, x1, t, t_value, kind, params, target, weight, reduction, _ = inputs
+    ctx.save_for_backward(pred, x0, x1, t, weight)
+    ctx.args = (t_value, kind, params, target)
+    ctx.reduction = reduction
 
 
 def _loss_backward(ops):
-    def backward(ctx, g_rows):
-        pred, x0, x1, coef = ctx.saved_tensors
+    def backward(ctx, grad):
+        pred, x0, x1, t, weight = ctx.saved_tensors
         need_pred, need_x0, need_x1 = ctx.needs_input_grad[:3]
-        if not (need_x0 or need_x1):
-            # The usual case (x0, x1 are noise and data): one tensor written, not three.
-            g_pred = ops.fm_loss_backward_pred(g_rows.contiguous(), pred, x0, x1, coef,
-                                               ctx.target) if need_pred else None
-            return g_pred, None, None, None, None
-        g_pred, g_x0, g_x1 = ops.fm_loss_backward(g_rows.contiguous(), pred, x0, x1, coef,
-                                                  ctx.target)
+        if ctx.needs_input_grad[8]:
+            raise RuntimeError("weight: the fused flow-matching loss does not differentiate "
+                               "its weight; flowkern.flow_matching_loss does (it reduces "
+                               "the per-sample losses with torch ops then)")
+        t_value, kind, params, target = ctx.args
+        nout = 3 if (need_x0 or need_x1) else 1  # the usual case writes g_pred alone
+        g = ops.fm_loss_backward(grad, pred, x0, x1, t, t_value, kind, params, target, weight,
+                                 ctx.reduction, nout)
+        g_pred, g_x0, g_x1 = (g[0], g[1], g[2]) if nout == 3 else (g[0], None, None)
         return (g_pred if need_pred else None, g_x0 if need_x0 else None,
-                g_x1 if need_x1 else None, None, None)
+                g_x1 if need_x1 else None) + (None,) * 8
     return backward
 
 
-def _cuda_out(x0, x1, coef, target, xt, y):
-    lazy(_C, "interpolate")(x0, x1, coef, target, xt, y)
-
-
-register("interpolate", _two_like, _interpolate_backward, _interpolate_setup,
-         cuda_impl=lazy(_C, "interpolate"))
-register("interpolate_out", lambda *a: None, cuda_impl=_cuda_out)
-register("interpolate_backward", _two_like, cuda_impl=lazy(_C, "interpolate_backward"))
-register("convert", lambda x, *_: torch.empty_like(x), _convert_backward, _convert_setup,
-         cuda_impl=lazy(_C, "convert"))
-register("convert_backward", _two_like, cuda_impl=lazy(_C, "convert_backward"))
-register("fm_loss_rows", _rows_fake, _loss_backward, _loss_setup,
-         cuda_impl=lazy(_C, "fm_loss_rows"))
-register("fm_loss_backward",
-         lambda g, p, *_: (torch.empty_like(p), torch.empty_like(p), torch.empty_like(p)),
-         cuda_impl=lazy(_C, "fm_loss_backward"))
-register("fm_loss_backward_pred", lambda g, p, *_: torch.empty_like(p),
-         cuda_impl=lazy(_C, "fm_loss_backward_pred"))
+register("interpolate", _two_like_bcast, _interpolate_backward, _interpolate_setup,
+         cuda_impl=lazy(_C, "interpolate"), nograd=True)
+register("interpolate_out", lambda *a: None, cuda_impl=lazy(_C, "interpolate_out"))
+register("interpolate_backward", _two_like_bcast, cuda_impl=lazy(_C, "interpolate_backward"))
+register("convert", lambda p, x, *_: x.new_empty(_broadcast(p, x)), _convert_backward,
+         _convert_setup, cuda_impl=lazy(_C, "convert"), nograd=True)
+register("convert_backward", lambda g, *_: (torch.empty_like(g), torch.empty_like(g)),
+         cuda_impl=lazy(_C, "convert_backward"))
+register("fm_loss", _loss_fake, _loss_backward, _loss_setup, cuda_impl=lazy(_C, "fm_loss"),
+         nograd=True)
+register("fm_loss_backward", _loss_bwd_fake, cuda_impl=lazy(_C, "fm_loss_backward"))
 
 if cpu_built():
     # flowkern::schedule_table (csrc/cpu/schedules.cpp, CPU only): the table
@@ -160,12 +197,74 @@ if cpu_built():
     torch.library.register_fake("flowkern::schedule_table")(
         lambda t, kind, params, rows, dtype, check: t.new_empty((rows, 4), dtype=dtype))
 
+_NATIVE = torch.ops.flowkern if cpu_built() else None
+_TRITON = getattr(torch.ops, TRITON_NS)
+if cpu_built():  # the overloads the public functions call, looked up once
+    _INTERP, _INTERP_NG = _NATIVE.interpolate.default, _NATIVE.interpolate.nograd
+    _INTERP_OUT = _NATIVE.interpolate_out.default
+    _CONVERT, _CONVERT_NG = _NATIVE.convert.default, _NATIVE.convert.nograd
+    _LOSS, _LOSS_NG = _NATIVE.fm_loss.default, _NATIVE.fm_loss.nograd
+
 # ---------------------------------------------------------------------------
-# public API
+# argument helpers
+
+
+_grad_on = torch.is_grad_enabled
+
+
+def _need_grad2(a, b) -> bool:
+    return _grad_on() and (a.requires_grad or b.requires_grad)
+
+
+def _need_grad3(a, b, c) -> bool:
+    return _grad_on() and (a.requires_grad or b.requires_grad or c.requires_grad)
+
+
+def _tensors(**named):
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+
+
+def _code(name, value, codes=PRED_CODE):
+    code = codes.get(value) if isinstance(value, str) else None
+    return V.prediction(name, value) if code is None else code
+
+
+def _native_coef(schedule, t, rows, like):
+    """(t, t_value, kind, params) of a native op: the times and a built-in
+    schedule's kind and parameters, or (table, 0, TABLE_KIND, []) for any
+    other schedule (its table built here, with the [0, 1] check)."""
+    if isinstance(t, torch.Tensor):
+        tt, tv = t, 0.0
+    elif isinstance(t, (int, float)):
+        tt, tv = None, float(t)
+    else:
+        raise TypeError(f"t: expected a float or a tensor of shape (B,), got {type(t).__name__}")
+    spec = native_spec(schedule)
+    if spec is not None:
+        return tt, tv, spec[0], spec[1]
+    t = V.time("t", t, rows, like, check_values=False)
+    table = coefficients(schedule, t, rows, V.acc_dtype(like.dtype),
+                         check="t" if V.values_checked(t) and V.check_flag() else "")
+    return table, 0.0, TABLE_KIND, []
+
+
+def table_from_args(t, t_value, kind, params, rows, like, check):
+    """The (rows, 4) coefficient table of a native op's arguments, for the
+    backends that read one (the CUDA glue): range-checked when `check` and
+    values are checked on like's device (FLOWKERN_DEBUG=1 on a GPU)."""
+    if kind == TABLE_KIND:
+        return t
+    tt = V.time("t", t if t is not None else t_value, rows, like, check_values=False)
+    do_check = check and V.values_checked(tt)
+    return coefficients(from_native(kind, params), tt, rows, V.acc_dtype(like.dtype),
+                        check="t" if do_check else "")
 
 
 def _prepare(names, tensors, t, schedule):
-    """Validated dense tensors, their shape and the (B, 4) coefficient table."""
+    """Validated tensors, their shape and the (B, 4) coefficient table (the
+    torch and triton backends)."""
     tensors = [V.tensor(n, x) for n, x in zip(names, tensors)]
     shape = V.same_shape(names, tensors)
     like = tensors[0]
@@ -178,6 +277,39 @@ def _prepare(names, tensors, t, schedule):
 def _upcast(x, coef, shape):
     """x broadcast to the batch shape (a view) in the coefficient dtype."""
     return x.expand(shape).to(coef.dtype)
+
+
+def check_target(coef, code):
+    """Value check of the score target's division by sigma (torch, triton, CUDA glue)."""
+    if code == PRED_CODE["score"]:
+        V.nonzero("t", "sigma_t", coef[:, 1], "the score target -x0/sigma_t is undefined there")
+
+
+# Denominators each conversion divides by (DESIGN §3), for the value checks;
+# csrc/cpu/training.cpp kDivides is the same table.
+_DIVIDES = {("x1", "eps"): "sigma", ("x1", "velocity"): "sigma", ("x1", "score"): "sigma",
+            ("eps", "x1"): "alpha", ("eps", "velocity"): "alpha", ("eps", "score"): "sigma",
+            ("velocity", "x1"): "det", ("velocity", "eps"): "det",
+            ("velocity", "score"): "det+sigma", ("score", "x1"): "alpha",
+            ("score", "velocity"): "alpha"}
+
+
+def check_conversion(coef, src: str, dst: str):
+    need = _DIVIDES.get((src, dst), "")
+    if not need:
+        return
+    al, sg, da, ds = coef.unbind(1)
+    if "sigma" in need:
+        V.nonzero("t", "sigma_t", sg, f"converting {src} -> {dst} divides by it")
+    if "alpha" in need:
+        V.nonzero("t", "alpha_t", al, f"converting {src} -> {dst} divides by it")
+    if "det" in need:
+        V.nonzero("t", "alpha*d_sigma - sigma*d_alpha", al * ds - sg * da,
+                  f"converting {src} -> {dst} divides by it")
+
+
+# ---------------------------------------------------------------------------
+# public API
 
 
 def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
@@ -200,13 +332,23 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
         (x_t, y), each of shape (B, ...) and the input dtype. Gradients flow
         to x0 and x1 (not to t).
     """
-    (x0, x1), shape, coef = _prepare(["x0", "x1"], [x0, x1], t, schedule)
-    code = V.prediction("target", target)
-    if code == PRED_CODE["score"]:
-        V.nonzero("t", "sigma_t", coef[:, 1], "the score target -x0/sigma_t is undefined there")
+    if not (isinstance(x0, torch.Tensor) and isinstance(x1, torch.Tensor)):
+        _tensors(x0=x0, x1=x1)
+    code = _code("target", target)
     be = resolve(backend, x1.device)
     if out is not None:
-        out = _check_out(out, shape, x1)
+        out = _check_out(out)
+    if be in ("cpu", "cuda"):
+        args = (x0, x1, *_native_coef(schedule, t, x0.shape[0] if x0.dim() else 1, x0), code,
+                V.check_flag())
+        if out is not None:
+            _INTERP_OUT(*args, *out)
+            return out
+        return (_INTERP if _need_grad2(x0, x1) else _INTERP_NG)(*args)
+    (x0, x1), shape, coef = _prepare(["x0", "x1"], [x0, x1], t, schedule)
+    check_target(coef, code)
+    if out is not None:
+        _check_out_shape(out, shape, x1)
     if be == "torch":
         xt, y = ref.interpolate(_upcast(x0, coef, shape), _upcast(x1, coef, shape), coef, target)
         xt, y = xt.to(x1.dtype), y.to(x1.dtype)
@@ -215,28 +357,33 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
         out[0].copy_(xt), out[1].copy_(y)
         return out
     x0, x1 = V.dense(x0, shape), V.dense(x1, shape)
-    ops = ops_for(be)
     if out is None:
-        return ops.interpolate(x0, x1, coef, code)
-    ops.interpolate_out(x0, x1, coef, code, out[0], out[1])
+        return _TRITON.interpolate(x0, x1, coef, 0.0, TABLE_KIND, [], code, False)
+    _TRITON.interpolate_out(x0, x1, coef, 0.0, TABLE_KIND, [], code, False, *out)
     return out
 
 
-def _check_out(out, shape, like):
+def _check_out(out):
+    """Types of the out= pair (the native op checks shapes, dtypes, layout)."""
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError("out: expected a pair of tensors (x_t, y)")
     for name, o in zip(("out[0]", "out[1]"), out):
         if not isinstance(o, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(o).__name__}")
+    if torch.is_grad_enabled() and (out[0].requires_grad or out[1].requires_grad):
+        raise RuntimeError("out: interpolate(..., out=) does not support autograd; "
+                           "call it without out= or under torch.no_grad()")
+    return tuple(out)
+
+
+def _check_out_shape(out, shape, like):
+    """csrc/cpu/args.h check_out, for the backends that do not come through it."""
+    for name, o in zip(("out[0]", "out[1]"), out):
         if o.shape != shape or o.dtype != like.dtype or o.device != like.device:
             raise ValueError(f"{name}: must have shape {tuple(shape)}, dtype {like.dtype} and "
                              f"device {like.device}; got {tuple(o.shape)}, {o.dtype}, {o.device}")
         if not o.is_contiguous():
             raise ValueError(f"{name}: must be contiguous")
-    if torch.is_grad_enabled() and any(o.requires_grad for o in out):
-        raise RuntimeError("out: interpolate(..., out=) does not support autograd; "
-                           "call it without out= or under torch.no_grad()")
-    return tuple(out)
 
 
 def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t,
@@ -256,28 +403,38 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
         The loss in pred's dtype. Backward gives pred, x0 and x1 gradients in
         one pass; no full-size temporary besides them.
     """
-    (pred, x0, x1), shape, coef = _prepare(["pred", "x0", "x1"], [pred, x0, x1], t, schedule)
-    code = V.prediction("target", target)
-    V.reduction(reduction)
-    if code == PRED_CODE["score"]:
-        V.nonzero("t", "sigma_t", coef[:, 1], "the score target -x0/sigma_t is undefined there")
-    weight = V.sample_weight(weight, shape[0], pred)
+    if not (isinstance(pred, torch.Tensor) and isinstance(x0, torch.Tensor)
+            and isinstance(x1, torch.Tensor)):
+        _tensors(pred=pred, x0=x0, x1=x1)
+    code = _code("target", target)
+    red = REDUCTION_CODE.get(reduction) if isinstance(reduction, str) else None
+    if red is None:
+        V.reduction(reduction)
     be = resolve(backend, pred.device)
-    inner = shape.numel() // shape[0] if shape[0] else 0
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        weight = torch.as_tensor(weight, device=pred.device)
+    if be in ("cpu", "cuda"):
+        coef = _native_coef(schedule, t, pred.shape[0] if pred.dim() else 1, pred)
+        check = V.check_flag()
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            # The fused op does not differentiate w: reduce its per-sample losses here.
+            rows = _LOSS(pred, x0, x1, *coef, code, None, 2, check)
+            inner = pred[0].numel() if pred.shape[0] else 0
+            acc = V.acc_dtype(pred.dtype)
+            return V.reduce_rows(rows.to(acc) * inner, V.sample_weight(weight, rows.shape[0], pred),
+                                 reduction, inner).to(pred.dtype)
+        op = _LOSS if _need_grad3(pred, x0, x1) else _LOSS_NG
+        return op(pred, x0, x1, *coef, code, weight, red, check)
+    (pred, x0, x1), shape, coef = _prepare(["pred", "x0", "x1"], [pred, x0, x1], t, schedule)
+    check_target(coef, code)
+    weight = V.sample_weight(weight, shape[0], pred)
     if be == "torch":
+        inner = shape.numel() // shape[0] if shape[0] else 0
         rows = ref.training.flow_matching_loss_rows(
             *(_upcast(x, coef, shape) for x in (pred, x0, x1)), coef, target)
-    else:
-        rows = ops_for(be).fm_loss_rows(*(V.dense(x, shape) for x in (pred, x0, x1)), coef, code)
-    return V.reduce_rows(rows, weight, reduction, inner).to(pred.dtype)
-
-
-# Denominators each conversion divides by (DESIGN §3), for the value checks.
-_DIVIDES = {("x1", "eps"): "sigma", ("x1", "velocity"): "sigma", ("x1", "score"): "sigma",
-            ("eps", "x1"): "alpha", ("eps", "velocity"): "alpha", ("eps", "score"): "sigma",
-            ("velocity", "x1"): "det", ("velocity", "eps"): "det",
-            ("velocity", "score"): "det+sigma", ("score", "x1"): "alpha",
-            ("score", "velocity"): "alpha"}
+        return V.reduce_rows(rows, weight, reduction, inner).to(pred.dtype)
+    return _TRITON.fm_loss(*(V.dense(x, shape) for x in (pred, x0, x1)), coef, 0.0, TABLE_KIND,
+                           [], code, weight, red, False)
 
 
 def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: str = "x1",
@@ -288,22 +445,21 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
     Shapes: pred and x_t (B, ...); t (B,), (1,), () or a float. Gradients
     flow to pred and x_t.
     """
-    (pred, x_t), shape, coef = _prepare(["pred", "x_t"], [pred, x_t], t, schedule)
-    s, d = V.prediction("src", src), V.prediction("dst", dst)
-    need = _DIVIDES.get((src, dst), "")
-    al, sg, da, ds = coef.unbind(1)
-    if "sigma" in need:
-        V.nonzero("t", "sigma_t", sg, f"converting {src} -> {dst} divides by it")
-    if "alpha" in need:
-        V.nonzero("t", "alpha_t", al, f"converting {src} -> {dst} divides by it")
-    if "det" in need:
-        V.nonzero("t", "alpha*d_sigma - sigma*d_alpha", al * ds - sg * da,
-                  f"converting {src} -> {dst} divides by it")
+    if not (isinstance(pred, torch.Tensor) and isinstance(x_t, torch.Tensor)):
+        _tensors(pred=pred, x_t=x_t)
+    s, d = _code("src", src), _code("dst", dst)
     be = resolve(backend, x_t.device)
+    if be in ("cpu", "cuda"):
+        args = (pred, x_t, *_native_coef(schedule, t, x_t.shape[0] if x_t.dim() else 1, x_t),
+                s, d, V.check_flag())
+        return (_CONVERT if _need_grad2(pred, x_t) else _CONVERT_NG)(*args)
+    (pred, x_t), shape, coef = _prepare(["pred", "x_t"], [pred, x_t], t, schedule)
+    check_conversion(coef, src, dst)
     if be == "torch":
         out = ref.convert(_upcast(pred, coef, shape), _upcast(x_t, coef, shape), coef, src, dst)
         return out.to(x_t.dtype)
-    return ops_for(be).convert(V.dense(x_t, shape), V.dense(pred, shape), coef, s, d)
+    return _TRITON.convert(V.dense(pred, shape), V.dense(x_t, shape), coef, 0.0, TABLE_KIND, [],
+                           s, d, False)
 
 
 __all__ = ["interpolate", "flow_matching_loss", "convert", "PREDICTIONS"]

@@ -108,7 +108,7 @@ def philox_normal(seed: int, offset: int, shape, dtype=torch.float32, device="cp
     Philox4x32-10(key = seed, counter = (offset + e) as (lo, hi, 0, 0)), and
     Box-Muller of its first two words (flowkern/triton/philox.py, philox.h)."""
     n = math.prod(shape)
-    ctr = torch.arange(n, dtype=torch.int64) + offset
+    ctr = torch.arange(n, dtype=torch.int64, device=device) + offset  # drawn where it is used
     c = [ctr & 0xFFFFFFFF, (ctr >> 32) & 0xFFFFFFFF, torch.zeros_like(ctr), torch.zeros_like(ctr)]
     k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
     M = 0xFFFFFFFF
@@ -124,4 +124,4 @@ def philox_normal(seed: int, offset: int, shape, dtype=torch.float32, device="cp
         u.append(s.to(torch.float32) * 4.6566127342e-10)
     u1 = torch.clamp(u[0], min=1.0e-7)
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u[1])
-    return z.reshape(shape).to(dtype).to(device)
+    return z.reshape(shape).to(dtype)

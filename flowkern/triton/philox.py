@@ -14,8 +14,43 @@ def _uniform(u):
 
 
 @triton.jit
+def _cos_angle(a):
+    """cos(a) for a float32 a in [0, 2 pi], rounded to float32: the host's
+    cos_angle of csrc/include/flowkern/philox.h, formula for formula (a = q pi/2
+    + r in double with fdlibm's two-part pi/2, Taylor polynomials to r^14 and
+    r^15). tl.cos is libdevice's cosf, whose Payne-Hanek branch for huge
+    arguments costs every noise kernel a 32-byte stack frame under triton 3.8
+    (flowkern.triton.aot); the angle here never needs it."""
+    x = a.to(tl.float64)
+    q = tl.floor(x * 0.6366197723675814 + 0.5)
+    r = (x - q * 1.57079632673412561417e+00) - q * 6.07710050650619224932e-11
+    r2 = r * r
+    c = -1.0 / 87178291200.0
+    c = c * r2 + 1.0 / 479001600.0
+    c = c * r2 - 1.0 / 3628800.0
+    c = c * r2 + 1.0 / 40320.0
+    c = c * r2 - 1.0 / 720.0
+    c = c * r2 + 1.0 / 24.0
+    c = c * r2 - 0.5
+    c = c * r2 + 1.0
+    s = -1.0 / 1307674368000.0
+    s = s * r2 + 1.0 / 6227020800.0
+    s = s * r2 - 1.0 / 39916800.0
+    s = s * r2 + 1.0 / 362880.0
+    s = s * r2 - 1.0 / 5040.0
+    s = s * r2 + 1.0 / 120.0
+    s = s * r2 - 1.0 / 6.0
+    s = r + r * r2 * s
+    # cos(q pi/2 + r) for q = 0..4: +c, -s, -c, +s, +c
+    odd = (q == 1.0) | (q == 3.0)
+    neg = (q == 1.0) | (q == 2.0)
+    v = tl.where(odd, s, c)
+    return tl.where(neg, -v, v).to(tl.float32)
+
+
+@triton.jit
 def normal(seed, counter):
     c0, c1, _c2, _c3 = tl.randint4x(seed, counter)
     u1 = tl.maximum(_uniform(c0), 1.0e-7)
     u2 = _uniform(c1)
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+    return tl.sqrt(-2.0 * tl.log(u1)) * _cos_angle(6.283185307179586 * u2)

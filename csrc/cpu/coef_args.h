@@ -1,0 +1,125 @@
+// The schedule coefficients of a public training op, from its arguments
+// (docs/design.md "Host path"): the times — a (B,), (1,) or () tensor `t`,
+// or the float `t_value` when `t` is absent — and a built-in schedule
+// (kind, params; csrc/include/flowkern/schedules.h), evaluated here in
+// double precision and rounded to the accumulation type; or, with kind =
+// kTableKind (a user's own schedule), the (n, 4) table in `t` itself. No
+// tensor op runs: the table lives in host memory for the kernel's call.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <vector>
+
+#include "args.h"
+#include "flowkern/coeffs.h"
+#include "flowkern/schedules.h"
+
+namespace flowkern_cpu {
+
+constexpr int64_t kTableKind = -1;
+
+template <class A> struct HostCoef {
+  std::vector<A> own;   // the table when built here
+  const A* table;       // (n, 4): alpha, sigma, d_alpha, d_sigma
+  int64_t n;            // 1 (one row serves the batch) or rows
+  int64_t row_step() const { return n == 1 ? 0 : 1; }
+  fk::Sched<A> at(int64_t i) const { return fk::load_sched(table, n == 1 ? 0 : i); }
+};
+
+// The times as doubles: n of them (1 for t_value or a one-element t).
+inline std::vector<double> read_times(const c10::optional<at::Tensor>& t, double t_value,
+                                      int64_t rows, const at::Tensor& like, const char* name) {
+  if (!t.has_value()) return {t_value};
+  const at::Tensor& tt = *t;
+  TORCH_CHECK_TYPE(tt.is_floating_point(), name, ": expected a floating tensor, got ",
+                   py_dtype(tt.scalar_type()));
+  TORCH_CHECK_VALUE(tt.device() == like.device(), name, ": on ", tt.device(),
+                    " but the data is on ", like.device());
+  const int64_t n = tt.numel();
+  TORCH_CHECK_VALUE(tt.dim() == 0 || (tt.dim() == 1 && (n == 1 || n == rows)), name,
+                    ": expected shape () or (", rows, ",) for a batch of ", rows, ", got ",
+                    py_shape(tt.sizes()));
+  std::vector<double> v(size_t(n == 0 ? 0 : n));
+  if (n == 0) return v;
+  TORCH_CHECK(tt.device().is_cpu(), name, ": the host table path needs CPU times");
+  const int64_t stride = tt.dim() == 0 ? 0 : tt.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tt.scalar_type(), "read_times", [&] {
+    const scalar_t* p = tt.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) v[size_t(i)] = double(p[i * stride]);
+  });
+  return v;
+}
+
+// ValueError unless every time lies in [0, 1]; NaN fails. The message of
+// flowkern._validate.check_unit_interval, word for word.
+inline void check_unit_interval(const char* name, const std::vector<double>& ts) {
+  double lo = INFINITY, hi = -INFINITY;
+  bool nan = false;
+  for (double v : ts) {
+    nan |= std::isnan(v);
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+  }
+  if (nan) lo = hi = NAN;  // torch.aminmax propagates NaN
+  TORCH_CHECK_VALUE(ts.empty() || (!nan && lo >= 0 && hi <= 1), name,
+                    ": times must lie in [0, 1] (0 = noise, 1 = data); got values in [", lo,
+                    ", ", hi, "] (NaN included)");
+}
+
+inline void check_schedule(int64_t kind, at::ArrayRef<double> params) {
+  TORCH_CHECK_VALUE(kind == kTableKind || (kind >= fk::LINEAR && kind <= fk::EDM),
+                    "schedule: unknown kind ", kind);
+  TORCH_CHECK_VALUE(params.size() <= size_t(fk::kSchedParams), "schedule: too many params");
+}
+
+// check: whether to check the times' range (flowkern._validate: always on
+// CPU tensors unless the caller checked them already, e.g. a sampler).
+template <class A>
+HostCoef<A> host_coef(const c10::optional<at::Tensor>& t, double t_value, int64_t kind,
+                      at::ArrayRef<double> params, int64_t rows, const at::Tensor& like,
+                      bool check, const char* name = "t") {
+  check_schedule(kind, params);
+  HostCoef<A> c;
+  if (kind == kTableKind) {
+    TORCH_CHECK(t.has_value(), name, ": a custom schedule's table is missing");
+    const at::Tensor& tab = *t;
+    TORCH_CHECK(tab.dim() == 2 && tab.size(1) == 4 && (tab.size(0) == 1 || tab.size(0) == rows) &&
+                    tab.scalar_type() == c10::CppTypeToScalarType<A>::value &&
+                    tab.is_contiguous() && tab.device() == like.device(),
+                name, ": a coefficient table must be a contiguous (1 or B, 4) tensor in the "
+                      "accumulation dtype on the data's device");
+    c.table = tab.template const_data_ptr<A>();
+    c.n = tab.size(0);
+    return c;
+  }
+  const std::vector<double> ts = read_times(t, t_value, rows, like, name);
+  if (check) check_unit_interval(name, ts);
+  double p[fk::kSchedParams] = {0, 0, 0};
+  for (size_t i = 0; i < params.size(); ++i) p[i] = params[i];
+  c.n = int64_t(ts.size());
+  c.own.resize(4 * ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const fk::Sched<double> s = fk::schedule_at(int(kind), p, ts[i]);
+    A* o = c.own.data() + 4 * i;
+    o[0] = A(s.alpha), o[1] = A(s.sigma), o[2] = A(s.d_alpha), o[3] = A(s.d_sigma);
+  }
+  c.table = c.own.data();
+  return c;
+}
+
+// ValueError when the value `what` (a function of a row's schedule) is 0 at
+// some row: a division the chosen form cannot avoid (flowkern._validate.nonzero).
+template <class A, class F>
+void check_nonzero(const HostCoef<A>& c, const char* name, const char* what, const char* why,
+                   F&& value) {
+  for (int64_t i = 0; i < c.n; ++i)
+    TORCH_CHECK_VALUE(value(c.at(i)) != A(0), name, ": ", what, " is 0 at some sample, and ",
+                      why);
+}
+
+}  // namespace flowkern_cpu

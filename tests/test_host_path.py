@@ -1,0 +1,119 @@
+"""The native host path (docs/design.md "Host path"): on the cpu backend one
+public call is one flowkern:: op. Under torch.profiler a call records that
+op, its output allocations and views, and no other aten op: no coefficient
+table built with torch ops, no `contiguous` copies of contiguous inputs, no
+reduction ops after the loss kernel."""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import flowkern as fk
+
+pytestmark = pytest.mark.skipif(not fk.available()["cpu"], reason="needs flowkern._C")
+
+# What a call may record besides its one flowkern op: allocations of its
+# outputs (Python or C++) and views.
+ALLOWED = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::view",
+           "aten::select", "aten::as_strided", "aten::alias", "flowkern::empty_output"}
+
+
+def recorded(fn):
+    """The names of the operators one call of fn records, in order."""
+    fn()  # warm: first calls resolve and cache
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith(("aten::", "flowkern::"))]
+
+
+def assert_one_op(fn, op):
+    names = recorded(fn)
+    ours = [n for n in names if n.startswith("flowkern::") and n != "flowkern::empty_output"]
+    assert ours == [op], names
+    extra = [n for n in names if not n.startswith("flowkern::") and n not in ALLOWED]
+    assert not extra, f"{op}: other operators recorded: {extra} (all: {names})"
+
+
+B, D = 8, 64
+x0, x1, pred = (torch.randn(B, D) for _ in range(3))
+t = torch.rand(B)
+w = torch.rand(B)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", fk.schedules.VP(0.1, 15.0), "edm"],
+                         ids=str)
+@pytest.mark.parametrize("time", ["tensor", "float", "one"])
+def test_training_ops_are_one_call(schedule, time):
+    tt = {"tensor": t, "float": 0.37, "one": t[:1]}[time]
+    assert_one_op(lambda: fk.interpolate(x0, x1, tt, schedule, "eps"),
+                  "flowkern::interpolate")
+    out = (torch.empty(B, D), torch.empty(B, D))
+    assert_one_op(lambda: fk.interpolate(x0, x1, tt, schedule, out=out),
+                  "flowkern::interpolate_out")
+    for reduction in ("mean", "sum", "none"):
+        assert_one_op(lambda: fk.flow_matching_loss(pred, x0, x1, tt, schedule, "x1", weight=w,
+                                                    reduction=reduction),
+                      "flowkern::fm_loss")
+    assert_one_op(lambda: fk.convert(pred, x0, tt, schedule, "x1", "velocity"),
+                  "flowkern::convert")
+
+
+def test_differentiable_calls_are_one_call():
+    """With inputs that need a gradient: the default overload (one autograd
+    node), still one op forward and one op backward."""
+    p = pred.clone().requires_grad_()
+    assert_one_op(lambda: fk.flow_matching_loss(p, x0, x1, t), "flowkern::fm_loss")
+    loss = fk.flow_matching_loss(p, x0, x1, t)
+    names = recorded(lambda: torch.autograd.grad(fk.flow_matching_loss(p, x0, x1, t), p))
+    assert names.count("flowkern::fm_loss_backward") == 1, names
+    assert loss.grad_fn is not None
+    a = x0.clone().requires_grad_()
+    assert_one_op(lambda: fk.interpolate(a, x1, t), "flowkern::interpolate")
+    assert_one_op(lambda: fk.ei_step(a, pred, 0.3, 0.5, "cosine"), "flowkern::ei_step")
+
+
+def test_nograd_overloads_refuse_inputs_that_need_a_gradient():
+    """The `.nograd` overloads skip autograd: given an input that needs a
+    gradient they raise instead of returning a detached result."""
+    a = x0.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="argument 'x0' requires grad"):
+        torch.ops.flowkern.interpolate.nograd(a, x1, t, 0.0, 0, [], 0, True)
+    with torch.no_grad():
+        torch.ops.flowkern.interpolate.nograd(a, x1, t, 0.0, 0, [], 0, True)
+
+
+@pytest.mark.parametrize("times", ["float", "table"])
+def test_steps_are_one_call(times):
+    grid = torch.linspace(0.1, 0.9, 5)
+    tables = fk.step_table("cosine", grid[:-1], grid[1:], t_prev=grid[:-1] - 0.05, g=0.3)
+    row = tables[1]  # the caller's view, made before the call
+    kw = dict(t=0.3, s=0.5, schedule="cosine") if times == "float" else dict(table=row)
+    x = torch.randn(B, D)
+    out, d_out = torch.empty(B, D), torch.empty(B, D)
+    assert_one_op(lambda: fk.euler_step(x, pred, out=out, **kw), "flowkern::euler_step")
+    assert_one_op(lambda: fk.euler_step(x, pred, **kw), "flowkern::euler_step")
+    assert_one_op(lambda: fk.euler_step(x, pred, pred_uncond=x1, guidance=2.0, out=out, **kw),
+                  "flowkern::euler_step")
+    assert_one_op(lambda: fk.heun_step(x, pred, x1, x0, out=out, **kw), "flowkern::heun_step")
+    assert_one_op(lambda: fk.ei_step(x, pred, **kw), "flowkern::ei_step")
+    assert_one_op(lambda: fk.ei_step(x, pred, out=out, **kw), "flowkern::ei_step_out")
+    prev = dict(t_prev=0.25) if times == "float" else {}
+    assert_one_op(lambda: fk.dpmpp_2m_step(x, pred, d_prev=x1, out=out, d_out=d_out, **kw,
+                                           **prev),
+                  "flowkern::dpmpp_2m_step")
+    g = dict(g=0.3) if times == "float" else {}
+    assert_one_op(lambda: fk.em_step(x, pred, seed=3, offset=8, out=out, **kw, **g),
+                  "flowkern::em_step")
+    ch = dict(t=0.5, t_hat=0.3, schedule="cosine") if times == "float" else dict(table=row)
+    assert_one_op(lambda: fk.churn(x, seed=1, out=out, **ch), "flowkern::churn")
+
+
+def test_native_and_python_tables_agree():
+    """A step's row built in C++ from float times equals flowkern.step_table's
+    (computed in float64, rounded once), so both paths give the same result."""
+    x = torch.randn(4, 33, dtype=torch.float64)
+    p = torch.randn(4, 33, dtype=torch.float64)
+    for sched in ("linear", "cosine", "vp", "ve", "edm", fk.schedules.Polynomial(2.5)):
+        a = fk.dpmpp_2m_step(x, p, 0.3, 0.6, sched, d_prev=p * 0.5, t_prev=0.1)[0]
+        tab = fk.step_table(sched, 0.3, 0.6, t_prev=0.1, dtype=torch.float64)
+        b = fk.dpmpp_2m_step(x, p, d_prev=p * 0.5, table=tab)[0]
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
