@@ -1,5 +1,5 @@
 """Benchmarks of the training op family: flowkern.interpolate and
-flowkern.flow_matching_loss (DESIGN §4), against the way flow_matching and
+flowkern.flow_matching_loss (docs/design.md §4), against the way flow_matching and
 torchcfm users write the same computation.
 
 Shapes: (B, N/B) fp32 with B = 64 rows and N in {256k, 4M, 16M} elements;

@@ -1,4 +1,4 @@
-"""Argument checks shared by every op (DESIGN §6).
+"""Argument checks shared by every op (docs/design.md §6).
 
 Metadata errors (type, shape, dtype, device, names) are always raised, since
 they cost no device sync. Value checks (t in [0, 1], NaN, sigma = 0 where a
@@ -8,7 +8,6 @@ skipped while torch.compile traces.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import os
 
@@ -74,17 +73,22 @@ def prediction(name: str, value: str) -> int:
 _PRECHECKED = contextvars.ContextVar("flowkern_values_prechecked", default=False)
 
 
-@contextlib.contextmanager
-def values_prechecked(on: bool = True):
+class values_prechecked:  # noqa: N801 (used as a context manager)
     """Skip the value checks of the ops called inside: for callers that have
     checked the same values already (the samplers validate the whole grid
-    before the loop; each check costs several small tensor ops per step).
-    on=False restores them inside, e.g. around a user's model."""
-    token = _PRECHECKED.set(on)
-    try:
-        yield
-    finally:
-        _PRECHECKED.reset(token)
+    before the loop). on=False restores them inside, e.g. around a user's
+    model. A class, not a generator: it is entered on every sampler step."""
+
+    __slots__ = ("on", "token")
+
+    def __init__(self, on: bool = True):
+        self.on = on
+
+    def __enter__(self):
+        self.token = _PRECHECKED.set(self.on)
+
+    def __exit__(self, *exc):
+        _PRECHECKED.reset(self.token)
 
 
 REDUCTIONS = ("mean", "sum", "none")

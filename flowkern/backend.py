@@ -1,4 +1,4 @@
-"""Backend selection (DESIGN §5).
+"""Backend selection (docs/design.md §5).
 
 Precedence: an explicit ``backend=`` argument > the innermost
 :func:`use_backend` context > the ``FLOWKERN_BACKEND`` environment variable >

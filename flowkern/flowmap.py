@@ -2,7 +2,7 @@
 state at time s of the ODE trajectory through x at time t), so that
 generation is one evaluation g(0, 1, x0), or a few jumps.
 
-Parametrisation (the "one-step generative ODE flow" in DESIGN §1's
+Parametrisation (the "one-step generative ODE flow" in docs/design.md §1's
 convention: its alpha is our sigma, its beta our alpha):
 
     g(t, s, x) = (sigma_s/sigma_t) x + (alpha_s - sigma_s alpha_t/sigma_t) d̄(t, s, x)

@@ -1,11 +1,11 @@
-"""Time grids for the samplers (DESIGN §1: t in [0, 1], t = 0 noise, t = 1 data).
+"""Time grids for the samplers (docs/design.md §1: t in [0, 1], t = 0 noise, t = 1 data).
 
 A grid is an increasing float64 CPU tensor ``t_0 < t_1 < ... < t_N`` in
 [0, 1]; a sampler steps from t_i to t_{i+1}. Built-in spacings:
 
 - ``uniform``: equal steps in t.
 - ``karras``: the EDM spacing (Karras et al. 2022, rho = 7) of the
-  k-diffusion noise level sigma_k = sigma_t / alpha_t (DESIGN §1), mapped back
+  k-diffusion noise level sigma_k = sigma_t / alpha_t (docs/design.md §1), mapped back
   to t for the schedule (closed form for the built-in schedules, bisection
   for any other schedule with sigma_k decreasing in t).
 - ``logsnr``: equal steps in lambda = log(alpha_t / sigma_t) = -log sigma_k.

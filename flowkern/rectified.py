@@ -1,7 +1,7 @@
 """Rectified flow (Liu et al. 2022, "Flow straight and fast"): reflow and
 distillation on the fused ops, and the minibatch-OT coupling of OT-CFM.
 
-Conventions (DESIGN §1): t = 0 is noise x0, t = 1 is data x1; a rectified
+Conventions (docs/design.md §1): t = 0 is noise x0, t = 1 is data x1; a rectified
 flow is the ``linear`` schedule x_t = t x1 + (1 - t) x0 with the velocity
 target u = x1 - x0, and is sampled from t = 0 to t = 1.
 

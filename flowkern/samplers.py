@@ -1,4 +1,4 @@
-"""Sampling loops over the fused step ops (DESIGN §4 "Sampling").
+"""Sampling loops over the fused step ops (docs/design.md §4 "Sampling").
 
 :func:`sample` integrates from noise (t = 0) toward data (t = 1) with one of
 the fused steps. Everything that depends only on the grid is decided on the
@@ -405,7 +405,7 @@ def sample(model, x_init, schedule="linear", method="euler", steps=None, grid="u
            callback=None, return_trajectory=False, t_start=0.0, t_end=1.0, g=1.0,
            backend=None, cuda_graph=False):
     """Integrate from noise x_init at t_start toward data at t_end (t = 0 is
-    noise, t = 1 data; DESIGN §1) with fused steps.
+    noise, t = 1 data; docs/design.md §1) with fused steps.
 
     Args:
         model: ``model(x, t) -> prediction``, x shaped like x_init, t a (B,)

@@ -1,6 +1,6 @@
 """Schedules: maps from time t to (alpha_t, sigma_t, d_alpha_t, d_sigma_t).
 
-Convention (DESIGN §1): t in [0, 1], t = 0 is noise and t = 1 is data,
+Convention (docs/design.md §1): t in [0, 1], t = 0 is noise and t = 1 is data,
 x_t = alpha_t * x1 + sigma_t * x0 and u_t = d_alpha_t * x1 + d_sigma_t * x0.
 
 Any object with ``__call__(t) -> (alpha, sigma, d_alpha, d_sigma)`` (tensors

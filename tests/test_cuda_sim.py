@@ -4,7 +4,7 @@ torch.ops.flowkern._sim_* run the kernels' header bodies over every block and
 thread of the grid that csrc/cuda/training.cu launches (same launch plan, same
 pointers). Each result is compared with the CPU kernel (same per-element
 code, so bit-exact for the elementwise ops) and with float64 formulas written
-here from DESIGN §1/§3/§4 (within dtype tolerances). Outputs start as NaN, so
+here from docs/design.md §1/§3/§4 (within dtype tolerances). Outputs start as NaN, so
 an element the grid never writes fails.
 """
 import math
@@ -24,7 +24,7 @@ PREDS = (VELOCITY, X1, EPS, SCORE)
 
 def make_coef(rows, dtype, gen):
     """(alpha, sigma, d_alpha, d_sigma) of the linear schedule on even rows and
-    the cosine schedule on odd rows, t in [0.05, 0.95] (DESIGN §2)."""
+    the cosine schedule on odd rows, t in [0.05, 0.95] (docs/design.md §2)."""
     t = 0.05 + 0.9 * torch.rand(rows, generator=gen, dtype=torch.float64)
     lin = torch.stack([t, 1 - t, torch.ones_like(t), -torch.ones_like(t)], 1)
     h = math.pi / 2
@@ -45,7 +45,7 @@ EXTENDED = np.finfo(LD).eps < 1e-18
 
 
 def target_pair(c, target):
-    """Coefficients (on x1, on x0) of the training target y (DESIGN §4)."""
+    """Coefficients (on x1, on x0) of the training target y (docs/design.md §4)."""
     a, s, da, ds = c
     one, zero = a * 0 + 1, a * 0
     return {VELOCITY: (da, ds), X1: (one, zero), EPS: (zero, one), SCORE: (zero, -1 / s)}[target]
@@ -60,7 +60,7 @@ def interpolate_matrix(c, target):
 
 def convert_matrix(c, src, dst):
     """(x, pred of type src) -> pred as type dst: src gives the denoiser d and
-    eps as affine maps of (x, pred) (DESIGN §3), dst is read off them."""
+    eps as affine maps of (x, pred) (docs/design.md §3), dst is read off them."""
     a, s, da, ds = c
     one, zero = a * 0 + 1, a * 0
     det = a * ds - s * da

@@ -70,7 +70,7 @@ def test_field_mean_matches_reference(backend, dtype, kind):
             assert ((l - l64).abs() / l64).max().item() <= 0.05 if acc == torch.float32 else 1e-9
         else:
             assert torch.equal(l, l64)
-        # and the softmax of DESIGN §4's logits gives the same mean
+        # and the softmax of docs/design.md §4's logits gives the same mean
         if kind != R.UNIFORM:
             sm = R.softmax_mean(x.double(), ref.double(), qp, kind, p0, p1)
             torch.testing.assert_close(m64, sm, rtol=1e-9, atol=1e-9)

@@ -1,4 +1,4 @@
-"""The native host path (docs/design.md "Host path"): on the cpu backend one
+"""The native host path (docs/design.md §8): on the cpu backend one
 public call is one flowkern:: op. Under torch.profiler a call records that
 op, its output allocations and views, and no other aten op: no coefficient
 table built with torch ops, no `contiguous` copies of contiguous inputs, no

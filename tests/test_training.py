@@ -119,7 +119,7 @@ def test_flow_matching_loss_grad(backend, dtype, shape, target, inputs_grad):
     assert_close(leaves[0].grad, out64, naive, f"g_pred {backend} {dtype}", factor=4.0,
                  ulps=8.0, scale=1.5 * mag.max().item())
     if inputs_grad:
-        # rho is linear in (x0, x1): their gradients are -d y / d x times g_pred (DESIGN §4).
+        # rho is linear in (x0, x1): their gradients are -d y / d x times g_pred (docs/design.md §4).
         for k, leaf in ((1, leaves[1]), (2, leaves[2])):
             e = torch.zeros(shape, dtype=torch.float64, device=DEVICE)
             args = [e, e, e]

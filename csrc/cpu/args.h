@@ -1,5 +1,5 @@
 // Argument checks of the public ops, done once in C++ so that a public call
-// is one dispatcher call (docs/design.md "Host path"). The messages and
+// is one dispatcher call (docs/design.md §8). The messages and
 // exception types are those of flowkern/_validate.py, which keeps the same
 // rules for the backends that do not come through here (torch, triton):
 // TypeError for a wrong type or dtype, ValueError for a wrong shape, device

@@ -1,5 +1,5 @@
 // The schedule coefficients of a public training op, from its arguments
-// (docs/design.md "Host path"): the times — a (B,), (1,) or () tensor `t`,
+// (docs/design.md §8): the times — a (B,), (1,) or () tensor `t`,
 // or the float `t_value` when `t` is absent — and a built-in schedule
 // (kind, params; csrc/include/flowkern/schedules.h), evaluated here in
 // double precision and rounded to the accumulation type; or, with kind =

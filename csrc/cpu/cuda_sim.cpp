@@ -1,4 +1,4 @@
-// CPU grid simulator of the CUDA training kernels (TOOLCHAIN "Testing CUDA
+// CPU grid simulator of the CUDA training kernels (docs/design.md §9 "Testing CUDA
 // kernels' indexing without a GPU"): debug ops that run the kernels' header
 // bodies (fk::lincomb_thread, fk::rowsum_thread + fk::tree_step) over every
 // block and thread of the grid that csrc/cuda/training.cu would launch, with

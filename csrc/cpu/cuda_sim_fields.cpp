@@ -1,5 +1,5 @@
 // CPU grid simulator of the CUDA empirical-field kernels (csrc/cuda/fields.cu,
-// TOOLCHAIN "Testing CUDA kernels' indexing without a GPU"): a debug op that
+// docs/design.md §9 "Testing CUDA kernels' indexing without a GPU"): a debug op that
 // runs the kernels' block bodies (flowkern/fields_block.h) over every block of
 // the grids the launcher would launch, with the same plan (fk::plan_fields),
 // the same workspace layout and the same score instantiation

@@ -1,4 +1,4 @@
-// CPU kernel of the empirical-field op family (DESIGN §4 "Empirical
+// CPU kernel of the empirical-field op family (docs/design.md §4 "Empirical
 // fields") and its flowkern:: schema:
 //
 //   field_mean(Tensor x, Tensor ref, Tensor qp, int kind, float p0, float p1)

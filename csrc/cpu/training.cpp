@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> interpolate_backward(const at::Tensor& gxt_,
   return {gx0, gx1};
 }
 
-// The divisions each conversion needs (DESIGN §3), as flowkern/ops/training.py
+// The divisions each conversion needs (docs/design.md §3), as flowkern/ops/training.py
 // _DIVIDES lists them for the Python backends: [src][dst] in the order of
 // flowkern/_enums.py (velocity, x1, eps, score).
 enum : int { BY_SIGMA = 1, BY_ALPHA = 2, BY_DET = 4 };

@@ -1,4 +1,4 @@
-// CUDA kernels of the empirical-field family (DESIGN §4 "Empirical fields"):
+// CUDA kernels of the empirical-field family (docs/design.md §4 "Empirical fields"):
 // mean_i = sum_j w_ij y_j with w_ij = softmax_j(logit(key_ij)), the Poisson
 // field (PFGM / PFGM++), the Gaussian and the uniform-box empirical denoiser
 // (scores and online state: flowkern/fields.h). The kernels' bodies are the

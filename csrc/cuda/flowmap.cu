@@ -1,4 +1,4 @@
-// CUDA kernels of the flow-map op family (DESIGN §4: the one-step flow map
+// CUDA kernels of the flow-map op family (docs/design.md §4: the one-step flow map
 // g(t, s, x), ei_step's exponential-integrator map, against a target): the
 // functors of flowkern/flowmap.h on the shared row-sum and elementwise kernels
 // (rowsum_kernel.cuh, lincomb_kernel.cuh), the bodies the CPU grid simulator

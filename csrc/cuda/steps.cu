@@ -1,4 +1,4 @@
-// CUDA kernels of the sampler-step family (DESIGN §4 "Sampling"): the step
+// CUDA kernels of the sampler-step family (docs/design.md §4 "Sampling"): the step
 // functors of flowkern/steps.h on the generic elementwise kernel
 // (lincomb_kernel.cuh). A launcher checks its codes, drops absent optional
 // tensors (0) as the CPU ops drop absent optionals (csrc/cpu/steps.cpp), and

@@ -1,4 +1,4 @@
-// CUDA kernels of the training op family (DESIGN §4). The kernel bodies are
+// CUDA kernels of the training op family (docs/design.md §4). The kernel bodies are
 // the header thread functions (lincomb.h, rowsum.h) that the CPU grid
 // simulator (csrc/cpu/cuda_sim.cpp) runs over the same plans (launch.h); this
 // file only maps launcher arguments to functors. The elementwise and row-sum

@@ -1,5 +1,5 @@
 """The ``cuda`` backend: CUDA C++ kernels from the shared math headers
-(DESIGN §5). Importing this package does not load flowkern._cuda; the first
+(docs/design.md §5). Importing this package does not load flowkern._cuda; the first
 call does, and raises RuntimeError naming the fallback if it cannot."""
 from .fields import field_mean
 from .flowmap import flowmap_loss_backward, flowmap_loss_rows

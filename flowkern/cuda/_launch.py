@@ -2,7 +2,7 @@
 
 flowkern._cuda is imported on the first launch, never at ``import flowkern``:
 built with nvcc 13 it needs an NVIDIA driver >= 580, and a CPU-only process
-must not pay for (or fail on) loading it (TOOLCHAIN "What does not work").
+must not pay for (or fail on) loading it (docs/design.md §9).
 Every failure names the fallback backends.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def check(code: int, op: str) -> None:
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Coefficient and accumulation dtype (DESIGN §6)."""
+    """Coefficient and accumulation dtype (docs/design.md §6)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

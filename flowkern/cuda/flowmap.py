@@ -19,7 +19,7 @@ from .steps import _table
 def flowmap_loss_rows(x, pred, target, coef, prediction: int, form: int):
     """Per-sample sum of (a x + b pred - target)^2, shape (B,), in the
     accumulation dtype, with (a, b) the EI map's coefficients (the one-step
-    flow map g(t, s, x), DESIGN §4). Deterministic: fixed per-chunk partials,
+    flow map g(t, s, x), docs/design.md §4). Deterministic: fixed per-chunk partials,
     then a sum."""
     x, pred, target = _launch.inputs(x=x, pred=pred, target=target)
     coef = _table(coef, x)

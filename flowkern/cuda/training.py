@@ -59,7 +59,7 @@ def interpolate_backward(gxt, gy, t, t_value, kind, params, target: int):
 
 
 def convert(pred, x, t, t_value, kind, params, src: int, dst: int, check=False):
-    """A prediction of type `src` at state x rewritten as type `dst` (DESIGN §3)."""
+    """A prediction of type `src` at state x rewritten as type `dst` (docs/design.md §3)."""
     from .._enums import PREDICTIONS
     from ..ops.training import check_conversion
     x, pred = _dense(x=x, pred=pred)

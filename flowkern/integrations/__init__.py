@@ -1,5 +1,5 @@
 """Adapters that let existing users of other libraries run flowkern's fused
-steps without changing their code (DESIGN §1 maps the conventions):
+steps without changing their code (docs/design.md §1 maps the conventions):
 
 - :mod:`flowkern.integrations.diffusers`: ``FlowMatchEulerDiscreteScheduler``
   and ``DPMSolverMultistepScheduler`` with diffusers' scheduler interface.

@@ -5,7 +5,7 @@ Drop-in use in a pipeline::
     from flowkern.integrations.diffusers import FlowMatchEulerDiscreteScheduler
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
-Conventions (DESIGN §1):
+Conventions (docs/design.md §1):
 
 - Flow matching: diffusers' ``sigma = 1 - t`` and its model predicts
   ``v = x0 - x1 = -u_t``; its step is ``x + (sigma_next - sigma) v``. Since

@@ -1,6 +1,6 @@
 """flow_matching-compatible path and ODE solver backed by flowkern.
 
-flow_matching (facebookresearch) uses flowkern's convention as is (DESIGN
+flow_matching (facebookresearch) uses flowkern's convention as is (docs/design.md
 §1: x_t = alpha_t x1 + sigma_t x0, t = 0 noise), so nothing is remapped:
 
 - :class:`AffineProbPath` / :class:`CondOTProbPath`: ``sample(x_0, x_1, t)``

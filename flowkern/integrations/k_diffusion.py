@@ -6,7 +6,7 @@
 (usually) 0, ``extra_args``, ``callback`` (called with k-diffusion's dict),
 ``disable`` (the progress bar), and the churn/ancestral options.
 
-Convention (DESIGN §1): k-diffusion's state is x_k = x_t / alpha_t at noise
+Convention (docs/design.md §1): k-diffusion's state is x_k = x_t / alpha_t at noise
 level sigma_k = sigma_t / alpha_t, i.e. a VE/EDM schedule with alpha = 1 and
 sigma = sigma_k, and its denoiser is our x1 prediction. The step tables are
 filled with those values directly: per step alpha = 1, sigma = sigma_i,

@@ -1,4 +1,4 @@
-"""Empirical-field op family (DESIGN §4 "Empirical fields"): poisson_field
+"""Empirical-field op family (docs/design.md §4 "Empirical fields"): poisson_field
 (PFGM / PFGM++) and empirical_denoiser (Gaussian or uniform-box prior).
 
 Both are one kernel-level op with a score `kind` (csrc/include/flowkern/fields.h):

@@ -1,5 +1,5 @@
 """Flow-map op family: flowmap_loss, the squared error of the one-step flow
-map g(t, s, x) against a target with g never stored (DESIGN §4; the map is
+map g(t, s, x) against a target with g never stored (docs/design.md §4; the map is
 ei_step's exponential-integrator step).
 
     g(t, s, x) = (sigma_s/sigma_t) x + (alpha_s - sigma_s alpha_t/sigma_t) d̄   (data form)

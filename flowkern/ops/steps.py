@@ -1,4 +1,4 @@
-"""Sampler-step op family (DESIGN §4 "Sampling"): euler_step, heun_step,
+"""Sampler-step op family (docs/design.md §4 "Sampling"): euler_step, heun_step,
 ei_step, dpmpp_2m_step, em_step, churn, and step_table.
 
 Each public step validates, builds (or takes) the step table, picks a

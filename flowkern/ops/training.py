@@ -1,4 +1,4 @@
-"""Training op family: interpolate, flow_matching_loss, convert (DESIGN §3-4).
+"""Training op family: interpolate, flow_matching_loss, convert (docs/design.md §3-4).
 
 On the native backends (cpu, cuda) a public call is one call of one
 flowkern:: op: the C++ op checks the arguments (same messages as
@@ -285,7 +285,7 @@ def check_target(coef, code):
         V.nonzero("t", "sigma_t", coef[:, 1], "the score target -x0/sigma_t is undefined there")
 
 
-# Denominators each conversion divides by (DESIGN §3), for the value checks;
+# Denominators each conversion divides by (docs/design.md §3), for the value checks;
 # csrc/cpu/training.cpp kDivides is the same table.
 _DIVIDES = {("x1", "eps"): "sigma", ("x1", "velocity"): "sigma", ("x1", "score"): "sigma",
             ("eps", "x1"): "alpha", ("eps", "velocity"): "alpha", ("eps", "score"): "sigma",

@@ -1,4 +1,4 @@
-"""Reference empirical fields (DESIGN §4 "Empirical fields").
+"""Reference empirical fields (docs/design.md §4 "Empirical fields").
 
 Three things live here:
 
@@ -62,7 +62,7 @@ def keys(red, qp, kind):
 
 
 def logits(k, qp, kind, p0=0.0):
-    """The logit of a key, as DESIGN §4 writes it (uniform: 0 inside the box,
+    """The logit of a key, as docs/design.md §4 writes it (uniform: 0 inside the box,
     -inf outside)."""
     if kind == POISSON:
         return -p0 * torch.log(k)
@@ -100,7 +100,7 @@ def field_mean(x, ref, qp, kind, p0=0.0, p1=0.0):
 
 
 def softmax_mean(x, ref, qp, kind, p0=0.0, p1=0.0):
-    """sum_j softmax_j(logit_ij) y_j straight from DESIGN §4's logits (a
+    """sum_j softmax_j(logit_ij) y_j straight from docs/design.md §4's logits (a
     second, independent path to the same mean; -inf everywhere -> NaN)."""
     k = keys(reduce_dist(x, ref, qp, kind, p0, p1), qp, kind)
     return torch.softmax(logits(k, qp, kind, p0), dim=1) @ ref

@@ -2,7 +2,7 @@
 testing samplers against the true ODE (float64).
 
 Data x1 ~ sum_k pi_k N(mu_k, s_k^2 I) in R^D, noise x0 ~ N(0, I) and x_t =
-alpha_t x1 + sigma_t x0 (DESIGN §1). Given component k, x_t is Gaussian:
+alpha_t x1 + sigma_t x0 (docs/design.md §1). Given component k, x_t is Gaussian:
 
     x_t | k ~ N(alpha mu_k, v_k I),   v_k = alpha^2 s_k^2 + sigma^2,
 

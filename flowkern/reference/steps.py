@@ -1,4 +1,4 @@
-"""Reference sampler steps (DESIGN §4 "Sampling"), written like the papers.
+"""Reference sampler steps (docs/design.md §4 "Sampling"), written like the papers.
 
 Every step moves a state x at time t to time s (t -> s toward the data, t = 0
 noise, t = 1 data) given the model's prediction `pred` of type `prediction`

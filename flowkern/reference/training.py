@@ -1,7 +1,7 @@
 """Reference training ops: interpolation, targets, conversions, the loss.
 
 Coefficients come as the (B, 4) table [alpha, sigma, d_alpha, d_sigma] of
-flowkern.schedules.coefficients; every formula is DESIGN §1, §3, §4 written
+flowkern.schedules.coefficients; every formula is docs/design.md §1, §3, §4 written
 out, deliberately not sharing the kernels' coefficient tables, so that a
 test against it can catch a wrong table entry.
 """
@@ -17,7 +17,7 @@ def _cols(coef: torch.Tensor, like: torch.Tensor):
 
 
 def target(x0, x1, coef, target: str):
-    """The regression target y for prediction type `target` (DESIGN §4)."""
+    """The regression target y for prediction type `target` (docs/design.md §4)."""
     a, s, da, ds = _cols(coef, x1)
     if target == "velocity":
         return da * x1 + ds * x0
@@ -63,7 +63,7 @@ def reduce_rows(rows, like, weight=None, reduction="mean"):
 
 
 def convert(pred, x, coef, src: str, dst: str):
-    """Prediction `pred` of type src at state x, as type dst (DESIGN §3)."""
+    """Prediction `pred` of type src at state x, as type dst (docs/design.md §3)."""
     a, s, da, ds = _cols(coef, x)
     if src == dst:
         return pred + 0 * x

@@ -1,4 +1,4 @@
-// Per-sample coefficient math (DESIGN §1, §3): every training target and
+// Per-sample coefficient math (docs/design.md §1, §3): every training target and
 // every prediction conversion is affine in two per-sample vectors, so a
 // kernel loads the schedule coefficients of a row once and applies a 2-term
 // affine map to each element. The Triton kernels mirror these functions in
@@ -25,7 +25,7 @@ template <class A> FK_HD Sched<A> load_sched(const A* coef, i64 row) {
 // y = a*x1 + b*x0, the two coefficients of a linear combination.
 template <class A> struct Lin2 { A a, b; };
 
-// Training target y = c_x1*x1 + c_x0*x0 for a prediction type (DESIGN §4):
+// Training target y = c_x1*x1 + c_x0*x0 for a prediction type (docs/design.md §4):
 // velocity u_t; x1; eps = x0; score = -x0/sigma (Gaussian noise only).
 template <class A> FK_HD Lin2<A> target_coeffs(int target, Sched<A> s) {
   switch (target) {
@@ -36,7 +36,7 @@ template <class A> FK_HD Lin2<A> target_coeffs(int target, Sched<A> s) {
   }
 }
 
-// Direct formulas between velocity, x1 and eps (DESIGN §3): dst = c_x*x +
+// Direct formulas between velocity, x1 and eps (docs/design.md §3): dst = c_x*x +
 // c_p*pred. Each pair uses its own formula, not a composition through x1, so
 // that no division appears that the pair does not need (velocity -> eps stays
 // finite at sigma = 0, for example). Lin2.a multiplies x, Lin2.b the prediction.

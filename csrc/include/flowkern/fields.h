@@ -1,4 +1,4 @@
-// Empirical fields over a reference batch (DESIGN §4 "Empirical fields"):
+// Empirical fields over a reference batch (docs/design.md §4 "Empirical fields"):
 // the score functions of the Poisson field (PFGM / PFGM++), the Gaussian
 // empirical denoiser and the uniform-box denoiser, and the online-softmax
 // state they share. Torch-free; shared by the CPU kernel (csrc/cpu/fields.cpp),

@@ -1,9 +1,9 @@
-// The CUDA kernels of the empirical-field op (DESIGN §4 "Empirical fields":
+// The CUDA kernels of the empirical-field op (docs/design.md §4 "Empirical fields":
 // w_ij = softmax_j(logit(key_ij)), mean_i = sum_j w_ij y_j; scores, keys and
 // the online state in fields.h) written as block bodies of phases between
 // barriers, so that csrc/cuda/fields.cu runs them on the GPU and the grid
 // simulator (csrc/cpu/cuda_sim_fields.cpp) runs them on the CPU, every block,
-// every thread, phase by phase (TOOLCHAIN "Testing CUDA kernels' indexing
+// every thread, phase by phase (docs/design.md §9 "Testing CUDA kernels' indexing
 // without a GPU"). Torch-free.
 //
 // A block body calls run(phase) for each phase in program order; phase(tid,
@@ -215,7 +215,7 @@ FK_UNROLL
         for (int qa = 0; qa < TQ; ++qa) sc[qa] = sm.sc[tq + G * qa];
         // A sum of N squares as N/BK chunk sums of BK terms: ~sqrt(BK) +
         // sqrt(N/BK) ulps of error instead of ~sqrt(N), which the logit
-        // multiplies by up to (N+D)/2 (DESIGN §4: distances accurately).
+        // multiplies by up to (N+D)/2 (docs/design.md §4: distances accurately).
         A part[TQ][TR];
 FK_UNROLL
         for (int qa = 0; qa < TQ; ++qa)

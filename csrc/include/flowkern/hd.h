@@ -1,6 +1,6 @@
 // Portable definitions shared by g++ (CPU kernels, the CUDA grid simulator)
 // and nvcc (CUDA kernels). No torch or CUDA runtime headers: this file must
-// compile in both worlds (DESIGN §5, TOOLCHAIN "no torch headers in .cu").
+// compile in both worlds (docs/design.md §5, docs/design.md §9 "No torch headers in .cu files").
 #pragma once
 
 #include <stdint.h>
@@ -82,7 +82,7 @@ FK_HD float to_float(float v) { return v; }
 FK_HD double to_float(double v) { return v; }
 
 // Storage type -> accumulation type: fp32 for 16- and 32-bit inputs, fp64 for
-// fp64 (DESIGN §6).
+// fp64 (docs/design.md §6).
 template <class T> struct acc { using type = float; };
 template <> struct acc<double> { using type = double; };
 template <class T> using acc_t = typename acc<T>::type;

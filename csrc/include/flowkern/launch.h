@@ -1,7 +1,7 @@
 // Launch plans of the CUDA kernels, shared by the launchers (csrc/cuda/) and
 // the CPU grid simulator (csrc/cpu/cuda_sim.cpp), so that the simulator sweeps
 // exactly the grid the GPU runs. Host-only integer arithmetic; no torch, no
-// CUDA headers (TOOLCHAIN "no torch headers in .cu").
+// CUDA headers (docs/design.md §9 "No torch headers in .cu files").
 #pragma once
 
 #include <stdint.h>

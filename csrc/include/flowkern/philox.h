@@ -1,4 +1,4 @@
-// Counter-based Gaussian noise, identical on every backend (DESIGN §4 em_step):
+// Counter-based Gaussian noise, identical on every backend (docs/design.md §4 em_step):
 // element e of a step draws Philox4x32-10 with key = seed (lo, hi) and counter
 // = (offset + e) as (lo, hi, 0, 0), maps the first two words to uniforms as
 // Triton's uint_to_uniform_float does, and takes the cosine branch of

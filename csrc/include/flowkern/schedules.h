@@ -1,4 +1,4 @@
-// The built-in schedules of DESIGN §2 at one time t: (alpha, sigma, d_alpha,
+// The built-in schedules of docs/design.md §2 at one time t: (alpha, sigma, d_alpha,
 // d_sigma) in double precision. Mirrors flowkern/schedules.py (the Python
 // classes are the reference; tests/test_schedules.py holds the two to the
 // same values). The CPU op flowkern::schedule_table builds the kernels'

@@ -2,7 +2,7 @@
 // arguments. The CUDA launchers (csrc/cuda/steps.cu) and their grid simulator
 // (csrc/cpu/cuda_sim_steps.cpp) both call with_step_fn, so the simulator runs
 // exactly the functor the GPU runs. Host-only; no torch, no CUDA headers
-// (TOOLCHAIN "no torch headers in .cu").
+// (docs/design.md §9 "No torch headers in .cu files").
 #pragma once
 
 #include <type_traits>

@@ -1,4 +1,4 @@
-// Row functors of the sampler-step family (DESIGN §4 "Sampling"). Every step
+// Row functors of the sampler-step family (docs/design.md §4 "Sampling"). Every step
 // is affine in its inputs with per-sample coefficients, plus (EM, churn) a
 // noise term drawn in the kernel; the lincomb engine runs them all.
 //

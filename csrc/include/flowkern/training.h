@@ -1,4 +1,4 @@
-// Row functors of the training op family (DESIGN §4 "Training"), for the
+// Row functors of the training op family (docs/design.md §4 "Training"), for the
 // lincomb engine (lincomb.h) and the row-reduction engine (rowsum.h).
 // Inputs and outputs are listed in the order the kernels pass pointers.
 #pragma once
