@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..backend import cpu_built
 
@@ -59,6 +60,31 @@ def register(name: str, fake, backward=None, setup_context=None, cuda_impl=None,
     if cuda_impl is not None:
         for qual in overloads:
             torch.library.register_kernel(f"{NATIVE_NS}::{qual}", "cuda")(cuda_impl)
+
+
+def autograd_function(name: str, setup_context, backward):
+    """A torch.autograd.Function running flowkern::name.nograd with the autograd
+    formula registered for flowkern::name: what the public functions use when
+    an input needs a gradient, outside torch.compile. register_autograd's own
+    wrapper costs ~50 us a call on the native schemas (torch._library's
+    fill_defaults rebuilds the schema's argument list once per argument); this
+    one a few. Under torch.compile the default overload (same formula) is traced."""
+    op = getattr(getattr(torch.ops, NATIVE_NS), name).nograd
+
+    class Fn(torch.autograd.Function):
+        # forward(ctx, ...) form: with a separate setup_context, apply() binds
+        # default arguments through inspect.signature, ~40 us a call.
+        @staticmethod
+        def forward(ctx, *args):
+            out = op(*args)
+            setup_context(ctx, args, out)
+            return out
+
+    # The backward ops have no autograd formula of their own: a second
+    # derivative is a clear error, not a silent zero.
+    Fn.backward = staticmethod(once_differentiable(backward(getattr(torch.ops, NATIVE_NS))))
+    Fn.__name__ = Fn.__qualname__ = f"{name}_fn"
+    return Fn
 
 
 # Fresh outputs of at least this many bytes come from flowkern::empty_output

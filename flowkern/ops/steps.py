@@ -19,7 +19,7 @@ from .. import _validate as V
 from ..backend import cpu_built, resolve
 from ..reference import steps as ref
 from ..schedules import get_schedule, native_spec
-from ._registry import TRITON_NS, empty_output, lazy, ops_for, register
+from ._registry import TRITON_NS, autograd_function, empty_output, lazy, ops_for, register
 from .training import TABLE_KIND
 
 _T = "flowkern.triton.steps"
@@ -284,6 +284,7 @@ def _cast(out_val, out):
 _NOTHING: list = []
 _NAN = float("nan")
 _NATIVE = torch.ops.flowkern if cpu_built() else None
+_EI_FN = autograd_function("ei_step", _ei_setup, _ei_backward) if cpu_built() else None
 
 
 def _native(x, backend) -> bool:
@@ -417,7 +418,11 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
         if out is None:
             grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
                 pred_uncond is not None and pred_uncond.requires_grad))
-            return (_NATIVE.ei_step.default if grad else _NATIVE.ei_step.nograd)(*args)
+            if not grad:
+                return _NATIVE.ei_step.nograd(*args)
+            if torch.compiler.is_compiling():  # the traced overload carries the same formula
+                return _NATIVE.ei_step.default(*args)
+            return _EI_FN.apply(*args)
         out = _out("out", out, x)
         _NATIVE.ei_step_out(*args, out)
         return out

@@ -20,7 +20,7 @@ from .. import reference as ref
 from .._enums import PRED_CODE, PREDICTIONS
 from ..backend import cpu_built, resolve
 from ..schedules import coefficients, from_native, native_spec
-from ._registry import TRITON_NS, lazy, register
+from ._registry import TRITON_NS, autograd_function, lazy, register
 
 _T = "flowkern.triton.training"
 _C = "flowkern.cuda.training"
@@ -204,6 +204,15 @@ if cpu_built():  # the overloads the public functions call, looked up once
     _INTERP_OUT = _NATIVE.interpolate_out.default
     _CONVERT, _CONVERT_NG = _NATIVE.convert.default, _NATIVE.convert.nograd
     _LOSS, _LOSS_NG = _NATIVE.fm_loss.default, _NATIVE.fm_loss.nograd
+    _INTERP_FN = autograd_function("interpolate", _interpolate_setup, _interpolate_backward)
+    _CONVERT_FN = autograd_function("convert", _convert_setup, _convert_backward)
+    _LOSS_FN = autograd_function("fm_loss", _loss_setup, _loss_backward)
+
+
+def _grad_op(fn, default):
+    """The differentiable call: the autograd.Function in eager mode, the
+    default overload (whose formula torch.compile traces) when compiling."""
+    return default if torch.compiler.is_compiling() else fn.apply
 
 # ---------------------------------------------------------------------------
 # argument helpers
@@ -344,7 +353,9 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
         if out is not None:
             _INTERP_OUT(*args, *out)
             return out
-        return (_INTERP if _need_grad2(x0, x1) else _INTERP_NG)(*args)
+        if _need_grad2(x0, x1):
+            return _grad_op(_INTERP_FN, _INTERP)(*args)
+        return _INTERP_NG(*args)
     (x0, x1), shape, coef = _prepare(["x0", "x1"], [x0, x1], t, schedule)
     check_target(coef, code)
     if out is not None:
@@ -418,12 +429,12 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
         check = V.check_flag()
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             # The fused op does not differentiate w: reduce its per-sample losses here.
-            rows = _LOSS(pred, x0, x1, *coef, code, None, 2, check)
+            rows = _grad_op(_LOSS_FN, _LOSS)(pred, x0, x1, *coef, code, None, 2, check)
             inner = pred[0].numel() if pred.shape[0] else 0
             acc = V.acc_dtype(pred.dtype)
             return V.reduce_rows(rows.to(acc) * inner, V.sample_weight(weight, rows.shape[0], pred),
                                  reduction, inner).to(pred.dtype)
-        op = _LOSS if _need_grad3(pred, x0, x1) else _LOSS_NG
+        op = _grad_op(_LOSS_FN, _LOSS) if _need_grad3(pred, x0, x1) else _LOSS_NG
         return op(pred, x0, x1, *coef, code, weight, red, check)
     (pred, x0, x1), shape, coef = _prepare(["pred", "x0", "x1"], [pred, x0, x1], t, schedule)
     check_target(coef, code)
@@ -452,7 +463,9 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
     if be in ("cpu", "cuda"):
         args = (pred, x_t, *_native_coef(schedule, t, x_t.shape[0] if x_t.dim() else 1, x_t),
                 s, d, V.check_flag())
-        return (_CONVERT if _need_grad2(pred, x_t) else _CONVERT_NG)(*args)
+        if _need_grad2(pred, x_t):
+            return _grad_op(_CONVERT_FN, _CONVERT)(*args)
+        return _CONVERT_NG(*args)
     (pred, x_t), shape, coef = _prepare(["pred", "x_t"], [pred, x_t], t, schedule)
     check_conversion(coef, src, dst)
     if be == "torch":
