@@ -45,14 +45,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Known issues: known(check, backend, case, noisy) -> (a regex the error must
 # match, why). A known case that fails with another error is a FAIL.
-_PHILOX = ("the torch (reference) backend draws its Philox noise on the host and copies "
-           "it to the device each step (flowkern/reference/steps.py philox_normal: "
-           "torch.arange(n) ... .to(device)): a blocking host->device copy")
 _PLAN = ("flowkern.sample plans on the host and uploads its step table, churn table and "
          "time vectors with blocking host->device copies (flowkern/samplers.py _Plan: "
          "self.table64.to(dev, ...), churn_table ... .to(dev), t_model ... .to(dev)), which "
          "cannot be captured; sample(cuda_graph=True) plans outside the graph")
-_SYNC_ERR = r"synchroniz"
 _CAPTURE_ERR = r"captur|synchroniz|not permitted"
 
 
@@ -60,8 +56,6 @@ def known(check, backend, case, noisy):
     """(regex, why) when (check, backend, case) is a known failure, else None."""
     if check == "graph-full":
         return _CAPTURE_ERR, _PLAN
-    if backend == "torch" and noisy:
-        return (_SYNC_ERR if check == "sync" else _CAPTURE_ERR), _PHILOX
     return None
 
 
