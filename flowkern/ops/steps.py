@@ -11,6 +11,7 @@ exists and every backend draws the same numbers. Outputs may be given with
 """
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
@@ -283,7 +284,12 @@ def _cast(out_val, out):
 
 _NOTHING: list = []
 _NAN = float("nan")
-_NATIVE = torch.ops.flowkern if cpu_built() else None
+# The default overloads the native path calls, looked up once (an OpOverloadPacket
+# call costs an extra Python frame on every step).
+_NATIVE = types.SimpleNamespace(**{
+    name: getattr(torch.ops.flowkern, name).default
+    for name in ("euler_step", "heun_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn")
+}) if cpu_built() else None
 _EI_FN = autograd_function("ei_step", _ei_setup, _ei_backward) if cpu_built() else None
 
 
@@ -419,9 +425,9 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
             grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
                 pred_uncond is not None and pred_uncond.requires_grad))
             if not grad:
-                return _NATIVE.ei_step.nograd(*args)
+                return torch.ops.flowkern.ei_step.nograd(*args)
             if torch.compiler.is_compiling():  # the traced overload carries the same formula
-                return _NATIVE.ei_step.default(*args)
+                return torch.ops.flowkern.ei_step.default(*args)
             return _EI_FN.apply(*args)
         out = _out("out", out, x)
         _NATIVE.ei_step_out(*args, out)
