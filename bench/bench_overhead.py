@@ -11,9 +11,8 @@ torch ops with t of shape (8, 1) broadcast), kept in this file.
 Groups (one row each in the report's "Host overhead" table; the report
 divides every time by the torch.add row):
 
-  overhead-floor      torch.add(a, b) | torch.ops.flowkern.interpolate on a
-                      precomputed (8, 4) coefficient table (the bare C++ op,
-                      skipped when its schema differs)
+  overhead-floor      torch.add(a, b) | torch.ops.flowkern.interpolate.nograd (the
+                      bare C++ op as a public call makes it: no Python around it)
   overhead · <op>     flowkern vs eager, per call:
       interpolate             fresh outputs | eager xt = t*x1 + (1-t)*x0, u = x1 - x0
       interpolate out=        into (x_t, y) buffers | the same eager (the peers allocate)
@@ -121,47 +120,18 @@ def test_floor_torch_add(benchmark, measure):
     per_call(benchmark)
 
 
-def _raw_interpolate_calls(x0, x1, coef):
-    """Ways to call the bare flowkern::interpolate on a precomputed (B, 4)
-    table, newest schema last: (description, zero-argument call). The schema
-    is being changed; whichever matches (and gives the right x_t) is timed."""
-    calls = [("op(x0, x1, coef, target=0)",
-              lambda op: lambda: op(x0, x1, coef, 0))]
-    try:
-        from flowkern.ops.training import TABLE_KIND  # the (t, t_value, kind, params) schema
-        calls.append(("op(x0, x1, coef, 0.0, TABLE_KIND, [], target=0, check=False)",
-                      lambda op: lambda: op(x0, x1, coef, 0.0, TABLE_KIND, [], 0, False)))
-    except ImportError:
-        pass
-    return calls
-
-
 def test_floor_raw_op(benchmark, measure):
-    label(benchmark, "torch.ops.flowkern.interpolate", "raw op", "floor", 1,
-          "torch.ops.flowkern.interpolate (precomputed coefficient table)",
-          note="the C++ op alone: no validation, no table, no backend choice")
+    label(benchmark, "torch.ops.flowkern.interpolate.nograd", "raw op", "floor", 1,
+          "torch.ops.flowkern.interpolate.nograd (t, linear schedule)",
+          note="the C++ op alone, as the public call makes it: checks, coefficients, "
+               "kernel and allocation in C++; no Python wrapper, no autograd kernel")
     need_cpu_kernels()
     d = data()
-    op = getattr(getattr(torch.ops, "flowkern", None), "interpolate", None)
-    if op is None:
-        pytest.skip("torch.ops.flowkern.interpolate does not exist")
-    coef = fk.schedules.coefficients("linear", d.t, ROWS, torch.float32)
-    want = d.t_col * d.x1 + (1 - d.t_col) * d.x0
-    errors = []
-    for how, make in _raw_interpolate_calls(d.x0, d.x1, coef):
-        fn = make(op)
-        try:
-            close(fn()[0], want)
-        except Exception as exc:  # the schema is changing under us: try the next, then skip
-            errors.append(f"{how}: {str(exc).splitlines()[0]}")
-            continue
-        benchmark.extra_info["raw_call"] = how
-        measure(fn)
-        per_call(benchmark)
-        return
-    schema = "; ".join(str(s) for s in getattr(op, "_schemas", {}).values()) or "unknown"
-    pytest.skip(f"torch.ops.flowkern.interpolate: no known call matches (schema now: {schema}; "
-                + " | ".join(errors) + ")")
+    op = torch.ops.flowkern.interpolate.nograd
+    fn = lambda: op(d.x0, d.x1, d.t, 0.0, 0, [], 0, True)  # noqa: E731
+    close(fn()[0], d.t_col * d.x1 + (1 - d.t_col) * d.x0)
+    measure(fn)
+    per_call(benchmark)
 
 
 # ---------------------------------------------------------------------------

@@ -466,11 +466,11 @@ def overhead_table(rows, limit):
         floor = (f"Floor: `torch.add(a, b)` {fmt_time(_per(add, 'min'))} "
                  f"({fmt_time(_per(add, 'median'))})")
         if raw is not None:
-            floor += (f"; the bare C++ op `{raw['extra_info']['overhead_op']}` on a precomputed "
-                      f"coefficient table {fmt_time(_per(raw, 'min'))} "
+            floor += (f"; the bare C++ op `{raw['extra_info']['overhead_op']}` (what a public "
+                      f"call runs, without its Python) {fmt_time(_per(raw, 'min'))} "
                       f"({fmt_time(_per(raw, 'median'))}) = {_ratio_cell(raw, add)} torch.add")
         else:
-            floor += "; the bare C++ op row is missing (skipped: schema changed or _C not built)"
+            floor += "; the bare C++ op row is missing (skipped: flowkern._C not built)"
         lines += [floor + ".", ""]
     else:
         lines += ["No `torch.add` floor row in this JSON: the ratios to it are omitted.", ""]

@@ -117,3 +117,58 @@ def test_native_and_python_tables_agree():
         tab = fk.step_table(sched, 0.3, 0.6, t_prev=0.1, dtype=torch.float64)
         b = fk.dpmpp_2m_step(x, p, d_prev=p * 0.5, table=tab)[0]
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+# ------------------------------------------------ ops without a derivative
+
+STEP_CALLS = {
+    "euler_step": lambda x, p, out: fk.euler_step(x, p, 0.2, 0.4, out=out),
+    "heun_step": lambda x, p, out: fk.heun_step(x, p, x, p, 0.2, 0.4, out=out),
+    "ei_step_out": lambda x, p, out: fk.ei_step(x, p, 0.2, 0.4, out=out),
+    "dpmpp_2m_step": lambda x, p, out: fk.dpmpp_2m_step(x, p, 0.2, 0.4, prediction="x1",
+                                                        out=out)[0],
+    "em_step": lambda x, p, out: fk.em_step(x, p, 0.2, 0.4, seed=1, out=out),
+    "churn": lambda x, p, out: fk.churn(x, 0.4, 0.2, out=out),
+}
+
+
+@pytest.mark.parametrize("op", list(STEP_CALLS))
+def test_in_place_steps_refuse_inputs_that_need_a_gradient(op):
+    """An in-place step has no derivative: an input or buffer that needs a
+    gradient is a clear error naming it, not a silently detached result."""
+    call = STEP_CALLS[op]
+    x = torch.randn(4, 5)
+    name = "x" if op == "churn" else "pred"
+    with pytest.raises(RuntimeError, match=f"flowkern::{op}: argument '{name}' requires grad"):
+        call(x.requires_grad_() if op == "churn" else x, torch.randn(4, 5, requires_grad=True),
+             torch.empty(4, 5))
+    leaf = torch.zeros(4, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="argument 'out' requires grad"):
+        call(torch.randn(4, 5), torch.randn(4, 5), leaf)
+    with torch.no_grad():  # fine without grad mode: the result is a plain tensor
+        call(torch.randn(4, 5), torch.randn(4, 5, requires_grad=True), None)
+
+
+@pytest.mark.parametrize("op", list(STEP_CALLS))
+def test_in_place_writes_bump_the_version_counter(op):
+    """A buffer autograd saved and a step overwrote makes backward raise (the
+    version counter), as PyTorch's own in-place ops do."""
+    a = torch.randn(4, 5, requires_grad=True)
+    b = a * 1.0
+    y = (b * b).sum()  # saves b
+    v0 = b._version
+    with torch.no_grad():
+        STEP_CALLS[op](torch.randn(4, 5), torch.randn(4, 5), b)
+    assert b._version > v0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_interpolate_out_refuses_inputs_that_need_a_gradient():
+    out = (torch.empty(4, 5), torch.empty(4, 5))
+    with pytest.raises(RuntimeError, match="argument 'x0' requires grad"):
+        fk.interpolate(torch.randn(4, 5, requires_grad=True), torch.randn(4, 5), 0.3, out=out)
+    v = out[0]._version
+    with torch.no_grad():
+        fk.interpolate(torch.randn(4, 5, requires_grad=True), torch.randn(4, 5), 0.3, out=out)
+    assert out[0]._version > v and out[1]._version > 0

@@ -1,9 +1,14 @@
-// The Autograd-key kernel of every `.nograd` overload (flowkern/ops/_registry.py
-// register(nograd=True)): the public functions call these overloads when no
-// input needs a gradient, to skip the Python autograd kernel of the default
-// overload (~10 us a call). Here, in C++, an input that does need one is a
-// clear error rather than a silently missing gradient; otherwise the call
-// goes straight on to the CPU / CUDA kernel.
+// The Autograd-key kernel of the ops that have no derivative: every `.nograd`
+// overload (flowkern/ops/_registry.py register(nograd=True)) and every op that
+// writes into a caller's buffer (interpolate_out and the in-place steps).
+//
+// - An argument that needs a gradient (grad mode on) is a clear error naming
+//   it, not a silently detached result. The public functions call `.nograd`
+//   only when nothing needs a gradient: it skips the Python autograd kernel
+//   of the default overload (~10 us a call) and goes straight to the kernel.
+// - Every buffer the op writes gets its version counter bumped, as PyTorch's
+//   own in-place ops do: a tensor autograd saved and an op overwrote then
+//   makes backward raise instead of returning a wrong gradient.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
@@ -18,14 +23,29 @@ bool needs_grad(const c10::IValue& v) {
   return false;
 }
 
-void nograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
-                   torch::jit::Stack* stack) {
+void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                        torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t n = args.size(), base = stack->size() - n;
   if (c10::GradMode::is_enabled()) {
-    const size_t n = op.schema().arguments().size();
-    for (size_t i = stack->size() - n; i < stack->size(); ++i)
-      TORCH_CHECK(!needs_grad((*stack)[i]), op.schema().name(), ".nograd: argument '",
-                  op.schema().arguments()[i - (stack->size() - n)].name(),
-                  "' requires grad; call the default overload, which is differentiable");
+    const bool nograd = op.schema().overload_name() == "nograd";
+    for (size_t i = 0; i < n; ++i)
+      TORCH_CHECK(!needs_grad((*stack)[base + i]), op.schema().name(),
+                  nograd ? ".nograd" : "", ": argument '", args[i].name(),
+                  "' requires grad, and ",
+                  nograd ? "this overload does not differentiate; call the default overload, "
+                           "which does"
+                         : "this op writes into a buffer and has no derivative; call it under "
+                           "torch.no_grad() or on detached tensors (ei_step without out= is "
+                           "the differentiable step)");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const auto* alias = args[i].alias_info();
+    const c10::IValue& v = (*stack)[base + i];
+    if (alias != nullptr && alias->isWrite() && v.isTensor()) {
+      const at::Tensor& t = v.toTensor();
+      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    }
   }
   op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
 }
@@ -33,8 +53,10 @@ void nograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowkern, Autograd, m) {
-  for (const char* name : {"interpolate.nograd", "convert.nograd", "fm_loss.nograd", "ei_step.nograd"})
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&nograd_kernel>());
+  for (const char* name : {"interpolate.nograd", "convert.nograd", "fm_loss.nograd",
+                           "ei_step.nograd", "interpolate_out", "euler_step", "heun_step",
+                           "ei_step_out", "dpmpp_2m_step", "em_step", "churn"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_autograd_kernel>());
 }
 
 }  // namespace flowkern_cpu
