@@ -16,6 +16,15 @@
 namespace flowkern_cpu {
 namespace {
 
+// Whether a tensor argument carries a forward-mode tangent (torch.func.jvp,
+// torch.autograd.forward_ad) at any of the first dual levels.
+bool has_tangent(const at::Tensor& t) {
+  if (!t.defined()) return false;
+  for (uint64_t level = 0; level < 8; ++level)
+    if (t._fw_grad(level).defined()) return true;
+  return false;
+}
+
 bool needs_grad(const c10::IValue& v) {
   if (v.isTensor()) return v.toTensor().requires_grad();
   if (v.isTensorList())
@@ -38,6 +47,15 @@ void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
                          : "this op writes into a buffer and has no derivative; call it under "
                            "torch.no_grad() or on detached tensors (ei_step without out= is "
                            "the differentiable step)");
+  }
+  // No forward-mode formula is registered yet: a dual input would come out
+  // with a zero or missing tangent, so it is an error.
+  for (size_t i = 0; i < n; ++i) {
+    const c10::IValue& v = (*stack)[base + i];
+    TORCH_CHECK(!(v.isTensor() && has_tangent(v.toTensor())), op.schema().name(),
+                ": argument '", args[i].name(), "' carries a forward-mode tangent "
+                "(torch.func.jvp / forward_ad), and flowkern's native ops have no forward-mode "
+                "formula yet; use backend='torch' for forward-mode AD");
   }
   for (size_t i = 0; i < n; ++i) {
     const auto* alias = args[i].alias_info();
