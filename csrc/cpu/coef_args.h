@@ -31,6 +31,18 @@ template <class A> struct HostCoef {
   fk::Sched<A> at(int64_t i) const { return fk::load_sched(table, n == 1 ? 0 : i); }
 };
 
+// A small host tensor's values as doubles (any real dtype, any stride).
+inline std::vector<double> read_doubles(const at::Tensor& x) {
+  std::vector<double> v(size_t(x.numel()));
+  if (v.empty()) return v;
+  const int64_t stride = x.dim() == 0 ? 0 : x.stride(0);
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "read", [&] {
+    const scalar_t* p = x.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) v[i] = double(p[int64_t(i) * stride]);
+  });
+  return v;
+}
+
 // The times as doubles: n of them (1 for t_value or a one-element t).
 inline std::vector<double> read_times(const c10::optional<at::Tensor>& t, double t_value,
                                       int64_t rows, const at::Tensor& like, const char* name) {
@@ -44,15 +56,8 @@ inline std::vector<double> read_times(const c10::optional<at::Tensor>& t, double
   TORCH_CHECK_VALUE(tt.dim() == 0 || (tt.dim() == 1 && (n == 1 || n == rows)), name,
                     ": expected shape () or (", rows, ",) for a batch of ", rows, ", got ",
                     py_shape(tt.sizes()));
-  std::vector<double> v(size_t(n == 0 ? 0 : n));
-  if (n == 0) return v;
-  TORCH_CHECK(tt.device().is_cpu(), name, ": the host table path needs CPU times");
-  const int64_t stride = tt.dim() == 0 ? 0 : tt.stride(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tt.scalar_type(), "read_times", [&] {
-    const scalar_t* p = tt.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n; ++i) v[size_t(i)] = double(p[i * stride]);
-  });
-  return v;
+  TORCH_CHECK(n == 0 || tt.device().is_cpu(), name, ": the host table path needs CPU times");
+  return read_doubles(tt);
 }
 
 // ValueError unless every time lies in [0, 1]; NaN fails. The message of

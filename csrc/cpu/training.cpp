@@ -153,18 +153,6 @@ std::tuple<at::Tensor, at::Tensor> convert_backward(const at::Tensor& g_, FK_COE
   return {gp, gx};
 }
 
-// A small host tensor's values as doubles (any real dtype, any stride).
-std::vector<double> read_doubles(const at::Tensor& x) {
-  std::vector<double> v(size_t(x.numel()));
-  if (v.empty()) return v;
-  const int64_t stride = x.dim() == 0 ? 0 : x.stride(0);
-  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "read", [&] {
-    const scalar_t* p = x.const_data_ptr<scalar_t>();
-    for (size_t i = 0; i < v.size(); ++i) v[i] = double(p[int64_t(i) * stride]);
-  });
-  return v;
-}
-
 // The optional per-sample weight (1 or rows values; empty: none).
 std::vector<double> read_weight(const OptT& weight, int64_t rows, const at::Tensor& like) {
   if (!weight.has_value()) return {};

@@ -21,7 +21,7 @@ from ..backend import cpu_built, resolve
 from ..reference import steps as ref
 from ..schedules import get_schedule, native_spec
 from ._registry import TRITON_NS, autograd_function, empty_output, lazy, ops_for, register
-from .training import TABLE_KIND
+from .training import TABLE_KIND, check_tensors, grad_op
 
 _T = "flowkern.triton.steps"
 _C = "flowkern.cuda.steps"
@@ -288,8 +288,10 @@ _NAN = float("nan")
 # call costs an extra Python frame on every step).
 _NATIVE = types.SimpleNamespace(**{
     name: getattr(torch.ops.flowkern, name).default
-    for name in ("euler_step", "heun_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn")
+    for name in ("euler_step", "heun_step", "ei_step", "ei_step_out", "dpmpp_2m_step", "em_step",
+                 "churn")
 }) if cpu_built() else None
+_EI_NOGRAD = torch.ops.flowkern.ei_step.nograd if cpu_built() else None
 _EI_FN = autograd_function("ei_step", _ei_setup, _ei_backward) if cpu_built() else None
 
 
@@ -302,7 +304,7 @@ def _number(v) -> bool:
     return isinstance(v, (int, float))
 
 
-def _native_coef(op, x, t, s, schedule, table, t_prev=None, g=None, check_times=True):
+def _native_coef(op, x, t, s, schedule, table, t_prev=None, g=None):
     """(table, times, kind, params) of a native step: the caller's table; or,
     for float times and a built-in schedule, [t, s, t_prev, g] and the
     schedule's kind and parameters (the op builds the row); otherwise the
@@ -321,15 +323,8 @@ def _native_coef(op, x, t, s, schedule, table, t_prev=None, g=None, check_times=
             times = [float(t), float(s), _NAN if t_prev is None else float(t_prev),
                      0.0 if g is None else float(g)]
             return None, times, spec[0], spec[1]
-    st = _Step(op, x, {}, t, s, schedule, None, "cpu", t_prev=t_prev, g=g,
-               check_times=check_times)
+    st = _Step(op, x, {}, t, s, schedule, None, "cpu", t_prev=t_prev, g=g)
     return st.table, _NOTHING, TABLE_KIND, _NOTHING
-
-
-def _tensors(**named):
-    for name, v in named.items():
-        if v is not None and not isinstance(v, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(v).__name__}")
 
 
 # ---------------------------------------------------------------------------
@@ -350,7 +345,7 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
     """
     w = _guidance(pred_uncond, guidance)
     if _native(x, backend):
-        _tensors(pred=pred, pred_uncond=pred_uncond)
+        check_tensors(pred=pred, pred_uncond=pred_uncond)
         code = _pred(prediction)
         coef = _native_coef("euler_step", x, t, s, schedule, table)
         out = _out("out", out, x)
@@ -379,8 +374,8 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
     if (pred_uncond is None) != (pred_euler_uncond is None):
         raise ValueError("pred_euler_uncond: give both unconditional predictions or neither")
     if _native(x, backend):
-        _tensors(pred=pred, x_euler=x_euler, pred_euler=pred_euler, pred_uncond=pred_uncond,
-                 pred_euler_uncond=pred_euler_uncond)
+        check_tensors(pred=pred, x_euler=x_euler, pred_euler=pred_euler,
+                      pred_uncond=pred_uncond, pred_euler_uncond=pred_euler_uncond)
         code = _pred(prediction)
         coef = _native_coef("heun_step", x, t, s, schedule, table)
         out = _out("out", out, x)
@@ -417,18 +412,14 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
     if form not in FORMS:
         raise ValueError(f"form: expected 'data' or 'noise', got {form!r}")
     if _native(x, backend):
-        _tensors(pred=pred, pred_uncond=pred_uncond)
+        check_tensors(pred=pred, pred_uncond=pred_uncond)
         code = _pred(prediction)
         args = (x, pred, pred_uncond, *_native_coef("ei_step", x, t, s, schedule, table), code,
                 FORMS[form], w, V.check_flag())
         if out is None:
             grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
                 pred_uncond is not None and pred_uncond.requires_grad))
-            if not grad:
-                return torch.ops.flowkern.ei_step.nograd(*args)
-            if torch.compiler.is_compiling():  # the traced overload carries the same formula
-                return torch.ops.flowkern.ei_step.default(*args)
-            return _EI_FN.apply(*args)
+            return (grad_op(_EI_FN, _NATIVE.ei_step) if grad else _EI_NOGRAD)(*args)
         out = _out("out", out, x)
         _NATIVE.ei_step_out(*args, out)
         return out
@@ -465,7 +456,7 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
     if (d_prev is None) != (t_prev is None) and table is None:
         raise ValueError("t_prev: give d_prev and t_prev together (both None for the first step)")
     if _native(x, backend):
-        _tensors(pred=pred, pred_uncond=pred_uncond, d_prev=d_prev)
+        check_tensors(pred=pred, pred_uncond=pred_uncond, d_prev=d_prev)
         code = _pred(prediction)
         coef = _native_coef("dpmpp_2m_step", x, t, s, schedule, table, t_prev=t_prev)
         out, d_out = _out("out", out, x), _out("d_out", d_out, x)
@@ -501,7 +492,7 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     w = _guidance(pred_uncond, guidance)
     _seed_offset(seed, offset)
     if _native(x, backend):
-        _tensors(pred=pred, pred_uncond=pred_uncond)
+        check_tensors(pred=pred, pred_uncond=pred_uncond)
         code = _pred(prediction)
         coef = _native_coef("em_step", x, t, s, schedule, table, g=g)
         out = _out("out", out, x)

@@ -209,7 +209,7 @@ if cpu_built():  # the overloads the public functions call, looked up once
     _LOSS_FN = autograd_function("fm_loss", _loss_setup, _loss_backward)
 
 
-def _grad_op(fn, default):
+def grad_op(fn, default):
     """The differentiable call: the autograd.Function in eager mode, the
     default overload (whose formula torch.compile traces) when compiling."""
     return default if torch.compiler.is_compiling() else fn.apply
@@ -229,9 +229,11 @@ def _need_grad3(a, b, c) -> bool:
     return _grad_on() and (a.requires_grad or b.requires_grad or c.requires_grad)
 
 
-def _tensors(**named):
+def check_tensors(**named):
+    """TypeError naming the first argument that is not a tensor (None: an
+    absent optional, allowed)."""
     for name, x in named.items():
-        if not isinstance(x, torch.Tensor):
+        if x is not None and not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
 
 
@@ -342,7 +344,7 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
         to x0 and x1 (not to t).
     """
     if not (isinstance(x0, torch.Tensor) and isinstance(x1, torch.Tensor)):
-        _tensors(x0=x0, x1=x1)
+        check_tensors(x0=x0, x1=x1)
     code = _code("target", target)
     be = resolve(backend, x1.device)
     if out is not None:
@@ -354,7 +356,7 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
             _INTERP_OUT(*args, *out)
             return out
         if _need_grad2(x0, x1):
-            return _grad_op(_INTERP_FN, _INTERP)(*args)
+            return grad_op(_INTERP_FN, _INTERP)(*args)
         return _INTERP_NG(*args)
     (x0, x1), shape, coef = _prepare(["x0", "x1"], [x0, x1], t, schedule)
     check_target(coef, code)
@@ -416,7 +418,7 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
     """
     if not (isinstance(pred, torch.Tensor) and isinstance(x0, torch.Tensor)
             and isinstance(x1, torch.Tensor)):
-        _tensors(pred=pred, x0=x0, x1=x1)
+        check_tensors(pred=pred, x0=x0, x1=x1)
     code = _code("target", target)
     red = REDUCTION_CODE.get(reduction) if isinstance(reduction, str) else None
     if red is None:
@@ -429,12 +431,12 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
         check = V.check_flag()
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             # The fused op does not differentiate w: reduce its per-sample losses here.
-            rows = _grad_op(_LOSS_FN, _LOSS)(pred, x0, x1, *coef, code, None, 2, check)
+            rows = grad_op(_LOSS_FN, _LOSS)(pred, x0, x1, *coef, code, None, 2, check)
             inner = pred[0].numel() if pred.shape[0] else 0
             acc = V.acc_dtype(pred.dtype)
             return V.reduce_rows(rows.to(acc) * inner, V.sample_weight(weight, rows.shape[0], pred),
                                  reduction, inner).to(pred.dtype)
-        op = _grad_op(_LOSS_FN, _LOSS) if _need_grad3(pred, x0, x1) else _LOSS_NG
+        op = grad_op(_LOSS_FN, _LOSS) if _need_grad3(pred, x0, x1) else _LOSS_NG
         return op(pred, x0, x1, *coef, code, weight, red, check)
     (pred, x0, x1), shape, coef = _prepare(["pred", "x0", "x1"], [pred, x0, x1], t, schedule)
     check_target(coef, code)
@@ -457,14 +459,14 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
     flow to pred and x_t.
     """
     if not (isinstance(pred, torch.Tensor) and isinstance(x_t, torch.Tensor)):
-        _tensors(pred=pred, x_t=x_t)
+        check_tensors(pred=pred, x_t=x_t)
     s, d = _code("src", src), _code("dst", dst)
     be = resolve(backend, x_t.device)
     if be in ("cpu", "cuda"):
         args = (pred, x_t, *_native_coef(schedule, t, x_t.shape[0] if x_t.dim() else 1, x_t),
                 s, d, V.check_flag())
         if _need_grad2(pred, x_t):
-            return _grad_op(_CONVERT_FN, _CONVERT)(*args)
+            return grad_op(_CONVERT_FN, _CONVERT)(*args)
         return _CONVERT_NG(*args)
     (pred, x_t), shape, coef = _prepare(["pred", "x_t"], [pred, x_t], t, schedule)
     check_conversion(coef, src, dst)
