@@ -5,15 +5,15 @@ PY := $(VENV)/bin/python
 # torch: PyPI's default wheel (CUDA 13, the nvcc here), the newest pip offers on
 # these machines; triton: the version that torch pins.
 DEPS := torch==2.14.1 triton==3.8.0 pytest pytest-benchmark hypothesis numpy ninja \
-        pybind11 setuptools wheel tqdm matplotlib pot diffusers flow_matching torchsde
+        setuptools wheel tqdm matplotlib pot diffusers flow_matching torchsde
 # k-diffusion's declared dependencies would replace torch: its sampling module
 # needs only torch, torchsde and scipy, so it is installed without them.
 NODEPS := k-diffusion
 STAMP := $(VENV)/.flowkern-deps
 BUILT := $(VENV)/.flowkern-built
-SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.inc') setup.py
+SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc') setup.py
 
-.PHONY: demo test test-full bench gpu-check build wheel clean aot
+.PHONY: demo test test-full bench gpu-check build wheel clean aot test-cpu-torch
 
 # The main job: train a small flow on built-in 2-D data with the fused ops,
 # sample it with every fused sampler, print quality vs NFE, write plots.
@@ -64,6 +64,13 @@ gpu-check: $(BUILT)
 	$(PY) bench/gpu_sync_check.py 2>&1 | tee -a gpu-check.log
 	@echo "=== gpu-check summary ==="; grep -E "passed|failed|error" gpu-check.log | tail -3; \
 	    grep -A40 "^device cuda" gpu-check.log
+
+# Builds a wheel from a copy of the working tree against a CPU-only torch
+# (torch==2.13.0+cpu in its own .venv-cputorch) and smoke-tests the installed
+# wheel from outside the repository (tests_compat/). Leaves .venv and the
+# in-place build alone.
+test-cpu-torch:
+	bash tools/check_cpu_torch.sh
 
 wheel: $(STAMP)
 	$(PY) -m pip wheel . --no-deps --no-build-isolation -w dist

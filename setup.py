@@ -1,12 +1,14 @@
-"""Builds flowkern's two native modules.
+"""Builds flowkern's native module, flowkern._C.
 
-flowkern._C     CPU kernels + TORCH_LIBRARY schemas (g++, OpenMP, -O3).
-flowkern._cuda  CUDA kernels compiled by nvcc for sm_80, sm_90 and compute_90
-                PTX, bound with pybind11, cudart linked statically. Its .cu
-                files include no torch header (the CPU torch wheel cannot build
-                a CUDAExtension), so launchers take raw pointers and the stream
-                as integers. Skipped with a message when nvcc is missing, or on
-                purpose with FLOWKERN_SKIP_CUDA=1.
+- Always: the CPU kernels and the TORCH_LIBRARY schemas (g++, OpenMP, -O3),
+  and the CUDA glue on the grid simulator (the flowkern_sim:: test ops).
+- When the torch it builds against has CUDA and nvcc is found: the CUDA
+  kernels (csrc/cuda/*.cu, nvcc for sm_80, sm_90 and compute_90 PTX, cudart
+  linked statically) and their CUDA-key registration (csrc/cuda/register.cpp).
+  The .cu files include no torch header: the launchers take device pointers
+  and the stream as integers, and the g++-compiled glue (csrc/cuda/glue.h)
+  calls them. Against a CPU-only torch, without nvcc, or with
+  FLOWKERN_SKIP_CUDA=1, the module has the CPU kernels only.
 """
 import glob
 import os
@@ -32,7 +34,12 @@ def rel(paths):
 
 def find_nvcc():
     if os.environ.get("FLOWKERN_SKIP_CUDA") == "1":
-        print("flowkern: FLOWKERN_SKIP_CUDA=1, not building flowkern._cuda", file=sys.stderr)
+        print("flowkern: FLOWKERN_SKIP_CUDA=1, building the CPU kernels only", file=sys.stderr)
+        return None
+    import torch
+    if torch.version.cuda is None:
+        print(f"flowkern: torch {torch.__version__} has no CUDA, building the CPU kernels only",
+              file=sys.stderr)
         return None
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -42,32 +49,48 @@ def find_nvcc():
                 nvcc = cand
                 break
     if nvcc is None:
-        print("flowkern: nvcc not found, not building flowkern._cuda "
+        print("flowkern: nvcc not found, building the CPU kernels only "
               "(the cuda backend will be unavailable; triton and cpu are unaffected)",
               file=sys.stderr)
     return nvcc
 
 
 class Build(BuildExtension):
-    """BuildExtension that first compiles flowkern._cuda's .cu files with nvcc."""
+    """BuildExtension that first compiles the extension's .cu files with nvcc."""
 
     def build_extension(self, ext):
-        if ext.name == "flowkern._cuda":
+        if getattr(ext, "cu_sources", None):
             self._compile_cuda_objects(ext)
         super().build_extension(ext)
 
     def _compile_cuda_objects(self, ext):
+        """nvcc on every .cu, two at a time; an object newer than its source and
+        every header is kept (nvcc has no dependency tracking here)."""
         nvcc = ext.nvcc
         out_dir = os.path.join(self.build_temp, "cuda_objects")
         os.makedirs(out_dir, exist_ok=True)
-        objects = []
+        headers = glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True) + \
+            glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh"))
+        newest_header = max((os.path.getmtime(h) for h in headers), default=0)
+        objects, todo = [], []
         for src in ext.cu_sources:
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-I", INCLUDE,
-                   "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", *CUDA_ARCH_FLAGS]
-            print(" ".join(cmd))
-            subprocess.check_call(cmd, cwd=ROOT)
             objects.append(obj)
+            if (os.path.exists(obj) and os.path.getmtime(obj) >
+                    max(newest_header, os.path.getmtime(os.path.join(ROOT, src)))):
+                continue
+            todo.append([nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-I", INCLUDE,
+                         "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", *CUDA_ARCH_FLAGS])
+        jobs = max(1, min(len(todo), os.cpu_count() or 1))
+        while todo:
+            batch, todo = todo[:jobs], todo[jobs:]
+            procs = []
+            for cmd in batch:
+                print(" ".join(cmd))
+                procs.append((cmd, subprocess.Popen(cmd, cwd=ROOT)))
+            for cmd, p in procs:
+                if p.wait() != 0:
+                    raise subprocess.CalledProcessError(p.returncode, cmd)
         ext.extra_objects = objects + list(ext.extra_objects or [])
 
 
@@ -95,52 +118,41 @@ def find_cudart_dir(nvcc):
             d = os.path.join(root, sub)
             if os.path.exists(os.path.join(d, "libcudart_static.a")):
                 return os.path.realpath(d)
-    print(f"flowkern: libcudart_static.a not found under {[r for r in roots if r]}, not "
-          "building flowkern._cuda (set CUDA_HOME)", file=sys.stderr)
+    print(f"flowkern: libcudart_static.a not found under {[r for r in roots if r]}, building "
+          "the CPU kernels only (set CUDA_HOME)", file=sys.stderr)
     return None
 
 
-def cuda_extension():
+# no-math-errno / no-trapping-math: lets g++ vectorise sqrt and selects
+# (csrc/include/flowkern/noise_block.h); flowkern reads neither errno nor
+# floating-point exception flags.
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-strict-aliasing", "-fno-math-errno",
+             "-fno-trapping-math"]
+
+
+def native_extension():
+    sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    ext_kwargs = {}
     nvcc = find_nvcc()
-    if nvcc is None:
-        return []
-    cudart_dir = find_cudart_dir(nvcc)
-    if cudart_dir is None:
-        return []
-    import pybind11
+    cudart_dir = find_cudart_dir(nvcc) if nvcc else None
+    if cudart_dir is not None:
+        sources += ["csrc/cuda/register.cpp"]
+        ext_kwargs = dict(library_dirs=[cudart_dir],
+                          libraries=["cudart_static", "rt", "dl", "pthread"])
+    ext = CppExtension("flowkern._C", sources=sources, include_dirs=[INCLUDE],
+                       extra_compile_args=CXX_FLAGS, extra_link_args=["-fopenmp"], **ext_kwargs)
+    if cudart_dir is not None:
+        ext.nvcc = nvcc
+        ext.cu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    return ext
 
-    ext = Extension(
-        "flowkern._cuda",
-        sources=rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))),
-        include_dirs=[INCLUDE, os.path.join(ROOT, "csrc", "cuda"), pybind11.get_include()],
-        library_dirs=[cudart_dir],
-        libraries=["cudart_static", "rt", "dl", "pthread"],
-        extra_compile_args=["-O3", "-std=c++17"],
-        language="c++",
-    )
-    ext.nvcc = nvcc
-    ext.cu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-    return [ext]
-
-
-cpu_extension = CppExtension(
-    "flowkern._C",
-    sources=rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))),
-    include_dirs=[INCLUDE],
-    # no-math-errno / no-trapping-math: lets g++ vectorise sqrt and selects
-    # (csrc/include/flowkern/noise_block.h); flowkern reads neither errno nor
-    # floating-point exception flags.
-    extra_compile_args=["-O3", "-std=c++20", "-fopenmp", "-fno-strict-aliasing",
-                        "-fno-math-errno", "-fno-trapping-math"],
-    extra_link_args=["-fopenmp"],
-)
 
 setup(
     name="flowkern",
     version="0.1.0",
     description="Fused kernels for flow matching and diffusion models",
     packages=find_packages(include=["flowkern", "flowkern.*"]),
-    ext_modules=[cpu_extension, *cuda_extension()],
+    ext_modules=[native_extension()],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],

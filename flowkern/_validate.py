@@ -143,7 +143,7 @@ def time(name: str, t, rows: int, like: torch.Tensor, check_values: bool = True)
     whether to check here that the times lie in [0, 1] (when values_checked);
     callers that pass the check on to schedules.coefficients say False."""
     if isinstance(t, (int, float)):
-        t = torch.tensor([float(t)], device=like.device)
+        t = torch.tensor([float(t)], dtype=torch.float64, device=like.device)  # exact
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a float or a tensor of shape (B,), got {type(t).__name__}")
     if not t.is_floating_point():

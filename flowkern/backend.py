@@ -63,7 +63,10 @@ def _import_cpu() -> bool:
 # Looked up once at import (cheap: _C is small, the others are find_spec), so
 # that torch.compile traces constants instead of cached calls.
 _CPU_BUILT = _import_cpu()
-_CUDA_BUILT = importlib.util.find_spec("flowkern._cuda") is not None
+# The CUDA kernels are part of flowkern._C when it was built against a CUDA
+# torch with nvcc (setup.py): registered for the CUDA dispatch key.
+_CUDA_BUILT = _CPU_BUILT and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "flowkern::interpolate", "CUDA")
 _TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -123,8 +126,9 @@ def resolve(backend: str | None, device: torch.device) -> str:
             raise ValueError(f"backend='cuda' needs CUDA tensors, got {device}; "
                              f"use backend='cpu' or 'torch'")
         if not cuda_built():
-            raise RuntimeError("backend='cuda': flowkern._cuda was not built (no nvcc at install "
-                               "time, or FLOWKERN_SKIP_CUDA=1); use backend='triton' or 'torch'")
+            raise RuntimeError("backend='cuda': flowkern._C has no CUDA kernels (built against a "
+                               "CPU-only torch, without nvcc, or with FLOWKERN_SKIP_CUDA=1); "
+                               "use backend='triton' or 'torch'")
     elif backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton': triton is not installed "

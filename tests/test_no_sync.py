@@ -46,8 +46,7 @@ Each case runs on the ``cpu`` and ``torch`` backends; one sample case per
 kernel also runs the GPU backends' Python glue on CPU tensors, trapped, with
 the kernel itself paused (a kernel reads its tensors, on the device):
 ``triton`` under TRITON_INTERPRET=1 (the interpreted kernel paused), and
-``cuda`` with flowkern._cuda replaced by tests/test_cuda_glue.py's
-grid-simulator stand-in. The sampled result must equal an untrapped run's,
+``cuda`` as the C++ CUDA glue on the grid simulator (flowkern_sim::). The sampled result must equal an untrapped run's,
 bit for bit. The trap is tested itself (every read kind raises, a read in a
 model, a loop or a GPU backend's glue is caught, all patches are undone).
 ``bench/gpu_sync_check.py`` is the same check on a real GPU
@@ -82,9 +81,8 @@ BACKENDS = [b for b in ("cpu", "torch") if flowkern.available()[b]]
 # tensors and paused (a kernel reads its tensors' memory, on the device):
 # - triton under TRITON_INTERPRET=1 (tests/conftest.py): the launchers
 #   (flowkern/triton/*.py) trapped, the interpreted kernel paused;
-# - cuda: flowkern/cuda/*.py's glue (validation, tables, pointers, launch) with
-#   flowkern._cuda replaced by tests/test_cuda_glue.py's grid-simulator
-#   stand-in (fixture cuda_glue_on_cpu).
+# - cuda: the C++ CUDA glue (csrc/cuda/glue.h) on the grid simulator's
+#   launchers, the flowkern_sim:: ops (fixture cuda_glue_on_cpu).
 # One case per kernel, for time; the adapters' code is the same on every backend.
 TRITON = flowkern.available()["triton"] and triton_interpreted()
 try:
@@ -343,51 +341,39 @@ def mode(request):
     return request.param
 
 
+_STEP_OPS = ("euler_step", "heun_step", "ei_step", "ei_step_out", "dpmpp_2m_step", "em_step",
+             "churn")
+
+
 @pytest.fixture
 def cuda_glue_on_cpu(monkeypatch):
-    """backend="cuda" on CPU tensors: the ops call flowkern/cuda/steps.py's glue
-    (on a GPU: through the flowkern:: ops' CUDA kernels, registered to the same
-    functions), which launches into test_cuda_glue.SimLib (flowkern._cuda's
-    launcher signatures; it runs the grid simulator on the memory behind the
-    pointers), its calls paused like a kernel."""
-    glue_test = pytest.importorskip("test_cuda_glue")
+    """backend="cuda" on CPU tensors: the steps' one native call goes to
+    flowkern_sim::, the C++ CUDA glue (csrc/cuda/glue.h) on the grid
+    simulator's launchers; on a GPU the same glue is the flowkern:: ops'
+    CUDA-key kernel. Its host code is C++: a device->host read there is an
+    aten op (_local_scalar_dense, a copy to the CPU), which the dispatch-mode
+    trap sees. Returns the list of the glue ops called."""
     from flowkern import backend as B
-    from flowkern.cuda import _launch
-    from flowkern.cuda import steps as cuda_steps
     from flowkern.ops import steps as ops_steps
-    sim = glue_test.SimLib()
-
-    class Kernels:
-        def __getattr__(self, name):
-            fn = getattr(sim, name)
-
-            def launch(*args):
-                with _on_the_device():
-                    return fn(*args)
-            return launch
-
-    @contextlib.contextmanager
-    def device_of(t):
-        yield 1234, glue_test.MAX_BLOCKS
-
-    kernels = Kernels()
-    monkeypatch.setattr(_launch, "DEVICE_TYPE", "cpu")
-    monkeypatch.setattr(_launch, "lib", lambda: kernels)
-    monkeypatch.setattr(_launch, "device_of", device_of)
-    resolve, ops_for = ops_steps.resolve, ops_steps.ops_for
+    resolve = ops_steps.resolve
+    calls = []
 
     def resolve_cuda(backend, device):
         name = backend if backend is not None else (B._stack[-1] if B._stack else None)
         return "cuda" if name == "cuda" else resolve(backend, device)
-    glue = types.SimpleNamespace(**{n: getattr(cuda_steps, n) for n in (
-        "euler_step", "heun_step", "ei_step", "ei_step_out", "dpmpp_2m_step", "em_step",
-        "churn")})
+
+    def counted(name):
+        op = getattr(torch.ops.flowkern_sim, name).default
+
+        def call(*args):
+            calls.append(name)
+            return op(*args)
+        return call
+    sim = types.SimpleNamespace(**{n: counted(n) for n in _STEP_OPS})
     monkeypatch.setattr(ops_steps, "resolve", resolve_cuda)
     monkeypatch.setattr(S, "resolve", resolve_cuda)
-    monkeypatch.setattr(ops_steps, "ops_for", lambda b: glue if b == "cuda" else ops_for(b))
-    return sim
-
-
+    monkeypatch.setattr(ops_steps, "_NATIVE", sim)
+    return calls
 
 
 # ---------------------------------------------------------------------------
@@ -475,7 +461,7 @@ def test_sample_loop(case, backend, mode, request):
         assert trap.active              # armed until sample() returned
     assert torch.equal(out, expected)
     if backend == "cuda":
-        assert sim.calls                # the simulated kernels ran
+        assert sim                      # the glue ran
 
 
 # ---------------------------------------------------------------------------
@@ -692,14 +678,16 @@ def test_trap_is_undone():
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_a_read_in_a_gpu_backends_glue_is_caught(backend, request, monkeypatch):
-    """The (stand-in) kernels run paused, the Python glue around them does not."""
+    """The (stand-in) kernels run paused, the glue around them does not (for
+    cuda the glue is C++: the read is put at its call)."""
     if backend == "triton":
         if not (TRITON and _GridExecutor is not None):
             pytest.skip("needs triton, interpreted")
         from flowkern.triton import steps as glue
     else:
         request.getfixturevalue("cuda_glue_on_cpu")
-        from flowkern.cuda import steps as glue
+        from flowkern.ops import steps as ops_steps
+        glue = ops_steps._NATIVE
     expected = _sample("euler", backend)
     with armed_after_planning():
         out = _sample("euler", backend)             # the kernels read: allowed
@@ -709,13 +697,7 @@ def test_a_read_in_a_gpu_backends_glue_is_caught(backend, request, monkeypatch):
     def reading(x, pred, pred_uncond, coef, *rest):
         coef[..., 10].sum().item()
         return launch(x, pred, pred_uncond, coef, *rest)
-    if backend == "triton":
-        monkeypatch.setattr(glue, "euler_step", reading)      # looked up per call
-    else:
-        from flowkern.ops import steps as ops_steps
-        ops_for = ops_steps.ops_for
-        monkeypatch.setattr(ops_steps, "ops_for", lambda b: types.SimpleNamespace(
-            euler_step=reading) if b == "cuda" else ops_for(b))
+    monkeypatch.setattr(glue, "euler_step", reading)          # looked up per call
     with pytest.raises(AssertionError, match="Tensor.item"):
         with armed_after_planning():
             _sample("euler", backend)

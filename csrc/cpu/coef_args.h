@@ -29,6 +29,12 @@ template <class A> struct HostCoef {
   int64_t n;            // 1 (one row serves the batch) or rows
   int64_t row_step() const { return n == 1 ? 0 : 1; }
   fk::Sched<A> at(int64_t i) const { return fk::load_sched(table, n == 1 ? 0 : i); }
+  fk::SchedSrc<A> src() const {  // the functors' view of it
+    fk::SchedSrc<A> s;
+    s.table = table;
+    s.row_step = row_step();
+    return s;
+  }
 };
 
 // A small host tensor's values as doubles (any real dtype, any stride).
@@ -43,11 +49,9 @@ inline std::vector<double> read_doubles(const at::Tensor& x) {
   return v;
 }
 
-// The times as doubles: n of them (1 for t_value or a one-element t).
-inline std::vector<double> read_times(const c10::optional<at::Tensor>& t, double t_value,
-                                      int64_t rows, const at::Tensor& like, const char* name) {
-  if (!t.has_value()) return {t_value};
-  const at::Tensor& tt = *t;
+// A times tensor: floating, on the data's device, shape (), (1,) or (rows,).
+inline void check_times(const at::Tensor& tt, int64_t rows, const at::Tensor& like,
+                        const char* name) {
   TORCH_CHECK_TYPE(tt.is_floating_point(), name, ": expected a floating tensor, got ",
                    py_dtype(tt.scalar_type()));
   TORCH_CHECK_VALUE(tt.device() == like.device(), name, ": on ", tt.device(),
@@ -56,7 +60,16 @@ inline std::vector<double> read_times(const c10::optional<at::Tensor>& t, double
   TORCH_CHECK_VALUE(tt.dim() == 0 || (tt.dim() == 1 && (n == 1 || n == rows)), name,
                     ": expected shape () or (", rows, ",) for a batch of ", rows, ", got ",
                     py_shape(tt.sizes()));
-  TORCH_CHECK(n == 0 || tt.device().is_cpu(), name, ": the host table path needs CPU times");
+}
+
+// The times as doubles: n of them (1 for t_value or a one-element t).
+inline std::vector<double> read_times(const c10::optional<at::Tensor>& t, double t_value,
+                                      int64_t rows, const at::Tensor& like, const char* name) {
+  if (!t.has_value()) return {t_value};
+  const at::Tensor& tt = *t;
+  check_times(tt, rows, like, name);
+  TORCH_CHECK(tt.numel() == 0 || tt.device().is_cpu(), name,
+              ": the host table path needs CPU times");
   return read_doubles(tt);
 }
 

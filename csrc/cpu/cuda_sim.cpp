@@ -31,12 +31,20 @@ void check_inputs(const std::vector<at::Tensor>& in, const at::Tensor& coef, con
               op, ": coef must be contiguous (B, 4) in the accumulation dtype");
 }
 
+// The functors' view of a (B, 4) table, one row per sample.
+template <class A> fk::SchedSrc<A> table_src(const at::Tensor& coef) {
+  fk::SchedSrc<A> s;
+  s.table = cptr<A>(coef);
+  s.row_step = 1;
+  return s;
+}
+
 // Calls f(functor) for the op name, as the launcher of that op builds it.
 template <class T, class F>
 void with_functor(const std::string& op, const at::Tensor& coef,
                   const std::optional<at::Tensor>& grad_rows, at::IntArrayRef params, F&& f) {
   using A = fk::acc_t<T>;
-  const A* c = cptr<A>(coef);
+  const auto c = table_src<A>(coef);
   const auto param = [&](size_t k) {
     TORCH_CHECK(params.size() > k, "_sim_lincomb(", op, "): missing params[", k, "]");
     return int(params[k]);
@@ -85,7 +93,7 @@ std::tuple<at::Tensor, Plan> sim_fm_loss_partial(const at::Tensor& pred, const a
   dispatch_dtype(pred, "_sim_fm_loss_partial", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
-    plan = sim::sweep_rowsum<T>(fk::LossResidualFn<A>{cptr<A>(coef), int(target)}, rows, inner,
+    plan = sim::sweep_rowsum<T>(fk::LossResidualFn<A>{table_src<A>(coef), int(target)}, rows, inner,
                                 {{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}}, mptr<A>(partial),
                                 chunk_len);
   });

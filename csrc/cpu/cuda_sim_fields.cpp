@@ -9,6 +9,7 @@
 // same phase writes (a missing barrier) changes the result. Outputs and the
 // workspace start as NaN, so an element the grid never writes, or a partial
 // state read before it is written, fails.
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
 #include <torch/library.h>
 
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "../cuda/launchers.h"
 #include "flowkern/fields_block.h"
 
 namespace flowkern_cpu {
@@ -156,3 +158,43 @@ TORCH_LIBRARY_FRAGMENT(flowkern, m) {
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) { m.impl("_sim_field_mean", &sim_field_mean); }
 
 }  // namespace flowkern_cpu
+
+// The CUDA launcher fk_cuda::field_mean (csrc/cuda/fields.cu) on the
+// simulator, same arguments and checks: what the glue test runs
+// (cuda_sim_launchers.cpp has the other launchers). Pointers are host memory.
+namespace fk_sim {
+
+int field_mean(int dtype, fk::i64 rows, fk::i64 inner, fk::i64 R, uintptr_t x, uintptr_t ref,
+               uintptr_t qp, int kind, double p0, double p1, uintptr_t mean, uintptr_t best,
+               uintptr_t sumexp, uintptr_t workspace, fk::i64 workspace_size, fk::i64 splits,
+               uintptr_t) {
+  using namespace flowkern_cpu;
+  if (kind < fk::FIELD_POISSON || kind > fk::FIELD_UNIFORM) return fk_cuda::kBadKind;
+  if (rows < 0 || inner < 0 || R <= 0) return fk_cuda::kBadSizes;
+  static const at::ScalarType kTypes[] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
+  if (dtype < 0 || dtype > 3) return fk_cuda::kBadDtype;
+  const at::ScalarType st = kTypes[dtype];
+  const at::ScalarType acc = st == at::kDouble ? at::kDouble : at::kFloat;
+  const auto plan = acc == at::kDouble ? plan_for<double>(rows, R, inner, splits < 1 ? 1 : splits, 0)
+                                       : plan_for<float>(rows, R, inner, splits < 1 ? 1 : splits, 0);
+  if (plan.splits > 1 && (workspace == 0 || workspace_size < plan.workspace))
+    return fk_cuda::kBadWorkspace;
+  if (rows == 0) return 0;
+  const auto blob = [](uintptr_t p, at::IntArrayRef shape, at::ScalarType t) {
+    return at::from_blob(reinterpret_cast<void*>(p), shape, at::TensorOptions().dtype(t));
+  };
+  const at::Tensor xt = blob(x, {rows, inner}, st), rt = blob(ref, {R, inner}, st),
+                   qt = blob(qp, {rows, 2}, acc);
+  at::Tensor mt = blob(mean, {rows, inner}, acc), bt = blob(best, {rows}, acc),
+             st_ = blob(sumexp, {rows}, acc);
+  at::Tensor ws = plan.splits > 1 ? blob(workspace, {workspace_size}, acc) : at::Tensor();
+  dispatch_dtype(xt, "field_mean", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    fk::with_field_score<fk::acc_t<T>>(kind, [&](auto score) {
+      sim_fields<decltype(score), T>(xt, rt, qt, p0, p1, plan, false, mt, bt, st_, ws);
+    });
+  });
+  return 0;
+}
+
+}  // namespace fk_sim

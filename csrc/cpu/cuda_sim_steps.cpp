@@ -49,7 +49,7 @@ std::tuple<std::vector<at::Tensor>, sim::Plan> sim_step(
               ") step table in the accumulation dtype");
   TORCH_CHECK(prediction >= fk::VELOCITY && prediction <= fk::SCORE, what,
               ": unknown prediction ", prediction);
-  const fk::StepParams p{int(prediction), int(variant), cfg, guidance, stride};
+  const fk::StepParams p{int(prediction), int(variant), cfg, guidance};
   const fk::NoiseKey key{uint64_t(seed), offset};
   std::vector<at::Tensor> outs;
   sim::Plan plan;
@@ -57,7 +57,7 @@ std::tuple<std::vector<at::Tensor>, sim::Plan> sim_step(
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     with_step_op(op, [&](auto id) {
-      fk::with_step_fn<decltype(id)::value>(cptr<A>(coef), p, [&](auto fn) {
+      fk::with_step_fn<decltype(id)::value>(fk::StepSrc<A>{cptr<A>(coef), stride}, p, [&](auto fn) {
         plan = sim::sweep_into<T>(fn, what, inputs, max_blocks, out_offset, outs, key);
       });
     });

@@ -29,6 +29,8 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "field_args.h"
+#include "schemas.h"
 #include "flowkern/fields.h"
 
 // The baseline copy returns 32-byte vectors from inline helpers without AVX:
@@ -152,16 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> field_mean(const at::Tensor& x_,
                                                           const at::Tensor& ref_,
                                                           const at::Tensor& qp_, int64_t kind,
                                                           double p0, double p1) {
-  TORCH_CHECK(x_.dim() == 2 && ref_.dim() == 2 && x_.size(1) == ref_.size(1),
-              "field_mean: x must be (B, N) and ref (R, N)");
-  TORCH_CHECK(x_.scalar_type() == ref_.scalar_type(), "field_mean: x and ref must share a dtype");
+  check_field_args(x_, ref_, qp_, kind);
   const auto acc = x_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(qp_.scalar_type() == acc && qp_.dim() == 2 && qp_.size(0) == x_.size(0) &&
-                  qp_.size(1) == 2,
-              "field_mean: qp must be (B, 2) in the accumulation dtype ", acc);
-  TORCH_CHECK(ref_.size(0) > 0, "field_mean: the reference set is empty");
-  TORCH_CHECK(kind >= 0 && kind <= 2, "field_mean: kind must be 0 (poisson), 1 (gaussian) or "
-              "2 (uniform)");
   const auto x = x_.contiguous(), ref = ref_.contiguous(), qp = qp_.contiguous();
   const auto opts = x.options().dtype(acc);
   auto mean = at::empty({x.size(0), x.size(1)}, opts);
@@ -183,11 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> field_mean(const at::Tensor& x_,
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(flowkern, m) {
-  m.def(
-      "field_mean(Tensor x, Tensor ref, Tensor qp, int kind, float p0, float p1) -> "
-      "(Tensor mean, Tensor best, Tensor sumexp)");
-}
+TORCH_LIBRARY_FRAGMENT(flowkern, m) { FK_FIELD_SCHEMAS(FK_DEF_SCHEMA) }
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) { m.impl("field_mean", &field_mean); }
 

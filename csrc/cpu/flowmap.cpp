@@ -10,34 +10,18 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "flowmap_args.h"
+#include "schemas.h"
 #include "flowkern/flowmap.h"
 
 namespace flowkern_cpu {
 namespace {
 
-struct Args {
-  at::Tensor x, pred, target, coef;
-  i64 stride;
-};
-
-Args flowmap_args(const char* op, const at::Tensor& x, const at::Tensor& pred,
-                  const at::Tensor& target, const at::Tensor& coef) {
-  const auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(coef.scalar_type() == want && coef.dim() == 2 && coef.size(1) == fk::STEP_COLS &&
-                  (coef.size(0) == 1 || coef.size(0) == rows_of(x)),
-              op, ": coef must be a (1 or B, ", fk::STEP_COLS, ") step table of dtype ", want);
-  for (const at::Tensor* t : {&pred, &target})
-    TORCH_CHECK(t->sizes() == x.sizes() && t->scalar_type() == x.scalar_type(), op,
-                ": pred and target must match x in shape and dtype");
-  return {x.contiguous(), pred.contiguous(), target.contiguous(), coef.contiguous(),
-          coef.size(0) == 1 ? 0 : fk::STEP_COLS};
-}
-
 // Per-row sum of (a x + b pred - target)^2 in the accumulation dtype, shape (B,).
 at::Tensor flowmap_loss_rows(const at::Tensor& x_, const at::Tensor& pred_,
                              const at::Tensor& target_, const at::Tensor& coef_,
                              int64_t prediction, int64_t form) {
-  const Args a = flowmap_args("flowmap_loss_rows", x_, pred_, target_, coef_);
+  const FlowmapArgs a = flowmap_args("flowmap_loss_rows", x_, pred_, target_, coef_);
   const i64 rows = rows_of(a.x), inner = inner_of(a.x);
   const i64 seg = std::max<i64>(1, std::min(inner, kSegment));
   const i64 nseg = inner == 0 ? 1 : (inner + seg - 1) / seg;
@@ -62,7 +46,7 @@ std::vector<at::Tensor> flowmap_loss_backward(const at::Tensor& grad_rows_, cons
                                               const at::Tensor& target_,
                                               const at::Tensor& coef_, int64_t prediction,
                                               int64_t form, bool grad_x, bool grad_target) {
-  const Args a = flowmap_args("flowmap_loss_backward", x_, pred_, target_, coef_);
+  const FlowmapArgs a = flowmap_args("flowmap_loss_backward", x_, pred_, target_, coef_);
   TORCH_CHECK(grad_rows_.numel() == rows_of(a.x) &&
                   grad_rows_.scalar_type() == a.coef.scalar_type(),
               "flowmap_loss_backward: grad_rows must be (B,) in the coefficient dtype");
@@ -88,14 +72,7 @@ std::vector<at::Tensor> flowmap_loss_backward(const at::Tensor& grad_rows_, cons
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(flowkern, m) {
-  m.def(
-      "flowmap_loss_rows(Tensor x, Tensor pred, Tensor target, Tensor coef, int prediction, "
-      "int form) -> Tensor");
-  m.def(
-      "flowmap_loss_backward(Tensor grad_rows, Tensor x, Tensor pred, Tensor target, "
-      "Tensor coef, int prediction, int form, bool grad_x, bool grad_target) -> Tensor[]");
-}
+TORCH_LIBRARY_FRAGMENT(flowkern, m) { FK_FLOWMAP_SCHEMAS(FK_DEF_SCHEMA) }
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("flowmap_loss_rows", &flowmap_loss_rows);

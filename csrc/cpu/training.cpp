@@ -17,31 +17,19 @@
 
 #include "args.h"
 #include "coef_args.h"
+#include "coef_checks.h"
 #include "dispatch.h"
+#include "schemas.h"
 #include "flowkern/training.h"
 
 namespace flowkern_cpu {
 namespace {
 
-using OptT = c10::optional<at::Tensor>;
-constexpr int64_t kPreds = 4;  // flowkern/_enums.py PREDICTIONS
-enum Reduction : int64_t { MEAN = 0, SUM = 1, NONE = 2 };  // flowkern/_validate.py REDUCTIONS
-
-#define FK_COEF_ARGS const OptT &t, double t_value, int64_t kind, at::ArrayRef<double> params
-#define FK_COEF_PASS t, t_value, kind, params
-
-template <class A> void check_score_sigma(const HostCoef<A>& c, int64_t target) {
-  if (target == fk::SCORE)
-    check_nonzero(c, "t", "sigma_t", "the score target -x0/sigma_t is undefined there",
-                  [](fk::Sched<A> s) { return s.sigma; });
-}
 
 // The functor FnT<A> over the op's coefficient table.
 template <template <class> class FnT, class A, class... Extra>
 FnT<A> make_fn(const HostCoef<A>& c, Extra... extra) {
-  FnT<A> fn{c.table, extra...};
-  fn.row_step = c.row_step();
-  return fn;
+  return FnT<A>{c.src(), extra...};
 }
 
 void interpolate_into(const at::Tensor& x0, const at::Tensor& x1, FK_COEF_ARGS, int64_t target,
@@ -93,29 +81,6 @@ std::tuple<at::Tensor, at::Tensor> interpolate_backward(const at::Tensor& gxt_,
   return {gx0, gx1};
 }
 
-// The divisions each conversion needs (docs/design.md §3), as flowkern/ops/training.py
-// _DIVIDES lists them for the Python backends: [src][dst] in the order of
-// flowkern/_enums.py (velocity, x1, eps, score).
-enum : int { BY_SIGMA = 1, BY_ALPHA = 2, BY_DET = 4 };
-constexpr int kDivides[4][4] = {{0, BY_DET, BY_DET, BY_DET | BY_SIGMA},
-                                {BY_SIGMA, 0, BY_SIGMA, BY_SIGMA},
-                                {BY_ALPHA, BY_ALPHA, 0, BY_SIGMA},
-                                {BY_ALPHA, BY_ALPHA, 0, 0}};
-
-template <class A> void check_convert(const HostCoef<A>& c, int64_t src, int64_t dst) {
-  static const char* names[] = {"velocity", "x1", "eps", "score"};
-  const int need = kDivides[src][dst];
-  const std::string why =
-      std::string("converting ") + names[src] + " -> " + names[dst] + " divides by it";
-  if (need & BY_SIGMA)
-    check_nonzero(c, "t", "sigma_t", why.c_str(), [](fk::Sched<A> s) { return s.sigma; });
-  if (need & BY_ALPHA)
-    check_nonzero(c, "t", "alpha_t", why.c_str(), [](fk::Sched<A> s) { return s.alpha; });
-  if (need & BY_DET)
-    check_nonzero(c, "t", "alpha*d_sigma - sigma*d_alpha", why.c_str(),
-                  [](fk::Sched<A> s) { return s.alpha * s.d_sigma - s.sigma * s.d_alpha; });
-}
-
 at::Tensor convert(const at::Tensor& pred_, const at::Tensor& x_, FK_COEF_ARGS, int64_t src,
                    int64_t dst, bool check) {
   check_code("src", src, kPreds);
@@ -156,22 +121,8 @@ std::tuple<at::Tensor, at::Tensor> convert_backward(const at::Tensor& g_, FK_COE
 // The optional per-sample weight (1 or rows values; empty: none).
 std::vector<double> read_weight(const OptT& weight, int64_t rows, const at::Tensor& like) {
   if (!weight.has_value()) return {};
-  const at::Tensor& w = *weight;
-  TORCH_CHECK_VALUE(w.device() == like.device(), "weight: on ", w.device(),
-                    " but the data is on ", like.device());
-  TORCH_CHECK_VALUE(w.dim() <= 1 && (w.numel() == 1 || w.numel() == rows),
-                    "weight: expected shape (", rows, ",) or a scalar, got ",
-                    py_shape(w.sizes()));
-  TORCH_CHECK_TYPE(!w.is_complex(), "weight: expected a real tensor, got ",
-                   py_dtype(w.scalar_type()));
-  return read_doubles(w);
-}
-
-// Dense (pred, x0, x1) of one broadcast shape.
-std::array<at::Tensor, 3> loss_inputs(const at::Tensor& pred, const at::Tensor& x0,
-                                      const at::Tensor& x1, at::DimVector& shape) {
-  shape = common_shape({{"pred", &pred}, {"x0", &x0}, {"x1", &x1}});
-  return {dense(pred, shape), dense(x0, shape), dense(x1, shape)};
+  check_weight(*weight, rows, like);
+  return read_doubles(*weight);
 }
 
 // flow_matching_loss: mean / sum over all elements of w_b (pred - y)^2, or the
@@ -262,43 +213,19 @@ std::vector<at::Tensor> fm_loss_backward(const at::Tensor& grad, const at::Tenso
     const fk::Ptrs<T, 3> in{{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}};
     const auto go = [&](auto fn) {
       using Fn = decltype(fn);
-      fn.row_step = c.row_step();
       fk::OutPtrs<T, Fn::NO> out;
       for (int k = 0; k < Fn::NO; ++k) out.p[k] = mptr<T>(g[size_t(k)]);
       run_lincomb<T>(fn, rows, inner, in, out);
     };
-    if (nout == 1) go(fk::LossBwdFn<A, 1>{c.table, grad_rows.data(), int(target)});
-    else go(fk::LossBwdFn<A, 3>{c.table, grad_rows.data(), int(target)});
+    if (nout == 1) go(fk::LossBwdFn<A, 1>{c.src(), grad_rows.data(), int(target)});
+    else go(fk::LossBwdFn<A, 3>{c.src(), grad_rows.data(), int(target)});
   });
   return g;
 }
 
 }  // namespace
 
-#define FK_COEF_SCHEMA "Tensor? t, float t_value, int kind, float[] params"
-
-TORCH_LIBRARY_FRAGMENT(flowkern, m) {
-  m.def("interpolate(Tensor x0, Tensor x1, " FK_COEF_SCHEMA
-        ", int target, bool check) -> (Tensor, Tensor)");
-  m.def("interpolate.nograd(Tensor x0, Tensor x1, " FK_COEF_SCHEMA
-        ", int target, bool check) -> (Tensor, Tensor)");
-  m.def("interpolate_out(Tensor x0, Tensor x1, " FK_COEF_SCHEMA
-        ", int target, bool check, Tensor(a!) xt, Tensor(b!) y) -> ()");
-  m.def("interpolate_backward(Tensor grad_xt, Tensor grad_y, " FK_COEF_SCHEMA
-        ", int target) -> (Tensor, Tensor)");
-  m.def("convert(Tensor pred, Tensor x_t, " FK_COEF_SCHEMA
-        ", int src, int dst, bool check) -> Tensor");
-  m.def("convert.nograd(Tensor pred, Tensor x_t, " FK_COEF_SCHEMA
-        ", int src, int dst, bool check) -> Tensor");
-  m.def("convert_backward(Tensor grad, " FK_COEF_SCHEMA
-        ", int src, int dst) -> (Tensor, Tensor)");
-  m.def("fm_loss(Tensor pred, Tensor x0, Tensor x1, " FK_COEF_SCHEMA
-        ", int target, Tensor? weight, int reduction, bool check) -> Tensor");
-  m.def("fm_loss.nograd(Tensor pred, Tensor x0, Tensor x1, " FK_COEF_SCHEMA
-        ", int target, Tensor? weight, int reduction, bool check) -> Tensor");
-  m.def("fm_loss_backward(Tensor grad, Tensor pred, Tensor x0, Tensor x1, " FK_COEF_SCHEMA
-        ", int target, Tensor? weight, int reduction, int nout) -> Tensor[]");
-}
+TORCH_LIBRARY_FRAGMENT(flowkern, m) { FK_TRAINING_SCHEMAS(FK_DEF_SCHEMA) }
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("interpolate", &interpolate);

@@ -1,25 +1,30 @@
-// Messages of the launchers' return codes (launchers.h).
+// Messages of the launchers' return codes, and the device facts the glue
+// needs without CUDA headers (launchers.h).
 #include <cuda_runtime.h>
 
+#include "launch_ops.h"
 #include "launchers.h"
 
 namespace fk_cuda {
 
 const char* error_string(int code) {
-  switch (code) {
-    case kBadDtype: return "unsupported dtype code (expected 0=float32, 1=float64, 2=float16, 3=bfloat16)";
-    case kBadPred: return "unknown prediction/target code (expected 0=velocity, 1=x1, 2=eps, 3=score)";
-    case kGridTooLarge: return "rows * chunks exceeds the CUDA grid limit of 2^31 - 1 blocks";
-    case kBadForm: return "unknown exponential-integrator form (expected 0=data, 1=noise)";
-    case kBadTable: return "step table rows must be 1 (shared by the batch) or the batch size";
-    case kBadTensors: return "the given tensors do not fit the launch (a step's unconditional "
-                             "predictions: both or neither; every required tensor non-null)";
-    case kBadKind: return "unknown field kind (expected 0=poisson, 1=gaussian, 2=uniform)";
-    case kBadSizes: return "bad field sizes (need at least one reference and rows, inner >= 0)";
-    case kBadWorkspace: return "the field workspace is missing or smaller than the plan's "
-                               "(plan_fields)";
-    default: return cudaGetErrorString(static_cast<cudaError_t>(code));
+  if (const char* m = ops::code_message(code)) return m;
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+int multiprocessor_count(int device) {
+  // Cached: the glue asks on every launch (grid size), cudaDeviceGetAttribute
+  // costs a driver call. Races only write the same value.
+  static int cache[64] = {};
+  if (device < 0 || device >= 64) return 0;
+  if (cache[device] > 0) return cache[device];
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();  // clear it: the launch that follows reports its own error
+    return 0;
   }
+  cache[device] = n;
+  return n;
 }
 
 }  // namespace fk_cuda

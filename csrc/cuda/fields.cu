@@ -9,7 +9,7 @@
 
 #include "args.cuh"
 #include "flowkern/fields_block.h"
-#include "launchers_fields.h"
+#include "launchers.h"
 
 namespace fk_cuda {
 namespace {

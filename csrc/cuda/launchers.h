@@ -1,115 +1,30 @@
-// Host entry points of flowkern._cuda's kernels, callable from g++ code
-// (bindings.cpp) without torch or CUDA headers: device pointers and the
-// cudaStream_t travel as uintptr_t, results are cudaError_t codes (0 = ok).
+// Host entry points of the CUDA kernels, callable from g++ code (the glue,
+// glue.h) without torch or CUDA headers: device pointers and the
+// cudaStream_t travel as uintptr_t, results are cudaError_t codes (0 = ok)
+// or the launchers' own codes below.
 //
 // Common arguments: `dtype` 0 = float32, 1 = float64, 2 = float16,
-// 3 = bfloat16; tensors are contiguous (rows, inner); `coef` is (rows, 4)
-// float (double for float64) holding alpha, sigma, d_alpha, d_sigma;
+// 3 = bfloat16; tensors are contiguous (rows, inner); `coef` says where the
+// schedule coefficients come from (flowkern/coef_arg.h: a table in device
+// memory, per-row times with a built-in schedule, or one row by value);
 // `max_blocks` caps the grid (<= 0: fk::kDefaultMaxBlocks). Launches are
 // asynchronous on `stream`; nothing synchronises with the host.
+//
+// Every launcher is listed once, in an X-macro entry (name, parameters,
+// arguments): fk_cuda:: declares and defines them on the GPU kernels
+// (training.cu, steps.cu, flowmap.cu), fk_sim:: on the CPU grid simulator
+// (csrc/cpu/cuda_sim_launchers.cpp); both run the bodies of launch_ops.h.
 #pragma once
 
 #include <stdint.h>
 
+#include "flowkern/coef_arg.h"
 #include "flowkern/launch.h"
 
 namespace fk_cuda {
 
 using fk::i64;
 using dptr = uintptr_t;
-
-// (x0, x1) -> (x_t, y).
-int interpolate(int dtype, i64 rows, i64 inner, dptr x0, dptr x1, dptr coef, int target,
-                dptr xt, dptr y, uintptr_t stream, i64 max_blocks);
-
-// (g_xt, g_y) -> (g_x0, g_x1).
-int interpolate_backward(int dtype, i64 rows, i64 inner, dptr g_xt, dptr g_y, dptr coef,
-                         int target, dptr g_x0, dptr g_x1, uintptr_t stream, i64 max_blocks);
-
-// (x, pred of type src) -> pred as type dst.
-int convert(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr coef, int src, int dst,
-            dptr out, uintptr_t stream, i64 max_blocks);
-
-// g -> (g_x, g_pred).
-int convert_backward(int dtype, i64 rows, i64 inner, dptr g, dptr coef, int src, int dst,
-                     dptr g_x, dptr g_pred, uintptr_t stream, i64 max_blocks);
-
-// Per (row, chunk) sums of (pred - y)^2 into `partial`, (rows, nchunks) of
-// fk::plan_rowsum(rows, inner, chunk_len) in the coefficient dtype.
-int fm_loss_partial(int dtype, i64 rows, i64 inner, dptr pred, dptr x0, dptr x1, dptr coef,
-                    int target, dptr partial, i64 chunk_len, uintptr_t stream);
-
-// grad_rows (rows,) in the coefficient dtype -> (g_pred, g_x0, g_x1).
-int fm_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, dptr x0,
-                     dptr x1, dptr coef, int target, dptr g_pred, dptr g_x0, dptr g_x1,
-                     uintptr_t stream, i64 max_blocks);
-
-// The same, g_pred alone (x0 and x1 need no gradient).
-int fm_loss_backward_pred(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, dptr x0,
-                          dptr x1, dptr coef, int target, dptr g_pred, uintptr_t stream,
-                          i64 max_blocks);
-
-// The empirical-field launchers are in launchers_fields.h (fields.cu).
-
-// Sampler steps (steps.cu; the per-element maps are the functors of
-// flowkern/steps.h). `coef` is a step table (coef_rows, fk::STEP_COLS) in the
-// accumulation dtype, coef_rows 1 (one row for the whole batch) or rows.
-// Optional tensors are 0 when absent; an unconditional prediction selects
-// classifier-free guidance p_u + guidance (p - p_u). `out` may equal `x`
-// (each element is read before it is written, by the same thread).
-
-// x_s = x + h u_t.
-int euler_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr pred_uncond, dptr coef,
-               i64 coef_rows, int prediction, double guidance, dptr out, uintptr_t stream,
-               i64 max_blocks);
-
-// x_s = x + h/2 (u_t(x, pred) + u_s(x_euler, pred_euler)); both unconditional
-// predictions or neither.
-int heun_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr x_euler, dptr pred_euler,
-              dptr pred_uncond, dptr pred_euler_uncond, dptr coef, i64 coef_rows,
-              int prediction, double guidance, dptr out, uintptr_t stream, i64 max_blocks);
-
-// First-order exponential integrator; form 0 = data, 1 = noise (fk::EIForm).
-int ei_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr pred_uncond, dptr coef,
-            i64 coef_rows, int prediction, int form, double guidance, dptr out,
-            uintptr_t stream, i64 max_blocks);
-
-// grad -> (g_x, g_pred[, g_pred_uncond]); g_pred_uncond given selects guidance.
-int ei_step_backward(int dtype, i64 rows, i64 inner, dptr grad, dptr coef, i64 coef_rows,
-                     int prediction, int form, double guidance, dptr g_x, dptr g_pred,
-                     dptr g_pred_uncond, uintptr_t stream, i64 max_blocks);
-
-// DPM-Solver++(2M) -> (x_s, d_t); first order when d_prev is absent.
-int dpmpp_2m_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr d_prev,
-                  dptr pred_uncond, dptr coef, i64 coef_rows, int prediction, double guidance,
-                  dptr out, dptr d_out, uintptr_t stream, i64 max_blocks);
-
-// Euler-Maruyama; element e draws Philox(seed, offset + e) (flowkern/philox.h).
-int em_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr pred_uncond, dptr coef,
-            i64 coef_rows, int prediction, double guidance, uint64_t seed, i64 offset,
-            dptr out, uintptr_t stream, i64 max_blocks);
-
-// Renoising from t to t_hat (the table's s columns), noise as em_step.
-int churn(int dtype, i64 rows, i64 inner, dptr x, dptr coef, i64 coef_rows, uint64_t seed,
-          i64 offset, dptr out, uintptr_t stream, i64 max_blocks);
-
-// Flow-map loss (flowmap.cu; the functors of flowkern/flowmap.h): the squared
-// error of the EI map a x + b pred against `target`, with (a, b) from the step
-// table `coef` (coef_rows 1 or rows) as in ei_step; prediction and form as there.
-
-// Per (row, chunk) sums of (a x + b pred - target)^2 into `partial`,
-// (rows, nchunks) of fk::plan_rowsum(rows, inner, chunk_len) in the
-// accumulation dtype.
-int flowmap_loss_partial(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr target,
-                         dptr coef, i64 coef_rows, int prediction, int form, dptr partial,
-                         i64 chunk_len, uintptr_t stream);
-
-// grad_rows (rows,) in the accumulation dtype -> (g_pred[, g_x][, g_target]);
-// an output given as 0 is not computed.
-int flowmap_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr x, dptr pred,
-                          dptr target, dptr coef, i64 coef_rows, int prediction, int form,
-                          dptr g_pred, dptr g_x, dptr g_target, uintptr_t stream,
-                          i64 max_blocks);
 
 // The launchers' own argument errors (CUDA's codes are all >= 0).
 enum : int {
@@ -124,7 +39,149 @@ enum : int {
   kBadWorkspace = -9,
 };
 
+}  // namespace fk_cuda
+
+#define FK_LAUNCH_COMMON int dtype, fk_cuda::i64 rows, fk_cuda::i64 inner
+#define FK_TAIL uintptr_t stream, fk_cuda::i64 max_blocks
+#define FK_D fk_cuda::dptr
+
+// Training family (training.cu; functors of flowkern/training.h):
+//   interpolate            (x0, x1) -> (x_t, y)
+//   interpolate_backward   (g_xt, g_y) -> (g_x0, g_x1)
+//   convert                (x, pred of type src) -> pred as type dst
+//   convert_backward       g -> (g_x, g_pred)
+//   fm_loss_partial        per (row, chunk) sums of (pred - y)^2 into `partial`,
+//                          (rows, nchunks) of fk::plan_rowsum(rows, inner,
+//                          chunk_len) in the accumulation dtype
+//   fm_loss_backward       grad_rows (rows,) in the accumulation dtype ->
+//                          (g_pred, g_x0, g_x1); g_x0 = g_x1 = 0 (absent): g_pred alone
+#define FK_TRAINING_LAUNCHERS(X)                                                              \
+  X(interpolate,                                                                              \
+    (FK_LAUNCH_COMMON, FK_D x0, FK_D x1, const fk::CoefArg& coef, int target, FK_D xt,        \
+     FK_D y, FK_TAIL),                                                                        \
+    (dtype, rows, inner, x0, x1, coef, target, xt, y, stream, max_blocks))                    \
+  X(interpolate_backward,                                                                     \
+    (FK_LAUNCH_COMMON, FK_D g_xt, FK_D g_y, const fk::CoefArg& coef, int target, FK_D g_x0,   \
+     FK_D g_x1, FK_TAIL),                                                                     \
+    (dtype, rows, inner, g_xt, g_y, coef, target, g_x0, g_x1, stream, max_blocks))            \
+  X(convert,                                                                                  \
+    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, const fk::CoefArg& coef, int src, int dst,          \
+     FK_D out, FK_TAIL),                                                                      \
+    (dtype, rows, inner, x, pred, coef, src, dst, out, stream, max_blocks))                   \
+  X(convert_backward,                                                                         \
+    (FK_LAUNCH_COMMON, FK_D g, const fk::CoefArg& coef, int src, int dst, FK_D g_x,           \
+     FK_D g_pred, FK_TAIL),                                                                   \
+    (dtype, rows, inner, g, coef, src, dst, g_x, g_pred, stream, max_blocks))                 \
+  X(fm_loss_partial,                                                                          \
+    (FK_LAUNCH_COMMON, FK_D pred, FK_D x0, FK_D x1, const fk::CoefArg& coef, int target,      \
+     FK_D partial, fk_cuda::i64 chunk_len, uintptr_t stream),                                 \
+    (dtype, rows, inner, pred, x0, x1, coef, target, partial, chunk_len, stream))             \
+  X(fm_loss_backward,                                                                         \
+    (FK_LAUNCH_COMMON, FK_D grad_rows, FK_D pred, FK_D x0, FK_D x1, const fk::CoefArg& coef,  \
+     int target, FK_D g_pred, FK_D g_x0, FK_D g_x1, FK_TAIL),                                 \
+    (dtype, rows, inner, grad_rows, pred, x0, x1, coef, target, g_pred, g_x0, g_x1, stream,   \
+     max_blocks))
+
+// Sampler steps (steps.cu; functors of flowkern/steps.h): `coef` is a step
+// table (1 or rows rows of fk::STEP_COLS) or one step row by value. Optional
+// tensors are 0 when absent; an unconditional prediction selects
+// classifier-free guidance p_u + guidance (p - p_u). `out` may equal `x`
+// (each element is read before it is written, by the same thread).
+//   euler_step        x_s = x + h u_t
+//   heun_step         x_s = x + h/2 (u_t(x, pred) + u_s(x_euler, pred_euler));
+//                     both unconditional predictions or neither
+//   ei_step           first-order exponential integrator; form 0 = data, 1 = noise
+//   ei_step_backward  grad -> (g_x, g_pred[, g_pred_uncond]); g_pred_uncond
+//                     given selects guidance
+//   dpmpp_2m_step     DPM-Solver++(2M) -> (x_s, d_t); first order without d_prev
+//   em_step           Euler-Maruyama; element e draws Philox(seed, offset + e)
+//   churn             renoising from t to t_hat (the row's s columns), noise as em_step
+#define FK_STEP_LAUNCHERS(X)                                                                  \
+  X(euler_step,                                                                               \
+    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D pred_uncond, const fk::CoefArg& coef,          \
+     int prediction, double guidance, FK_D out, FK_TAIL),                                     \
+    (dtype, rows, inner, x, pred, pred_uncond, coef, prediction, guidance, out, stream,       \
+     max_blocks))                                                                             \
+  X(heun_step,                                                                                \
+    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D x_euler, FK_D pred_euler, FK_D pred_uncond,    \
+     FK_D pred_euler_uncond, const fk::CoefArg& coef, int prediction, double guidance,        \
+     FK_D out, FK_TAIL),                                                                      \
+    (dtype, rows, inner, x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, coef,  \
+     prediction, guidance, out, stream, max_blocks))                                          \
+  X(ei_step,                                                                                  \
+    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D pred_uncond, const fk::CoefArg& coef,          \
+     int prediction, int form, double guidance, FK_D out, FK_TAIL),                           \
+    (dtype, rows, inner, x, pred, pred_uncond, coef, prediction, form, guidance, out, stream, \
+     max_blocks))                                                                             \
+  X(ei_step_backward,                                                                         \
+    (FK_LAUNCH_COMMON, FK_D grad, const fk::CoefArg& coef, int prediction, int form,          \
+     double guidance, FK_D g_x, FK_D g_pred, FK_D g_pred_uncond, FK_TAIL),                    \
+    (dtype, rows, inner, grad, coef, prediction, form, guidance, g_x, g_pred, g_pred_uncond,  \
+     stream, max_blocks))                                                                     \
+  X(dpmpp_2m_step,                                                                            \
+    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D d_prev, FK_D pred_uncond,                      \
+     const fk::CoefArg& coef, int prediction, double guidance, FK_D out, FK_D d_out,          \
+     FK_TAIL),                                                                                \
+    (dtype, rows, inner, x, pred, d_prev, pred_uncond, coef, prediction, guidance, out,       \
+     d_out, stream, max_blocks))                                                              \
+  X(em_step,                                                                                  \
+    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D pred_uncond, const fk::CoefArg& coef,          \
+     int prediction, double guidance, uint64_t seed, fk_cuda::i64 offset, FK_D out, FK_TAIL), \
+    (dtype, rows, inner, x, pred, pred_uncond, coef, prediction, guidance, seed, offset, out, \
+     stream, max_blocks))                                                                     \
+  X(churn,                                                                                    \
+    (FK_LAUNCH_COMMON, FK_D x, const fk::CoefArg& coef, uint64_t seed, fk_cuda::i64 offset,   \
+     FK_D out, FK_TAIL),                                                                      \
+    (dtype, rows, inner, x, coef, seed, offset, out, stream, max_blocks))
+
+// Flow-map loss (flowmap.cu; functors of flowkern/flowmap.h): the squared
+// error of the EI map a x + b pred against `target`, (a, b) from the step
+// table in `coef` as in ei_step.
+//   flowmap_loss_partial   per (row, chunk) sums into `partial` as fm_loss_partial
+//   flowmap_loss_backward  grad_rows -> (g_pred[, g_x][, g_target]); an output
+//                          given as 0 is not computed
+#define FK_FLOWMAP_LAUNCHERS(X)                                                               \
+  X(flowmap_loss_partial,                                                                     \
+    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D target, const fk::CoefArg& coef,               \
+     int prediction, int form, FK_D partial, fk_cuda::i64 chunk_len, uintptr_t stream),       \
+    (dtype, rows, inner, x, pred, target, coef, prediction, form, partial, chunk_len, stream)) \
+  X(flowmap_loss_backward,                                                                    \
+    (FK_LAUNCH_COMMON, FK_D grad_rows, FK_D x, FK_D pred, FK_D target,                        \
+     const fk::CoefArg& coef, int prediction, int form, FK_D g_pred, FK_D g_x,                \
+     FK_D g_target, FK_TAIL),                                                                 \
+    (dtype, rows, inner, grad_rows, x, pred, target, coef, prediction, form, g_pred, g_x,     \
+     g_target, stream, max_blocks))
+
+// Empirical fields (fields.cu; flowkern/fields_block.h): (mean, best, sumexp)
+// of flowkern::field_mean for x (rows, inner) queries, ref (R, inner)
+// references, qp (rows, 2) score parameters; the outputs (rows, inner),
+// (rows,), (rows,) in the accumulation dtype. kind: 0 poisson, 1 gaussian,
+// 2 uniform (fk::FieldKind). `splits` reference ranges per query block,
+// normalised as fk::plan_fields does; more than one needs `workspace` of at
+// least the plan's workspace elements of the accumulation dtype.
+#define FK_FIELD_LAUNCHERS(X)                                                                 \
+  X(field_mean,                                                                               \
+    (FK_LAUNCH_COMMON, fk_cuda::i64 R, FK_D x, FK_D ref, FK_D qp, int kind, double p0,        \
+     double p1, FK_D mean, FK_D best, FK_D sumexp, FK_D workspace,                            \
+     fk_cuda::i64 workspace_size, fk_cuda::i64 splits, uintptr_t stream),                     \
+    (dtype, rows, inner, R, x, ref, qp, kind, p0, p1, mean, best, sumexp, workspace,          \
+     workspace_size, splits, stream))
+
+#define FK_ALL_LAUNCHERS(X) \
+  FK_TRAINING_LAUNCHERS(X) FK_STEP_LAUNCHERS(X) FK_FLOWMAP_LAUNCHERS(X) FK_FIELD_LAUNCHERS(X)
+
+#define FK_DECLARE_LAUNCHER(name, params, args) int name params;
+
+namespace fk_cuda {
+FK_ALL_LAUNCHERS(FK_DECLARE_LAUNCHER)
+
 // cudaGetErrorString, or the message of one of the codes above.
 const char* error_string(int code);
 
+// Streaming multiprocessors of a device (cached), or <= 0 when unknown.
+int multiprocessor_count(int device);
 }  // namespace fk_cuda
+
+namespace fk_sim {
+FK_ALL_LAUNCHERS(FK_DECLARE_LAUNCHER)
+}  // namespace fk_sim

@@ -1,8 +1,8 @@
 """One registration path for every op family.
 
 Kernel-level ops live in two torch.library namespaces with identical schemas:
-- ``flowkern::`` defined in C++ (csrc/cpu, TORCH_LIBRARY) with CPU kernels; its
-  CUDA kernels are registered here from Python (flowkern.cuda, raw pointers);
+- ``flowkern::`` defined in C++ (csrc/cpu, TORCH_LIBRARY) with its CPU kernels
+  and, when built against a CUDA torch, its CUDA kernels (csrc/cuda/register.cpp);
 - ``flowkern_triton::`` defined here with ``torch.library.custom_op``; its
   implementation launches the Triton kernel on whatever device the tensors
   are on (CPU tensors only under TRITON_INTERPRET=1).
@@ -33,16 +33,15 @@ def ops_for(backend: str):
 
 
 def lazy(module: str, name: str):
-    """A function that imports flowkern.<module> on first call (triton, _cuda)."""
+    """A function that imports flowkern.<module> on first call (the triton launchers)."""
     def call(*args):
         return getattr(importlib.import_module(module, "flowkern"), name)(*args)
     call.__name__ = name
     return call
 
 
-def register(name: str, fake, backward=None, setup_context=None, cuda_impl=None,
-             nograd=False):
-    """Fake + autograd for `name` in every namespace; CUDA kernel for flowkern::.
+def register(name: str, fake, backward=None, setup_context=None, nograd=False):
+    """Fake + autograd for `name` in every namespace.
     nograd: flowkern::name also has the `.nograd` overload (same kernel, no
     autograd kernel), which the public functions call when no input needs a
     gradient: the Python autograd kernel costs ~10 us a call even then."""
@@ -54,12 +53,8 @@ def register(name: str, fake, backward=None, setup_context=None, cuda_impl=None,
                                             setup_context=setup_context)
     if not cpu_built():
         return
-    overloads = [name] + ([f"{name}.nograd"] if nograd else [])
     if nograd:
         torch.library.register_fake(f"{NATIVE_NS}::{name}.nograd")(fake)
-    if cuda_impl is not None:
-        for qual in overloads:
-            torch.library.register_kernel(f"{NATIVE_NS}::{qual}", "cuda")(cuda_impl)
 
 
 def autograd_function(name: str, setup_context, backward):

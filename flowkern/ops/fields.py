@@ -32,13 +32,12 @@ from ..schedules import coefficients
 from ._registry import TRITON_NS, lazy, ops_for, register
 
 _T = "flowkern.triton.fields"
-_C = "flowkern.cuda.fields"
 POISSON, GAUSSIAN, UNIFORM = ref_fields.POISSON, ref_fields.GAUSSIAN, ref_fields.UNIFORM
 PRIORS = {"gaussian": GAUSSIAN, "uniform": UNIFORM}
 
 # ---------------------------------------------------------------------------
 # flowkern_triton:: schema (flowkern:: twin: csrc/cpu/fields.cpp; its CUDA
-# kernel: flowkern/cuda/fields.py)
+# kernel: csrc/cuda/glue.h)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::field_mean", mutates_args=())
@@ -53,7 +52,7 @@ def _fake(x, ref, qp, kind, p0, p1):
     return x.new_empty(B, N, dtype=acc), x.new_empty(B, dtype=acc), x.new_empty(B, dtype=acc)
 
 
-register("field_mean", _fake, cuda_impl=lazy(_C, "field_mean"))
+register("field_mean", _fake)
 
 # ---------------------------------------------------------------------------
 # validation

@@ -26,7 +26,6 @@ from ._registry import TRITON_NS, lazy, ops_for, register
 from .steps import FORMS, STEP_COLS, _as_times, _nonzero_for, check_table, step_table
 
 _T = "flowkern.triton.flowmap"
-_C = "flowkern.cuda.flowmap"
 
 # ---------------------------------------------------------------------------
 # flowkern_triton:: schemas (flowkern:: twins: csrc/cpu/flowmap.cpp)
@@ -78,9 +77,8 @@ def _backward(ops):
     return backward
 
 
-register("flowmap_loss_rows", _rows_fake, _backward, _setup,
-         cuda_impl=lazy(_C, "flowmap_loss_rows"))
-register("flowmap_loss_backward", _bwd_fake, cuda_impl=lazy(_C, "flowmap_loss_backward"))
+register("flowmap_loss_rows", _rows_fake, _backward, _setup)
+register("flowmap_loss_backward", _bwd_fake)
 
 # ---------------------------------------------------------------------------
 # public API

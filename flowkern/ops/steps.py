@@ -24,7 +24,6 @@ from ._registry import TRITON_NS, autograd_function, empty_output, lazy, ops_for
 from .training import TABLE_KIND, check_tensors, grad_op
 
 _T = "flowkern.triton.steps"
-_C = "flowkern.cuda.steps"
 STEP_COLS = 12
 FORMS = {"data": 0, "noise": 1}
 
@@ -129,10 +128,10 @@ def _ei_bwd_fake(grad, table, times, kind, params, prediction, form, guidance, c
 
 
 for _name in ("euler_step", "heun_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn"):
-    register(_name, _none, cuda_impl=lazy(_C, _name))
+    register(_name, _none)
 register("ei_step", lambda x, *_: torch.empty_like(x), _ei_backward, _ei_setup,
-         cuda_impl=lazy(_C, "ei_step"), nograd=True)
-register("ei_step_backward", _ei_bwd_fake, cuda_impl=lazy(_C, "ei_step_backward"))
+         nograd=True)
+register("ei_step_backward", _ei_bwd_fake)
 
 # ---------------------------------------------------------------------------
 # step tables
@@ -296,8 +295,9 @@ _EI_FN = autograd_function("ei_step", _ei_setup, _ei_backward) if cpu_built() el
 
 
 def _native(x, backend) -> bool:
-    """Whether this step runs on the C++ CPU op (the others read a Python-built table)."""
-    return isinstance(x, torch.Tensor) and resolve(backend, x.device) == "cpu"
+    """Whether this step is one call of its flowkern:: op (CPU kernel, or the
+    CUDA glue of csrc/cuda/glue.h); triton and torch read a Python-built table."""
+    return isinstance(x, torch.Tensor) and resolve(backend, x.device) in ("cpu", "cuda")
 
 
 def _number(v) -> bool:
@@ -323,7 +323,7 @@ def _native_coef(op, x, t, s, schedule, table, t_prev=None, g=None):
             times = [float(t), float(s), _NAN if t_prev is None else float(t_prev),
                      0.0 if g is None else float(g)]
             return None, times, spec[0], spec[1]
-    st = _Step(op, x, {}, t, s, schedule, None, "cpu", t_prev=t_prev, g=g)
+    st = _Step(op, x, {}, t, s, schedule, None, x.device.type, t_prev=t_prev, g=g)
     return st.table, _NOTHING, TABLE_KIND, _NOTHING
 
 

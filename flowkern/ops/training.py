@@ -23,7 +23,6 @@ from ..schedules import coefficients, from_native, native_spec
 from ._registry import TRITON_NS, autograd_function, lazy, register
 
 _T = "flowkern.triton.training"
-_C = "flowkern.cuda.training"
 TABLE_KIND = -1  # csrc/cpu/coef_args.h kTableKind: `t` holds a (1 or B, 4) table
 REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}  # csrc/cpu/training.cpp Reduction
 Opt = Optional[torch.Tensor]
@@ -180,16 +179,15 @@ def _loss_backward(ops):
 
 
 register("interpolate", _two_like_bcast, _interpolate_backward, _interpolate_setup,
-         cuda_impl=lazy(_C, "interpolate"), nograd=True)
-register("interpolate_out", lambda *a: None, cuda_impl=lazy(_C, "interpolate_out"))
-register("interpolate_backward", _two_like_bcast, cuda_impl=lazy(_C, "interpolate_backward"))
-register("convert", lambda p, x, *_: x.new_empty(_broadcast(p, x)), _convert_backward,
-         _convert_setup, cuda_impl=lazy(_C, "convert"), nograd=True)
-register("convert_backward", lambda g, *_: (torch.empty_like(g), torch.empty_like(g)),
-         cuda_impl=lazy(_C, "convert_backward"))
-register("fm_loss", _loss_fake, _loss_backward, _loss_setup, cuda_impl=lazy(_C, "fm_loss"),
          nograd=True)
-register("fm_loss_backward", _loss_bwd_fake, cuda_impl=lazy(_C, "fm_loss_backward"))
+register("interpolate_out", lambda *a: None)
+register("interpolate_backward", _two_like_bcast)
+register("convert", lambda p, x, *_: x.new_empty(_broadcast(p, x)), _convert_backward,
+         _convert_setup, nograd=True)
+register("convert_backward", lambda g, *_: (torch.empty_like(g), torch.empty_like(g)))
+register("fm_loss", _loss_fake, _loss_backward, _loss_setup,
+         nograd=True)
+register("fm_loss_backward", _loss_bwd_fake)
 
 if cpu_built():
     # flowkern::schedule_table (csrc/cpu/schedules.cpp, CPU only): the table

@@ -22,7 +22,6 @@ struct StepParams {
   int variant;  // EI_STEP(_BACKWARD): the form (EIForm); DPMPP_2M_STEP: 1 = second order
   bool cfg;     // an unconditional prediction (or its gradient) follows: weight w
   double w;     // guidance weight
-  i64 stride;   // table row stride (step_stride)
 };
 
 // Row stride of a (coef_rows, STEP_COLS) step table for `rows` samples: 0 when
@@ -33,19 +32,18 @@ inline i64 step_stride(i64 coef_rows, i64 rows) {
   return coef_rows == rows ? STEP_COLS : -1;
 }
 
-template <class Fn, class A> Fn step_base(const A* coef, const StepParams& p) {
+template <class Fn, class A> Fn step_base(const StepSrc<A>& coef, const StepParams& p) {
   Fn fn{};
   fn.coef = coef;
-  fn.stride = p.stride;
   fn.pred = p.pred;
   fn.w = A(p.w);
   return fn;
 }
 
-// Returns f(fn) for OP's functor in accumulation type A; p.cfg picks the CFG
-// instantiation (churn has none).
+// Returns f(fn) for OP's functor in accumulation type A reading its
+// coefficients from `coef`; p.cfg picks the CFG instantiation (churn has none).
 template <int OP, class A, class F>
-decltype(auto) with_step_fn(const A* coef, const StepParams& p, F&& f) {
+decltype(auto) with_step_fn(const StepSrc<A>& coef, const StepParams& p, F&& f) {
   const auto go = [&](auto cfg) -> decltype(auto) {
     [[maybe_unused]] constexpr bool CFG = decltype(cfg)::value;  // churn has none
     if constexpr (OP == EULER_STEP) {

@@ -32,9 +32,25 @@ template <class A> FK_HD StepRow<A> load_step(const A* coef, i64 stride, i64 r) 
   return {{c[0], c[1], c[2], c[3]}, {c[4], c[5], c[6], c[7]}, c[8], c[9], c[10], c[11]};
 }
 
+// Where a step kernel reads a row's step coefficients: a table in memory
+// (row r at table + r * stride; stride 0 when one row serves the batch), or,
+// without a table, the one row `one` held by value (a sampler step at one
+// time for the whole batch: no table tensor, no copy to the device). Read
+// with constant indices only (see SchedSrc in schedules.h).
+template <class A> struct StepSrc {
+  const A* table = nullptr;
+  i64 stride = 0;
+  A one[STEP_COLS] = {};
+  FK_HD StepRow<A> at(i64 r) const {
+    if (table != nullptr) return load_step(table, stride, r);
+    return {{one[0], one[1], one[2], one[3]}, {one[4], one[5], one[6], one[7]},
+            one[8], one[9], one[10], one[11]};
+  }
+};
+
 // Shared fields of every step functor.
 template <class A> struct StepBase {
-  const A* coef; i64 stride; int pred; A w;
+  StepSrc<A> coef; int pred; A w;
 };
 
 // Puts coefficient c of the guided prediction at columns jc (p_c) and ju (p_u).
@@ -48,7 +64,7 @@ FK_HD void put_guided(Mat<A, NO, NI>& M, int k, int jc, int ju, A c, A w) {
 template <class A, bool CFG> struct EulerFn : StepBase<A> {
   static constexpr int NI = CFG ? 3 : 2, NO = 1;
   FK_HD Mat<A, 1, NI> row(i64 r) const {
-    const StepRow<A> c = load_step(this->coef, this->stride, r);
+    const StepRow<A> c = this->coef.at(r);
     const Lin2<A> u = convert_coeffs(this->pred, VELOCITY, c.t);
     Mat<A, 1, NI> M{};
     M.m[0][0] = A(1) + c.h * u.a;
@@ -62,7 +78,7 @@ template <class A, bool CFG> struct EulerFn : StepBase<A> {
 template <class A, bool CFG> struct HeunFn : StepBase<A> {
   static constexpr int NI = CFG ? 6 : 4, NO = 1;
   FK_HD Mat<A, 1, NI> row(i64 r) const {
-    const StepRow<A> c = load_step(this->coef, this->stride, r);
+    const StepRow<A> c = this->coef.at(r);
     const Lin2<A> ut = convert_coeffs(this->pred, VELOCITY, c.t);
     const Lin2<A> us = convert_coeffs(this->pred, VELOCITY, c.s);
     const A hh = A(0.5) * c.h;
@@ -97,7 +113,7 @@ template <class A, bool CFG> struct EIFn : StepBase<A> {
   static constexpr int NI = CFG ? 3 : 2, NO = 1;
   int form;
   FK_HD Mat<A, 1, NI> row(i64 r) const {
-    const Lin2<A> e = ei_coeffs(this->pred, form, load_step(this->coef, this->stride, r));
+    const Lin2<A> e = ei_coeffs(this->pred, form, this->coef.at(r));
     Mat<A, 1, NI> M{};
     M.m[0][0] = e.a;
     put_guided(M, 0, 1, CFG ? 2 : -1, e.b, this->w);
@@ -110,7 +126,7 @@ template <class A, bool CFG> struct EIBwdFn : StepBase<A> {
   static constexpr int NI = 1, NO = CFG ? 3 : 2;
   int form;
   FK_HD Mat<A, NO, 1> row(i64 r) const {
-    const Lin2<A> e = ei_coeffs(this->pred, form, load_step(this->coef, this->stride, r));
+    const Lin2<A> e = ei_coeffs(this->pred, form, this->coef.at(r));
     Mat<A, NO, 1> M{};
     M.m[0][0] = e.a;
     if (CFG) { M.m[1][0] = this->w * e.b; M.m[NO - 1][0] = (A(1) - this->w) * e.b; }
@@ -128,7 +144,7 @@ template <class A, bool CFG> struct DPMpp2MFn : StepBase<A> {
   static constexpr int NI = CFG ? 4 : 3, NO = 2;
   bool second;
   FK_HD Mat<A, 2, NI> row(i64 r) const {
-    const StepRow<A> c = load_step(this->coef, this->stride, r);
+    const StepRow<A> c = this->coef.at(r);
     const Lin2<A> d = convert_coeffs(this->pred, X1, c.t);
     const A lt = log(c.t.alpha / c.t.sigma), ls = log(c.s.alpha / c.s.sigma);
     const A h = ls - lt;
@@ -155,7 +171,7 @@ template <class A, bool CFG> struct EMFn : StepBase<A> {
   static constexpr int NI = CFG ? 3 : 2, NO = 1;
   static constexpr bool NOISE = true;
   FK_HD Mat<A, 1, NI> row(i64 r) const {
-    const StepRow<A> c = load_step(this->coef, this->stride, r);
+    const StepRow<A> c = this->coef.at(r);
     const Lin2<A> u = convert_coeffs(this->pred, VELOCITY, c.t);
     const Lin2<A> s = convert_coeffs(this->pred, SCORE, c.t);
     const A k = A(0.5) * c.g * c.g;
@@ -173,7 +189,7 @@ template <class A> struct ChurnFn : StepBase<A> {
   static constexpr int NI = 1, NO = 1;
   static constexpr bool NOISE = true;
   FK_HD Mat<A, 1, 1> row(i64 r) const {
-    const StepRow<A> c = load_step(this->coef, this->stride, r);
+    const StepRow<A> c = this->coef.at(r);
     const A q = c.s.alpha / c.t.alpha;
     const A base = q * c.t.sigma;
     A var = c.s.sigma * c.s.sigma - base * base;

@@ -1,19 +1,21 @@
 // Row functors of the training op family (docs/design.md §4 "Training"), for the
 // lincomb engine (lincomb.h) and the row-reduction engine (rowsum.h).
-// Inputs and outputs are listed in the order the kernels pass pointers.
+// Inputs and outputs are listed in the order the kernels pass pointers;
+// `coef` says where a row's schedule values come from (schedules.h SchedSrc).
 #pragma once
 
 #include "coeffs.h"
 #include "lincomb.h"
+#include "schedules.h"
 
 namespace fk {
 
 // interpolate: in (x0, x1) -> out (x_t, y); x_t = a x1 + s x0, y = target.
 template <class A> struct InterpolateFn {
   static constexpr int NI = 2, NO = 2;
-  const A* coef; int target; i64 row_step = 1;  // 0: one table row serves the batch
+  SchedSrc<A> coef; int target;
   FK_HD Mat<A, 2, 2> row(i64 r) const {
-    const Sched<A> s = load_sched(coef, r * row_step);
+    const Sched<A> s = coef.at(r);
     const Lin2<A> y = target_coeffs(target, s);
     return {{{s.sigma, s.alpha}, {y.b, y.a}}};
   }
@@ -22,9 +24,9 @@ template <class A> struct InterpolateFn {
 // Its vector-Jacobian product: in (g_xt, g_y) -> out (g_x0, g_x1).
 template <class A> struct InterpolateBwdFn {
   static constexpr int NI = 2, NO = 2;
-  const A* coef; int target; i64 row_step = 1;  // 0: one table row serves the batch
+  SchedSrc<A> coef; int target;
   FK_HD Mat<A, 2, 2> row(i64 r) const {
-    const Sched<A> s = load_sched(coef, r * row_step);
+    const Sched<A> s = coef.at(r);
     const Lin2<A> y = target_coeffs(target, s);
     return {{{s.sigma, y.b}, {s.alpha, y.a}}};
   }
@@ -33,9 +35,9 @@ template <class A> struct InterpolateBwdFn {
 // convert: in (x, pred) -> out (pred as dst).
 template <class A> struct ConvertFn {
   static constexpr int NI = 2, NO = 1;
-  const A* coef; int src, dst; i64 row_step = 1;
+  SchedSrc<A> coef; int src, dst;
   FK_HD Mat<A, 1, 2> row(i64 r) const {
-    const Lin2<A> c = convert_coeffs(src, dst, load_sched(coef, r * row_step));
+    const Lin2<A> c = convert_coeffs(src, dst, coef.at(r));
     return {{{c.a, c.b}}};
   }
 };
@@ -43,9 +45,9 @@ template <class A> struct ConvertFn {
 // Its vector-Jacobian product: in (g) -> out (g_x, g_pred).
 template <class A> struct ConvertBwdFn {
   static constexpr int NI = 1, NO = 2;
-  const A* coef; int src, dst; i64 row_step = 1;
+  SchedSrc<A> coef; int src, dst;
   FK_HD Mat<A, 2, 1> row(i64 r) const {
-    const Lin2<A> c = convert_coeffs(src, dst, load_sched(coef, r * row_step));
+    const Lin2<A> c = convert_coeffs(src, dst, coef.at(r));
     return {{{c.a}, {c.b}}};
   }
 };
@@ -54,9 +56,9 @@ template <class A> struct ConvertBwdFn {
 // sums its square over each row; y is never stored.
 template <class A> struct LossResidualFn {
   static constexpr int NI = 3, NO = 1;
-  const A* coef; int target; i64 row_step = 1;  // 0: one table row serves the batch
+  SchedSrc<A> coef; int target;
   FK_HD Mat<A, 1, 3> row(i64 r) const {
-    const Lin2<A> y = target_coeffs(target, load_sched(coef, r * row_step));
+    const Lin2<A> y = target_coeffs(target, coef.at(r));
     return {{{A(1), -y.b, -y.a}}};
   }
 };
@@ -69,9 +71,9 @@ template <class A> struct LossResidualFn {
 template <class A, int NOUT = 3> struct LossBwdFn {
   static_assert(NOUT == 1 || NOUT == 3, "g_pred alone, or all three gradients");
   static constexpr int NI = 3, NO = NOUT;
-  const A* coef; const A* grad_rows; int target; i64 row_step = 1;
+  SchedSrc<A> coef; const A* grad_rows; int target;
   FK_HD Mat<A, NO, 3> row(i64 r) const {
-    const Lin2<A> y = target_coeffs(target, load_sched(coef, r * row_step));
+    const Lin2<A> y = target_coeffs(target, coef.at(r));
     const A g = A(2) * grad_rows[r];
     const A p[3] = {A(1), -y.b, -y.a};  // d rho / d(pred, x0, x1)
     Mat<A, NO, 3> M;

@@ -1,0 +1,70 @@
+// The rules of the training ops that the CPU ops (training.cpp) and the
+// CUDA glue (csrc/glue/glue.h) share: argument codes, and the value checks
+// of the divisions a target or a conversion needs, on host coefficient rows
+// (coef_args.h).
+#pragma once
+
+#include <array>
+#include <string>
+
+#include "coef_args.h"
+#include "flowkern/coeffs.h"
+
+namespace flowkern_cpu {
+
+using OptT = c10::optional<at::Tensor>;
+constexpr int64_t kPreds = 4;  // flowkern/_enums.py PREDICTIONS
+enum Reduction : int64_t { MEAN = 0, SUM = 1, NONE = 2 };  // flowkern/_validate.py REDUCTIONS
+
+#define FK_COEF_ARGS const OptT &t, double t_value, int64_t kind, at::ArrayRef<double> params
+#define FK_COEF_PASS t, t_value, kind, params
+
+template <class A> inline void check_score_sigma(const HostCoef<A>& c, int64_t target) {
+  if (target == fk::SCORE)
+    check_nonzero(c, "t", "sigma_t", "the score target -x0/sigma_t is undefined there",
+                  [](fk::Sched<A> s) { return s.sigma; });
+}
+
+// The divisions each conversion needs (docs/design.md §3), as flowkern/ops/training.py
+// _DIVIDES lists them for the Python backends: [src][dst] in the order of
+// flowkern/_enums.py (velocity, x1, eps, score).
+enum : int { BY_SIGMA = 1, BY_ALPHA = 2, BY_DET = 4 };
+constexpr int kDivides[4][4] = {{0, BY_DET, BY_DET, BY_DET | BY_SIGMA},
+                                {BY_SIGMA, 0, BY_SIGMA, BY_SIGMA},
+                                {BY_ALPHA, BY_ALPHA, 0, BY_SIGMA},
+                                {BY_ALPHA, BY_ALPHA, 0, 0}};
+
+template <class A> inline void check_convert(const HostCoef<A>& c, int64_t src, int64_t dst) {
+  static const char* names[] = {"velocity", "x1", "eps", "score"};
+  const int need = kDivides[src][dst];
+  const std::string why =
+      std::string("converting ") + names[src] + " -> " + names[dst] + " divides by it";
+  if (need & BY_SIGMA)
+    check_nonzero(c, "t", "sigma_t", why.c_str(), [](fk::Sched<A> s) { return s.sigma; });
+  if (need & BY_ALPHA)
+    check_nonzero(c, "t", "alpha_t", why.c_str(), [](fk::Sched<A> s) { return s.alpha; });
+  if (need & BY_DET)
+    check_nonzero(c, "t", "alpha*d_sigma - sigma*d_alpha", why.c_str(),
+                  [](fk::Sched<A> s) { return s.alpha * s.d_sigma - s.sigma * s.d_alpha; });
+}
+
+// The loss's optional per-sample weight: (rows,) or one value, real, on the
+// data's device.
+inline void check_weight(const at::Tensor& w, int64_t rows, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(w.device() == like.device(), "weight: on ", w.device(),
+                    " but the data is on ", like.device());
+  TORCH_CHECK_VALUE(w.dim() <= 1 && (w.numel() == 1 || w.numel() == rows),
+                    "weight: expected shape (", rows, ",) or a scalar, got ",
+                    py_shape(w.sizes()));
+  TORCH_CHECK_TYPE(!w.is_complex(), "weight: expected a real tensor, got ",
+                   py_dtype(w.scalar_type()));
+}
+
+// Dense (pred, x0, x1) of one broadcast shape.
+inline std::array<at::Tensor, 3> loss_inputs(const at::Tensor& pred, const at::Tensor& x0,
+                                             const at::Tensor& x1, at::DimVector& shape) {
+  shape = common_shape({{"pred", &pred}, {"x0", &x0}, {"x1", &x1}});
+  return {dense(pred, shape), dense(x0, shape), dense(x1, shape)};
+}
+
+}  // namespace flowkern_cpu

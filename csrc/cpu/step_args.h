@@ -1,0 +1,164 @@
+// The rules of the sampler steps that the CPU ops (steps.cpp) and the CUDA
+// glue (csrc/glue/glue.h) share: a step's coefficient rows on the host
+// (StepCoef: a caller's table, or the one row of [t, s, t_prev, g] and a
+// built-in schedule, in double), their value checks, and the checks of the
+// model outputs and output buffers against x.
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "args.h"
+#include "coef_checks.h"
+#include "dispatch.h"
+#include "flowkern/steps.h"
+
+namespace flowkern_cpu {
+
+#define FK_STEP_ARGS \
+  const OptT &table, at::ArrayRef<double> times, int64_t kind, at::ArrayRef<double> params
+#define FK_STEP_PASS table, times, kind, params
+
+
+
+// A step's coefficient rows: a (1 or B, STEP_COLS) table in the accumulation type.
+template <class A> struct StepCoef {
+  at::Tensor keep;     // the table tensor, when given
+  std::vector<A> own;  // the row built here
+  const A* ptr;
+  i64 n;               // rows: 1 (shared by the batch) or B
+  i64 stride() const { return n == 1 ? 0 : fk::STEP_COLS; }
+  fk::StepRow<A> row(i64 i) const { return fk::load_step(ptr, stride(), i); }
+};
+
+template <class A>
+inline StepCoef<A> step_coef(FK_STEP_ARGS, const at::Tensor& x, bool check) {
+  StepCoef<A> c;
+  const i64 rows = rows_of(x);
+  const auto acc = c10::CppTypeToScalarType<A>::value;
+  if (table.has_value()) {
+    at::Tensor tab = *table;
+    TORCH_CHECK_VALUE(tab.dim() == 1 || tab.dim() == 2, "table: expected shape (",
+                      fk::STEP_COLS, ",), (1, ", fk::STEP_COLS, ") or (", rows, ", ",
+                      fk::STEP_COLS, "), got ", py_shape(tab.sizes()));
+    if (tab.dim() == 1 && tab.numel() % fk::STEP_COLS == 0)
+      tab = tab.view({-1, fk::STEP_COLS});
+    TORCH_CHECK_VALUE(tab.dim() == 2 && tab.size(1) == fk::STEP_COLS &&
+                          (tab.size(0) == 1 || tab.size(0) == rows),
+                      "table: expected shape (", fk::STEP_COLS, ",), (1, ", fk::STEP_COLS,
+                      ") or (", rows, ", ", fk::STEP_COLS, "), got ",
+                      py_shape(table->sizes()));
+    if (tab.scalar_type() != acc || tab.device() != x.device()) tab = tab.to(x.device(), acc);
+    c.keep = tab.contiguous();
+    c.ptr = c.keep.template const_data_ptr<A>();
+    c.n = c.keep.size(0);
+    return c;
+  }
+  check_schedule(kind, params);
+  TORCH_CHECK(times.size() == 4, "times: expected [t, s, t_prev, g]");
+  const double t = times[0], s = times[1], tp = times[2], g = times[3];
+  if (check) {
+    check_unit_interval("t", {t});
+    check_unit_interval("s", {s});
+    if (!std::isnan(tp)) check_unit_interval("t_prev", {tp});
+  }
+  double p[fk::kSchedParams] = {0, 0, 0};
+  for (size_t i = 0; i < params.size(); ++i) p[i] = params[i];
+  const auto st = fk::schedule_at(int(kind), p, t), ss = fk::schedule_at(int(kind), p, s);
+  double ap = 1, sp = 1;
+  if (!std::isnan(tp)) {
+    const auto sc = fk::schedule_at(int(kind), p, tp);
+    ap = sc.alpha, sp = sc.sigma;
+  }
+  const double row[fk::STEP_COLS] = {st.alpha, st.sigma, st.d_alpha, st.d_sigma,
+                                     ss.alpha, ss.sigma, ss.d_alpha, ss.d_sigma,
+                                     ap,       sp,       s - t,      g};
+  c.own.assign(row, row + fk::STEP_COLS);
+  c.ptr = c.own.data();
+  c.n = 1;
+  return c;
+}
+
+// ValueError unless `value(row)` is nonzero at every row (flowkern._validate.nonzero).
+template <class A, class F>
+inline void check_rows(const StepCoef<A>& c, const std::string& name, const std::string& what,
+                const std::string& why, F&& value) {
+  for (i64 i = 0; i < c.n; ++i)
+    TORCH_CHECK_VALUE(value(c.row(i)) != A(0), name, ": ", what, " is 0 at some sample, and ",
+                      why);
+}
+
+// The divisions converting `pred` to `dst` needs at time t or s (the rules of
+// flowkern/ops/steps.py _nonzero_for).
+template <class A>
+inline void check_conversion(const StepCoef<A>& c, int64_t pred, int dst, bool at_s = false) {
+  if (pred == dst) return;
+  static const char* names[] = {"velocity", "x1", "eps", "score"};
+  const std::string at = at_s ? "s" : "t";
+  const std::string why =
+      std::string("converting ") + names[pred] + " -> " + names[dst] + " divides by it";
+  const auto sched = [at_s](const fk::StepRow<A>& r) { return at_s ? r.s : r.t; };
+  const bool score = pred == fk::SCORE || dst == fk::SCORE;
+  if ((score && !(pred == fk::SCORE && dst == fk::EPS)) ||
+      (pred == fk::X1 && (dst == fk::VELOCITY || dst == fk::EPS)))
+    check_rows(c, at, "sigma_" + at, why, [&](const fk::StepRow<A>& r) { return sched(r).sigma; });
+  if ((pred == fk::EPS || pred == fk::SCORE) && (dst == fk::VELOCITY || dst == fk::X1))
+    check_rows(c, at, "alpha_" + at, why, [&](const fk::StepRow<A>& r) { return sched(r).alpha; });
+  if (pred == fk::VELOCITY && dst != fk::VELOCITY)
+    check_rows(c, at, "alpha*d_sigma - sigma*d_alpha", "converting velocity -> " +
+                   std::string(names[dst]) + " divides by it",
+               [&](const fk::StepRow<A>& r) {
+                 const auto q = sched(r);
+                 return q.alpha * q.d_sigma - q.sigma * q.d_alpha;
+               });
+}
+
+template <class A> inline void check_sigma_t(const StepCoef<A>& c, const char* why) {
+  check_rows(c, "t", "sigma_t", why, [](const fk::StepRow<A>& r) { return r.t.sigma; });
+}
+template <class A> inline void check_alpha_t(const StepCoef<A>& c, const char* why) {
+  check_rows(c, "t", "alpha_t", why, [](const fk::StepRow<A>& r) { return r.t.alpha; });
+}
+
+// A model output (or other input) of x's shape, dtype and device.
+inline void check_like_x(const char* name, const at::Tensor& p, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(p.sizes().equals(x.sizes()) && p.scalar_type() == x.scalar_type() &&
+                        p.device() == x.device(),
+                    name, ": the model output must match the state x in shape, dtype and "
+                          "device; got ", py_shape(p.sizes()), " ", py_dtype(p.scalar_type()), " ",
+                    p.device(), ", x is ", py_shape(x.sizes()), " ", py_dtype(x.scalar_type()),
+                    " ", x.device());
+}
+
+inline void check_step_out(const char* name, const at::Tensor& o, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(o.sizes().equals(x.sizes()) && o.scalar_type() == x.scalar_type() &&
+                        o.device() == x.device(),
+                    name, ": must match x in shape, dtype and device");
+  TORCH_CHECK_VALUE(o.is_contiguous(), name, ": must be contiguous");
+}
+
+inline void check_form(int64_t form) {
+  TORCH_CHECK_VALUE(form == fk::EI_DATA || form == fk::EI_NOISE, "form: code ", form,
+                    " is out of range [0, 2)");
+}
+
+inline const at::Tensor* opt(const OptT& t) { return t.has_value() ? &*t : nullptr; }
+
+// The dense inputs of a step: x then the named others (absent ones, nullptr,
+// dropped), after checking them and the outputs against x.
+inline std::vector<at::Tensor> step_inputs(
+    const at::Tensor& x, std::initializer_list<std::pair<const char*, const at::Tensor*>> others,
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> outs) {
+  check_batch("x", x);
+  std::vector<at::Tensor> in{x.contiguous()};
+  for (const auto& [name, t] : others) {
+    if (t == nullptr) continue;
+    check_like_x(name, *t, x);
+    in.push_back(t->contiguous());
+  }
+  for (const auto& [name, o] : outs) check_step_out(name, *o, x);
+  return in;
+}
+
+}  // namespace flowkern_cpu

@@ -1,0 +1,611 @@
+// The CUDA-key kernels of the flowkern:: ops (docs/design.md §8): tensors in,
+// one launcher call (launchers.h) out. Each op checks its arguments with the
+// CPU ops' own rules and messages (csrc/cpu/args.h, coef_checks.h,
+// step_args.h, flowmap_args.h, field_args.h), allocates its outputs, makes
+// the tensors' device current (D::Guard) and launches on torch's current
+// stream of that device; nothing synchronises with the host.
+//
+// Coefficients (flowkern/coef_arg.h): a time the host knows (t_value, a
+// step's times) is evaluated here in double and passed by value, and its
+// value checks run here, always, as on the CPU; per-sample times on the
+// device are evaluated in the kernel, and their values are checked only with
+// FLOWKERN_DEBUG=1 (a copy to the host, the rule of flowkern/_validate.py);
+// a custom schedule's table or a caller's step table is read where it lies.
+// No coefficient table is built and nothing else is launched, except the
+// loss's small reductions (torch ops on (B,) vectors).
+//
+// Templated over the device policy D (guard, stream, grid cap, value-check
+// rule) and the launcher set L: register_cuda.cpp instantiates it on the GPU
+// launchers for the CUDA key, csrc/cpu/cuda_sim_glue.cpp on the grid
+// simulator's for CPU tensors, which is how tests/test_cuda_glue.py runs
+// this very code without a GPU.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "../cpu/args.h"
+#include "../cpu/coef_args.h"
+#include "../cpu/coef_checks.h"
+#include "../cpu/dispatch.h"
+#include "../cpu/field_args.h"
+#include "../cpu/flowmap_args.h"
+#include "../cpu/step_args.h"
+#include "flowkern/coef_arg.h"
+#include "flowkern/fields_block.h"
+#include "launchers.h"
+
+namespace flowkern_glue {
+
+using namespace flowkern_cpu;
+using fk::i64;
+
+// Values on the device are checked only with FLOWKERN_DEBUG=1
+// (flowkern/_validate.py values_checked): the check is a device -> host copy.
+inline bool debug_checks() {
+  const char* v = std::getenv("FLOWKERN_DEBUG");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+inline int dtype_code(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kDouble: return 1;
+    case at::kHalf: return 2;
+    case at::kBFloat16: return 3;
+    default: TORCH_CHECK_TYPE(false, "dtype ", py_dtype(x.scalar_type()), " is not supported");
+  }
+}
+
+inline uintptr_t ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<uintptr_t>(t.const_data_ptr()) : 0;
+}
+
+// Calls f(A{}) with A the accumulation type of x's dtype (docs/design.md §6).
+template <class F> decltype(auto) with_acc(const at::Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kDouble) return f(double{});
+  return f(float{});
+}
+
+template <class D, class L> struct Glue {
+  static void ok(int code, const char* op) {
+    TORCH_CHECK(code == 0, op, ": the CUDA launch failed with error ", code, " (",
+                L::error_string(code), ")");
+  }
+
+  // One launch's device, stream and grid cap.
+  struct Launch {
+    typename D::Guard guard;
+    uintptr_t stream;
+    i64 max_blocks;
+    explicit Launch(const at::Tensor& x)
+        : guard(x.device()), stream(D::stream(x.device())), max_blocks(D::max_blocks(x.device())) {}
+  };
+
+  // ------------------------------------------------------------ training
+
+  // The coefficients of a training op (coef_args.h's arguments); `keep`
+  // holds a converted times tensor alive for the launch. checks(HostCoef)
+  // runs the op's value checks where the values are on the host.
+  template <class A, class Checks>
+  static fk::CoefArg train_coef(FK_COEF_ARGS, i64 rows, const at::Tensor& like, bool check,
+                                at::Tensor& keep, Checks&& checks) {
+    check_schedule(kind, params);
+    fk::CoefArg c;
+    if (kind == kTableKind) {
+      const auto acc = c10::CppTypeToScalarType<A>::value;
+      TORCH_CHECK(t.has_value(), "t: a custom schedule's table is missing");
+      const at::Tensor& tab = *t;
+      TORCH_CHECK(tab.dim() == 2 && tab.size(1) == 4 && (tab.size(0) == 1 || tab.size(0) == rows) &&
+                      tab.scalar_type() == acc && tab.is_contiguous() &&
+                      tab.device() == like.device(),
+                  "t: a coefficient table must be a contiguous (1 or B, 4) tensor in the "
+                  "accumulation dtype on the data's device");
+      c.table = ptr(tab);
+      c.table_rows = tab.size(0);
+      return c;
+    }
+    c.kind = int(kind);
+    for (size_t i = 0; i < params.size(); ++i) c.p[i] = params[i];
+    if (!t.has_value()) {
+      const HostCoef<A> h = host_coef<A>(t, t_value, kind, params, rows, like, check);
+      if (check) checks(h);
+      for (int i = 0; i < 4; ++i) c.one[i] = double(h.table[i]);
+      return c;
+    }
+    check_times(*t, rows, like, "t");
+    // The kernel reads float32 or float64 times as given (as the CPU op reads
+    // any dtype exactly); 16-bit ones are widened to float32, exactly.
+    keep = t->dim() == 1 ? *t : t->reshape({-1});
+    if (keep.scalar_type() != at::kDouble && keep.scalar_type() != at::kFloat)
+      keep = keep.to(at::kFloat);
+    keep = keep.contiguous();
+    c.t = ptr(keep);
+    c.t_rows = keep.numel();
+    c.t_f64 = keep.scalar_type() == at::kDouble;
+    if (check && D::values_on_device_checked()) {
+      const at::Tensor host = keep.cpu();
+      checks(host_coef<A>(host, 0.0, kind, params, rows, host, true));
+    }
+    return c;
+  }
+
+  static void run_interpolate(const at::Tensor& a, const at::Tensor& b, FK_COEF_ARGS,
+                              int64_t target, bool check, const at::Tensor& xt,
+                              const at::Tensor& y) {
+    const Launch l(a);
+    with_acc(a, [&](auto acc) {
+      using A = decltype(acc);
+      at::Tensor keep;
+      const auto c = train_coef<A>(FK_COEF_PASS, rows_of(a), a, check, keep,
+                                   [&](const HostCoef<A>& h) { check_score_sigma(h, target); });
+      ok(L::interpolate(dtype_code(a), rows_of(a), inner_of(a), ptr(a), ptr(b), c, int(target),
+                        ptr(xt), ptr(y), l.stream, l.max_blocks),
+         "interpolate");
+    });
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> interpolate(const at::Tensor& x0,
+                                                        const at::Tensor& x1, FK_COEF_ARGS,
+                                                        int64_t target, bool check) {
+    check_code("target", target, kPreds);
+    const auto shape = common_shape({{"x0", &x0}, {"x1", &x1}});
+    const auto a = dense(x0, shape), b = dense(x1, shape);
+    auto xt = at::empty(shape, a.options()), y = at::empty(shape, a.options());
+    run_interpolate(a, b, FK_COEF_PASS, target, check, xt, y);
+    return {xt, y};
+  }
+
+  static void interpolate_out(const at::Tensor& x0, const at::Tensor& x1, FK_COEF_ARGS,
+                              int64_t target, bool check, at::Tensor& xt, at::Tensor& y) {
+    check_code("target", target, kPreds);
+    const auto shape = common_shape({{"x0", &x0}, {"x1", &x1}});
+    check_out("out[0]", xt, shape, x0);
+    check_out("out[1]", y, shape, x0);
+    run_interpolate(dense(x0, shape), dense(x1, shape), FK_COEF_PASS, target, check, xt, y);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> interpolate_backward(const at::Tensor& gxt_,
+                                                                 const at::Tensor& gy_,
+                                                                 FK_COEF_ARGS, int64_t target) {
+    check_code("target", target, kPreds);
+    const auto shape = common_shape({{"grad_xt", &gxt_}, {"grad_y", &gy_}});
+    const auto gxt = dense(gxt_, shape), gy = dense(gy_, shape);
+    auto gx0 = at::empty(shape, gxt.options()), gx1 = at::empty(shape, gxt.options());
+    const Launch l(gxt);
+    with_acc(gxt, [&](auto acc) {
+      using A = decltype(acc);
+      at::Tensor keep;
+      const auto c = train_coef<A>(FK_COEF_PASS, rows_of(gxt), gxt, false, keep,
+                                   [](const HostCoef<A>&) {});
+      ok(L::interpolate_backward(dtype_code(gxt), rows_of(gxt), inner_of(gxt), ptr(gxt),
+                                 ptr(gy), c, int(target), ptr(gx0), ptr(gx1), l.stream,
+                                 l.max_blocks),
+         "interpolate_backward");
+    });
+    return {gx0, gx1};
+  }
+
+  static at::Tensor convert(const at::Tensor& pred_, const at::Tensor& x_, FK_COEF_ARGS,
+                            int64_t src, int64_t dst, bool check) {
+    check_code("src", src, kPreds);
+    check_code("dst", dst, kPreds);
+    const auto shape = common_shape({{"pred", &pred_}, {"x_t", &x_}});
+    const auto x = dense(x_, shape), pred = dense(pred_, shape);
+    auto out = at::empty(shape, x.options());
+    const Launch l(x);
+    with_acc(x, [&](auto acc) {
+      using A = decltype(acc);
+      at::Tensor keep;
+      const auto c = train_coef<A>(FK_COEF_PASS, rows_of(x), x, check, keep,
+                                   [&](const HostCoef<A>& h) { check_convert(h, src, dst); });
+      ok(L::convert(dtype_code(x), rows_of(x), inner_of(x), ptr(x), ptr(pred), c, int(src),
+                    int(dst), ptr(out), l.stream, l.max_blocks),
+         "convert");
+    });
+    return out;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> convert_backward(const at::Tensor& g_, FK_COEF_ARGS,
+                                                             int64_t src, int64_t dst) {
+    check_code("src", src, kPreds);
+    check_code("dst", dst, kPreds);
+    check_batch("grad", g_);
+    const auto g = g_.contiguous();
+    auto gx = at::empty(g.sizes(), g.options()), gp = at::empty(g.sizes(), g.options());
+    const Launch l(g);
+    with_acc(g, [&](auto acc) {
+      using A = decltype(acc);
+      at::Tensor keep;
+      const auto c =
+          train_coef<A>(FK_COEF_PASS, rows_of(g), g, false, keep, [](const HostCoef<A>&) {});
+      ok(L::convert_backward(dtype_code(g), rows_of(g), inner_of(g), ptr(g), c, int(src),
+                             int(dst), ptr(gx), ptr(gp), l.stream, l.max_blocks),
+         "convert_backward");
+    });
+    return {gp, gx};
+  }
+
+  // flow_matching_loss: per-(row, chunk) partial sums in one launch, then
+  // torch's reductions of the (B, chunks) partials in double (the order of
+  // flowkern/_validate.py reduce_rows).
+  static at::Tensor fm_loss(const at::Tensor& pred_, const at::Tensor& x0_, const at::Tensor& x1_,
+                            FK_COEF_ARGS, int64_t target, const OptT& weight, int64_t reduction,
+                            bool check) {
+    check_code("target", target, kPreds);
+    TORCH_CHECK_VALUE(reduction >= MEAN && reduction <= NONE,
+                      "reduction: expected 'mean', 'sum' or 'none', got code ", reduction);
+    at::DimVector shape;
+    const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
+    const i64 rows = rows_of(pred), inner = inner_of(pred);
+    if (weight.has_value()) check_weight(*weight, rows, pred);
+    const auto acc_type = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, 0);
+    auto partial = at::empty({rows, plan.nchunks}, pred.options().dtype(acc_type));
+    const Launch l(pred);
+    with_acc(pred, [&](auto acc) {
+      using A = decltype(acc);
+      at::Tensor keep;
+      const auto c = train_coef<A>(FK_COEF_PASS, rows, pred, check, keep,
+                                   [&](const HostCoef<A>& h) { check_score_sigma(h, target); });
+      ok(L::fm_loss_partial(dtype_code(pred), rows, inner, ptr(pred), ptr(x0), ptr(x1), c,
+                            int(target), ptr(partial), plan.chunk_len, l.stream),
+         "flow_matching_loss");
+    });
+    // In double, as the CPU op sums its partials.
+    at::Tensor sums = at::sum(partial, {1}, false, at::kDouble);
+    if (weight.has_value()) sums = sums * weight->to(at::kDouble).reshape({-1});
+    at::Tensor out;
+    if (reduction == NONE) out = sums / double(std::max<i64>(inner, 1));
+    else if (reduction == SUM) out = sums.sum();
+    else out = sums.sum() / double(std::max<i64>(rows * inner, 1));
+    return out.to(pred.scalar_type());
+  }
+
+  static std::vector<at::Tensor> fm_loss_backward(const at::Tensor& grad, const at::Tensor& pred_,
+                                                  const at::Tensor& x0_, const at::Tensor& x1_,
+                                                  FK_COEF_ARGS, int64_t target,
+                                                  const OptT& weight, int64_t reduction,
+                                                  int64_t nout) {
+    check_code("target", target, kPreds);
+    TORCH_CHECK(nout == 1 || nout == 3, "fm_loss_backward: nout must be 1 or 3");
+    at::DimVector shape;
+    const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
+    const i64 rows = rows_of(pred), inner = inner_of(pred);
+    if (weight.has_value()) check_weight(*weight, rows, pred);
+    TORCH_CHECK(grad.device() == pred.device() &&
+                    (reduction == NONE ? grad.numel() == rows : grad.numel() == 1),
+                "fm_loss_backward: grad must be a scalar, or (B,) for reduction 'none'");
+    const auto acc_type = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const double scale = reduction == MEAN ? 1.0 / double(std::max<i64>(rows * inner, 1))
+                         : reduction == NONE ? 1.0 / double(std::max<i64>(inner, 1))
+                                             : 1.0;
+    // d loss / d (row sum of squares), (B,): in double, then the accumulation
+    // dtype, as the CPU op rounds it.
+    at::Tensor grad_rows = grad.to(at::kDouble).reshape({-1}).expand({rows}) * scale;
+    if (weight.has_value()) grad_rows = grad_rows * weight->to(at::kDouble).reshape({-1});
+    grad_rows = grad_rows.to(acc_type).contiguous();
+    std::vector<at::Tensor> g;
+    for (int64_t k = 0; k < nout; ++k) g.push_back(at::empty(shape, pred.options()));
+    const Launch l(pred);
+    with_acc(pred, [&](auto acc) {
+      using A = decltype(acc);
+      at::Tensor keep;
+      const auto c =
+          train_coef<A>(FK_COEF_PASS, rows, pred, false, keep, [](const HostCoef<A>&) {});
+      ok(L::fm_loss_backward(dtype_code(pred), rows, inner, ptr(grad_rows), ptr(pred), ptr(x0),
+                             ptr(x1), c, int(target), ptr(g[0]), nout == 3 ? ptr(g[1]) : 0,
+                             nout == 3 ? ptr(g[2]) : 0, l.stream, l.max_blocks),
+         "flow_matching_loss backward");
+    });
+    return g;
+  }
+
+  // --------------------------------------------------------------- steps
+
+  // The coefficients of a step (step_args.h's arguments); `keep` holds the
+  // table as the kernel reads it. checks(StepCoef) as in train_coef.
+  template <class A, class Checks>
+  static fk::CoefArg step_coef_arg(FK_STEP_ARGS, const at::Tensor& x, bool check,
+                                   at::Tensor& keep, Checks&& checks) {
+    fk::CoefArg c;
+    if (table.has_value()) {
+      const StepCoef<A> s = step_coef<A>(FK_STEP_PASS, x, false);  // shape, dtype, device
+      keep = s.keep;
+      c.table = ptr(keep);
+      c.table_rows = s.n;
+      if (check && D::values_on_device_checked()) {
+        StepCoef<A> h;
+        h.keep = keep.cpu();
+        h.ptr = h.keep.template const_data_ptr<A>();
+        h.n = s.n;
+        checks(h);
+      }
+      return c;
+    }
+    const StepCoef<A> s = step_coef<A>(FK_STEP_PASS, x, check);  // the row, in double
+    if (check) checks(s);
+    for (int i = 0; i < fk::STEP_COLS; ++i) c.one[i] = double(s.own[size_t(i)]);
+    return c;
+  }
+
+  // Runs launch(coef, launch) after the step's coefficients and checks.
+  template <class Checks, class Go>
+  static void run_step(const at::Tensor& x, FK_STEP_ARGS, int64_t prediction, bool check,
+                       Checks&& checks, Go&& go) {
+    check_code("prediction", prediction, kPreds);
+    const Launch l(x);
+    with_acc(x, [&](auto acc) {
+      using A = decltype(acc);
+      at::Tensor keep;
+      const auto c = step_coef_arg<A>(FK_STEP_PASS, x, check, keep,
+                                      [&](const StepCoef<A>& s) { checks(s); });
+      go(c, l);
+    });
+  }
+
+  static uintptr_t given(const std::vector<at::Tensor>& in, size_t k, bool present) {
+    return present ? ptr(in[k]) : 0;
+  }
+
+  static void euler_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
+                         FK_STEP_ARGS, int64_t prediction, double guidance, bool check,
+                         at::Tensor& out) {
+    const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
+                                {{"out", &out}});
+    run_step(in[0], FK_STEP_PASS, prediction, check,
+             [&](const auto& c) { check_conversion(c, prediction, fk::VELOCITY); },
+             [&](const fk::CoefArg& c, const Launch& l) {
+               ok(L::euler_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
+                                given(in, 2, pred_uncond.has_value()), c, int(prediction),
+                                guidance, ptr(out), l.stream, l.max_blocks),
+                  "euler_step");
+             });
+  }
+
+  static void heun_step(const at::Tensor& x, const at::Tensor& pred, const at::Tensor& x_euler,
+                        const at::Tensor& pred_euler, const OptT& pred_uncond,
+                        const OptT& pred_euler_uncond, FK_STEP_ARGS, int64_t prediction,
+                        double guidance, bool check, at::Tensor& out) {
+    TORCH_CHECK_VALUE(pred_uncond.has_value() == pred_euler_uncond.has_value(),
+                      "pred_euler_uncond: give both unconditional predictions or neither");
+    check_batch("x_euler", x_euler);
+    const auto in = step_inputs(x, {{"pred", &pred}, {"x_euler", &x_euler},
+                                    {"pred_euler", &pred_euler},
+                                    {"pred_uncond", opt(pred_uncond)},
+                                    {"pred_euler_uncond", opt(pred_euler_uncond)}},
+                                {{"out", &out}});
+    const bool cfg = pred_uncond.has_value();
+    run_step(in[0], FK_STEP_PASS, prediction, check,
+             [&](const auto& c) {
+               check_conversion(c, prediction, fk::VELOCITY);
+               check_conversion(c, prediction, fk::VELOCITY, true);
+             },
+             [&](const fk::CoefArg& c, const Launch& l) {
+               ok(L::heun_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
+                               ptr(in[2]), ptr(in[3]), given(in, 4, cfg), given(in, 5, cfg), c,
+                               int(prediction), guidance, ptr(out), l.stream, l.max_blocks),
+                  "heun_step");
+             });
+  }
+
+  static void ei_step_out(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
+                          FK_STEP_ARGS, int64_t prediction, int64_t form, double guidance,
+                          bool check, at::Tensor& out) {
+    check_form(form);
+    const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
+                                {{"out", &out}});
+    run_step(in[0], FK_STEP_PASS, prediction, check,
+             [&](const auto& c) {
+               if (form == fk::EI_DATA) {
+                 check_sigma_t(c, "the data form divides by it");
+                 check_conversion(c, prediction, fk::X1);
+               } else {
+                 check_alpha_t(c, "the noise form divides by it");
+                 check_conversion(c, prediction, fk::EPS);
+               }
+             },
+             [&](const fk::CoefArg& c, const Launch& l) {
+               ok(L::ei_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
+                             given(in, 2, pred_uncond.has_value()), c, int(prediction),
+                             int(form), guidance, ptr(out), l.stream, l.max_blocks),
+                  "ei_step");
+             });
+  }
+
+  static at::Tensor ei_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
+                            FK_STEP_ARGS, int64_t prediction, int64_t form, double guidance,
+                            bool check) {
+    check_batch("x", x);
+    auto out = at::empty(x.sizes(), x.options());
+    ei_step_out(x, pred, pred_uncond, FK_STEP_PASS, prediction, form, guidance, check, out);
+    return out;
+  }
+
+  static std::vector<at::Tensor> ei_step_backward(const at::Tensor& grad_, FK_STEP_ARGS,
+                                                  int64_t prediction, int64_t form,
+                                                  double guidance, bool cfg) {
+    check_form(form);
+    check_batch("grad", grad_);
+    const auto grad = grad_.contiguous();
+    std::vector<at::Tensor> g;
+    for (int k = 0; k < (cfg ? 3 : 2); ++k) g.push_back(at::empty(grad.sizes(), grad.options()));
+    run_step(grad, FK_STEP_PASS, prediction, false, [](const auto&) {},
+             [&](const fk::CoefArg& c, const Launch& l) {
+               ok(L::ei_step_backward(dtype_code(grad), rows_of(grad), inner_of(grad), ptr(grad),
+                                      c, int(prediction), int(form), guidance, ptr(g[0]),
+                                      ptr(g[1]), cfg ? ptr(g[2]) : 0, l.stream, l.max_blocks),
+                  "ei_step_backward");
+             });
+    return g;
+  }
+
+  static void dpmpp_2m_step(const at::Tensor& x, const at::Tensor& pred, const OptT& d_prev,
+                            const OptT& pred_uncond, FK_STEP_ARGS, int64_t prediction,
+                            double guidance, bool check, at::Tensor& out, at::Tensor& d_out) {
+    // Without d_prev the first-order step ignores the third input: x stands there.
+    const auto in = step_inputs(
+        x, {{"pred", &pred}, {"d_prev", d_prev.has_value() ? &*d_prev : &x},
+            {"pred_uncond", opt(pred_uncond)}},
+        {{"out", &out}, {"d_out", &d_out}});
+    run_step(in[0], FK_STEP_PASS, prediction, check,
+             [&](const auto& c) {
+               check_sigma_t(c, "the data form divides by it");
+               check_alpha_t(c, "log(alpha_t/sigma_t) needs it");
+               check_conversion(c, prediction, fk::X1);
+             },
+             [&](const fk::CoefArg& c, const Launch& l) {
+               ok(L::dpmpp_2m_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]),
+                                   ptr(in[1]), given(in, 2, d_prev.has_value()),
+                                   given(in, 3, pred_uncond.has_value()), c, int(prediction),
+                                   guidance, ptr(out), ptr(d_out), l.stream, l.max_blocks),
+                  "dpmpp_2m_step");
+             });
+  }
+
+  static void em_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
+                      FK_STEP_ARGS, int64_t prediction, double guidance, int64_t seed,
+                      int64_t offset, bool check, at::Tensor& out) {
+    const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
+                                {{"out", &out}});
+    run_step(in[0], FK_STEP_PASS, prediction, check,
+             [&](const auto& c) {
+               check_conversion(c, prediction, fk::VELOCITY);
+               check_conversion(c, prediction, fk::SCORE);
+             },
+             [&](const fk::CoefArg& c, const Launch& l) {
+               ok(L::em_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
+                             given(in, 2, pred_uncond.has_value()), c, int(prediction),
+                             guidance, uint64_t(seed), offset, ptr(out), l.stream,
+                             l.max_blocks),
+                  "em_step");
+             });
+  }
+
+  static void churn(const at::Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset, bool check,
+                    at::Tensor& out) {
+    const auto in = step_inputs(x, {}, {{"out", &out}});
+    run_step(in[0], FK_STEP_PASS, 0, check,
+             [&](const auto& c) { check_alpha_t(c, "churn divides by it"); },
+             [&](const fk::CoefArg& c, const Launch& l) {
+               ok(L::churn(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), c, uint64_t(seed),
+                           offset, ptr(out), l.stream, l.max_blocks),
+                  "churn");
+             });
+  }
+
+  // ------------------------------------------------------------- flow map
+
+  static fk::CoefArg table_arg(const at::Tensor& coef) {
+    fk::CoefArg c;
+    c.table = ptr(coef);
+    c.table_rows = coef.size(0);
+    return c;
+  }
+
+  static at::Tensor flowmap_loss_rows(const at::Tensor& x_, const at::Tensor& pred_,
+                                      const at::Tensor& target_, const at::Tensor& coef_,
+                                      int64_t prediction, int64_t form) {
+    const FlowmapArgs a = flowmap_args("flowmap_loss_rows", x_, pred_, target_, coef_);
+    const i64 rows = rows_of(a.x), inner = inner_of(a.x);
+    const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, 0);
+    auto partial = at::empty({rows, plan.nchunks}, a.coef.options());
+    const Launch l(a.x);
+    ok(L::flowmap_loss_partial(dtype_code(a.x), rows, inner, ptr(a.x), ptr(a.pred),
+                               ptr(a.target), table_arg(a.coef), int(prediction), int(form),
+                               ptr(partial), plan.chunk_len, l.stream),
+       "flowmap_loss_rows");
+    return partial.sum(1);
+  }
+
+  static std::vector<at::Tensor> flowmap_loss_backward(const at::Tensor& grad_rows_,
+                                                       const at::Tensor& x_,
+                                                       const at::Tensor& pred_,
+                                                       const at::Tensor& target_,
+                                                       const at::Tensor& coef_,
+                                                       int64_t prediction, int64_t form,
+                                                       bool grad_x, bool grad_target) {
+    const FlowmapArgs a = flowmap_args("flowmap_loss_backward", x_, pred_, target_, coef_);
+    TORCH_CHECK(grad_rows_.numel() == rows_of(a.x) &&
+                    grad_rows_.scalar_type() == a.coef.scalar_type() &&
+                    grad_rows_.device() == a.x.device(),
+                "flowmap_loss_backward: grad_rows must be (B,) in the coefficient dtype");
+    const auto grad_rows = grad_rows_.contiguous();
+    std::vector<at::Tensor> g;
+    const int n = 1 + int(grad_x) + int(grad_target);
+    for (int k = 0; k < n; ++k) g.push_back(at::empty(a.x.sizes(), a.x.options()));
+    const uintptr_t g_x = grad_x ? ptr(g[1]) : 0;
+    const uintptr_t g_target = grad_target ? ptr(g[size_t(n - 1)]) : 0;
+    const Launch l(a.x);
+    ok(L::flowmap_loss_backward(dtype_code(a.x), rows_of(a.x), inner_of(a.x), ptr(grad_rows),
+                                ptr(a.x), ptr(a.pred), ptr(a.target), table_arg(a.coef),
+                                int(prediction), int(form), ptr(g[0]), g_x, g_target, l.stream,
+                                l.max_blocks),
+       "flowmap_loss_backward");
+    return g;
+  }
+
+  // --------------------------------------------------------------- fields
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> field_mean(const at::Tensor& x_,
+                                                                   const at::Tensor& ref_,
+                                                                   const at::Tensor& qp_,
+                                                                   int64_t kind, double p0,
+                                                                   double p1) {
+    check_field_args(x_, ref_, qp_, kind);
+    TORCH_CHECK(ref_.device() == x_.device() && qp_.device() == x_.device(),
+                "field_mean: ref and qp must be on x's device");
+    const auto x = x_.contiguous(), ref = ref_.contiguous(), qp = qp_.contiguous();
+    const i64 B = x.size(0), N = x.size(1), R = ref.size(0);
+    const auto opts = x.options().dtype(qp.scalar_type());
+    auto mean = at::empty({B, N}, opts), best = at::empty({B}, opts),
+         sumexp = at::empty({B}, opts);
+    if (B == 0) return {mean, best, sumexp};
+    const Launch l(x);
+    const fk::FieldPlan plan = with_acc(x, [&](auto acc) {
+      return fk::plan_fields<decltype(acc)>(B, R, N, 0, l.max_blocks);
+    });
+    at::Tensor ws = plan.workspace > 0 ? at::empty({plan.workspace}, opts) : at::Tensor();
+    ok(L::field_mean(dtype_code(x), B, N, R, ptr(x), ptr(ref), ptr(qp), int(kind), p0, p1,
+                     ptr(mean), ptr(best), ptr(sumexp), ptr(ws), plan.workspace, plan.splits,
+                     l.stream),
+       "field_mean");
+    return {mean, best, sumexp};
+  }
+
+  // Every op above as the kernel of its schema (schemas.h) in library m.
+  static void register_all(torch::Library& m) {
+    m.impl("interpolate", &interpolate);
+    m.impl("interpolate.nograd", &interpolate);
+    m.impl("interpolate_out", &interpolate_out);
+    m.impl("interpolate_backward", &interpolate_backward);
+    m.impl("convert", &convert);
+    m.impl("convert.nograd", &convert);
+    m.impl("convert_backward", &convert_backward);
+    m.impl("fm_loss", &fm_loss);
+    m.impl("fm_loss.nograd", &fm_loss);
+    m.impl("fm_loss_backward", &fm_loss_backward);
+    m.impl("euler_step", &euler_step);
+    m.impl("heun_step", &heun_step);
+    m.impl("ei_step", &ei_step);
+    m.impl("ei_step.nograd", &ei_step);
+    m.impl("ei_step_out", &ei_step_out);
+    m.impl("ei_step_backward", &ei_step_backward);
+    m.impl("dpmpp_2m_step", &dpmpp_2m_step);
+    m.impl("em_step", &em_step);
+    m.impl("churn", &churn);
+    m.impl("flowmap_loss_rows", &flowmap_loss_rows);
+    m.impl("flowmap_loss_backward", &flowmap_loss_backward);
+    m.impl("field_mean", &field_mean);
+  }
+};
+
+// The launcher set `NS` (fk_cuda or fk_sim) as the static functions Glue calls.
+#define FK_FORWARD_LAUNCHER(name, params, args) \
+  static int name params { return FK_LAUNCHER_NS::name args; }
+
+}  // namespace flowkern_glue

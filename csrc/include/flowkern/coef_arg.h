@@ -1,0 +1,72 @@
+// The coefficients of a launch as the CUDA launchers receive them
+// (csrc/cuda/launchers.h): plain values, no torch and no CUDA types, so that
+// the g++-compiled glue (csrc/cuda/glue.h) and the nvcc-compiled launchers
+// share one layout. Exactly one source is used (docs/design.md §8):
+//   - `table` (device memory, table_rows x 4 or x STEP_COLS, accumulation
+//     dtype; 1 row for the batch or one per row): a custom schedule, or a
+//     step table the caller built;
+//   - `t` (device memory, t_rows times, float32 or float64 as t_f64 says)
+//     with the built-in schedule (kind, p): training ops with per-sample times;
+//   - `one`, one row by value (its first 4 values for a training op): a time
+//     or step the host knows, evaluated there in double.
+#pragma once
+
+#include <stdint.h>
+
+#include "schedules.h"
+#include "steps.h"
+
+namespace fk {
+
+struct CoefArg {
+  uintptr_t table = 0;
+  i64 table_rows = 0;
+  uintptr_t t = 0;
+  i64 t_rows = 0;
+  bool t_f64 = false;
+  int kind = 0;
+  double p[kSchedParams] = {0, 0, 0};
+  double one[STEP_COLS] = {};
+};
+
+// 0 when n rows of coefficients serve `rows` rows by broadcasting one row,
+// 1 when there is one per row, -1 when neither.
+inline i64 row_step_of(i64 n, i64 rows) { return n == 1 ? 0 : (n == rows ? 1 : -1); }
+
+// The training functors' source (4 coefficients a row); false when a table
+// or the times fit neither 1 nor `rows` rows.
+template <class A> bool sched_src(const CoefArg& c, i64 rows, SchedSrc<A>& s) {
+  s = SchedSrc<A>{};
+  if (c.table != 0) {
+    s.table = reinterpret_cast<const A*>(c.table);
+    s.row_step = row_step_of(c.table_rows, rows);
+    return s.row_step >= 0;
+  }
+  if (c.t != 0) {
+    s.t = reinterpret_cast<const void*>(c.t);
+    s.t_f64 = c.t_f64;
+    s.t_step = row_step_of(c.t_rows, rows);
+    s.kind = c.kind;
+    for (int i = 0; i < kSchedParams; ++i) s.p[i] = c.p[i];
+    return s.t_step >= 0 && c.kind >= LINEAR && c.kind <= EDM;
+  }
+  s.one = {A(c.one[0]), A(c.one[1]), A(c.one[2]), A(c.one[3])};
+  return true;
+}
+
+// The step functors' source (STEP_COLS coefficients a row); false when a
+// table fits neither 1 nor `rows` rows. Steps take no times tensor.
+template <class A> bool step_src(const CoefArg& c, i64 rows, StepSrc<A>& s) {
+  s = StepSrc<A>{};
+  if (c.t != 0) return false;
+  if (c.table != 0) {
+    s.table = reinterpret_cast<const A*>(c.table);
+    const i64 step = row_step_of(c.table_rows, rows);
+    s.stride = step * STEP_COLS;
+    return step >= 0;
+  }
+  for (int i = 0; i < STEP_COLS; ++i) s.one[i] = A(c.one[i]);
+  return true;
+}
+
+}  // namespace fk
