@@ -172,6 +172,48 @@ def _within_unit(t: torch.Tensor) -> bool:
     return bool(lo >= 0) and bool(hi <= 1)  # False for NaN
 
 
+def _span(t: torch.Tensor):
+    """[first, last] byte addresses of t's elements."""
+    lo = hi = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride()):
+        step = (size - 1) * stride * t.element_size()
+        lo, hi = (lo + step, hi) if step < 0 else (lo, hi + step)
+    return lo, hi + t.element_size() - 1
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> str:
+    """"no", "full" (the same elements: an in-place write) or "partial"; the
+    rule of csrc/cpu/args.h overlap for the backends that do not go through it."""
+    if a is None or b is None or a.numel() == 0 or b.numel() == 0:
+        return "no"
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return "no"
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    if a1 < b0 or b1 < a0:
+        return "no"
+    same = a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+    return "full" if same else "partial"
+
+
+def check_no_overlap(outs: dict, ins: dict):
+    """csrc/cpu/args.h check_no_overlap: outputs pairwise disjoint, each one
+    either exactly an input (in place) or disjoint from it. Not while
+    torch.compile traces (fake tensors have no memory): the compiled graph's
+    native ops check at run time, the Python backends' do not."""
+    if torch.compiler.is_compiling():
+        return
+    names = list(outs)
+    for i, name in enumerate(names):
+        for prev in names[:i]:
+            if overlap(outs[name], outs[prev]) != "no":
+                raise ValueError(f"{name}: shares memory with {prev}; give separate output buffers")
+        for src, x in ins.items():
+            if overlap(outs[name], x) == "partial":
+                raise ValueError(f"{name}: overlaps {src} without being it; write in place only "
+                                 f"as {name}={src} exactly (same memory and layout), or give a "
+                                 f"separate buffer")
+
+
 def nonzero(name: str, what: str, v: torch.Tensor, why: str):
     """Raise when a coefficient the chosen form divides by is zero (value check)."""
     if values_checked(v) and v.numel() and bool((v == 0).any()):

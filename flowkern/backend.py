@@ -2,8 +2,12 @@
 
 Precedence: an explicit ``backend=`` argument > the innermost
 :func:`use_backend` context > the ``FLOWKERN_BACKEND`` environment variable >
-auto (CUDA tensors: triton if importable, else cuda, else torch; CPU tensors:
-cpu if flowkern._C is built, else torch).
+auto (CUDA tensors: cuda if flowkern._C has the CUDA kernels, else triton if
+importable, else torch; CPU tensors: cpu if flowkern._C is built, else torch).
+cuda comes first on a GPU for its host path: a public call is one C++
+dispatcher call with the coefficients computed in the kernel, where triton
+goes through a Python custom op and Triton's Python launcher and builds a
+coefficient table with torch ops first (README "Backends").
 
 ``triton`` also accepts CPU tensors when ``TRITON_INTERPRET=1`` is set before
 triton is imported (how the test-suite runs the Triton kernels without a GPU).
@@ -95,9 +99,9 @@ def available() -> dict[str, bool]:
 
 def _auto(device: torch.device) -> str:
     if device.type == "cuda":
-        if triton_available():
-            return "triton"
-        return "cuda" if cuda_built() else "torch"
+        if cuda_built():
+            return "cuda"
+        return "triton" if triton_available() else "torch"
     if device.type == "cpu" and cpu_built():
         return "cpu"
     return "torch"

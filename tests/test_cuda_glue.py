@@ -446,3 +446,12 @@ def test_device_pow_emulation(x, y):
         assert (math.isnan(got) and math.isnan(want)) or got == want, (got, want)
     else:
         assert got == pytest.approx(want, rel=1e-14)
+
+
+def test_cuda_is_the_gpu_default_when_built():
+    """The cheaper host path (one C++ op, coefficients in the kernel) is the
+    default on CUDA tensors; triton when the CUDA kernels are not built."""
+    from flowkern.backend import _auto, triton_available
+    want = "cuda" if cuda_built() else ("triton" if triton_available() else "torch")
+    assert _auto(torch.device("cuda")) == want
+    assert _auto(torch.device("cpu")) == "cpu"

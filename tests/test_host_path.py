@@ -103,7 +103,8 @@ def test_steps_are_one_call(times):
     g = dict(g=0.3) if times == "float" else {}
     assert_one_op(lambda: fk.em_step(x, pred, seed=3, offset=8, out=out, **kw, **g),
                   "flowkern::em_step")
-    ch = dict(t=0.5, t_hat=0.3, schedule="cosine") if times == "float" else dict(table=row)
+    back = fk.step_table("cosine", grid[2:3], grid[1:2])[0]  # churn goes back: t_hat <= t
+    ch = dict(t=0.5, t_hat=0.3, schedule="cosine") if times == "float" else dict(table=back)
     assert_one_op(lambda: fk.churn(x, seed=1, out=out, **ch), "flowkern::churn")
 
 
@@ -194,3 +195,43 @@ def test_forward_mode_ad_is_an_error_not_a_zero_tangent():
     _, tan = torch.func.jvp(lambda a: fk.interpolate(a, v, tt, backend="torch")[0], (x,),
                             (torch.ones_like(x),))
     torch.testing.assert_close(tan, (1 - tt)[:, None].expand(4, 3))
+
+
+# -- aliasing: exact in-place writes work, partial overlaps are errors ------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_exact_in_place_is_allowed(backend):
+    x, pred = torch.randn(4, 33), torch.randn(4, 33)
+    want = fk.euler_step(x, pred, 0.2, 0.3, backend="torch")
+    got = fk.euler_step(x, pred, 0.2, 0.3, out=x, backend=backend)
+    assert got is x
+    torch.testing.assert_close(x, want)
+    x0, x1 = torch.randn(4, 33), torch.randn(4, 33)
+    want = fk.interpolate(x0, x1, 0.3, backend="torch")
+    fk.interpolate(x0, x1, 0.3, out=(x1, x0), backend=backend)  # each output is an input
+    torch.testing.assert_close(x1, want[0])
+    torch.testing.assert_close(x0, want[1])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"] + (["triton"] if fk.available()["triton"]
+                                                        else []))
+def test_partial_overlaps_are_errors(backend):
+    """Every backend: the C++ rule (csrc/cpu/args.h) or its Python twin (_validate)."""
+    buf = torch.randn(5 * 33)
+    x, pred = buf[:132].view(4, 33), torch.randn(4, 33)
+    shifted = buf[1:133].view(4, 33)
+    with pytest.raises(ValueError, match="out: overlaps x without being it"):
+        fk.euler_step(x, pred, 0.2, 0.3, out=shifted, backend=backend)
+    with pytest.raises(ValueError, match="out: overlaps pred without being it"):
+        fk.euler_step(pred, shifted, 0.2, 0.3, out=x, backend=backend)
+    o = torch.empty(4, 33)
+    with pytest.raises(ValueError, match=r"out\[1\]: shares memory with out\[0\]"):
+        fk.interpolate(torch.randn(4, 33), torch.randn(4, 33), 0.3, out=(o, o), backend=backend)
+    with pytest.raises(ValueError, match="d_out: shares memory with out"):
+        fk.dpmpp_2m_step(x.clone(), pred, 0.3, 0.5, schedule="cosine", prediction="x1",
+                         out=o, d_out=o, backend=backend)
+    snapshot = buf.clone()
+    with pytest.raises(ValueError):
+        fk.euler_step(x, pred, 0.2, 0.3, out=shifted, backend=backend)
+    assert torch.equal(buf, snapshot)  # nothing written before the error

@@ -222,7 +222,9 @@ def test_opcheck(ns):
         torch.library.opcheck(ops.ei_step.default, (xg, pg, None, *c, 2, 1, 1.0, True))
         if ns == "flowkern":
             torch.library.opcheck(ops.ei_step.nograd, (x, p, pu, *c, 1, 0, 1.5, True))
-        torch.library.opcheck(ops.churn, (x, *c, 11, 0, True, o))
+        # these coefficients step forward (t < s): churn's direction check
+        # (t_hat <= t) would refuse them, so it runs with check=False here
+        torch.library.opcheck(ops.churn, (x, *c, 11, 0, False, o))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -286,3 +288,50 @@ def test_empty_batch(backend):
     assert fk.step_table("vp", t, t, g=0.5).shape == (0, 12)
     assert fk.euler_step(x, x, t, t, backend=backend).shape == (0, 5)
     assert fk.em_step(x, x, t, t, g=0.5, backend=backend).shape == (0, 5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_noisy_steps_check_their_direction(backend):
+    """em_step with s < t took sqrt(h < 0) = NaN; churn with t_hat > t added no
+    noise, silently: both are errors naming the argument."""
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="s: em_step integrates forward"):
+        fk.em_step(x, torch.randn(3, 8), 0.6, 0.5, schedule="cosine", g=0.3,
+                         backend=backend)
+    with pytest.raises(ValueError, match="t_hat: churn renoises to an earlier time"):
+        fk.churn(x, 0.5, 0.6, schedule="cosine", backend=backend)
+    fk.em_step(x, torch.randn(3, 8), 0.5, 0.6, schedule="cosine", g=0.3, backend=backend)
+    fk.churn(x, 0.6, 0.5, schedule="cosine", backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_cosine_reaches_data_exactly(backend):
+    """sigma(1) = 0 exactly on cosine (it was cos(fl(pi/2)) = 6e-17): the score
+    target at t = 1 is an error as on linear, and a DPM-Solver++ step ending at
+    s = 1 is finite."""
+    x0, x1 = torch.randn(3, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="sigma_t is 0"):
+        fk.interpolate(x0, x1, 1.0, schedule="cosine", target="score", backend=backend)
+    out, d = fk.dpmpp_2m_step(x0, x1, 0.5, 1.0, schedule="cosine", prediction="x1",
+                                    backend=backend)
+    assert torch.isfinite(out).all() and torch.isfinite(d).all()
+    torch.testing.assert_close(out, x1)  # the data-form step lands on the prediction
+
+
+def test_step_table_checks_its_times():
+    """A table the steps then trust: times outside [0, 1] or NaN are errors."""
+    for t, s in ((1.5, 0.5), (0.2, 2.0), (float("nan"), 0.5)):
+        with pytest.raises(ValueError, match="times must lie in"):
+            fk.step_table("cosine", t, s)
+    with pytest.raises(ValueError, match="t_prev: times must lie in"):
+        fk.step_table("cosine", 0.2, 0.4, t_prev=-0.1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"] + (["triton"] if fk.available()["triton"]
+                                                        else []))
+def test_missing_prediction_is_an_error(backend):
+    x = torch.randn(3, 8)
+    with pytest.raises(TypeError, match="pred: expected a torch.Tensor"):
+        fk.euler_step(x, None, 0.2, 0.4, backend=backend)
+    with pytest.raises(TypeError, match="pred_euler: expected a torch.Tensor"):
+        fk.heun_step(x, x, x, None, 0.2, 0.4, backend=backend)

@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ExpandUtils.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <initializer_list>
@@ -112,6 +113,37 @@ inline void check_out(const char* name, const at::Tensor& o, at::IntArrayRef sha
                     py_dtype(like.scalar_type()), " and device ", like.device(), "; got ",
                     py_shape(o.sizes()), ", ", py_dtype(o.scalar_type()), ", ", o.device());
   TORCH_CHECK_VALUE(o.is_contiguous(), name, ": must be contiguous");
+}
+
+using Named = std::pair<const char*, const at::Tensor*>;
+
+// Whether a and b may share memory, and whether exactly (same bytes, same
+// layout: an in-place write, element for element).
+inline at::MemOverlapStatus overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return at::MemOverlapStatus::No;
+  if (!a.storage().is_alias_of(b.storage())) return at::MemOverlapStatus::No;
+  const auto s = at::get_overlap_status(a, b);
+  // TooHard (a broadcast or overlapping view of the same storage): treated as
+  // a partial overlap, since no kernel here can write it safely.
+  return s == at::MemOverlapStatus::TooHard ? at::MemOverlapStatus::Partial : s;
+}
+
+// ValueError unless the outputs are pairwise disjoint and each output either
+// is an input exactly (an in-place write, e.g. out=x: every element is read
+// before the same thread writes it) or shares no memory with any input. A
+// partial overlap would silently mix old and new values.
+inline void check_no_overlap(std::initializer_list<Named> outs, std::initializer_list<Named> ins) {
+  for (auto o = outs.begin(); o != outs.end(); ++o) {
+    for (auto p = outs.begin(); p != o; ++p)
+      TORCH_CHECK_VALUE(overlap(*o->second, *p->second) == at::MemOverlapStatus::No, o->first,
+                        ": shares memory with ", p->first, "; give separate output buffers");
+    for (const auto& [name, in] : ins)
+      TORCH_CHECK_VALUE(in == nullptr ||
+                            overlap(*o->second, *in) != at::MemOverlapStatus::Partial,
+                        o->first, ": overlaps ", name, " without being it; write in place only "
+                        "as ", o->first, "=", name, " exactly (same memory and layout), or give "
+                        "a separate buffer");
+  }
 }
 
 // Prediction / target codes of flowkern/_enums.py.

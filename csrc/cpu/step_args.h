@@ -122,6 +122,22 @@ template <class A> inline void check_alpha_t(const StepCoef<A>& c, const char* w
 }
 
 // A model output (or other input) of x's shape, dtype and device.
+// The direction of a noisy step, from its rows' h = s - t: em_step
+// integrates forward (h >= 0: sqrt(h) scales its noise), churn renoises to an
+// earlier time (t_hat <= t, h <= 0). NaN fails.
+template <class A> inline void check_step_direction(const StepCoef<A>& c, bool forward) {
+  for (i64 i = 0; i < c.n; ++i) {
+    const A h = c.row(i).h;
+    if (forward) {
+      TORCH_CHECK_VALUE(h >= A(0), "s: em_step integrates forward in time and needs s >= t; "
+                        "got s - t = ", double(h));
+    } else {
+      TORCH_CHECK_VALUE(h <= A(0), "t_hat: churn renoises to an earlier time and needs "
+                        "t_hat <= t; got t_hat - t = ", double(h));
+    }
+  }
+}
+
 inline void check_like_x(const char* name, const at::Tensor& p, const at::Tensor& x) {
   TORCH_CHECK_VALUE(p.sizes().equals(x.sizes()) && p.scalar_type() == x.scalar_type() &&
                         p.device() == x.device(),
@@ -158,6 +174,12 @@ inline std::vector<at::Tensor> step_inputs(
     in.push_back(t->contiguous());
   }
   for (const auto& [name, o] : outs) check_step_out(name, *o, x);
+  std::vector<Named> inputs{{"x", &x}};
+  for (const auto& named : others) inputs.push_back(named);
+  for (auto o = outs.begin(); o != outs.end(); ++o) {
+    for (auto p = outs.begin(); p != o; ++p) check_no_overlap({*p, *o}, {});
+    for (const auto& named : inputs) check_no_overlap({*o}, {named});
+  }
   return in;
 }
 

@@ -175,6 +175,7 @@ void em_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncon
                      [&](const auto& c) {
                        check_conversion(c, prediction, fk::VELOCITY);
                        check_conversion(c, prediction, fk::SCORE);
+                       check_step_direction(c, true);
                      },
                      kNoSetup);
 }
@@ -186,7 +187,10 @@ void churn(const at::Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset, bool
   const auto in = step_inputs(x, {}, {{"out", &out}});
   run_step<ChurnT>("churn", x, in, FK_STEP_PASS, check, 0, 1.0, false, {&out},
                    {uint64_t(seed), offset},
-                   [](const auto& c) { check_alpha_t(c, "churn divides by it"); }, kNoSetup);
+                   [](const auto& c) {
+                     check_alpha_t(c, "churn divides by it");
+                     check_step_direction(c, false);
+                   }, kNoSetup);
 }
 
 

@@ -60,6 +60,7 @@ void interpolate_out(const at::Tensor& x0, const at::Tensor& x1, FK_COEF_ARGS, i
   const auto shape = common_shape({{"x0", &x0}, {"x1", &x1}});
   check_out("out[0]", xt, shape, x0);
   check_out("out[1]", y, shape, x0);
+  check_no_overlap({{"out[0]", &xt}, {"out[1]", &y}}, {{"x0", &x0}, {"x1", &x1}});
   interpolate_into(x0, x1, FK_COEF_PASS, target, check, xt, y, shape);
 }
 

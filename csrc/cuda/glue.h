@@ -166,6 +166,7 @@ template <class D, class L> struct Glue {
     const auto shape = common_shape({{"x0", &x0}, {"x1", &x1}});
     check_out("out[0]", xt, shape, x0);
     check_out("out[1]", y, shape, x0);
+    check_no_overlap({{"out[0]", &xt}, {"out[1]", &y}}, {{"x0", &x0}, {"x1", &x1}});
     run_interpolate(dense(x0, shape), dense(x1, shape), FK_COEF_PASS, target, check, xt, y);
   }
 
@@ -476,6 +477,7 @@ template <class D, class L> struct Glue {
              [&](const auto& c) {
                check_conversion(c, prediction, fk::VELOCITY);
                check_conversion(c, prediction, fk::SCORE);
+               check_step_direction(c, true);
              },
              [&](const fk::CoefArg& c, const Launch& l) {
                ok(L::em_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
@@ -490,7 +492,10 @@ template <class D, class L> struct Glue {
                     at::Tensor& out) {
     const auto in = step_inputs(x, {}, {{"out", &out}});
     run_step(in[0], FK_STEP_PASS, 0, check,
-             [&](const auto& c) { check_alpha_t(c, "churn divides by it"); },
+             [&](const auto& c) {
+               check_alpha_t(c, "churn divides by it");
+               check_step_direction(c, false);
+             },
              [&](const fk::CoefArg& c, const Launch& l) {
                ok(L::churn(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), c, uint64_t(seed),
                            offset, ptr(out), l.stream, l.max_blocks),

@@ -161,6 +161,9 @@ def step_table(schedule, t, s, t_prev=None, g=None, dtype=torch.float32,
     tp = _as_times("t_prev", t_prev, device, dtype) if t_prev is not None else None
     gg = _as_times("g", g, device, dtype) if g is not None else torch.zeros(1, device=device,
                                                                          dtype=dtype)
+    for name, v in (("t", vals[0]), ("s", vals[1]), ("t_prev", tp)):
+        if v is not None and V.values_checked(v):  # a table steps trust: checked here
+            V.check_unit_interval(name, v)
     sizes = [v.numel() for v in vals + [gg] + ([tp] if tp is not None else [])]
     rows = 0 if 0 in sizes else max(sizes)  # an empty batch broadcasts the scalars to 0 rows
     cols = [*sched(vals[0]), *sched(vals[1])]
@@ -184,6 +187,8 @@ class _Step:
         V.tensor("x", x)
         for name, p in preds.items():
             if p is None:
+                if name in ("pred", "x_euler", "pred_euler"):  # required; the rest optional
+                    raise TypeError(f"{name}: expected a torch.Tensor, got NoneType")
                 continue
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(p).__name__}")
@@ -249,6 +254,20 @@ def _out(name, out, x):
     if not out.is_contiguous():
         raise ValueError(f"{name}: must be contiguous")
     return out
+
+
+def _direction(table, forward):
+    """csrc/cpu/step_args.h check_step_direction: em_step needs s >= t (sqrt(h)
+    scales its noise), churn t_hat <= t (value check, as V.nonzero)."""
+    h = table[:, 10]
+    if not (V.values_checked(h) and h.numel()):
+        return
+    if forward and not bool((h >= 0).all()):
+        raise ValueError(f"s: em_step integrates forward in time and needs s >= t; "
+                         f"got s - t = {float(h.min())}")
+    if not forward and not bool((h <= 0).all()):
+        raise ValueError(f"t_hat: churn renoises to an earlier time and needs t_hat <= t; "
+                         f"got t_hat - t = {float(h.max())}")
 
 
 def _pred(prediction):
@@ -356,6 +375,7 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
     code = _pred(prediction)
     _nonzero_for(st, prediction, "velocity")
     out = _out("out", out, x)
+    V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
     if st.backend == "torch":
         return _cast(ref.euler_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4],
                                     st.table[:, 10], prediction, _up(pred_uncond, st), w), out)
@@ -391,6 +411,9 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
     _nonzero_for(st, prediction, "velocity")
     _nonzero_for(st, prediction, "velocity", at="s")
     out = _out("out", out, x)
+    V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "x_euler": x_euler,
+                                      "pred_euler": pred_euler, "pred_uncond": pred_uncond,
+                                      "pred_euler_uncond": pred_euler_uncond})
     if st.backend == "torch":
         return _cast(ref.heun_step(x.to(st.acc), pred.to(st.acc), x_euler.to(st.acc),
                                    pred_euler.to(st.acc), st.table[:, :4], st.table[:, 4:8],
@@ -432,15 +455,17 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
     else:
         V.nonzero("t", "alpha_t", st.table[:, 0], "the noise form divides by it")
         _nonzero_for(st, prediction, "eps")
+    if out is not None:
+        out = _out("out", out, x)
+        V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
     if st.backend == "torch":
         val = ref.ei_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4], st.table[:, 4:8],
                           prediction, form, _up(pred_uncond, st), w).to(x.dtype)
-        return val if out is None else _cast(val, _out("out", out, x))
+        return val if out is None else _cast(val, out)
     x, pred, pu = st.dense(x, pred, pred_uncond)
     ops = ops_for(st.backend)
     if out is None:
         return ops.ei_step(x, pred, pu, *_table_args(st), code, FORMS[form], w, False)
-    out = _out("out", out, x)
     ops.ei_step_out(x, pred, pu, *_table_args(st), code, FORMS[form], w, False, out)
     return out
 
@@ -470,6 +495,8 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
     V.nonzero("t", "alpha_t", st.table[:, 0], "log(alpha_t/sigma_t) needs it")
     _nonzero_for(st, prediction, "x1")
     out, d_out = _out("out", out, x), _out("d_out", d_out, x)
+    V.check_no_overlap({"out": out, "d_out": d_out},
+                       {"x": x, "pred": pred, "d_prev": d_prev, "pred_uncond": pred_uncond})
     if st.backend == "torch":
         xs, d = ref.dpmpp_2m_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4],
                                   st.table[:, 4:8], prediction, _up(d_prev, st),
@@ -503,7 +530,9 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     code = _pred(prediction)
     _nonzero_for(st, prediction, "velocity")
     _nonzero_for(st, prediction, "score")
+    _direction(st.table, forward=True)
     out = _out("out", out, x)
+    V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
     if st.backend == "torch":
         xi = ref.philox_normal(seed, offset, x.shape, st.acc, x.device)
         return _cast(ref.em_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4], st.table[:, 10],
@@ -527,7 +556,9 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=0, offset=0, out=None, 
         return out
     st = _Step("churn", x, {}, t, t_hat, schedule, table, backend)
     V.nonzero("t", "alpha_t", st.table[:, 0], "churn divides by it")
+    _direction(st.table, forward=False)
     out = _out("out", out, x)
+    V.check_no_overlap({"out": out}, {"x": x})
     if st.backend == "torch":
         xi = ref.philox_normal(seed, offset, x.shape, st.acc, x.device)
         return _cast(ref.churn(x.to(st.acc), st.table[:, :4], st.table[:, 4:8], xi), out)

@@ -227,11 +227,16 @@ def _need_grad3(a, b, c) -> bool:
     return _grad_on() and (a.requires_grad or b.requires_grad or c.requires_grad)
 
 
+# The tensor arguments that may be absent (None) in a public call.
+_OPTIONAL_TENSORS = frozenset({"pred_uncond", "pred_euler_uncond", "d_prev", "weight"})
+
+
 def check_tensors(**named):
-    """TypeError naming the first argument that is not a tensor (None: an
-    absent optional, allowed)."""
+    """TypeError naming the first argument that is not a tensor (None only for
+    an optional one: the native ops would take a missing required tensor for
+    an undefined one and fail without naming it)."""
     for name, x in named.items():
-        if x is not None and not isinstance(x, torch.Tensor):
+        if not isinstance(x, torch.Tensor) and not (x is None and name in _OPTIONAL_TENSORS):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
 
 
@@ -360,6 +365,7 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
     check_target(coef, code)
     if out is not None:
         _check_out_shape(out, shape, x1)
+        V.check_no_overlap({"out[0]": out[0], "out[1]": out[1]}, {"x0": x0, "x1": x1})
     if be == "torch":
         xt, y = ref.interpolate(_upcast(x0, coef, shape), _upcast(x1, coef, shape), coef, target)
         xt, y = xt.to(x1.dtype), y.to(x1.dtype)

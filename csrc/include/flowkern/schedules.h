@@ -63,10 +63,13 @@ FK_HD Sched<double> schedule_at(int kind, const double* p, double t) {
   switch (kind) {
     case LINEAR: return {t, 1 - t, 1, -1};
     case COSINE: {
+      // sigma = cos(pi t / 2) written sin(pi (1 - t) / 2): exactly 0 at t = 1
+      // (cos(fl(pi/2)) is 6.1e-17), accurate near it (flowkern/schedules.py).
       const double h = 0.5 * M_PI;
-      double s, c;
-      sincos_half_pi(t, &s, &c);
-      return {s, c, h * c, -h * s};
+      double a, s, unused;
+      sincos_half_pi(t, &a, &unused);
+      sincos_half_pi(1 - t, &s, &unused);
+      return {a, s, h * s, -h * a};
     }
     case POLYNOMIAL: {
       const double n = p[0], a = pow_d(t, n), d = n * pow_d(t, n - 1);
