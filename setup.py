@@ -69,7 +69,9 @@ class Build(BuildExtension):
         nvcc = ext.nvcc
         out_dir = os.path.join(self.build_temp, "cuda_objects")
         os.makedirs(out_dir, exist_ok=True)
-        headers = glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True) + \
+        # what the .cu files include: the torch-free headers and csrc/cuda's own
+        headers = glob.glob(os.path.join(ROOT, "csrc", "include", "**", "*.h"), recursive=True) + \
+            glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.h")) + \
             glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh"))
         newest_header = max((os.path.getmtime(h) for h in headers), default=0)
         objects, todo = [], []

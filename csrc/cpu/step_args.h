@@ -138,6 +138,42 @@ template <class A> inline void check_step_direction(const StepCoef<A>& c, bool f
   }
 }
 
+// The value checks of each step (the divisions its form needs, its
+// direction), on its host coefficient rows: one rule per step for the CPU ops
+// (steps.cpp) and the CUDA glue (csrc/cuda/glue.h).
+struct StepChecks {
+  template <class A> static void euler(const StepCoef<A>& c, int64_t pred) {
+    check_conversion(c, pred, fk::VELOCITY);
+  }
+  template <class A> static void heun(const StepCoef<A>& c, int64_t pred) {
+    check_conversion(c, pred, fk::VELOCITY);
+    check_conversion(c, pred, fk::VELOCITY, true);
+  }
+  template <class A> static void ei(const StepCoef<A>& c, int64_t pred, int64_t form) {
+    if (form == fk::EI_DATA) {
+      check_sigma_t(c, "the data form divides by it");
+      check_conversion(c, pred, fk::X1);
+    } else {
+      check_alpha_t(c, "the noise form divides by it");
+      check_conversion(c, pred, fk::EPS);
+    }
+  }
+  template <class A> static void dpmpp_2m(const StepCoef<A>& c, int64_t pred) {
+    check_sigma_t(c, "the data form divides by it");
+    check_alpha_t(c, "log(alpha_t/sigma_t) needs it");
+    check_conversion(c, pred, fk::X1);
+  }
+  template <class A> static void em(const StepCoef<A>& c, int64_t pred) {
+    check_conversion(c, pred, fk::VELOCITY);
+    check_conversion(c, pred, fk::SCORE);
+    check_step_direction(c, true);
+  }
+  template <class A> static void churn(const StepCoef<A>& c) {
+    check_alpha_t(c, "churn divides by it");
+    check_step_direction(c, false);
+  }
+};
+
 inline void check_like_x(const char* name, const at::Tensor& p, const at::Tensor& x) {
   TORCH_CHECK_VALUE(p.sizes().equals(x.sizes()) && p.scalar_type() == x.scalar_type() &&
                         p.device() == x.device(),

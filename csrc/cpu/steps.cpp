@@ -74,7 +74,7 @@ void euler_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_un
                               {{"out", &out}});
   run_step<fk::EulerFn>("euler_step", x, in, FK_STEP_PASS, check, prediction, guidance,
                         pred_uncond.has_value(), {&out}, {},
-                        [&](const auto& c) { check_conversion(c, prediction, fk::VELOCITY); },
+                        [&](const auto& c) { StepChecks::euler(c, prediction); },
                         kNoSetup);
 }
 
@@ -92,10 +92,7 @@ void heun_step(const at::Tensor& x, const at::Tensor& pred, const at::Tensor& x_
                               {{"out", &out}});
   run_step<fk::HeunFn>("heun_step", x, in, FK_STEP_PASS, check, prediction, guidance,
                        pred_uncond.has_value(), {&out}, {},
-                       [&](const auto& c) {
-                         check_conversion(c, prediction, fk::VELOCITY);
-                         check_conversion(c, prediction, fk::VELOCITY, true);
-                       },
+                       [&](const auto& c) { StepChecks::heun(c, prediction); },
                        kNoSetup);
 }
 
@@ -108,15 +105,7 @@ void ei_step_out(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_u
   run_step<fk::EIFn>(
       "ei_step", x, in, FK_STEP_PASS, check, prediction, guidance, pred_uncond.has_value(),
       {&out}, {},
-      [&](const auto& c) {
-        if (form == fk::EI_DATA) {
-          check_sigma_t(c, "the data form divides by it");
-          check_conversion(c, prediction, fk::X1);
-        } else {
-          check_alpha_t(c, "the noise form divides by it");
-          check_conversion(c, prediction, fk::EPS);
-        }
-      },
+      [&](const auto& c) { StepChecks::ei(c, prediction, form); },
       [&](auto& fn) { fn.form = int(form); });
 }
 
@@ -157,11 +146,7 @@ void dpmpp_2m_step(const at::Tensor& x, const at::Tensor& pred, const OptT& d_pr
   run_step<fk::DPMpp2MFn>(
       "dpmpp_2m_step", x, in, FK_STEP_PASS, check, prediction, guidance,
       pred_uncond.has_value(), {&out, &d_out}, {},
-      [&](const auto& c) {
-        check_sigma_t(c, "the data form divides by it");
-        check_alpha_t(c, "log(alpha_t/sigma_t) needs it");
-        check_conversion(c, prediction, fk::X1);
-      },
+      [&](const auto& c) { StepChecks::dpmpp_2m(c, prediction); },
       [&](auto& fn) { fn.second = second; });
 }
 
@@ -172,11 +157,7 @@ void em_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncon
                               {{"out", &out}});
   run_step<fk::EMFn>("em_step", x, in, FK_STEP_PASS, check, prediction, guidance,
                      pred_uncond.has_value(), {&out}, {uint64_t(seed), offset},
-                     [&](const auto& c) {
-                       check_conversion(c, prediction, fk::VELOCITY);
-                       check_conversion(c, prediction, fk::SCORE);
-                       check_step_direction(c, true);
-                     },
+                     [&](const auto& c) { StepChecks::em(c, prediction); },
                      kNoSetup);
 }
 
@@ -187,10 +168,7 @@ void churn(const at::Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset, bool
   const auto in = step_inputs(x, {}, {{"out", &out}});
   run_step<ChurnT>("churn", x, in, FK_STEP_PASS, check, 0, 1.0, false, {&out},
                    {uint64_t(seed), offset},
-                   [](const auto& c) {
-                     check_alpha_t(c, "churn divides by it");
-                     check_step_direction(c, false);
-                   }, kNoSetup);
+                   [](const auto& c) { StepChecks::churn(c); }, kNoSetup);
 }
 
 

@@ -359,7 +359,7 @@ template <class D, class L> struct Glue {
     const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
                                 {{"out", &out}});
     run_step(in[0], FK_STEP_PASS, prediction, check,
-             [&](const auto& c) { check_conversion(c, prediction, fk::VELOCITY); },
+             [&](const auto& c) { StepChecks::euler(c, prediction); },
              [&](const fk::CoefArg& c, const Launch& l) {
                ok(L::euler_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
                                 given(in, 2, pred_uncond.has_value()), c, int(prediction),
@@ -382,10 +382,7 @@ template <class D, class L> struct Glue {
                                 {{"out", &out}});
     const bool cfg = pred_uncond.has_value();
     run_step(in[0], FK_STEP_PASS, prediction, check,
-             [&](const auto& c) {
-               check_conversion(c, prediction, fk::VELOCITY);
-               check_conversion(c, prediction, fk::VELOCITY, true);
-             },
+             [&](const auto& c) { StepChecks::heun(c, prediction); },
              [&](const fk::CoefArg& c, const Launch& l) {
                ok(L::heun_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
                                ptr(in[2]), ptr(in[3]), given(in, 4, cfg), given(in, 5, cfg), c,
@@ -401,15 +398,7 @@ template <class D, class L> struct Glue {
     const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
                                 {{"out", &out}});
     run_step(in[0], FK_STEP_PASS, prediction, check,
-             [&](const auto& c) {
-               if (form == fk::EI_DATA) {
-                 check_sigma_t(c, "the data form divides by it");
-                 check_conversion(c, prediction, fk::X1);
-               } else {
-                 check_alpha_t(c, "the noise form divides by it");
-                 check_conversion(c, prediction, fk::EPS);
-               }
-             },
+             [&](const auto& c) { StepChecks::ei(c, prediction, form); },
              [&](const fk::CoefArg& c, const Launch& l) {
                ok(L::ei_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
                              given(in, 2, pred_uncond.has_value()), c, int(prediction),
@@ -454,11 +443,7 @@ template <class D, class L> struct Glue {
             {"pred_uncond", opt(pred_uncond)}},
         {{"out", &out}, {"d_out", &d_out}});
     run_step(in[0], FK_STEP_PASS, prediction, check,
-             [&](const auto& c) {
-               check_sigma_t(c, "the data form divides by it");
-               check_alpha_t(c, "log(alpha_t/sigma_t) needs it");
-               check_conversion(c, prediction, fk::X1);
-             },
+             [&](const auto& c) { StepChecks::dpmpp_2m(c, prediction); },
              [&](const fk::CoefArg& c, const Launch& l) {
                ok(L::dpmpp_2m_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]),
                                    ptr(in[1]), given(in, 2, d_prev.has_value()),
@@ -474,11 +459,7 @@ template <class D, class L> struct Glue {
     const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
                                 {{"out", &out}});
     run_step(in[0], FK_STEP_PASS, prediction, check,
-             [&](const auto& c) {
-               check_conversion(c, prediction, fk::VELOCITY);
-               check_conversion(c, prediction, fk::SCORE);
-               check_step_direction(c, true);
-             },
+             [&](const auto& c) { StepChecks::em(c, prediction); },
              [&](const fk::CoefArg& c, const Launch& l) {
                ok(L::em_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
                              given(in, 2, pred_uncond.has_value()), c, int(prediction),
@@ -492,10 +473,7 @@ template <class D, class L> struct Glue {
                     at::Tensor& out) {
     const auto in = step_inputs(x, {}, {{"out", &out}});
     run_step(in[0], FK_STEP_PASS, 0, check,
-             [&](const auto& c) {
-               check_alpha_t(c, "churn divides by it");
-               check_step_direction(c, false);
-             },
+             [](const auto& c) { StepChecks::churn(c); },
              [&](const fk::CoefArg& c, const Launch& l) {
                ok(L::churn(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), c, uint64_t(seed),
                            offset, ptr(out), l.stream, l.max_blocks),
