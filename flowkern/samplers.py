@@ -199,10 +199,12 @@ class _Plan:
         # one step table for all steps (and one for churn), on the state's device
         dev = x.device
         t_prev = torch.cat([t_hat[:1], t_hat[:-1]])
-        self.table64 = step_table(self.sched, t_hat, ts[1:], t_prev, g_col, torch.float64, "cpu")
+        self.table64 = step_table(self.sched, t_hat, ts[1:], t_prev, g_col, torch.float64, "cpu",
+                                  check=False)  # the grid was validated above
         self.table = self.table64.to(dev, self.acc)
         self.churn_table = (step_table(self.sched, ts[:-1], t_hat, None, None, torch.float64,
-                                       "cpu").to(dev, self.acc) if any(self.churn_at) else None)
+                                       "cpu", check=False).to(dev, self.acc)
+                            if any(self.churn_at) else None)
         # the model's time vectors: row i = t_hat_i, row n + i = t_{i+1}
         tdt = self.acc
         times = torch.cat([t_hat, ts[1:]]).to(tdt)

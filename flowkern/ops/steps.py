@@ -149,7 +149,7 @@ def _as_times(name, v, device, dtype):
 
 
 def step_table(schedule, t, s, t_prev=None, g=None, dtype=torch.float32,
-               device=None) -> torch.Tensor:
+               device=None, check: bool = True) -> torch.Tensor:
     """The coefficient table the step kernels read, shape (R, 12):
     [alpha_t, sigma_t, d_alpha_t, d_sigma_t, alpha_s, sigma_s, d_alpha_s, d_sigma_s,
      alpha_prev, sigma_prev, h = s - t, g]. t, s (and t_prev, g) are floats or
@@ -162,7 +162,9 @@ def step_table(schedule, t, s, t_prev=None, g=None, dtype=torch.float32,
     gg = _as_times("g", g, device, dtype) if g is not None else torch.zeros(1, device=device,
                                                                          dtype=dtype)
     for name, v in (("t", vals[0]), ("s", vals[1]), ("t_prev", tp)):
-        if v is not None and V.values_checked(v):  # a table steps trust: checked here
+        # a table the steps trust: its times are checked here, unless the caller
+        # checked them already (check=False: the samplers validate their grid)
+        if check and v is not None and V.values_checked(v):
             V.check_unit_interval(name, v)
     sizes = [v.numel() for v in vals + [gg] + ([tp] if tp is not None else [])]
     rows = 0 if 0 in sizes else max(sizes)  # an empty batch broadcasts the scalars to 0 rows
