@@ -9,6 +9,7 @@ from .ops.fields import empirical_denoiser, poisson_field
 from .ops.flowmap import flowmap_loss
 from .ops.steps import churn, dpmpp_2m_step, ei_step, em_step, euler_step, heun_step, step_table
 from .ops.training import convert, flow_matching_loss, interpolate
+from .ops import batching as _batching  # noqa: F401  (vmap rules of the ops above)
 from .samplers import sample
 from .schedules import get_schedule
 from . import flowmap, pfgm, rectified  # noqa: E402  (after the ops they build on)

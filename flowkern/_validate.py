@@ -132,8 +132,22 @@ def check_flag() -> bool:
     return True if torch.compiler.is_compiling() else not _PRECHECKED.get()
 
 
+def _under_vmap() -> bool:
+    """A torch.func.vmap is active: its batched tensors cannot be read on the host."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
 def values_checked(x: torch.Tensor) -> bool:
+    """Whether value checks (host reads) run here: on CPU data (any device with
+    FLOWKERN_DEBUG=1), not while torch.compile traces nor under vmap (the
+    native ops then check inside the op, per batch)."""
     if torch.compiler.is_compiling() or _PRECHECKED.get():  # Dynamo cannot trace ContextVar
+        return False
+    if _under_vmap():
         return False
     return x.device.type == "cpu" or os.environ.get("FLOWKERN_DEBUG") == "1"
 
@@ -199,8 +213,9 @@ def check_no_overlap(outs: dict, ins: dict):
     """csrc/cpu/args.h check_no_overlap: outputs pairwise disjoint, each one
     either exactly an input (in place) or disjoint from it. Not while
     torch.compile traces (fake tensors have no memory): the compiled graph's
-    native ops check at run time, the Python backends' do not."""
-    if torch.compiler.is_compiling():
+    native ops check at run time, the Python backends' do not. Nor under a
+    torch.func transform, whose wrapped tensors expose no memory either."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return
     names = list(outs)
     for i, name in enumerate(names):

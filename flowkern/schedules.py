@@ -17,6 +17,7 @@ import torch
 
 from ._validate import check_unit_interval
 from .backend import cpu_built
+from .ops._registry import transforms_active
 
 __all__ = [
     "Schedule", "Linear", "Cosine", "Polynomial", "VP", "VE", "EDM",
@@ -227,6 +228,8 @@ def _native_table(sched, t: torch.Tensor):
     extension built."""
     if (type(sched) not in _NATIVE or t.device.type != "cpu" or t.requires_grad
             or t.dtype not in (torch.float32, torch.float64)):
+        return False
+    if transforms_active():  # t may carry a tangent: the torch ops below differentiate
         return False
     return not torch.compiler.is_compiling() and cpu_built()
 

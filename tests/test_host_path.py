@@ -175,26 +175,22 @@ def test_interpolate_out_refuses_inputs_that_need_a_gradient():
     assert out[0]._version > v and out[1]._version > 0
 
 
-def test_forward_mode_ad_is_an_error_not_a_zero_tangent():
-    """The native ops have no forward-mode formula yet: a dual input raises,
-    naming the argument, instead of coming out with a zero or missing tangent."""
+def test_forward_mode_ad_takes_the_differentiable_call():
+    """A dual input (forward_ad, torch.func.jvp) goes to the op's
+    autograd.Function, whose jvp runs the op on the tangents; a dual reaching
+    a `.nograd` kernel directly is an error (tests/test_transforms.py has the
+    rest)."""
     x, v = torch.randn(4, 3), torch.randn(4, 3)
     tt = torch.rand(4)
-    with pytest.raises(RuntimeError, match="argument 'x0' carries a forward-mode tangent"):
-        torch.func.jvp(lambda a: fk.interpolate(a, v, tt)[0], (x,), (torch.ones_like(x),))
-    with pytest.raises(RuntimeError, match="argument 'pred' carries a forward-mode tangent"):
-        torch.func.jvp(lambda p: fk.ei_step(x, p, 0.3, 0.5, "cosine"), (v,), (torch.ones_like(v),))
+    _, tan = torch.func.jvp(lambda a: fk.interpolate(a, v, tt)[0], (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(tan, (1 - tt)[:, None].expand(4, 3))
     import torch.autograd.forward_ad as fwad
     with fwad.dual_level():
         d = fwad.make_dual(v, torch.ones_like(v))
-        with pytest.raises(RuntimeError, match="forward-mode tangent"):
-            fk.convert(d, x, tt, "linear", "x1", "velocity")
-        with pytest.raises(RuntimeError, match="forward-mode tangent"):
-            fk.flow_matching_loss(d, x, v, tt)
-    # the torch backend differentiates forward: the reference stays the way to do it
-    _, tan = torch.func.jvp(lambda a: fk.interpolate(a, v, tt, backend="torch")[0], (x,),
-                            (torch.ones_like(x),))
-    torch.testing.assert_close(tan, (1 - tt)[:, None].expand(4, 3))
+        out = fk.convert(d, x, tt, "linear", "x1", "velocity")
+        assert fwad.unpack_dual(out).tangent is not None
+        with pytest.raises(RuntimeError, match="argument 'pred' carries a forward-mode tangent"):
+            torch.ops.flowkern.convert.nograd(d, x, tt, 0.0, 0, [], 1, 0, True)
 
 
 # -- aliasing: exact in-place writes work, partial overlaps are errors ------------

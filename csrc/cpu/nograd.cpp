@@ -36,9 +36,14 @@ void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
                         torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
   const size_t n = args.size(), base = stack->size() - n;
+  const bool nograd = op.schema().overload_name() == "nograd";
   if (c10::GradMode::is_enabled()) {
-    const bool nograd = op.schema().overload_name() == "nograd";
-    for (size_t i = 0; i < n; ++i)
+    for (size_t i = 0; i < n; ++i) {
+      const std::string& name = args[i].name();
+      TORCH_CHECK(!(needs_grad((*stack)[base + i]) && (name == "t" || name == "table")),
+                  op.schema().name(), ": argument '", name, "' requires grad, and the fused "
+                  "ops do not differentiate in the times; detach it, or use backend='torch' "
+                  "for derivatives in t");
       TORCH_CHECK(!needs_grad((*stack)[base + i]), op.schema().name(),
                   nograd ? ".nograd" : "", ": argument '", args[i].name(),
                   "' requires grad, and ",
@@ -47,15 +52,21 @@ void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
                          : "this op writes into a buffer and has no derivative; call it under "
                            "torch.no_grad() or on detached tensors (ei_step without out= is "
                            "the differentiable step)");
+    }
   }
-  // No forward-mode formula is registered yet: a dual input would come out
-  // with a zero or missing tangent, so it is an error.
+  // Forward-mode AD: the public functions send dual inputs of a
+  // differentiable op to its autograd.Function, whose jvp formula runs the
+  // op on the tangents (flowkern/ops/_registry.py DiffOp). A tangent that
+  // reaches this kernel would come out zero or missing, so it is an error.
   for (size_t i = 0; i < n; ++i) {
     const c10::IValue& v = (*stack)[base + i];
     TORCH_CHECK(!(v.isTensor() && has_tangent(v.toTensor())), op.schema().name(),
-                ": argument '", args[i].name(), "' carries a forward-mode tangent "
-                "(torch.func.jvp / forward_ad), and flowkern's native ops have no forward-mode "
-                "formula yet; use backend='torch' for forward-mode AD");
+                nograd ? ".nograd" : "", ": argument '", args[i].name(),
+                "' carries a forward-mode tangent (torch.func.jvp / forward_ad), and ",
+                nograd ? "this overload has no forward-mode formula; call the public function "
+                         "(flowkern.interpolate, convert, flow_matching_loss, ei_step), which has one"
+                       : "this op writes into a buffer and has no forward-mode derivative; "
+                         "ei_step without out= is the differentiable step");
   }
   for (size_t i = 0; i < n; ++i) {
     const auto* alias = args[i].alias_info();

@@ -12,8 +12,10 @@ for both namespaces, through :func:`for_each_namespace`.
 from __future__ import annotations
 
 import importlib
+import types
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch.autograd.function import once_differentiable
 
 from ..backend import cpu_built
@@ -40,46 +42,165 @@ def lazy(module: str, name: str):
     return call
 
 
-def register(name: str, fake, backward=None, setup_context=None, nograd=False):
+# The differentiable calls of each namespace, CALLS[ns].<op name> (DiffOp),
+# made by register(..., jvp=...).
+CALLS = {NATIVE_NS: types.SimpleNamespace(), TRITON_NS: types.SimpleNamespace()}
+
+
+def calls_for(backend: str) -> types.SimpleNamespace:
+    """The differentiable calls that run `backend` (cpu and cuda share flowkern::)."""
+    return CALLS[TRITON_NS if backend == "triton" else NATIVE_NS]
+
+
+def register(name: str, fake, backward=None, setup_context=None, nograd=False, jvp=None):
     """Fake + autograd for `name` in every namespace.
     nograd: flowkern::name also has the `.nograd` overload (same kernel, no
     autograd kernel), which the public functions call when no input needs a
-    gradient: the Python autograd kernel costs ~10 us a call even then."""
+    gradient: the Python autograd kernel costs ~10 us a call even then.
+    jvp: builder of the forward-mode formula (given the namespace's CALLS);
+    with it, CALLS[ns].name is the op's DiffOp."""
     for ns in namespaces():
         qual = f"{ns}::{name}"
+        ops = getattr(torch.ops, ns)
         torch.library.register_fake(qual)(fake)
         if backward is not None:
-            torch.library.register_autograd(qual, backward(getattr(torch.ops, ns)),
-                                            setup_context=setup_context)
+            torch.library.register_autograd(qual, backward(ops), setup_context=setup_context)
+        if jvp is not None:
+            packet = getattr(ops, name)
+            op = packet.nograd if (nograd and ns == NATIVE_NS) else packet.default
+            setattr(CALLS[ns], name, DiffOp(f"{ns}::{name}", op, packet.default, setup_context,
+                                            backward(ops), jvp(CALLS[ns])))
     if not cpu_built():
         return
     if nograd:
         torch.library.register_fake(f"{NATIVE_NS}::{name}.nograd")(fake)
 
 
-def autograd_function(name: str, setup_context, backward):
-    """A torch.autograd.Function running flowkern::name.nograd with the autograd
-    formula registered for flowkern::name: what the public functions use when
-    an input needs a gradient, outside torch.compile. register_autograd's own
-    wrapper costs ~50 us a call on the native schemas (torch._library's
-    fill_defaults rebuilds the schema's argument list once per argument); this
-    one a few. Under torch.compile the default overload (same formula) is traced."""
-    op = getattr(getattr(torch.ops, NATIVE_NS), name).nograd
+_functorch_active = torch._C._are_functorch_transforms_active
 
-    class Fn(torch.autograd.Function):
-        # forward(ctx, ...) form: with a separate setup_context, apply() binds
-        # default arguments through inspect.signature, ~40 us a call.
-        @staticmethod
-        def forward(ctx, *args):
-            out = op(*args)
-            setup_context(ctx, args, out)
-            return out
 
-    # The backward ops have no autograd formula of their own: a second
-    # derivative is a clear error, not a silent zero.
-    Fn.backward = staticmethod(once_differentiable(backward(getattr(torch.ops, NATIVE_NS))))
-    Fn.__name__ = Fn.__qualname__ = f"{name}_fn"
-    return Fn
+def transforms_active() -> bool:
+    """Whether a forward-mode dual level (torch.autograd.forward_ad) or a
+    torch.func transform (jvp, grad, vmap, ...) is active. Tensors may then
+    carry tangents or batch dimensions that a kernel without autograd would
+    drop, so the public functions take their op's differentiable call.
+    False under torch.compile (Dynamo traces the default overloads)."""
+    if torch.compiler.is_compiling():
+        return False
+    return _fwad._current_level >= 0 or _functorch_active()
+
+
+def _jvp_transform_active() -> bool:
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
+def no_forward_mode(op: str, *tensors) -> None:
+    """An op that writes into a buffer (the steps, ei_step and interpolate with
+    out=) has no forward-mode formula: a tangent reaching it is an error, not
+    a dropped one. The native ops raise this from C++ (csrc/cpu/nograd.cpp);
+    this is the check of the triton path. Under torch.func.jvp, whose wrapped
+    tensors do not say whether they carry a tangent, every call raises."""
+    if not transforms_active():
+        return
+    dual = _fwad._current_level >= 0 and any(
+        isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None
+        for t in tensors)
+    if dual or (_functorch_active() and _jvp_transform_active()):
+        raise RuntimeError(
+            f"{op}: an input carries a forward-mode tangent (torch.func.jvp / forward_ad), "
+            f"and this op writes into a buffer and has no forward-mode derivative; ei_step "
+            f"without out= is the differentiable step (docs/design.md §10)")
+
+
+def no_time_tangent(op: str, name: str, tangent) -> None:
+    """The kernels differentiate in their tensors, not in the times: a tangent
+    on `t` (or the step table) is an error, not a silently dropped term."""
+    if tangent is not None:
+        raise RuntimeError(
+            f"{op}: argument '{name}' carries a forward-mode tangent, and the fused op "
+            f"does not differentiate in the times; use backend='torch' for derivatives "
+            f"in t (docs/design.md §10)")
+
+
+class DiffOp:
+    """The differentiable call of one kernel-level op: `op` (the kernel with no
+    autograd on the way: a flowkern:: `.nograd` overload or a flowkern_triton::
+    op) inside a torch.autograd.Function with the family's reverse-mode
+    (`backward`) and forward-mode (`jvp`) formulas.
+
+    Two Function classes share the formulas. Plain eager calls use one whose
+    forward takes ctx (apply() with a separate setup_context binds default
+    arguments through inspect.signature, ~40 us a call); under torch.func
+    transforms, which need setup_context, the other, with
+    generate_vmap_rule (its forward is vmapped through the op's batching rule,
+    flowkern/ops/batching.py). Under torch.compile the op's default overload
+    (same formulas, registered by `register`) is traced instead.
+
+    jvp(ctx, *tangents) receives one tangent per input (None where there is
+    none) and calls DiffOp.call of the ops it needs: differentiable itself, so
+    jvp nested in grad (the MeanFlow pattern) differentiates the tangent."""
+
+    def __init__(self, name: str, op, default, setup_context, backward, jvp):
+        self.op, self.default = op, default
+        self.name = name.split("::")[-1]
+
+        def setup(ctx, inputs, output):
+            # A missing tangent (of t, say) or output gradient stays None,
+            # not zeros: jvp then tells "no tangent" from a zero one.
+            ctx.set_materialize_grads(False)
+            ctx.n_inputs = len(inputs)
+            setup_context(ctx, inputs, output)
+
+        def backward_or_none(ctx, *grads):
+            if all(g is None for g in grads):
+                return (None,) * ctx.n_inputs
+            return backward(ctx, *grads)
+        names = [a.name for a in default._schema.arguments]
+        self.times_at = names.index("table" if "table" in names else
+                                    "coef" if "coef" in names else "t")
+        bwd = staticmethod(once_differentiable(backward_or_none))
+
+        class Eager(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                out = op(*args)
+                setup(ctx, args, out)
+                return out
+
+        class Transformable(torch.autograd.Function):
+            generate_vmap_rule = True
+
+            @staticmethod
+            def forward(*args):
+                return op(*args)
+
+        for cls, kind in ((Eager, "eager"), (Transformable, "transformable")):
+            cls.backward, cls.jvp = bwd, staticmethod(jvp)
+            cls.__name__ = cls.__qualname__ = f"{name.replace('::', '_')}_{kind}"
+        Transformable.setup_context = staticmethod(setup)
+        self.eager, self.transformable = Eager, Transformable
+
+    def __call__(self, *args):
+        """The differentiable call."""
+        if torch.compiler.is_compiling():
+            return self.default(*args)
+        times = args[self.times_at]
+        if isinstance(times, torch.Tensor) and times.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{self.name}: argument 't' requires grad, and the fused op does not "
+                f"differentiate in the times; detach t, or use backend='torch' for "
+                f"derivatives in t (docs/design.md §10)")
+        return (self.transformable if _functorch_active() else self.eager).apply(*args)
+
+    def call(self, *args):
+        """The differentiable call when an argument needs a gradient or a
+        transform is active, the bare op otherwise (what jvp formulas use)."""
+        if transforms_active() or (torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            return self(*args)
+        return self.op(*args)
 
 
 # Fresh outputs of at least this many bytes come from flowkern::empty_output

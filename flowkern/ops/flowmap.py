@@ -22,8 +22,9 @@ import torch
 from .. import _validate as V
 from ..backend import resolve
 from ..reference import flowmap as ref
-from ._registry import TRITON_NS, lazy, ops_for, register
+from ._registry import TRITON_NS, calls_for, lazy, no_time_tangent, register
 from .steps import FORMS, STEP_COLS, _as_times, _nonzero_for, check_table, step_table
+from .training import TABLE_KIND, fill_tangents
 
 _T = "flowkern.triton.flowmap"
 
@@ -62,7 +63,27 @@ def _bwd_fake(grad_rows, x, pred, target, coef, prediction, form, grad_x, grad_t
 def _setup(ctx, inputs, output):
     x, pred, target, coef, prediction, form = inputs
     ctx.save_for_backward(x, pred, target, coef)
+    ctx.save_for_forward(x, pred, target, coef)
     ctx.prediction, ctx.form = prediction, form
+
+
+def _jvp(calls):
+    """d/de of |e_b|^2 per row along d_e, e = g(x, pred) - target with g the
+    ei_step map (linear in x, pred): 2 e . (g(d_x, d_pred) - d_target)."""
+    def jvp(ctx, d_x, d_pred, d_target, d_coef, *_):
+        no_time_tangent("flowmap_loss", "t", d_coef)
+        x, pred, target, coef = ctx.saved_tensors
+        acc = coef.dtype
+        step = (None, coef, [], TABLE_KIND, [], ctx.prediction, ctx.form, 1.0, False)
+        err = calls.ei_step.call(x.to(acc), pred.to(acc), *step) - target.to(acc)
+        d_err = 0
+        if d_x is not None or d_pred is not None:
+            d_x, d_pred = fill_tangents(x.shape, d_x, d_pred)
+            d_err = calls.ei_step.call(d_x.to(acc), d_pred.to(acc), *step)
+        if d_target is not None:
+            d_err = d_err - d_target.to(acc)
+        return (2 * err * d_err).reshape(x.shape[0], -1).sum(1)
+    return jvp
 
 
 def _backward(ops):
@@ -77,7 +98,7 @@ def _backward(ops):
     return backward
 
 
-register("flowmap_loss_rows", _rows_fake, _backward, _setup)
+register("flowmap_loss_rows", _rows_fake, _backward, _setup, jvp=_jvp)
 register("flowmap_loss_backward", _bwd_fake)
 
 # ---------------------------------------------------------------------------
@@ -149,8 +170,9 @@ def flowmap_loss(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, t=No
         r = ref.flowmap_loss_rows(x.to(acc), pred.to(acc), target.expand(x.shape).to(acc),
                                   full[:, :4], full[:, 4:8], prediction, form)
     else:
-        r = ops_for(be).flowmap_loss_rows(x.contiguous(), pred.contiguous(),
-                                          V.dense(target, x.shape), table, code, FORMS[form])
+        r = calls_for(be).flowmap_loss_rows.call(x.contiguous(), pred.contiguous(),
+                                                 V.dense(target, x.shape), table, code,
+                                                 FORMS[form])
     return V.reduce_rows(r, weight, reduction, inner).to(x.dtype)
 
 

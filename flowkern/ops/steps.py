@@ -20,8 +20,9 @@ from .. import _validate as V
 from ..backend import cpu_built, resolve
 from ..reference import steps as ref
 from ..schedules import get_schedule, native_spec
-from ._registry import TRITON_NS, autograd_function, empty_output, lazy, ops_for, register
-from .training import TABLE_KIND, check_tensors, grad_op
+from ._registry import (CALLS, NATIVE_NS, TRITON_NS, calls_for, empty_output, lazy,
+                        no_forward_mode, no_time_tangent, ops_for, register, transforms_active)
+from .training import TABLE_KIND, check_tensors, fill_tangents
 
 _T = "flowkern.triton.steps"
 STEP_COLS = 12
@@ -113,6 +114,20 @@ def _ei_setup(ctx, inputs, output):
     ctx.coef = (table, times, kind, params)
     ctx.prediction, ctx.form, ctx.guidance = prediction, form, guidance
     ctx.cfg = pred_uncond is not None
+    ctx.shape = output.shape
+
+
+def _ei_jvp(calls):
+    # x_s is linear in (x, pred, pred_uncond): the tangent is the step of the tangents.
+    def jvp(ctx, d_x, d_pred, d_uncond, d_table, *_):
+        no_time_tangent("ei_step", "t", d_table)
+        if ctx.cfg:
+            d_x, d_pred, d_uncond = fill_tangents(ctx.shape, d_x, d_pred, d_uncond)
+        else:
+            d_x, d_pred = fill_tangents(ctx.shape, d_x, d_pred)
+        return calls.ei_step.call(d_x, d_pred, d_uncond, *ctx.coef, ctx.prediction, ctx.form,
+                                  ctx.guidance, False)
+    return jvp
 
 
 def _ei_backward(ops):
@@ -130,7 +145,7 @@ def _ei_bwd_fake(grad, table, times, kind, params, prediction, form, guidance, c
 for _name in ("euler_step", "heun_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn"):
     register(_name, _none)
 register("ei_step", lambda x, *_: torch.empty_like(x), _ei_backward, _ei_setup,
-         nograd=True)
+         nograd=True, jvp=_ei_jvp)
 register("ei_step_backward", _ei_bwd_fake)
 
 # ---------------------------------------------------------------------------
@@ -185,7 +200,7 @@ class _Step:
     """Validated tensors, table and backend of one step call."""
 
     def __init__(self, op, x, preds, t, s, schedule, table, backend, t_prev=None, g=None,
-                 check_times=True):
+                 check_times=True, writes=True):
         V.tensor("x", x)
         check_tensors(**preds)  # one rule for which tensors may be absent (ops/training.py)
         for name, p in preds.items():
@@ -214,6 +229,19 @@ class _Step:
             table = check_table(table, rows, x.device, self.acc)
         self.table = table
         self.backend = resolve(backend, x.device)
+        if writes and self.backend == "triton":  # the torch backend differentiates steps
+            no_forward_mode(op, x, *preds.values())
+            grad_on = torch.is_grad_enabled()
+            for name, v in {"x": x, **preds}.items():
+                if grad_on and v is not None and v.requires_grad:  # csrc/cpu/nograd.cpp's rule
+                    raise RuntimeError(
+                        f"{op}: argument '{name}' requires grad, and this op writes into a "
+                        f"buffer and has no derivative; call it under torch.no_grad() or on "
+                        f"detached tensors (ei_step without out= is the differentiable step)")
+            if grad_on and table.requires_grad:
+                raise RuntimeError(f"{op}: argument 't' requires grad, and the fused ops do "
+                                   f"not differentiate in the times; detach it, or use "
+                                   f"backend='torch' for derivatives in t")
 
     def dense(self, *ts):
         return [None if t is None else t.contiguous() for t in ts]
@@ -309,7 +337,7 @@ _NATIVE = types.SimpleNamespace(**{
                  "churn")
 }) if cpu_built() else None
 _EI_NOGRAD = torch.ops.flowkern.ei_step.nograd if cpu_built() else None
-_EI_FN = autograd_function("ei_step", _ei_setup, _ei_backward) if cpu_built() else None
+_EI_DIFF = CALLS[NATIVE_NS]  # .ei_step: its DiffOp
 
 
 def _native(x, backend) -> bool:
@@ -440,13 +468,13 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
                 FORMS[form], w, V.check_flag())
         if out is None:
             grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
-                pred_uncond is not None and pred_uncond.requires_grad))
-            return (grad_op(_EI_FN, _NATIVE.ei_step) if grad else _EI_NOGRAD)(*args)
+                pred_uncond is not None and pred_uncond.requires_grad)) or transforms_active()
+            return (_EI_DIFF.ei_step if grad else _EI_NOGRAD)(*args)
         out = _out("out", out, x)
         _NATIVE.ei_step_out(*args, out)
         return out
     st = _Step("ei_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
-               table, backend)
+               table, backend, writes=out is not None)
     code = _pred(prediction)
     if form == "data":
         V.nonzero("t", "sigma_t", st.table[:, 1], "the data form divides by it")
@@ -464,7 +492,8 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
     x, pred, pu = st.dense(x, pred, pred_uncond)
     ops = ops_for(st.backend)
     if out is None:
-        return ops.ei_step(x, pred, pu, *_table_args(st), code, FORMS[form], w, False)
+        return calls_for(st.backend).ei_step.call(x, pred, pu, *_table_args(st), code,
+                                                  FORMS[form], w, False)
     ops.ei_step_out(x, pred, pu, *_table_args(st), code, FORMS[form], w, False, out)
     return out
 

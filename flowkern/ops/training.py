@@ -20,7 +20,8 @@ from .. import reference as ref
 from .._enums import PRED_CODE, PREDICTIONS
 from ..backend import cpu_built, resolve
 from ..schedules import coefficients, from_native, native_spec
-from ._registry import TRITON_NS, autograd_function, lazy, register
+from ._registry import (CALLS, NATIVE_NS, TRITON_NS, lazy, no_forward_mode, no_time_tangent,
+                        register, transforms_active)
 
 _T = "flowkern.triton.training"
 TABLE_KIND = -1  # csrc/cpu/coef_args.h kTableKind: `t` holds a (1 or B, 4) table
@@ -129,6 +130,23 @@ def _loss_bwd_fake(grad, pred, x0, x1, t, t_value, kind, params, target, weight,
 def _interpolate_setup(ctx, inputs, output):
     ctx.coef = inputs[2:6]
     ctx.target = inputs[6]
+    ctx.shape = output[0].shape
+
+
+def fill_tangents(shape, *tangents):
+    """The tangents with each missing one (None) as zeros of the op's
+    broadcast shape, like the present ones (at least one is present)."""
+    like = next(d for d in tangents if d is not None)
+    return [like.new_zeros(shape) if d is None else d for d in tangents]
+
+
+def _interpolate_jvp(calls):
+    # x_t and y are linear in (x0, x1): their tangents are the op on the tangents.
+    def jvp(ctx, d_x0, d_x1, d_t, *_):
+        no_time_tangent("interpolate", "t", d_t)
+        d_x0, d_x1 = fill_tangents(ctx.shape, d_x0, d_x1)
+        return calls.interpolate.call(d_x0, d_x1, *ctx.coef, ctx.target, False)
+    return jvp
 
 
 def _interpolate_backward(ops):
@@ -144,6 +162,16 @@ def _interpolate_backward(ops):
 def _convert_setup(ctx, inputs, output):
     ctx.coef = inputs[2:6]
     ctx.src, ctx.dst = inputs[6], inputs[7]
+    ctx.shape = output.shape
+
+
+def _convert_jvp(calls):
+    # dst = c_x x_t + c_p pred is linear in (pred, x_t).
+    def jvp(ctx, d_pred, d_x, d_t, *_):
+        no_time_tangent("convert", "t", d_t)
+        d_pred, d_x = fill_tangents(ctx.shape, d_pred, d_x)
+        return calls.convert.call(d_pred, d_x, *ctx.coef, ctx.src, ctx.dst, False)
+    return jvp
 
 
 def _convert_backward(ops):
@@ -156,8 +184,42 @@ def _convert_backward(ops):
 def _loss_setup(ctx, inputs, output):
     pred, x0, x1, t, t_value, kind, params, target, weight, reduction, _ = inputs
     ctx.save_for_backward(pred, x0, x1, t, weight)
+    ctx.save_for_forward(pred, x0, x1, t, weight)
     ctx.args = (t_value, kind, params, target)
     ctx.reduction = reduction
+
+
+def _loss_jvp(calls):
+    """d/de of sum_b w_b |e_b|^2 (reduced) along d_e, e = pred - y(x0, x1):
+    2 e . (d_pred - y(d_x0, d_x1)), plus |e_b|^2 d_w_b when the weights carry
+    a tangent; y is the interpolate op's target (linear in x0, x1)."""
+    def jvp(ctx, d_pred, d_x0, d_x1, d_t, _tv, _kind, _params, _target, d_w, *_):
+        no_time_tangent("flow_matching_loss", "t", d_t)
+        pred, x0, x1, t, weight = ctx.saved_tensors
+        t_value, kind, params, target = ctx.args
+        coef = (t, t_value, kind, params)
+        acc = V.acc_dtype(pred.dtype)
+        err = pred.to(acc) - calls.interpolate.call(x0, x1, *coef, target, False)[1].to(acc)
+        rows = err.shape[0] if err.dim() else 1
+        reduction = list(REDUCTION_CODE)[ctx.reduction]
+        inner = err.numel() // rows if rows else 0
+        tangent = None
+        if d_pred is not None or d_x0 is not None or d_x1 is not None:
+            d_err = 0
+            if d_pred is not None:
+                d_err = d_pred.to(acc)
+            if d_x0 is not None or d_x1 is not None:
+                d_x0, d_x1 = fill_tangents(torch.broadcast_shapes(x0.shape, x1.shape), d_x0,
+                                           d_x1)
+                d_err = d_err - calls.interpolate.call(d_x0, d_x1, *coef, target,
+                                                       False)[1].to(acc)
+            per_row = (2 * err * d_err).reshape(rows, -1).sum(1)
+            tangent = V.reduce_rows(per_row, weight, reduction, inner)
+        if d_w is not None:
+            by_w = V.reduce_rows((err * err).reshape(rows, -1).sum(1), d_w, reduction, inner)
+            tangent = by_w if tangent is None else tangent + by_w
+        return tangent.to(pred.dtype)
+    return jvp
 
 
 def _loss_backward(ops):
@@ -179,14 +241,14 @@ def _loss_backward(ops):
 
 
 register("interpolate", _two_like_bcast, _interpolate_backward, _interpolate_setup,
-         nograd=True)
+         nograd=True, jvp=_interpolate_jvp)
 register("interpolate_out", lambda *a: None)
 register("interpolate_backward", _two_like_bcast)
 register("convert", lambda p, x, *_: x.new_empty(_broadcast(p, x)), _convert_backward,
-         _convert_setup, nograd=True)
+         _convert_setup, nograd=True, jvp=_convert_jvp)
 register("convert_backward", lambda g, *_: (torch.empty_like(g), torch.empty_like(g)))
 register("fm_loss", _loss_fake, _loss_backward, _loss_setup,
-         nograd=True)
+         nograd=True, jvp=_loss_jvp)
 register("fm_loss_backward", _loss_bwd_fake)
 
 if cpu_built():
@@ -197,20 +259,10 @@ if cpu_built():
 
 _NATIVE = torch.ops.flowkern if cpu_built() else None
 _TRITON = getattr(torch.ops, TRITON_NS)
+_DIFF, _T_DIFF = CALLS[NATIVE_NS], CALLS[TRITON_NS]  # DiffOp of each op
 if cpu_built():  # the overloads the public functions call, looked up once
-    _INTERP, _INTERP_NG = _NATIVE.interpolate.default, _NATIVE.interpolate.nograd
-    _INTERP_OUT = _NATIVE.interpolate_out.default
-    _CONVERT, _CONVERT_NG = _NATIVE.convert.default, _NATIVE.convert.nograd
-    _LOSS, _LOSS_NG = _NATIVE.fm_loss.default, _NATIVE.fm_loss.nograd
-    _INTERP_FN = autograd_function("interpolate", _interpolate_setup, _interpolate_backward)
-    _CONVERT_FN = autograd_function("convert", _convert_setup, _convert_backward)
-    _LOSS_FN = autograd_function("fm_loss", _loss_setup, _loss_backward)
-
-
-def grad_op(fn, default):
-    """The differentiable call: the autograd.Function in eager mode, the
-    default overload (whose formula torch.compile traces) when compiling."""
-    return default if torch.compiler.is_compiling() else fn.apply
+    _INTERP_NG, _INTERP_OUT = _NATIVE.interpolate.nograd, _NATIVE.interpolate_out.default
+    _CONVERT_NG, _LOSS_NG = _NATIVE.convert.nograd, _NATIVE.fm_loss.nograd
 
 # ---------------------------------------------------------------------------
 # argument helpers
@@ -220,11 +272,14 @@ _grad_on = torch.is_grad_enabled
 
 
 def _need_grad2(a, b) -> bool:
-    return _grad_on() and (a.requires_grad or b.requires_grad)
+    """Whether the differentiable call is needed: a gradient, or a transform
+    (forward-mode AD, torch.func) that the `.nograd` kernel would not see."""
+    return (_grad_on() and (a.requires_grad or b.requires_grad)) or transforms_active()
 
 
 def _need_grad3(a, b, c) -> bool:
-    return _grad_on() and (a.requires_grad or b.requires_grad or c.requires_grad)
+    return (_grad_on() and (a.requires_grad or b.requires_grad or c.requires_grad)
+            or transforms_active())
 
 
 # The tensor arguments that may be absent (None) in a public call.
@@ -358,9 +413,7 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
         if out is not None:
             _INTERP_OUT(*args, *out)
             return out
-        if _need_grad2(x0, x1):
-            return grad_op(_INTERP_FN, _INTERP)(*args)
-        return _INTERP_NG(*args)
+        return (_DIFF.interpolate if _need_grad2(x0, x1) else _INTERP_NG)(*args)
     (x0, x1), shape, coef = _prepare(["x0", "x1"], [x0, x1], t, schedule)
     check_target(coef, code)
     if out is not None:
@@ -374,8 +427,10 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
         out[0].copy_(xt), out[1].copy_(y)
         return out
     x0, x1 = V.dense(x0, shape), V.dense(x1, shape)
+    if out is not None:
+        no_forward_mode("interpolate", x0, x1)
     if out is None:
-        return _TRITON.interpolate(x0, x1, coef, 0.0, TABLE_KIND, [], code, False)
+        return _T_DIFF.interpolate.call(x0, x1, coef, 0.0, TABLE_KIND, [], code, False)
     _TRITON.interpolate_out(x0, x1, coef, 0.0, TABLE_KIND, [], code, False, *out)
     return out
 
@@ -434,13 +489,9 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
         coef = _native_coef(schedule, t, pred.shape[0] if pred.dim() else 1, pred)
         check = V.check_flag()
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-            # The fused op does not differentiate w: reduce its per-sample losses here.
-            rows = grad_op(_LOSS_FN, _LOSS)(pred, x0, x1, *coef, code, None, 2, check)
-            inner = pred[0].numel() if pred.shape[0] else 0
-            acc = V.acc_dtype(pred.dtype)
-            return V.reduce_rows(rows.to(acc) * inner, V.sample_weight(weight, rows.shape[0], pred),
-                                 reduction, inner).to(pred.dtype)
-        op = grad_op(_LOSS_FN, _LOSS) if _need_grad3(pred, x0, x1) else _LOSS_NG
+            rows = _DIFF.fm_loss(pred, x0, x1, *coef, code, None, 2, check)
+            return _weigh_rows(rows, pred, weight, reduction)
+        op = _DIFF.fm_loss if _need_grad3(pred, x0, x1) else _LOSS_NG
         return op(pred, x0, x1, *coef, code, weight, red, check)
     (pred, x0, x1), shape, coef = _prepare(["pred", "x0", "x1"], [pred, x0, x1], t, schedule)
     check_target(coef, code)
@@ -450,8 +501,20 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
         rows = ref.training.flow_matching_loss_rows(
             *(_upcast(x, coef, shape) for x in (pred, x0, x1)), coef, target)
         return V.reduce_rows(rows, weight, reduction, inner).to(pred.dtype)
-    return _TRITON.fm_loss(*(V.dense(x, shape) for x in (pred, x0, x1)), coef, 0.0, TABLE_KIND,
-                           [], code, weight, red, False)
+    dense = [V.dense(x, shape) for x in (pred, x0, x1)]
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        rows = _T_DIFF.fm_loss.call(*dense, coef, 0.0, TABLE_KIND, [], code, None, 2, False)
+        return _weigh_rows(rows, pred, weight, reduction)
+    return _T_DIFF.fm_loss.call(*dense, coef, 0.0, TABLE_KIND, [], code, weight, red, False)
+
+
+def _weigh_rows(rows, pred, weight, reduction):
+    """The loss from the fused per-sample losses (reduction "none", no weight)
+    reduced with torch ops: the fused op does not differentiate w, these do."""
+    inner = pred[0].numel() if pred.shape[0] else 0
+    acc = V.acc_dtype(pred.dtype)
+    return V.reduce_rows(rows.to(acc) * inner, V.sample_weight(weight, rows.shape[0], pred),
+                         reduction, inner).to(pred.dtype)
 
 
 def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: str = "x1",
@@ -469,16 +532,14 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
     if be in ("cpu", "cuda"):
         args = (pred, x_t, *_native_coef(schedule, t, x_t.shape[0] if x_t.dim() else 1, x_t),
                 s, d, V.check_flag())
-        if _need_grad2(pred, x_t):
-            return grad_op(_CONVERT_FN, _CONVERT)(*args)
-        return _CONVERT_NG(*args)
+        return (_DIFF.convert if _need_grad2(pred, x_t) else _CONVERT_NG)(*args)
     (pred, x_t), shape, coef = _prepare(["pred", "x_t"], [pred, x_t], t, schedule)
     check_conversion(coef, src, dst)
     if be == "torch":
         out = ref.convert(_upcast(pred, coef, shape), _upcast(x_t, coef, shape), coef, src, dst)
         return out.to(x_t.dtype)
-    return _TRITON.convert(V.dense(pred, shape), V.dense(x_t, shape), coef, 0.0, TABLE_KIND, [],
-                           s, d, False)
+    return _T_DIFF.convert.call(V.dense(pred, shape), V.dense(x_t, shape), coef, 0.0, TABLE_KIND,
+                                [], s, d, False)
 
 
 __all__ = ["interpolate", "flow_matching_loss", "convert", "PREDICTIONS"]
