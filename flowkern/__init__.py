@@ -12,7 +12,7 @@ from .ops.training import convert, flow_matching_loss, interpolate
 from .ops import batching as _batching  # noqa: F401  (vmap rules of the ops above)
 from .samplers import sample
 from .schedules import get_schedule
-from . import flowmap, meanflow, pfgm, rectified  # noqa: E402  (after the ops they build on)
+from . import flowmap, meanflow, pfgm, rectified, shortcut  # noqa: E402  (after the ops they build on)
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,6 @@ __all__ = [
     "interpolate", "flow_matching_loss", "convert",
     "poisson_field", "empirical_denoiser", "pfgm",
     "euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn", "step_table",
-    "flowmap_loss", "rectified", "flowmap", "meanflow",
+    "flowmap_loss", "rectified", "flowmap", "meanflow", "shortcut",
     "sample", "grids", "samplers", "schedules", "get_schedule", "use_backend", "available", "BACKENDS",
 ]

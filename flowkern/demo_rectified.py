@@ -5,7 +5,11 @@ answer to "fewer steps", reproduced on 2-D data with the fused ops.
 2-RF    one reflow: 1-RF's network trained further on (x0, ODE_1RF(x0)) pairs;
 distill 2-RF distilled to one step on (x0, ODE_2RF(x0)) pairs;
 flow map  g(t, s, x) initialised from 2-RF (d̄(t, t, .) = its denoiser) and
-        trained with the local + semigroup losses.
+        trained with the local + semigroup losses;
+MeanFlow  average velocities u(z, t, s) trained from scratch with the JVP
+        target (flowkern.meanflow);
+shortcut  jump directions s(x, t, d) trained from scratch with flow matching
+        and self-consistency (flowkern.shortcut).
 
 Sampled in ONE Euler step, 1-RF collapses toward the data mean (its
 velocity at t = 0 is E[x1 - x0 | x0] = E[x1] - x0, so x0 + v = E[x1] for a
@@ -24,7 +28,7 @@ import time
 import torch
 
 from . import flowmap as fm_mod
-from . import rectified, toy
+from . import meanflow, rectified, shortcut, toy
 from .samplers import sample
 
 
@@ -40,6 +44,10 @@ class Config:
     steps_2rf: int = 1500
     steps_distill: int = 600
     steps_flowmap: int = 1200
+    steps_meanflow: int = 1500   # MeanFlow and shortcut models train from scratch on the data
+    steps_shortcut: int = 1500
+    meanflow_time_std: float = 2.0  # logit-normal (t, s) spread; the paper's 1.0 left this toy's
+                                    # one-step samples too narrow (tests/test_meanflow.py)
     semigroup_weight: float = 4.0
     t0_prob: float = 0.5        # semigroup: fraction of jumps that start from noise (t = 0)
     n_pairs: int = 20000
@@ -51,7 +59,7 @@ class Config:
 
 
 QUICK = dict(steps_1rf=300, steps_2rf=300, steps_distill=150, steps_flowmap=200, n_pairs=4000,
-             pair_steps=16, n_eval=4000)
+             pair_steps=16, n_eval=4000, steps_meanflow=300, steps_shortcut=300)
 
 
 def _fit(params, loss_fn, steps, lr, progress, desc, seed):
@@ -92,7 +100,8 @@ def _spread(x, data):
 
 
 def train_all(cfg: Config, progress: bool = False):
-    """Trains 1-RF, 2-RF, 2-RF + distill and the flow map; returns them and timings."""
+    """Trains 1-RF, 2-RF, 2-RF + distill, the flow map, MeanFlow and a shortcut
+    model; returns them and timings."""
     torch.manual_seed(cfg.seed)
     gdata = torch.Generator().manual_seed(cfg.seed + 1)
     data_fn = toy.DATASETS[cfg.dataset]
@@ -153,9 +162,30 @@ def train_all(cfg: Config, progress: bool = False):
     _fit(fmap.parameters(), loss_fm, cfg.steps_flowmap, cfg.lr, progress, "flow map",
          cfg.seed + 5)
     timing["flow map"] = time.perf_counter() - t0
-    for m in (rf1, rf2, dist, fmap):
+    # MeanFlow: average velocities u(z, t, s), its JVP target (flowkern.meanflow)
+    t0 = time.perf_counter()
+    mflow = toy.MLP(extra_time=True, **mk)
+
+    def loss_mf(g):
+        x1 = data_fn(cfg.batch, generator=gdata)
+        t, s = meanflow.sample_times(cfg.batch, std=cfg.meanflow_time_std, generator=g)
+        return meanflow.training_loss(mflow, x1, t=t, s=s, generator=g)
+    _fit(mflow.parameters(), loss_mf, cfg.steps_meanflow, cfg.lr, progress, "MeanFlow",
+         cfg.seed + 6)
+    timing["MeanFlow"] = time.perf_counter() - t0
+
+    # shortcut model s(x, t, d): flow matching + self-consistency (flowkern.shortcut)
+    t0 = time.perf_counter()
+    short = toy.MLP(extra_time=True, **mk)
+    _fit(short.parameters(),
+         lambda g: shortcut.training_loss(short, data_fn(cfg.batch, generator=gdata),
+                                          generator=g),
+         cfg.steps_shortcut, cfg.lr, progress, "shortcut", cfg.seed + 7)
+    timing["shortcut"] = time.perf_counter() - t0
+    for m in (rf1, rf2, dist, fmap, mflow, short):
         m.eval()
-    return dict(rf1=rf1, rf2=rf2, distill=dist, flowmap=fmap, pairs1=pairs1), timing
+    return dict(rf1=rf1, rf2=rf2, distill=dist, flowmap=fmap, meanflow=mflow, shortcut=short,
+                pairs1=pairs1), timing
 
 
 class SlicedW2:
@@ -192,10 +222,15 @@ def evaluate(models, cfg: Config, eval_seed=None):
     rows, shown, many = [], {}, {}
     for name, key, teacher in (("1-RF", "rf1", "rf1"), ("2-RF", "rf2", "rf2"),
                                ("2-RF + distill", "distill", "rf2"),
-                               ("flow map", "flowmap", "rf2")):
+                               ("flow map", "flowmap", "rf2"),
+                               ("MeanFlow", "meanflow", "meanflow"),
+                               ("shortcut", "shortcut", "shortcut")):
         m = models[key]
         if key == "flowmap":
             run = m.sample
+        elif key in ("meanflow", "shortcut"):  # k jumps; ODE err(1): vs their own k = many
+            def run(x, k, m=m, mod=meanflow if key == "meanflow" else shortcut):
+                return mod.sample(m, x, steps=k)
         else:
             def run(x, k, m=m):
                 return sample(m, x, "linear", "euler", steps=k, progress=False)
@@ -207,8 +242,8 @@ def evaluate(models, cfg: Config, eval_seed=None):
             spread_1=_spread(one, data), modes_1=in_modes(one, cfg.dataset),
             modes_many=in_modes(many[key], cfg.dataset),
             ode_err_1=float(((one - many[teacher]) ** 2).sum(1).mean().sqrt()),
-            straightness=(rectified.straightness(m, x0[:1000], 16) if key != "flowmap"
-                          else None)))
+            straightness=(rectified.straightness(m, x0[:1000], 16)
+                          if key in ("rf1", "rf2", "distill") else None)))
     return rows, shown, data, floor, x0
 
 
@@ -234,7 +269,7 @@ def _plot(path, models, shown, data, x0, many, dataset):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(11, 7.6))
+    fig, axes = plt.subplots(2, 4, figsize=(14.5, 7.6))
     axes = axes.ravel()
     z = x0[:64]
     grey = data[:3000]
@@ -253,8 +288,9 @@ def _plot(path, models, shown, data, x0, many, dataset):
     for ax, (name, pts) in zip(axes[2:], shown.items()):
         ax.scatter(grey[:, 0], grey[:, 1], s=1, c="0.85")
         ax.scatter(pts[:3000, 0], pts[:3000, 1], s=1, c="C3")
-        ax.set_title(f"{name}: ONE Euler step" if name != "flow map"
-                     else "flow map: one jump g(0, 1, x0)", fontsize=10)
+        jump = {"flow map": "one jump g(0, 1, x0)", "MeanFlow": "one jump x0 + u(x0, 0, 1)",
+                "shortcut": "one jump x0 + s(x0, 0, 1)"}
+        ax.set_title(f"{name}: {jump.get(name, 'ONE Euler step')}", fontsize=10)
     for ax in axes:
         ax.set_xlim(-3.2, 3.2), ax.set_ylim(-3.2, 3.2), ax.set_aspect("equal")
         ax.set_xticks([]), ax.set_yticks([])
@@ -285,11 +321,12 @@ def rectified_section(args, out):
         models, timing = train_all(cfg, progress=not args.no_progress)
         train_s = time.perf_counter() - t0
         rows, shown, data, floor, x0 = evaluate(models, cfg)
-    print(f"\n== {cfg.dataset}: rectified flow, reflow, distillation, flow map "
+    print(f"\n== {cfg.dataset}: rectified flow, reflow, distillation, flow map, MeanFlow, "
+          f"shortcut "
           f"(trained in {train_s:.1f} s: "
           + ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()) + ") ==")
     print(f"SW2: sliced W2 to {cfg.n_eval} fresh data points (lower is better) after 1, 2 and "
-          f"{cfg.many_steps} Euler steps (flow map: jumps of the map)\n"
+          f"{cfg.many_steps} Euler steps (flow map, MeanFlow, shortcut: jumps)\n"
           "in modes: fraction of samples within 3 std of a mode centre, after 1 and "
           f"{cfg.many_steps} steps\n"
           "spread(1): one-step samples' RMS distance to the data mean / the data's "

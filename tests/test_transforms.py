@@ -256,3 +256,25 @@ def test_no_transform_keeps_the_one_call_path():
         xt, _ = fk.interpolate(x, v, 0.3)
         assert fwad.unpack_dual(xt).tangent is None
     torch.testing.assert_close(xt, fk.interpolate(x, v, 0.3, backend="torch")[0])
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("field", ["poisson_field", "empirical_denoiser"])
+def test_fields_refuse_derivatives_on_the_kernel_backends(backend, field):
+    """The field kernels have no derivative: a gradient or tangent request is an
+    error naming the argument (it was a wrong or zero derivative), and the
+    torch backend differentiates."""
+    x, ref = _data(backend, 1)[0], _data(backend, 1, seed=9)[0]
+    r = torch.rand(B, dtype=x.dtype, device=DEVICE) + 0.5
+    call = {"poisson_field": lambda be, a: fk.poisson_field(a, r, ref, backend=be)[0],
+            "empirical_denoiser": lambda be, a: fk.empirical_denoiser(a, 0.5, ref,
+                                                                      backend=be)}[field]
+    arg = "x" if field == "poisson_field" else "x_t"
+    with pytest.raises(RuntimeError, match=f"argument '{arg}' requires grad"):
+        call(backend, x.clone().requires_grad_())
+    with pytest.raises(RuntimeError, match="forward-mode tangent"):
+        torch.func.jvp(lambda a: call(backend, a), (x,), (torch.ones_like(x),))
+    with torch.no_grad():  # detached: fine
+        call(backend, x.clone().requires_grad_())
+    _, tan = torch.func.jvp(lambda a: call("torch", a), (x,), (torch.ones_like(x),))
+    assert tan.abs().sum() > 0

@@ -96,7 +96,11 @@ def _jvp_transform_active() -> bool:
     return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
 
 
-def no_forward_mode(op: str, *tensors) -> None:
+_WRITES = ("this op writes into a buffer and has no forward-mode derivative; ei_step "
+           "without out= is the differentiable step")
+
+
+def no_forward_mode(op: str, *tensors, reason: str = _WRITES) -> None:
     """An op that writes into a buffer (the steps, ei_step and interpolate with
     out=) has no forward-mode formula: a tangent reaching it is an error, not
     a dropped one. The native ops raise this from C++ (csrc/cpu/nograd.cpp);
@@ -110,8 +114,20 @@ def no_forward_mode(op: str, *tensors) -> None:
     if dual or (_functorch_active() and _jvp_transform_active()):
         raise RuntimeError(
             f"{op}: an input carries a forward-mode tangent (torch.func.jvp / forward_ad), "
-            f"and this op writes into a buffer and has no forward-mode derivative; ei_step "
-            f"without out= is the differentiable step (docs/design.md §10)")
+            f"and {reason} (docs/design.md §10)")
+
+
+def no_derivative(op: str, **tensors) -> None:
+    """The field kernels (poisson_field, empirical_denoiser) have no derivative:
+    an input that requires grad or carries a tangent is an error naming it,
+    not a gradient through the torch ops around the kernel alone (wrong)."""
+    why = "the fused field kernels do not differentiate; detach it, or use backend='torch'"
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise RuntimeError(f"{op}: argument '{name}' requires grad, and {why} "
+                                   f"(docs/design.md §10)")
+    no_forward_mode(op, *tensors.values(), reason=why)
 
 
 def no_time_tangent(op: str, name: str, tangent) -> None:

@@ -29,7 +29,7 @@ from .. import _validate as V
 from ..backend import resolve
 from ..reference import fields as ref_fields
 from ..schedules import coefficients
-from ._registry import TRITON_NS, lazy, ops_for, register
+from ._registry import TRITON_NS, lazy, no_derivative, ops_for, register
 
 _T = "flowkern.triton.fields"
 POISSON, GAUSSIAN, UNIFORM = ref_fields.POISSON, ref_fields.GAUSSIAN, ref_fields.UNIFORM
@@ -177,7 +177,9 @@ def poisson_field(x: torch.Tensor, r, ref: torch.Tensor, D: float = 1, normalize
     the "torch" backend is the float64-capable reference (B x R scores).
     Degenerate inputs are finite: a query on a reference with r = 0 returns
     that reference (x̄ = x, so m = 0 and the target is 0); weights that all
-    underflow are renormalised to the largest. No autograd.
+    underflow are renormalised to the largest. Not differentiable on the
+    kernel backends (an input that requires grad or carries a tangent is an
+    error); the torch backend differentiates.
     """
     _check_refs(x, ref, "x")
     if isinstance(D, bool) or not isinstance(D, (int, float)) or not D >= 1 or math.isinf(D):
@@ -192,6 +194,8 @@ def poisson_field(x: torch.Tensor, r, ref: torch.Tensor, D: float = 1, normalize
         raise ValueError(f"r: the augmented norms must be >= 0 (and not NaN); got values in "
                          f"[{rr.min().item():g}, {rr.max().item():g}]")
     be = resolve(backend, x.device)
+    if be != "torch":
+        no_derivative("poisson_field", x=x, r=r, ref=ref)
     qp = torch.stack([rr, torch.zeros_like(rr)], dim=1)
     x2, ref2 = _flat(x).contiguous(), _flat(ref).contiguous()
     if B == 0:
@@ -225,7 +229,9 @@ def empirical_denoiser(x_t: torch.Tensor, t, ref: torch.Tensor, schedule="linear
         box: (lo, hi) of the uniform prior, lo < hi.
         group, backend: as in :func:`poisson_field`.
     Returns:
-        x̂1 of x_t's shape and dtype. No autograd.
+        x̂1 of x_t's shape and dtype. Not differentiable on the kernel backends
+        (an input that requires grad or carries a tangent is an error); the
+        torch backend differentiates.
     """
     _check_refs(x_t, ref, "x_t")
     if prior not in PRIORS:
@@ -249,6 +255,8 @@ def empirical_denoiser(x_t: torch.Tensor, t, ref: torch.Tensor, schedule="linear
         raise ValueError("t: the schedule gives sigma_t < 0 (or NaN); the denoiser needs "
                          "sigma_t >= 0")
     be = resolve(backend, x_t.device)
+    if be != "torch":
+        no_derivative("empirical_denoiser", x_t=x_t, t=t, ref=ref)
     qp = coef[:, :2].contiguous()
     x2, ref2 = _flat(x_t).contiguous(), _flat(ref).contiguous()
     if B == 0:

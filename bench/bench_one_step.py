@@ -1,8 +1,9 @@
-"""MeanFlow benchmarks (flowkern.meanflow): the fused loss against the eager
-formulation of the MeanFlow authors' code, and a whole training step with the
-JVP through a small MLP.
+"""One-step objectives: MeanFlow (flowkern.meanflow) and shortcut models
+(flowkern.shortcut). The fused losses against the eager formulations of the
+authors' code, and (MeanFlow) a whole training step with the JVP through a
+small MLP.
 
-    python -m pytest bench/bench_meanflow.py -o python_files='bench_*.py' \
+    python -m pytest bench/bench_one_step.py -o python_files='bench_*.py' \
         --benchmark-group-by=group --benchmark-columns=min,median,iqr,rounds
 
 Shapes: toy2d (4096, 2) and image (128, 3072) rows.
@@ -17,6 +18,10 @@ Groups "meanflow · <size> · <what>":
         model (forward_ad), loss, backward, Adam. flowkern
         (meanflow.training_loss) vs eager (z_t, v by torch ops, torch.func.jvp,
         the eager loss).
+Groups "shortcut · <size> · loss": the shortcut objective alone (3/4 of the
+  rows flow matching, 1/4 self-consistency; the predictions a leaf): flowkern
+  (shortcut.loss: two fused fm_loss passes) vs eager (the authors': the
+  targets concatenated, then mean((pred - target)^2)) vs compiled.
 """
 from __future__ import annotations
 
@@ -118,3 +123,38 @@ def test_step(benchmark, name, size):
         return loss
     step(), step()
     benchmark(step)
+
+
+def eager_shortcut(pred, x0, x1, s1, s2):
+    """As in the shortcut-model reference code: one target tensor (flow-matching
+    rows then self-consistency rows), the mean squared error against it."""
+    target = torch.cat([x1 - x0, ((s1 + s2) / 2).detach()])
+    return ((pred - target) ** 2).mean()
+
+
+_compiled_shortcut = torch.compile(eager_shortcut, dynamic=False)
+SHORTCUT = {"flowkern": lambda p, a, b, c, d: fk.shortcut.loss(p[:a.shape[0]], a, b,
+                                                             p[a.shape[0]:], c, d,
+                                                             backend="cpu"),
+            "eager": eager_shortcut, "compiled": _compiled_shortcut}
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", SHORTCUT)
+def test_shortcut_loss(benchmark, name, size):
+    rows, dim = SIZES[size]
+    g = torch.Generator().manual_seed(0)
+    n_fm = rows * 3 // 4
+    pred = torch.randn(rows, dim, generator=g).requires_grad_()
+    x0, x1 = (torch.randn(n_fm, dim, generator=g) for _ in range(2))
+    s1, s2 = (torch.randn(rows - n_fm, dim, generator=g) for _ in range(2))
+    fn = SHORTCUT[name]
+    torch.testing.assert_close(fn(pred, x0, x1, s1, s2), eager_shortcut(pred, x0, x1, s1, s2),
+                               rtol=1e-4, atol=1e-6)
+    benchmark.group = f"shortcut · {size} · loss"
+    benchmark.name = name
+
+    def run():
+        return torch.autograd.grad(fn(pred, x0, x1, s1, s2), pred)
+    run(), run()
+    benchmark(run)
