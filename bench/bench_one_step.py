@@ -61,15 +61,18 @@ LOSSES = {"flowkern": lambda u, v, d, t, s: mf.loss(u, v, d, t, s, backend="cpu"
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("name", LOSSES)
 def test_loss(benchmark, name, size):
-    u, v, d, t, s = _data(size)
-    fn = LOSSES[name]
-    torch.testing.assert_close(fn(u, v, d, t, s), eager_loss(u, v, d, t, s), rtol=1e-4,
-                               atol=1e-6)
-    benchmark.group = f"meanflow · {size} · loss"
-    benchmark.name = name
+    args = _data(size)
+    _time_loss(benchmark, f"meanflow · {size} · loss", name, LOSSES[name], eager_loss, args)
+
+
+def _time_loss(benchmark, group, name, fn, eager, args):
+    """Checks fn against the eager loss, then times its forward + backward with
+    respect to args[0] (the model's output, a leaf)."""
+    torch.testing.assert_close(fn(*args), eager(*args), rtol=1e-4, atol=1e-6)
+    benchmark.group, benchmark.name = group, name
 
     def run():
-        return torch.autograd.grad(fn(u, v, d, t, s), u)
+        return torch.autograd.grad(fn(*args), args[0])
     run(), run()
     benchmark(run)
 
@@ -148,13 +151,5 @@ def test_shortcut_loss(benchmark, name, size):
     pred = torch.randn(rows, dim, generator=g).requires_grad_()
     x0, x1 = (torch.randn(n_fm, dim, generator=g) for _ in range(2))
     s1, s2 = (torch.randn(rows - n_fm, dim, generator=g) for _ in range(2))
-    fn = SHORTCUT[name]
-    torch.testing.assert_close(fn(pred, x0, x1, s1, s2), eager_shortcut(pred, x0, x1, s1, s2),
-                               rtol=1e-4, atol=1e-6)
-    benchmark.group = f"shortcut · {size} · loss"
-    benchmark.name = name
-
-    def run():
-        return torch.autograd.grad(fn(pred, x0, x1, s1, s2), pred)
-    run(), run()
-    benchmark(run)
+    _time_loss(benchmark, f"shortcut · {size} · loss", name, SHORTCUT[name], eager_shortcut,
+               (pred, x0, x1, s1, s2))
