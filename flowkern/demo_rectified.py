@@ -210,7 +210,8 @@ def evaluate(models, cfg: Config, eval_seed=None):
     """One row per model: sliced W2 to cfg.n_eval fresh data points after 1, 2
     and cfg.many_steps Euler steps (the flow map: jumps), the one-step
     spread, the one-step error against the ODE endpoint it approximates (the
-    many-step solve of 1-RF for 1-RF, of 2-RF for the others), and the
+    many-step solve of 1-RF for 1-RF, of 2-RF for distill and the flow map,
+    their own many-jump result for MeanFlow and shortcut), and the
     straightness of the model's ODE. Noise and data come from eval_seed
     (default: cfg.seed) and are the same for every model (common random
     numbers: differences between models are not differences of draws)."""
@@ -332,7 +333,8 @@ def rectified_section(args, out):
           "spread(1): one-step samples' RMS distance to the data mean / the data's "
           "(0 = collapsed on the mean)\n"
           f"ODE err(1): RMS distance of the one-step sample to the ODE endpoint it stands "
-          f"for (the {cfg.many_steps}-step solve of 1-RF for 1-RF, of 2-RF for the others)\n"
+          f"for (the {cfg.many_steps}-step solve of 1-RF for 1-RF, of 2-RF for distill and "
+          f"the flow map; MeanFlow, shortcut: their own {cfg.many_steps} jumps)\n"
           "straightness: Liu et al.'s S of the model's own ODE, per dimension (0 = straight)")
     print(table(rows, floor, cfg.many_steps, in_modes(data, cfg.dataset)))
     path = os.path.join(out, "rectified_flow.png")
