@@ -12,6 +12,7 @@ import contextvars
 import os
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ._enums import PRED_CODE, PREDICTIONS
 
@@ -132,6 +133,12 @@ def check_flag() -> bool:
     return True if torch.compiler.is_compiling() else not _PRECHECKED.get()
 
 
+def _fake(x: torch.Tensor) -> bool:
+    """A FakeTensor (FakeTensorMode, torch.export, meta tracing) or a meta
+    tensor: no values to read, as under torch.compile."""
+    return isinstance(x, FakeTensor) or x.device.type == "meta"
+
+
 def _under_vmap() -> bool:
     """A torch.func.vmap is active: its batched tensors cannot be read on the host."""
     if not torch._C._are_functorch_transforms_active():
@@ -147,7 +154,7 @@ def values_checked(x: torch.Tensor) -> bool:
     native ops then check inside the op, per batch)."""
     if torch.compiler.is_compiling() or _PRECHECKED.get():  # Dynamo cannot trace ContextVar
         return False
-    if _under_vmap():
+    if _under_vmap() or _fake(x):
         return False
     return x.device.type == "cpu" or os.environ.get("FLOWKERN_DEBUG") == "1"
 
@@ -216,6 +223,8 @@ def check_no_overlap(outs: dict, ins: dict):
     native ops check at run time, the Python backends' do not. Nor under a
     torch.func transform, whose wrapped tensors expose no memory either."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return
+    if any(_fake(t) for t in (*outs.values(), *ins.values()) if isinstance(t, torch.Tensor)):
         return
     names = list(outs)
     for i, name in enumerate(names):
