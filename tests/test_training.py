@@ -416,3 +416,28 @@ def test_backend_selection(monkeypatch):
         fk.backend.resolve(None, x.device)
     monkeypatch.delenv("FLOWKERN_BACKEND")
     assert fk.backend.resolve(None, x.device) == ("cpu" if fk.available()["cpu"] else "torch")
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_vp_velocity_at_t1_is_an_error_not_inf(backend):
+    """vp's d_sigma = -alpha d_alpha / sigma is -inf at t = 1: the velocity
+    target and every conversion to or from velocity there are infinite, so they
+    raise naming t (they returned inf / NaN); x_t and the other targets are
+    finite, and just below t = 1 everything is."""
+    vp = fk.schedules.VP()
+    x0, x1 = torch.randn(4, 3, device=DEVICE), torch.randn(4, 3, device=DEVICE)
+    t1 = torch.tensor([0.3, 1.0, 0.5, 0.7], device=DEVICE)
+    with pytest.raises(ValueError, match="t: d_alpha_t or d_sigma_t is not finite"):
+        fk.interpolate(x0, x1, t1, vp, "velocity", backend=backend)
+    with pytest.raises(ValueError, match="t: d_alpha_t or d_sigma_t is not finite"):
+        fk.flow_matching_loss(x1, x0, x1, 1.0, vp, "velocity", backend=backend)
+    for src, dst in (("velocity", "eps"), ("eps", "velocity"), ("velocity", "x1")):
+        with pytest.raises(ValueError, match="t: d_alpha_t or d_sigma_t is not finite"):
+            fk.convert(x1, x0, t1, vp, src, dst, backend=backend)
+    xt, y = fk.interpolate(x0, x1, t1, vp, "x1", backend=backend)
+    assert bool(torch.isfinite(xt).all() and torch.isfinite(y).all())
+    near = torch.full((4,), 1 - 1e-4, device=DEVICE)
+    xt, y = fk.interpolate(x0, x1, near, vp, "velocity", backend=backend)
+    assert bool(torch.isfinite(xt).all() and torch.isfinite(y).all())
+    assert bool(torch.isfinite(fk.flow_matching_loss(x1, x0, x1, near, vp,
+                                                     backend=backend)).all())

@@ -278,3 +278,33 @@ def test_fields_refuse_derivatives_on_the_kernel_backends(backend, field):
         call(backend, x.clone().requires_grad_())
     _, tan = torch.func.jvp(lambda a: call("torch", a), (x,), (torch.ones_like(x),))
     assert tan.abs().sum() > 0
+
+
+def test_use_backend_is_per_thread():
+    """use_backend in one thread does not change the backend another thread's
+    calls run on, and interleaved exits do not pop each other's entries."""
+    import threading
+    from flowkern.backend import resolve
+    if not fk.available()["triton"]:
+        pytest.skip("needs a second non-default backend (triton)")
+    seen, entered, release = {}, threading.Event(), threading.Event()
+
+    def other():
+        with fk.use_backend("torch"):
+            entered.set()
+            release.wait(10)
+            seen["other"] = resolve(None, torch.device("cpu"))
+        seen["other_after"] = resolve(None, torch.device("cpu"))
+
+    default = resolve(None, torch.device("cpu"))
+    th = threading.Thread(target=other)
+    th.start()
+    entered.wait(10)
+    with fk.use_backend("triton"):
+        seen["main"] = resolve(None, torch.device("cpu"))
+        release.set()
+        th.join(10)
+        seen["main_after_other_exit"] = resolve(None, torch.device("cpu"))
+    assert seen == {"other": "torch", "other_after": default, "main": "triton",
+                    "main_after_other_exit": "triton"}
+    assert resolve(None, torch.device("cpu")) == default

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <string>
 
 #include "coef_args.h"
@@ -19,10 +20,25 @@ enum Reduction : int64_t { MEAN = 0, SUM = 1, NONE = 2 };  // flowkern/_validate
 #define FK_COEF_ARGS const OptT &t, double t_value, int64_t kind, at::ArrayRef<double> params
 #define FK_COEF_PASS t, t_value, kind, params
 
-template <class A> inline void check_score_sigma(const HostCoef<A>& c, int64_t target) {
+// A velocity (target or conversion) reads the rates d_alpha, d_sigma: vp's
+// d_sigma = -alpha d_alpha / sigma is -inf at t = 1, where the velocity is
+// infinite (flowkern._validate.finite_rates).
+template <class A> inline void check_rates(const HostCoef<A>& c, const char* why) {
+  for (int64_t i = 0; i < c.n; ++i) {
+    const fk::Sched<A> s = c.at(i);
+    TORCH_CHECK_VALUE(std::isfinite(double(s.d_alpha)) && std::isfinite(double(s.d_sigma)),
+                      "t: d_alpha_t or d_sigma_t is not finite at some sample (vp's d_sigma "
+                      "at t = 1), and ", why);
+  }
+}
+
+// The value checks of a regression target (interpolate, the loss).
+template <class A> inline void check_target(const HostCoef<A>& c, int64_t target) {
   if (target == fk::SCORE)
     check_nonzero(c, "t", "sigma_t", "the score target -x0/sigma_t is undefined there",
                   [](fk::Sched<A> s) { return s.sigma; });
+  if (target == fk::VELOCITY)
+    check_rates(c, "the velocity target d_alpha x1 + d_sigma x0 is infinite there");
 }
 
 // The divisions each conversion needs (docs/design.md §3), as flowkern/ops/training.py
@@ -39,6 +55,10 @@ template <class A> inline void check_convert(const HostCoef<A>& c, int64_t src, 
   const int need = kDivides[src][dst];
   const std::string why =
       std::string("converting ") + names[src] + " -> " + names[dst] + " divides by it";
+  // first, as flowkern/ops/training.py check_conversion: one message on every backend
+  if (src != dst && (src == fk::VELOCITY || dst == fk::VELOCITY))
+    check_rates(c, (std::string("converting ") + names[src] + " -> " + names[dst] +
+                    " reads them").c_str());
   if (need & BY_SIGMA)
     check_nonzero(c, "t", "sigma_t", why.c_str(), [](fk::Sched<A> s) { return s.sigma; });
   if (need & BY_ALPHA)

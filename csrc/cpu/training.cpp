@@ -40,7 +40,7 @@ void interpolate_into(const at::Tensor& x0, const at::Tensor& x1, FK_COEF_ARGS, 
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     const auto c = host_coef<A>(FK_COEF_PASS, rows_of(a), a, check);
-    if (check) check_score_sigma(c, target);
+    if (check) check_target(c, target);
     run_lincomb<T>(make_fn<fk::InterpolateFn>(c, int(target)), rows_of(a), inner_of(a),
                    {{cptr<T>(a), cptr<T>(b)}}, {{mptr<T>(xt), mptr<T>(y)}});
   });
@@ -146,7 +146,7 @@ at::Tensor fm_loss(const at::Tensor& pred_, const at::Tensor& x0_, const at::Ten
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     const auto c = host_coef<A>(FK_COEF_PASS, rows, pred, check);
-    if (check) check_score_sigma(c, target);
+    if (check) check_target(c, target);
     const auto fn = make_fn<fk::LossResidualFn>(c, int(target));
     std::vector<A> partial(size_t(rows * nseg), A(0));
     const fk::Ptrs<T, 3> in{{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}};

@@ -142,7 +142,7 @@ template <class D, class L> struct Glue {
       using A = decltype(acc);
       at::Tensor keep;
       const auto c = train_coef<A>(FK_COEF_PASS, rows_of(a), a, check, keep,
-                                   [&](const HostCoef<A>& h) { check_score_sigma(h, target); });
+                                   [&](const HostCoef<A>& h) { check_target(h, target); });
       ok(L::interpolate(dtype_code(a), rows_of(a), inner_of(a), ptr(a), ptr(b), c, int(target),
                         ptr(xt), ptr(y), l.stream, l.max_blocks),
          "interpolate");
@@ -252,7 +252,7 @@ template <class D, class L> struct Glue {
       using A = decltype(acc);
       at::Tensor keep;
       const auto c = train_coef<A>(FK_COEF_PASS, rows, pred, check, keep,
-                                   [&](const HostCoef<A>& h) { check_score_sigma(h, target); });
+                                   [&](const HostCoef<A>& h) { check_target(h, target); });
       ok(L::fm_loss_partial(dtype_code(pred), rows, inner, ptr(pred), ptr(x0), ptr(x1), c,
                             int(target), ptr(partial), plan.chunk_len, l.stream),
          "flow_matching_loss");

@@ -349,9 +349,12 @@ def _upcast(x, coef, shape):
 
 
 def check_target(coef, code):
-    """Value check of the score target's division by sigma (torch, triton, CUDA glue)."""
+    """Value checks of a regression target (torch and triton; csrc/cpu/coef_checks.h
+    check_target for the native ops)."""
     if code == PRED_CODE["score"]:
         V.nonzero("t", "sigma_t", coef[:, 1], "the score target -x0/sigma_t is undefined there")
+    if code == PRED_CODE["velocity"]:
+        V.finite_rates(coef, "the velocity target d_alpha x1 + d_sigma x0 is infinite there")
 
 
 # Denominators each conversion divides by (docs/design.md §3), for the value checks;
@@ -364,6 +367,8 @@ _DIVIDES = {("x1", "eps"): "sigma", ("x1", "velocity"): "sigma", ("x1", "score")
 
 
 def check_conversion(coef, src: str, dst: str):
+    if "velocity" in (src, dst) and src != dst:
+        V.finite_rates(coef, f"converting {src} -> {dst} reads them")
     need = _DIVIDES.get((src, dst), "")
     if not need:
         return
