@@ -41,9 +41,15 @@ def _unit_directions(B, N, like, generator):
     return g / g.norm(dim=1, keepdim=True)
 
 
+def _check_D(D):
+    if isinstance(D, bool) or not isinstance(D, (int, float)) or not D >= 1 or math.isinf(D):
+        raise ValueError(f"D: expected a finite number >= 1 (1: PFGM, > 1: PFGM++), got {D!r}")
+
+
 def radius(n: int, r, N: int, D: float, generator=None, dtype=torch.float64, device=None):
     """Norms ||x - y|| of PFGM++'s perturbation kernel at augmented norm r:
     R = r sqrt(b / (1 - b)), b ~ Beta(N/2, D/2) (D = 1: PFGM's p_radius)."""
+    _check_D(D)
     # Beta(a, b) = G_a / (G_a + G_b) with Gamma draws; torch.distributions has no
     # generator argument, so draw the Gammas through torch._standard_gamma.
     a = torch.full((n,), N / 2.0, dtype=torch.float64, device=device)
@@ -95,6 +101,7 @@ def perturb(x: torch.Tensor, D: float = 1, *, M: int = 291, tau: float = 0.03,
     from EDM's log-normal(P_mean, P_std)), r = sigma sqrt(D), and
     x~ = x + R u with R from :func:`radius`.
     """
+    _check_D(D)
     B = x.shape[0]
     N = x[0].numel() if B else x.shape[1:].numel()
     dev = x.device
@@ -145,6 +152,7 @@ def prior(n: int, shape, r_max: float, D: float = 1, generator=None, dtype=torch
     be, at the price of a truncated tail (for D = 1, N = 2: ~1/k of the mass
     moved onto the sphere R = k r_max).
     """
+    _check_D(D)
     if max_norm is not None and not max_norm > 0:
         raise ValueError(f"max_norm: expected a float > 0 or None, got {max_norm!r}")
     shape = tuple(shape) if not isinstance(shape, int) else (shape,)
@@ -174,6 +182,10 @@ def sample(model: Callable, x: torch.Tensor, r_max: float, r_min: float = 1e-3,
         raise ValueError(f"prediction: expected 'field' or 'denoiser', got {prediction!r}")
     if not (r_max > r_min > 0):
         raise ValueError(f"r_max, r_min: need r_max > r_min > 0, got {r_max}, {r_min}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor of prior samples, got {type(x).__name__}")
     x = x.clone()
     B = x.shape[0]
     span = math.log(r_max) - math.log(r_min)
@@ -186,6 +198,10 @@ def sample(model: Callable, x: torch.Tensor, r_max: float, r_min: float = 1e-3,
         with torch.no_grad():
             out = model(x, rr)
             if prediction == "field":
+                if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                    raise TypeError("model: with prediction='field' it must return the pair "
+                                    "(v_x, v_r); for a model returning the field mean x̂ use "
+                                    "prediction='denoiser'")
                 vx, vr = out
                 vr = vr.reshape(-1).clamp(max=-1e-5)
                 drift = r * vx / vr.reshape(col)

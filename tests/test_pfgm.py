@@ -161,3 +161,19 @@ def test_sample_bad_input():
         pfgm.sample(lambda x, r: x, torch.zeros(2, 2), 1.0, prediction="eps")
     with pytest.raises(ValueError, match="r_max"):
         pfgm.sample(lambda x, r: x, torch.zeros(2, 2), 1.0, 2.0)
+
+
+def test_bad_arguments_are_errors_naming_them():
+    """(issue 12) steps <= 0 returned the prior; D < 1 was accepted (D = 0 gave
+    NaN in perturb); a one-tensor model with prediction='field' failed with
+    "too many values to unpack"."""
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="steps: expected an int >= 1"):
+        fk.pfgm.sample(lambda a, r: (a, r), x, 10.0, steps=0)
+    for D in (-1, 0, 0.5, float("inf")):
+        with pytest.raises(ValueError, match="D: expected a finite number >= 1"):
+            fk.pfgm.prior(4, 2, 10.0, D=D)
+        with pytest.raises(ValueError, match="D: expected a finite number >= 1"):
+            fk.pfgm.perturb(x, D=D)
+    with pytest.raises(TypeError, match="model: with prediction='field' it must return"):
+        fk.pfgm.sample(lambda a, r: a, x, 10.0, steps=2)
