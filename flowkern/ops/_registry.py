@@ -52,13 +52,17 @@ def calls_for(backend: str) -> types.SimpleNamespace:
     return CALLS[TRITON_NS if backend == "triton" else NATIVE_NS]
 
 
-def register(name: str, fake, backward=None, setup_context=None, nograd=False, jvp=None):
+def register(name: str, fake, backward=None, setup_context=None, nograd=False, jvp=None,
+             reference=None, diff=(), saved_at=None):
     """Fake + autograd for `name` in every namespace.
     nograd: flowkern::name also has the `.nograd` overload (same kernel, no
     autograd kernel), which the public functions call when no input needs a
     gradient: the Python autograd kernel costs ~10 us a call even then.
     jvp: builder of the forward-mode formula (given the namespace's CALLS);
-    with it, CALLS[ns].name is the op's DiffOp."""
+    with it, CALLS[ns].name is the op's DiffOp. reference, diff, saved_at: the
+    op's torch formula with the op's signature, the positions of its
+    differentiable tensors, and where the tensors setup_context saves go (None:
+    the op is linear in them): DiffOp's differentiable backward."""
     for ns in namespaces():
         qual = f"{ns}::{name}"
         ops = getattr(torch.ops, ns)
@@ -69,7 +73,8 @@ def register(name: str, fake, backward=None, setup_context=None, nograd=False, j
             packet = getattr(ops, name)
             op = packet.nograd if (nograd and ns == NATIVE_NS) else packet.default
             setattr(CALLS[ns], name, DiffOp(f"{ns}::{name}", op, packet.default, setup_context,
-                                            backward(ops), jvp(CALLS[ns])))
+                                            backward(ops), jvp(CALLS[ns]), reference, diff,
+                                            saved_at))
     if not cpu_built():
         return
     if nograd:
@@ -140,6 +145,34 @@ def no_time_tangent(op: str, name: str, tangent) -> None:
             f"in t (docs/design.md §10)")
 
 
+def _reference_backward(ctx, grads, reference, saved_at):
+    """The gradients of an op's inputs as a differentiable function of the
+    output gradients (and of the saved inputs, for the ops that are not linear
+    in them): torch.autograd.grad of the op's torch formula with create_graph.
+    A linear op's Jacobian does not depend on its inputs, so zeros of their
+    shape stand in for them."""
+    args = list(ctx.static)
+    if saved_at is not None:
+        for pos, t in zip(saved_at, ctx.saved_tensors):
+            args[pos] = t
+    wrt = []
+    with torch.enable_grad():
+        for i, (shape, dtype, device) in ctx.meta.items():
+            if args[i] is None:
+                args[i] = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
+            if ctx.needs_input_grad[i]:
+                wrt.append(i)
+        outs = reference(*args)
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wrt],
+                                  [g for _, g in pairs], create_graph=True, allow_unused=True)
+    result = [None] * ctx.n_inputs
+    for i, g in zip(wrt, got):
+        result[i] = g
+    return tuple(result)
+
+
 class DiffOp:
     """The differentiable call of one kernel-level op: `op` (the kernel with no
     autograd on the way: a flowkern:: `.nograd` overload or a flowkern_triton::
@@ -154,29 +187,48 @@ class DiffOp:
     flowkern/ops/batching.py). Under torch.compile the op's default overload
     (same formulas, registered by `register`) is traced instead.
 
+    backward: the fused backward kernel (once-differentiable) in a plain
+    backward; when the backward is itself differentiated (create_graph=True,
+    torch.func.grad), the gradient of the op's torch formula (`reference`),
+    so double backward is correct rather than silently zero.
+
     jvp(ctx, *tangents) receives one tangent per input (None where there is
     none) and calls DiffOp.call of the ops it needs: differentiable itself, so
     jvp nested in grad (the MeanFlow pattern) differentiates the tangent."""
 
-    def __init__(self, name: str, op, default, setup_context, backward, jvp):
+    def __init__(self, name: str, op, default, setup_context, backward, jvp, reference=None,
+                 diff=(), saved_at=None):
         self.op, self.default = op, default
         self.name = name.split("::")[-1]
+        names = [a.name for a in default._schema.arguments]
+        self.times_at = names.index("table" if "table" in names else
+                                    "coef" if "coef" in names else "t")
+        diff = tuple(diff)
 
         def setup(ctx, inputs, output):
             # A missing tangent (of t, say) or output gradient stays None,
             # not zeros: jvp then tells "no tangent" from a zero one.
             ctx.set_materialize_grads(False)
             ctx.n_inputs = len(inputs)
+            # for the differentiable backward: the arguments without the
+            # differentiable tensors, and those tensors' metadata
+            ctx.static = tuple(None if i in diff else a for i, a in enumerate(inputs))
+            ctx.meta = {i: (inputs[i].shape, inputs[i].dtype, inputs[i].device) for i in diff
+                        if isinstance(inputs[i], torch.Tensor)}
             setup_context(ctx, inputs, output)
+
+        fused = once_differentiable(backward)
 
         def backward_or_none(ctx, *grads):
             if all(g is None for g in grads):
                 return (None,) * ctx.n_inputs
-            return backward(ctx, *grads)
-        names = [a.name for a in default._schema.arguments]
-        self.times_at = names.index("table" if "table" in names else
-                                    "coef" if "coef" in names else "t")
-        bwd = staticmethod(once_differentiable(backward_or_none))
+            if torch.is_grad_enabled() and reference is not None:
+                # create_graph=True (or torch.func.grad): the backward must be
+                # differentiable itself, which the fused backward kernels are
+                # not; differentiate the op's torch formula instead.
+                return _reference_backward(ctx, grads, reference, saved_at)
+            return fused(ctx, *grads)
+        bwd = staticmethod(backward_or_none)
 
         class Eager(torch.autograd.Function):
             @staticmethod

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .. import _validate as V
+from .._enums import PREDICTIONS
 from ..backend import resolve
 from ..reference import flowmap as ref
 from ._registry import TRITON_NS, calls_for, lazy, no_time_tangent, register
@@ -98,7 +99,17 @@ def _backward(ops):
     return backward
 
 
-register("flowmap_loss_rows", _rows_fake, _backward, _setup, jvp=_jvp)
+def _reference(x, pred, target, coef, prediction, form):
+    """flowmap_loss_rows' torch formula with the op's signature (DiffOp's double backward)."""
+    acc = coef.dtype
+    full = coef.expand(x.shape[0], STEP_COLS) if x.shape[0] else coef[:0]
+    return ref.flowmap_loss_rows(x.to(acc), pred.to(acc), target.expand(x.shape).to(acc),
+                                 full[:, :4], full[:, 4:8], PREDICTIONS[prediction],
+                                 "data" if form == FORMS["data"] else "noise")
+
+
+register("flowmap_loss_rows", _rows_fake, _backward, _setup, jvp=_jvp, reference=_reference,
+         diff=(0, 1, 2), saved_at=(0, 1, 2, 3))  # _setup saves x, pred, target, coef
 register("flowmap_loss_backward", _bwd_fake)
 
 # ---------------------------------------------------------------------------

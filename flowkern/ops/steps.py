@@ -17,9 +17,10 @@ from typing import Optional
 import torch
 
 from .. import _validate as V
+from .._enums import PREDICTIONS
 from ..backend import cpu_built, resolve
 from ..reference import steps as ref
-from ..schedules import get_schedule, native_spec
+from ..schedules import from_native, get_schedule, native_spec
 from ._registry import (CALLS, NATIVE_NS, TRITON_NS, calls_for, empty_output, lazy,
                         no_forward_mode, no_time_tangent, ops_for, register, transforms_active)
 from .training import TABLE_KIND, check_tensors, fill_tangents
@@ -27,6 +28,7 @@ from .training import TABLE_KIND, check_tensors, fill_tangents
 _T = "flowkern.triton.steps"
 STEP_COLS = 12
 FORMS = {"data": 0, "noise": 1}
+_FORM_NAMES = {code: name for name, code in FORMS.items()}
 
 # ---------------------------------------------------------------------------
 # flowkern_triton:: schemas (flowkern:: twins: csrc/cpu/steps.cpp)
@@ -144,8 +146,22 @@ def _ei_bwd_fake(grad, table, times, kind, params, prediction, form, guidance, c
 
 for _name in ("euler_step", "heun_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn"):
     register(_name, _none)
+def _ei_reference(x, pred, pred_uncond, table, times, kind, params, prediction, form, guidance,
+                  check):
+    """ei_step's torch formula with the op's signature (DiffOp's double backward)."""
+    acc = V.acc_dtype(x.dtype)
+    if kind != TABLE_KIND:
+        table = step_table(from_native(kind, params), times[0], times[1], dtype=acc,
+                           device=x.device, check=False)
+    table = table.to(acc)
+    cfg = pred_uncond is not None
+    return ref.ei_step(x.to(acc), pred.to(acc), table[:, :4], table[:, 4:8], PREDICTIONS[prediction],
+                       _FORM_NAMES[form], pred_uncond.to(acc) if cfg else None,
+                       guidance if cfg else None).to(x.dtype)
+
+
 register("ei_step", lambda x, *_: torch.empty_like(x), _ei_backward, _ei_setup,
-         nograd=True, jvp=_ei_jvp)
+         nograd=True, jvp=_ei_jvp, reference=_ei_reference, diff=(0, 1, 2))
 register("ei_step_backward", _ei_bwd_fake)
 
 # ---------------------------------------------------------------------------

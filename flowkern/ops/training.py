@@ -240,15 +240,49 @@ def _loss_backward(ops):
     return backward
 
 
+# The ops' torch formulas with the ops' signatures (the differentiable backward
+# of DiffOp: double backward).
+
+
+def _reference_table(t, t_value, kind, params, shape, like):
+    return table_from_args(t, t_value, kind, params, shape[0], like, False)
+
+
+def _interpolate_reference(x0, x1, t, t_value, kind, params, target, check):
+    shape = _broadcast(x0, x1)
+    coef = _reference_table(t, t_value, kind, params, shape, x0)
+    xt, y = ref.interpolate(_upcast(x0, coef, shape), _upcast(x1, coef, shape), coef,
+                            PREDICTIONS[target])
+    return xt.to(x0.dtype), y.to(x0.dtype)
+
+
+def _convert_reference(pred, x_t, t, t_value, kind, params, src, dst, check):
+    shape = _broadcast(pred, x_t)
+    coef = _reference_table(t, t_value, kind, params, shape, x_t)
+    return ref.convert(_upcast(pred, coef, shape), _upcast(x_t, coef, shape), coef,
+                       PREDICTIONS[src], PREDICTIONS[dst]).to(x_t.dtype)
+
+
+def _loss_reference(pred, x0, x1, t, t_value, kind, params, target, weight, reduction, check):
+    shape = _broadcast(pred, x0, x1)
+    coef = _reference_table(t, t_value, kind, params, shape, pred)
+    rows = ref.training.flow_matching_loss_rows(*(_upcast(x, coef, shape) for x in (pred, x0, x1)),
+                                                coef, PREDICTIONS[target])
+    inner = shape[1:].numel()
+    return V.reduce_rows(rows, weight, list(REDUCTION_CODE)[reduction], inner).to(pred.dtype)
+
+
 register("interpolate", _two_like_bcast, _interpolate_backward, _interpolate_setup,
-         nograd=True, jvp=_interpolate_jvp)
+         nograd=True, jvp=_interpolate_jvp, reference=_interpolate_reference, diff=(0, 1))
 register("interpolate_out", lambda *a: None)
 register("interpolate_backward", _two_like_bcast)
 register("convert", lambda p, x, *_: x.new_empty(_broadcast(p, x)), _convert_backward,
-         _convert_setup, nograd=True, jvp=_convert_jvp)
+         _convert_setup, nograd=True, jvp=_convert_jvp, reference=_convert_reference,
+         diff=(0, 1))
 register("convert_backward", lambda g, *_: (torch.empty_like(g), torch.empty_like(g)))
 register("fm_loss", _loss_fake, _loss_backward, _loss_setup,
-         nograd=True, jvp=_loss_jvp)
+         nograd=True, jvp=_loss_jvp, reference=_loss_reference, diff=(0, 1, 2, 8),
+         saved_at=(0, 1, 2, 3, 8))  # _loss_setup saves pred, x0, x1, t, weight
 register("fm_loss_backward", _loss_bwd_fake)
 
 if cpu_built():
