@@ -23,7 +23,7 @@ from .. import _validate as V
 from .._enums import PREDICTIONS
 from ..backend import resolve
 from ..reference import flowmap as ref
-from ._registry import TRITON_NS, calls_for, lazy, no_time_tangent, register
+from ._registry import TRITON_NS, calls_for, lazy, no_time_tangent, register, transforms_active
 from .steps import FORMS, STEP_COLS, _as_times, _nonzero_for, check_table, step_table
 from .training import TABLE_KIND, fill_tangents
 
@@ -64,7 +64,8 @@ def _bwd_fake(grad_rows, x, pred, target, coef, prediction, form, grad_x, grad_t
 def _setup(ctx, inputs, output):
     x, pred, target, coef, prediction, form = inputs
     ctx.save_for_backward(x, pred, target, coef)
-    ctx.save_for_forward(x, pred, target, coef)
+    if transforms_active():  # only a jvp reads them (save_for_forward costs ~10 us)
+        ctx.save_for_forward(x, pred, target, coef)
     ctx.prediction, ctx.form = prediction, form
 
 
