@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 # torch: PyPI's default wheel (CUDA 13, the nvcc here), the newest pip offers on
 # these machines; triton: the version that torch pins.
 DEPS := torch==2.14.1 triton==3.8.0 pytest pytest-benchmark hypothesis numpy ninja \
-        setuptools wheel tqdm matplotlib pot diffusers flow_matching torchsde
+        setuptools wheel tqdm matplotlib pot diffusers flow_matching torchsde \
+        scikit-learn
 # k-diffusion's declared dependencies would replace torch: its sampling module
 # needs only torch, torchsde and scipy, so it is installed without them.
 NODEPS := k-diffusion

@@ -158,5 +158,7 @@ setup(
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton"], "progress": ["tqdm"]},
+    extras_require={"triton": ["triton"], "progress": ["tqdm"],
+                    # python -m flowkern demo: plots, exact W2, the digits section
+                    "demo": ["matplotlib", "pot", "scikit-learn", "tqdm"]},
 )

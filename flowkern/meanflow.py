@@ -76,8 +76,11 @@ def _squared_error_rows(u, v, dudt, t, s, backend):
         return (u.to(acc) - target).pow(2).reshape(rows, -1).sum(1)
     # The flow-matching loss kernel with per-row coefficients: its velocity
     # target d_alpha x1 + d_sigma x0 with x1 = v, x0 = du/dt, (d_alpha, d_sigma) = (1, h).
-    zeros = torch.zeros_like(h)
-    table = torch.stack([zeros, zeros, torch.ones_like(h), h], dim=1)
+    # (B, 4) rows (alpha, sigma, d_alpha, d_sigma) = (0, 0, 1, h): zeros and two
+    # column writes cost ~15 us at B = 4096, torch.stack of four columns ~55 us
+    table = h.new_zeros(rows, 4)
+    table[:, 2] = 1
+    table[:, 3] = h
     dense = [x.contiguous() for x in (u, dudt, v)]
     per_row_mean = calls_for(be).fm_loss.call(*dense, table, 0.0, TABLE_KIND, [],
                                               PRED_CODE["velocity"], None,

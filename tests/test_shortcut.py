@@ -28,11 +28,15 @@ def _eager(pred_fm, x0, x1, pred_sc, s1, s2):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_objective_matches_the_eager_formulation(backend):
+@pytest.mark.parametrize("shapes", [((3, 5, 7), (4, 5, 7)), ((6, 3, 32, 32), (2, 3, 32, 32)),
+                                    ((3073, 2), (1023, 2))], ids=["odd", "image", "toy2d"])
+def test_fused_objective_matches_the_eager_formulation(backend, shapes):
+    """Odd sizes, an image batch and the 2-D toy's narrow rows (3/4 : 1/4)."""
+    fm_shape, sc_shape = shapes
     for dtype in dtypes_for(backend):
         g = torch.Generator().manual_seed(2)
-        a64 = [torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 2 for _ in range(3)]
-        b64 = [torch.randn(4, 5, 7, generator=g, dtype=torch.float64) * 2 for _ in range(3)]
+        a64 = [torch.randn(fm_shape, generator=g, dtype=torch.float64) * 2 for _ in range(3)]
+        b64 = [torch.randn(sc_shape, generator=g, dtype=torch.float64) * 2 for _ in range(3)]
         pf, x0, x1 = (x.to(DEVICE, dtype) for x in a64)
         ps, s1, s2 = (x.to(DEVICE, dtype) for x in b64)
         pf.requires_grad_(), ps.requires_grad_()

@@ -78,6 +78,12 @@ template <class Body> void for_each_segment(i64 rows, i64 inner, Body&& body) {
   const i64 seg = std::min(inner, kSegment);
   const i64 nseg = (inner + seg - 1) / seg;
   const i64 grain = std::max<i64>(1, kSegment / seg);
+  if (nseg == 1) {  // whole rows: no 64-bit division per row (~10 ns a row on 2-wide rows)
+    at::parallel_for(0, rows, grain, [&](i64 b, i64 e) {
+      for (i64 r = b; r < e; ++r) body(r, i64(0), inner);
+    });
+    return;
+  }
   at::parallel_for(0, rows * nseg, grain, [&](i64 b, i64 e) {
     for (i64 k = b; k < e; ++k) {
       const i64 r = k / nseg, s = k - r * nseg;
