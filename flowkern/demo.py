@@ -4,7 +4,11 @@ Trains a small MLP flow model on built-in 2-D data with the fused training
 ops, samples it with every fused sampler at several NFE (model evaluations),
 prints NFE vs sample quality (sliced Wasserstein-2 to fresh data, and exact W2
 with POT when installed) and wall time, and writes a PNG of the samples and a
-quality-vs-NFE plot to an output folder.
+quality-vs-NFE plot to an output folder. Then PFGM / PFGM++ and the PFGM
+NFE claim against score SDEs (demo_pfgm.py), rectified flow and the one-step
+models (demo_rectified.py), and real images: scikit-learn's 8x8 digits with a
+conv U-Net, judged by a Fréchet distance in a classifier's features
+(demo_digits.py).
 """
 from __future__ import annotations
 
@@ -31,11 +35,10 @@ def _steps_for(method, nfe):
     return max(1, (nfe + 1) // 2) if method == "heun" else nfe
 
 
-def _evaluate(model, data, n, nfes, seed, progress):
-    """Rows of (method, nfe, steps, sw2, w2, seconds) and the samples at the largest NFE."""
-    rows, shown = [], {}
-    g = torch.Generator().manual_seed(seed + 1)
-    x0 = torch.randn(n, 2, generator=g)
+def sweep(model, x0, nfes, seed):
+    """Every fused sampler (METHODS) at every NFE from the same x0, for a
+    velocity model on the linear schedule (em with g = 0.5): yields
+    (method, nfe, steps, samples, seconds of sampling)."""
     for method in METHODS:
         for nfe in nfes:
             steps = _steps_for(method, nfe)
@@ -43,11 +46,19 @@ def _evaluate(model, data, n, nfes, seed, progress):
             with torch.no_grad():
                 x = sample(model, x0, "linear", method, steps=steps, prediction="velocity",
                            seed=seed, progress=False, g=0.5)
-            dt = time.perf_counter() - t0
-            rows.append(dict(method=method, nfe=nfe, steps=steps,
-                             sw2=toy.sliced_wasserstein(x, data), w2=toy.exact_w2(x[:W2_POINTS], data[:W2_POINTS]),
-                             seconds=dt))
-            shown[method] = x
+            yield method, nfe, steps, x, time.perf_counter() - t0
+
+
+def _evaluate(model, data, n, nfes, seed, progress):
+    """Rows of (method, nfe, steps, sw2, w2, seconds) and the samples at the largest NFE."""
+    rows, shown = [], {}
+    g = torch.Generator().manual_seed(seed + 1)
+    x0 = torch.randn(n, 2, generator=g)
+    for method, nfe, steps, x, dt in sweep(model, x0, nfes, seed):
+        rows.append(dict(method=method, nfe=nfe, steps=steps,
+                         sw2=toy.sliced_wasserstein(x, data), w2=toy.exact_w2(x[:W2_POINTS], data[:W2_POINTS]),
+                         seconds=dt))
+        shown[method] = x
     return rows, shown
 
 
@@ -123,37 +134,10 @@ def flow_matching_section(args, out):
 
 
 def pfgm_section(args, out):
-    """PFGM (D = 1) and PFGM++ (D = 128) on 8 gaussians: the training target
-    is the empirical Poisson field mean over a reference batch (the fused,
-    tiled poisson_field), the sampler the backward ODE in log r with fused
-    Euler steps, over pfgm.toy_sampling_range(D)."""
-    from . import pfgm
-
-    g = torch.Generator().manual_seed(args.seed)
-    data = toy.dataset("8gaussians", args.samples, seed=10_000)
-    floor = _floor("8gaussians", args.samples)
-    rows, train_s = [], {}
-    for D, steps, label in ((1, args.pfgm1_steps, "pfgm D=1"),
-                            (128, args.pfgm_steps, "pfgm++ D=128")):
-        t0 = time.perf_counter()
-        model = pfgm.train_toy(toy.eight_gaussians, D=D, steps=steps, generator=g,
-                               progress=not args.no_progress)
-        train_s[label] = time.perf_counter() - t0
-        r_max, r_min, cap = pfgm.toy_sampling_range(D)
-        for nfe in args.pfgm_nfe:
-            x = pfgm.prior(args.samples, (2,), r_max=r_max, D=D, generator=g, max_norm=cap)
-            t1 = time.perf_counter()
-            with torch.no_grad():
-                y = pfgm.sample(model, x, r_max, r_min, steps=nfe, prediction="denoiser")
-            rows.append(dict(method=label, nfe=nfe, steps=nfe,
-                             sw2=toy.sliced_wasserstein(y, data),
-                             w2=toy.exact_w2(y[:W2_POINTS], data[:W2_POINTS]),
-                             seconds=time.perf_counter() - t1))
-    print(f"\n== 8gaussians: PFGM (D=1), {args.pfgm1_steps} training steps in "
-          f"{train_s['pfgm D=1']:.1f} s; PFGM++ (D=128), {args.pfgm_steps} training steps in "
-          f"{train_s['pfgm++ D=128']:.1f} s ==")
-    print(_table(rows, floor))
-    return dict(train_seconds=train_s, rows=rows, data_floor=floor)
+    """PFGM (D = 1) and PFGM++ (D = 128) on 8 gaussians, and the PFGM paper's
+    NFE claim against VE / VP score models (flowkern/demo_pfgm.py)."""
+    from .demo_pfgm import pfgm_section as run
+    return run(args, out)
 
 
 def rectified_section(args, out):
@@ -163,8 +147,15 @@ def rectified_section(args, out):
     return run(args, out)
 
 
+def digits_section(args, out):
+    """Real images: scikit-learn's 8x8 digits, a conv U-Net, every sampler,
+    Fréchet distance in a classifier's features (flowkern/demo_digits.py)."""
+    from .demo_digits import digits_section as run
+    return run(args, out)
+
+
 SECTIONS = [("flow matching", flow_matching_section), ("pfgm", pfgm_section),
-            ("rectified flow", rectified_section)]
+            ("rectified flow", rectified_section), ("digits", digits_section)]
 
 
 def main(argv=None):
@@ -186,10 +177,15 @@ def main(argv=None):
     if args.quick:
         args.datasets, args.train_steps, args.samples, args.nfe = ["8gaussians"], 300, 2000, [4, 16]
         args.pfgm_steps, args.pfgm1_steps, args.pfgm_nfe = 150, 300, [50]
+        args.score_steps, args.score_batch, args.sde_nfe = 300, 256, [10, 50]
+        args.digits_steps, args.digits_nfe, args.digits_classifier_steps = 100, [4, 16], 150
     else:
         args.datasets, args.train_steps, args.samples, args.nfe = (list(toy.DATASETS), 1200, 5000,
                                                                    [2, 4, 8, 16, 32])
-        args.pfgm_steps, args.pfgm1_steps, args.pfgm_nfe = 1000, 1500, [25, 50, 200]
+        args.pfgm_steps, args.pfgm1_steps, args.pfgm_nfe = 1000, 1500, [10, 20, 50, 100, 200]
+        args.score_steps, args.score_batch, args.sde_nfe = (1500, 256,
+                                                            [10, 20, 50, 100, 200, 500, 1000])
+        args.digits_steps, args.digits_nfe, args.digits_classifier_steps = 1500, [4, 8, 16, 32], 300
     os.makedirs(args.out, exist_ok=True)
     # On an idle 2-core machine two threads train the 2-D MLPs 1.6x faster
     # than one (batch 1024, 12 vs 20 ms a step); on a busy shared machine

@@ -23,9 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import toy
-from .samplers import sample
-
-METHODS = ("euler", "heun", "ei", "dpmpp_2m", "em")
+from .demo import METHODS, sweep
 HELD_OUT = 500          # held-out digits: the reference set of every distance
 FEATURES = 32           # classifier feature width: the Fréchet distance's dimension
 GRID = 40               # samples shown per panel (4 rows of 10)
@@ -182,26 +180,15 @@ class Judge:
 # the section
 
 
-def _steps_for(method, nfe):
-    return max(1, (nfe + 1) // 2) if method == "heun" else nfe
-
-
 def evaluate(model, judge, n: int, nfes, seed: int):
     """Rows of (method, nfe, steps, fd, seconds, classes) and, per method and
     NFE, the first GRID samples (every method starts from the same noise)."""
     x0 = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed + 1))
     rows, shown = [], {}
-    for method in METHODS:
-        for nfe in nfes:
-            steps = _steps_for(method, nfe)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                x = sample(model, x0, "linear", method, steps=steps, prediction="velocity",
-                           seed=seed, progress=False, g=0.5)
-            dt = time.perf_counter() - t0
-            rows.append(dict(method=method, nfe=nfe, steps=steps, fd=judge.fd(x), seconds=dt,
-                             classes=judge.classes(x).tolist()))
-            shown.setdefault(method, {})[nfe] = x[:GRID].clone()
+    for method, nfe, steps, x, dt in sweep(model, x0, nfes, seed):
+        rows.append(dict(method=method, nfe=nfe, steps=steps, fd=judge.fd(x), seconds=dt,
+                         classes=judge.classes(x).tolist()))
+        shown.setdefault(method, {})[nfe] = x[:GRID].clone()
     return rows, shown
 
 

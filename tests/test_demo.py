@@ -1,6 +1,6 @@
 """The main job (`make demo` = `python -m flowkern demo`) in its --quick
-configuration, only the flow-matching and PFGM sections (the rectified-flow
-section has its own test in test_rectified.py): it runs, writes its report and
+configuration, without the rectified-flow section (its own test is in
+test_rectified.py; the digits section's quality test is test_digits.py): it runs, writes its report and
 plots, and every sampler's samples are finite and nearer the data than the
 prior they started from. Quality itself is asserted by the slow trained-model
 tests (test_pfgm.py, test_convergence.py); --quick trains for seconds."""
@@ -14,10 +14,10 @@ from flowkern import demo
 def test_demo_quick_runs_and_reports(tmp_path):
     out = str(tmp_path / "demo")
     report = demo.main(["--quick", "--no-progress", "--out", out,
-                        "--only", "flow matching", "--only", "pfgm"])
+                        "--only", "flow matching", "--only", "pfgm", "--only", "digits"])
     with open(os.path.join(out, "report.json")) as f:
         saved = json.load(f)
-    assert set(saved) == {"flow matching", "pfgm"} == set(report)
+    assert set(saved) == {"flow matching", "pfgm", "digits"} == set(report)
     assert os.path.exists(os.path.join(out, "8gaussians_samples.png"))
     assert os.path.exists(os.path.join(out, "8gaussians_quality_vs_nfe.png"))
 
@@ -33,3 +33,9 @@ def test_demo_quick_runs_and_reports(tmp_path):
                         (saved["pfgm"]["rows"], saved["pfgm"]["data_floor"])):
         for r in rows:
             assert math.isfinite(r["sw2"]) and r["sw2"] < 4 * floor[0], r
+
+    digits = saved["digits"]
+    assert {r["method"] for r in digits["rows"]} == {"euler", "heun", "ei", "dpmpp_2m", "em"}
+    for r in digits["rows"]:      # 100 training steps: far from the floor, far below noise
+        assert math.isfinite(r["fd"]) and r["fd"] < 0.5 * digits["noise_fd"], r
+    assert os.path.exists(os.path.join(out, "digits_dpmpp_2m.png"))

@@ -301,3 +301,35 @@ def test_ddp_gradients_are_synchronised_through_the_wrapper():
         else:
             torch.testing.assert_close(g0, g1)
             torch.testing.assert_close(g0, average, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+def test_loss_gradcheck_forward_ad_and_compile(backend):
+    """As for every op: gradcheck in float64 with forward-mode AD (power = 0:
+    with power > 0 the weight is stop-gradient, which finite differences do
+    not see), the tangent with the adaptive weight against the torch backend,
+    and torch.compile(fullgraph=True) against eager, gradient included."""
+    g = torch.Generator().manual_seed(5)
+    u, v, d = (torch.randn(4, 3, 5, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(3))
+    t = torch.rand(4, generator=g, dtype=torch.float64).to(DEVICE) * 0.5
+    s = t + 0.3
+    torch.autograd.gradcheck(lambda a: mf.loss(a, v, d, t, s, power=0.0, backend=backend),
+                             (u.clone().requires_grad_(),), check_forward_ad=True)
+    du = torch.randn(u.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    got = torch.func.jvp(lambda a: mf.loss(a, v, d, t, s, backend=backend), (u,), (du,))
+    ref = torch.func.jvp(lambda a: mf.loss(a, v, d, t, s, backend="torch"), (u,), (du,))
+    torch.testing.assert_close(got, ref)
+
+    torch._dynamo.reset()
+    u32, v32, d32, t32, s32 = (x.float() for x in (u, v, d, t, s))
+
+    def step(f):
+        a = u32.clone().requires_grad_()
+        out = f(a, v32, d32, t32, s32)
+        out.backward()
+        return out.detach(), a.grad
+
+    def fn(a, v, d, t, s):
+        return mf.loss(a, v, d, t, s, backend=backend)
+
+    torch.testing.assert_close(step(torch.compile(fn, fullgraph=True)), step(fn))

@@ -173,3 +173,29 @@ def test_errors_name_the_argument():
         sc.training_loss(None, x)
     with pytest.raises(ValueError, match="steps: expected an int >= 1"):
         sc.sample(lambda a, b, c: a, x, 0)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+def test_loss_gradcheck_forward_ad_and_compile(backend):
+    """As for every op: gradcheck in float64 with forward-mode AD in both
+    predictions, and torch.compile(fullgraph=True) against eager, gradients
+    included."""
+    g = torch.Generator().manual_seed(6)
+    pf, x0, x1 = (torch.randn(3, 2, 5, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(3))
+    ps, s1, s2 = (torch.randn(2, 2, 5, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(3))
+    torch.autograd.gradcheck(lambda a, b: sc.loss(a, x0, x1, b, s1, s2, backend=backend),
+                             (pf.clone().requires_grad_(), ps.clone().requires_grad_()),
+                             check_forward_ad=True)
+    torch._dynamo.reset()
+    args32 = [x.float() for x in (pf, x0, x1, ps, s1, s2)]
+
+    def step(f):
+        a, b = args32[0].clone().requires_grad_(), args32[3].clone().requires_grad_()
+        out = f(a, args32[1], args32[2], b, args32[4], args32[5])
+        out.backward()
+        return out.detach(), a.grad, b.grad
+
+    def fn(a, x0, x1, b, s1, s2):
+        return sc.loss(a, x0, x1, b, s1, s2, backend=backend)
+
+    torch.testing.assert_close(step(torch.compile(fn, fullgraph=True)), step(fn))
