@@ -190,3 +190,19 @@ def test_device_cos_formula():
     exact = np.cos(a.astype(np.float64))
     ulp = np.spacing(np.abs(exact.astype(f32))).astype(np.float64)
     assert (np.abs(got - exact) <= 1.5 * ulp).all()
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])
+def test_dpmpp_nan_in_d_prev_stays_out_of_d_t(cfg):
+    """The CUDA body leaves d_prev out of d_t like the CPU op (steps.h
+    DPMpp2MFn::reads): NaN in d_prev, d_t equal to the run without it."""
+    gen = torch.Generator().manual_seed(3)
+    ins = make_inputs(n_inputs("dpmpp_2m_step", cfg), (5, 7), torch.float32, gen, 0)
+    table = make_table("dpmpp_2m_step", 5, True, torch.float32, gen)
+    w = 2.5 if cfg else 1.0
+    clean = OPS._sim_step("dpmpp_2m_step", ins, table, 1, 1, cfg, w, 0, 0, 0, 0)[0]
+    ins[2] = ins[2].clone()
+    ins[2][2, 3] = float("nan")
+    poisoned = OPS._sim_step("dpmpp_2m_step", ins, table, 1, 1, cfg, w, 0, 0, 0, 0)[0]
+    assert torch.equal(poisoned[1], clean[1])
+    assert poisoned[0].isnan().sum() == 1 and poisoned[0][2, 3].isnan()

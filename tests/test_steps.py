@@ -335,3 +335,26 @@ def test_missing_prediction_is_an_error(backend):
         fk.euler_step(x, None, 0.2, 0.4, backend=backend)
     with pytest.raises(TypeError, match="pred_euler: expected a torch.Tensor"):
         fk.heun_step(x, x, x, None, 0.2, 0.4, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])
+def test_dpmpp_nan_in_d_prev_stays_out_of_d_t(backend, cfg):
+    """d_t, the x1-prediction at t, does not depend on d_prev: a NaN there
+    must not reach it (the engines leave the term out at compile time instead
+    of multiplying it by 0: lincomb.h reads(), triton skip_mask). x_s reads
+    d_prev and carries the NaN at that element only."""
+    g = torch.Generator().manual_seed(11)
+    x, p, dp, pu = (torch.randn(4, 6, generator=g).to(DEVICE) for _ in range(4))
+    kw = dict(t=0.5, s=0.7, schedule="cosine", prediction="eps", t_prev=0.3, backend=backend)
+    if cfg:
+        kw.update(pred_uncond=pu, guidance=2.0)
+    xs0, d0 = fk.dpmpp_2m_step(x, p, d_prev=dp, **kw)
+    bad = dp.clone()
+    bad[1, 2] = float("nan")
+    xs1, d1 = fk.dpmpp_2m_step(x, p, d_prev=bad, **kw)
+    assert torch.equal(d1, d0), "a NaN in d_prev reached d_t"
+    nan = torch.zeros_like(xs1, dtype=torch.bool)
+    nan[1, 2] = True
+    assert torch.equal(xs1.isnan(), nan)
+    assert torch.equal(xs1[~nan], xs0[~nan])

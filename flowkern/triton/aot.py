@@ -47,6 +47,13 @@ def _ops():
             ("flowmap_bwd_x1", FM.flowmap_bwd_rows, 3, 1, False, 1, 0, 0)]
 
 
+def _skip(fn) -> int:
+    """The SKIP constexpr the launcher passes with this row function."""
+    from . import steps as S
+
+    return S.DPMPP_2M_SKIP if fn is S.dpmpp_2m_rows else 0
+
+
 def _rowsums():
     """(name, row function, NI, P0, P1) of every shipped row-sum kernel."""
     from . import flowmap as FM
@@ -89,7 +96,7 @@ def configs(full: bool = True, sizes=None):
                            "coef": f"*{acc_t}", "stride": "i32", "aux": f"*{acc_t}",
                            "w": "fp32", "seed": "i64", "offset": "i64", **tail}
                     const = dict(P0=p0, P1=p1, P2=p2, ROW_FN=fn, NI=ni, NO=no, NOISE=noise,
-                                 ROWS=rows_per, BLOCK_N=block_n)
+                                 SKIP=_skip(fn), ROWS=rows_per, BLOCK_N=block_n)
                     sig.update({k: "constexpr" for k in const})
                     out.append((f"lincomb/{name}/{dname}/{rows_per}x{block_n}/{idx_t}",
                                 L.lincomb_kernel, sig, const))

@@ -83,17 +83,23 @@ def _load_inputs(i0, i1, i2, i3, i4, i5, offs, mask, ACC: tl.constexpr, NI: tl.c
 
 
 @triton.jit
-def _dot(m, xs, NI: tl.constexpr):
-    """sum_j m[j] * xs[j] for j < NI."""
-    y = m[0] * xs[0]
+def _dot(m, xs, NI: tl.constexpr, SKIP: tl.constexpr):
+    """sum_j m[j] * xs[j] for j < NI, leaving out the j whose bit is set in
+    SKIP: structural zeros (lincomb.h reads()), so a NaN in an input that the
+    output does not read stays out of it (0 * NaN = NaN)."""
+    if SKIP & 1:
+        y = tl.zeros_like(xs[0])
+    else:
+        y = m[0] * xs[0]
     for j in tl.static_range(1, NI):
-        y += m[j] * xs[j]
+        if (SKIP >> j) & 1 == 0:
+            y += m[j] * xs[j]
     return y
 
 
 @triton.jit
-def _out(m, xs, xi, NI: tl.constexpr, NOISE: tl.constexpr):
-    y = _dot(m, xs, NI)
+def _out(m, xs, xi, NI: tl.constexpr, NOISE: tl.constexpr, SKIP: tl.constexpr):
+    y = _dot(m, xs, NI, SKIP)
     if NOISE:
         y += m[NI] * xi
     return y
@@ -104,7 +110,7 @@ def lincomb_kernel(i0, i1, i2, i3, i4, i5, o0, o1, o2, coef, stride, aux, w, see
                    rows, inner, n_col_blocks,
                    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, ROW_FN: tl.constexpr,
                    NI: tl.constexpr, NO: tl.constexpr, NOISE: tl.constexpr,
-                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SKIP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     ACC: tl.constexpr = coef.dtype.element_ty
     OUT: tl.constexpr = o0.dtype.element_ty
     r, rmask, offs, mask, _ = _tile(rows, inner, n_col_blocks, ROWS, BLOCK_N)
@@ -113,11 +119,11 @@ def lincomb_kernel(i0, i1, i2, i3, i4, i5, o0, o1, o2, coef, stride, aux, w, see
     xi = 0.0
     if NOISE:
         xi = normal(seed, offset + offs).to(ACC)
-    tl.store(o0 + offs, _out(M[0], xs, xi, NI, NOISE).to(OUT), mask=mask)
+    tl.store(o0 + offs, _out(M[0], xs, xi, NI, NOISE, SKIP & 63).to(OUT), mask=mask)
     if NO > 1:
-        tl.store(o1 + offs, _out(M[1], xs, xi, NI, NOISE).to(OUT), mask=mask)
+        tl.store(o1 + offs, _out(M[1], xs, xi, NI, NOISE, (SKIP >> 6) & 63).to(OUT), mask=mask)
     if NO > 2:
-        tl.store(o2 + offs, _out(M[2], xs, xi, NI, NOISE).to(OUT), mask=mask)
+        tl.store(o2 + offs, _out(M[2], xs, xi, NI, NOISE, (SKIP >> 12) & 63).to(OUT), mask=mask)
 
 
 @triton.jit
@@ -130,7 +136,7 @@ def rowsum_kernel(i0, i1, i2, i3, i4, i5, partial, coef, stride, aux, w, rows, i
     r, rmask, offs, mask, pid_c = _tile(rows, inner, n_col_blocks, ROWS, BLOCK_N)
     M = ROW_FN(P0, P1, P2, coef, stride, aux, w, r, rmask)
     xs = _load_inputs(i0, i1, i2, i3, i4, i5, offs, mask, ACC, NI)
-    y = tl.where(mask, _dot(M[0], xs, NI), 0.0)
+    y = tl.where(mask, _dot(M[0], xs, NI, 0), 0.0)
     tl.store(partial + r.to(tl.int64) * n_col_blocks + pid_c, tl.sum(y * y, axis=1), mask=rmask)
 
 
@@ -150,10 +156,17 @@ def _stride(coef, rows):
     return 0 if coef.shape[0] == 1 and rows != 1 else coef.shape[1]
 
 
+def skip_mask(*pairs) -> int:
+    """The SKIP constexpr of lincomb_kernel: bit k * MAX_IN + j set for each
+    (output k, input j) the output does not read (structural zeros)."""
+    return sum(1 << (k * MAX_IN + j) for k, j in pairs)
+
+
 def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
-                   noise=None):
+                   noise=None, skip=0):
     """outputs[k] = M_row[k] . inputs (+ noise term) for contiguous (rows, ...)
-    tensors; noise=(seed, offset) draws xi per element (philox.py)."""
+    tensors; noise=(seed, offset) draws xi per element (philox.py); skip: the
+    terms no output reads (skip_mask)."""
     assert 1 <= len(inputs) <= MAX_IN and 1 <= len(outputs) <= MAX_OUT
     if inputs[0].numel() == 0:
         return
@@ -164,7 +177,7 @@ def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
                          _stride(coef, rows), coef if aux is None else aux, float(w),
                          seed, offset, rows, inner, n_col,
                          P0=p0, P1=p1, P2=p2, ROW_FN=row_fn, NI=len(inputs), NO=len(outputs),
-                         NOISE=noise is not None, ROWS=rows_per, BLOCK_N=block_n,
+                         NOISE=noise is not None, SKIP=skip, ROWS=rows_per, BLOCK_N=block_n,
                          num_warps=NUM_WARPS, maxnreg=MAX_NREG)
 
 

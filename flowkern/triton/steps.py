@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .coeffs import convert_coeffs
-from .lincomb import launch_lincomb
+from .lincomb import launch_lincomb, skip_mask
 
 VELOCITY: tl.constexpr = tl.constexpr(0)
 X1: tl.constexpr = tl.constexpr(1)
@@ -110,6 +110,10 @@ def ei_bwd_rows(PRED: tl.constexpr, FORM: tl.constexpr, CFG: tl.constexpr, coef,
         return (a,), (pc,)
 
 
+# d_t (output 1) does not read d_prev (input 2): steps.h DPMpp2MFn::reads
+DPMPP_2M_SKIP = skip_mask((1, 2))
+
+
 @triton.jit
 def dpmpp_2m_rows(PRED: tl.constexpr, SECOND: tl.constexpr, CFG: tl.constexpr, coef, stride,
                   aux, w, r, rmask):
@@ -193,7 +197,7 @@ def dpmpp_2m_step(x, pred, d_prev, pred_uncond, coef, prediction, guidance, out,
     third = x if d_prev is None else d_prev  # unused by the first-order step
     launch_lincomb(dpmpp_2m_rows, prediction, d_prev is not None,
                    _ins(x, pred, third, pred_uncond), (out, d_out), coef,
-                   p2=pred_uncond is not None, w=guidance)
+                   p2=pred_uncond is not None, w=guidance, skip=DPMPP_2M_SKIP)
 
 
 def em_step(x, pred, pred_uncond, coef, prediction, guidance, seed, offset, out):

@@ -33,14 +33,32 @@ template <class Fn> struct has_noise<Fn, decltype(void(Fn::NOISE))> {
 template <class T, int N> struct Ptrs { const T* p[N]; };
 template <class T, int N> struct OutPtrs { T* p[N]; };
 
-// out = M * in for one element, in the accumulation type.
-template <class A, int NO, int NI>
+// Structural zeros: a functor may declare which inputs each output reads,
+//   FK_HD static constexpr bool reads(int k, int j);
+// and the terms it does not read are left out of the sum rather than
+// multiplied by a 0 coefficient, so a NaN or inf in an input that an output
+// does not depend on stays out of it (0 * NaN = NaN; e.g. DPM-Solver++'s d_t
+// does not read d_prev). The choice is made at compile time (the loops are
+// unrolled), never from a coefficient's value: a NaN the math does reach
+// (a model output times a 0 step) still propagates. Default: reads all.
+template <class Fn, class = void> struct has_reads { static constexpr bool value = false; };
+template <class Fn> struct has_reads<Fn, decltype(void(Fn::reads(0, 0)))> {
+  static constexpr bool value = true;
+};
+template <class Fn> FK_HD constexpr bool reads(int k, int j) {
+  if constexpr (has_reads<Fn>::value) return Fn::reads(k, j);
+  else return true;
+}
+
+// out = M * in for one element, in the accumulation type (Fn: reads()).
+template <class Fn, class A, int NO, int NI>
 FK_HD void apply(const Mat<A, NO, NI>& M, const A (&in)[NI], A (&out)[NO]) {
 FK_UNROLL
   for (int k = 0; k < NO; ++k) {
-    A s = M.m[k][0] * in[0];
+    A s = reads<Fn>(k, 0) ? M.m[k][0] * in[0] : A(0);
 FK_UNROLL
-    for (int j = 1; j < NI; ++j) s += M.m[k][j] * in[j];
+    for (int j = 1; j < NI; ++j)
+      if (reads<Fn>(k, j)) s += M.m[k][j] * in[j];
     out[k] = s;
   }
 }
@@ -70,7 +88,7 @@ inline void lincomb_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
     for (i64 i = 0; i < n; ++i) {
       A x[Fn::NI], y[NO];
       for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], b + i);
-      apply(M, x, y);
+      apply<Fn>(M, x, y);
       if constexpr (noisy)
         for (int k = 0; k < NO; ++k) y[k] += M.noise[k] * A(xi[i]);
       for (int k = 0; k < NO; ++k) store(dst[k], i, y[k]);
@@ -156,7 +174,7 @@ FK_UNROLL
       A x[Fn::NI], y[Fn::NO];
 FK_UNROLL
       for (int j = 0; j < Fn::NI; ++j) x[j] = to_float(pin[j].v[v]);
-      apply(M, x, y);
+      apply<Fn>(M, x, y);
       if constexpr (has_noise<Fn>::value) {
         const A xi = A(normal_at(key, e + v));
 FK_UNROLL

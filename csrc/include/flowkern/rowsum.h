@@ -25,7 +25,7 @@ inline acc_t<T> rowsum_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
   for (i64 e = e0; e < e1; ++e) {
     A x[Fn::NI], y[1];
     for (int j = 0; j < Fn::NI; ++j) x[j] = load(p[j], e);
-    apply(M, x, y);
+    apply<Fn>(M, x, y);
     s += y[0] * y[0];
   }
   return s;
@@ -49,7 +49,7 @@ FK_HD acc_t<T> rowsum_thread(const Fn& fn, i64 blk, int tid, int nthr, i64 inner
     A x[Fn::NI], y[1];
 FK_UNROLL
     for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], r * inner + e);
-    apply(M, x, y);
+    apply<Fn>(M, x, y);
     s += y[0] * y[0];
   }
   return s;

@@ -140,8 +140,10 @@ template <class A, bool CFG> struct EIBwdFn : StepBase<A> {
 // D = (1 + 1/(2r)) d_t - d_prev/(2r), x_s = (sigma_s/sigma_t) x - alpha_s expm1(-h) D.
 // First order (D = d_t) when `second` is false or h is not finite (sigma_s = 0).
 // In (x, p, d_prev[, p_u]) -> (x_s, d_t); d_t is stored for the next step.
+// d_t does not read d_prev (lincomb.h reads()): a NaN there stays out of it.
 template <class A, bool CFG> struct DPMpp2MFn : StepBase<A> {
   static constexpr int NI = CFG ? 4 : 3, NO = 2;
+  FK_HD static constexpr bool reads(int k, int j) { return !(k == 1 && j == 2); }
   bool second;
   FK_HD Mat<A, 2, NI> row(i64 r) const {
     const StepRow<A> c = this->coef.at(r);
