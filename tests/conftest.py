@@ -43,8 +43,20 @@ def pytest_addoption(parser):
     parser.addoption("--full", action="store_true", help="also run tests marked slow")
 
 
+def full_run():
+    """`make test-full` (pytest --full, or FLOWKERN_TEST_FULL=1): slow tests
+    run and the fuzz properties draw 10x more examples."""
+    return os.environ.get("FLOWKERN_TEST_FULL") == "1"
+
+
+def pytest_configure(config):
+    # before the test modules are imported: hypothesis settings read it there
+    if config.getoption("--full"):
+        os.environ["FLOWKERN_TEST_FULL"] = "1"
+
+
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--full") or os.environ.get("FLOWKERN_TEST_FULL") == "1":
+    if full_run():
         return
     skip = pytest.mark.skip(reason="slow: run with `make test-full`")
     for item in items:

@@ -217,6 +217,7 @@ class _Step:
 
     def __init__(self, op, x, preds, t, s, schedule, table, backend, t_prev=None, g=None,
                  check_times=True, writes=True):
+        self.op = op
         V.tensor("x", x)
         check_tensors(**preds)  # one rule for which tensors may be absent (ops/training.py)
         for name, p in preds.items():
@@ -287,11 +288,19 @@ def _guidance(pred_uncond, guidance):
     return 1.0 if guidance is None else float(guidance)
 
 
-def _out(name, out, x):
+def _out(name, out, x, st=None):
+    """The output buffer `name` (a new one when None). With st (the Python
+    backends' plan), the rule csrc/cpu/nograd.cpp applies to the native ops:
+    on triton, a buffer that requires grad is an error (the kernel's write is
+    invisible to autograd); the torch backend's copy_ differentiates."""
     if out is None:
         return empty_output(x)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(out).__name__}")
+    if st is not None and st.backend == "triton" and torch.is_grad_enabled() \
+            and out.requires_grad:
+        raise RuntimeError(f"{st.op}: argument '{name}' requires grad, and this op writes into "
+                           f"a buffer and has no derivative; call it under torch.no_grad()")
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"{name}: must match x in shape, dtype and device")
     if not out.is_contiguous():
@@ -417,7 +426,7 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
                table, backend)
     code = _pred(prediction)
     _nonzero_for(st, prediction, "velocity")
-    out = _out("out", out, x)
+    out = _out("out", out, x, st)
     V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
     if st.backend == "torch":
         return _cast(ref.euler_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4],
@@ -453,7 +462,7 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
     code = _pred(prediction)
     _nonzero_for(st, prediction, "velocity")
     _nonzero_for(st, prediction, "velocity", at="s")
-    out = _out("out", out, x)
+    out = _out("out", out, x, st)
     V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "x_euler": x_euler,
                                       "pred_euler": pred_euler, "pred_uncond": pred_uncond,
                                       "pred_euler_uncond": pred_euler_uncond})
@@ -499,7 +508,7 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
         V.nonzero("t", "alpha_t", st.table[:, 0], "the noise form divides by it")
         _nonzero_for(st, prediction, "eps")
     if out is not None:
-        out = _out("out", out, x)
+        out = _out("out", out, x, st)
         V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
     if st.backend == "torch":
         val = ref.ei_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4], st.table[:, 4:8],
@@ -538,7 +547,7 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
     V.nonzero("t", "sigma_t", st.table[:, 1], "the data form divides by it")
     V.nonzero("t", "alpha_t", st.table[:, 0], "log(alpha_t/sigma_t) needs it")
     _nonzero_for(st, prediction, "x1")
-    out, d_out = _out("out", out, x), _out("d_out", d_out, x)
+    out, d_out = _out("out", out, x, st), _out("d_out", d_out, x, st)
     V.check_no_overlap({"out": out, "d_out": d_out},
                        {"x": x, "pred": pred, "d_prev": d_prev, "pred_uncond": pred_uncond})
     if st.backend == "torch":
@@ -575,7 +584,7 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     _nonzero_for(st, prediction, "velocity")
     _nonzero_for(st, prediction, "score")
     _direction(st.table, forward=True)
-    out = _out("out", out, x)
+    out = _out("out", out, x, st)
     V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
     if st.backend == "torch":
         xi = ref.philox_normal(seed, offset, x.shape, st.acc, x.device)
@@ -601,7 +610,7 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=0, offset=0, out=None, 
     st = _Step("churn", x, {}, t, t_hat, schedule, table, backend)
     V.nonzero("t", "alpha_t", st.table[:, 0], "churn divides by it")
     _direction(st.table, forward=False)
-    out = _out("out", out, x)
+    out = _out("out", out, x, st)
     V.check_no_overlap({"out": out}, {"x": x})
     if st.backend == "torch":
         xi = ref.philox_normal(seed, offset, x.shape, st.acc, x.device)

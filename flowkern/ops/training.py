@@ -469,6 +469,11 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
     x0, x1 = V.dense(x0, shape), V.dense(x1, shape)
     if out is not None:
         no_forward_mode("interpolate", x0, x1)
+        for name, v in (("x0", x0), ("x1", x1)):  # csrc/cpu/nograd.cpp's rule
+            if torch.is_grad_enabled() and v.requires_grad:
+                raise RuntimeError(f"interpolate: argument '{name}' requires grad, and "
+                                   f"interpolate(..., out=) writes into buffers and has no "
+                                   f"derivative; call it without out= or under torch.no_grad()")
     if out is None:
         return _T_DIFF.interpolate.call(x0, x1, coef, 0.0, TABLE_KIND, [], code, False)
     _TRITON.interpolate_out(x0, x1, coef, 0.0, TABLE_KIND, [], code, False, *out)
