@@ -240,8 +240,8 @@ def run_fm(c, case, backend, model):
     kw = dict(FM_CASES[case])
     if "time_grid" in kw:
         kw["time_grid"] = torch.tensor(kw["time_grid"])
-    return fk_fm.ODESolver(model).sample(c.x(), kw.pop("step_size"), backend=backend,
-                                         bias=0.1, **kw)
+    return fk_fm.ODESolver(model, backend=backend).sample(c.x(), kw.pop("step_size"),
+                                                          bias=0.1, **kw)
 
 
 def close(a, b):

@@ -89,18 +89,36 @@ def _gamma(shape_param, generator):
     return out
 
 
+# PFGM's restrict_M: the z below which m is redrawn (the official code's
+# constant, for its sigma_end = 0.01; PFGM Appendix B.1.1)
+RESTRICT_Z = 0.005
+
+
 def perturb(x: torch.Tensor, D: float = 1, *, M: int = 291, tau: float = 0.03,
             sigma=None, m: Optional[torch.Tensor] = None, generator=None,
-            P_mean: float = -1.2, P_std: float = 1.2):
+            P_mean: float = -1.2, P_std: float = 1.2, restrict_M: Optional[float] = None):
     """Perturbed training points (x~ (B, ...), r (B,)) for a batch of data x.
 
     D = 1 (PFGM, Algorithm 2): m ~ U[0, M] (or given), z = |N(0, sigma^2)|,
     x~ = x + ||eps|| (1 + tau)^m u with eps ~ N(0, sigma^2 I_N) and u uniform on
     the sphere, r = z (1 + tau)^m. sigma defaults to 0.01.
+    restrict_M (D = 1 only): the official code's ``training.restrict_M``
+    (PFGM Appendix B.1.1, used for CIFAR-10 with restrict_M=200, LSUN 250):
+    where z < 0.005 the exponent m (drawn or given) is redrawn from
+    U[0, restrict_M), which confines the norms of the perturbed points. The
+    redraws come after every other draw, so the rows it leaves alone are the
+    same as without it.
     D > 1 (PFGM++): sigma is the noise level (float or (B,); default drawn
     from EDM's log-normal(P_mean, P_std)), r = sigma sqrt(D), and
     x~ = x + R u with R from :func:`radius`.
     """
+    if restrict_M is not None:
+        if D != 1:
+            raise ValueError(f"restrict_M: PFGM's redraw of m applies to D = 1 only, got D={D}")
+        if isinstance(restrict_M, bool) or not isinstance(restrict_M, (int, float)) \
+                or not 0 < restrict_M < math.inf:
+            raise ValueError(f"restrict_M: expected a finite number > 0 (the official "
+                             f"CIFAR-10 value is 200), got {restrict_M!r}")
     _check_D(D)
     B = x.shape[0]
     N = x[0].numel() if B else x.shape[1:].numel()
@@ -114,6 +132,10 @@ def perturb(x: torch.Tensor, D: float = 1, *, M: int = 291, tau: float = 0.03,
         mult = (1.0 + tau) ** m
         z = (torch.randn(B, generator=generator, dtype=torch.float64, device=dev) * s).abs()
         eps = torch.randn(B, N, generator=generator, dtype=torch.float64, device=dev) * s
+        if restrict_M is not None:
+            redraw = torch.rand(B, generator=generator, dtype=torch.float64,
+                                device=dev) * restrict_M
+            mult = torch.where(z < RESTRICT_Z, (1.0 + tau) ** redraw, mult)
         norm = eps.norm(dim=1) * mult
         r = z * mult
     else:

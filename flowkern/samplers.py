@@ -31,7 +31,7 @@ from .grids import make_grid, sigma_k, t_from_sigma_k
 from .ops.steps import churn as _churn
 from .ops.steps import dpmpp_2m_step, ei_step, em_step, euler_step, heun_step, step_table
 from .ops._registry import empty_output
-from .schedules import get_schedule
+from .schedules import evaluate, get_schedule
 
 try:  # optional
     from tqdm.auto import tqdm as _tqdm
@@ -142,8 +142,8 @@ class _Plan:
         self.seed = 0 if seed is None else seed
 
         # coefficients at every evaluation time, float64 on the host
-        c_t = torch.stack([c.to(torch.float64) for c in self.sched(t_hat)], 1).tolist()
-        c_s = torch.stack([c.to(torch.float64) for c in self.sched(ts[1:])], 1).tolist()
+        c_t = torch.stack(evaluate(self.sched, t_hat, torch.float64), 1).tolist()
+        c_s = torch.stack(evaluate(self.sched, ts[1:], torch.float64), 1).tolist()
         p = prediction
         self.kind = []                            # per step: which kernel(s) run
         self.form = "data" if p in ("x1", "velocity") else "noise"

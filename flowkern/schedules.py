@@ -30,7 +30,8 @@ class Schedule:
     ``derivatives(t)`` with analytic forms (the built-ins do)."""
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(f"schedule: {type(self).__name__} must implement "
+                                  f"alpha_sigma(t) -> (alpha, sigma)")
 
     def derivatives(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Fallback for user schedules: forward-mode derivative of alpha_sigma.
@@ -46,6 +47,21 @@ class Schedule:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
+
+
+def _reals(schedule: str, **params) -> list:
+    """A built-in schedule's parameters as floats; anything that is not a real
+    number (a string, a tensor of several values, None) is a TypeError naming
+    the parameter, before the range checks compare it."""
+    out = []
+    for name, v in params.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name}: the {schedule} schedule's {name} must be a real number, "
+                            f"got {type(v).__name__}")
+        out.append(float(v))
+    return out
 
 
 class Linear(Schedule):
@@ -77,6 +93,7 @@ class Polynomial(Schedule):
     """alpha = t^n, sigma = 1 - t^n."""
 
     def __init__(self, n: float = 2.0):
+        n, = _reals("polynomial", n=n)
         if not 0 < n < math.inf:
             raise ValueError(f"polynomial schedule: n must be finite and > 0, got {n}")
         self.n = float(n)
@@ -95,6 +112,7 @@ class VP(Schedule):
     s = 1 - t, alpha = exp(-s^2 (b_max - b_min)/4 - s b_min/2), sigma = sqrt(1 - alpha^2)."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        beta_min, beta_max = _reals("vp", beta_min=beta_min, beta_max=beta_max)
         if not 0 <= beta_min <= beta_max < math.inf:
             raise ValueError(f"vp schedule: need 0 <= beta_min <= beta_max < inf, got {beta_min}, "
                              f"{beta_max}")
@@ -123,6 +141,7 @@ class VE(Schedule):
     sigma = sigma_min (sigma_max / sigma_min)^(1 - t)."""
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        sigma_min, sigma_max = _reals("ve", sigma_min=sigma_min, sigma_max=sigma_max)
         if not 0 < sigma_min < sigma_max < math.inf:
             raise ValueError(f"ve schedule: need 0 < sigma_min < sigma_max < inf, got {sigma_min}, "
                              f"{sigma_max}")
@@ -142,6 +161,8 @@ class EDM(Schedule):
     sigma = (smax^(1/rho) + t (smin^(1/rho) - smax^(1/rho)))^rho."""
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+        sigma_min, sigma_max, rho = _reals("edm", sigma_min=sigma_min, sigma_max=sigma_max,
+                                           rho=rho)
         if not 0 < sigma_min < sigma_max < math.inf or not 0 < rho < math.inf:
             raise ValueError(f"edm schedule: need 0 < sigma_min < sigma_max < inf and "
                              f"0 < rho < inf, "
@@ -252,7 +273,33 @@ def coefficients(schedule, t: torch.Tensor, rows: int, dtype: torch.dtype,
     if check:
         check_unit_interval(check, t)
     t = t.to(dtype)
-    coef = torch.stack([c.to(dtype).reshape(-1) for c in sched(t)], dim=1)
+    coef = torch.stack(evaluate(sched, t, dtype), dim=1)
     if coef.shape[0] != rows:
         coef = coef.expand(rows, 4)
     return coef.contiguous()
+
+
+_COLUMNS = ("alpha", "sigma", "d_alpha", "d_sigma")
+
+
+def evaluate(sched, t: torch.Tensor, dtype: torch.dtype) -> list:
+    """A schedule's (alpha, sigma, d_alpha, d_sigma) at the n times t (1-d) as
+    four (n,) columns in `dtype`. A callable returning anything else is an
+    error naming `schedule` (a bare tensor of 4 rows would otherwise be read
+    as four columns)."""
+    out = sched(t)
+    if not (isinstance(out, (tuple, list)) and len(out) == 4):
+        got = f"{len(out)} values" if isinstance(out, (tuple, list)) else type(out).__name__
+        raise ValueError(f"schedule: a schedule callable must return the 4-tuple (alpha, "
+                         f"sigma, d_alpha, d_sigma); got {got}")
+    cols = []
+    for name, c in zip(_COLUMNS, out):
+        if not isinstance(c, (torch.Tensor, int, float)) or isinstance(c, bool):
+            raise TypeError(f"schedule: its {name} must be a tensor or a float, "
+                            f"got {type(c).__name__}")
+        c = torch.as_tensor(c, dtype=dtype, device=t.device).reshape(-1)
+        if c.numel() not in (1, t.numel()):
+            raise ValueError(f"schedule: its {name} has {c.numel()} values for "
+                             f"{t.numel()} times")
+        cols.append(c.expand(t.numel()))
+    return cols

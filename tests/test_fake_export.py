@@ -61,3 +61,18 @@ def test_torch_export_of_a_training_step():
     ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert any("flowkern.interpolate" in o for o in ops), ops
     torch.testing.assert_close(ep.module()(x0, x1, t), Step()(x0, x1, t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", [n for n in CASES if n not in  # v unused; fields: test_fields
+                                  ("churn", "poisson_field", "empirical_denoiser")])
+def test_meta_mixed_with_real_tensors_is_an_error(backend, name):
+    """A meta tensor among real ones sends the native op to its fake kernel:
+    that must raise naming an argument (as PyTorch's ops raise), not return
+    meta outputs."""
+    x = torch.randn(4, 3, device=DEVICE)
+    v = torch.randn(4, 3, device="meta")
+    t = torch.rand(4, device=DEVICE)
+    with fk.use_backend(backend):
+        with pytest.raises((ValueError, RuntimeError), match=r"(\w+: |backend=).*(device|meta)"):
+            CASES[name](x, v, t)

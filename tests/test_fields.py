@@ -233,7 +233,24 @@ BAD = [
     (lambda: fk.empirical_denoiser(x_, 0.5, ref_[:0]), ValueError, "ref.*empty"),
     (lambda: fk.poisson_field(x_, 1.0, ref_.to("meta")), ValueError, "ref: on meta"),
     (lambda: fk.poisson_field(x_, torch.ones(4, device="meta"), ref_), ValueError, "r: on meta"),
+    # float32 squared distances that overflow: an error, not a field of zeros
+    (lambda: fk.poisson_field(x_ * 1e20, 1.0, ref_), ValueError, "x: .*overflows"),
+    (lambda: fk.empirical_denoiser(x_ * 1e20, 0.5, ref_), ValueError, "x_t: .*overflows"),
 ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflowing_distances_raise_on_every_backend(backend):
+    """|x| ~ 1e20 in float32: every ||x - y||^2 is inf; the field used to be
+    0 without a word. Just below the limit (1e18) the result is the float64
+    field's; r = inf keeps its limit 0."""
+    x, ref = torch.randn(4, 3).to(DEVICE), torch.randn(10, 3).to(DEVICE)
+    with pytest.raises(ValueError, match="x: .*overflows torch.float32"):
+        fk.poisson_field(x * 1e20, 1.0, ref, backend=backend)
+    got = fk.poisson_field(x * 1e18, 1.0, ref, backend=backend)[0]
+    want = fk.poisson_field((x * 1e18).double(), 1.0, ref.double(), backend="torch")[0]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert fk.poisson_field(x, math.inf, ref, backend=backend)[0].abs().max() == 0
 
 
 @pytest.mark.parametrize("fn,exc,pattern", BAD, ids=[f"{i}-{c[2]}" for i, c in enumerate(BAD)])

@@ -584,8 +584,8 @@ def _velocity(x, t, **extras):
 
 def _fm_run(case, backend, model):
     kw = dict(FM_CASES[case])
-    return fk_fm.ODESolver(model).sample(_x(), kw.pop("step_size"), backend=backend, bias=0.1,
-                                         **kw)
+    return fk_fm.ODESolver(model, backend=backend).sample(_x(), kw.pop("step_size"), bias=0.1,
+                                                          **kw)
 
 
 def test_every_ode_method_is_covered():

@@ -76,6 +76,36 @@ def test_perturbation_radius_laws():
     assert p.mean(0).abs().max().item() < 0.05
 
 
+def test_restrict_M_redraws_m_where_z_is_small():
+    """PFGM's restrict_M (official forward_pz): where z < 0.005, m is redrawn
+    from U[0, restrict_M). With m = 280 given, the redrawn rows have
+    r = z 1.03^m' < 0.005 * 1.03^200 = 1.84 and the others r >= 0.005 *
+    1.03^280 = 19.9; P(|N(0, 0.01^2)| < 0.005) = P(|N(0,1)| < 0.5) = 0.3829.
+    The rows it leaves alone equal the unrestricted draw's (same generator)."""
+    n, N = 20000, 6
+    x = torch.zeros(n, N, dtype=torch.float64)
+    m = torch.full((n,), 280.0)
+    xt, r = pfgm.perturb(x, m=m, restrict_M=200, generator=torch.Generator().manual_seed(1))
+    x0, r0 = pfgm.perturb(x, m=m, generator=torch.Generator().manual_seed(1))
+    small = r < 0.005 * 1.03 ** 200
+    assert ((r >= 0.005 * 1.03 ** 280) | small).all()
+    frac = small.double().mean().item()
+    assert abs(frac - 0.3829) < 4 * math.sqrt(0.3829 * 0.6171 / n), frac
+    torch.testing.assert_close(r[~small], r0[~small])
+    torch.testing.assert_close(xt[~small], x0[~small])
+    # a redrawn row keeps its direction and eps/z ratio: x~ - x scales with r
+    torch.testing.assert_close(xt[small].norm(dim=1) / r[small],
+                               x0[small].norm(dim=1) / r0[small])
+    # the redrawn exponents log(r/z)/log(1.03) are uniform on [0, 200)
+    z = r0[small] / 1.03 ** 280
+    m_new = torch.log(r[small] / z) / math.log(1.03)
+    assert m_new.min() >= 0 and m_new.max() < 200 and abs(m_new.mean().item() - 100) < 3
+    with pytest.raises(ValueError, match="restrict_M: PFGM's redraw of m applies to D = 1"):
+        pfgm.perturb(x, D=8, restrict_M=200)
+    with pytest.raises(ValueError, match="restrict_M: expected a finite number > 0"):
+        pfgm.perturb(x, restrict_M=-1)
+
+
 @pytest.mark.parametrize("D", [1, 128])
 def test_sample_with_exact_field_regenerates_data(D):
     """The ODE driven by the exact empirical field of 2000 data points (no

@@ -68,6 +68,35 @@ def test_bad_parameters():
         fk.schedules.EDM(sigma_min=1, sigma_max=0.5)
     with pytest.raises(ValueError, match="unknown name"):
         fk.get_schedule("sigmoid")
+    with pytest.raises(TypeError, match="sigma_max: the ve schedule's sigma_max must be a real"):
+        fk.schedules.VE(sigma_max="50")
+    with pytest.raises(TypeError, match="rho: "):
+        fk.schedules.EDM(rho=None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_bad_user_schedules_are_named(backend):
+    """A callable returning anything but four columns of the right length, or
+    a Schedule subclass without alpha_sigma, is an error naming `schedule`,
+    never garbage coefficients (a (4,) tensor for a batch of 4 used to be read
+    as four scalar columns)."""
+    if not fk.available()[backend]:
+        pytest.skip(f"{backend} not available")
+    x = torch.randn(4, 5)
+    bad = [(lambda t: t * 1, ValueError, "4-tuple .* got Tensor"),
+           (lambda t: (t, 1 - t, t), ValueError, "got 3 values"),
+           (lambda t: (t, 1 - t, "1", t), TypeError, "d_alpha must be a tensor"),
+           (lambda t: (t, 1 - t, torch.ones(3), t), ValueError, "d_alpha has 3 values"),
+           (type("NoAlpha", (fk.schedules.Schedule,), {})(), NotImplementedError,
+            "NoAlpha must implement alpha_sigma")]
+    for sched, exc, msg in bad:
+        with pytest.raises(exc, match="schedule: .*" + msg):
+            fk.interpolate(x, x, torch.full((4,), 0.3), schedule=sched, backend=backend)
+        with pytest.raises(exc, match="schedule: .*" + msg):
+            fk.euler_step(x, x, 0.3, 0.5, schedule=sched, backend=backend)
+    # floats are columns too: a constant alpha or rate
+    got = fk.interpolate(x, x, 0.3, schedule=lambda t: (t, 1 - t, 1.0, -1.0), backend=backend)
+    torch.testing.assert_close(got[1], torch.zeros_like(x))
 
 
 # flowkern::schedule_table (csrc/cpu/schedules.cpp): the C++ table of the

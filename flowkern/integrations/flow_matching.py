@@ -9,11 +9,13 @@ flow_matching (facebookresearch) uses flowkern's convention as is (docs/design.m
   conversions (``target_to_velocity`` and friends) are :func:`flowkern.convert`.
   The scheduler may be a flow_matching scheduler (anything returning an object
   with alpha_t, sigma_t, d_alpha_t, d_sigma_t) or a flowkern schedule / name.
-- :class:`ODESolver`: ``sample(x_init, step_size, method, time_grid=...)`` over
-  a velocity model called as ``velocity_model(x=x, t=t, **model_extras)``
-  with a 0-dim t, like flow_matching's. Fixed-step methods "euler",
-  "midpoint" and "heun2" run on the fused Euler/Heun steps; the step grid and
-  the linear interpolation onto time_grid follow torchdiffeq exactly.
+- :class:`ODESolver`: ``sample(x_init, step_size, method, time_grid=...)`` and
+  ``compute_likelihood(x_1, log_p0, step_size, ...)`` over a velocity model
+  called as ``velocity_model(x=x, t=t, **model_extras)`` with a 0-dim t, like
+  flow_matching's (every extra keyword goes to the model; flowkern's backend
+  is an argument of the constructor). Fixed-step methods "euler", "midpoint"
+  and "heun2" run on the fused Euler/Heun steps; the step grid and the linear
+  interpolation onto time_grid follow torchdiffeq exactly.
 """
 from __future__ import annotations
 
@@ -152,14 +154,19 @@ class ODESolver:
     Args:
         velocity_model: called as ``velocity_model(x=x, t=t, **model_extras)``
             with t a 0-dim tensor; returns u_t(x).
+        backend: flowkern's backend for the fused steps (default: auto). It is
+            an argument of the solver, not of ``sample``: every keyword of
+            ``sample`` past the peer's own goes to the model, as in
+            flow_matching.
     """
 
-    def __init__(self, velocity_model):
+    def __init__(self, velocity_model, *, backend=None):
         self.velocity_model = velocity_model
+        self.backend = backend
 
     def sample(self, x_init, step_size, method="euler", atol=1e-5, rtol=1e-5,
                time_grid=torch.tensor([0.0, 1.0]), return_intermediates=False,
-               enable_grad=False, backend=None, **model_extras):
+               enable_grad=False, **model_extras):
         """Solve dx/dt = u_t(x) from time_grid[0] to time_grid[-1].
 
         step_size: fixed step (the grid is start + k step_size, as in
@@ -169,6 +176,41 @@ class ODESolver:
         state, or with return_intermediates the states at every time_grid point
         (linear interpolation between solver steps, as torchdiffeq), stacked.
         """
+        grid, time_grid = self._grid(x_init, step_size, method, time_grid, enable_grad)
+        with torch.no_grad():
+            x, _ = self._integrate(x_init, grid, time_grid, method, return_intermediates,
+                                   model_extras)
+        return x
+
+    def compute_likelihood(self, x_1, log_p0, step_size, method="euler", atol=1e-5, rtol=1e-5,
+                           time_grid=torch.tensor([1.0, 0.0]), return_intermediates=False,
+                           exact_divergence=False, enable_grad=False, **model_extras):
+        """log p_1(x_1) by the instantaneous change of variables (Chen et al.
+        2018): integrate (x, L) backwards from t = 1 to t = 0 with dx/dt = u_t(x),
+        dL/dt = div u_t(x); then log p_1(x_1) = log_p0(x_0) + L(0).
+
+        The divergence is exact (one backward per feature) or Hutchinson's
+        estimate z^T (du/dx) z with one Rademacher z drawn from torch's global
+        generator, fixed for the whole solve, as flow_matching draws it. The
+        x update of each step is the fused Euler/Heun step; L is a (B,)
+        vector updated alongside. Returns (x_0, log p_1(x_1)), or with
+        return_intermediates (the states at every time_grid point, log p_1).
+        """
+        if not (float(time_grid[0]) == 1.0 and float(time_grid[-1]) == 0.0):
+            raise ValueError(f"time_grid: must start at 1.0 and end at 0.0 for the likelihood, "
+                             f"got {time_grid}")
+        grid, time_grid = self._grid(x_1, step_size, method, time_grid, enable_grad)
+        z = None
+        if not exact_divergence:  # flow_matching's draw, same generator calls
+            z = ((torch.randn_like(x_1).to(x_1.device) < 0) * 2.0 - 1.0).to(x_1.dtype)
+        field = _with_divergence(self.velocity_model, model_extras, z, enable_grad)
+        with torch.no_grad():
+            x, log_det = self._integrate(x_1, grid, time_grid, method, return_intermediates,
+                                         model_extras, field)
+        x_0 = x[-1] if return_intermediates else x
+        return x, log_p0(x_0) + log_det
+
+    def _grid(self, x_init, step_size, method, time_grid, enable_grad):
         if method not in _METHODS:
             raise ValueError(f"method: {method!r} is not a fixed-step method flowkern fuses; "
                              f"expected one of {_METHODS} (use flow_matching's ODESolver for "
@@ -183,12 +225,18 @@ class ODESolver:
         grid = time_grid if step_size is None else _grid_from_step_size(time_grid, step_size)
         if not (grid[0] == time_grid[0] and grid[-1] == time_grid[-1]):
             raise ValueError("time_grid: the solver grid must start and end on time_grid")
-        with torch.no_grad():
-            return self._integrate(x_init, grid, time_grid, method, return_intermediates,
-                                   backend, model_extras)
+        return grid, time_grid
 
-    def _integrate(self, x_init, grid, out_t, method, return_intermediates, backend, extras):
-        f = self.velocity_model
+
+    def _integrate(self, x_init, grid, out_t, method, return_intermediates, extras,
+                   field=None):
+        """The fixed-step solve on grid: (x at the end, or the states at out_t
+        stacked; the integral of div u, (B,), when field gives it). field(x, t)
+        -> (u, div u) replaces the plain model call for the likelihood."""
+        backend = self.backend
+        if field is None:
+            def field(x, t):
+                return self.velocity_model(x=x, t=t, **extras), None
         # one step table for all steps (and the midpoint half steps); velocity
         # needs no schedule coefficients, so any schedule serves for the rows.
         t0, t1 = grid[:-1], grid[1:]
@@ -196,6 +244,7 @@ class ODESolver:
         table = step_table("linear", t0, t1, dtype=dtype, device=x_init.device,
                            check=False)  # only h = t1 - t0 is read: any times serve
         table[:, 10] = (t1 - t0).to(dtype)
+        dt = (t1 - t0).to(x_init.dtype)  # the log-det's steps (a (B,) vector each)
         if method == "midpoint":
             half = 0.5 * (t1 - t0)
             tmid = t0 + half
@@ -207,24 +256,29 @@ class ODESolver:
         if sol is not None:
             sol[0] = x_init
         x = x_init.contiguous()
+        log_det = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         j = 1
         ta_host, out_host = grid.tolist(), out_t.tolist()      # host copies, once
         rev = ta_host[0] > ta_host[-1]
         buf = torch.empty_like(x)
         for i in range(len(ta_host) - 1):
-            u = f(x=x, t=grid[i], **extras)
+            u, div = field(x, grid[i])
             if method == "euler":
                 y = euler_step(x, u, prediction="velocity", table=table[i], backend=backend)
             elif method == "midpoint":
                 euler_step(x, u, prediction="velocity", table=half_table[i], out=buf,
                            backend=backend)
-                um = f(x=buf, t=tmid[i], **extras)
+                um, div = field(buf, tmid[i])
                 y = euler_step(x, um, prediction="velocity", table=table[i], backend=backend)
             else:  # heun2
                 euler_step(x, u, prediction="velocity", table=table[i], out=buf, backend=backend)
-                ue = f(x=buf, t=grid[i + 1], **extras)
+                ue, div_e = field(buf, grid[i + 1])
                 y = heun_step(x, u, buf, ue, prediction="velocity", table=table[i],
                               backend=backend)
+                if div is not None:
+                    div = 0.5 * (div + div_e)
+            if div is not None:
+                log_det = log_det + dt[i] * div
             if sol is not None:
                 a, b = ta_host[i], ta_host[i + 1]
                 while j < n_out and ((b >= out_host[j]) if not rev else (b <= out_host[j])):
@@ -237,4 +291,26 @@ class ODESolver:
                         sol[j] = x + ((tj - a) / (b - a)) * (y - x)
                     j += 1
             x = y
-        return sol if return_intermediates else x
+        return (sol if return_intermediates else x), log_det
+
+
+def _with_divergence(model, extras, z, enable_grad):
+    """field(x, t) -> (u, div u) for the likelihood ODE: u = model(x=x, t=t,
+    **extras) and its divergence in x, exact (z None) or Hutchinson's z^T J z."""
+    def field(x, t):
+        with torch.enable_grad():
+            xt = x.detach().requires_grad_()
+            u = model(x=xt, t=t, **extras)
+            flat = u.flatten(1)
+            if z is None:
+                div = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+                for i in range(flat.shape[1]):
+                    g = torch.autograd.grad(flat[:, i].sum(), xt, retain_graph=True,
+                                            create_graph=enable_grad)[0]
+                    div = div + g.flatten(1)[:, i]
+            else:
+                u_z = (flat * z.flatten(1)).sum(1)
+                g = torch.autograd.grad(u_z.sum(), xt)[0]
+                div = (g.flatten(1) * z.flatten(1)).sum(1)
+        return u.detach(), div.detach()
+    return field

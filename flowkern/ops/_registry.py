@@ -66,7 +66,7 @@ def register(name: str, fake, backward=None, setup_context=None, nograd=False, j
     for ns in namespaces():
         qual = f"{ns}::{name}"
         ops = getattr(torch.ops, ns)
-        torch.library.register_fake(qual)(fake)
+        torch.library.register_fake(qual)(_one_device(qual, getattr(ops, name).default, fake))
         if backward is not None:
             torch.library.register_autograd(qual, backward(ops), setup_context=setup_context)
         if jvp is not None:
@@ -78,7 +78,32 @@ def register(name: str, fake, backward=None, setup_context=None, nograd=False, j
     if not cpu_built():
         return
     if nograd:
-        torch.library.register_fake(f"{NATIVE_NS}::{name}.nograd")(fake)
+        qual = f"{NATIVE_NS}::{name}.nograd"
+        torch.library.register_fake(qual)(
+            _one_device(qual, getattr(getattr(torch.ops, NATIVE_NS), name).nograd, fake))
+
+
+def _one_device(qual: str, overload, fake):
+    """The fake kernel behind a device check: the dispatcher sends a call with
+    any meta tensor here (not to the kernels, whose C++ checks name the
+    argument), so a meta tensor mixed with real ones would otherwise return
+    meta outputs without a word. 0-dim CPU tensors may join any device, as in
+    PyTorch's own ops."""
+    names = [a.name for a in overload._schema.arguments]
+
+    def checked(*args, **kwargs):
+        first = None
+        for n, a in zip(names, args):
+            for x in (a if isinstance(a, (list, tuple)) else (a,)):
+                if not isinstance(x, torch.Tensor) or (x.dim() == 0 and x.device.type == "cpu"):
+                    continue
+                if first is None:
+                    first = (n, x.device)
+                elif x.device != first[1]:
+                    raise ValueError(f"{n}: is on {x.device}, but {first[0]} is on {first[1]}; "
+                                     f"{qual} needs every tensor on one device")
+        return fake(*args, **kwargs)
+    return checked
 
 
 _functorch_active = torch._C._are_functorch_transforms_active

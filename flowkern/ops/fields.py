@@ -148,6 +148,21 @@ def _all_reduce(state, qp, kind, p0, p1, group):
     return (f[:, :, None] * means).sum(0) / tot[:, None], gbest, tot
 
 
+def _check_keys(name, best, finite_r):
+    """The smallest key of a query (||x - y||^2 (+ r^2)) is +inf only when
+    every squared distance overflowed the accumulation dtype (float32 with
+    |x| or |y| around 1e19): the weights are then undefined and the field
+    would come out 0, silently. A value check (CPU tensors; FLOWKERN_DEBUG=1
+    on a GPU). r = inf is not this case: its field has the limit 0."""
+    if V.values_checked(best) and best.numel():
+        bad = (best == math.inf) & finite_r
+        if bool(bad.any()):
+            raise ValueError(f"{name}: the squared distance from some query to every reference "
+                             f"overflows {best.dtype} (|{name}| or |ref| beyond about "
+                             f"{math.sqrt(torch.finfo(best.dtype).max / 4):.0e}); rescale the "
+                             f"data or compute in float64")
+
+
 # ---------------------------------------------------------------------------
 # public API
 
@@ -201,7 +216,8 @@ def poisson_field(x: torch.Tensor, r, ref: torch.Tensor, D: float = 1, normalize
     if B == 0:
         mean = x2.new_empty(0, N, dtype=acc)
     else:
-        mean = _run(x2, ref2, qp, POISSON, 0.5 * (N + D), 0.0, be, group)[0]
+        mean, best, _ = _run(x2, ref2, qp, POISSON, 0.5 * (N + D), 0.0, be, group)
+        _check_keys("x", best, rr.isfinite())
     if not normalize:
         return mean.to(x.dtype).reshape(x.shape)
     vx, vr = ref_fields.normalized_target(x2.to(acc), rr, mean, N, float(gamma))
@@ -261,7 +277,9 @@ def empirical_denoiser(x_t: torch.Tensor, t, ref: torch.Tensor, schedule="linear
     x2, ref2 = _flat(x_t).contiguous(), _flat(ref).contiguous()
     if B == 0:
         return x_t.new_empty(x_t.shape)
-    mean = _run(x2, ref2, qp, kind, lo, hi, be, group)[0]
+    mean, best, _ = _run(x2, ref2, qp, kind, lo, hi, be, group)
+    if kind == GAUSSIAN:
+        _check_keys("x_t", best, True)
     return mean.to(x_t.dtype).reshape(x_t.shape)
 
 

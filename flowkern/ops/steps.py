@@ -20,7 +20,7 @@ from .. import _validate as V
 from .._enums import PREDICTIONS
 from ..backend import cpu_built, resolve
 from ..reference import steps as ref
-from ..schedules import from_native, get_schedule, native_spec
+from ..schedules import evaluate, from_native, get_schedule, native_spec
 from ._registry import (CALLS, NATIVE_NS, TRITON_NS, calls_for, empty_output, lazy,
                         no_forward_mode, no_time_tangent, ops_for, register, transforms_active)
 from .training import TABLE_KIND, check_tensors, fill_tangents
@@ -199,9 +199,9 @@ def step_table(schedule, t, s, t_prev=None, g=None, dtype=torch.float32,
             V.check_unit_interval(name, v)
     sizes = [v.numel() for v in vals + [gg] + ([tp] if tp is not None else [])]
     rows = 0 if 0 in sizes else max(sizes)  # an empty batch broadcasts the scalars to 0 rows
-    cols = [*sched(vals[0]), *sched(vals[1])]
+    cols = [*evaluate(sched, vals[0], dtype), *evaluate(sched, vals[1], dtype)]
     if tp is not None:
-        cols += list(sched(tp)[:2])
+        cols += evaluate(sched, tp, dtype)[:2]
     else:
         cols += [torch.ones_like(vals[0]), torch.ones_like(vals[0])]
     cols += [vals[1] - vals[0], gg]
