@@ -10,6 +10,7 @@ test loads the installed sampling.py itself inside a stub package whose
 ``utils`` holds a copy of the one-line ``append_dims``.
 """
 import importlib
+import inspect
 import math
 import importlib.util
 import sys
@@ -109,6 +110,92 @@ def test_diffusers_dpmsolver_flow_sigmas():
     ref = _run_scheduler(d.DPMSolverMultistepScheduler(**cfg), model, x, 8)
     out = _run_scheduler(fk_diffusers.DPMSolverMultistepScheduler(**cfg), model, x, 8)
     assert _rel(out, ref) <= TOL
+
+
+FK_SCHEDULERS = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler"]
+
+
+@pytest.mark.parametrize("name", FK_SCHEDULERS)
+def test_diffusers_schedulers_are_diffusers_schedulers(name, tmp_path):
+    """SchedulerMixin + ConfigMixin with diffusers' own config keys and
+    defaults (read from the __init__ signature, as ConfigMixin reads them),
+    its compatibles, its output class, and a save_pretrained /
+    from_pretrained round trip."""
+    d = _diffusers()
+    import inspect
+    from diffusers.utils import BaseOutput
+    ours_cls, theirs_cls = getattr(fk_diffusers, name), getattr(d, name)
+    assert issubclass(ours_cls, d.SchedulerMixin) and issubclass(ours_cls, d.ConfigMixin)
+
+    def defaults(c):
+        return {k: p.default for k, p in inspect.signature(c.__init__).parameters.items()
+                if k != "self"}
+    want, got = defaults(theirs_cls), defaults(ours_cls)
+    assert set(got) == set(want)
+    assert all(got[k] == want[k] or (got[k] != got[k] and want[k] != want[k]) for k in want)
+    assert ours_cls._compatibles == theirs_cls._compatibles
+    ours = ours_cls(num_train_timesteps=500)
+    ours.save_pretrained(tmp_path)
+    back = ours_cls.from_pretrained(tmp_path)
+    assert type(back) is ours_cls and dict(back.config) == dict(ours.config)
+    assert back.config.num_train_timesteps == 500
+    theirs = theirs_cls.from_pretrained(tmp_path)  # the saved config is diffusers'
+    assert {k: v for k, v in theirs.config.items() if not k.startswith("_")} == \
+        {k: v for k, v in back.config.items() if not k.startswith("_")}
+    ours.set_timesteps(3)
+    x = torch.randn(2, 3)
+    out = ours.step(torch.zeros_like(x), ours.timesteps[0], x)
+    assert isinstance(out, BaseOutput) and out.prev_sample is out[0]
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        ours_cls(not_an_option=1)
+
+
+def test_diffusers_from_config_of_every_compatible_scheduler():
+    """The standard swap line, `DPMSolverMultistepScheduler.from_config(
+    pipe.scheduler.config)`, from every scheduler diffusers lists as
+    compatible (UniPC's bh2 and DEIS's logrho/deis included): the same
+    registered config as diffusers' own from_config, and the same steps."""
+    d = _diffusers()
+    model = _diffusers_model(_toy(seed=3))
+    x = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(5))
+    for src_cls in d.DPMSolverMultistepScheduler._get_compatibles():
+        src = src_cls(beta_schedule="scaled_linear") \
+            if "beta_schedule" in inspect.signature(src_cls.__init__).parameters else src_cls()
+        theirs = d.DPMSolverMultistepScheduler.from_config(src.config)
+        ours = fk_diffusers.DPMSolverMultistepScheduler.from_config(src.config)
+        strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+        assert strip(ours.config) == strip(theirs.config), src_cls.__name__
+        ref, out = _run_scheduler(theirs, model, x, 6), _run_scheduler(ours, model, x, 6)
+        assert _rel(out, ref) <= TOL, src_cls.__name__
+
+
+def test_diffusers_pipeline_with_the_scheduler_swapped_in_saves_and_reloads(tmp_path):
+    """A real diffusers pipeline, built offline from a tiny random UNet, with
+    flowkern's scheduler swapped in by the standard line: it samples as with
+    diffusers' own scheduler, and save_pretrained / from_pretrained keeps it
+    (model_index.json names flowkern's class, which diffusers imports)."""
+    d = _diffusers()
+    torch.manual_seed(0)
+    unet = d.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                         block_out_channels=(8, 16), norm_num_groups=4,
+                         down_block_types=("DownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "UpBlock2D"))
+    pipe = d.DDPMPipeline(unet=unet, scheduler=d.UniPCMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    ref_pipe = d.DDPMPipeline(unet=unet, scheduler=d.DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config))
+    ref_pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = fk_diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    kw = dict(batch_size=2, num_inference_steps=5, output_type="np")
+    got = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    want = ref_pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    assert abs(got - want).max() <= 1e-5
+    pipe.save_pretrained(tmp_path)
+    back = d.DDPMPipeline.from_pretrained(tmp_path)
+    assert type(back.scheduler) is fk_diffusers.DPMSolverMultistepScheduler
+    back.set_progress_bar_config(disable=True)
+    again = back(generator=torch.Generator().manual_seed(1), **kw).images
+    assert abs(again - got).max() == 0
 
 
 def test_diffusers_from_config_and_pipeline_surface():

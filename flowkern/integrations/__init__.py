@@ -9,9 +9,10 @@ steps without changing their code (docs/design.md §1 maps the conventions):
 - :mod:`flowkern.integrations.flow_matching`: ``AffineProbPath`` /
   ``CondOTProbPath`` and ``ODESolver`` with flow_matching's interface.
 
-None of them imports its peer library at import time; the peers are only
-needed to compare against (tests) or for their output classes when present.
-The submodules are imported on first attribute access.
+The diffusers adapters are diffusers schedulers (SchedulerMixin +
+ConfigMixin), so that submodule needs diffusers; the k-diffusion and
+flow_matching adapters do not import their peers (only the tests compare
+against them). The submodules are imported on first attribute access.
 """
 import importlib
 

@@ -19,70 +19,70 @@ Conventions (docs/design.md §1):
   (v = alpha eps - sigma x1) our velocity with table derivatives (d_alpha,
   d_sigma) = (-sigma, alpha), and "flow_prediction" our velocity with (-1, 1).
 
-Only what the fused steps implement is supported; other options raise
-NotImplementedError naming the option.
+They are real diffusers schedulers (SchedulerMixin + ConfigMixin):
+``from_config`` of any compatible scheduler's config (UniPC's and DEIS's
+included, mapped as diffusers maps them), ``save_pretrained`` /
+``from_pretrained`` (a saved pipeline reloads with flowkern's scheduler),
+``compatibles``, and diffusers' output classes. Only what the fused steps
+implement is supported; other options raise NotImplementedError naming the
+option.
 """
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+try:  # real diffusers schedulers: its config, save/load and output classes
+    from diffusers.configuration_utils import ConfigMixin
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+        FlowMatchEulerDiscreteSchedulerOutput)
+    from diffusers.schedulers.scheduling_utils import (KarrasDiffusionSchedulers,
+                                                       SchedulerMixin, SchedulerOutput)
+except ImportError as e:  # pragma: no cover - exercised without the peer
+    raise ImportError("flowkern.integrations.diffusers: the diffusers adapters are diffusers "
+                      "schedulers and need diffusers installed (pip install diffusers)") from e
 
 from ..ops.steps import dpmpp_2m_step, euler_step, step_table
 
 __all__ = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "SchedulerOutput"]
 
 
-@dataclass
-class SchedulerOutput:
-    """``prev_sample``, also reachable as ``out[0]`` like diffusers' BaseOutput."""
-
-    prev_sample: torch.Tensor
-
-    def __getitem__(self, k):
-        if isinstance(k, str):
-            return getattr(self, k)
-        return self.to_tuple()[k]
-
-    def to_tuple(self):
-        return (self.prev_sample,)
-
-
-FlowMatchEulerDiscreteSchedulerOutput = SchedulerOutput
+def _config_signature(cls):
+    """The class's __init__ signature from its `_defaults`: diffusers'
+    ConfigMixin reads the config keys a class accepts from the signature
+    (from_config of another scheduler's config keeps exactly those), so the
+    keys and defaults are written once, in `_defaults`, and mirror diffusers'
+    own scheduler of the same name (tests/test_integrations.py holds them
+    equal)."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+               for k, v in cls._defaults.items()]
+    cls.__init__.__signature__ = inspect.Signature(params)
+    return cls
 
 
-class _Config(dict):
-    """A read-only-ish dict with attribute access, like diffusers' FrozenDict."""
+class _Base(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler (SchedulerMixin + ConfigMixin: config,
+    from_config, save_pretrained / from_pretrained, compatibles) whose steps
+    are flowkern's fused ones. Its config is registered from the keyword
+    arguments and `_defaults`, as diffusers' @register_to_config does."""
 
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-class _Base:
+    config_name = "scheduler_config.json"  # diffusers.schedulers.scheduling_utils
     order = 1
     init_noise_sigma = 1.0
     _defaults: dict = {}
 
     def __init__(self, **kwargs):
-        unknown = set(kwargs) - set(self._defaults)
-        cfg = dict(self._defaults)
-        cfg.update({k: v for k, v in kwargs.items() if k in self._defaults})
-        # keep unknown keys (e.g. from another scheduler's config) readable
-        cfg.update({k: kwargs[k] for k in unknown if not k.startswith("_")})
-        self.config = _Config(cfg)
+        unknown = sorted(set(kwargs) - set(self._defaults))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__init__() got unexpected keyword "
+                            f"argument(s) {unknown}")
+        self.register_to_config(**{**self._defaults, **kwargs})
         self._step_index = None
         self._begin_index = None
-
-    @classmethod
-    def from_config(cls, config=None, **kwargs):
-        cfg = dict(config or {})
-        cfg.update(kwargs)
-        return cls(**{k: v for k, v in cfg.items() if not k.startswith("_")})
 
     @property
     def step_index(self):
@@ -113,12 +113,14 @@ class _Base:
 # Flow matching, Euler
 
 
+@_config_signature
 class FlowMatchEulerDiscreteScheduler(_Base):
     """diffusers' FlowMatchEulerDiscreteScheduler (deterministic Euler) on the
     fused Euler step. Supports shift, use_dynamic_shifting (``mu``, exponential
     or linear time shift), shift_terminal, use_karras_sigmas,
     use_exponential_sigmas and custom ``sigmas``/``timesteps``."""
 
+    _compatibles = []  # as diffusers' own
     _defaults = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False,
                      base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                      max_image_seq_len=4096, invert_sigmas=False, shift_terminal=None,
@@ -277,7 +279,7 @@ class FlowMatchEulerDiscreteScheduler(_Base):
         prev = prev.to(out_dtype)
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
 
 
 # ---------------------------------------------------------------------------
@@ -304,6 +306,7 @@ _PRED = {"epsilon": "eps", "sample": "x1", "v_prediction": "velocity",
          "flow_prediction": "velocity"}
 
 
+@_config_signature
 class DPMSolverMultistepScheduler(_Base):
     """diffusers' DPMSolverMultistepScheduler with algorithm_type
     "dpmsolver++", solver_type "midpoint", solver_order 1 or 2, on the fused
@@ -328,8 +331,19 @@ class DPMSolverMultistepScheduler(_Base):
                      timestep_spacing="linspace", steps_offset=0, rescale_betas_zero_snr=False,
                      use_dynamic_shifting=False, time_shift_type="exponential")
 
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        c = self.config
+        # diffusers maps the configs of its other multistep solvers onto this
+        # one (DEIS: algorithm "deis", solver "logrho"; UniPC: solver "bh1"/
+        # "bh2"), which is what makes from_config(pipe.scheduler.config) work
+        # from them: the same mapping, the same registered config
+        if c.algorithm_type == "deis":
+            self.register_to_config(algorithm_type="dpmsolver++")
+        if c.solver_type in ("logrho", "bh1", "bh2"):
+            self.register_to_config(solver_type="midpoint")
         c = self.config
         self._unsupported([
             ("algorithm_type", c.algorithm_type != "dpmsolver++"),
