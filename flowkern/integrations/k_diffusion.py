@@ -51,22 +51,31 @@ def _range(n, disable):
 
 
 def _host(sigmas, x):
+    """(sigmas, their host copy, the state dtype of the Euler-type samplers).
+    That dtype is k-diffusion's: its to_d divides by append_dims(sigma), a
+    float32 tensor of x's rank for float32 sigmas, so a float16/bfloat16 x is
+    promoted at the first step and the state (and the result) stays float32;
+    the adapters keep the state in that dtype too, for the peer's accuracy
+    (the model still sees the caller's x at the first call). k-diffusion's
+    DPM-Solver++(2M) multiplies by 0-dim tensors only and keeps x's dtype:
+    sample_dpmpp_2m does too."""
     if not isinstance(sigmas, torch.Tensor):
         sigmas = torch.as_tensor(sigmas)
     if sigmas.dim() != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas: expected a 1-D tensor of at least 2 noise levels, got shape "
                          f"{tuple(sigmas.shape)}")
     V.tensor("x", x)
-    return sigmas, sigmas.detach().to("cpu", torch.float64).tolist()   # one copy, up front
+    state = torch.promote_types(x.dtype, sigmas.dtype) if sigmas.is_floating_point() else x.dtype
+    return sigmas, sigmas.detach().to("cpu", torch.float64).tolist(), state   # one copy
 
 
-def _table(rows, x):
+def _table(rows, x, state):
     """(n, 12) step table of the VE rows (sigma_t, sigma_s, sigma_p, h, g, d_sigma)
     (alpha = 1, d_alpha = 0; d_sigma at both t and s)."""
     out = []
     for s_t, s_s, s_p, h, g, ds in rows:
         out.append([1.0, s_t, 0.0, ds, 1.0, s_s, 0.0, ds, 1.0, s_p, h, g])
-    return torch.tensor(out, dtype=torch.float64).to(x.device, V.acc_dtype(x.dtype))
+    return torch.tensor(out, dtype=torch.float64).to(x.device, V.acc_dtype(state))
 
 
 def _step_row(s_t, s_s):
@@ -85,12 +94,14 @@ def _seed(seed):
     return seed
 
 
-def _denoise(model, x, sigma, s_in, extra_args):
+def _denoise(model, x, sigma, s_in, extra_args, state=None):
+    """The model's denoised x, in the state dtype (x's without `state`)."""
     d = model(x, sigma * s_in, **extra_args)
     if not isinstance(d, torch.Tensor) or d.shape != x.shape:
         raise ValueError(f"model: expected the denoised x of shape {tuple(x.shape)}, got "
                          f"{getattr(d, 'shape', type(d).__name__)}")
-    return d if d.dtype == x.dtype else d.to(x.dtype)
+    want = x.dtype if state is None else state
+    return d if d.dtype == want else d.to(want)
 
 
 def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
@@ -120,7 +131,7 @@ def _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise):
     return plan
 
 
-def _churn_table(sig, plan, x):
+def _churn_table(sig, plan, x, state):
     """(n, 12) churn rows, row i from sigma_i to the level sigma' of plan[i]
     (alpha = 1; unused rows stay at sigma_i), or None without churn. Built
     once before the loop: a row made per step would be a blocking
@@ -129,7 +140,7 @@ def _churn_table(sig, plan, x):
         return None
     rows = [[1.0, sig[i], 0.0, -1.0, 1.0, sig[i] if c is None else c, 0.0, -1.0, 1.0, 1.0, 0.0,
              0.0] for i, (_, _, c) in enumerate(plan)]
-    return torch.tensor(rows, dtype=torch.float64).to(x.device, V.acc_dtype(x.dtype))
+    return torch.tensor(rows, dtype=torch.float64).to(x.device, V.acc_dtype(state))
 
 
 def _churn_step(x, i, row, seed, backend):
@@ -141,21 +152,22 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
                  s_tmin=0., s_tmax=float("inf"), s_noise=1., seed=None, backend=None):
     """Euler steps (Karras et al. 2022, Alg. 2) on the fused Euler step."""
     extra_args = {} if extra_args is None else extra_args
-    sigmas, sig = _host(sigmas, x)
+    sigmas, sig, state = _host(sigmas, x)
     s_in = x.new_ones([x.shape[0]])
     plan = _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise)
     seed = _seed(seed) if any(c is not None for _, _, c in plan) else 0
-    table = _table([_step_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x)
-    churn_rows = _churn_table(sig, plan, x)
+    table = _table([_step_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x, state)
+    churn_rows = _churn_table(sig, plan, x, state)
     for i in _range(len(sig) - 1, disable):
         gamma, _, target = plan[i]
         sigma_hat = sigmas[i] * (gamma + 1)
         if target is not None:
             x = _churn_step(x, i, churn_rows[i], seed, backend)
-        denoised = _denoise(model, x, sigma_hat, s_in, extra_args)
+        denoised = _denoise(model, x, sigma_hat, s_in, extra_args, state)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
                       "denoised": denoised})
+        x = x.to(state)  # k-diffusion's promotion (_host)
         x = euler_step(x, denoised, prediction="x1", table=table[i], backend=backend)
     return x
 
@@ -166,22 +178,23 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     """Heun steps (Karras et al. 2022, Alg. 2) on the fused Euler and Heun
     steps; Euler into sigma = 0."""
     extra_args = {} if extra_args is None else extra_args
-    sigmas, sig = _host(sigmas, x)
+    sigmas, sig, state = _host(sigmas, x)
     s_in = x.new_ones([x.shape[0]])
     plan = _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise)
     seed = _seed(seed) if any(c is not None for _, _, c in plan) else 0
-    table = _table([_step_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x)
-    churn_rows = _churn_table(sig, plan, x)
+    table = _table([_step_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x, state)
+    churn_rows = _churn_table(sig, plan, x, state)
     xe = None
     for i in _range(len(sig) - 1, disable):
         gamma, _, target = plan[i]
         sigma_hat = sigmas[i] * (gamma + 1)
         if target is not None:
             x = _churn_step(x, i, churn_rows[i], seed, backend)
-        denoised = _denoise(model, x, sigma_hat, s_in, extra_args)
+        denoised = _denoise(model, x, sigma_hat, s_in, extra_args, state)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
                       "denoised": denoised})
+        x = x.to(state)  # k-diffusion's promotion (_host)
         if sig[i + 1] == 0:
             x = euler_step(x, denoised, prediction="x1", table=table[i], backend=backend)
         else:
@@ -200,18 +213,21 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     """DPM-Solver++(2M) on the fused step: first order at the first step and
     into sigma = 0, lambda = -log sigma."""
     extra_args = {} if extra_args is None else extra_args
-    sigmas, sig = _host(sigmas, x)
+    sigmas, sig, _ = _host(sigmas, x)
+    state = x.dtype  # k-diffusion's dpmpp_2m keeps x's dtype (_host)
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
     table = _table([(sig[i], sig[i + 1], sig[i - 1] if i else 1.0, 0.0, 0.0, -sig[i])
-                    for i in range(n)], x)
-    d = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2)]
+                    for i in range(n)], x, state)
+    d = [torch.empty_like(x, dtype=state, memory_format=torch.contiguous_format)
+         for _ in range(2)]
     k = 0
     for i in _range(n, disable):
-        denoised = _denoise(model, x, sigmas[i], s_in, extra_args)
+        denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
+        x = x.to(state)  # k-diffusion's promotion (_host)
         d_prev = d[1 - k] if i > 0 and sig[i + 1] != 0 else None
         x, _ = dpmpp_2m_step(x, denoised, prediction="x1", d_prev=d_prev, table=table[i],
                              d_out=d[k], backend=backend)
@@ -232,7 +248,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     ``noise_sampler(sigma, sigma_next)``) its noise is added after the fused
     Euler step."""
     extra_args = {} if extra_args is None else extra_args
-    sigmas, sig = _host(sigmas, x)
+    sigmas, sig, state = _host(sigmas, x)
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
     steps = [get_ancestral_step(sig[i], sig[i + 1], eta=eta) for i in range(n)]
@@ -244,12 +260,13 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
             rows.append((sig[i], sig[i + 1], 1.0, 1.0, g, down - sig[i] + g * g / (2 * sig[i])))
     else:
         rows = [_step_row(sig[i], down) for i, (down, _) in enumerate(steps)]
-    table = _table(rows, x)
+    table = _table(rows, x, state)
     for i in _range(n, disable):
-        denoised = _denoise(model, x, sigmas[i], s_in, extra_args)
+        denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
+        x = x.to(state)  # k-diffusion's promotion (_host)
         if noise_sampler is None:
             x = em_step(x, denoised, prediction="x1", seed=seed, offset=i * x.numel(),
                         table=table[i], backend=backend)
