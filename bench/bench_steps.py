@@ -20,7 +20,9 @@ Groups "<step> · <size> · per step":
   pred, d_prev; write x_s, d_t).
 Groups "loop · <size> · per step" (trivial model, 20 steps, per step):
   flowkern.sample(method) | diffusers scheduler loop | k-diffusion sample_* |
-  the sum of the fused steps alone (the loop's floor).
+  the sum of the fused steps alone (the loop's floor) | flowkern's k-diffusion
+  adapter against k-diffusion for dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral,
+  dpmpp_sde and dpmpp_2m_sde.
 """
 from __future__ import annotations
 
@@ -228,6 +230,13 @@ LOOP_CASES = [
     ("k-diffusion sample_heun", "kd", "sample_heun"),
     ("diffusers FlowMatchEuler loop", "fm_loop", None),
 ]
+# the k-diffusion samplers flowkern's adapter builds from the fused steps
+# (two fused passes per step where k-diffusion makes 6-15), adapter vs peer;
+# the SDE samplers draw their noise in the kernels, the peer gets its
+# cheapest noise (default_noise_sampler: randn_like, not a Brownian tree)
+for _m in ("sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
+           "sample_dpmpp_sde", "sample_dpmpp_2m_sde"):
+    LOOP_CASES += [(f"flowkern adapter {_m}", "kda", _m), (f"k-diffusion {_m}", "kd", _m)]
 
 
 @pytest.mark.parametrize("order", range(len(LOOP_CASES)), ids=[c[0] for c in LOOP_CASES])
@@ -255,7 +264,15 @@ def test_loop(benchmark, measure, roofline, size, n, order):
     elif kind == "kd":
         kd = _kdiff()
         sigmas = torch.cat([torch.linspace(80, 0.02, LOOP_STEPS), torch.zeros(1)])
-        fn = lambda: getattr(kd, method)(lambda x, s: x, d.x, sigmas, disable=True)  # noqa: E731
+        kw = ({"noise_sampler": kd.default_noise_sampler(d.x)}
+              if method in ("sample_dpmpp_sde", "sample_dpmpp_2m_sde") else {})
+        fn = lambda: getattr(kd, method)(lambda x, s: x, d.x, sigmas, disable=True,  # noqa: E731
+                                         **kw)
+    elif kind == "kda":
+        from flowkern.integrations import k_diffusion as adapter
+        sigmas = torch.cat([torch.linspace(80, 0.02, LOOP_STEPS), torch.zeros(1)])
+        fn = lambda: getattr(adapter, method)(lambda x, s: x, d.x, sigmas,  # noqa: E731
+                                              disable=True, seed=0)
     else:
         s = _diffusers("FlowMatchEulerDiscreteScheduler")
         s.set_timesteps(LOOP_STEPS)

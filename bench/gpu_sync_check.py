@@ -99,6 +99,13 @@ K_CASES = {
     "sample_dpmpp_2m": dict(),
     "sample_euler_ancestral": dict(seed=3),
     "sample_euler_ancestral-noise_sampler": dict(noise_sampler=True),
+    "sample_dpm_2": dict(),
+    "sample_dpm_2-churn": dict(s_churn=2.0, seed=4),
+    "sample_dpm_2_ancestral": dict(seed=5),
+    "sample_dpmpp_2s_ancestral": dict(seed=6),
+    "sample_dpmpp_sde": dict(seed=7),
+    "sample_dpmpp_2m_sde": dict(seed=8),
+    "sample_dpmpp_2m_sde-heun-noise_sampler": dict(noise_sampler=True, solver_type="heun"),
 }
 D_CASES = {
     "FlowMatchEulerDiscreteScheduler": dict(),

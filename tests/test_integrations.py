@@ -530,7 +530,9 @@ def test_flow_matching_likelihood_errors():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["sample_euler", "sample_heun", "sample_dpmpp_2m",
-                                  "sample_euler_ancestral"])
+                                  "sample_euler_ancestral", "sample_dpm_2",
+                                  "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
+                                  "sample_dpmpp_sde", "sample_dpmpp_2m_sde"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_k_diffusion_half_state_has_the_peers_accuracy(backend, name, dtype):
     """A float16/bfloat16 x with float32 sigmas: k-diffusion's Euler-type
@@ -546,10 +548,11 @@ def test_k_diffusion_half_state_has_the_peers_accuracy(backend, name, dtype):
         return inner(x.double(), sigma.double(), **extra).to(x.dtype)
 
     x16 = x.to(dtype)
-    noise = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    noise = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)).to(dtype)
+             for i in range(30)]  # in x's dtype, as k-diffusion's default randn_like(x)
 
     def kw():  # the same noise for both: k-diffusion's noise_sampler
-        if name != "sample_euler_ancestral":
+        if name in ("sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpm_2"):
             return dict(disable=True)
         it = iter(noise)
         return dict(disable=True, noise_sampler=lambda s, sn: next(it))
@@ -558,6 +561,112 @@ def test_k_diffusion_half_state_has_the_peers_accuracy(backend, name, dtype):
     exact = getattr(ks, name)(model, x16.double(), sigmas.double(), **kw())
     ref = getattr(ks, name)(model, x16, sigmas, **kw())
     out = getattr(fk_k, name)(model, x16, sigmas, backend=backend, **kw())
-    assert out.dtype == ref.dtype == (x16.dtype if name == "sample_dpmpp_2m" else torch.float32)
+    assert out.dtype == ref.dtype
     err_peer, err_ours = _rel(ref, exact), _rel(out, exact)
     assert err_ours <= 2 * err_peer + 1e-6, (err_ours, err_peer)
+
+
+def _philox_sampler(seed, x):
+    """k-diffusion noise_sampler returning flowkern's in-kernel noise: call k
+    gets Philox(seed, k x.numel()), as the fused samplers draw it."""
+    calls = [0]
+
+    def noise_sampler(sigma, sigma_next):
+        z = philox_normal(seed, calls[0] * x.numel(), x.shape, x.dtype)
+        calls[0] += 1
+        return z
+    return noise_sampler
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 2, 10, 30])
+def test_k_diffusion_dpm_2(backend, n):
+    """sample_dpm_2 (two fused passes per step) against k-diffusion's, with
+    its callback; float64 for the 1- and 2-step grids (see
+    test_k_diffusion_deterministic)."""
+    ks, x, sigmas, model = _k_setup(n, torch.float64 if n < 10 else torch.float32)
+    log_a, log_b = [], []
+    ref = ks.sample_dpm_2(model, x, sigmas, extra_args={"scale": 0.9}, disable=True,
+                          callback=log_a.append)
+    out = fk_k.sample_dpm_2(model, x, sigmas, extra_args={"scale": 0.9}, disable=True,
+                            callback=log_b.append, backend=backend)
+    assert _rel(out, ref) <= TOL
+    assert [a["i"] for a in log_a] == [b["i"] for b in log_b]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_diffusion_dpm_2_churn_same_noise(backend, monkeypatch):
+    ks, x, sigmas, model = _k_setup(10)
+    seed, calls = 77, [0]
+
+    def philox_like(t, *args, **kwargs):  # k-diffusion's dpm_2 draws once per step
+        z = philox_normal(seed, calls[0] * t.numel(), t.shape, t.dtype)
+        calls[0] += 1
+        return z
+
+    kw = dict(s_churn=3.0, s_tmin=0.05, s_tmax=40.0, s_noise=1.003, disable=True)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randn_like", philox_like)
+        ref = ks.sample_dpm_2(model, x, sigmas, **kw)
+    out = fk_k.sample_dpm_2(model, x, sigmas, seed=seed, backend=backend, **kw)
+    assert _rel(out, ref) <= TOL
+
+
+SDE_SAMPLERS = [("sample_dpm_2_ancestral", {}), ("sample_dpmpp_2s_ancestral", {}),
+                ("sample_dpmpp_sde", {}), ("sample_dpmpp_sde", {"r": 0.3}),
+                ("sample_dpmpp_2m_sde", {}), ("sample_dpmpp_2m_sde", {"solver_type": "heun"})]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,extra", SDE_SAMPLERS, ids=[f"{n}-{e}" for n, e in SDE_SAMPLERS])
+@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.5, 0.8), (0.0, 1.0)])
+def test_k_diffusion_sde_samplers_same_noise(backend, name, extra, eta, s_noise):
+    """Each stochastic sampler against k-diffusion's, flowkern's Philox noise
+    fed to it as a noise_sampler. float64 with the noise_sampler: equal to
+    rounding. float32, the fused path (noise drawn in the kernels) and the
+    noise_sampler path: error against the float64 run within 2x k-diffusion's
+    own float32 error (its eta = 1 dpm_2_ancestral is only good to 4e-5)."""
+    kw = dict(eta=eta, s_noise=s_noise, disable=True, **extra)
+    seed = 5
+    ks, x, sigmas, model = _k_setup(10, torch.float64)
+    ref = getattr(ks, name)(model, x, sigmas, noise_sampler=_philox_sampler(seed, x), **kw)
+    got = getattr(fk_k, name)(model, x, sigmas, noise_sampler=_philox_sampler(seed, x),
+                              backend=backend, **kw)
+    assert _rel(got, ref) <= 1e-10
+    ks, x, sigmas, model = _k_setup(10, torch.float32)
+    x64, s64 = x.double(), sigmas.double()
+    m64 = _k_model(_toy(seed=3).double())
+
+    def sampler32_as64():  # the float32 noise, in float64 (what the kernels add)
+        inner = _philox_sampler(seed, x)
+        return lambda a, b: inner(a, b).double()
+
+    exact = getattr(ks, name)(m64, x64, s64, noise_sampler=sampler32_as64(), **kw)
+    ref = getattr(ks, name)(model, x, sigmas, noise_sampler=_philox_sampler(seed, x), **kw)
+    fused = getattr(fk_k, name)(model, x, sigmas, seed=seed, backend=backend, **kw)
+    given = getattr(fk_k, name)(model, x, sigmas, noise_sampler=_philox_sampler(seed, x),
+                                backend=backend, **kw)
+    peer = _rel(ref, exact)
+    for out in (fused, given):
+        assert out.dtype == ref.dtype and _rel(out, exact) <= 2 * peer + 2e-6, \
+            (_rel(out, exact), peer)
+    if eta:  # the noise is in there
+        other = getattr(fk_k, name)(model, x, sigmas, seed=seed + 1, backend=backend, **kw)
+        assert _rel(other, ref) > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_diffusion_brownian_tree_noise_sampler(backend):
+    """k-diffusion's own BrownianTreeNoiseSampler (its SDE samplers' default)
+    passed to flowkern's: the same samples."""
+    ks, x, sigmas, model = _k_setup(8, torch.float64)
+    pytest.importorskip("torchsde")
+
+    def tree():
+        return ks.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=3)
+
+    for name in ("sample_dpmpp_sde", "sample_dpmpp_2m_sde"):
+        ref = getattr(ks, name)(model, x, sigmas, noise_sampler=tree(), disable=True)
+        out = getattr(fk_k, name)(model, x, sigmas, noise_sampler=tree(), disable=True,
+                                  backend=backend)
+        assert _rel(out, ref) <= 1e-10, name

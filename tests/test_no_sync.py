@@ -35,7 +35,8 @@ adapter's loop after its first step, with every device->host read trapped"):
   predictions and dtypes: the trap is armed when the plan (grid, step table,
   fallbacks: host work by design) is done, and stays armed to the return;
 - the k-diffusion samplers (sample_euler, sample_heun, sample_dpmpp_2m,
-  sample_euler_ancestral, with churn and with a noise_sampler), from the
+  sample_euler_ancestral, the DPM-Solver-2 and DPM-Solver++ SDE samplers,
+  with churn and with a noise_sampler), from the
   denoiser's second call to the return;
 - the diffusers schedulers' ``step()`` after set_timesteps and the first step
   (which looks its index up with ``nonzero``, as diffusers' own do);
@@ -482,6 +483,16 @@ K_CASES = {
     "sample_dpmpp_2m": dict(),
     "sample_euler_ancestral": dict(seed=3),
     "sample_euler_ancestral-noise_sampler": dict(noise_sampler=True),
+    "sample_dpm_2": dict(),
+    "sample_dpm_2-churn": dict(s_churn=2.0, seed=4),
+    "sample_dpm_2_ancestral": dict(seed=5),
+    "sample_dpm_2_ancestral-noise_sampler": dict(noise_sampler=True),
+    "sample_dpmpp_2s_ancestral": dict(seed=6),
+    "sample_dpmpp_2s_ancestral-noise_sampler": dict(noise_sampler=True),
+    "sample_dpmpp_sde": dict(seed=7),
+    "sample_dpmpp_sde-noise_sampler": dict(noise_sampler=True, eta=0.5),
+    "sample_dpmpp_2m_sde": dict(seed=8),
+    "sample_dpmpp_2m_sde-heun-noise_sampler": dict(noise_sampler=True, solver_type="heun"),
 }
 
 

@@ -41,7 +41,9 @@ except ImportError:  # pragma: no cover
     _trange = None
 
 __all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral",
-           "get_ancestral_step", "denoiser_to_x1_model"]
+           "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
+           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "get_ancestral_step",
+           "denoiser_to_x1_model"]
 
 
 def _range(n, disable):
@@ -84,6 +86,58 @@ def _step_row(s_t, s_s):
     kernel's coefficient of x, 1 + h d_sigma/s_t = 1 - h, is exact where it
     matters (0 into sigma = 0) instead of 1 - (s_t - s_s) * (1/s_t) rounded."""
     return (s_t, s_s, 1.0, (s_t - s_s) / s_t, 0.0, -s_t)
+
+
+def _ve(s_t, s_s, ds_t=0.0, ds_s=0.0, s_p=1.0, h=0.0, g=0.0):
+    """One step-table row in k-diffusion's VE state: alpha = 1, d_alpha = 0,
+    sigma s_t at t and s_s at s, d_sigma ds_t and ds_s, sigma_p, h, g."""
+    return [1.0, s_t, 0.0, ds_t, 1.0, s_s, 0.0, ds_s, 1.0, s_p, h, g]
+
+
+def _rows(rows, x, state):
+    return torch.tensor(rows, dtype=torch.float64).to(x.device, V.acc_dtype(state))
+
+
+def _euler_row(s_t, s_s):
+    """euler_step from sigma s_t to s_s: x + (s_s - s_t)(x - d)/s_t (_step_row)."""
+    return _ve(s_t, s_s, -s_t, -s_t, h=(s_t - s_s) / s_t)
+
+
+def _ancestral_row(s, down, g):
+    """em_step row giving (down/s) x + (1 - down/s) d + g xi in one pass: with
+    h = 1 the kernel's x + h (u + g^2/2 score) + g sqrt(h) xi, u = d_sigma (x -
+    d)/s and score = -(x - d)/s^2, has x coefficient 1 + d_sigma/s - g^2/(2 s^2),
+    which is down/s for d_sigma = down - s + g^2/(2 s); d's is 1 minus it. For
+    VE states an Euler step to `down` and the DPM-Solver++ (DDIM) step to it
+    are this same combination."""
+    ds = down - s + g * g / (2 * s)
+    return _ve(s, down, ds, ds, h=1.0, g=g)
+
+
+def _second_stage_row(s_t, s_mid, s_to):
+    """heun_step row for DPM-Solver-2's second stage x + (s_to - s_t)(x_2 -
+    d_2)/s_mid: d_sigma_t = 0 makes u_t (from x and d) vanish, and h = 1 with
+    d_sigma_s = 2 (s_to - s_t) makes h/2 u_s exactly that term."""
+    return _ve(s_t, s_mid, 0.0, 2.0 * (s_to - s_t), h=1.0)
+
+
+def _noise_row(std):
+    """churn row adding std * xi: renoise from sigma 0 to sigma std (alpha = 1)."""
+    return _ve(0.0, std)
+
+
+def _add_noise(x, i, k, rows, seed, noise_sampler, sigma, sigma_next, scale, backend):
+    """x + scale xi: the fused churn pass on Philox(seed, (k) x.numel()) (rows[i]
+    adds scale xi), or the caller's noise_sampler(sigma, sigma_next) * scale."""
+    if noise_sampler is None:
+        return _churn(x, table=rows[i], seed=seed, offset=k * x.numel(), backend=backend)
+    return x + (noise_sampler(sigma, sigma_next) * scale).to(x.dtype)
+
+
+def _buffer(buf, x):
+    if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return buf
 
 
 def _seed(seed):
@@ -273,7 +327,271 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         else:
             x = euler_step(x, denoised, prediction="x1", table=table[i], backend=backend)
             if sig[i + 1] > 0:
-                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * steps[i][1]
+                x = x + (noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
+                         * steps[i][1]).to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.,
+                 s_tmin=0., s_tmax=float("inf"), s_noise=1., seed=None, backend=None):
+    """DPM-Solver-2 steps (k-diffusion's, after Karras et al. 2022, Alg. 2):
+    Euler to the log-midpoint sigma_mid, then x + (sigma_next - sigma_hat)
+    d(x_2, sigma_mid); two fused passes, Euler into sigma = 0."""
+    extra_args = {} if extra_args is None else extra_args
+    sigmas, sig, state = _host(sigmas, x)
+    s_in = x.new_ones([x.shape[0]])
+    plan = _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise)
+    seed = _seed(seed) if any(c is not None for _, _, c in plan) else 0
+    churn_rows = _churn_table(sig, plan, x, state)
+    first, second, mids = [], [], []
+    for i, (_, sh, _) in enumerate(plan):
+        nxt = sig[i + 1]
+        mid = math.exp(0.5 * (math.log(sh) + math.log(nxt))) if nxt > 0 else sh
+        first.append(_euler_row(sh, mid if nxt > 0 else 0.0))
+        second.append(_second_stage_row(sh, mid, nxt))
+        mids.append(mid)
+    first, second = _rows(first, x, state), _rows(second, x, state)
+    mids = torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
+    xe = None
+    for i in _range(len(sig) - 1, disable):
+        gamma, _, target = plan[i]
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if target is not None:
+            x = _churn_step(x, i, churn_rows[i], seed, backend)
+        denoised = _denoise(model, x, sigma_hat, s_in, extra_args, state)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
+                      "denoised": denoised})
+        x = x.to(state)  # k-diffusion's promotion (_host)
+        if sig[i + 1] == 0:
+            x = euler_step(x, denoised, prediction="x1", table=first[i], backend=backend)
+            continue
+        xe = _buffer(xe, x)
+        euler_step(x, denoised, prediction="x1", table=first[i], out=xe, backend=backend)
+        denoised_2 = _denoise(model, xe, mids[i], s_in, extra_args, state)
+        x = heun_step(x, denoised, xe, denoised_2, prediction="x1", table=second[i],
+                      backend=backend)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                           eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None):
+    """Ancestral DPM-Solver-2: the DPM-Solver-2 step to sigma_down, then noise
+    of std s_noise sigma_up (the fused churn pass on Philox(seed, i x.numel()),
+    or the caller's noise_sampler)."""
+    extra_args = {} if extra_args is None else extra_args
+    sigmas, sig, state = _host(sigmas, x)
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sig) - 1
+    steps = [get_ancestral_step(sig[i], sig[i + 1], eta=eta) for i in range(n)]
+    seed = _seed(seed) if noise_sampler is None else 0
+    first, second, noise, mids = [], [], [], []
+    for i, (down, up) in enumerate(steps):
+        mid = math.exp(0.5 * (math.log(sig[i]) + math.log(down))) if down > 0 else sig[i]
+        first.append(_euler_row(sig[i], mid if down > 0 else 0.0))
+        second.append(_second_stage_row(sig[i], mid, down))
+        noise.append(_noise_row(s_noise * up))
+        mids.append(mid)
+    first, second = _rows(first, x, state), _rows(second, x, state)
+    noise = _rows(noise, x, state)
+    mids = torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
+    xe = None
+    for i in _range(n, disable):
+        denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        x = x.to(state)
+        down, up = steps[i]
+        if down == 0:
+            x = euler_step(x, denoised, prediction="x1", table=first[i], backend=backend)
+            continue
+        xe = _buffer(xe, x)
+        euler_step(x, denoised, prediction="x1", table=first[i], out=xe, backend=backend)
+        denoised_2 = _denoise(model, xe, mids[i], s_in, extra_args, state)
+        x = heun_step(x, denoised, xe, denoised_2, prediction="x1", table=second[i],
+                      backend=backend)
+        x = _add_noise(x, i, i, noise, seed, noise_sampler, sigmas[i], sigmas[i + 1],
+                       s_noise * up, backend)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                              eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None):
+    """Ancestral DPM-Solver++(2S): a DDIM half step to the log-midpoint, then
+    the DDIM step to sigma_down from the midpoint's denoised x plus noise of
+    std s_noise sigma_up, fused into one Euler-Maruyama pass (_ancestral_row)."""
+    extra_args = {} if extra_args is None else extra_args
+    sigmas, sig, state = _host(sigmas, x)
+    promoted = state
+    state = x.dtype  # k-diffusion multiplies by 0-dim ratios: x's dtype, except in Euler
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sig) - 1
+    steps = [get_ancestral_step(sig[i], sig[i + 1], eta=eta) for i in range(n)]
+    seed = _seed(seed) if noise_sampler is None else 0
+    first, last, mids = [], [], []
+    for i, (down, up) in enumerate(steps):
+        g = s_noise * up if (sig[i + 1] > 0 and noise_sampler is None) else 0.0
+        mid = math.exp(-(-math.log(sig[i]) + 0.5 * (math.log(sig[i]) - math.log(down)))) \
+            if down > 0 else sig[i]
+        first.append(_euler_row(sig[i], mid))
+        last.append(_ancestral_row(sig[i], down, g))
+        mids.append(mid)
+    first, last = _rows(first, x, state), _rows(last, x, state)
+    mids = torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
+    xe = None
+    for i in _range(n, disable):
+        down, up = steps[i]
+        denoised = _denoise(model, x, sigmas[i], s_in, extra_args,
+                            promoted if down == 0 else state)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        row = last[i]
+        if down == 0:  # k-diffusion's Euler branch: to_d promotes x (_host)
+            x, pred, row = x.to(promoted), denoised, row.to(V.acc_dtype(promoted))
+        else:
+            xe = _buffer(xe, x)
+            euler_step(x, denoised, prediction="x1", table=first[i], out=xe, backend=backend)
+            pred = _denoise(model, xe, mids[i], s_in, extra_args, state)
+        if noise_sampler is None:
+            x = em_step(x, pred, prediction="x1", seed=seed, offset=i * x.numel(),
+                        table=row, backend=backend)
+        else:  # the same row without its noise (euler_step reads no g), then the caller's
+            x = euler_step(x, pred, prediction="x1", table=row, backend=backend)
+            if sig[i + 1] > 0:
+                x = x + (noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * up).to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
+                     s_noise=1., noise_sampler=None, r=1 / 2, seed=None, backend=None):
+    """DPM-Solver++ (stochastic, k-diffusion's): two ancestral DDIM stages per
+    step, each one fused Euler-Maruyama pass; the second reads
+    (1 - 1/(2r)) d + 1/(2r) d_2 as classifier-free guidance of d_2 over d
+    (weight 1/(2r)), so the mix costs no pass. Noise: Philox(seed, (2i + k)
+    x.numel()) for stage k of step i, or the caller's noise_sampler
+    (k-diffusion's default is a torchsde Brownian tree: pass
+    k_diffusion.sampling.BrownianTreeNoiseSampler for its noise)."""
+    extra_args = {} if extra_args is None else extra_args
+    sigmas, sig, state = _host(sigmas, x)
+    promoted = state
+    state = x.dtype  # as sample_dpmpp_2s_ancestral
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sig) - 1
+    fac = 1 / (2 * r)
+    seed = _seed(seed) if noise_sampler is None else 0
+    stage1, stage2, mids, ups = [], [], [], []
+    for i in range(n):
+        if sig[i + 1] == 0:
+            stage1.append(_euler_row(sig[i], 0.0))
+            stage2.append(_euler_row(sig[i], 0.0))
+            mids.append(sig[i])
+            ups.append((0.0, 0.0))
+            continue
+        t, t_next = -math.log(sig[i]), -math.log(sig[i + 1])
+        s_mid = math.exp(-(t + (t_next - t) * r))
+        d1, u1 = get_ancestral_step(sig[i], s_mid, eta)
+        d2, u2 = get_ancestral_step(sig[i], sig[i + 1], eta)
+        g1, g2 = (s_noise * u1, s_noise * u2) if noise_sampler is None else (0.0, 0.0)
+        stage1.append(_ancestral_row(sig[i], d1, g1))
+        stage2.append(_ancestral_row(sig[i], d2, g2))
+        mids.append(s_mid)
+        ups.append((u1, u2))
+    stage1, stage2 = _rows(stage1, x, state), _rows(stage2, x, state)
+    mids = torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
+    xe = None
+    for i in _range(n, disable):
+        last = sig[i + 1] == 0
+        denoised = _denoise(model, x, sigmas[i], s_in, extra_args, promoted if last else state)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        if last:  # k-diffusion's Euler branch: to_d promotes x (_host)
+            x = euler_step(x.to(promoted), denoised, prediction="x1",
+                           table=stage1[i].to(V.acc_dtype(promoted)), backend=backend)
+            continue
+        xe = _buffer(xe, x)
+        if noise_sampler is None:
+            em_step(x, denoised, prediction="x1", seed=seed, offset=2 * i * x.numel(),
+                    table=stage1[i], out=xe, backend=backend)
+        else:
+            euler_step(x, denoised, prediction="x1", table=stage1[i], out=xe, backend=backend)
+            xe = xe + (noise_sampler(sigmas[i], mids[i]) * s_noise * ups[i][0]).to(xe.dtype)
+        denoised_2 = _denoise(model, xe, mids[i], s_in, extra_args, state)
+        if noise_sampler is None:
+            x = em_step(x, denoised_2, prediction="x1", pred_uncond=denoised, guidance=fac,
+                        seed=seed, offset=(2 * i + 1) * x.numel(), table=stage2[i],
+                        backend=backend)
+        else:
+            x = euler_step(x, denoised_2, prediction="x1", pred_uncond=denoised, guidance=fac,
+                           table=stage2[i], backend=backend)
+            x = x + (noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * ups[i][1]).to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
+                        s_noise=1., noise_sampler=None, solver_type="midpoint", seed=None,
+                        backend=None):
+    """DPM-Solver++(2M) SDE (k-diffusion's) on the fused DPM-Solver++(2M) step
+    and one noise pass. The SDE step x' = (s'/s) e^{-eta h} x + (1 -
+    e^{-(1+eta) h}) d + c (d - d_prev) + noise is the ODE step into the level
+    s'' = s' e^{-eta h} (h'' = (1 + eta) h), with the previous level placed so
+    that the kernel's r equals k-diffusion's h_last/h ("midpoint") or gives
+    its "heun" coefficient. Noise of std s' sqrt(1 - e^{-2 eta h}) s_noise:
+    the fused churn pass on Philox(seed, i x.numel()), or the caller's
+    noise_sampler (k-diffusion's default is a torchsde Brownian tree)."""
+    if solver_type not in {"heun", "midpoint"}:
+        raise ValueError("solver_type must be 'heun' or 'midpoint'")
+    extra_args = {} if extra_args is None else extra_args
+    sigmas, sig, _ = _host(sigmas, x)
+    state = x.dtype  # k-diffusion multiplies by 0-dim tensors only: x's dtype (_host)
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sig) - 1
+    seed = _seed(seed) if (noise_sampler is None and eta) else 0
+    rows, noise, stds = [], [], []
+    h_last = None
+    for i in range(n):
+        s, nxt = sig[i], sig[i + 1]
+        if nxt == 0:  # x = denoised: the first-order step into sigma = 0
+            rows.append(_ve(s, 0.0))
+            noise.append(_noise_row(0.0))
+            stds.append(0.0)
+            continue
+        h = math.log(s) - math.log(nxt)
+        hh = (1 + eta) * h
+        s_p = 1.0
+        if h_last is not None:
+            ratio = h_last / h  # k-diffusion's r
+            if solver_type == "heun":  # c2 E = (1 - E/hh)/r, E = 1 - e^{-hh}
+                e = -math.expm1(-hh)
+                ratio = e * ratio / (2 * (1 - e / hh))
+            s_p = s * math.exp(ratio * hh)  # kernel: r = (lambda_t - lambda_p)/hh
+        rows.append(_ve(s, nxt * math.exp(-eta * h), s_p=s_p))
+        std = nxt * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise if eta else 0.0
+        noise.append(_noise_row(std))
+        stds.append(std)
+        h_last = h
+    rows, noise = _rows(rows, x, state), _rows(noise, x, state)
+    d = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2)]
+    k = 0
+    for i in _range(n, disable):
+        denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        d_prev = d[1 - k] if i > 0 and sig[i + 1] != 0 else None
+        x, _ = dpmpp_2m_step(x, denoised, prediction="x1", d_prev=d_prev, table=rows[i],
+                             d_out=d[k], backend=backend)
+        k = 1 - k
+        if eta and sig[i + 1] > 0:  # k-diffusion's condition (it calls its sampler then)
+            x = _add_noise(x, i, i, noise, seed, noise_sampler, sigmas[i], sigmas[i + 1],
+                           stds[i], backend)
     return x
 
 
