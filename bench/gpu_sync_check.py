@@ -117,6 +117,8 @@ D_CASES = {
                                                             solver_order=1),
     "DPMSolverMultistepScheduler-flow": dict(prediction_type="flow_prediction",
                                              use_flow_sigmas=True, flow_shift=3.0),
+    "DPMSolverMultistepScheduler-sde-heun": dict(algorithm_type="sde-dpmsolver++",
+                                                 solver_type="heun"),
 }
 FM_CASES = {
     "euler": dict(method="euler", step_size=0.25),

@@ -216,8 +216,10 @@ def test_diffusers_from_config_and_pipeline_surface():
 
 
 def test_diffusers_adapter_errors():
-    with pytest.raises(NotImplementedError, match="solver_type='heun'"):
-        fk_diffusers.DPMSolverMultistepScheduler(solver_type="heun")
+    with pytest.raises(NotImplementedError, match="solver_order=3"):
+        fk_diffusers.DPMSolverMultistepScheduler(solver_order=3)
+    with pytest.raises(NotImplementedError, match="algorithm_type='dpmsolver'"):
+        fk_diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver")
     with pytest.raises(NotImplementedError, match="thresholding"):
         fk_diffusers.DPMSolverMultistepScheduler(thresholding=True)
     with pytest.raises(NotImplementedError, match="stochastic_sampling"):
@@ -670,3 +672,39 @@ def test_k_diffusion_brownian_tree_noise_sampler(backend):
         out = getattr(fk_k, name)(model, x, sigmas, noise_sampler=tree(), disable=True,
                                   backend=backend)
         assert _rel(out, ref) <= 1e-10, name
+
+
+def _run_scheduler_noisy(sched, model, x, n, seed):
+    """_run_scheduler with a generator passed to step() (the SDE draws)."""
+    sched.set_timesteps(n)
+    g = torch.Generator().manual_seed(seed)
+    for t in sched.timesteps:
+        out = model(x, t.expand(x.shape[0]))
+        x = sched.step(out, t, x, generator=g).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 25])
+@pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++"])
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("prediction_type,config", [
+    ("epsilon", {}), ("v_prediction", {"use_karras_sigmas": True}),
+    ("sample", {"final_sigmas_type": "sigma_min"}),
+    ("flow_prediction", {"use_flow_sigmas": True, "flow_shift": 3.0})])
+def test_diffusers_dpmsolver_sde_and_heun(n, algorithm_type, solver_type, prediction_type,
+                                          config):
+    """sde-dpmsolver++ and the heun solver type against diffusers' own, the
+    same generator passed to step() (the SDE noise is drawn as diffusers
+    draws it); float32 within TOL."""
+    d = _diffusers()
+    x = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(6))
+    model = _diffusers_model(_toy(seed=4))
+    kw = dict(algorithm_type=algorithm_type, solver_type=solver_type,
+              prediction_type=prediction_type, **config)
+    ref = _run_scheduler_noisy(d.DPMSolverMultistepScheduler(**kw), model, x, n, 3)
+    out = _run_scheduler_noisy(fk_diffusers.DPMSolverMultistepScheduler(**kw), model, x, n, 3)
+    assert _rel(out, ref) <= TOL, _rel(out, ref)
+    if algorithm_type.startswith("sde") and n > 1:  # the noise is in there
+        other = _run_scheduler_noisy(fk_diffusers.DPMSolverMultistepScheduler(**kw), model, x,
+                                     n, 4)
+        assert _rel(other, ref) > 1e-3

@@ -538,6 +538,8 @@ D_CASES = {
                                                             solver_order=1),
     "DPMSolverMultistepScheduler-flow": dict(prediction_type="flow_prediction",
                                              use_flow_sigmas=True, flow_shift=3.0),
+    "DPMSolverMultistepScheduler-sde-heun": dict(algorithm_type="sde-dpmsolver++",
+                                                 solver_type="heun"),
 }
 
 
@@ -549,6 +551,7 @@ def _d_run(case, backend, trap=None, steps=5):
     sched = getattr(fk_diffusers, case.split("-")[0])(**D_CASES[case])
     sched.set_timesteps(steps)
     x = _x()
+    torch.manual_seed(0)  # the SDE scheduler draws from the global generator (no generator=)
     with flowkern.use_backend(backend):
         for k, t in enumerate(sched.timesteps):
             if k == 1 and trap is not None:

@@ -41,6 +41,7 @@ try:  # real diffusers schedulers: its config, save/load and output classes
         FlowMatchEulerDiscreteSchedulerOutput)
     from diffusers.schedulers.scheduling_utils import (KarrasDiffusionSchedulers,
                                                        SchedulerMixin, SchedulerOutput)
+    from diffusers.utils.torch_utils import randn_tensor
 except ImportError as e:  # pragma: no cover - exercised without the peer
     raise ImportError("flowkern.integrations.diffusers: the diffusers adapters are diffusers "
                       "schedulers and need diffusers installed (pip install diffusers)") from e
@@ -306,12 +307,50 @@ _PRED = {"epsilon": "eps", "sample": "x1", "v_prediction": "velocity",
          "flow_prediction": "velocity"}
 
 
+def _sde_heun_rows(a, s, n, sde, heun):
+    """Table columns (sigma_s, alpha_p, sigma_p) and the SDE noise scale per
+    step that make the fused DPM-Solver++(2M) kernel compute diffusers'
+    sde-dpmsolver++ and/or heun updates. With lambda = log(alpha/sigma),
+    h = lambda_{i+1} - lambda_i, r0 = (lambda_i - lambda_{i-1})/h:
+    - SDE: x' = (s'/s) e^{-h} x + a'(1 - e^{-2h}) D + s' sqrt(1 - e^{-2h}) noise
+      is the ODE step into the level s' e^{-h} (kernel h_k = 2h), plus noise;
+    - the kernel's second-order term is E c2 (d - d_prev), E = a'(1 -
+      e^{-h_k}), c2 = 1/(2 r_k), r_k = (lambda_i - lambda_p)/h_k: midpoint
+      needs r_k = r0, heun E c2 = a'(1 - (1 - e^{-h_k})/h_k)/r0 (diffusers'
+      (e^{-h} - 1)/h + 1, and (1 - e^{-2h})/(-2h) + 1 for the SDE); the
+      previous level is placed there (alpha_p = 1, sigma_p = e^{-lambda_p}).
+    Computed in float64 from diffusers' float32 (alpha, sigma)."""
+    a, s = a.double(), s.double()
+    i = torch.arange(n)
+    lam = torch.log(a) - torch.log(s)
+    h = lam[i + 1] - lam[i]
+    h_k = 2 * h if sde else h
+    s_next = s[i + 1] * torch.exp(-h) if sde else s[i + 1]
+    s_next = torch.where(s[i + 1] == 0, torch.zeros_like(s_next), s_next)  # 0 * e^{-inf}
+    scale = s[i + 1] * torch.sqrt(-torch.expm1(-2 * h))
+    scale = torch.where(s[i + 1] == 0, torch.zeros_like(scale), scale)
+    r0 = (lam[i] - lam[(i - 1).clamp_min(0)]) / h
+    r_k = r0
+    if heun:
+        e = -torch.expm1(-h_k)
+        r_k = e * r0 / (2 * (1 - e / h_k))
+    lam_p = lam[i] - r_k * h_k
+    ok = (i > 0) & torch.isfinite(lam_p)  # first steps and the step into sigma = 0: unused
+    a_prev = torch.where(ok, torch.ones_like(lam_p), a[(i - 1).clamp_min(0)])
+    s_prev = torch.where(ok, torch.exp(-lam_p), s[(i - 1).clamp_min(0)])
+    return s_next, a_prev, s_prev, scale
+
+
 @_config_signature
 class DPMSolverMultistepScheduler(_Base):
     """diffusers' DPMSolverMultistepScheduler with algorithm_type
-    "dpmsolver++", solver_type "midpoint", solver_order 1 or 2, on the fused
-    DPM-Solver++(2M) step (the x0 prediction is converted in registers and
-    kept for the next step in an internal buffer). prediction_type
+    "dpmsolver++" or "sde-dpmsolver++", solver_type "midpoint" or "heun",
+    solver_order 1 or 2, on the fused DPM-Solver++(2M) step (the x0
+    prediction is converted in registers and kept for the next step in an
+    internal buffer). The SDE variant and the heun correction are the same
+    kernel on adjusted table rows (set_timesteps says how); the SDE noise,
+    drawn from step()'s generator as diffusers draws it (or its
+    variance_noise), is added in a second pass. prediction_type
     "epsilon", "sample", "v_prediction" or "flow_prediction"; beta schedules
     "linear", "scaled_linear", "squaredcos_cap_v2" or trained_betas;
     timestep_spacing "linspace", "leading", "trailing"; use_karras_sigmas,
@@ -346,8 +385,8 @@ class DPMSolverMultistepScheduler(_Base):
             self.register_to_config(solver_type="midpoint")
         c = self.config
         self._unsupported([
-            ("algorithm_type", c.algorithm_type != "dpmsolver++"),
-            ("solver_type", c.solver_type != "midpoint"),
+            ("algorithm_type", c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++")),
+            ("solver_type", c.solver_type not in ("midpoint", "heun")),
             ("solver_order", c.solver_order not in (1, 2)),
             ("thresholding", c.thresholding),
             ("use_exponential_sigmas", c.use_exponential_sigmas),
@@ -483,8 +522,14 @@ class DPMSolverMultistepScheduler(_Base):
             da, ds = -torch.ones_like(s), torch.ones_like(s)
         else:
             da, ds = torch.zeros_like(s), torch.zeros_like(s)
-        cols = [a[i], s[i], da[i], ds[i], a[i + 1], s[i + 1], da[i + 1], ds[i + 1],
-                a[prev], s[prev], torch.zeros(n), torch.zeros(n)]
+        s_next, a_prev, s_prev = s[i + 1], a[prev], s[prev]
+        sde, heun = c.algorithm_type == "sde-dpmsolver++", c.solver_type == "heun"
+        self._noise_scale = None
+        if sde or heun:
+            s_next, a_prev, s_prev, scale = _sde_heun_rows(a, s, n, sde, heun)
+            self._noise_scale = scale.to(torch.float32).to(device) if sde else None
+        cols = [a[i], s[i], da[i], ds[i], a[i + 1], s_next, da[i + 1], ds[i + 1],
+                a_prev, s_prev, torch.zeros(n), torch.zeros(n)]
         self._table = torch.stack([col.to(torch.float32) for col in cols], 1).to(device)
 
     def index_for_timestep(self, timestep, schedule_timesteps=None):
@@ -533,8 +578,16 @@ class DPMSolverMultistepScheduler(_Base):
         table = self._table[i]
         if table.device != x.device:
             table = table.to(x.device)
+        noise = None
+        if self._noise_scale is not None:  # diffusers' draw: same generator calls
+            noise = (randn_tensor(model_output.shape, generator=generator,
+                                  device=model_output.device, dtype=torch.float32)
+                     if variance_noise is None
+                     else variance_noise.to(device=model_output.device, dtype=torch.float32))
         prev, _ = dpmpp_2m_step(x, p, prediction=_PRED[c.prediction_type], d_prev=d_prev,
                                 table=table, d_out=self._d[self._k])
+        if noise is not None:
+            prev = prev + self._noise_scale[i].to(prev.dtype) * noise.to(prev.dtype)
         self._k = 1 - self._k
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
