@@ -256,6 +256,15 @@ def step_targets(groups):
                 if fk is not None and peer is not None:
                     rows.append((f"≥ 3× k-diffusion sample_{method} (whole loop)", g,
                                  f"{peer / fk:.2f}×", "≥ 3×", peer / fk >= 3))
+            # issue 10: the adapter's DPM-Solver samplers vs k-diffusion's (>= 3x
+            # wherever the peer makes more than two passes per step: all of these)
+            for method in ("dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
+                           "dpmpp_2m_sde"):
+                fk, peer = median(bs, f"flowkern adapter sample_{method}"), median(
+                    bs, f"k-diffusion sample_{method}")
+                if fk is not None and peer is not None:
+                    rows.append((f"≥ 3× k-diffusion sample_{method} (adapter, whole loop)", g,
+                                 f"{peer / fk:.2f}×", "≥ 3×", peer / fk >= 3))
             continue
         if not ex["op"].endswith(" step"):
             continue
