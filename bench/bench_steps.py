@@ -15,7 +15,10 @@ Groups "<step> · <size> · per step":
   dpmpp_2m  flowkern.dpmpp_2m_step (2nd order) | eager | diffusers
             DPMSolverMultistepScheduler(dpmsolver++, order 2).step
   em        flowkern.em_step (noise in the kernel) | eager with torch.randn_like
-  roofline bytes: euler/ei/em 12 B/elem (read x, pred; write x_s); heun 32 (stage 1:
+  diffusers euler  flowkern.integrations.diffusers.EulerDiscreteScheduler.step (one fused
+            pass, prev_sample and pred_original_sample) | diffusers' own step()
+  roofline bytes: diffusers euler 16 B/elem (read sample, model output; write prev, x0);
+  euler/ei/em 12 B/elem (read x, pred; write x_s); heun 32 (stage 1:
   12, stage 2 reads x, pred, x_e, pred_e and writes x_s: 20); dpmpp_2m 20 (read x,
   pred, d_prev; write x_s, d_t).
 Groups "loop · <size> · per step" (trivial model, 20 steps, per step):
@@ -136,13 +139,18 @@ STEP_CASES = {
             compiled(eager_dpmpp))),
         ("diffusers DPMSolverMultistepScheduler(dpmsolver++, 2).step", "dpm"),
     ],
+    "diffusers euler": [  # whole step() calls: the adapter (a fused pass) vs diffusers'
+        ("flowkern", "fk_euler_d"),
+        ("diffusers EulerDiscreteScheduler.step", "euler_d"),
+    ],
     "em": [
         ("flowkern", lambda d: lambda: flowkern.em_step(
             d.x, d.p, table=flowkern.step_table("linear", T, S, g=0.5), seed=1, out=d.out)),
         ("eager (torch.randn_like)", lambda d: lambda: eager_em(d.x, d.p)),
     ],
 }
-STEP_BYTES = {"euler": 12, "heun": 32, "ei": 12, "dpmpp_2m": 20, "em": 12}
+STEP_BYTES = {"euler": 12, "heun": 32, "ei": 12, "dpmpp_2m": 20, "em": 12,
+              "diffusers euler": 16}  # reads sample, model output; writes prev, x0
 
 
 def _peer_step(kind, d):
@@ -152,6 +160,20 @@ def _peer_step(kind, d):
 
         def run():
             s._step_index = 10  # the same step every call
+            return s.step(d.p, ts, d.x).prev_sample
+        return run
+    if kind in ("euler_d", "fk_euler_d"):  # EulerDiscreteScheduler, epsilon, step 10 of 50
+        if kind == "euler_d":
+            s = _diffusers("EulerDiscreteScheduler")
+        else:
+            from flowkern.integrations.diffusers import EulerDiscreteScheduler
+            s = EulerDiscreteScheduler()
+            s.set_timesteps(50)
+        ts = s.timesteps[10]
+        s.is_scale_input_called = True
+
+        def run():
+            s._step_index = 10
             return s.step(d.p, ts, d.x).prev_sample
         return run
     if kind == "ddim":

@@ -112,7 +112,8 @@ def test_diffusers_dpmsolver_flow_sigmas():
     assert _rel(out, ref) <= TOL
 
 
-FK_SCHEDULERS = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler"]
+FK_SCHEDULERS = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                 "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"]
 
 
 @pytest.mark.parametrize("name", FK_SCHEDULERS)
@@ -137,7 +138,8 @@ def test_diffusers_schedulers_are_diffusers_schedulers(name, tmp_path):
     ours = ours_cls(num_train_timesteps=500)
     ours.save_pretrained(tmp_path)
     back = ours_cls.from_pretrained(tmp_path)
-    assert type(back) is ours_cls and dict(back.config) == dict(ours.config)
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert type(back) is ours_cls and public(back.config) == public(ours.config)
     assert back.config.num_train_timesteps == 500
     theirs = theirs_cls.from_pretrained(tmp_path)  # the saved config is diffusers'
     assert {k: v for k, v in theirs.config.items() if not k.startswith("_")} == \
@@ -708,3 +710,74 @@ def test_diffusers_dpmsolver_sde_and_heun(n, algorithm_type, solver_type, predic
         other = _run_scheduler_noisy(fk_diffusers.DPMSolverMultistepScheduler(**kw), model, x,
                                      n, 4)
         assert _rel(other, ref) > 1e-3
+
+
+EULER_CONFIGS = [{}, {"prediction_type": "v_prediction"}, {"use_karras_sigmas": True},
+                 {"timestep_spacing": "trailing", "beta_schedule": "scaled_linear"},
+                 {"interpolation_type": "log_linear"},
+                 {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}]
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+@pytest.mark.parametrize("config", EULER_CONFIGS, ids=[str(c) for c in EULER_CONFIGS])
+@pytest.mark.parametrize("n", [1, 4, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_diffusers_euler_schedulers(name, config, n, dtype):
+    """flowkern's Euler and EulerAncestral (diffusers' classes with a fused
+    step) against diffusers' own: the same timesteps and sigmas (inherited),
+    the same samples and pred_original_sample with the same generator, a
+    float16 model output included."""
+    d = _diffusers()
+    x = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(8)) * 14.6
+    model = _diffusers_model(_toy(seed=5))
+    accepted = inspect.signature(getattr(d, name).__init__).parameters
+    if any(k not in accepted for k in config):
+        pytest.skip(f"diffusers' {name} has no {sorted(set(config) - set(accepted))}")
+    a, b = getattr(d, name)(**config), getattr(fk_diffusers, name)(**config)
+    a.set_timesteps(n)
+    b.set_timesteps(n)
+    assert torch.equal(a.timesteps, b.timesteps) and torch.equal(a.sigmas, b.sigmas)
+    ga, gb = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    xa = x.clone()
+    tol = TOL if dtype == torch.float32 else 2e-3
+    for t in a.timesteps:  # each step from the same state, then on from diffusers'
+        m = model(a.scale_model_input(xa, t).float(), t.expand(3)).to(dtype)
+        b.scale_model_input(xa, t)
+        oa = a.step(m, t, xa, generator=ga)
+        ob = b.step(m, t, xa.clone(), generator=gb)
+        assert ob.prev_sample.dtype == oa.prev_sample.dtype
+        # x0 = sample - sigma eps (or its v form) cancels terms of the sample's and
+        # the model output's size: errors relative to them
+        scale = max(xa.abs().max().item(), m.abs().max().item())
+        for u, v in ((ob.pred_original_sample, oa.pred_original_sample),
+                     (ob.prev_sample, oa.prev_sample)):
+            err = (u.float() - v.float()).abs().max().item()
+            assert err <= tol * scale, (err, scale)
+        xa = oa.prev_sample
+
+
+def test_diffusers_euler_churn_and_swap():
+    """Euler with s_churn draws diffusers' noise from the generator; the
+    standard swap line from a pipeline's scheduler config keeps its config."""
+    d = _diffusers()
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(9)) * 14.6
+    model = _diffusers_model(_toy(seed=6)[:12, :12])
+    src = d.DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction")
+    a = d.EulerDiscreteScheduler.from_config(src.config)
+    b = fk_diffusers.EulerDiscreteScheduler.from_config(src.config)
+    assert dict(a.config) == dict(b.config)
+    for s in (a, b):
+        s.set_timesteps(12)
+    ga, gb = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    xa, xb = x.clone(), x.clone()
+    kw = dict(s_churn=2.0, s_tmin=0.1, s_tmax=10.0)
+    for t in a.timesteps:
+        xa = a.step(model(a.scale_model_input(xa, t), t.expand(2)), t, xa, generator=ga,
+                    **kw).prev_sample
+        xb = b.step(model(b.scale_model_input(xb, t), t.expand(2)), t, xb, generator=gb,
+                    **kw).prev_sample
+    assert _rel(xb, xa) <= TOL
+    with pytest.raises(NotImplementedError, match="sample"):
+        s = fk_diffusers.EulerAncestralDiscreteScheduler(prediction_type="sample")
+        s.set_timesteps(3)
+        s.step(torch.zeros(1, 2), s.timesteps[0], torch.zeros(1, 2))

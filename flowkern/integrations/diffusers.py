@@ -48,7 +48,8 @@ except ImportError as e:  # pragma: no cover - exercised without the peer
 
 from ..ops.steps import dpmpp_2m_step, euler_step, step_table
 
-__all__ = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "SchedulerOutput"]
+__all__ = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+           "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "SchedulerOutput"]
 
 
 def _config_signature(cls):
@@ -612,3 +613,7 @@ class DPMSolverMultistepScheduler(_Base):
             sigma = sigma.unsqueeze(-1)
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         return alpha_t * original_samples + sigma_t * noise
+
+
+# diffusers' Euler schedulers, subclassed with a fused step (their own module)
+from ._diffusers_euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler  # noqa: E402
