@@ -123,6 +123,9 @@ D_CASES = {
     "EulerDiscreteScheduler-v-karras": dict(prediction_type="v_prediction",
                                             use_karras_sigmas=True),
     "EulerAncestralDiscreteScheduler": dict(),
+    "DDIMScheduler": dict(clip_sample=False),
+    "DDIMScheduler-v-trailing": dict(clip_sample=False, prediction_type="v_prediction",
+                                     timestep_spacing="trailing"),
 }
 FM_CASES = {
     "euler": dict(method="euler", step_size=0.25),

@@ -238,13 +238,14 @@ def check_no_overlap(outs: dict, ins: dict):
                                  f"separate buffer")
 
 
-def finite_rates(coef: torch.Tensor, why: str):
-    """csrc/cpu/coef_checks.h check_rates: a velocity reads d_alpha, d_sigma
-    (columns 2, 3 of a coefficient table), which vp makes -inf at t = 1."""
+def finite_rates(coef: torch.Tensor, why: str, at: str = "t"):
+    """csrc/cpu/coef_checks.h check_rates (step_args.h check_conversion for
+    the steps): a velocity reads d_alpha, d_sigma (columns 2, 3 of a
+    coefficient table at time `at`), which vp makes -inf at t = 1."""
     rates = coef[:, 2:4]
     if values_checked(rates) and rates.numel() and not bool(torch.isfinite(rates).all()):
-        raise ValueError(f"t: d_alpha_t or d_sigma_t is not finite at some sample (vp's "
-                         f"d_sigma at t = 1), and {why}")
+        raise ValueError(f"{at}: d_alpha_{at} or d_sigma_{at} is not finite at some sample "
+                         f"(vp's d_sigma at t = 1), and {why}")
 
 
 def nonzero(name: str, what: str, v: torch.Tensor, why: str):

@@ -51,7 +51,9 @@ FINFO_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.38e38, torch.float32: 3.4
 
 def _settings():
     n = FUZZ_EXAMPLES * (10 if full_run() else 1)
-    return settings(max_examples=n, deadline=None, derandomize=True,
+    # database=None: every run draws the same examples (no replay of a local
+    # .hypothesis store); what a store once found is pinned in the grids below
+    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 
 
@@ -159,7 +161,15 @@ def _judge(op, kw, backend, dtype, what):
         return None
     assert ref_err is None, (f"{what}: the reference raises ({ref_err}) but {backend} "
                              f"returned an answer")
-    naive, naive_err = _run(lambda: _call(op, kw, "torch"))
+    # PyTorch's own error in this dtype: the torch backend on the inputs as
+    # given; for float64 inputs that IS the reference, so its float32 error,
+    # scaled by 2^-29 (the ratio of the epsilons), stands in: it carries the
+    # conditioning (alpha_s/alpha_t ~ 1e3 at t = 1e-7) the ulps bound cannot
+    naive_dtype = torch.float32 if dtype == torch.float64 else dtype
+    naive_scale = 2.0 ** -29 if dtype == torch.float64 else 1.0
+    naive_kw = {k: (v.to(naive_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                    and k not in ("t", "s", "t_prev") else v) for k, v in kw.items()}
+    naive, naive_err = _run(lambda: _call(op, naive_kw, "torch"))
     terms = _terms(op, kw)
     for k, (o, r) in enumerate(zip(_outs(got), _outs(ref))):
         assert o.dtype == dtype, f"{what}: output {k} dtype {o.dtype}"
@@ -180,8 +190,10 @@ def _judge(op, kw, backend, dtype, what):
         if naive_err is None:
             n64 = _outs(naive)[k].double()
             ok = in_range & n64.isfinite()
-            n_err = (n64 - r64)[ok].abs().max().item() if ok.any() else 0.0
-        tol = 4 * n_err + 16 * EPS[dtype] * max(scale, 1e-30)
+            n_err = (n64 - r64)[ok].abs().max().item() * naive_scale if ok.any() else 0.0
+        # the fused coefficient algebra differs from the eager formula's: up to 8x
+        # its error where near-singular times make both ill-conditioned
+        tol = 8 * n_err + 16 * EPS[dtype] * max(scale, 1e-30)
         assert err_k <= tol, f"{what}: output {k} error {err_k:.3g} > {tol:.3g} (naive {n_err:.3g})"
     return got
 
@@ -232,7 +244,8 @@ STEP_OPS = ["euler_step", "ei_step", "dpmpp_2m_step"]
 # (vp's velocity at t = 1, a step landing on s = 1, cosine's sigma(1) ~ 6e-17)
 # is one in a thousand of the random cases
 ENDS = [0.0, 1e-7, 1 - 1e-7, 1.0]
-STEP_SPANS = [(0.0, 0.5), (1e-7, 0.5), (0.5, 1 - 1e-7), (0.5, 1.0), (0.0, 1.0)]
+STEP_SPANS = [(0.0, 0.5), (1e-7, 0.5), (0.5, 1 - 1e-7), (0.5, 1.0), (0.0, 1.0),
+              (1 - 1e-7, 1.0), (1.0, 1.0), (1e-7, 1e-4)]
 
 
 def _end_cases(op, sched, dtype):

@@ -28,6 +28,8 @@ from conftest import backends_under_test
 
 BACKENDS = [b for b in ("torch", "cpu") if b in backends_under_test()]
 TOL = 1e-5
+EPS_OF = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10,
+          torch.bfloat16: 2.0 ** -7, torch.float64: 2.0 ** -52}
 # diffusers' own np.array(tensor) under numpy 2 (not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -113,7 +115,7 @@ def test_diffusers_dpmsolver_flow_sigmas():
 
 
 FK_SCHEDULERS = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-                 "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"]
+                 "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler"]
 
 
 @pytest.mark.parametrize("name", FK_SCHEDULERS)
@@ -781,3 +783,49 @@ def test_diffusers_euler_churn_and_swap():
         s = fk_diffusers.EulerAncestralDiscreteScheduler(prediction_type="sample")
         s.set_timesteps(3)
         s.step(torch.zeros(1, 2), s.timesteps[0], torch.zeros(1, 2))
+
+
+DDIM_CONFIGS = [{"clip_sample": False}, {"clip_sample": False, "prediction_type": "v_prediction",
+                                         "timestep_spacing": "trailing",
+                                         "rescale_betas_zero_snr": True},
+                {"clip_sample": False, "prediction_type": "sample", "set_alpha_to_one": False,
+                 "beta_schedule": "scaled_linear"},
+                {}]  # the default clamps x0: diffusers' own step
+
+
+@pytest.mark.parametrize("config", DDIM_CONFIGS, ids=[str(c) for c in DDIM_CONFIGS])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("n", [1, 5, 25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_diffusers_ddim(config, eta, n, dtype):
+    """flowkern's DDIMScheduler (diffusers' class, fused step) against
+    diffusers' own, step by step from the same state with the same noise:
+    each one's error against diffusers' step run in float64 (x0 = (x -
+    sigma eps)/alpha amplifies rounding where alpha is small; diffusers
+    computes float16 inputs in float16), ours within 2x diffusers' own."""
+    d = _diffusers()
+    x = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(8))
+    model = _diffusers_model(_toy(seed=5))
+    a, b = d.DDIMScheduler(**config), fk_diffusers.DDIMScheduler(**config)
+    exact = d.DDIMScheduler(**config)
+    for s in (a, b, exact):
+        s.set_timesteps(n)
+    xa = x.to(dtype)
+    for k, t in enumerate(a.timesteps):
+        m = model(xa.float(), t.expand(3)).to(dtype)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(k)).to(dtype)
+        kw = dict(eta=eta, variance_noise=noise if eta else None)
+        oa = a.step(m, t, xa, **kw)
+        ob = b.step(m, t, xa.clone(), **kw)
+        kw64 = dict(eta=eta, variance_noise=noise.double() if eta else None)
+        oe = exact.step(m.double(), t, xa.double(), **kw64)
+        assert ob.prev_sample.dtype == oa.prev_sample.dtype
+        # the terms: x0 = (x - sigma eps)/alpha scales them by 1/alpha_t
+        alpha = a.alphas_cumprod[int(t)].sqrt().item()
+        scale = max(xa.abs().max().item(), m.abs().max().item()) / max(alpha, 1e-3)
+        for name in ("pred_original_sample", "prev_sample"):
+            want = getattr(oe, name)
+            err_d = (getattr(oa, name).double() - want).abs().max().item()
+            err_f = (getattr(ob, name).double() - want).abs().max().item()
+            assert err_f <= 2 * err_d + 4 * EPS_OF[dtype] * scale, (name, err_f, err_d)
+        xa = oa.prev_sample

@@ -358,3 +358,26 @@ def test_dpmpp_nan_in_d_prev_stays_out_of_d_t(backend, cfg):
     nan[1, 2] = True
     assert torch.equal(xs1.isnan(), nan)
     assert torch.equal(xs1[~nan], xs0[~nan])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpmpp_2m_from_pure_noise_is_its_first_order_limit(backend):
+    """alpha_t = 0 (zero terminal SNR, lambda_t = -inf): h is infinite, so the
+    step is first order with E = alpha_s: x_s = (sigma_s/sigma_t) x + alpha_s d
+    (DDIM from pure noise), with or without d_prev, on every backend. Between
+    two pure-noise levels it is undefined: an error naming t."""
+    x = torch.randn(3, 5, dtype=torch.float64, device=DEVICE)
+    v = torch.randn(3, 5, dtype=torch.float64, device=DEVICE)
+    # v-prediction rows: (d_alpha, d_sigma) = (-sigma, alpha); x1 = alpha x - sigma v = -v
+    row = torch.tensor([0.0, 1.0, -1.0, 0.0, 0.6, 0.8, -0.8, 0.6, 0.5, 0.5 ** 0.5 * 1.5 ** 0.5,
+                        0.0, 0.0], dtype=torch.float64, device=DEVICE)
+    want = 0.8 * x + 0.6 * (-v)
+    for d_prev in (None, torch.randn_like(x)):
+        xs, d = fk.dpmpp_2m_step(x, v, prediction="velocity", d_prev=d_prev, table=row,
+                                 backend=backend)
+        torch.testing.assert_close(xs, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(d, -v, rtol=1e-12, atol=1e-12)
+    both = row.clone()
+    both[4], both[5] = 0.0, 1.0
+    with pytest.raises(ValueError, match="t: each of alpha_t, alpha_s is 0"):
+        fk.dpmpp_2m_step(x, v, prediction="velocity", table=both, backend=backend)

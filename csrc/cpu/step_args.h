@@ -99,6 +99,17 @@ inline void check_conversion(const StepCoef<A>& c, int64_t pred, int dst, bool a
   const std::string why =
       std::string("converting ") + names[pred] + " -> " + names[dst] + " divides by it";
   const auto sched = [at_s](const fk::StepRow<A>& r) { return at_s ? r.s : r.t; };
+  // a conversion to or from velocity reads d_alpha, d_sigma (vp's d_sigma is
+  // -inf at t = 1): first, as check_convert (coef_checks.h) and
+  // flowkern/ops/steps.py _nonzero_for, one message on every backend
+  if (pred == fk::VELOCITY || dst == fk::VELOCITY)
+    for (i64 i = 0; i < c.n; ++i) {
+      const auto q = sched(c.row(i));
+      TORCH_CHECK_VALUE(std::isfinite(double(q.d_alpha)) && std::isfinite(double(q.d_sigma)),
+                        at, ": d_alpha_", at, " or d_sigma_", at, " is not finite at some "
+                        "sample (vp's d_sigma at t = 1), and converting ", names[pred], " -> ",
+                        names[dst], " reads them");
+    }
   const bool score = pred == fk::SCORE || dst == fk::SCORE;
   if ((score && !(pred == fk::SCORE && dst == fk::EPS)) ||
       (pred == fk::X1 && (dst == fk::VELOCITY || dst == fk::EPS)))
@@ -160,7 +171,14 @@ struct StepChecks {
   }
   template <class A> static void dpmpp_2m(const StepCoef<A>& c, int64_t pred) {
     check_sigma_t(c, "the data form divides by it");
-    check_alpha_t(c, "log(alpha_t/sigma_t) needs it");
+    // alpha_t = 0 (pure noise, lambda_t = -inf) is the first-order limit the
+    // kernel takes (h = inf: E = alpha_s, x_s = (sigma_s/sigma_t) x + alpha_s d,
+    // DDIM from zero SNR); between two pure-noise levels the step is undefined
+    check_rows(c, "t", "each of alpha_t, alpha_s",
+               "the step between two pure-noise levels (lambda = -inf) is undefined",
+               [](const fk::StepRow<A>& r) {
+                 return r.t.alpha != A(0) || r.s.alpha != A(0) ? A(1) : A(0);
+               });
     check_conversion(c, pred, fk::X1);
   }
   template <class A> static void em(const StepCoef<A>& c, int64_t pred) {

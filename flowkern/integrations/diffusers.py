@@ -49,7 +49,8 @@ except ImportError as e:  # pragma: no cover - exercised without the peer
 from ..ops.steps import dpmpp_2m_step, euler_step, step_table
 
 __all__ = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-           "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "SchedulerOutput"]
+           "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler",
+           "SchedulerOutput"]
 
 
 def _config_signature(cls):
@@ -616,4 +617,5 @@ class DPMSolverMultistepScheduler(_Base):
 
 
 # diffusers' Euler schedulers, subclassed with a fused step (their own module)
-from ._diffusers_euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler  # noqa: E402
+from ._diffusers_subclassed import (DDIMScheduler, EulerAncestralDiscreteScheduler,  # noqa: E402
+                               EulerDiscreteScheduler)

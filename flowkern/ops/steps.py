@@ -333,6 +333,8 @@ def _nonzero_for(st, prediction, dst, at="t"):
     al, sg, da, ds = (tab[:, base + k] for k in range(4))
     if prediction == dst:
         return
+    if "velocity" in (prediction, dst):  # first, as convert (csrc/cpu/step_args.h)
+        V.finite_rates(tab[:, base:base + 4], f"converting {prediction} -> {dst} reads them", at)
     if "score" in (prediction, dst) and not (prediction == "score" and dst == "eps"):
         V.nonzero(at, f"sigma_{at}", sg, f"converting {prediction} -> {dst} divides by it")
     if prediction == "x1" and dst in ("velocity", "eps"):
@@ -545,7 +547,9 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
                t, s, schedule, table, backend, t_prev=t_prev)
     code = _pred(prediction)
     V.nonzero("t", "sigma_t", st.table[:, 1], "the data form divides by it")
-    V.nonzero("t", "alpha_t", st.table[:, 0], "log(alpha_t/sigma_t) needs it")
+    # alpha_t = 0 is the first-order limit (csrc/cpu/step_args.h StepChecks::dpmpp_2m)
+    V.nonzero("t", "each of alpha_t, alpha_s", st.table[:, 0].abs() + st.table[:, 4].abs(),
+              "the step between two pure-noise levels (lambda = -inf) is undefined")
     _nonzero_for(st, prediction, "x1")
     out, d_out = _out("out", out, x, st), _out("d_out", d_out, x, st)
     V.check_no_overlap({"out": out, "d_out": d_out},

@@ -1,5 +1,5 @@
-"""diffusers' EulerDiscreteScheduler and EulerAncestralDiscreteScheduler with
-a fused step.
+"""diffusers' EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
+DDIMScheduler with a fused step.
 
 Each class IS diffusers' scheduler (a subclass): its config, timesteps,
 sigmas, ``scale_model_input``, ``add_noise``, save/load and compatibles are
@@ -31,6 +31,8 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler as _DiffusersDDIM
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
     EulerAncestralDiscreteScheduler as _DiffusersEulerAncestral,
     EulerAncestralDiscreteSchedulerOutput)
@@ -152,3 +154,72 @@ class EulerAncestralDiscreteScheduler(_DiffusersEulerAncestral):
         if not return_dict:
             return prev, x0
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+class DDIMScheduler(_DiffusersDDIM):
+    """diffusers' DDIMScheduler whose step() is one fused pass:
+    prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - std^2) eps (+ std noise)
+    is the first-order DPM-Solver++ step into the level (alpha_s, sigma_s') =
+    (sqrt(abar_prev), sqrt(1 - abar_prev - std^2)), whose kernel also returns
+    x0 (pred_original_sample). The rows are built once per eta for every
+    training timestep, on the timesteps' device, and picked by the timestep
+    there (no host read). clip_sample / thresholding clamp x0, which no fused
+    step does: with them step() is diffusers' own (not fused)."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fk_rows = {}
+
+    def _fk_table(self, eta):
+        if eta not in self._fk_rows:
+            c = self.config
+            n_train = c.num_train_timesteps
+            ac = self.alphas_cumprod.double()
+            t = torch.arange(n_train)
+            prev = t - n_train // self.num_inference_steps
+            a_t = ac[t]
+            a_p = torch.where(prev >= 0, ac[prev.clamp_min(0)],
+                              self.final_alpha_cumprod.double())
+            var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)  # _get_variance
+            std = eta * var.sqrt()
+            al, sg = a_t.sqrt(), (1 - a_t).sqrt()
+            v = c.prediction_type == "v_prediction"
+            zero, one = torch.zeros_like(al), torch.ones_like(al)
+            cols = [al, sg, -sg if v else zero, al if v else zero, a_p.sqrt(),
+                    (1 - a_p - std * std).clamp_min(0).sqrt(), zero, zero, one, one, zero, zero]
+            dev = self.timesteps.device
+            self._fk_rows[eta] = (torch.stack(cols, 1).to(dev), std.to(dev))
+        return self._fk_rows[eta]
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator=None, variance_noise=None,
+             return_dict: bool = True):
+        c = self.config
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run "
+                             "'set_timesteps' after creating the scheduler")
+        if c.thresholding or c.clip_sample:  # x0 is clamped: diffusers' own step
+            return super().step(model_output, timestep, sample, eta, use_clipped_model_output,
+                                generator, variance_noise, return_dict)
+        prediction = _check_prediction(self, {"epsilon", "sample", "v_prediction"})
+        rows, std = self._fk_table(float(eta))
+        if isinstance(timestep, torch.Tensor):  # a gather on the device: no host read
+            idx = timestep.reshape(1).to(rows.device, torch.long)
+            row, scale = rows.index_select(0, idx)[0], std.index_select(0, idx)[0]
+        else:
+            row, scale = rows[int(timestep)], std[int(timestep)]
+        dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        prev, x0 = dpmpp_2m_step(sample.to(dtype), model_output.to(dtype),
+                                 prediction=prediction, table=row)
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("Cannot pass both generator and variance_noise. Please make "
+                                 "sure that either `generator` or `variance_noise` stays `None`.")
+            if variance_noise is None:
+                variance_noise = randn_tensor(model_output.shape, generator=generator,
+                                              device=model_output.device,
+                                              dtype=model_output.dtype)
+            prev = prev + (scale.to(prev.dtype) * variance_noise).to(prev.dtype)
+        if not return_dict:
+            return prev, x0
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
