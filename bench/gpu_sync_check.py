@@ -126,6 +126,7 @@ D_CASES = {
     "DDIMScheduler": dict(clip_sample=False),
     "DDIMScheduler-v-trailing": dict(clip_sample=False, prediction_type="v_prediction",
                                      timestep_spacing="trailing"),
+    "FlowMatchHeunDiscreteScheduler": dict(shift=3.0),
 }
 FM_CASES = {
     "euler": dict(method="euler", step_size=0.25),

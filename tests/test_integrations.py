@@ -115,7 +115,8 @@ def test_diffusers_dpmsolver_flow_sigmas():
 
 
 FK_SCHEDULERS = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-                 "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler"]
+                 "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler",
+                 "FlowMatchHeunDiscreteScheduler"]
 
 
 @pytest.mark.parametrize("name", FK_SCHEDULERS)
@@ -829,3 +830,41 @@ def test_diffusers_ddim(config, eta, n, dtype):
             err_f = (getattr(ob, name).double() - want).abs().max().item()
             assert err_f <= 2 * err_d + 4 * EPS_OF[dtype] * scale, (name, err_f, err_d)
         xa = oa.prev_sample
+
+
+@pytest.mark.parametrize("config", [{}, {"shift": 3.0}])
+@pytest.mark.parametrize("n", [1, 3, 10])
+@pytest.mark.parametrize("churn", [{}, {"s_churn": 2.0, "s_tmin": 0.2, "s_tmax": 0.9}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_diffusers_flow_match_heun(config, n, churn, dtype):
+    """flowkern's FlowMatchHeunDiscreteScheduler (diffusers' class, fused
+    Euler and Heun stages) against diffusers' own over a whole loop (two
+    calls per step), the same generator for churn: each one's error against
+    diffusers' loop in float64, ours within 2x diffusers' own."""
+    d = _diffusers()
+    x = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(1))
+    W = _toy()
+
+    def run(sched, dt, model_dt):
+        sched.set_timesteps(n)
+        model = _diffusers_model(W.to(model_dt))
+        g = torch.Generator().manual_seed(5)
+        xs = x.to(dt)
+        for t in sched.timesteps:
+            out = model(xs.to(model_dt), t.expand(3)).to(dt)
+            xs = sched.step(out, t, xs, generator=g, **churn).prev_sample
+        return xs
+
+    exact = run(d.FlowMatchHeunDiscreteScheduler(**config), torch.float64, torch.float64)
+    ref = run(d.FlowMatchHeunDiscreteScheduler(**config), dtype, torch.float32)
+    out = run(fk_diffusers.FlowMatchHeunDiscreteScheduler(**config), dtype, torch.float32)
+    a, b = d.FlowMatchHeunDiscreteScheduler(**config), \
+        fk_diffusers.FlowMatchHeunDiscreteScheduler(**config)
+    a.set_timesteps(n)
+    b.set_timesteps(n)
+    assert torch.equal(a.timesteps, b.timesteps) and torch.equal(a.sigmas, b.sigmas)
+    assert out.dtype == ref.dtype
+    err_d, err_f = _rel(ref, exact), _rel(out, exact)
+    assert err_f <= 2 * err_d + 4 * EPS_OF[dtype], (err_f, err_d)
+    # and directly, the same noise in the same dtype (float64 draws other numbers)
+    assert _rel(out, ref) <= (1e-4 if dtype == torch.float32 else 5e-3)

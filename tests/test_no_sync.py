@@ -547,6 +547,7 @@ D_CASES = {
     "DDIMScheduler": dict(clip_sample=False),
     "DDIMScheduler-v-trailing": dict(clip_sample=False, prediction_type="v_prediction",
                                      timestep_spacing="trailing"),
+    "FlowMatchHeunDiscreteScheduler": dict(shift=3.0),
 }
 
 

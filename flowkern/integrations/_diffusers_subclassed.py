@@ -1,5 +1,5 @@
-"""diffusers' EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
-DDIMScheduler with a fused step.
+"""diffusers' EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+DDIMScheduler and FlowMatchHeunDiscreteScheduler with fused steps.
 
 Each class IS diffusers' scheduler (a subclass): its config, timesteps,
 sigmas, ``scale_model_input``, ``add_noise``, save/load and compatibles are
@@ -36,11 +36,13 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
     EulerAncestralDiscreteScheduler as _DiffusersEulerAncestral,
     EulerAncestralDiscreteSchedulerOutput)
+from diffusers.schedulers.scheduling_flow_match_heun_discrete import (
+    FlowMatchHeunDiscreteScheduler as _DiffusersFMHeun, FlowMatchHeunDiscreteSchedulerOutput)
 from diffusers.schedulers.scheduling_euler_discrete import (
     EulerDiscreteScheduler as _DiffusersEuler, EulerDiscreteSchedulerOutput)
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..ops.steps import dpmpp_2m_step
+from ..ops.steps import dpmpp_2m_step, euler_step, heun_step
 
 _PRED = {"epsilon": "eps", "sample": "x1", "original_sample": "x1", "v_prediction": "velocity"}
 
@@ -223,3 +225,61 @@ class DDIMScheduler(_DiffusersDDIM):
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+def _h_row(h):
+    """A velocity-prediction step row: only h is read (u is the prediction)."""
+    return [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, h, 0.0]
+
+
+class FlowMatchHeunDiscreteScheduler(_DiffusersFMHeun):
+    """diffusers' FlowMatchHeunDiscreteScheduler whose two stages are the fused
+    Euler step (the predictor x + dt v, diffusers' first call) and the fused
+    Heun step (x + dt (v + v_2)/2 from the first call's x and v, its second
+    call). diffusers' v = noise - data is the step's -u over sigma = 1 - t, so
+    (sigma_next - sigma) v is read as is (as FlowMatchEulerDiscreteScheduler
+    does). Churn draws diffusers' noise from the generator, as diffusers
+    (its second-stage draw is made and, as there, unused)."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        sig = self._fk_sig = self.sigmas.tolist()  # once, at set-up
+        rows = [_h_row(sig[i + 1] - sig[i]) for i in range(len(sig) - 1)]
+        self._fk_rows = torch.tensor(rows, dtype=torch.float32).to(self.sigmas.device)
+        self._fk_x = self._fk_v = None
+
+    def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
+             s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
+             return_dict: bool = True):
+        _check_timestep("FlowMatchHeunDiscreteScheduler", timestep)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, sig = self.step_index, self._fk_sig
+        first = self.state_in_first_order
+        sigma = sig[i] if first else sig[i - 1]
+        nxt = sig[i + 1] if first else sig[i]
+        gamma = min(s_churn / (len(sig) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        sample = sample.to(torch.float32)
+        v = model_output.to(sample.dtype)
+        if gamma > 0:
+            noise = randn_tensor(model_output.shape, dtype=model_output.dtype,
+                                 device=model_output.device, generator=generator)
+            if first:  # the second stage's noise only moves a sample it does not use
+                sample = sample + noise * s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+        if first:
+            row = self._fk_rows[i]
+            if gamma > 0:  # derivative v sigma/sigma_hat over dt = sigma_next - sigma_hat
+                v = v * (sigma / sigma_hat)
+                row = torch.tensor(_h_row(nxt - sigma_hat)).to(sample.device)
+            prev = euler_step(sample, v, prediction="velocity", table=row)
+            self.dt, self._fk_x, self._fk_v, self._fk_row = nxt - sigma_hat, sample, v, row
+        else:
+            prev = heun_step(self._fk_x, self._fk_v, sample, v, prediction="velocity",
+                             table=self._fk_row)
+            self.dt = self._fk_x = self._fk_v = self._fk_row = None
+        prev = prev.to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return FlowMatchHeunDiscreteSchedulerOutput(prev_sample=prev)
