@@ -106,6 +106,8 @@ K_CASES = {
     "sample_dpmpp_sde": dict(seed=7),
     "sample_dpmpp_2m_sde": dict(seed=8),
     "sample_dpmpp_2m_sde-heun-noise_sampler": dict(noise_sampler=True, solver_type="heun"),
+    "sample_lms": dict(),
+    "sample_lms-order2": dict(order=2),
 }
 D_CASES = {
     "FlowMatchEulerDiscreteScheduler": dict(),

@@ -16,6 +16,7 @@ import importlib.util
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -539,7 +540,7 @@ def test_flow_matching_likelihood_errors():
 @pytest.mark.parametrize("name", ["sample_euler", "sample_heun", "sample_dpmpp_2m",
                                   "sample_euler_ancestral", "sample_dpm_2",
                                   "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
-                                  "sample_dpmpp_sde", "sample_dpmpp_2m_sde"])
+                                  "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_lms"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_k_diffusion_half_state_has_the_peers_accuracy(backend, name, dtype):
     """A float16/bfloat16 x with float32 sigmas: k-diffusion's Euler-type
@@ -559,7 +560,8 @@ def test_k_diffusion_half_state_has_the_peers_accuracy(backend, name, dtype):
              for i in range(30)]  # in x's dtype, as k-diffusion's default randn_like(x)
 
     def kw():  # the same noise for both: k-diffusion's noise_sampler
-        if name in ("sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpm_2"):
+        if name in ("sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpm_2",
+                    "sample_lms"):
             return dict(disable=True)
         it = iter(noise)
         return dict(disable=True, noise_sampler=lambda s, sn: next(it))
@@ -868,3 +870,37 @@ def test_diffusers_flow_match_heun(config, n, churn, dtype):
     assert err_f <= 2 * err_d + 4 * EPS_OF[dtype], (err_f, err_d)
     # and directly, the same noise in the same dtype (float64 draws other numbers)
     assert _rel(out, ref) <= (1e-4 if dtype == torch.float32 else 5e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 3, 10, 30])
+def test_k_diffusion_lms(backend, order, n):
+    """sample_lms (one fused pass for d, one or two fused Euler passes for the
+    history) against k-diffusion's, its callback included; the coefficients
+    against k-diffusion's quadrature. float64 for the 1- and 3-step grids
+    (see test_k_diffusion_deterministic)."""
+    ks, x, sigmas, model = _k_setup(n, torch.float64 if n < 10 else torch.float32)
+    t = sigmas.cpu().numpy()
+    for i in range(min(order, n), n):
+        for j in range(order):
+            # k-diffusion's integrand runs in float32 for float32 nodes (NumPy 2
+            # keeps np.float32 - float in float32): agreement to its rounding
+            rel = 1e-6 if t.dtype == np.float32 else 1e-9
+            assert fk_k.linear_multistep_coeff(order, t, i, j) == pytest.approx(
+                ks.linear_multistep_coeff(order, t, i, j), rel=rel, abs=1e-12)
+    log_a, log_b = [], []
+    ref = ks.sample_lms(model, x, sigmas, extra_args={"scale": 0.9}, disable=True,
+                        callback=log_a.append, order=order)
+    out = fk_k.sample_lms(model, x, sigmas, extra_args={"scale": 0.9}, disable=True,
+                          callback=log_b.append, order=order, backend=backend)
+    assert _rel(out, ref) <= TOL, _rel(out, ref)
+    assert [a["i"] for a in log_a] == [b["i"] for b in log_b]
+
+
+def test_lms_pairs_never_divide_by_a_cancelling_sum():
+    for coeffs in ([1.0, -1.0], [2.0, -2.0, 1.0, -1.0], [0.5, 0.3, -0.3, 0.1]):
+        for a, b, h, w in fk_k._lms_pairs(coeffs):
+            got = h * (1 - w) * 1.0 if b is not None else h
+            want = coeffs[a]
+            assert got == pytest.approx(want) and (b is None or h * w == pytest.approx(coeffs[b]))

@@ -1,7 +1,9 @@
 """k-diffusion-compatible samplers backed by flowkern's fused steps.
 
-``sample_euler``, ``sample_heun``, ``sample_dpmpp_2m`` and
-``sample_euler_ancestral`` take k-diffusion's arguments: ``model(x, sigma,
+``sample_euler``, ``sample_heun``, ``sample_dpmpp_2m``,
+``sample_euler_ancestral``, ``sample_dpm_2``, ``sample_dpm_2_ancestral``,
+``sample_dpmpp_2s_ancestral``, ``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde``
+and ``sample_lms`` take k-diffusion's arguments: ``model(x, sigma,
 **extra_args)`` returns the denoised x (E[x1 | x]), ``sigmas`` decreasing to
 (usually) 0, ``extra_args``, ``callback`` (called with k-diffusion's dict),
 ``disable`` (the progress bar), and the churn/ancestral options.
@@ -17,23 +19,34 @@ sigma_{i+1})/sigma_i). The fused Euler step is then k-diffusion's
 of x into sigma = 0), Heun's second stage its ``x + dt (d + d_2)/2``, and the
 fused DPM-Solver++ step k-diffusion's (lambda = -log sigma).
 
+The DPM-Solver samplers reuse the fused Euler, Heun, Euler-Maruyama, churn
+and DPM-Solver++(2M) steps with rows chosen so that each kernel computes
+k-diffusion's update exactly (_second_stage_row, _ancestral_row and
+sample_dpmpp_2m_sde say how); one or two fused passes per model call.
+sample_lms adds its history two terms per fused Euler pass (as guidance).
+Not here yet: sample_dpmpp_3m_sde (a three-term history with noise) and
+sample_dpm_fast / sample_dpm_adaptive (DPM-Solver's own step control).
+
 Noise: k-diffusion draws ``torch.randn_like``; the fused kernels draw
 Philox4x32-10 in the kernel, so with churn (``s_churn > 0``) or ancestral
 noise the samples differ from k-diffusion's draw for draw but have the same
 distribution. The noise of step i is Philox(seed, i * x.numel()), seed given
-by the extra ``seed=`` argument (None: one draw from torch's generator); pass
-``noise_sampler=`` to ``sample_euler_ancestral`` to use your own noise (then
-the noise is added in a separate pass, as in k-diffusion).
+by the extra ``seed=`` argument (None: one draw from torch's generator;
+sample_dpmpp_sde's two stages use 2i and 2i + 1); pass ``noise_sampler=``
+(k-diffusion's, e.g. its ``BrownianTreeNoiseSampler``, the default of its
+dpmpp_sde and dpmpp_2m_sde) to use your own noise, added in a separate pass
+as in k-diffusion, in x's dtype.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .. import _validate as V
 from ..ops.steps import churn as _churn
-from ..ops.steps import dpmpp_2m_step, em_step, euler_step, heun_step
+from ..ops.steps import dpmpp_2m_step, ei_step, em_step, euler_step, heun_step
 
 try:
     from tqdm.auto import trange as _trange
@@ -42,8 +55,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral",
            "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
-           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "get_ancestral_step",
-           "denoiser_to_x1_model"]
+           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_lms", "get_ancestral_step",
+           "linear_multistep_coeff", "denoiser_to_x1_model"]
 
 
 def _range(n, disable):
@@ -592,6 +605,99 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
         if eta and sig[i + 1] > 0:  # k-diffusion's condition (it calls its sampler then)
             x = _add_noise(x, i, i, noise, seed, noise_sampler, sigmas[i], sigmas[i + 1],
                            stds[i], backend)
+    return x
+
+
+def linear_multistep_coeff(order, t, i, j):
+    """k-diffusion's LMS coefficient: the integral over [t_i, t_{i+1}] of the
+    Lagrange basis polynomial of node t_{i-j} on t_i, ..., t_{i-order+1},
+    integrated exactly (k-diffusion integrates the same polynomial with
+    scipy's quad, exact to rounding for these degrees)."""
+    if order - 1 > i:
+        raise ValueError(f"Order {order} too high for step {i}")
+    poly = np.poly1d([1.0])
+    for k in range(order):
+        if k != j:
+            poly = poly * np.poly1d([1.0, -float(t[i - k])]) / (float(t[i - j]) - float(t[i - k]))
+    prim = poly.integ()
+    return float(prim(float(t[i + 1])) - prim(float(t[i])))
+
+
+def _lms_pairs(coeffs):
+    """The history terms of an LMS step grouped for the fused Euler step with
+    guidance, which adds h ((1 - w) p_u + w p_c): (j_a, j_b or None, h, w)
+    per pass, the pairing whose sums c_a + c_b are furthest from cancelling."""
+    idx = list(range(len(coeffs)))
+    if len(idx) <= 2:
+        options = [[tuple(idx)]]
+    elif len(idx) == 3:
+        options = [[(0, 1), (2,)], [(0, 2), (1,)], [(1, 2), (0,)]]
+    else:
+        options = [[(0, 1), (2, 3)], [(0, 2), (1, 3)], [(0, 3), (1, 2)]]
+
+    def quality(groups):
+        q = 1.0
+        for g in groups:
+            if len(g) == 2:
+                tot = abs(coeffs[g[0]]) + abs(coeffs[g[1]])
+                q = min(q, abs(coeffs[g[0]] + coeffs[g[1]]) / tot if tot else 1.0)
+        return q
+    passes = []
+    for g in max(options, key=quality):
+        if len(g) == 1:
+            passes.append((g[0], None, coeffs[g[0]], 0.0))
+        else:
+            h = coeffs[g[0]] + coeffs[g[1]]
+            if h == 0:  # cancelling exactly: one pass each
+                passes += [(g[0], None, coeffs[g[0]], 0.0), (g[1], None, coeffs[g[1]], 0.0)]
+            else:
+                passes.append((g[0], g[1], h, coeffs[g[1]] / h))
+    return passes
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4,
+               backend=None):
+    """k-diffusion's linear multistep sampler: d_i = (x - denoised)/sigma_i in
+    one fused pass into a ring of `order` buffers (ei_step's data form from
+    (alpha, sigma) = (1, sigma_i) to (0, 1) is exactly that), then x +
+    sum_j c_j d_{i-j} in one or two fused Euler passes, two history terms per
+    pass as the unconditional and conditional prediction of its guidance
+    (_lms_pairs); the coefficients are computed on the host up front."""
+    extra_args = {} if extra_args is None else extra_args
+    sigmas, sig, state = _host(sigmas, x)
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sig) - 1
+    t32 = sigmas.detach().cpu().numpy()  # the nodes k-diffusion integrates on
+    d_rows = _rows([[1.0, sig[i], 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+                    for i in range(n)], x, state)
+    plans, h_rows = [], []
+    for i in range(n):
+        cur = min(i + 1, order)
+        passes = _lms_pairs([linear_multistep_coeff(cur, t32, i, j) for j in range(cur)])
+        plans.append(passes)
+        h_rows += [_ve(1.0, 1.0, h=h) for _, _, h, _ in passes]
+    h_rows = _rows(h_rows, x, state)
+    ring, k = [], 0
+    for i in _range(n, disable):
+        denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
+        x = x.to(state)  # k-diffusion's promotion (_host)
+        if len(ring) < order:
+            ring.append(torch.empty_like(x, memory_format=torch.contiguous_format))
+        d_now = ring[i % order]
+        ei_step(x, denoised, prediction="x1", form="data", table=d_rows[i], out=d_now,
+                backend=backend)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        for a, b, _, w in plans[i]:  # d_{i-j} is ring[(i - j) % order]
+            row, k = h_rows[k], k + 1
+            da = ring[(i - a) % order]
+            if b is None:
+                x = euler_step(x, da, prediction="velocity", table=row, backend=backend)
+            else:
+                x = euler_step(x, ring[(i - b) % order], prediction="velocity",
+                               pred_uncond=da, guidance=w, table=row, backend=backend)
     return x
 
 
