@@ -25,7 +25,7 @@ Groups "loop · <size> · per step" (trivial model, 20 steps, per step):
   flowkern.sample(method) | diffusers scheduler loop | k-diffusion sample_* |
   the sum of the fused steps alone (the loop's floor) | flowkern's k-diffusion
   adapter against k-diffusion for dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral,
-  dpmpp_sde, dpmpp_2m_sde and lms.
+  dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde and lms.
 """
 from __future__ import annotations
 
@@ -257,7 +257,7 @@ LOOP_CASES = [
 # the SDE samplers draw their noise in the kernels, the peer gets its
 # cheapest noise (default_noise_sampler: randn_like, not a Brownian tree)
 for _m in ("sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
-           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_lms"):
+           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lms"):
     LOOP_CASES += [(f"flowkern adapter {_m}", "kda", _m), (f"k-diffusion {_m}", "kd", _m)]
 
 
@@ -287,7 +287,8 @@ def test_loop(benchmark, measure, roofline, size, n, order):
         kd = _kdiff()
         sigmas = torch.cat([torch.linspace(80, 0.02, LOOP_STEPS), torch.zeros(1)])
         kw = ({"noise_sampler": kd.default_noise_sampler(d.x)}
-              if method in ("sample_dpmpp_sde", "sample_dpmpp_2m_sde") else {})
+              if method in ("sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde")
+              else {})
         fn = lambda: getattr(kd, method)(lambda x, s: x, d.x, sigmas, disable=True,  # noqa: E731
                                          **kw)
     elif kind == "kda":

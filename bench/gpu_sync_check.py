@@ -107,6 +107,8 @@ K_CASES = {
     "sample_dpmpp_2m_sde": dict(seed=8),
     "sample_dpmpp_2m_sde-heun-noise_sampler": dict(noise_sampler=True, solver_type="heun"),
     "sample_lms": dict(),
+    "sample_dpmpp_3m_sde": dict(seed=9),
+    "sample_dpmpp_3m_sde-noise_sampler": dict(noise_sampler=True, eta=0.5),
     "sample_lms-order2": dict(order=2),
 }
 D_CASES = {

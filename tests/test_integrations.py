@@ -540,7 +540,8 @@ def test_flow_matching_likelihood_errors():
 @pytest.mark.parametrize("name", ["sample_euler", "sample_heun", "sample_dpmpp_2m",
                                   "sample_euler_ancestral", "sample_dpm_2",
                                   "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
-                                  "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_lms"])
+                                  "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_lms",
+                                  "sample_dpmpp_3m_sde"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_k_diffusion_half_state_has_the_peers_accuracy(backend, name, dtype):
     """A float16/bfloat16 x with float32 sigmas: k-diffusion's Euler-type
@@ -623,7 +624,8 @@ def test_k_diffusion_dpm_2_churn_same_noise(backend, monkeypatch):
 
 SDE_SAMPLERS = [("sample_dpm_2_ancestral", {}), ("sample_dpmpp_2s_ancestral", {}),
                 ("sample_dpmpp_sde", {}), ("sample_dpmpp_sde", {"r": 0.3}),
-                ("sample_dpmpp_2m_sde", {}), ("sample_dpmpp_2m_sde", {"solver_type": "heun"})]
+                ("sample_dpmpp_2m_sde", {}), ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+                ("sample_dpmpp_3m_sde", {})]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -656,8 +658,12 @@ def test_k_diffusion_sde_samplers_same_noise(backend, name, extra, eta, s_noise)
     given = getattr(fk_k, name)(model, x, sigmas, noise_sampler=_philox_sampler(seed, x),
                                 backend=backend, **kw)
     peer = _rel(ref, exact)
+    # 3M: the fused kernels weight d, d_1, d_2 separately (coefficients up to ~4x
+    # the step's 1 - e^{-h}), where k-diffusion first takes their differences:
+    # measured up to 4.3x its float32 error here (eta = 0), both ~1e-5
+    k = 5 if name == "sample_dpmpp_3m_sde" else 2
     for out in (fused, given):
-        assert out.dtype == ref.dtype and _rel(out, exact) <= 2 * peer + 2e-6, \
+        assert out.dtype == ref.dtype and _rel(out, exact) <= k * peer + 2e-6, \
             (_rel(out, exact), peer)
     if eta:  # the noise is in there
         other = getattr(fk_k, name)(model, x, sigmas, seed=seed + 1, backend=backend, **kw)
@@ -674,7 +680,7 @@ def test_k_diffusion_brownian_tree_noise_sampler(backend):
     def tree():
         return ks.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=3)
 
-    for name in ("sample_dpmpp_sde", "sample_dpmpp_2m_sde"):
+    for name in ("sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"):
         ref = getattr(ks, name)(model, x, sigmas, noise_sampler=tree(), disable=True)
         out = getattr(fk_k, name)(model, x, sigmas, noise_sampler=tree(), disable=True,
                                   backend=backend)

@@ -2,8 +2,9 @@
 
 ``sample_euler``, ``sample_heun``, ``sample_dpmpp_2m``,
 ``sample_euler_ancestral``, ``sample_dpm_2``, ``sample_dpm_2_ancestral``,
-``sample_dpmpp_2s_ancestral``, ``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde``
-and ``sample_lms`` take k-diffusion's arguments: ``model(x, sigma,
+``sample_dpmpp_2s_ancestral``, ``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde``,
+``sample_dpmpp_3m_sde`` and ``sample_lms`` take k-diffusion's arguments:
+``model(x, sigma,
 **extra_args)`` returns the denoised x (E[x1 | x]), ``sigmas`` decreasing to
 (usually) 0, ``extra_args``, ``callback`` (called with k-diffusion's dict),
 ``disable`` (the progress bar), and the churn/ancestral options.
@@ -23,9 +24,10 @@ The DPM-Solver samplers reuse the fused Euler, Heun, Euler-Maruyama, churn
 and DPM-Solver++(2M) steps with rows chosen so that each kernel computes
 k-diffusion's update exactly (_second_stage_row, _ancestral_row and
 sample_dpmpp_2m_sde say how); one or two fused passes per model call.
-sample_lms adds its history two terms per fused Euler pass (as guidance).
-Not here yet: sample_dpmpp_3m_sde (a three-term history with noise) and
-sample_dpm_fast / sample_dpm_adaptive (DPM-Solver's own step control).
+sample_lms adds its history two terms per fused Euler pass (as guidance);
+sample_dpmpp_3m_sde splits its three-term history between the 2M kernel
+and one guided Euler pass. Not here yet: sample_dpm_fast /
+sample_dpm_adaptive (DPM-Solver's own step control).
 
 Noise: k-diffusion draws ``torch.randn_like``; the fused kernels draw
 Philox4x32-10 in the kernel, so with churn (``s_churn > 0``) or ancestral
@@ -55,7 +57,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral",
            "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
-           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_lms", "get_ancestral_step",
+           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lms",
+           "get_ancestral_step",
            "linear_multistep_coeff", "denoiser_to_x1_model"]
 
 
@@ -603,6 +606,105 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                              d_out=d[k], backend=backend)
         k = 1 - k
         if eta and sig[i + 1] > 0:  # k-diffusion's condition (it calls its sampler then)
+            x = _add_noise(x, i, i, noise, seed, noise_sampler, sigmas[i], sigmas[i + 1],
+                           stds[i], backend)
+    return x
+
+
+def _three_term_row(q, b0, b1):
+    """A dpmpp_2m_step row computing q x + b0 d + b1 d_prev (x1 predictions)
+    exactly, any q > 0 and b0 + b1 = E with E + q > 0: with alpha_t = 1,
+    sigma_t = 1 (lambda_t = 0), alpha_s = E + q and sigma_s = q the kernel's
+    x coefficient is sigma_s/sigma_t = q, its h = log((E + q)/q) makes
+    -alpha_s expm1(-h) = E, and the previous level (alpha_p = 1, sigma_p =
+    e^{r h}) sets its r so that E c2 = -b1 (c2 = 1/(2r), c1 = 1 + c2)."""
+    e = b0 + b1
+    h = math.log1p(e / q)
+    s_p = 1.0
+    if b1 != 0:
+        r = -e / (2 * b1)
+        s_p = math.exp(r * h)
+    return [1.0, 1.0, 0.0, 0.0, e + q, q, 0.0, 0.0, 1.0, s_p, 0.0, 0.0]
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                        eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None):
+    """DPM-Solver++(3M) SDE (k-diffusion's). Its update is linear in (x, d, d_1,
+    d_2): x' = e^{-(1+eta) h} x + c_0 d + c_1 d_1 + c_2 d_2 (+ noise), the
+    c_k from k-diffusion's d1, d2, phi_2, phi_3 collected on the host. One
+    fused DPM-Solver++(2M) pass computes x, d and part of d_1's term on a row
+    made for them (_three_term_row) and keeps d in a ring of three buffers;
+    one fused Euler pass with guidance adds the rest of d_1's and d_2's; the
+    noise of std
+    s' sqrt(1 - e^{-2 eta h}) s_noise is the fused churn pass on
+    Philox(seed, i x.numel()) or the caller's noise_sampler (k-diffusion's
+    default is a torchsde Brownian tree)."""
+    extra_args = {} if extra_args is None else extra_args
+    sigmas, sig, _ = _host(sigmas, x)
+    state = x.dtype  # k-diffusion multiplies by 0-dim tensors only: x's dtype (_host)
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sig) - 1
+    seed = _seed(seed) if (noise_sampler is None and eta) else 0
+    rows, extra, pair, noise, stds = [], [], [], [], []
+    h_1 = h_2 = None
+    for i in range(n):
+        s, nxt = sig[i], sig[i + 1]
+        if nxt == 0:  # x = denoised
+            rows.append(_ve(s, 0.0))
+            extra.append(_ve(1.0, 1.0))
+            pair.append((0.0, 0.0))
+            noise.append(_noise_row(0.0))
+            stds.append(0.0)
+            continue
+        h = math.log(s) - math.log(nxt)
+        h_eta = h * (eta + 1)
+        c0, c1, c2 = -math.expm1(-h_eta), 0.0, 0.0
+        phi_2 = math.expm1(-h_eta) / h_eta + 1
+        if h_2 is not None:
+            r0, r1 = h_1 / h, h_2 / h
+            phi_3 = phi_2 / h_eta - 0.5
+            a = phi_2 * (1 + r0 / (r0 + r1)) - phi_3 / (r0 + r1)   # of d1_0 = (d - d_1)/r0
+            b = -phi_2 * r0 / (r0 + r1) + phi_3 / (r0 + r1)        # of d1_1 = (d_1 - d_2)/r1
+            c0, c1, c2 = c0 + a / r0, -a / r0 + b / r1, -b / r1
+        elif h_1 is not None:
+            r = h_1 / h
+            c0, c1 = c0 + phi_2 / r, -phi_2 / r
+        if h_2 is None:  # c0 + c1 = 1 - e^{-h_eta}: the kernel row holds (q, c0, c1)
+            rows.append(_three_term_row(math.exp(-h_eta), c0, c1))
+            extra.append(_ve(1.0, 1.0))
+            pair.append((0.0, 0.0))
+        else:
+            # c0 + c1 + c2 = 1 - e^{-h_eta} = base, and c0 + c1 alone may leave
+            # E + q <= 0: the kernel takes (q, c0, base/2 - c0) (E = base/2), one
+            # fused Euler pass the rest, (c1 - b1) d_1 + c2 d_2 (summing to base/2),
+            # as the unconditional and conditional prediction of its guidance
+            base = -math.expm1(-h_eta)
+            b1 = base / 2 - c0
+            rows.append(_three_term_row(math.exp(-h_eta), c0, b1))
+            hh = (c1 - b1) + c2
+            extra.append(_ve(1.0, 1.0, h=hh))
+            pair.append((c1 - b1, c2 / hh))
+        std = nxt * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise if eta else 0.0
+        noise.append(_noise_row(std))
+        stds.append(std)
+        h_1, h_2 = h, h_1
+    rows, extra, noise = _rows(rows, x, state), _rows(extra, x, state), _rows(noise, x, state)
+    ring = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(3)]
+    for i in _range(n, disable):
+        denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        last = sig[i + 1] == 0
+        d_prev = ring[(i - 1) % 3] if i > 0 and not last else None
+        x, _ = dpmpp_2m_step(x, denoised, prediction="x1", d_prev=d_prev, table=rows[i],
+                             d_out=ring[i % 3], backend=backend)
+        if i > 1 and not last:  # + (c1 - b1) d_1 + c2 d_2 (see the rows above)
+            x = euler_step(x, ring[(i - 2) % 3], prediction="velocity",
+                           pred_uncond=ring[(i - 1) % 3], guidance=pair[i][1],
+                           table=extra[i], out=x, backend=backend)
+        if eta and not last:
             x = _add_noise(x, i, i, noise, seed, noise_sampler, sigmas[i], sigmas[i + 1],
                            stds[i], backend)
     return x
