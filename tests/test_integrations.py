@@ -222,8 +222,8 @@ def test_diffusers_from_config_and_pipeline_surface():
 
 
 def test_diffusers_adapter_errors():
-    with pytest.raises(NotImplementedError, match="solver_order=3"):
-        fk_diffusers.DPMSolverMultistepScheduler(solver_order=3)
+    with pytest.raises(NotImplementedError, match="solver_order=4"):
+        fk_diffusers.DPMSolverMultistepScheduler(solver_order=4)
     with pytest.raises(NotImplementedError, match="algorithm_type='dpmsolver'"):
         fk_diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver")
     with pytest.raises(NotImplementedError, match="thresholding"):
@@ -910,3 +910,29 @@ def test_lms_pairs_never_divide_by_a_cancelling_sum():
             got = h * (1 - w) * 1.0 if b is not None else h
             want = coeffs[a]
             assert got == pytest.approx(want) and (b is None or h * w == pytest.approx(coeffs[b]))
+
+
+@pytest.mark.parametrize("n", [3, 5, 12, 25])
+@pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++"])
+@pytest.mark.parametrize("prediction_type,config", [
+    ("epsilon", {}), ("v_prediction", {"use_karras_sigmas": True}),
+    ("sample", {"final_sigmas_type": "sigma_min", "lower_order_final": False}),
+    ("flow_prediction", {"use_flow_sigmas": True, "flow_shift": 3.0})])
+def test_diffusers_dpmsolver_third_order(n, algorithm_type, prediction_type, config):
+    """solver_order=3 (one fused DPM-Solver++(2M) pass on a row made for it
+    and one guided fused Euler pass) against diffusers' own, the same
+    generator for the SDE noise."""
+    d = _diffusers()
+    x = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(6))
+    model = _diffusers_model(_toy(seed=4))
+    kw = dict(algorithm_type=algorithm_type, solver_order=3, prediction_type=prediction_type,
+              **config)
+    ref = _run_scheduler_noisy(d.DPMSolverMultistepScheduler(**kw), model, x, n, 3)
+    out = _run_scheduler_noisy(fk_diffusers.DPMSolverMultistepScheduler(**kw), model, x, n, 3)
+    # 3TOL: the fused form weights m0, m1, m2 separately where diffusers takes
+    # differences first (as k-diffusion's 3M: test_k_diffusion_sde_samplers_same_noise)
+    assert _rel(out, ref) <= 3 * TOL, _rel(out, ref)
+    second = _run_scheduler_noisy(fk_diffusers.DPMSolverMultistepScheduler(
+        **dict(kw, solver_order=2)), model, x, n, 3)
+    if n >= 5:  # the third-order terms are in there
+        assert _rel(second, ref) > 10 * TOL

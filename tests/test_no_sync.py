@@ -544,6 +544,7 @@ D_CASES = {
                                              use_flow_sigmas=True, flow_shift=3.0),
     "DPMSolverMultistepScheduler-sde-heun": dict(algorithm_type="sde-dpmsolver++",
                                                  solver_type="heun"),
+    "DPMSolverMultistepScheduler-order3": dict(solver_order=3),
     "EulerDiscreteScheduler": dict(),
     "EulerDiscreteScheduler-v-karras": dict(prediction_type="v_prediction",
                                             use_karras_sigmas=True),
