@@ -400,9 +400,9 @@ def _sde_heun_rows(a, s, n, sde, heun):
 class DPMSolverMultistepScheduler(_Base):
     """diffusers' DPMSolverMultistepScheduler with algorithm_type
     "dpmsolver++" or "sde-dpmsolver++", solver_type "midpoint" or "heun",
-    solver_order 1, 2 or 3 (3: _third_order_rows), on the fused DPM-Solver++(2M) step (the x0
-    prediction is converted in registers and kept for the next step in an
-    internal buffer). The SDE variant and the heun correction are the same
+    solver_order 1, 2 or 3 (3: _third_order_rows), on the fused
+    DPM-Solver++(2M) step (the x0 prediction is converted in registers and
+    kept for the next steps in internal buffers). The SDE variant and the heun correction are the same
     kernel on adjusted table rows (set_timesteps says how); the SDE noise,
     drawn from step()'s generator as diffusers draws it (or its
     variance_noise), is added in a second pass. prediction_type
