@@ -175,7 +175,9 @@ def test_diffusers_from_config_of_every_compatible_scheduler():
         assert _rel(out, ref) <= TOL, src_cls.__name__
 
 
-def test_diffusers_pipeline_with_the_scheduler_swapped_in_saves_and_reloads(tmp_path):
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+                                  "EulerAncestralDiscreteScheduler", "DDIMScheduler"])
+def test_diffusers_pipeline_with_the_scheduler_swapped_in_saves_and_reloads(tmp_path, name):
     """A real diffusers pipeline, built offline from a tiny random UNet, with
     flowkern's scheduler swapped in by the standard line: it samples as with
     diffusers' own scheduler, and save_pretrained / from_pretrained keeps it
@@ -188,17 +190,18 @@ def test_diffusers_pipeline_with_the_scheduler_swapped_in_saves_and_reloads(tmp_
                          up_block_types=("UpBlock2D", "UpBlock2D"))
     pipe = d.DDPMPipeline(unet=unet, scheduler=d.UniPCMultistepScheduler())
     pipe.set_progress_bar_config(disable=True)
-    ref_pipe = d.DDPMPipeline(unet=unet, scheduler=d.DPMSolverMultistepScheduler.from_config(
-        pipe.scheduler.config))
+    extra = {"clip_sample": False} if name == "DDIMScheduler" else {}  # the fused path
+    ref_pipe = d.DDPMPipeline(unet=unet, scheduler=getattr(d, name).from_config(
+        pipe.scheduler.config, **extra))
     ref_pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = fk_diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(fk_diffusers, name).from_config(pipe.scheduler.config, **extra)
     kw = dict(batch_size=2, num_inference_steps=5, output_type="np")
     got = pipe(generator=torch.Generator().manual_seed(1), **kw).images
     want = ref_pipe(generator=torch.Generator().manual_seed(1), **kw).images
     assert abs(got - want).max() <= 1e-5
     pipe.save_pretrained(tmp_path)
     back = d.DDPMPipeline.from_pretrained(tmp_path)
-    assert type(back.scheduler) is fk_diffusers.DPMSolverMultistepScheduler
+    assert type(back.scheduler) is getattr(fk_diffusers, name)
     back.set_progress_bar_config(disable=True)
     again = back(generator=torch.Generator().manual_seed(1), **kw).images
     assert abs(again - got).max() == 0

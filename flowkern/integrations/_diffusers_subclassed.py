@@ -283,3 +283,10 @@ class FlowMatchHeunDiscreteScheduler(_DiffusersFMHeun):
         if not return_dict:
             return (prev,)
         return FlowMatchHeunDiscreteSchedulerOutput(prev_sample=prev)
+
+
+# Their public home: a saved pipeline's model_index.json records the module,
+# and diffusers looks the loading class (SchedulerMixin) up in it on reload.
+for _cls in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler,
+             FlowMatchHeunDiscreteScheduler):
+    _cls.__module__ = "flowkern.integrations.diffusers"
