@@ -132,6 +132,8 @@ D_CASES = {
     "DDIMScheduler-v-trailing": dict(clip_sample=False, prediction_type="v_prediction",
                                      timestep_spacing="trailing"),
     "FlowMatchHeunDiscreteScheduler": dict(shift=3.0),
+    "UniPCMultistepScheduler": dict(),
+    "UniPCMultistepScheduler-bh1-order3": dict(solver_type="bh1", solver_order=3),
 }
 FM_CASES = {
     "euler": dict(method="euler", step_size=0.25),

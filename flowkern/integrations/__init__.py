@@ -3,8 +3,9 @@ steps without changing their code (docs/design.md §1 maps the conventions):
 
 - :mod:`flowkern.integrations.diffusers`: ``FlowMatchEulerDiscreteScheduler``,
   ``DPMSolverMultistepScheduler``, ``EulerDiscreteScheduler``,
-  ``EulerAncestralDiscreteScheduler``, ``DDIMScheduler`` and
-  ``FlowMatchHeunDiscreteScheduler``, real diffusers schedulers.
+  ``EulerAncestralDiscreteScheduler``, ``DDIMScheduler``,
+  ``FlowMatchHeunDiscreteScheduler`` and ``UniPCMultistepScheduler``, real
+  diffusers schedulers.
 - :mod:`flowkern.integrations.k_diffusion`: ``sample_euler``,
   ``sample_heun``, ``sample_dpmpp_2m``, ``sample_euler_ancestral``,
   ``sample_dpm_2``, ``sample_dpm_2_ancestral``, ``sample_dpmpp_2s_ancestral``,

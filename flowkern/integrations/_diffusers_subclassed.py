@@ -40,9 +40,14 @@ from diffusers.schedulers.scheduling_flow_match_heun_discrete import (
     FlowMatchHeunDiscreteScheduler as _DiffusersFMHeun, FlowMatchHeunDiscreteSchedulerOutput)
 from diffusers.schedulers.scheduling_euler_discrete import (
     EulerDiscreteScheduler as _DiffusersEuler, EulerDiscreteSchedulerOutput)
+from diffusers.schedulers.scheduling_unipc_multistep import (
+    UniPCMultistepScheduler as _DiffusersUniPC)
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
+import numpy as np
 
-from ..ops.steps import dpmpp_2m_step, euler_step, heun_step
+from ..ops.steps import dpmpp_2m_step, ei_step, euler_step, heun_step
+from .k_diffusion import _lms_pairs, _three_term_row
 
 _PRED = {"epsilon": "eps", "sample": "x1", "original_sample": "x1", "v_prediction": "velocity"}
 
@@ -285,8 +290,214 @@ class FlowMatchHeunDiscreteScheduler(_DiffusersFMHeun):
         return FlowMatchHeunDiscreteSchedulerOutput(prev_sample=prev)
 
 
+
+
+def _lincomb_plan(q, coeffs):
+    """q x + sum_k c_k m_k (the c_k summing to E1 != 0) as fused passes: one
+    DPM-Solver++(2M) pass on a row made for (q, c_0, c_1) (k_diffusion.
+    _three_term_row; with more terms it takes half of E1 and the rest
+    follows), then guided Euler passes, two terms each (k_diffusion.
+    _lms_pairs) over the rest. Returns (kernel row, whether it reads m_1,
+    passes (a, b, h, w) over the rest [m_1, m_2, ...])."""
+    if len(coeffs) <= 2:
+        b1 = coeffs[1] if len(coeffs) == 2 else 0.0
+        return _three_term_row(q, coeffs[0], b1), len(coeffs) == 2, []
+    b1 = sum(coeffs) / 2 - coeffs[0]
+    rest = [coeffs[1] - b1] + list(coeffs[2:])
+    return _three_term_row(q, coeffs[0], b1), True, _lms_pairs(rest)
+
+
+def _lincomb_run(x, bufs, row, reads_prev, passes, h_rows, backend=None):
+    """Runs a _lincomb_plan on buffers [m_0, m_1, ...] with its rows (device
+    tensors: the kernel row and one per pass)."""
+    out, _ = dpmpp_2m_step(x, bufs[0], prediction="x1", d_prev=bufs[1] if reads_prev else None,
+                           table=row, backend=backend)
+    rest = bufs[1:]
+    for (a, b, _, w), hr in zip(passes, h_rows):
+        if b is None:
+            euler_step(out, rest[a], prediction="velocity", table=hr, out=out, backend=backend)
+        else:
+            euler_step(out, rest[b], prediction="velocity", pred_uncond=rest[a], guidance=w,
+                       table=hr, out=out, backend=backend)
+    return out
+
+
+def _unipc_rhos(rks, hh, b_h, order, corrector):
+    """diffusers' UniPC rhos (bh1/bh2): the R rows rks^(i-1), the b of
+    h phi_k(h) k!/B(h); the predictor's order 2 is 0.5, the corrector's order
+    1 is 0.5, else a small solve (in float64 here, float32 in diffusers)."""
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    fact = 1
+    rows, b = [], []
+    for i in range(1, order + 1):
+        rows.append([r ** (i - 1) for r in rks])
+        b.append(h_phi_k * fact / b_h)
+        fact *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / fact
+    if corrector:
+        return [0.5] if order == 1 else list(np.linalg.solve(np.array(rows), np.array(b)))
+    if order == 2:
+        return [0.5]
+    return list(np.linalg.solve(np.array(rows)[:-1, :-1], np.array(b)[:-1]))
+
+
+class UniPCMultistepScheduler(_DiffusersUniPC):
+    """diffusers' UniPCMultistepScheduler (bh1/bh2, orders 1-3, predict_x0)
+    whose step is fused: the model output converted to x0 in one pass (the
+    data-form exponential step into sigma = 0 is exactly the conversion),
+    then UniC's correction and UniP's prediction, each linear in a sample
+    and the x0 history, as one fused DPM-Solver++(2M) pass plus at most two
+    guided Euler passes (_lincomb_plan). The coefficients (rhos) and the
+    rows are built on the host at set_timesteps for the step sequence
+    diffusers runs, and uploaded once; a step off that sequence builds its
+    rows then. thresholding, predict_x0=False and solver_p run diffusers' own
+    step (not fused). Into sigma = 0 the bh1 update is diffusers' NaN
+    (B(h) = -inf times 0); here it is its limit, the x0 prediction."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        sig = self.sigmas.tolist()
+        if self.config.use_flow_sigmas:
+            self._fk_as = [(1 - v, v) for v in sig]
+        else:
+            self._fk_as = [(1 / math.sqrt(v * v + 1), v / math.sqrt(v * v + 1)) for v in sig]
+        self._fk_hist, self._fk_last = None, None
+        self._fk_plans, self._fk_rows = self._plan_all(), None
+
+    def _lam(self, k):
+        a, s = self._fk_as[k]
+        return math.log(a) - math.log(s)
+
+    def _coeffs(self, i_s0, i_t, order, corrector):
+        """(q, coefficients) of UniC (buffers [m_t, m0, m_1, ...]) or UniP
+        ([m0, m_1, ...]) from level i_s0 to i_t; None into sigma = 0 (x0)."""
+        c = self.config
+        a_t, s_t = self._fk_as[i_t]
+        if s_t == 0:
+            return None
+        h = self._lam(i_t) - self._lam(i_s0)
+        hh = -h
+        b_h = hh if c.solver_type == "bh1" else math.expm1(hh)
+        rks = [(self._lam(i_s0 - k) - self._lam(i_s0)) / h for k in range(1, order)] + [1.0]
+        rhos = _unipc_rhos(rks, hh, b_h, order, corrector) if (order > 1 or corrector) else []
+        ks = [-a_t * b_h * rhos[k - 1] / rks[k - 1] for k in range(1, order)]  # of D1_k
+        m0 = -a_t * math.expm1(hh) - sum(ks)
+        q = s_t / self._fk_as[i_s0][1]
+        if not corrector:
+            return q, [m0] + ks
+        ct = -a_t * b_h * rhos[-1]  # UniC's rhos[-1] (model_t - m0)
+        return q, [ct, m0 - ct] + ks
+
+    def _plan_all(self):
+        """The step sequence diffusers runs (begin_index None, every step):
+        per step (corrector order or 0, this_order) and the host rows."""
+        c = self.config
+        n = len(self.timesteps)
+        plans, low, prev_order = [], 0, None
+        for i in range(n):
+            corr = prev_order if (i > 0 and (i - 1) not in self.disable_corrector) else 0
+            order = min(c.solver_order, n - i) if c.lower_order_final else c.solver_order
+            order = min(order, low + 1)
+            plans.append((corr, order,
+                          self._coeffs(i - 1, i, corr, True) if corr else None,
+                          self._coeffs(i, i + 1, order, False)))
+            low, prev_order = min(low + 1, c.solver_order), order
+        return plans
+
+    def _device_rows(self, plan, x):
+        """The rows of one step's plan as device tensors, uploaded once per
+        scheduler, dtype and device."""
+        key = (x.device, x.dtype)
+        if self._fk_rows is None or self._fk_rows[0] != key:
+            tab = torch.float64 if x.dtype == torch.float64 else torch.float32
+            built = []
+            for _, _, cc, pc in self._fk_plans:
+                built.append([None if co is None else self._rows_of(co, tab, x.device)
+                              for co in (cc, pc)])
+            self._fk_rows = (key, built)
+        return self._fk_rows[1][plan]
+
+    @staticmethod
+    def _rows_of(coeffs, tab, device):
+        q, cs = coeffs
+        row, reads_prev, passes = _lincomb_plan(q, cs)
+        rows = torch.tensor([row] + [_h_row(h) for _, _, h, _ in passes], dtype=tab)
+        rows = rows.to(device)
+        return rows[0], reads_prev, passes, list(rows[1:])
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True):
+        c = self.config
+        if (c.thresholding or not self.predict_x0 or self.solver_p is not None
+                or c.solver_type not in ("bh1", "bh2")):
+            return super().step(model_output, timestep, sample, return_dict)
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run "
+                             "'set_timesteps' after creating the scheduler")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, n = self.step_index, len(self.timesteps)
+        use_corrector = i > 0 and (i - 1) not in self.disable_corrector \
+            and self._fk_last is not None
+        this_order = min(c.solver_order, n - i) if c.lower_order_final else c.solver_order
+        this_order = min(this_order, self.lower_order_nums + 1)
+        corr = self.this_order if use_corrector else 0
+        dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        x = sample.to(dtype)
+        ring = c.solver_order + 1
+        if self._fk_hist is None or self._fk_hist[0].shape != x.shape \
+                or self._fk_hist[0].dtype != x.dtype or self._fk_hist[0].device != x.device:
+            self._fk_hist = [torch.empty_like(x, memory_format=torch.contiguous_format)
+                             for _ in range(ring)]
+        hist = self._fk_hist
+        m_t = hist[i % ring]
+        past = [hist[(i - k) % ring] for k in range(1, ring)]  # x0 at i-1, i-2, ...
+        if self._fk_plans[i][:2] == (corr, this_order):  # the planned sequence
+            conv, (crows, prows) = self._conv_row(i, x), self._device_rows(i, x)
+        else:  # off the plan (a begin_index, a skipped step): rows built now
+            tab = torch.float64 if x.dtype == torch.float64 else torch.float32
+            conv = self._conv_row(i, x)
+            cc = self._coeffs(i - 1, i, corr, True) if corr else None
+            pc = self._coeffs(i, i + 1, this_order, False)
+            crows = None if cc is None else self._rows_of(cc, tab, x.device)
+            prows = None if pc is None else self._rows_of(pc, tab, x.device)
+        pred = {"epsilon": "eps", "sample": "x1", "v_prediction": "velocity",
+                "flow_prediction": "velocity"}[c.prediction_type]
+        # the x0 of the model output at this sample, before the correction (diffusers)
+        ei_step(x, model_output.to(dtype), prediction=pred, form="data", table=conv, out=m_t)
+        if corr:
+            x = past[0].clone() if crows is None else _lincomb_run(
+                self._fk_last, [m_t, past[0]] + past[1:corr], *crows)
+        self.this_order = this_order
+        self._fk_last = x
+        prev = m_t.clone() if prows is None else _lincomb_run(
+            x, [m_t] + past[:this_order - 1], *prows)
+        if self.lower_order_nums < c.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        prev = prev.to(sample.dtype)
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def _conv_row(self, i, x):
+        """The ei_step row converting the model output at step i to x0 (data
+        form into (alpha, sigma) = (1, 0)), cached on the device."""
+        key = (x.device, x.dtype)
+        if getattr(self, "_fk_conv", None) is None or self._fk_conv[0] != key:
+            c = self.config
+            tab = torch.float64 if x.dtype == torch.float64 else torch.float32
+            rows = []
+            for a, s in self._fk_as[:-1]:
+                da, ds = {"v_prediction": (-s, a), "flow_prediction": (-1.0, 1.0)}.get(
+                    c.prediction_type, (0.0, 0.0))
+                rows.append([a, s, da, ds, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+            self._fk_conv = (key, torch.tensor(rows, dtype=tab).to(x.device))
+        return self._fk_conv[1][i]
+
+
 # Their public home: a saved pipeline's model_index.json records the module,
 # and diffusers looks the loading class (SchedulerMixin) up in it on reload.
 for _cls in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler,
-             FlowMatchHeunDiscreteScheduler):
+             FlowMatchHeunDiscreteScheduler, UniPCMultistepScheduler):
     _cls.__module__ = "flowkern.integrations.diffusers"

@@ -50,7 +50,7 @@ from ..ops.steps import dpmpp_2m_step, euler_step, step_table
 
 __all__ = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler",
-           "FlowMatchHeunDiscreteScheduler", "SchedulerOutput"]
+           "FlowMatchHeunDiscreteScheduler", "UniPCMultistepScheduler", "SchedulerOutput"]
 
 
 def _config_signature(cls):
@@ -687,4 +687,5 @@ class DPMSolverMultistepScheduler(_Base):
 
 # diffusers' Euler schedulers, subclassed with a fused step (their own module)
 from ._diffusers_subclassed import (DDIMScheduler, EulerAncestralDiscreteScheduler,  # noqa: E402
-                                    EulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)
+                                    EulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+                                    UniPCMultistepScheduler)
