@@ -25,7 +25,9 @@ Groups "loop · <size> · per step" (trivial model, 20 steps, per step):
   flowkern.sample(method) | diffusers scheduler loop | k-diffusion sample_* |
   the sum of the fused steps alone (the loop's floor) | flowkern's k-diffusion
   adapter against k-diffusion for dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral,
-  dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde and lms.
+  dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde and lms | flowkern's diffusers schedulers
+  (Euler, EulerAncestral, DDIM, UniPC, DPM-Solver++ order 3, FlowMatchHeun) against
+  diffusers' own, each a plain loop of set_timesteps and step().
 """
 from __future__ import annotations
 
@@ -256,6 +258,14 @@ LOOP_CASES = [
 # (two fused passes per step where k-diffusion makes 6-15), adapter vs peer;
 # the SDE samplers draw their noise in the kernels, the peer gets its
 # cheapest noise (default_noise_sampler: randn_like, not a Brownian tree)
+# diffusers' schedulers, flowkern's (diffusers' classes with fused steps) vs
+# diffusers' own, in a plain 20-step loop (the trivial model)
+D_LOOPS = {"EulerDiscreteScheduler": {}, "EulerAncestralDiscreteScheduler": {},
+           "DDIMScheduler": {"clip_sample": False}, "UniPCMultistepScheduler": {},
+           "DPMSolverMultistepScheduler": {"solver_order": 3},
+           "FlowMatchHeunDiscreteScheduler": {}}
+for _m in D_LOOPS:
+    LOOP_CASES += [(f"flowkern {_m} loop", "fk_dloop", _m), (f"diffusers {_m} loop", "dloop", _m)]
 for _m in ("sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
            "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lms"):
     LOOP_CASES += [(f"flowkern adapter {_m}", "kda", _m), (f"k-diffusion {_m}", "kd", _m)]
@@ -291,6 +301,21 @@ def test_loop(benchmark, measure, roofline, size, n, order):
               else {})
         fn = lambda: getattr(kd, method)(lambda x, s: x, d.x, sigmas, disable=True,  # noqa: E731
                                          **kw)
+    elif kind in ("dloop", "fk_dloop"):
+        if kind == "dloop":
+            sched = getattr(pytest.importorskip("diffusers"), method)(**D_LOOPS[method])
+        else:
+            from flowkern.integrations import diffusers as fk_d
+            sched = getattr(fk_d, method)(**D_LOOPS[method])
+        g = torch.Generator().manual_seed(0)
+
+        def fn():
+            sched.set_timesteps(LOOP_STEPS)
+            x = d.x
+            for ts in sched.timesteps:
+                kw = {"generator": g} if "Ancestral" in method else {}
+                x = sched.step(x, ts, x, **kw).prev_sample
+            return x
     elif kind == "kda":
         from flowkern.integrations import k_diffusion as adapter
         sigmas = torch.cat([torch.linspace(80, 0.02, LOOP_STEPS), torch.zeros(1)])

@@ -265,6 +265,14 @@ def step_targets(groups):
                 if fk is not None and peer is not None:
                     rows.append((f"≥ 3× k-diffusion sample_{method} (adapter, whole loop)", g,
                                  f"{peer / fk:.2f}×", "≥ 3×", peer / fk >= 3))
+            for b in bs:  # issue 10: flowkern's diffusers schedulers vs diffusers' own
+                c = b["extra_info"]["candidate"]
+                if c.startswith("flowkern ") and c.endswith("Scheduler loop"):
+                    name = c[len("flowkern "):-len(" loop")]
+                    fk, peer = median(bs, c), median(bs, f"diffusers {name} loop")
+                    if fk is not None and peer is not None:
+                        rows.append((f"≥ 3× diffusers {name} (whole loop)", g,
+                                     f"{peer / fk:.2f}×", "≥ 3×", peer / fk >= 3))
             continue
         if not ex["op"].endswith(" step"):
             continue
