@@ -39,6 +39,9 @@ import re
 import sys
 import traceback
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from sync_cases import D_CASES, K_CASES  # noqa: E402  (the table tests/test_no_sync.py runs)
+
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -91,50 +94,6 @@ SAMPLE_CASES = {
 GRAPH_CASES = ["euler", "heun", "ei-data", "ei-noise", "dpmpp_2m", "em", "euler-churn",
                "heun-guidance"]
 
-K_CASES = {
-    "sample_euler": dict(),
-    "sample_euler-churn": dict(s_churn=2.0, seed=1),
-    "sample_heun": dict(),
-    "sample_heun-churn": dict(s_churn=2.0, s_tmin=0.5, seed=2),
-    "sample_dpmpp_2m": dict(),
-    "sample_euler_ancestral": dict(seed=3),
-    "sample_euler_ancestral-noise_sampler": dict(noise_sampler=True),
-    "sample_dpm_2": dict(),
-    "sample_dpm_2-churn": dict(s_churn=2.0, seed=4),
-    "sample_dpm_2_ancestral": dict(seed=5),
-    "sample_dpmpp_2s_ancestral": dict(seed=6),
-    "sample_dpmpp_sde": dict(seed=7),
-    "sample_dpmpp_2m_sde": dict(seed=8),
-    "sample_dpmpp_2m_sde-heun-noise_sampler": dict(noise_sampler=True, solver_type="heun"),
-    "sample_lms": dict(),
-    "sample_dpmpp_3m_sde": dict(seed=9),
-    "sample_dpmpp_3m_sde-noise_sampler": dict(noise_sampler=True, eta=0.5),
-    "sample_lms-order2": dict(order=2),
-}
-D_CASES = {
-    "FlowMatchEulerDiscreteScheduler": dict(),
-    "FlowMatchEulerDiscreteScheduler-shift-karras": dict(shift=3.0, use_karras_sigmas=True),
-    "DPMSolverMultistepScheduler-epsilon": dict(prediction_type="epsilon"),
-    "DPMSolverMultistepScheduler-sample-karras": dict(prediction_type="sample",
-                                                      use_karras_sigmas=True),
-    "DPMSolverMultistepScheduler-v_prediction-order1": dict(prediction_type="v_prediction",
-                                                            solver_order=1),
-    "DPMSolverMultistepScheduler-flow": dict(prediction_type="flow_prediction",
-                                             use_flow_sigmas=True, flow_shift=3.0),
-    "DPMSolverMultistepScheduler-sde-heun": dict(algorithm_type="sde-dpmsolver++",
-                                                 solver_type="heun"),
-    "DPMSolverMultistepScheduler-order3": dict(solver_order=3),
-    "EulerDiscreteScheduler": dict(),
-    "EulerDiscreteScheduler-v-karras": dict(prediction_type="v_prediction",
-                                            use_karras_sigmas=True),
-    "EulerAncestralDiscreteScheduler": dict(),
-    "DDIMScheduler": dict(clip_sample=False),
-    "DDIMScheduler-v-trailing": dict(clip_sample=False, prediction_type="v_prediction",
-                                     timestep_spacing="trailing"),
-    "FlowMatchHeunDiscreteScheduler": dict(shift=3.0),
-    "UniPCMultistepScheduler": dict(),
-    "UniPCMultistepScheduler-bh1-order3": dict(solver_type="bh1", solver_order=3),
-}
 FM_CASES = {
     "euler": dict(method="euler", step_size=0.25),
     "midpoint": dict(method="midpoint", step_size=0.25),

@@ -344,13 +344,7 @@ def test_k_diffusion_euler_ancestral_same_noise(backend, eta, s_noise):
     seed = 99
 
     def sampler():
-        calls = [0]
-
-        def noise_sampler(sigma, sigma_next):
-            z = philox_normal(seed, calls[0] * x.numel(), x.shape, x.dtype)
-            calls[0] += 1
-            return z
-        return noise_sampler
+        return _philox_sampler(seed, x)
 
     ref = ks.sample_euler_ancestral(model, x, sigmas, eta=eta, s_noise=s_noise,
                                     noise_sampler=sampler(), disable=True)

@@ -47,9 +47,10 @@ from diffusers.utils.torch_utils import randn_tensor
 import numpy as np
 
 from ..ops.steps import dpmpp_2m_step, ei_step, euler_step, heun_step
-from .k_diffusion import _lms_pairs, _three_term_row
+from .k_diffusion import _lms_pairs, _three_term_row, _ve
 
-_PRED = {"epsilon": "eps", "sample": "x1", "original_sample": "x1", "v_prediction": "velocity"}
+_PRED = {"epsilon": "eps", "sample": "x1", "original_sample": "x1", "v_prediction": "velocity",
+         "flow_prediction": "velocity"}
 
 
 def _row(sigma, sigma_hat, sigma_next, prediction_type):
@@ -234,7 +235,7 @@ class DDIMScheduler(_DiffusersDDIM):
 
 def _h_row(h):
     """A velocity-prediction step row: only h is read (u is the prediction)."""
-    return [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, h, 0.0]
+    return _ve(1.0, 1.0, h=h)
 
 
 class FlowMatchHeunDiscreteScheduler(_DiffusersFMHeun):
@@ -461,8 +462,7 @@ class UniPCMultistepScheduler(_DiffusersUniPC):
             pc = self._coeffs(i, i + 1, this_order, False)
             crows = None if cc is None else self._rows_of(cc, tab, x.device)
             prows = None if pc is None else self._rows_of(pc, tab, x.device)
-        pred = {"epsilon": "eps", "sample": "x1", "v_prediction": "velocity",
-                "flow_prediction": "velocity"}[c.prediction_type]
+        pred = _PRED[c.prediction_type]
         # the x0 of the model output at this sample, before the correction (diffusers)
         ei_step(x, model_output.to(dtype), prediction=pred, form="data", table=conv, out=m_t)
         if corr:

@@ -87,23 +87,6 @@ def _host(sigmas, x):
     return sigmas, sigmas.detach().to("cpu", torch.float64).tolist(), state   # one copy
 
 
-def _table(rows, x, state):
-    """(n, 12) step table of the VE rows (sigma_t, sigma_s, sigma_p, h, g, d_sigma)
-    (alpha = 1, d_alpha = 0; d_sigma at both t and s)."""
-    out = []
-    for s_t, s_s, s_p, h, g, ds in rows:
-        out.append([1.0, s_t, 0.0, ds, 1.0, s_s, 0.0, ds, 1.0, s_p, h, g])
-    return torch.tensor(out, dtype=torch.float64).to(x.device, V.acc_dtype(state))
-
-
-def _step_row(s_t, s_s):
-    """An Euler/Heun row from sigma s_t to s_s. Time runs in units of s_t
-    (sigma = s_t (1 - t')): d_sigma = -s_t and h = (s_t - s_s)/s_t, so the
-    kernel's coefficient of x, 1 + h d_sigma/s_t = 1 - h, is exact where it
-    matters (0 into sigma = 0) instead of 1 - (s_t - s_s) * (1/s_t) rounded."""
-    return (s_t, s_s, 1.0, (s_t - s_s) / s_t, 0.0, -s_t)
-
-
 def _ve(s_t, s_s, ds_t=0.0, ds_s=0.0, s_p=1.0, h=0.0, g=0.0):
     """One step-table row in k-diffusion's VE state: alpha = 1, d_alpha = 0,
     sigma s_t at t and s_s at s, d_sigma ds_t and ds_s, sigma_p, h, g."""
@@ -115,7 +98,11 @@ def _rows(rows, x, state):
 
 
 def _euler_row(s_t, s_s):
-    """euler_step from sigma s_t to s_s: x + (s_s - s_t)(x - d)/s_t (_step_row)."""
+    """An Euler/Heun row from sigma s_t to s_s: x + (s_s - s_t)(x - d)/s_t.
+    Time runs in units of s_t (sigma = s_t (1 - t')): d_sigma = -s_t and
+    h = (s_t - s_s)/s_t, so the kernel's coefficient of x, 1 + h d_sigma/s_t =
+    1 - h, is exact where it matters (0 into sigma = 0) instead of
+    1 - (s_t - s_s) * (1/s_t) rounded."""
     return _ve(s_t, s_s, -s_t, -s_t, h=(s_t - s_s) / s_t)
 
 
@@ -208,13 +195,28 @@ def _churn_table(sig, plan, x, state):
     host->device copy per churned step on a GPU."""
     if all(c is None for _, _, c in plan):
         return None
-    rows = [[1.0, sig[i], 0.0, -1.0, 1.0, sig[i] if c is None else c, 0.0, -1.0, 1.0, 1.0, 0.0,
-             0.0] for i, (_, _, c) in enumerate(plan)]
-    return torch.tensor(rows, dtype=torch.float64).to(x.device, V.acc_dtype(state))
+    return _rows([_ve(sig[i], sig[i] if c is None else c, -1.0, -1.0)
+                  for i, (_, _, c) in enumerate(plan)], x, state)
 
 
 def _churn_step(x, i, row, seed, backend):
     return _churn(x, table=row, seed=seed, offset=i * x.numel(), backend=backend)
+
+
+def _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, seed, s_in, extra_args, state,
+                       callback, backend):
+    """Step i's start in the churning samplers (Euler, Heun, DPM-2): churn to
+    sigma_hat where planned, the model's denoised x there, k-diffusion's
+    callback, and x in the state dtype (_host). Returns (x, denoised)."""
+    gamma, _, target = plan[i]
+    sigma_hat = sigmas[i] * (gamma + 1)
+    if target is not None:
+        x = _churn_step(x, i, churn_rows[i], seed, backend)
+    denoised = _denoise(model, x, sigma_hat, s_in, extra_args, state)
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
+                  "denoised": denoised})
+    return x.to(state), denoised
 
 
 @torch.no_grad()
@@ -226,18 +228,11 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     s_in = x.new_ones([x.shape[0]])
     plan = _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise)
     seed = _seed(seed) if any(c is not None for _, _, c in plan) else 0
-    table = _table([_step_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x, state)
+    table = _rows([_euler_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x, state)
     churn_rows = _churn_table(sig, plan, x, state)
     for i in _range(len(sig) - 1, disable):
-        gamma, _, target = plan[i]
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if target is not None:
-            x = _churn_step(x, i, churn_rows[i], seed, backend)
-        denoised = _denoise(model, x, sigma_hat, s_in, extra_args, state)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
-                      "denoised": denoised})
-        x = x.to(state)  # k-diffusion's promotion (_host)
+        x, denoised = _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, seed, s_in,
+                                         extra_args, state, callback, backend)
         x = euler_step(x, denoised, prediction="x1", table=table[i], backend=backend)
     return x
 
@@ -252,26 +247,18 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     s_in = x.new_ones([x.shape[0]])
     plan = _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise)
     seed = _seed(seed) if any(c is not None for _, _, c in plan) else 0
-    table = _table([_step_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x, state)
+    table = _rows([_euler_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x, state)
     churn_rows = _churn_table(sig, plan, x, state)
     xe = None
     for i in _range(len(sig) - 1, disable):
-        gamma, _, target = plan[i]
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if target is not None:
-            x = _churn_step(x, i, churn_rows[i], seed, backend)
-        denoised = _denoise(model, x, sigma_hat, s_in, extra_args, state)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
-                      "denoised": denoised})
-        x = x.to(state)  # k-diffusion's promotion (_host)
+        x, denoised = _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, seed, s_in,
+                                         extra_args, state, callback, backend)
         if sig[i + 1] == 0:
             x = euler_step(x, denoised, prediction="x1", table=table[i], backend=backend)
         else:
-            if xe is None or xe.shape != x.shape or xe.dtype != x.dtype:
-                xe = torch.empty_like(x, memory_format=torch.contiguous_format)
+            xe = _buffer(xe, x)
             euler_step(x, denoised, prediction="x1", table=table[i], out=xe, backend=backend)
-            denoised_2 = _denoise(model, xe, sigmas[i + 1], s_in, extra_args)
+            denoised_2 = _denoise(model, xe, sigmas[i + 1], s_in, extra_args, state)
             x = heun_step(x, denoised, xe, denoised_2, prediction="x1", table=table[i],
                           backend=backend)
     return x
@@ -287,8 +274,8 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     state = x.dtype  # k-diffusion's dpmpp_2m keeps x's dtype (_host)
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
-    table = _table([(sig[i], sig[i + 1], sig[i - 1] if i else 1.0, 0.0, 0.0, -sig[i])
-                    for i in range(n)], x, state)
+    table = _rows([_ve(sig[i], sig[i + 1], -sig[i], -sig[i], s_p=sig[i - 1] if i else 1.0)
+                   for i in range(n)], x, state)
     d = [torch.empty_like(x, dtype=state, memory_format=torch.contiguous_format)
          for _ in range(2)]
     k = 0
@@ -324,13 +311,10 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     steps = [get_ancestral_step(sig[i], sig[i + 1], eta=eta) for i in range(n)]
     if noise_sampler is None:
         seed = _seed(seed)
-        rows = []
-        for i, (down, up) in enumerate(steps):
-            g = s_noise * up
-            rows.append((sig[i], sig[i + 1], 1.0, 1.0, g, down - sig[i] + g * g / (2 * sig[i])))
+        rows = [_ancestral_row(sig[i], down, s_noise * up) for i, (down, up) in enumerate(steps)]
     else:
-        rows = [_step_row(sig[i], down) for i, (down, _) in enumerate(steps)]
-    table = _table(rows, x, state)
+        rows = [_euler_row(sig[i], down) for i, (down, _) in enumerate(steps)]
+    table = _rows(rows, x, state)
     for i in _range(n, disable):
         denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
         if callback is not None:
@@ -371,15 +355,8 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
     mids = torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
     xe = None
     for i in _range(len(sig) - 1, disable):
-        gamma, _, target = plan[i]
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if target is not None:
-            x = _churn_step(x, i, churn_rows[i], seed, backend)
-        denoised = _denoise(model, x, sigma_hat, s_in, extra_args, state)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
-                      "denoised": denoised})
-        x = x.to(state)  # k-diffusion's promotion (_host)
+        x, denoised = _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, seed, s_in,
+                                         extra_args, state, callback, backend)
         if sig[i + 1] == 0:
             x = euler_step(x, denoised, prediction="x1", table=first[i], backend=backend)
             continue
