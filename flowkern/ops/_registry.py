@@ -147,16 +147,23 @@ def no_forward_mode(op: str, *tensors, reason: str = _WRITES) -> None:
             f"and {reason} (docs/design.md §10)")
 
 
+def refuse_grad(op: str, why: str, **tensors) -> None:
+    """csrc/cpu/nograd.cpp's rule for the Python backends: with grad mode on,
+    a tensor argument that requires grad where the op has no derivative is a
+    RuntimeError naming it ("{op}: argument '{name}' requires grad, and
+    {why}"), not a silently detached result."""
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise RuntimeError(f"{op}: argument '{name}' requires grad, and {why}")
+
+
 def no_derivative(op: str, **tensors) -> None:
     """The field kernels (poisson_field, empirical_denoiser) have no derivative:
     an input that requires grad or carries a tangent is an error naming it,
     not a gradient through the torch ops around the kernel alone (wrong)."""
     why = "the fused field kernels do not differentiate; detach it, or use backend='torch'"
-    if torch.is_grad_enabled():
-        for name, t in tensors.items():
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                raise RuntimeError(f"{op}: argument '{name}' requires grad, and {why} "
-                                   f"(docs/design.md §10)")
+    refuse_grad(op, f"{why} (docs/design.md §10)", **tensors)
     no_forward_mode(op, *tensors.values(), reason=why)
 
 

@@ -22,7 +22,8 @@ from ..backend import cpu_built, resolve
 from ..reference import steps as ref
 from ..schedules import evaluate, from_native, get_schedule, native_spec
 from ._registry import (CALLS, NATIVE_NS, TRITON_NS, calls_for, empty_output, lazy,
-                        no_forward_mode, no_time_tangent, ops_for, register, transforms_active)
+                        no_forward_mode, no_time_tangent, ops_for, refuse_grad, register,
+                        transforms_active)
 from .training import TABLE_KIND, check_tensors, fill_tangents
 
 _T = "flowkern.triton.steps"
@@ -248,14 +249,10 @@ class _Step:
         self.backend = resolve(backend, x.device)
         if writes and self.backend == "triton":  # the torch backend differentiates steps
             no_forward_mode(op, x, *preds.values())
-            grad_on = torch.is_grad_enabled()
-            for name, v in {"x": x, **preds}.items():
-                if grad_on and v is not None and v.requires_grad:  # csrc/cpu/nograd.cpp's rule
-                    raise RuntimeError(
-                        f"{op}: argument '{name}' requires grad, and this op writes into a "
-                        f"buffer and has no derivative; call it under torch.no_grad() or on "
-                        f"detached tensors (ei_step without out= is the differentiable step)")
-            if grad_on and table.requires_grad:
+            refuse_grad(op, "this op writes into a buffer and has no derivative; call it under "
+                        "torch.no_grad() or on detached tensors (ei_step without out= is the "
+                        "differentiable step)", x=x, **preds)
+            if torch.is_grad_enabled() and table.requires_grad:
                 raise RuntimeError(f"{op}: argument 't' requires grad, and the fused ops do "
                                    f"not differentiate in the times; detach it, or use "
                                    f"backend='torch' for derivatives in t")
@@ -297,10 +294,9 @@ def _out(name, out, x, st=None):
         return empty_output(x)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(out).__name__}")
-    if st is not None and st.backend == "triton" and torch.is_grad_enabled() \
-            and out.requires_grad:
-        raise RuntimeError(f"{st.op}: argument '{name}' requires grad, and this op writes into "
-                           f"a buffer and has no derivative; call it under torch.no_grad()")
+    if st is not None and st.backend == "triton":
+        refuse_grad(st.op, "this op writes into a buffer and has no derivative; call it under "
+                    "torch.no_grad()", **{name: out})
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"{name}: must match x in shape, dtype and device")
     if not out.is_contiguous():

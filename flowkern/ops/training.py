@@ -21,7 +21,7 @@ from .._enums import PRED_CODE, PREDICTIONS
 from ..backend import cpu_built, resolve
 from ..schedules import coefficients, from_native, native_spec
 from ._registry import (CALLS, NATIVE_NS, TRITON_NS, lazy, no_forward_mode, no_time_tangent,
-                        register, transforms_active)
+                        refuse_grad, register, transforms_active)
 
 _T = "flowkern.triton.training"
 TABLE_KIND = -1  # csrc/cpu/coef_args.h kTableKind: `t` holds a (1 or B, 4) table
@@ -469,11 +469,8 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
     x0, x1 = V.dense(x0, shape), V.dense(x1, shape)
     if out is not None:
         no_forward_mode("interpolate", x0, x1)
-        for name, v in (("x0", x0), ("x1", x1)):  # csrc/cpu/nograd.cpp's rule
-            if torch.is_grad_enabled() and v.requires_grad:
-                raise RuntimeError(f"interpolate: argument '{name}' requires grad, and "
-                                   f"interpolate(..., out=) writes into buffers and has no "
-                                   f"derivative; call it without out= or under torch.no_grad()")
+        refuse_grad("interpolate", "interpolate(..., out=) writes into buffers and has no "
+                    "derivative; call it without out= or under torch.no_grad()", x0=x0, x1=x1)
     if out is None:
         return _T_DIFF.interpolate.call(x0, x1, coef, 0.0, TABLE_KIND, [], code, False)
     _TRITON.interpolate_out(x0, x1, coef, 0.0, TABLE_KIND, [], code, False, *out)
