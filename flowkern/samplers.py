@@ -29,7 +29,8 @@ from ._enums import PREDICTIONS
 from .backend import resolve
 from .grids import make_grid, sigma_k, t_from_sigma_k
 from .ops.steps import churn as _churn
-from .ops.steps import dpmpp_2m_step, ei_step, em_step, euler_step, heun_step, step_table
+from .ops.steps import (dpmpp_2m_step, ei_step, em_step, euler_step, heun_step,
+                        per_sample_seed_tensor, step_table)
 from .ops._registry import empty_output
 from .schedules import evaluate, get_schedule
 
@@ -96,7 +97,7 @@ def _defined(coef, src, dsts, extra=()):
 
 class _Plan:
     def __init__(self, x, schedule, method, steps, grid, prediction, guidance, churn, seed, g,
-                 t_start, t_end, backend):
+                 t_start, t_end, backend, per_sample_seeds=None):
         if method not in METHODS:
             raise ValueError(f"method: unknown method {method!r}; expected one of {METHODS}")
         if prediction not in PREDICTIONS:
@@ -137,9 +138,17 @@ class _Plan:
         self.t_hat = t_hat                       # where each step starts (and the model runs)
 
         self.needs_noise = method == "em" or any(self.churn_at)
-        if self.needs_noise and seed is None:
+        # per-sample seeds: each sample's noise is its own stream, offsets
+        # counted in one sample's elements (flowkern.em_step)
+        self.seeds = None
+        if per_sample_seeds is not None:
+            if seed is not None:
+                raise ValueError("per_sample_seeds: give seed or per_sample_seeds, not both")
+            self.seeds = per_sample_seed_tensor(per_sample_seeds, x)
+        elif self.needs_noise and seed is None:
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())       # CPU generator, no sync
         self.seed = 0 if seed is None else seed
+        self.noise_stride = x.numel() if self.seeds is None else x[0].numel() if len(x) else 0
 
         # coefficients at every evaluation time, float64 on the host
         c_t = torch.stack(evaluate(self.sched, t_hat, torch.float64), 1).tolist()
@@ -211,8 +220,15 @@ class _Plan:
         self.t_model = times[:, None].expand(2 * n, x.shape[0]).contiguous().to(dev)
         self.t_host = times.tolist()
 
+    def noise_key(self, offset):
+        """The noise arguments of the draw at `offset`."""
+        if self.seeds is None:
+            return dict(seed=self.seed, offset=offset)
+        return dict(per_sample_seeds=self.seeds, offset=offset)
+
     def key(self):
-        return (self.method, self.prediction, self.guidance, self.seed, self.backend,
+        return (self.method, self.prediction, self.guidance, self.seed, self.seeds is None,
+                self.backend,
                 tuple(self.grid.tolist()), tuple(self.t_hat.tolist()), repr(self.sched),
                 tuple(self.table64.flatten().tolist()))
 
@@ -295,20 +311,19 @@ class _Loop:
             dpmpp_2m_step(x, pc, d_prev=self.d if kind == "dpm2" else None, pred_uncond=pu,
                           table=tab, out=out, d_out=self.d, **kw)
         else:  # em
-            em_step(x, pc, pred_uncond=pu, seed=p.seed, offset=offset, table=tab, out=out,
-                    **kw)
+            em_step(x, pc, pred_uncond=pu, **p.noise_key(offset), table=tab, out=out, **kw)
 
     def run(self, x_init):
         p, be = self.p, self.p.backend
         x, out = x_init, self.buf
         kw = dict(prediction=p.prediction, guidance=p.guidance, backend=be)
-        numel, offset = x.numel(), 0
+        numel, offset = p.noise_stride, 0
         if self.trajectory is not None:
             self.trajectory.append(x.clone())
         for i in range(p.n):
             if p.churn_at[i]:
                 with V.values_prechecked():
-                    _churn(x, table=p.churn_table[i], seed=p.seed, offset=offset, out=out,
+                    _churn(x, table=p.churn_table[i], **p.noise_key(offset), out=out,
                            backend=be)
                 offset += numel
                 x = out
@@ -375,6 +390,8 @@ def _run_graphed(plan, model, x_init):
         if hit is not None and hit.model is model:
             _GRAPHS.move_to_end(key)
             hit.x_in.copy_(x_init)
+            if plan.seeds is not None:  # the graph reads the first call's seeds tensor
+                hit.loop.p.seeds.copy_(plan.seeds)
             hit.graph.replay()
             return hit.x_out.clone()
         x_in = empty_output(x_init).copy_(x_init)
@@ -405,7 +422,7 @@ def _run_graphed(plan, model, x_init):
 def sample(model, x_init, schedule="linear", method="euler", steps=None, grid="uniform",
            prediction="velocity", guidance=None, churn=0.0, seed=None, progress=True,
            callback=None, return_trajectory=False, t_start=0.0, t_end=1.0, g=1.0,
-           backend=None, cuda_graph=False):
+           backend=None, cuda_graph=False, per_sample_seeds=None):
     """Integrate from noise x_init at t_start toward data at t_end (t = 0 is
     noise, t = 1 data; docs/design.md §1) with fused steps.
 
@@ -454,6 +471,11 @@ def sample(model, x_init, schedule="linear", method="euler", steps=None, grid="u
             (static shapes, no host synchronisation), no callback or
             trajectory, and an explicit seed for em/churn (a graph replays its
             noise). The first call runs the loop twice (warm-up, capture).
+        per_sample_seeds: instead of `seed`, one seed per sample (B ints or a
+            (B,) int64 tensor): sample b's noise is then that of a batch of one
+            with seed per_sample_seeds[b] (offsets 0, m, 2m, ..., m =
+            x_init[0].numel()), so a sample does not change with the batch it
+            is drawn in or its position there.
 
     Order fallbacks, decided from the grid before the loop: Heun takes an
     Euler step where the conversion at the step's end divides by zero (e.g.
@@ -479,12 +501,12 @@ def sample(model, x_init, schedule="linear", method="euler", steps=None, grid="u
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x, t), got {type(model).__name__}")
     plan = _Plan(x_init, schedule, method, steps, grid, prediction, guidance, churn, seed, g,
-                 t_start, t_end, backend)
+                 t_start, t_end, backend, per_sample_seeds)
     if cuda_graph:
         if callback is not None or return_trajectory:
             raise ValueError("cuda_graph: callback and return_trajectory run Python code per "
                              "step and cannot be captured; use cuda_graph=False with them")
-        if plan.needs_noise and seed is None:
+        if plan.needs_noise and seed is None and per_sample_seeds is None:
             raise ValueError("seed: cuda_graph=True with noise (method='em' or churn > 0) needs "
                              "an explicit seed: a captured graph replays the same noise")
         return _run_graphed(plan, model, x_init)

@@ -171,6 +171,7 @@ def test_step_glue_matches_cpu_ops(dtype, shape):
     rows = shape[0]
     x, pred, xe, pe, dp, pu, peu = tensors(7, shape, dtype)
     xn = noncontig(x)
+    seeds = torch.arange(rows, dtype=torch.int64) * 7919 + 2 ** 40  # per-sample seeds
     for coef in step_coefs(rows):
         for k in range(4):
             for u, eu, w in ((None, None, 1.0), (pu, peu, 2.5)):
@@ -188,12 +189,16 @@ def test_step_glue_matches_cpu_ops(dtype, shape):
                     same(lambda o, do: SIM.dpmpp_2m_step(xn, pred, d, u, *coef, k, w, False, o, do),
                          lambda o, do: CPU.dpmpp_2m_step(xn, pred, d, u, *coef, k, w, False, o, do),
                          x, 2)
-                same(lambda o: SIM.em_step(xn, pred, u, *coef, k, w, 2 ** 40 + 3, 77, False, o),
-                     lambda o: CPU.em_step(xn, pred, u, *coef, k, w, 2 ** 40 + 3, 77, False, o),
-                     x, noisy=True)
+                for ps in (None, seeds):
+                    same(lambda o: SIM.em_step(xn, pred, u, *coef, k, w, 2 ** 40 + 3, 77, ps,
+                                               False, o),
+                         lambda o: CPU.em_step(xn, pred, u, *coef, k, w, 2 ** 40 + 3, 77, ps,
+                                               False, o),
+                         x, noisy=True)
     for coef in churn_coefs(rows):
-        same(lambda o: SIM.churn(xn, *coef, 5, 2 ** 33, False, o),
-             lambda o: CPU.churn(xn, *coef, 5, 2 ** 33, False, o), x, noisy=True)
+        for ps in (None, seeds):
+            same(lambda o: SIM.churn(xn, *coef, 5, 2 ** 33, ps, False, o),
+                 lambda o: CPU.churn(xn, *coef, 5, 2 ** 33, ps, False, o), x, noisy=True)
 
 
 def test_steps_write_in_place():
@@ -283,8 +288,13 @@ def _bad_calls():
         "form": lambda ops: ops.ei_step(x, x1, None, None, row, 0, [], 1, 4, 1.0, True),
         "heun uncond": lambda ops: ops.heun_step(x, x1, x, x1, x1, None, None, row, 0, [], 0,
                                                  1.0, True, o),
-        "churn alpha 0": lambda ops: ops.churn(x, None, [0.0, 0.1, NAN, 0.0], 0, [], 1, 2, True,
-                                               o),
+        "churn alpha 0": lambda ops: ops.churn(x, None, [0.0, 0.1, NAN, 0.0], 0, [], 1, 2, None,
+                                               True, o),
+        "seeds dtype": lambda ops: ops.churn(x, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2,
+                                             torch.zeros(x.shape[0]), True, o),
+        "seeds shape": lambda ops: ops.churn(x, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2,
+                                             torch.zeros(x.shape[0] + 1, dtype=torch.int64),
+                                             True, o),
         "field ref": lambda ops: ops.field_mean(x, x[:, :3], torch.ones(4, 2), 0, 1.0, 0.5),
         "flowmap coef": lambda ops: ops.flowmap_loss_rows(x, x1, x1, torch.ones(3, 12), 0, 0),
     }
@@ -309,11 +319,20 @@ def test_values_on_the_device_are_checked_with_flowkern_debug(monkeypatch):
     t = torch.tensor([0.2, 1.5, 0.3, 0.4])
     monkeypatch.delenv("FLOWKERN_DEBUG", raising=False)
     SIM.interpolate(x0, x1, t, 0.0, 0, [], 0, True)  # unchecked on the "device"
+    o = torch.empty_like(x0)
+    bad_seeds = torch.tensor([1, -3, 2, 4])
+    SIM.churn(x0, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2, bad_seeds, True, o)
+    with pytest.raises(ValueError, match=r"per_sample_seeds: expected ints in \[0, 2\^63\), "
+                                         r"got -3 at sample 1"):
+        CPU.churn(x0, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2, bad_seeds, True, o)
     with pytest.raises(ValueError, match=r"t: times must lie in \[0, 1\]"):
         SIM.interpolate(x0, x1, None, 1.5, 0, [], 0, True)
     monkeypatch.setenv("FLOWKERN_DEBUG", "1")
     with pytest.raises(ValueError, match=r"t: times must lie in \[0, 1\]"):
         SIM.interpolate(x0, x1, t, 0.0, 0, [], 0, True)
+    with pytest.raises(ValueError, match=r"per_sample_seeds: expected ints in \[0, 2\^63\), "
+                                         r"got -3 at sample 1"):
+        SIM.churn(x0, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2, bad_seeds, True, o)
     with pytest.raises(ValueError, match="sigma_t is 0 at some sample"):
         SIM.fm_loss(x0, x0, x1, torch.tensor([0.2, 1.0, 0.3, 0.4]), 0.0, 0, [], 3, None, 0, True)
     tab = flowkern.step_table("linear", torch.tensor([0.2, 1.0, 0.3, 0.4]), 0.5)
@@ -335,7 +354,7 @@ def test_one_op_no_table_construction():
              lambda: SIM.euler_step(x0, x1, None, None, [0.2, 0.3, NAN, 0.0], 1, [], 0, 1.0,
                                     True, o),
              lambda: SIM.em_step(x0, x1, None, None, [0.2, 0.3, NAN, 0.5], 1, [], 0, 1.0, 3, 4,
-                                 True, o)]
+                                 None, True, o)]
     for call in calls:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             call()

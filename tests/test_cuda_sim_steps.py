@@ -47,7 +47,7 @@ def make_table(op, rows, per_sample, dtype, gen):
                                g=0.7, dtype=acc(dtype))
 
 
-def cpu_step(op, ins, table, pred, variant, cfg, w, seed, offset):
+def cpu_step(op, ins, table, pred, variant, cfg, w, seed, offset, seeds=None):
     """The CPU op on the same inputs; returns its outputs as a list."""
     x = ins[0]
     out, d_out = torch.empty_like(x), torch.empty_like(x)
@@ -67,9 +67,9 @@ def cpu_step(op, ins, table, pred, variant, cfg, w, seed, offset):
                           d_out)
         return [out, d_out]
     elif op == "em_step":
-        OPS.em_step(x, ins[1], pu, *tab, pred, w, seed, offset, False, out)
+        OPS.em_step(x, ins[1], pu, *tab, pred, w, seed, offset, seeds, False, out)
     else:
-        OPS.churn(x, *tab, seed, offset, False, out)
+        OPS.churn(x, *tab, seed, offset, seeds, False, out)
     return [out]
 
 
@@ -82,9 +82,10 @@ def check_step(op, variant, pred, cfg, dtype, shape, per_sample, offset, max_blo
         ins[2] = ins[0]  # the launcher passes x for the absent d_prev
     table = make_table(op, shape[0], per_sample, dtype, gen)
     w = 2.5 if cfg else 1.0
-    outs, plan = OPS._sim_step(op, ins, table, pred, variant, cfg, w, *noise, max_blocks,
-                               offset)
-    want = cpu_step(op, ins, table, pred, variant, cfg, w, *noise)
+    seed, noise_offset, seeds = (*noise, None)[:3]  # noise: (seed, offset[, per-sample seeds])
+    outs, plan = OPS._sim_step(op, ins, table, pred, variant, cfg, w, seed, noise_offset,
+                               max_blocks, offset, seeds)
+    want = cpu_step(op, ins, table, pred, variant, cfg, w, seed, noise_offset, seeds)
     what = (f"{op} variant={variant} pred={pred} cfg={cfg} {dtype} {shape} "
             f"table={'per-sample' if per_sample else 'shared'} offset={offset} "
             f"max_blocks={max_blocks}")
@@ -158,6 +159,34 @@ def test_noise_counters(op, dtype):
     # Element e draws counter offset + e: dropping the first row of the batch
     # and advancing the offset by its length gives the same rows 1..3.
     assert torch.equal(run(1, 256, [t[1:] for t in ins]), a[1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", NOISY)
+def test_per_sample_seed_counters(op, dtype):
+    """Per-sample seeds (philox.h for_row): every launch path draws the CPU
+    op's noise, for seeds using both key words, rows that split across
+    chunks and blocks, and counters past 2^32; row r's noise is that of a
+    batch of one with seed seeds[r] (the scalar-seed path), whatever its
+    position in the batch."""
+    seeds = torch.tensor([2 ** 63 - 1, 0, 2 ** 40 + 7, 5, 5, 123456789], dtype=torch.int64)
+    for offset in (0, 2 ** 33 - 100):
+        for shape, off, max_blocks in (((6, 1024), 0, 2), ((3, 4099), 1, 0), ((2, 8), 0, 1),
+                                       ((5, 1), 0, 0)):
+            check_step(op, 0, 0, False, dtype, shape, True, off, max_blocks,
+                       noise=(0, offset, seeds[:shape[0]]))
+    gen = torch.Generator().manual_seed(2)
+    ins = make_inputs(n_inputs(op, False), (4, 300), dtype, gen)
+    table = make_table(op, 4, False, dtype, gen)
+    s4 = seeds[2:6]
+    both = OPS._sim_step(op, ins, table, 0, 0, False, 1.0, 0, 9, 3, 0, s4)[0][0]
+    for r in range(4):
+        alone = OPS._sim_step(op, [t[r:r + 1] for t in ins], table, 0, 0, False, 1.0,
+                              int(s4[r]), 9, 0, 0)[0][0]
+        assert torch.equal(alone[0], both[r]), r
+    flipped = OPS._sim_step(op, [t.flip(0).contiguous() for t in ins], table, 0, 0, False, 1.0,
+                            0, 9, 3, 0, s4.flip(0))[0][0]
+    assert torch.equal(flipped.flip(0), both)
 
 
 def test_bad_arguments():

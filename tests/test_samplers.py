@@ -241,6 +241,40 @@ def test_em_seed_and_g_forms():
     assert torch.equal(a, c) and torch.equal(a, d)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", [dict(method="em"), dict(method="heun", churn=3.0)],
+                         ids=["em", "heun-churn"])
+def test_per_sample_seeds_are_batch_invariant(backend, kw):
+    """per_sample_seeds: a sample's result is the same alone (seeded with its
+    seed), in another batch and at another position; equal seeds give equal
+    noise; seeds and per_sample_seeds together and bad seeds raise."""
+    x = _x((5, 6))
+    model = GMM.model("velocity", SCHED)
+    kw = dict(schedule=SCHED, steps=6, t_start=T0, progress=False, backend=backend, **kw)
+    seeds = [3, 2 ** 62 + 1, 0, 3, 17]
+    full = sample(model, x, per_sample_seeds=seeds, **kw)
+    assert torch.equal(full, sample(model, x, per_sample_seeds=torch.tensor(seeds), **kw))
+    perm = [4, 1, 3]
+    part = sample(model, x[perm], per_sample_seeds=[seeds[i] for i in perm], **kw)
+    assert torch.equal(part, full[perm])
+    for b in (1, 2):
+        assert torch.equal(sample(model, x[b:b + 1], seed=seeds[b], **kw)[0], full[b])
+    same_x = x[[0, 0]]
+    twin = sample(model, same_x, per_sample_seeds=[3, 3], **kw)
+    assert torch.equal(twin[0], twin[1])
+    assert not torch.equal(twin[0], sample(model, same_x, per_sample_seeds=[3, 4], **kw)[1])
+    for bad, err, msg in ((dict(seed=1, per_sample_seeds=seeds), ValueError, "not both"),
+                          (dict(per_sample_seeds=seeds[:4]), ValueError, r"shape \(5,\)"),
+                          (dict(per_sample_seeds=[1, 2, 3, -1, 5]), ValueError,
+                           r"got -1 at sample 3"),
+                          (dict(per_sample_seeds=[1, 2, 3, 4.0, 5]), ValueError,
+                           r"got 4.0 at sample 3"),
+                          (dict(per_sample_seeds=7), TypeError, "list of ints"),
+                          (dict(per_sample_seeds=torch.ones(5)), TypeError, "int64")):
+        with pytest.raises(err, match="per_sample_seeds: .*" + msg):
+            sample(model, x, **bad, **kw)
+
+
 def test_x_init_untouched_and_shapes():
     x = _x((2, 3, 2))
     keep = x.clone()

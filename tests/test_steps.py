@@ -142,6 +142,60 @@ def test_cpu_noise_blocks_are_the_same_on_every_isa(monkeypatch):
     assert torch.equal(sim[0][0], wide)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_per_sample_seeds(dtype):
+    """per_sample_seeds: sample b draws as a batch of one with seed
+    per_sample_seeds[b] (bit-identical to that call on the same backend),
+    whatever the batch size and its position; the backends agree as the
+    batch-seeded noise does; the reference draws the same; seed and
+    per_sample_seeds together, bad dtypes, shapes, devices and values raise
+    the same errors on every backend."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 33, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(5, 3, 33, generator=gen).to(DEVICE, dtype)
+    seeds = torch.tensor([2 ** 63 - 1, 7, 2 ** 40 + 3, 7, 0], device=DEVICE)
+    outs = {}
+    for be in BACKENDS:
+        em = fk.em_step(x, v, 0.2, 0.35, g=0.8, offset=2 ** 33 - 50, per_sample_seeds=seeds,
+                        backend=be)
+        ch = fk.churn(x, 0.6, 0.4, "cosine", offset=9, per_sample_seeds=seeds, backend=be)
+        for b in (0, 2, 4):
+            alone = fk.em_step(x[b:b + 1], v[b:b + 1], 0.2, 0.35, g=0.8, offset=2 ** 33 - 50,
+                               seed=int(seeds[b]), backend=be)
+            assert torch.equal(alone[0], em[b]), (be, b)
+            assert torch.equal(fk.churn(x[b:b + 1], 0.6, 0.4, "cosine", offset=9,
+                                        seed=int(seeds[b]), backend=be)[0], ch[b]), (be, b)
+        perm = torch.tensor([3, 0, 4], device=DEVICE)  # another batch, other positions
+        sub = fk.churn(x[perm], 0.6, 0.4, "cosine", offset=9, per_sample_seeds=seeds[perm],
+                       backend=be)
+        assert torch.equal(sub, ch[perm]), be
+        outs[be] = (em, ch)
+    tol = 2.0 ** -21 if dtype != torch.float16 else 2.0 ** -8  # test_noise_is_the_same...
+    for be, (em, ch) in outs.items():
+        for a, b in ((em, outs["torch"][0]), (ch, outs["torch"][1])):
+            assert (a.double() - b.double()).abs().max().item() <= tol * 4, be
+    z = torch.zeros(5, 1000, device=DEVICE)
+    xi = fk.churn(z, 1.0, 0.0, "cosine", per_sample_seeds=seeds, backend=BACKENDS[-1])
+    ref = R.philox_normal(seeds, 0, (5, 1000), torch.float32, DEVICE)
+    assert (xi - ref).abs().max().item() <= 2.0 ** -21
+    assert torch.equal(xi[1], xi[3]) and not torch.equal(xi[0], xi[1])  # seeds 7, 7
+    for be in BACKENDS:
+        for kw, err, msg in (
+                (dict(seed=1, per_sample_seeds=seeds), ValueError, "give seed or per_sample"),
+                (dict(per_sample_seeds=seeds.float()), TypeError, "per_sample_seeds: expected "
+                 "dtype torch.int64"),
+                (dict(per_sample_seeds=seeds[:4]), ValueError, r"per_sample_seeds: expected "
+                 r"shape \(5,\)"),
+                (dict(per_sample_seeds=seeds.to("meta")), ValueError,
+                 "per_sample_seeds: (is )?on meta"),
+                (dict(per_sample_seeds=seeds.index_fill(0, torch.tensor([4], device=DEVICE), -8)), ValueError, r"per_sample_seeds: expected ints "
+                 r"in \[0, 2\^63\), got -8 at sample 4")):
+            with pytest.raises(err, match=msg):
+                fk.churn(x, 0.6, 0.4, **kw, backend=be)
+            with pytest.raises(err, match=msg):
+                fk.em_step(x, v, 0.2, 0.3, **kw, backend=be)
+
+
 def test_noise_statistics_and_keys():
     n = 1 << 18
     x = torch.zeros(1, n, device=DEVICE)
@@ -200,6 +254,7 @@ def test_opcheck(ns):
                         t_prev=torch.tensor([0.1, 0.3, 0.4]), g=0.5, device=DEVICE)
     shared = tab[:1].contiguous()
     o, o2 = torch.empty_like(x), torch.empty_like(x)
+    seeds = torch.tensor([3, 2 ** 40, 0], device=DEVICE)  # per-sample seeds
     # the coefficient arguments (table, times, kind, params): a per-sample and a
     # shared table; on the native ops also float times + a built-in schedule
     coefs = [(tab, [], -1, []), (shared, [], -1, [])]
@@ -215,7 +270,8 @@ def test_opcheck(ns):
             torch.library.opcheck(ops.dpmpp_2m_step, (x, p, dp, pu, *c, pred, 1.5, True, o, o2))
             torch.library.opcheck(ops.dpmpp_2m_step,
                                   (x, p, None, None, *c, pred, 1.0, True, o, o2))
-            torch.library.opcheck(ops.em_step, (x, p, pu, *c, pred, 2.0, 3, 5, True, o))
+            torch.library.opcheck(ops.em_step, (x, p, pu, *c, pred, 2.0, 3, 5, None, True, o))
+            torch.library.opcheck(ops.em_step, (x, p, None, *c, pred, 1.0, 0, 5, seeds, True, o))
             torch.library.opcheck(ops.ei_step_backward, (x, *c, pred, 0, 1.5, True))
         xg, pg, pug = (v.clone().requires_grad_() for v in (x, p, pu))
         torch.library.opcheck(ops.ei_step.default, (xg, pg, pug, *c, 1, 0, 1.5, True))
@@ -224,7 +280,8 @@ def test_opcheck(ns):
             torch.library.opcheck(ops.ei_step.nograd, (x, p, pu, *c, 1, 0, 1.5, True))
         # these coefficients step forward (t < s): churn's direction check
         # (t_hat <= t) would refuse them, so it runs with check=False here
-        torch.library.opcheck(ops.churn, (x, *c, 11, 0, False, o))
+        torch.library.opcheck(ops.churn, (x, *c, 11, 0, None, False, o))
+        torch.library.opcheck(ops.churn, (x, *c, 0, 7, seeds, False, o))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

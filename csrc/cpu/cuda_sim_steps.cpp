@@ -12,6 +12,7 @@
 #include "cuda_sim.h"
 #include "dispatch.h"
 #include "flowkern/step_launch.h"
+#include "step_args.h"
 
 namespace flowkern_cpu {
 namespace {
@@ -37,7 +38,7 @@ template <int OP = 0, class F> void with_step_op(const std::string& op, F&& f) {
 std::tuple<std::vector<at::Tensor>, sim::Plan> sim_step(
     const std::string& op, const std::vector<at::Tensor>& inputs, const at::Tensor& coef,
     int64_t prediction, int64_t variant, bool cfg, double guidance, int64_t seed,
-    int64_t offset, int64_t max_blocks, int64_t out_offset) {
+    int64_t offset, int64_t max_blocks, int64_t out_offset, const c10::optional<at::Tensor>& seeds) {
   const std::string what = "_sim_step(" + op + ")";
   sim::check_same(inputs, what.c_str());
   const at::Tensor& x = inputs[0];
@@ -50,7 +51,8 @@ std::tuple<std::vector<at::Tensor>, sim::Plan> sim_step(
   TORCH_CHECK(prediction >= fk::VELOCITY && prediction <= fk::SCORE, what,
               ": unknown prediction ", prediction);
   const fk::StepParams p{int(prediction), int(variant), cfg, guidance};
-  const fk::NoiseKey key{uint64_t(seed), offset};
+  const at::Tensor seeds_c = step_seeds(seeds, x, true);
+  const fk::NoiseKey key = noise_key(seed, offset, seeds_c);
   std::vector<at::Tensor> outs;
   sim::Plan plan;
   dispatch_dtype(x, what.c_str(), [&](auto tag) {
@@ -73,7 +75,7 @@ TORCH_LIBRARY_FRAGMENT(flowkern, m) {
   m.def(
       "_sim_step(str op, Tensor[] inputs, Tensor coef, int prediction=0, int variant=0, "
       "bool cfg=False, float guidance=1.0, int seed=0, int offset=0, int max_blocks=0, "
-      "int out_offset=0) -> (Tensor[], int[])");
+      "int out_offset=0, Tensor? seeds=None) -> (Tensor[], int[])");
 }
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) { m.impl("_sim_step", &sim_step); }

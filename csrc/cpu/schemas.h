@@ -46,9 +46,10 @@
     FK_STEP_SCHEMA ", int prediction, float guidance, bool check, Tensor(a!) out, "        \
     "Tensor(b!) d_out) -> ()")                                                             \
   X("em_step(Tensor x, Tensor pred, Tensor? pred_uncond, " FK_STEP_SCHEMA                 \
-    ", int prediction, float guidance, int seed, int offset, bool check, "                 \
-    "Tensor(a!) out) -> ()")                                                               \
-  X("churn(Tensor x, " FK_STEP_SCHEMA ", int seed, int offset, bool check, Tensor(a!) out) -> ()")
+    ", int prediction, float guidance, int seed, int offset, Tensor? per_sample_seeds, "   \
+    "bool check, Tensor(a!) out) -> ()")                                                   \
+  X("churn(Tensor x, " FK_STEP_SCHEMA ", int seed, int offset, Tensor? per_sample_seeds, " \
+    "bool check, Tensor(a!) out) -> ()")
 
 #define FK_FLOWMAP_SCHEMAS(X)                                                              \
   X("flowmap_loss_rows(Tensor x, Tensor pred, Tensor target, Tensor coef, int prediction, " \

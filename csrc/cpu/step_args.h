@@ -22,6 +22,34 @@ namespace flowkern_cpu {
 
 
 
+// Per-sample seeds of a noisy step (em_step, churn; docs/design.md §4
+// "Per-sample seeds"): a (B,) int64 tensor on x's device, each in [0, 2^63)
+// like `seed` (values read when `check_values`: always for CPU tensors, with
+// FLOWKERN_DEBUG=1 on a GPU). Returns it contiguous, or an undefined tensor.
+inline at::Tensor step_seeds(const OptT& seeds, const at::Tensor& x, bool check_values) {
+  if (!seeds.has_value()) return {};
+  const at::Tensor& s = *seeds;
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, "per_sample_seeds: expected dtype torch.int64, "
+                   "got ", py_dtype(s.scalar_type()));
+  TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == rows_of(x), "per_sample_seeds: expected shape (",
+                    rows_of(x), ",) (one seed per sample of x), got ", py_shape(s.sizes()));
+  TORCH_CHECK_VALUE(s.device() == x.device(), "per_sample_seeds: on ", s.device(),
+                    " but x is on ", x.device(), "; move them to one device");
+  at::Tensor c = s.contiguous();
+  if (check_values) {
+    const at::Tensor h = c.is_cpu() ? c : c.cpu();
+    const int64_t* p = h.const_data_ptr<int64_t>();
+    for (i64 i = 0; i < h.numel(); ++i)
+      TORCH_CHECK_VALUE(p[i] >= 0, "per_sample_seeds: expected ints in [0, 2^63), got ", p[i],
+                        " at sample ", i);
+  }
+  return c;
+}
+
+inline fk::NoiseKey noise_key(int64_t seed, int64_t offset, const at::Tensor& seeds) {
+  return {uint64_t(seed), offset, seeds.defined() ? seeds.const_data_ptr<int64_t>() : nullptr};
+}
+
 // A step's coefficient rows: a (1 or B, STEP_COLS) table in the accumulation type.
 template <class A> struct StepCoef {
   at::Tensor keep;     // the table tensor, when given

@@ -152,22 +152,24 @@ void dpmpp_2m_step(const at::Tensor& x, const at::Tensor& pred, const OptT& d_pr
 
 void em_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
              FK_STEP_ARGS, int64_t prediction, double guidance, int64_t seed, int64_t offset,
-             bool check, at::Tensor& out) {
+             const OptT& per_sample_seeds, bool check, at::Tensor& out) {
   const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
                               {{"out", &out}});
+  const at::Tensor seeds = step_seeds(per_sample_seeds, x, check);
   run_step<fk::EMFn>("em_step", x, in, FK_STEP_PASS, check, prediction, guidance,
-                     pred_uncond.has_value(), {&out}, {uint64_t(seed), offset},
+                     pred_uncond.has_value(), {&out}, noise_key(seed, offset, seeds),
                      [&](const auto& c) { StepChecks::em(c, prediction); },
                      kNoSetup);
 }
 
 template <class A, bool> using ChurnT = fk::ChurnFn<A>;
 
-void churn(const at::Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset, bool check,
-           at::Tensor& out) {
+void churn(const at::Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset,
+           const OptT& per_sample_seeds, bool check, at::Tensor& out) {
   const auto in = step_inputs(x, {}, {{"out", &out}});
+  const at::Tensor seeds = step_seeds(per_sample_seeds, x, check);
   run_step<ChurnT>("churn", x, in, FK_STEP_PASS, check, 0, 1.0, false, {&out},
-                   {uint64_t(seed), offset},
+                   noise_key(seed, offset, seeds),
                    [](const auto& c) { StepChecks::churn(c); }, kNoSetup);
 }
 

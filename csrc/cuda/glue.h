@@ -455,28 +455,32 @@ template <class D, class L> struct Glue {
 
   static void em_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
                       FK_STEP_ARGS, int64_t prediction, double guidance, int64_t seed,
-                      int64_t offset, bool check, at::Tensor& out) {
+                      int64_t offset, const OptT& per_sample_seeds, bool check, at::Tensor& out) {
     const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
                                 {{"out", &out}});
+    const at::Tensor seeds =
+        step_seeds(per_sample_seeds, x, check && D::values_on_device_checked());
     run_step(in[0], FK_STEP_PASS, prediction, check,
              [&](const auto& c) { StepChecks::em(c, prediction); },
              [&](const fk::CoefArg& c, const Launch& l) {
                ok(L::em_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
                              given(in, 2, pred_uncond.has_value()), c, int(prediction),
-                             guidance, uint64_t(seed), offset, ptr(out), l.stream,
+                             guidance, uint64_t(seed), offset, ptr(seeds), ptr(out), l.stream,
                              l.max_blocks),
                   "em_step");
              });
   }
 
-  static void churn(const at::Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset, bool check,
-                    at::Tensor& out) {
+  static void churn(const at::Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset,
+                    const OptT& per_sample_seeds, bool check, at::Tensor& out) {
     const auto in = step_inputs(x, {}, {{"out", &out}});
+    const at::Tensor seeds =
+        step_seeds(per_sample_seeds, x, check && D::values_on_device_checked());
     run_step(in[0], FK_STEP_PASS, 0, check,
              [](const auto& c) { StepChecks::churn(c); },
              [&](const fk::CoefArg& c, const Launch& l) {
                ok(L::churn(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), c, uint64_t(seed),
-                           offset, ptr(out), l.stream, l.max_blocks),
+                           offset, ptr(seeds), ptr(out), l.stream, l.max_blocks),
                   "churn");
              });
   }

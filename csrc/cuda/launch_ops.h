@@ -171,6 +171,11 @@ inline Given given(std::initializer_list<dptr> slots) {
   return g;
 }
 
+// The noise key of a launch; `seeds`: the per-sample seeds' device address or 0.
+inline fk::NoiseKey noise_key(uint64_t seed, i64 offset, dptr seeds) {
+  return {seed, offset, reinterpret_cast<const int64_t*>(seeds)};
+}
+
 // A step launch: the functor of fk::with_step_fn (as the CPU op and the
 // simulator build it) over the given inputs and outputs.
 template <class E, int OP>
@@ -251,18 +256,18 @@ int dpmpp_2m_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr d_prev
 template <class E>
 int em_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr pred_uncond,
             const fk::CoefArg& coef, int prediction, double guidance, uint64_t seed, i64 offset,
-            dptr out, uintptr_t stream, i64 max_blocks) {
+            dptr seeds, dptr out, uintptr_t stream, i64 max_blocks) {
   return step<E, fk::EM_STEP>(dtype, rows, inner, given({x, pred, pred_uncond}), coef,
                               {prediction, 0, pred_uncond != 0, guidance}, given({out}),
-                              {seed, offset}, stream, max_blocks);
+                              noise_key(seed, offset, seeds), stream, max_blocks);
 }
 
 template <class E>
 int churn(int dtype, i64 rows, i64 inner, dptr x, const fk::CoefArg& coef, uint64_t seed,
-          i64 offset, dptr out, uintptr_t stream, i64 max_blocks) {
+          i64 offset, dptr seeds, dptr out, uintptr_t stream, i64 max_blocks) {
   return step<E, fk::CHURN>(dtype, rows, inner, given({x}), coef,
-                            {fk::VELOCITY, 0, false, 1.0}, given({out}), {seed, offset}, stream,
-                            max_blocks);
+                            {fk::VELOCITY, 0, false, 1.0}, given({out}),
+                            noise_key(seed, offset, seeds), stream, max_blocks);
 }
 
 // ---------------------------------------------------------------- flow map

@@ -94,7 +94,9 @@ enum : int {
 //   ei_step_backward  grad -> (g_x, g_pred[, g_pred_uncond]); g_pred_uncond
 //                     given selects guidance
 //   dpmpp_2m_step     DPM-Solver++(2M) -> (x_s, d_t); first order without d_prev
-//   em_step           Euler-Maruyama; element e draws Philox(seed, offset + e)
+//   em_step           Euler-Maruyama; element e draws Philox(seed, offset + e), or
+//                     with `seeds` (a (rows,) int64 device array, else 0) row r
+//                     draws Philox(seeds[r], offset + its element index in r)
 //   churn             renoising from t to t_hat (the row's s columns), noise as em_step
 #define FK_STEP_LAUNCHERS(X)                                                                  \
   X(euler_step,                                                                               \
@@ -126,13 +128,14 @@ enum : int {
      d_out, stream, max_blocks))                                                              \
   X(em_step,                                                                                  \
     (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D pred_uncond, const fk::CoefArg& coef,          \
-     int prediction, double guidance, uint64_t seed, fk_cuda::i64 offset, FK_D out, FK_TAIL), \
-    (dtype, rows, inner, x, pred, pred_uncond, coef, prediction, guidance, seed, offset, out, \
-     stream, max_blocks))                                                                     \
+     int prediction, double guidance, uint64_t seed, fk_cuda::i64 offset, FK_D seeds,         \
+     FK_D out, FK_TAIL),                                                                      \
+    (dtype, rows, inner, x, pred, pred_uncond, coef, prediction, guidance, seed, offset,      \
+     seeds, out, stream, max_blocks))                                                         \
   X(churn,                                                                                    \
     (FK_LAUNCH_COMMON, FK_D x, const fk::CoefArg& coef, uint64_t seed, fk_cuda::i64 offset,   \
-     FK_D out, FK_TAIL),                                                                      \
-    (dtype, rows, inner, x, coef, seed, offset, out, stream, max_blocks))
+     FK_D seeds, FK_D out, FK_TAIL),                                                          \
+    (dtype, rows, inner, x, coef, seed, offset, seeds, out, stream, max_blocks))
 
 // Flow-map loss (flowmap.cu; functors of flowkern/flowmap.h): the squared
 // error of the EI map a x + b pred against `target`, (a, b) from the step

@@ -94,14 +94,15 @@ def _t_dpmpp(x: torch.Tensor, pred: torch.Tensor, d_prev: Opt, pred_uncond: Opt,
 @torch.library.custom_op(f"{TRITON_NS}::em_step", mutates_args=("out",))
 def _t_em(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, times: Times,
           kind: int, params: Params, prediction: int, guidance: float, seed: int, offset: int,
-          check: bool, out: torch.Tensor) -> None:
-    lazy(_T, "em_step")(x, pred, pred_uncond, table, prediction, guidance, seed, offset, out)
+          per_sample_seeds: Opt, check: bool, out: torch.Tensor) -> None:
+    lazy(_T, "em_step")(x, pred, pred_uncond, table, prediction, guidance, seed, offset,
+                        per_sample_seeds, out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::churn", mutates_args=("out",))
 def _t_churn(x: torch.Tensor, table: Opt, times: Times, kind: int, params: Params, seed: int,
-             offset: int, check: bool, out: torch.Tensor) -> None:
-    lazy(_T, "churn")(x, table, seed, offset, out)
+             offset: int, per_sample_seeds: Opt, check: bool, out: torch.Tensor) -> None:
+    lazy(_T, "churn")(x, table, seed, offset, per_sample_seeds, out)
 
 
 # ---------------------------------------------------------------------------
@@ -561,22 +562,28 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
     return out, d_out
 
 
-def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g=1.0, seed=0,
-            offset=0, pred_uncond=None, guidance=None, out=None, table=None, backend=None):
+def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g=1.0,
+            seed=None, offset=0, pred_uncond=None, guidance=None, out=None, table=None,
+            backend=None, per_sample_seeds=None):
     """Euler-Maruyama step of dX = [u + g^2/2 score] dt + g dW (which keeps the
     marginals of the flow for any g):  x_s = x + h (u + g^2/2 score) + g sqrt(h) xi.
 
-    xi is drawn in the kernel: element e uses Philox4x32-10(seed, offset + e),
-    identical on every backend. Advance `offset` by x.numel() per step (the
-    samplers do). Shapes as :func:`euler_step`; g a float or (B,) tensor."""
+    xi is drawn in the kernel: element e uses Philox4x32-10(seed, offset + e)
+    (seed None: 0), identical on every backend. Advance `offset` by x.numel()
+    per step (the samplers do). per_sample_seeds (instead of seed): a (B,)
+    int64 tensor on x's device; sample b then draws as a batch of one with
+    seed per_sample_seeds[b] (counter offset + its element index), so its noise
+    does not depend on the batch; advance `offset` by x[0].numel() per step.
+    Shapes as :func:`euler_step`; g a float or (B,) tensor."""
     w = _guidance(pred_uncond, guidance)
-    _seed_offset(seed, offset)
+    seed = _seed_offset(seed, offset, per_sample_seeds)
     if _native(x, backend):
         check_tensors(pred=pred, pred_uncond=pred_uncond)
         code = _pred(prediction)
         coef = _native_coef("em_step", x, t, s, schedule, table, g=g)
         out = _out("out", out, x)
-        _NATIVE.em_step(x, pred, pred_uncond, *coef, code, w, seed, offset, V.check_flag(), out)
+        _NATIVE.em_step(x, pred, pred_uncond, *coef, code, w, seed, offset, per_sample_seeds,
+                        V.check_flag(), out)
         return out
     st = _Step("em_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule, table,
                backend, g=g)
@@ -586,36 +593,41 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     _direction(st.table, forward=True)
     out = _out("out", out, x, st)
     V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
+    seeds = _per_sample_seeds(per_sample_seeds, x)
     if st.backend == "torch":
-        xi = ref.philox_normal(seed, offset, x.shape, st.acc, x.device)
+        xi = ref.philox_normal(seed if seeds is None else seeds, offset, x.shape, st.acc,
+                               x.device)
         return _cast(ref.em_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4], st.table[:, 10],
                                  st.table[:, 11], xi, prediction, _up(pred_uncond, st), w), out)
     x, pred, pu = st.dense(x, pred, pred_uncond)
-    ops_for(st.backend).em_step(x, pred, pu, *_table_args(st), code, w, seed, offset, False,
-                                out)
+    ops_for(st.backend).em_step(x, pred, pu, *_table_args(st), code, w, seed, offset, seeds,
+                                False, out)
     return out
 
 
-def churn(x, t=None, t_hat=None, schedule="linear", seed=0, offset=0, out=None, table=None,
-          backend=None):
+def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=None, table=None,
+          backend=None, per_sample_seeds=None):
     """EDM "churn" in this convention: renoise x from time t back to an earlier
     t_hat <= t, x_hat = (alpha_that/alpha_t) x + sqrt(sigma_that^2 -
-    (alpha_that sigma_t/alpha_t)^2) xi, xi from Philox(seed, offset + e)."""
-    _seed_offset(seed, offset)
+    (alpha_that sigma_t/alpha_t)^2) xi, xi from Philox(seed, offset + e), or
+    with per_sample_seeds as :func:`em_step`."""
+    seed = _seed_offset(seed, offset, per_sample_seeds)
     if _native(x, backend):
         coef = _native_coef("churn", x, t, t_hat, schedule, table)
         out = _out("out", out, x)
-        _NATIVE.churn(x, *coef, seed, offset, V.check_flag(), out)
+        _NATIVE.churn(x, *coef, seed, offset, per_sample_seeds, V.check_flag(), out)
         return out
     st = _Step("churn", x, {}, t, t_hat, schedule, table, backend)
     V.nonzero("t", "alpha_t", st.table[:, 0], "churn divides by it")
     _direction(st.table, forward=False)
     out = _out("out", out, x, st)
     V.check_no_overlap({"out": out}, {"x": x})
+    seeds = _per_sample_seeds(per_sample_seeds, x)
     if st.backend == "torch":
-        xi = ref.philox_normal(seed, offset, x.shape, st.acc, x.device)
+        xi = ref.philox_normal(seed if seeds is None else seeds, offset, x.shape, st.acc,
+                               x.device)
         return _cast(ref.churn(x.to(st.acc), st.table[:, :4], st.table[:, 4:8], xi), out)
-    ops_for(st.backend).churn(x.contiguous(), *_table_args(st), seed, offset, False, out)
+    ops_for(st.backend).churn(x.contiguous(), *_table_args(st), seed, offset, seeds, False, out)
     return out
 
 
@@ -624,10 +636,53 @@ def _table_args(st):
     return st.table, _NOTHING, TABLE_KIND, _NOTHING
 
 
-def _seed_offset(seed, offset):
-    for name, v in (("seed", seed), ("offset", offset)):
+def _seed_offset(seed, offset, per_sample_seeds):
+    """The int seed the ops pass (0 with per-sample seeds, which replace it)."""
+    if seed is not None and per_sample_seeds is not None:
+        raise ValueError("per_sample_seeds: give seed or per_sample_seeds, not both")
+    for name, v in (("seed", 0 if seed is None else seed), ("offset", offset)):
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2 ** 63:
             raise ValueError(f"{name}: expected an int in [0, 2^63), got {v!r}")
+    return 0 if seed is None else seed
+
+
+def _per_sample_seeds(seeds, x):
+    """csrc/cpu/step_args.h step_seeds for the Python backends: a (B,) int64
+    tensor on x's device with values in [0, 2^63) (read where values are)."""
+    if seeds is None:
+        return None
+    if not isinstance(seeds, torch.Tensor):
+        raise TypeError(f"per_sample_seeds: expected a torch.Tensor, got {type(seeds).__name__}")
+    if seeds.dtype != torch.int64:
+        raise TypeError(f"per_sample_seeds: expected dtype torch.int64, got {seeds.dtype}")
+    if seeds.dim() != 1 or seeds.shape[0] != x.shape[0]:
+        raise ValueError(f"per_sample_seeds: expected shape ({x.shape[0]},) (one seed per "
+                         f"sample of x), got {tuple(seeds.shape)}")
+    if seeds.device != x.device:
+        raise ValueError(f"per_sample_seeds: on {seeds.device} but x is on {x.device}; move "
+                         f"them to one device")
+    if V.values_checked(seeds) and seeds.numel() and bool((seeds < 0).any()):
+        i = int((seeds < 0).nonzero()[0, 0])
+        raise ValueError(f"per_sample_seeds: expected ints in [0, 2^63), got {int(seeds[i])} "
+                         f"at sample {i}")
+    return seeds.contiguous()
+
+
+def per_sample_seed_tensor(per_sample_seeds, x):
+    """A sampler's per_sample_seeds (B ints, or a (B,) int64 tensor on any
+    device) as a new (B,) int64 tensor on x's device, checked as the ops check
+    their per_sample_seeds (ints on the host are checked always)."""
+    s = per_sample_seeds
+    if isinstance(s, torch.Tensor):
+        return _per_sample_seeds(s.to(x.device, copy=True), x)
+    if not isinstance(s, (list, tuple)):
+        raise TypeError(f"per_sample_seeds: expected a list of ints or an int64 tensor, got "
+                        f"{type(s).__name__}")
+    for i, v in enumerate(s):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2 ** 63:
+            raise ValueError(f"per_sample_seeds: expected ints in [0, 2^63), got {v!r} at "
+                             f"sample {i}")
+    return _per_sample_seeds(torch.tensor(s, dtype=torch.int64, device=x.device).reshape(-1), x)
 
 
 def _up(p, st):

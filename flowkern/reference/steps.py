@@ -103,14 +103,23 @@ def _mul32(a: int, c: torch.Tensor):
     return (y >> 16) + (x >> 32) + (t >> 32), t & 0xFFFFFFFF
 
 
-def philox_normal(seed: int, offset: int, shape, dtype=torch.float32, device="cpu"):
+def philox_normal(seed, offset: int, shape, dtype=torch.float32, device="cpu"):
     """The noise the kernels draw: element e of a contiguous tensor gets
     Philox4x32-10(key = seed, counter = (offset + e) as (lo, hi, 0, 0)), and
-    Box-Muller of its first two words (flowkern/triton/philox.py, philox.h)."""
+    Box-Muller of its first two words (flowkern/triton/philox.py, philox.h).
+    `seed` a (B,) int64 tensor: per-sample seeds, sample b drawn as a batch of
+    one with seed seed[b] (e counted within the sample; docs/design.md §4)."""
     n = math.prod(shape)
-    ctr = torch.arange(n, dtype=torch.int64, device=device) + offset  # drawn where it is used
+    if isinstance(seed, torch.Tensor):
+        rows = shape[0]
+        inner = n // rows if rows else 0
+        ctr = (torch.arange(inner, dtype=torch.int64, device=device) + offset).expand(rows, inner)
+        key = seed.to(device=device, dtype=torch.int64).reshape(rows, 1)
+        k0, k1 = key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF
+    else:
+        ctr = torch.arange(n, dtype=torch.int64, device=device) + offset  # drawn where it is used
+        k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
     c = [ctr & 0xFFFFFFFF, (ctr >> 32) & 0xFFFFFFFF, torch.zeros_like(ctr), torch.zeros_like(ctr)]
-    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
     M = 0xFFFFFFFF
     for _ in range(10):
         hi0, lo0 = _mul32(0xD2511F53, c[0])

@@ -22,7 +22,8 @@ ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 
 
 def _ops():
-    """(name, row function, NI, NO, NOISE, P0, P1, P2) of every shipped kernel."""
+    """(name, row function, NI, NO, NOISE, P0, P1, P2) of every shipped kernel
+    (NOISE "per_sample": noise with per-sample seeds)."""
     from . import flowmap as FM
     from . import steps as S
     from . import training as T
@@ -42,6 +43,7 @@ def _ops():
             ("ei_bwd_cfg", S.ei_bwd_rows, 1, 3, False, 1, 0, 1),
             ("dpmpp_2m_cfg_x1", S.dpmpp_2m_rows, 4, 2, False, 1, 1, 1),
             ("em_cfg_score", S.em_rows, 3, 1, True, 3, 0, 1),
+            ("em_cfg_score_per_sample", S.em_rows, 3, 1, "per_sample", 3, 0, 1),
             ("churn", S.churn_rows, 1, 1, True, 0, 0, 0),
             ("flowmap_bwd_v", FM.flowmap_bwd_rows, 3, 3, False, 0, 0, 3),
             ("flowmap_bwd_x1", FM.flowmap_bwd_rows, 3, 1, False, 1, 0, 0)]
@@ -65,7 +67,7 @@ def _rowsums():
 
 
 QUICK = ("interpolate", "convert_score2v", "loss_bwd", "loss_bwd_pred", "heun_cfg_x1",
-         "dpmpp_2m_cfg_x1", "em_cfg_score", "flowmap_bwd_v", "loss", "flowmap_score_noise")
+         "dpmpp_2m_cfg_x1", "em_cfg_score", "em_cfg_score_per_sample", "flowmap_bwd_v", "loss", "flowmap_score_noise")
 
 
 def configs(full: bool = True, sizes=None):
@@ -90,12 +92,14 @@ def configs(full: bool = True, sizes=None):
                 ins = {f"i{k}": f"*{io_t}" for k in range(L.MAX_IN)}
                 tail = dict(rows="i32", inner=idx_t, n_col_blocks="i32")
                 for name, fn, ni, no, noise, p0, p1, p2 in ops:
-                    if L.is_heavy(ni, noise) != heavy:
+                    if L.is_heavy(ni, bool(noise)) != heavy:
                         continue
                     sig = {**ins, **{f"o{k}": f"*{io_t}" for k in range(L.MAX_OUT)},
                            "coef": f"*{acc_t}", "stride": "i32", "aux": f"*{acc_t}",
-                           "w": "fp32", "seed": "i64", "offset": "i64", **tail}
-                    const = dict(P0=p0, P1=p1, P2=p2, ROW_FN=fn, NI=ni, NO=no, NOISE=noise,
+                           "w": "fp32", "seed": "i64", "offset": "i64", "seeds": "*i64",
+                           **tail}
+                    const = dict(P0=p0, P1=p1, P2=p2, ROW_FN=fn, NI=ni, NO=no,
+                                 NOISE=bool(noise), PER_SAMPLE=noise == "per_sample",
                                  SKIP=_skip(fn), ROWS=rows_per, BLOCK_N=block_n)
                     sig.update({k: "constexpr" for k in const})
                     out.append((f"lincomb/{name}/{dname}/{rows_per}x{block_n}/{idx_t}",

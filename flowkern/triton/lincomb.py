@@ -10,6 +10,7 @@ passes its own ROW_FN (a @triton.jit function, as a constexpr), so the loops
 live here once. Offsets are 64-bit; the coefficient table's row stride is 0
 when one row serves the whole batch.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -107,10 +108,11 @@ def _out(m, xs, xi, NI: tl.constexpr, NOISE: tl.constexpr, SKIP: tl.constexpr):
 
 @triton.jit
 def lincomb_kernel(i0, i1, i2, i3, i4, i5, o0, o1, o2, coef, stride, aux, w, seed, offset,
-                   rows, inner, n_col_blocks,
+                   seeds, rows, inner, n_col_blocks,
                    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, ROW_FN: tl.constexpr,
                    NI: tl.constexpr, NO: tl.constexpr, NOISE: tl.constexpr,
-                   SKIP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                   PER_SAMPLE: tl.constexpr, SKIP: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     ACC: tl.constexpr = coef.dtype.element_ty
     OUT: tl.constexpr = o0.dtype.element_ty
     r, rmask, offs, mask, _ = _tile(rows, inner, n_col_blocks, ROWS, BLOCK_N)
@@ -118,7 +120,12 @@ def lincomb_kernel(i0, i1, i2, i3, i4, i5, o0, o1, o2, coef, stride, aux, w, see
     xs = _load_inputs(i0, i1, i2, i3, i4, i5, offs, mask, ACC, NI)
     xi = 0.0
     if NOISE:
-        xi = normal(seed, offset + offs).to(ACC)
+        if PER_SAMPLE:  # row r: seed seeds[r], counter offset + its index in the row (philox.h)
+            row_seed = tl.load(seeds + r, mask=rmask, other=0)
+            xi = normal(row_seed[:, None], offset + (offs - r.to(tl.int64)[:, None] * inner))
+        else:
+            xi = normal(seed, offset + offs)
+        xi = xi.to(ACC)
     tl.store(o0 + offs, _out(M[0], xs, xi, NI, NOISE, SKIP & 63).to(OUT), mask=mask)
     if NO > 1:
         tl.store(o1 + offs, _out(M[1], xs, xi, NI, NOISE, (SKIP >> 6) & 63).to(OUT), mask=mask)
@@ -165,20 +172,35 @@ def skip_mask(*pairs) -> int:
 def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
                    noise=None, skip=0):
     """outputs[k] = M_row[k] . inputs (+ noise term) for contiguous (rows, ...)
-    tensors; noise=(seed, offset) draws xi per element (philox.py); skip: the
-    terms no output reads (skip_mask)."""
+    tensors; noise=(seed, offset, seeds) draws xi per element (philox.py;
+    seeds: None or the (rows,) int64 per-sample seeds); skip: the terms no
+    output reads (skip_mask)."""
     assert 1 <= len(inputs) <= MAX_IN and 1 <= len(outputs) <= MAX_OUT
     if inputs[0].numel() == 0:
         return
     grid, rows, inner, rows_per, block_n, n_col = _grid(
         inputs[0], is_heavy(len(inputs), noise is not None))
-    seed, offset = noise if noise is not None else (0, 0)
+    seed, offset, seeds = noise if noise is not None else (0, 0, None)
     lincomb_kernel[grid](*_pad(inputs, MAX_IN), *_pad(outputs, MAX_OUT), coef,
                          _stride(coef, rows), coef if aux is None else aux, float(w),
-                         seed, offset, rows, inner, n_col,
+                         seed, offset, _seeds_arg(seeds, inputs[0]), rows, inner, n_col,
                          P0=p0, P1=p1, P2=p2, ROW_FN=row_fn, NI=len(inputs), NO=len(outputs),
-                         NOISE=noise is not None, SKIP=skip, ROWS=rows_per, BLOCK_N=block_n,
+                         NOISE=noise is not None, PER_SAMPLE=seeds is not None, SKIP=skip,
+                         ROWS=rows_per, BLOCK_N=block_n,
                          num_warps=NUM_WARPS, maxnreg=MAX_NREG)
+
+
+_NO_SEEDS = {}
+
+
+def _seeds_arg(seeds, like):
+    """The seeds pointer: a one-element int64 placeholder (never read) without them."""
+    if seeds is not None:
+        return seeds
+    key = like.device
+    if key not in _NO_SEEDS:
+        _NO_SEEDS[key] = torch.zeros(1, dtype=torch.int64, device=like.device)
+    return _NO_SEEDS[key]
 
 
 def launch_rowsum(row_fn, p0, p1, inputs, coef, aux=None, p2=0, w=1.0):

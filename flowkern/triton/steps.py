@@ -200,10 +200,10 @@ def dpmpp_2m_step(x, pred, d_prev, pred_uncond, coef, prediction, guidance, out,
                    p2=pred_uncond is not None, w=guidance, skip=DPMPP_2M_SKIP)
 
 
-def em_step(x, pred, pred_uncond, coef, prediction, guidance, seed, offset, out):
+def em_step(x, pred, pred_uncond, coef, prediction, guidance, seed, offset, seeds, out):
     launch_lincomb(em_rows, prediction, 0, _ins(x, pred, pred_uncond), (out,), coef,
-                   p2=pred_uncond is not None, w=guidance, noise=(seed, offset))
+                   p2=pred_uncond is not None, w=guidance, noise=(seed, offset, seeds))
 
 
-def churn(x, coef, seed, offset, out):
-    launch_lincomb(churn_rows, 0, 0, (x,), (out,), coef, noise=(seed, offset))
+def churn(x, coef, seed, offset, seeds, out):
+    launch_lincomb(churn_rows, 0, 0, (x,), (out,), coef, noise=(seed, offset, seeds))

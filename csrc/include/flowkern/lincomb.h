@@ -83,6 +83,7 @@ inline void lincomb_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
   constexpr int NO = Fn::NO;
   constexpr bool noisy = has_noise<Fn>::value;
   const auto M = fn.row(r);
+  key = for_row(key, r, inner);
   // Elements [b, b + n) into dst[k][0, n).
   const auto block = [&](i64 b, i64 n, T* const (&dst)[NO], const float* xi) {
     for (i64 i = 0; i < n; ++i) {
@@ -156,10 +157,15 @@ FK_HD void lincomb_thread(const Fn& fn, i64 gtid, i64 nthreads, i64 rows, i64 in
   const i64 nchunks = rows * inner / VEC;
   i64 cached = -1;
   decltype(fn.row(0)) M{};
+  NoiseKey rkey = key;
   for (i64 c = gtid; c < nchunks; c += nthreads) {
     const i64 e = c * VEC;
     const i64 r = e / inner;
-    if (r != cached) { M = fn.row(r); cached = r; }
+    if (r != cached) {
+      M = fn.row(r);
+      if constexpr (has_noise<Fn>::value) rkey = for_row(key, r, inner);
+      cached = r;
+    }
     Pack<T, VEC> pin[Fn::NI], pout[Fn::NO];
 FK_UNROLL
     for (int j = 0; j < Fn::NI; ++j) {
@@ -176,7 +182,7 @@ FK_UNROLL
       for (int j = 0; j < Fn::NI; ++j) x[j] = to_float(pin[j].v[v]);
       apply<Fn>(M, x, y);
       if constexpr (has_noise<Fn>::value) {
-        const A xi = A(normal_at(key, e + v));
+        const A xi = A(normal_at(rkey, e + v));
 FK_UNROLL
         for (int k = 0; k < Fn::NO; ++k) y[k] += M.noise[k] * xi;
       }

@@ -1,6 +1,7 @@
 // Counter-based Gaussian noise, identical on every backend (docs/design.md §4 em_step):
 // element e of a step draws Philox4x32-10 with key = seed (lo, hi) and counter
-// = (offset + e) as (lo, hi, 0, 0), maps the first two words to uniforms as
+// = (offset + e) as (lo, hi, 0, 0) (with per-sample seeds: key = the row's
+// seed, e counted within the row; NoiseKey), maps the first two words to uniforms as
 // Triton's uint_to_uniform_float does, and takes the cosine branch of
 // Box-Muller (as tl.randn). flowkern/triton/philox.py and
 // flowkern/reference/steps.philox_normal are its twins; the CPU kernels draw
@@ -13,7 +14,22 @@
 
 namespace fk {
 
-struct NoiseKey { uint64_t seed; i64 offset; };
+// `seeds`: per-sample seeds (docs/design.md §4 "Per-sample seeds"): row r
+// then draws as if it were a batch of one with seed seeds[r], so its noise
+// does not depend on the batch it is in (for_row).
+struct NoiseKey {
+  uint64_t seed;
+  i64 offset;
+  const int64_t* seeds = nullptr;
+};
+
+// The key of row r (of `inner` elements) such that normal_at(key, e) for the
+// flat element index e draws the batch-wide counter offset + e, or, with
+// per-sample seeds, seed seeds[r] at counter offset + (e - r inner).
+FK_HD NoiseKey for_row(NoiseKey key, i64 r, i64 inner) {
+  if (key.seeds == nullptr) return key;
+  return {uint64_t(key.seeds[r]), key.offset - r * inner, nullptr};
+}
 
 FK_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
   return uint32_t((uint64_t(a) * uint64_t(b)) >> 32);
