@@ -25,9 +25,11 @@ Groups "loop · <size> · per step" (trivial model, 20 steps, per step):
   flowkern.sample(method) | diffusers scheduler loop | k-diffusion sample_* |
   the sum of the fused steps alone (the loop's floor) | flowkern's k-diffusion
   adapter against k-diffusion for dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral,
-  dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde and lms | flowkern's diffusers schedulers
-  (Euler, EulerAncestral, DDIM, UniPC, DPM-Solver++ order 3, FlowMatchHeun) against
-  diffusers' own, each a plain loop of set_timesteps and step().
+  dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde, lms and dpm_fast (n = 20 model calls,
+  sigma 80 -> 0.02: six DPM-Solver-3 steps and one DPM-Solver-2) | flowkern's
+  diffusers schedulers (Euler, EulerAncestral, DDIM, UniPC, DPM-Solver++ order 3,
+  FlowMatchHeun) against diffusers' own, each a plain loop of set_timesteps and
+  step().
 """
 from __future__ import annotations
 
@@ -254,6 +256,8 @@ LOOP_CASES = [
     ("k-diffusion sample_heun", "kd", "sample_heun"),
     ("diffusers FlowMatchEuler loop", "fm_loop", None),
 ]
+# sample_dpm_fast's (sigma_min, sigma_max, n): LOOP_STEPS model calls on its own grid
+DPM_FAST_GRID = (0.02, 80.0, LOOP_STEPS)
 # the k-diffusion samplers flowkern's adapter builds from the fused steps
 # (two fused passes per step where k-diffusion makes 6-15), adapter vs peer;
 # the SDE samplers draw their noise in the kernels, the peer gets its
@@ -267,7 +271,8 @@ D_LOOPS = {"EulerDiscreteScheduler": {}, "EulerAncestralDiscreteScheduler": {},
 for _m in D_LOOPS:
     LOOP_CASES += [(f"flowkern {_m} loop", "fk_dloop", _m), (f"diffusers {_m} loop", "dloop", _m)]
 for _m in ("sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
-           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lms"):
+           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lms",
+           "sample_dpm_fast"):
     LOOP_CASES += [(f"flowkern adapter {_m}", "kda", _m), (f"k-diffusion {_m}", "kd", _m)]
 
 
@@ -299,7 +304,12 @@ def test_loop(benchmark, measure, roofline, size, n, order):
         kw = ({"noise_sampler": kd.default_noise_sampler(d.x)}
               if method in ("sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde")
               else {})
-        fn = lambda: getattr(kd, method)(lambda x, s: x, d.x, sigmas, disable=True,  # noqa: E731
+        grid = (sigmas,)
+        if method == "sample_dpm_fast":
+            # its own grid; with eta = 0 it still adds 0 * noise_sampler(...) per step:
+            # a zero sampler, not its default randn_like (its cheapest noise)
+            grid, kw = DPM_FAST_GRID, {"noise_sampler": lambda s, sn: 0.0}
+        fn = lambda: getattr(kd, method)(lambda x, s: x, d.x, *grid, disable=True,  # noqa: E731
                                          **kw)
     elif kind in ("dloop", "fk_dloop"):
         if kind == "dloop":
@@ -320,7 +330,8 @@ def test_loop(benchmark, measure, roofline, size, n, order):
         from flowkern.integrations import k_diffusion as adapter
         sigmas = torch.cat([torch.linspace(80, 0.02, LOOP_STEPS), torch.zeros(1)])
         kw = {} if method == "sample_lms" else {"seed": 0}
-        fn = lambda: getattr(adapter, method)(lambda x, s: x, d.x, sigmas,  # noqa: E731
+        grid = DPM_FAST_GRID if method == "sample_dpm_fast" else (sigmas,)
+        fn = lambda: getattr(adapter, method)(lambda x, s: x, d.x, *grid,  # noqa: E731
                                               disable=True, **kw)
     else:
         s = _diffusers("FlowMatchEulerDiscreteScheduler")

@@ -2,7 +2,8 @@
 tests/test_no_sync.py (CPU, in `make test`) and bench/gpu_sync_check.py (a
 CUDA device, `make gpu-check`). Case name: "<function or scheduler>[-label]";
 k-diffusion cases are the sampler's keyword arguments (noise_sampler=True: a
-seeded torch noise sampler), diffusers cases the scheduler's config."""
+seeded torch noise sampler; sigma_min, sigma_max and n: sample_dpm_fast's grid, in
+place of the sigmas), diffusers cases the scheduler's config."""
 
 K_CASES = {
     "sample_euler": dict(),
@@ -26,7 +27,16 @@ K_CASES = {
     "sample_dpmpp_3m_sde": dict(seed=9),
     "sample_dpmpp_3m_sde-noise_sampler": dict(noise_sampler=True, eta=0.5),
     "sample_lms-order2": dict(order=2),
+    "sample_dpm_fast": dict(sigma_min=0.3, sigma_max=10.0, n=7),
+    "sample_dpm_fast-eta": dict(sigma_min=0.3, sigma_max=10.0, n=5, eta=1.0, seed=10),
+    "sample_dpm_fast-noise_sampler": dict(sigma_min=0.3, sigma_max=10.0, n=4, eta=0.5,
+                                          noise_sampler=True),
 }
+# Not in the table: sample_dpm_adaptive synchronises by design. Its accept/reject
+# and next step size come from the error norm of each attempt, read on the host
+# (k-diffusion's PID controller reads it too), and each attempt's rows are
+# uploaded then.
+K_SYNCING = {"sample_dpm_adaptive"}
 
 D_CASES = {
     "FlowMatchEulerDiscreteScheduler": dict(),

@@ -36,8 +36,9 @@ adapter's loop after its first step, with every device->host read trapped"):
   fallbacks: host work by design) is done, and stays armed to the return;
 - the k-diffusion samplers (sample_euler, sample_heun, sample_dpmpp_2m,
   sample_euler_ancestral, the DPM-Solver-2 and DPM-Solver++ SDE samplers,
-  with churn and with a noise_sampler), from the
-  denoiser's second call to the return;
+  sample_lms, sample_dpm_fast, with churn and with a noise_sampler), from
+  the denoiser's second call to the return (not sample_dpm_adaptive, whose
+  step control reads its error norm on the host: sync_cases.K_SYNCING);
 - the diffusers schedulers' ``step()`` after set_timesteps and the first step
   (which looks its index up with ``nonzero``, as diffusers' own do);
 - the flow_matching ``ODESolver.sample`` (euler, midpoint, heun2), from the
@@ -77,7 +78,7 @@ from flowkern.integrations import diffusers as fk_diffusers
 from flowkern.integrations import flow_matching as fk_fm
 from flowkern.integrations import k_diffusion as fk_k
 
-from sync_cases import D_CASES, K_CASES
+from sync_cases import D_CASES, K_CASES, K_SYNCING
 
 BACKENDS = [b for b in ("cpu", "torch") if flowkern.available()[b]]
 # The GPU backends' Python glue, trapped, with their kernels run on CPU
@@ -486,13 +487,14 @@ def _k_run(case, backend, model):
         g = torch.Generator(x.device).manual_seed(9)
         kw["noise_sampler"] = lambda sigma, sigma_next: torch.randn(x.shape, generator=g,
                                                                     device=x.device)
-    return getattr(fk_k, name)(model, x, SIGMAS, extra_args={"scale": 2.0}, disable=True,
+    grid = () if "sigma_max" in kw else (SIGMAS,)  # sample_dpm_fast: its own grid
+    return getattr(fk_k, name)(model, x, *grid, extra_args={"scale": 2.0}, disable=True,
                                backend=backend, **kw)
 
 
 def test_every_k_diffusion_sampler_is_covered():
-    assert {c.split("-")[0] for c in K_CASES} == {n for n in fk_k.__all__
-                                                  if n.startswith("sample_")}
+    assert {c.split("-")[0] for c in K_CASES} | K_SYNCING == {n for n in fk_k.__all__
+                                                              if n.startswith("sample_")}
 
 
 @pytest.mark.parametrize("case", list(K_CASES))

@@ -10,7 +10,8 @@ steps without changing their code (docs/design.md §1 maps the conventions):
   ``sample_heun``, ``sample_dpmpp_2m``, ``sample_euler_ancestral``,
   ``sample_dpm_2``, ``sample_dpm_2_ancestral``, ``sample_dpmpp_2s_ancestral``,
   ``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``,
-  ``sample_lms`` with k-diffusion's signatures.
+  ``sample_lms``, ``sample_dpm_fast``, ``sample_dpm_adaptive`` with
+  k-diffusion's signatures.
 - :mod:`flowkern.integrations.flow_matching`: ``AffineProbPath`` /
   ``CondOTProbPath`` and ``ODESolver`` with flow_matching's interface.
 

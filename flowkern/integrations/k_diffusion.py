@@ -3,7 +3,8 @@
 ``sample_euler``, ``sample_heun``, ``sample_dpmpp_2m``,
 ``sample_euler_ancestral``, ``sample_dpm_2``, ``sample_dpm_2_ancestral``,
 ``sample_dpmpp_2s_ancestral``, ``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde``,
-``sample_dpmpp_3m_sde`` and ``sample_lms`` take k-diffusion's arguments:
+``sample_dpmpp_3m_sde``, ``sample_lms``, ``sample_dpm_fast`` and
+``sample_dpm_adaptive`` take k-diffusion's arguments:
 ``model(x, sigma,
 **extra_args)`` returns the denoised x (E[x1 | x]), ``sigmas`` decreasing to
 (usually) 0, ``extra_args``, ``callback`` (called with k-diffusion's dict),
@@ -26,15 +27,19 @@ k-diffusion's update exactly (_second_stage_row, _ancestral_row and
 sample_dpmpp_2m_sde say how); one or two fused passes per model call.
 sample_lms adds its history two terms per fused Euler pass (as guidance);
 sample_dpmpp_3m_sde splits its three-term history between the 2M kernel
-and one guided Euler pass. Not here yet: sample_dpm_fast /
-sample_dpm_adaptive (DPM-Solver's own step control).
+and one guided Euler pass. sample_dpm_fast and sample_dpm_adaptive
+(k-diffusion's DPMSolver: its own grid in t = -log sigma, sigma_min and
+sigma_max in place of sigmas) make each DPM-Solver-1/2/3 update one fused
+Euler or Heun pass (_dpm_rows); the adaptive one reads its error norm on
+the host once per attempt, as k-diffusion does.
 
 Noise: k-diffusion draws ``torch.randn_like``; the fused kernels draw
 Philox4x32-10 in the kernel, so with churn (``s_churn > 0``) or ancestral
 noise the samples differ from k-diffusion's draw for draw but have the same
 distribution. The noise of step i is Philox(seed, i * x.numel()), seed given
 by the extra ``seed=`` argument (None: one draw from torch's generator;
-sample_dpmpp_sde's two stages use 2i and 2i + 1); pass ``noise_sampler=``
+sample_dpmpp_sde's two stages use 2i and 2i + 1, sample_dpm_adaptive's k-th
+accepted step k); pass ``noise_sampler=``
 (k-diffusion's, e.g. its ``BrownianTreeNoiseSampler``, the default of its
 dpmpp_sde and dpmpp_2m_sde) to use your own noise, added in a separate pass
 as in k-diffusion, in x's dtype.
@@ -58,7 +63,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral",
            "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
            "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lms",
-           "get_ancestral_step",
+           "sample_dpm_fast", "sample_dpm_adaptive", "get_ancestral_step",
            "linear_multistep_coeff", "denoiser_to_x1_model"]
 
 
@@ -792,3 +797,362 @@ def denoiser_to_x1_model(denoiser, schedule="edm", **extra_args):
         a = alpha.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
         return denoiser(x / a, (sigma / alpha).to(x.dtype), **extra_args)
     return model
+
+
+# ---------------------------------------------------------------------------
+# DPM-Solver with its own step control: k-diffusion's DPMSolver class, behind
+# sample_dpm_fast and sample_dpm_adaptive. Its time is t = -log sigma
+# (DPM-Solver's lambda for alpha = 1) and every update is x plus multiples of
+# eps = (x - denoised)/sigma at earlier points (Lu et al. 2022, eq. (3.7) and
+# Algs. 1-2; k-diffusion's dpm_solver_{1,2,3}_step); the coefficients are
+# computed here on the host in float64, from Python floats.
+
+
+def _sigma_of(t):
+    """DPMSolver.sigma: sigma = e^{-t}."""
+    return math.exp(-t)
+
+
+def _t_of(sigma):
+    """DPMSolver.t: t = -log sigma (+inf for a sigma_down of 0)."""
+    return -math.log(sigma) if sigma > 0 else math.inf
+
+
+def _phi(z):
+    """expm1(z)/z - 1 as DPMSolver writes it; 0 at z = 0 (its limit, where
+    k-diffusion's 0/0 gives NaN)."""
+    return math.expm1(z) / z - 1 if z != 0 else 0.0
+
+
+def _eps_row(s, a):
+    """euler_step row giving x + a eps, eps = (x - d)/s, from (x, d): with
+    h = 1 and d_sigma_t = a the kernel's x + h u_t has u_t = a (x - d)/s."""
+    return _ve(s, s, a, 0.0, h=1.0)
+
+
+def _eps_pair_row(s, s_k, a, b):
+    """heun_step row giving x + a eps + b eps_k from (x, d) at sigma s and
+    (x_k, d_k) at sigma s_k: with h = 1 the kernel's x + h/2 (u_t + u_s) has
+    u_t = d_sigma_t (x - d)/s and u_s = d_sigma_s (x_k - d_k)/s_k, so the
+    d_sigma columns are 2a and 2b (as in _second_stage_row)."""
+    return _ve(s, s_k, 2.0 * a, 2.0 * b, h=1.0)
+
+
+def _dpm_rows(t, t_next, order, r1=None):
+    """DPM-Solver-`order` from t to t_next as fused passes: (rows, mids).
+    Pass 0 is u1 = x - sigma(s1) expm1(r1 h) eps (one Euler row; for order 1
+    it is the step, x - sigma(t_next) expm1(h) eps); pass k > 0 reads x, eps
+    and the point of pass k - 1 with its eps, evaluated at sigma mids[k - 1]
+    (one Heun row): u2 and the result, with k-diffusion's coefficients
+    (dpm_solver_2_step: r1 = 1/2 unless given; dpm_solver_3_step: r1 = 1/3,
+    r2 = 2/3)."""
+    h = t_next - t
+    s, s_next, e = _sigma_of(t), _sigma_of(t_next), math.expm1(h)
+    if order == 1:
+        return [_eps_row(s, -s_next * e)], []
+    r1 = (1 / 2 if order == 2 else 1 / 3) if r1 is None else r1
+    s1 = _sigma_of(t + r1 * h)
+    rows = [_eps_row(s, -s1 * math.expm1(r1 * h))]
+    if order == 2:  # x - s' E eps - s'/(2 r1) E (eps_1 - eps), E = expm1(h)
+        c = s_next / (2 * r1) * e
+        return rows + [_eps_pair_row(s, s1, -s_next * e + c, -c)], [s1]
+    r2 = 2 / 3
+    s2 = _sigma_of(t + r2 * h)
+    c = s2 * (r2 / r1) * _phi(r2 * h)   # u2 = x - s2 expm1(r2 h) eps - c (eps_1 - eps)
+    rows.append(_eps_pair_row(s, s1, -s2 * math.expm1(r2 * h) + c, -c))
+    c = s_next / r2 * _phi(h)           # x' = x - s' E eps - c (eps_2 - eps)
+    rows.append(_eps_pair_row(s, s2, -s_next * e + c, -c))
+    return rows, [s1, s2]
+
+
+def _dpm_pass(x, d0, y, d, k, row, out, backend):
+    """Pass k of a _dpm_rows step: Euler on (x, d0) for k = 0, else Heun's
+    second stage on (x, d0) and (y, d)."""
+    if k == 0:
+        return euler_step(x, d0, prediction="x1", table=row, out=out, backend=backend)
+    return heun_step(x, d0, y, d, prediction="x1", table=row, out=out, backend=backend)
+
+
+def _dpm_solve(model, x, d0, rows, mids, bufs, s_in, extra_args, tick, backend, low=None):
+    """One DPM-Solver step from x with d0 = its denoised x, on _dpm_rows'
+    (device) rows: the intermediate points go to bufs[k], the result to a new
+    tensor; tick() after each model call. low = (k, row, out): also the pass
+    with that row on pass k's inputs, into out (sample_dpm_adaptive's
+    lower-order solution). Returns (result, low's output or None)."""
+    y, d, lo = x, d0, None
+    last = len(rows) - 1
+    for k in range(len(rows)):
+        if k:
+            d = _denoise(model, y, mids[k - 1], s_in, extra_args)
+            tick()
+        if low is not None and low[0] == k:
+            lo = _dpm_pass(x, d0, y, d, k, low[1], low[2], backend)
+        y = _dpm_pass(x, d0, y, d, k, rows[k], None if k == last else bufs[k], backend)
+    return y, lo
+
+
+def _ancestral_target(t, t_next, t_end, eta):
+    """(t_next_, su) of one DPMSolver step: with eta it steps to sigma_down's
+    level (not past t_end), and noise of std su = sqrt(sigma(t_next)^2 -
+    sigma(t_next_)^2) restores sigma(t_next) (dpm_solver_fast/_adaptive)."""
+    if not eta:
+        return t_next, 0.0
+    sd, _ = get_ancestral_step(_sigma_of(t), _sigma_of(t_next), eta)
+    t_ = min(t_end, _t_of(sd))
+    return t_, math.sqrt(max(0.0, _sigma_of(t_next) ** 2 - _sigma_of(t_) ** 2))
+
+
+def _draws(std, eta, noise_sampler):
+    """Whether a DPMSolver step adds noise: in the kernel where its std > 0;
+    the caller's noise_sampler at every step when eta != 0, as k-diffusion
+    calls it (a sequential sampler stays in step with k-diffusion's draws)."""
+    return std > 0 or bool(eta and noise_sampler is not None)
+
+
+def _float(name, v):
+    try:
+        return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: expected a float, got {v!r}") from None
+
+
+def _dpm_times(sigma_min, sigma_max):
+    """(t_start, t_end) = (-log sigma_max, -log sigma_min), k-diffusion's check first."""
+    lo, hi = _float("sigma_min", sigma_min), _float("sigma_max", sigma_max)
+    if lo <= 0 or hi <= 0:
+        raise ValueError("sigma_min and sigma_max must not be 0")  # k-diffusion's words
+    for name, v in (("sigma_min", lo), ("sigma_max", hi)):
+        if not math.isfinite(v):
+            raise ValueError(f"{name}: expected a finite noise level, got {v}")
+    return -math.log(hi), -math.log(lo)
+
+
+class _NoBar:
+    """tqdm's interface, without tqdm."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        pass
+
+
+def _progress(total, disable):
+    """DPMSolver's progress bar: one tick per model call (its eps_callback)."""
+    if _trange is None:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, disable=disable)
+
+
+def _scalar(v, x):
+    """A 0-dim tensor as DPMSolver hands them to the callback and noise_sampler
+    (torch's default dtype, on x's device)."""
+    return torch.tensor(v, dtype=torch.get_default_dtype(), device=x.device)
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None,
+                    disable=None, eta=0., s_noise=1., noise_sampler=None, seed=None,
+                    backend=None):
+    """DPM-Solver-fast (Lu et al. 2022; k-diffusion's, fixed step size): n
+    model calls on a grid uniform in t = -log sigma from sigma_max to
+    sigma_min, in steps of order 3 and a last one (or two) of order 2 / 1 as
+    k-diffusion plans them.
+
+    Fused: each update of a step is one pass on rows built up front
+    (_dpm_rows): u1 the fused Euler step from (x, denoised), u2 and the
+    step's result the fused Heun second stage from (x, denoised) and the last
+    intermediate point with its denoised x; k-diffusion's eps = (x -
+    denoised)/sigma stay in the kernels' registers. An order-k step is k
+    passes and k model calls.
+
+    Noise (eta > 0): each step goes to sigma_down's level, then noise of std
+    s_noise su: the fused churn pass on Philox(seed, i x.numel()) for step
+    i (seed None: one draw from torch's generator), or the caller's
+    ``noise_sampler(sigma, sigma_next)``, called at every step as k-diffusion
+    calls it (added in a separate pass, in x's dtype). With eta = 0 nothing
+    is drawn. The state stays in x's dtype, as in k-diffusion (all its
+    coefficients are 0-dim tensors). Reverse sampling (sigma_min >
+    sigma_max) needs eta = 0, as in k-diffusion."""
+    extra_args = {} if extra_args is None else extra_args
+    V.tensor("x", x)
+    t_start, t_end = _dpm_times(sigma_min, sigma_max)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n: expected a positive int (the number of model calls), got {n!r}")
+    if not t_end > t_start and eta:
+        raise ValueError("eta must be 0 for reverse sampling")  # k-diffusion's words
+    n = int(n)
+    m = n // 3 + 1
+    ts = torch.linspace(t_start, t_end, m + 1, dtype=torch.float64).tolist()
+    orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+    plan, rows, noise = [], [], []
+    for i, order in enumerate(orders):
+        t_next_, su = _ancestral_target(ts[i], ts[i + 1], t_end, eta)
+        step_rows, mids = _dpm_rows(ts[i], t_next_, order)
+        plan.append((len(rows), len(step_rows), mids, su * s_noise))
+        rows += step_rows
+        noise.append(_noise_row(su * s_noise))
+    # every row uploaded once, before the loop (no host->device copy per step)
+    table = _rows(rows, x, x.dtype)
+    noise = _rows(noise, x, x.dtype) if (eta and noise_sampler is None) else None
+    seed = _seed(seed) if noise is not None else 0
+    at = None  # (t, sigma) of the grid, for the callback and the noise_sampler
+    if callback is not None or (eta and noise_sampler is not None):
+        at = torch.tensor([[t, _sigma_of(t)] for t in ts],
+                          dtype=torch.get_default_dtype()).to(x.device)
+    s_in = x.new_ones([x.shape[0]])
+    bufs = [torch.empty_like(x, memory_format=torch.contiguous_format)
+            for _ in range(max(orders) - 1)]
+    with _progress(n, disable) as bar:
+        for i, (start, count, mids, std) in enumerate(plan):
+            d0 = _denoise(model, x, _sigma_of(ts[i]), s_in, extra_args)
+            bar.update()
+            if callback is not None:
+                callback({"sigma": at[i, 1], "sigma_hat": at[i, 1], "x": x, "i": i,
+                          "t": at[i, 0], "t_up": at[i, 0], "denoised": d0})
+            x, _ = _dpm_solve(model, x, d0, table[start:start + count], mids, bufs, s_in,
+                              extra_args, bar.update, backend)
+            if _draws(std, eta, noise_sampler):
+                x = _add_noise(x, i, i, noise, seed, noise_sampler,
+                               None if at is None else at[i, 1],
+                               None if at is None else at[i + 1, 1], std, backend)
+    return x
+
+
+class _PID:
+    """k-diffusion's PIDStepSizeController, the same float arithmetic: after
+    each attempt h is scaled by the limited factor 1 + atan(f - 1), f = the
+    product of the last inverse errors to the powers b1, b2, b3; the attempt
+    is accepted when that factor is >= accept_safety."""
+
+    def __init__(self, h, pcoeff, icoeff, dcoeff, order, accept_safety, eps=1e-8):
+        self.h = h
+        self.b1 = (pcoeff + icoeff + dcoeff) / order
+        self.b2 = -(pcoeff + 2 * dcoeff) / order
+        self.b3 = dcoeff / order
+        self.accept_safety, self.eps, self.errs = accept_safety, eps, []
+
+    def propose_step(self, error):
+        inv_error = 1 / (error + self.eps)
+        if not self.errs:
+            self.errs = [inv_error, inv_error, inv_error]
+        self.errs[0] = inv_error
+        factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
+        factor = 1 + math.atan(factor - 1)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.errs[2], self.errs[1] = self.errs[1], self.errs[0]
+        self.h *= factor
+        return accept
+
+
+def _error_norm(x_low, x_high, x_prev, atol, rtol):
+    """k-diffusion's error of an adaptive step: ||(x_low - x_high)/delta||_2 /
+    sqrt(numel), delta = max(atol, rtol max(|x_low|, |x_prev|)) elementwise;
+    a 0-dim tensor in the accumulation dtype (float32 for a 16-bit x, whose
+    squares k-diffusion sums in x's dtype)."""
+    acc = V.acc_dtype(x_low.dtype)
+    lo = x_low.to(acc)
+    delta = torch.maximum(lo.abs(), x_prev.to(acc).abs()).mul_(rtol).clamp_min_(atol)
+    return torch.linalg.vector_norm((lo - x_high.to(acc)).div_(delta)) / x_low.numel() ** 0.5
+
+
+def _check_adaptive(order, rtol, atol, h_init):
+    if order not in {2, 3}:
+        raise ValueError("order should be 2 or 3")  # k-diffusion's words
+    rtol, atol, h_init = _float("rtol", rtol), _float("atol", atol), _float("h_init", h_init)
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name}: expected a finite tolerance >= 0, got {v}")
+    if rtol == 0 and atol == 0:  # the error would divide by zero and never accept
+        raise ValueError("rtol, atol: expected at least one of them > 0, got both 0")
+    if not (math.isfinite(h_init) and h_init != 0):
+        raise ValueError(f"h_init: expected a finite nonzero first step, got {h_init}")
+    return rtol, atol, h_init
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None,
+                        disable=None, order=3, rtol=.05, atol=.0078, h_init=.05, pcoeff=0.,
+                        icoeff=1., dcoeff=0., accept_safety=.81, eta=0., s_noise=1.,
+                        noise_sampler=None, return_info=False, seed=None, backend=None):
+    """DPM-Solver-12 and -23 with adaptive step size (Lu et al. 2022;
+    k-diffusion's): each attempt from t to t + h computes the order-`order`
+    solution and the one of order - 1 (DPM-Solver-1, or -2 with r1 = 1/3,
+    sharing u1), k-diffusion's error norm between them, and k-diffusion's PID
+    controller (_PID) accepts the attempt or not and scales h.
+
+    Fused: every update is one pass (_dpm_rows; u1 the fused Euler step,
+    u2 and both solutions the fused Heun second stage), so an attempt is
+    `order` model calls and order + 1 passes, plus the error norm's few torch
+    ops (the formula's, in the accumulation dtype). The attempt's rows are
+    uploaded in one copy, and the error is read on the host once per attempt,
+    as k-diffusion reads it: this loop synchronises by design.
+
+    Noise (eta > 0): an accepted step adds noise of std s_noise su after
+    stepping to sigma_down's level: the fused churn pass on Philox(seed, k
+    x.numel()) for the k-th accepted step (seed None: one draw from torch's
+    generator), or the caller's ``noise_sampler(sigma, sigma_next)`` (called
+    on each accepted step, as k-diffusion calls it). return_info=True returns
+    (x, info) with k-diffusion's info dict (steps, nfe, n_accept, n_reject).
+    An error that is NaN raises (k-diffusion would reject forever)."""
+    extra_args = {} if extra_args is None else extra_args
+    V.tensor("x", x)
+    t_start, t_end = _dpm_times(sigma_min, sigma_max)
+    rtol, atol, h_init = _check_adaptive(order, rtol, atol, h_init)
+    forward = t_end > t_start
+    if not forward and eta:
+        raise ValueError("eta must be 0 for reverse sampling")  # k-diffusion's words
+    seed = _seed(seed) if (eta and noise_sampler is None) else 0
+    pid = _PID(abs(h_init) * (1 if forward else -1), pcoeff, icoeff, dcoeff,
+               1.5 if eta else order, accept_safety)
+    info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
+    s_in = x.new_ones([x.shape[0]])
+    bufs = [torch.empty_like(x, memory_format=torch.contiguous_format)
+            for _ in range(order - 1)]
+    lows = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2)]
+    s, x_prev, j = t_start, x, 0   # x_prev: the last accepted low-order solution
+    with _progress(None, disable) as bar:
+        while s < t_end - 1e-5 if forward else s > t_end + 1e-5:
+            t = min(t_end, s + pid.h) if forward else max(t_end, s + pid.h)
+            t_, su = _ancestral_target(s, t, t_end, eta)
+            std = su * s_noise
+            d0 = _denoise(model, x, _sigma_of(s), s_in, extra_args)
+            bar.update()
+            high, mids = _dpm_rows(s, t_, order)
+            # the lower order's last pass: DPM-Solver-1 on (x, d0), or DPM-Solver-2
+            # with r1 = 1/3 (its u1 is DPM-Solver-3's) on (u1, its denoised x)
+            low = _dpm_rows(s, t_, order - 1, r1=1 / 3)[0][-1]
+            tab = _rows(high + [low, _noise_row(std)], x, x.dtype)
+            x_high, x_low = _dpm_solve(model, x, d0, tab[:order], mids, bufs, s_in, extra_args,
+                                       bar.update, backend, low=(order - 2, tab[order], lows[j]))
+            error = _error_norm(x_low, x_high, x_prev, atol, rtol)
+            err = float(error)  # the host read of each attempt (k-diffusion's too)
+            if math.isnan(err):
+                raise FloatingPointError("sample_dpm_adaptive: the error estimate is NaN (a NaN "
+                                         "in x or in the model's output?)")
+            if pid.propose_step(err):
+                x_prev, j, x = x_low, 1 - j, x_high
+                if _draws(std, eta, noise_sampler):
+                    at = (None, None) if noise_sampler is None else (
+                        _scalar(_sigma_of(s), x), _scalar(_sigma_of(t), x))
+                    x = _add_noise(x, 0, info["n_accept"], tab[order + 1:], seed, noise_sampler,
+                                   *at, std, backend)
+                s = t
+                info["n_accept"] += 1
+            else:
+                info["n_reject"] += 1
+            info["nfe"] += order
+            info["steps"] += 1
+            if callback is not None:
+                sg, ts_ = _scalar(_sigma_of(s), x), _scalar(s, x)
+                callback({"sigma": sg, "sigma_hat": sg, "x": x, "i": info["steps"] - 1,
+                          "t": ts_, "t_up": ts_, "denoised": d0, "error": error, "h": pid.h,
+                          **info})
+    if return_info:
+        return x, info
+    return x
