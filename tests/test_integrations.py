@@ -619,6 +619,41 @@ def test_k_diffusion_dpm_2_churn_same_noise(backend, monkeypatch):
     assert _rel(out, ref) <= TOL
 
 
+NOISY_ADAPTERS = [("sample_euler", {"s_churn": 3.0}), ("sample_heun", {"s_churn": 3.0}),
+                  ("sample_dpm_2", {"s_churn": 3.0}), ("sample_euler_ancestral", {}),
+                  ("sample_dpm_2_ancestral", {}), ("sample_dpmpp_2s_ancestral", {}),
+                  ("sample_dpmpp_sde", {}), ("sample_dpmpp_2m_sde", {}),
+                  ("sample_dpmpp_3m_sde", {}), ("sample_dpm_fast", {"eta": 1.0})]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,extra", NOISY_ADAPTERS, ids=[n for n, _ in NOISY_ADAPTERS])
+def test_k_diffusion_per_sample_seeds(backend, name, extra):
+    """per_sample_seeds: with a per-sample model, each sample's result is the
+    same in another batch, at another position and alone (seeded with its
+    seed); a seed or per_sample_seeds with a noise_sampler, or both, raise."""
+    def model(x, sigma, **_):  # elementwise: sample b depends on sample b only
+        return torch.tanh(x / (1.0 + sigma.to(x.dtype)[:, None, None]))
+    x = 20.0 * torch.randn(5, 4, 4, generator=torch.Generator().manual_seed(1))
+    grid = ((0.02, 80.0, 7) if name == "sample_dpm_fast" else
+            (_k_sampling().get_sigmas_karras(6, 0.02, 80.0),))
+    run = lambda x, **kw: getattr(fk_k, name)(model, x, *grid, disable=True,  # noqa: E731
+                                              backend=backend, **extra, **kw)
+    seeds = [9, 2 ** 62, 0, 9, 31]
+    full = run(x, per_sample_seeds=seeds)
+    assert torch.equal(full, run(x, per_sample_seeds=torch.tensor(seeds)))
+    perm = [4, 0, 2]
+    assert torch.equal(run(x[perm], per_sample_seeds=[seeds[i] for i in perm]), full[perm])
+    assert torch.equal(run(x[1:2], seed=seeds[1])[0], full[1])
+    assert not torch.equal(full, run(x, per_sample_seeds=[s + 1 for s in seeds]))
+    with pytest.raises(ValueError, match="per_sample_seeds: give seed or per_sample_seeds"):
+        run(x, seed=1, per_sample_seeds=seeds)
+    if "noise_sampler" in inspect.signature(getattr(fk_k, name)).parameters:
+        for kw in (dict(seed=1), dict(per_sample_seeds=seeds)):
+            with pytest.raises(ValueError, match="noise comes from noise_sampler"):
+                run(x, noise_sampler=lambda a, b: torch.zeros_like(x), **kw)
+
+
 SDE_SAMPLERS = [("sample_dpm_2_ancestral", {}), ("sample_dpmpp_2s_ancestral", {}),
                 ("sample_dpmpp_sde", {}), ("sample_dpmpp_sde", {"r": 0.3}),
                 ("sample_dpmpp_2m_sde", {}), ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),

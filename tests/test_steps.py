@@ -188,8 +188,9 @@ def test_per_sample_seeds(dtype):
                  r"shape \(5,\)"),
                 (dict(per_sample_seeds=seeds.to("meta")), ValueError,
                  "per_sample_seeds: (is )?on meta"),
-                (dict(per_sample_seeds=seeds.index_fill(0, torch.tensor([4], device=DEVICE), -8)), ValueError, r"per_sample_seeds: expected ints "
-                 r"in \[0, 2\^63\), got -8 at sample 4")):
+                (dict(per_sample_seeds=seeds.index_fill(0, torch.tensor([4], device=DEVICE), -8)),
+                 ValueError, r"per_sample_seeds: expected ints in \[0, 2\^63\), got -8 at "
+                 r"sample 4")):
             with pytest.raises(err, match=msg):
                 fk.churn(x, 0.6, 0.4, **kw, backend=be)
             with pytest.raises(err, match=msg):

@@ -39,7 +39,10 @@ noise the samples differ from k-diffusion's draw for draw but have the same
 distribution. The noise of step i is Philox(seed, i * x.numel()), seed given
 by the extra ``seed=`` argument (None: one draw from torch's generator;
 sample_dpmpp_sde's two stages use 2i and 2i + 1, sample_dpm_adaptive's k-th
-accepted step k); pass ``noise_sampler=``
+accepted step k). ``per_sample_seeds=`` (B ints or a (B,) int64 tensor)
+instead of ``seed=`` gives each sample its own stream, Philox(seed_b, i n_1)
+with n_1 one sample's size: a sample's noise then does not depend on its
+batch (flowkern.em_step). Or pass ``noise_sampler=``
 (k-diffusion's, e.g. its ``BrownianTreeNoiseSampler``, the default of its
 dpmpp_sde and dpmpp_2m_sde) to use your own noise, added in a separate pass
 as in k-diffusion, in x's dtype.
@@ -53,7 +56,8 @@ import torch
 
 from .. import _validate as V
 from ..ops.steps import churn as _churn
-from ..ops.steps import dpmpp_2m_step, ei_step, em_step, euler_step, heun_step
+from ..ops.steps import (dpmpp_2m_step, ei_step, em_step, euler_step, heun_step,
+                         per_sample_seed_tensor)
 
 try:
     from tqdm.auto import trange as _trange
@@ -134,11 +138,11 @@ def _noise_row(std):
     return _ve(0.0, std)
 
 
-def _add_noise(x, i, k, rows, seed, noise_sampler, sigma, sigma_next, scale, backend):
-    """x + scale xi: the fused churn pass on Philox(seed, (k) x.numel()) (rows[i]
-    adds scale xi), or the caller's noise_sampler(sigma, sigma_next) * scale."""
+def _add_noise(x, i, k, rows, key, noise_sampler, sigma, sigma_next, scale, backend):
+    """x + scale xi: the fused churn pass on draw k of `key` (rows[i] adds
+    scale xi), or the caller's noise_sampler(sigma, sigma_next) * scale."""
     if noise_sampler is None:
-        return _churn(x, table=rows[i], seed=seed, offset=k * x.numel(), backend=backend)
+        return _churn(x, table=rows[i], **key.at(k), backend=backend)
     return x + (noise_sampler(sigma, sigma_next) * scale).to(x.dtype)
 
 
@@ -148,12 +152,38 @@ def _buffer(buf, x):
     return buf
 
 
-def _seed(seed):
+class _NoiseKey:
+    """The in-kernel noise of an adapter: draw k is Philox(seed, k n), n =
+    x.numel(); with per-sample seeds, sample b's own stream at k n_1, n_1 one
+    sample's size (flowkern.em_step), so a sample's noise does not depend on
+    its batch."""
+
+    def __init__(self, seed, seeds, x):
+        self.seed, self.seeds = seed, seeds
+        self.stride = x.numel() if seeds is None else (x[0].numel() if len(x) else 0)
+
+    def at(self, k):
+        if self.seeds is None:
+            return dict(seed=self.seed, offset=k * self.stride)
+        return dict(per_sample_seeds=self.seeds, offset=k * self.stride)
+
+
+def _noise_key(seed, per_sample_seeds, x, needed=True, noise_sampler=None):
+    """The sampler's _NoiseKey from its seed= or per_sample_seeds= (not both,
+    and neither with a noise_sampler, which replaces the in-kernel noise);
+    seed None draws one from torch's generator when noise is `needed`."""
+    if noise_sampler is not None and (seed is not None or per_sample_seeds is not None):
+        name = "seed" if seed is not None else "per_sample_seeds"
+        raise ValueError(f"{name}: the noise comes from noise_sampler here; give one of them")
+    if per_sample_seeds is not None:
+        if seed is not None:
+            raise ValueError("per_sample_seeds: give seed or per_sample_seeds, not both")
+        return _NoiseKey(None, per_sample_seed_tensor(per_sample_seeds, x), x)
     if seed is None:
-        return int(torch.randint(0, 2 ** 62, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if needed else 0
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise ValueError(f"seed: expected None or an int in [0, 2^63), got {seed!r}")
-    return seed
+    return _NoiseKey(seed, None, x)
 
 
 def _denoise(model, x, sigma, s_in, extra_args, state=None):
@@ -204,11 +234,11 @@ def _churn_table(sig, plan, x, state):
                   for i, (_, _, c) in enumerate(plan)], x, state)
 
 
-def _churn_step(x, i, row, seed, backend):
-    return _churn(x, table=row, seed=seed, offset=i * x.numel(), backend=backend)
+def _churn_step(x, i, row, key, backend):
+    return _churn(x, table=row, **key.at(i), backend=backend)
 
 
-def _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, seed, s_in, extra_args, state,
+def _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, key, s_in, extra_args, state,
                        callback, backend):
     """Step i's start in the churning samplers (Euler, Heun, DPM-2): churn to
     sigma_hat where planned, the model's denoised x there, k-diffusion's
@@ -216,7 +246,7 @@ def _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, seed, s_in, extra_
     gamma, _, target = plan[i]
     sigma_hat = sigmas[i] * (gamma + 1)
     if target is not None:
-        x = _churn_step(x, i, churn_rows[i], seed, backend)
+        x = _churn_step(x, i, churn_rows[i], key, backend)
     denoised = _denoise(model, x, sigma_hat, s_in, extra_args, state)
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
@@ -226,17 +256,18 @@ def _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, seed, s_in, extra_
 
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.,
-                 s_tmin=0., s_tmax=float("inf"), s_noise=1., seed=None, backend=None):
+                 s_tmin=0., s_tmax=float("inf"), s_noise=1., seed=None, backend=None,
+                 per_sample_seeds=None):
     """Euler steps (Karras et al. 2022, Alg. 2) on the fused Euler step."""
     extra_args = {} if extra_args is None else extra_args
     sigmas, sig, state = _host(sigmas, x)
     s_in = x.new_ones([x.shape[0]])
     plan = _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise)
-    seed = _seed(seed) if any(c is not None for _, _, c in plan) else 0
+    key = _noise_key(seed, per_sample_seeds, x, any(c is not None for _, _, c in plan))
     table = _rows([_euler_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x, state)
     churn_rows = _churn_table(sig, plan, x, state)
     for i in _range(len(sig) - 1, disable):
-        x, denoised = _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, seed, s_in,
+        x, denoised = _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, key, s_in,
                                          extra_args, state, callback, backend)
         x = euler_step(x, denoised, prediction="x1", table=table[i], backend=backend)
     return x
@@ -244,19 +275,20 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.,
-                s_tmin=0., s_tmax=float("inf"), s_noise=1., seed=None, backend=None):
+                s_tmin=0., s_tmax=float("inf"), s_noise=1., seed=None, backend=None,
+                per_sample_seeds=None):
     """Heun steps (Karras et al. 2022, Alg. 2) on the fused Euler and Heun
     steps; Euler into sigma = 0."""
     extra_args = {} if extra_args is None else extra_args
     sigmas, sig, state = _host(sigmas, x)
     s_in = x.new_ones([x.shape[0]])
     plan = _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise)
-    seed = _seed(seed) if any(c is not None for _, _, c in plan) else 0
+    key = _noise_key(seed, per_sample_seeds, x, any(c is not None for _, _, c in plan))
     table = _rows([_euler_row(sh, sig[i + 1]) for i, (_, sh, _) in enumerate(plan)], x, state)
     churn_rows = _churn_table(sig, plan, x, state)
     xe = None
     for i in _range(len(sig) - 1, disable):
-        x, denoised = _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, seed, s_in,
+        x, denoised = _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, key, s_in,
                                          extra_args, state, callback, backend)
         if sig[i + 1] == 0:
             x = euler_step(x, denoised, prediction="x1", table=table[i], backend=backend)
@@ -299,7 +331,8 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                           eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None):
+                           eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None,
+                           per_sample_seeds=None):
     """Ancestral Euler: Euler to sigma_down, then noise of std s_noise sigma_up.
 
     Without a noise_sampler both happen in ONE fused pass: the Euler-Maruyama
@@ -314,8 +347,8 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
     steps = [get_ancestral_step(sig[i], sig[i + 1], eta=eta) for i in range(n)]
+    key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None, noise_sampler)
     if noise_sampler is None:
-        seed = _seed(seed)
         rows = [_ancestral_row(sig[i], down, s_noise * up) for i, (down, up) in enumerate(steps)]
     else:
         rows = [_euler_row(sig[i], down) for i, (down, _) in enumerate(steps)]
@@ -327,7 +360,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                       "denoised": denoised})
         x = x.to(state)  # k-diffusion's promotion (_host)
         if noise_sampler is None:
-            x = em_step(x, denoised, prediction="x1", seed=seed, offset=i * x.numel(),
+            x = em_step(x, denoised, prediction="x1", **key.at(i),
                         table=table[i], backend=backend)
         else:
             x = euler_step(x, denoised, prediction="x1", table=table[i], backend=backend)
@@ -339,7 +372,8 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 
 @torch.no_grad()
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.,
-                 s_tmin=0., s_tmax=float("inf"), s_noise=1., seed=None, backend=None):
+                 s_tmin=0., s_tmax=float("inf"), s_noise=1., seed=None, backend=None,
+                 per_sample_seeds=None):
     """DPM-Solver-2 steps (k-diffusion's, after Karras et al. 2022, Alg. 2):
     Euler to the log-midpoint sigma_mid, then x + (sigma_next - sigma_hat)
     d(x_2, sigma_mid); two fused passes, Euler into sigma = 0."""
@@ -347,7 +381,7 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
     sigmas, sig, state = _host(sigmas, x)
     s_in = x.new_ones([x.shape[0]])
     plan = _churn_plan(sig, s_churn, s_tmin, s_tmax, s_noise)
-    seed = _seed(seed) if any(c is not None for _, _, c in plan) else 0
+    key = _noise_key(seed, per_sample_seeds, x, any(c is not None for _, _, c in plan))
     churn_rows = _churn_table(sig, plan, x, state)
     first, second, mids = [], [], []
     for i, (_, sh, _) in enumerate(plan):
@@ -360,7 +394,7 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
     mids = torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
     xe = None
     for i in _range(len(sig) - 1, disable):
-        x, denoised = _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, seed, s_in,
+        x, denoised = _churn_and_denoise(model, x, i, sigmas, plan, churn_rows, key, s_in,
                                          extra_args, state, callback, backend)
         if sig[i + 1] == 0:
             x = euler_step(x, denoised, prediction="x1", table=first[i], backend=backend)
@@ -375,7 +409,8 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 @torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                           eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None):
+                           eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None,
+                           per_sample_seeds=None):
     """Ancestral DPM-Solver-2: the DPM-Solver-2 step to sigma_down, then noise
     of std s_noise sigma_up (the fused churn pass on Philox(seed, i x.numel()),
     or the caller's noise_sampler)."""
@@ -384,7 +419,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
     steps = [get_ancestral_step(sig[i], sig[i + 1], eta=eta) for i in range(n)]
-    seed = _seed(seed) if noise_sampler is None else 0
+    key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None, noise_sampler)
     first, second, noise, mids = [], [], [], []
     for i, (down, up) in enumerate(steps):
         mid = math.exp(0.5 * (math.log(sig[i]) + math.log(down))) if down > 0 else sig[i]
@@ -411,14 +446,15 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         denoised_2 = _denoise(model, xe, mids[i], s_in, extra_args, state)
         x = heun_step(x, denoised, xe, denoised_2, prediction="x1", table=second[i],
                       backend=backend)
-        x = _add_noise(x, i, i, noise, seed, noise_sampler, sigmas[i], sigmas[i + 1],
+        x = _add_noise(x, i, i, noise, key, noise_sampler, sigmas[i], sigmas[i + 1],
                        s_noise * up, backend)
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                              eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None):
+                              eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None,
+                              per_sample_seeds=None):
     """Ancestral DPM-Solver++(2S): a DDIM half step to the log-midpoint, then
     the DDIM step to sigma_down from the midpoint's denoised x plus noise of
     std s_noise sigma_up, fused into one Euler-Maruyama pass (_ancestral_row)."""
@@ -429,7 +465,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
     steps = [get_ancestral_step(sig[i], sig[i + 1], eta=eta) for i in range(n)]
-    seed = _seed(seed) if noise_sampler is None else 0
+    key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None, noise_sampler)
     first, last, mids = [], [], []
     for i, (down, up) in enumerate(steps):
         g = s_noise * up if (sig[i + 1] > 0 and noise_sampler is None) else 0.0
@@ -456,7 +492,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
             euler_step(x, denoised, prediction="x1", table=first[i], out=xe, backend=backend)
             pred = _denoise(model, xe, mids[i], s_in, extra_args, state)
         if noise_sampler is None:
-            x = em_step(x, pred, prediction="x1", seed=seed, offset=i * x.numel(),
+            x = em_step(x, pred, prediction="x1", **key.at(i),
                         table=row, backend=backend)
         else:  # the same row without its noise (euler_step reads no g), then the caller's
             x = euler_step(x, pred, prediction="x1", table=row, backend=backend)
@@ -467,7 +503,8 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
 
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
-                     s_noise=1., noise_sampler=None, r=1 / 2, seed=None, backend=None):
+                     s_noise=1., noise_sampler=None, r=1 / 2, seed=None, backend=None,
+                     per_sample_seeds=None):
     """DPM-Solver++ (stochastic, k-diffusion's): two ancestral DDIM stages per
     step, each one fused Euler-Maruyama pass; the second reads
     (1 - 1/(2r)) d + 1/(2r) d_2 as classifier-free guidance of d_2 over d
@@ -482,7 +519,7 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
     fac = 1 / (2 * r)
-    seed = _seed(seed) if noise_sampler is None else 0
+    key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None, noise_sampler)
     stage1, stage2, mids, ups = [], [], [], []
     for i in range(n):
         if sig[i + 1] == 0:
@@ -515,7 +552,7 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
             continue
         xe = _buffer(xe, x)
         if noise_sampler is None:
-            em_step(x, denoised, prediction="x1", seed=seed, offset=2 * i * x.numel(),
+            em_step(x, denoised, prediction="x1", **key.at(2 * i),
                     table=stage1[i], out=xe, backend=backend)
         else:
             euler_step(x, denoised, prediction="x1", table=stage1[i], out=xe, backend=backend)
@@ -523,7 +560,7 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
         denoised_2 = _denoise(model, xe, mids[i], s_in, extra_args, state)
         if noise_sampler is None:
             x = em_step(x, denoised_2, prediction="x1", pred_uncond=denoised, guidance=fac,
-                        seed=seed, offset=(2 * i + 1) * x.numel(), table=stage2[i],
+                        **key.at(2 * i + 1), table=stage2[i],
                         backend=backend)
         else:
             x = euler_step(x, denoised_2, prediction="x1", pred_uncond=denoised, guidance=fac,
@@ -535,7 +572,7 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
                         s_noise=1., noise_sampler=None, solver_type="midpoint", seed=None,
-                        backend=None):
+                        backend=None, per_sample_seeds=None):
     """DPM-Solver++(2M) SDE (k-diffusion's) on the fused DPM-Solver++(2M) step
     and one noise pass. The SDE step x' = (s'/s) e^{-eta h} x + (1 -
     e^{-(1+eta) h}) d + c (d - d_prev) + noise is the ODE step into the level
@@ -551,7 +588,8 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     state = x.dtype  # k-diffusion multiplies by 0-dim tensors only: x's dtype (_host)
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
-    seed = _seed(seed) if (noise_sampler is None and eta) else 0
+    key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None and bool(eta),
+                     noise_sampler)
     rows, noise, stds = [], [], []
     h_last = None
     for i in range(n):
@@ -588,7 +626,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                              d_out=d[k], backend=backend)
         k = 1 - k
         if eta and sig[i + 1] > 0:  # k-diffusion's condition (it calls its sampler then)
-            x = _add_noise(x, i, i, noise, seed, noise_sampler, sigmas[i], sigmas[i + 1],
+            x = _add_noise(x, i, i, noise, key, noise_sampler, sigmas[i], sigmas[i + 1],
                            stds[i], backend)
     return x
 
@@ -611,7 +649,8 @@ def _three_term_row(q, b0, b1):
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                        eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None):
+                        eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None,
+                        per_sample_seeds=None):
     """DPM-Solver++(3M) SDE (k-diffusion's). Its update is linear in (x, d, d_1,
     d_2): x' = e^{-(1+eta) h} x + c_0 d + c_1 d_1 + c_2 d_2 (+ noise), the
     c_k from k-diffusion's d1, d2, phi_2, phi_3 collected on the host. One
@@ -627,7 +666,8 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     state = x.dtype  # k-diffusion multiplies by 0-dim tensors only: x's dtype (_host)
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
-    seed = _seed(seed) if (noise_sampler is None and eta) else 0
+    key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None and bool(eta),
+                     noise_sampler)
     rows, extra, pair, noise, stds = [], [], [], [], []
     h_1 = h_2 = None
     for i in range(n):
@@ -687,7 +727,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                            pred_uncond=ring[(i - 1) % 3], guidance=pair[i][1],
                            table=extra[i], out=x, backend=backend)
         if eta and not last:
-            x = _add_noise(x, i, i, noise, seed, noise_sampler, sigmas[i], sigmas[i + 1],
+            x = _add_noise(x, i, i, noise, key, noise_sampler, sigmas[i], sigmas[i + 1],
                            stds[i], backend)
     return x
 
@@ -957,7 +997,7 @@ def _scalar(v, x):
 @torch.no_grad()
 def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None,
                     disable=None, eta=0., s_noise=1., noise_sampler=None, seed=None,
-                    backend=None):
+                    backend=None, per_sample_seeds=None):
     """DPM-Solver-fast (Lu et al. 2022; k-diffusion's, fixed step size): n
     model calls on a grid uniform in t = -log sigma from sigma_max to
     sigma_min, in steps of order 3 and a last one (or two) of order 2 / 1 as
@@ -999,7 +1039,7 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     # every row uploaded once, before the loop (no host->device copy per step)
     table = _rows(rows, x, x.dtype)
     noise = _rows(noise, x, x.dtype) if (eta and noise_sampler is None) else None
-    seed = _seed(seed) if noise is not None else 0
+    key = _noise_key(seed, per_sample_seeds, x, noise is not None, noise_sampler)
     at = None  # (t, sigma) of the grid, for the callback and the noise_sampler
     if callback is not None or (eta and noise_sampler is not None):
         at = torch.tensor([[t, _sigma_of(t)] for t in ts],
@@ -1017,7 +1057,7 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
             x, _ = _dpm_solve(model, x, d0, table[start:start + count], mids, bufs, s_in,
                               extra_args, bar.update, backend)
             if _draws(std, eta, noise_sampler):
-                x = _add_noise(x, i, i, noise, seed, noise_sampler,
+                x = _add_noise(x, i, i, noise, key, noise_sampler,
                                None if at is None else at[i, 1],
                                None if at is None else at[i + 1, 1], std, backend)
     return x
@@ -1079,7 +1119,8 @@ def _check_adaptive(order, rtol, atol, h_init):
 def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None,
                         disable=None, order=3, rtol=.05, atol=.0078, h_init=.05, pcoeff=0.,
                         icoeff=1., dcoeff=0., accept_safety=.81, eta=0., s_noise=1.,
-                        noise_sampler=None, return_info=False, seed=None, backend=None):
+                        noise_sampler=None, return_info=False, seed=None, backend=None,
+                        per_sample_seeds=None):
     """DPM-Solver-12 and -23 with adaptive step size (Lu et al. 2022;
     k-diffusion's): each attempt from t to t + h computes the order-`order`
     solution and the one of order - 1 (DPM-Solver-1, or -2 with r1 = 1/3,
@@ -1107,7 +1148,8 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     forward = t_end > t_start
     if not forward and eta:
         raise ValueError("eta must be 0 for reverse sampling")  # k-diffusion's words
-    seed = _seed(seed) if (eta and noise_sampler is None) else 0
+    key = _noise_key(seed, per_sample_seeds, x, bool(eta) and noise_sampler is None,
+                     noise_sampler)
     pid = _PID(abs(h_init) * (1 if forward else -1), pcoeff, icoeff, dcoeff,
                1.5 if eta else order, accept_safety)
     info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
@@ -1140,7 +1182,7 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
                 if _draws(std, eta, noise_sampler):
                     at = (None, None) if noise_sampler is None else (
                         _scalar(_sigma_of(s), x), _scalar(_sigma_of(t), x))
-                    x = _add_noise(x, 0, info["n_accept"], tab[order + 1:], seed, noise_sampler,
+                    x = _add_noise(x, 0, info["n_accept"], tab[order + 1:], key, noise_sampler,
                                    *at, std, backend)
                 s = t
                 info["n_accept"] += 1

@@ -67,7 +67,8 @@ def _rowsums():
 
 
 QUICK = ("interpolate", "convert_score2v", "loss_bwd", "loss_bwd_pred", "heun_cfg_x1",
-         "dpmpp_2m_cfg_x1", "em_cfg_score", "em_cfg_score_per_sample", "flowmap_bwd_v", "loss", "flowmap_score_noise")
+         "dpmpp_2m_cfg_x1", "em_cfg_score", "em_cfg_score_per_sample", "flowmap_bwd_v", "loss",
+         "flowmap_score_noise")
 
 
 def configs(full: bool = True, sizes=None):
