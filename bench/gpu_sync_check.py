@@ -211,6 +211,7 @@ def run_d(c, case, backend, arm=None):
     sched = getattr(fk_d, case.split("-")[0])(**D_CASES[case])
     sched.set_timesteps(c.steps + 1, device=c.device)
     x = c.x()
+    torch.manual_seed(0)  # the stochastic schedulers draw from torch's generator: same noise
     with fk.use_backend(backend):
         for k, t in enumerate(sched.timesteps):
             if k == 1 and arm is not None:

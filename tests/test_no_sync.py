@@ -715,3 +715,16 @@ def test_a_read_in_the_loop_is_caught(where):
         else:
             with trap_host_reads(armed=False) as trap:
                 fk_fm.ODESolver(_arm_on_call(trap, reading(_velocity))).sample(_x(), 0.25)
+
+
+def test_gpu_sync_check_script_passes_its_cpu_dry_run():
+    """bench/gpu_sync_check.py (what `make gpu-check` runs on the first GPU)
+    stays runnable: its CPU dry run of every case passes here."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_sync_check.py"),
+                        "--cpu-dry-run", "--backends", "cpu"], cwd=root, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and "gpu_sync_check: PASS" in r.stdout, r.stdout[-3000:] + r.stderr
