@@ -201,11 +201,11 @@ def test_bad_arguments():
 
 
 def test_device_cos_formula():
-    """philox.h cos_angle on the GPU, emulated in numpy float32 with exactly
+    """philox.h cos_or_sin on the GPU, emulated in numpy float32 with exactly
     rounded sinpi/cospi standing in for CUDA's sincospif (<= 1 ulp): over
-    Box-Muller angles a = fl(2 pi) u2 it stays within 1.5 ulp of cos(a), so
-    the GPU's noise matches glibc's cosf on the CPU to about CUDA cosf's
-    own accuracy (2 ulp)."""
+    Box-Muller angles a = fl(2 pi) u2 it stays within 1.5 ulp of cos(a) and
+    of sin(a), so the GPU's noise matches the host's (correctly rounded) to
+    about CUDA cosf's own accuracy (2 ulp)."""
     f32 = np.float32
     u = np.random.default_rng(0).integers(0, 2 ** 31, size=200_000).astype(f32) * f32(2 ** -31)
     a = f32(6.283185307179586) * u
@@ -215,10 +215,12 @@ def test_device_cos_formula():
     lo = (a.astype(np.float64) * float(inv_pi_lo)
           + f32(a.astype(np.float64) * float(inv_pi_hi) - hi)).astype(f32)
     s, c = (f(np.pi * hi.astype(np.float64)).astype(f32) for f in (np.sin, np.cos))
-    got = ((f32(-3.14159265) * lo).astype(np.float64) * s + c).astype(f32)
-    exact = np.cos(a.astype(np.float64))
-    ulp = np.spacing(np.abs(exact.astype(f32))).astype(np.float64)
-    assert (np.abs(got - exact) <= 1.5 * ulp).all()
+    d = (f32(3.14159265) * lo).astype(np.float64)
+    # fmaf(-d, s, c) and fmaf(d, c, s): one rounding each
+    for got, exact in (((-d * s + c).astype(f32), np.cos(a.astype(np.float64))),
+                       ((d * c + s).astype(f32), np.sin(a.astype(np.float64)))):
+        ulp = np.spacing(np.abs(exact.astype(f32))).astype(np.float64)
+        assert (np.abs(got - exact) <= 1.5 * ulp).all()
 
 
 @pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])

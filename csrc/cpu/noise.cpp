@@ -14,33 +14,38 @@ namespace {
 
 using fk::i64;
 
-template <class Block>
-inline void fill_blocks(fk::NoiseKey key, i64 e0, i64 n, float* out, Block&& block) {
-  i64 i = 0;
-  for (; i + fk::kNoiseBlock <= n; i += fk::kNoiseBlock) block(key, e0 + i, out + i);
-  if (i < n) {
-    float tail[fk::kNoiseBlock];
-    block(key, e0 + i, tail);
-    std::copy(tail, tail + (n - i), out + i);
+// out[i] = the normal of stream index key.offset + e0 + i, i < n: whole
+// chunks from the 4-aligned index at or below it, their window copied out.
+template <class Chunk>
+inline void fill_chunks(fk::NoiseKey key, i64 e0, i64 n, float* out, Chunk&& chunk) {
+  alignas(64) float tmp[fk::kNoiseChunk];
+  uint64_t idx = uint64_t(key.offset + e0);
+  for (i64 done = 0; done < n;) {
+    const uint64_t base = idx & ~uint64_t(3);
+    chunk(key.seed, base >> 2, tmp);
+    const i64 skip = i64(idx - base), take = std::min<i64>(fk::kNoiseChunk - skip, n - done);
+    std::copy(tmp + skip, tmp + skip + take, out + done);
+    done += take;
+    idx += uint64_t(take);
   }
 }
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
 void fill_avx512(fk::NoiseKey key, i64 e0, i64 n, float* out) {
-  fill_blocks(key, e0, n, out, [](fk::NoiseKey k, i64 e, float* o) { fk::normal_block(k, e, o); });
+  fill_chunks(key, e0, n, out, [](uint64_t s, uint64_t c, float* o) { fk::normal_chunk(s, c, o); });
 }
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 void fill_avx2(fk::NoiseKey key, i64 e0, i64 n, float* out) {
-  fill_blocks(key, e0, n, out, [](fk::NoiseKey k, i64 e, float* o) { fk::normal_block(k, e, o); });
+  fill_chunks(key, e0, n, out, [](uint64_t s, uint64_t c, float* o) { fk::normal_chunk(s, c, o); });
 }
 #pragma GCC pop_options
 
 void fill_base(fk::NoiseKey key, i64 e0, i64 n, float* out) {
-  fill_blocks(key, e0, n, out, [](fk::NoiseKey k, i64 e, float* o) { fk::normal_block(k, e, o); });
+  fill_chunks(key, e0, n, out, [](uint64_t s, uint64_t c, float* o) { fk::normal_chunk(s, c, o); });
 }
 
 using Fill = void (*)(fk::NoiseKey, i64, i64, float*);

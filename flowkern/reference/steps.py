@@ -104,21 +104,24 @@ def _mul32(a: int, c: torch.Tensor):
 
 
 def philox_normal(seed, offset: int, shape, dtype=torch.float32, device="cpu"):
-    """The noise the kernels draw: element e of a contiguous tensor gets
-    Philox4x32-10(key = seed, counter = (offset + e) as (lo, hi, 0, 0)), and
-    Box-Muller of its first two words (flowkern/triton/philox.py, philox.h).
-    `seed` a (B,) int64 tensor: per-sample seeds, sample b drawn as a batch of
-    one with seed seed[b] (e counted within the sample; docs/design.md §4)."""
+    """The noise the kernels draw: element e of a contiguous tensor is stream
+    index n = offset + e; Philox4x32-10(key = seed, counter = n // 4 as (lo,
+    hi, 0, 0)) gives four words, n % 4 picks the uniform pair (0, 1) or (2, 3)
+    and the cosine (n even) or sine (n odd) output of Box-Muller on it
+    (flowkern/triton/philox.py, philox.h). `seed` a (B,) int64 tensor:
+    per-sample seeds, sample b drawn as a batch of one with seed seed[b] (e
+    counted within the sample; docs/design.md §4)."""
     n = math.prod(shape)
     if isinstance(seed, torch.Tensor):
         rows = shape[0]
         inner = n // rows if rows else 0
-        ctr = (torch.arange(inner, dtype=torch.int64, device=device) + offset).expand(rows, inner)
+        idx = (torch.arange(inner, dtype=torch.int64, device=device) + offset).expand(rows, inner)
         key = seed.to(device=device, dtype=torch.int64).reshape(rows, 1)
         k0, k1 = key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF
     else:
-        ctr = torch.arange(n, dtype=torch.int64, device=device) + offset  # drawn where it is used
+        idx = torch.arange(n, dtype=torch.int64, device=device) + offset  # drawn where it is used
         k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    ctr = idx >> 2
     c = [ctr & 0xFFFFFFFF, (ctr >> 32) & 0xFFFFFFFF, torch.zeros_like(ctr), torch.zeros_like(ctr)]
     M = 0xFFFFFFFF
     for _ in range(10):
@@ -126,11 +129,14 @@ def philox_normal(seed, offset: int, shape, dtype=torch.float32, device="cpu"):
         hi2, lo2 = _mul32(0xCD9E8D57, c[2])
         c = [hi2 ^ c[1] ^ k0, lo2, hi0 ^ c[3] ^ k1, lo0]
         k0, k1 = (k0 + 0x9E3779B9) & M, (k1 + 0xBB67AE85) & M
+    second = (idx & 2) != 0
     u = []
-    for w in c[:2]:
+    for w in (torch.where(second, c[2], c[0]), torch.where(second, c[3], c[1])):
         s = torch.where(w >= 2 ** 31, w - 2 ** 32, w)      # as int32
         s = torch.where(s < 0, -s - 1, s)                   # ~s
         u.append(s.to(torch.float32) * 4.6566127342e-10)
     u1 = torch.clamp(u[0], min=1.0e-7)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u[1])
+    angle = 6.283185307179586 * u[1]
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.where((idx & 1) != 0, torch.sin(angle),
+                                                        torch.cos(angle))
     return z.reshape(shape).to(dtype)

@@ -93,7 +93,7 @@ def configs(full: bool = True, sizes=None):
                 ins = {f"i{k}": f"*{io_t}" for k in range(L.MAX_IN)}
                 tail = dict(rows="i32", inner=idx_t, n_col_blocks="i32")
                 for name, fn, ni, no, noise, p0, p1, p2 in ops:
-                    if L.is_heavy(ni, bool(noise)) != heavy:
+                    if L.is_heavy(ni, bool(noise), no) != heavy:
                         continue
                     sig = {**ins, **{f"o{k}": f"*{io_t}" for k in range(L.MAX_OUT)},
                            "coef": f"*{acc_t}", "stride": "i32", "aux": f"*{acc_t}",

@@ -17,7 +17,7 @@ import triton.language as tl
 from .philox import normal
 
 TILE = 2048          # elements per program: 16 per thread at 4 warps
-HEAVY_TILE = 1024    # for kernels with >= 4 inputs or in-kernel noise (Philox state):
+HEAVY_TILE = 1024    # for the kernels is_heavy names (many inputs, Philox state, 3 x 3):
                      # 8 elements per thread keeps them free of spills (flowkern.triton.aot)
 MAX_ROWS = 64        # rows per program: each row keeps its coefficient matrix in registers
 NUM_WARPS = 4
@@ -28,8 +28,11 @@ MAX_NREG = 128
 MAX_IN, MAX_OUT = 6, 3
 
 
-def is_heavy(n_in: int, noise: bool) -> bool:
-    return n_in >= 4 or noise
+def is_heavy(n_in: int, noise: bool, n_out: int = 1) -> bool:
+    """Whether a kernel takes the smaller tile: >= 4 inputs, in-kernel noise,
+    or a 3 x 3 coefficient matrix (the flow-map backward spilled 120 bytes at
+    8 rows x 128 with the full tile; flowkern.triton.aot)."""
+    return n_in >= 4 or noise or n_in * n_out >= 9
 
 
 def tile_config(inner: int, heavy: bool = False, itemsize: int = 4) -> tuple[int, int]:
@@ -179,7 +182,7 @@ def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
     if inputs[0].numel() == 0:
         return
     grid, rows, inner, rows_per, block_n, n_col = _grid(
-        inputs[0], is_heavy(len(inputs), noise is not None))
+        inputs[0], is_heavy(len(inputs), noise is not None, len(outputs)))
     seed, offset, seeds = noise if noise is not None else (0, 0, None)
     lincomb_kernel[grid](*_pad(inputs, MAX_IN), *_pad(outputs, MAX_OUT), coef,
                          _stride(coef, rows), coef if aux is None else aux, float(w),

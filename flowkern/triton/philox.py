@@ -1,7 +1,9 @@
 """In-kernel Gaussian noise, the twin of csrc/include/flowkern/philox.h:
-Philox4x32-10 (tl.randint4x: key = seed, counter = (lo, hi, 0, 0) of the
-element's offset), Triton's uint -> [0, 1) map, and the cosine branch of
-Box-Muller. Same seed and offset give the same Philox bits on every backend;
+stream index n (the element's offset) draws Philox4x32-10 (tl.randint4x:
+key = seed, counter = n // 4 as (lo, hi, 0, 0)), takes the uniform pair of
+words (0, 1) or (2, 3) by n % 4 (Triton's uint -> [0, 1) map) and the
+cosine (n even) or sine (n odd) output of Box-Muller on it. Same seed and
+offset give the same Philox bits on every backend;
 the normals agree to ~3 float32 ulps (libm, PyTorch and Triton round log and
 cos differently in the last bits)."""
 import triton
@@ -16,11 +18,12 @@ def _uniform(u):
 
 
 @triton.jit
-def _cos_angle(a):
-    """cos(a) for a float32 a in [0, 2 pi], rounded to float32: the host's
-    cos_angle of csrc/include/flowkern/philox.h, formula for formula (a = q pi/2
-    + r in double with fdlibm's two-part pi/2, Taylor polynomials to r^14 and
-    r^15). tl.cos is libdevice's cosf, whose Payne-Hanek branch for huge
+def _cos_or_sin(a, sine):
+    """cos(a), or sin(a) where `sine`, for a float32 a in [0, 2 pi], rounded
+    to float32: the host's cos_and_sin of csrc/include/flowkern/philox.h,
+    formula for formula (a = q pi/2 + r in double with fdlibm's two-part
+    pi/2, Taylor polynomials to r^14 and r^15, sin(q pi/2 + r) = cos((q - 1)
+    pi/2 + r)). tl.cos is libdevice's cosf, whose Payne-Hanek branch for huge
     arguments costs every noise kernel a 32-byte stack frame under triton 3.8
     (flowkern.triton.aot); the angle here never needs it."""
     x = a.to(tl.float64)
@@ -43,16 +46,19 @@ def _cos_angle(a):
     s = s * r2 + 1.0 / 120.0
     s = s * r2 - 1.0 / 6.0
     s = r + r * r2 * s
-    # cos(q pi/2 + r) for q = 0..4: +c, -s, -c, +s, +c
-    odd = (q == 1.0) | (q == 3.0)
-    neg = (q == 1.0) | (q == 2.0)
+    # cos(k pi/2 + r) for k = q - sine = -1..4: +s, +c, -s, -c, +s, +c
+    k = tl.where(sine, q - 1.0, q)
+    odd = (k == 1.0) | (k == 3.0) | (k == -1.0)
+    neg = (k == 1.0) | (k == 2.0)
     v = tl.where(odd, s, c)
     return tl.where(neg, -v, v).to(tl.float32)
 
 
 @triton.jit
 def normal(seed, counter):
-    c0, c1, _c2, _c3 = tl.randint4x(seed, counter)
-    u1 = tl.maximum(_uniform(c0), 1.0e-7)
-    u2 = _uniform(c1)
-    return tl.sqrt(-2.0 * tl.log(u1)) * _cos_angle(6.283185307179586 * u2)
+    """The normal of stream index `counter` (an int64 tensor) under `seed`."""
+    c0, c1, c2, c3 = tl.randint4x(seed, counter >> 2)
+    second = (counter & 2) != 0
+    u1 = tl.maximum(_uniform(tl.where(second, c2, c0)), 1.0e-7)
+    u2 = _uniform(tl.where(second, c3, c1))
+    return tl.sqrt(-2.0 * tl.log(u1)) * _cos_or_sin(6.283185307179586 * u2, (counter & 1) != 0)

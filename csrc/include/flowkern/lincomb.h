@@ -66,8 +66,9 @@ FK_UNROLL
 #if !defined(__CUDACC__)
 // Elements [e0, e1) of row r: the CPU kernels call this on cache-sized
 // segments, a block of kBlock elements at a time; the element loop is
-// branch-free so g++ vectorises it. Noise comes a block at a time from
-// fk::fill_normals (noise_block.h: the numbers of normal_at, vectorised).
+// branch-free so g++ vectorises it. Noise comes kNoiseChunk elements at a
+// time from fk::fill_normals (noise_block.h: the numbers of normal_at,
+// vectorised).
 // With `stream`, whole aligned blocks are written with cache-bypassing
 // stores (SSE2 movntdq, in every x86-64 CPU): for a working set larger than
 // the last-level cache a normal store first reads the line it overwrites
@@ -116,17 +117,25 @@ inline void lincomb_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
 #endif
   const i64 mis = stream ? misalign(b) : -1;
   stream = mis >= 0 && mis % i64(sizeof(T)) == 0;
-  float xi[kBlock];
+  // the noise of elements [xi_lo, xi_hi), drawn a chunk at a time (noise_block.h)
+  alignas(64) float xi[kNoiseChunk];
+  i64 xi_lo = 0, xi_hi = 0;
   alignas(64) T tmp[NO][kBlock];
   // A short first block brings the streamed blocks onto cache-line boundaries.
   i64 n = stream && mis ? (64 - mis) / i64(sizeof(T)) : kBlock;
   for (; b < end; b += n, n = kBlock) {
     n = end - b < n ? end - b : n;
-    if constexpr (noisy) fill_normals(key, b, n, xi);
+    if constexpr (noisy) {
+      if (b + n > xi_hi) {
+        xi_lo = b;
+        xi_hi = b + (end - b < kNoiseChunk ? end - b : kNoiseChunk);
+        fill_normals(key, xi_lo, xi_hi - xi_lo, xi);
+      }
+    }
     const bool streamed = stream && n == kBlock;
     T* dst[NO];
     for (int k = 0; k < NO; ++k) dst[k] = streamed ? tmp[k] : out.p[k] + b;
-    block(b, n, dst, xi);
+    block(b, n, dst, xi + (b - xi_lo));
 #if defined(__SSE2__)
     if (streamed)
       for (int k = 0; k < NO; ++k)

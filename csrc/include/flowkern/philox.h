@@ -1,11 +1,13 @@
 // Counter-based Gaussian noise, identical on every backend (docs/design.md §4 em_step):
-// element e of a step draws Philox4x32-10 with key = seed (lo, hi) and counter
-// = (offset + e) as (lo, hi, 0, 0) (with per-sample seeds: key = the row's
-// seed, e counted within the row; NoiseKey), maps the first two words to uniforms as
-// Triton's uint_to_uniform_float does, and takes the cosine branch of
-// Box-Muller (as tl.randn). flowkern/triton/philox.py and
+// stream index n = offset + e (with per-sample seeds: key = the row's seed, e
+// counted within the row; NoiseKey). One Philox4x32-10 call, key = seed (lo,
+// hi), counter = n / 4 as (lo, hi, 0, 0), gives four words and four normals:
+// words (0, 1) and (2, 3) are two uniform pairs (Triton's uint -> [0, 1) map)
+// and each pair gives both Box-Muller outputs, R cos(theta) and R sin(theta);
+// n % 4 picks one (normal_at). flowkern/triton/philox.py and
 // flowkern/reference/steps.philox_normal are its twins; the CPU kernels draw
-// the same numbers a block at a time (noise_block.h).
+// the same numbers a block at a time, one Philox call and two logarithms per
+// four elements (noise_block.h).
 #pragma once
 
 #include <math.h>
@@ -55,22 +57,24 @@ FK_HD float uniform_from_bits(uint32_t u) {
 }
 
 #if defined(__CUDA_ARCH__)
-// cos(a) of the Box-Muller angle a = 2 pi u2 in [0, 2 pi). cosf carries a
-// Payne-Hanek reduction for |a| > 105615 whose table costs every noise kernel
-// a 28-byte local-memory stack frame; here cos(a) = cospi(a / pi) instead,
-// with a / pi = hi + lo to ~2^-48 (fmaf residual) and cospi(hi + lo) =
-// cospi(hi) - pi lo sinpi(hi) (|pi lo| < 2e-7: the dropped terms are below
+// cos(a), or sin(a) when `sine`, of the Box-Muller angle a = 2 pi u2 in
+// [0, 2 pi). cosf/sinf carry a Payne-Hanek reduction for |a| > 105615 whose
+// table costs every noise kernel a 28-byte local-memory stack frame; here
+// cos(a) = cospi(a / pi) instead, with a / pi = hi + lo to ~2^-48 (fmaf
+// residual) and cospi(hi + lo) = cospi(hi) - pi lo sinpi(hi), sinpi(hi + lo)
+// = sinpi(hi) + pi lo cospi(hi) (|pi lo| < 2e-7: the dropped terms are below
 // 1e-13). With exactly rounded sinpi/cospi this is within 1.5 ulp of cos(a)
-// (tests/test_cuda_sim_steps.py emulates it); CUDA documents sincospif at
-// 1 ulp and cosf itself at 2 ulp.
-__device__ inline float cos_angle(float a) {
+// and sin(a) (tests/test_cuda_sim_steps.py emulates it); CUDA documents
+// sincospif at 1 ulp and cosf itself at 2 ulp.
+__device__ inline float cos_or_sin(float a, bool sine) {
   const float inv_pi_hi = 0.31830987334251404f;   // float(1/pi)
   const float inv_pi_lo = 1.2841276486597053e-08f;  // float(1/pi - inv_pi_hi)
   const float hi = a * inv_pi_hi;
   const float lo = fmaf(a, inv_pi_lo, fmaf(a, inv_pi_hi, -hi));
   float s, c;
   sincospif(hi, &s, &c);
-  return fmaf(-3.14159265f * lo, s, c);
+  const float d = 3.14159265f * lo;
+  return sine ? fmaf(d, c, s) : fmaf(-d, s, c);
 }
 __device__ inline float log_unit(float x) { return logf(x); }
 #else
@@ -105,10 +109,11 @@ FK_HOST_INLINE float log_unit(float x) {
   return float(double(e) * 0.6931471805599453 + 2.0 * s * p);
 }
 
-// cos(a) for a float a in [0, 2 pi]: a = q pi/2 + r, |r| <= pi/4, with pi/2
-// split into a 33-bit head (q * head is exact) and its tail (fdlibm's pio2_1,
-// pio2_1t); Taylor polynomials of cos r and sin r to r^14 and r^15.
-FK_HOST_INLINE float cos_angle(float a) {
+// cos(a) and sin(a) for a float a in [0, 2 pi]: a = q pi/2 + r, |r| <= pi/4,
+// with pi/2 split into a 33-bit head (q * head is exact) and its tail
+// (fdlibm's pio2_1, pio2_1t); Taylor polynomials of cos r and sin r to r^14
+// and r^15, evaluated once for both; sin(q pi/2 + r) = cos((q - 1) pi/2 + r).
+FK_HOST_INLINE void cos_and_sin(float a, float& cos_a, float& sin_a) {
   const double x = a;
   const double q = floor(x * 0.6366197723675814 + 0.5);
   const double r = (x - q * 1.57079632673412561417e+00) - q * 6.07710050650619224932e-11;
@@ -129,31 +134,49 @@ FK_HOST_INLINE float cos_angle(float a) {
   s = s * r2 + 1.0 / 120.0;
   s = s * r2 - 1.0 / 6.0;
   s = r + r * r2 * s;
-  // cos(q pi/2 + r) for q = 0..4: +c, -s, -c, +s, +c (selects, no branches)
-  const double odd = (q == 1.0) | (q == 3.0) ? 1.0 : 0.0;
-  const double neg = (q == 1.0) | (q == 2.0) ? -1.0 : 1.0;
-  return float(neg * (odd * s + (1.0 - odd) * c));
+  // cos(k pi/2 + r) for k = -1..4: +s, +c, -s, -c, +s, +c (selects, no
+  // branches); cos takes k = q, sin k = q - 1
+  const auto at = [&](double k) {
+    const double odd = (k == 1.0) | (k == 3.0) | (k == -1.0) ? 1.0 : 0.0;
+    const double neg = (k == 1.0) | (k == 2.0) ? -1.0 : 1.0;
+    return float(neg * (odd * s + (1.0 - odd) * c));
+  };
+  cos_a = at(q);
+  sin_a = at(q - 1.0);
+}
+
+FK_HOST_INLINE float cos_or_sin(float a, bool sine) {
+  float c, s;
+  cos_and_sin(a, c, s);
+  return sine ? s : c;
 }
 #endif
 
-// Box-Muller, cosine branch, from the first two Philox words.
 #if defined(__CUDA_ARCH__)
-FK_HD
+#define FK_NOISE_INLINE FK_HD
 #else
-FK_HOST_INLINE
+#define FK_NOISE_INLINE FK_HOST_INLINE
 #endif
-float box_muller(uint32_t w0, uint32_t w1) {
+
+// Box-Muller's radius sqrt(-2 log u1) from a pair's first word.
+FK_NOISE_INLINE float bm_radius(uint32_t w0) {
   float u1 = uniform_from_bits(w0);
-  const float u2 = uniform_from_bits(w1);
   u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
-  return sqrtf(-2.0f * log_unit(u1)) * cos_angle(6.283185307179586f * u2);
+  return sqrtf(-2.0f * log_unit(u1));
 }
 
+// Box-Muller's angle 2 pi u2 from a pair's second word.
+FK_NOISE_INLINE float bm_angle(uint32_t w1) { return 6.283185307179586f * uniform_from_bits(w1); }
+
+// Stream index n's normal: Philox(key, n / 4), pair (n % 4) / 2, and the
+// cosine (n even) or sine (n odd) output of Box-Muller.
 FK_HD float normal_at(NoiseKey key, i64 e) {
-  const uint64_t ctr = uint64_t(key.offset + e);
+  const uint64_t n = uint64_t(key.offset + e), ctr = n >> 2;
   uint32_t c[4] = {uint32_t(ctr), uint32_t(ctr >> 32), 0u, 0u};
   philox4x32_10(c, uint32_t(key.seed), uint32_t(key.seed >> 32));
-  return box_muller(c[0], c[1]);
+  const bool second = (n & 2u) != 0;
+  const float radius = bm_radius(second ? c[2] : c[0]);
+  return radius * cos_or_sin(bm_angle(second ? c[3] : c[1]), (n & 1u) != 0);
 }
 
 }  // namespace fk
