@@ -95,6 +95,20 @@ class values_prechecked:  # noqa: N801 (used as a context manager)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def seed(name: str, value, optional: bool = False, at=None) -> int:
+    """A Philox seed or offset: an int in [0, 2^63) (None allowed when
+    `optional`; `at`: the sample of a per-sample seed). The one rule of every
+    seed= / offset= / per_sample_seeds= (csrc/cpu/step_args.h step_seeds
+    holds it for seeds in a tensor)."""
+    if optional and value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        what = "None or an int" if optional else "an int" if at is None else "ints"
+        where = "" if at is None else f" at sample {at}"
+        raise ValueError(f"{name}: expected {what} in [0, 2^63), got {value!r}{where}")
+    return value
+
+
 def reduction(value: str) -> str:
     if value not in REDUCTIONS:
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {value!r}")

@@ -109,9 +109,7 @@ class _Plan:
                             f"got {type(guidance).__name__}")
         if isinstance(churn, bool) or not isinstance(churn, (int, float)) or not churn >= 0:
             raise ValueError(f"churn: expected a float >= 0 (EDM's S_churn), got {churn!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                                 or not 0 <= seed < 2 ** 63):
-            raise ValueError(f"seed: expected None or an int in [0, 2^63), got {seed!r}")
+        V.seed("seed", seed, optional=True)
         if isinstance(grid, str) and steps is None:
             steps = DEFAULT_STEPS
         self.sched = get_schedule(schedule)

@@ -179,10 +179,8 @@ def _noise_key(seed, per_sample_seeds, x, needed=True, noise_sampler=None):
         if seed is not None:
             raise ValueError("per_sample_seeds: give seed or per_sample_seeds, not both")
         return _NoiseKey(None, per_sample_seed_tensor(per_sample_seeds, x), x)
-    if seed is None:
+    if V.seed("seed", seed, optional=True) is None:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if needed else 0
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise ValueError(f"seed: expected None or an int in [0, 2^63), got {seed!r}")
     return _NoiseKey(seed, None, x)
 
 

@@ -640,10 +640,8 @@ def _seed_offset(seed, offset, per_sample_seeds):
     """The int seed the ops pass (0 with per-sample seeds, which replace it)."""
     if seed is not None and per_sample_seeds is not None:
         raise ValueError("per_sample_seeds: give seed or per_sample_seeds, not both")
-    for name, v in (("seed", 0 if seed is None else seed), ("offset", offset)):
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2 ** 63:
-            raise ValueError(f"{name}: expected an int in [0, 2^63), got {v!r}")
-    return 0 if seed is None else seed
+    V.seed("offset", offset)
+    return 0 if seed is None else V.seed("seed", seed)
 
 
 def _per_sample_seeds(seeds, x):
@@ -663,8 +661,7 @@ def _per_sample_seeds(seeds, x):
                          f"them to one device")
     if V.values_checked(seeds) and seeds.numel() and bool((seeds < 0).any()):
         i = int((seeds < 0).nonzero()[0, 0])
-        raise ValueError(f"per_sample_seeds: expected ints in [0, 2^63), got {int(seeds[i])} "
-                         f"at sample {i}")
+        V.seed("per_sample_seeds", int(seeds[i]), at=i)
     return seeds.contiguous()
 
 
@@ -679,9 +676,7 @@ def per_sample_seed_tensor(per_sample_seeds, x):
         raise TypeError(f"per_sample_seeds: expected a list of ints or an int64 tensor, got "
                         f"{type(s).__name__}")
     for i, v in enumerate(s):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2 ** 63:
-            raise ValueError(f"per_sample_seeds: expected ints in [0, 2^63), got {v!r} at "
-                             f"sample {i}")
+        V.seed("per_sample_seeds", v, at=i)
     return _per_sample_seeds(torch.tensor(s, dtype=torch.int64, device=x.device).reshape(-1), x)
 
 
