@@ -15,6 +15,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ._enums import PRED_CODE, PREDICTIONS
+from .tables import D_ALPHA, D_SIGMA
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -256,7 +257,7 @@ def finite_rates(coef: torch.Tensor, why: str, at: str = "t"):
     """csrc/cpu/coef_checks.h check_rates (step_args.h check_conversion for
     the steps): a velocity reads d_alpha, d_sigma (columns 2, 3 of a
     coefficient table at time `at`), which vp makes -inf at t = 1."""
-    rates = coef[:, 2:4]
+    rates = coef[:, D_ALPHA:D_SIGMA + 1]
     if values_checked(rates) and rates.numel() and not bool(torch.isfinite(rates).all()):
         raise ValueError(f"{at}: d_alpha_{at} or d_sigma_{at} is not finite at some sample "
                          f"(vp's d_sigma at t = 1), and {why}")

@@ -51,6 +51,7 @@ from .backend import resolve
 from .ops._registry import calls_for
 from .ops.steps import euler_step
 from .ops.training import PRED_CODE, REDUCTION_CODE, TABLE_KIND, interpolate
+from .tables import D_ALPHA, D_SIGMA
 
 __all__ = ["loss", "training_loss", "sample_times", "sample"]
 
@@ -79,8 +80,8 @@ def _squared_error_rows(u, v, dudt, t, s, backend):
     # (B, 4) rows (alpha, sigma, d_alpha, d_sigma) = (0, 0, 1, h): zeros and two
     # column writes cost ~15 us at B = 4096, torch.stack of four columns ~55 us
     table = h.new_zeros(rows, 4)
-    table[:, 2] = 1
-    table[:, 3] = h
+    table[:, D_ALPHA] = 1
+    table[:, D_SIGMA] = h
     dense = [x.contiguous() for x in (u, dudt, v)]
     per_row_mean = calls_for(be).fm_loss.call(*dense, table, 0.0, TABLE_KIND, [],
                                               PRED_CODE["velocity"], None,

@@ -47,6 +47,7 @@ from diffusers.utils.torch_utils import randn_tensor
 import numpy as np
 
 from ..ops.steps import dpmpp_2m_step, ei_step, euler_step, heun_step
+from ..tables import step_row
 from .k_diffusion import _lms_pairs, _three_term_row, _ve
 
 _PRED = {"epsilon": "eps", "sample": "x1", "original_sample": "x1", "v_prediction": "velocity",
@@ -60,7 +61,7 @@ def _row(sigma, sigma_hat, sigma_next, prediction_type):
     if prediction_type == "v_prediction":
         root = math.sqrt(1.0 + sigma * sigma)
         da, ds = -sigma / root, sigma_hat / (sigma * root)
-    return [1.0, sigma_hat, da, ds, 1.0, sigma_next, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    return step_row((1.0, sigma_hat, da, ds), (1.0, sigma_next, 0.0, 0.0))
 
 
 def _check_prediction(sched, allowed):
@@ -491,7 +492,7 @@ class UniPCMultistepScheduler(_DiffusersUniPC):
             for a, s in self._fk_as[:-1]:
                 da, ds = {"v_prediction": (-s, a), "flow_prediction": (-1.0, 1.0)}.get(
                     c.prediction_type, (0.0, 0.0))
-                rows.append([a, s, da, ds, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+                rows.append(step_row((a, s, da, ds), (1.0, 0.0, 0.0, 0.0)))
             self._fk_conv = (key, torch.tensor(rows, dtype=tab).to(x.device))
         return self._fk_conv[1][i]
 

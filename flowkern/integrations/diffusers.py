@@ -47,6 +47,7 @@ except ImportError as e:  # pragma: no cover - exercised without the peer
                       "schedulers and need diffusers installed (pip install diffusers)") from e
 
 from ..ops.steps import dpmpp_2m_step, euler_step, step_table
+from ..tables import H, step_row
 
 __all__ = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler",
@@ -219,7 +220,7 @@ class FlowMatchEulerDiscreteScheduler(_Base):
         sig, nxt = sigmas[:-1], sigmas[1:]
         table = step_table("linear", (1 - sig).clamp(0, 1), (1 - nxt).clamp(0, 1),
                            dtype=torch.float32, device=sigmas.device)
-        table[:, 10] = nxt - sig
+        table[:, H] = nxt - sig
         self._table = table
 
     def index_for_timestep(self, timestep, schedule_timesteps=None):
@@ -329,7 +330,7 @@ def _third_order_rows(a, s, da, ds, n, sde):
     for i in range(n):
         row = [av[i], sv[i], dav[i], dsv[i], av[i + 1], sv[i + 1], dav[i + 1], dsv[i + 1],
                1.0, 1.0, 0.0, 0.0]
-        ex, wi = [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0], 0.0
+        ex, wi = step_row((1.0, 1.0, 0.0, 0.0), (1.0, 1.0, 0.0, 0.0)), 0.0
         if i >= 2 and math.isfinite(lam[i + 1]):
             h, h0, h1 = lam[i + 1] - lam[i], lam[i] - lam[i - 1], lam[i - 1] - lam[i - 2]
             r0, r1 = h0 / h, h1 / h

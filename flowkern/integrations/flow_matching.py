@@ -26,6 +26,7 @@ import torch
 from ..ops.steps import euler_step, heun_step, step_table
 from ..ops.training import convert, interpolate
 from ..schedules import Schedule, get_schedule
+from ..tables import H
 
 try:  # use flow_matching's own output class when it is installed
     from flow_matching.path.path_sample import PathSample
@@ -243,13 +244,13 @@ class ODESolver:
         dtype = torch.float64 if x_init.dtype == torch.float64 else torch.float32
         table = step_table("linear", t0, t1, dtype=dtype, device=x_init.device,
                            check=False)  # only h = t1 - t0 is read: any times serve
-        table[:, 10] = (t1 - t0).to(dtype)
+        table[:, H] = (t1 - t0).to(dtype)
         dt = (t1 - t0).to(x_init.dtype)  # the log-det's steps (a (B,) vector each)
         if method == "midpoint":
             half = 0.5 * (t1 - t0)
             tmid = t0 + half
             half_table = table.clone()
-            half_table[:, 10] = half.to(dtype)
+            half_table[:, H] = half.to(dtype)
         n_out = out_t.numel()
         sol = (torch.empty((n_out,) + tuple(x_init.shape), dtype=x_init.dtype,
                            device=x_init.device) if return_intermediates else None)

@@ -58,6 +58,7 @@ from .. import _validate as V
 from ..ops.steps import churn as _churn
 from ..ops.steps import (dpmpp_2m_step, ei_step, em_step, euler_step, heun_step,
                          per_sample_seed_tensor)
+from ..tables import step_row
 
 try:
     from tqdm.auto import trange as _trange
@@ -99,7 +100,7 @@ def _host(sigmas, x):
 def _ve(s_t, s_s, ds_t=0.0, ds_s=0.0, s_p=1.0, h=0.0, g=0.0):
     """One step-table row in k-diffusion's VE state: alpha = 1, d_alpha = 0,
     sigma s_t at t and s_s at s, d_sigma ds_t and ds_s, sigma_p, h, g."""
-    return [1.0, s_t, 0.0, ds_t, 1.0, s_s, 0.0, ds_s, 1.0, s_p, h, g]
+    return step_row((1.0, s_t, 0.0, ds_t), (1.0, s_s, 0.0, ds_s), (1.0, s_p), h, g)
 
 
 def _rows(rows, x, state):
@@ -642,7 +643,7 @@ def _three_term_row(q, b0, b1):
     if b1 != 0:
         r = -e / (2 * b1)
         s_p = math.exp(r * h)
-    return [1.0, 1.0, 0.0, 0.0, e + q, q, 0.0, 0.0, 1.0, s_p, 0.0, 0.0]
+    return step_row((1.0, 1.0, 0.0, 0.0), (e + q, q, 0.0, 0.0), (1.0, s_p))
 
 
 @torch.no_grad()
@@ -791,7 +792,7 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, o
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
     t32 = sigmas.detach().cpu().numpy()  # the nodes k-diffusion integrates on
-    d_rows = _rows([[1.0, sig[i], 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    d_rows = _rows([step_row((1.0, sig[i], 0.0, 0.0), (0.0, 1.0, 0.0, 0.0))
                     for i in range(n)], x, state)
     plans, h_rows = [], []
     for i in range(n):

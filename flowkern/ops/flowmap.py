@@ -23,8 +23,9 @@ from .. import _validate as V
 from .._enums import PREDICTIONS
 from ..backend import resolve
 from ..reference import flowmap as ref
+from ..tables import ALPHA_T, AT_S, AT_T, SIGMA_T, STEP_COLS
 from ._registry import TRITON_NS, calls_for, lazy, no_time_tangent, register, transforms_active
-from .steps import FORMS, STEP_COLS, _as_times, _nonzero_for, check_table, step_table
+from .steps import FORMS, _as_times, _nonzero_for, check_table, step_table
 from .training import TABLE_KIND, fill_tangents
 
 _T = "flowkern.triton.flowmap"
@@ -105,7 +106,7 @@ def _reference(x, pred, target, coef, prediction, form):
     acc = coef.dtype
     full = coef.expand(x.shape[0], STEP_COLS) if x.shape[0] else coef[:0]
     return ref.flowmap_loss_rows(x.to(acc), pred.to(acc), target.expand(x.shape).to(acc),
-                                 full[:, :4], full[:, 4:8], PREDICTIONS[prediction],
+                                 full[:, AT_T], full[:, AT_S], PREDICTIONS[prediction],
                                  "data" if form == FORMS["data"] else "noise")
 
 
@@ -170,9 +171,9 @@ def flowmap_loss(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, t=No
     rows = x.shape[0]
     table = _table(x, t, s, schedule, table, acc)
     if form == "data":
-        V.nonzero("t", "sigma_t", table[:, 1], "the data form divides by it")
+        V.nonzero("t", "sigma_t", table[:, SIGMA_T], "the data form divides by it")
     else:
-        V.nonzero("t", "alpha_t", table[:, 0], "the noise form divides by it")
+        V.nonzero("t", "alpha_t", table[:, ALPHA_T], "the noise form divides by it")
     _nonzero_for(_TableView(table), prediction, "x1" if form == "data" else "eps")
     weight = V.sample_weight(weight, rows, x)
     be = resolve(backend, x.device)
@@ -180,7 +181,7 @@ def flowmap_loss(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, t=No
     if be == "torch":
         full = table.expand(rows, STEP_COLS) if rows else table[:0]
         r = ref.flowmap_loss_rows(x.to(acc), pred.to(acc), target.expand(x.shape).to(acc),
-                                  full[:, :4], full[:, 4:8], prediction, form)
+                                  full[:, AT_T], full[:, AT_S], prediction, form)
     else:
         r = calls_for(be).flowmap_loss_rows.call(x.contiguous(), pred.contiguous(),
                                                  V.dense(target, x.shape), table, code,

@@ -21,13 +21,13 @@ from .._enums import PREDICTIONS
 from ..backend import cpu_built, resolve
 from ..reference import steps as ref
 from ..schedules import evaluate, from_native, get_schedule, native_spec
+from ..tables import ALPHA_S, ALPHA_T, AT_S, AT_T, G, H, PREV, SIGMA_T, STEP_COLS
 from ._registry import (CALLS, NATIVE_NS, TRITON_NS, calls_for, empty_output, lazy,
                         no_forward_mode, no_time_tangent, ops_for, refuse_grad, register,
                         transforms_active)
 from .training import TABLE_KIND, check_tensors, fill_tangents
 
 _T = "flowkern.triton.steps"
-STEP_COLS = 12
 FORMS = {"data": 0, "noise": 1}
 _FORM_NAMES = {code: name for name, code in FORMS.items()}
 
@@ -157,8 +157,9 @@ def _ei_reference(x, pred, pred_uncond, table, times, kind, params, prediction, 
                            device=x.device, check=False)
     table = table.to(acc)
     cfg = pred_uncond is not None
-    return ref.ei_step(x.to(acc), pred.to(acc), table[:, :4], table[:, 4:8], PREDICTIONS[prediction],
-                       _FORM_NAMES[form], pred_uncond.to(acc) if cfg else None,
+    return ref.ei_step(x.to(acc), pred.to(acc), table[:, AT_T], table[:, AT_S],
+                       PREDICTIONS[prediction], _FORM_NAMES[form],
+                       pred_uncond.to(acc) if cfg else None,
                        guidance if cfg else None).to(x.dtype)
 
 
@@ -308,7 +309,7 @@ def _out(name, out, x, st=None):
 def _direction(table, forward):
     """csrc/cpu/step_args.h check_step_direction: em_step needs s >= t (sqrt(h)
     scales its noise), churn t_hat <= t (value check, as V.nonzero)."""
-    h = table[:, 10]
+    h = table[:, H]
     if not (V.values_checked(h) and h.numel()):
         return
     if forward and not bool((h >= 0).all()):
@@ -325,13 +326,12 @@ def _pred(prediction):
 
 def _nonzero_for(st, prediction, dst, at="t"):
     """Value check of the divisions the conversion to dst needs (CPU / debug)."""
-    tab = st.table
-    base = 0 if at == "t" else 4
-    al, sg, da, ds = (tab[:, base + k] for k in range(4))
+    sched = st.table[:, AT_T if at == "t" else AT_S]
+    al, sg, da, ds = sched.unbind(1)
     if prediction == dst:
         return
     if "velocity" in (prediction, dst):  # first, as convert (csrc/cpu/step_args.h)
-        V.finite_rates(tab[:, base:base + 4], f"converting {prediction} -> {dst} reads them", at)
+        V.finite_rates(sched, f"converting {prediction} -> {dst} reads them", at)
     if "score" in (prediction, dst) and not (prediction == "score" and dst == "eps"):
         V.nonzero(at, f"sigma_{at}", sg, f"converting {prediction} -> {dst} divides by it")
     if prediction == "x1" and dst in ("velocity", "eps"):
@@ -428,8 +428,8 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
     out = _out("out", out, x, st)
     V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
     if st.backend == "torch":
-        return _cast(ref.euler_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4],
-                                    st.table[:, 10], prediction, _up(pred_uncond, st), w), out)
+        return _cast(ref.euler_step(x.to(st.acc), pred.to(st.acc), st.table[:, AT_T],
+                                    st.table[:, H], prediction, _up(pred_uncond, st), w), out)
     x, pred, pu = st.dense(x, pred, pred_uncond)
     ops_for(st.backend).euler_step(x, pred, pu, *_table_args(st), code, w, False, out)
     return out
@@ -467,8 +467,8 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
                                       "pred_euler_uncond": pred_euler_uncond})
     if st.backend == "torch":
         return _cast(ref.heun_step(x.to(st.acc), pred.to(st.acc), x_euler.to(st.acc),
-                                   pred_euler.to(st.acc), st.table[:, :4], st.table[:, 4:8],
-                                   st.table[:, 10], prediction, _up(pred_uncond, st),
+                                   pred_euler.to(st.acc), st.table[:, AT_T], st.table[:, AT_S],
+                                   st.table[:, H], prediction, _up(pred_uncond, st),
                                    _up(pred_euler_uncond, st), w), out)
     args = st.dense(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond)
     ops_for(st.backend).heun_step(*args, *_table_args(st), code, w, False, out)
@@ -501,16 +501,16 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
                table, backend, writes=out is not None)
     code = _pred(prediction)
     if form == "data":
-        V.nonzero("t", "sigma_t", st.table[:, 1], "the data form divides by it")
+        V.nonzero("t", "sigma_t", st.table[:, SIGMA_T], "the data form divides by it")
         _nonzero_for(st, prediction, "x1")
     else:
-        V.nonzero("t", "alpha_t", st.table[:, 0], "the noise form divides by it")
+        V.nonzero("t", "alpha_t", st.table[:, ALPHA_T], "the noise form divides by it")
         _nonzero_for(st, prediction, "eps")
     if out is not None:
         out = _out("out", out, x, st)
         V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
     if st.backend == "torch":
-        val = ref.ei_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4], st.table[:, 4:8],
+        val = ref.ei_step(x.to(st.acc), pred.to(st.acc), st.table[:, AT_T], st.table[:, AT_S],
                           prediction, form, _up(pred_uncond, st), w).to(x.dtype)
         return val if out is None else _cast(val, out)
     x, pred, pu = st.dense(x, pred, pred_uncond)
@@ -543,17 +543,18 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
     st = _Step("dpmpp_2m_step", x, {"pred": pred, "pred_uncond": pred_uncond, "d_prev": d_prev},
                t, s, schedule, table, backend, t_prev=t_prev)
     code = _pred(prediction)
-    V.nonzero("t", "sigma_t", st.table[:, 1], "the data form divides by it")
+    V.nonzero("t", "sigma_t", st.table[:, SIGMA_T], "the data form divides by it")
     # alpha_t = 0 is the first-order limit (csrc/cpu/step_args.h StepChecks::dpmpp_2m)
-    V.nonzero("t", "each of alpha_t, alpha_s", st.table[:, 0].abs() + st.table[:, 4].abs(),
+    V.nonzero("t", "each of alpha_t, alpha_s",
+              st.table[:, ALPHA_T].abs() + st.table[:, ALPHA_S].abs(),
               "the step between two pure-noise levels (lambda = -inf) is undefined")
     _nonzero_for(st, prediction, "x1")
     out, d_out = _out("out", out, x, st), _out("d_out", d_out, x, st)
     V.check_no_overlap({"out": out, "d_out": d_out},
                        {"x": x, "pred": pred, "d_prev": d_prev, "pred_uncond": pred_uncond})
     if st.backend == "torch":
-        xs, d = ref.dpmpp_2m_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4],
-                                  st.table[:, 4:8], prediction, _up(d_prev, st),
+        xs, d = ref.dpmpp_2m_step(x.to(st.acc), pred.to(st.acc), st.table[:, AT_T],
+                                  st.table[:, AT_S], prediction, _up(d_prev, st),
                                   _pad_prev(st.table), _up(pred_uncond, st), w)
         return _cast(xs, out), _cast(d, d_out)
     x, pred, dp, pu = st.dense(x, pred, d_prev, pred_uncond)
@@ -597,8 +598,8 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     if st.backend == "torch":
         xi = ref.philox_normal(seed if seeds is None else seeds, offset, x.shape, st.acc,
                                x.device)
-        return _cast(ref.em_step(x.to(st.acc), pred.to(st.acc), st.table[:, :4], st.table[:, 10],
-                                 st.table[:, 11], xi, prediction, _up(pred_uncond, st), w), out)
+        return _cast(ref.em_step(x.to(st.acc), pred.to(st.acc), st.table[:, AT_T], st.table[:, H],
+                                 st.table[:, G], xi, prediction, _up(pred_uncond, st), w), out)
     x, pred, pu = st.dense(x, pred, pred_uncond)
     ops_for(st.backend).em_step(x, pred, pu, *_table_args(st), code, w, seed, offset, seeds,
                                 False, out)
@@ -618,7 +619,7 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
         _NATIVE.churn(x, *coef, seed, offset, per_sample_seeds, V.check_flag(), out)
         return out
     st = _Step("churn", x, {}, t, t_hat, schedule, table, backend)
-    V.nonzero("t", "alpha_t", st.table[:, 0], "churn divides by it")
+    V.nonzero("t", "alpha_t", st.table[:, ALPHA_T], "churn divides by it")
     _direction(st.table, forward=False)
     out = _out("out", out, x, st)
     V.check_no_overlap({"out": out}, {"x": x})
@@ -626,7 +627,7 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
     if st.backend == "torch":
         xi = ref.philox_normal(seed if seeds is None else seeds, offset, x.shape, st.acc,
                                x.device)
-        return _cast(ref.churn(x.to(st.acc), st.table[:, :4], st.table[:, 4:8], xi), out)
+        return _cast(ref.churn(x.to(st.acc), st.table[:, AT_T], st.table[:, AT_S], xi), out)
     ops_for(st.backend).churn(x.contiguous(), *_table_args(st), seed, offset, seeds, False, out)
     return out
 
@@ -686,7 +687,7 @@ def _up(p, st):
 
 def _pad_prev(table):
     """The previous time's (alpha, sigma) as a (R, 4) schedule block for the reference."""
-    return torch.cat([table[:, 8:10], table[:, 8:10]], dim=1)
+    return torch.cat([table[:, PREV], table[:, PREV]], dim=1)
 
 
 __all__ = ["euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn",
