@@ -7,13 +7,8 @@ an unconditional prediction follows (classifier-free guidance, weight w)."""
 import triton
 import triton.language as tl
 
-from .coeffs import convert_coeffs
+from .coeffs import EPS, SCORE, VELOCITY, X1, convert_coeffs  # noqa: F401 (the codes, once)
 from .lincomb import launch_lincomb, skip_mask
-
-VELOCITY: tl.constexpr = tl.constexpr(0)
-X1: tl.constexpr = tl.constexpr(1)
-EPS: tl.constexpr = tl.constexpr(2)
-SCORE: tl.constexpr = tl.constexpr(3)
 
 
 @triton.jit

@@ -1,0 +1,56 @@
+"""The integer codes that cross into the kernels, held equal in every
+language: prediction types (flowkern/_enums.py; coeffs.h Pred; Triton's
+coeffs.py), EI forms (ops/steps.py FORMS; steps.h EIForm), built-in
+schedule kinds (schedules.py; schedules.h SchedKind), the custom-table kind
+(ops/training.py TABLE_KIND; coef_args.h kTableKind) and loss reductions
+(ops/training.py REDUCTION_CODE; coef_checks.h Reduction). A code changed
+in one place and not the others would select another formula silently."""
+import os
+import re
+
+from flowkern import schedules
+from flowkern._enums import PRED_CODE, PREDICTIONS
+from flowkern.ops.steps import FORMS
+from flowkern.ops.training import REDUCTION_CODE, TABLE_KIND
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(*path):
+    with open(os.path.join(ROOT, *path)) as f:
+        return f.read()
+
+
+def _enum(src, name):
+    """{member: value} of a C++ `enum name ... { A = 0, B = 1 };`."""
+    body = re.search(r"enum " + name + r"\b[^{]*\{([^}]*)\}", src).group(1)
+    return {m: int(v) for m, v in re.findall(r"(\w+)\s*=\s*(-?\d+)", body)}
+
+
+def test_prediction_codes():
+    cpp = _enum(_read("csrc", "include", "flowkern", "coeffs.h"), "Pred")
+    assert cpp == {p.upper(): PRED_CODE[p] for p in PREDICTIONS}
+    assert list(PRED_CODE.values()) == list(range(len(PREDICTIONS)))
+    from flowkern.triton import coeffs, steps
+    for name, code in cpp.items():
+        assert getattr(coeffs, name).value == code
+        assert getattr(steps, name) is getattr(coeffs, name)  # one definition
+
+
+def test_form_codes():
+    cpp = _enum(_read("csrc", "include", "flowkern", "steps.h"), "EIForm")
+    assert cpp == {"EI_DATA": FORMS["data"], "EI_NOISE": FORMS["noise"]}
+
+
+def test_schedule_kinds():
+    cpp = _enum(_read("csrc", "include", "flowkern", "schedules.h"), "SchedKind")
+    py = {cls.__name__.upper(): kind for cls, (kind, _) in schedules._NATIVE.items()}
+    assert py == cpp
+    table = re.search(r"constexpr int64_t kTableKind = (-?\d+);",
+                      _read("csrc", "cpu", "coef_args.h")).group(1)
+    assert int(table) == TABLE_KIND
+
+
+def test_reduction_codes():
+    cpp = _enum(_read("csrc", "cpu", "coef_checks.h"), "Reduction")
+    assert cpp == {k.upper(): v for k, v in REDUCTION_CODE.items()}
