@@ -117,19 +117,28 @@ inline void lincomb_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
 #endif
   const i64 mis = stream ? misalign(b) : -1;
   stream = mis >= 0 && mis % i64(sizeof(T)) == 0;
-  // the noise of elements [xi_lo, xi_hi), drawn a chunk at a time (noise_block.h)
-  alignas(64) float xi[kNoiseChunk];
-  i64 xi_lo = 0, xi_hi = 0;
+  // The noise of elements [xi_lo, xi_hi), drawn a chunk at a time
+  // (noise_block.h). Each draw ends on a 4-aligned stream index (but at the
+  // segment's end), so the next one starts on one and fill_normals never
+  // computes a chunk for a few of its numbers; a block straddling the end
+  // keeps the part already drawn. (Drawing from each block's start cost 2x
+  // for offsets that are not a multiple of 4.)
+  alignas(64) float xi[kBlock + kNoiseChunk];
+  i64 xi_lo = b, xi_hi = b;
   alignas(64) T tmp[NO][kBlock];
   // A short first block brings the streamed blocks onto cache-line boundaries.
   i64 n = stream && mis ? (64 - mis) / i64(sizeof(T)) : kBlock;
   for (; b < end; b += n, n = kBlock) {
     n = end - b < n ? end - b : n;
     if constexpr (noisy) {
-      if (b + n > xi_hi) {
+      if (b + n > xi_hi) {  // b <= xi_hi: the blocks are contiguous
+        const i64 keep = xi_hi - b;
+        for (i64 i = 0; i < keep; ++i) xi[i] = xi[b - xi_lo + i];
+        const i64 lead = i64(uint64_t(key.offset + xi_hi) & 3u);
+        const i64 hi = end - xi_hi < kNoiseChunk - lead ? end : xi_hi + kNoiseChunk - lead;
+        fill_normals(key, xi_hi, hi - xi_hi, xi + keep);
         xi_lo = b;
-        xi_hi = b + (end - b < kNoiseChunk ? end - b : kNoiseChunk);
-        fill_normals(key, xi_lo, xi_hi - xi_lo, xi);
+        xi_hi = hi;
       }
     }
     const bool streamed = stream && n == kBlock;
