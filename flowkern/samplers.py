@@ -30,7 +30,7 @@ from .backend import resolve
 from .grids import make_grid, sigma_k, t_from_sigma_k
 from .ops.steps import churn as _churn
 from .ops.steps import (dpmpp_2m_step, ei_step, em_step, euler_step, heun_step,
-                        per_sample_seed_tensor, step_table)
+                        noise_stream, step_table)
 from .ops._registry import empty_output
 from .schedules import evaluate, get_schedule
 
@@ -109,7 +109,6 @@ class _Plan:
                             f"got {type(guidance).__name__}")
         if isinstance(churn, bool) or not isinstance(churn, (int, float)) or not churn >= 0:
             raise ValueError(f"churn: expected a float >= 0 (EDM's S_churn), got {churn!r}")
-        V.seed("seed", seed, optional=True)
         if isinstance(grid, str) and steps is None:
             steps = DEFAULT_STEPS
         self.sched = get_schedule(schedule)
@@ -136,17 +135,7 @@ class _Plan:
         self.t_hat = t_hat                       # where each step starts (and the model runs)
 
         self.needs_noise = method == "em" or any(self.churn_at)
-        # per-sample seeds: each sample's noise is its own stream, offsets
-        # counted in one sample's elements (flowkern.em_step)
-        self.seeds = None
-        if per_sample_seeds is not None:
-            if seed is not None:
-                raise ValueError("per_sample_seeds: give seed or per_sample_seeds, not both")
-            self.seeds = per_sample_seed_tensor(per_sample_seeds, x)
-        elif self.needs_noise and seed is None:
-            seed = int(torch.randint(0, 2 ** 62, (1,)).item())       # CPU generator, no sync
-        self.seed = 0 if seed is None else seed
-        self.noise_stride = x.numel() if self.seeds is None else x[0].numel() if len(x) else 0
+        self.noise = noise_stream(seed, per_sample_seeds, x, self.needs_noise)
 
         # coefficients at every evaluation time, float64 on the host
         c_t = torch.stack(evaluate(self.sched, t_hat, torch.float64), 1).tolist()
@@ -218,14 +207,9 @@ class _Plan:
         self.t_model = times[:, None].expand(2 * n, x.shape[0]).contiguous().to(dev)
         self.t_host = times.tolist()
 
-    def noise_key(self, offset):
-        """The noise arguments of the draw at `offset`."""
-        if self.seeds is None:
-            return dict(seed=self.seed, offset=offset)
-        return dict(per_sample_seeds=self.seeds, offset=offset)
-
     def key(self):
-        return (self.method, self.prediction, self.guidance, self.seed, self.seeds is None,
+        return (self.method, self.prediction, self.guidance, self.noise.seed,
+                self.noise.seeds is None,
                 self.backend,
                 tuple(self.grid.tolist()), tuple(self.t_hat.tolist()), repr(self.sched),
                 tuple(self.table64.flatten().tolist()))
@@ -290,7 +274,7 @@ class _Loop:
 
     # -- one step ----------------------------------------------------------
 
-    def step(self, i, x, pc, pu, tab, out, offset, kw):
+    def step(self, i, x, pc, pu, tab, out, draw, kw):
         """Step i from x (with the model's predictions) into out (may be x)."""
         p = self.p
         kind = p.kind[i]
@@ -309,28 +293,28 @@ class _Loop:
             dpmpp_2m_step(x, pc, d_prev=self.d if kind == "dpm2" else None, pred_uncond=pu,
                           table=tab, out=out, d_out=self.d, **kw)
         else:  # em
-            em_step(x, pc, pred_uncond=pu, **p.noise_key(offset), table=tab, out=out, **kw)
+            em_step(x, pc, pred_uncond=pu, **p.noise.at(draw), table=tab, out=out, **kw)
 
     def run(self, x_init):
         p, be = self.p, self.p.backend
         x, out = x_init, self.buf
         kw = dict(prediction=p.prediction, guidance=p.guidance, backend=be)
-        numel, offset = p.noise_stride, 0
+        draw = 0  # the noise draws so far (flowkern.ops.steps.NoiseStream)
         if self.trajectory is not None:
             self.trajectory.append(x.clone())
         for i in range(p.n):
             if p.churn_at[i]:
                 with V.values_prechecked():
-                    _churn(x, table=p.churn_table[i], **p.noise_key(offset), out=out,
+                    _churn(x, table=p.churn_table[i], **p.noise.at(draw), out=out,
                            backend=be)
-                offset += numel
+                draw += 1
                 x = out
             tab = p.table[i]
             pc, pu = self.call(x, i, i)
             with V.values_prechecked():  # the plan checked the grid's divisions before the loop
-                self.step(i, x, pc, pu, tab, out, offset, kw)
+                self.step(i, x, pc, pu, tab, out, draw, kw)
             if p.kind[i] == "em":
-                offset += numel
+                draw += 1
             x = out
             if self.trajectory is not None:
                 self.trajectory.append(x.clone())
@@ -388,8 +372,8 @@ def _run_graphed(plan, model, x_init):
         if hit is not None and hit.model is model:
             _GRAPHS.move_to_end(key)
             hit.x_in.copy_(x_init)
-            if plan.seeds is not None:  # the graph reads the first call's seeds tensor
-                hit.loop.p.seeds.copy_(plan.seeds)
+            if plan.noise.seeds is not None:  # the graph reads the first call's seeds
+                hit.loop.p.noise.seeds.copy_(plan.noise.seeds)
             hit.graph.replay()
             return hit.x_out.clone()
         x_in = empty_output(x_init).copy_(x_init)

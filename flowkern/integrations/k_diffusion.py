@@ -57,7 +57,7 @@ import torch
 from .. import _validate as V
 from ..ops.steps import churn as _churn
 from ..ops.steps import (dpmpp_2m_step, ei_step, em_step, euler_step, heun_step,
-                         per_sample_seed_tensor)
+                         noise_stream)
 from ..tables import step_row
 
 try:
@@ -153,36 +153,14 @@ def _buffer(buf, x):
     return buf
 
 
-class _NoiseKey:
-    """The in-kernel noise of an adapter: draw k is Philox(seed, k n), n =
-    x.numel(); with per-sample seeds, sample b's own stream at k n_1, n_1 one
-    sample's size (flowkern.em_step), so a sample's noise does not depend on
-    its batch."""
-
-    def __init__(self, seed, seeds, x):
-        self.seed, self.seeds = seed, seeds
-        self.stride = x.numel() if seeds is None else (x[0].numel() if len(x) else 0)
-
-    def at(self, k):
-        if self.seeds is None:
-            return dict(seed=self.seed, offset=k * self.stride)
-        return dict(per_sample_seeds=self.seeds, offset=k * self.stride)
-
-
 def _noise_key(seed, per_sample_seeds, x, needed=True, noise_sampler=None):
-    """The sampler's _NoiseKey from its seed= or per_sample_seeds= (not both,
-    and neither with a noise_sampler, which replaces the in-kernel noise);
-    seed None draws one from torch's generator when noise is `needed`."""
+    """The sampler's noise (flowkern.ops.steps.noise_stream) from its seed= or
+    per_sample_seeds=, neither of which goes with a noise_sampler (it replaces
+    the in-kernel noise)."""
     if noise_sampler is not None and (seed is not None or per_sample_seeds is not None):
         name = "seed" if seed is not None else "per_sample_seeds"
         raise ValueError(f"{name}: the noise comes from noise_sampler here; give one of them")
-    if per_sample_seeds is not None:
-        if seed is not None:
-            raise ValueError("per_sample_seeds: give seed or per_sample_seeds, not both")
-        return _NoiseKey(None, per_sample_seed_tensor(per_sample_seeds, x), x)
-    if V.seed("seed", seed, optional=True) is None:
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if needed else 0
-    return _NoiseKey(seed, None, x)
+    return noise_stream(seed, per_sample_seeds, x, needed)
 
 
 def _denoise(model, x, sigma, s_in, extra_args, state=None):

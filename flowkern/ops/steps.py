@@ -681,6 +681,34 @@ def per_sample_seed_tensor(per_sample_seeds, x):
     return _per_sample_seeds(torch.tensor(s, dtype=torch.int64, device=x.device).reshape(-1), x)
 
 
+
+class NoiseStream:
+    """A sampler's in-kernel noise, draw by draw: draw k is Philox(seed, k n),
+    n = x.numel(); with per-sample seeds, sample b's own stream at k n_1, n_1
+    one sample's size (:func:`em_step`), so a sample's noise does not depend
+    on its batch. ``at(k)`` gives the noise arguments of em_step / churn."""
+
+    def __init__(self, seed, seeds, x):
+        self.seed, self.seeds = seed, seeds
+        self.stride = x.numel() if seeds is None else (x[0].numel() if len(x) else 0)
+
+    def at(self, k):
+        if self.seeds is None:
+            return dict(seed=self.seed, offset=k * self.stride)
+        return dict(per_sample_seeds=self.seeds, offset=k * self.stride)
+
+
+def noise_stream(seed, per_sample_seeds, x, needed=True):
+    """A sampler's NoiseStream from its seed= or per_sample_seeds= (not both);
+    seed None draws one from torch's generator when noise is `needed`."""
+    if per_sample_seeds is not None:
+        if seed is not None:
+            raise ValueError("per_sample_seeds: give seed or per_sample_seeds, not both")
+        return NoiseStream(None, per_sample_seed_tensor(per_sample_seeds, x), x)
+    if V.seed("seed", seed, optional=True) is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if needed else 0  # CPU, no sync
+    return NoiseStream(seed, None, x)
+
 def _up(p, st):
     return None if p is None else p.to(st.acc)
 
