@@ -97,8 +97,9 @@ def configs(full: bool = True, sizes=None):
                         continue
                     sig = {**ins, **{f"o{k}": f"*{io_t}" for k in range(L.MAX_OUT)},
                            "coef": f"*{acc_t}", "stride": "i32", "aux": f"*{acc_t}",
-                           "w": "fp32", "seed": "i64", "offset": "i64", "seeds": "*i64",
-                           **tail}
+                           "w": "fp32", "seed": "i64", "offset": "i64",
+                           # without per-sample seeds the launcher passes coef there
+                           "seeds": "*i64" if noise == "per_sample" else f"*{acc_t}", **tail}
                     const = dict(P0=p0, P1=p1, P2=p2, ROW_FN=fn, NI=ni, NO=no,
                                  NOISE=bool(noise), PER_SAMPLE=noise == "per_sample",
                                  SKIP=_skip(fn), ROWS=rows_per, BLOCK_N=block_n)

@@ -10,7 +10,6 @@ passes its own ROW_FN (a @triton.jit function, as a constexpr), so the loops
 live here once. Offsets are 64-bit; the coefficient table's row stride is 0
 when one row serves the whole batch.
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -176,7 +175,8 @@ def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
                    noise=None, skip=0):
     """outputs[k] = M_row[k] . inputs (+ noise term) for contiguous (rows, ...)
     tensors; noise=(seed, offset, seeds) draws xi per element (philox.py;
-    seeds: None or the (rows,) int64 per-sample seeds); skip: the terms no
+    seeds: None or the (rows,) int64 per-sample seeds; without them `coef`
+    stands in for the pointer, never read, as for `aux`); skip: the terms no
     output reads (skip_mask)."""
     assert 1 <= len(inputs) <= MAX_IN and 1 <= len(outputs) <= MAX_OUT
     if inputs[0].numel() == 0:
@@ -186,24 +186,11 @@ def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
     seed, offset, seeds = noise if noise is not None else (0, 0, None)
     lincomb_kernel[grid](*_pad(inputs, MAX_IN), *_pad(outputs, MAX_OUT), coef,
                          _stride(coef, rows), coef if aux is None else aux, float(w),
-                         seed, offset, _seeds_arg(seeds, inputs[0]), rows, inner, n_col,
+                         seed, offset, coef if seeds is None else seeds, rows, inner, n_col,
                          P0=p0, P1=p1, P2=p2, ROW_FN=row_fn, NI=len(inputs), NO=len(outputs),
                          NOISE=noise is not None, PER_SAMPLE=seeds is not None, SKIP=skip,
                          ROWS=rows_per, BLOCK_N=block_n,
                          num_warps=NUM_WARPS, maxnreg=MAX_NREG)
-
-
-_NO_SEEDS = {}
-
-
-def _seeds_arg(seeds, like):
-    """The seeds pointer: a one-element int64 placeholder (never read) without them."""
-    if seeds is not None:
-        return seeds
-    key = like.device
-    if key not in _NO_SEEDS:
-        _NO_SEEDS[key] = torch.zeros(1, dtype=torch.int64, device=like.device)
-    return _NO_SEEDS[key]
 
 
 def launch_rowsum(row_fn, p0, p1, inputs, coef, aux=None, p2=0, w=1.0):
