@@ -1,5 +1,5 @@
 """Benchmarks of the sampler-step family (flowkern.euler_step, heun_step,
-ei_step, dpmpp_2m_step, em_step) per step, and of a whole sampling loop's
+ei_step, dpmpp_2m_step, em_step, lms_step) per step, and of a whole sampling loop's
 non-model overhead, against the peers' schedulers and samplers.
 
 State: (64, 65536) fp32 (4M elements; 16M with `large`), the model output a
@@ -15,12 +15,16 @@ Groups "<step> · <size> · per step":
   dpmpp_2m  flowkern.dpmpp_2m_step (2nd order) | eager | diffusers
             DPMSolverMultistepScheduler(dpmsolver++, order 2).step
   em        flowkern.em_step (noise in the kernel) | eager with torch.randn_like
+  lms       flowkern.lms_step (order 4: d_t and three earlier d) | k-diffusion
+            sample_lms's step as it writes it (to_d, then x + sum(c * d)) |
+            torch.compile of it
   diffusers euler  flowkern.integrations.diffusers.EulerDiscreteScheduler.step (one fused
             pass, prev_sample and pred_original_sample) | diffusers' own step()
   roofline bytes: diffusers euler 16 B/elem (read sample, model output; write prev, x0);
   euler/ei/em 12 B/elem (read x, pred; write x_s); heun 32 (stage 1:
   12, stage 2 reads x, pred, x_e, pred_e and writes x_s: 20); dpmpp_2m 20 (read x,
-  pred, d_prev; write x_s, d_t).
+  pred, d_prev; write x_s, d_t); lms 28 (read x, denoised, three earlier d;
+  write x_s, d_t).
 Groups "loop · <size> · per step" (trivial model, 20 steps, per step):
   flowkern.sample(method) | diffusers scheduler loop | k-diffusion sample_* |
   the sum of the fused steps alone (the loop's floor) | flowkern's k-diffusion
@@ -100,6 +104,28 @@ def eager_dpmpp(x, eps, d_prev):
     return (S_S / S_T) * x - A_S * math.expm1(-h) * D, d
 
 
+# sample_lms's step 10 of a 20-step linear sigma grid 80 -> 0.02, order 4
+LMS_SIGMAS = [80.0 + (0.02 - 80.0) * i / 19 for i in range(20)] + [0.0]
+LMS_SIGMA = LMS_SIGMAS[10]
+LMS_ROW = torch.tensor(flowkern.tables.step_row((1.0, LMS_SIGMA, 0.0, 1.0),
+                                                (1.0, LMS_SIGMA, 0.0, 1.0)))
+
+
+def _lms_coeffs():
+    from flowkern.integrations.k_diffusion import linear_multistep_coeff
+    return [linear_multistep_coeff(4, LMS_SIGMAS, 10, j) for j in range(4)]
+
+
+LMS_C = _lms_coeffs()
+
+
+def eager_lms(x, denoised, d1, d2, d3):
+    """k-diffusion sample_lms: d = to_d(x, sigma, denoised); x + sum(c_j d_{i-j})."""
+    d = (x - denoised) / LMS_SIGMA
+    ds = [d3, d2, d1, d]
+    return x + sum(c * dd for c, dd in zip(LMS_C, reversed(ds))), d
+
+
 def eager_em(x, v):
     h, g = S - T, 0.5
     return x + h * v + g * h ** 0.5 * torch.randn_like(x)
@@ -152,8 +178,17 @@ STEP_CASES = {
             d.x, d.p, table=flowkern.step_table("linear", T, S, g=0.5), seed=1, out=d.out)),
         ("eager (torch.randn_like)", lambda d: lambda: eager_em(d.x, d.p)),
     ],
+    "lms": [
+        ("flowkern", lambda d: lambda: flowkern.lms_step(
+            d.x, d.p, LMS_C, [d.xe, d.pe, d.dp], table=LMS_ROW, prediction="x1", out=d.out,
+            u_out=d.out2)),
+        ("eager (k-diffusion sample_lms step)",
+         lambda d: lambda: eager_lms(d.x, d.p, d.xe, d.pe, d.dp)),
+        ("torch.compile(eager)", lambda d: (lambda f: lambda: f(d.x, d.p, d.xe, d.pe, d.dp))(
+            compiled(eager_lms))),
+    ],
 }
-STEP_BYTES = {"euler": 12, "heun": 32, "ei": 12, "dpmpp_2m": 20, "em": 12,
+STEP_BYTES = {"euler": 12, "heun": 32, "ei": 12, "dpmpp_2m": 20, "em": 12, "lms": 28,
               "diffusers euler": 16}  # reads sample, model output; writes prev, x0
 
 

@@ -285,7 +285,9 @@ def step_targets(groups):
                      "≤ 1.5×", r <= 1.5))
         for b in bs:
             c = b["extra_info"]["candidate"]
-            if c.startswith("diffusers") and c not in TWO_PASS_PEERS:
+            # the peers' own steps: diffusers' step(), k-diffusion's step as it writes it
+            if (c.startswith("diffusers") or c.startswith("eager (k-diffusion")) \
+                    and c not in TWO_PASS_PEERS:
                 ratio = b["stats"]["median"] / fk
                 rows.append((f"≥ 3× {c}", g, f"{ratio:.2f}×", "≥ 3×", ratio >= 3))
     return rows

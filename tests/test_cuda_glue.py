@@ -195,6 +195,14 @@ def test_step_glue_matches_cpu_ops(dtype, shape):
                          lambda o: CPU.em_step(xn, pred, u, *coef, k, w, 2 ** 40 + 3, 77, ps,
                                                False, o),
                          x, noisy=True)
+                for nh in range(4):  # lms_step's history u1 (newest) .. u3
+                    hist = ([pe, dp, xe][:nh] + [None] * 3)[:3]
+                    wts = [0.3, -0.15, 0.07, -0.02][:nh + 1]
+                    same(lambda o, uo: SIM.lms_step(xn, pred, *hist, u, wts, *coef, k, w, False,
+                                                    o, uo),
+                         lambda o, uo: CPU.lms_step(xn, pred, *hist, u, wts, *coef, k, w, False,
+                                                    o, uo),
+                         x, 2)
     for coef in churn_coefs(rows):
         for ps in (None, seeds):
             same(lambda o: SIM.churn(xn, *coef, 5, 2 ** 33, ps, False, o),
@@ -295,6 +303,15 @@ def _bad_calls():
         "seeds shape": lambda ops: ops.churn(x, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2,
                                              torch.zeros(x.shape[0] + 1, dtype=torch.int64),
                                              True, o),
+        "lms gap": lambda ops: ops.lms_step(x, x1, None, x1, None, None, [0.1, 0.2], None, row,
+                                            0, [], 0, 1.0, True, o, torch.empty_like(x)),
+        "lms weights": lambda ops: ops.lms_step(x, x1, x1, None, None, None, [0.1], None, row, 0,
+                                                [], 0, 1.0, True, o, torch.empty_like(x)),
+        "lms weight nan": lambda ops: ops.lms_step(x, x1, None, None, None, None, [NAN], None,
+                                                   row, 0, [], 0, 1.0, True, o,
+                                                   torch.empty_like(x)),
+        "lms u_out overlap": lambda ops: ops.lms_step(x, x1, None, None, None, None, [0.1], None,
+                                                      row, 0, [], 0, 1.0, True, o, o),
         "field ref": lambda ops: ops.field_mean(x, x[:, :3], torch.ones(4, 2), 0, 1.0, 0.5),
         "flowmap coef": lambda ops: ops.flowmap_loss_rows(x, x1, x1, torch.ones(3, 12), 0, 0),
     }
@@ -371,7 +388,7 @@ def test_one_op_no_table_construction():
 GLUE_OPS = ["interpolate", "interpolate.nograd", "interpolate_out", "interpolate_backward",
             "convert", "convert.nograd", "convert_backward", "fm_loss", "fm_loss.nograd",
             "fm_loss_backward", "euler_step", "heun_step", "ei_step", "ei_step.nograd",
-            "ei_step_out", "ei_step_backward", "dpmpp_2m_step", "em_step", "churn",
+            "ei_step_out", "ei_step_backward", "dpmpp_2m_step", "em_step", "churn", "lms_step",
             "flowmap_loss_rows", "flowmap_loss_backward", "field_mean"]
 
 

@@ -17,18 +17,21 @@ from cuda_sim_helpers import (DTYPES, OPS, SHAPES, THREADS, WIDE, acc, assert_wi
 
 PREDS = range(4)  # velocity, x1, eps, score (flowkern/_enums.py)
 
-# (op, variant): variant is the EI form (0 data, 1 noise) or DPM's second-order flag.
+# (op, variant): variant is the EI form (0 data, 1 noise), DPM's second-order
+# flag or lms_step's history length.
 CONFIGS = [("euler_step", 0), ("heun_step", 0), ("ei_step", 0), ("ei_step", 1),
            ("ei_step_backward", 0), ("ei_step_backward", 1), ("dpmpp_2m_step", 0),
-           ("dpmpp_2m_step", 1), ("em_step", 0), ("churn", 0)]
+           ("dpmpp_2m_step", 1), ("em_step", 0), ("churn", 0), ("lms_step", 0),
+           ("lms_step", 1), ("lms_step", 2), ("lms_step", 3)]
+LMS_WEIGHTS = [0.21, -0.37, 0.125, -0.043]
 NOISY = ("em_step", "churn")
 
 
-def n_inputs(op, cfg):
+def n_inputs(op, cfg, variant=0):
     """How many inputs the launcher passes to the kernel (steps.h order: the
     step's own, then with guidance the unconditional predictions)."""
     base = {"euler_step": 2, "heun_step": 4, "ei_step": 2, "ei_step_backward": 1,
-            "dpmpp_2m_step": 3, "em_step": 2, "churn": 1}[op]
+            "dpmpp_2m_step": 3, "em_step": 2, "churn": 1, "lms_step": 2 + variant}[op]
     uncond = {"heun_step": 2, "ei_step_backward": 0, "churn": 0}.get(op, 1)
     return base + (uncond if cfg else 0)
 
@@ -68,6 +71,11 @@ def cpu_step(op, ins, table, pred, variant, cfg, w, seed, offset, seeds=None):
         return [out, d_out]
     elif op == "em_step":
         OPS.em_step(x, ins[1], pu, *tab, pred, w, seed, offset, seeds, False, out)
+    elif op == "lms_step":
+        hist = ins[2:2 + variant] + [None] * (3 - variant)
+        OPS.lms_step(x, ins[1], *hist, pu, LMS_WEIGHTS[:variant + 1], *tab, pred, w, False, out,
+                     d_out)
+        return [out, d_out]
     else:
         OPS.churn(x, *tab, seed, offset, seeds, False, out)
     return [out]
@@ -77,14 +85,15 @@ def check_step(op, variant, pred, cfg, dtype, shape, per_sample, offset, max_blo
                seed=0, noise=(12345, 678)):
     """Simulates the step's grid and compares with the CPU op; returns the plan."""
     gen = torch.Generator().manual_seed(seed)
-    ins = make_inputs(n_inputs(op, cfg), shape, dtype, gen, offset)
+    ins = make_inputs(n_inputs(op, cfg, variant), shape, dtype, gen, offset)
     if op == "dpmpp_2m_step" and not variant:
         ins[2] = ins[0]  # the launcher passes x for the absent d_prev
     table = make_table(op, shape[0], per_sample, dtype, gen)
     w = 2.5 if cfg else 1.0
     seed, noise_offset, seeds = (*noise, None)[:3]  # noise: (seed, offset[, per-sample seeds])
     outs, plan = OPS._sim_step(op, ins, table, pred, variant, cfg, w, seed, noise_offset,
-                               max_blocks, offset, seeds)
+                               max_blocks, offset, seeds,
+                               LMS_WEIGHTS[:variant + 1] if op == "lms_step" else [])
     want = cpu_step(op, ins, table, pred, variant, cfg, w, seed, noise_offset, seeds)
     what = (f"{op} variant={variant} pred={pred} cfg={cfg} {dtype} {shape} "
             f"table={'per-sample' if per_sample else 'shared'} offset={offset} "
@@ -121,7 +130,8 @@ def test_step_every_config(op, variant, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op,variant", [("euler_step", 0), ("heun_step", 0), ("ei_step", 1),
                                         ("ei_step_backward", 0), ("dpmpp_2m_step", 1),
-                                        ("em_step", 0), ("churn", 0)], ids=str)
+                                        ("em_step", 0), ("churn", 0), ("lms_step", 3)],
+                         ids=str)
 def test_step_shapes(op, variant, dtype):
     """Tails, row boundaries inside chunks, grid strides and empty tensors:
     every shape aligned and misaligned, with the full grid and 1 or 3 blocks,
@@ -237,3 +247,22 @@ def test_dpmpp_nan_in_d_prev_stays_out_of_d_t(cfg):
     poisoned = OPS._sim_step("dpmpp_2m_step", ins, table, 1, 1, cfg, w, 0, 0, 0, 0)[0]
     assert torch.equal(poisoned[1], clean[1])
     assert poisoned[0].isnan().sum() == 1 and poisoned[0][2, 3].isnan()
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])
+def test_lms_nan_in_history_stays_out_of_u_t(cfg):
+    """u_t does not read the history (steps.h LMSFn::reads) on the CUDA body
+    as on the CPU: NaN in u2 reaches x_s only, and the launch equals the CPU op."""
+    gen = torch.Generator().manual_seed(4)
+    ins = make_inputs(n_inputs("lms_step", cfg, 3), (5, 7), torch.float32, gen, 0)
+    table = make_table("lms_step", 5, True, torch.float32, gen)
+    w = 2.5 if cfg else 1.0
+    clean = OPS._sim_step("lms_step", ins, table, 1, 3, cfg, w, 0, 0, 0, 0, None, LMS_WEIGHTS)[0]
+    ins[3] = ins[3].clone()
+    ins[3][2, 3] = float("nan")
+    poisoned = OPS._sim_step("lms_step", ins, table, 1, 3, cfg, w, 0, 0, 0, 0, None,
+                             LMS_WEIGHTS)[0]
+    assert torch.equal(poisoned[1], clean[1])
+    assert poisoned[0].isnan().sum() == 1 and poisoned[0][2, 3].isnan()
+    want = cpu_step("lms_step", ins, table, 1, 3, cfg, w, 0, 0)
+    assert torch.equal(want[1], clean[1]) and want[0].isnan().sum() == 1

@@ -23,6 +23,7 @@ CASES = {
     "dpmpp_2m_step": lambda x, v, t: fk.dpmpp_2m_step(x, v, 0.3, 0.5),
     "em_step": lambda x, v, t: fk.em_step(x, v, 0.3, 0.5, seed=1),
     "churn": lambda x, v, t: fk.churn(x, 0.5, 0.4, "edm", seed=1),
+    "lms_step": lambda x, v, t: fk.lms_step(x, v, [0.1, 0.2], [v], 0.3, "cosine"),
     "flowmap_loss": lambda x, v, t: fk.flowmap_loss(x, v, v, 0.2, 0.6),
     "poisson_field": lambda x, v, t: fk.poisson_field(x, t + 0.5, ref),
     "empirical_denoiser": lambda x, v, t: fk.empirical_denoiser(x, 0.5, ref),

@@ -407,6 +407,8 @@ OUT_CALLS = {
                                                             out=out, backend=be)[0],
     "em_step": lambda x, p, out, be: fk.em_step(x, p, 0.2, 0.4, seed=1, out=out, backend=be),
     "churn": lambda x, p, out, be: fk.churn(x, 0.4, 0.2, seed=1, out=out, backend=be),
+    "lms_step": lambda x, p, out, be: fk.lms_step(x, p, [0.1, 0.2], [p * 2], 0.2, out=out,
+                                                  backend=be)[0],
 }
 
 

@@ -103,6 +103,9 @@ def test_steps_are_one_call(times):
     g = dict(g=0.3) if times == "float" else {}
     assert_one_op(lambda: fk.em_step(x, pred, seed=3, offset=8, out=out, **kw, **g),
                   "flowkern::em_step")
+    lms = dict(t=0.3, schedule="cosine") if times == "float" else dict(table=row)
+    assert_one_op(lambda: fk.lms_step(x, pred, [0.1, 0.2, 0.3], [x1, x0], out=out, u_out=d_out,
+                                      **lms), "flowkern::lms_step")
     back = fk.step_table("cosine", grid[2:3], grid[1:2])[0]  # churn goes back: t_hat <= t
     ch = dict(t=0.5, t_hat=0.3, schedule="cosine") if times == "float" else dict(table=back)
     assert_one_op(lambda: fk.churn(x, seed=1, out=out, **ch), "flowkern::churn")
@@ -130,6 +133,7 @@ STEP_CALLS = {
                                                         out=out)[0],
     "em_step": lambda x, p, out: fk.em_step(x, p, 0.2, 0.4, seed=1, out=out),
     "churn": lambda x, p, out: fk.churn(x, 0.4, 0.2, out=out),
+    "lms_step": lambda x, p, out: fk.lms_step(x, p, [0.1, 0.2], [p * 2], 0.2, out=out)[0],
 }
 
 

@@ -914,8 +914,8 @@ def test_diffusers_flow_match_heun(config, n, churn, dtype):
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 @pytest.mark.parametrize("n", [1, 3, 10, 30])
 def test_k_diffusion_lms(backend, order, n):
-    """sample_lms (one fused pass for d, one or two fused Euler passes for the
-    history) against k-diffusion's, its callback included; the coefficients
+    """sample_lms (one fused lms_step a step: d, the history sum and the ring
+    buffer write in one pass) against k-diffusion's, its callback included; the coefficients
     against k-diffusion's quadrature. float64 for the 1- and 3-step grids
     (see test_k_diffusion_deterministic)."""
     ks, x, sigmas, model = _k_setup(n, torch.float64 if n < 10 else torch.float32)
@@ -934,6 +934,15 @@ def test_k_diffusion_lms(backend, order, n):
                           callback=log_b.append, order=order, backend=backend)
     assert _rel(out, ref) <= TOL, _rel(out, ref)
     assert [a["i"] for a in log_a] == [b["i"] for b in log_b]
+
+
+@pytest.mark.parametrize("order", [0, 5, 2.0, True])
+def test_k_diffusion_lms_order_out_of_range(order):
+    """lms_step keeps at most 3 earlier derivatives: order 5 and up (which
+    k-diffusion accepts) is an error naming it, as is a non-int order."""
+    ks, x, sigmas, model = _k_setup(3, torch.float64)
+    with pytest.raises(ValueError, match="order: expected an int in"):
+        fk_k.sample_lms(model, x, sigmas, disable=True, order=order)
 
 
 def test_lms_pairs_never_divide_by_a_cancelling_sum():

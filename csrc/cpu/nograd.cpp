@@ -84,7 +84,7 @@ void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
 TORCH_LIBRARY_IMPL(flowkern, Autograd, m) {
   for (const char* name : {"interpolate.nograd", "convert.nograd", "fm_loss.nograd",
                            "ei_step.nograd", "interpolate_out", "euler_step", "heun_step",
-                           "ei_step_out", "dpmpp_2m_step", "em_step", "churn"})
+                           "ei_step_out", "dpmpp_2m_step", "em_step", "churn", "lms_step"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_autograd_kernel>());
 }
 

@@ -49,7 +49,10 @@
     ", int prediction, float guidance, int seed, int offset, Tensor? per_sample_seeds, "   \
     "bool check, Tensor(a!) out) -> ()")                                                   \
   X("churn(Tensor x, " FK_STEP_SCHEMA ", int seed, int offset, Tensor? per_sample_seeds, " \
-    "bool check, Tensor(a!) out) -> ()")
+    "bool check, Tensor(a!) out) -> ()")                                                   \
+  X("lms_step(Tensor x, Tensor pred, Tensor? u1, Tensor? u2, Tensor? u3, "                 \
+    "Tensor? pred_uncond, float[] weights, " FK_STEP_SCHEMA                                \
+    ", int prediction, float guidance, bool check, Tensor(a!) out, Tensor(b!) u_out) -> ()")
 
 #define FK_FLOWMAP_SCHEMAS(X)                                                              \
   X("flowmap_loss_rows(Tensor x, Tensor pred, Tensor target, Tensor coef, int prediction, " \

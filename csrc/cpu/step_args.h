@@ -214,11 +214,32 @@ struct StepChecks {
     check_conversion(c, pred, fk::SCORE);
     check_step_direction(c, true);
   }
+  template <class A> static void lms(const StepCoef<A>& c, int64_t pred) {
+    check_conversion(c, pred, fk::VELOCITY);
+  }
   template <class A> static void churn(const StepCoef<A>& c) {
     check_alpha_t(c, "churn divides by it");
     check_step_direction(c, false);
   }
 };
+
+// lms_step's history u1 (newest), u2, u3: none after an absent one; and its
+// weights, one for u_t and one per earlier velocity, finite (host floats:
+// checked always). Returns the history's length.
+inline int lms_history(const OptT& u1, const OptT& u2, const OptT& u3,
+                       at::ArrayRef<double> weights) {
+  TORCH_CHECK_VALUE(u1.has_value() || !u2.has_value(), "u2: give u1 (the newest earlier "
+                    "velocity) before u2");
+  TORCH_CHECK_VALUE(u2.has_value() || !u3.has_value(), "u3: give u2 before u3");
+  const int nh = int(u1.has_value()) + int(u2.has_value()) + int(u3.has_value());
+  TORCH_CHECK_VALUE(weights.size() == size_t(nh + 1), "weights: expected ", nh + 1,
+                    " weights (one for u_t and one per earlier velocity), got ",
+                    weights.size());
+  for (size_t j = 0; j < weights.size(); ++j)
+    TORCH_CHECK_VALUE(std::isfinite(weights[j]), "weights: expected finite weights, got ",
+                      weights[j], " at ", j);
+  return nh;
+}
 
 inline void check_like_x(const char* name, const at::Tensor& p, const at::Tensor& x) {
   TORCH_CHECK_VALUE(p.sizes().equals(x.sizes()) && p.scalar_type() == x.scalar_type() &&

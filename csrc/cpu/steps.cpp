@@ -173,6 +173,32 @@ void churn(const at::Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset,
                    [](const auto& c) { StepChecks::churn(c); }, kNoSetup);
 }
 
+template <int NH> struct LMSOf {
+  template <class A, bool CFG> using Fn = fk::LMSFn<A, CFG, NH>;
+};
+
+void lms_step(const at::Tensor& x, const at::Tensor& pred, const OptT& u1, const OptT& u2,
+              const OptT& u3, const OptT& pred_uncond, at::ArrayRef<double> weights,
+              FK_STEP_ARGS, int64_t prediction, double guidance, bool check, at::Tensor& out,
+              at::Tensor& u_out) {
+  const int nh = lms_history(u1, u2, u3, weights);
+  const auto in = step_inputs(x, {{"pred", &pred}, {"u1", opt(u1)}, {"u2", opt(u2)},
+                                  {"u3", opt(u3)}, {"pred_uncond", opt(pred_uncond)}},
+                              {{"out", &out}, {"u_out", &u_out}});
+  const auto go = [&](auto fn_of) {
+    using Of = decltype(fn_of);
+    run_step<Of::template Fn>(
+        "lms_step", x, in, FK_STEP_PASS, check, prediction, guidance, pred_uncond.has_value(),
+        {&out, &u_out}, {}, [&](const auto& c) { StepChecks::lms(c, prediction); },
+        [&](auto& fn) { for (int j = 0; j <= nh; ++j) fn.wts[j] = decltype(fn.w)(weights[j]); });
+  };
+  switch (nh) {
+    case 0: return go(LMSOf<0>{});
+    case 1: return go(LMSOf<1>{});
+    case 2: return go(LMSOf<2>{});
+    default: return go(LMSOf<3>{});
+  }
+}
 
 }  // namespace
 
@@ -188,6 +214,7 @@ TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("dpmpp_2m_step", &dpmpp_2m_step);
   m.impl("em_step", &em_step);
   m.impl("churn", &churn);
+  m.impl("lms_step", &lms_step);
 }
 
 }  // namespace flowkern_cpu

@@ -485,6 +485,29 @@ template <class D, class L> struct Glue {
              });
   }
 
+  static void lms_step(const at::Tensor& x, const at::Tensor& pred, const OptT& u1,
+                       const OptT& u2, const OptT& u3, const OptT& pred_uncond,
+                       at::ArrayRef<double> weights, FK_STEP_ARGS, int64_t prediction,
+                       double guidance, bool check, at::Tensor& out, at::Tensor& u_out) {
+    lms_history(u1, u2, u3, weights);
+    const auto in = step_inputs(x, {{"pred", &pred}, {"u1", opt(u1)}, {"u2", opt(u2)},
+                                    {"u3", opt(u3)}, {"pred_uncond", opt(pred_uncond)}},
+                                {{"out", &out}, {"u_out", &u_out}});
+    // in: x, pred, then the given ones of u1, u2, u3, pred_uncond in that order
+    size_t k = 2;
+    const auto next = [&](bool present) { return present ? ptr(in[k++]) : uintptr_t(0); };
+    const uintptr_t p1 = next(u1.has_value()), p2 = next(u2.has_value()),
+                    p3 = next(u3.has_value()), pu = next(pred_uncond.has_value());
+    run_step(in[0], FK_STEP_PASS, prediction, check,
+             [&](const auto& c) { StepChecks::lms(c, prediction); },
+             [&](const fk::CoefArg& c, const Launch& l) {
+               ok(L::lms_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
+                              p1, p2, p3, pu, c, int(prediction), guidance, weights.data(),
+                              ptr(out), ptr(u_out), l.stream, l.max_blocks),
+                  "lms_step");
+             });
+  }
+
   // ------------------------------------------------------------- flow map
 
   static fk::CoefArg table_arg(const at::Tensor& coef) {
@@ -585,6 +608,7 @@ template <class D, class L> struct Glue {
     m.impl("dpmpp_2m_step", &dpmpp_2m_step);
     m.impl("em_step", &em_step);
     m.impl("churn", &churn);
+    m.impl("lms_step", &lms_step);
     m.impl("flowmap_loss_rows", &flowmap_loss_rows);
     m.impl("flowmap_loss_backward", &flowmap_loss_backward);
     m.impl("field_mean", &field_mean);

@@ -270,6 +270,19 @@ int churn(int dtype, i64 rows, i64 inner, dptr x, const fk::CoefArg& coef, uint6
                             noise_key(seed, offset, seeds), stream, max_blocks);
 }
 
+template <class E>
+int lms_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr u1, dptr u2, dptr u3,
+             dptr pred_uncond, const fk::CoefArg& coef, int prediction, double guidance,
+             const double* weights, dptr out, dptr u_out, uintptr_t stream, i64 max_blocks) {
+  // The history is u1 (newest), u2, u3, each 0 when absent; none after an absent one.
+  if ((u1 == 0 && u2 != 0) || (u2 == 0 && u3 != 0) || weights == nullptr) return kBadTensors;
+  const int nh = int(u1 != 0) + int(u2 != 0) + int(u3 != 0);
+  fk::StepParams p{prediction, nh, pred_uncond != 0, guidance};
+  for (int j = 0; j <= nh; ++j) p.wts[j] = weights[j];
+  return step<E, fk::LMS_STEP>(dtype, rows, inner, given({x, pred, u1, u2, u3, pred_uncond}),
+                               coef, p, given({out, u_out}), {}, stream, max_blocks);
+}
+
 // ---------------------------------------------------------------- flow map
 
 // The step table of a flow-map launch (the flow map always reads one).

@@ -98,6 +98,10 @@ enum : int {
 //                     with `seeds` (a (rows,) int64 device array, else 0) row r
 //                     draws Philox(seeds[r], offset + its element index in r)
 //   churn             renoising from t to t_hat (the row's s columns), noise as em_step
+//   lms_step          linear multistep -> (x_s, u_t): x_s = x + weights[0] u_t +
+//                     sum_j weights[j] u_j over the given earlier velocities u1
+//                     (newest), u2, u3 (0 when absent, none after an absent one);
+//                     `weights` a host array of 1 + their count
 #define FK_STEP_LAUNCHERS(X)                                                                  \
   X(euler_step,                                                                               \
     (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D pred_uncond, const fk::CoefArg& coef,          \
@@ -135,7 +139,13 @@ enum : int {
   X(churn,                                                                                    \
     (FK_LAUNCH_COMMON, FK_D x, const fk::CoefArg& coef, uint64_t seed, fk_cuda::i64 offset,   \
      FK_D seeds, FK_D out, FK_TAIL),                                                          \
-    (dtype, rows, inner, x, coef, seed, offset, seeds, out, stream, max_blocks))
+    (dtype, rows, inner, x, coef, seed, offset, seeds, out, stream, max_blocks))           \
+  X(lms_step,                                                                                 \
+    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D u1, FK_D u2, FK_D u3, FK_D pred_uncond,        \
+     const fk::CoefArg& coef, int prediction, double guidance, const double* weights,         \
+     FK_D out, FK_D u_out, FK_TAIL),                                                          \
+    (dtype, rows, inner, x, pred, u1, u2, u3, pred_uncond, coef, prediction, guidance,        \
+     weights, out, u_out, stream, max_blocks))
 
 // Flow-map loss (flowmap.cu; functors of flowkern/flowmap.h): the squared
 // error of the EI map a x + b pred against `target`, (a, b) from the step

@@ -56,7 +56,7 @@ import torch
 
 from .. import _validate as V
 from ..ops.steps import churn as _churn
-from ..ops.steps import (dpmpp_2m_step, ei_step, em_step, euler_step, heun_step,
+from ..ops.steps import (dpmpp_2m_step, em_step, euler_step, heun_step, lms_step,
                          noise_stream)
 from ..tables import step_row
 
@@ -713,15 +713,23 @@ def linear_multistep_coeff(order, t, i, j):
     """k-diffusion's LMS coefficient: the integral over [t_i, t_{i+1}] of the
     Lagrange basis polynomial of node t_{i-j} on t_i, ..., t_{i-order+1},
     integrated exactly (k-diffusion integrates the same polynomial with
-    scipy's quad, exact to rounding for these degrees)."""
+    scipy's quad, exact to rounding for these degrees). In u = (tau - t_i)/h,
+    h = t_{i+1} - t_i, each factor (tau - t_k)/(t_{i-j} - t_k) is linear in u
+    and the integral over [0, 1] of sum_p c_p u^p is sum_p c_p/(p + 1): plain
+    floats, no cancellation between large antiderivative values."""
     if order - 1 > i:
         raise ValueError(f"Order {order} too high for step {i}")
-    poly = np.poly1d([1.0])
+    a, tj = float(t[i]), float(t[i - j])
+    h = float(t[i + 1]) - a
+    c = [1.0]  # ascending powers of u
     for k in range(order):
-        if k != j:
-            poly = poly * np.poly1d([1.0, -float(t[i - k])]) / (float(t[i - j]) - float(t[i - k]))
-    prim = poly.integ()
-    return float(prim(float(t[i + 1])) - prim(float(t[i])))
+        if k == j:
+            continue
+        tk = float(t[i - k])
+        d = tj - tk
+        lo, hi = (a - tk) / d, h / d  # the factor lo + hi u
+        c = [lo * c[0]] + [lo * c[p] + hi * c[p - 1] for p in range(1, len(c))] + [hi * c[-1]]
+    return h * sum(cp / (p + 1) for p, cp in enumerate(c))
 
 
 def _lms_pairs(coeffs):
@@ -759,46 +767,34 @@ def _lms_pairs(coeffs):
 @torch.no_grad()
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4,
                backend=None):
-    """k-diffusion's linear multistep sampler: d_i = (x - denoised)/sigma_i in
-    one fused pass into a ring of `order` buffers (ei_step's data form from
-    (alpha, sigma) = (1, sigma_i) to (0, 1) is exactly that), then x +
-    sum_j c_j d_{i-j} in one or two fused Euler passes, two history terms per
-    pass as the unconditional and conditional prediction of its guidance
-    (_lms_pairs); the coefficients are computed on the host up front."""
+    """k-diffusion's linear multistep sampler, one fused lms_step per step:
+    d_i = (x - denoised)/sigma_i (the x1 -> velocity conversion on the VE
+    row alpha = 1, d_sigma = 1) and x + sum_j c_j d_{i-j} in one pass, which
+    also stores d_i into a ring of `order` buffers; the weights c_j
+    (linear_multistep_coeff) are computed on the host up front. order: 1-4
+    (lms_step keeps up to 3 earlier d)."""
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
+        raise ValueError(f"order: expected an int in [1, 4] (lms_step keeps at most 3 earlier "
+                         f"derivatives), got {order!r}")
     extra_args = {} if extra_args is None else extra_args
     sigmas, sig, state = _host(sigmas, x)
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
-    t32 = sigmas.detach().cpu().numpy()  # the nodes k-diffusion integrates on
-    d_rows = _rows([step_row((1.0, sig[i], 0.0, 0.0), (0.0, 1.0, 0.0, 0.0))
-                    for i in range(n)], x, state)
-    plans, h_rows = [], []
-    for i in range(n):
-        cur = min(i + 1, order)
-        passes = _lms_pairs([linear_multistep_coeff(cur, t32, i, j) for j in range(cur)])
-        plans.append(passes)
-        h_rows += [_ve(1.0, 1.0, h=h) for _, _, h, _ in passes]
-    h_rows = _rows(h_rows, x, state)
-    ring, k = [], 0
+    rows = _rows([_ve(sig[i], sig[i], 1.0, 1.0) for i in range(n)], x, state)
+    weights = [[linear_multistep_coeff(min(i + 1, order), sig, i, j)
+                for j in range(min(i + 1, order))] for i in range(n)]
+    ring = []
     for i in _range(n, disable):
         denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
         x = x.to(state)  # k-diffusion's promotion (_host)
-        if len(ring) < order:
-            ring.append(torch.empty_like(x, memory_format=torch.contiguous_format))
-        d_now = ring[i % order]
-        ei_step(x, denoised, prediction="x1", form="data", table=d_rows[i], out=d_now,
-                backend=backend)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
-        for a, b, _, w in plans[i]:  # d_{i-j} is ring[(i - j) % order]
-            row, k = h_rows[k], k + 1
-            da = ring[(i - a) % order]
-            if b is None:
-                x = euler_step(x, da, prediction="velocity", table=row, backend=backend)
-            else:
-                x = euler_step(x, ring[(i - b) % order], prediction="velocity",
-                               pred_uncond=da, guidance=w, table=row, backend=backend)
+        if len(ring) < order:
+            ring.append(torch.empty_like(x, memory_format=torch.contiguous_format))
+        history = [ring[(i - j) % order] for j in range(1, len(weights[i]))]  # d_{i-j}
+        x, _ = lms_step(x, denoised, weights[i], history, prediction="x1", table=rows[i],
+                        u_out=ring[i % order], backend=backend)
     return x
 
 

@@ -11,6 +11,7 @@ exists and every backend draws the same numbers. Outputs may be given with
 """
 from __future__ import annotations
 
+import math
 import types
 from typing import Optional
 
@@ -105,6 +106,16 @@ def _t_churn(x: torch.Tensor, table: Opt, times: Times, kind: int, params: Param
     lazy(_T, "churn")(x, table, seed, offset, per_sample_seeds, out)
 
 
+@torch.library.custom_op(f"{TRITON_NS}::lms_step", mutates_args=("out", "u_out"))
+def _t_lms(x: torch.Tensor, pred: torch.Tensor, u1: Opt, u2: Opt, u3: Opt, pred_uncond: Opt,
+           weights: list[float], table: Opt, times: Times, kind: int, params: Params,
+           prediction: int, guidance: float, check: bool, out: torch.Tensor,
+           u_out: torch.Tensor) -> None:
+    wts = torch.tensor(weights, dtype=table.dtype, device=x.device)
+    lazy(_T, "lms_step")(x, pred, u1, u2, u3, pred_uncond, wts, table, prediction, guidance,
+                         out, u_out)
+
+
 # ---------------------------------------------------------------------------
 # fake functions, autograd (ei_step: the flow-map parametrisation), CUDA kernels
 
@@ -146,7 +157,8 @@ def _ei_bwd_fake(grad, table, times, kind, params, prediction, form, guidance, c
     return [torch.empty_like(grad) for _ in range(3 if cfg else 2)]
 
 
-for _name in ("euler_step", "heun_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn"):
+for _name in ("euler_step", "heun_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn",
+              "lms_step"):
     register(_name, _none)
 def _ei_reference(x, pred, pred_uncond, table, times, kind, params, prediction, form, guidance,
                   check):
@@ -358,7 +370,7 @@ _NAN = float("nan")
 _NATIVE = types.SimpleNamespace(**{
     name: getattr(torch.ops.flowkern, name).default
     for name in ("euler_step", "heun_step", "ei_step", "ei_step_out", "dpmpp_2m_step", "em_step",
-                 "churn")
+                 "churn", "lms_step")
 }) if cpu_built() else None
 _EI_NOGRAD = torch.ops.flowkern.ei_step.nograd if cpu_built() else None
 _EI_DIFF = CALLS[NATIVE_NS]  # .ei_step: its DiffOp
@@ -632,6 +644,91 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
     return out
 
 
+def lms_step(x, pred, weights, history=(), t=None, schedule="linear", prediction="velocity",
+             pred_uncond=None, guidance=None, out=None, u_out=None, table=None, backend=None):
+    """One linear multistep (Adams-Bashforth) step, k-diffusion's sample_lms:
+    x_s = x_t + weights[0] u_t + sum_j weights[j] history[j-1], with u_t the
+    velocity of the (guided) prediction at t. Returns (x_s, u_t); u_t is the
+    next step's newest history entry. One fused pass reads x, pred and the
+    history and writes both outputs.
+
+    Args:
+        weights: 1 + len(history) floats, the integrals over [t, s] of the
+            Lagrange basis on the nodes (k-diffusion's linear_multistep_coeff):
+            they carry the step size, so the step needs no s.
+        history: up to 3 earlier velocities u_{t_{i-1}}, u_{t_{i-2}}, ... (newest
+            first), each shaped like x.
+        t: the current time (float or (B,) tensor), or table= (its t columns
+            are read). u_out: output buffer for u_t (not a history entry).
+    Other arguments as :func:`euler_step`.
+    """
+    w = _guidance(pred_uncond, guidance)
+    hist = _lms_history(history)
+    if _native(x, backend):
+        check_tensors(pred=pred, pred_uncond=pred_uncond)
+        code = _pred(prediction)
+        coef = _native_coef("lms_step", x, t, t, schedule, table)
+        out, u_out = _out("out", out, x), _out("u_out", u_out, x)
+        _NATIVE.lms_step(x, pred, *hist, pred_uncond, _floats("weights", weights), *coef, code, w,
+                         V.check_flag(), out, u_out)
+        return out, u_out
+    wts = _lms_weights(weights, hist)
+    named = {"pred": pred, "u1": hist[0], "u2": hist[1], "u3": hist[2],
+             "pred_uncond": pred_uncond}
+    st = _Step("lms_step", x, named, t, t, schedule, table, backend)
+    code = _pred(prediction)
+    _nonzero_for(st, prediction, "velocity")
+    out, u_out = _out("out", out, x, st), _out("u_out", u_out, x, st)
+    V.check_no_overlap({"out": out, "u_out": u_out}, {"x": x, **named})
+    if st.backend == "torch":
+        given = [_up(h, st) for h in hist if h is not None]
+        xs, u = ref.lms_step(x.to(st.acc), pred.to(st.acc), st.table[:, AT_T], wts, given,
+                             prediction, _up(pred_uncond, st), w)
+        return _cast(xs, out), _cast(u, u_out)
+    args = st.dense(x, pred, *hist, pred_uncond)
+    ops_for(st.backend).lms_step(*args[:5], args[5], wts, *_table_args(st), code, w, False,
+                                 out, u_out)
+    return out, u_out
+
+
+LMS_MAX_HISTORY = 3  # csrc/include/flowkern/steps.h
+
+
+def _lms_history(history):
+    """(u1, u2, u3) with None for the absent ones."""
+    if isinstance(history, torch.Tensor) or not isinstance(history, (list, tuple)):
+        raise TypeError(f"history: expected a list or tuple of tensors (newest first), got "
+                        f"{type(history).__name__}")
+    if len(history) > LMS_MAX_HISTORY:
+        raise ValueError(f"history: lms_step keeps at most {LMS_MAX_HISTORY} earlier "
+                         f"velocities, got {len(history)}")
+    for j, h in enumerate(history):
+        V.tensor(f"u{j + 1}", h)
+    return tuple(history) + (None,) * (LMS_MAX_HISTORY - len(history))
+
+
+def _floats(name, v):
+    if isinstance(v, torch.Tensor) or not isinstance(v, (list, tuple)):
+        raise TypeError(f"{name}: expected a list or tuple of floats, got {type(v).__name__}")
+    for f in v:
+        if not isinstance(f, (int, float)):
+            raise TypeError(f"{name}: expected floats, got {type(f).__name__}")
+    return [float(f) for f in v]
+
+
+def _lms_weights(weights, hist):
+    """csrc/cpu/step_args.h lms_history's weight rule for the Python backends."""
+    wts = _floats("weights", weights)
+    nh = sum(h is not None for h in hist)
+    if len(wts) != nh + 1:
+        raise ValueError(f"weights: expected {nh + 1} weights (one for u_t and one per earlier "
+                         f"velocity), got {len(wts)}")
+    for j, f in enumerate(wts):
+        if not math.isfinite(f):
+            raise ValueError(f"weights: expected finite weights, got {f} at {j}")
+    return wts
+
+
 def _table_args(st):
     """The coefficient arguments of a step whose table was built and checked here."""
     return st.table, _NOTHING, TABLE_KIND, _NOTHING
@@ -719,4 +816,4 @@ def _pad_prev(table):
 
 
 __all__ = ["euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn",
-           "step_table"]
+           "lms_step", "step_table"]

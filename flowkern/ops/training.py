@@ -318,7 +318,8 @@ def _need_grad3(a, b, c) -> bool:
 
 
 # The tensor arguments that may be absent (None) in a public call.
-_OPTIONAL_TENSORS = frozenset({"pred_uncond", "pred_euler_uncond", "d_prev", "weight"})
+_OPTIONAL_TENSORS = frozenset({"pred_uncond", "pred_euler_uncond", "d_prev", "weight", "u1", "u2",
+                               "u3"})
 
 
 def check_tensors(**named):

@@ -85,6 +85,18 @@ def em_step(x, pred, ct, h, g, noise, prediction="velocity", pred_uncond=None, g
     return x + h * (u + 0.5 * g * g * score) + g * torch.sqrt(h) * noise
 
 
+def lms_step(x, pred, ct, weights, history=(), prediction="velocity", pred_uncond=None,
+             guidance=None):
+    """Linear multistep (k-diffusion's sample_lms), returning (x_s, u_t):
+    u_t = the velocity at t, x_s = x_t + weights[0] u_t + sum_j weights[j] u_{t_{i-j}},
+    with the earlier velocities `history` (newest first)."""
+    u = convert(guided(pred, pred_uncond, guidance), x, ct, prediction, "velocity")
+    xs = x + weights[0] * u
+    for w, uj in zip(weights[1:], history):
+        xs = xs + w * uj
+    return xs, u
+
+
 def churn(x, ct, chat, noise):
     """Renoise from t back to an earlier t_hat (EDM churn in our convention):
     x_hat = (alpha_that/alpha_t) x + sqrt(sigma_that^2 - (alpha_that sigma_t/alpha_t)^2) xi."""

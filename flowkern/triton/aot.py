@@ -45,14 +45,19 @@ def _ops():
             ("em_cfg_score", S.em_rows, 3, 1, True, 3, 0, 1),
             ("em_cfg_score_per_sample", S.em_rows, 3, 1, "per_sample", 3, 0, 1),
             ("churn", S.churn_rows, 1, 1, True, 0, 0, 0),
+            ("lms_v_1", S.lms_rows, 3, 2, False, 0, 1, 0),
+            ("lms_x1_3", S.lms_rows, 5, 2, False, 1, 3, 0),
+            ("lms_cfg_eps_3", S.lms_rows, 6, 2, False, 2, 3, 1),
             ("flowmap_bwd_v", FM.flowmap_bwd_rows, 3, 3, False, 0, 0, 3),
             ("flowmap_bwd_x1", FM.flowmap_bwd_rows, 3, 1, False, 1, 0, 0)]
 
 
-def _skip(fn) -> int:
-    """The SKIP constexpr the launcher passes with this row function."""
+def _skip(fn, p1) -> int:
+    """The SKIP constexpr the launcher passes with this row function (and P1)."""
     from . import steps as S
 
+    if fn is S.lms_rows:
+        return S.lms_skip(p1)
     return S.DPMPP_2M_SKIP if fn is S.dpmpp_2m_rows else 0
 
 
@@ -67,7 +72,7 @@ def _rowsums():
 
 
 QUICK = ("interpolate", "convert_score2v", "loss_bwd", "loss_bwd_pred", "heun_cfg_x1",
-         "dpmpp_2m_cfg_x1", "em_cfg_score", "em_cfg_score_per_sample", "flowmap_bwd_v", "loss",
+         "dpmpp_2m_cfg_x1", "lms_cfg_eps_3", "em_cfg_score", "em_cfg_score_per_sample", "flowmap_bwd_v", "loss",
          "flowmap_score_noise")
 
 
@@ -102,7 +107,7 @@ def configs(full: bool = True, sizes=None):
                            "seeds": "*i64" if noise == "per_sample" else f"*{acc_t}", **tail}
                     const = dict(P0=p0, P1=p1, P2=p2, ROW_FN=fn, NI=ni, NO=no,
                                  NOISE=bool(noise), PER_SAMPLE=noise == "per_sample",
-                                 SKIP=_skip(fn), ROWS=rows_per, BLOCK_N=block_n)
+                                 SKIP=_skip(fn, p1), ROWS=rows_per, BLOCK_N=block_n)
                     sig.update({k: "constexpr" for k in const})
                     out.append((f"lincomb/{name}/{dname}/{rows_per}x{block_n}/{idx_t}",
                                 L.lincomb_kernel, sig, const))

@@ -162,6 +162,52 @@ def churn_rows(_P0: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, st
     return ((q, tl.sqrt(var)),)
 
 
+@triton.jit
+def lms_rows(PRED: tl.constexpr, NH: tl.constexpr, CFG: tl.constexpr, coef, stride, aux, w,
+             r, rmask):
+    """(x, p, u_1 .. u_NH[, p_u]) -> (x + wts_0 u_t + sum_j wts_j u_j, u_t), the
+    weights wts in `aux` (steps.h LMSFn). u_t's history entries are never read
+    (lms_skip)."""
+    at, st, dat, dst, _a, _b, _c, _d, _e, _f, _h, _g = load_step(coef, stride, r, rmask)
+    ua, ub = convert_coeffs(PRED, VELOCITY, at, st, dat, dst)
+    w0 = tl.load(aux)
+    xc, xu = _guided(w0 * ub, w, CFG)
+    uc, uu = _guided(ub, w, CFG)
+    xa = 1.0 + w0 * ua
+    z = 0.0 * ua  # the history terms of u_t: never read
+    if NH == 0:
+        if CFG:
+            return (xa, xc, xu), (ua, uc, uu)
+        else:
+            return (xa, xc), (ua, uc)
+    elif NH == 1:
+        w1 = tl.load(aux + 1)
+        if CFG:
+            return (xa, xc, w1, xu), (ua, uc, z, uu)
+        else:
+            return (xa, xc, w1), (ua, uc, z)
+    elif NH == 2:
+        w1 = tl.load(aux + 1)
+        w2 = tl.load(aux + 2)
+        if CFG:
+            return (xa, xc, w1, w2, xu), (ua, uc, z, z, uu)
+        else:
+            return (xa, xc, w1, w2), (ua, uc, z, z)
+    else:
+        w1 = tl.load(aux + 1)
+        w2 = tl.load(aux + 2)
+        w3 = tl.load(aux + 3)
+        if CFG:
+            return (xa, xc, w1, w2, w3, xu), (ua, uc, z, z, z, uu)
+        else:
+            return (xa, xc, w1, w2, w3), (ua, uc, z, z, z)
+
+
+def lms_skip(nh: int) -> int:
+    """u_t (output 1) reads no history input (2 .. 1 + nh): steps.h LMSFn::reads."""
+    return skip_mask(*((1, 2 + j) for j in range(nh)))
+
+
 def _ins(*ts):
     return tuple(t for t in ts if t is not None)
 
@@ -202,3 +248,11 @@ def em_step(x, pred, pred_uncond, coef, prediction, guidance, seed, offset, seed
 
 def churn(x, coef, seed, offset, seeds, out):
     launch_lincomb(churn_rows, 0, 0, (x,), (out,), coef, noise=(seed, offset, seeds))
+
+
+def lms_step(x, pred, u1, u2, u3, pred_uncond, weights, coef, prediction, guidance, out, u_out):
+    """weights: a (1 + len(history),) tensor in coef's dtype on x's device."""
+    hist = _ins(u1, u2, u3)
+    launch_lincomb(lms_rows, prediction, len(hist), _ins(x, pred, *hist, pred_uncond),
+                   (out, u_out), coef, aux=weights, p2=pred_uncond is not None, w=guidance,
+                   skip=lms_skip(len(hist)))

@@ -13,15 +13,17 @@ namespace fk {
 
 // One launcher per op.
 enum StepOp : int {
-  EULER_STEP, HEUN_STEP, EI_STEP, EI_STEP_BACKWARD, DPMPP_2M_STEP, EM_STEP, CHURN
+  EULER_STEP, HEUN_STEP, EI_STEP, EI_STEP_BACKWARD, DPMPP_2M_STEP, EM_STEP, CHURN, LMS_STEP
 };
 
 // A step's scalar arguments.
 struct StepParams {
   int pred;     // prediction type (Pred)
-  int variant;  // EI_STEP(_BACKWARD): the form (EIForm); DPMPP_2M_STEP: 1 = second order
+  int variant;  // EI_STEP(_BACKWARD): the form (EIForm); DPMPP_2M_STEP: 1 = second order;
+                // LMS_STEP: the number of earlier velocities (0 .. LMS_MAX_HISTORY)
   bool cfg;     // an unconditional prediction (or its gradient) follows: weight w
   double w;     // guidance weight
+  double wts[LMS_MAX_HISTORY + 1] = {};  // LMS_STEP: the multistep weights
 };
 
 // Row stride of a (coef_rows, STEP_COLS) step table for `rows` samples: 0 when
@@ -64,6 +66,19 @@ decltype(auto) with_step_fn(const StepSrc<A>& coef, const StepParams& p, F&& f) 
       return f(fn);
     } else if constexpr (OP == EM_STEP) {
       return f(step_base<EMFn<A, CFG>>(coef, p));
+    } else if constexpr (OP == LMS_STEP) {
+      const auto lms = [&](auto nh) -> decltype(auto) {
+        auto fn = step_base<LMSFn<A, CFG, decltype(nh)::value>>(coef, p);
+        for (int j = 0; j <= LMS_MAX_HISTORY; ++j) fn.wts[j] = A(p.wts[j]);
+        return f(fn);
+      };
+      // the launchers check the count (kBadTensors); 3 stands for any other
+      switch (p.variant) {
+        case 0: return lms(std::integral_constant<int, 0>{});
+        case 1: return lms(std::integral_constant<int, 1>{});
+        case 2: return lms(std::integral_constant<int, 2>{});
+        default: return lms(std::integral_constant<int, 3>{});
+      }
     } else {
       static_assert(OP == CHURN, "unknown step op");
       return f(step_base<ChurnFn<A>>(coef, p));

@@ -167,6 +167,33 @@ template <class A, bool CFG> struct DPMpp2MFn : StepBase<A> {
   }
 };
 
+// Linear multistep (Adams-Bashforth on the step's nodes; k-diffusion's
+// sample_lms): u_t = the velocity of the guided prediction at t,
+// x_s = x + wts[0] u_t + sum_{j=1..NH} wts[j] u_{t_{i-j}}, with the NH earlier
+// velocities passed in (the newest first) and the weights (integrals of the
+// Lagrange basis over [t, s]) computed by the caller. Returns (x_s, u_t); u_t
+// is the next step's history. u_t does not read the history (reads()).
+// In (x, p, u_1 .. u_NH[, p_u]) -> (x_s, u_t).
+constexpr int LMS_MAX_HISTORY = 3;
+
+template <class A, bool CFG, int NH> struct LMSFn : StepBase<A> {
+  static_assert(NH >= 0 && NH <= LMS_MAX_HISTORY, "lms_step keeps at most 3 earlier velocities");
+  static constexpr int NI = 2 + NH + (CFG ? 1 : 0), NO = 2;
+  FK_HD static constexpr bool reads(int k, int j) { return !(k == 1 && j >= 2 && j < 2 + NH); }
+  A wts[LMS_MAX_HISTORY + 1];
+  FK_HD Mat<A, 2, NI> row(i64 r) const {
+    const Lin2<A> u = convert_coeffs(this->pred, VELOCITY, this->coef.at(r).t);
+    Mat<A, 2, NI> M{};
+    M.m[0][0] = A(1) + wts[0] * u.a;
+    put_guided(M, 0, 1, CFG ? NI - 1 : -1, wts[0] * u.b, this->w);
+FK_UNROLL
+    for (int j = 0; j < NH; ++j) M.m[0][2 + j] = wts[1 + j];
+    M.m[1][0] = u.a;
+    put_guided(M, 1, 1, CFG ? NI - 1 : -1, u.b, this->w);
+    return M;
+  }
+};
+
 // Euler-Maruyama for dX = [u + g^2/2 s] dt + g dW:
 // x_s = x + h (u + g^2/2 score) + g sqrt(h) xi. In (x, p[, p_u]).
 template <class A, bool CFG> struct EMFn : StepBase<A> {
