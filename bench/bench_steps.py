@@ -33,7 +33,9 @@ Groups "loop · <size> · per step" (trivial model, 20 steps, per step):
   sigma 80 -> 0.02: six DPM-Solver-3 steps and one DPM-Solver-2) | flowkern's
   diffusers schedulers (Euler, EulerAncestral, DDIM, UniPC, DPM-Solver++ order 3,
   FlowMatchHeun) against diffusers' own, each a plain loop of set_timesteps and
-  step().
+  step(); EulerAncestral with a generator (both draw diffusers' randn) and
+  without one (diffusers draws randn from torch's global generator, flowkern
+  in its kernel).
 """
 from __future__ import annotations
 
@@ -299,7 +301,10 @@ DPM_FAST_GRID = (0.02, 80.0, LOOP_STEPS)
 # cheapest noise (default_noise_sampler: randn_like, not a Brownian tree)
 # diffusers' schedulers, flowkern's (diffusers' classes with fused steps) vs
 # diffusers' own, in a plain 20-step loop (the trivial model)
+# "<class>, generator=None": step() without a generator (diffusers draws from
+# torch's global generator, flowkern's EulerAncestral in its kernel)
 D_LOOPS = {"EulerDiscreteScheduler": {}, "EulerAncestralDiscreteScheduler": {},
+           "EulerAncestralDiscreteScheduler, generator=None": {},
            "DDIMScheduler": {"clip_sample": False}, "UniPCMultistepScheduler": {},
            "DPMSolverMultistepScheduler": {"solver_order": 3},
            "FlowMatchHeunDiscreteScheduler": {}}
@@ -347,18 +352,20 @@ def test_loop(benchmark, measure, roofline, size, n, order):
         fn = lambda: getattr(kd, method)(lambda x, s: x, d.x, *grid, disable=True,  # noqa: E731
                                          **kw)
     elif kind in ("dloop", "fk_dloop"):
+        cls = method.split(",")[0]
         if kind == "dloop":
-            sched = getattr(pytest.importorskip("diffusers"), method)(**D_LOOPS[method])
+            sched = getattr(pytest.importorskip("diffusers"), cls)(**D_LOOPS[method])
         else:
             from flowkern.integrations import diffusers as fk_d
-            sched = getattr(fk_d, method)(**D_LOOPS[method])
+            sched = getattr(fk_d, cls)(**D_LOOPS[method])
         g = torch.Generator().manual_seed(0)
+        gen = "Ancestral" in method and not method.endswith("generator=None")
 
         def fn():
             sched.set_timesteps(LOOP_STEPS)
             x = d.x
             for ts in sched.timesteps:
-                kw = {"generator": g} if "Ancestral" in method else {}
+                kw = {"generator": g} if gen else {}
                 x = sched.step(x, ts, x, **kw).prev_sample
             return x
     elif kind == "kda":

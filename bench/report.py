@@ -267,7 +267,7 @@ def step_targets(groups):
                                  f"{peer / fk:.2f}×", "≥ 3×", peer / fk >= 3))
             for b in bs:  # issue 10: flowkern's diffusers schedulers vs diffusers' own
                 c = b["extra_info"]["candidate"]
-                if c.startswith("flowkern ") and c.endswith("Scheduler loop"):
+                if c.startswith("flowkern ") and c.endswith(" loop") and "Scheduler" in c:
                     name = c[len("flowkern "):-len(" loop")]
                     fk, peer = median(bs, c), median(bs, f"diffusers {name} loop")
                     if fk is not None and peer is not None:

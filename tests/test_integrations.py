@@ -799,6 +799,38 @@ def test_diffusers_euler_schedulers(name, config, n, dtype):
         xa = oa.prev_sample
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusers_euler_ancestral_without_generator_draws_in_the_kernel(prediction_type):
+    """step() without a generator adds sigma_up xi with xi drawn in the kernel
+    (Philox keyed by a seed from torch's global generator): exactly the
+    deterministic part (the generator path less its noise) plus sigma_up
+    times flowkern's normals for that seed; torch.manual_seed fixes it; the
+    noise is standard normal."""
+    _diffusers()
+    x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(3)) * 14.6
+    m = torch.randn(64, 4096, generator=torch.Generator().manual_seed(4))
+    s = fk_diffusers.EulerAncestralDiscreteScheduler(prediction_type=prediction_type)
+    s.set_timesteps(10)
+    t, up = s.timesteps[3], s._fk_ups[3]
+    s._step_index = 3
+    with_gen = s.step(m, t, x, generator=torch.Generator().manual_seed(5)).prev_sample
+    det = with_gen - torch.randn(x.shape, generator=torch.Generator().manual_seed(5)) * up
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # what step() draws (noise_stream)
+    torch.manual_seed(11)
+    s._step_index = 3
+    out = s.step(m, t, x)
+    xi = philox_normal(seed, 0, x.shape)
+    torch.testing.assert_close(out.prev_sample, det + up * xi, rtol=0, atol=1e-4 * 14.6)
+    drawn = (out.prev_sample - det) / up
+    assert abs(drawn.mean().item()) < 0.01 and abs(drawn.std().item() - 1) < 0.01
+    torch.manual_seed(11)
+    s._step_index = 3
+    assert torch.equal(s.step(m, t, x).prev_sample, out.prev_sample)
+    s._step_index = 3
+    assert not torch.equal(s.step(m, t, x).prev_sample, out.prev_sample)  # a new seed
+
+
 def test_diffusers_euler_churn_and_swap():
     """Euler with s_churn draws diffusers' noise from the generator; the
     standard swap line from a pipeline's scheduler config keeps its config."""

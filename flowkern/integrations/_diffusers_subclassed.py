@@ -24,7 +24,13 @@ det = d_sigma - sigma_hat d_alpha, is diffusers' formula.
 
 Noise (churn in Euler, the ancestral noise in EulerAncestral) is drawn from
 step()'s generator exactly as diffusers draws it, and added in a separate
-pass, so seeded pipelines give diffusers' samples.
+pass, so seeded pipelines give diffusers' samples. EulerAncestral's step()
+without a generator (diffusers then draws from torch's global generator)
+draws its noise in the kernel instead: flowkern.churn adds sigma_up xi,
+xi from Philox keyed by a seed drawn from torch's global generator, so
+torch.manual_seed still fixes the result. Same law, another stream than
+diffusers' randn; and no (B, ...) randn, which costs more than the whole
+fused step on a CPU.
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 import numpy as np
 
-from ..ops.steps import dpmpp_2m_step, ei_step, euler_step, heun_step
+from ..ops.steps import churn, dpmpp_2m_step, ei_step, euler_step, heun_step, noise_stream
 from ..tables import step_row
 from .k_diffusion import _lms_pairs, _three_term_row, _ve
 
@@ -131,19 +137,24 @@ class EulerDiscreteScheduler(_DiffusersEuler):
 class EulerAncestralDiscreteScheduler(_DiffusersEulerAncestral):
     """diffusers' EulerAncestralDiscreteScheduler whose step() is one fused
     pass to sigma_down (module docstring) plus the ancestral noise
-    sigma_up * randn from the generator, drawn as diffusers draws it."""
+    sigma_up * randn from the generator, drawn as diffusers draws it; without
+    a generator, sigma_up * xi drawn in the kernel (module docstring)."""
 
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
         sig = self.sigmas.tolist()
-        rows, ups = [], []
+        rows, ups, noise_rows = [], [], []
         for i in range(len(sig) - 1):
             s, nxt = sig[i], sig[i + 1]
             up = (nxt ** 2 * (s ** 2 - nxt ** 2) / s ** 2) ** 0.5
             down = (nxt ** 2 - up ** 2) ** 0.5
             rows.append(_row(s, s, down, self.config.prediction_type))
             ups.append(up)
+            # churn from (alpha, sigma) = (1, 0) to (1, up): x + sqrt(up^2 - 0) xi
+            noise_rows.append(step_row((1.0, 0.0, 0.0, 0.0), (1.0, up, 0.0, 0.0)))
         self._fk_rows = torch.tensor(rows, dtype=torch.float64).to(self.timesteps.device)
+        self._fk_noise_rows = torch.tensor(noise_rows, dtype=torch.float64).to(
+            self.timesteps.device)
         self._fk_ups = ups
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
@@ -156,9 +167,14 @@ class EulerAncestralDiscreteScheduler(_DiffusersEulerAncestral):
         i = self.step_index
         sample = sample.to(torch.float32)
         prev, x0 = _fused(sample, model_output, prediction, self._fk_rows[i])
-        noise = randn_tensor(model_output.shape, dtype=model_output.dtype,
-                             device=model_output.device, generator=generator)
-        prev = (prev + noise * self._fk_ups[i]).to(model_output.dtype)
+        if generator is None:  # in the kernel, in place (module docstring)
+            churn(prev, table=self._fk_noise_rows[i].to(prev.dtype), out=prev,
+                  **noise_stream(None, None, prev).at(0))
+        else:
+            noise = randn_tensor(model_output.shape, dtype=model_output.dtype,
+                                 device=model_output.device, generator=generator)
+            prev = prev + noise * self._fk_ups[i]
+        prev = prev.to(model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return prev, x0
