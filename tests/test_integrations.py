@@ -802,10 +802,11 @@ def test_diffusers_euler_schedulers(name, config, n, dtype):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_diffusers_euler_ancestral_without_generator_draws_in_the_kernel(prediction_type):
     """step() without a generator adds sigma_up xi with xi drawn in the kernel
-    (Philox keyed by a seed from torch's global generator): exactly the
+    (Philox keyed by a seed drawn from torch's global generator at the first
+    such step after set_timesteps, step i at offset i x.numel()): exactly the
     deterministic part (the generator path less its noise) plus sigma_up
-    times flowkern's normals for that seed; torch.manual_seed fixes it; the
-    noise is standard normal."""
+    times flowkern's normals there; torch.manual_seed fixes it; the noise is
+    standard normal; set_timesteps starts a new stream."""
     _diffusers()
     x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(3)) * 14.6
     m = torch.randn(64, 4096, generator=torch.Generator().manual_seed(4))
@@ -820,15 +821,19 @@ def test_diffusers_euler_ancestral_without_generator_draws_in_the_kernel(predict
     torch.manual_seed(11)
     s._step_index = 3
     out = s.step(m, t, x)
-    xi = philox_normal(seed, 0, x.shape)
+    xi = philox_normal(seed, 3 * x.numel(), x.shape)
     torch.testing.assert_close(out.prev_sample, det + up * xi, rtol=0, atol=1e-4 * 14.6)
     drawn = (out.prev_sample - det) / up
     assert abs(drawn.mean().item()) < 0.01 and abs(drawn.std().item() - 1) < 0.01
-    torch.manual_seed(11)
+    for new_run in (False, True):
+        if new_run:
+            s.set_timesteps(10)  # a new stream (another seed)
+        torch.manual_seed(11)
+        s._step_index = 3
+        assert torch.equal(s.step(m, t, x).prev_sample, out.prev_sample)
+    s.set_timesteps(10)
     s._step_index = 3
-    assert torch.equal(s.step(m, t, x).prev_sample, out.prev_sample)
-    s._step_index = 3
-    assert not torch.equal(s.step(m, t, x).prev_sample, out.prev_sample)  # a new seed
+    assert not torch.equal(s.step(m, t, x).prev_sample, out.prev_sample)
 
 
 def test_diffusers_euler_churn_and_swap():

@@ -27,7 +27,8 @@ step()'s generator exactly as diffusers draws it, and added in a separate
 pass, so seeded pipelines give diffusers' samples. EulerAncestral's step()
 without a generator (diffusers then draws from torch's global generator)
 draws its noise in the kernel instead: flowkern.churn adds sigma_up xi,
-xi from Philox keyed by a seed drawn from torch's global generator, so
+xi from Philox keyed by a seed drawn from torch's global generator at the
+first such step after set_timesteps (step i at offset i x.numel()), so
 torch.manual_seed still fixes the result. Same law, another stream than
 diffusers' randn; and no (B, ...) randn, which costs more than the whole
 fused step on a CPU.
@@ -156,6 +157,7 @@ class EulerAncestralDiscreteScheduler(_DiffusersEulerAncestral):
         self._fk_noise_rows = torch.tensor(noise_rows, dtype=torch.float64).to(
             self.timesteps.device)
         self._fk_ups = ups
+        self._fk_noise = None  # the in-kernel noise stream, drawn at the first step
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
         _check_timestep("EulerDiscreteScheduler", timestep)
@@ -168,8 +170,10 @@ class EulerAncestralDiscreteScheduler(_DiffusersEulerAncestral):
         sample = sample.to(torch.float32)
         prev, x0 = _fused(sample, model_output, prediction, self._fk_rows[i])
         if generator is None:  # in the kernel, in place (module docstring)
+            if self._fk_noise is None:  # one seed a run: the steps read no value
+                self._fk_noise = noise_stream(None, None, prev)
             churn(prev, table=self._fk_noise_rows[i].to(prev.dtype), out=prev,
-                  **noise_stream(None, None, prev).at(0))
+                  **self._fk_noise.at(i))
         else:
             noise = randn_tensor(model_output.shape, dtype=model_output.dtype,
                                  device=model_output.device, generator=generator)
