@@ -43,7 +43,7 @@ import torch
 import flowkern as fk
 from flowkern import flowmap as FM
 from flowkern import rectified as RF
-from flowkern import toy
+from flowkern.demo import toy
 
 SIZES = {"toy2d": dict(rows=4096, dim=2, hidden=128, depth=3),
          "cifar": dict(rows=128, dim=3072, hidden=256, depth=2)}

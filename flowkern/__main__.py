@@ -15,7 +15,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cmd, rest = (argv[0], argv[1:]) if argv else ("info", [])
     if cmd == "demo":
-        from .demo import main as demo
+        from .demo.main import main as demo
         demo(rest)
     elif cmd == "info":
         info()

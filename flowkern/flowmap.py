@@ -29,7 +29,6 @@ Training (Boffi et al. 2024, "Flow map matching"; Frans et al. 2024,
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -40,7 +39,7 @@ from .ops.flowmap import flowmap_loss
 from .ops.steps import ei_step, step_table
 from .ops.training import convert, flow_matching_loss, interpolate
 
-__all__ = ["FlowMap", "extend_time_input", "local_loss", "semigroup_loss", "flowmap_loss"]
+__all__ = ["FlowMap", "local_loss", "semigroup_loss", "flowmap_loss"]
 
 
 def _form(prediction):
@@ -84,16 +83,33 @@ class FlowMap(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, model, schedule="linear", prediction: str = "velocity",
-                        backend: Optional[str] = None) -> "FlowMap":
-        """A flow map whose d̄(t, s, x) starts as the pretrained model's
-        denoiser D(t, x) for every s: ``model`` is a :class:`flowkern.toy.MLP`
-        (one time input) predicting `prediction`; the flow-map network is a
-        copy with a second time input whose first-layer weights are zero (see
-        :func:`extend_time_input`). Then d̄(t, t, x) = D(t, x) exactly, and
-        g(t, s, x) starts as the DDIM step of the pretrained model from t to
-        s (for a rectified flow with velocity output, its Euler step): the
+                        backend: Optional[str] = None, extend=None) -> "FlowMap":
+        """A flow map whose d̄(t, s, x) starts as a pretrained one-time model
+        D(x, t) (any network, of type `prediction`) for every s.
+
+        The flow-map network is ``extend(model)``: a network net(x, t, s)
+        with net(x, t, s) = model(x, t) at initialisation, usually a copy of
+        the model with a second time embedding whose output weights are zero
+        (as ControlNet and adaLN-zero initialise a new input), so that its
+        s-dependence is learnt from the pretrained function. Without
+        `extend`, the model's own ``extend_time_input()`` builds it
+        (flowkern.demo.toy.MLP has one). Then d̄(t, t, x) = D(t, x) exactly,
+        and g(t, s, x) starts as the DDIM step of the pretrained model from t
+        to s (for a rectified flow with velocity output, its Euler step): the
         first-order expansion of the true map, which training improves."""
-        return cls(extend_time_input(model), schedule, prediction, backend)
+        if extend is None:
+            extend = getattr(model, "extend_time_input", None)
+            if not callable(extend):
+                raise TypeError(
+                    f"model: a {type(model).__name__} has no extend_time_input(); pass "
+                    f"extend=, a function model -> net(x, t, s) with net(x, t, s) = "
+                    f"model(x, t) at initialisation (e.g. a copy with a zero-initialised "
+                    f"second time embedding), or build net yourself and use FlowMap(net)")
+            return cls(extend(), schedule, prediction, backend)
+        if not callable(extend):
+            raise TypeError(f"extend: expected a function model -> net(x, t, s), got "
+                            f"{type(extend).__name__}")
+        return cls(extend(model), schedule, prediction, backend)
 
     def pred(self, x, t, s):
         """The network's output at (x, t, s) (t, s: floats or (B,) tensors)."""
@@ -126,37 +142,6 @@ class FlowMap(torch.nn.Module):
         for i in range(steps):
             x = self(x, grid[i], grid[i + 1])
         return x
-
-
-def extend_time_input(model):
-    """A copy of a :class:`flowkern.toy.MLP` ``v(x, t)`` as an MLP with a second
-    time input ``d̄(x, t, s)`` (``MLP(extra_time=True)``) that computes the same
-    function for every s.
-
-    How: the extra-time MLP's first layer reads [x, emb(t), emb(s)] instead
-    of [x, emb(t)]; its weights on x and emb(t), its bias and every later
-    layer are copied, and its weights on emb(s) are set to zero. Then
-    net(x, t, s) = model(x, t) exactly, for all s; the emb(s) weights still
-    get gradients (emb(s) = (s, sin, cos of s) is not zero), so training
-    learns the s-dependence starting from the pretrained function (the
-    zero-initialised new input of ControlNet / adaLN-zero)."""
-    from .toy import MLP
-
-    if not isinstance(model, MLP) or model.extra_time:
-        raise TypeError("model: expected a flowkern.toy.MLP with one time input; for another "
-                        "network build net(x, t, s) yourself and pass it to FlowMap(net)")
-    first = model.net[0]
-    n_freq = model.freq.numel()
-    dim = model.net[-1].out_features
-    hidden, depth = first.out_features, sum(isinstance(m, torch.nn.Linear) for m in model.net) - 1
-    new = MLP(dim=dim, hidden=hidden, depth=depth, n_freq=n_freq, extra_time=True)
-    new = new.to(device=first.weight.device, dtype=first.weight.dtype)
-    state = copy.deepcopy(model.state_dict())
-    w = state["net.0.weight"]
-    state["net.0.weight"] = torch.cat([w, torch.zeros(w.shape[0], 1 + 2 * n_freq,
-                                                       dtype=w.dtype, device=w.device)], 1)
-    new.load_state_dict(state)
-    return new
 
 
 def local_loss(fm: FlowMap, x0: torch.Tensor, x1: torch.Tensor, t=None, teacher=None,

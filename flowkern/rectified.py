@@ -6,7 +6,7 @@ flow is the ``linear`` schedule x_t = t x1 + (1 - t) x0 with the velocity
 target u = x1 - x0, and is sampled from t = 0 to t = 1.
 
 * 1-rectified flow: flow matching on independent (noise, data) pairs
-  (:func:`flowkern.toy.train_flow`, or :func:`reflow_loss` on any pairs;
+  (:func:`flowkern.demo.toy.train_flow`, or :func:`reflow_loss` on any pairs;
   with :func:`ot_pairs` applied to each minibatch it is OT-CFM).
 * reflow: :func:`reflow_pairs` couples noise with the endpoints of the
   current model's ODE (the fused samplers, batched); training a fresh or the

@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-from flowkern import demo
+from flowkern.demo import main as demo
 
 
 def test_demo_quick_runs_and_reports(tmp_path):

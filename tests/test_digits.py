@@ -1,4 +1,4 @@
-"""The digits section of the demo (flowkern/demo_digits.py): its data, its
+"""The digits section of the demo (flowkern/demo/digits.py): its data, its
 judge (a classifier's features and the Fréchet distance) and a small
 end-to-end run.
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 pytest.importorskip("sklearn")
-from flowkern import demo_digits as DD  # noqa: E402
+from flowkern.demo import digits as DD  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import torch
 
 import flowkern as fk
 from flowkern import pfgm
+from flowkern.demo import pfgm_models
 
 from conftest import DEVICE
 
@@ -157,9 +158,9 @@ def test_train_pfgm_mlp_2d(seed):
     2 cores (slow)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    denoiser = pfgm.train_toy(eight_gaussians, D=1, steps=3000, generator=g)
+    denoiser = pfgm_models.train_toy(eight_gaussians, D=1, steps=3000, generator=g)
     d1, sw_dd, sw_gauss = yardsticks(g)
-    r_max, r_min, cap = pfgm.toy_sampling_range(1)
+    r_max, r_min, cap = pfgm_models.toy_sampling_range(1)
     x = pfgm.prior(2000, (2,), r_max=r_max, D=1, generator=g, max_norm=cap)
     y = pfgm.sample(denoiser, x, r_max, r_min, steps=200, prediction="denoiser")
     sw = sliced_w2(y, d1)
@@ -176,9 +177,9 @@ def test_train_pfgmpp_mlp_2d():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     D = 128
-    denoiser = pfgm.train_toy(eight_gaussians, D=D, steps=1000, generator=g)
+    denoiser = pfgm_models.train_toy(eight_gaussians, D=D, steps=1000, generator=g)
     d1, sw_dd, sw_gauss = yardsticks(g)
-    r_max, r_min, cap = pfgm.toy_sampling_range(D)
+    r_max, r_min, cap = pfgm_models.toy_sampling_range(D)
     x = pfgm.prior(2000, (2,), r_max=r_max, D=D, generator=g, max_norm=cap)
     y = pfgm.sample(denoiser, x, r_max, r_min, steps=200, prediction="denoiser")
     sw = sliced_w2(y, d1)

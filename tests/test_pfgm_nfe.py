@@ -1,4 +1,4 @@
-"""The PFGM section's NFE comparison (flowkern/demo_pfgm.py): PFGM's claim of
+"""The PFGM section's NFE comparison (flowkern/demo/pfgm.py): PFGM's claim of
 score-SDE quality at 10-20x fewer NFE, tested at toy scale.
 
 * The pipeline, in a small fixed-seed run of the section: every sampler's
@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 
-from flowkern import demo_pfgm as P
-from flowkern import toy
+from flowkern.demo import pfgm as P
+from flowkern.demo import toy
 
 
 def _row(sampler, nfe, sw2):

@@ -9,7 +9,7 @@
   coupling, straightness) and flowkern.flowmap (FlowMap, its initialisation
   from a pretrained model, local and semigroup losses) against their eager
   formulas.
-* The seeds' result at toy scale (flowkern.demo_rectified): one-step
+* The seeds' result at toy scale (flowkern.demo.rectified): one-step
   quality 1-RF >> 2-RF >= 2-RF + distill, flow map, with justified margins.
 """
 import itertools
@@ -21,7 +21,7 @@ import torch
 import flowkern as fk
 from flowkern import flowmap as FM
 from flowkern import rectified as RF
-from flowkern import toy
+from flowkern.demo import toy
 from flowkern._enums import PRED_CODE, PREDICTIONS
 from flowkern.reference import flowmap as ref
 
@@ -268,7 +268,10 @@ BAD = [
     (lambda: RF.straightness(lambda a, b: a, x, prediction="x1"), ValueError, "prediction"),
     (lambda: FM.FlowMap(3), TypeError, "net"),
     (lambda: FM.FlowMap(lambda a, b, c: a, prediction="v"), ValueError, "prediction"),
-    (lambda: FM.extend_time_input(torch.nn.Linear(2, 2)), TypeError, "model"),
+    (lambda: toy.extend_time_input(torch.nn.Linear(2, 2)), TypeError, "model"),
+    (lambda: FM.FlowMap.from_pretrained(torch.nn.Linear(2, 2)), TypeError,
+     "model: a Linear has no extend_time_input"),
+    (lambda: FM.FlowMap.from_pretrained(torch.nn.Linear(2, 2), extend=3), TypeError, "extend"),
     (lambda: FM.FlowMap(lambda a, b, c: a).sample(x, steps=0), ValueError, "steps"),
     (lambda: FM.FlowMap(lambda a, b, c: a)(x, torch.rand(3), 0.5), ValueError, "t"),
 ]
@@ -387,7 +390,7 @@ def test_straightness():
 
 
 def test_demo_metrics():
-    from flowkern import demo_rectified as D
+    from flowkern.demo import rectified as D
     a, b = toy.dataset("moons", 3000, seed=1), toy.dataset("moons", 3000, seed=2)
     assert math.isclose(D.SlicedW2(b, 128, 0)(a), toy.sliced_wasserstein(a, b, 128, 0),
                         rel_tol=1e-12)
@@ -425,6 +428,38 @@ def test_flowmap_parametrisation_and_pretrained_init():
     # the zero-initialised s-weights get gradients: training can learn the s-dependence
     fmap(x, t, s).sum().backward()
     assert fmap.net.net[0].weight.grad[:, -7:].abs().sum() > 0
+
+
+def test_flowmap_from_any_pretrained_model():
+    """Any network with extend=: a model of the caller's (here a tiny net
+    over [x, t]) and the caller's second-time construction, a copy with a
+    zero-initialised s input; d̄ starts as the model for every s and the s
+    weights get gradients."""
+    class Net(torch.nn.Module):
+        def __init__(self, n_t):
+            super().__init__()
+            self.lin = torch.nn.Linear(2 + n_t, 2)
+
+        def forward(self, x, t, s=None):
+            ts = [t[:, None]] + ([] if s is None else [s[:, None]])
+            return self.lin(torch.cat([x] + ts, 1))
+
+    def extend(m):
+        net = Net(2).to(DEVICE)
+        with torch.no_grad():
+            net.lin.weight.zero_()
+            net.lin.weight[:, :3] = m.lin.weight
+            net.lin.bias.copy_(m.lin.bias)
+        return net
+
+    model = Net(1).to(DEVICE)
+    fmap = FM.FlowMap.from_pretrained(model, prediction="velocity", extend=extend)
+    x = torch.randn(6, 2, device=DEVICE)
+    t, s = torch.full((6,), 0.2, device=DEVICE), torch.full((6,), 0.7, device=DEVICE)
+    torch.testing.assert_close(fmap.pred(x, t, s), model(x, t))
+    torch.testing.assert_close(fmap(x, t, s), x + 0.5 * model(x, t))
+    fmap(x, t, s).sum().backward()
+    assert fmap.net.lin.weight.grad[:, 3].abs().sum() > 0
 
 
 def test_local_loss():
@@ -505,7 +540,7 @@ TEST_CONFIG = dict(steps_2rf=600, steps_distill=300, steps_flowmap=500, n_pairs=
 
 
 def _ordering(cfg):
-    from flowkern import demo_rectified as D
+    from flowkern.demo import rectified as D
     with D.single_thread():
         models, _ = D.train_all(cfg)
         rows, *_ = D.evaluate(models, cfg)
@@ -537,12 +572,12 @@ def _ordering(cfg):
 
 def test_seeds_result_at_toy_scale():
     """The seeds' result on 8 Gaussians, a reduced configuration (~45 s)."""
-    from flowkern import demo_rectified as D
+    from flowkern.demo import rectified as D
     _ordering(D.Config(seed=0, **TEST_CONFIG))
 
 
 @pytest.mark.slow
 def test_seeds_result_demo_configuration():
     """The same ordering for the demo's full configuration (~50 s)."""
-    from flowkern import demo_rectified as D
+    from flowkern.demo import rectified as D
     _ordering(D.Config(seed=0))

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import toy
-from .demo import METHODS, sweep
+from .main import METHODS, sweep
 HELD_OUT = 500          # held-out digits: the reference set of every distance
 FEATURES = 32           # classifier feature width: the Fréchet distance's dimension
 GRID = 40               # samples shown per panel (4 rows of 10)

@@ -31,13 +31,14 @@ import time
 
 import torch
 
-from . import pfgm, toy
-from .demo import W2_POINTS, _floor, _table
-from .grids import t_from_sigma_k
-from .ops.fields import empirical_denoiser
-from .ops.training import flow_matching_loss, interpolate
-from .samplers import sample
-from .schedules import VE, VP
+from .. import pfgm
+from ..grids import t_from_sigma_k
+from ..ops.fields import empirical_denoiser
+from ..ops.training import flow_matching_loss, interpolate
+from ..samplers import sample
+from ..schedules import VE, VP
+from . import pfgm_models, toy
+from .main import W2_POINTS, _floor, _table
 
 DATASET = "8gaussians"
 CLAIM = (10.0, 20.0)  # the claimed NFE ratio, SDE / PFGM ODE
@@ -50,7 +51,7 @@ MARGIN = 2.0          # quality bar: best score-SDE SW2 + MARGIN x the SW2 noise
 # there; at t = 1 sigma = 0 and the x1 -> score conversion divides by it).
 SCORE_MODELS = {"VE": (VE(0.01, 10.0), 1.0), "VP": (VP(0.1, 20.0), 1.0 - 1e-3)}
 # PFGM++'s reference batch (the Gaussian kernel, like D = 128's, weighs many
-# references; D = 1 needs 2048, pfgm.train_toy)
+# references; D = 1 needs 2048, pfgm_models.train_toy)
 SCORE_REFS = 1024
 DATA_SD = 1.42  # per-coordinate std of 8 gaussians (radius 2, std 0.15): sqrt(2 + 0.15^2)
 
@@ -61,7 +62,7 @@ DATA_SD = 1.42  # per-coordinate std of 8 gaussians (radius 2, std 0.15): sqrt(2
 
 class ScoreDenoiser(torch.nn.Module):
     """The denoiser E[x1 | x_t] of a schedule (alpha_t, sigma_t), which is a
-    score model (score = (alpha x̂ - x_t) / sigma^2): pfgm.ToyDenoiser's
+    score model (score = (alpha x̂ - x_t) / sigma^2): pfgm_models.ToyDenoiser's
     network and EDM preconditioning (Karras et al. 2022, Table 1) in the
     noise level n = sigma/alpha of the state x_t/alpha,
     x̂ = c_skip x_t/alpha + c_out F([c_in x_t/alpha, log(n)/4]), so the
@@ -305,10 +306,10 @@ def _pfgm_rows(args, g, data):
     for D, steps, label in ((1, args.pfgm1_steps, "pfgm D=1"),
                             (128, args.pfgm_steps, "pfgm++ D=128")):
         t0 = time.perf_counter()
-        model = pfgm.train_toy(toy.eight_gaussians, D=D, steps=steps, generator=g,
+        model = pfgm_models.train_toy(toy.eight_gaussians, D=D, steps=steps, generator=g,
                                progress=not args.no_progress)
         train_s[label] = time.perf_counter() - t0
-        r_max, r_min, cap = pfgm.toy_sampling_range(D)
+        r_max, r_min, cap = pfgm_models.toy_sampling_range(D)
         # one prior draw for all NFE (as the flow-matching rows): along NFE the
         # rows then differ by the discretisation, not by SW2's sampling noise
         x = pfgm.prior(args.samples, (2,), r_max=r_max, D=D, generator=g, max_norm=cap)
@@ -383,7 +384,7 @@ def pfgm_section(args, out):
     """PFGM (D = 1) and PFGM++ (D = 128) on 8 gaussians: the training target
     is the empirical Poisson field mean over a reference batch (the fused,
     tiled poisson_field), the sampler the backward ODE in log r with fused
-    Euler steps, over pfgm.toy_sampling_range(D). Then the NFE comparison
+    Euler steps, over pfgm_models.toy_sampling_range(D). Then the NFE comparison
     (:func:`nfe_comparison`)."""
     g = torch.Generator().manual_seed(args.seed)
     data = toy.dataset(DATASET, args.samples, seed=10_000)

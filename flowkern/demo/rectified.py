@@ -27,9 +27,10 @@ import time
 
 import torch
 
-from . import flowmap as fm_mod
-from . import meanflow, rectified, shortcut, toy
-from .samplers import sample
+from .. import flowmap as fm_mod
+from .. import meanflow, rectified, shortcut
+from ..samplers import sample
+from . import toy
 
 
 @dataclasses.dataclass

@@ -5,11 +5,12 @@ Everything is generated in code (no downloads).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
-from .ops.training import flow_matching_loss, interpolate
+from ..ops.training import flow_matching_loss, interpolate
 
 # ---------------------------------------------------------------------------
 # data
@@ -122,11 +123,45 @@ class MLP(torch.nn.Module):
         f = t * self.freq.to(like.dtype)
         return torch.cat([t, torch.sin(f), torch.cos(f)], 1)
 
+    def extend_time_input(self) -> "MLP":
+        """This model with a second time input (module function
+        extend_time_input): what flowkern.flowmap.FlowMap.from_pretrained calls."""
+        return extend_time_input(self)
+
     def forward(self, x, t, s=None):
         parts = [x, self._embed(t, x)]
         if self.extra_time:
             parts.append(self._embed(t if s is None else s, x))
         return self.net(torch.cat(parts, 1))
+
+
+def extend_time_input(model):
+    """A copy of an :class:`MLP` ``v(x, t)`` as an MLP with a second
+    time input ``d̄(x, t, s)`` (``MLP(extra_time=True)``) that computes the same
+    function for every s.
+
+    How: the extra-time MLP's first layer reads [x, emb(t), emb(s)] instead
+    of [x, emb(t)]; its weights on x and emb(t), its bias and every later
+    layer are copied, and its weights on emb(s) are set to zero. Then
+    net(x, t, s) = model(x, t) exactly, for all s; the emb(s) weights still
+    get gradients (emb(s) = (s, sin, cos of s) is not zero), so training
+    learns the s-dependence starting from the pretrained function (the
+    zero-initialised new input of ControlNet / adaLN-zero)."""
+    if not isinstance(model, MLP) or model.extra_time:
+        raise TypeError("model: expected a flowkern.demo.toy.MLP with one time input; for "
+                        "another network pass FlowMap.from_pretrained(model, extend=...)")
+    first = model.net[0]
+    n_freq = model.freq.numel()
+    dim = model.net[-1].out_features
+    hidden, depth = first.out_features, sum(isinstance(m, torch.nn.Linear) for m in model.net) - 1
+    new = MLP(dim=dim, hidden=hidden, depth=depth, n_freq=n_freq, extra_time=True)
+    new = new.to(device=first.weight.device, dtype=first.weight.dtype)
+    state = copy.deepcopy(model.state_dict())
+    w = state["net.0.weight"]
+    state["net.0.weight"] = torch.cat([w, torch.zeros(w.shape[0], 1 + 2 * n_freq,
+                                                       dtype=w.dtype, device=w.device)], 1)
+    new.load_state_dict(state)
+    return new
 
 
 def train_flow(model, data_fn, steps: int = 2000, batch: int = 1024, lr: float = 2e-3,

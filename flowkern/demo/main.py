@@ -5,10 +5,10 @@ ops, samples it with every fused sampler at several NFE (model evaluations),
 prints NFE vs sample quality (sliced Wasserstein-2 to fresh data, and exact W2
 with POT when installed) and wall time, and writes a PNG of the samples and a
 quality-vs-NFE plot to an output folder. Then PFGM / PFGM++ and the PFGM
-NFE claim against score SDEs (demo_pfgm.py), rectified flow and the one-step
-models (demo_rectified.py), and real images: scikit-learn's 8x8 digits with a
+NFE claim against score SDEs (pfgm.py), rectified flow and the one-step
+models (rectified.py), and real images: scikit-learn's 8x8 digits with a
 conv U-Net, judged by a Fréchet distance in a classifier's features
-(demo_digits.py).
+(digits.py).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import time
 import torch
 
 from . import toy
-from .samplers import sample
+from ..samplers import sample
 
 METHODS = ("euler", "heun", "ei", "dpmpp_2m", "em")
 # Exact W2 (POT's network simplex) is O(n^3): 500 points cost ~0.05 s per call,
@@ -135,22 +135,22 @@ def flow_matching_section(args, out):
 
 def pfgm_section(args, out):
     """PFGM (D = 1) and PFGM++ (D = 128) on 8 gaussians, and the PFGM paper's
-    NFE claim against VE / VP score models (flowkern/demo_pfgm.py)."""
-    from .demo_pfgm import pfgm_section as run
+    NFE claim against VE / VP score models (flowkern/demo/pfgm.py)."""
+    from .pfgm import pfgm_section as run
     return run(args, out)
 
 
 def rectified_section(args, out):
     """Rectified flow, reflow, distillation and the one-step flow map
-    (flowkern/demo_rectified.py)."""
-    from .demo_rectified import rectified_section as run
+    (flowkern/demo/rectified.py)."""
+    from .rectified import rectified_section as run
     return run(args, out)
 
 
 def digits_section(args, out):
     """Real images: scikit-learn's 8x8 digits, a conv U-Net, every sampler,
-    Fréchet distance in a classifier's features (flowkern/demo_digits.py)."""
-    from .demo_digits import digits_section as run
+    Fréchet distance in a classifier's features (flowkern/demo/digits.py)."""
+    from .digits import digits_section as run
     return run(args, out)
 
 
