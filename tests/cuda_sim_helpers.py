@@ -8,7 +8,8 @@ import torch
 
 import flowkern._C  # noqa: F401  (registers torch.ops.flowkern.*)
 
-OPS = torch.ops.flowkern
+OPS = torch.ops.flowkern       # the CPU ops, the ground truth
+SIM = torch.ops.flowkern_sim   # the grid simulator's debug ops (test-only namespace)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 WIDE = {torch.float32: 4, torch.float64: 2, torch.float16: 8, torch.bfloat16: 8}
 THREADS = 256

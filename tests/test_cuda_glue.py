@@ -397,6 +397,14 @@ def _op(ns, qual):
     return getattr(getattr(getattr(torch.ops, ns), name), overload or "default")
 
 
+def test_simulator_ops_are_not_in_the_public_namespace():
+    """The grid simulator's debug ops live in the test-only flowkern_sim::
+    namespace; flowkern:: holds the public ops only."""
+    names = torch._C._dispatch_get_all_op_names()
+    assert not [n for n in names if n.startswith("flowkern::_sim")]
+    assert {"flowkern_sim::_sim_step", "flowkern_sim::_sim_field_mean"} <= set(names)
+
+
 @pytest.mark.parametrize("qual", GLUE_OPS)
 def test_sim_schemas_are_the_native_ones(qual):
     """flowkern_sim:: tests the glue of exactly the flowkern:: schemas."""

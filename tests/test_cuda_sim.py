@@ -1,6 +1,6 @@
 """The CUDA training kernels' indexing, proven on CPU by the grid simulator.
 
-torch.ops.flowkern._sim_* run the kernels' header bodies over every block and
+torch.ops.flowkern_sim._sim_* run the kernels' header bodies over every block and
 thread of the grid that csrc/cuda/training.cu launches (same launch plan, same
 pointers). Each result is compared with the CPU kernel (same per-element
 code, so bit-exact for the elementwise ops) and with float64 formulas written
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cuda_sim_helpers import (DTYPES, OPS, SHAPES, THREADS, WIDE, acc, check_plan,
+from cuda_sim_helpers import (DTYPES, OPS, SIM, SHAPES, THREADS, WIDE, acc, check_plan,
                               make_inputs)
 
 VELOCITY, X1, EPS, SCORE = range(4)
@@ -172,7 +172,7 @@ def check_lincomb(op, params, dtype, shape, offset, max_blocks, seed=0):
     coef = make_coef(rows, dtype, gen)
     grad_rows = (torch.randn(rows, generator=gen, dtype=torch.float64).to(acc(dtype))
                  if op.startswith("fm_loss_backward") else None)
-    outs, plan = OPS._sim_lincomb(op, inputs, coef, grad_rows, list(params), max_blocks, offset)
+    outs, plan = SIM._sim_lincomb(op, inputs, coef, grad_rows, list(params), max_blocks, offset)
     what = f"{op}{tuple(params)} {dtype} {shape} offset={offset} max_blocks={max_blocks}"
     cpu = cpu_op(op, inputs, coef, params, grad_rows)
     assert len(outs) == len(cpu)
@@ -255,7 +255,7 @@ def test_fm_loss_partial(dtype, target):
         for offset, chunk_len in ((0, 0), (1, 5), (0, 300), (1, 1 << 20)):
             inputs = make_inputs(3, shape, dtype, gen, offset)
             coef = make_coef(rows, dtype, gen)
-            partial, plan = OPS._sim_fm_loss_partial(*inputs, coef, target, chunk_len)
+            partial, plan = SIM._sim_fm_loss_partial(*inputs, coef, target, chunk_len)
             what = f"{dtype} target={target} {shape} offset={offset} chunk_len={chunk_len}"
             threads, clen, nchunks, blocks = plan
             assert threads == THREADS and blocks == rows * nchunks
@@ -276,14 +276,14 @@ def test_plans_64bit():
     """Plan arithmetic past 2^31 elements and the grid caps (the simulator
     cannot sweep such sizes, so the plan is checked on its own)."""
     rows, inner = 1 << 20, (1 << 13) + 8
-    vec, threads, blocks = OPS._sim_plan_lincomb(rows, inner, 2, True, 0)
+    vec, threads, blocks = SIM._sim_plan_lincomb(rows, inner, 2, True, 0)
     assert (vec, threads, blocks) == (8, THREADS, 132 * 16)
-    assert OPS._sim_plan_lincomb(rows, inner, 2, True, 1 << 40) == [8, THREADS,
+    assert SIM._sim_plan_lincomb(rows, inner, 2, True, 1 << 40) == [8, THREADS,
                                                                     rows * inner // 8 // THREADS]
-    assert OPS._sim_plan_lincomb(3, 1 << 33, 4, False, 7) == [1, THREADS, 7]
-    assert OPS._sim_plan_lincomb(3, 6, 4, True, 0)[0] == 1  # 6 % 4 != 0
-    assert OPS._sim_plan_lincomb(0, 8, 4, True, 0)[2] == 0
-    threads, clen, nchunks, blocks = OPS._sim_plan_rowsum(5, (1 << 33) + 1, 0)
+    assert SIM._sim_plan_lincomb(3, 1 << 33, 4, False, 7) == [1, THREADS, 7]
+    assert SIM._sim_plan_lincomb(3, 6, 4, True, 0)[0] == 1  # 6 % 4 != 0
+    assert SIM._sim_plan_lincomb(0, 8, 4, True, 0)[2] == 0
+    threads, clen, nchunks, blocks = SIM._sim_plan_rowsum(5, (1 << 33) + 1, 0)
     assert (threads, clen) == (THREADS, 16 * THREADS)
     assert nchunks == (1 << 33) // clen + 1 and blocks == 5 * nchunks
-    assert OPS._sim_plan_rowsum(5, 0, 0)[2:] == [1, 5]
+    assert SIM._sim_plan_rowsum(5, 0, 0)[2:] == [1, 5]

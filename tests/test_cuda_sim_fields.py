@@ -1,6 +1,6 @@
 """The CUDA empirical-field kernels' indexing, proven on CPU by the grid simulator.
 
-torch.ops.flowkern._sim_field_mean runs the block bodies of
+torch.ops.flowkern_sim._sim_field_mean runs the block bodies of
 csrc/cuda/fields.cu (flowkern/fields_block.h) over every block, thread and
 phase of the grids the launcher launches (same plan, same workspace layout),
 into NaN-filled outputs and workspace. Each result is compared with the
@@ -24,6 +24,7 @@ import flowkern._C  # noqa: F401  (registers torch.ops.flowkern.*)
 from flowkern.reference import fields as R
 
 OPS = torch.ops.flowkern
+SIM = torch.ops.flowkern_sim  # the simulator's debug ops (test-only namespace)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 BS, RS, NS = (1, 7, 33), (1, 5, 130), (1, 3, 67, 300)
 # (kind, D) of poisson; the others' parameters come from `case`.
@@ -61,7 +62,7 @@ def case(kind, B, Rn, N, dtype, seed=0):
 
 
 def simulate(x, ref, qp, kind, p0, p1, splits=0, max_blocks=0, reverse=False):
-    m, b, l, plan = OPS._sim_field_mean(x, ref, qp.to(acc(x.dtype)), kind, p0, p1, splits,
+    m, b, l, plan = SIM._sim_field_mean(x, ref, qp.to(acc(x.dtype)), kind, p0, p1, splits,
                                         max_blocks, reverse)
     return (m, b, l), plan
 
@@ -108,7 +109,7 @@ def test_every_shape(kind, dtype):
         x, ref, qp, k, p0, p1 = case(kind, B, Rn, N, dtype)
         truth = truths(x, ref, qp, k, p0, p1)
         for splits in (1, 2):
-            plan = OPS._sim_plan_fields(B, Rn, N, acc(dtype).itemsize, splits)
+            plan = SIM._sim_plan_fields(B, Rn, N, acc(dtype).itemsize, splits)
             if splits > 1 and plan[4] == 1:
                 continue  # a single tile
             what = f"{kind} {dtype} B={B} R={Rn} N={N} splits={splits}"
@@ -212,7 +213,7 @@ def test_plan():
     """The launcher's plan (flowkern/fields_block.h): ranges only for batches
     that leave the device idle, at least two tiles each, within the
     workspace budget and the merge kernel's limit, idempotent."""
-    plan = OPS._sim_plan_fields
+    plan = SIM._sim_plan_fields
     # (B, R, N, acc_size, splits, max_blocks) -> (splits, rchunk)
     assert plan(1, 100000, 3072, 4, 0, 2112)[4:6] == [32, 3136]  # capped at 32 ranges
     assert plan(128, 4096, 3072, 4, 0, 2112)[3:6] == [4, 32, 128]  # 64 tiles / 32

@@ -1,6 +1,6 @@
 """The CUDA flow-map loss kernels' indexing, proven on CPU by the grid simulator.
 
-torch.ops.flowkern._sim_flowmap_loss_partial / _sim_flowmap_loss_backward
+torch.ops.flowkern_sim._sim_flowmap_loss_partial / _sim_flowmap_loss_backward
 build the launchers' functors (flowkern/flowmap.h) and run the row-sum and
 elementwise kernel bodies over every block and thread of the grids
 csrc/cuda/flowmap.cu launches (same plans, same pointers). The backward must
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import flowkern
-from cuda_sim_helpers import DTYPES, OPS, THREADS, WIDE, acc, check_plan, make_inputs
+from cuda_sim_helpers import DTYPES, OPS, SIM, THREADS, WIDE, acc, check_plan, make_inputs
 from flowkern.reference import flowmap as ref
 
 PREDS = range(4)  # velocity, x1, eps, score (flowkern/_enums.py)
@@ -66,7 +66,7 @@ def check_rows(dtype, shape, pred, form, per_sample, offset, chunk_len, seed=0):
     inner = math.prod(shape[1:]) if rows else 0  # as the launchers compute it
     inputs = make_inputs(3, shape, dtype, gen, offset)
     table = make_table(rows, per_sample, dtype, gen)
-    partial, plan = OPS._sim_flowmap_loss_partial(*inputs, table, pred, form, chunk_len)
+    partial, plan = SIM._sim_flowmap_loss_partial(*inputs, table, pred, form, chunk_len)
     what = (f"{dtype} {shape} pred={pred} form={form} "
             f"table={'per-sample' if per_sample else 'shared'} offset={offset} "
             f"chunk_len={chunk_len}")
@@ -95,7 +95,7 @@ def check_backward(dtype, shape, pred, form, per_sample, flags, offset, max_bloc
     inputs = make_inputs(3, shape, dtype, gen, offset)
     table = make_table(rows, per_sample, dtype, gen)
     g = torch.randn(rows, generator=gen, dtype=torch.float64).to(acc(dtype))
-    outs, plan = OPS._sim_flowmap_loss_backward(g, *inputs, table, pred, form, *flags,
+    outs, plan = SIM._sim_flowmap_loss_backward(g, *inputs, table, pred, form, *flags,
                                                 max_blocks, offset)
     want = OPS.flowmap_loss_backward(g, *inputs, table, pred, form, *flags)
     what = (f"{dtype} {shape} pred={pred} form={form} "
@@ -168,14 +168,14 @@ def test_bad_arguments():
     x = torch.zeros(2, 8)
     table = flowkern.step_table("linear", 0.2, 0.3)
     with pytest.raises(RuntimeError, match="step table"):
-        OPS._sim_flowmap_loss_partial(x, x, x, torch.zeros(3, 12), 1, 0)
+        SIM._sim_flowmap_loss_partial(x, x, x, torch.zeros(3, 12), 1, 0)
     with pytest.raises(RuntimeError, match="step table"):
-        OPS._sim_flowmap_loss_partial(x, x, x, table.double(), 1, 0)
+        SIM._sim_flowmap_loss_partial(x, x, x, table.double(), 1, 0)
     with pytest.raises(RuntimeError, match="unknown form 2"):
-        OPS._sim_flowmap_loss_partial(x, x, x, table, 1, 2)
+        SIM._sim_flowmap_loss_partial(x, x, x, table, 1, 2)
     with pytest.raises(RuntimeError, match="unknown prediction 4"):
-        OPS._sim_flowmap_loss_backward(torch.zeros(2), x, x, x, table, 4, 0, True, True)
+        SIM._sim_flowmap_loss_backward(torch.zeros(2), x, x, x, table, 4, 0, True, True)
     with pytest.raises(RuntimeError, match="one shape and dtype"):
-        OPS._sim_flowmap_loss_backward(torch.zeros(2), x, x, x[:, :4], table, 1, 0, True, True)
+        SIM._sim_flowmap_loss_backward(torch.zeros(2), x, x, x[:, :4], table, 1, 0, True, True)
     with pytest.raises(RuntimeError, match="grad_rows"):
-        OPS._sim_flowmap_loss_backward(torch.zeros(3), x, x, x, table, 1, 0, True, True)
+        SIM._sim_flowmap_loss_backward(torch.zeros(3), x, x, x, table, 1, 0, True, True)

@@ -1,6 +1,6 @@
 """The CUDA sampler-step kernels' indexing, proven on CPU by the grid simulator.
 
-torch.ops.flowkern._sim_step builds a step's functor with the launchers' own
+torch.ops.flowkern_sim._sim_step builds a step's functor with the launchers' own
 fk::with_step_fn and runs fk::lincomb_thread over every block and thread of
 the grid csrc/cuda/steps.cu launches (same plan, same pointers). Each result
 must equal the CPU op (csrc/cpu/steps.cpp, the ground truth: same per-element
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flowkern
-from cuda_sim_helpers import (DTYPES, OPS, SHAPES, THREADS, WIDE, acc, assert_within_fp32_ulp,
+from cuda_sim_helpers import (DTYPES, OPS, SIM, SHAPES, THREADS, WIDE, acc, assert_within_fp32_ulp,
                               check_plan, make_inputs)
 
 PREDS = range(4)  # velocity, x1, eps, score (flowkern/_enums.py)
@@ -91,7 +91,7 @@ def check_step(op, variant, pred, cfg, dtype, shape, per_sample, offset, max_blo
     table = make_table(op, shape[0], per_sample, dtype, gen)
     w = 2.5 if cfg else 1.0
     seed, noise_offset, seeds = (*noise, None)[:3]  # noise: (seed, offset[, per-sample seeds])
-    outs, plan = OPS._sim_step(op, ins, table, pred, variant, cfg, w, seed, noise_offset,
+    outs, plan = SIM._sim_step(op, ins, table, pred, variant, cfg, w, seed, noise_offset,
                                max_blocks, offset, seeds,
                                LMS_WEIGHTS[:variant + 1] if op == "lms_step" else [])
     want = cpu_step(op, ins, table, pred, variant, cfg, w, seed, noise_offset, seeds)
@@ -162,7 +162,7 @@ def test_noise_counters(op, dtype):
     table = make_table(op, 4, False, dtype, gen)
 
     def run(seed, offset, inputs=ins):
-        return OPS._sim_step(op, inputs, table, 0, 0, False, 1.0, seed, offset, 3, 0)[0][0]
+        return SIM._sim_step(op, inputs, table, 0, 0, False, 1.0, seed, offset, 3, 0)[0][0]
 
     a = run(1, 0)
     assert not torch.equal(a, run(2, 0)) and not torch.equal(a, run(1, 1))
@@ -189,12 +189,12 @@ def test_per_sample_seed_counters(op, dtype):
     ins = make_inputs(n_inputs(op, False), (4, 300), dtype, gen)
     table = make_table(op, 4, False, dtype, gen)
     s4 = seeds[2:6]
-    both = OPS._sim_step(op, ins, table, 0, 0, False, 1.0, 0, 9, 3, 0, s4)[0][0]
+    both = SIM._sim_step(op, ins, table, 0, 0, False, 1.0, 0, 9, 3, 0, s4)[0][0]
     for r in range(4):
-        alone = OPS._sim_step(op, [t[r:r + 1] for t in ins], table, 0, 0, False, 1.0,
+        alone = SIM._sim_step(op, [t[r:r + 1] for t in ins], table, 0, 0, False, 1.0,
                               int(s4[r]), 9, 0, 0)[0][0]
         assert torch.equal(alone[0], both[r]), r
-    flipped = OPS._sim_step(op, [t.flip(0).contiguous() for t in ins], table, 0, 0, False, 1.0,
+    flipped = SIM._sim_step(op, [t.flip(0).contiguous() for t in ins], table, 0, 0, False, 1.0,
                             0, 9, 3, 0, s4.flip(0))[0][0]
     assert torch.equal(flipped.flip(0), both)
 
@@ -203,11 +203,11 @@ def test_bad_arguments():
     x = torch.zeros(2, 8)
     table = flowkern.step_table("linear", 0.2, 0.3)
     with pytest.raises(RuntimeError, match=r"_sim_step\(euler_step\): expected 2 inputs"):
-        OPS._sim_step("euler_step", [x], table)
+        SIM._sim_step("euler_step", [x], table)
     with pytest.raises(RuntimeError, match="step table"):
-        OPS._sim_step("euler_step", [x, x], torch.zeros(3, 12))
+        SIM._sim_step("euler_step", [x, x], torch.zeros(3, 12))
     with pytest.raises(RuntimeError, match="unknown op 'nope'"):
-        OPS._sim_step("nope", [x, x], table)
+        SIM._sim_step("nope", [x, x], table)
 
 
 def test_device_cos_formula():
@@ -241,10 +241,10 @@ def test_dpmpp_nan_in_d_prev_stays_out_of_d_t(cfg):
     ins = make_inputs(n_inputs("dpmpp_2m_step", cfg), (5, 7), torch.float32, gen, 0)
     table = make_table("dpmpp_2m_step", 5, True, torch.float32, gen)
     w = 2.5 if cfg else 1.0
-    clean = OPS._sim_step("dpmpp_2m_step", ins, table, 1, 1, cfg, w, 0, 0, 0, 0)[0]
+    clean = SIM._sim_step("dpmpp_2m_step", ins, table, 1, 1, cfg, w, 0, 0, 0, 0)[0]
     ins[2] = ins[2].clone()
     ins[2][2, 3] = float("nan")
-    poisoned = OPS._sim_step("dpmpp_2m_step", ins, table, 1, 1, cfg, w, 0, 0, 0, 0)[0]
+    poisoned = SIM._sim_step("dpmpp_2m_step", ins, table, 1, 1, cfg, w, 0, 0, 0, 0)[0]
     assert torch.equal(poisoned[1], clean[1])
     assert poisoned[0].isnan().sum() == 1 and poisoned[0][2, 3].isnan()
 
@@ -257,10 +257,10 @@ def test_lms_nan_in_history_stays_out_of_u_t(cfg):
     ins = make_inputs(n_inputs("lms_step", cfg, 3), (5, 7), torch.float32, gen, 0)
     table = make_table("lms_step", 5, True, torch.float32, gen)
     w = 2.5 if cfg else 1.0
-    clean = OPS._sim_step("lms_step", ins, table, 1, 3, cfg, w, 0, 0, 0, 0, None, LMS_WEIGHTS)[0]
+    clean = SIM._sim_step("lms_step", ins, table, 1, 3, cfg, w, 0, 0, 0, 0, None, LMS_WEIGHTS)[0]
     ins[3] = ins[3].clone()
     ins[3][2, 3] = float("nan")
-    poisoned = OPS._sim_step("lms_step", ins, table, 1, 3, cfg, w, 0, 0, 0, 0, None,
+    poisoned = SIM._sim_step("lms_step", ins, table, 1, 3, cfg, w, 0, 0, 0, 0, None,
                              LMS_WEIGHTS)[0]
     assert torch.equal(poisoned[1], clean[1])
     assert poisoned[0].isnan().sum() == 1 and poisoned[0][2, 3].isnan()

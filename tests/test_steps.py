@@ -137,7 +137,7 @@ def test_cpu_noise_blocks_are_the_same_on_every_isa(monkeypatch):
     base = draw()
     assert torch.equal(wide, base)
     tab = fk.step_table("linear", 0.5, 0.3)
-    sim = torch.ops.flowkern._sim_step("churn", [x], tab, 0, 0, False, 1.0, 2 ** 40 + 3, 2 ** 33 - 5,
+    sim = torch.ops.flowkern_sim._sim_step("churn", [x], tab, 0, 0, False, 1.0, 2 ** 40 + 3, 2 ** 33 - 5,
                                        0, 0)
     assert torch.equal(sim[0][0], wide)
 

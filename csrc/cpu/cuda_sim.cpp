@@ -113,9 +113,10 @@ Plan sim_plan_rowsum(int64_t rows, int64_t inner, int64_t chunk_len) {
 
 }  // namespace
 
-// Debug ops for tests; not part of the public API. Plans are returned so a
+// Debug ops for tests, in the test-only flowkern_sim:: namespace (with the
+// simulated CUDA glue, cuda_sim_glue.cpp), not the public flowkern::. Plans are returned so a
 // test can assert which path (vec, grid-stride) it exercised.
-TORCH_LIBRARY_FRAGMENT(flowkern, m) {
+TORCH_LIBRARY_FRAGMENT(flowkern_sim, m) {
   m.def(
       "_sim_lincomb(str op, Tensor[] inputs, Tensor coef, Tensor? grad_rows, int[] params, "
       "int max_blocks=0, int out_offset=0) -> (Tensor[], int[])");
@@ -130,7 +131,7 @@ TORCH_LIBRARY_FRAGMENT(flowkern, m) {
   m.def("_sim_plan_rowsum(int rows, int inner, int chunk_len=0) -> int[]", &sim_plan_rowsum);
 }
 
-TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
+TORCH_LIBRARY_IMPL(flowkern_sim, CPU, m) {
   m.impl("_sim_lincomb", &sim_lincomb);
   m.impl("_sim_fm_loss_partial", &sim_fm_loss_partial);
 }

@@ -142,9 +142,10 @@ Plan sim_plan_fields(int64_t B, int64_t R, int64_t N, int64_t acc_size, int64_t 
 
 }  // namespace
 
-// Debug ops for tests; not part of the public API. The plan is returned as
+// Debug ops for tests, in the test-only flowkern_sim:: namespace (with the
+// simulated CUDA glue, cuda_sim_glue.cpp), not the public flowkern::. The plan is returned as
 // (threads, bq, br, qblocks, splits, rchunk, workspace).
-TORCH_LIBRARY_FRAGMENT(flowkern, m) {
+TORCH_LIBRARY_FRAGMENT(flowkern_sim, m) {
   m.def(
       "_sim_field_mean(Tensor x, Tensor ref, Tensor qp, int kind, float p0, float p1, "
       "int splits=0, int max_blocks=0, bool reverse=False) -> (Tensor, Tensor, Tensor, int[])");
@@ -155,7 +156,7 @@ TORCH_LIBRARY_FRAGMENT(flowkern, m) {
       &sim_plan_fields);
 }
 
-TORCH_LIBRARY_IMPL(flowkern, CPU, m) { m.impl("_sim_field_mean", &sim_field_mean); }
+TORCH_LIBRARY_IMPL(flowkern_sim, CPU, m) { m.impl("_sim_field_mean", &sim_field_mean); }
 
 }  // namespace flowkern_cpu
 

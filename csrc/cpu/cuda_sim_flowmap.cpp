@@ -80,10 +80,11 @@ std::tuple<std::vector<at::Tensor>, sim::Plan> sim_flowmap_loss_backward(
 
 }  // namespace
 
-// Debug ops for tests; not part of the public API. The plans are returned so
+// Debug ops for tests, in the test-only flowkern_sim:: namespace (with the
+// simulated CUDA glue, cuda_sim_glue.cpp), not the public flowkern::. The plans are returned so
 // a test can assert which path it exercised: (threads, chunk_len, nchunks,
 // blocks) for the row sum, (vec, threads, blocks) for the backward.
-TORCH_LIBRARY_FRAGMENT(flowkern, m) {
+TORCH_LIBRARY_FRAGMENT(flowkern_sim, m) {
   m.def(
       "_sim_flowmap_loss_partial(Tensor x, Tensor pred, Tensor target, Tensor coef, "
       "int prediction, int form, int chunk_len=0) -> (Tensor, int[])");
@@ -93,7 +94,7 @@ TORCH_LIBRARY_FRAGMENT(flowkern, m) {
       "int max_blocks=0, int out_offset=0) -> (Tensor[], int[])");
 }
 
-TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
+TORCH_LIBRARY_IMPL(flowkern_sim, CPU, m) {
   m.impl("_sim_flowmap_loss_partial", &sim_flowmap_loss_partial);
   m.impl("_sim_flowmap_loss_backward", &sim_flowmap_loss_backward);
 }

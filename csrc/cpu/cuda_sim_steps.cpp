@@ -74,15 +74,16 @@ std::tuple<std::vector<at::Tensor>, sim::Plan> sim_step(
 
 }  // namespace
 
-// Debug op for tests; not part of the public API. Returns the outputs and the
+// Debug op for tests, in the test-only flowkern_sim:: namespace (with the
+// simulated CUDA glue, cuda_sim_glue.cpp), not the public flowkern::. Returns the outputs and the
 // plan (vec, threads, blocks) so a test can assert which path it exercised.
-TORCH_LIBRARY_FRAGMENT(flowkern, m) {
+TORCH_LIBRARY_FRAGMENT(flowkern_sim, m) {
   m.def(
       "_sim_step(str op, Tensor[] inputs, Tensor coef, int prediction=0, int variant=0, "
       "bool cfg=False, float guidance=1.0, int seed=0, int offset=0, int max_blocks=0, "
       "int out_offset=0, Tensor? seeds=None, float[] weights=[]) -> (Tensor[], int[])");
 }
 
-TORCH_LIBRARY_IMPL(flowkern, CPU, m) { m.impl("_sim_step", &sim_step); }
+TORCH_LIBRARY_IMPL(flowkern_sim, CPU, m) { m.impl("_sim_step", &sim_step); }
 
 }  // namespace flowkern_cpu
