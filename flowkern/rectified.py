@@ -23,6 +23,7 @@ import torch
 
 from . import _validate as V
 from ._enums import PREDICTIONS
+from ._progress import progress_bar
 from .ops.flowmap import flowmap_loss
 from .ops.steps import ei_step, step_table
 from .ops.training import flow_matching_loss, interpolate
@@ -48,16 +49,6 @@ def _check_pairs(x0, x1):
         raise ValueError(f"x1: the pairs must share shape, dtype and device; x0 is "
                          f"{tuple(x0.shape)} {x0.dtype} {x0.device}, x1 is "
                          f"{tuple(x1.shape)} {x1.dtype} {x1.device}")
-
-
-def _bar(total, progress, desc):
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="sample", leave=False)
 
 
 @torch.no_grad()
@@ -87,7 +78,7 @@ def reflow_pairs(model, x0: torch.Tensor, steps: int = 100, method: str = "euler
     if method not in METHODS:
         raise ValueError(f"method: unknown method {method!r}; expected one of {METHODS}")
     n = x0.shape[0]
-    bar = _bar(n, progress, desc)
+    bar = progress_bar(n, progress, desc=desc, unit="sample", leave=False)
     out = torch.empty_like(x0, memory_format=torch.contiguous_format)
     try:
         for lo in range(0, n, batch_size):

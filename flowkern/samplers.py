@@ -25,6 +25,7 @@ from collections import OrderedDict
 import torch
 
 from . import _validate as V
+from ._progress import progress_bar
 from ._enums import PREDICTIONS
 from .backend import resolve
 from .grids import make_grid, sigma_k, t_from_sigma_k
@@ -33,11 +34,6 @@ from .ops.steps import (dpmpp_2m_step, ei_step, em_step, euler_step, heun_step,
                         noise_stream, step_table)
 from .ops._registry import empty_output
 from .schedules import evaluate, get_schedule
-
-try:  # optional
-    from tqdm.auto import tqdm as _tqdm
-except ImportError:  # pragma: no cover
-    _tqdm = None
 
 METHODS = ("euler", "heun", "ei", "dpmpp_2m", "em")
 DEFAULT_STEPS = 50
@@ -493,9 +489,7 @@ def sample(model, x_init, schedule="linear", method="euler", steps=None, grid="u
                              "an explicit seed: a captured graph replays the same noise")
         return _run_graphed(plan, model, x_init)
     trajectory = [] if return_trajectory else None
-    bar = None
-    if progress and _tqdm is not None:
-        bar = _tqdm(total=plan.n, desc=f"flowkern {method}", leave=False)
+    bar = progress_bar(plan.n, progress, desc=f"flowkern {method}", leave=False)
     try:
         loop = _Loop(plan, model, x_init, _checks_on(x_init), callback, trajectory, bar)
         out = loop.run(x_init)

@@ -35,6 +35,7 @@ from .. import pfgm
 from ..grids import t_from_sigma_k
 from ..ops.fields import empirical_denoiser
 from ..ops.training import flow_matching_loss, interpolate
+from .._progress import progress_iter
 from ..samplers import sample
 from ..schedules import VE, VP
 from . import pfgm_models, toy
@@ -116,7 +117,7 @@ def train_score(kind: str, steps: int, batch: int, ref_batch: int = 1024, lr: fl
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     hist = []
     t0 = time.perf_counter()
-    for _ in toy._bar(range(steps), progress, f"train {kind} score"):
+    for _ in progress_iter(range(steps), progress, desc=f"train {kind} score", leave=False):
         ref = toy.eight_gaussians(ref_batch, generator=g)
         x0 = torch.randn(batch, 2, generator=g)
         n = torch.exp(torch.randn(batch, generator=g, dtype=torch.float64) * 1.2 - 1.2)

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .._progress import progress_iter
 from ..pfgm import perturb, target
 
 __all__ = ["ToyDenoiser", "ToyPFGMDenoiser", "train_toy", "toy_sampling_range"]
@@ -113,14 +114,7 @@ def train_toy(data_fn: Callable, D: float = 128, steps: int = 1000, batch: int =
         ref_batch = 2048 if D == 1 else 1024
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    it = range(steps)
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            it = tqdm(it, desc=f"train {name} D={D:g}", leave=False)
-        except ImportError:
-            pass
-    for _ in it:
+    for _ in progress_iter(range(steps), progress, desc=f"train {name} D={D:g}", leave=False):
         ref = data_fn(ref_batch, generator)
         xq, r = perturb(ref[:batch], D=D, generator=generator)
         with torch.no_grad():

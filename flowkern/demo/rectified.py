@@ -29,6 +29,7 @@ import torch
 
 from .. import flowmap as fm_mod
 from .. import meanflow, rectified, shortcut
+from .._progress import progress_iter
 from ..samplers import sample
 from . import toy
 
@@ -69,7 +70,7 @@ def _fit(params, loss_fn, steps, lr, progress, desc, seed):
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     hist = []
-    for _ in toy._bar(range(steps), progress, desc):
+    for _ in progress_iter(range(steps), progress, desc=desc, leave=False):
         loss = loss_fn(g)
         opt.zero_grad(set_to_none=True)
         loss.backward()

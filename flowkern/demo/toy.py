@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .._progress import progress_iter
 from ..ops.training import flow_matching_loss, interpolate
 
 # ---------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def train_flow(model, data_fn, steps: int = 2000, batch: int = 1024, lr: float =
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    bar = _bar(range(steps), progress, desc)
+    bar = progress_iter(range(steps), progress, desc=desc, leave=False)
     history = []
     for i in bar:
         if pairs is None:
@@ -195,12 +196,3 @@ def train_flow(model, data_fn, steps: int = 2000, batch: int = 1024, lr: float =
             bar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.4f}")
     return history
 
-
-def _bar(it, progress, desc):
-    if not progress:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return it
-    return tqdm(it, desc=desc, leave=False)

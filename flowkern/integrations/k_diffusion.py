@@ -55,15 +55,11 @@ import numpy as np
 import torch
 
 from .. import _validate as V
+from .._progress import progress_bar, progress_iter
 from ..ops.steps import churn as _churn
 from ..ops.steps import (dpmpp_2m_step, em_step, euler_step, heun_step, lms_step,
                          noise_stream)
 from ..tables import step_row
-
-try:
-    from tqdm.auto import trange as _trange
-except ImportError:  # pragma: no cover
-    _trange = None
 
 __all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral",
            "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
@@ -73,9 +69,8 @@ __all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ances
 
 
 def _range(n, disable):
-    if _trange is None:
-        return range(n)
-    return _trange(n, disable=disable)
+    """k-diffusion's trange(n, disable=disable) (None: tqdm decides)."""
+    return progress_iter(range(n), disable=disable)
 
 
 def _host(sigmas, x):
@@ -955,10 +950,8 @@ class _NoBar:
 
 def _progress(total, disable):
     """DPMSolver's progress bar: one tick per model call (its eps_callback)."""
-    if _trange is None:
-        return _NoBar()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, disable=disable)
+    bar = progress_bar(total, disable=disable)
+    return _NoBar() if bar is None else bar
 
 
 def _scalar(v, x):
