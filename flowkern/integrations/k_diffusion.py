@@ -541,6 +541,18 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     return x
 
 
+def _multistep_sde_setup(x, sigmas, extra_args, eta, noise_sampler, seed, per_sample_seeds):
+    """What sample_dpmpp_2m_sde and _3m_sde set up alike: (extra_args, sigmas,
+    their host copy, the state dtype, s_in, the step count, the noise key).
+    The state is x's dtype: k-diffusion multiplies by 0-dim tensors only
+    (_host)."""
+    extra_args = {} if extra_args is None else extra_args
+    sigmas, sig, _ = _host(sigmas, x)
+    key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None and bool(eta),
+                     noise_sampler)
+    return extra_args, sigmas, sig, x.dtype, x.new_ones([x.shape[0]]), len(sig) - 1, key
+
+
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
                         s_noise=1., noise_sampler=None, solver_type="midpoint", seed=None,
@@ -555,13 +567,8 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     noise_sampler (k-diffusion's default is a torchsde Brownian tree)."""
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError("solver_type must be 'heun' or 'midpoint'")
-    extra_args = {} if extra_args is None else extra_args
-    sigmas, sig, _ = _host(sigmas, x)
-    state = x.dtype  # k-diffusion multiplies by 0-dim tensors only: x's dtype (_host)
-    s_in = x.new_ones([x.shape[0]])
-    n = len(sig) - 1
-    key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None and bool(eta),
-                     noise_sampler)
+    extra_args, sigmas, sig, state, s_in, n, key = _multistep_sde_setup(
+        x, sigmas, extra_args, eta, noise_sampler, seed, per_sample_seeds)
     rows, noise, stds = [], [], []
     h_last = None
     for i in range(n):
@@ -633,13 +640,8 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     s' sqrt(1 - e^{-2 eta h}) s_noise is the fused churn pass on
     Philox(seed, i x.numel()) or the caller's noise_sampler (k-diffusion's
     default is a torchsde Brownian tree)."""
-    extra_args = {} if extra_args is None else extra_args
-    sigmas, sig, _ = _host(sigmas, x)
-    state = x.dtype  # k-diffusion multiplies by 0-dim tensors only: x's dtype (_host)
-    s_in = x.new_ones([x.shape[0]])
-    n = len(sig) - 1
-    key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None and bool(eta),
-                     noise_sampler)
+    extra_args, sigmas, sig, state, s_in, n, key = _multistep_sde_setup(
+        x, sigmas, extra_args, eta, noise_sampler, seed, per_sample_seeds)
     rows, extra, pair, noise, stds = [], [], [], [], []
     h_1 = h_2 = None
     for i in range(n):

@@ -608,8 +608,7 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
     seeds = _per_sample_seeds(per_sample_seeds, x)
     if st.backend == "torch":
-        xi = ref.philox_normal(seed if seeds is None else seeds, offset, x.shape, st.acc,
-                               x.device)
+        xi = _ref_noise(seed, seeds, offset, x, st)
         return _cast(ref.em_step(x.to(st.acc), pred.to(st.acc), st.table[:, AT_T], st.table[:, H],
                                  st.table[:, G], xi, prediction, _up(pred_uncond, st), w), out)
     x, pred, pu = st.dense(x, pred, pred_uncond)
@@ -637,8 +636,7 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
     V.check_no_overlap({"out": out}, {"x": x})
     seeds = _per_sample_seeds(per_sample_seeds, x)
     if st.backend == "torch":
-        xi = ref.philox_normal(seed if seeds is None else seeds, offset, x.shape, st.acc,
-                               x.device)
+        xi = _ref_noise(seed, seeds, offset, x, st)
         return _cast(ref.churn(x.to(st.acc), st.table[:, AT_T], st.table[:, AT_S], xi), out)
     ops_for(st.backend).churn(x.contiguous(), *_table_args(st), seed, offset, seeds, False, out)
     return out
@@ -732,6 +730,12 @@ def _lms_weights(weights, hist):
 def _table_args(st):
     """The coefficient arguments of a step whose table was built and checked here."""
     return st.table, _NOTHING, TABLE_KIND, _NOTHING
+
+
+def _ref_noise(seed, seeds, offset, x, st):
+    """The reference's noise for a step of x: the kernels' draws (per-sample
+    seeds replace the seed)."""
+    return ref.philox_normal(seed if seeds is None else seeds, offset, x.shape, st.acc, x.device)
 
 
 def _seed_offset(seed, offset, per_sample_seeds):
