@@ -383,24 +383,30 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
 def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
                            eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None,
                            per_sample_seeds=None):
-    """Ancestral DPM-Solver-2: the DPM-Solver-2 step to sigma_down, then noise
-    of std s_noise sigma_up (the fused churn pass on Philox(seed, i x.numel()),
-    or the caller's noise_sampler)."""
+    """Ancestral DPM-Solver-2: the DPM-Solver-2 step to sigma_down plus noise
+    of std s_noise sigma_up. With in-kernel noise the second stage and the
+    noise are one Euler-Maruyama pass (Philox(seed, i x.numel())): with
+    x_2 = x + (mid - s)(x - d)/s written out, k-diffusion's x + (down -
+    s)(x_2 - d_2)/mid is (down/s) x + (1 - down/s)(w d_2 + (1 - w) d),
+    w = s/mid: _ancestral_row's combination with d guided between d_2 and d.
+    With the caller's noise_sampler: the fused second stage, then its noise."""
     extra_args = {} if extra_args is None else extra_args
     sigmas, sig, state = _host(sigmas, x)
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
     steps = [get_ancestral_step(sig[i], sig[i + 1], eta=eta) for i in range(n)]
     key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None, noise_sampler)
-    first, second, noise, mids = [], [], [], []
+    first, second, noisy, noise, mids = [], [], [], [], []
     for i, (down, up) in enumerate(steps):
         mid = math.exp(0.5 * (math.log(sig[i]) + math.log(down))) if down > 0 else sig[i]
         first.append(_euler_row(sig[i], mid if down > 0 else 0.0))
         second.append(_second_stage_row(sig[i], mid, down))
+        noisy.append(_ancestral_row(sig[i], down, s_noise * up))
         noise.append(_noise_row(s_noise * up))
         mids.append(mid)
     first, second = _rows(first, x, state), _rows(second, x, state)
-    noise = _rows(noise, x, state)
+    noisy, noise = _rows(noisy, x, state), _rows(noise, x, state)
+    weights = [sig[i] / m for i, m in enumerate(mids)]  # w = s/mid (docstring)
     mids = torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
     xe = None
     for i in _range(n, disable):
@@ -416,10 +422,16 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         xe = _buffer(xe, x)
         euler_step(x, denoised, prediction="x1", table=first[i], out=xe, backend=backend)
         denoised_2 = _denoise(model, xe, mids[i], s_in, extra_args, state)
+        if noise_sampler is None and up > 0:  # second stage + noise in one pass
+            x = em_step(x, denoised_2, prediction="x1", pred_uncond=denoised,
+                        guidance=weights[i], table=noisy[i], **key.at(i),
+                        backend=backend)
+            continue
         x = heun_step(x, denoised, xe, denoised_2, prediction="x1", table=second[i],
                       backend=backend)
-        x = _add_noise(x, i, i, noise, key, noise_sampler, sigmas[i], sigmas[i + 1],
-                       s_noise * up, backend)
+        if up > 0:  # (x + 0 xi is x)
+            x = _add_noise(x, i, i, noise, key, noise_sampler, sigmas[i], sigmas[i + 1],
+                           s_noise * up, backend)
     return x
 
 
@@ -563,13 +575,17 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     s'' = s' e^{-eta h} (h'' = (1 + eta) h), with the previous level placed so
     that the kernel's r equals k-diffusion's h_last/h ("midpoint") or gives
     its "heun" coefficient. Noise of std s' sqrt(1 - e^{-2 eta h}) s_noise:
-    the fused churn pass on Philox(seed, i x.numel()), or the caller's
-    noise_sampler (k-diffusion's default is a torchsde Brownian tree)."""
+    the caller's noise_sampler (k-diffusion's default is a torchsde Brownian
+    tree) in a second pass; in-kernel noise (Philox(seed, i x.numel())) in
+    the same pass: x' = A x + B d + C d_prev + std xi with A = e^{-(1+eta) h}
+    and B + C = 1 - A is _ancestral_row's combination (x coefficient A, the
+    prediction's 1 - A) with d guided between d and d_prev (w = B/(1 - A)),
+    one Euler-Maruyama pass that keeps the model's d as the next d_prev."""
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError("solver_type must be 'heun' or 'midpoint'")
     extra_args, sigmas, sig, state, s_in, n, key = _multistep_sde_setup(
         x, sigmas, extra_args, eta, noise_sampler, seed, per_sample_seeds)
-    rows, noise, stds = [], [], []
+    rows, noise, stds, em_rows, em_w = [], [], [], [], []
     h_last = None
     for i in range(n):
         s, nxt = sig[i], sig[i + 1]
@@ -577,6 +593,8 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
             rows.append(_ve(s, 0.0))
             noise.append(_noise_row(0.0))
             stds.append(0.0)
+            em_rows.append(_ve(1.0, 1.0))
+            em_w.append(None)
             continue
         h = math.log(s) - math.log(nxt)
         hh = (1 + eta) * h
@@ -591,15 +609,30 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
         std = nxt * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise if eta else 0.0
         noise.append(_noise_row(std))
         stds.append(std)
+        # the one-pass form (docstring): k-diffusion's coefficients of d and d_prev
+        e = -math.expm1(-hh)
+        b = e
+        if h_last is not None:
+            b += 0.5 * e * h / h_last if solver_type == "midpoint" else \
+                (1 - e / hh) * h / h_last
+        em_rows.append(_ancestral_row(s, nxt * math.exp(-eta * h), std))
+        em_w.append(b / e if h_last is not None else None)
         h_last = h
     rows, noise = _rows(rows, x, state), _rows(noise, x, state)
+    em_rows = _rows(em_rows, x, state)
     d = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2)]
-    k = 0
+    k, old = 0, None
     for i in _range(n, disable):
         denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
+        if noise_sampler is None and eta and sig[i + 1] > 0:  # one pass, noise included
+            guided = {} if em_w[i] is None else dict(pred_uncond=old, guidance=em_w[i])
+            x = em_step(x, denoised, prediction="x1", table=em_rows[i], **key.at(i),
+                        backend=backend, **guided)
+            old = denoised  # the next step's d_prev, held as k-diffusion holds it
+            continue
         d_prev = d[1 - k] if i > 0 and sig[i + 1] != 0 else None
         x, _ = dpmpp_2m_step(x, denoised, prediction="x1", d_prev=d_prev, table=rows[i],
                              d_out=d[k], backend=backend)
