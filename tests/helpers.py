@@ -30,3 +30,12 @@ def assert_close(out, ref64, naive, what="", factor=3.0, ulps=4.0, scale=None, a
     tol = factor * max_err(naive, ref64) + ulps * EPS[out.dtype] * max(scale, 1e-30) + atol
     err = max_err(out, ref64)
     assert err <= tol, f"{what}: max error {err:.3g} > tolerance {tol:.3g} (naive {max_err(naive, ref64):.3g})"
+
+
+def assert_nan_only_at(out, clean, idx):
+    """`out` is NaN exactly at index `idx` and equals `clean` everywhere else
+    (a NaN planted in one input element reached that element only)."""
+    nan = torch.zeros_like(out, dtype=torch.bool)
+    nan[idx] = True
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan], clean[~nan])
