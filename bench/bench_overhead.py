@@ -26,6 +26,8 @@ divides every time by the torch.add row):
       dpmpp_2m_step           table with t_prev, x1 prediction | k-diffusion's formula
       em_step                 table with g, out=x | x + h v + g sqrt(h) randn_like(x)
       churn                   table (t -> t_hat), out=x | eager renoise with randn_like
+      lms_step                table, x1 prediction, 3 earlier velocities, out=, u_out= |
+                              k-diffusion's sample_lms step (to_d, then the weighted sum)
   overhead · sample euler (per step)   20 steps, trivial model (x * 0):
       flowkern.sample(method="euler", grid="karras") | the k-diffusion adapter
       flowkern.integrations.k_diffusion.sample_euler | k-diffusion's own
@@ -172,6 +174,15 @@ def eager_dpmpp(x, d, d_prev):
 def eager_em(x, v):
     h = S - T
     return x + h * v + G * h ** 0.5 * torch.randn_like(x)
+
+
+LMS_W = [0.11, -0.07, 0.04, -0.01]  # an order-4 step's weights (they carry the step size)
+
+
+def eager_lms(x, d, hist):
+    # k-diffusion's sample_lms step (linear schedule: u = (d - x) / sigma_t)
+    ds = [*reversed(hist), (d - x) / S_T]
+    return x + sum(c * u for c, u in zip(LMS_W, reversed(ds))), ds[-1]
 
 
 def eager_churn(x):
@@ -330,6 +341,17 @@ def _churn_eager(d):
     return (lambda: eager_churn(d.x)), None
 
 
+def _lms_fk(d):
+    tab, hist = _tables().plain, [d.v, d.ve, d.dp]
+    fn = lambda: fk.lms_step(d.x, d.pred, LMS_W, hist, table=tab, prediction="x1",  # noqa: E731
+                             out=d.out, u_out=d.out2, backend=BACKEND)
+    return fn, lambda: [close(g, w, 1e-4) for g, w in zip(fn(), eager_lms(d.x, d.pred, hist))]
+
+
+def _lms_eager(d):
+    return (lambda: eager_lms(d.x, d.pred, [d.v, d.ve, d.dp])), None
+
+
 OPS = [  # (op, kind, note, flowkern candidate, eager candidate)
     ("interpolate", "training", "", ("fk.interpolate", _interp_fk),
      ("eager t*x1 + (1-t)*x0, x1 - x0", _interp_eager)),
@@ -358,6 +380,9 @@ OPS = [  # (op, kind, note, flowkern candidate, eager candidate)
      ("fk.em_step(table=, out=x)", _em_fk), ("eager x + h v + g sqrt(h) randn_like", _em_eager)),
     ("churn", "step", "",
      ("fk.churn(table=, out=x)", _churn_fk), ("eager renoise with randn_like", _churn_eager)),
+    ("lms_step", "step", "x1 prediction, 3 earlier velocities (order 4)",
+     ("fk.lms_step(table=, out=, u_out=)", _lms_fk),
+     ("eager k-diffusion LMS step", _lms_eager)),
 ]
 CASES = [(i, role) for i in range(len(OPS)) for role in ("flowkern", "eager")]
 

@@ -225,3 +225,58 @@ def test_bad_inputs(backend, i):
     fn, exc, pattern = BAD[i]
     with pytest.raises(exc, match=pattern):
         fn(backend)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
+def test_triton_weights_are_kernel_scalars(monkeypatch):
+    """The triton op takes the weights as kernel scalars, each a float32
+    (hi, lo) pair: no tensor is built (a per-call host-to-device copy would
+    synchronise and break graph capture), and float64 weights that float32
+    cannot hold (1/3, 0.1) keep float64 accuracy: the cpu kernel to 1e-14."""
+    x, p, *hist = _inputs((4, 33), torch.float64, n=5)
+    tab = _table(4, torch.float64, per_sample=False)
+    weights = [1 / 3, -0.1, math.pi / 100, -1 / 7]
+    want = fk.lms_step(x, p, weights, hist[:3], table=tab, prediction="x1", backend="cpu")
+
+    def no_tensor(*a, **k):
+        raise AssertionError("torch.tensor called during the triton lms_step")
+
+    monkeypatch.setattr(torch, "tensor", no_tensor)
+    got = fk.lms_step(x, p, weights, hist[:3], table=tab, prediction="x1", backend="triton")
+    monkeypatch.undo()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-14, atol=1e-14)
+    # the hi/lo split matters: float32-rounded weights are off by ~1e-9 here
+    rounded = [float(torch.tensor(w, dtype=torch.float32)) for w in weights]
+    off = fk.lms_step(x, p, rounded, hist[:3], table=tab, prediction="x1", backend="cpu")
+    assert (off[0] - want[0]).abs().max() > 1e-10
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
+def test_triton_weight_beyond_float32_is_an_error():
+    x, p = _inputs((2, 8), torch.float32, n=2)
+    with pytest.raises(ValueError, match="weights: the triton backend takes weights up to"):
+        fk.lms_step(x, p, [1e39], t=0.2, backend="triton")
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_torch_backend_differentiates(prediction):
+    """The torch backend (the reference) is differentiable in x, pred and the
+    history: gradcheck in float64, and forward mode (torch.func.jvp) equal to
+    the step on the tangents' linear part (x_s is affine in its inputs)."""
+    x, p, pu, h1, h2 = (a.double().requires_grad_() for a in _inputs((3, 5), torch.float64, 5))
+    tab = _table(3, torch.float64, per_sample=True)
+
+    def step(x, p, pu, h1, h2):
+        return fk.lms_step(x, p, WEIGHTS[:3], [h1, h2], table=tab, prediction=prediction,
+                           pred_uncond=pu, guidance=1.5, backend="torch")
+
+    assert torch.autograd.gradcheck(step, (x, p, pu, h1, h2))
+    tangents = tuple(torch.randn_like(a) for a in (x, p, pu, h1, h2))
+    primals = tuple(a.detach() for a in (x, p, pu, h1, h2))
+    _, tan = torch.func.jvp(step, primals, tangents)
+    zero = [torch.zeros_like(a) for a in primals]
+    lin = step(*tangents)  # affine with no constant term: the step on the tangents
+    base = step(*zero)
+    for k in range(2):
+        torch.testing.assert_close(tan[k], lin[k] - base[k], rtol=1e-12, atol=1e-12)

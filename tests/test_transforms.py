@@ -220,8 +220,8 @@ def test_a_tangent_in_the_times_is_an_error(backend):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("step", ["euler", "euler-out=x", "dpmpp_2m", "em", "ei_step-out",
-                                  "interpolate-out"])
+@pytest.mark.parametrize("step", ["euler", "euler-out=x", "dpmpp_2m", "em", "lms",
+                                  "ei_step-out", "interpolate-out"])
 def test_ops_that_write_a_buffer_refuse_tangents(backend, step):
     """The steps (and ei_step / interpolate with out=) have no forward-mode
     formula: a dual input raises instead of coming out with a dropped tangent."""
@@ -231,6 +231,7 @@ def test_ops_that_write_a_buffer_refuse_tangents(backend, step):
         "euler-out=x": lambda a: fk.euler_step(a, v, 0.3, 0.5, out=a, backend=backend),
         "dpmpp_2m": lambda a: fk.dpmpp_2m_step(a, v, 0.3, 0.5, backend=backend)[0],
         "em": lambda a: fk.em_step(a, v, 0.3, 0.5, seed=1, backend=backend),
+        "lms": lambda a: fk.lms_step(a, v, [0.1, -0.05], [v], t=0.3, backend=backend)[0],
         "ei_step-out": lambda a: fk.ei_step(a, v, 0.3, 0.5, out=torch.empty_like(a),
                                             backend=backend),
         "interpolate-out": lambda a: fk.interpolate(a, v, 0.3, out=(torch.empty_like(a),

@@ -111,8 +111,7 @@ def _t_lms(x: torch.Tensor, pred: torch.Tensor, u1: Opt, u2: Opt, u3: Opt, pred_
            weights: list[float], table: Opt, times: Times, kind: int, params: Params,
            prediction: int, guidance: float, check: bool, out: torch.Tensor,
            u_out: torch.Tensor) -> None:
-    wts = torch.tensor(weights, dtype=table.dtype, device=x.device)
-    lazy(_T, "lms_step")(x, pred, u1, u2, u3, pred_uncond, wts, table, prediction, guidance,
+    lazy(_T, "lms_step")(x, pred, u1, u2, u3, pred_uncond, weights, table, prediction, guidance,
                          out, u_out)
 
 

@@ -52,6 +52,14 @@ def _ops():
             ("flowmap_bwd_x1", FM.flowmap_bwd_rows, 3, 1, False, 1, 0, 0)]
 
 
+def _aux_type(fn, acc_t):
+    """The `aux` argument's type: lms_step's weights are scalars
+    (steps.lms_weight_args), the others' a pointer (or coef standing in)."""
+    from . import steps as S
+
+    return ("fp32",) * 8 if fn is S.lms_rows else f"*{acc_t}"
+
+
 def _skip(fn, p1) -> int:
     """The SKIP constexpr the launcher passes with this row function (and P1)."""
     from . import steps as S
@@ -101,7 +109,7 @@ def configs(full: bool = True, sizes=None):
                     if L.is_heavy(ni, bool(noise), no) != heavy:
                         continue
                     sig = {**ins, **{f"o{k}": f"*{io_t}" for k in range(L.MAX_OUT)},
-                           "coef": f"*{acc_t}", "stride": "i32", "aux": f"*{acc_t}",
+                           "coef": f"*{acc_t}", "stride": "i32", "aux": _aux_type(fn, acc_t),
                            "w": "fp32", "seed": "i64", "offset": "i64",
                            # without per-sample seeds the launcher passes coef there
                            "seeds": "*i64" if noise == "per_sample" else f"*{acc_t}", **tail}

@@ -4,6 +4,8 @@ engine, and the launchers (same names as flowkern/ops/steps.py).
 
 P0 is the prediction type, P1 the EI form / DPM second-order flag, P2 whether
 an unconditional prediction follows (classifier-free guidance, weight w)."""
+import struct
+
 import triton
 import triton.language as tl
 
@@ -163,14 +165,21 @@ def churn_rows(_P0: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, st
 
 
 @triton.jit
+def _weight(wts, j: tl.constexpr, like):
+    """Weight j of lms_weight_args's pairs, in like's dtype."""
+    return tl.cast(wts[2 * j], like.dtype) + tl.cast(wts[2 * j + 1], like.dtype)
+
+
+@triton.jit
 def lms_rows(PRED: tl.constexpr, NH: tl.constexpr, CFG: tl.constexpr, coef, stride, aux, w,
              r, rmask):
     """(x, p, u_1 .. u_NH[, p_u]) -> (x + wts_0 u_t + sum_j wts_j u_j, u_t), the
-    weights wts in `aux` (steps.h LMSFn). u_t's history entries are never read
-    (lms_skip)."""
+    weights wts in `aux`: kernel scalars, each as a float32 pair (hi, lo),
+    wts_j = hi + lo in the accumulation dtype (lms_weight_args; steps.h
+    LMSFn). u_t's history entries are never read (lms_skip)."""
     at, st, dat, dst, _a, _b, _c, _d, _e, _f, _h, _g = load_step(coef, stride, r, rmask)
     ua, ub = convert_coeffs(PRED, VELOCITY, at, st, dat, dst)
-    w0 = tl.load(aux)
+    w0 = _weight(aux, 0, at)
     xc, xu = _guided(w0 * ub, w, CFG)
     uc, uu = _guided(ub, w, CFG)
     xa = 1.0 + w0 * ua
@@ -181,26 +190,46 @@ def lms_rows(PRED: tl.constexpr, NH: tl.constexpr, CFG: tl.constexpr, coef, stri
         else:
             return (xa, xc), (ua, uc)
     elif NH == 1:
-        w1 = tl.load(aux + 1)
+        w1 = _weight(aux, 1, at)
         if CFG:
             return (xa, xc, w1, xu), (ua, uc, z, uu)
         else:
             return (xa, xc, w1), (ua, uc, z)
     elif NH == 2:
-        w1 = tl.load(aux + 1)
-        w2 = tl.load(aux + 2)
+        w1 = _weight(aux, 1, at)
+        w2 = _weight(aux, 2, at)
         if CFG:
             return (xa, xc, w1, w2, xu), (ua, uc, z, z, uu)
         else:
             return (xa, xc, w1, w2), (ua, uc, z, z)
     else:
-        w1 = tl.load(aux + 1)
-        w2 = tl.load(aux + 2)
-        w3 = tl.load(aux + 3)
+        w1 = _weight(aux, 1, at)
+        w2 = _weight(aux, 2, at)
+        w3 = _weight(aux, 3, at)
         if CFG:
             return (xa, xc, w1, w2, w3, xu), (ua, uc, z, z, z, uu)
         else:
             return (xa, xc, w1, w2, w3), (ua, uc, z, z, z)
+
+
+_F32_MAX = 3.4028234663852886e38
+
+
+def lms_weight_args(weights) -> tuple:
+    """lms_step's weights as kernel scalars: Triton passes a Python float as
+    float32, so each weight w goes as the pair (hi, lo), hi = fl32(w), lo =
+    fl32(w - hi), and the kernel adds them in the accumulation dtype (w to
+    ~2^-48 relative: float64 steps keep float64 accuracy). Four pairs, the
+    missing weights zero. No tensor is built: nothing is copied to the
+    device per call, and a captured CUDA graph holds the values."""
+    out = []
+    for j, w in enumerate(weights):
+        if not abs(w) <= _F32_MAX:
+            raise ValueError(f"weights: the triton backend takes weights up to {_F32_MAX:.3g} in "
+                             f"magnitude, got {w} at {j}")
+        hi = struct.unpack("f", struct.pack("f", w))[0]
+        out += [hi, struct.unpack("f", struct.pack("f", w - hi))[0]]
+    return tuple(out + [0.0] * (8 - len(out)))
 
 
 def lms_skip(nh: int) -> int:
@@ -251,8 +280,8 @@ def churn(x, coef, seed, offset, seeds, out):
 
 
 def lms_step(x, pred, u1, u2, u3, pred_uncond, weights, coef, prediction, guidance, out, u_out):
-    """weights: a (1 + len(history),) tensor in coef's dtype on x's device."""
+    """weights: the 1 + len(history) floats (host values, lms_weight_args)."""
     hist = _ins(u1, u2, u3)
     launch_lincomb(lms_rows, prediction, len(hist), _ins(x, pred, *hist, pred_uncond),
-                   (out, u_out), coef, aux=weights, p2=pred_uncond is not None, w=guidance,
+                   (out, u_out), coef, aux=lms_weight_args(weights), p2=pred_uncond is not None, w=guidance,
                    skip=lms_skip(len(hist)))
