@@ -18,13 +18,16 @@ Groups "<step> · <size> · per step":
   lms       flowkern.lms_step (order 4: d_t and three earlier d) | k-diffusion
             sample_lms's step as it writes it (to_d, then x + sum(c * d)) |
             torch.compile of it
+  dpmpp_3m_sde  flowkern.lincomb_step (x and three denoised outputs, noise in
+            the kernel) | k-diffusion sample_dpmpp_3m_sde's step as it writes it
+            (0-dim tensor scalars, torch.randn_like noise) | torch.compile of it
   diffusers euler  flowkern.integrations.diffusers.EulerDiscreteScheduler.step (one fused
             pass, prev_sample and pred_original_sample) | diffusers' own step()
   roofline bytes: diffusers euler 16 B/elem (read sample, model output; write prev, x0);
   euler/ei/em 12 B/elem (read x, pred; write x_s); heun 32 (stage 1:
   12, stage 2 reads x, pred, x_e, pred_e and writes x_s: 20); dpmpp_2m 20 (read x,
   pred, d_prev; write x_s, d_t); lms 28 (read x, denoised, three earlier d;
-  write x_s, d_t).
+  write x_s, d_t); dpmpp_3m_sde 20 (read x and three denoised; write x_s).
 Groups "loop · <size> · per step" (trivial model, 20 steps, per step):
   flowkern.sample(method) | diffusers scheduler loop | k-diffusion sample_* |
   the sum of the fused steps alone (the loop's floor) | flowkern's k-diffusion
@@ -39,6 +42,7 @@ Groups "loop · <size> · per step" (trivial model, 20 steps, per step):
 """
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -128,6 +132,41 @@ def eager_lms(x, denoised, d1, d2, d3):
     return x + sum(c * dd for c, dd in zip(LMS_C, reversed(ds))), d
 
 
+# sample_dpmpp_3m_sde's step 10 of the same grid (eta = 1, s_noise = 1), all three
+# denoised outputs known; k-diffusion's noise_sampler there is a Brownian tree,
+# here torch.randn_like (cheaper: the eager candidate is not slowed by it)
+SDE_SIG = [torch.tensor(LMS_SIGMAS[i], dtype=torch.float32) for i in (8, 9, 10, 11)]
+SDE_H = [math.log(LMS_SIGMAS[i]) - math.log(LMS_SIGMAS[i + 1]) for i in (10, 9, 8)]
+
+
+def _sde_weights():
+    from flowkern.integrations.k_diffusion import dpmpp_3m_sde_weights
+    h, h_1, h_2 = SDE_H
+    return dpmpp_3m_sde_weights(h, h_1, h_2), \
+        LMS_SIGMAS[11] * math.sqrt(-math.expm1(-2 * h))
+
+
+SDE_W, SDE_STD = _sde_weights()
+
+
+def eager_3m_sde(x, denoised, denoised_1, denoised_2):
+    """k-diffusion sample_dpmpp_3m_sde's step as it writes it (0-dim tensor scalars)."""
+    s2, s1, s, nxt = SDE_SIG
+    t_2, t_1, t, s_ = -s2.log(), -s1.log(), -s.log(), -nxt.log()
+    h, h_1, h_2 = s_ - t, t - t_1, t_1 - t_2
+    h_eta = h * 2
+    x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+    r0, r1 = h_1 / h, h_2 / h
+    d1_0 = (denoised - denoised_1) / r0
+    d1_1 = (denoised_1 - denoised_2) / r1
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi_2 = h_eta.neg().expm1() / h_eta + 1
+    phi_3 = phi_2 / h_eta - 0.5
+    x = x + phi_2 * d1 - phi_3 * d2
+    return x + torch.randn_like(x) * nxt * (-2 * h).expm1().neg().sqrt()
+
+
 def eager_em(x, v):
     h, g = S - T, 0.5
     return x + h * v + g * h ** 0.5 * torch.randn_like(x)
@@ -189,8 +228,17 @@ STEP_CASES = {
         ("torch.compile(eager)", lambda d: (lambda f: lambda: f(d.x, d.p, d.xe, d.pe, d.dp))(
             compiled(eager_lms))),
     ],
+    "dpmpp_3m_sde": [
+        ("flowkern", lambda d: lambda: flowkern.lincomb_step(
+            d.x, [d.p, d.xe, d.pe], SDE_W, noise_std=SDE_STD, seed=1, out=d.out)),
+        ("eager (k-diffusion sample_dpmpp_3m_sde step)",
+         lambda d: lambda: eager_3m_sde(d.x, d.p, d.xe, d.pe)),
+        ("torch.compile(eager)", lambda d: (lambda f: lambda: f(d.x, d.p, d.xe, d.pe))(
+            compiled(eager_3m_sde))),
+    ],
 }
 STEP_BYTES = {"euler": 12, "heun": 32, "ei": 12, "dpmpp_2m": 20, "em": 12, "lms": 28,
+              "dpmpp_3m_sde": 20,  # reads x, denoised and the two before it; writes x_s
               "diffusers euler": 16}  # reads sample, model output; writes prev, x0
 
 

@@ -7,8 +7,8 @@ from . import grids, samplers, schedules
 from .backend import BACKENDS, available, use_backend
 from .ops.fields import empirical_denoiser, poisson_field
 from .ops.flowmap import flowmap_loss
-from .ops.steps import (churn, dpmpp_2m_step, ei_step, em_step, euler_step, heun_step, lms_step,
-                        step_table)
+from .ops.steps import (churn, dpmpp_2m_step, ei_step, em_step, euler_step, heun_step,
+                        lincomb_step, lms_step, step_table)
 from .ops.training import convert, flow_matching_loss, interpolate
 from .ops import batching as _batching  # noqa: F401  (vmap rules of the ops above)
 from .samplers import sample
@@ -21,7 +21,7 @@ __all__ = [
     "interpolate", "flow_matching_loss", "convert",
     "poisson_field", "empirical_denoiser", "pfgm",
     "euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn", "lms_step",
-    "step_table",
+    "lincomb_step", "step_table",
     "flowmap_loss", "rectified", "flowmap", "meanflow", "shortcut",
     "sample", "grids", "samplers", "schedules", "get_schedule", "use_backend", "available", "BACKENDS",
 ]

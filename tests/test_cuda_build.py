@@ -17,8 +17,9 @@ KERNELS_PER_ARCH = {
     # 6 elementwise ops + the loss row-sum x 4 dtypes.
     "training.cu": 6 * 4 * 2 + 4,
     # 6 steps with and without guidance + churn + lms_step's 4 history lengths with
-    # and without guidance, x 4 dtypes x 2 vector widths.
-    "steps.cu": 6 * 2 * 4 * 2 + 4 * 2 + 4 * 2 * 4 * 2,
+    # and without guidance + lincomb_step's 4 term counts without noise and 3 with,
+    # x 4 dtypes x 2 vector widths.
+    "steps.cu": 6 * 2 * 4 * 2 + 4 * 2 + 4 * 2 * 4 * 2 + 7 * 4 * 2,
     # The backward with each set of optional outputs (4) + the loss row-sum x 4 dtypes.
     "flowmap.cu": 4 * 4 * 2 + 4,
     # The tile kernel per score kind x 4 dtypes, the merge kernel per kind x 2

@@ -207,6 +207,15 @@ def test_step_glue_matches_cpu_ops(dtype, shape):
         for ps in (None, seeds):
             same(lambda o: SIM.churn(xn, *coef, 5, 2 ** 33, ps, False, o),
                  lambda o: CPU.churn(xn, *coef, 5, 2 ** 33, ps, False, o), x, noisy=True)
+    terms = [noncontig(pred), xe, pe, dp]
+    for nt in range(1, 5):  # lincomb_step: no coefficients but the caller's weights
+        wts = [0.9, 0.3, -0.15, 0.07, -0.02][:nt + 1]
+        for std, ps in ((0.0, None), (0.4, None), (0.4, seeds))[:1 if nt == 4 else 3]:
+            same(lambda o: SIM.lincomb_step(xn, terms[:nt], wts, std, 2 ** 40 + 3, 77, ps,
+                                            False, o),
+                 lambda o: CPU.lincomb_step(xn, terms[:nt], wts, std, 2 ** 40 + 3, 77, ps,
+                                            False, o),
+                 x, noisy=bool(std))
 
 
 def test_steps_write_in_place():
@@ -312,6 +321,14 @@ def _bad_calls():
                                                    torch.empty_like(x)),
         "lms u_out overlap": lambda ops: ops.lms_step(x, x1, None, None, None, None, [0.1], None,
                                                       row, 0, [], 0, 1.0, True, o, o),
+        "lincomb terms": lambda ops: ops.lincomb_step(x, [], [0.1], 0.0, 0, 0, None, True, o),
+        "lincomb weights": lambda ops: ops.lincomb_step(x, [x1], [0.1], 0.0, 0, 0, None, True, o),
+        "lincomb noise_std": lambda ops: ops.lincomb_step(x, [x1], [0.1, 0.2], -1.0, 0, 0, None,
+                                                          True, o),
+        "lincomb noisy terms": lambda ops: ops.lincomb_step(x, [x1] * 4, [0.1] * 5, 0.5, 0, 0,
+                                                            None, True, o),
+        "lincomb term shape": lambda ops: ops.lincomb_step(x, [x1[:1]], [0.1, 0.2], 0.0, 0, 0,
+                                                           None, True, o),
         "field ref": lambda ops: ops.field_mean(x, x[:, :3], torch.ones(4, 2), 0, 1.0, 0.5),
         "flowmap coef": lambda ops: ops.flowmap_loss_rows(x, x1, x1, torch.ones(3, 12), 0, 0),
     }
@@ -389,7 +406,7 @@ GLUE_OPS = ["interpolate", "interpolate.nograd", "interpolate_out", "interpolate
             "convert", "convert.nograd", "convert_backward", "fm_loss", "fm_loss.nograd",
             "fm_loss_backward", "euler_step", "heun_step", "ei_step", "ei_step.nograd",
             "ei_step_out", "ei_step_backward", "dpmpp_2m_step", "em_step", "churn", "lms_step",
-            "flowmap_loss_rows", "flowmap_loss_backward", "field_mean"]
+            "lincomb_step", "flowmap_loss_rows", "flowmap_loss_backward", "field_mean"]
 
 
 def _op(ns, qual):

@@ -266,3 +266,36 @@ def test_lms_nan_in_history_stays_out_of_u_t(cfg):
     assert poisoned[0].isnan().sum() == 1 and poisoned[0][2, 3].isnan()
     want = cpu_step("lms_step", ins, table, 1, 3, cfg, w, 0, 0)
     assert torch.equal(want[1], clean[1]) and want[0].isnan().sum() == 1
+
+
+LINCOMB_WEIGHTS = [0.83, 0.21, -0.37, 0.125, -0.043]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nt,noise", [(nt, noise) for nt in range(1, 5)
+                                      for noise in ("none", "seed", "per_sample")
+                                      if nt <= 3 or noise == "none"])
+def test_lincomb_step(nt, noise, dtype):
+    """lincomb_step's launcher (no table: the caller's weights; the noise
+    instantiation when noise_std != 0) on the three launch paths, against the
+    CPU op: bit for bit without noise, to float32 ulps with it."""
+    std = 0.0 if noise == "none" else 0.31
+    for shape, offset, max_blocks in (((9, 1024), 0, 2), ((5, 7), 0, 0), ((7, 1023), 1, 1)):
+        gen = torch.Generator().manual_seed(nt)
+        ins = make_inputs(1 + nt, shape, dtype, gen, offset)
+        table = make_table("euler_step", shape[0], False, dtype, gen)  # the launcher reads none
+        seeds = (torch.arange(shape[0], dtype=torch.int64) * 31 + 7
+                 if noise == "per_sample" else None)
+        wts = LINCOMB_WEIGHTS[:nt + 1]
+        outs, plan = SIM._sim_step("lincomb_step", ins, table, 0, nt, False, 1.0, 12345, 678,
+                                   max_blocks, offset, seeds, wts, std)
+        want = torch.empty_like(ins[0])
+        OPS.lincomb_step(ins[0], ins[1:], wts, std, 12345, 678, seeds, False, want)
+        what = f"lincomb_step nt={nt} noise={noise} {dtype} {shape} offset={offset}"
+        assert outs[0].shape == torch.Size(shape) and outs[0].dtype == dtype, what
+        if std:
+            assert_within_fp32_ulp(outs[0], want, what)
+        else:
+            assert torch.equal(outs[0], want), what
+        if shape == (9, 1024):
+            assert plan[0] == WIDE[dtype] and plan[2] == 2, what

@@ -24,6 +24,8 @@ CASES = {
     "em_step": lambda x, v, t: fk.em_step(x, v, 0.3, 0.5, seed=1),
     "churn": lambda x, v, t: fk.churn(x, 0.5, 0.4, "edm", seed=1),
     "lms_step": lambda x, v, t: fk.lms_step(x, v, [0.1, 0.2], [v], 0.3, "cosine"),
+    "lincomb_step": lambda x, v, t: fk.lincomb_step(x, [v, v * 2], [0.9, 0.1, 0.05],
+                                                    noise_std=0.2, seed=4),
     "flowmap_loss": lambda x, v, t: fk.flowmap_loss(x, v, v, 0.2, 0.6),
     "poisson_field": lambda x, v, t: fk.poisson_field(x, t + 0.5, ref),
     "empirical_denoiser": lambda x, v, t: fk.empirical_denoiser(x, 0.5, ref),
@@ -75,5 +77,5 @@ def test_meta_mixed_with_real_tensors_is_an_error(backend, name):
     v = torch.randn(4, 3, device="meta")
     t = torch.rand(4, device=DEVICE)
     with fk.use_backend(backend):
-        with pytest.raises((ValueError, RuntimeError), match=r"(\w+: |backend=).*(device|meta)"):
+        with pytest.raises((ValueError, RuntimeError), match=r"([\w\[\]]+: |backend=).*(device|meta)"):
             CASES[name](x, v, t)

@@ -409,6 +409,8 @@ OUT_CALLS = {
     "churn": lambda x, p, out, be: fk.churn(x, 0.4, 0.2, seed=1, out=out, backend=be),
     "lms_step": lambda x, p, out, be: fk.lms_step(x, p, [0.1, 0.2], [p * 2], 0.2, out=out,
                                                   backend=be)[0],
+    "lincomb_step": lambda x, p, out, be: fk.lincomb_step(x, [p], [0.5, 0.5], out=out,
+                                                          backend=be),
 }
 
 

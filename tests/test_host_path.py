@@ -106,6 +106,9 @@ def test_steps_are_one_call(times):
     lms = dict(t=0.3, schedule="cosine") if times == "float" else dict(table=row)
     assert_one_op(lambda: fk.lms_step(x, pred, [0.1, 0.2, 0.3], [x1, x0], out=out, u_out=d_out,
                                       **lms), "flowkern::lms_step")
+    assert_one_op(lambda: fk.lincomb_step(x, [pred, x1, x0], [0.9, 0.1, 0.2, -0.05],
+                                          noise_std=0.3, seed=2, out=out),
+                  "flowkern::lincomb_step")
     back = fk.step_table("cosine", grid[2:3], grid[1:2])[0]  # churn goes back: t_hat <= t
     ch = dict(t=0.5, t_hat=0.3, schedule="cosine") if times == "float" else dict(table=back)
     assert_one_op(lambda: fk.churn(x, seed=1, out=out, **ch), "flowkern::churn")
@@ -134,6 +137,7 @@ STEP_CALLS = {
     "em_step": lambda x, p, out: fk.em_step(x, p, 0.2, 0.4, seed=1, out=out),
     "churn": lambda x, p, out: fk.churn(x, 0.4, 0.2, out=out),
     "lms_step": lambda x, p, out: fk.lms_step(x, p, [0.1, 0.2], [p * 2], 0.2, out=out)[0],
+    "lincomb_step": lambda x, p, out: fk.lincomb_step(x, [p], [0.5, 0.5], out=out),
 }
 
 
@@ -143,7 +147,7 @@ def test_in_place_steps_refuse_inputs_that_need_a_gradient(op):
     gradient is a clear error naming it, not a silently detached result."""
     call = STEP_CALLS[op]
     x = torch.randn(4, 5)
-    name = "x" if op == "churn" else "pred"
+    name = {"churn": "x", "lincomb_step": "terms"}.get(op, "pred")
     with pytest.raises(RuntimeError, match=f"flowkern::{op}: argument '{name}' requires grad"):
         call(x.requires_grad_() if op == "churn" else x, torch.randn(4, 5, requires_grad=True),
              torch.empty(4, 5))

@@ -982,14 +982,6 @@ def test_k_diffusion_lms_order_out_of_range(order):
         fk_k.sample_lms(model, x, sigmas, disable=True, order=order)
 
 
-def test_lms_pairs_never_divide_by_a_cancelling_sum():
-    for coeffs in ([1.0, -1.0], [2.0, -2.0, 1.0, -1.0], [0.5, 0.3, -0.3, 0.1]):
-        for a, b, h, w in fk_k._lms_pairs(coeffs):
-            got = h * (1 - w) * 1.0 if b is not None else h
-            want = coeffs[a]
-            assert got == pytest.approx(want) and (b is None or h * w == pytest.approx(coeffs[b]))
-
-
 @pytest.mark.parametrize("n", [3, 5, 12, 25])
 @pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++"])
 @pytest.mark.parametrize("prediction_type,config", [

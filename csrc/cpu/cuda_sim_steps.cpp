@@ -18,13 +18,14 @@ namespace flowkern_cpu {
 namespace {
 
 // The launchers' names, in fk::StepOp order.
-constexpr const char* kStepNames[] = {"euler_step",    "heun_step", "ei_step", "ei_step_backward",
-                                      "dpmpp_2m_step", "em_step",   "churn",   "lms_step"};
-static_assert(sizeof(kStepNames) / sizeof(kStepNames[0]) == fk::LMS_STEP + 1);
+constexpr const char* kStepNames[] = {"euler_step", "heun_step",     "ei_step",
+                                      "ei_step_backward", "dpmpp_2m_step", "em_step",
+                                      "churn",      "lms_step",      "lincomb_step"};
+static_assert(sizeof(kStepNames) / sizeof(kStepNames[0]) == fk::LINCOMB_STEP + 1);
 
 // Calls f(std::integral_constant<int, OP>{}) for the op of that name.
 template <int OP = 0, class F> void with_step_op(const std::string& op, F&& f) {
-  if constexpr (OP <= fk::LMS_STEP) {
+  if constexpr (OP <= fk::LINCOMB_STEP) {
     if (op == kStepNames[OP]) return f(std::integral_constant<int, OP>{});
     return with_step_op<OP + 1>(op, f);
   } else {
@@ -34,13 +35,14 @@ template <int OP = 0, class F> void with_step_op(const std::string& op, F&& f) {
 
 // inputs: the tensors the launcher passes to the kernel, in its order (absent
 // optionals dropped; dpmpp_2m_step's third is x when first order); variant:
-// the EI form, DPM second-order flag or lms_step's history count; cfg: the
-// guided instantiation; weights: lms_step's.
+// the EI form, DPM second-order flag, lms_step's history count or
+// lincomb_step's term count; cfg: the guided instantiation; weights: lms_step's
+// or lincomb_step's; noise_std: lincomb_step's (nonzero: the noise term).
 std::tuple<std::vector<at::Tensor>, sim::Plan> sim_step(
     const std::string& op, const std::vector<at::Tensor>& inputs, const at::Tensor& coef,
     int64_t prediction, int64_t variant, bool cfg, double guidance, int64_t seed,
     int64_t offset, int64_t max_blocks, int64_t out_offset, const c10::optional<at::Tensor>& seeds,
-    const std::vector<double>& weights) {
+    const std::vector<double>& weights, double noise_std) {
   const std::string what = "_sim_step(" + op + ")";
   sim::check_same(inputs, what.c_str());
   const at::Tensor& x = inputs[0];
@@ -53,9 +55,10 @@ std::tuple<std::vector<at::Tensor>, sim::Plan> sim_step(
   TORCH_CHECK(prediction >= fk::VELOCITY && prediction <= fk::SCORE, what,
               ": unknown prediction ", prediction);
   fk::StepParams p{int(prediction), int(variant), cfg, guidance};
-  TORCH_CHECK(weights.size() <= size_t(fk::LMS_MAX_HISTORY + 1), what, ": at most ",
-              fk::LMS_MAX_HISTORY + 1, " weights");
+  TORCH_CHECK(weights.size() <= size_t(fk::STEP_MAX_WEIGHTS), what, ": at most ",
+              fk::STEP_MAX_WEIGHTS, " weights");
   for (size_t j = 0; j < weights.size(); ++j) p.wts[j] = weights[j];
+  p.noise_std = noise_std;
   const at::Tensor seeds_c = step_seeds(seeds, x, true);
   const fk::NoiseKey key = noise_key(seed, offset, seeds_c);
   std::vector<at::Tensor> outs;
@@ -81,7 +84,8 @@ TORCH_LIBRARY_FRAGMENT(flowkern_sim, m) {
   m.def(
       "_sim_step(str op, Tensor[] inputs, Tensor coef, int prediction=0, int variant=0, "
       "bool cfg=False, float guidance=1.0, int seed=0, int offset=0, int max_blocks=0, "
-      "int out_offset=0, Tensor? seeds=None, float[] weights=[]) -> (Tensor[], int[])");
+      "int out_offset=0, Tensor? seeds=None, float[] weights=[], float noise_std=0.0) -> "
+      "(Tensor[], int[])");
 }
 
 TORCH_LIBRARY_IMPL(flowkern_sim, CPU, m) { m.impl("_sim_step", &sim_step); }

@@ -25,6 +25,13 @@ bool has_tangent(const at::Tensor& t) {
   return false;
 }
 
+bool carries_tangent(const c10::IValue& v) {
+  if (v.isTensor()) return has_tangent(v.toTensor());
+  if (v.isTensorList())
+    for (const at::Tensor& t : v.toTensorList()) if (has_tangent(t)) return true;
+  return false;
+}
+
 bool needs_grad(const c10::IValue& v) {
   if (v.isTensor()) return v.toTensor().requires_grad();
   if (v.isTensorList())
@@ -60,7 +67,7 @@ void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
   // reaches this kernel would come out zero or missing, so it is an error.
   for (size_t i = 0; i < n; ++i) {
     const c10::IValue& v = (*stack)[base + i];
-    TORCH_CHECK(!(v.isTensor() && has_tangent(v.toTensor())), op.schema().name(),
+    TORCH_CHECK(!carries_tangent(v), op.schema().name(),
                 nograd ? ".nograd" : "", ": argument '", args[i].name(),
                 "' carries a forward-mode tangent (torch.func.jvp / forward_ad), and ",
                 nograd ? "this overload has no forward-mode formula; call the public function "
@@ -84,7 +91,8 @@ void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
 TORCH_LIBRARY_IMPL(flowkern, Autograd, m) {
   for (const char* name : {"interpolate.nograd", "convert.nograd", "fm_loss.nograd",
                            "ei_step.nograd", "interpolate_out", "euler_step", "heun_step",
-                           "ei_step_out", "dpmpp_2m_step", "em_step", "churn", "lms_step"})
+                           "ei_step_out", "dpmpp_2m_step", "em_step", "churn", "lms_step",
+                           "lincomb_step"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_autograd_kernel>());
 }
 

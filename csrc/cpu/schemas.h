@@ -52,7 +52,9 @@
     "bool check, Tensor(a!) out) -> ()")                                                   \
   X("lms_step(Tensor x, Tensor pred, Tensor? u1, Tensor? u2, Tensor? u3, "                 \
     "Tensor? pred_uncond, float[] weights, " FK_STEP_SCHEMA                                \
-    ", int prediction, float guidance, bool check, Tensor(a!) out, Tensor(b!) u_out) -> ()")
+    ", int prediction, float guidance, bool check, Tensor(a!) out, Tensor(b!) u_out) -> ()") \
+  X("lincomb_step(Tensor x, Tensor[] terms, float[] weights, float noise_std, int seed, "   \
+    "int offset, Tensor? per_sample_seeds, bool check, Tensor(a!) out) -> ()")
 
 #define FK_FLOWMAP_SCHEMAS(X)                                                              \
   X("flowmap_loss_rows(Tensor x, Tensor pred, Tensor target, Tensor coef, int prediction, " \

@@ -241,6 +241,32 @@ inline int lms_history(const OptT& u1, const OptT& u2, const OptT& u3,
   return nh;
 }
 
+// lincomb_step's terms (1 .. LINCOMB_MAX_TERMS tensors), its weights (one for
+// x and one per term) and noise_std, finite (host floats: checked always).
+// Returns the number of terms.
+inline int lincomb_terms(at::TensorList terms, at::ArrayRef<double> weights, double noise_std) {
+  const int nt = int(terms.size());
+  TORCH_CHECK_VALUE(nt >= 1 && nt <= fk::LINCOMB_MAX_TERMS, "terms: expected 1 to ",
+                    fk::LINCOMB_MAX_TERMS, " tensors, got ", nt);
+  TORCH_CHECK_VALUE(weights.size() == size_t(nt + 1), "weights: expected ", nt + 1,
+                    " weights (one for x and one per term), got ", weights.size());
+  for (size_t j = 0; j < weights.size(); ++j)
+    TORCH_CHECK_VALUE(std::isfinite(weights[j]), "weights: expected finite weights, got ",
+                      weights[j], " at ", j);
+  TORCH_CHECK_VALUE(std::isfinite(noise_std) && noise_std >= 0, "noise_std: expected a finite "
+                    "value >= 0, got ", noise_std);
+  TORCH_CHECK_VALUE(noise_std == 0 || nt <= fk::LINCOMB_MAX_NOISY_TERMS, "terms: at most ",
+                    fk::LINCOMB_MAX_NOISY_TERMS, " with the in-kernel noise (noise_std > 0), got ",
+                    nt, "; a noise tensor of your own can be a term");
+  return nt;
+}
+
+// The names of lincomb_step's terms in error messages.
+inline const char* term_name(int k) {
+  static const char* const names[] = {"terms[0]", "terms[1]", "terms[2]", "terms[3]"};
+  return names[k];
+}
+
 inline void check_like_x(const char* name, const at::Tensor& p, const at::Tensor& x) {
   TORCH_CHECK_VALUE(p.sizes().equals(x.sizes()) && p.scalar_type() == x.scalar_type() &&
                         p.device() == x.device(),
@@ -284,6 +310,16 @@ inline std::vector<at::Tensor> step_inputs(
     for (const auto& named : inputs) check_no_overlap({*o}, {named});
   }
   return in;
+}
+
+// lincomb_step's dense inputs (x, then the terms) after the checks of step_inputs.
+inline std::vector<at::Tensor> lincomb_inputs(const at::Tensor& x, at::TensorList terms,
+                                              const at::Tensor& out) {
+  static_assert(fk::LINCOMB_MAX_TERMS == 4, "one entry per term below");
+  const auto term = [&](size_t k) { return k < terms.size() ? &terms[k] : nullptr; };
+  return step_inputs(x, {{term_name(0), term(0)}, {term_name(1), term(1)},
+                         {term_name(2), term(2)}, {term_name(3), term(3)}},
+                     {{"out", &out}});
 }
 
 }  // namespace flowkern_cpu

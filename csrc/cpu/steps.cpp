@@ -22,6 +22,7 @@
 #include "coef_args.h"
 #include "dispatch.h"
 #include "schemas.h"
+#include "flowkern/step_launch.h"
 #include "flowkern/steps.h"
 #include "step_args.h"
 
@@ -200,6 +201,28 @@ void lms_step(const at::Tensor& x, const at::Tensor& pred, const OptT& u1, const
   }
 }
 
+// No coefficient table: the functor comes from the caller's weights through
+// fk::with_step_fn, as in the CUDA launcher and the grid simulator.
+void lincomb_step(const at::Tensor& x, at::TensorList terms, at::ArrayRef<double> weights,
+                  double noise_std, int64_t seed, int64_t offset,
+                  const OptT& per_sample_seeds, bool check, at::Tensor& out) {
+  const int nt = lincomb_terms(terms, weights, noise_std);
+  const auto in = lincomb_inputs(x, terms, out);
+  const at::Tensor seeds = step_seeds(per_sample_seeds, x, check);
+  fk::StepParams p{fk::VELOCITY, nt, false, 1.0};
+  for (int j = 0; j <= nt; ++j) p.wts[j] = weights[j];
+  p.noise_std = noise_std;
+  dispatch_dtype(x, "lincomb_step", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = fk::acc_t<T>;
+    fk::with_step_fn<fk::LINCOMB_STEP>(fk::StepSrc<A>{}, p, [&](auto fn) {
+      using Fn = decltype(fn);
+      run_lincomb<T>(fn, rows_of(x), inner_of(x), in_ptrs<T, Fn::NI>(in),
+                     out_ptrs<T, Fn::NO>({&out}), noise_key(seed, offset, seeds));
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flowkern, m) { FK_STEP_SCHEMAS(FK_DEF_SCHEMA) }
@@ -215,6 +238,7 @@ TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("em_step", &em_step);
   m.impl("churn", &churn);
   m.impl("lms_step", &lms_step);
+  m.impl("lincomb_step", &lincomb_step);
 }
 
 }  // namespace flowkern_cpu

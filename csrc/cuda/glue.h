@@ -508,6 +508,22 @@ template <class D, class L> struct Glue {
              });
   }
 
+  static void lincomb_step(const at::Tensor& x, at::TensorList terms,
+                           at::ArrayRef<double> weights, double noise_std, int64_t seed,
+                           int64_t offset, const OptT& per_sample_seeds, bool check,
+                           at::Tensor& out) {
+    const int nt = lincomb_terms(terms, weights, noise_std);
+    const auto in = lincomb_inputs(x, terms, out);
+    const at::Tensor seeds =
+        step_seeds(per_sample_seeds, x, check && D::values_on_device_checked());
+    const Launch l(in[0]);
+    ok(L::lincomb_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
+                       given(in, 2, nt > 1), given(in, 3, nt > 2), given(in, 4, nt > 3),
+                       weights.data(), noise_std, uint64_t(seed), offset, ptr(seeds), ptr(out),
+                       l.stream, l.max_blocks),
+       "lincomb_step");
+  }
+
   // ------------------------------------------------------------- flow map
 
   static fk::CoefArg table_arg(const at::Tensor& coef) {
@@ -609,6 +625,7 @@ template <class D, class L> struct Glue {
     m.impl("em_step", &em_step);
     m.impl("churn", &churn);
     m.impl("lms_step", &lms_step);
+    m.impl("lincomb_step", &lincomb_step);
     m.impl("flowmap_loss_rows", &flowmap_loss_rows);
     m.impl("flowmap_loss_backward", &flowmap_loss_backward);
     m.impl("field_mean", &field_mean);

@@ -283,6 +283,25 @@ int lms_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr u1, dptr u2
                                coef, p, given({out, u_out}), {}, stream, max_blocks);
 }
 
+template <class E>
+int lincomb_step(int dtype, i64 rows, i64 inner, dptr x, dptr p1, dptr p2, dptr p3, dptr p4,
+                 const double* weights, double noise_std, uint64_t seed, i64 offset, dptr seeds,
+                 dptr out, uintptr_t stream, i64 max_blocks) {
+  // The terms are p1 .. p4, p1 given, none after an absent one; no table.
+  // (Empty tensors have null pointers: then p1 is 0 and nothing is launched.)
+  if ((p1 == 0 && rows * inner != 0) || (p2 == 0 && p3 != 0) || (p3 == 0 && p4 != 0) ||
+      weights == nullptr)
+    return kBadTensors;
+  const int nt = 1 + int(p2 != 0) + int(p3 != 0) + int(p4 != 0);
+  if (noise_std != 0 && nt > fk::LINCOMB_MAX_NOISY_TERMS) return kBadTensors;
+  fk::StepParams p{fk::VELOCITY, nt, false, 1.0};
+  for (int j = 0; j <= nt; ++j) p.wts[j] = weights[j];
+  p.noise_std = noise_std;
+  return step<E, fk::LINCOMB_STEP>(dtype, rows, inner, given({x, p1, p2, p3, p4}),
+                                   fk::CoefArg{}, p, given({out}),
+                                   noise_key(seed, offset, seeds), stream, max_blocks);
+}
+
 // ---------------------------------------------------------------- flow map
 
 // The step table of a flow-map launch (the flow map always reads one).

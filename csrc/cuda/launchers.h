@@ -102,6 +102,10 @@ enum : int {
 //                     sum_j weights[j] u_j over the given earlier velocities u1
 //                     (newest), u2, u3 (0 when absent, none after an absent one);
 //                     `weights` a host array of 1 + their count
+//   lincomb_step      x_s = weights[0] x + sum_k weights[k] p_k (+ noise_std xi) over
+//                     the given terms p1 .. p4 (p1 given, none after an absent one);
+//                     no coefficient table; a nonzero noise_std draws xi as em_step
+//                     (then at most p1 .. p3)
 #define FK_STEP_LAUNCHERS(X)                                                                  \
   X(euler_step,                                                                               \
     (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D pred_uncond, const fk::CoefArg& coef,          \
@@ -145,7 +149,12 @@ enum : int {
      const fk::CoefArg& coef, int prediction, double guidance, const double* weights,         \
      FK_D out, FK_D u_out, FK_TAIL),                                                          \
     (dtype, rows, inner, x, pred, u1, u2, u3, pred_uncond, coef, prediction, guidance,        \
-     weights, out, u_out, stream, max_blocks))
+     weights, out, u_out, stream, max_blocks))                                                \
+  X(lincomb_step,                                                                             \
+    (FK_LAUNCH_COMMON, FK_D x, FK_D p1, FK_D p2, FK_D p3, FK_D p4, const double* weights,     \
+     double noise_std, uint64_t seed, fk_cuda::i64 offset, FK_D seeds, FK_D out, FK_TAIL),    \
+    (dtype, rows, inner, x, p1, p2, p3, p4, weights, noise_std, seed, offset, seeds, out,     \
+     stream, max_blocks))
 
 // Flow-map loss (flowmap.cu; functors of flowkern/flowmap.h): the squared
 // error of the EI map a x + b pred against `target`, (a, b) from the step

@@ -53,9 +53,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 import numpy as np
 
-from ..ops.steps import churn, dpmpp_2m_step, ei_step, euler_step, heun_step, noise_stream
+from ..ops.steps import (churn, dpmpp_2m_step, ei_step, euler_step, heun_step, lincomb_step,
+                         noise_stream)
 from ..tables import step_row
-from .k_diffusion import _lms_pairs, _three_term_row, _ve
+from .k_diffusion import _ve
 
 _PRED = {"epsilon": "eps", "sample": "x1", "original_sample": "x1", "v_prediction": "velocity",
          "flow_prediction": "velocity"}
@@ -314,34 +315,11 @@ class FlowMatchHeunDiscreteScheduler(_DiffusersFMHeun):
 
 
 
-def _lincomb_plan(q, coeffs):
-    """q x + sum_k c_k m_k (the c_k summing to E1 != 0) as fused passes: one
-    DPM-Solver++(2M) pass on a row made for (q, c_0, c_1) (k_diffusion.
-    _three_term_row; with more terms it takes half of E1 and the rest
-    follows), then guided Euler passes, two terms each (k_diffusion.
-    _lms_pairs) over the rest. Returns (kernel row, whether it reads m_1,
-    passes (a, b, h, w) over the rest [m_1, m_2, ...])."""
-    if len(coeffs) <= 2:
-        b1 = coeffs[1] if len(coeffs) == 2 else 0.0
-        return _three_term_row(q, coeffs[0], b1), len(coeffs) == 2, []
-    b1 = sum(coeffs) / 2 - coeffs[0]
-    rest = [coeffs[1] - b1] + list(coeffs[2:])
-    return _three_term_row(q, coeffs[0], b1), True, _lms_pairs(rest)
-
-
-def _lincomb_run(x, bufs, row, reads_prev, passes, h_rows, backend=None):
-    """Runs a _lincomb_plan on buffers [m_0, m_1, ...] with its rows (device
-    tensors: the kernel row and one per pass)."""
-    out, _ = dpmpp_2m_step(x, bufs[0], prediction="x1", d_prev=bufs[1] if reads_prev else None,
-                           table=row, backend=backend)
-    rest = bufs[1:]
-    for (a, b, _, w), hr in zip(passes, h_rows):
-        if b is None:
-            euler_step(out, rest[a], prediction="velocity", table=hr, out=out, backend=backend)
-        else:
-            euler_step(out, rest[b], prediction="velocity", pred_uncond=rest[a], guidance=w,
-                       table=hr, out=out, backend=backend)
-    return out
+def _lincomb_run(x, bufs, coeffs, backend=None):
+    """q x + sum_k c_k bufs[k] for coeffs = (q, [c_0, c_1, ...]) (host floats):
+    one fused lincomb_step pass."""
+    q, cs = coeffs
+    return lincomb_step(x, bufs[:len(cs)], [q, *cs], backend=backend)
 
 
 def _unipc_rhos(rks, hh, b_h, order, corrector):
@@ -369,11 +347,10 @@ class UniPCMultistepScheduler(_DiffusersUniPC):
     whose step is fused: the model output converted to x0 in one pass (the
     data-form exponential step into sigma = 0 is exactly the conversion),
     then UniC's correction and UniP's prediction, each linear in a sample
-    and the x0 history, as one fused DPM-Solver++(2M) pass plus at most two
-    guided Euler passes (_lincomb_plan). The coefficients (rhos) and the
-    rows are built on the host at set_timesteps for the step sequence
-    diffusers runs, and uploaded once; a step off that sequence builds its
-    rows then. thresholding, predict_x0=False and solver_p run diffusers' own
+    and the x0 history: one fused lincomb_step pass each (three passes a
+    step). The coefficients (rhos) are computed on the host at set_timesteps
+    for the step sequence diffusers runs (kernel arguments: nothing is
+    uploaded); a step off that sequence computes its own then. thresholding, predict_x0=False and solver_p run diffusers' own
     step (not fused). Into sigma = 0 the bh1 update is diffusers' NaN
     (B(h) = -inf times 0); here it is its limit, the x0 prediction."""
 
@@ -385,7 +362,7 @@ class UniPCMultistepScheduler(_DiffusersUniPC):
         else:
             self._fk_as = [(1 / math.sqrt(v * v + 1), v / math.sqrt(v * v + 1)) for v in sig]
         self._fk_hist, self._fk_last = None, None
-        self._fk_plans, self._fk_rows = self._plan_all(), None
+        self._fk_plans = self._plan_all()
 
     def _lam(self, k):
         a, s = self._fk_as[k]
@@ -427,27 +404,6 @@ class UniPCMultistepScheduler(_DiffusersUniPC):
             low, prev_order = min(low + 1, c.solver_order), order
         return plans
 
-    def _device_rows(self, plan, x):
-        """The rows of one step's plan as device tensors, uploaded once per
-        scheduler, dtype and device."""
-        key = (x.device, x.dtype)
-        if self._fk_rows is None or self._fk_rows[0] != key:
-            tab = torch.float64 if x.dtype == torch.float64 else torch.float32
-            built = []
-            for _, _, cc, pc in self._fk_plans:
-                built.append([None if co is None else self._rows_of(co, tab, x.device)
-                              for co in (cc, pc)])
-            self._fk_rows = (key, built)
-        return self._fk_rows[1][plan]
-
-    @staticmethod
-    def _rows_of(coeffs, tab, device):
-        q, cs = coeffs
-        row, reads_prev, passes = _lincomb_plan(q, cs)
-        rows = torch.tensor([row] + [_h_row(h) for _, _, h, _ in passes], dtype=tab)
-        rows = rows.to(device)
-        return rows[0], reads_prev, passes, list(rows[1:])
-
     def step(self, model_output, timestep, sample, return_dict: bool = True):
         c = self.config
         if (c.thresholding or not self.predict_x0 or self.solver_p is not None
@@ -474,25 +430,22 @@ class UniPCMultistepScheduler(_DiffusersUniPC):
         hist = self._fk_hist
         m_t = hist[i % ring]
         past = [hist[(i - k) % ring] for k in range(1, ring)]  # x0 at i-1, i-2, ...
+        conv = self._conv_row(i, x)
         if self._fk_plans[i][:2] == (corr, this_order):  # the planned sequence
-            conv, (crows, prows) = self._conv_row(i, x), self._device_rows(i, x)
-        else:  # off the plan (a begin_index, a skipped step): rows built now
-            tab = torch.float64 if x.dtype == torch.float64 else torch.float32
-            conv = self._conv_row(i, x)
+            cc, pc = self._fk_plans[i][2:]
+        else:  # off the plan (a begin_index, a skipped step): coefficients now
             cc = self._coeffs(i - 1, i, corr, True) if corr else None
             pc = self._coeffs(i, i + 1, this_order, False)
-            crows = None if cc is None else self._rows_of(cc, tab, x.device)
-            prows = None if pc is None else self._rows_of(pc, tab, x.device)
         pred = _PRED[c.prediction_type]
         # the x0 of the model output at this sample, before the correction (diffusers)
         ei_step(x, model_output.to(dtype), prediction=pred, form="data", table=conv, out=m_t)
         if corr:
-            x = past[0].clone() if crows is None else _lincomb_run(
-                self._fk_last, [m_t, past[0]] + past[1:corr], *crows)
+            x = past[0].clone() if cc is None else _lincomb_run(
+                self._fk_last, [m_t, past[0]] + past[1:corr], cc)
         self.this_order = this_order
         self._fk_last = x
-        prev = m_t.clone() if prows is None else _lincomb_run(
-            x, [m_t] + past[:this_order - 1], *prows)
+        prev = m_t.clone() if pc is None else _lincomb_run(
+            x, [m_t] + past[:this_order - 1], pc)
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1

@@ -25,9 +25,9 @@ The DPM-Solver samplers reuse the fused Euler, Heun, Euler-Maruyama, churn
 and DPM-Solver++(2M) steps with rows chosen so that each kernel computes
 k-diffusion's update exactly (_second_stage_row, _ancestral_row and
 sample_dpmpp_2m_sde say how); one or two fused passes per model call.
-sample_lms adds its history two terms per fused Euler pass (as guidance);
-sample_dpmpp_3m_sde splits its three-term history between the 2M kernel
-and one guided Euler pass. sample_dpm_fast and sample_dpm_adaptive
+sample_lms is one fused lms_step per step (its velocity history in the
+kernel); sample_dpmpp_3m_sde one lincomb_step over x and the last three
+denoised outputs, its noise included. sample_dpm_fast and sample_dpm_adaptive
 (k-diffusion's DPMSolver: its own grid in t = -log sigma, sigma_min and
 sigma_max in place of sigmas) make each DPM-Solver-1/2/3 update one fused
 Euler or Heun pass (_dpm_rows); the adaptive one reads its error norm on
@@ -57,7 +57,7 @@ import torch
 from .. import _validate as V
 from .._progress import progress_bar, progress_iter
 from ..ops.steps import churn as _churn
-from ..ops.steps import (dpmpp_2m_step, em_step, euler_step, heun_step, lms_step,
+from ..ops.steps import (dpmpp_2m_step, em_step, euler_step, heun_step, lincomb_step, lms_step,
                          noise_stream)
 from ..tables import step_row
 
@@ -643,100 +643,71 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     return x
 
 
-def _three_term_row(q, b0, b1):
-    """A dpmpp_2m_step row computing q x + b0 d + b1 d_prev (x1 predictions)
-    exactly, any q > 0 and b0 + b1 = E with E + q > 0: with alpha_t = 1,
-    sigma_t = 1 (lambda_t = 0), alpha_s = E + q and sigma_s = q the kernel's
-    x coefficient is sigma_s/sigma_t = q, its h = log((E + q)/q) makes
-    -alpha_s expm1(-h) = E, and the previous level (alpha_p = 1, sigma_p =
-    e^{r h}) sets its r so that E c2 = -b1 (c2 = 1/(2r), c1 = 1 + c2)."""
-    e = b0 + b1
-    h = math.log1p(e / q)
-    s_p = 1.0
-    if b1 != 0:
-        r = -e / (2 * b1)
-        s_p = math.exp(r * h)
-    return step_row((1.0, 1.0, 0.0, 0.0), (e + q, q, 0.0, 0.0), (1.0, s_p))
-
-
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None,
                         eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None,
                         per_sample_seeds=None):
     """DPM-Solver++(3M) SDE (k-diffusion's). Its update is linear in (x, d, d_1,
-    d_2): x' = e^{-(1+eta) h} x + c_0 d + c_1 d_1 + c_2 d_2 (+ noise), the
-    c_k from k-diffusion's d1, d2, phi_2, phi_3 collected on the host. One
-    fused DPM-Solver++(2M) pass computes x, d and part of d_1's term on a row
-    made for them (_three_term_row) and keeps d in a ring of three buffers;
-    one fused Euler pass with guidance adds the rest of d_1's and d_2's; the
-    noise of std
-    s' sqrt(1 - e^{-2 eta h}) s_noise is the fused churn pass on
-    Philox(seed, i x.numel()) or the caller's noise_sampler (k-diffusion's
-    default is a torchsde Brownian tree)."""
+    d_2): x' = e^{-(1+eta) h} x + c_0 d + c_1 d_1 + c_2 d_2 + std xi, the c_k
+    from k-diffusion's d1, d2, phi_2, phi_3 collected on the host in floats,
+    std = s' sqrt(1 - e^{-2 eta h}) s_noise. Each step is one fused
+    lincomb_step pass over x and the model's last three denoised outputs
+    (held as k-diffusion holds them), its noise drawn in the kernel
+    (Philox(seed, i x.numel())) or, with the caller's noise_sampler
+    (k-diffusion's default is a torchsde Brownian tree), read as a fourth
+    term. The last step into sigma = 0 returns the denoised x, as k-diffusion."""
     extra_args, sigmas, sig, state, s_in, n, key = _multistep_sde_setup(
         x, sigmas, extra_args, eta, noise_sampler, seed, per_sample_seeds)
-    rows, extra, pair, noise, stds = [], [], [], [], []
+    plan = []  # per step: (weights of x, d, d_1, d_2 as far as known, noise std)
     h_1 = h_2 = None
     for i in range(n):
         s, nxt = sig[i], sig[i + 1]
         if nxt == 0:  # x = denoised
-            rows.append(_ve(s, 0.0))
-            extra.append(_ve(1.0, 1.0))
-            pair.append((0.0, 0.0))
-            noise.append(_noise_row(0.0))
-            stds.append(0.0)
+            plan.append(None)
             continue
         h = math.log(s) - math.log(nxt)
-        h_eta = h * (eta + 1)
-        c0, c1, c2 = -math.expm1(-h_eta), 0.0, 0.0
-        phi_2 = math.expm1(-h_eta) / h_eta + 1
-        if h_2 is not None:
-            r0, r1 = h_1 / h, h_2 / h
-            phi_3 = phi_2 / h_eta - 0.5
-            a = phi_2 * (1 + r0 / (r0 + r1)) - phi_3 / (r0 + r1)   # of d1_0 = (d - d_1)/r0
-            b = -phi_2 * r0 / (r0 + r1) + phi_3 / (r0 + r1)        # of d1_1 = (d_1 - d_2)/r1
-            c0, c1, c2 = c0 + a / r0, -a / r0 + b / r1, -b / r1
-        elif h_1 is not None:
-            r = h_1 / h
-            c0, c1 = c0 + phi_2 / r, -phi_2 / r
-        if h_2 is None:  # c0 + c1 = 1 - e^{-h_eta}: the kernel row holds (q, c0, c1)
-            rows.append(_three_term_row(math.exp(-h_eta), c0, c1))
-            extra.append(_ve(1.0, 1.0))
-            pair.append((0.0, 0.0))
-        else:
-            # c0 + c1 + c2 = 1 - e^{-h_eta} = base, and c0 + c1 alone may leave
-            # E + q <= 0: the kernel takes (q, c0, base/2 - c0) (E = base/2), one
-            # fused Euler pass the rest, (c1 - b1) d_1 + c2 d_2 (summing to base/2),
-            # as the unconditional and conditional prediction of its guidance
-            base = -math.expm1(-h_eta)
-            b1 = base / 2 - c0
-            rows.append(_three_term_row(math.exp(-h_eta), c0, b1))
-            hh = (c1 - b1) + c2
-            extra.append(_ve(1.0, 1.0, h=hh))
-            pair.append((c1 - b1, c2 / hh))
         std = nxt * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise if eta else 0.0
-        noise.append(_noise_row(std))
-        stds.append(std)
+        plan.append((dpmpp_3m_sde_weights(h, h_1, h_2, eta), std))
         h_1, h_2 = h, h_1
-    rows, extra, noise = _rows(rows, x, state), _rows(extra, x, state), _rows(noise, x, state)
-    ring = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(3)]
+    history = []  # the model's denoised outputs, newest first
     for i in _range(n, disable):
         denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
-        last = sig[i + 1] == 0
-        d_prev = ring[(i - 1) % 3] if i > 0 and not last else None
-        x, _ = dpmpp_2m_step(x, denoised, prediction="x1", d_prev=d_prev, table=rows[i],
-                             d_out=ring[i % 3], backend=backend)
-        if i > 1 and not last:  # + (c1 - b1) d_1 + c2 d_2 (see the rows above)
-            x = euler_step(x, ring[(i - 2) % 3], prediction="velocity",
-                           pred_uncond=ring[(i - 1) % 3], guidance=pair[i][1],
-                           table=extra[i], out=x, backend=backend)
-        if eta and not last:
-            x = _add_noise(x, i, i, noise, key, noise_sampler, sigmas[i], sigmas[i + 1],
-                           stds[i], backend)
+        history = [denoised] + history[:2]
+        if plan[i] is None:
+            x = denoised
+            continue
+        weights, std = plan[i]
+        terms = history[:len(weights) - 1]
+        if std and noise_sampler is not None:  # k-diffusion's noise, one more term
+            terms = terms + [noise_sampler(sigmas[i], sigmas[i + 1]).to(x.dtype)]
+            x = lincomb_step(x, terms, weights + [std], backend=backend)
+        else:
+            x = lincomb_step(x, terms, weights, noise_std=std, backend=backend,
+                             **(key.at(i) if std else {}))
     return x
+
+
+def dpmpp_3m_sde_weights(h, h_1=None, h_2=None, eta=1.0):
+    """The weights of x, d, d_1[, d_2] in k-diffusion's DPM-Solver++(3M) SDE
+    step (h = log(sigma/sigma_next), h_1, h_2 the two before it, None while
+    unknown): its e^{-h_eta} x + (1 - e^{-h_eta}) d + phi_2 d1 - phi_3 d2 with
+    d1, d2 expanded into the denoised outputs (floats, on the host)."""
+    h_eta = h * (eta + 1)
+    weights = [math.exp(-h_eta), -math.expm1(-h_eta)]
+    phi_2 = math.expm1(-h_eta) / h_eta + 1
+    if h_2 is not None:
+        r0, r1 = h_1 / h, h_2 / h
+        phi_3 = phi_2 / h_eta - 0.5
+        a = phi_2 * (1 + r0 / (r0 + r1)) - phi_3 / (r0 + r1)   # of d1_0 = (d - d_1)/r0
+        b = -phi_2 * r0 / (r0 + r1) + phi_3 / (r0 + r1)        # of d1_1 = (d_1 - d_2)/r1
+        return [weights[0], weights[1] + a / r0, -a / r0 + b / r1, -b / r1]
+    if h_1 is not None:
+        r = h_1 / h
+        return [weights[0], weights[1] + phi_2 / r, -phi_2 / r]
+    return weights
 
 
 def linear_multistep_coeff(order, t, i, j):
@@ -760,38 +731,6 @@ def linear_multistep_coeff(order, t, i, j):
         lo, hi = (a - tk) / d, h / d  # the factor lo + hi u
         c = [lo * c[0]] + [lo * c[p] + hi * c[p - 1] for p in range(1, len(c))] + [hi * c[-1]]
     return h * sum(cp / (p + 1) for p, cp in enumerate(c))
-
-
-def _lms_pairs(coeffs):
-    """The history terms of an LMS step grouped for the fused Euler step with
-    guidance, which adds h ((1 - w) p_u + w p_c): (j_a, j_b or None, h, w)
-    per pass, the pairing whose sums c_a + c_b are furthest from cancelling."""
-    idx = list(range(len(coeffs)))
-    if len(idx) <= 2:
-        options = [[tuple(idx)]]
-    elif len(idx) == 3:
-        options = [[(0, 1), (2,)], [(0, 2), (1,)], [(1, 2), (0,)]]
-    else:
-        options = [[(0, 1), (2, 3)], [(0, 2), (1, 3)], [(0, 3), (1, 2)]]
-
-    def quality(groups):
-        q = 1.0
-        for g in groups:
-            if len(g) == 2:
-                tot = abs(coeffs[g[0]]) + abs(coeffs[g[1]])
-                q = min(q, abs(coeffs[g[0]] + coeffs[g[1]]) / tot if tot else 1.0)
-        return q
-    passes = []
-    for g in max(options, key=quality):
-        if len(g) == 1:
-            passes.append((g[0], None, coeffs[g[0]], 0.0))
-        else:
-            h = coeffs[g[0]] + coeffs[g[1]]
-            if h == 0:  # cancelling exactly: one pass each
-                passes += [(g[0], None, coeffs[g[0]], 0.0), (g[1], None, coeffs[g[1]], 0.0)]
-            else:
-                passes.append((g[0], g[1], h, coeffs[g[1]] / h))
-    return passes
 
 
 @torch.no_grad()

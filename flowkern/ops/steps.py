@@ -11,6 +11,7 @@ exists and every backend draws the same numbers. Outputs may be given with
 """
 from __future__ import annotations
 
+import collections
 import math
 import types
 from typing import Optional
@@ -115,6 +116,29 @@ def _t_lms(x: torch.Tensor, pred: torch.Tensor, u1: Opt, u2: Opt, u3: Opt, pred_
                          out, u_out)
 
 
+@torch.library.custom_op(f"{TRITON_NS}::lincomb_step", mutates_args=("out",))
+def _t_lincomb(x: torch.Tensor, terms: list[torch.Tensor], weights: list[float],
+               noise_std: float, seed: int, offset: int, per_sample_seeds: Opt, check: bool,
+               out: torch.Tensor) -> None:
+    lazy(_T, "lincomb_step")(x, terms, weights, noise_std, seed, offset, per_sample_seeds,
+                             _acc_carrier(x), out)
+
+
+_ACC_CARRIERS: dict = {}
+
+
+def _acc_carrier(x):
+    """A one-element tensor of x's accumulation dtype on its device, made once:
+    the Triton engine reads the accumulation dtype from its coefficient
+    pointer, and lincomb_step has no table."""
+    key = (x.device, x.dtype)
+    c = _ACC_CARRIERS.get(key)
+    if c is None:
+        c = _ACC_CARRIERS[key] = torch.zeros(1, STEP_COLS, dtype=V.acc_dtype(x.dtype),
+                                             device=x.device)
+    return c
+
+
 # ---------------------------------------------------------------------------
 # fake functions, autograd (ei_step: the flow-map parametrisation), CUDA kernels
 
@@ -157,7 +181,7 @@ def _ei_bwd_fake(grad, table, times, kind, params, prediction, form, guidance, c
 
 
 for _name in ("euler_step", "heun_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn",
-              "lms_step"):
+              "lms_step", "lincomb_step"):
     register(_name, _none)
 def _ei_reference(x, pred, pred_uncond, table, times, kind, params, prediction, form, guidance,
                   check):
@@ -369,7 +393,7 @@ _NAN = float("nan")
 _NATIVE = types.SimpleNamespace(**{
     name: getattr(torch.ops.flowkern, name).default
     for name in ("euler_step", "heun_step", "ei_step", "ei_step_out", "dpmpp_2m_step", "em_step",
-                 "churn", "lms_step")
+                 "churn", "lms_step", "lincomb_step")
 }) if cpu_built() else None
 _EI_NOGRAD = torch.ops.flowkern.ei_step.nograd if cpu_built() else None
 _EI_DIFF = CALLS[NATIVE_NS]  # .ei_step: its DiffOp
@@ -691,6 +715,101 @@ def lms_step(x, pred, weights, history=(), t=None, schedule="linear", prediction
 LMS_MAX_HISTORY = 3  # csrc/include/flowkern/steps.h
 
 
+def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_sample_seeds=None,
+                 out=None, backend=None):
+    """A step whose coefficients the caller computed:
+    x_s = weights[0] x + sum_k weights[k+1] terms[k] + noise_std xi, in one fused
+    pass (the lincomb engine with a single row for the batch; no table, no
+    schedule). It serves the multistep samplers whose update is a fixed linear
+    combination of the state and the model's recent outputs, e.g. k-diffusion's
+    DPM-Solver++(3M) SDE over its last three denoised outputs.
+
+    Args:
+        x: the state (B, ...). terms: 1 to 4 tensors shaped like x (the model's
+            outputs, a noise tensor of the caller's, ...); at most 3 with
+            noise_std > 0.
+        weights: 1 + len(terms) finite floats, x's first.
+        noise_std: std of the in-kernel Gaussian xi (0: none); xi is drawn as in
+            :func:`em_step` from Philox(seed, offset + e), or per_sample_seeds.
+    Returns out (a new tensor unless given; ``out=x`` updates in place)."""
+    seed = _seed_offset(seed, offset, per_sample_seeds)
+    if _native(x, backend):
+        out = _out("out", out, x)
+        _NATIVE.lincomb_step(x, _terms(terms), _floats("weights", weights),
+                             _float("noise_std", noise_std), seed, offset, per_sample_seeds,
+                             V.check_flag(), out)
+        return out
+    V.tensor("x", x)
+    terms = _terms(terms)
+    named = {f"terms[{k}]": V.tensor(f"terms[{k}]", p) for k, p in enumerate(terms)}
+    wts, noise_std = _lincomb_weights(terms, weights, noise_std)
+    for name, p in named.items():
+        if p.shape != x.shape or p.dtype != x.dtype or p.device != x.device:
+            raise ValueError(f"{name}: the model output must match the state x in shape, "
+                             f"dtype and device; got {tuple(p.shape)} {p.dtype} {p.device}, "
+                             f"x is {tuple(x.shape)} {x.dtype} {x.device}")
+    be = resolve(backend, x.device)
+    st = _StepPlan("lincomb_step", be, V.acc_dtype(x.dtype))
+    if be == "triton":
+        no_forward_mode("lincomb_step", x, *terms)
+        refuse_grad("lincomb_step", "this op writes into a buffer and has no derivative; call "
+                    "it under torch.no_grad() or on detached tensors", x=x, **named)
+    out = _out("out", out, x, st)
+    V.check_no_overlap({"out": out}, {"x": x, **named})
+    seeds = _per_sample_seeds(per_sample_seeds, x)
+    if be == "torch":
+        xi = _ref_noise(seed, seeds, offset, x, st) if noise_std else None
+        return _cast(ref.lincomb_step(x.to(st.acc), [p.to(st.acc) for p in terms], wts, xi,
+                                      noise_std), out)
+    ops_for(be).lincomb_step(x.contiguous(), [p.contiguous() for p in terms], wts, noise_std,
+                             seed, offset, seeds, False, out)
+    return out
+
+
+def _terms(terms):
+    """lincomb_step's terms as a list of tensors (each named in errors; their
+    dtypes and shapes are checked by the op, or by lincomb_step's Python path)."""
+    if isinstance(terms, torch.Tensor) or not isinstance(terms, (list, tuple)):
+        raise TypeError(f"terms: expected a list or tuple of tensors, got "
+                        f"{type(terms).__name__}")
+    for k, p in enumerate(terms):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"terms[{k}]: expected a torch.Tensor, got {type(p).__name__}")
+    return list(terms)
+
+
+def _float(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+    return float(v)
+
+
+def _lincomb_weights(terms, weights, noise_std):
+    """csrc/cpu/step_args.h lincomb_terms for the Python backends."""
+    if not 1 <= len(terms) <= LINCOMB_MAX_TERMS:
+        raise ValueError(f"terms: expected 1 to {LINCOMB_MAX_TERMS} tensors, got {len(terms)}")
+    wts = _floats("weights", weights)
+    if len(wts) != len(terms) + 1:
+        raise ValueError(f"weights: expected {len(terms) + 1} weights (one for x and one per "
+                         f"term), got {len(wts)}")
+    for j, f in enumerate(wts):
+        if not math.isfinite(f):
+            raise ValueError(f"weights: expected finite weights, got {f} at {j}")
+    noise_std = _float("noise_std", noise_std)
+    if not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std: expected a finite value >= 0, got {noise_std}")
+    if noise_std and len(terms) > LINCOMB_MAX_NOISY_TERMS:
+        raise ValueError(f"terms: at most {LINCOMB_MAX_NOISY_TERMS} with the in-kernel noise "
+                         f"(noise_std > 0), got {len(terms)}; a noise tensor of your own can be "
+                         f"a term")
+    return wts, noise_std
+
+
+LINCOMB_MAX_TERMS, LINCOMB_MAX_NOISY_TERMS = 4, 3  # csrc/include/flowkern/steps.h
+# What _out and _ref_noise read of a step without a table (a tuple: torch.compile traces it).
+_StepPlan = collections.namedtuple("_StepPlan", "op backend acc")
+
+
 def _lms_history(history):
     """(u1, u2, u3) with None for the absent ones."""
     if isinstance(history, torch.Tensor) or not isinstance(history, (list, tuple)):
@@ -819,4 +938,4 @@ def _pad_prev(table):
 
 
 __all__ = ["euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn",
-           "lms_step", "step_table"]
+           "lms_step", "lincomb_step", "step_table"]

@@ -97,6 +97,18 @@ def lms_step(x, pred, ct, weights, history=(), prediction="velocity", pred_uncon
     return xs, u
 
 
+def lincomb_step(x, terms, weights, noise=None, noise_std=0.0):
+    """x_s = weights[0] x + sum_k weights[k+1] terms[k] (+ noise_std noise): a
+    step whose coefficients the caller computed (csrc/include/flowkern/steps.h
+    LincombStepFn)."""
+    xs = weights[0] * x
+    for w, p in zip(weights[1:], terms):
+        xs = xs + w * p
+    if noise_std:
+        xs = xs + noise_std * noise
+    return xs
+
+
 def churn(x, ct, chat, noise):
     """Renoise from t back to an earlier t_hat (EDM churn in our convention):
     x_hat = (alpha_that/alpha_t) x + sqrt(sigma_that^2 - (alpha_that sigma_t/alpha_t)^2) xi."""

@@ -48,16 +48,22 @@ def _ops():
             ("lms_v_1", S.lms_rows, 3, 2, False, 0, 1, 0),
             ("lms_x1_3", S.lms_rows, 5, 2, False, 1, 3, 0),
             ("lms_cfg_eps_3", S.lms_rows, 6, 2, False, 2, 3, 1),
+            ("lincomb_3", S.lincomb_step_rows, 4, 1, False, 3, 0, 0),
+            ("lincomb_4", S.lincomb_step_rows, 5, 1, False, 4, 0, 0),
+            ("lincomb_noise_3", S.lincomb_step_rows, 4, 1, True, 3, 1, 0),
+            ("lincomb_noise_3_per_sample", S.lincomb_step_rows, 4, 1, "per_sample", 3, 1, 0),
             ("flowmap_bwd_v", FM.flowmap_bwd_rows, 3, 3, False, 0, 0, 3),
             ("flowmap_bwd_x1", FM.flowmap_bwd_rows, 3, 1, False, 1, 0, 0)]
 
 
 def _aux_type(fn, acc_t):
-    """The `aux` argument's type: lms_step's weights are scalars
-    (steps.lms_weight_args), the others' a pointer (or coef standing in)."""
+    """The `aux` argument's type: lms_step's and lincomb_step's weights are
+    scalars (steps.weight_args), the others' a pointer (or coef standing in)."""
     from . import steps as S
 
-    return ("fp32",) * 8 if fn is S.lms_rows else f"*{acc_t}"
+    if fn is S.lms_rows:
+        return ("fp32",) * 8
+    return ("fp32",) * 12 if fn is S.lincomb_step_rows else f"*{acc_t}"
 
 
 def _skip(fn, p1) -> int:

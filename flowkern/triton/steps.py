@@ -166,7 +166,7 @@ def churn_rows(_P0: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, st
 
 @triton.jit
 def _weight(wts, j: tl.constexpr, like):
-    """Weight j of lms_weight_args's pairs, in like's dtype."""
+    """Weight j of weight_args's pairs, in like's dtype."""
     return tl.cast(wts[2 * j], like.dtype) + tl.cast(wts[2 * j + 1], like.dtype)
 
 
@@ -175,7 +175,7 @@ def lms_rows(PRED: tl.constexpr, NH: tl.constexpr, CFG: tl.constexpr, coef, stri
              r, rmask):
     """(x, p, u_1 .. u_NH[, p_u]) -> (x + wts_0 u_t + sum_j wts_j u_j, u_t), the
     weights wts in `aux`: kernel scalars, each as a float32 pair (hi, lo),
-    wts_j = hi + lo in the accumulation dtype (lms_weight_args; steps.h
+    wts_j = hi + lo in the accumulation dtype (weight_args; steps.h
     LMSFn). u_t's history entries are never read (lms_skip)."""
     at, st, dat, dst, _a, _b, _c, _d, _e, _f, _h, _g = load_step(coef, stride, r, rmask)
     ua, ub = convert_coeffs(PRED, VELOCITY, at, st, dat, dst)
@@ -212,16 +212,52 @@ def lms_rows(PRED: tl.constexpr, NH: tl.constexpr, CFG: tl.constexpr, coef, stri
             return (xa, xc, w1, w2, w3), (ua, uc, z, z, z)
 
 
+@triton.jit
+def lincomb_step_rows(NT: tl.constexpr, NOISE: tl.constexpr, _P2: tl.constexpr, coef, _stride,
+                      aux, _w, r, rmask):
+    """(x, p_1 .. p_NT) -> c_x x + sum_k c_k p_k (+ noise_std xi): the weights
+    (c_x, c_1 .. c_NT) and then noise_std as weight_args pairs in `aux`
+    (steps.h LincombStepFn); `coef` only gives the accumulation dtype."""
+    z = (r[:, None] * 0).to(coef.dtype.element_ty)
+    c0 = z + _weight(aux, 0, z)
+    c1 = z + _weight(aux, 1, z)
+    c2 = z + _weight(aux, 2, z)
+    c3 = z + _weight(aux, 3, z)
+    c4 = z + _weight(aux, 4, z)
+    sd = z + _weight(aux, 5, z)
+    if NT == 1:
+        if NOISE:
+            return ((c0, c1, sd),)
+        else:
+            return ((c0, c1),)
+    elif NT == 2:
+        if NOISE:
+            return ((c0, c1, c2, sd),)
+        else:
+            return ((c0, c1, c2),)
+    elif NT == 3:
+        if NOISE:
+            return ((c0, c1, c2, c3, sd),)
+        else:
+            return ((c0, c1, c2, c3),)
+    else:
+        if NOISE:
+            return ((c0, c1, c2, c3, c4, sd),)
+        else:
+            return ((c0, c1, c2, c3, c4),)
+
+
 _F32_MAX = 3.4028234663852886e38
 
 
-def lms_weight_args(weights) -> tuple:
+def weight_args(weights, n: int = 4) -> tuple:
     """lms_step's weights as kernel scalars: Triton passes a Python float as
     float32, so each weight w goes as the pair (hi, lo), hi = fl32(w), lo =
     fl32(w - hi), and the kernel adds them in the accumulation dtype (w to
     ~2^-48 relative: float64 steps keep float64 accuracy). Four pairs, the
     missing weights zero. No tensor is built: nothing is copied to the
-    device per call, and a captured CUDA graph holds the values."""
+    device per call, and a captured CUDA graph holds the values. n: the pairs
+    the kernel reads (lms_step 4, lincomb_step 6: five weights and noise_std)."""
     out = []
     for j, w in enumerate(weights):
         if not abs(w) <= _F32_MAX:
@@ -229,7 +265,7 @@ def lms_weight_args(weights) -> tuple:
                              f"magnitude, got {w} at {j}")
         hi = struct.unpack("f", struct.pack("f", w))[0]
         out += [hi, struct.unpack("f", struct.pack("f", w - hi))[0]]
-    return tuple(out + [0.0] * (8 - len(out)))
+    return tuple(out + [0.0] * (2 * n - len(out)))
 
 
 def lms_skip(nh: int) -> int:
@@ -280,8 +316,21 @@ def churn(x, coef, seed, offset, seeds, out):
 
 
 def lms_step(x, pred, u1, u2, u3, pred_uncond, weights, coef, prediction, guidance, out, u_out):
-    """weights: the 1 + len(history) floats (host values, lms_weight_args)."""
+    """weights: the 1 + len(history) floats (host values, weight_args)."""
     hist = _ins(u1, u2, u3)
     launch_lincomb(lms_rows, prediction, len(hist), _ins(x, pred, *hist, pred_uncond),
-                   (out, u_out), coef, aux=lms_weight_args(weights), p2=pred_uncond is not None, w=guidance,
+                   (out, u_out), coef, aux=weight_args(weights), p2=pred_uncond is not None, w=guidance,
                    skip=lms_skip(len(hist)))
+
+
+def lincomb_step(x, terms, weights, noise_std, seed, offset, seeds, coef, out):
+    """weights: 1 + len(terms) floats; noise_std 0: no noise term (host values,
+    weight_args); coef: any tensor of the accumulation dtype."""
+    nt = len(terms)
+    if not abs(noise_std) <= _F32_MAX:
+        raise ValueError(f"noise_std: the triton backend takes values up to {_F32_MAX:.3g}, "
+                         f"got {noise_std}")
+    aux = weight_args(list(weights) + [0.0] * (5 - len(weights)) + [noise_std], n=6)
+    noise = (seed, offset, seeds) if noise_std else None
+    launch_lincomb(lincomb_step_rows, nt, int(bool(noise_std)), (x, *terms), (out,), coef,
+                   aux=aux, noise=noise)

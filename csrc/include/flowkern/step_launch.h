@@ -13,17 +13,24 @@ namespace fk {
 
 // One launcher per op.
 enum StepOp : int {
-  EULER_STEP, HEUN_STEP, EI_STEP, EI_STEP_BACKWARD, DPMPP_2M_STEP, EM_STEP, CHURN, LMS_STEP
+  EULER_STEP, HEUN_STEP, EI_STEP, EI_STEP_BACKWARD, DPMPP_2M_STEP, EM_STEP, CHURN, LMS_STEP,
+  LINCOMB_STEP
 };
+
+// The most host weights a step takes: lincomb_step's x and four terms.
+constexpr int STEP_MAX_WEIGHTS = LINCOMB_MAX_TERMS + 1;
+static_assert(STEP_MAX_WEIGHTS >= LMS_MAX_HISTORY + 1, "lms_step's weights must fit");
 
 // A step's scalar arguments.
 struct StepParams {
   int pred;     // prediction type (Pred)
   int variant;  // EI_STEP(_BACKWARD): the form (EIForm); DPMPP_2M_STEP: 1 = second order;
-                // LMS_STEP: the number of earlier velocities (0 .. LMS_MAX_HISTORY)
+                // LMS_STEP: the number of earlier velocities (0 .. LMS_MAX_HISTORY);
+                // LINCOMB_STEP: the number of terms (1 .. LINCOMB_MAX_TERMS)
   bool cfg;     // an unconditional prediction (or its gradient) follows: weight w
   double w;     // guidance weight
-  double wts[LMS_MAX_HISTORY + 1] = {};  // LMS_STEP: the multistep weights
+  double wts[STEP_MAX_WEIGHTS] = {};  // LMS_STEP, LINCOMB_STEP: the host weights
+  double noise_std = 0;               // LINCOMB_STEP: nonzero selects the noise term
 };
 
 // Row stride of a (coef_rows, STEP_COLS) step table for `rows` samples: 0 when
@@ -79,12 +86,31 @@ decltype(auto) with_step_fn(const StepSrc<A>& coef, const StepParams& p, F&& f) 
         case 2: return lms(std::integral_constant<int, 2>{});
         default: return lms(std::integral_constant<int, 3>{});
       }
+    } else if constexpr (OP == LINCOMB_STEP) {
+      const auto lc = [&](auto nt, auto nz) -> decltype(auto) {
+        auto fn = step_base<LincombStepFn<A, decltype(nt)::value, decltype(nz)::value>>(coef, p);
+        for (int j = 0; j < STEP_MAX_WEIGHTS; ++j) fn.wts[j] = A(p.wts[j]);
+        fn.noise_std = A(p.noise_std);
+        return f(fn);
+      };
+      const auto terms = [&](auto nz) -> decltype(auto) {
+        // the launchers check the count (kBadTensors); the largest stands for any other
+        constexpr int kMax = decltype(nz)::value ? LINCOMB_MAX_NOISY_TERMS : LINCOMB_MAX_TERMS;
+        switch (p.variant) {
+          case 1: return lc(std::integral_constant<int, 1>{}, nz);
+          case 2: return lc(std::integral_constant<int, 2>{}, nz);
+          case 3: return lc(std::integral_constant<int, 3>{}, nz);
+          default: return lc(std::integral_constant<int, kMax>{}, nz);
+        }
+      };
+      if (p.noise_std != 0) return terms(std::true_type{});
+      return terms(std::false_type{});
     } else {
       static_assert(OP == CHURN, "unknown step op");
       return f(step_base<ChurnFn<A>>(coef, p));
     }
   };
-  if (p.cfg && OP != CHURN) return go(std::true_type{});
+  if (p.cfg && OP != CHURN && OP != LINCOMB_STEP) return go(std::true_type{});
   return go(std::false_type{});
 }
 

@@ -194,6 +194,33 @@ FK_UNROLL
   }
 };
 
+// lincomb_step: x_s = c_x x + sum_k c_k p_k (+ c_xi xi), a step whose
+// coefficients the caller computed on the host (k-diffusion's
+// DPM-Solver++(3M) SDE over the model's last three denoised outputs): the
+// engine's matrix itself, one row for the batch, no table. In (x, p_1 .. p_NT);
+// wts = (c_x, c_1 .. c_NT); NZ: the in-kernel noise term, std noise_std. With
+// noise at most 3 terms: 5 half-precision 128-bit packs and a Philox draw per
+// element spill at the engine's 64 registers (tests/test_cuda_build.py); a
+// caller's own noise tensor is a term.
+constexpr int LINCOMB_MAX_TERMS = 4;
+constexpr int LINCOMB_MAX_NOISY_TERMS = 3;
+
+template <class A, int NT, bool NZ> struct LincombStepFn : StepBase<A> {
+  static_assert(NT >= 1 && NT <= (NZ ? LINCOMB_MAX_NOISY_TERMS : LINCOMB_MAX_TERMS),
+                "lincomb_step combines 1 to 4 terms, 1 to 3 with its noise");
+  static constexpr int NI = 1 + NT, NO = 1;
+  static constexpr bool NOISE = NZ;
+  A wts[LINCOMB_MAX_TERMS + 1];
+  A noise_std;
+  FK_HD Mat<A, 1, NI> row(i64) const {
+    Mat<A, 1, NI> M{};
+FK_UNROLL
+    for (int j = 0; j < NI; ++j) M.m[0][j] = wts[j];
+    M.noise[0] = NZ ? noise_std : A(0);
+    return M;
+  }
+};
+
 // Euler-Maruyama for dX = [u + g^2/2 s] dt + g dW:
 // x_s = x + h (u + g^2/2 score) + g sqrt(h) xi. In (x, p[, p_u]).
 template <class A, bool CFG> struct EMFn : StepBase<A> {
