@@ -557,15 +557,17 @@ def test_k_diffusion_half_state_has_the_peers_accuracy(backend, name, dtype):
     noise = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)).to(dtype)
              for i in range(30)]  # in x's dtype, as k-diffusion's default randn_like(x)
 
-    def kw():  # the same noise for both: k-diffusion's noise_sampler
+    def kw(dtype=None):  # the same noise for all: k-diffusion's noise_sampler
         if name in ("sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpm_2",
                     "sample_lms"):
             return dict(disable=True)
         it = iter(noise)
-        return dict(disable=True, noise_sampler=lambda s, sn: next(it))
+        return dict(disable=True, noise_sampler=lambda s, sn: next(it).to(dtype or x16.dtype))
 
-    # both start from the rounded x: the float64 run measures what the loop adds
-    exact = getattr(ks, name)(model, x16.double(), sigmas.double(), **kw())
+    # both start from the rounded x and draw the same noise values: the float64
+    # run (its noise term in float64 too, not rounded to x's dtype as
+    # k-diffusion's noise * sigma_up is) measures what the loop adds
+    exact = getattr(ks, name)(model, x16.double(), sigmas.double(), **kw(torch.float64))
     ref = getattr(ks, name)(model, x16, sigmas, **kw())
     out = getattr(fk_k, name)(model, x16, sigmas, backend=backend, **kw())
     assert out.dtype == ref.dtype
@@ -700,6 +702,42 @@ def test_k_diffusion_sde_samplers_same_noise(backend, name, extra, eta, s_noise)
     if eta:  # the noise is in there
         other = getattr(fk_k, name)(model, x, sigmas, seed=seed + 1, backend=backend, **kw)
         assert _rel(other, ref) > 1e-3
+
+
+ONE_PASS = [("sample_euler_ancestral", 1), ("sample_dpm_2_ancestral", 2),
+            ("sample_dpmpp_2s_ancestral", 2), ("sample_dpmpp_sde", 2),
+            ("sample_dpmpp_2m_sde", 1), ("sample_dpmpp_3m_sde", 1)]
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs flowkern._C")
+@pytest.mark.parametrize("name,calls", ONE_PASS, ids=[n for n, _ in ONE_PASS])
+@pytest.mark.parametrize("noise", ["kernel", "noise_sampler"])
+def test_k_diffusion_sde_samplers_one_pass_per_model_call(name, calls, noise):
+    """Each stochastic sampler makes one fused pass per model call, its noise
+    included, whether drawn in the kernel or given by a noise_sampler: under
+    torch.profiler one flowkern op per model call and no eager arithmetic
+    (the model here is a copy)."""
+    ks, x, sigmas, _ = _k_setup(6, torch.float32)
+    n_calls = [0]
+
+    def model(x, sigma, **_):
+        n_calls[0] += 1
+        return x.clone()
+
+    draws = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i in range(40)]
+    it = iter(draws)
+    kw = dict(seed=3) if noise == "kernel" else dict(noise_sampler=lambda a, b: next(it))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        getattr(fk_k, name)(model, x, sigmas, disable=True, backend="cpu", **kw)
+    names = [e.name for e in prof.events()]
+    fused = [n for n in names if n.startswith("flowkern::")]
+    eager = [n for n in names if n in ("aten::add", "aten::sub", "aten::div", "aten::add_",
+                                       "aten::mul_", "aten::normal_")]
+    sigma_in = names.count("aten::mul")  # sigma * s_in, the model's argument (as k-diffusion)
+    # the last step into sigma = 0 returns the model's output (multistep) or is one pass
+    last = 1 if name in ("sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde") else 0
+    assert len(fused) == n_calls[0] - last and not eager and sigma_in == n_calls[0], \
+        (fused, eager, sigma_in, n_calls[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -21,13 +21,15 @@ sigma_{i+1})/sigma_i). The fused Euler step is then k-diffusion's
 of x into sigma = 0), Heun's second stage its ``x + dt (d + d_2)/2``, and the
 fused DPM-Solver++ step k-diffusion's (lambda = -log sigma).
 
-The DPM-Solver samplers reuse the fused Euler, Heun, Euler-Maruyama, churn
-and DPM-Solver++(2M) steps with rows chosen so that each kernel computes
-k-diffusion's update exactly (_second_stage_row, _ancestral_row and
-sample_dpmpp_2m_sde say how); one or two fused passes per model call.
-sample_lms is one fused lms_step per step (its velocity history in the
-kernel); sample_dpmpp_3m_sde one lincomb_step over x and the last three
-denoised outputs, its noise included. sample_dpm_fast and sample_dpm_adaptive
+The DPM-Solver samplers reuse the fused Euler, Heun and churn steps with
+rows chosen so that each kernel computes k-diffusion's update exactly
+(_euler_row, _second_stage_row say how), and lincomb_step where the update
+is a combination whose weights the host computes: the ancestral (DDIM)
+steps with their noise (_ddim, _affine: euler_ancestral, dpm_2_ancestral's
+second stage, dpmpp_2s_ancestral, dpmpp_sde) and the multistep SDE solvers
+(dpmpp_2m_sde, dpmpp_3m_sde over the model's last denoised outputs); one
+fused pass per model call, the noise included. sample_lms is one fused
+lms_step per step (its velocity history in the kernel). sample_dpm_fast and sample_dpm_adaptive
 (k-diffusion's DPMSolver: its own grid in t = -log sigma, sigma_min and
 sigma_max in place of sigmas) make each DPM-Solver-1/2/3 update one fused
 Euler or Heun pass (_dpm_rows); the adaptive one reads its error norm on
@@ -44,8 +46,10 @@ instead of ``seed=`` gives each sample its own stream, Philox(seed_b, i n_1)
 with n_1 one sample's size: a sample's noise then does not depend on its
 batch (flowkern.em_step). Or pass ``noise_sampler=``
 (k-diffusion's, e.g. its ``BrownianTreeNoiseSampler``, the default of its
-dpmpp_sde and dpmpp_2m_sde) to use your own noise, added in a separate pass
-as in k-diffusion, in x's dtype.
+dpmpp_sde and dpmpp_2m_sde) to use your own noise: its draw is one more term
+of the fused pass. sample_dpm_fast and sample_dpm_adaptive (eta > 0) add
+their noise, the kernel's or the noise_sampler's, in a separate pass after
+the step.
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ import torch
 from .. import _validate as V
 from .._progress import progress_bar, progress_iter
 from ..ops.steps import churn as _churn
-from ..ops.steps import (dpmpp_2m_step, em_step, euler_step, heun_step, lincomb_step, lms_step,
+from ..ops.steps import (dpmpp_2m_step, euler_step, heun_step, lincomb_step, lms_step,
                          noise_stream)
 from ..tables import step_row
 
@@ -111,15 +115,25 @@ def _euler_row(s_t, s_s):
     return _ve(s_t, s_s, -s_t, -s_t, h=(s_t - s_s) / s_t)
 
 
-def _ancestral_row(s, down, g):
-    """em_step row giving (down/s) x + (1 - down/s) d + g xi in one pass: with
-    h = 1 the kernel's x + h (u + g^2/2 score) + g sqrt(h) xi, u = d_sigma (x -
-    d)/s and score = -(x - d)/s^2, has x coefficient 1 + d_sigma/s - g^2/(2 s^2),
-    which is down/s for d_sigma = down - s + g^2/(2 s); d's is 1 minus it. For
-    VE states an Euler step to `down` and the DPM-Solver++ (DDIM) step to it
-    are this same combination."""
-    ds = down - s + g * g / (2 * s)
-    return _ve(s, down, ds, ds, h=1.0, g=g)
+def _ddim(s, down, mix=(1.0,)):
+    """Weights of x and the predictions of the ancestral (DDIM) step from
+    sigma s to `down`: (down/s) x + (1 - down/s) sum_k mix_k p_k, as
+    k-diffusion's x + (down - s)(x - d)/s with d = sum_k mix_k p_k."""
+    return [down / s, *((s - down) / s * m for m in mix)]
+
+
+def _affine(x, terms, weights, std, key_at, noise, backend, out=None):
+    """weights[0] x + sum_k weights[k+1] terms[k] + std xi in one fused
+    lincomb_step pass: xi drawn in the kernel (key_at: a NoiseStream.at(k)),
+    or `noise`, the caller's noise_sampler draw (k-diffusion's), as one more
+    term (None: no draw), scaled in the kernel's accumulation dtype (where
+    k-diffusion's noise * s_noise * sigma_up rounds in the draw's dtype)."""
+    if std and noise is not None:
+        return lincomb_step(x, [*terms, noise.to(x.dtype)], [*weights, std], out=out,
+                            backend=backend)
+    kw = key_at if std and noise is None else {}
+    return lincomb_step(x, terms, weights, noise_std=std if kw else 0.0, out=out,
+                        backend=backend, **kw)
 
 
 def _second_stage_row(s_t, s_mid, s_to):
@@ -305,40 +319,27 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
                            eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None,
                            per_sample_seeds=None):
-    """Ancestral Euler: Euler to sigma_down, then noise of std s_noise sigma_up.
-
-    Without a noise_sampler both happen in ONE fused pass: the Euler-Maruyama
-    kernel with a table row chosen so that x + h (u + g^2/2 score) + g sqrt(h) xi
-    equals x + (sigma_down - sigma)(x - denoised)/sigma + s_noise sigma_up xi
-    (h = 1, g = s_noise sigma_up, d_sigma = sigma_down - sigma + g^2/(2 sigma)),
-    xi = Philox(seed, i * x.numel()). With a noise_sampler (k-diffusion's
-    ``noise_sampler(sigma, sigma_next)``) its noise is added after the fused
-    Euler step."""
+    """Ancestral Euler: Euler to sigma_down plus noise of std s_noise
+    sigma_up, ONE fused lincomb_step pass a step: (down/s) x + (1 - down/s)
+    denoised + std xi, xi = Philox(seed, i * x.numel()) in the kernel, or the
+    draw of the caller's ``noise_sampler(sigma, sigma_next)`` (k-diffusion's)
+    read as a term."""
     extra_args = {} if extra_args is None else extra_args
     sigmas, sig, state = _host(sigmas, x)
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
     steps = [get_ancestral_step(sig[i], sig[i + 1], eta=eta) for i in range(n)]
     key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None, noise_sampler)
-    if noise_sampler is None:
-        rows = [_ancestral_row(sig[i], down, s_noise * up) for i, (down, up) in enumerate(steps)]
-    else:
-        rows = [_euler_row(sig[i], down) for i, (down, _) in enumerate(steps)]
-    table = _rows(rows, x, state)
     for i in _range(n, disable):
         denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
         x = x.to(state)  # k-diffusion's promotion (_host)
-        if noise_sampler is None:
-            x = em_step(x, denoised, prediction="x1", **key.at(i),
-                        table=table[i], backend=backend)
-        else:
-            x = euler_step(x, denoised, prediction="x1", table=table[i], backend=backend)
-            if sig[i + 1] > 0:
-                x = x + (noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
-                         * steps[i][1]).to(x.dtype)
+        down, up = steps[i]
+        noise = noise_sampler(sigmas[i], sigmas[i + 1]) \
+            if noise_sampler is not None and sig[i + 1] > 0 else None
+        x = _affine(x, [denoised], _ddim(sig[i], down), s_noise * up, key.at(i), noise, backend)
     return x
 
 
@@ -384,30 +385,23 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                            eta=1., s_noise=1., noise_sampler=None, seed=None, backend=None,
                            per_sample_seeds=None):
     """Ancestral DPM-Solver-2: the DPM-Solver-2 step to sigma_down plus noise
-    of std s_noise sigma_up. With in-kernel noise the second stage and the
-    noise are one Euler-Maruyama pass (Philox(seed, i x.numel())): with
-    x_2 = x + (mid - s)(x - d)/s written out, k-diffusion's x + (down -
-    s)(x_2 - d_2)/mid is (down/s) x + (1 - down/s)(w d_2 + (1 - w) d),
-    w = s/mid: _ancestral_row's combination with d guided between d_2 and d.
-    With the caller's noise_sampler: the fused second stage, then its noise."""
+    of std s_noise sigma_up. The first stage is a fused Euler pass to x_2; the
+    second stage, k-diffusion's x + (down - s)(x_2 - d_2)/mid, and the noise
+    are one lincomb_step pass (Philox(seed, i x.numel()) in the kernel, or the
+    caller's noise_sampler draw read as a term)."""
     extra_args = {} if extra_args is None else extra_args
     sigmas, sig, state = _host(sigmas, x)
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
     steps = [get_ancestral_step(sig[i], sig[i + 1], eta=eta) for i in range(n)]
     key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None, noise_sampler)
-    first, second, noisy, noise, mids = [], [], [], [], []
+    first, mids = [], []
     for i, (down, up) in enumerate(steps):
         mid = math.exp(0.5 * (math.log(sig[i]) + math.log(down))) if down > 0 else sig[i]
         first.append(_euler_row(sig[i], mid if down > 0 else 0.0))
-        second.append(_second_stage_row(sig[i], mid, down))
-        noisy.append(_ancestral_row(sig[i], down, s_noise * up))
-        noise.append(_noise_row(s_noise * up))
         mids.append(mid)
-    first, second = _rows(first, x, state), _rows(second, x, state)
-    noisy, noise = _rows(noisy, x, state), _rows(noise, x, state)
-    weights = [sig[i] / m for i, m in enumerate(mids)]  # w = s/mid (docstring)
-    mids = torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
+    first = _rows(first, x, state)
+    host_mids, mids = mids, torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
     xe = None
     for i in _range(n, disable):
         denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
@@ -422,16 +416,9 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         xe = _buffer(xe, x)
         euler_step(x, denoised, prediction="x1", table=first[i], out=xe, backend=backend)
         denoised_2 = _denoise(model, xe, mids[i], s_in, extra_args, state)
-        if noise_sampler is None and up > 0:  # second stage + noise in one pass
-            x = em_step(x, denoised_2, prediction="x1", pred_uncond=denoised,
-                        guidance=weights[i], table=noisy[i], **key.at(i),
-                        backend=backend)
-            continue
-        x = heun_step(x, denoised, xe, denoised_2, prediction="x1", table=second[i],
-                      backend=backend)
-        if up > 0:  # (x + 0 xi is x)
-            x = _add_noise(x, i, i, noise, key, noise_sampler, sigmas[i], sigmas[i + 1],
-                           s_noise * up, backend)
+        c = (down - sig[i]) / host_mids[i]  # x + c (x_2 - d_2)
+        noise = None if noise_sampler is None else noise_sampler(sigmas[i], sigmas[i + 1])
+        x = _affine(x, [xe, denoised_2], [1.0, c, -c], s_noise * up, key.at(i), noise, backend)
     return x
 
 
@@ -441,7 +428,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
                               per_sample_seeds=None):
     """Ancestral DPM-Solver++(2S): a DDIM half step to the log-midpoint, then
     the DDIM step to sigma_down from the midpoint's denoised x plus noise of
-    std s_noise sigma_up, fused into one Euler-Maruyama pass (_ancestral_row)."""
+    std s_noise sigma_up, one fused lincomb_step pass (_ddim, _affine)."""
     extra_args = {} if extra_args is None else extra_args
     sigmas, sig, state = _host(sigmas, x)
     promoted = state
@@ -450,15 +437,13 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     n = len(sig) - 1
     steps = [get_ancestral_step(sig[i], sig[i + 1], eta=eta) for i in range(n)]
     key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None, noise_sampler)
-    first, last, mids = [], [], []
+    first, mids = [], []
     for i, (down, up) in enumerate(steps):
-        g = s_noise * up if (sig[i + 1] > 0 and noise_sampler is None) else 0.0
         mid = math.exp(-(-math.log(sig[i]) + 0.5 * (math.log(sig[i]) - math.log(down)))) \
             if down > 0 else sig[i]
         first.append(_euler_row(sig[i], mid))
-        last.append(_ancestral_row(sig[i], down, g))
         mids.append(mid)
-    first, last = _rows(first, x, state), _rows(last, x, state)
+    first = _rows(first, x, state)
     mids = torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
     xe = None
     for i in _range(n, disable):
@@ -468,20 +453,16 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
-        row = last[i]
         if down == 0:  # k-diffusion's Euler branch: to_d promotes x (_host)
-            x, pred, row = x.to(promoted), denoised, row.to(V.acc_dtype(promoted))
+            x, pred = x.to(promoted), denoised
         else:
             xe = _buffer(xe, x)
             euler_step(x, denoised, prediction="x1", table=first[i], out=xe, backend=backend)
             pred = _denoise(model, xe, mids[i], s_in, extra_args, state)
-        if noise_sampler is None:
-            x = em_step(x, pred, prediction="x1", **key.at(i),
-                        table=row, backend=backend)
-        else:  # the same row without its noise (euler_step reads no g), then the caller's
-            x = euler_step(x, pred, prediction="x1", table=row, backend=backend)
-            if sig[i + 1] > 0:
-                x = x + (noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * up).to(x.dtype)
+        std = s_noise * up if sig[i + 1] > 0 else 0.0
+        noise = noise_sampler(sigmas[i], sigmas[i + 1]) \
+            if noise_sampler is not None and sig[i + 1] > 0 else None
+        x = _affine(x, [pred], _ddim(sig[i], down), std, key.at(i), noise, backend)
     return x
 
 
@@ -490,10 +471,9 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
                      s_noise=1., noise_sampler=None, r=1 / 2, seed=None, backend=None,
                      per_sample_seeds=None):
     """DPM-Solver++ (stochastic, k-diffusion's): two ancestral DDIM stages per
-    step, each one fused Euler-Maruyama pass; the second reads
-    (1 - 1/(2r)) d + 1/(2r) d_2 as classifier-free guidance of d_2 over d
-    (weight 1/(2r)), so the mix costs no pass. Noise: Philox(seed, (2i + k)
-    x.numel()) for stage k of step i, or the caller's noise_sampler
+    step, each one fused lincomb_step pass, the second over x, d and d_2
+    ((1 - 1/(2r)) d + 1/(2r) d_2). Noise: Philox(seed, (2i + k) x.numel())
+    for stage k of step i, or the caller's noise_sampler draw read as a term
     (k-diffusion's default is a torchsde Brownian tree: pass
     k_diffusion.sampling.BrownianTreeNoiseSampler for its noise)."""
     extra_args = {} if extra_args is None else extra_args
@@ -504,25 +484,20 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     n = len(sig) - 1
     fac = 1 / (2 * r)
     key = _noise_key(seed, per_sample_seeds, x, noise_sampler is None, noise_sampler)
-    stage1, stage2, mids, ups = [], [], [], []
+    plan, mids = [], []  # per step: the two stages' (weights, noise std)
     for i in range(n):
         if sig[i + 1] == 0:
-            stage1.append(_euler_row(sig[i], 0.0))
-            stage2.append(_euler_row(sig[i], 0.0))
+            plan.append(None)
             mids.append(sig[i])
-            ups.append((0.0, 0.0))
             continue
         t, t_next = -math.log(sig[i]), -math.log(sig[i + 1])
         s_mid = math.exp(-(t + (t_next - t) * r))
         d1, u1 = get_ancestral_step(sig[i], s_mid, eta)
         d2, u2 = get_ancestral_step(sig[i], sig[i + 1], eta)
-        g1, g2 = (s_noise * u1, s_noise * u2) if noise_sampler is None else (0.0, 0.0)
-        stage1.append(_ancestral_row(sig[i], d1, g1))
-        stage2.append(_ancestral_row(sig[i], d2, g2))
+        plan.append(((_ddim(sig[i], d1), s_noise * u1),
+                     (_ddim(sig[i], d2, (1 - fac, fac)), s_noise * u2)))
         mids.append(s_mid)
-        ups.append((u1, u2))
-    stage1, stage2 = _rows(stage1, x, state), _rows(stage2, x, state)
-    mids = torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
+    host_mids, mids = mids, torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
     xe = None
     for i in _range(n, disable):
         last = sig[i + 1] == 0
@@ -531,25 +506,14 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
         if last:  # k-diffusion's Euler branch: to_d promotes x (_host)
-            x = euler_step(x.to(promoted), denoised, prediction="x1",
-                           table=stage1[i].to(V.acc_dtype(promoted)), backend=backend)
+            x = _affine(x.to(promoted), [denoised], [0.0, 1.0], 0.0, {}, None, backend)
             continue
-        xe = _buffer(xe, x)
-        if noise_sampler is None:
-            em_step(x, denoised, prediction="x1", **key.at(2 * i),
-                    table=stage1[i], out=xe, backend=backend)
-        else:
-            euler_step(x, denoised, prediction="x1", table=stage1[i], out=xe, backend=backend)
-            xe = xe + (noise_sampler(sigmas[i], mids[i]) * s_noise * ups[i][0]).to(xe.dtype)
+        (w1, g1), (w2, g2) = plan[i]
+        noise = None if noise_sampler is None else noise_sampler(sigmas[i], mids[i])
+        xe = _affine(x, [denoised], w1, g1, key.at(2 * i), noise, backend, out=_buffer(xe, x))
         denoised_2 = _denoise(model, xe, mids[i], s_in, extra_args, state)
-        if noise_sampler is None:
-            x = em_step(x, denoised_2, prediction="x1", pred_uncond=denoised, guidance=fac,
-                        **key.at(2 * i + 1), table=stage2[i],
-                        backend=backend)
-        else:
-            x = euler_step(x, denoised_2, prediction="x1", pred_uncond=denoised, guidance=fac,
-                           table=stage2[i], backend=backend)
-            x = x + (noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * ups[i][1]).to(x.dtype)
+        noise = None if noise_sampler is None else noise_sampler(sigmas[i], sigmas[i + 1])
+        x = _affine(x, [denoised, denoised_2], w2, g2, key.at(2 * i + 1), noise, backend)
     return x
 
 
@@ -565,82 +529,64 @@ def _multistep_sde_setup(x, sigmas, extra_args, eta, noise_sampler, seed, per_sa
     return extra_args, sigmas, sig, x.dtype, x.new_ones([x.shape[0]]), len(sig) - 1, key
 
 
-@torch.no_grad()
-def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
-                        s_noise=1., noise_sampler=None, solver_type="midpoint", seed=None,
-                        backend=None, per_sample_seeds=None):
-    """DPM-Solver++(2M) SDE (k-diffusion's) on the fused DPM-Solver++(2M) step
-    and one noise pass. The SDE step x' = (s'/s) e^{-eta h} x + (1 -
-    e^{-(1+eta) h}) d + c (d - d_prev) + noise is the ODE step into the level
-    s'' = s' e^{-eta h} (h'' = (1 + eta) h), with the previous level placed so
-    that the kernel's r equals k-diffusion's h_last/h ("midpoint") or gives
-    its "heun" coefficient. Noise of std s' sqrt(1 - e^{-2 eta h}) s_noise:
-    the caller's noise_sampler (k-diffusion's default is a torchsde Brownian
-    tree) in a second pass; in-kernel noise (Philox(seed, i x.numel())) in
-    the same pass: x' = A x + B d + C d_prev + std xi with A = e^{-(1+eta) h}
-    and B + C = 1 - A is _ancestral_row's combination (x coefficient A, the
-    prediction's 1 - A) with d guided between d and d_prev (w = B/(1 - A)),
-    one Euler-Maruyama pass that keeps the model's d as the next d_prev."""
-    if solver_type not in {"heun", "midpoint"}:
-        raise ValueError("solver_type must be 'heun' or 'midpoint'")
-    extra_args, sigmas, sig, state, s_in, n, key = _multistep_sde_setup(
-        x, sigmas, extra_args, eta, noise_sampler, seed, per_sample_seeds)
-    rows, noise, stds, em_rows, em_w = [], [], [], [], []
-    h_last = None
-    for i in range(n):
-        s, nxt = sig[i], sig[i + 1]
-        if nxt == 0:  # x = denoised: the first-order step into sigma = 0
-            rows.append(_ve(s, 0.0))
-            noise.append(_noise_row(0.0))
-            stds.append(0.0)
-            em_rows.append(_ve(1.0, 1.0))
-            em_w.append(None)
-            continue
-        h = math.log(s) - math.log(nxt)
-        hh = (1 + eta) * h
-        s_p = 1.0
-        if h_last is not None:
-            ratio = h_last / h  # k-diffusion's r
-            if solver_type == "heun":  # c2 E = (1 - E/hh)/r, E = 1 - e^{-hh}
-                e = -math.expm1(-hh)
-                ratio = e * ratio / (2 * (1 - e / hh))
-            s_p = s * math.exp(ratio * hh)  # kernel: r = (lambda_t - lambda_p)/hh
-        rows.append(_ve(s, nxt * math.exp(-eta * h), s_p=s_p))
-        std = nxt * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise if eta else 0.0
-        noise.append(_noise_row(std))
-        stds.append(std)
-        # the one-pass form (docstring): k-diffusion's coefficients of d and d_prev
-        e = -math.expm1(-hh)
-        b = e
-        if h_last is not None:
-            b += 0.5 * e * h / h_last if solver_type == "midpoint" else \
-                (1 - e / hh) * h / h_last
-        em_rows.append(_ancestral_row(s, nxt * math.exp(-eta * h), std))
-        em_w.append(b / e if h_last is not None else None)
-        h_last = h
-    rows, noise = _rows(rows, x, state), _rows(noise, x, state)
-    em_rows = _rows(em_rows, x, state)
-    d = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2)]
-    k, old = 0, None
-    for i in _range(n, disable):
+def _multistep_sde_loop(model, x, sigmas, extra_args, callback, disable, state, s_in, plan,
+                        key, noise_sampler, backend):
+    """The loop of sample_dpmpp_2m_sde and _3m_sde: per model call one fused
+    lincomb_step over x and the model's last denoised outputs (held as
+    k-diffusion holds them, newest first) with plan[i] = (weights of x and
+    those outputs, noise std), or x = denoised where plan[i] is None (the step
+    into sigma = 0). The noise: Philox(seed, i x.numel()) in the kernel, or
+    the caller's noise_sampler(sigma, sigma_next) (k-diffusion's default is a
+    torchsde Brownian tree), called where k-diffusion calls it (std > 0)."""
+    history = []
+    for i in _range(len(plan), disable):
         denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
-        if noise_sampler is None and eta and sig[i + 1] > 0:  # one pass, noise included
-            guided = {} if em_w[i] is None else dict(pred_uncond=old, guidance=em_w[i])
-            x = em_step(x, denoised, prediction="x1", table=em_rows[i], **key.at(i),
-                        backend=backend, **guided)
-            old = denoised  # the next step's d_prev, held as k-diffusion holds it
+        history = [denoised] + history[:2]
+        if plan[i] is None:
+            x = denoised
             continue
-        d_prev = d[1 - k] if i > 0 and sig[i + 1] != 0 else None
-        x, _ = dpmpp_2m_step(x, denoised, prediction="x1", d_prev=d_prev, table=rows[i],
-                             d_out=d[k], backend=backend)
-        k = 1 - k
-        if eta and sig[i + 1] > 0:  # k-diffusion's condition (it calls its sampler then)
-            x = _add_noise(x, i, i, noise, key, noise_sampler, sigmas[i], sigmas[i + 1],
-                           stds[i], backend)
+        weights, std = plan[i]
+        noise = noise_sampler(sigmas[i], sigmas[i + 1]) \
+            if noise_sampler is not None and std else None
+        x = _affine(x, history[:len(weights) - 1], weights, std, key.at(i), noise, backend)
     return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
+                        s_noise=1., noise_sampler=None, solver_type="midpoint", seed=None,
+                        backend=None, per_sample_seeds=None):
+    """DPM-Solver++(2M) SDE (k-diffusion's): x' = (s'/s) e^{-eta h} x + B d +
+    C (d - d_prev) + std xi with B = 1 - e^{-(1+eta) h}, C = B/(2r)
+    ("midpoint") or (B/(-(1+eta) h) + 1)/r ("heun"), r = h_last/h, std =
+    s' sqrt(1 - e^{-2 eta h}) s_noise: one fused lincomb_step per model call
+    (_multistep_sde_loop)."""
+    if solver_type not in {"heun", "midpoint"}:
+        raise ValueError("solver_type must be 'heun' or 'midpoint'")
+    extra_args, sigmas, sig, state, s_in, n, key = _multistep_sde_setup(
+        x, sigmas, extra_args, eta, noise_sampler, seed, per_sample_seeds)
+    plan, h_last = [], None
+    for i in range(n):
+        s, nxt = sig[i], sig[i + 1]
+        if nxt == 0:  # x = denoised
+            plan.append(None)
+            continue
+        h = math.log(s) - math.log(nxt)
+        hh = (1 + eta) * h
+        b = -math.expm1(-hh)
+        weights = [nxt / s * math.exp(-eta * h), b]
+        if h_last is not None:
+            r = h_last / h
+            c = 0.5 * b / r if solver_type == "midpoint" else (b / -hh + 1) / r
+            weights = [weights[0], b + c, -c]
+        std = nxt * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise if eta else 0.0
+        plan.append((weights, std))
+        h_last = h
+    return _multistep_sde_loop(model, x, sigmas, extra_args, callback, disable, state, s_in,
+                               plan, key, noise_sampler, backend)
 
 
 @torch.no_grad()
@@ -649,16 +595,12 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                         per_sample_seeds=None):
     """DPM-Solver++(3M) SDE (k-diffusion's). Its update is linear in (x, d, d_1,
     d_2): x' = e^{-(1+eta) h} x + c_0 d + c_1 d_1 + c_2 d_2 + std xi, the c_k
-    from k-diffusion's d1, d2, phi_2, phi_3 collected on the host in floats,
-    std = s' sqrt(1 - e^{-2 eta h}) s_noise. Each step is one fused
-    lincomb_step pass over x and the model's last three denoised outputs
-    (held as k-diffusion holds them), its noise drawn in the kernel
-    (Philox(seed, i x.numel())) or, with the caller's noise_sampler
-    (k-diffusion's default is a torchsde Brownian tree), read as a fourth
-    term. The last step into sigma = 0 returns the denoised x, as k-diffusion."""
+    from k-diffusion's d1, d2, phi_2, phi_3 collected on the host in floats
+    (dpmpp_3m_sde_weights), std = s' sqrt(1 - e^{-2 eta h}) s_noise: one
+    fused lincomb_step per model call (_multistep_sde_loop)."""
     extra_args, sigmas, sig, state, s_in, n, key = _multistep_sde_setup(
         x, sigmas, extra_args, eta, noise_sampler, seed, per_sample_seeds)
-    plan = []  # per step: (weights of x, d, d_1, d_2 as far as known, noise std)
+    plan = []
     h_1 = h_2 = None
     for i in range(n):
         s, nxt = sig[i], sig[i + 1]
@@ -669,25 +611,8 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
         std = nxt * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise if eta else 0.0
         plan.append((dpmpp_3m_sde_weights(h, h_1, h_2, eta), std))
         h_1, h_2 = h, h_1
-    history = []  # the model's denoised outputs, newest first
-    for i in _range(n, disable):
-        denoised = _denoise(model, x, sigmas[i], s_in, extra_args, state)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
-                      "denoised": denoised})
-        history = [denoised] + history[:2]
-        if plan[i] is None:
-            x = denoised
-            continue
-        weights, std = plan[i]
-        terms = history[:len(weights) - 1]
-        if std and noise_sampler is not None:  # k-diffusion's noise, one more term
-            terms = terms + [noise_sampler(sigmas[i], sigmas[i + 1]).to(x.dtype)]
-            x = lincomb_step(x, terms, weights + [std], backend=backend)
-        else:
-            x = lincomb_step(x, terms, weights, noise_std=std, backend=backend,
-                             **(key.at(i) if std else {}))
-    return x
+    return _multistep_sde_loop(model, x, sigmas, extra_args, callback, disable, state, s_in,
+                               plan, key, noise_sampler, backend)
 
 
 def dpmpp_3m_sde_weights(h, h_1=None, h_2=None, eta=1.0):
