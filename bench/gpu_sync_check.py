@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Known issues: known(check, backend, case, noisy) -> (a regex the error must
 # match, why). A known case that fails with another error is a FAIL.
 _PLAN = ("flowkern.sample plans on the host and uploads its step table, churn table and "
-         "time vectors with blocking host->device copies (flowkern/samplers.py _Plan: "
+         "time vectors with blocking host->device copies (flowkern/sampling/plan.py Plan: "
          "self.table64.to(dev, ...), churn_table ... .to(dev), t_model ... .to(dev)), which "
          "cannot be captured; sample(cuda_graph=True) plans outside the graph")
 _CAPTURE_ERR = r"captur|synchroniz|not permitted"
@@ -166,16 +166,16 @@ class Arm:
 
 
 def armed_after_planning(arm):
-    """Patch flowkern.samplers._Plan.__init__ to arm when the plan is done;
+    """Patch flowkern.sampling.plan.Plan.__init__ to arm when the plan is done;
     returns the undo function."""
-    from flowkern import samplers
-    init = samplers._Plan.__init__
+    from flowkern.sampling.plan import Plan
+    init = Plan.__init__
 
     def patched(self, *args, **kwargs):
         init(self, *args, **kwargs)
         arm.arm()
-    samplers._Plan.__init__ = patched
-    return lambda: setattr(samplers._Plan, "__init__", init)
+    Plan.__init__ = patched
+    return lambda: setattr(Plan, "__init__", init)
 
 
 # ---------------------------------------------------------------------------

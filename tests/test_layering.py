@@ -26,7 +26,7 @@ def test_no_library_module_imports_the_demo():
 
 def test_importing_the_library_loads_no_demo_module():
     code = ("import sys, flowkern, flowkern.flowmap, flowkern.pfgm, flowkern.rectified, "
-            "flowkern.meanflow, flowkern.shortcut, flowkern.samplers\n"
+            "flowkern.meanflow, flowkern.shortcut, flowkern.samplers, flowkern.sampling\n"
             "print(sorted(m for m in sys.modules if m.startswith('flowkern.demo')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.strip()

@@ -72,7 +72,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import flowkern
 from flowkern import _validate
-from flowkern import samplers as S
+from flowkern.sampling import plan as S
 from flowkern.backend import triton_interpreted
 from flowkern.integrations import diffusers as fk_diffusers
 from flowkern.integrations import flow_matching as fk_fm
@@ -306,12 +306,12 @@ def armed_after_planning(uploads: bool = False):
     end of the block."""
     with trap_host_reads(uploads=uploads, armed=False) as trap, \
             pytest.MonkeyPatch.context() as mp:
-        plan_init = S._Plan.__init__
+        plan_init = S.Plan.__init__
 
         def init(self, *args, **kwargs):
             plan_init(self, *args, **kwargs)
             trap.activate()
-        mp.setattr(S._Plan, "__init__", init)
+        mp.setattr(S.Plan, "__init__", init)
         yield trap
 
 

@@ -595,3 +595,32 @@ def test_tensor_grid_is_used():
     assert ts == pytest.approx([0.0, 0.1, 0.7])
     sample(model, torch.zeros(2, 2), grid=[0.2, 0.3], progress=False)
     assert ts[-1] == pytest.approx(0.2)
+
+
+PER_METHOD = {"euler": "sample_euler", "heun": "sample_heun", "ei": "sample_ei",
+              "dpmpp_2m": "sample_dpmpp_2m", "em": "sample_em"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_method_functions_are_what_sample_dispatches_to(method):
+    """flowkern.sampling.sample_<method> (one short loop each) is sample(method=...)
+    bit for bit, with churn, guidance and per-sample seeds; options they do
+    not take are errors naming them."""
+    from flowkern import sampling
+
+    fn = getattr(sampling, PER_METHOD[method])
+    assert getattr(flowkern.samplers, PER_METHOD[method]) is fn
+    model = _pair(lambda x, t: GMM.velocity(x, t))
+    x = _x((4, 6))
+    kw = dict(steps=6, grid="karras", prediction="velocity", guidance=1.5, churn=2.0,
+              per_sample_seeds=[3, 5, 7, 9], t_start=0.02, progress=False)
+    if method == "em":
+        kw["g"] = 0.3
+    want = sample(model, x, "vp", method, **kw)
+    got = fn(model, x, "vp", **kw)
+    assert torch.equal(got, want)
+    if method != "em":
+        with pytest.raises(TypeError, match="g: only method 'em'"):
+            fn(model, x, "vp", g=0.3, **kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stepz'"):
+        fn(model, x, "vp", stepz=3)
