@@ -341,6 +341,16 @@ def _out(name, out, x, st=None):
     return out
 
 
+def _native_out(name, out, x):
+    """An output buffer of a native step: a new one when None; a given one the
+    op itself checks (csrc/cpu/step_args.h check_step_out, _out's messages)."""
+    if out is None:
+        return empty_output(x)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(out).__name__}")
+    return out
+
+
 def _direction(table, forward):
     """csrc/cpu/step_args.h check_step_direction: em_step needs s >= t (sqrt(h)
     scales its noise), churn t_hat <= t (value check, as V.nonzero)."""
@@ -453,7 +463,7 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
         check_tensors(pred=pred, pred_uncond=pred_uncond)
         code = _pred(prediction)
         coef = _native_coef("euler_step", x, t, s, schedule, table)
-        out = _out("out", out, x)
+        out = _native_out("out", out, x)
         _NATIVE.euler_step(x, pred, pred_uncond, *coef, code, w, V.check_flag(), out)
         return out
     st = _Step("euler_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
@@ -484,7 +494,7 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
                       pred_uncond=pred_uncond, pred_euler_uncond=pred_euler_uncond)
         code = _pred(prediction)
         coef = _native_coef("heun_step", x, t, s, schedule, table)
-        out = _out("out", out, x)
+        out = _native_out("out", out, x)
         _NATIVE.heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, *coef,
                           code, w, V.check_flag(), out)
         return out
@@ -529,7 +539,7 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
             grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
                 pred_uncond is not None and pred_uncond.requires_grad)) or transforms_active()
             return (_EI_DIFF.ei_step if grad else _EI_NOGRAD)(*args)
-        out = _out("out", out, x)
+        out = _native_out("out", out, x)
         _NATIVE.ei_step_out(*args, out)
         return out
     st = _Step("ei_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
@@ -571,7 +581,7 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
         check_tensors(pred=pred, pred_uncond=pred_uncond, d_prev=d_prev)
         code = _pred(prediction)
         coef = _native_coef("dpmpp_2m_step", x, t, s, schedule, table, t_prev=t_prev)
-        out, d_out = _out("out", out, x), _out("d_out", d_out, x)
+        out, d_out = _native_out("out", out, x), _native_out("d_out", d_out, x)
         _NATIVE.dpmpp_2m_step(x, pred, d_prev, pred_uncond, *coef, code, w, V.check_flag(), out,
                               d_out)
         return out, d_out
@@ -617,7 +627,7 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
         check_tensors(pred=pred, pred_uncond=pred_uncond)
         code = _pred(prediction)
         coef = _native_coef("em_step", x, t, s, schedule, table, g=g)
-        out = _out("out", out, x)
+        out = _native_out("out", out, x)
         _NATIVE.em_step(x, pred, pred_uncond, *coef, code, w, seed, offset, per_sample_seeds,
                         V.check_flag(), out)
         return out
@@ -649,7 +659,7 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
     seed = _seed_offset(seed, offset, per_sample_seeds)
     if _native(x, backend):
         coef = _native_coef("churn", x, t, t_hat, schedule, table)
-        out = _out("out", out, x)
+        out = _native_out("out", out, x)
         _NATIVE.churn(x, *coef, seed, offset, per_sample_seeds, V.check_flag(), out)
         return out
     st = _Step("churn", x, {}, t, t_hat, schedule, table, backend)
@@ -689,7 +699,7 @@ def lms_step(x, pred, weights, history=(), t=None, schedule="linear", prediction
         check_tensors(pred=pred, pred_uncond=pred_uncond)
         code = _pred(prediction)
         coef = _native_coef("lms_step", x, t, t, schedule, table)
-        out, u_out = _out("out", out, x), _out("u_out", u_out, x)
+        out, u_out = _native_out("out", out, x), _native_out("u_out", u_out, x)
         _NATIVE.lms_step(x, pred, *hist, pred_uncond, _floats("weights", weights), *coef, code, w,
                          V.check_flag(), out, u_out)
         return out, u_out
@@ -734,7 +744,7 @@ def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_samp
     Returns out (a new tensor unless given; ``out=x`` updates in place)."""
     seed = _seed_offset(seed, offset, per_sample_seeds)
     if _native(x, backend):
-        out = _out("out", out, x)
+        out = _native_out("out", out, x)
         _NATIVE.lincomb_step(x, _terms(terms), _floats("weights", weights),
                              _float("noise_std", noise_std), seed, offset, per_sample_seeds,
                              V.check_flag(), out)
@@ -818,8 +828,9 @@ def _lms_history(history):
     if len(history) > LMS_MAX_HISTORY:
         raise ValueError(f"history: lms_step keeps at most {LMS_MAX_HISTORY} earlier "
                          f"velocities, got {len(history)}")
-    for j, h in enumerate(history):
-        V.tensor(f"u{j + 1}", h)
+    for j, h in enumerate(history):  # dtypes and shapes: the op, or _Step on the Python path
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"u{j + 1}: expected a torch.Tensor, got {type(h).__name__}")
     return tuple(history) + (None,) * (LMS_MAX_HISTORY - len(history))
 
 
