@@ -178,7 +178,10 @@ class EulerAncestralDiscreteScheduler(_DiffusersEulerAncestral):
         else:
             noise = randn_tensor(model_output.shape, dtype=model_output.dtype,
                                  device=model_output.device, generator=generator)
-            prev = prev + noise * self._fk_ups[i]
+            if noise.dtype == prev.dtype:  # one pass, in place
+                prev.add_(noise, alpha=self._fk_ups[i])
+            else:  # diffusers rounds noise * sigma_up in the noise's dtype (float16)
+                prev.add_(noise * self._fk_ups[i])
         prev = prev.to(model_output.dtype)
         self._step_index += 1
         if not return_dict:

@@ -583,7 +583,8 @@ class DPMSolverMultistepScheduler(_Base):
         self._noise_scale = None
         if sde or heun:
             s_next, a_prev, s_prev, scale = _sde_heun_rows(a, s, n, sde, heun)
-            self._noise_scale = scale.to(torch.float32).to(device) if sde else None
+            # float32 as diffusers computes it, kept on the host: the noise add's alpha
+            self._noise_scale = scale.to(torch.float32).tolist() if sde else None
         cols = [a[i], s[i], da[i], ds[i], a[i + 1], s_next, da[i + 1], ds[i + 1],
                 a_prev, s_prev, torch.zeros(n), torch.zeros(n)]
         self._table = torch.stack([col.to(torch.float32) for col in cols], 1).to(device)
@@ -659,7 +660,7 @@ class DPMSolverMultistepScheduler(_Base):
                        table=extra if extra.device == x.device else extra.to(x.device),
                        out=prev)
         if noise is not None:
-            prev = prev + self._noise_scale[i].to(prev.dtype) * noise.to(prev.dtype)
+            prev.add_(noise.to(prev.dtype), alpha=self._noise_scale[i])  # one pass, in place
         self._k = (k + 1) % ring
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
