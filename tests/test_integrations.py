@@ -706,7 +706,7 @@ def test_k_diffusion_sde_samplers_same_noise(backend, name, extra, eta, s_noise)
 
 ONE_PASS = [("sample_euler_ancestral", 1), ("sample_dpm_2_ancestral", 2),
             ("sample_dpmpp_2s_ancestral", 2), ("sample_dpmpp_sde", 2),
-            ("sample_dpmpp_2m_sde", 1), ("sample_dpmpp_3m_sde", 1)]
+            ("sample_dpmpp_2m_sde", 1), ("sample_dpmpp_3m_sde", 1), ("sample_dpm_fast", 1)]
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs flowkern._C")
@@ -727,8 +727,11 @@ def test_k_diffusion_sde_samplers_one_pass_per_model_call(name, calls, noise):
     draws = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i in range(40)]
     it = iter(draws)
     kw = dict(seed=3) if noise == "kernel" else dict(noise_sampler=lambda a, b: next(it))
+    grid = (0.02, 80.0, 7) if name == "sample_dpm_fast" else (sigmas,)
+    if name == "sample_dpm_fast":  # DPMSolver: noise with eta > 0, in the step's last pass
+        kw["eta"] = 1.0
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        getattr(fk_k, name)(model, x, sigmas, disable=True, backend="cpu", **kw)
+        getattr(fk_k, name)(model, x, *grid, disable=True, backend="cpu", **kw)
     names = [e.name for e in prof.events()]
     fused = [n for n in names if n.startswith("flowkern::")]
     eager = [n for n in names if n in ("aten::add", "aten::sub", "aten::div", "aten::add_",

@@ -47,9 +47,9 @@ with n_1 one sample's size: a sample's noise then does not depend on its
 batch (flowkern.em_step). Or pass ``noise_sampler=``
 (k-diffusion's, e.g. its ``BrownianTreeNoiseSampler``, the default of its
 dpmpp_sde and dpmpp_2m_sde) to use your own noise: its draw is one more term
-of the fused pass. sample_dpm_fast and sample_dpm_adaptive (eta > 0) add
-their noise, the kernel's or the noise_sampler's, in a separate pass after
-the step.
+of the fused pass (sample_dpm_fast's too, in the step's last pass).
+sample_dpm_adaptive (eta > 0) adds its noise, the kernel's or the
+noise_sampler's, in a separate pass once the step is accepted.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ from .._progress import progress_bar, progress_iter
 from ..ops.steps import churn as _churn
 from ..ops.steps import (dpmpp_2m_step, euler_step, heun_step, lincomb_step, lms_step,
                          noise_stream)
-from ..tables import step_row
+from ..tables import AT_S, AT_T, D_SIGMA, SIGMA, step_row
 
 __all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral",
            "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
@@ -772,6 +772,17 @@ def _dpm_rows(t, t_next, order, r1=None):
     return rows, [s1, s2]
 
 
+def _pass_weights(row, k):
+    """Pass k of a _dpm_rows step as lincomb_step weights over (x, d0) for
+    k = 0, (x, d0, y, d) else: the rows' x + a eps [+ b eps_k], eps = (x -
+    d0)/s, eps_k = (y - d)/s_k (_eps_row; _eps_pair_row stores 2a, 2b)."""
+    s, a = row[AT_T.start + SIGMA], row[AT_T.start + D_SIGMA]
+    if k == 0:
+        return [1 + a / s, -a / s]
+    a, b, s_k = a / 2, row[AT_S.start + D_SIGMA] / 2, row[AT_S.start + SIGMA]
+    return [1 + a / s, -a / s, b / s_k, -b / s_k]
+
+
 def _dpm_pass(x, d0, y, d, k, row, out, backend):
     """Pass k of a _dpm_rows step: Euler on (x, d0) for k = 0, else Heun's
     second stage on (x, d0) and (y, d)."""
@@ -780,12 +791,15 @@ def _dpm_pass(x, d0, y, d, k, row, out, backend):
     return heun_step(x, d0, y, d, prediction="x1", table=row, out=out, backend=backend)
 
 
-def _dpm_solve(model, x, d0, rows, mids, bufs, s_in, extra_args, tick, backend, low=None):
+def _dpm_solve(model, x, d0, rows, mids, bufs, s_in, extra_args, tick, backend, low=None,
+               final=None):
     """One DPM-Solver step from x with d0 = its denoised x, on _dpm_rows'
     (device) rows: the intermediate points go to bufs[k], the result to a new
     tensor; tick() after each model call. low = (k, row, out): also the pass
     with that row on pass k's inputs, into out (sample_dpm_adaptive's
-    lower-order solution). Returns (result, low's output or None)."""
+    lower-order solution). final(x, d0, y, d): the last pass instead of its
+    row's (sample_dpm_fast's, with the noise). Returns (result, low's output
+    or None)."""
     y, d, lo = x, d0, None
     last = len(rows) - 1
     for k in range(len(rows)):
@@ -794,6 +808,8 @@ def _dpm_solve(model, x, d0, rows, mids, bufs, s_in, extra_args, tick, backend, 
             tick()
         if low is not None and low[0] == k:
             lo = _dpm_pass(x, d0, y, d, k, low[1], low[2], backend)
+        if k == last and final is not None:
+            return final(x, d0, y, d), lo
         y = _dpm_pass(x, d0, y, d, k, rows[k], None if k == last else bufs[k], backend)
     return y, lo
 
@@ -876,10 +892,11 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     passes and k model calls.
 
     Noise (eta > 0): each step goes to sigma_down's level, then noise of std
-    s_noise su: the fused churn pass on Philox(seed, i x.numel()) for step
-    i (seed None: one draw from torch's generator), or the caller's
-    ``noise_sampler(sigma, sigma_next)``, called at every step as k-diffusion
-    calls it (added in a separate pass, in x's dtype). With eta = 0 nothing
+    s_noise su, in the step's last pass (one lincomb_step over x, denoised
+    and the last intermediate point with its denoised x, _pass_weights):
+    Philox(seed, i x.numel()) for step i (seed None: one draw from torch's
+    generator), or the caller's ``noise_sampler(sigma, sigma_next)``, called
+    at every step as k-diffusion calls it, read as one more term. With eta = 0 nothing
     is drawn. The state stays in x's dtype, as in k-diffusion (all its
     coefficients are 0-dim tensors). Reverse sampling (sigma_min >
     sigma_max) needs eta = 0, as in k-diffusion."""
@@ -894,17 +911,17 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     m = n // 3 + 1
     ts = torch.linspace(t_start, t_end, m + 1, dtype=torch.float64).tolist()
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
-    plan, rows, noise = [], [], []
+    plan, rows = [], []
     for i, order in enumerate(orders):
         t_next_, su = _ancestral_target(ts[i], ts[i + 1], t_end, eta)
         step_rows, mids = _dpm_rows(ts[i], t_next_, order)
-        plan.append((len(rows), len(step_rows), mids, su * s_noise))
+        last = _pass_weights(step_rows[-1], len(step_rows) - 1)
+        plan.append((len(rows), len(step_rows), mids, su * s_noise, last))
         rows += step_rows
-        noise.append(_noise_row(su * s_noise))
     # every row uploaded once, before the loop (no host->device copy per step)
     table = _rows(rows, x, x.dtype)
-    noise = _rows(noise, x, x.dtype) if (eta and noise_sampler is None) else None
-    key = _noise_key(seed, per_sample_seeds, x, noise is not None, noise_sampler)
+    key = _noise_key(seed, per_sample_seeds, x, bool(eta) and noise_sampler is None,
+                     noise_sampler)
     at = None  # (t, sigma) of the grid, for the callback and the noise_sampler
     if callback is not None or (eta and noise_sampler is not None):
         at = torch.tensor([[t, _sigma_of(t)] for t in ts],
@@ -913,18 +930,21 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     bufs = [torch.empty_like(x, memory_format=torch.contiguous_format)
             for _ in range(max(orders) - 1)]
     with _progress(n, disable) as bar:
-        for i, (start, count, mids, std) in enumerate(plan):
+        for i, (start, count, mids, std, weights) in enumerate(plan):
             d0 = _denoise(model, x, _sigma_of(ts[i]), s_in, extra_args)
             bar.update()
             if callback is not None:
                 callback({"sigma": at[i, 1], "sigma_hat": at[i, 1], "x": x, "i": i,
                           "t": at[i, 0], "t_up": at[i, 0], "denoised": d0})
+            final = None
+            if _draws(std, eta, noise_sampler):  # the last pass with the noise: one lincomb
+                def final(x, d0, y, d, i=i, std=std, weights=weights):
+                    noise = None if noise_sampler is None else \
+                        noise_sampler(at[i, 1], at[i + 1, 1])
+                    terms = [d0] if len(weights) == 2 else [d0, y, d]
+                    return _affine(x, terms, weights, std, key.at(i), noise, backend)
             x, _ = _dpm_solve(model, x, d0, table[start:start + count], mids, bufs, s_in,
-                              extra_args, bar.update, backend)
-            if _draws(std, eta, noise_sampler):
-                x = _add_noise(x, i, i, noise, key, noise_sampler,
-                               None if at is None else at[i, 1],
-                               None if at is None else at[i + 1, 1], std, backend)
+                              extra_args, bar.update, backend, final=final)
     return x
 
 
