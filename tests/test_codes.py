@@ -54,3 +54,36 @@ def test_schedule_kinds():
 def test_reduction_codes():
     cpp = _enum(_read("csrc", "cpu", "coef_checks.h"), "Reduction")
     assert cpp == {k.upper(): v for k, v in REDUCTION_CODE.items()}
+
+
+def test_conversion_divisors_are_one_rule():
+    """csrc/cpu/coef_checks.h kDivides (the native training ops and steps)
+    equals flowkern._enums.DIVIDES (the Python backends and the samplers),
+    and both are what coeffs.h's formulas divide by: converting a random
+    prediction at a time where the divisor is 0 gives a non-finite result
+    exactly for the listed divisors."""
+    import torch
+
+    from flowkern._enums import DIVIDES
+    from flowkern.reference.training import convert
+
+    src = _read("csrc", "cpu", "coef_checks.h")
+    bits = dict(re.findall(r"(BY_\w+)\s*=\s*(\d+)", src))
+    rows = re.search(r"kDivides\[4\]\[4\]\s*=\s*\{(.*?)\};", src, re.S).group(1)
+    cells = re.findall(r"\{([^{}]*)\}", rows)
+    names = {"BY_SIGMA": "sigma", "BY_ALPHA": "alpha", "BY_DET": "det"}
+    assert set(bits) == set(names)
+    for i, s in enumerate(PREDICTIONS):
+        for j, d in enumerate(PREDICTIONS):
+            cell = cells[i].split(",")[j]
+            cpp = {names[b] for b in re.findall(r"BY_\w+", cell)}
+            assert cpp == set(DIVIDES[s, d]), (s, d, cpp, DIVIDES[s, d])
+    # the formulas: (alpha, sigma, d_alpha, d_sigma) with one divisor made 0
+    x, p = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    zero = {"sigma": (0.7, 0.0, 1.0, -1.0), "alpha": (0.0, 0.8, 1.0, -1.0),
+            "det": (0.6, 0.3, 2.0, 1.0)}  # 0.6 * 1 - 0.3 * 2 = 0
+    for (s, d), need in DIVIDES.items():
+        for what, coef in zero.items():
+            ct = torch.tensor([coef], dtype=torch.float64).expand(2, 4)
+            out = convert(p, x, ct, s, d)
+            assert bool(torch.isfinite(out).all()) == (what not in need), (s, d, what)

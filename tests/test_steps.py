@@ -436,3 +436,28 @@ def test_dpmpp_2m_from_pure_noise_is_its_first_order_limit(backend):
     both[4], both[5] = 0.0, 1.0
     with pytest.raises(ValueError, match="t: each of alpha_t, alpha_s is 0"):
         fk.dpmpp_2m_step(x, v, prediction="velocity", table=both, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("t", [0.0, 1.0], ids=["alpha=0", "sigma=0"])
+def test_steps_and_convert_share_the_conversion_rule(backend, prediction, t):
+    """A step refuses a time exactly where flowkern.convert to the step's type
+    does (one rule: flowkern._enums.DIVIDES, coef_checks.h kDivides): e.g. a
+    score at sigma = 0 converts to a velocity (-sigma times it vanishes) in
+    both, an x1 there in neither."""
+    x = torch.randn(3, 7, dtype=torch.float64, device=DEVICE)
+    p = torch.randn(3, 7, dtype=torch.float64, device=DEVICE)
+
+    def outcome(fn):
+        try:
+            return torch.isfinite(fn()).all().item()
+        except ValueError as e:
+            assert "divides by it" in str(e), e
+            return "refused"
+
+    conv = outcome(lambda: fk.convert(p, x, t, src=prediction, dst="velocity", backend=backend))
+    step = outcome(lambda: fk.euler_step(x, p, t, t, prediction=prediction, backend=backend))
+    assert conv == step, (conv, step)
+    if conv != "refused":
+        assert conv is True

@@ -41,9 +41,10 @@ template <class A> inline void check_target(const HostCoef<A>& c, int64_t target
     check_rates(c, "the velocity target d_alpha x1 + d_sigma x0 is infinite there");
 }
 
-// The divisions each conversion needs (docs/design.md §3), as flowkern/ops/training.py
-// _DIVIDES lists them for the Python backends: [src][dst] in the order of
-// flowkern/_enums.py (velocity, x1, eps, score).
+// The divisions each conversion needs (docs/design.md §3), for the training
+// ops (check_convert) and the steps (step_args.h check_conversion), as
+// flowkern/_enums.py DIVIDES lists them for the Python backends:
+// [src][dst] in the order of flowkern/_enums.py (velocity, x1, eps, score).
 enum : int { BY_SIGMA = 1, BY_ALPHA = 2, BY_DET = 4 };
 constexpr int kDivides[4][4] = {{0, BY_DET, BY_DET, BY_DET | BY_SIGMA},
                                 {BY_SIGMA, 0, BY_SIGMA, BY_SIGMA},

@@ -117,8 +117,9 @@ inline void check_rows(const StepCoef<A>& c, const std::string& name, const std:
                       why);
 }
 
-// The divisions converting `pred` to `dst` needs at time t or s (the rules of
-// flowkern/ops/steps.py _nonzero_for).
+// The divisions converting `pred` to `dst` needs at time t or s: kDivides
+// (coef_checks.h), the training ops' rule (flowkern._enums.DIVIDES for the
+// Python backends).
 template <class A>
 inline void check_conversion(const StepCoef<A>& c, int64_t pred, int dst, bool at_s = false) {
   if (pred == dst) return;
@@ -138,19 +139,16 @@ inline void check_conversion(const StepCoef<A>& c, int64_t pred, int dst, bool a
                         "sample (vp's d_sigma at t = 1), and converting ", names[pred], " -> ",
                         names[dst], " reads them");
     }
-  const bool score = pred == fk::SCORE || dst == fk::SCORE;
-  if ((score && !(pred == fk::SCORE && dst == fk::EPS)) ||
-      (pred == fk::X1 && (dst == fk::VELOCITY || dst == fk::EPS)))
+  const int need = kDivides[pred][dst];
+  if (need & BY_SIGMA)
     check_rows(c, at, "sigma_" + at, why, [&](const fk::StepRow<A>& r) { return sched(r).sigma; });
-  if ((pred == fk::EPS || pred == fk::SCORE) && (dst == fk::VELOCITY || dst == fk::X1))
+  if (need & BY_ALPHA)
     check_rows(c, at, "alpha_" + at, why, [&](const fk::StepRow<A>& r) { return sched(r).alpha; });
-  if (pred == fk::VELOCITY && dst != fk::VELOCITY)
-    check_rows(c, at, "alpha*d_sigma - sigma*d_alpha", "converting velocity -> " +
-                   std::string(names[dst]) + " divides by it",
-               [&](const fk::StepRow<A>& r) {
-                 const auto q = sched(r);
-                 return q.alpha * q.d_sigma - q.sigma * q.d_alpha;
-               });
+  if (need & BY_DET)
+    check_rows(c, at, "alpha*d_sigma - sigma*d_alpha", why, [&](const fk::StepRow<A>& r) {
+      const auto q = sched(r);
+      return q.alpha * q.d_sigma - q.sigma * q.d_alpha;
+    });
 }
 
 template <class A> inline void check_sigma_t(const StepCoef<A>& c, const char* why) {

@@ -27,7 +27,7 @@ from ..tables import ALPHA_S, ALPHA_T, AT_S, AT_T, G, H, PREV, SIGMA_T, STEP_COL
 from ._registry import (CALLS, NATIVE_NS, TRITON_NS, calls_for, empty_output, lazy,
                         no_forward_mode, no_time_tangent, ops_for, refuse_grad, register,
                         transforms_active)
-from .training import TABLE_KIND, check_tensors, fill_tangents
+from .training import TABLE_KIND, check_conversion, check_tensors, fill_tangents
 
 _T = "flowkern.triton.steps"
 FORMS = {"data": 0, "noise": 1}
@@ -370,22 +370,10 @@ def _pred(prediction):
 
 
 def _nonzero_for(st, prediction, dst, at="t"):
-    """Value check of the divisions the conversion to dst needs (CPU / debug)."""
-    sched = st.table[:, AT_T if at == "t" else AT_S]
-    al, sg, da, ds = sched.unbind(1)
-    if prediction == dst:
-        return
-    if "velocity" in (prediction, dst):  # first, as convert (csrc/cpu/step_args.h)
-        V.finite_rates(sched, f"converting {prediction} -> {dst} reads them", at)
-    if "score" in (prediction, dst) and not (prediction == "score" and dst == "eps"):
-        V.nonzero(at, f"sigma_{at}", sg, f"converting {prediction} -> {dst} divides by it")
-    if prediction == "x1" and dst in ("velocity", "eps"):
-        V.nonzero(at, f"sigma_{at}", sg, f"converting {prediction} -> {dst} divides by it")
-    if prediction in ("eps", "score") and dst in ("velocity", "x1"):
-        V.nonzero(at, f"alpha_{at}", al, f"converting {prediction} -> {dst} divides by it")
-    if prediction == "velocity" and dst in ("x1", "eps", "score"):
-        V.nonzero(at, "alpha*d_sigma - sigma*d_alpha", al * ds - sg * da,
-                  f"converting velocity -> {dst} divides by it")
+    """Value check of the divisions the conversion to dst needs (CPU / debug):
+    the training ops' rule (flowkern._enums.DIVIDES) on the step's schedule
+    row at t or s."""
+    check_conversion(st.table[:, AT_T if at == "t" else AT_S], prediction, dst, at)
 
 
 def _cast(out_val, out):

@@ -17,7 +17,7 @@ import torch
 
 from .. import _validate as V
 from .. import reference as ref
-from .._enums import PRED_CODE, PREDICTIONS
+from .._enums import DIVIDES, PRED_CODE, PREDICTIONS
 from ..backend import cpu_built, resolve
 from ..schedules import coefficients, from_native, native_spec
 from ._registry import (CALLS, NATIVE_NS, TRITON_NS, lazy, no_forward_mode, no_time_tangent,
@@ -395,27 +395,23 @@ def check_target(coef, code):
 
 # Denominators each conversion divides by (docs/design.md §3), for the value checks;
 # csrc/cpu/training.cpp kDivides is the same table.
-_DIVIDES = {("x1", "eps"): "sigma", ("x1", "velocity"): "sigma", ("x1", "score"): "sigma",
-            ("eps", "x1"): "alpha", ("eps", "velocity"): "alpha", ("eps", "score"): "sigma",
-            ("velocity", "x1"): "det", ("velocity", "eps"): "det",
-            ("velocity", "score"): "det+sigma", ("score", "x1"): "alpha",
-            ("score", "velocity"): "alpha"}
-
-
-def check_conversion(coef, src: str, dst: str):
+def check_conversion(coef, src: str, dst: str, at: str = "t"):
+    """The value checks converting src to dst needs, for coefficients coef
+    (R, 4) at time `at` (flowkern._enums.DIVIDES; csrc/cpu/coef_checks.h
+    check_convert and step_args.h check_conversion for the native ops)."""
     if "velocity" in (src, dst) and src != dst:
-        V.finite_rates(coef, f"converting {src} -> {dst} reads them")
-    need = _DIVIDES.get((src, dst), "")
+        V.finite_rates(coef, f"converting {src} -> {dst} reads them", at)
+    need = DIVIDES[src, dst]
     if not need:
         return
     al, sg, da, ds = coef.unbind(1)
+    why = f"converting {src} -> {dst} divides by it"
     if "sigma" in need:
-        V.nonzero("t", "sigma_t", sg, f"converting {src} -> {dst} divides by it")
+        V.nonzero(at, f"sigma_{at}", sg, why)
     if "alpha" in need:
-        V.nonzero("t", "alpha_t", al, f"converting {src} -> {dst} divides by it")
+        V.nonzero(at, f"alpha_{at}", al, why)
     if "det" in need:
-        V.nonzero("t", "alpha*d_sigma - sigma*d_alpha", al * ds - sg * da,
-                  f"converting {src} -> {dst} divides by it")
+        V.nonzero(at, "alpha*d_sigma - sigma*d_alpha", al * ds - sg * da, why)
 
 
 # ---------------------------------------------------------------------------

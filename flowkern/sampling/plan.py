@@ -8,7 +8,7 @@ import math
 import torch
 
 from .. import _validate as V
-from .._enums import PREDICTIONS
+from .._enums import DIVIDES, PREDICTIONS
 from ..backend import resolve
 from ..grids import make_grid, sigma_k, t_from_sigma_k
 from ..ops.steps import noise_stream, step_table
@@ -19,21 +19,17 @@ DEFAULT_STEPS = 50
 
 
 # ---------------------------------------------------------------------------
-# which conversions divide by what (mirrors flowkern.ops.steps._nonzero_for)
+# which conversions divide by what
 
 
 def _divisors(src: str, dst: str) -> set:
-    if src == dst:
-        return set()
-    need = set()
-    if "score" in (src, dst) and not (src == "score" and dst == "eps"):
+    """The ops' rule (flowkern._enums.DIVIDES), and one of the sampler's own: a
+    score model is not evaluated where sigma = 0 (the score of the data is
+    infinite there), except to convert it to eps (-sigma score), as before
+    this rule book; Heun then takes an Euler step into sigma = 0."""
+    need = set(DIVIDES[src, dst])
+    if src == "score" and dst not in ("score", "eps"):
         need.add("sigma")
-    if src == "x1" and dst in ("velocity", "eps"):
-        need.add("sigma")
-    if src in ("eps", "score") and dst in ("velocity", "x1"):
-        need.add("alpha")
-    if src == "velocity" and dst in ("x1", "eps", "score"):
-        need.add("det")
     return need
 
 
