@@ -1030,9 +1030,9 @@ def test_k_diffusion_lms_order_out_of_range(order):
     ("sample", {"final_sigmas_type": "sigma_min", "lower_order_final": False}),
     ("flow_prediction", {"use_flow_sigmas": True, "flow_shift": 3.0})])
 def test_diffusers_dpmsolver_third_order(n, algorithm_type, prediction_type, config):
-    """solver_order=3 (one fused DPM-Solver++(2M) pass on a row made for it
-    and one guided fused Euler pass) against diffusers' own, the same
-    generator for the SDE noise."""
+    """solver_order=3 (the fused first-order DPM-Solver++ pass, then one
+    lincomb_step over it and the last three x0 predictions, the SDE noise a
+    term) against diffusers' own, the same generator for the SDE noise."""
     d = _diffusers()
     x = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(6))
     model = _diffusers_model(_toy(seed=4))

@@ -46,7 +46,7 @@ except ImportError as e:  # pragma: no cover - exercised without the peer
     raise ImportError("flowkern.integrations.diffusers: the diffusers adapters are diffusers "
                       "schedulers and need diffusers installed (pip install diffusers)") from e
 
-from ..ops.steps import dpmpp_2m_step, euler_step, step_table
+from ..ops.steps import dpmpp_2m_step, euler_step, lincomb_step, step_table
 from ..tables import H, step_row
 
 __all__ = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
@@ -310,57 +310,41 @@ _PRED = {"epsilon": "eps", "sample": "x1", "v_prediction": "velocity",
          "flow_prediction": "velocity"}
 
 
-def _third_order_rows(a, s, da, ds, n, sde):
-    """diffusers' third-order update (dpmsolver++ / sde-dpmsolver++) as one
-    fused DPM-Solver++(2M) pass and one guided fused Euler pass.
+def _third_order_weights(a, s, n, sde):
+    """diffusers' third-order update (dpmsolver++ / sde-dpmsolver++) on top of
+    the fused first-order pass, per step.
 
     It is linear in (x, m0, m1, m2) (the x0 predictions of the last three
     steps): x' = q x + c0 m0 + c1 m1 + c2 m2, with D1, D2 of r0 = h_0/h,
-    r1 = h_1/h expanded on the host, and c0 + c1 + c2 = E1 (the first-order
-    coefficient). The kernel's row gives it q x + c0 m0 + b1 m1 for b1 = E -
-    c0, E = E1/2 (alpha_s = E + q alpha_t, sigma_s = q sigma_t, the previous
-    level placed for c2 = (c0 - E)/E), its conversion of the model output to
-    m0 at the real (alpha_t, sigma_t, d_alpha, d_sigma); the Euler pass adds
-    (c1 - b1) m1 + c2 m2 as h ((1 - w) m1 + w m2), h = E1/2. Returns the
-    kernel rows, the Euler rows and w, per step (rows before step 2 unused)."""
-    a, s, da, ds = a.double(), s.double(), da.double(), ds.double()
+    r1 = h_1/h expanded on the host. The first-order DPM-Solver++ pass (the
+    step's own table row, no d_prev) gives prev = q x + e1 m0 and writes m0;
+    one lincomb_step over (prev, m0, m1, m2) with weights (1, c0 - e1, c1,
+    c2) completes it (the SDE's noise a fifth term). None where the step
+    does not use them (before step 2, into sigma = 0)."""
+    a, s = a.double(), s.double()
     lam = (torch.log(a) - torch.log(s)).tolist()
-    av, sv, dav, dsv = a.tolist(), s.tolist(), da.tolist(), ds.tolist()
-    rows, extra, w = [], [], []
+    av = a.tolist()
+    weights = []
     for i in range(n):
-        row = [av[i], sv[i], dav[i], dsv[i], av[i + 1], sv[i + 1], dav[i + 1], dsv[i + 1],
-               1.0, 1.0, 0.0, 0.0]
-        ex, wi = step_row((1.0, 1.0, 0.0, 0.0), (1.0, 1.0, 0.0, 0.0)), 0.0
-        if i >= 2 and math.isfinite(lam[i + 1]):
-            h, h0, h1 = lam[i + 1] - lam[i], lam[i] - lam[i - 1], lam[i - 1] - lam[i - 2]
-            r0, r1 = h0 / h, h1 / h
-            a_t, s_t = av[i + 1], sv[i + 1]
-            if sde:
-                em = -math.expm1(-2 * h)
-                q = s_t / sv[i] * math.exp(-h)
-                e1, pa = a_t * em, a_t * (em / (-2 * h) + 1)
-                pd = a_t * ((em - 2 * h) / (2 * h) ** 2 - 0.5)
-            else:
-                em = -math.expm1(-h)
-                q = s_t / sv[i]
-                e1, pa = a_t * em, a_t * (-em / h + 1)
-                pd = -a_t * ((h - em) / h ** 2 - 0.5)
-            big_a = pa * (1 + r0 / (r0 + r1)) + pd / (r0 + r1)   # of D1_0 = (m0 - m1)/r0
-            big_b = -pa * r0 / (r0 + r1) - pd / (r0 + r1)        # of D1_1 = (m1 - m2)/r1
-            c0, c1, c2 = e1 + big_a / r0, -big_a / r0 + big_b / r1, -big_b / r1
-            e = e1 / 2
-            b1 = e - c0
-            alpha_s, sigma_s = e + q * av[i], q * sv[i]
-            h_k = math.log(alpha_s * sv[i] / (sigma_s * av[i]))
-            c2k = (c0 - e) / e
-            lam_p = lam[i] - (h_k / (2 * c2k) if c2k != 0 else math.inf)
-            row[4], row[5], row[9] = alpha_s, sigma_s, math.exp(-lam_p)
-            hh = (c1 - b1) + c2
-            ex[10], wi = hh, c2 / hh
-        rows.append(row)
-        extra.append(ex)
-        w.append(wi)
-    return torch.tensor(rows, dtype=torch.float64), torch.tensor(extra, dtype=torch.float64), w
+        if i < 2 or not math.isfinite(lam[i + 1]):
+            weights.append(None)
+            continue
+        h, h0, h1 = lam[i + 1] - lam[i], lam[i] - lam[i - 1], lam[i - 1] - lam[i - 2]
+        r0, r1 = h0 / h, h1 / h
+        a_t = av[i + 1]
+        if sde:
+            em = -math.expm1(-2 * h)
+            e1, pa = a_t * em, a_t * (em / (-2 * h) + 1)
+            pd = a_t * ((em - 2 * h) / (2 * h) ** 2 - 0.5)
+        else:
+            em = -math.expm1(-h)
+            e1, pa = a_t * em, a_t * (-em / h + 1)
+            pd = -a_t * ((h - em) / h ** 2 - 0.5)
+        big_a = pa * (1 + r0 / (r0 + r1)) + pd / (r0 + r1)   # of D1_0 = (m0 - m1)/r0
+        big_b = -pa * r0 / (r0 + r1) - pd / (r0 + r1)        # of D1_1 = (m1 - m2)/r1
+        c0, c1, c2 = e1 + big_a / r0, -big_a / r0 + big_b / r1, -big_b / r1
+        weights.append([1.0, c0 - e1, c1, c2])
+    return weights
 
 
 def _sde_heun_rows(a, s, n, sde, heun):
@@ -401,12 +385,13 @@ def _sde_heun_rows(a, s, n, sde, heun):
 class DPMSolverMultistepScheduler(_Base):
     """diffusers' DPMSolverMultistepScheduler with algorithm_type
     "dpmsolver++" or "sde-dpmsolver++", solver_type "midpoint" or "heun",
-    solver_order 1, 2 or 3 (3: _third_order_rows), on the fused
+    solver_order 1, 2 or 3 (3: _third_order_weights), on the fused
     DPM-Solver++(2M) step (the x0 prediction is converted in registers and
     kept for the next steps in internal buffers). The SDE variant and the heun correction are the same
     kernel on adjusted table rows (set_timesteps says how); the SDE noise,
     drawn from step()'s generator as diffusers draws it (or its
-    variance_noise), is added in a second pass. prediction_type
+    variance_noise), is added in place in a second pass (a third-order
+    step's second pass, its lincomb_step, reads it as a term). prediction_type
     "epsilon", "sample", "v_prediction" or "flow_prediction"; beta schedules
     "linear", "scaled_linear", "squaredcos_cap_v2" or trained_betas;
     timestep_spacing "linspace", "leading", "trailing"; use_karras_sigmas,
@@ -588,11 +573,7 @@ class DPMSolverMultistepScheduler(_Base):
         cols = [a[i], s[i], da[i], ds[i], a[i + 1], s_next, da[i + 1], ds[i + 1],
                 a_prev, s_prev, torch.zeros(n), torch.zeros(n)]
         self._table = torch.stack([col.to(torch.float32) for col in cols], 1).to(device)
-        self._third = None
-        if c.solver_order == 3:
-            rows, extra, w = _third_order_rows(a, s, da, ds, n, sde)
-            self._third = (rows.to(torch.float32).to(device), extra.to(torch.float32).to(device),
-                           w)
+        self._third = _third_order_weights(a, s, n, sde) if c.solver_order == 3 else None
 
     def index_for_timestep(self, timestep, schedule_timesteps=None):
         if schedule_timesteps is None:
@@ -641,8 +622,8 @@ class DPMSolverMultistepScheduler(_Base):
         first = c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final
         third = not first and not (c.solver_order == 2 or self.lower_order_nums < 2
                                    or lower_order_second)
-        d_prev = None if first else self._d[(k - 1) % ring]
-        table = self._third[0][i] if third else self._table[i]
+        d_prev = None if first or third else self._d[(k - 1) % ring]
+        table = self._table[i]
         if table.device != x.device:
             table = table.to(x.device)
         noise = None
@@ -653,12 +634,13 @@ class DPMSolverMultistepScheduler(_Base):
                      else variance_noise.to(device=model_output.device, dtype=torch.float32))
         prev, _ = dpmpp_2m_step(x, p, prediction=_PRED[c.prediction_type], d_prev=d_prev,
                                 table=table, d_out=self._d[k])
-        if third:  # the rest of m1's and m2's terms (_third_order_rows)
-            extra = self._third[1][i]
-            euler_step(prev, self._d[(k - 2) % ring], prediction="velocity",
-                       pred_uncond=self._d[(k - 1) % ring], guidance=self._third[2][i],
-                       table=extra if extra.device == x.device else extra.to(x.device),
-                       out=prev)
+        if third and self._third[i] is not None:  # the rest (_third_order_weights)
+            terms = [self._d[(k - j) % ring] for j in range(3)]
+            weights = self._third[i]
+            if noise is not None:  # the SDE's noise in the same pass
+                terms, weights = terms + [noise.to(prev.dtype)], weights + [self._noise_scale[i]]
+                noise = None
+            prev = lincomb_step(prev, terms, weights, out=prev)
         if noise is not None:
             prev.add_(noise.to(prev.dtype), alpha=self._noise_scale[i])  # one pass, in place
         self._k = (k + 1) % ring
