@@ -89,7 +89,8 @@ def test_native_module_loads_and_registers_ops():
     assert fk.available()["cpu"], fk.available()
     assert fk.available()["cuda"] is False
     for name in ("interpolate", "interpolate_out", "fm_loss", "convert", "euler_step",
-                 "heun_step", "ei_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn"):
+                 "heun_step", "ei_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn",
+                 "lms_step", "lincomb_step"):
         assert hasattr(torch.ops.flowkern, name), f"torch.ops.flowkern.{name} missing"
     assert torch._C._dispatch_has_kernel_for_dispatch_key("flowkern::interpolate", "CPU")
 
@@ -238,19 +239,24 @@ def _run_step(step, backend, dtype, prediction, cfg, per_sample):
         return torch.cat(fk.dpmpp_2m_step(x, p, t, s, **kw))
     if step == "em":
         return fk.em_step(x, p, t, s, g=0.8, seed=7, offset=123, **kw)
+    if step == "lms":
+        return torch.cat(fk.lms_step(x, p, [0.1, -0.05, 0.02], [xe, pe], t, **kw))
+    if step == "lincomb":  # the caller's weights: no schedule or prediction
+        return fk.lincomb_step(x, [p, xe, pe], [0.9, 0.3, -0.2, 0.05], noise_std=0.4, seed=7,
+                               offset=123, backend=backend)
     raise AssertionError(step)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("step", ["euler", "heun", "ei_data", "ei_noise", "dpmpp_2m",
-                                  "dpmpp_2m_first", "em"])
+                                  "dpmpp_2m_first", "em", "lms", "lincomb"])
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("cfg,per_sample", [(False, False), (True, True)])
 def test_step_matches_reference(dtype, step, prediction, cfg, per_sample):
     got = _run_step(step, "cpu", dtype, prediction, cfg, per_sample)
     ref = _run_step(step, "torch", dtype, prediction, cfg, per_sample)
     _close(got, ref, dtype, f"{step} {prediction} cfg={cfg}",
-           atol=NOISE_ATOL if step == "em" else None)
+           atol=NOISE_ATOL if step in ("em", "lincomb") else None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
