@@ -28,6 +28,8 @@ divides every time by the torch.add row):
       churn                   table (t -> t_hat), out=x | eager renoise with randn_like
       lms_step                table, x1 prediction, 3 earlier velocities, out=, u_out= |
                               k-diffusion's sample_lms step (to_d, then the weighted sum)
+      lincomb_step            3 terms + in-kernel noise, out= | the same combination
+                              eager, noise from randn_like (k-diffusion's 3M SDE update)
   overhead · sample euler (per step)   20 steps, trivial model (x * 0):
       flowkern.sample(method="euler", grid="karras") | the k-diffusion adapter
       flowkern.integrations.k_diffusion.sample_euler | k-diffusion's own
@@ -183,6 +185,14 @@ def eager_lms(x, d, hist):
     # k-diffusion's sample_lms step (linear schedule: u = (d - x) / sigma_t)
     ds = [*reversed(hist), (d - x) / S_T]
     return x + sum(c * u for c, u in zip(LMS_W, reversed(ds))), ds[-1]
+
+
+LINCOMB_W, LINCOMB_STD = [0.82, 0.45, -0.33, 0.06], 0.3  # a 3M SDE step's weights
+
+
+def eager_lincomb(x, d, d1, d2):
+    w = LINCOMB_W
+    return w[0] * x + w[1] * d + w[2] * d1 + w[3] * d2 + LINCOMB_STD * torch.randn_like(x)
 
 
 def eager_churn(x):
@@ -352,6 +362,16 @@ def _lms_eager(d):
     return (lambda: eager_lms(d.x, d.pred, [d.v, d.ve, d.dp])), None
 
 
+def _lincomb_fk(d):
+    return (lambda: fk.lincomb_step(d.x, [d.pred, d.v, d.ve], LINCOMB_W,  # noqa: E731
+                                    noise_std=LINCOMB_STD, seed=1, out=d.out,
+                                    backend=BACKEND)), None
+
+
+def _lincomb_eager(d):
+    return (lambda: eager_lincomb(d.x, d.pred, d.v, d.ve)), None
+
+
 OPS = [  # (op, kind, note, flowkern candidate, eager candidate)
     ("interpolate", "training", "", ("fk.interpolate", _interp_fk),
      ("eager t*x1 + (1-t)*x0, x1 - x0", _interp_eager)),
@@ -383,6 +403,9 @@ OPS = [  # (op, kind, note, flowkern candidate, eager candidate)
     ("lms_step", "step", "x1 prediction, 3 earlier velocities (order 4)",
      ("fk.lms_step(table=, out=, u_out=)", _lms_fk),
      ("eager k-diffusion LMS step", _lms_eager)),
+    ("lincomb_step", "step", "3 terms and in-kernel noise (a 3M SDE step)",
+     ("fk.lincomb_step(out=)", _lincomb_fk),
+     ("eager weighted sum + randn_like", _lincomb_eager)),
 ]
 CASES = [(i, role) for i in range(len(OPS)) for role in ("flowkern", "eager")]
 
