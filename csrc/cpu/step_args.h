@@ -221,6 +221,13 @@ struct StepChecks {
   }
 };
 
+// A step's host weights (lms_step, lincomb_step): finite, checked always.
+inline void check_finite_weights(at::ArrayRef<double> weights) {
+  for (size_t j = 0; j < weights.size(); ++j)
+    TORCH_CHECK_VALUE(std::isfinite(weights[j]), "weights: expected finite weights, got ",
+                      weights[j], " at ", j);
+}
+
 // lms_step's history u1 (newest), u2, u3: none after an absent one; and its
 // weights, one for u_t and one per earlier velocity, finite (host floats:
 // checked always). Returns the history's length.
@@ -233,9 +240,7 @@ inline int lms_history(const OptT& u1, const OptT& u2, const OptT& u3,
   TORCH_CHECK_VALUE(weights.size() == size_t(nh + 1), "weights: expected ", nh + 1,
                     " weights (one for u_t and one per earlier velocity), got ",
                     weights.size());
-  for (size_t j = 0; j < weights.size(); ++j)
-    TORCH_CHECK_VALUE(std::isfinite(weights[j]), "weights: expected finite weights, got ",
-                      weights[j], " at ", j);
+  check_finite_weights(weights);
   return nh;
 }
 
@@ -248,9 +253,7 @@ inline int lincomb_terms(at::TensorList terms, at::ArrayRef<double> weights, dou
                     fk::LINCOMB_MAX_TERMS, " tensors, got ", nt);
   TORCH_CHECK_VALUE(weights.size() == size_t(nt + 1), "weights: expected ", nt + 1,
                     " weights (one for x and one per term), got ", weights.size());
-  for (size_t j = 0; j < weights.size(); ++j)
-    TORCH_CHECK_VALUE(std::isfinite(weights[j]), "weights: expected finite weights, got ",
-                      weights[j], " at ", j);
+  check_finite_weights(weights);
   TORCH_CHECK_VALUE(std::isfinite(noise_std) && noise_std >= 0, "noise_std: expected a finite "
                     "value >= 0, got ", noise_std);
   TORCH_CHECK_VALUE(noise_std == 0 || nt <= fk::LINCOMB_MAX_NOISY_TERMS, "terms: at most ",

@@ -47,7 +47,7 @@ except ImportError as e:  # pragma: no cover - exercised without the peer
                       "schedulers and need diffusers installed (pip install diffusers)") from e
 
 from ..ops.steps import dpmpp_2m_step, euler_step, lincomb_step, step_table
-from ..tables import H, step_row
+from ..tables import H
 
 __all__ = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler",

@@ -250,6 +250,17 @@ def step_table(schedule, t, s, t_prev=None, g=None, dtype=torch.float32,
 # validation shared by the public steps
 
 
+def _check_like_x(named, x):
+    """csrc/cpu/step_args.h check_like_x for the Python backends: each given
+    tensor matches the state x in shape, dtype and device."""
+    for name, p in named.items():
+        if p is not None and (p.shape != x.shape or p.dtype != x.dtype
+                              or p.device != x.device):
+            raise ValueError(f"{name}: the model output must match the state x in shape, "
+                             f"dtype and device; got {tuple(p.shape)} {p.dtype} {p.device}, "
+                             f"x is {tuple(x.shape)} {x.dtype} {x.device}")
+
+
 class _Step:
     """Validated tensors, table and backend of one step call."""
 
@@ -258,13 +269,7 @@ class _Step:
         self.op = op
         V.tensor("x", x)
         check_tensors(**preds)  # one rule for which tensors may be absent (ops/training.py)
-        for name, p in preds.items():
-            if p is None:
-                continue
-            if p.shape != x.shape or p.dtype != x.dtype or p.device != x.device:
-                raise ValueError(f"{name}: the model output must match the state x in shape, "
-                                 f"dtype and device; got {tuple(p.shape)} {p.dtype} {p.device}, "
-                                 f"x is {tuple(x.shape)} {x.dtype} {x.device}")
+        _check_like_x(preds, x)
         self.acc = V.acc_dtype(x.dtype)
         rows = x.shape[0]
         if table is None:
@@ -741,11 +746,7 @@ def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_samp
     terms = _terms(terms)
     named = {f"terms[{k}]": V.tensor(f"terms[{k}]", p) for k, p in enumerate(terms)}
     wts, noise_std = _lincomb_weights(terms, weights, noise_std)
-    for name, p in named.items():
-        if p.shape != x.shape or p.dtype != x.dtype or p.device != x.device:
-            raise ValueError(f"{name}: the model output must match the state x in shape, "
-                             f"dtype and device; got {tuple(p.shape)} {p.dtype} {p.device}, "
-                             f"x is {tuple(x.shape)} {x.dtype} {x.device}")
+    _check_like_x(named, x)
     be = resolve(backend, x.device)
     st = _StepPlan("lincomb_step", be, V.acc_dtype(x.dtype))
     if be == "triton":
@@ -790,9 +791,7 @@ def _lincomb_weights(terms, weights, noise_std):
     if len(wts) != len(terms) + 1:
         raise ValueError(f"weights: expected {len(terms) + 1} weights (one for x and one per "
                          f"term), got {len(wts)}")
-    for j, f in enumerate(wts):
-        if not math.isfinite(f):
-            raise ValueError(f"weights: expected finite weights, got {f} at {j}")
+    _finite_weights(wts)
     noise_std = _float("noise_std", noise_std)
     if not (math.isfinite(noise_std) and noise_std >= 0):
         raise ValueError(f"noise_std: expected a finite value >= 0, got {noise_std}")
@@ -838,6 +837,11 @@ def _lms_weights(weights, hist):
     if len(wts) != nh + 1:
         raise ValueError(f"weights: expected {nh + 1} weights (one for u_t and one per earlier "
                          f"velocity), got {len(wts)}")
+    return _finite_weights(wts)
+
+
+def _finite_weights(wts):
+    """csrc/cpu/step_args.h check_finite_weights (lms_step, lincomb_step)."""
     for j, f in enumerate(wts):
         if not math.isfinite(f):
             raise ValueError(f"weights: expected finite weights, got {f} at {j}")
