@@ -1,7 +1,7 @@
 """The integer codes that cross into the kernels, held equal in every
 language: prediction types (flowkern/_enums.py; coeffs.h Pred; Triton's
 coeffs.py), EI forms (ops/steps.py FORMS; steps.h EIForm), built-in
-schedule kinds (schedules.py; schedules.h SchedKind), the custom-table kind
+schedule kinds (schedules.py; schedules.h SchedKind; triton/schedules.py), the custom-table kind
 (ops/training.py TABLE_KIND; coef_args.h kTableKind) and loss reductions
 (ops/training.py REDUCTION_CODE; coef_checks.h Reduction). A code changed
 in one place and not the others would select another formula silently."""
@@ -49,6 +49,12 @@ def test_schedule_kinds():
     table = re.search(r"constexpr int64_t kTableKind = (-?\d+);",
                       _read("csrc", "cpu", "coef_args.h")).group(1)
     assert int(table) == TABLE_KIND
+    # Triton's in-kernel schedules (triton/schedules.py) and its engine's table kind
+    from flowkern.triton import lincomb
+    from flowkern.triton import schedules as tsched
+    assert {name: getattr(tsched, name).value for name in cpp} == cpp
+    assert lincomb.TABLE == TABLE_KIND and lincomb._TABLE.value == TABLE_KIND
+    assert len({lincomb.TABLE, lincomb.NO_SCHED, lincomb.NO_TABLE, *cpp.values()}) == len(cpp) + 3
 
 
 def test_reduction_codes():

@@ -121,22 +121,7 @@ def _t_lincomb(x: torch.Tensor, terms: list[torch.Tensor], weights: list[float],
                noise_std: float, seed: int, offset: int, per_sample_seeds: Opt, check: bool,
                out: torch.Tensor) -> None:
     lazy(_T, "lincomb_step")(x, terms, weights, noise_std, seed, offset, per_sample_seeds,
-                             _acc_carrier(x), out)
-
-
-_ACC_CARRIERS: dict = {}
-
-
-def _acc_carrier(x):
-    """A one-element tensor of x's accumulation dtype on its device, made once:
-    the Triton engine reads the accumulation dtype from its coefficient
-    pointer, and lincomb_step has no table."""
-    key = (x.device, x.dtype)
-    c = _ACC_CARRIERS.get(key)
-    if c is None:
-        c = _ACC_CARRIERS[key] = torch.zeros(1, STEP_COLS, dtype=V.acc_dtype(x.dtype),
-                                             device=x.device)
-    return c
+                             out)
 
 
 # ---------------------------------------------------------------------------

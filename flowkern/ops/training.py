@@ -7,7 +7,11 @@ flowkern/_validate.py), evaluates a built-in schedule at the times itself
 the loss, reduces. The Python function only picks the op: the `.nograd`
 overload when no input needs a gradient (no autograd kernel on the way), the
 default overload, whose autograd formula is registered here, otherwise.
-The torch and triton backends validate here and read a coefficient table.
+The torch and triton backends validate here. The triton kernels, like the
+native ones, evaluate a built-in schedule at the times themselves (no table
+and no launch before theirs; a value check that needs the coefficients
+builds their table where values are checked: CPU data, FLOWKERN_DEBUG=1);
+the torch backend reads a coefficient table.
 """
 from __future__ import annotations
 
@@ -37,34 +41,36 @@ Opt = Optional[torch.Tensor]
 def _t_interpolate(x0: torch.Tensor, x1: torch.Tensor, t: Opt, t_value: float, kind: int,
                    params: list[float], target: int,
                    check: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return lazy(_T, "interpolate")(x0, x1, t, target)
+    return lazy(_T, "interpolate")(x0, x1, (t, t_value, kind, params), target)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::interpolate_out", mutates_args=("xt", "y"))
 def _t_interpolate_out(x0: torch.Tensor, x1: torch.Tensor, t: Opt, t_value: float, kind: int,
                        params: list[float], target: int, check: bool, xt: torch.Tensor,
                        y: torch.Tensor) -> None:
-    lazy(_T, "interpolate")(x0, x1, t, target, xt, y)
+    lazy(_T, "interpolate")(x0, x1, (t, t_value, kind, params), target, xt, y)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::interpolate_backward", mutates_args=())
 def _t_interpolate_backward(grad_xt: torch.Tensor, grad_y: torch.Tensor, t: Opt, t_value: float,
                             kind: int, params: list[float],
                             target: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return lazy(_T, "interpolate_backward")(grad_xt.contiguous(), grad_y.contiguous(), t, target)
+    return lazy(_T, "interpolate_backward")(grad_xt.contiguous(), grad_y.contiguous(),
+                                            (t, t_value, kind, params), target)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::convert", mutates_args=())
 def _t_convert(pred: torch.Tensor, x_t: torch.Tensor, t: Opt, t_value: float, kind: int,
                params: list[float], src: int, dst: int, check: bool) -> torch.Tensor:
-    return lazy(_T, "convert")(x_t, pred, t, src, dst)
+    return lazy(_T, "convert")(x_t, pred, (t, t_value, kind, params), src, dst)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::convert_backward", mutates_args=())
 def _t_convert_backward(grad: torch.Tensor, t: Opt, t_value: float, kind: int,
                         params: list[float], src: int,
                         dst: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g_x, g_pred = lazy(_T, "convert_backward")(grad.contiguous(), t, src, dst)
+    g_x, g_pred = lazy(_T, "convert_backward")(grad.contiguous(), (t, t_value, kind, params),
+                                               src, dst)
     return g_pred, g_x
 
 
@@ -72,7 +78,7 @@ def _t_convert_backward(grad: torch.Tensor, t: Opt, t_value: float, kind: int,
 def _t_fm_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t: Opt, t_value: float,
                kind: int, params: list[float], target: int, weight: Opt, reduction: int,
                check: bool) -> torch.Tensor:
-    rows = lazy(_T, "fm_loss_rows")(pred, x0, x1, t, target)
+    rows = lazy(_T, "fm_loss_rows")(pred, x0, x1, (t, t_value, kind, params), target)
     return _reduce(rows, weight, reduction, pred)
 
 
@@ -81,10 +87,11 @@ def _t_fm_loss_backward(grad: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor
                         x1: torch.Tensor, t: Opt, t_value: float, kind: int,
                         params: list[float], target: int, weight: Opt, reduction: int,
                         nout: int) -> list[torch.Tensor]:
-    grad_rows = _grad_rows(grad, weight, reduction, pred, t.dtype)
+    grad_rows = _grad_rows(grad, weight, reduction, pred, V.acc_dtype(pred.dtype))
+    sched = (t, t_value, kind, params)
     if nout == 1:
-        return [lazy(_T, "fm_loss_backward_pred")(grad_rows, pred, x0, x1, t, target)]
-    return list(lazy(_T, "fm_loss_backward")(grad_rows, pred, x0, x1, t, target))
+        return [lazy(_T, "fm_loss_backward_pred")(grad_rows, pred, x0, x1, sched, target)]
+    return list(lazy(_T, "fm_loss_backward")(grad_rows, pred, x0, x1, sched, target))
 
 
 def _reduce(rows, weight, reduction, pred):
@@ -367,16 +374,48 @@ def table_from_args(t, t_value, kind, params, rows, like, check):
                         check="t" if do_check else "")
 
 
+def _validated(names, tensors):
+    """Validated tensors and their broadcast shape (torch and triton backends)."""
+    tensors = [V.tensor(n, x) for n, x in zip(names, tensors)]
+    return tensors, V.same_shape(names, tensors)
+
+
+def _kernel_coef(schedule, t, rows, like, check):
+    """(t, t_value, kind, params) of the triton ops: a built-in schedule as its
+    kind and parameters with the times (a float t as t_value), evaluated in
+    the kernel; any other schedule as its (rows, 4) table, kind TABLE_KIND.
+    check(table): the op's value checks, run on the coefficients where values
+    are checked (V.values_checked; a float t everywhere, on the host)."""
+    spec = native_spec(schedule)
+    if spec is None or not isinstance(t, (torch.Tensor, int, float)):
+        coef = _table(schedule, t, rows, like)
+        check(coef)
+        return coef, 0.0, TABLE_KIND, []
+    acc = V.acc_dtype(like.dtype)
+    if isinstance(t, torch.Tensor):
+        tt = V.time("t", t, rows, like, check_values=False)
+        if V.values_checked(tt):
+            check(coefficients(from_native(*spec), tt, rows, acc, check="t"))
+        return tt, 0.0, spec[0], spec[1]
+    # A float time is known on the host: checked on every device (docs/design.md §6).
+    if V.check_flag() and not torch.compiler.is_compiling():
+        times = torch.tensor([float(t)], dtype=torch.float64)
+        check(coefficients(from_native(*spec), times, 1, acc, check="t"))
+    return None, float(t), spec[0], spec[1]
+
+
+def _table(schedule, t, rows, like):
+    """The (rows, 4) coefficient table at t, range-checked where values are checked."""
+    t = V.time("t", t, rows, like, check_values=False)
+    return coefficients(schedule, t, rows, V.acc_dtype(like.dtype),
+                        check="t" if V.values_checked(t) else "")
+
+
 def _prepare(names, tensors, t, schedule):
     """Validated tensors, their shape and the (B, 4) coefficient table (the
-    torch and triton backends)."""
-    tensors = [V.tensor(n, x) for n, x in zip(names, tensors)]
-    shape = V.same_shape(names, tensors)
-    like = tensors[0]
-    t = V.time("t", t, shape[0], like, check_values=False)
-    coef = coefficients(schedule, t, shape[0], V.acc_dtype(like.dtype),
-                        check="t" if V.values_checked(t) else "")
-    return tensors, shape, coef
+    torch backend)."""
+    tensors, shape = _validated(names, tensors)
+    return tensors, shape, _table(schedule, t, shape[0], tensors[0])
 
 
 def _upcast(x, coef, shape):
@@ -451,8 +490,12 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
             _INTERP_OUT(*args, *out)
             return out
         return (_DIFF.interpolate if _need_grad2(x0, x1) else _INTERP_NG)(*args)
-    (x0, x1), shape, coef = _prepare(["x0", "x1"], [x0, x1], t, schedule)
-    check_target(coef, code)
+    if be == "torch":
+        (x0, x1), shape, coef = _prepare(["x0", "x1"], [x0, x1], t, schedule)
+        check_target(coef, code)
+    else:
+        (x0, x1), shape = _validated(["x0", "x1"], [x0, x1])
+        coef = _kernel_coef(schedule, t, shape[0], x1, lambda c: check_target(c, code))
     if out is not None:
         _check_out_shape(out, shape, x1)
         V.check_no_overlap({"out[0]": out[0], "out[1]": out[1]}, {"x0": x0, "x1": x1})
@@ -469,8 +512,8 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
         refuse_grad("interpolate", "interpolate(..., out=) writes into buffers and has no "
                     "derivative; call it without out= or under torch.no_grad()", x0=x0, x1=x1)
     if out is None:
-        return _T_DIFF.interpolate.call(x0, x1, coef, 0.0, TABLE_KIND, [], code, False)
-    _TRITON.interpolate_out(x0, x1, coef, 0.0, TABLE_KIND, [], code, False, *out)
+        return _T_DIFF.interpolate.call(x0, x1, *coef, code, False)
+    _TRITON.interpolate_out(x0, x1, *coef, code, False, *out)
     return out
 
 
@@ -532,8 +575,13 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
             return _weigh_rows(rows, pred, weight, reduction)
         op = _DIFF.fm_loss if _need_grad3(pred, x0, x1) else _LOSS_NG
         return op(pred, x0, x1, *coef, code, weight, red, check)
-    (pred, x0, x1), shape, coef = _prepare(["pred", "x0", "x1"], [pred, x0, x1], t, schedule)
-    check_target(coef, code)
+    names = ["pred", "x0", "x1"]
+    if be == "torch":
+        (pred, x0, x1), shape, coef = _prepare(names, [pred, x0, x1], t, schedule)
+        check_target(coef, code)
+    else:
+        (pred, x0, x1), shape = _validated(names, [pred, x0, x1])
+        coef = _kernel_coef(schedule, t, shape[0], pred, lambda c: check_target(c, code))
     weight = V.sample_weight(weight, shape[0], pred)
     if be == "torch":
         inner = shape.numel() // shape[0] if shape[0] else 0
@@ -542,9 +590,9 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
         return V.reduce_rows(rows, weight, reduction, inner).to(pred.dtype)
     dense = [V.dense(x, shape) for x in (pred, x0, x1)]
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        rows = _T_DIFF.fm_loss.call(*dense, coef, 0.0, TABLE_KIND, [], code, None, 2, False)
+        rows = _T_DIFF.fm_loss.call(*dense, *coef, code, None, 2, False)
         return _weigh_rows(rows, pred, weight, reduction)
-    return _T_DIFF.fm_loss.call(*dense, coef, 0.0, TABLE_KIND, [], code, weight, red, False)
+    return _T_DIFF.fm_loss.call(*dense, *coef, code, weight, red, False)
 
 
 def _weigh_rows(rows, pred, weight, reduction):
@@ -572,13 +620,14 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
         args = (pred, x_t, *_native_coef(schedule, t, x_t.shape[0] if x_t.dim() else 1, x_t),
                 s, d, V.check_flag())
         return (_DIFF.convert if _need_grad2(pred, x_t) else _CONVERT_NG)(*args)
-    (pred, x_t), shape, coef = _prepare(["pred", "x_t"], [pred, x_t], t, schedule)
-    check_conversion(coef, src, dst)
     if be == "torch":
+        (pred, x_t), shape, coef = _prepare(["pred", "x_t"], [pred, x_t], t, schedule)
+        check_conversion(coef, src, dst)
         out = ref.convert(_upcast(pred, coef, shape), _upcast(x_t, coef, shape), coef, src, dst)
         return out.to(x_t.dtype)
-    return _T_DIFF.convert.call(V.dense(pred, shape), V.dense(x_t, shape), coef, 0.0, TABLE_KIND,
-                                [], s, d, False)
+    (pred, x_t), shape = _validated(["pred", "x_t"], [pred, x_t])
+    coef = _kernel_coef(schedule, t, shape[0], x_t, lambda c: check_conversion(c, src, dst))
+    return _T_DIFF.convert.call(V.dense(pred, shape), V.dense(x_t, shape), *coef, s, d, False)
 
 
 __all__ = ["interpolate", "flow_matching_loss", "convert", "PREDICTIONS"]

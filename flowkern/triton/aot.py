@@ -22,13 +22,23 @@ ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 
 
 def _ops():
-    """(name, row function, NI, NO, NOISE, P0, P1, P2) of every shipped kernel
-    (NOISE "per_sample": noise with per-sample seeds)."""
+    """(name, row function, NI, NO, NOISE, P0, P1, P2[, KIND]) of every shipped
+    kernel (NOISE "per_sample": noise with per-sample seeds; KIND: _kind's
+    default unless given, a built-in schedule kind for the training ops'
+    in-kernel schedules)."""
     from . import flowmap as FM
     from . import steps as S
     from . import training as T
 
     return [("interpolate", T.interpolate_rows, 2, 2, False, 0, 0, 0),
+            ("interpolate_linear", T.interpolate_rows, 2, 2, False, 0, 0, 0, 0),
+            ("interpolate_cosine", T.interpolate_rows, 2, 2, False, 0, 0, 0, 1),
+            ("interpolate_poly", T.interpolate_rows, 2, 2, False, 0, 0, 0, 2),
+            ("interpolate_vp", T.interpolate_rows, 2, 2, False, 0, 0, 0, 3),
+            ("interpolate_ve", T.interpolate_rows, 2, 2, False, 0, 0, 0, 4),
+            ("interpolate_edm", T.interpolate_rows, 2, 2, False, 0, 0, 0, 5),
+            ("loss_bwd_edm", T.loss_bwd_rows, 3, 3, False, 3, 0, 0, 5),
+            ("convert_score2v_vp", T.convert_rows, 2, 1, False, 3, 0, 0, 3),
             ("interpolate_bwd", T.interpolate_bwd_rows, 2, 2, False, 0, 0, 0),
             ("convert_v2x1", T.convert_rows, 2, 1, False, 0, 1, 0),
             ("convert_score2v", T.convert_rows, 2, 1, False, 3, 0, 0),
@@ -56,6 +66,30 @@ def _ops():
             ("flowmap_bwd_x1", FM.flowmap_bwd_rows, 3, 1, False, 1, 0, 0)]
 
 
+def _kind(fn):
+    """The KIND constexpr (lincomb.py) the launchers pass with this row function
+    when the _ops entry names none: the training ops a table, lincomb_step no
+    table, the other steps and the flow map their own table."""
+    from . import lincomb as L
+    from . import steps as S
+    from . import training as T
+
+    if fn in (T.interpolate_rows, T.interpolate_bwd_rows, T.convert_rows, T.convert_bwd_rows,
+              T.loss_residual_rows, T.loss_bwd_rows):
+        return L.TABLE
+    return L.NO_TABLE if fn is S.lincomb_step_rows else L.NO_SCHED
+
+
+def _sched(kind, acc_t, idx_t):
+    """The coefficient-source part of a signature and its constexprs."""
+    import triton.language as tl
+
+    sig = {"tptr": f"*{acc_t}", "t_step": idx_t, "t_value": "fp64", "sp0": "fp64",
+           "sp1": "fp64", "sp2": "fp64"}
+    return sig, dict(KIND=kind, T_TENSOR=kind >= 0,
+                     ACC=tl.float64 if acc_t == "fp64" else tl.float32)
+
+
 def _aux_type(fn, acc_t):
     """The `aux` argument's type: lms_step's and lincomb_step's weights are
     scalars (steps.weight_args), the others' a pointer (or coef standing in)."""
@@ -81,11 +115,12 @@ def _rowsums():
     from . import training as T
 
     return [("loss", T.loss_residual_rows, 3, 3, 0),
+            ("loss_ve", T.loss_residual_rows, 3, 3, 0, 4),
             ("flowmap_score_noise", FM.flowmap_residual_rows, 3, 3, 1),
             ("flowmap_v", FM.flowmap_residual_rows, 3, 0, 0)]
 
 
-QUICK = ("interpolate", "convert_score2v", "loss_bwd", "loss_bwd_pred", "heun_cfg_x1",
+QUICK = ("interpolate", "interpolate_cosine", "loss_bwd_edm", "convert_score2v", "loss_bwd", "loss_bwd_pred", "heun_cfg_x1",
          "dpmpp_2m_cfg_x1", "lms_cfg_eps_3", "em_cfg_score", "em_cfg_score_per_sample", "flowmap_bwd_v", "loss",
          "flowmap_score_noise")
 
@@ -111,27 +146,30 @@ def configs(full: bool = True, sizes=None):
                     ("i32", "i64") if dname == "fp32" else ("i64",)):
                 ins = {f"i{k}": f"*{io_t}" for k in range(L.MAX_IN)}
                 tail = dict(rows="i32", inner=idx_t, n_col_blocks="i32")
-                for name, fn, ni, no, noise, p0, p1, p2 in ops:
+                for name, fn, ni, no, noise, p0, p1, p2, *kind in ops:
                     if L.is_heavy(ni, bool(noise), no) != heavy:
                         continue
+                    ssig, sconst = _sched(kind[0] if kind else _kind(fn), acc_t, idx_t)
                     sig = {**ins, **{f"o{k}": f"*{io_t}" for k in range(L.MAX_OUT)},
                            "coef": f"*{acc_t}", "stride": "i32", "aux": _aux_type(fn, acc_t),
                            "w": "fp32", "seed": "i64", "offset": "i64",
                            # without per-sample seeds the launcher passes coef there
-                           "seeds": "*i64" if noise == "per_sample" else f"*{acc_t}", **tail}
+                           "seeds": "*i64" if noise == "per_sample" else f"*{acc_t}",
+                           **ssig, **tail}
                     const = dict(P0=p0, P1=p1, P2=p2, ROW_FN=fn, NI=ni, NO=no,
                                  NOISE=bool(noise), PER_SAMPLE=noise == "per_sample",
-                                 SKIP=_skip(fn, p1), ROWS=rows_per, BLOCK_N=block_n)
+                                 SKIP=_skip(fn, p1), ROWS=rows_per, BLOCK_N=block_n, **sconst)
                     sig.update({k: "constexpr" for k in const})
                     out.append((f"lincomb/{name}/{dname}/{rows_per}x{block_n}/{idx_t}",
                                 L.lincomb_kernel, sig, const))
                 if heavy:
                     continue
-                for name, fn, ni, p0, p1 in rowsums:
+                for name, fn, ni, p0, p1, *kind in rowsums:
+                    ssig, sconst = _sched(kind[0] if kind else _kind(fn), acc_t, idx_t)
                     sig = {**ins, "partial": f"*{acc_t}", "coef": f"*{acc_t}", "stride": "i32",
-                           "aux": f"*{acc_t}", "w": "fp32", **tail}
+                           "aux": f"*{acc_t}", "w": "fp32", **ssig, **tail}
                     const = dict(P0=p0, P1=p1, P2=0, ROW_FN=fn, NI=ni,
-                                 ROWS=rows_per, BLOCK_N=block_n)
+                                 ROWS=rows_per, BLOCK_N=block_n, **sconst)
                     sig.update({k: "constexpr" for k in const})
                     out.append((f"rowsum/{name}/{dname}/{rows_per}x{block_n}/{idx_t}",
                                 L.rowsum_kernel, sig, const))

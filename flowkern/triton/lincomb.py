@@ -9,11 +9,23 @@ last entry multiplies the in-kernel Gaussian xi, philox.py). Each op family
 passes its own ROW_FN (a @triton.jit function, as a constexpr), so the loops
 live here once. Offsets are 64-bit; the coefficient table's row stride is 0
 when one row serves the whole batch.
+
+The training ops' rows read a schedule: KIND >= 0 is a built-in schedule
+evaluated here from the times (schedules.py; no table is built), KIND = TABLE
+a (B, 4) table in `coef`; either way ROW_FN gets `coef` as the tuple
+(alpha, sigma, d_alpha, d_sigma) of [ROWS, 1] tensors. KIND = NO_SCHED (the
+steps, the flow map) passes `coef`, their own table, through; KIND =
+NO_TABLE (lincomb_step: host weights only) gives zeros of the accumulation
+dtype. ACC is that dtype (float64 for float64 data, float32 otherwise).
 """
+import torch
 import triton
 import triton.language as tl
 
+from .._validate import acc_dtype
+from .coeffs import load_sched
 from .philox import normal
+from .schedules import schedule_at
 
 TILE = 2048          # elements per program: 16 per thread at 4 warps
 HEAVY_TILE = 1024    # for the kernels is_heavy names (many inputs, Philox state, 3 x 3):
@@ -25,6 +37,10 @@ NUM_WARPS = 4
 # flowkern.triton.aot compiles with the same option.
 MAX_NREG = 128
 MAX_IN, MAX_OUT = 6, 3
+# KIND of a schedule table / of rows that read their own table / of rows that read none
+TABLE, NO_SCHED, NO_TABLE = -1, -2, -3
+_TABLE, _NO_SCHED, _NO_TABLE = tl.constexpr(TABLE), tl.constexpr(NO_SCHED), tl.constexpr(NO_TABLE)
+ACC_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def is_heavy(n_in: int, noise: bool, n_out: int = 1) -> bool:
@@ -60,6 +76,26 @@ def _tile(rows, inner, n_col_blocks, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     mask = rmask[:, None] & (c < inner)[None, :]
     offs = r.to(tl.int64)[:, None] * inner + c[None, :]
     return r, rmask, offs, mask, pid_c
+
+
+@triton.jit
+def _row_coef(coef, tptr, t_step, t_value, sp0, sp1, sp2, r, rmask, KIND: tl.constexpr,
+              T_TENSOR: tl.constexpr, ACC: tl.constexpr):
+    """What ROW_FN receives as `coef` (see the module docstring). Times of
+    masked rows read as 0.5, where every built-in's values are finite."""
+    if KIND == _NO_SCHED:
+        return coef
+    elif KIND == _NO_TABLE:
+        return tl.zeros([r.shape[0], 1], ACC)
+    elif KIND == _TABLE:
+        return load_sched(coef, r, rmask)
+    else:
+        if T_TENSOR:
+            t = tl.load(tptr + r.to(tl.int64) * t_step, mask=rmask, other=0.5).to(tl.float64)
+        else:
+            t = tl.zeros(r.shape, tl.float64) + t_value
+        al, sg, da, ds = schedule_at(KIND, t[:, None], sp0, sp1, sp2)
+        return al.to(ACC), sg.to(ACC), da.to(ACC), ds.to(ACC)
 
 
 @triton.jit
@@ -110,15 +146,17 @@ def _out(m, xs, xi, NI: tl.constexpr, NOISE: tl.constexpr, SKIP: tl.constexpr):
 
 @triton.jit
 def lincomb_kernel(i0, i1, i2, i3, i4, i5, o0, o1, o2, coef, stride, aux, w, seed, offset,
-                   seeds, rows, inner, n_col_blocks,
+                   seeds, tptr, t_step, t_value: tl.float64, sp0: tl.float64, sp1: tl.float64,
+                   sp2: tl.float64, rows, inner, n_col_blocks,
                    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, ROW_FN: tl.constexpr,
                    NI: tl.constexpr, NO: tl.constexpr, NOISE: tl.constexpr,
                    PER_SAMPLE: tl.constexpr, SKIP: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    ACC: tl.constexpr = coef.dtype.element_ty
+                   BLOCK_N: tl.constexpr, KIND: tl.constexpr, T_TENSOR: tl.constexpr,
+                   ACC: tl.constexpr):
     OUT: tl.constexpr = o0.dtype.element_ty
     r, rmask, offs, mask, _ = _tile(rows, inner, n_col_blocks, ROWS, BLOCK_N)
-    M = ROW_FN(P0, P1, P2, coef, stride, aux, w, r, rmask)
+    rc = _row_coef(coef, tptr, t_step, t_value, sp0, sp1, sp2, r, rmask, KIND, T_TENSOR, ACC)
+    M = ROW_FN(P0, P1, P2, rc, stride, aux, w, r, rmask)
     xs = _load_inputs(i0, i1, i2, i3, i4, i5, offs, mask, ACC, NI)
     xi = 0.0
     if NOISE:
@@ -136,14 +174,16 @@ def lincomb_kernel(i0, i1, i2, i3, i4, i5, o0, o1, o2, coef, stride, aux, w, see
 
 
 @triton.jit
-def rowsum_kernel(i0, i1, i2, i3, i4, i5, partial, coef, stride, aux, w, rows, inner,
-                  n_col_blocks, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                  ROW_FN: tl.constexpr, NI: tl.constexpr,
-                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def rowsum_kernel(i0, i1, i2, i3, i4, i5, partial, coef, stride, aux, w, tptr, t_step,
+                  t_value: tl.float64, sp0: tl.float64, sp1: tl.float64, sp2: tl.float64,
+                  rows, inner, n_col_blocks, P0: tl.constexpr, P1: tl.constexpr,
+                  P2: tl.constexpr, ROW_FN: tl.constexpr, NI: tl.constexpr,
+                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, KIND: tl.constexpr,
+                  T_TENSOR: tl.constexpr, ACC: tl.constexpr):
     """partial[r, pid_c] = sum over the tile's columns of (M_row[0] . in)^2."""
-    ACC: tl.constexpr = coef.dtype.element_ty
     r, rmask, offs, mask, pid_c = _tile(rows, inner, n_col_blocks, ROWS, BLOCK_N)
-    M = ROW_FN(P0, P1, P2, coef, stride, aux, w, r, rmask)
+    rc = _row_coef(coef, tptr, t_step, t_value, sp0, sp1, sp2, r, rmask, KIND, T_TENSOR, ACC)
+    M = ROW_FN(P0, P1, P2, rc, stride, aux, w, r, rmask)
     xs = _load_inputs(i0, i1, i2, i3, i4, i5, offs, mask, ACC, NI)
     y = tl.where(mask, _dot(M[0], xs, NI, 0), 0.0)
     tl.store(partial + r.to(tl.int64) * n_col_blocks + pid_c, tl.sum(y * y, axis=1), mask=rmask)
@@ -171,38 +211,67 @@ def skip_mask(*pairs) -> int:
     return sum(1 << (k * MAX_IN + j) for k, j in pairs)
 
 
+def _coef_args(coef, sched, like):
+    """The kernels' coefficient arguments: (coef, stride, tptr, t_step, t_value,
+    sp0, sp1, sp2) and the constexprs KIND, T_TENSOR, ACC. coef: the rows'
+    own table (steps, flow map: KIND NO_SCHED; None for rows that read no
+    table, like lincomb_step's: ACC from the data), or None with sched = (t,
+    t_value, kind, params) of a training op: kind TABLE, t the (B, 4) table;
+    else a built-in schedule at the 1-d times t (None: the float t_value)."""
+    if sched is None and coef is None:
+        return ((like, 0, like, 0, 0.0, 0.0, 0.0, 0.0),
+                dict(KIND=NO_TABLE, T_TENSOR=False, ACC=ACC_TL[acc_dtype(like.dtype)]))
+    if sched is None:
+        return ((coef, _stride(coef, like.shape[0]), coef, 0, 0.0, 0.0, 0.0, 0.0),
+                dict(KIND=NO_SCHED, T_TENSOR=False, ACC=ACC_TL[coef.dtype]))
+    t, t_value, kind, params = sched
+    if kind == TABLE:
+        return ((t, 4, t, 0, 0.0, 0.0, 0.0, 0.0),
+                dict(KIND=TABLE, T_TENSOR=False, ACC=ACC_TL[t.dtype]))
+    p = [float(v) for v in params] + [0.0] * (3 - len(params))
+    acc = ACC_TL[acc_dtype(like.dtype)]
+    if t is None:
+        return ((like, 0, like, 0, float(t_value), *p),
+                dict(KIND=kind, T_TENSOR=False, ACC=acc))
+    step = 0 if t.shape[0] == 1 else t.stride(0)
+    return (like, 0, t, step, 0.0, *p), dict(KIND=kind, T_TENSOR=True, ACC=acc)
+
+
 def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
-                   noise=None, skip=0):
+                   noise=None, skip=0, sched=None):
     """outputs[k] = M_row[k] . inputs (+ noise term) for contiguous (rows, ...)
-    tensors; noise=(seed, offset, seeds) draws xi per element (philox.py;
-    seeds: None or the (rows,) int64 per-sample seeds; without them `coef`
-    stands in for the pointer, never read, as for `aux`); skip: the terms no
-    output reads (skip_mask)."""
+    tensors; coef, sched: the coefficient source (_coef_args); noise=(seed,
+    offset, seeds) draws xi per element (philox.py; seeds: None or the (rows,)
+    int64 per-sample seeds; without them a tensor stands in for the pointer,
+    never read, as for `aux`); skip: the terms no output reads (skip_mask)."""
     assert 1 <= len(inputs) <= MAX_IN and 1 <= len(outputs) <= MAX_OUT
     if inputs[0].numel() == 0:
         return
     grid, rows, inner, rows_per, block_n, n_col = _grid(
         inputs[0], is_heavy(len(inputs), noise is not None, len(outputs)))
     seed, offset, seeds = noise if noise is not None else (0, 0, None)
-    lincomb_kernel[grid](*_pad(inputs, MAX_IN), *_pad(outputs, MAX_OUT), coef,
-                         _stride(coef, rows), coef if aux is None else aux, float(w),
-                         seed, offset, coef if seeds is None else seeds, rows, inner, n_col,
+    (c, stride, *times), const = _coef_args(coef, sched, inputs[0])
+    lincomb_kernel[grid](*_pad(inputs, MAX_IN), *_pad(outputs, MAX_OUT), c, stride,
+                         c if aux is None else aux, float(w),
+                         seed, offset, c if seeds is None else seeds, *times, rows, inner, n_col,
                          P0=p0, P1=p1, P2=p2, ROW_FN=row_fn, NI=len(inputs), NO=len(outputs),
                          NOISE=noise is not None, PER_SAMPLE=seeds is not None, SKIP=skip,
-                         ROWS=rows_per, BLOCK_N=block_n,
+                         ROWS=rows_per, BLOCK_N=block_n, **const,
                          num_warps=NUM_WARPS, maxnreg=MAX_NREG)
 
 
-def launch_rowsum(row_fn, p0, p1, inputs, coef, aux=None, p2=0, w=1.0):
-    """(rows,) sums of the squared first output, in coef's dtype."""
+def launch_rowsum(row_fn, p0, p1, inputs, coef, aux=None, p2=0, w=1.0, sched=None):
+    """(rows,) sums of the squared first output, in the accumulation dtype."""
     x = inputs[0]
+    (c, stride, *times), const = _coef_args(coef, sched, x)
+    acc = torch.float64 if const["ACC"] == tl.float64 else torch.float32
     if x.numel() == 0:
-        return coef.new_zeros(x.shape[0])
+        return x.new_zeros(x.shape[0], dtype=acc)
     grid, rows, inner, rows_per, block_n, n_col = _grid(x)
-    partial = coef.new_empty(rows, n_col)
-    rowsum_kernel[grid](*_pad(inputs, MAX_IN), partial, coef, _stride(coef, rows),
-                        coef if aux is None else aux, float(w), rows, inner, n_col,
+    partial = x.new_empty(rows, n_col, dtype=acc)
+    rowsum_kernel[grid](*_pad(inputs, MAX_IN), partial, c, stride,
+                        c if aux is None else aux, float(w), *times, rows, inner, n_col,
                         P0=p0, P1=p1, P2=p2, ROW_FN=row_fn, NI=len(inputs),
-                        ROWS=rows_per, BLOCK_N=block_n, num_warps=NUM_WARPS,
+                        ROWS=rows_per, BLOCK_N=block_n, **const, num_warps=NUM_WARPS,
                         maxnreg=MAX_NREG)
     return partial.sum(1)

@@ -217,8 +217,9 @@ def lincomb_step_rows(NT: tl.constexpr, NOISE: tl.constexpr, _P2: tl.constexpr, 
                       aux, _w, r, rmask):
     """(x, p_1 .. p_NT) -> c_x x + sum_k c_k p_k (+ noise_std xi): the weights
     (c_x, c_1 .. c_NT) and then noise_std as weight_args pairs in `aux`
-    (steps.h LincombStepFn); `coef` only gives the accumulation dtype."""
-    z = (r[:, None] * 0).to(coef.dtype.element_ty)
+    (steps.h LincombStepFn); `coef`: zeros of the accumulation dtype (the
+    engine's KIND NO_TABLE)."""
+    z = coef
     c0 = z + _weight(aux, 0, z)
     c1 = z + _weight(aux, 1, z)
     c2 = z + _weight(aux, 2, z)
@@ -323,14 +324,14 @@ def lms_step(x, pred, u1, u2, u3, pred_uncond, weights, coef, prediction, guidan
                    skip=lms_skip(len(hist)))
 
 
-def lincomb_step(x, terms, weights, noise_std, seed, offset, seeds, coef, out):
+def lincomb_step(x, terms, weights, noise_std, seed, offset, seeds, out):
     """weights: 1 + len(terms) floats; noise_std 0: no noise term (host values,
-    weight_args); coef: any tensor of the accumulation dtype."""
+    weight_args). No table: the engine takes the accumulation dtype from x."""
     nt = len(terms)
     if not abs(noise_std) <= _F32_MAX:
         raise ValueError(f"noise_std: the triton backend takes values up to {_F32_MAX:.3g}, "
                          f"got {noise_std}")
     aux = weight_args(list(weights) + [0.0] * (5 - len(weights)) + [noise_std], n=6)
     noise = (seed, offset, seeds) if noise_std else None
-    launch_lincomb(lincomb_step_rows, nt, int(bool(noise_std)), (x, *terms), (out,), coef,
+    launch_lincomb(lincomb_step_rows, nt, int(bool(noise_std)), (x, *terms), (out,), None,
                    aux=aux, noise=noise)
