@@ -15,6 +15,7 @@ the torch backend reads a coefficient table.
 """
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
@@ -306,6 +307,25 @@ if cpu_built():  # the overloads the public functions call, looked up once
     _INTERP_NG, _INTERP_OUT = _NATIVE.interpolate.nograd, _NATIVE.interpolate_out.default
     _CONVERT_NG, _LOSS_NG = _NATIVE.convert.nograd, _NATIVE.fm_loss.nograd
 
+
+def _interpolate_out_reference(x0, x1, t, t_value, kind, params, target, check, xt, y):
+    a, b = _interpolate_reference(x0, x1, t, t_value, kind, params, target, check)
+    xt.copy_(a), y.copy_(b)
+
+
+# The Python backends' implementations of the ops, with the ops' signatures: the
+# triton ops (their DiffOp calls: autograd, forward mode) and the torch
+# reference, which torch itself differentiates (in t too). The public
+# functions pick one and have no branch per backend.
+_PY_CALLS = {
+    "triton": types.SimpleNamespace(
+        interpolate=_T_DIFF.interpolate.call, interpolate_out=_TRITON.interpolate_out,
+        convert=_T_DIFF.convert.call, fm_loss=_T_DIFF.fm_loss.call),
+    "torch": types.SimpleNamespace(
+        interpolate=_interpolate_reference, interpolate_out=_interpolate_out_reference,
+        convert=_convert_reference, fm_loss=_loss_reference),
+}
+
 # ---------------------------------------------------------------------------
 # argument helpers
 
@@ -411,13 +431,6 @@ def _table(schedule, t, rows, like):
                         check="t" if V.values_checked(t) else "")
 
 
-def _prepare(names, tensors, t, schedule):
-    """Validated tensors, their shape and the (B, 4) coefficient table (the
-    torch backend)."""
-    tensors, shape = _validated(names, tensors)
-    return tensors, shape, _table(schedule, t, shape[0], tensors[0])
-
-
 def _upcast(x, coef, shape):
     """x broadcast to the batch shape (a view) in the coefficient dtype."""
     return x.expand(shape).to(coef.dtype)
@@ -490,30 +503,18 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
             _INTERP_OUT(*args, *out)
             return out
         return (_DIFF.interpolate if _need_grad2(x0, x1) else _INTERP_NG)(*args)
-    if be == "torch":
-        (x0, x1), shape, coef = _prepare(["x0", "x1"], [x0, x1], t, schedule)
-        check_target(coef, code)
-    else:
-        (x0, x1), shape = _validated(["x0", "x1"], [x0, x1])
-        coef = _kernel_coef(schedule, t, shape[0], x1, lambda c: check_target(c, code))
-    if out is not None:
-        _check_out_shape(out, shape, x1)
-        V.check_no_overlap({"out[0]": out[0], "out[1]": out[1]}, {"x0": x0, "x1": x1})
-    if be == "torch":
-        xt, y = ref.interpolate(_upcast(x0, coef, shape), _upcast(x1, coef, shape), coef, target)
-        xt, y = xt.to(x1.dtype), y.to(x1.dtype)
-        if out is None:
-            return xt, y
-        out[0].copy_(xt), out[1].copy_(y)
-        return out
+    (x0, x1), shape = _validated(["x0", "x1"], [x0, x1])
+    coef = _kernel_coef(schedule, t, shape[0], x1, lambda c: check_target(c, code))
+    calls = _PY_CALLS[be]
     x0, x1 = V.dense(x0, shape), V.dense(x1, shape)
-    if out is not None:
-        no_forward_mode("interpolate", x0, x1)
-        refuse_grad("interpolate", "interpolate(..., out=) writes into buffers and has no "
-                    "derivative; call it without out= or under torch.no_grad()", x0=x0, x1=x1)
     if out is None:
-        return _T_DIFF.interpolate.call(x0, x1, *coef, code, False)
-    _TRITON.interpolate_out(x0, x1, *coef, code, False, *out)
+        return calls.interpolate(x0, x1, *coef, code, False)
+    _check_out_shape(out, shape, x1)
+    V.check_no_overlap({"out[0]": out[0], "out[1]": out[1]}, {"x0": x0, "x1": x1})
+    no_forward_mode("interpolate", x0, x1)
+    refuse_grad("interpolate", "interpolate(..., out=) writes into buffers and has no "
+                "derivative; call it without out= or under torch.no_grad()", x0=x0, x1=x1)
+    calls.interpolate_out(x0, x1, *coef, code, False, *out)
     return out
 
 
@@ -575,24 +576,15 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
             return _weigh_rows(rows, pred, weight, reduction)
         op = _DIFF.fm_loss if _need_grad3(pred, x0, x1) else _LOSS_NG
         return op(pred, x0, x1, *coef, code, weight, red, check)
-    names = ["pred", "x0", "x1"]
-    if be == "torch":
-        (pred, x0, x1), shape, coef = _prepare(names, [pred, x0, x1], t, schedule)
-        check_target(coef, code)
-    else:
-        (pred, x0, x1), shape = _validated(names, [pred, x0, x1])
-        coef = _kernel_coef(schedule, t, shape[0], pred, lambda c: check_target(c, code))
+    (pred, x0, x1), shape = _validated(["pred", "x0", "x1"], [pred, x0, x1])
+    coef = _kernel_coef(schedule, t, shape[0], pred, lambda c: check_target(c, code))
     weight = V.sample_weight(weight, shape[0], pred)
-    if be == "torch":
-        inner = shape.numel() // shape[0] if shape[0] else 0
-        rows = ref.training.flow_matching_loss_rows(
-            *(_upcast(x, coef, shape) for x in (pred, x0, x1)), coef, target)
-        return V.reduce_rows(rows, weight, reduction, inner).to(pred.dtype)
+    calls = _PY_CALLS[be]
     dense = [V.dense(x, shape) for x in (pred, x0, x1)]
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        rows = _T_DIFF.fm_loss.call(*dense, *coef, code, None, 2, False)
+        rows = calls.fm_loss(*dense, *coef, code, None, 2, False)
         return _weigh_rows(rows, pred, weight, reduction)
-    return _T_DIFF.fm_loss.call(*dense, *coef, code, weight, red, False)
+    return calls.fm_loss(*dense, *coef, code, weight, red, False)
 
 
 def _weigh_rows(rows, pred, weight, reduction):
@@ -620,14 +612,9 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
         args = (pred, x_t, *_native_coef(schedule, t, x_t.shape[0] if x_t.dim() else 1, x_t),
                 s, d, V.check_flag())
         return (_DIFF.convert if _need_grad2(pred, x_t) else _CONVERT_NG)(*args)
-    if be == "torch":
-        (pred, x_t), shape, coef = _prepare(["pred", "x_t"], [pred, x_t], t, schedule)
-        check_conversion(coef, src, dst)
-        out = ref.convert(_upcast(pred, coef, shape), _upcast(x_t, coef, shape), coef, src, dst)
-        return out.to(x_t.dtype)
     (pred, x_t), shape = _validated(["pred", "x_t"], [pred, x_t])
     coef = _kernel_coef(schedule, t, shape[0], x_t, lambda c: check_conversion(c, src, dst))
-    return _T_DIFF.convert.call(V.dense(pred, shape), V.dense(x_t, shape), *coef, s, d, False)
+    return _PY_CALLS[be].convert(V.dense(pred, shape), V.dense(x_t, shape), *coef, s, d, False)
 
 
 __all__ = ["interpolate", "flow_matching_loss", "convert", "PREDICTIONS"]
