@@ -154,3 +154,133 @@ def test_value_errors_match_with_the_schedule_in_the_kernel(backend):
                               target="score", backend=backend)
     with pytest.raises(ValueError, match=r"^t: alpha_t is 0"):
         fk.convert(pred, x0, 0.0, "linear", src="eps", dst="x1", backend=backend)
+
+
+# ---------------------------------------------------------------------------
+# steps: float times and a built-in schedule go to the kernel as `times`
+
+
+STEP_SCHEDULES = ["linear", "cosine", Polynomial(2), "vp", "ve", "edm"]
+STEP_TIMES = [(0.2, 0.45), (1e-7, 0.3), (0.6, 1 - 1e-7)]
+
+
+def _steps(x, p, q, t, s, schedule, be, **kw):
+    """Each step op once at (t, s): {name: output}. `kw` adds table= or other
+    times; the defaults are what a caller passes."""
+    tp = t - 0.1
+    out = {
+        "euler": fk.euler_step(x, p, t, s, schedule, backend=be, **kw),
+        "heun": fk.heun_step(x, p, x + 0.1 * q, q, t, s, schedule, backend=be, **kw),
+        "ei_data": fk.ei_step(x, p, t, s, schedule, prediction="eps", backend=be, **kw),
+        "ei_noise": fk.ei_step(x, p, t, s, schedule, form="noise", backend=be, **kw),
+        "em": fk.em_step(x, p, t, s, schedule, g=0.7, seed=3, backend=be, **kw),
+        "churn": fk.churn(x, s, t, schedule, seed=5, backend=be, **kw),
+        "lms": fk.lms_step(x, p, [0.3, -0.1], [q], t, schedule, backend=be, **kw)[0],
+    }
+    if tp >= 0:  # (a t_prev within rounding of t makes DPM-Solver++'s r ill-conditioned)
+        out["dpmpp_2m"] = fk.dpmpp_2m_step(x, p, t, s, schedule, d_prev=q, t_prev=tp,
+                                           backend=be, **kw)[0]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("schedule", STEP_SCHEDULES, ids=str)
+def test_steps_evaluate_float_times_in_the_kernel(dtype, schedule, monkeypatch):
+    """Triton's steps given float times compute their row in the kernel
+    (KIND >= 0, no table on the device) and agree with the torch backend."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not under test")
+    from flowkern.triton import lincomb
+
+    kinds = []
+    real = lincomb._coef_args
+
+    def spy(src, like):
+        args, const = real(src, like)
+        kinds.append(const["KIND"])
+        return args, const
+
+    monkeypatch.setattr(lincomb, "_coef_args", spy)
+    g = torch.Generator().manual_seed(2)
+    x, p, q = (torch.randn(5, 40, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+               for _ in range(3))
+    for t, s in STEP_TIMES:
+        kinds.clear()
+        with torch.no_grad():
+            got = _steps(x, p, q, t, s, schedule, "triton")
+            assert kinds and all(k >= 0 for k in kinds), kinds
+            want = _steps(x.double(), p.double(), q.double(), t, s, schedule, "torch")
+            naive = _steps(x, p, q, t, s, schedule, "torch")  # torch's own error in dtype
+        alpha_t = coefficients(schedule, torch.tensor([t], dtype=torch.float64), 1,
+                               torch.float64)[0, 0].item()
+        for name, v in got.items():
+            # the noise form divides by alpha_t (1e-7 for linear at t = 1e-7): its
+            # terms, 1/alpha_t times larger than its value, set the rounding scale
+            scale = (want[name].abs().max().item() + 1.0) * (
+                1.0 / alpha_t if name == "ei_noise" else 1.0)
+            assert_close(v.cpu(), want[name].cpu(), naive[name].cpu(),
+                         f"{name} {schedule} {dtype} t={t} s={s}", ulps=16.0, scale=scale,
+                         # em and churn: Philox noise is float32 whatever the dtype
+                         atol=4e-7 * scale if name in ("em", "churn") else 0.0)
+
+
+def test_steps_with_float_times_build_no_device_table(monkeypatch):
+    """A float-time triton step builds no step table (its value checks read a
+    (1, 12) host row, _host_row): nothing is built on or copied to the data's
+    device; per-sample times still take the table path."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not under test")
+    import flowkern.ops.steps as S
+
+    devices = []
+    real = S.step_table
+
+    def spy(*a, **k):
+        devices.append(str(a[6] if len(a) > 6 else k.get("device")))
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "step_table", spy)
+    x = torch.randn(3, 8, device=DEVICE)
+    fk.euler_step(x, x, 0.2, 0.4, "vp", backend="triton")
+    fk.em_step(x, x, 0.2, 0.4, "edm", seed=1, backend="triton")
+    assert devices == []
+    fk.euler_step(x, x, torch.full((3,), 0.2, device=DEVICE), 0.4, "vp", backend="triton")
+    assert devices == [str(x.device)]  # per-sample times: the table path
+
+
+def test_step_value_errors_with_float_times_in_the_kernel():
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not under test")
+    x = torch.randn(3, 8, device=DEVICE)
+    for be in ("triton", "torch"):
+        with pytest.raises(ValueError, match=r"^s: times must lie in \[0, 1\]"):
+            fk.euler_step(x, x, 0.2, 1.5, "vp", backend=be)
+        with pytest.raises(ValueError, match=r"^s: em_step integrates forward"):
+            fk.em_step(x, x, 0.5, 0.4, "linear", seed=1, backend=be)
+        with pytest.raises(ValueError, match=r"^t: alpha_t is 0"):
+            fk.churn(x, 0.0, 0.0, "linear", seed=1, backend=be)
+
+
+def test_triton_training_call_is_one_op():
+    """Under torch.profiler, a triton training call on a built-in schedule with
+    the value checks off (a GPU without FLOWKERN_DEBUG) records its one
+    flowkern_triton op and at most a view of t: no table construction."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not under test")
+    from torch.profiler import ProfilerActivity, profile
+
+    x0, x1, pred = _data(torch.float32)
+    t = torch.rand(B, device=DEVICE)
+    calls = {"flowkern_triton::interpolate": lambda: fk.interpolate(x0, x1, t, "vp",
+                                                                    backend="triton"),
+             "flowkern_triton::fm_loss": lambda: fk.flow_matching_loss(pred, x0, x1, 0.3, "edm",
+                                                                       backend="triton"),
+             "flowkern_triton::convert": lambda: fk.convert(pred, x0, t, "cosine",
+                                                            backend="triton")}
+    for op, call in calls.items():
+        call()  # compile / warm up
+        with V.values_prechecked(), torch.no_grad():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                call()
+        top = [e.name for e in prof.events() if e.cpu_parent is None]
+        assert top.count(op) == 1 and set(top) <= {op, "aten::reshape", "aten::view"}, top

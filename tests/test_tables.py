@@ -1,7 +1,7 @@
 """flowkern.tables names the coefficient tables' columns for the Python
 layers; the kernels read the same layout by position. These tests hold the
 names equal to the C++ layout (steps.h StepRow / load_step, coeffs.h Sched /
-load_sched), to Triton's (triton/steps.py load_step, triton/coeffs.py
+load_sched), to Triton's (triton/coeffs.py Sched, StepRow, load_step,
 load_sched), and to what step_table and schedules.coefficients write."""
 import inspect
 import os
@@ -41,11 +41,17 @@ def test_cpp_layout():
 
 
 def test_triton_layout():
-    from flowkern.triton import coeffs, steps
-    src = inspect.getsource(steps.load_step.fn)
+    """Triton's rows are named tuples with C++'s fields in C++'s order, read
+    from the tables in the tables' column order."""
+    from flowkern.triton import coeffs
+    assert coeffs.Sched._fields == ("alpha", "sigma", "d_alpha", "d_sigma")
+    assert coeffs.StepRow._fields == ("t", "s", "alpha_p", "sigma_p", "h", "g")
+    src = inspect.getsource(coeffs.load_step.fn)
     assert [int(k) for k in re.findall(r"tl\.load\(base \+ (\d+)", src)] == list(range(12))
+    assert re.search(r"return StepRow\(Sched\(.*\),\s*Sched\(.*\),\s*tl\.load\(base \+ 8",
+                     src, re.S)
     src = inspect.getsource(coeffs.load_sched.fn)
-    assert re.search(r"return \(tl\.load\(base,.*tl\.load\(base \+ 1,.*tl\.load\(base \+ 2,"
+    assert re.search(r"return Sched\(tl\.load\(base,.*tl\.load\(base \+ 1,.*tl\.load\(base \+ 2,"
                      r".*tl\.load\(base \+ 3,", src, re.S)
 
 

@@ -29,6 +29,7 @@ from .. import _validate as V
 from ..backend import resolve
 from ..reference import fields as ref_fields
 from ..schedules import coefficients
+from ..tables import ALPHA, SIGMA
 from ._registry import TRITON_NS, lazy, no_derivative, ops_for, register
 
 _T = "flowkern.triton.fields"
@@ -266,14 +267,14 @@ def empirical_denoiser(x_t: torch.Tensor, t, ref: torch.Tensor, schedule="linear
     acc = V.acc_dtype(x_t.dtype)
     tt = V.time("t", t, B, x_t)
     coef = coefficients(schedule, tt, B, acc)
-    sigma = coef[:, 1]
+    sigma = coef[:, SIGMA]
     if V.values_checked(sigma) and sigma.numel() and not bool((sigma >= 0).all()):
         raise ValueError("t: the schedule gives sigma_t < 0 (or NaN); the denoiser needs "
                          "sigma_t >= 0")
     be = resolve(backend, x_t.device)
     if be != "torch":
         no_derivative("empirical_denoiser", x_t=x_t, t=t, ref=ref)
-    qp = coef[:, :2].contiguous()
+    qp = coef[:, ALPHA:SIGMA + 1].contiguous()  # (alpha_t, sigma_t) per sample
     x2, ref2 = _flat(x_t).contiguous(), _flat(ref).contiguous()
     if B == 0:
         return x_t.new_empty(x_t.shape)

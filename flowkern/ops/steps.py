@@ -22,8 +22,8 @@ from .. import _validate as V
 from .._enums import PREDICTIONS
 from ..backend import cpu_built, resolve
 from ..reference import steps as ref
-from ..schedules import evaluate, from_native, get_schedule, native_spec
-from ..tables import ALPHA_S, ALPHA_T, AT_S, AT_T, G, H, PREV, SIGMA_T, STEP_COLS
+from ..schedules import coefficients, evaluate, from_native, get_schedule, native_spec
+from ..tables import ALPHA_S, ALPHA_T, AT_S, AT_T, G, H, PREV, SIGMA_T, STEP_COLS, step_row
 from ._registry import (CALLS, NATIVE_NS, TRITON_NS, calls_for, empty_output, lazy,
                         no_forward_mode, no_time_tangent, ops_for, refuse_grad, register,
                         transforms_active)
@@ -48,7 +48,8 @@ Params = list[float]
 def _t_euler(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, times: Times,
              kind: int, params: Params, prediction: int, guidance: float, check: bool,
              out: torch.Tensor) -> None:
-    lazy(_T, "euler_step")(x, pred, pred_uncond, table, prediction, guidance, out)
+    lazy(_T, "euler_step")(x, pred, pred_uncond, (table, times, kind, params), prediction,
+                           guidance, out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::heun_step", mutates_args=("out",))
@@ -56,8 +57,8 @@ def _t_heun(x: torch.Tensor, pred: torch.Tensor, x_euler: torch.Tensor,
             pred_euler: torch.Tensor, pred_uncond: Opt, pred_euler_uncond: Opt,
             table: Opt, times: Times, kind: int, params: Params, prediction: int,
             guidance: float, check: bool, out: torch.Tensor) -> None:
-    lazy(_T, "heun_step")(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, table,
-                          prediction, guidance, out)
+    lazy(_T, "heun_step")(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond,
+                          (table, times, kind, params), prediction, guidance, out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::ei_step", mutates_args=())
@@ -65,7 +66,8 @@ def _t_ei(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, tim
           kind: int, params: Params, prediction: int, form: int, guidance: float,
           check: bool) -> torch.Tensor:
     out = torch.empty_like(x)
-    lazy(_T, "ei_step")(x, pred, pred_uncond, table, prediction, form, guidance, out)
+    lazy(_T, "ei_step")(x, pred, pred_uncond, (table, times, kind, params), prediction, form,
+                        guidance, out)
     return out
 
 
@@ -73,7 +75,8 @@ def _t_ei(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, tim
 def _t_ei_out(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, times: Times,
               kind: int, params: Params, prediction: int, form: int, guidance: float,
               check: bool, out: torch.Tensor) -> None:
-    lazy(_T, "ei_step")(x, pred, pred_uncond, table, prediction, form, guidance, out)
+    lazy(_T, "ei_step")(x, pred, pred_uncond, (table, times, kind, params), prediction, form,
+                        guidance, out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::ei_step_backward", mutates_args=())
@@ -81,7 +84,8 @@ def _t_ei_bwd(grad: torch.Tensor, table: Opt, times: Times, kind: int, params: P
               prediction: int, form: int, guidance: float, cfg: bool) -> list[torch.Tensor]:
     grad = grad.contiguous()
     outs = [torch.empty_like(grad) for _ in range(3 if cfg else 2)]
-    lazy(_T, "ei_step_backward")(grad, table, prediction, form, guidance, cfg, outs)
+    lazy(_T, "ei_step_backward")(grad, (table, times, kind, params), prediction, form,
+                                 guidance, cfg, outs)
     return outs
 
 
@@ -89,22 +93,22 @@ def _t_ei_bwd(grad: torch.Tensor, table: Opt, times: Times, kind: int, params: P
 def _t_dpmpp(x: torch.Tensor, pred: torch.Tensor, d_prev: Opt, pred_uncond: Opt,
              table: Opt, times: Times, kind: int, params: Params, prediction: int,
              guidance: float, check: bool, out: torch.Tensor, d_out: torch.Tensor) -> None:
-    lazy(_T, "dpmpp_2m_step")(x, pred, d_prev, pred_uncond, table, prediction, guidance, out,
-                              d_out)
+    lazy(_T, "dpmpp_2m_step")(x, pred, d_prev, pred_uncond, (table, times, kind, params),
+                              prediction, guidance, out, d_out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::em_step", mutates_args=("out",))
 def _t_em(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, times: Times,
           kind: int, params: Params, prediction: int, guidance: float, seed: int, offset: int,
           per_sample_seeds: Opt, check: bool, out: torch.Tensor) -> None:
-    lazy(_T, "em_step")(x, pred, pred_uncond, table, prediction, guidance, seed, offset,
-                        per_sample_seeds, out)
+    lazy(_T, "em_step")(x, pred, pred_uncond, (table, times, kind, params), prediction,
+                        guidance, seed, offset, per_sample_seeds, out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::churn", mutates_args=("out",))
 def _t_churn(x: torch.Tensor, table: Opt, times: Times, kind: int, params: Params, seed: int,
              offset: int, per_sample_seeds: Opt, check: bool, out: torch.Tensor) -> None:
-    lazy(_T, "churn")(x, table, seed, offset, per_sample_seeds, out)
+    lazy(_T, "churn")(x, (table, times, kind, params), seed, offset, per_sample_seeds, out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::lms_step", mutates_args=("out", "u_out"))
@@ -112,8 +116,8 @@ def _t_lms(x: torch.Tensor, pred: torch.Tensor, u1: Opt, u2: Opt, u3: Opt, pred_
            weights: list[float], table: Opt, times: Times, kind: int, params: Params,
            prediction: int, guidance: float, check: bool, out: torch.Tensor,
            u_out: torch.Tensor) -> None:
-    lazy(_T, "lms_step")(x, pred, u1, u2, u3, pred_uncond, weights, table, prediction, guidance,
-                         out, u_out)
+    lazy(_T, "lms_step")(x, pred, u1, u2, u3, pred_uncond, weights, (table, times, kind, params),
+                         prediction, guidance, out, u_out)
 
 
 @torch.library.custom_op(f"{TRITON_NS}::lincomb_step", mutates_args=("out",))
@@ -257,7 +261,19 @@ class _Step:
         _check_like_x(preds, x)
         self.acc = V.acc_dtype(x.dtype)
         rows = x.shape[0]
-        if table is None:
+        self.backend = resolve(backend, x.device)
+        # The op's coefficient arguments (table, times, kind, params): the table,
+        # or, on triton, float times and a built-in schedule that the kernel
+        # evaluates (lincomb.step_rows); then `table` is the host's copy of the
+        # row, for the value checks only (docs/design.md §8).
+        kernel_row = self.backend == "triton" and table is None and _kernel_times(
+            t, s, t_prev, g, schedule)
+        if kernel_row:
+            table = _host_row(schedule, t, s, t_prev, g, self.acc, check_times)
+            kind, params = native_spec(schedule)
+            self.coef = (None, [float(t), float(s), _NAN if t_prev is None else float(t_prev),
+                                0.0 if g is None else float(g)], kind, params)
+        elif table is None:
             if t is None or s is None:
                 raise TypeError(f"{op}: give the times t and s (or a precomputed table=)")
             times = {"t": t, "s": s, "t_prev": t_prev}
@@ -273,7 +289,8 @@ class _Step:
         else:
             table = check_table(table, rows, x.device, self.acc)
         self.table = table
-        self.backend = resolve(backend, x.device)
+        if not kernel_row:
+            self.coef = (table, _NOTHING, TABLE_KIND, _NOTHING)
         if writes and self.backend == "triton":  # the torch backend differentiates steps
             no_forward_mode(op, x, *preds.values())
             refuse_grad(op, "this op writes into a buffer and has no derivative; call it under "
@@ -834,8 +851,36 @@ def _finite_weights(wts):
 
 
 def _table_args(st):
-    """The coefficient arguments of a step whose table was built and checked here."""
-    return st.table, _NOTHING, TABLE_KIND, _NOTHING
+    """The coefficient arguments of a step checked here (_Step.coef)."""
+    return st.coef
+
+
+def _host_row(schedule, t, s, t_prev, g, acc, check):
+    """The (1, STEP_COLS) CPU table of a step at float times: the host's copy of
+    the row a triton kernel evaluates, which the step's value checks read. The
+    times are range-checked as step_table checks them; one schedule evaluation
+    of the three times (flowkern::schedule_table where built: ~20 us, where
+    step_table's torch ops take 150-450 us). Under torch.compile or a fake
+    mode, step_table (no host read to trace or fake)."""
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None:
+        return step_table(schedule, t, s, t_prev, g, acc, "cpu", check=check)
+    if check and V.check_flag():
+        for name, v in (("t", t), ("s", s), ("t_prev", t_prev)):
+            if v is not None and not 0.0 <= v <= 1.0:
+                V.check_unit_interval(name, torch.tensor([float(v)], dtype=torch.float64))
+    tp = t if t_prev is None else t_prev
+    at = coefficients(schedule, torch.tensor([float(t), float(s), float(tp)], dtype=torch.float64),
+                      3, torch.float64).tolist()
+    prev = (1.0, 1.0) if t_prev is None else at[2][:2]
+    row = step_row(at[0], at[1], prev, float(s) - float(t), 0.0 if g is None else float(g))
+    return torch.tensor([row], dtype=acc)
+
+
+def _kernel_times(t, s, t_prev, g, schedule) -> bool:
+    """Whether a triton step's kernel evaluates its row: float times and a
+    built-in schedule (as the native ops' `times`)."""
+    return (_number(t) and _number(s) and (t_prev is None or _number(t_prev))
+            and (g is None or _number(g)) and native_spec(schedule) is not None)
 
 
 def _ref_noise(seed, seeds, offset, x, st):

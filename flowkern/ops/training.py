@@ -25,6 +25,7 @@ from .. import reference as ref
 from .._enums import DIVIDES, PRED_CODE, PREDICTIONS
 from ..backend import cpu_built, resolve
 from ..schedules import coefficients, from_native, native_spec
+from ..tables import SIGMA
 from ._registry import (CALLS, NATIVE_NS, TRITON_NS, lazy, no_forward_mode, no_time_tangent,
                         refuse_grad, register, transforms_active)
 
@@ -440,7 +441,7 @@ def check_target(coef, code):
     """Value checks of a regression target (torch and triton; csrc/cpu/coef_checks.h
     check_target for the native ops)."""
     if code == PRED_CODE["score"]:
-        V.nonzero("t", "sigma_t", coef[:, 1], "the score target -x0/sigma_t is undefined there")
+        V.nonzero("t", "sigma_t", coef[:, SIGMA], "the score target -x0/sigma_t is undefined there")
     if code == PRED_CODE["velocity"]:
         V.finite_rates(coef, "the velocity target d_alpha x1 + d_sigma x0 is infinite there")
 

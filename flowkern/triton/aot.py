@@ -23,9 +23,8 @@ ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 
 def _ops():
     """(name, row function, NI, NO, NOISE, P0, P1, P2[, KIND]) of every shipped
-    kernel (NOISE "per_sample": noise with per-sample seeds; KIND: _kind's
-    default unless given, a built-in schedule kind for the training ops'
-    in-kernel schedules)."""
+    kernel (NOISE "per_sample": noise with per-sample seeds; KIND: -1, a
+    table, unless given: a built-in schedule kind evaluated in the kernel)."""
     from . import flowmap as FM
     from . import steps as S
     from . import training as T
@@ -39,6 +38,11 @@ def _ops():
             ("interpolate_edm", T.interpolate_rows, 2, 2, False, 0, 0, 0, 5),
             ("loss_bwd_edm", T.loss_bwd_rows, 3, 3, False, 3, 0, 0, 5),
             ("convert_score2v_vp", T.convert_rows, 2, 1, False, 3, 0, 0, 3),
+            ("heun_cfg_x1_vp", S.heun_rows, 6, 1, False, 1, 0, 1, 3),
+            ("dpmpp_2m_cfg_x1_edm", S.dpmpp_2m_rows, 4, 2, False, 1, 1, 1, 5),
+            ("em_cfg_score_cosine", S.em_rows, 3, 1, True, 3, 0, 1, 1),
+            ("lms_cfg_eps_3_ve", S.lms_rows, 6, 2, False, 2, 3, 1, 4),
+            ("churn_poly", S.churn_rows, 1, 1, True, 0, 0, 0, 2),
             ("interpolate_bwd", T.interpolate_bwd_rows, 2, 2, False, 0, 0, 0),
             ("convert_v2x1", T.convert_rows, 2, 1, False, 0, 1, 0),
             ("convert_score2v", T.convert_rows, 2, 1, False, 3, 0, 0),
@@ -66,27 +70,30 @@ def _ops():
             ("flowmap_bwd_x1", FM.flowmap_bwd_rows, 3, 1, False, 1, 0, 0)]
 
 
-def _kind(fn):
-    """The KIND constexpr (lincomb.py) the launchers pass with this row function
-    when the _ops entry names none: the training ops a table, lincomb_step no
-    table, the other steps and the flow map their own table."""
+def _rows_of(fn):
+    """The ROWS_OF constexpr (lincomb.py) of a row function: the training ops
+    read a Sched, lincomb_step nothing, the other steps and the flow map a
+    StepRow."""
     from . import lincomb as L
     from . import steps as S
     from . import training as T
 
     if fn in (T.interpolate_rows, T.interpolate_bwd_rows, T.convert_rows, T.convert_bwd_rows,
               T.loss_residual_rows, T.loss_bwd_rows):
-        return L.TABLE
-    return L.NO_TABLE if fn is S.lincomb_step_rows else L.NO_SCHED
+        return L.SCHED_ROWS
+    return L.NO_ROWS if fn is S.lincomb_step_rows else L.STEP_ROWS
 
 
-def _sched(kind, acc_t, idx_t):
-    """The coefficient-source part of a signature and its constexprs."""
+def _sched(fn, kind, acc_t, idx_t):
+    """The coefficient-source part of a signature and its constexprs: rows from
+    a table (kind -1) or a built-in schedule of that kind evaluated in the
+    kernel (per-row times for the training ops, the host's times for a step)."""
     import triton.language as tl
 
-    sig = {"tptr": f"*{acc_t}", "t_step": idx_t, "t_value": "fp64", "sp0": "fp64",
-           "sp1": "fp64", "sp2": "fp64"}
-    return sig, dict(KIND=kind, T_TENSOR=kind >= 0,
+    rows_of = _rows_of(fn)
+    sig = {"tptr": f"*{acc_t}", "t_step": idx_t, "t_value": "fp64", "s_value": "fp64",
+           "tp_value": "fp64", "g_value": "fp64", "sp0": "fp64", "sp1": "fp64", "sp2": "fp64"}
+    return sig, dict(ROWS_OF=rows_of, KIND=kind, T_TENSOR=kind >= 0 and rows_of == 0,
                      ACC=tl.float64 if acc_t == "fp64" else tl.float32)
 
 
@@ -120,7 +127,8 @@ def _rowsums():
             ("flowmap_v", FM.flowmap_residual_rows, 3, 0, 0)]
 
 
-QUICK = ("interpolate", "interpolate_cosine", "loss_bwd_edm", "convert_score2v", "loss_bwd", "loss_bwd_pred", "heun_cfg_x1",
+QUICK = ("interpolate", "interpolate_cosine", "loss_bwd_edm", "dpmpp_2m_cfg_x1_edm",
+         "em_cfg_score_cosine", "convert_score2v", "loss_bwd", "loss_bwd_pred", "heun_cfg_x1",
          "dpmpp_2m_cfg_x1", "lms_cfg_eps_3", "em_cfg_score", "em_cfg_score_per_sample", "flowmap_bwd_v", "loss",
          "flowmap_score_noise")
 
@@ -149,7 +157,7 @@ def configs(full: bool = True, sizes=None):
                 for name, fn, ni, no, noise, p0, p1, p2, *kind in ops:
                     if L.is_heavy(ni, bool(noise), no) != heavy:
                         continue
-                    ssig, sconst = _sched(kind[0] if kind else _kind(fn), acc_t, idx_t)
+                    ssig, sconst = _sched(fn, kind[0] if kind else -1, acc_t, idx_t)
                     sig = {**ins, **{f"o{k}": f"*{io_t}" for k in range(L.MAX_OUT)},
                            "coef": f"*{acc_t}", "stride": "i32", "aux": _aux_type(fn, acc_t),
                            "w": "fp32", "seed": "i64", "offset": "i64",
@@ -165,7 +173,7 @@ def configs(full: bool = True, sizes=None):
                 if heavy:
                     continue
                 for name, fn, ni, p0, p1, *kind in rowsums:
-                    ssig, sconst = _sched(kind[0] if kind else _kind(fn), acc_t, idx_t)
+                    ssig, sconst = _sched(fn, kind[0] if kind else -1, acc_t, idx_t)
                     sig = {**ins, "partial": f"*{acc_t}", "coef": f"*{acc_t}", "stride": "i32",
                            "aux": f"*{acc_t}", "w": "fp32", **ssig, **tail}
                     const = dict(P0=p0, P1=p1, P2=0, ROW_FN=fn, NI=ni,

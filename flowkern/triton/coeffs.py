@@ -1,6 +1,10 @@
 """Per-sample coefficient math for Triton: mirrors csrc/include/flowkern/coeffs.h
-line for line (same pairs, same direct formulas). Arguments are [ROWS, 1]
-tensors in the accumulation dtype; prediction codes are flowkern._enums."""
+line for line (same pairs, same direct formulas), and the rows the kernels
+read, named as in C++: Sched (coeffs.h) and StepRow (steps.h), whose fields
+are [ROWS, 1] tensors in the accumulation dtype. Prediction codes are
+flowkern._enums; the tables' column order is flowkern/tables.py."""
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
@@ -10,34 +14,74 @@ EPS: tl.constexpr = tl.constexpr(2)
 SCORE: tl.constexpr = tl.constexpr(3)
 
 
+class Sched(NamedTuple):
+    """A schedule row (coeffs.h Sched)."""
+    alpha: tl.tensor
+    sigma: tl.tensor
+    d_alpha: tl.tensor
+    d_sigma: tl.tensor
+
+
+class StepRow(NamedTuple):
+    """A step row (steps.h StepRow): the schedule at t and at s, (alpha,
+    sigma) at the previous time (DPM-Solver++(2M)), the step size h and
+    Euler-Maruyama's g."""
+    t: Sched
+    s: Sched
+    alpha_p: tl.tensor
+    sigma_p: tl.tensor
+    h: tl.tensor
+    g: tl.tensor
+
+
 @triton.jit
 def load_sched(coef, r, rmask):
-    """alpha, sigma, d_alpha, d_sigma of rows r as [ROWS, 1] tensors."""
+    """The Sched of rows r of a (B, 4) table."""
     base = coef + r.to(tl.int64)[:, None] * 4
     m = rmask[:, None]
     # Masked rows get (1, 1, 0, 1): every denominator of coeffs.py is then nonzero.
-    return (tl.load(base, mask=m, other=1.0), tl.load(base + 1, mask=m, other=1.0),
-            tl.load(base + 2, mask=m, other=0.0), tl.load(base + 3, mask=m, other=1.0))
+    return Sched(tl.load(base, mask=m, other=1.0), tl.load(base + 1, mask=m, other=1.0),
+                 tl.load(base + 2, mask=m, other=0.0), tl.load(base + 3, mask=m, other=1.0))
 
 
 @triton.jit
-def target_coeffs(target: tl.constexpr, al, sg, da, ds):
-    """y = a*x1 + b*x0 for a training target (coeffs.h target_coeffs)."""
-    one = tl.full(al.shape, 1.0, al.dtype)
-    zero = tl.zeros(al.shape, al.dtype)
+def load_step(coef, stride, r, rmask):
+    """The StepRow of rows r of a (B, 12) step table (stride 0: one shared row)."""
+    base = coef + r.to(tl.int64)[:, None] * stride
+    m = rmask[:, None]
+    # Masked rows read a harmless table (t: (1, 1, 0, 1), s: (1, 0.5, 0, 1),
+    # prev: (1, 2)): no division by zero, and h = r = log(2) in DPM-Solver++.
+    return StepRow(Sched(tl.load(base + 0, mask=m, other=1.0),
+                         tl.load(base + 1, mask=m, other=1.0),
+                         tl.load(base + 2, mask=m, other=0.0),
+                         tl.load(base + 3, mask=m, other=1.0)),
+                   Sched(tl.load(base + 4, mask=m, other=1.0),
+                         tl.load(base + 5, mask=m, other=0.5),
+                         tl.load(base + 6, mask=m, other=0.0),
+                         tl.load(base + 7, mask=m, other=1.0)),
+                   tl.load(base + 8, mask=m, other=1.0), tl.load(base + 9, mask=m, other=2.0),
+                   tl.load(base + 10, mask=m, other=0.0), tl.load(base + 11, mask=m, other=0.0))
+
+
+@triton.jit
+def target_coeffs(target: tl.constexpr, c):
+    """y = a*x1 + b*x0 for a training target, c a Sched (coeffs.h target_coeffs)."""
+    one = tl.full(c.alpha.shape, 1.0, c.alpha.dtype)
+    zero = tl.zeros(c.alpha.shape, c.alpha.dtype)
     if target == VELOCITY:
-        return da, ds
+        return c.d_alpha, c.d_sigma
     elif target == X1:
         return one, zero
     elif target == EPS:
         return zero, one
     else:
-        return zero, -one / sg
+        return zero, -one / c.sigma
 
 
 @triton.jit
-def _convert_plain(src: tl.constexpr, dst: tl.constexpr, al, sg, da, ds):
+def _convert_plain(src: tl.constexpr, dst: tl.constexpr, c):
     """Pairs among velocity, x1, eps (no score): dst = a*x + b*pred."""
+    al, sg, da, ds = c.alpha, c.sigma, c.d_alpha, c.d_sigma
     if src == X1:
         if dst == EPS:
             return 1.0 / sg, -al / sg
@@ -57,22 +101,23 @@ def _convert_plain(src: tl.constexpr, dst: tl.constexpr, al, sg, da, ds):
 
 
 @triton.jit
-def convert_coeffs(src: tl.constexpr, dst: tl.constexpr, al, sg, da, ds):
-    """dst = a*x + b*pred (coeffs.h convert_coeffs)."""
-    zero = tl.zeros(al.shape, al.dtype)
+def convert_coeffs(src: tl.constexpr, dst: tl.constexpr, c):
+    """dst = a*x + b*pred, c a Sched (coeffs.h convert_coeffs)."""
+    sg = c.sigma
+    zero = tl.zeros(sg.shape, sg.dtype)
     if src == dst:
         return zero, zero + 1.0
     elif src == SCORE:
         if dst == EPS:
             return zero, -sg
         else:
-            a, b = _convert_plain(EPS, dst, al, sg, da, ds)
+            a, b = _convert_plain(EPS, dst, c)
             return a, -sg * b
     elif dst == SCORE:
         if src == EPS:
             return zero, -1.0 / sg
         else:
-            a, b = _convert_plain(src, EPS, al, sg, da, ds)
+            a, b = _convert_plain(src, EPS, c)
             return -a / sg, -b / sg
     else:
-        return _convert_plain(src, dst, al, sg, da, ds)
+        return _convert_plain(src, dst, c)

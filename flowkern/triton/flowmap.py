@@ -8,16 +8,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .lincomb import launch_lincomb, launch_rowsum
-from .steps import _ei, load_step
+from .lincomb import TABLE, launch_lincomb, launch_rowsum, step_rows
+from .steps import _ei
 
 
 @triton.jit
 def flowmap_residual_rows(PRED: tl.constexpr, FORM: tl.constexpr, _P2: tl.constexpr, coef,
                           stride, aux, w, r, rmask):
     """(x, p, target) -> a x + b p - target, the EI map's residual."""
-    at, st, dat, dst, as_, ss, _c, _d, _e, _f, _h, _g = load_step(coef, stride, r, rmask)
-    a, b = _ei(PRED, FORM, at, st, dat, dst, as_, ss)
+    a, b = _ei(PRED, FORM, coef)
     return ((a, b, a * 0.0 - 1.0),)
 
 
@@ -25,8 +24,7 @@ def flowmap_residual_rows(PRED: tl.constexpr, FORM: tl.constexpr, _P2: tl.conste
 def flowmap_bwd_rows(PRED: tl.constexpr, FORM: tl.constexpr, FLAGS: tl.constexpr, coef,
                      stride, grad_rows, w, r, rmask):
     """(x, p, target) -> (g_p[, g_x][, g_target]) = 2 g rho * d rho / d(p, x, target)."""
-    at, st, dat, dst, as_, ss, _c, _d, _e, _f, _h, _g = load_step(coef, stride, r, rmask)
-    a, b = _ei(PRED, FORM, at, st, dat, dst, as_, ss)
+    a, b = _ei(PRED, FORM, coef)
     g = 2.0 * tl.load(grad_rows + r.to(tl.int64)[:, None], mask=rmask[:, None], other=0.0)
     ga, gb = g * a, g * b
     row_p = (gb * a, gb * b, -gb)
@@ -43,13 +41,15 @@ def flowmap_bwd_rows(PRED: tl.constexpr, FORM: tl.constexpr, FLAGS: tl.constexpr
 
 
 def flowmap_loss_rows(x, pred, target, coef, prediction, form):
-    return launch_rowsum(flowmap_residual_rows, prediction, form, (x, pred, target), coef)
+    return launch_rowsum(flowmap_residual_rows, prediction, form, (x, pred, target),
+                         step_rows(coef, [], TABLE, []))
 
 
 def flowmap_loss_backward(grad_rows, x, pred, target, coef, prediction, form, grad_x,
                           grad_target):
     n = 1 + int(grad_x) + int(grad_target)
     outs = [torch.empty_like(x) for _ in range(n)]
-    launch_lincomb(flowmap_bwd_rows, prediction, form, (x, pred, target), tuple(outs), coef,
-                   aux=grad_rows.contiguous(), p2=int(grad_x) | (int(grad_target) << 1))
+    launch_lincomb(flowmap_bwd_rows, prediction, form, (x, pred, target), tuple(outs),
+                   step_rows(coef, [], TABLE, []), aux=grad_rows.contiguous(),
+                   p2=int(grad_x) | (int(grad_target) << 1))
     return outs

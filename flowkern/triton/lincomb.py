@@ -10,20 +10,22 @@ passes its own ROW_FN (a @triton.jit function, as a constexpr), so the loops
 live here once. Offsets are 64-bit; the coefficient table's row stride is 0
 when one row serves the whole batch.
 
-The training ops' rows read a schedule: KIND >= 0 is a built-in schedule
-evaluated here from the times (schedules.py; no table is built), KIND = TABLE
-a (B, 4) table in `coef`; either way ROW_FN gets `coef` as the tuple
-(alpha, sigma, d_alpha, d_sigma) of [ROWS, 1] tensors. KIND = NO_SCHED (the
-steps, the flow map) passes `coef`, their own table, through; KIND =
-NO_TABLE (lincomb_step: host weights only) gives zeros of the accumulation
-dtype. ACC is that dtype (float64 for float64 data, float32 otherwise).
+What ROW_FN gets as `coef` is named by the ROWS_OF constexpr (_row_coef):
+SCHED_ROWS, a coeffs.Sched (the training ops); STEP_ROWS, a coeffs.StepRow
+(the steps, the flow map); NO_ROWS, zeros of the accumulation dtype
+(lincomb_step: host weights only). KIND = TABLE reads them from a table in
+`coef`; KIND >= 0 is a built-in schedule evaluated here (schedules.py): at
+each row's time (or the float t_value) for a Sched, at the float times
+t_value, s_value, tp_value (NaN: no previous time) for a StepRow, as
+csrc/cpu/step_args.h builds the row from `times` - no table is built. ACC is
+the accumulation dtype (float64 for float64 data, float32 otherwise).
 """
 import torch
 import triton
 import triton.language as tl
 
 from .._validate import acc_dtype
-from .coeffs import load_sched
+from .coeffs import Sched, StepRow, load_sched, load_step
 from .philox import normal
 from .schedules import schedule_at
 
@@ -37,9 +39,10 @@ NUM_WARPS = 4
 # flowkern.triton.aot compiles with the same option.
 MAX_NREG = 128
 MAX_IN, MAX_OUT = 6, 3
-# KIND of a schedule table / of rows that read their own table / of rows that read none
-TABLE, NO_SCHED, NO_TABLE = -1, -2, -3
-_TABLE, _NO_SCHED, _NO_TABLE = tl.constexpr(TABLE), tl.constexpr(NO_SCHED), tl.constexpr(NO_TABLE)
+TABLE = -1  # the KIND of a table (flowkern/ops/training.py TABLE_KIND)
+SCHED_ROWS, STEP_ROWS, NO_ROWS = 0, 1, 2  # ROWS_OF: what the row functions read
+_TABLE = tl.constexpr(TABLE)
+_SCHED_ROWS, _STEP_ROWS = tl.constexpr(SCHED_ROWS), tl.constexpr(STEP_ROWS)
 ACC_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -79,23 +82,43 @@ def _tile(rows, inner, n_col_blocks, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _row_coef(coef, tptr, t_step, t_value, sp0, sp1, sp2, r, rmask, KIND: tl.constexpr,
-              T_TENSOR: tl.constexpr, ACC: tl.constexpr):
+def _sched_at(KIND: tl.constexpr, t, sp0, sp1, sp2, ACC: tl.constexpr):
+    al, sg, da, ds = schedule_at(KIND, t, sp0, sp1, sp2)
+    return Sched(al.to(ACC), sg.to(ACC), da.to(ACC), ds.to(ACC))
+
+
+@triton.jit
+def _row_coef(coef, stride, tptr, t_step, t_value, s_value, tp_value, g_value, sp0, sp1, sp2,
+              r, rmask, ROWS_OF: tl.constexpr, KIND: tl.constexpr, T_TENSOR: tl.constexpr,
+              ACC: tl.constexpr):
     """What ROW_FN receives as `coef` (see the module docstring). Times of
     masked rows read as 0.5, where every built-in's values are finite."""
-    if KIND == _NO_SCHED:
-        return coef
-    elif KIND == _NO_TABLE:
-        return tl.zeros([r.shape[0], 1], ACC)
-    elif KIND == _TABLE:
-        return load_sched(coef, r, rmask)
-    else:
-        if T_TENSOR:
-            t = tl.load(tptr + r.to(tl.int64) * t_step, mask=rmask, other=0.5).to(tl.float64)
+    zero = tl.zeros([r.shape[0], 1], ACC)
+    if ROWS_OF == _SCHED_ROWS:
+        if KIND == _TABLE:
+            return load_sched(coef, r, rmask)
         else:
-            t = tl.zeros(r.shape, tl.float64) + t_value
-        al, sg, da, ds = schedule_at(KIND, t[:, None], sp0, sp1, sp2)
-        return al.to(ACC), sg.to(ACC), da.to(ACC), ds.to(ACC)
+            if T_TENSOR:
+                t = tl.load(tptr + r.to(tl.int64) * t_step, mask=rmask, other=0.5)
+                t = t.to(tl.float64)[:, None]
+            else:
+                t = zero.to(tl.float64) + t_value
+            return _sched_at(KIND, t, sp0, sp1, sp2, ACC)
+    elif ROWS_OF == _STEP_ROWS:
+        if KIND == _TABLE:
+            return load_step(coef, stride, r, rmask)
+        else:  # one row for the batch, from the host's times (step_args.h step_coef)
+            z64 = zero.to(tl.float64)
+            t, s, tp = z64 + t_value, z64 + s_value, z64 + tp_value
+            prev = _sched_at(KIND, tl.where(tp == tp, tp, 0.5), sp0, sp1, sp2, ACC)
+            no_prev = tp != tp
+            return StepRow(_sched_at(KIND, t, sp0, sp1, sp2, ACC),
+                           _sched_at(KIND, s, sp0, sp1, sp2, ACC),
+                           tl.where(no_prev, 1.0, prev.alpha).to(ACC),
+                           tl.where(no_prev, 1.0, prev.sigma).to(ACC),
+                           (s - t).to(ACC), (z64 + g_value).to(ACC))
+    else:
+        return zero
 
 
 @triton.jit
@@ -146,16 +169,18 @@ def _out(m, xs, xi, NI: tl.constexpr, NOISE: tl.constexpr, SKIP: tl.constexpr):
 
 @triton.jit
 def lincomb_kernel(i0, i1, i2, i3, i4, i5, o0, o1, o2, coef, stride, aux, w, seed, offset,
-                   seeds, tptr, t_step, t_value: tl.float64, sp0: tl.float64, sp1: tl.float64,
-                   sp2: tl.float64, rows, inner, n_col_blocks,
+                   seeds, tptr, t_step, t_value: tl.float64, s_value: tl.float64,
+                   tp_value: tl.float64, g_value: tl.float64, sp0: tl.float64,
+                   sp1: tl.float64, sp2: tl.float64, rows, inner, n_col_blocks,
                    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, ROW_FN: tl.constexpr,
                    NI: tl.constexpr, NO: tl.constexpr, NOISE: tl.constexpr,
                    PER_SAMPLE: tl.constexpr, SKIP: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, KIND: tl.constexpr, T_TENSOR: tl.constexpr,
-                   ACC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, ROWS_OF: tl.constexpr, KIND: tl.constexpr,
+                   T_TENSOR: tl.constexpr, ACC: tl.constexpr):
     OUT: tl.constexpr = o0.dtype.element_ty
     r, rmask, offs, mask, _ = _tile(rows, inner, n_col_blocks, ROWS, BLOCK_N)
-    rc = _row_coef(coef, tptr, t_step, t_value, sp0, sp1, sp2, r, rmask, KIND, T_TENSOR, ACC)
+    rc = _row_coef(coef, stride, tptr, t_step, t_value, s_value, tp_value, g_value, sp0, sp1,
+                   sp2, r, rmask, ROWS_OF, KIND, T_TENSOR, ACC)
     M = ROW_FN(P0, P1, P2, rc, stride, aux, w, r, rmask)
     xs = _load_inputs(i0, i1, i2, i3, i4, i5, offs, mask, ACC, NI)
     xi = 0.0
@@ -175,14 +200,16 @@ def lincomb_kernel(i0, i1, i2, i3, i4, i5, o0, o1, o2, coef, stride, aux, w, see
 
 @triton.jit
 def rowsum_kernel(i0, i1, i2, i3, i4, i5, partial, coef, stride, aux, w, tptr, t_step,
-                  t_value: tl.float64, sp0: tl.float64, sp1: tl.float64, sp2: tl.float64,
+                  t_value: tl.float64, s_value: tl.float64, tp_value: tl.float64,
+                  g_value: tl.float64, sp0: tl.float64, sp1: tl.float64, sp2: tl.float64,
                   rows, inner, n_col_blocks, P0: tl.constexpr, P1: tl.constexpr,
                   P2: tl.constexpr, ROW_FN: tl.constexpr, NI: tl.constexpr,
-                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, KIND: tl.constexpr,
-                  T_TENSOR: tl.constexpr, ACC: tl.constexpr):
+                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_OF: tl.constexpr,
+                  KIND: tl.constexpr, T_TENSOR: tl.constexpr, ACC: tl.constexpr):
     """partial[r, pid_c] = sum over the tile's columns of (M_row[0] . in)^2."""
     r, rmask, offs, mask, pid_c = _tile(rows, inner, n_col_blocks, ROWS, BLOCK_N)
-    rc = _row_coef(coef, tptr, t_step, t_value, sp0, sp1, sp2, r, rmask, KIND, T_TENSOR, ACC)
+    rc = _row_coef(coef, stride, tptr, t_step, t_value, s_value, tp_value, g_value, sp0, sp1,
+                   sp2, r, rmask, ROWS_OF, KIND, T_TENSOR, ACC)
     M = ROW_FN(P0, P1, P2, rc, stride, aux, w, r, rmask)
     xs = _load_inputs(i0, i1, i2, i3, i4, i5, offs, mask, ACC, NI)
     y = tl.where(mask, _dot(M[0], xs, NI, 0), 0.0)
@@ -211,36 +238,47 @@ def skip_mask(*pairs) -> int:
     return sum(1 << (k * MAX_IN + j) for k, j in pairs)
 
 
-def _coef_args(coef, sched, like):
-    """The kernels' coefficient arguments: (coef, stride, tptr, t_step, t_value,
-    sp0, sp1, sp2) and the constexprs KIND, T_TENSOR, ACC. coef: the rows'
-    own table (steps, flow map: KIND NO_SCHED; None for rows that read no
-    table, like lincomb_step's: ACC from the data), or None with sched = (t,
-    t_value, kind, params) of a training op: kind TABLE, t the (B, 4) table;
-    else a built-in schedule at the 1-d times t (None: the float t_value)."""
-    if sched is None and coef is None:
-        return ((like, 0, like, 0, 0.0, 0.0, 0.0, 0.0),
-                dict(KIND=NO_TABLE, T_TENSOR=False, ACC=ACC_TL[acc_dtype(like.dtype)]))
-    if sched is None:
-        return ((coef, _stride(coef, like.shape[0]), coef, 0, 0.0, 0.0, 0.0, 0.0),
-                dict(KIND=NO_SCHED, T_TENSOR=False, ACC=ACC_TL[coef.dtype]))
-    t, t_value, kind, params = sched
-    if kind == TABLE:
-        return ((t, 4, t, 0, 0.0, 0.0, 0.0, 0.0),
-                dict(KIND=TABLE, T_TENSOR=False, ACC=ACC_TL[t.dtype]))
-    p = [float(v) for v in params] + [0.0] * (3 - len(params))
+def sched_rows(t, t_value, kind, params):
+    """A training op's coefficient source: its (t, t_value, kind, params)."""
+    return (SCHED_ROWS, t, t_value, kind, params)
+
+
+def step_rows(table, times, kind, params):
+    """A step's coefficient source: its (table, times, kind, params)."""
+    return (STEP_ROWS, table, times, kind, params)
+
+
+def _params(params):
+    return [float(v) for v in params] + [0.0] * (3 - len(params))
+
+
+def _coef_args(src, like):
+    """The kernels' coefficient arguments (coef, stride, tptr, t_step, t_value,
+    s_value, tp_value, g_value, sp0, sp1, sp2) and constexprs (ROWS_OF, KIND,
+    T_TENSOR, ACC) of a source: sched_rows(...), step_rows(...) or None (no
+    rows; a tensor stands in for the pointers, never read)."""
     acc = ACC_TL[acc_dtype(like.dtype)]
-    if t is None:
-        return ((like, 0, like, 0, float(t_value), *p),
-                dict(KIND=kind, T_TENSOR=False, ACC=acc))
-    step = 0 if t.shape[0] == 1 else t.stride(0)
-    return (like, 0, t, step, 0.0, *p), dict(KIND=kind, T_TENSOR=True, ACC=acc)
+    if src is None:
+        return ((like, 0, like, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+                dict(ROWS_OF=NO_ROWS, KIND=TABLE, T_TENSOR=False, ACC=acc))
+    rows_of, tab, tv, kind, params = src
+    if kind == TABLE:
+        stride = 4 if rows_of == SCHED_ROWS else _stride(tab, like.shape[0])
+        return ((tab, stride, tab, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+                dict(ROWS_OF=rows_of, KIND=TABLE, T_TENSOR=False, ACC=ACC_TL[tab.dtype]))
+    const = dict(ROWS_OF=rows_of, KIND=kind, T_TENSOR=tab is not None, ACC=acc)
+    if rows_of == STEP_ROWS:  # tv: the host's [t, s, t_prev (NaN: none), g]
+        return (like, 0, like, 0, *(float(v) for v in tv), *_params(params)), const
+    if tab is None:
+        return (like, 0, like, 0, float(tv), 0.0, 0.0, 0.0, *_params(params)), const
+    step = 0 if tab.shape[0] == 1 else tab.stride(0)
+    return (like, 0, tab, step, 0.0, 0.0, 0.0, 0.0, *_params(params)), const
 
 
-def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
-                   noise=None, skip=0, sched=None):
+def launch_lincomb(row_fn, p0, p1, inputs, outputs, src, aux=None, p2=0, w=1.0,
+                   noise=None, skip=0):
     """outputs[k] = M_row[k] . inputs (+ noise term) for contiguous (rows, ...)
-    tensors; coef, sched: the coefficient source (_coef_args); noise=(seed,
+    tensors; src: the coefficient source (_coef_args); noise=(seed,
     offset, seeds) draws xi per element (philox.py; seeds: None or the (rows,)
     int64 per-sample seeds; without them a tensor stands in for the pointer,
     never read, as for `aux`); skip: the terms no output reads (skip_mask)."""
@@ -250,7 +288,7 @@ def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
     grid, rows, inner, rows_per, block_n, n_col = _grid(
         inputs[0], is_heavy(len(inputs), noise is not None, len(outputs)))
     seed, offset, seeds = noise if noise is not None else (0, 0, None)
-    (c, stride, *times), const = _coef_args(coef, sched, inputs[0])
+    (c, stride, *times), const = _coef_args(src, inputs[0])
     lincomb_kernel[grid](*_pad(inputs, MAX_IN), *_pad(outputs, MAX_OUT), c, stride,
                          c if aux is None else aux, float(w),
                          seed, offset, c if seeds is None else seeds, *times, rows, inner, n_col,
@@ -260,10 +298,10 @@ def launch_lincomb(row_fn, p0, p1, inputs, outputs, coef, aux=None, p2=0, w=1.0,
                          num_warps=NUM_WARPS, maxnreg=MAX_NREG)
 
 
-def launch_rowsum(row_fn, p0, p1, inputs, coef, aux=None, p2=0, w=1.0, sched=None):
+def launch_rowsum(row_fn, p0, p1, inputs, src, aux=None, p2=0, w=1.0):
     """(rows,) sums of the squared first output, in the accumulation dtype."""
     x = inputs[0]
-    (c, stride, *times), const = _coef_args(coef, sched, x)
+    (c, stride, *times), const = _coef_args(src, x)
     acc = torch.float64 if const["ACC"] == tl.float64 else torch.float32
     if x.numel() == 0:
         return x.new_zeros(x.shape[0], dtype=acc)

@@ -3,29 +3,16 @@
 engine, and the launchers (same names as flowkern/ops/steps.py).
 
 P0 is the prediction type, P1 the EI form / DPM second-order flag, P2 whether
-an unconditional prediction follows (classifier-free guidance, weight w)."""
+an unconditional prediction follows (classifier-free guidance, weight w).
+`coef` is the rows' StepRow (coeffs.py), which the engine reads from a step
+table or evaluates from the times (lincomb._row_coef)."""
 import struct
 
 import triton
 import triton.language as tl
 
 from .coeffs import EPS, SCORE, VELOCITY, X1, convert_coeffs  # noqa: F401 (the codes, once)
-from .lincomb import launch_lincomb, skip_mask
-
-
-@triton.jit
-def load_step(coef, stride, r, rmask):
-    """The 12 step-table columns of rows r (stride 0: one shared row)."""
-    base = coef + r.to(tl.int64)[:, None] * stride
-    m = rmask[:, None]
-    # Masked rows read a harmless table (t: (1, 1, 0, 1), s: (1, 0.5, 0, 1),
-    # prev: (1, 2)): no division by zero, and h = r = log(2) in DPM-Solver++.
-    return (tl.load(base + 0, mask=m, other=1.0), tl.load(base + 1, mask=m, other=1.0),
-            tl.load(base + 2, mask=m, other=0.0), tl.load(base + 3, mask=m, other=1.0),
-            tl.load(base + 4, mask=m, other=1.0), tl.load(base + 5, mask=m, other=0.5),
-            tl.load(base + 6, mask=m, other=0.0), tl.load(base + 7, mask=m, other=1.0),
-            tl.load(base + 8, mask=m, other=1.0), tl.load(base + 9, mask=m, other=2.0),
-            tl.load(base + 10, mask=m, other=0.0), tl.load(base + 11, mask=m, other=0.0))
+from .lincomb import launch_lincomb, skip_mask, step_rows
 
 
 @triton.jit
@@ -41,8 +28,8 @@ def _guided(c, w, CFG: tl.constexpr):
 def euler_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, stride, aux,
                w, r, rmask):
     """(x, p[, p_u]) -> x + h u_t."""
-    at, st, dat, dst, _a, _b, _c, _d, _e, _f, h, _g = load_step(coef, stride, r, rmask)
-    ua, ub = convert_coeffs(PRED, VELOCITY, at, st, dat, dst)
+    h = coef.h
+    ua, ub = convert_coeffs(PRED, VELOCITY, coef.t)
     pc, pu = _guided(h * ub, w, CFG)
     if CFG:
         return ((1.0 + h * ua, pc, pu),)
@@ -54,10 +41,9 @@ def euler_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, s
 def heun_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, stride, aux,
               w, r, rmask):
     """(x, p, x_e, p_e[, p_u, p_e_u]) -> x + h/2 (u_t + u_s)."""
-    at, st, dat, dst, as_, ss, das, dss, _e, _f, h, _g = load_step(coef, stride, r, rmask)
-    ta, tb = convert_coeffs(PRED, VELOCITY, at, st, dat, dst)
-    sa, sb = convert_coeffs(PRED, VELOCITY, as_, ss, das, dss)
-    hh = 0.5 * h
+    ta, tb = convert_coeffs(PRED, VELOCITY, coef.t)
+    sa, sb = convert_coeffs(PRED, VELOCITY, coef.s)
+    hh = 0.5 * coef.h
     tc, tu = _guided(hh * tb, w, CFG)
     sc, su = _guided(hh * sb, w, CFG)
     if CFG:
@@ -67,15 +53,17 @@ def heun_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, st
 
 
 @triton.jit
-def _ei(PRED: tl.constexpr, FORM: tl.constexpr, at, st, dat, dst, as_, ss):
-    """x_s = a x + b p (steps.h ei_coeffs): data form (FORM 0) or noise form."""
+def _ei(PRED: tl.constexpr, FORM: tl.constexpr, c):
+    """x_s = a x + b p (steps.h ei_coeffs): data form (FORM 0) or noise form;
+    c the StepRow."""
+    at, st, as_, ss = c.t.alpha, c.t.sigma, c.s.alpha, c.s.sigma
     if FORM == 0:
-        da, db = convert_coeffs(PRED, X1, at, st, dat, dst)
+        da, db = convert_coeffs(PRED, X1, c.t)
         q = ss / st
         B = as_ - q * at
         return q + B * da, B * db
     else:
-        ea, eb = convert_coeffs(PRED, EPS, at, st, dat, dst)
+        ea, eb = convert_coeffs(PRED, EPS, c.t)
         q = as_ / at
         C = ss - q * st
         return q + C * ea, C * eb
@@ -85,8 +73,7 @@ def _ei(PRED: tl.constexpr, FORM: tl.constexpr, at, st, dat, dst, as_, ss):
 def ei_rows(PRED: tl.constexpr, FORM: tl.constexpr, CFG: tl.constexpr, coef, stride, aux, w,
             r, rmask):
     """(x, p[, p_u]) -> x_s."""
-    at, st, dat, dst, as_, ss, _c, _d, _e, _f, _h, _g = load_step(coef, stride, r, rmask)
-    a, b = _ei(PRED, FORM, at, st, dat, dst, as_, ss)
+    a, b = _ei(PRED, FORM, coef)
     pc, pu = _guided(b, w, CFG)
     if CFG:
         return ((a, pc, pu),)
@@ -98,8 +85,7 @@ def ei_rows(PRED: tl.constexpr, FORM: tl.constexpr, CFG: tl.constexpr, coef, str
 def ei_bwd_rows(PRED: tl.constexpr, FORM: tl.constexpr, CFG: tl.constexpr, coef, stride, aux,
                 w, r, rmask):
     """(g,) -> (g_x, g_p[, g_p_u])."""
-    at, st, dat, dst, as_, ss, _c, _d, _e, _f, _h, _g = load_step(coef, stride, r, rmask)
-    a, b = _ei(PRED, FORM, at, st, dat, dst, as_, ss)
+    a, b = _ei(PRED, FORM, coef)
     pc, pu = _guided(b, w, CFG)
     if CFG:
         return (a,), (pc,), (pu,)
@@ -115,8 +101,9 @@ DPMPP_2M_SKIP = skip_mask((1, 2))
 def dpmpp_2m_rows(PRED: tl.constexpr, SECOND: tl.constexpr, CFG: tl.constexpr, coef, stride,
                   aux, w, r, rmask):
     """(x, p, d_prev[, p_u]) -> (x_s, d_t), DPM-Solver++(2M) (steps.h DPMpp2MFn)."""
-    at, st, dat, dst, as_, ss, _c, _d, ap, sp, _h, _g = load_step(coef, stride, r, rmask)
-    da, db = convert_coeffs(PRED, X1, at, st, dat, dst)
+    at, st, as_, ss = coef.t.alpha, coef.t.sigma, coef.s.alpha, coef.s.sigma
+    ap, sp = coef.alpha_p, coef.sigma_p
+    da, db = convert_coeffs(PRED, X1, coef.t)
     lt = tl.log(at / st)
     h = tl.log(as_ / ss) - lt
     c1 = tl.full(at.shape, 1.0, at.dtype)
@@ -141,9 +128,9 @@ def dpmpp_2m_rows(PRED: tl.constexpr, SECOND: tl.constexpr, CFG: tl.constexpr, c
 def em_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, stride, aux, w,
             r, rmask):
     """(x, p[, p_u]) -> x + h (u + g^2/2 score) + g sqrt(h) xi."""
-    at, st, dat, dst, _a, _b, _c, _d, _e, _f, h, g = load_step(coef, stride, r, rmask)
-    ua, ub = convert_coeffs(PRED, VELOCITY, at, st, dat, dst)
-    sa, sb = convert_coeffs(PRED, SCORE, at, st, dat, dst)
+    h, g = coef.h, coef.g
+    ua, ub = convert_coeffs(PRED, VELOCITY, coef.t)
+    sa, sb = convert_coeffs(PRED, SCORE, coef.t)
     k = 0.5 * g * g
     pc, pu = _guided(h * (ub + k * sb), w, CFG)
     nz = g * tl.sqrt(h)
@@ -157,10 +144,9 @@ def em_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, stri
 def churn_rows(_P0: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, stride, aux, w,
                r, rmask):
     """(x,) -> (alpha_that/alpha_t) x + sqrt(sigma_that^2 - (alpha_that sigma_t/alpha_t)^2) xi."""
-    at, st, _a, _b, ah, sh, _c, _d, _e, _f, _h, _g = load_step(coef, stride, r, rmask)
-    q = ah / at
-    base = q * st
-    var = tl.maximum(sh * sh - base * base, 0.0)
+    q = coef.s.alpha / coef.t.alpha
+    base = q * coef.t.sigma
+    var = tl.maximum(coef.s.sigma * coef.s.sigma - base * base, 0.0)
     return ((q, tl.sqrt(var)),)
 
 
@@ -177,8 +163,8 @@ def lms_rows(PRED: tl.constexpr, NH: tl.constexpr, CFG: tl.constexpr, coef, stri
     weights wts in `aux`: kernel scalars, each as a float32 pair (hi, lo),
     wts_j = hi + lo in the accumulation dtype (weight_args; steps.h
     LMSFn). u_t's history entries are never read (lms_skip)."""
-    at, st, dat, dst, _a, _b, _c, _d, _e, _f, _h, _g = load_step(coef, stride, r, rmask)
-    ua, ub = convert_coeffs(PRED, VELOCITY, at, st, dat, dst)
+    at = coef.t.alpha
+    ua, ub = convert_coeffs(PRED, VELOCITY, coef.t)
     w0 = _weight(aux, 0, at)
     xc, xu = _guided(w0 * ub, w, CFG)
     uc, uu = _guided(ub, w, CFG)
@@ -278,50 +264,56 @@ def _ins(*ts):
     return tuple(t for t in ts if t is not None)
 
 
-def euler_step(x, pred, pred_uncond, coef, prediction, guidance, out):
-    launch_lincomb(euler_rows, prediction, 0, _ins(x, pred, pred_uncond), (out,), coef,
-                   p2=pred_uncond is not None, w=guidance)
+# `rows` is a step's (table, times, kind, params) as the ops take them
+# (lincomb.step_rows): a step table, or float times and a built-in schedule
+# the kernel evaluates.
 
 
-def heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, coef, prediction,
+def euler_step(x, pred, pred_uncond, rows, prediction, guidance, out):
+    launch_lincomb(euler_rows, prediction, 0, _ins(x, pred, pred_uncond), (out,),
+                   step_rows(*rows), p2=pred_uncond is not None, w=guidance)
+
+
+def heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, rows, prediction,
               guidance, out):
     launch_lincomb(heun_rows, prediction, 0,
                    _ins(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond), (out,),
-                   coef, p2=pred_uncond is not None, w=guidance)
+                   step_rows(*rows), p2=pred_uncond is not None, w=guidance)
 
 
-def ei_step(x, pred, pred_uncond, coef, prediction, form, guidance, out):
-    launch_lincomb(ei_rows, prediction, form, _ins(x, pred, pred_uncond), (out,), coef,
-                   p2=pred_uncond is not None, w=guidance)
+def ei_step(x, pred, pred_uncond, rows, prediction, form, guidance, out):
+    launch_lincomb(ei_rows, prediction, form, _ins(x, pred, pred_uncond), (out,),
+                   step_rows(*rows), p2=pred_uncond is not None, w=guidance)
 
 
-def ei_step_backward(grad, coef, prediction, form, guidance, cfg, outs):
-    launch_lincomb(ei_bwd_rows, prediction, form, (grad,), tuple(outs), coef, p2=cfg,
-                   w=guidance)
+def ei_step_backward(grad, rows, prediction, form, guidance, cfg, outs):
+    launch_lincomb(ei_bwd_rows, prediction, form, (grad,), tuple(outs), step_rows(*rows),
+                   p2=cfg, w=guidance)
 
 
-def dpmpp_2m_step(x, pred, d_prev, pred_uncond, coef, prediction, guidance, out, d_out):
+def dpmpp_2m_step(x, pred, d_prev, pred_uncond, rows, prediction, guidance, out, d_out):
     third = x if d_prev is None else d_prev  # unused by the first-order step
     launch_lincomb(dpmpp_2m_rows, prediction, d_prev is not None,
-                   _ins(x, pred, third, pred_uncond), (out, d_out), coef,
+                   _ins(x, pred, third, pred_uncond), (out, d_out), step_rows(*rows),
                    p2=pred_uncond is not None, w=guidance, skip=DPMPP_2M_SKIP)
 
 
-def em_step(x, pred, pred_uncond, coef, prediction, guidance, seed, offset, seeds, out):
-    launch_lincomb(em_rows, prediction, 0, _ins(x, pred, pred_uncond), (out,), coef,
-                   p2=pred_uncond is not None, w=guidance, noise=(seed, offset, seeds))
+def em_step(x, pred, pred_uncond, rows, prediction, guidance, seed, offset, seeds, out):
+    launch_lincomb(em_rows, prediction, 0, _ins(x, pred, pred_uncond), (out,),
+                   step_rows(*rows), p2=pred_uncond is not None, w=guidance,
+                   noise=(seed, offset, seeds))
 
 
-def churn(x, coef, seed, offset, seeds, out):
-    launch_lincomb(churn_rows, 0, 0, (x,), (out,), coef, noise=(seed, offset, seeds))
+def churn(x, rows, seed, offset, seeds, out):
+    launch_lincomb(churn_rows, 0, 0, (x,), (out,), step_rows(*rows), noise=(seed, offset, seeds))
 
 
-def lms_step(x, pred, u1, u2, u3, pred_uncond, weights, coef, prediction, guidance, out, u_out):
+def lms_step(x, pred, u1, u2, u3, pred_uncond, weights, rows, prediction, guidance, out, u_out):
     """weights: the 1 + len(history) floats (host values, weight_args)."""
     hist = _ins(u1, u2, u3)
     launch_lincomb(lms_rows, prediction, len(hist), _ins(x, pred, *hist, pred_uncond),
-                   (out, u_out), coef, aux=weight_args(weights), p2=pred_uncond is not None, w=guidance,
-                   skip=lms_skip(len(hist)))
+                   (out, u_out), step_rows(*rows), aux=weight_args(weights),
+                   p2=pred_uncond is not None, w=guidance, skip=lms_skip(len(hist)))
 
 
 def lincomb_step(x, terms, weights, noise_std, seed, offset, seeds, out):

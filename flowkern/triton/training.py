@@ -7,55 +7,49 @@ import triton
 import triton.language as tl
 
 from .coeffs import convert_coeffs, target_coeffs
-from .lincomb import launch_lincomb, launch_rowsum
+from .lincomb import launch_lincomb, launch_rowsum, sched_rows
 
 
 @triton.jit
 def interpolate_rows(TARGET: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(x0, x1) -> (x_t, y)."""
-    al, sg, da, ds = coef
-    ya, yb = target_coeffs(TARGET, al, sg, da, ds)
-    return (sg, al), (yb, ya)
+    ya, yb = target_coeffs(TARGET, coef)
+    return (coef.sigma, coef.alpha), (yb, ya)
 
 
 @triton.jit
 def interpolate_bwd_rows(TARGET: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(g_xt, g_y) -> (g_x0, g_x1)."""
-    al, sg, da, ds = coef
-    ya, yb = target_coeffs(TARGET, al, sg, da, ds)
-    return (sg, yb), (al, ya)
+    ya, yb = target_coeffs(TARGET, coef)
+    return (coef.sigma, yb), (coef.alpha, ya)
 
 
 @triton.jit
 def convert_rows(SRC: tl.constexpr, DST: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(x, pred) -> pred as DST."""
-    al, sg, da, ds = coef
-    ca, cb = convert_coeffs(SRC, DST, al, sg, da, ds)
+    ca, cb = convert_coeffs(SRC, DST, coef)
     return ((ca, cb),)
 
 
 @triton.jit
 def convert_bwd_rows(SRC: tl.constexpr, DST: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(g,) -> (g_x, g_pred)."""
-    al, sg, da, ds = coef
-    ca, cb = convert_coeffs(SRC, DST, al, sg, da, ds)
+    ca, cb = convert_coeffs(SRC, DST, coef)
     return (ca,), (cb,)
 
 
 @triton.jit
 def loss_residual_rows(TARGET: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(pred, x0, x1) -> pred - y."""
-    al, sg, da, ds = coef
-    ya, yb = target_coeffs(TARGET, al, sg, da, ds)
-    return ((al * 0.0 + 1.0, -yb, -ya),)
+    ya, yb = target_coeffs(TARGET, coef)
+    return ((coef.alpha * 0.0 + 1.0, -yb, -ya),)
 
 
 @triton.jit
 def loss_bwd_rows(TARGET: tl.constexpr, PRED_ONLY: tl.constexpr, _P2: tl.constexpr, coef, _stride, grad_rows, _w, r, rmask):
     """(pred, x0, x1) -> 2 g rho * d rho / d(pred, x0, x1), rho = pred - y;
     the g_pred row alone when PRED_ONLY."""
-    al, sg, da, ds = coef
-    ya, yb = target_coeffs(TARGET, al, sg, da, ds)
+    ya, yb = target_coeffs(TARGET, coef)
     g = 2.0 * tl.load(grad_rows + r.to(tl.int64)[:, None], mask=rmask[:, None], other=0.0)
     q1, q2 = -yb, -ya
     if PRED_ONLY:
@@ -63,48 +57,48 @@ def loss_bwd_rows(TARGET: tl.constexpr, PRED_ONLY: tl.constexpr, _P2: tl.constex
     return (g, g * q1, g * q2), (g * q1, g * q1 * q1, g * q1 * q2), (g * q2, g * q2 * q1, g * q2 * q2)
 
 
-# `sched` is (t, t_value, kind, params) as the ops take them (lincomb._coef_args):
+# `sched` is (t, t_value, kind, params) as the ops take them (lincomb.sched_rows):
 # a built-in schedule evaluated in the kernel, or kind TABLE with the table in t.
 
 
 def interpolate(x0, x1, sched, target, xt=None, y=None):
     xt = torch.empty_like(x0) if xt is None else xt
     y = torch.empty_like(x0) if y is None else y
-    launch_lincomb(interpolate_rows, target, 0, (x0, x1), (xt, y), None, sched=sched)
+    launch_lincomb(interpolate_rows, target, 0, (x0, x1), (xt, y), sched_rows(*sched))
     return xt, y
 
 
 def interpolate_backward(gxt, gy, sched, target):
     gx0, gx1 = torch.empty_like(gxt), torch.empty_like(gxt)
-    launch_lincomb(interpolate_bwd_rows, target, 0, (gxt, gy), (gx0, gx1), None, sched=sched)
+    launch_lincomb(interpolate_bwd_rows, target, 0, (gxt, gy), (gx0, gx1), sched_rows(*sched))
     return gx0, gx1
 
 
 def convert(x, pred, sched, src, dst):
     out = torch.empty_like(x)
-    launch_lincomb(convert_rows, src, dst, (x, pred), (out,), None, sched=sched)
+    launch_lincomb(convert_rows, src, dst, (x, pred), (out,), sched_rows(*sched))
     return out
 
 
 def convert_backward(g, sched, src, dst):
     gx, gp = torch.empty_like(g), torch.empty_like(g)
-    launch_lincomb(convert_bwd_rows, src, dst, (g,), (gx, gp), None, sched=sched)
+    launch_lincomb(convert_bwd_rows, src, dst, (g,), (gx, gp), sched_rows(*sched))
     return gx, gp
 
 
 def fm_loss_rows(pred, x0, x1, sched, target):
-    return launch_rowsum(loss_residual_rows, target, 0, (pred, x0, x1), None, sched=sched)
+    return launch_rowsum(loss_residual_rows, target, 0, (pred, x0, x1), sched_rows(*sched))
 
 
 def fm_loss_backward(grad_rows, pred, x0, x1, sched, target):
     gp, g0, g1 = (torch.empty_like(pred) for _ in range(3))
-    launch_lincomb(loss_bwd_rows, target, 0, (pred, x0, x1), (gp, g0, g1), None,
-                   aux=grad_rows.contiguous(), sched=sched)
+    launch_lincomb(loss_bwd_rows, target, 0, (pred, x0, x1), (gp, g0, g1),
+                   sched_rows(*sched), aux=grad_rows.contiguous())
     return gp, g0, g1
 
 
 def fm_loss_backward_pred(grad_rows, pred, x0, x1, sched, target):
     gp = torch.empty_like(pred)
-    launch_lincomb(loss_bwd_rows, target, 1, (pred, x0, x1), (gp,), None,
-                   aux=grad_rows.contiguous(), sched=sched)
+    launch_lincomb(loss_bwd_rows, target, 1, (pred, x0, x1), (gp,),
+                   sched_rows(*sched), aux=grad_rows.contiguous())
     return gp
