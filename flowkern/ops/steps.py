@@ -383,11 +383,6 @@ def _nonzero_for(st, prediction, dst, at="t"):
     check_conversion(st.table[:, AT_T if at == "t" else AT_S], prediction, dst, at)
 
 
-def _cast(out_val, out):
-    out.copy_(out_val)
-    return out
-
-
 # ---------------------------------------------------------------------------
 # the native (cpu) fast path: one op call, arguments checked in C++
 
@@ -467,11 +462,8 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
     _nonzero_for(st, prediction, "velocity")
     out = _out("out", out, x, st)
     V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
-    if st.backend == "torch":
-        return _cast(ref.euler_step(x.to(st.acc), pred.to(st.acc), st.table[:, AT_T],
-                                    st.table[:, H], prediction, _up(pred_uncond, st), w), out)
     x, pred, pu = st.dense(x, pred, pred_uncond)
-    ops_for(st.backend).euler_step(x, pred, pu, *_table_args(st), code, w, False, out)
+    _steps_for(st.backend).euler_step(x, pred, pu, *_table_args(st), code, w, False, out)
     return out
 
 
@@ -505,13 +497,8 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
     V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "x_euler": x_euler,
                                       "pred_euler": pred_euler, "pred_uncond": pred_uncond,
                                       "pred_euler_uncond": pred_euler_uncond})
-    if st.backend == "torch":
-        return _cast(ref.heun_step(x.to(st.acc), pred.to(st.acc), x_euler.to(st.acc),
-                                   pred_euler.to(st.acc), st.table[:, AT_T], st.table[:, AT_S],
-                                   st.table[:, H], prediction, _up(pred_uncond, st),
-                                   _up(pred_euler_uncond, st), w), out)
     args = st.dense(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond)
-    ops_for(st.backend).heun_step(*args, *_table_args(st), code, w, False, out)
+    _steps_for(st.backend).heun_step(*args, *_table_args(st), code, w, False, out)
     return out
 
 
@@ -549,16 +536,11 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
     if out is not None:
         out = _out("out", out, x, st)
         V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
-    if st.backend == "torch":
-        val = ref.ei_step(x.to(st.acc), pred.to(st.acc), st.table[:, AT_T], st.table[:, AT_S],
-                          prediction, form, _up(pred_uncond, st), w).to(x.dtype)
-        return val if out is None else _cast(val, out)
     x, pred, pu = st.dense(x, pred, pred_uncond)
-    ops = ops_for(st.backend)
+    steps = _steps_for(st.backend)
     if out is None:
-        return calls_for(st.backend).ei_step.call(x, pred, pu, *_table_args(st), code,
-                                                  FORMS[form], w, False)
-    ops.ei_step_out(x, pred, pu, *_table_args(st), code, FORMS[form], w, False, out)
+        return steps.ei_step(x, pred, pu, *_table_args(st), code, FORMS[form], w, False)
+    steps.ei_step_out(x, pred, pu, *_table_args(st), code, FORMS[form], w, False, out)
     return out
 
 
@@ -592,14 +574,9 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
     out, d_out = _out("out", out, x, st), _out("d_out", d_out, x, st)
     V.check_no_overlap({"out": out, "d_out": d_out},
                        {"x": x, "pred": pred, "d_prev": d_prev, "pred_uncond": pred_uncond})
-    if st.backend == "torch":
-        xs, d = ref.dpmpp_2m_step(x.to(st.acc), pred.to(st.acc), st.table[:, AT_T],
-                                  st.table[:, AT_S], prediction, _up(d_prev, st),
-                                  _pad_prev(st.table), _up(pred_uncond, st), w)
-        return _cast(xs, out), _cast(d, d_out)
     x, pred, dp, pu = st.dense(x, pred, d_prev, pred_uncond)
-    ops_for(st.backend).dpmpp_2m_step(x, pred, dp, pu, *_table_args(st), code, w, False, out,
-                                      d_out)
+    _steps_for(st.backend).dpmpp_2m_step(x, pred, dp, pu, *_table_args(st), code, w, False,
+                                         out, d_out)
     return out, d_out
 
 
@@ -635,13 +612,9 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     out = _out("out", out, x, st)
     V.check_no_overlap({"out": out}, {"x": x, "pred": pred, "pred_uncond": pred_uncond})
     seeds = _per_sample_seeds(per_sample_seeds, x)
-    if st.backend == "torch":
-        xi = _ref_noise(seed, seeds, offset, x, st)
-        return _cast(ref.em_step(x.to(st.acc), pred.to(st.acc), st.table[:, AT_T], st.table[:, H],
-                                 st.table[:, G], xi, prediction, _up(pred_uncond, st), w), out)
     x, pred, pu = st.dense(x, pred, pred_uncond)
-    ops_for(st.backend).em_step(x, pred, pu, *_table_args(st), code, w, seed, offset, seeds,
-                                False, out)
+    _steps_for(st.backend).em_step(x, pred, pu, *_table_args(st), code, w, seed, offset, seeds,
+                                   False, out)
     return out
 
 
@@ -663,10 +636,8 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
     out = _out("out", out, x, st)
     V.check_no_overlap({"out": out}, {"x": x})
     seeds = _per_sample_seeds(per_sample_seeds, x)
-    if st.backend == "torch":
-        xi = _ref_noise(seed, seeds, offset, x, st)
-        return _cast(ref.churn(x.to(st.acc), st.table[:, AT_T], st.table[:, AT_S], xi), out)
-    ops_for(st.backend).churn(x.contiguous(), *_table_args(st), seed, offset, seeds, False, out)
+    _steps_for(st.backend).churn(x.contiguous(), *_table_args(st), seed, offset, seeds, False,
+                                 out)
     return out
 
 
@@ -706,14 +677,9 @@ def lms_step(x, pred, weights, history=(), t=None, schedule="linear", prediction
     _nonzero_for(st, prediction, "velocity")
     out, u_out = _out("out", out, x, st), _out("u_out", u_out, x, st)
     V.check_no_overlap({"out": out, "u_out": u_out}, {"x": x, **named})
-    if st.backend == "torch":
-        given = [_up(h, st) for h in hist if h is not None]
-        xs, u = ref.lms_step(x.to(st.acc), pred.to(st.acc), st.table[:, AT_T], wts, given,
-                             prediction, _up(pred_uncond, st), w)
-        return _cast(xs, out), _cast(u, u_out)
     args = st.dense(x, pred, *hist, pred_uncond)
-    ops_for(st.backend).lms_step(*args[:5], args[5], wts, *_table_args(st), code, w, False,
-                                 out, u_out)
+    _steps_for(st.backend).lms_step(*args[:5], args[5], wts, *_table_args(st), code, w, False,
+                                    out, u_out)
     return out, u_out
 
 
@@ -758,12 +724,8 @@ def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_samp
     out = _out("out", out, x, st)
     V.check_no_overlap({"out": out}, {"x": x, **named})
     seeds = _per_sample_seeds(per_sample_seeds, x)
-    if be == "torch":
-        xi = _ref_noise(seed, seeds, offset, x, st) if noise_std else None
-        return _cast(ref.lincomb_step(x.to(st.acc), [p.to(st.acc) for p in terms], wts, xi,
-                                      noise_std), out)
-    ops_for(be).lincomb_step(x.contiguous(), [p.contiguous() for p in terms], wts, noise_std,
-                             seed, offset, seeds, False, out)
+    _steps_for(be).lincomb_step(x.contiguous(), [p.contiguous() for p in terms], wts,
+                                noise_std, seed, offset, seeds, False, out)
     return out
 
 
@@ -805,7 +767,7 @@ def _lincomb_weights(terms, weights, noise_std):
 
 
 LINCOMB_MAX_TERMS, LINCOMB_MAX_NOISY_TERMS = 4, 3  # csrc/include/flowkern/steps.h
-# What _out and _ref_noise read of a step without a table (a tuple: torch.compile traces it).
+# What _out reads of a step without a table (a tuple: torch.compile traces it).
 _StepPlan = collections.namedtuple("_StepPlan", "op backend acc")
 
 
@@ -883,12 +845,6 @@ def _kernel_times(t, s, t_prev, g, schedule) -> bool:
             and (g is None or _number(g)) and native_spec(schedule) is not None)
 
 
-def _ref_noise(seed, seeds, offset, x, st):
-    """The reference's noise for a step of x: the kernels' draws (per-sample
-    seeds replace the seed)."""
-    return ref.philox_normal(seed if seeds is None else seeds, offset, x.shape, st.acc, x.device)
-
-
 def _seed_offset(seed, offset, per_sample_seeds):
     """The int seed the ops pass (0 with per-sample seeds, which replace it)."""
     if seed is not None and per_sample_seeds is not None:
@@ -961,13 +917,99 @@ def noise_stream(seed, per_sample_seeds, x, needed=True):
         seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if needed else 0  # CPU, no sync
     return NoiseStream(seed, None, x)
 
-def _up(p, st):
-    return None if p is None else p.to(st.acc)
+# ---------------------------------------------------------------------------
+# the torch backend: the reference with the ops' signatures (as the triton ops
+# take them from the public functions: a table built and checked there). Each
+# writes out with copy_, which torch differentiates; the public steps have no
+# branch per backend (_steps_for).
+
+
+def _acc(p, acc):
+    return None if p is None else p.to(acc)
 
 
 def _pad_prev(table):
     """The previous time's (alpha, sigma) as a (R, 4) schedule block for the reference."""
     return torch.cat([table[:, PREV], table[:, PREV]], dim=1)
+
+
+def _noise(seed, offset, seeds, x, acc):
+    """The kernels' draws for a step of x (per-sample seeds replace the seed)."""
+    return ref.philox_normal(seed if seeds is None else seeds, offset, x.shape, acc, x.device)
+
+
+def _torch_euler(x, pred, pu, table, times, kind, params, code, w, check, out):
+    a = table.dtype
+    out.copy_(ref.euler_step(x.to(a), pred.to(a), table[:, AT_T], table[:, H],
+                             PREDICTIONS[code], _acc(pu, a), w))
+
+
+def _torch_heun(x, pred, xe, pe, pu, peu, table, times, kind, params, code, w, check, out):
+    a = table.dtype
+    out.copy_(ref.heun_step(x.to(a), pred.to(a), xe.to(a), pe.to(a), table[:, AT_T],
+                            table[:, AT_S], table[:, H], PREDICTIONS[code], _acc(pu, a),
+                            _acc(peu, a), w))
+
+
+def _torch_ei_out(x, pred, pu, table, times, kind, params, code, form, w, check, out):
+    out.copy_(_ei_reference(x, pred, pu, table, times, kind, params, code, form, w, check))
+
+
+def _torch_dpmpp_2m(x, pred, dp, pu, table, times, kind, params, code, w, check, out, d_out):
+    a = table.dtype
+    xs, d = ref.dpmpp_2m_step(x.to(a), pred.to(a), table[:, AT_T], table[:, AT_S],
+                              PREDICTIONS[code], _acc(dp, a), _pad_prev(table), _acc(pu, a), w)
+    out.copy_(xs), d_out.copy_(d)
+
+
+def _torch_em(x, pred, pu, table, times, kind, params, code, w, seed, offset, seeds, check,
+              out):
+    a = table.dtype
+    out.copy_(ref.em_step(x.to(a), pred.to(a), table[:, AT_T], table[:, H], table[:, G],
+                          _noise(seed, offset, seeds, x, a), PREDICTIONS[code], _acc(pu, a), w))
+
+
+def _torch_churn(x, table, times, kind, params, seed, offset, seeds, check, out):
+    a = table.dtype
+    out.copy_(ref.churn(x.to(a), table[:, AT_T], table[:, AT_S],
+                        _noise(seed, offset, seeds, x, a)))
+
+
+def _torch_lms(x, pred, u1, u2, u3, pu, wts, table, times, kind, params, code, w, check, out,
+               u_out):
+    a = table.dtype
+    given = [h.to(a) for h in (u1, u2, u3) if h is not None]
+    xs, u = ref.lms_step(x.to(a), pred.to(a), table[:, AT_T], wts, given, PREDICTIONS[code],
+                         _acc(pu, a), w)
+    out.copy_(xs), u_out.copy_(u)
+
+
+def _torch_lincomb(x, terms, wts, noise_std, seed, offset, seeds, check, out):
+    a = V.acc_dtype(x.dtype)
+    xi = _noise(seed, offset, seeds, x, a) if noise_std else None
+    out.copy_(ref.lincomb_step(x.to(a), [p.to(a) for p in terms], wts, xi, noise_std))
+
+
+_TORCH_STEPS = types.SimpleNamespace(
+    euler_step=_torch_euler, heun_step=_torch_heun, ei_step=_ei_reference,
+    ei_step_out=_torch_ei_out, dpmpp_2m_step=_torch_dpmpp_2m, em_step=_torch_em,
+    churn=_torch_churn, lms_step=_torch_lms, lincomb_step=_torch_lincomb)
+
+
+def _steps_for(backend):
+    """The step implementations of a Python backend, with the ops' signatures:
+    the torch reference above, or the triton ops (ei_step without out=: its
+    DiffOp call, which differentiates)."""
+    steps = _STEPS.get(backend)
+    if steps is None:
+        ops = ops_for(backend)
+        impls = {n: getattr(ops, n) for n in vars(_TORCH_STEPS)}
+        impls["ei_step"] = calls_for(backend).ei_step.call
+        steps = _STEPS[backend] = types.SimpleNamespace(**impls)
+    return steps
+
+
+_STEPS = {"torch": _TORCH_STEPS}
 
 
 __all__ = ["euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn",
