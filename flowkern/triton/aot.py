@@ -29,13 +29,11 @@ def _ops():
     from . import steps as S
     from . import training as T
 
+    # interpolate with each built-in schedule evaluated in the kernel (schedules.py)
+    kinds = ("linear", "cosine", "poly", "vp", "ve", "edm")
     return [("interpolate", T.interpolate_rows, 2, 2, False, 0, 0, 0),
-            ("interpolate_linear", T.interpolate_rows, 2, 2, False, 0, 0, 0, 0),
-            ("interpolate_cosine", T.interpolate_rows, 2, 2, False, 0, 0, 0, 1),
-            ("interpolate_poly", T.interpolate_rows, 2, 2, False, 0, 0, 0, 2),
-            ("interpolate_vp", T.interpolate_rows, 2, 2, False, 0, 0, 0, 3),
-            ("interpolate_ve", T.interpolate_rows, 2, 2, False, 0, 0, 0, 4),
-            ("interpolate_edm", T.interpolate_rows, 2, 2, False, 0, 0, 0, 5),
+            *((f"interpolate_{name}", T.interpolate_rows, 2, 2, False, 0, 0, 0, kind)
+              for kind, name in enumerate(kinds)),
             ("loss_bwd_edm", T.loss_bwd_rows, 3, 3, False, 3, 0, 0, 5),
             ("convert_score2v_vp", T.convert_rows, 2, 1, False, 3, 0, 0, 3),
             ("heun_cfg_x1_vp", S.heun_rows, 6, 1, False, 1, 0, 1, 3),
