@@ -12,7 +12,8 @@ DEPS := torch==2.14.1 triton==3.8.0 pytest pytest-benchmark hypothesis numpy nin
 NODEPS := k-diffusion
 STAMP := $(VENV)/.flowkern-deps
 BUILT := $(VENV)/.flowkern-built
-SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc') setup.py
+SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc') \
+           flowkern/ops/schemas.inc setup.py
 
 .PHONY: demo test test-full bench gpu-check build wheel clean aot test-cpu-torch
 

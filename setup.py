@@ -154,6 +154,8 @@ setup(
     version="0.1.0",
     description="Fused kernels for flow matching and diffusion models",
     packages=find_packages(include=["flowkern", "flowkern.*"]),
+    # the op schemas (csrc/cpu/schemas.h compiles them in; Python reads them at import)
+    package_data={"flowkern.ops": ["schemas.inc"]},
     ext_modules=[native_extension()],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
     python_requires=">=3.10",

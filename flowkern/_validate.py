@@ -14,7 +14,8 @@ import os
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ._enums import PRED_CODE, PREDICTIONS
+# the rule book's validators, called as V.prediction, V.seed, ... by the ops
+from ._rules import form, prediction, reduction, seed  # noqa: F401
 from .tables import D_ALPHA, D_SIGMA
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -64,14 +65,6 @@ def dense(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return x.contiguous()
 
 
-def prediction(name: str, value: str) -> int:
-    try:
-        return PRED_CODE[value]
-    except (KeyError, TypeError):
-        raise ValueError(f"{name}: unknown prediction type {value!r}; expected one of "
-                         f"{PREDICTIONS}") from None
-
-
 _PRECHECKED = contextvars.ContextVar("flowkern_values_prechecked", default=False)
 
 
@@ -91,29 +84,6 @@ class values_prechecked:  # noqa: N801 (used as a context manager)
 
     def __exit__(self, *exc):
         _PRECHECKED.reset(self.token)
-
-
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def seed(name: str, value, optional: bool = False, at=None) -> int:
-    """A Philox seed or offset: an int in [0, 2^63) (None allowed when
-    `optional`; `at`: the sample of a per-sample seed). The one rule of every
-    seed= / offset= / per_sample_seeds= (csrc/cpu/step_args.h step_seeds
-    holds it for seeds in a tensor)."""
-    if optional and value is None:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
-        what = "None or an int" if optional else "an int" if at is None else "ints"
-        where = "" if at is None else f" at sample {at}"
-        raise ValueError(f"{name}: expected {what} in [0, 2^63), got {value!r}{where}")
-    return value
-
-
-def reduction(value: str) -> str:
-    if value not in REDUCTIONS:
-        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {value!r}")
-    return value
 
 
 def sample_weight(weight, rows: int, like: torch.Tensor):

@@ -34,16 +34,12 @@ from typing import Optional
 import torch
 
 from . import _validate as V
-from ._enums import PREDICTIONS
+from ._rules import default_form
 from .ops.flowmap import flowmap_loss
 from .ops.steps import ei_step, step_table
 from .ops.training import convert, flow_matching_loss, interpolate
 
 __all__ = ["FlowMap", "local_loss", "semigroup_loss", "flowmap_loss"]
-
-
-def _form(prediction):
-    return "data" if prediction in ("x1", "velocity") else "noise"
 
 
 def _time_vec(name, v, x):
@@ -74,12 +70,10 @@ class FlowMap(torch.nn.Module):
         super().__init__()
         if not callable(net):
             raise TypeError(f"net: expected a callable net(x, t, s), got {type(net).__name__}")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction: unknown prediction type {prediction!r}; expected "
-                             f"one of {PREDICTIONS}")
+        V.prediction("prediction", prediction)
         self.net = net
         self.schedule, self.prediction, self.backend = schedule, prediction, backend
-        self.form = _form(prediction)
+        self.form = default_form(prediction)
 
     @classmethod
     def from_pretrained(cls, model, schedule="linear", prediction: str = "velocity",

@@ -50,7 +50,8 @@ from . import _validate as V
 from .backend import resolve
 from .ops._registry import calls_for
 from .ops.steps import euler_step
-from .ops.training import PRED_CODE, REDUCTION_CODE, TABLE_KIND, interpolate
+from ._rules import PRED_CODE, REDUCTION_CODE, TABLE_KIND
+from .ops.training import interpolate
 from .tables import D_ALPHA, D_SIGMA
 
 __all__ = ["loss", "training_loss", "sample_times", "sample"]
@@ -71,10 +72,6 @@ def _squared_error_rows(u, v, dudt, t, s, backend):
     inner = u[0].numel() if rows else 0
     be = resolve(backend, u.device)
     h = (s - t).to(V.acc_dtype(u.dtype))
-    if be == "torch":
-        acc = h.dtype
-        target = v.to(acc) + h.reshape(-1, *[1] * (u.dim() - 1)) * dudt.to(acc)
-        return (u.to(acc) - target).pow(2).reshape(rows, -1).sum(1)
     # The flow-matching loss kernel with per-row coefficients: its velocity
     # target d_alpha x1 + d_sigma x0 with x1 = v, x0 = du/dt, (d_alpha, d_sigma) = (1, h).
     # (B, 4) rows (alpha, sigma, d_alpha, d_sigma) = (0, 0, 1, h): zeros and two

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import _validate as V
-from ._enums import PREDICTIONS
+from ._rules import default_form
 from ._progress import progress_bar
 from .ops.flowmap import flowmap_loss
 from .ops.steps import ei_step, step_table
@@ -125,10 +125,6 @@ def reflow_loss(model, x0: torch.Tensor, x1: torch.Tensor, t=None, schedule="lin
                               reduction=reduction, backend=backend)
 
 
-def _form(prediction):
-    return "data" if prediction in ("x1", "velocity") else "noise"
-
-
 def distill_loss(model, x0: torch.Tensor, x1: torch.Tensor, steps: int = 1, schedule="linear",
                  prediction: str = "velocity", weight=None, reduction: str = "mean",
                  backend: Optional[str] = None):
@@ -155,14 +151,12 @@ def distill_loss(model, x0: torch.Tensor, x1: torch.Tensor, steps: int = 1, sche
     _check_model(model)
     _check_pairs(x0, x1)
     _check_int("steps", steps)
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction: unknown prediction type {prediction!r}; expected one "
-                         f"of {PREDICTIONS}")
+    V.prediction("prediction", prediction)
     acc = V.acc_dtype(x0.dtype)
     grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     table = step_table(schedule, grid[:-1], grid[1:], dtype=acc, device=x0.device)
     rows = x0.shape[0]
-    form = _form(prediction)
+    form = default_form(prediction)
     x = x0
     for i in range(steps):
         t = torch.full((rows,), float(grid[i]), dtype=x0.dtype, device=x0.device)

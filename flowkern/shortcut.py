@@ -32,7 +32,8 @@ from . import _validate as V
 from .backend import resolve
 from .ops._registry import calls_for
 from .ops.steps import euler_step
-from .ops.training import PRED_CODE, REDUCTION_CODE, TABLE_KIND, interpolate
+from ._rules import PRED_CODE, REDUCTION_CODE, TABLE_KIND
+from .ops.training import interpolate
 
 __all__ = ["loss", "training_loss", "sample_jumps", "sample"]
 
@@ -45,10 +46,6 @@ def _sum_of_squares(pred, a, b, coef_a, coef_b, backend):
     if rows == 0:
         return pred.new_zeros((), dtype=V.acc_dtype(pred.dtype))
     be = resolve(backend, pred.device)
-    if be == "torch":
-        acc = V.acc_dtype(pred.dtype)
-        target = coef_a * a.detach().to(acc) + coef_b * b.detach().to(acc)
-        return (pred.to(acc) - target).pow(2).sum()
     table = torch.tensor([[0.0, 0.0, coef_a, coef_b]], dtype=V.acc_dtype(pred.dtype),
                          device=pred.device).expand(rows, 4).contiguous()  # triton: a row each
     # the mean (in pred's dtype: a float16 sum could overflow), then the count

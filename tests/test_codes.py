@@ -1,17 +1,15 @@
 """The integer codes that cross into the kernels, held equal in every
-language: prediction types (flowkern/_enums.py; coeffs.h Pred; Triton's
-coeffs.py), EI forms (ops/steps.py FORMS; steps.h EIForm), built-in
-schedule kinds (schedules.py; schedules.h SchedKind; triton/schedules.py), the custom-table kind
-(ops/training.py TABLE_KIND; coef_args.h kTableKind) and loss reductions
-(ops/training.py REDUCTION_CODE; coef_checks.h Reduction). A code changed
+language: prediction types (the rule book flowkern/_rules.py; coeffs.h Pred; Triton's
+coeffs.py), EI forms (_rules.FORMS; steps.h EIForm), built-in schedule
+kinds (schedules.py; schedules.h SchedKind; triton/schedules.py), the
+custom-table kind (_rules.TABLE_KIND; coef_args.h kTableKind) and loss
+reductions (_rules.REDUCTION_CODE; coef_checks.h Reduction). A code changed
 in one place and not the others would select another formula silently."""
 import os
 import re
 
 from flowkern import schedules
-from flowkern._enums import PRED_CODE, PREDICTIONS
-from flowkern.ops.steps import FORMS
-from flowkern.ops.training import REDUCTION_CODE, TABLE_KIND
+from flowkern._rules import FORMS, PRED_CODE, PREDICTIONS, REDUCTION_CODE, TABLE_KIND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,13 +62,13 @@ def test_reduction_codes():
 
 def test_conversion_divisors_are_one_rule():
     """csrc/cpu/coef_checks.h kDivides (the native training ops and steps)
-    equals flowkern._enums.DIVIDES (the Python backends and the samplers),
+    equals flowkern._rules.DIVIDES (the Python backends and the samplers),
     and both are what coeffs.h's formulas divide by: converting a random
     prediction at a time where the divisor is 0 gives a non-finite result
     exactly for the listed divisors."""
     import torch
 
-    from flowkern._enums import DIVIDES
+    from flowkern._rules import DIVIDES
     from flowkern.reference.training import convert
 
     src = _read("csrc", "cpu", "coef_checks.h")
@@ -93,3 +91,41 @@ def test_conversion_divisors_are_one_rule():
             ct = torch.tensor([coef], dtype=torch.float64).expand(2, 4)
             out = convert(p, x, ct, s, d)
             assert bool(torch.isfinite(out).all()) == (what not in need), (s, d, what)
+
+
+def test_schemas_are_written_once():
+    """flowkern/ops/schemas.inc is the one list of op schemas: flowkern::
+    (C++), flowkern_sim:: (the simulated CUDA glue) and flowkern_triton::
+    (Python) all define exactly its ops with exactly its schemas, and no
+    Python file declares a schema of its own (custom_op only in triton_op)."""
+    import torch
+
+    from flowkern.backend import cpu_built
+    from flowkern.ops._registry import SCHEMAS
+
+    lines = re.findall(r'^FK_SCHEMA\("([^"]*)"\)$', _read("flowkern", "ops", "schemas.inc"), re.M)
+    assert len(lines) == len(set(lines)) > 20
+    want = {s.split("(")[0]: str(torch._C.parse_schema(s)) for s in lines}
+    assert set(SCHEMAS) == {n for n in want if "." not in n}
+
+    def schema(ns, name):
+        op, _, overload = name.partition(".")
+        packet = getattr(getattr(torch.ops, ns), op)
+        return str(getattr(packet, overload or "default")._schema).replace(f"{ns}::", "")
+
+    for name in SCHEMAS:
+        assert schema("flowkern_triton", name) == want[name]
+    if cpu_built():
+        for name in want:
+            assert schema("flowkern", name) == want[name]
+            assert schema("flowkern_sim", name) == want[name]
+            # csrc/cpu/nograd.cpp derives its list from the same schemas
+            if name.endswith(".nograd") or "!)" in want[name]:
+                assert torch._C._dispatch_has_kernel_for_dispatch_key(
+                    f"flowkern::{name}", "Autograd"), name
+    declared = []
+    for root, _, files in os.walk(os.path.join(ROOT, "flowkern")):
+        for f in files:
+            if f.endswith(".py") and "custom_op(" in open(os.path.join(root, f)).read():
+                declared.append(f)
+    assert declared == ["_registry.py"]

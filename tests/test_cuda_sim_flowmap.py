@@ -19,7 +19,7 @@ import flowkern
 from cuda_sim_helpers import DTYPES, OPS, SIM, THREADS, WIDE, acc, check_plan, make_inputs
 from flowkern.reference import flowmap as ref
 
-PREDS = range(4)  # velocity, x1, eps, score (flowkern/_enums.py)
+PREDS = range(4)  # velocity, x1, eps, score (flowkern/_rules.py)
 FORMS = (0, 1)  # data, noise (fk::EIForm)
 NAMES = {0: "velocity", 1: "x1", 2: "eps", 3: "score"}
 FLAGS = [(False, False), (True, False), (False, True), (True, True)]  # (grad_x, grad_target)

@@ -15,7 +15,7 @@ import flowkern
 from cuda_sim_helpers import (DTYPES, OPS, SIM, SHAPES, THREADS, WIDE, acc, assert_within_fp32_ulp,
                               check_plan, make_inputs)
 
-PREDS = range(4)  # velocity, x1, eps, score (flowkern/_enums.py)
+PREDS = range(4)  # velocity, x1, eps, score (flowkern/_rules.py)
 
 # (op, variant): variant is the EI form (0 data, 1 noise), DPM's second-order
 # flag or lms_step's history length.

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flowkern as fk
-from flowkern._enums import PREDICTIONS
+from flowkern._rules import PREDICTIONS
 
 from conftest import DEVICE, backends_under_test, dtypes_for, full_run
 from helpers import EPS

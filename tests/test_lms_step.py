@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flowkern as fk
-from flowkern._enums import PREDICTIONS
+from flowkern._rules import PREDICTIONS
 
 from conftest import DEVICE, backends_under_test, dtypes_for
 from helpers import assert_close, assert_nan_only_at

@@ -22,7 +22,7 @@ import flowkern as fk
 from flowkern import flowmap as FM
 from flowkern import rectified as RF
 from flowkern.demo import toy
-from flowkern._enums import PRED_CODE, PREDICTIONS
+from flowkern._rules import PRED_CODE, PREDICTIONS
 from flowkern.reference import flowmap as ref
 
 from conftest import DEVICE, backends_under_test, dtypes_for

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flowkern as fk
-from flowkern._enums import PREDICTIONS
+from flowkern._rules import PREDICTIONS
 from flowkern.reference import steps as R
 
 from conftest import DEVICE, backends_under_test, dtypes_for
@@ -443,7 +443,7 @@ def test_dpmpp_2m_from_pure_noise_is_its_first_order_limit(backend):
 @pytest.mark.parametrize("t", [0.0, 1.0], ids=["alpha=0", "sigma=0"])
 def test_steps_and_convert_share_the_conversion_rule(backend, prediction, t):
     """A step refuses a time exactly where flowkern.convert to the step's type
-    does (one rule: flowkern._enums.DIVIDES, coef_checks.h kDivides): e.g. a
+    does (one rule: flowkern._rules.DIVIDES, coef_checks.h kDivides): e.g. a
     score at sigma = 0 converts to a velocity (-sigma times it vanishes) in
     both, an x1 there in neither."""
     x = torch.randn(3, 7, dtype=torch.float64, device=DEVICE)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import flowkern as fk
 from flowkern import reference as ref
-from flowkern._enums import PREDICTIONS
+from flowkern._rules import PREDICTIONS
 from flowkern.schedules import coefficients
 
 from conftest import DEVICE, backends_under_test, dtypes_for

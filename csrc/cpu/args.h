@@ -146,7 +146,7 @@ inline void check_no_overlap(std::initializer_list<Named> outs, std::initializer
   }
 }
 
-// Prediction / target codes of flowkern/_enums.py.
+// Prediction / target codes of flowkern/_rules.py.
 inline void check_code(const char* name, int64_t code, int64_t n) {
   TORCH_CHECK_VALUE(code >= 0 && code < n, name, ": code ", code, " is out of range [0, ", n,
                     ")");

@@ -14,7 +14,7 @@
 namespace flowkern_cpu {
 
 using OptT = c10::optional<at::Tensor>;
-constexpr int64_t kPreds = 4;  // flowkern/_enums.py PREDICTIONS
+constexpr int64_t kPreds = 4;  // flowkern/_rules.py PREDICTIONS
 enum Reduction : int64_t { MEAN = 0, SUM = 1, NONE = 2 };  // flowkern/_validate.py REDUCTIONS
 
 #define FK_COEF_ARGS const OptT &t, double t_value, int64_t kind, at::ArrayRef<double> params
@@ -43,8 +43,8 @@ template <class A> inline void check_target(const HostCoef<A>& c, int64_t target
 
 // The divisions each conversion needs (docs/design.md §3), for the training
 // ops (check_convert) and the steps (step_args.h check_conversion), as
-// flowkern/_enums.py DIVIDES lists them for the Python backends:
-// [src][dst] in the order of flowkern/_enums.py (velocity, x1, eps, score).
+// flowkern/_rules.py DIVIDES lists them for the Python backends:
+// [src][dst] in the order of flowkern/_rules.py (velocity, x1, eps, score).
 enum : int { BY_SIGMA = 1, BY_ALPHA = 2, BY_DET = 4 };
 constexpr int kDivides[4][4] = {{0, BY_DET, BY_DET, BY_DET | BY_SIGMA},
                                 {BY_SIGMA, 0, BY_SIGMA, BY_SIGMA},

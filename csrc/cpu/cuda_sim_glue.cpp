@@ -37,12 +37,7 @@ struct SimLaunchers {
 
 }  // namespace
 
-TORCH_LIBRARY(flowkern_sim, m) {
-  FK_TRAINING_SCHEMAS(FK_DEF_SCHEMA)
-  FK_STEP_SCHEMAS(FK_DEF_SCHEMA)
-  FK_FLOWMAP_SCHEMAS(FK_DEF_SCHEMA)
-  FK_FIELD_SCHEMAS(FK_DEF_SCHEMA)
-}
+TORCH_LIBRARY(flowkern_sim, m) { flowkern_cpu::define_schemas(m); }
 
 TORCH_LIBRARY_IMPL(flowkern_sim, CPU, m) { Glue<SimDevice, SimLaunchers>::register_all(m); }
 

@@ -30,7 +30,6 @@
 
 #include "dispatch.h"
 #include "field_args.h"
-#include "schemas.h"
 #include "flowkern/fields.h"
 
 // The baseline copy returns 32-byte vectors from inline helpers without AVX:
@@ -176,8 +175,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> field_mean(const at::Tensor& x_,
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flowkern, m) { FK_FIELD_SCHEMAS(FK_DEF_SCHEMA) }
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) { m.impl("field_mean", &field_mean); }
 

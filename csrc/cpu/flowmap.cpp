@@ -11,7 +11,6 @@
 
 #include "dispatch.h"
 #include "flowmap_args.h"
-#include "schemas.h"
 #include "flowkern/flowmap.h"
 
 namespace flowkern_cpu {
@@ -71,8 +70,6 @@ std::vector<at::Tensor> flowmap_loss_backward(const at::Tensor& grad_rows_, cons
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flowkern, m) { FK_FLOWMAP_SCHEMAS(FK_DEF_SCHEMA) }
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("flowmap_loss_rows", &flowmap_loss_rows);

@@ -13,6 +13,11 @@
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
+#include <string>
+#include <string_view>
+
+#include "schemas.h"
+
 namespace flowkern_cpu {
 namespace {
 
@@ -88,12 +93,15 @@ void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
 
 }  // namespace
 
+// The ops of the schema list (schemas.h) without a derivative: every
+// `.nograd` overload and every op with a written argument (Tensor(a!)).
 TORCH_LIBRARY_IMPL(flowkern, Autograd, m) {
-  for (const char* name : {"interpolate.nograd", "convert.nograd", "fm_loss.nograd",
-                           "ei_step.nograd", "interpolate_out", "euler_step", "heun_step",
-                           "ei_step_out", "dpmpp_2m_step", "em_step", "churn", "lms_step",
-                           "lincomb_step"})
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_autograd_kernel>());
+  for (const char* schema : kSchemas) {
+    const std::string_view name = schema_name(schema);
+    if (name.ends_with(".nograd") || std::string_view(schema).find("!)") != std::string_view::npos)
+      m.impl(std::string(name).c_str(),  // parsed into the op's name before the call returns
+             torch::CppFunction::makeFromBoxedFunction<&no_autograd_kernel>());
+  }
 }
 
 }  // namespace flowkern_cpu

@@ -118,7 +118,7 @@ inline void check_rows(const StepCoef<A>& c, const std::string& name, const std:
 }
 
 // The divisions converting `pred` to `dst` needs at time t or s: kDivides
-// (coef_checks.h), the training ops' rule (flowkern._enums.DIVIDES for the
+// (coef_checks.h), the training ops' rule (flowkern._rules.DIVIDES for the
 // Python backends).
 template <class A>
 inline void check_conversion(const StepCoef<A>& c, int64_t pred, int dst, bool at_s = false) {

@@ -21,7 +21,6 @@
 #include "args.h"
 #include "coef_args.h"
 #include "dispatch.h"
-#include "schemas.h"
 #include "flowkern/step_launch.h"
 #include "flowkern/steps.h"
 #include "step_args.h"
@@ -224,8 +223,6 @@ void lincomb_step(const at::Tensor& x, at::TensorList terms, at::ArrayRef<double
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flowkern, m) { FK_STEP_SCHEMAS(FK_DEF_SCHEMA) }
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("euler_step", &euler_step);

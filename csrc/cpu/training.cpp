@@ -19,7 +19,6 @@
 #include "coef_args.h"
 #include "coef_checks.h"
 #include "dispatch.h"
-#include "schemas.h"
 #include "flowkern/training.h"
 
 namespace flowkern_cpu {
@@ -225,8 +224,6 @@ std::vector<at::Tensor> fm_loss_backward(const at::Tensor& grad, const at::Tenso
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flowkern, m) { FK_TRAINING_SCHEMAS(FK_DEF_SCHEMA) }
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("interpolate", &interpolate);

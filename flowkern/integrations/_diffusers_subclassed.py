@@ -53,6 +53,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 import numpy as np
 
+from .._validate import acc_dtype
 from ..ops.steps import (churn, dpmpp_2m_step, ei_step, euler_step, heun_step, lincomb_step,
                          noise_stream)
 from ..tables import step_row
@@ -463,7 +464,7 @@ class UniPCMultistepScheduler(_DiffusersUniPC):
         key = (x.device, x.dtype)
         if getattr(self, "_fk_conv", None) is None or self._fk_conv[0] != key:
             c = self.config
-            tab = torch.float64 if x.dtype == torch.float64 else torch.float32
+            tab = acc_dtype(x.dtype)
             rows = []
             for a, s in self._fk_as[:-1]:
                 da, ds = {"v_prediction": (-s, a), "flow_prediction": (-1.0, 1.0)}.get(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validate import acc_dtype
 from ..ops.steps import euler_step, heun_step, step_table
 from ..ops.training import convert, interpolate
 from ..schedules import Schedule, get_schedule
@@ -241,7 +242,7 @@ class ODESolver:
         # one step table for all steps (and the midpoint half steps); velocity
         # needs no schedule coefficients, so any schedule serves for the rows.
         t0, t1 = grid[:-1], grid[1:]
-        dtype = torch.float64 if x_init.dtype == torch.float64 else torch.float32
+        dtype = acc_dtype(x_init.dtype)
         table = step_table("linear", t0, t1, dtype=dtype, device=x_init.device,
                            check=False)  # only h = t1 - t0 is read: any times serve
         table[:, H] = (t1 - t0).to(dtype)

@@ -12,6 +12,8 @@ for both namespaces, through :func:`for_each_namespace`.
 from __future__ import annotations
 
 import importlib
+import os
+import re
 import types
 
 import torch
@@ -22,6 +24,37 @@ from ..backend import cpu_built
 
 TRITON_NS = "flowkern_triton"
 NATIVE_NS = "flowkern"
+TORCH = "torch"  # the reference backend: each op's torch formula (TorchOp)
+
+
+def _read_schemas() -> dict[str, str]:
+    """{op name: "(args) -> returns"} of the FK_SCHEMA lines of schemas.inc,
+    the one list of schemas (C++ compiles it in: csrc/cpu/schemas.h).
+    `.nograd` overloads are native only and left out."""
+    schemas = {}
+    with open(os.path.join(os.path.dirname(__file__), "schemas.inc")) as f:
+        for line in f:
+            if line.startswith("//") or not line.strip():
+                continue
+            m = re.fullmatch(r'FK_SCHEMA\("([\w.]+)(\(.*)"\)\s*', line)
+            if m is None:
+                raise RuntimeError(f"flowkern/ops/schemas.inc: cannot read {line!r}")
+            if "." not in m.group(1):
+                schemas[m.group(1)] = m.group(2)
+    return schemas
+
+
+SCHEMAS = _read_schemas()
+
+
+def triton_op(name: str):
+    """Decorator: the flowkern_triton:: op `name`, with its schema from
+    schemas.inc and the decorated function (the Triton launch, or the
+    interpreter on CPU tensors) as its implementation. The arguments it
+    writes are the schema's Tensor(a!) ones."""
+    schema = SCHEMAS[name]
+    writes = tuple(re.findall(r"Tensor\(\w!\) (\w+)", schema))
+    return torch.library.custom_op(f"{TRITON_NS}::{name}", mutates_args=writes, schema=schema)
 
 
 def namespaces() -> list[str]:
@@ -30,7 +63,10 @@ def namespaces() -> list[str]:
 
 
 def ops_for(backend: str):
-    """torch.ops namespace that runs `backend` (cpu and cuda share flowkern::)."""
+    """The kernel-level ops that run `backend`: a torch.ops namespace (cpu and
+    cuda share flowkern::), or for `torch` the ops' torch formulas (TorchOp)."""
+    if backend == TORCH:
+        return CALLS[TORCH]
     return getattr(torch.ops, TRITON_NS if backend == "triton" else NATIVE_NS)
 
 
@@ -42,13 +78,32 @@ def lazy(module: str, name: str):
     return call
 
 
-# The differentiable calls of each namespace, CALLS[ns].<op name> (DiffOp),
-# made by register(..., jvp=...).
-CALLS = {NATIVE_NS: types.SimpleNamespace(), TRITON_NS: types.SimpleNamespace()}
+class TorchOp:
+    """The torch backend's implementation of one op: the op's torch formula
+    with the op's signature, which torch itself differentiates (in the times
+    too). Called like the kernel-level op (``ops_for("torch").name(...)``) and
+    like its differentiable call (``calls_for("torch").name.call(...)``), so a
+    public function runs every backend through one call and has no branch
+    for the reference."""
+
+    def __init__(self, formula):
+        self.call = formula
+
+    def __call__(self, *args):
+        return self.call(*args)
+
+
+# The differentiable calls of each backend, CALLS[ns].<op name>: DiffOp (made
+# by register(..., jvp=...)) for the kernel namespaces, TorchOp (made by
+# register(..., reference=...)) for the torch backend.
+CALLS = {NATIVE_NS: types.SimpleNamespace(), TRITON_NS: types.SimpleNamespace(),
+         TORCH: types.SimpleNamespace()}
 
 
 def calls_for(backend: str) -> types.SimpleNamespace:
     """The differentiable calls that run `backend` (cpu and cuda share flowkern::)."""
+    if backend == TORCH:
+        return CALLS[TORCH]
     return CALLS[TRITON_NS if backend == "triton" else NATIVE_NS]
 
 
@@ -62,7 +117,10 @@ def register(name: str, fake, backward=None, setup_context=None, nograd=False, j
     with it, CALLS[ns].name is the op's DiffOp. reference, diff, saved_at: the
     op's torch formula with the op's signature, the positions of its
     differentiable tensors, and where the tensors setup_context saves go (None:
-    the op is linear in them): DiffOp's differentiable backward."""
+    the op is linear in them): DiffOp's differentiable backward and the torch
+    backend's implementation of the op (TorchOp)."""
+    if reference is not None:
+        setattr(CALLS[TORCH], name, TorchOp(reference))
     for ns in namespaces():
         qual = f"{ns}::{name}"
         ops = getattr(torch.ops, ns)

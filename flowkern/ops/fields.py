@@ -30,20 +30,19 @@ from ..backend import resolve
 from ..reference import fields as ref_fields
 from ..schedules import coefficients
 from ..tables import ALPHA, SIGMA
-from ._registry import TRITON_NS, lazy, no_derivative, ops_for, register
+from ._registry import lazy, no_derivative, ops_for, register, triton_op
 
 _T = "flowkern.triton.fields"
 POISSON, GAUSSIAN, UNIFORM = ref_fields.POISSON, ref_fields.GAUSSIAN, ref_fields.UNIFORM
 PRIORS = {"gaussian": GAUSSIAN, "uniform": UNIFORM}
 
 # ---------------------------------------------------------------------------
-# flowkern_triton:: schema (flowkern:: twin: csrc/cpu/fields.cpp; its CUDA
-# kernel: csrc/cuda/glue.h)
+# flowkern_triton:: implementation (schema: flowkern/ops/schemas.inc; the
+# native kernels: csrc/cpu/fields.cpp, csrc/cuda/glue.h)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::field_mean", mutates_args=())
-def _t_field_mean(x: torch.Tensor, ref: torch.Tensor, qp: torch.Tensor, kind: int, p0: float,
-                  p1: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@triton_op("field_mean")
+def _t_field_mean(x, ref, qp, kind, p0, p1):
     return lazy(_T, "field_mean")(x.contiguous(), ref.contiguous(), qp.contiguous(), kind, p0, p1)
 
 
@@ -53,7 +52,13 @@ def _fake(x, ref, qp, kind, p0, p1):
     return x.new_empty(B, N, dtype=acc), x.new_empty(B, dtype=acc), x.new_empty(B, dtype=acc)
 
 
-register("field_mean", _fake)
+def _reference(x, ref, qp, kind, p0, p1):
+    """field_mean's torch formula with the op's signature (the torch backend)."""
+    acc = qp.dtype
+    return ref_fields.field_mean(x.to(acc), ref.to(acc), qp, kind, p0, p1)
+
+
+register("field_mean", _fake, reference=_reference)
 
 # ---------------------------------------------------------------------------
 # validation
@@ -113,9 +118,6 @@ def _run(x2, ref2, qp, kind, p0, p1, backend, group):
         B, N = x2.shape
         state = (x2.new_zeros(B, N, dtype=acc), x2.new_full((B,), math.inf, dtype=acc),
                  x2.new_zeros(B, dtype=acc))
-    elif backend == "torch":
-        acc = qp.dtype
-        state = ref_fields.field_mean(x2.to(acc), ref2.to(acc), qp, kind, p0, p1)
     else:
         state = ops_for(backend).field_mean(x2, ref2, qp, kind, p0, p1)
     if group is None:

@@ -20,31 +20,28 @@ from typing import Optional
 import torch
 
 from .. import _validate as V
-from .._enums import PREDICTIONS
+from .._rules import FORM_NAMES, PREDICTIONS, TABLE_KIND
 from ..backend import resolve
 from ..reference import flowmap as ref
 from ..tables import ALPHA_T, AT_S, AT_T, SIGMA_T, STEP_COLS
-from ._registry import TRITON_NS, calls_for, lazy, no_time_tangent, register, transforms_active
-from .steps import FORMS, _as_times, _nonzero_for, check_table, step_table
-from .training import TABLE_KIND, fill_tangents
+from ._registry import calls_for, lazy, no_time_tangent, register, transforms_active, triton_op
+from .steps import _as_times, _nonzero_for, check_table, step_table
+from .training import fill_tangents
 
 _T = "flowkern.triton.flowmap"
 
 # ---------------------------------------------------------------------------
-# flowkern_triton:: schemas (flowkern:: twins: csrc/cpu/flowmap.cpp)
+# flowkern_triton:: implementations (schemas: flowkern/ops/schemas.inc)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::flowmap_loss_rows", mutates_args=())
-def _t_rows(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
-            prediction: int, form: int) -> torch.Tensor:
+@triton_op("flowmap_loss_rows")
+def _t_rows(x, pred, target, coef, prediction, form):
     return lazy(_T, "flowmap_loss_rows")(x.contiguous(), pred.contiguous(), target.contiguous(),
                                          coef.contiguous(), prediction, form)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::flowmap_loss_backward", mutates_args=())
-def _t_bwd(grad_rows: torch.Tensor, x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
-           coef: torch.Tensor, prediction: int, form: int, grad_x: bool,
-           grad_target: bool) -> list[torch.Tensor]:
+@triton_op("flowmap_loss_backward")
+def _t_bwd(grad_rows, x, pred, target, coef, prediction, form, grad_x, grad_target):
     return lazy(_T, "flowmap_loss_backward")(grad_rows, x.contiguous(), pred.contiguous(),
                                              target.contiguous(), coef.contiguous(), prediction,
                                              form, grad_x, grad_target)
@@ -107,7 +104,7 @@ def _reference(x, pred, target, coef, prediction, form):
     full = coef.expand(x.shape[0], STEP_COLS) if x.shape[0] else coef[:0]
     return ref.flowmap_loss_rows(x.to(acc), pred.to(acc), target.expand(x.shape).to(acc),
                                  full[:, AT_T], full[:, AT_S], PREDICTIONS[prediction],
-                                 "data" if form == FORMS["data"] else "noise")
+                                 FORM_NAMES[form])
 
 
 register("flowmap_loss_rows", _rows_fake, _backward, _setup, jvp=_jvp, reference=_reference,
@@ -163,8 +160,7 @@ def flowmap_loss(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, t=No
     except RuntimeError:
         raise ValueError(f"target: shape {tuple(target.shape)} does not broadcast to x's "
                          f"{tuple(x.shape)}") from None
-    if form not in FORMS:
-        raise ValueError(f"form: expected 'data' or 'noise', got {form!r}")
+    fcode = V.form(form)
     code = V.prediction("prediction", prediction)
     V.reduction(reduction)
     acc = V.acc_dtype(x.dtype)
@@ -178,14 +174,8 @@ def flowmap_loss(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, t=No
     weight = V.sample_weight(weight, rows, x)
     be = resolve(backend, x.device)
     inner = x.numel() // rows if rows else 0
-    if be == "torch":
-        full = table.expand(rows, STEP_COLS) if rows else table[:0]
-        r = ref.flowmap_loss_rows(x.to(acc), pred.to(acc), target.expand(x.shape).to(acc),
-                                  full[:, AT_T], full[:, AT_S], prediction, form)
-    else:
-        r = calls_for(be).flowmap_loss_rows.call(x.contiguous(), pred.contiguous(),
-                                                 V.dense(target, x.shape), table, code,
-                                                 FORMS[form])
+    r = calls_for(be).flowmap_loss_rows.call(x.contiguous(), pred.contiguous(),
+                                             V.dense(target, x.shape), table, code, fcode)
     return V.reduce_rows(r, weight, reduction, inner).to(x.dtype)
 
 

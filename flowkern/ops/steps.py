@@ -14,74 +14,58 @@ from __future__ import annotations
 import collections
 import math
 import types
-from typing import Optional
 
 import torch
 
 from .. import _validate as V
-from .._enums import PREDICTIONS
+from .._rules import FORM_NAMES, PREDICTIONS, TABLE_KIND
 from ..backend import cpu_built, resolve
 from ..reference import steps as ref
 from ..schedules import coefficients, evaluate, from_native, get_schedule, native_spec
 from ..tables import ALPHA_S, ALPHA_T, AT_S, AT_T, G, H, PREV, SIGMA_T, STEP_COLS, step_row
-from ._registry import (CALLS, NATIVE_NS, TRITON_NS, calls_for, empty_output, lazy,
-                        no_forward_mode, no_time_tangent, ops_for, refuse_grad, register,
-                        transforms_active)
-from .training import TABLE_KIND, check_conversion, check_tensors, fill_tangents
+from ._registry import (CALLS, NATIVE_NS, calls_for, empty_output, lazy, no_forward_mode,
+                        no_time_tangent, ops_for, refuse_grad, register, transforms_active,
+                        triton_op)
+from .training import check_conversion, check_tensors, fill_tangents
 
 _T = "flowkern.triton.steps"
-FORMS = {"data": 0, "noise": 1}
-_FORM_NAMES = {code: name for name, code in FORMS.items()}
 
 # ---------------------------------------------------------------------------
-# flowkern_triton:: schemas (flowkern:: twins: csrc/cpu/steps.cpp)
-Opt = Optional[torch.Tensor]
+# flowkern_triton:: implementations (schemas: flowkern/ops/schemas.inc; every
+# step takes its coefficients as `table, times, kind, params`, a caller's
+# table or float times and a built-in schedule for the kernel to evaluate)
 
 
-# Every schema takes the step coefficients as `table, times, kind, params`
-# (csrc/cpu/steps.cpp); the public functions give the triton ops a table.
-Times = list[float]
-Params = list[float]
-
-
-@torch.library.custom_op(f"{TRITON_NS}::euler_step", mutates_args=("out",))
-def _t_euler(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, times: Times,
-             kind: int, params: Params, prediction: int, guidance: float, check: bool,
-             out: torch.Tensor) -> None:
+@triton_op("euler_step")
+def _t_euler(x, pred, pred_uncond, table, times, kind, params, prediction, guidance, check, out):
     lazy(_T, "euler_step")(x, pred, pred_uncond, (table, times, kind, params), prediction,
                            guidance, out)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::heun_step", mutates_args=("out",))
-def _t_heun(x: torch.Tensor, pred: torch.Tensor, x_euler: torch.Tensor,
-            pred_euler: torch.Tensor, pred_uncond: Opt, pred_euler_uncond: Opt,
-            table: Opt, times: Times, kind: int, params: Params, prediction: int,
-            guidance: float, check: bool, out: torch.Tensor) -> None:
+@triton_op("heun_step")
+def _t_heun(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, table, times, kind,
+            params, prediction, guidance, check, out):
     lazy(_T, "heun_step")(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond,
                           (table, times, kind, params), prediction, guidance, out)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::ei_step", mutates_args=())
-def _t_ei(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, times: Times,
-          kind: int, params: Params, prediction: int, form: int, guidance: float,
-          check: bool) -> torch.Tensor:
+@triton_op("ei_step")
+def _t_ei(x, pred, pred_uncond, table, times, kind, params, prediction, form, guidance, check):
     out = torch.empty_like(x)
     lazy(_T, "ei_step")(x, pred, pred_uncond, (table, times, kind, params), prediction, form,
                         guidance, out)
     return out
 
 
-@torch.library.custom_op(f"{TRITON_NS}::ei_step_out", mutates_args=("out",))
-def _t_ei_out(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, times: Times,
-              kind: int, params: Params, prediction: int, form: int, guidance: float,
-              check: bool, out: torch.Tensor) -> None:
+@triton_op("ei_step_out")
+def _t_ei_out(x, pred, pred_uncond, table, times, kind, params, prediction, form, guidance, check,
+              out):
     lazy(_T, "ei_step")(x, pred, pred_uncond, (table, times, kind, params), prediction, form,
                         guidance, out)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::ei_step_backward", mutates_args=())
-def _t_ei_bwd(grad: torch.Tensor, table: Opt, times: Times, kind: int, params: Params,
-              prediction: int, form: int, guidance: float, cfg: bool) -> list[torch.Tensor]:
+@triton_op("ei_step_backward")
+def _t_ei_bwd(grad, table, times, kind, params, prediction, form, guidance, cfg):
     grad = grad.contiguous()
     outs = [torch.empty_like(grad) for _ in range(3 if cfg else 2)]
     lazy(_T, "ei_step_backward")(grad, (table, times, kind, params), prediction, form,
@@ -89,41 +73,34 @@ def _t_ei_bwd(grad: torch.Tensor, table: Opt, times: Times, kind: int, params: P
     return outs
 
 
-@torch.library.custom_op(f"{TRITON_NS}::dpmpp_2m_step", mutates_args=("out", "d_out"))
-def _t_dpmpp(x: torch.Tensor, pred: torch.Tensor, d_prev: Opt, pred_uncond: Opt,
-             table: Opt, times: Times, kind: int, params: Params, prediction: int,
-             guidance: float, check: bool, out: torch.Tensor, d_out: torch.Tensor) -> None:
+@triton_op("dpmpp_2m_step")
+def _t_dpmpp(x, pred, d_prev, pred_uncond, table, times, kind, params, prediction, guidance, check,
+             out, d_out):
     lazy(_T, "dpmpp_2m_step")(x, pred, d_prev, pred_uncond, (table, times, kind, params),
                               prediction, guidance, out, d_out)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::em_step", mutates_args=("out",))
-def _t_em(x: torch.Tensor, pred: torch.Tensor, pred_uncond: Opt, table: Opt, times: Times,
-          kind: int, params: Params, prediction: int, guidance: float, seed: int, offset: int,
-          per_sample_seeds: Opt, check: bool, out: torch.Tensor) -> None:
+@triton_op("em_step")
+def _t_em(x, pred, pred_uncond, table, times, kind, params, prediction, guidance, seed, offset,
+          per_sample_seeds, check, out):
     lazy(_T, "em_step")(x, pred, pred_uncond, (table, times, kind, params), prediction,
                         guidance, seed, offset, per_sample_seeds, out)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::churn", mutates_args=("out",))
-def _t_churn(x: torch.Tensor, table: Opt, times: Times, kind: int, params: Params, seed: int,
-             offset: int, per_sample_seeds: Opt, check: bool, out: torch.Tensor) -> None:
+@triton_op("churn")
+def _t_churn(x, table, times, kind, params, seed, offset, per_sample_seeds, check, out):
     lazy(_T, "churn")(x, (table, times, kind, params), seed, offset, per_sample_seeds, out)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::lms_step", mutates_args=("out", "u_out"))
-def _t_lms(x: torch.Tensor, pred: torch.Tensor, u1: Opt, u2: Opt, u3: Opt, pred_uncond: Opt,
-           weights: list[float], table: Opt, times: Times, kind: int, params: Params,
-           prediction: int, guidance: float, check: bool, out: torch.Tensor,
-           u_out: torch.Tensor) -> None:
+@triton_op("lms_step")
+def _t_lms(x, pred, u1, u2, u3, pred_uncond, weights, table, times, kind, params, prediction,
+           guidance, check, out, u_out):
     lazy(_T, "lms_step")(x, pred, u1, u2, u3, pred_uncond, weights, (table, times, kind, params),
                          prediction, guidance, out, u_out)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::lincomb_step", mutates_args=("out",))
-def _t_lincomb(x: torch.Tensor, terms: list[torch.Tensor], weights: list[float],
-               noise_std: float, seed: int, offset: int, per_sample_seeds: Opt, check: bool,
-               out: torch.Tensor) -> None:
+@triton_op("lincomb_step")
+def _t_lincomb(x, terms, weights, noise_std, seed, offset, per_sample_seeds, check, out):
     lazy(_T, "lincomb_step")(x, terms, weights, noise_std, seed, offset, per_sample_seeds,
                              out)
 
@@ -168,10 +145,6 @@ def _ei_backward(ops):
 def _ei_bwd_fake(grad, table, times, kind, params, prediction, form, guidance, cfg):
     return [torch.empty_like(grad) for _ in range(3 if cfg else 2)]
 
-
-for _name in ("euler_step", "heun_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn",
-              "lms_step", "lincomb_step"):
-    register(_name, _none)
 def _ei_reference(x, pred, pred_uncond, table, times, kind, params, prediction, form, guidance,
                   check):
     """ei_step's torch formula with the op's signature (DiffOp's double backward)."""
@@ -182,7 +155,7 @@ def _ei_reference(x, pred, pred_uncond, table, times, kind, params, prediction, 
     table = table.to(acc)
     cfg = pred_uncond is not None
     return ref.ei_step(x.to(acc), pred.to(acc), table[:, AT_T], table[:, AT_S],
-                       PREDICTIONS[prediction], _FORM_NAMES[form],
+                       PREDICTIONS[prediction], FORM_NAMES[form],
                        pred_uncond.to(acc) if cfg else None,
                        guidance if cfg else None).to(x.dtype)
 
@@ -378,7 +351,7 @@ def _pred(prediction):
 
 def _nonzero_for(st, prediction, dst, at="t"):
     """Value check of the divisions the conversion to dst needs (CPU / debug):
-    the training ops' rule (flowkern._enums.DIVIDES) on the step's schedule
+    the training ops' rule (flowkern._rules.DIVIDES) on the step's schedule
     row at t or s."""
     check_conversion(st.table[:, AT_T if at == "t" else AT_S], prediction, dst, at)
 
@@ -390,10 +363,11 @@ _NOTHING: list = []
 _NAN = float("nan")
 # The default overloads the native path calls, looked up once (an OpOverloadPacket
 # call costs an extra Python frame on every step).
+_STEP_OPS = ("euler_step", "heun_step", "ei_step", "ei_step_out", "dpmpp_2m_step", "em_step",
+             "churn", "lms_step", "lincomb_step")
 _NATIVE = types.SimpleNamespace(**{
     name: getattr(torch.ops.flowkern, name).default
-    for name in ("euler_step", "heun_step", "ei_step", "ei_step_out", "dpmpp_2m_step", "em_step",
-                 "churn", "lms_step", "lincomb_step")
+    for name in _STEP_OPS
 }) if cpu_built() else None
 _EI_NOGRAD = torch.ops.flowkern.ei_step.nograd if cpu_built() else None
 _EI_DIFF = CALLS[NATIVE_NS]  # .ei_step: its DiffOp
@@ -510,13 +484,12 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
     Differentiable in x and pred (without out=): it is also the one-step
     flow-map parametrisation g(t, s, x). Shapes as :func:`euler_step`."""
     w = _guidance(pred_uncond, guidance)
-    if form not in FORMS:
-        raise ValueError(f"form: expected 'data' or 'noise', got {form!r}")
+    fcode = V.form(form)
     if _native(x, backend):
         check_tensors(pred=pred, pred_uncond=pred_uncond)
         code = _pred(prediction)
         args = (x, pred, pred_uncond, *_native_coef("ei_step", x, t, s, schedule, table), code,
-                FORMS[form], w, V.check_flag())
+                fcode, w, V.check_flag())
         if out is None:
             grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
                 pred_uncond is not None and pred_uncond.requires_grad)) or transforms_active()
@@ -539,8 +512,8 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
     x, pred, pu = st.dense(x, pred, pred_uncond)
     steps = _steps_for(st.backend)
     if out is None:
-        return steps.ei_step(x, pred, pu, *_table_args(st), code, FORMS[form], w, False)
-    steps.ei_step_out(x, pred, pu, *_table_args(st), code, FORMS[form], w, False, out)
+        return steps.ei_step(x, pred, pu, *_table_args(st), code, fcode, w, False)
+    steps.ei_step_out(x, pred, pu, *_table_args(st), code, fcode, w, False, out)
     return out
 
 
@@ -990,27 +963,26 @@ def _torch_lincomb(x, terms, wts, noise_std, seed, offset, seeds, check, out):
     out.copy_(ref.lincomb_step(x.to(a), [p.to(a) for p in terms], wts, xi, noise_std))
 
 
-_TORCH_STEPS = types.SimpleNamespace(
-    euler_step=_torch_euler, heun_step=_torch_heun, ei_step=_ei_reference,
-    ei_step_out=_torch_ei_out, dpmpp_2m_step=_torch_dpmpp_2m, em_step=_torch_em,
-    churn=_torch_churn, lms_step=_torch_lms, lincomb_step=_torch_lincomb)
+# The fake kernels, and the torch backend's steps: the formulas above with the
+# ops' signatures (each writes out with copy_, which torch differentiates).
+for _name, _formula in {"euler_step": _torch_euler, "heun_step": _torch_heun,
+                        "ei_step_out": _torch_ei_out, "dpmpp_2m_step": _torch_dpmpp_2m,
+                        "em_step": _torch_em, "churn": _torch_churn, "lms_step": _torch_lms,
+                        "lincomb_step": _torch_lincomb}.items():
+    register(_name, _none, reference=_formula)
 
 
 def _steps_for(backend):
     """The step implementations of a Python backend, with the ops' signatures:
-    the torch reference above, or the triton ops (ei_step without out=: its
-    DiffOp call, which differentiates)."""
+    ops_for(backend) (the triton ops, or the torch formulas), ei_step without
+    out= its differentiable call."""
     steps = _STEPS.get(backend)
     if steps is None:
         ops = ops_for(backend)
-        impls = {n: getattr(ops, n) for n in vars(_TORCH_STEPS)}
+        impls = {n: getattr(ops, n) for n in _STEP_OPS}
         impls["ei_step"] = calls_for(backend).ei_step.call
         steps = _STEPS[backend] = types.SimpleNamespace(**impls)
     return steps
 
 
-_STEPS = {"torch": _TORCH_STEPS}
-
-
-__all__ = ["euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn",
-           "lms_step", "lincomb_step", "step_table"]
+_STEPS: dict = {}

@@ -15,80 +15,62 @@ the torch backend reads a coefficient table.
 """
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 import torch
 
 from .. import _validate as V
 from .. import reference as ref
-from .._enums import DIVIDES, PRED_CODE, PREDICTIONS
+from .._rules import DIVIDES, PRED_CODE, PREDICTIONS, REDUCTION_CODE, TABLE_KIND
 from ..backend import cpu_built, resolve
 from ..schedules import coefficients, from_native, native_spec
 from ..tables import SIGMA
-from ._registry import (CALLS, NATIVE_NS, TRITON_NS, lazy, no_forward_mode, no_time_tangent,
-                        refuse_grad, register, transforms_active)
+from ._registry import (CALLS, NATIVE_NS, calls_for, lazy, no_forward_mode, no_time_tangent,
+                        ops_for, refuse_grad, register, transforms_active, triton_op)
 
 _T = "flowkern.triton.training"
-TABLE_KIND = -1  # csrc/cpu/coef_args.h kTableKind: `t` holds a (1 or B, 4) table
-REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}  # csrc/cpu/training.cpp Reduction
-Opt = Optional[torch.Tensor]
 
 # ---------------------------------------------------------------------------
-# flowkern_triton:: schemas (the flowkern:: twins are in csrc/cpu/training.cpp;
-# the public functions always pass the triton ops a coefficient table)
+# flowkern_triton:: implementations (schemas: flowkern/ops/schemas.inc)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::interpolate", mutates_args=())
-def _t_interpolate(x0: torch.Tensor, x1: torch.Tensor, t: Opt, t_value: float, kind: int,
-                   params: list[float], target: int,
-                   check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@triton_op("interpolate")
+def _t_interpolate(x0, x1, t, t_value, kind, params, target, check):
     return lazy(_T, "interpolate")(x0, x1, (t, t_value, kind, params), target)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::interpolate_out", mutates_args=("xt", "y"))
-def _t_interpolate_out(x0: torch.Tensor, x1: torch.Tensor, t: Opt, t_value: float, kind: int,
-                       params: list[float], target: int, check: bool, xt: torch.Tensor,
-                       y: torch.Tensor) -> None:
+@triton_op("interpolate_out")
+def _t_interpolate_out(x0, x1, t, t_value, kind, params, target, check, xt, y):
     lazy(_T, "interpolate")(x0, x1, (t, t_value, kind, params), target, xt, y)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::interpolate_backward", mutates_args=())
-def _t_interpolate_backward(grad_xt: torch.Tensor, grad_y: torch.Tensor, t: Opt, t_value: float,
-                            kind: int, params: list[float],
-                            target: int) -> tuple[torch.Tensor, torch.Tensor]:
+@triton_op("interpolate_backward")
+def _t_interpolate_backward(grad_xt, grad_y, t, t_value, kind, params, target):
     return lazy(_T, "interpolate_backward")(grad_xt.contiguous(), grad_y.contiguous(),
                                             (t, t_value, kind, params), target)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::convert", mutates_args=())
-def _t_convert(pred: torch.Tensor, x_t: torch.Tensor, t: Opt, t_value: float, kind: int,
-               params: list[float], src: int, dst: int, check: bool) -> torch.Tensor:
+@triton_op("convert")
+def _t_convert(pred, x_t, t, t_value, kind, params, src, dst, check):
     return lazy(_T, "convert")(x_t, pred, (t, t_value, kind, params), src, dst)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::convert_backward", mutates_args=())
-def _t_convert_backward(grad: torch.Tensor, t: Opt, t_value: float, kind: int,
-                        params: list[float], src: int,
-                        dst: int) -> tuple[torch.Tensor, torch.Tensor]:
+@triton_op("convert_backward")
+def _t_convert_backward(grad, t, t_value, kind, params, src, dst):
     g_x, g_pred = lazy(_T, "convert_backward")(grad.contiguous(), (t, t_value, kind, params),
                                                src, dst)
     return g_pred, g_x
 
 
-@torch.library.custom_op(f"{TRITON_NS}::fm_loss", mutates_args=())
-def _t_fm_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t: Opt, t_value: float,
-               kind: int, params: list[float], target: int, weight: Opt, reduction: int,
-               check: bool) -> torch.Tensor:
+@triton_op("fm_loss")
+def _t_fm_loss(pred, x0, x1, t, t_value, kind, params, target, weight, reduction, check):
     rows = lazy(_T, "fm_loss_rows")(pred, x0, x1, (t, t_value, kind, params), target)
     return _reduce(rows, weight, reduction, pred)
 
 
-@torch.library.custom_op(f"{TRITON_NS}::fm_loss_backward", mutates_args=())
-def _t_fm_loss_backward(grad: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor,
-                        x1: torch.Tensor, t: Opt, t_value: float, kind: int,
-                        params: list[float], target: int, weight: Opt, reduction: int,
-                        nout: int) -> list[torch.Tensor]:
+@triton_op("fm_loss_backward")
+def _t_fm_loss_backward(grad, pred, x0, x1, t, t_value, kind, params, target, weight, reduction,
+                        nout):
     grad_rows = _grad_rows(grad, weight, reduction, pred, V.acc_dtype(pred.dtype))
     sched = (t, t_value, kind, params)
     if nout == 1:
@@ -266,6 +248,11 @@ def _interpolate_reference(x0, x1, t, t_value, kind, params, target, check):
     return xt.to(x0.dtype), y.to(x0.dtype)
 
 
+def _interpolate_out_reference(x0, x1, t, t_value, kind, params, target, check, xt, y):
+    a, b = _interpolate_reference(x0, x1, t, t_value, kind, params, target, check)
+    xt.copy_(a), y.copy_(b)
+
+
 def _convert_reference(pred, x_t, t, t_value, kind, params, src, dst, check):
     shape = _broadcast(pred, x_t)
     coef = _reference_table(t, t_value, kind, params, shape, x_t)
@@ -284,7 +271,7 @@ def _loss_reference(pred, x0, x1, t, t_value, kind, params, target, weight, redu
 
 register("interpolate", _two_like_bcast, _interpolate_backward, _interpolate_setup,
          nograd=True, jvp=_interpolate_jvp, reference=_interpolate_reference, diff=(0, 1))
-register("interpolate_out", lambda *a: None)
+register("interpolate_out", lambda *a: None, reference=_interpolate_out_reference)
 register("interpolate_backward", _two_like_bcast)
 register("convert", lambda p, x, *_: x.new_empty(_broadcast(p, x)), _convert_backward,
          _convert_setup, nograd=True, jvp=_convert_jvp, reference=_convert_reference,
@@ -302,30 +289,11 @@ if cpu_built():
         lambda t, kind, params, rows, dtype, check: t.new_empty((rows, 4), dtype=dtype))
 
 _NATIVE = torch.ops.flowkern if cpu_built() else None
-_TRITON = getattr(torch.ops, TRITON_NS)
-_DIFF, _T_DIFF = CALLS[NATIVE_NS], CALLS[TRITON_NS]  # DiffOp of each op
+_DIFF = CALLS[NATIVE_NS]  # DiffOp of each native op
 if cpu_built():  # the overloads the public functions call, looked up once
     _INTERP_NG, _INTERP_OUT = _NATIVE.interpolate.nograd, _NATIVE.interpolate_out.default
     _CONVERT_NG, _LOSS_NG = _NATIVE.convert.nograd, _NATIVE.fm_loss.nograd
 
-
-def _interpolate_out_reference(x0, x1, t, t_value, kind, params, target, check, xt, y):
-    a, b = _interpolate_reference(x0, x1, t, t_value, kind, params, target, check)
-    xt.copy_(a), y.copy_(b)
-
-
-# The Python backends' implementations of the ops, with the ops' signatures: the
-# triton ops (their DiffOp calls: autograd, forward mode) and the torch
-# reference, which torch itself differentiates (in t too). The public
-# functions pick one and have no branch per backend.
-_PY_CALLS = {
-    "triton": types.SimpleNamespace(
-        interpolate=_T_DIFF.interpolate.call, interpolate_out=_TRITON.interpolate_out,
-        convert=_T_DIFF.convert.call, fm_loss=_T_DIFF.fm_loss.call),
-    "torch": types.SimpleNamespace(
-        interpolate=_interpolate_reference, interpolate_out=_interpolate_out_reference,
-        convert=_convert_reference, fm_loss=_loss_reference),
-}
 
 # ---------------------------------------------------------------------------
 # argument helpers
@@ -450,7 +418,7 @@ def check_target(coef, code):
 # csrc/cpu/training.cpp kDivides is the same table.
 def check_conversion(coef, src: str, dst: str, at: str = "t"):
     """The value checks converting src to dst needs, for coefficients coef
-    (R, 4) at time `at` (flowkern._enums.DIVIDES; csrc/cpu/coef_checks.h
+    (R, 4) at time `at` (flowkern._rules.DIVIDES; csrc/cpu/coef_checks.h
     check_convert and step_args.h check_conversion for the native ops)."""
     if "velocity" in (src, dst) and src != dst:
         V.finite_rates(coef, f"converting {src} -> {dst} reads them", at)
@@ -506,16 +474,15 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
         return (_DIFF.interpolate if _need_grad2(x0, x1) else _INTERP_NG)(*args)
     (x0, x1), shape = _validated(["x0", "x1"], [x0, x1])
     coef = _kernel_coef(schedule, t, shape[0], x1, lambda c: check_target(c, code))
-    calls = _PY_CALLS[be]
     x0, x1 = V.dense(x0, shape), V.dense(x1, shape)
     if out is None:
-        return calls.interpolate(x0, x1, *coef, code, False)
+        return calls_for(be).interpolate.call(x0, x1, *coef, code, False)
     _check_out_shape(out, shape, x1)
     V.check_no_overlap({"out[0]": out[0], "out[1]": out[1]}, {"x0": x0, "x1": x1})
     no_forward_mode("interpolate", x0, x1)
     refuse_grad("interpolate", "interpolate(..., out=) writes into buffers and has no "
                 "derivative; call it without out= or under torch.no_grad()", x0=x0, x1=x1)
-    calls.interpolate_out(x0, x1, *coef, code, False, *out)
+    ops_for(be).interpolate_out(x0, x1, *coef, code, False, *out)
     return out
 
 
@@ -580,12 +547,12 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
     (pred, x0, x1), shape = _validated(["pred", "x0", "x1"], [pred, x0, x1])
     coef = _kernel_coef(schedule, t, shape[0], pred, lambda c: check_target(c, code))
     weight = V.sample_weight(weight, shape[0], pred)
-    calls = _PY_CALLS[be]
+    loss = calls_for(be).fm_loss.call
     dense = [V.dense(x, shape) for x in (pred, x0, x1)]
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        rows = calls.fm_loss(*dense, *coef, code, None, 2, False)
+        rows = loss(*dense, *coef, code, None, 2, False)
         return _weigh_rows(rows, pred, weight, reduction)
-    return calls.fm_loss(*dense, *coef, code, weight, red, False)
+    return loss(*dense, *coef, code, weight, red, False)
 
 
 def _weigh_rows(rows, pred, weight, reduction):
@@ -615,7 +582,7 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
         return (_DIFF.convert if _need_grad2(pred, x_t) else _CONVERT_NG)(*args)
     (pred, x_t), shape = _validated(["pred", "x_t"], [pred, x_t])
     coef = _kernel_coef(schedule, t, shape[0], x_t, lambda c: check_conversion(c, src, dst))
-    return _PY_CALLS[be].convert(V.dense(pred, shape), V.dense(x_t, shape), *coef, s, d, False)
+    return calls_for(be).convert.call(V.dense(pred, shape), V.dense(x_t, shape), *coef, s, d, False)
 
 
 __all__ = ["interpolate", "flow_matching_loss", "convert", "PREDICTIONS"]

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from .._rules import prediction as prediction_code
 from ..schedules import get_schedule
 
 __all__ = ["GaussianMixture"]
@@ -114,8 +115,7 @@ class GaussianMixture:
         """A ``model(x, t)`` for flowkern.sample returning the exact
         `prediction`, in x's dtype (computed in float64); x may be (B, D) or
         any (B, ...) with prod(...) = D."""
-        if prediction not in ("velocity", "x1", "eps", "score"):
-            raise ValueError(f"prediction: unknown prediction type {prediction!r}")
+        prediction_code("prediction", prediction)
 
         def model(x, t):
             flat = x.reshape(x.shape[0], -1)

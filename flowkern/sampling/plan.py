@@ -8,7 +8,7 @@ import math
 import torch
 
 from .. import _validate as V
-from .._enums import DIVIDES, PREDICTIONS
+from .._rules import DIVIDES, default_form
 from ..backend import resolve
 from ..grids import make_grid, sigma_k, t_from_sigma_k
 from ..ops.steps import noise_stream, step_table
@@ -23,7 +23,7 @@ DEFAULT_STEPS = 50
 
 
 def _divisors(src: str, dst: str) -> set:
-    """The ops' rule (flowkern._enums.DIVIDES), and one of the sampler's own: a
+    """The ops' rule (flowkern._rules.DIVIDES), and one of the sampler's own: a
     score model is not evaluated where sigma = 0 (the score of the data is
     infinite there), except to convert it to eps (-sigma score), as before
     this rule book; Heun then takes an Euler step into sigma = 0."""
@@ -73,9 +73,7 @@ class Plan:
                  t_start, t_end, backend, per_sample_seeds=None):
         if method not in METHODS:
             raise ValueError(f"method: unknown method {method!r}; expected one of {METHODS}")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction: unknown prediction type {prediction!r}; expected one "
-                             f"of {PREDICTIONS}")
+        V.prediction("prediction", prediction)
         if guidance is not None and (isinstance(guidance, bool)
                                      or not isinstance(guidance, (int, float))):
             raise TypeError(f"guidance: expected a float (the CFG weight w) or None, "
@@ -115,7 +113,7 @@ class Plan:
         c_s = torch.stack(evaluate(self.sched, ts[1:], torch.float64), 1).tolist()
         p = prediction
         self.kind = []                            # per step: which kernel(s) run
-        self.form = "data" if p in ("x1", "velocity") else "noise"
+        self.form = default_form(p)
         for i in range(n):
             ti = float(t_hat[i])
             if method == "euler":

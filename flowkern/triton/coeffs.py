@@ -2,7 +2,7 @@
 line for line (same pairs, same direct formulas), and the rows the kernels
 read, named as in C++: Sched (coeffs.h) and StepRow (steps.h), whose fields
 are [ROWS, 1] tensors in the accumulation dtype. Prediction codes are
-flowkern._enums; the tables' column order is flowkern/tables.py."""
+flowkern._rules; the tables' column order is flowkern/tables.py."""
 from typing import NamedTuple
 
 import triton

@@ -146,7 +146,8 @@ def field_mean(x, ref, qp, kind, p0, p1):
     """(mean, best, sumexp) in the accumulation dtype (flowkern/ops/fields.py)."""
     import torch
 
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    from .._validate import acc_dtype
+    acc = acc_dtype(x.dtype)
     B, N = x.shape
     R = ref.shape[0]
     mean = torch.empty(B, N, dtype=acc, device=x.device)

@@ -9,7 +9,7 @@
 
 namespace fk {
 
-// Must match flowkern/_enums.py.
+// Must match flowkern/_rules.py.
 enum Pred : int { VELOCITY = 0, X1 = 1, EPS = 2, SCORE = 3 };
 
 // Schedule values at one sample's time: x_t = alpha*x1 + sigma*x0,
