@@ -142,6 +142,33 @@ def test_cpu_noise_blocks_are_the_same_on_every_isa(monkeypatch):
     assert torch.equal(sim[0][0], wide)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
+@pytest.mark.parametrize("isa", ["default", "base"])
+def test_cpu_noise_of_short_rows_is_the_stream(monkeypatch, isa):
+    """Rows shorter than a noise chunk (256 numbers) share chunks: the CPU
+    kernels keep the last chunk a thread computed (csrc/cpu/noise.cpp) rather
+    than recompute it for every row. The numbers must stay those of the
+    stream: churn of (B, n) rows equals churn of the same B*n elements as one
+    row, and the reference Philox, for row lengths that split chunks at every
+    place, offsets off the 4-aligned counter, and a second call right after
+    (which may start inside the kept chunk)."""
+    if isa == "base":
+        monkeypatch.setenv("FLOWKERN_CPU_ISA", "base")
+    for rows, n, offset in [(8, 64, 0), (5, 100, 3), (7, 3, 1001), (3, 257, 2 ** 33 - 5),
+                            (40, 7, 6)]:
+        x = torch.zeros(rows, n)
+        one = fk.churn(x.reshape(1, -1), 0.5, 0.3, "linear", seed=11, offset=offset,
+                       backend="cpu")
+        for _ in range(2):
+            split = fk.churn(x, 0.5, 0.3, "linear", seed=11, offset=offset, backend="cpu")
+            assert torch.equal(split.reshape(1, -1), one), (rows, n, offset)
+        # churn of zeros from 0.5 back to 0.3 is sqrt(sigma_t^2 - ...) xi: the
+        # stream's numbers up to one positive factor
+        ref = R.philox_normal(11, offset, (1, rows * n), torch.float64, x.device)
+        scale = (one.double() / ref).mean()
+        torch.testing.assert_close(one.double(), ref * scale, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
 def test_per_sample_seeds(dtype):
     """per_sample_seeds: sample b draws as a batch of one with seed
