@@ -23,9 +23,9 @@ from ..backend import cpu_built, resolve
 from ..reference import steps as ref
 from ..schedules import coefficients, evaluate, from_native, get_schedule, native_spec
 from ..tables import ALPHA_S, ALPHA_T, AT_S, AT_T, G, H, PREV, SIGMA_T, STEP_COLS, step_row
-from ._registry import (CALLS, NATIVE_NS, calls_for, empty_output, lazy, no_forward_mode,
-                        no_time_tangent, ops_for, refuse_grad, register, transforms_active,
-                        triton_op)
+from ._registry import (CALLS, NATIVE_NS, NativeOps, calls_for, empty_output, lazy,
+                        no_forward_mode, no_time_tangent, ops_for, refuse_grad, register,
+                        transforms_active, triton_op)
 from .training import check_conversion, check_tensors, fill_tangents
 
 _T = "flowkern.triton.steps"
@@ -361,15 +361,14 @@ def _nonzero_for(st, prediction, dst, at="t"):
 
 _NOTHING: list = []
 _NAN = float("nan")
-# The default overloads the native path calls, looked up once (an OpOverloadPacket
-# call costs an extra Python frame on every step).
+# The overloads the native path calls, looked up once (an OpOverloadPacket
+# call costs an extra Python frame on every step; NativeOps: and the OpOverload's).
 _STEP_OPS = ("euler_step", "heun_step", "ei_step", "ei_step_out", "dpmpp_2m_step", "em_step",
              "churn", "lms_step", "lincomb_step")
-_NATIVE = types.SimpleNamespace(**{
+_NATIVE = NativeOps(ei_step_nograd=torch.ops.flowkern.ei_step.nograd, **{
     name: getattr(torch.ops.flowkern, name).default
     for name in _STEP_OPS
 }) if cpu_built() else None
-_EI_NOGRAD = torch.ops.flowkern.ei_step.nograd if cpu_built() else None
 _EI_DIFF = CALLS[NATIVE_NS]  # .ei_step: its DiffOp
 
 
@@ -428,7 +427,7 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
         code = _pred(prediction)
         coef = _native_coef("euler_step", x, t, s, schedule, table)
         out = _native_out("out", out, x)
-        _NATIVE.euler_step(x, pred, pred_uncond, *coef, code, w, V.check_flag(), out)
+        _NATIVE.now().euler_step(x, pred, pred_uncond, *coef, code, w, V.check_flag(), out)
         return out
     st = _Step("euler_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
                table, backend)
@@ -456,8 +455,8 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
         code = _pred(prediction)
         coef = _native_coef("heun_step", x, t, s, schedule, table)
         out = _native_out("out", out, x)
-        _NATIVE.heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, *coef,
-                          code, w, V.check_flag(), out)
+        _NATIVE.now().heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond,
+                                *coef, code, w, V.check_flag(), out)
         return out
     V.tensor("x_euler", x_euler)
     st = _Step("heun_step", x, {"pred": pred, "x_euler": x_euler, "pred_euler": pred_euler,
@@ -493,9 +492,9 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
         if out is None:
             grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
                 pred_uncond is not None and pred_uncond.requires_grad)) or transforms_active()
-            return (_EI_DIFF.ei_step if grad else _EI_NOGRAD)(*args)
+            return _EI_DIFF.ei_step(*args) if grad else _NATIVE.now().ei_step_nograd(*args)
         out = _native_out("out", out, x)
-        _NATIVE.ei_step_out(*args, out)
+        _NATIVE.now().ei_step_out(*args, out)
         return out
     st = _Step("ei_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
                table, backend, writes=out is not None)
@@ -532,8 +531,8 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
         code = _pred(prediction)
         coef = _native_coef("dpmpp_2m_step", x, t, s, schedule, table, t_prev=t_prev)
         out, d_out = _native_out("out", out, x), _native_out("d_out", d_out, x)
-        _NATIVE.dpmpp_2m_step(x, pred, d_prev, pred_uncond, *coef, code, w, V.check_flag(), out,
-                              d_out)
+        _NATIVE.now().dpmpp_2m_step(x, pred, d_prev, pred_uncond, *coef, code, w,
+                                    V.check_flag(), out, d_out)
         return out, d_out
     st = _Step("dpmpp_2m_step", x, {"pred": pred, "pred_uncond": pred_uncond, "d_prev": d_prev},
                t, s, schedule, table, backend, t_prev=t_prev)
@@ -573,8 +572,8 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
         code = _pred(prediction)
         coef = _native_coef("em_step", x, t, s, schedule, table, g=g)
         out = _native_out("out", out, x)
-        _NATIVE.em_step(x, pred, pred_uncond, *coef, code, w, seed, offset, per_sample_seeds,
-                        V.check_flag(), out)
+        _NATIVE.now().em_step(x, pred, pred_uncond, *coef, code, w, seed, offset,
+                              per_sample_seeds, V.check_flag(), out)
         return out
     st = _Step("em_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule, table,
                backend, g=g)
@@ -601,7 +600,7 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
     if _native(x, backend):
         coef = _native_coef("churn", x, t, t_hat, schedule, table)
         out = _native_out("out", out, x)
-        _NATIVE.churn(x, *coef, seed, offset, per_sample_seeds, V.check_flag(), out)
+        _NATIVE.now().churn(x, *coef, seed, offset, per_sample_seeds, V.check_flag(), out)
         return out
     st = _Step("churn", x, {}, t, t_hat, schedule, table, backend)
     V.nonzero("t", "alpha_t", st.table[:, ALPHA_T], "churn divides by it")
@@ -639,8 +638,8 @@ def lms_step(x, pred, weights, history=(), t=None, schedule="linear", prediction
         code = _pred(prediction)
         coef = _native_coef("lms_step", x, t, t, schedule, table)
         out, u_out = _native_out("out", out, x), _native_out("u_out", u_out, x)
-        _NATIVE.lms_step(x, pred, *hist, pred_uncond, _floats("weights", weights), *coef, code, w,
-                         V.check_flag(), out, u_out)
+        _NATIVE.now().lms_step(x, pred, *hist, pred_uncond, _floats("weights", weights), *coef,
+                               code, w, V.check_flag(), out, u_out)
         return out, u_out
     wts = _lms_weights(weights, hist)
     named = {"pred": pred, "u1": hist[0], "u2": hist[1], "u3": hist[2],
@@ -679,9 +678,9 @@ def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_samp
     seed = _seed_offset(seed, offset, per_sample_seeds)
     if _native(x, backend):
         out = _native_out("out", out, x)
-        _NATIVE.lincomb_step(x, _terms(terms), _floats("weights", weights),
-                             _float("noise_std", noise_std), seed, offset, per_sample_seeds,
-                             V.check_flag(), out)
+        _NATIVE.now().lincomb_step(x, _terms(terms), _floats("weights", weights),
+                                   _float("noise_std", noise_std), seed, offset, per_sample_seeds,
+                                   V.check_flag(), out)
         return out
     V.tensor("x", x)
     terms = _terms(terms)

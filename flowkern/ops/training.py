@@ -25,8 +25,9 @@ from .._rules import DIVIDES, PRED_CODE, PREDICTIONS, REDUCTION_CODE, TABLE_KIND
 from ..backend import cpu_built, resolve
 from ..schedules import coefficients, from_native, native_spec
 from ..tables import SIGMA
-from ._registry import (CALLS, NATIVE_NS, calls_for, lazy, no_forward_mode, no_time_tangent,
-                        ops_for, refuse_grad, register, transforms_active, triton_op)
+from ._registry import (CALLS, NATIVE_NS, NativeOps, calls_for, lazy, no_forward_mode,
+                        no_time_tangent, ops_for, refuse_grad, register, transforms_active,
+                        triton_op)
 
 _T = "flowkern.triton.training"
 
@@ -288,11 +289,13 @@ if cpu_built():
     torch.library.register_fake("flowkern::schedule_table")(
         lambda t, kind, params, rows, dtype, check: t.new_empty((rows, 4), dtype=dtype))
 
-_NATIVE = torch.ops.flowkern if cpu_built() else None
 _DIFF = CALLS[NATIVE_NS]  # DiffOp of each native op
-if cpu_built():  # the overloads the public functions call, looked up once
-    _INTERP_NG, _INTERP_OUT = _NATIVE.interpolate.nograd, _NATIVE.interpolate_out.default
-    _CONVERT_NG, _LOSS_NG = _NATIVE.convert.nograd, _NATIVE.fm_loss.nograd
+# the overloads the public functions call when nothing needs a gradient
+_NATIVE = NativeOps(
+    interpolate=torch.ops.flowkern.interpolate.nograd,
+    interpolate_out=torch.ops.flowkern.interpolate_out.default,
+    convert=torch.ops.flowkern.convert.nograd,
+    fm_loss=torch.ops.flowkern.fm_loss.nograd) if cpu_built() else None
 
 
 # ---------------------------------------------------------------------------
@@ -332,10 +335,11 @@ def _code(name, value, codes=PRED_CODE):
     return V.prediction(name, value) if code is None else code
 
 
-def _native_coef(schedule, t, rows, like):
+def _native_coef(schedule, t, like):
     """(t, t_value, kind, params) of a native op: the times and a built-in
     schedule's kind and parameters, or (table, 0, TABLE_KIND, []) for any
-    other schedule (its table built here, with the [0, 1] check)."""
+    other schedule (its table built here for like's rows, with the [0, 1]
+    check)."""
     if isinstance(t, torch.Tensor):
         tt, tv = t, 0.0
     elif isinstance(t, (int, float)):
@@ -345,6 +349,7 @@ def _native_coef(schedule, t, rows, like):
     spec = native_spec(schedule)
     if spec is not None:
         return tt, tv, spec[0], spec[1]
+    rows = like.shape[0] if like.dim() else 1
     t = V.time("t", t, rows, like, check_values=False)
     table = coefficients(schedule, t, rows, V.acc_dtype(like.dtype),
                          check="t" if V.values_checked(t) and V.check_flag() else "")
@@ -466,12 +471,13 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
     if out is not None:
         out = _check_out(out)
     if be in ("cpu", "cuda"):
-        args = (x0, x1, *_native_coef(schedule, t, x0.shape[0] if x0.dim() else 1, x0), code,
-                V.check_flag())
+        args = (x0, x1, *_native_coef(schedule, t, x0), code, V.check_flag())
         if out is not None:
-            _INTERP_OUT(*args, *out)
+            _NATIVE.now().interpolate_out(*args, *out)
             return out
-        return (_DIFF.interpolate if _need_grad2(x0, x1) else _INTERP_NG)(*args)
+        if _need_grad2(x0, x1):
+            return _DIFF.interpolate(*args)
+        return _NATIVE.now().interpolate(*args)
     (x0, x1), shape = _validated(["x0", "x1"], [x0, x1])
     coef = _kernel_coef(schedule, t, shape[0], x1, lambda c: check_target(c, code))
     x0, x1 = V.dense(x0, shape), V.dense(x1, shape)
@@ -537,12 +543,12 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
     if weight is not None and not isinstance(weight, torch.Tensor):
         weight = torch.as_tensor(weight, device=pred.device)
     if be in ("cpu", "cuda"):
-        coef = _native_coef(schedule, t, pred.shape[0] if pred.dim() else 1, pred)
+        coef = _native_coef(schedule, t, pred)
         check = V.check_flag()
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             rows = _DIFF.fm_loss(pred, x0, x1, *coef, code, None, 2, check)
             return _weigh_rows(rows, pred, weight, reduction)
-        op = _DIFF.fm_loss if _need_grad3(pred, x0, x1) else _LOSS_NG
+        op = _DIFF.fm_loss if _need_grad3(pred, x0, x1) else _NATIVE.now().fm_loss
         return op(pred, x0, x1, *coef, code, weight, red, check)
     (pred, x0, x1), shape = _validated(["pred", "x0", "x1"], [pred, x0, x1])
     coef = _kernel_coef(schedule, t, shape[0], pred, lambda c: check_target(c, code))
@@ -577,9 +583,10 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
     s, d = _code("src", src), _code("dst", dst)
     be = resolve(backend, x_t.device)
     if be in ("cpu", "cuda"):
-        args = (pred, x_t, *_native_coef(schedule, t, x_t.shape[0] if x_t.dim() else 1, x_t),
-                s, d, V.check_flag())
-        return (_DIFF.convert if _need_grad2(pred, x_t) else _CONVERT_NG)(*args)
+        args = (pred, x_t, *_native_coef(schedule, t, x_t), s, d, V.check_flag())
+        if _need_grad2(pred, x_t):
+            return _DIFF.convert(*args)
+        return _NATIVE.now().convert(*args)
     (pred, x_t), shape = _validated(["pred", "x_t"], [pred, x_t])
     coef = _kernel_coef(schedule, t, shape[0], x_t, lambda c: check_conversion(c, src, dst))
     return calls_for(be).convert.call(V.dense(pred, shape), V.dense(x_t, shape), *coef, s, d, False)
