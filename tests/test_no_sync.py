@@ -363,7 +363,7 @@ def cuda_glue_on_cpu(monkeypatch):
     calls = []
 
     def resolve_cuda(backend, device):
-        name = backend if backend is not None else (B._stack[-1] if B._stack else None)
+        name = backend if backend is not None else B._current.get()
         return "cuda" if name == "cuda" else resolve(backend, device)
 
     def counted(name):
