@@ -81,8 +81,10 @@ class NativeOps:
 
     def __init__(self, **overloads):
         self.traced = types.SimpleNamespace(**overloads)
+        # torch < 2.14 has no _pyobj_dispatcher and its __call__ is `_op` alone;
+        # with a Python dispatcher object __call__ does more: keep the overload
         self.direct = types.SimpleNamespace(**{
-            name: op._op if op._pyobj_dispatcher is None else op  # else __call__ does more
+            name: op._op if getattr(op, "_pyobj_dispatcher", None) is None else op
             for name, op in overloads.items()})
 
     def now(self) -> types.SimpleNamespace:
