@@ -43,8 +43,7 @@ TABLE_KIND = -1  # the schedule kind of a caller's coefficient table (kTableKind
 
 def default_form(prediction: str) -> str:
     """The form a model of this prediction type is integrated in: data for x1
-    and velocity predictions, noise for eps and score (the form whose
-    conversion is the identity or divides by sigma_t, never by the det)."""
+    and velocity predictions, noise for eps and score."""
     return "data" if prediction in ("x1", "velocity") else "noise"
 
 

@@ -985,3 +985,7 @@ def _steps_for(backend):
 
 
 _STEPS: dict = {}
+
+
+__all__ = ["euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn",
+           "lms_step", "lincomb_step", "step_table"]
