@@ -402,11 +402,18 @@ def test_one_op_no_table_construction():
 
 # -- registration -------------------------------------------------------------------
 
-GLUE_OPS = ["interpolate", "interpolate.nograd", "interpolate_out", "interpolate_backward",
-            "convert", "convert.nograd", "convert_backward", "fm_loss", "fm_loss.nograd",
-            "fm_loss_backward", "euler_step", "heun_step", "ei_step", "ei_step.nograd",
-            "ei_step_out", "ei_step_backward", "dpmpp_2m_step", "em_step", "churn", "lms_step",
-            "lincomb_step", "flowmap_loss_rows", "flowmap_loss_backward", "field_mean"]
+def _schema_names():
+    """Every op and overload of flowkern/ops/schemas.inc, the one schema list."""
+    import re
+
+    import flowkern.ops
+
+    path = os.path.join(os.path.dirname(flowkern.ops.__file__), "schemas.inc")
+    with open(path) as f:
+        return re.findall(r'^FK_SCHEMA\("([\w.]+)\(', f.read(), re.M)
+
+
+GLUE_OPS = _schema_names()
 
 
 def _op(ns, qual):

@@ -208,6 +208,18 @@ def test_bad_arguments():
         SIM._sim_step("euler_step", [x, x], torch.zeros(3, 12))
     with pytest.raises(RuntimeError, match="unknown op 'nope'"):
         SIM._sim_step("nope", [x, x], table)
+    # scalars a functor cannot take (its maker's valid(), which the CUDA
+    # launcher also asks: kBadParams)
+    out_of_range = "out of range for the op"
+    with pytest.raises(RuntimeError, match=out_of_range):
+        SIM._sim_step("ei_step", [x, x], table, 0, 2)  # no EI form 2
+    with pytest.raises(RuntimeError, match=out_of_range):
+        SIM._sim_step("churn", [x], table, 0, 0, True)  # churn has no guidance
+    with pytest.raises(RuntimeError, match=out_of_range):
+        SIM._sim_step("lms_step", [x] * 6, table, 0, 4)  # at most 3 earlier velocities
+    with pytest.raises(RuntimeError, match=out_of_range):
+        SIM._sim_step("lincomb_step", [x] * 5, table, 0, 4, False, 1.0, 0, 0, 0, 0, None,
+                      [1.0] * 5, 0.5)  # the noisy variant takes at most 3 terms
 
 
 def test_device_cos_formula():

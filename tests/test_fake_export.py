@@ -8,6 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import flowkern as fk
 from conftest import DEVICE, backends_under_test
+from helpers import STEP_EXAMPLES
 
 BACKENDS = backends_under_test()
 ref = torch.randn(8, 3, device=DEVICE)
@@ -16,16 +17,9 @@ CASES = {
     "interpolate": lambda x, v, t: fk.interpolate(x, v, t, "cosine", "eps"),
     "convert": lambda x, v, t: fk.convert(x, v, t, "linear", "x1", "velocity"),
     "flow_matching_loss": lambda x, v, t: fk.flow_matching_loss(x, v, v, t, reduction="none"),
-    "euler_step": lambda x, v, t: fk.euler_step(x, v, 0.3, 0.5),
+    **{name: (lambda call: lambda x, v, t: call(x, v))(call)
+       for name, call in STEP_EXAMPLES.items()},
     "euler_step-tensor-times": lambda x, v, t: fk.euler_step(x, v, t * 0.5, t * 0.5 + 0.1),
-    "heun_step": lambda x, v, t: fk.heun_step(x, v, x, v, 0.3, 0.5),
-    "ei_step": lambda x, v, t: fk.ei_step(x, v, 0.3, 0.5, "cosine"),
-    "dpmpp_2m_step": lambda x, v, t: fk.dpmpp_2m_step(x, v, 0.3, 0.5),
-    "em_step": lambda x, v, t: fk.em_step(x, v, 0.3, 0.5, seed=1),
-    "churn": lambda x, v, t: fk.churn(x, 0.5, 0.4, "edm", seed=1),
-    "lms_step": lambda x, v, t: fk.lms_step(x, v, [0.1, 0.2], [v], 0.3, "cosine"),
-    "lincomb_step": lambda x, v, t: fk.lincomb_step(x, [v, v * 2], [0.9, 0.1, 0.05],
-                                                    noise_std=0.2, seed=4),
     "flowmap_loss": lambda x, v, t: fk.flowmap_loss(x, v, v, 0.2, 0.6),
     "poisson_field": lambda x, v, t: fk.poisson_field(x, t + 0.5, ref),
     "empirical_denoiser": lambda x, v, t: fk.empirical_denoiser(x, 0.5, ref),

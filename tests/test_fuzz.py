@@ -32,7 +32,7 @@ import flowkern as fk
 from flowkern._rules import PREDICTIONS
 
 from conftest import DEVICE, backends_under_test, dtypes_for, full_run
-from helpers import EPS
+from helpers import EPS, STEP_EXAMPLES
 
 KERNELS = [b for b in backends_under_test() if b != "torch"]
 SCHEDULES = ["linear", "cosine", "polynomial", "vp", "ve", "edm"]
@@ -400,17 +400,8 @@ def test_fuzz_requires_grad(backend, data):
 OUT_CALLS = {
     "interpolate": lambda x, p, out, be: fk.interpolate(x, p, 0.3, out=(out, torch.empty_like(x)),
                                                         backend=be)[0],
-    "euler_step": lambda x, p, out, be: fk.euler_step(x, p, 0.2, 0.4, out=out, backend=be),
-    "heun_step": lambda x, p, out, be: fk.heun_step(x, p, x, p, 0.2, 0.4, out=out, backend=be),
-    "ei_step": lambda x, p, out, be: fk.ei_step(x, p, 0.2, 0.4, out=out, backend=be),
-    "dpmpp_2m_step": lambda x, p, out, be: fk.dpmpp_2m_step(x, p, 0.2, 0.4, prediction="x1",
-                                                            out=out, backend=be)[0],
-    "em_step": lambda x, p, out, be: fk.em_step(x, p, 0.2, 0.4, seed=1, out=out, backend=be),
-    "churn": lambda x, p, out, be: fk.churn(x, 0.4, 0.2, seed=1, out=out, backend=be),
-    "lms_step": lambda x, p, out, be: fk.lms_step(x, p, [0.1, 0.2], [p * 2], 0.2, out=out,
-                                                  backend=be)[0],
-    "lincomb_step": lambda x, p, out, be: fk.lincomb_step(x, [p], [0.5, 0.5], out=out,
-                                                          backend=be),
+    **{name: (lambda call: lambda x, p, out, be: call(x, p, out=out, backend=be))(call)
+       for name, call in STEP_EXAMPLES.items()},
 }
 
 

@@ -8,6 +8,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import flowkern as fk
+from helpers import STEP_EXAMPLES
 
 pytestmark = pytest.mark.skipif(not fk.available()["cpu"], reason="needs flowkern._C")
 
@@ -128,27 +129,28 @@ def test_native_and_python_tables_agree():
 
 # ------------------------------------------------ ops without a derivative
 
-STEP_CALLS = {
-    "euler_step": lambda x, p, out: fk.euler_step(x, p, 0.2, 0.4, out=out),
-    "heun_step": lambda x, p, out: fk.heun_step(x, p, x, p, 0.2, 0.4, out=out),
-    "ei_step_out": lambda x, p, out: fk.ei_step(x, p, 0.2, 0.4, out=out),
-    "dpmpp_2m_step": lambda x, p, out: fk.dpmpp_2m_step(x, p, 0.2, 0.4, prediction="x1",
-                                                        out=out)[0],
-    "em_step": lambda x, p, out: fk.em_step(x, p, 0.2, 0.4, seed=1, out=out),
-    "churn": lambda x, p, out: fk.churn(x, 0.4, 0.2, out=out),
-    "lms_step": lambda x, p, out: fk.lms_step(x, p, [0.1, 0.2], [p * 2], 0.2, out=out)[0],
-    "lincomb_step": lambda x, p, out: fk.lincomb_step(x, [p], [0.5, 0.5], out=out),
-}
+def test_every_public_step_has_an_example():
+    """helpers.STEP_EXAMPLES (read by the tests below, the fuzzer's out= test
+    and the fake-tensor test) has one call of every public step op."""
+    from flowkern.ops import steps
+    from flowkern.ops._registry import SCHEMAS
+
+    assert set(STEP_EXAMPLES) == {n for n in SCHEMAS if n in steps.__all__}
 
 
-@pytest.mark.parametrize("op", list(STEP_CALLS))
+# The native op a step with out= calls (its error messages name it).
+_OUT_OP = {"ei_step": "ei_step_out"}
+
+
+@pytest.mark.parametrize("op", list(STEP_EXAMPLES))
 def test_in_place_steps_refuse_inputs_that_need_a_gradient(op):
     """An in-place step has no derivative: an input or buffer that needs a
     gradient is a clear error naming it, not a silently detached result."""
-    call = STEP_CALLS[op]
+    call = STEP_EXAMPLES[op]
     x = torch.randn(4, 5)
     name = {"churn": "x", "lincomb_step": "terms"}.get(op, "pred")
-    with pytest.raises(RuntimeError, match=f"flowkern::{op}: argument '{name}' requires grad"):
+    native = _OUT_OP.get(op, op)
+    with pytest.raises(RuntimeError, match=f"flowkern::{native}: argument '{name}' requires grad"):
         call(x.requires_grad_() if op == "churn" else x, torch.randn(4, 5, requires_grad=True),
              torch.empty(4, 5))
     leaf = torch.zeros(4, 5, requires_grad=True)
@@ -158,7 +160,7 @@ def test_in_place_steps_refuse_inputs_that_need_a_gradient(op):
         call(torch.randn(4, 5), torch.randn(4, 5, requires_grad=True), None)
 
 
-@pytest.mark.parametrize("op", list(STEP_CALLS))
+@pytest.mark.parametrize("op", list(STEP_EXAMPLES))
 def test_in_place_writes_bump_the_version_counter(op):
     """A buffer autograd saved and a step overwrote makes backward raise (the
     version counter), as PyTorch's own in-place ops do."""
@@ -167,7 +169,7 @@ def test_in_place_writes_bump_the_version_counter(op):
     y = (b * b).sum()  # saves b
     v0 = b._version
     with torch.no_grad():
-        STEP_CALLS[op](torch.randn(4, 5), torch.randn(4, 5), b)
+        STEP_EXAMPLES[op](torch.randn(4, 5), torch.randn(4, 5), b)
     assert b._version > v0
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()

@@ -17,20 +17,12 @@
 namespace flowkern_cpu {
 namespace {
 
-// The launchers' names, in fk::StepOp order.
-constexpr const char* kStepNames[] = {"euler_step", "heun_step",     "ei_step",
-                                      "ei_step_backward", "dpmpp_2m_step", "em_step",
-                                      "churn",      "lms_step",      "lincomb_step"};
-static_assert(sizeof(kStepNames) / sizeof(kStepNames[0]) == fk::LINCOMB_STEP + 1);
-
-// Calls f(std::integral_constant<int, OP>{}) for the op of that name.
-template <int OP = 0, class F> void with_step_op(const std::string& op, F&& f) {
-  if constexpr (OP <= fk::LINCOMB_STEP) {
-    if (op == kStepNames[OP]) return f(std::integral_constant<int, OP>{});
-    return with_step_op<OP + 1>(op, f);
-  } else {
-    TORCH_CHECK(false, "_sim_step: unknown op '", op, "'");
-  }
+// Calls f(std::integral_constant<int, OP>{}) for the step op of that name.
+template <class F> void with_step_op(const std::string& op, F&& f) {
+  for (int id = 0; id < fk::STEP_OP_COUNT; ++id)
+    if (op == fk::step_name(id))
+      return void(fk::with_step_op(id, 0, [&](auto c) { return f(c), 0; }));
+  TORCH_CHECK(false, "_sim_step: unknown op '", op, "'");
 }
 
 // inputs: the tensors the launcher passes to the kernel, in its order (absent
@@ -67,6 +59,8 @@ std::tuple<std::vector<at::Tensor>, sim::Plan> sim_step(
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     with_step_op(op, [&](auto id) {
+      TORCH_CHECK(fk::step_params_valid<decltype(id)::value>(p), what,
+                  ": variant, cfg or weights out of range for the op");
       fk::with_step_fn<decltype(id)::value>(fk::StepSrc<A>{cptr<A>(coef), stride}, p, [&](auto fn) {
         plan = sim::sweep_into<T>(fn, what, inputs, max_blocks, out_offset, outs, key);
       });

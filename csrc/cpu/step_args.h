@@ -1,5 +1,5 @@
-// The rules of the sampler steps that the CPU ops (steps.cpp) and the CUDA
-// glue (csrc/glue/glue.h) share: a step's coefficient rows on the host
+// The rules of the sampler-step ops (step_ops.h), for the CPU and the CUDA
+// glue alike: a step's coefficient rows on the host
 // (StepCoef: a caller's table, or the one row of [t, s, t_prev, g] and a
 // built-in schedule, in double), their value checks, and the checks of the
 // model outputs and output buffers against x.
@@ -52,6 +52,7 @@ inline fk::NoiseKey noise_key(int64_t seed, int64_t offset, const at::Tensor& se
 
 // A step's coefficient rows: a (1 or B, STEP_COLS) table in the accumulation type.
 template <class A> struct StepCoef {
+  using value_type = A;
   at::Tensor keep;     // the table tensor, when given
   std::vector<A> own;  // the row built here
   const A* ptr;
@@ -174,52 +175,6 @@ template <class A> inline void check_step_direction(const StepCoef<A>& c, bool f
     }
   }
 }
-
-// The value checks of each step (the divisions its form needs, its
-// direction), on its host coefficient rows: one rule per step for the CPU ops
-// (steps.cpp) and the CUDA glue (csrc/cuda/glue.h).
-struct StepChecks {
-  template <class A> static void euler(const StepCoef<A>& c, int64_t pred) {
-    check_conversion(c, pred, fk::VELOCITY);
-  }
-  template <class A> static void heun(const StepCoef<A>& c, int64_t pred) {
-    check_conversion(c, pred, fk::VELOCITY);
-    check_conversion(c, pred, fk::VELOCITY, true);
-  }
-  template <class A> static void ei(const StepCoef<A>& c, int64_t pred, int64_t form) {
-    if (form == fk::EI_DATA) {
-      check_sigma_t(c, "the data form divides by it");
-      check_conversion(c, pred, fk::X1);
-    } else {
-      check_alpha_t(c, "the noise form divides by it");
-      check_conversion(c, pred, fk::EPS);
-    }
-  }
-  template <class A> static void dpmpp_2m(const StepCoef<A>& c, int64_t pred) {
-    check_sigma_t(c, "the data form divides by it");
-    // alpha_t = 0 (pure noise, lambda_t = -inf) is the first-order limit the
-    // kernel takes (h = inf: E = alpha_s, x_s = (sigma_s/sigma_t) x + alpha_s d,
-    // DDIM from zero SNR); between two pure-noise levels the step is undefined
-    check_rows(c, "t", "each of alpha_t, alpha_s",
-               "the step between two pure-noise levels (lambda = -inf) is undefined",
-               [](const fk::StepRow<A>& r) {
-                 return r.t.alpha != A(0) || r.s.alpha != A(0) ? A(1) : A(0);
-               });
-    check_conversion(c, pred, fk::X1);
-  }
-  template <class A> static void em(const StepCoef<A>& c, int64_t pred) {
-    check_conversion(c, pred, fk::VELOCITY);
-    check_conversion(c, pred, fk::SCORE);
-    check_step_direction(c, true);
-  }
-  template <class A> static void lms(const StepCoef<A>& c, int64_t pred) {
-    check_conversion(c, pred, fk::VELOCITY);
-  }
-  template <class A> static void churn(const StepCoef<A>& c) {
-    check_alpha_t(c, "churn divides by it");
-    check_step_direction(c, false);
-  }
-};
 
 // A step's host weights (lms_step, lincomb_step): finite, checked always.
 inline void check_finite_weights(at::ArrayRef<double> weights) {

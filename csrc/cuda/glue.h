@@ -34,7 +34,7 @@
 #include "../cpu/dispatch.h"
 #include "../cpu/field_args.h"
 #include "../cpu/flowmap_args.h"
-#include "../cpu/step_args.h"
+#include "../cpu/step_ops.h"
 #include "flowkern/coef_arg.h"
 #include "flowkern/fields_block.h"
 #include "launchers.h"
@@ -334,195 +334,37 @@ template <class D, class L> struct Glue {
     return c;
   }
 
-  // Runs launch(coef, launch) after the step's coefficients and checks.
-  template <class Checks, class Go>
-  static void run_step(const at::Tensor& x, FK_STEP_ARGS, int64_t prediction, bool check,
-                       Checks&& checks, Go&& go) {
-    check_code("prediction", prediction, kPreds);
-    const Launch l(x);
-    with_acc(x, [&](auto acc) {
-      using A = decltype(acc);
-      at::Tensor keep;
-      const auto c = step_coef_arg<A>(FK_STEP_PASS, x, check, keep,
-                                      [&](const StepCoef<A>& s) { checks(s); });
-      go(c, l);
-    });
-  }
+  // The device runner of the step ops (csrc/cpu/step_ops.h): the
+  // coefficient argument (step_coef_arg) and one launch of the step launcher.
+  struct Steps {
+    static bool values_read(bool check) { return check && D::values_on_device_checked(); }
+    static at::Tensor empty(const at::Tensor& x) { return at::empty(x.sizes(), x.options()); }
 
-  static uintptr_t given(const std::vector<at::Tensor>& in, size_t k, bool present) {
-    return present ? ptr(in[k]) : 0;
-  }
-
-  static void euler_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
-                         FK_STEP_ARGS, int64_t prediction, double guidance, bool check,
-                         at::Tensor& out) {
-    const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
-                                {{"out", &out}});
-    run_step(in[0], FK_STEP_PASS, prediction, check,
-             [&](const auto& c) { StepChecks::euler(c, prediction); },
-             [&](const fk::CoefArg& c, const Launch& l) {
-               ok(L::euler_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
-                                given(in, 2, pred_uncond.has_value()), c, int(prediction),
-                                guidance, ptr(out), l.stream, l.max_blocks),
-                  "euler_step");
-             });
-  }
-
-  static void heun_step(const at::Tensor& x, const at::Tensor& pred, const at::Tensor& x_euler,
-                        const at::Tensor& pred_euler, const OptT& pred_uncond,
-                        const OptT& pred_euler_uncond, FK_STEP_ARGS, int64_t prediction,
-                        double guidance, bool check, at::Tensor& out) {
-    TORCH_CHECK_VALUE(pred_uncond.has_value() == pred_euler_uncond.has_value(),
-                      "pred_euler_uncond: give both unconditional predictions or neither");
-    check_batch("x_euler", x_euler);
-    const auto in = step_inputs(x, {{"pred", &pred}, {"x_euler", &x_euler},
-                                    {"pred_euler", &pred_euler},
-                                    {"pred_uncond", opt(pred_uncond)},
-                                    {"pred_euler_uncond", opt(pred_euler_uncond)}},
-                                {{"out", &out}});
-    const bool cfg = pred_uncond.has_value();
-    run_step(in[0], FK_STEP_PASS, prediction, check,
-             [&](const auto& c) { StepChecks::heun(c, prediction); },
-             [&](const fk::CoefArg& c, const Launch& l) {
-               ok(L::heun_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
-                               ptr(in[2]), ptr(in[3]), given(in, 4, cfg), given(in, 5, cfg), c,
-                               int(prediction), guidance, ptr(out), l.stream, l.max_blocks),
-                  "heun_step");
-             });
-  }
-
-  static void ei_step_out(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
-                          FK_STEP_ARGS, int64_t prediction, int64_t form, double guidance,
-                          bool check, at::Tensor& out) {
-    check_form(form);
-    const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
-                                {{"out", &out}});
-    run_step(in[0], FK_STEP_PASS, prediction, check,
-             [&](const auto& c) { StepChecks::ei(c, prediction, form); },
-             [&](const fk::CoefArg& c, const Launch& l) {
-               ok(L::ei_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
-                             given(in, 2, pred_uncond.has_value()), c, int(prediction),
-                             int(form), guidance, ptr(out), l.stream, l.max_blocks),
-                  "ei_step");
-             });
-  }
-
-  static at::Tensor ei_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
-                            FK_STEP_ARGS, int64_t prediction, int64_t form, double guidance,
-                            bool check) {
-    check_batch("x", x);
-    auto out = at::empty(x.sizes(), x.options());
-    ei_step_out(x, pred, pred_uncond, FK_STEP_PASS, prediction, form, guidance, check, out);
-    return out;
-  }
-
-  static std::vector<at::Tensor> ei_step_backward(const at::Tensor& grad_, FK_STEP_ARGS,
-                                                  int64_t prediction, int64_t form,
-                                                  double guidance, bool cfg) {
-    check_form(form);
-    check_batch("grad", grad_);
-    const auto grad = grad_.contiguous();
-    std::vector<at::Tensor> g;
-    for (int k = 0; k < (cfg ? 3 : 2); ++k) g.push_back(at::empty(grad.sizes(), grad.options()));
-    run_step(grad, FK_STEP_PASS, prediction, false, [](const auto&) {},
-             [&](const fk::CoefArg& c, const Launch& l) {
-               ok(L::ei_step_backward(dtype_code(grad), rows_of(grad), inner_of(grad), ptr(grad),
-                                      c, int(prediction), int(form), guidance, ptr(g[0]),
-                                      ptr(g[1]), cfg ? ptr(g[2]) : 0, l.stream, l.max_blocks),
-                  "ei_step_backward");
-             });
-    return g;
-  }
-
-  static void dpmpp_2m_step(const at::Tensor& x, const at::Tensor& pred, const OptT& d_prev,
-                            const OptT& pred_uncond, FK_STEP_ARGS, int64_t prediction,
-                            double guidance, bool check, at::Tensor& out, at::Tensor& d_out) {
-    // Without d_prev the first-order step ignores the third input: x stands there.
-    const auto in = step_inputs(
-        x, {{"pred", &pred}, {"d_prev", d_prev.has_value() ? &*d_prev : &x},
-            {"pred_uncond", opt(pred_uncond)}},
-        {{"out", &out}, {"d_out", &d_out}});
-    run_step(in[0], FK_STEP_PASS, prediction, check,
-             [&](const auto& c) { StepChecks::dpmpp_2m(c, prediction); },
-             [&](const fk::CoefArg& c, const Launch& l) {
-               ok(L::dpmpp_2m_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]),
-                                   ptr(in[1]), given(in, 2, d_prev.has_value()),
-                                   given(in, 3, pred_uncond.has_value()), c, int(prediction),
-                                   guidance, ptr(out), ptr(d_out), l.stream, l.max_blocks),
-                  "dpmpp_2m_step");
-             });
-  }
-
-  static void em_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
-                      FK_STEP_ARGS, int64_t prediction, double guidance, int64_t seed,
-                      int64_t offset, const OptT& per_sample_seeds, bool check, at::Tensor& out) {
-    const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
-                                {{"out", &out}});
-    const at::Tensor seeds =
-        step_seeds(per_sample_seeds, x, check && D::values_on_device_checked());
-    run_step(in[0], FK_STEP_PASS, prediction, check,
-             [&](const auto& c) { StepChecks::em(c, prediction); },
-             [&](const fk::CoefArg& c, const Launch& l) {
-               ok(L::em_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
-                             given(in, 2, pred_uncond.has_value()), c, int(prediction),
-                             guidance, uint64_t(seed), offset, ptr(seeds), ptr(out), l.stream,
-                             l.max_blocks),
-                  "em_step");
-             });
-  }
-
-  static void churn(const at::Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset,
-                    const OptT& per_sample_seeds, bool check, at::Tensor& out) {
-    const auto in = step_inputs(x, {}, {{"out", &out}});
-    const at::Tensor seeds =
-        step_seeds(per_sample_seeds, x, check && D::values_on_device_checked());
-    run_step(in[0], FK_STEP_PASS, 0, check,
-             [](const auto& c) { StepChecks::churn(c); },
-             [&](const fk::CoefArg& c, const Launch& l) {
-               ok(L::churn(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), c, uint64_t(seed),
-                           offset, ptr(seeds), ptr(out), l.stream, l.max_blocks),
-                  "churn");
-             });
-  }
-
-  static void lms_step(const at::Tensor& x, const at::Tensor& pred, const OptT& u1,
-                       const OptT& u2, const OptT& u3, const OptT& pred_uncond,
-                       at::ArrayRef<double> weights, FK_STEP_ARGS, int64_t prediction,
-                       double guidance, bool check, at::Tensor& out, at::Tensor& u_out) {
-    lms_history(u1, u2, u3, weights);
-    const auto in = step_inputs(x, {{"pred", &pred}, {"u1", opt(u1)}, {"u2", opt(u2)},
-                                    {"u3", opt(u3)}, {"pred_uncond", opt(pred_uncond)}},
-                                {{"out", &out}, {"u_out", &u_out}});
-    // in: x, pred, then the given ones of u1, u2, u3, pred_uncond in that order
-    size_t k = 2;
-    const auto next = [&](bool present) { return present ? ptr(in[k++]) : uintptr_t(0); };
-    const uintptr_t p1 = next(u1.has_value()), p2 = next(u2.has_value()),
-                    p3 = next(u3.has_value()), pu = next(pred_uncond.has_value());
-    run_step(in[0], FK_STEP_PASS, prediction, check,
-             [&](const auto& c) { StepChecks::lms(c, prediction); },
-             [&](const fk::CoefArg& c, const Launch& l) {
-               ok(L::lms_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
-                              p1, p2, p3, pu, c, int(prediction), guidance, weights.data(),
-                              ptr(out), ptr(u_out), l.stream, l.max_blocks),
-                  "lms_step");
-             });
-  }
-
-  static void lincomb_step(const at::Tensor& x, at::TensorList terms,
-                           at::ArrayRef<double> weights, double noise_std, int64_t seed,
-                           int64_t offset, const OptT& per_sample_seeds, bool check,
-                           at::Tensor& out) {
-    const int nt = lincomb_terms(terms, weights, noise_std);
-    const auto in = lincomb_inputs(x, terms, out);
-    const at::Tensor seeds =
-        step_seeds(per_sample_seeds, x, check && D::values_on_device_checked());
-    const Launch l(in[0]);
-    ok(L::lincomb_step(dtype_code(x), rows_of(x), inner_of(x), ptr(in[0]), ptr(in[1]),
-                       given(in, 2, nt > 1), given(in, 3, nt > 2), given(in, 4, nt > 3),
-                       weights.data(), noise_std, uint64_t(seed), offset, ptr(seeds), ptr(out),
-                       l.stream, l.max_blocks),
-       "lincomb_step");
-  }
+    template <int OP, class Checks>
+    static void run(const std::vector<at::Tensor>& in, const std::vector<at::Tensor*>& outs,
+                    const StepTimes* coef, bool check, const fk::StepParams& p,
+                    const StepNoise& noise, Checks&& checks) {
+      check_code("prediction", p.pred, kPreds);
+      const at::Tensor& x = in[0];
+      const Launch l(x);
+      with_acc(x, [&](auto acc) {
+        using A = decltype(acc);
+        at::Tensor keep;
+        const fk::CoefArg c =
+            coef == nullptr ? fk::CoefArg{}
+                            : step_coef_arg<A>(coef->table, coef->times, coef->kind,
+                                               coef->params, x, check, keep, checks);
+        uintptr_t ins[8], outp[4];
+        TORCH_INTERNAL_ASSERT(in.size() <= 8 && outs.size() <= 4);
+        for (size_t j = 0; j < in.size(); ++j) ins[j] = ptr(in[j]);
+        for (size_t k = 0; k < outs.size(); ++k) outp[k] = ptr(*outs[k]);
+        ok(L::step(OP, dtype_code(x), rows_of(x), inner_of(x), ins, int(in.size()), c, p, outp,
+                   int(outs.size()), uint64_t(noise.seed), noise.offset, ptr(noise.seeds),
+                   l.stream, l.max_blocks),
+           fk::step_name(OP));
+      });
+    }
+  };
 
   // ------------------------------------------------------------- flow map
 
@@ -615,17 +457,7 @@ template <class D, class L> struct Glue {
     m.impl("fm_loss", &fm_loss);
     m.impl("fm_loss.nograd", &fm_loss);
     m.impl("fm_loss_backward", &fm_loss_backward);
-    m.impl("euler_step", &euler_step);
-    m.impl("heun_step", &heun_step);
-    m.impl("ei_step", &ei_step);
-    m.impl("ei_step.nograd", &ei_step);
-    m.impl("ei_step_out", &ei_step_out);
-    m.impl("ei_step_backward", &ei_step_backward);
-    m.impl("dpmpp_2m_step", &dpmpp_2m_step);
-    m.impl("em_step", &em_step);
-    m.impl("churn", &churn);
-    m.impl("lms_step", &lms_step);
-    m.impl("lincomb_step", &lincomb_step);
+    StepOps<Steps>::register_all(m);
     m.impl("flowmap_loss_rows", &flowmap_loss_rows);
     m.impl("flowmap_loss_backward", &flowmap_loss_backward);
     m.impl("field_mean", &field_mean);

@@ -48,12 +48,15 @@ inline const char* code_message(int code) {
     case kGridTooLarge: return "rows * chunks exceeds the CUDA grid limit of 2^31 - 1 blocks";
     case kBadForm: return "unknown exponential-integrator form (expected 0=data, 1=noise)";
     case kBadTable: return "the coefficients fit neither one row for the batch nor one per row";
-    case kBadTensors: return "the given tensors do not fit the launch (a step's unconditional "
-                             "predictions: both or neither; every required tensor non-null)";
+    case kBadTensors: return "the given tensors do not fit the launch (their count, or a "
+                             "required one is null)";
     case kBadKind: return "unknown field or schedule kind";
     case kBadSizes: return "bad field sizes (need at least one reference and rows, inner >= 0)";
     case kBadWorkspace: return "the field workspace is missing or smaller than the plan's "
                                "(plan_fields)";
+    case kBadStepOp: return "unknown step op (fk::StepOp)";
+    case kBadParams: return "the step's scalars are out of range for its op (EI form, DPM "
+                            "order, history or term count, guidance of an unguided step)";
     default: return nullptr;
   }
 }
@@ -158,148 +161,40 @@ int fm_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, 
 
 // ------------------------------------------------------------------- steps
 
-// The given (non-zero) pointers of a launch, in argument order.
-struct Given {
-  dptr p[6];
-  int n;
-};
-
-inline Given given(std::initializer_list<dptr> slots) {
-  Given g{{}, 0};
-  for (dptr s : slots)
-    if (s != 0) g.p[g.n++] = s;
-  return g;
-}
-
-// The noise key of a launch; `seeds`: the per-sample seeds' device address or 0.
-inline fk::NoiseKey noise_key(uint64_t seed, i64 offset, dptr seeds) {
-  return {seed, offset, reinterpret_cast<const int64_t*>(seeds)};
-}
-
-// A step launch: the functor of fk::with_step_fn (as the CPU op and the
-// simulator build it) over the given inputs and outputs.
-template <class E, int OP>
-int step(int dtype, i64 rows, i64 inner, Given ins, const fk::CoefArg& coef, fk::StepParams p,
-         Given outs, fk::NoiseKey key, uintptr_t stream, i64 max_blocks) {
+// Every step op (FK_STEP_OPS): the functor of fk::with_step_fn (as the CPU
+// op and the simulator build it) over the given inputs and outputs.
+template <class E>
+int step(int op, int dtype, i64 rows, i64 inner, const dptr* ins, int nin,
+         const fk::CoefArg& coef, const fk::StepParams& p, const dptr* outs, int nout,
+         uint64_t seed, i64 offset, dptr seeds, uintptr_t stream, i64 max_blocks) {
   if (!is_pred(p.pred)) return kBadPred;
-  return dispatch_dtype(dtype, [&](auto tag) -> int {
-    using T = typename decltype(tag)::type;
-    using A = fk::acc_t<T>;
-    fk::StepSrc<A> src;
-    if (!fk::step_src(coef, rows, src)) return kBadTable;
-    return fk::with_step_fn<OP>(src, p, [&](auto fn) -> int {
-      using Fn = decltype(fn);
-      if (rows * inner == 0) return 0;  // empty tensors have null pointers
-      if (ins.n != Fn::NI || outs.n != Fn::NO) return kBadTensors;
-      fk::Ptrs<T, Fn::NI> in;
-      for (int j = 0; j < Fn::NI; ++j) in.p[j] = in_ptr<T>(ins.p[j]);
-      fk::OutPtrs<T, Fn::NO> out;
-      for (int k = 0; k < Fn::NO; ++k) out.p[k] = out_ptr<T>(outs.p[k]);
-      return E::template lincomb<T>(fn, rows, inner, in, out, stream, max_blocks, key);
+  const fk::NoiseKey key{seed, offset, reinterpret_cast<const int64_t*>(seeds)};
+  return fk::with_step_op(op, int(kBadStepOp), [&](auto id) -> int {
+    constexpr int OP = decltype(id)::value;
+    if (!fk::step_params_valid<OP>(p)) return kBadParams;
+    return dispatch_dtype(dtype, [&](auto tag) -> int {
+      using T = typename decltype(tag)::type;
+      using A = fk::acc_t<T>;
+      fk::StepSrc<A> src;
+      if (!fk::step_src(coef, rows, src)) return kBadTable;
+      return fk::with_step_fn<OP>(src, p, [&](auto fn) -> int {
+        using Fn = decltype(fn);
+        if (nin != Fn::NI || nout != Fn::NO) return kBadTensors;
+        if (rows * inner == 0) return 0;  // empty tensors have null pointers
+        fk::Ptrs<T, Fn::NI> in;
+        for (int j = 0; j < Fn::NI; ++j) {
+          if (ins[j] == 0) return kBadTensors;
+          in.p[j] = in_ptr<T>(ins[j]);
+        }
+        fk::OutPtrs<T, Fn::NO> out;
+        for (int k = 0; k < Fn::NO; ++k) {
+          if (outs[k] == 0) return kBadTensors;
+          out.p[k] = out_ptr<T>(outs[k]);
+        }
+        return E::template lincomb<T>(fn, rows, inner, in, out, stream, max_blocks, key);
+      });
     });
   });
-}
-
-template <class E>
-int euler_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr pred_uncond,
-               const fk::CoefArg& coef, int prediction, double guidance, dptr out,
-               uintptr_t stream, i64 max_blocks) {
-  return step<E, fk::EULER_STEP>(dtype, rows, inner, given({x, pred, pred_uncond}), coef,
-                                 {prediction, 0, pred_uncond != 0, guidance}, given({out}), {},
-                                 stream, max_blocks);
-}
-
-template <class E>
-int heun_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr x_euler, dptr pred_euler,
-              dptr pred_uncond, dptr pred_euler_uncond, const fk::CoefArg& coef, int prediction,
-              double guidance, dptr out, uintptr_t stream, i64 max_blocks) {
-  // With only one unconditional prediction the count misses NI: kBadTensors.
-  return step<E, fk::HEUN_STEP>(
-      dtype, rows, inner, given({x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond}),
-      coef, {prediction, 0, pred_uncond != 0, guidance}, given({out}), {}, stream, max_blocks);
-}
-
-template <class E>
-int ei_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr pred_uncond,
-            const fk::CoefArg& coef, int prediction, int form, double guidance, dptr out,
-            uintptr_t stream, i64 max_blocks) {
-  if (!is_form(form)) return kBadForm;
-  return step<E, fk::EI_STEP>(dtype, rows, inner, given({x, pred, pred_uncond}), coef,
-                              {prediction, form, pred_uncond != 0, guidance}, given({out}), {},
-                              stream, max_blocks);
-}
-
-template <class E>
-int ei_step_backward(int dtype, i64 rows, i64 inner, dptr grad, const fk::CoefArg& coef,
-                     int prediction, int form, double guidance, dptr g_x, dptr g_pred,
-                     dptr g_pred_uncond, uintptr_t stream, i64 max_blocks) {
-  if (!is_form(form)) return kBadForm;
-  return step<E, fk::EI_STEP_BACKWARD>(dtype, rows, inner, given({grad}), coef,
-                                       {prediction, form, g_pred_uncond != 0, guidance},
-                                       given({g_x, g_pred, g_pred_uncond}), {}, stream,
-                                       max_blocks);
-}
-
-template <class E>
-int dpmpp_2m_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr d_prev,
-                  dptr pred_uncond, const fk::CoefArg& coef, int prediction, double guidance,
-                  dptr out, dptr d_out, uintptr_t stream, i64 max_blocks) {
-  // Without d_prev the first-order step ignores its third input (coefficient
-  // 0): x stands in, as in the CPU op, so that no stale memory is read.
-  const bool second = d_prev != 0;
-  return step<E, fk::DPMPP_2M_STEP>(dtype, rows, inner,
-                                    given({x, pred, second ? d_prev : x, pred_uncond}), coef,
-                                    {prediction, second, pred_uncond != 0, guidance},
-                                    given({out, d_out}), {}, stream, max_blocks);
-}
-
-template <class E>
-int em_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr pred_uncond,
-            const fk::CoefArg& coef, int prediction, double guidance, uint64_t seed, i64 offset,
-            dptr seeds, dptr out, uintptr_t stream, i64 max_blocks) {
-  return step<E, fk::EM_STEP>(dtype, rows, inner, given({x, pred, pred_uncond}), coef,
-                              {prediction, 0, pred_uncond != 0, guidance}, given({out}),
-                              noise_key(seed, offset, seeds), stream, max_blocks);
-}
-
-template <class E>
-int churn(int dtype, i64 rows, i64 inner, dptr x, const fk::CoefArg& coef, uint64_t seed,
-          i64 offset, dptr seeds, dptr out, uintptr_t stream, i64 max_blocks) {
-  return step<E, fk::CHURN>(dtype, rows, inner, given({x}), coef,
-                            {fk::VELOCITY, 0, false, 1.0}, given({out}),
-                            noise_key(seed, offset, seeds), stream, max_blocks);
-}
-
-template <class E>
-int lms_step(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr u1, dptr u2, dptr u3,
-             dptr pred_uncond, const fk::CoefArg& coef, int prediction, double guidance,
-             const double* weights, dptr out, dptr u_out, uintptr_t stream, i64 max_blocks) {
-  // The history is u1 (newest), u2, u3, each 0 when absent; none after an absent one.
-  if ((u1 == 0 && u2 != 0) || (u2 == 0 && u3 != 0) || weights == nullptr) return kBadTensors;
-  const int nh = int(u1 != 0) + int(u2 != 0) + int(u3 != 0);
-  fk::StepParams p{prediction, nh, pred_uncond != 0, guidance};
-  for (int j = 0; j <= nh; ++j) p.wts[j] = weights[j];
-  return step<E, fk::LMS_STEP>(dtype, rows, inner, given({x, pred, u1, u2, u3, pred_uncond}),
-                               coef, p, given({out, u_out}), {}, stream, max_blocks);
-}
-
-template <class E>
-int lincomb_step(int dtype, i64 rows, i64 inner, dptr x, dptr p1, dptr p2, dptr p3, dptr p4,
-                 const double* weights, double noise_std, uint64_t seed, i64 offset, dptr seeds,
-                 dptr out, uintptr_t stream, i64 max_blocks) {
-  // The terms are p1 .. p4, p1 given, none after an absent one; no table.
-  // (Empty tensors have null pointers: then p1 is 0 and nothing is launched.)
-  if ((p1 == 0 && rows * inner != 0) || (p2 == 0 && p3 != 0) || (p3 == 0 && p4 != 0) ||
-      weights == nullptr)
-    return kBadTensors;
-  const int nt = 1 + int(p2 != 0) + int(p3 != 0) + int(p4 != 0);
-  if (noise_std != 0 && nt > fk::LINCOMB_MAX_NOISY_TERMS) return kBadTensors;
-  fk::StepParams p{fk::VELOCITY, nt, false, 1.0};
-  for (int j = 0; j <= nt; ++j) p.wts[j] = weights[j];
-  p.noise_std = noise_std;
-  return step<E, fk::LINCOMB_STEP>(dtype, rows, inner, given({x, p1, p2, p3, p4}),
-                                   fk::CoefArg{}, p, given({out}),
-                                   noise_key(seed, offset, seeds), stream, max_blocks);
 }
 
 // ---------------------------------------------------------------- flow map

@@ -20,6 +20,7 @@
 
 #include "flowkern/coef_arg.h"
 #include "flowkern/launch.h"
+#include "flowkern/steps.h"
 
 namespace fk_cuda {
 
@@ -37,6 +38,8 @@ enum : int {
   kBadKind = -7,
   kBadSizes = -8,
   kBadWorkspace = -9,
+  kBadStepOp = -10,
+  kBadParams = -11,
 };
 
 }  // namespace fk_cuda
@@ -82,79 +85,24 @@ enum : int {
     (dtype, rows, inner, grad_rows, pred, x0, x1, coef, target, g_pred, g_x0, g_x1, stream,   \
      max_blocks))
 
-// Sampler steps (steps.cu; functors of flowkern/steps.h): `coef` is a step
-// table (1 or rows rows of fk::STEP_COLS) or one step row by value. Optional
-// tensors are 0 when absent; an unconditional prediction selects
-// classifier-free guidance p_u + guidance (p - p_u). `out` may equal `x`
-// (each element is read before it is written, by the same thread).
-//   euler_step        x_s = x + h u_t
-//   heun_step         x_s = x + h/2 (u_t(x, pred) + u_s(x_euler, pred_euler));
-//                     both unconditional predictions or neither
-//   ei_step           first-order exponential integrator; form 0 = data, 1 = noise
-//   ei_step_backward  grad -> (g_x, g_pred[, g_pred_uncond]); g_pred_uncond
-//                     given selects guidance
-//   dpmpp_2m_step     DPM-Solver++(2M) -> (x_s, d_t); first order without d_prev
-//   em_step           Euler-Maruyama; element e draws Philox(seed, offset + e), or
-//                     with `seeds` (a (rows,) int64 device array, else 0) row r
-//                     draws Philox(seeds[r], offset + its element index in r)
-//   churn             renoising from t to t_hat (the row's s columns), noise as em_step
-//   lms_step          linear multistep -> (x_s, u_t): x_s = x + weights[0] u_t +
-//                     sum_j weights[j] u_j over the given earlier velocities u1
-//                     (newest), u2, u3 (0 when absent, none after an absent one);
-//                     `weights` a host array of 1 + their count
-//   lincomb_step      x_s = weights[0] x + sum_k weights[k] p_k (+ noise_std xi) over
-//                     the given terms p1 .. p4 (p1 given, none after an absent one);
-//                     no coefficient table; a nonzero noise_std draws xi as em_step
-//                     (then at most p1 .. p3)
+// Sampler steps (steps.cu; the ops of FK_STEP_OPS, flowkern/steps.h): one
+// launcher for all, `op` an fk::StepOp. The functor comes from `p`
+// (fk::StepParams: prediction, the op's variant, guidance, host weights)
+// through fk::with_step_fn; `ins` and `outs` are its inputs and outputs in
+// the functor's order, absent optionals left out (nin, nout must be its NI,
+// NO). `coef` is a step table (1 or rows rows of fk::STEP_COLS) or one step
+// row by value (lincomb_step reads none). A noisy step's element e draws
+// Philox(seed, offset + e), or with `seeds` (a (rows,) int64 device array,
+// else 0) row r draws Philox(seeds[r], offset + its element index in r).
+// An output may equal an input (each element is read before it is written,
+// by the same thread).
 #define FK_STEP_LAUNCHERS(X)                                                                  \
-  X(euler_step,                                                                               \
-    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D pred_uncond, const fk::CoefArg& coef,          \
-     int prediction, double guidance, FK_D out, FK_TAIL),                                     \
-    (dtype, rows, inner, x, pred, pred_uncond, coef, prediction, guidance, out, stream,       \
-     max_blocks))                                                                             \
-  X(heun_step,                                                                                \
-    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D x_euler, FK_D pred_euler, FK_D pred_uncond,    \
-     FK_D pred_euler_uncond, const fk::CoefArg& coef, int prediction, double guidance,        \
-     FK_D out, FK_TAIL),                                                                      \
-    (dtype, rows, inner, x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, coef,  \
-     prediction, guidance, out, stream, max_blocks))                                          \
-  X(ei_step,                                                                                  \
-    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D pred_uncond, const fk::CoefArg& coef,          \
-     int prediction, int form, double guidance, FK_D out, FK_TAIL),                           \
-    (dtype, rows, inner, x, pred, pred_uncond, coef, prediction, form, guidance, out, stream, \
-     max_blocks))                                                                             \
-  X(ei_step_backward,                                                                         \
-    (FK_LAUNCH_COMMON, FK_D grad, const fk::CoefArg& coef, int prediction, int form,          \
-     double guidance, FK_D g_x, FK_D g_pred, FK_D g_pred_uncond, FK_TAIL),                    \
-    (dtype, rows, inner, grad, coef, prediction, form, guidance, g_x, g_pred, g_pred_uncond,  \
-     stream, max_blocks))                                                                     \
-  X(dpmpp_2m_step,                                                                            \
-    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D d_prev, FK_D pred_uncond,                      \
-     const fk::CoefArg& coef, int prediction, double guidance, FK_D out, FK_D d_out,          \
-     FK_TAIL),                                                                                \
-    (dtype, rows, inner, x, pred, d_prev, pred_uncond, coef, prediction, guidance, out,       \
-     d_out, stream, max_blocks))                                                              \
-  X(em_step,                                                                                  \
-    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D pred_uncond, const fk::CoefArg& coef,          \
-     int prediction, double guidance, uint64_t seed, fk_cuda::i64 offset, FK_D seeds,         \
-     FK_D out, FK_TAIL),                                                                      \
-    (dtype, rows, inner, x, pred, pred_uncond, coef, prediction, guidance, seed, offset,      \
-     seeds, out, stream, max_blocks))                                                         \
-  X(churn,                                                                                    \
-    (FK_LAUNCH_COMMON, FK_D x, const fk::CoefArg& coef, uint64_t seed, fk_cuda::i64 offset,   \
-     FK_D seeds, FK_D out, FK_TAIL),                                                          \
-    (dtype, rows, inner, x, coef, seed, offset, seeds, out, stream, max_blocks))           \
-  X(lms_step,                                                                                 \
-    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D u1, FK_D u2, FK_D u3, FK_D pred_uncond,        \
-     const fk::CoefArg& coef, int prediction, double guidance, const double* weights,         \
-     FK_D out, FK_D u_out, FK_TAIL),                                                          \
-    (dtype, rows, inner, x, pred, u1, u2, u3, pred_uncond, coef, prediction, guidance,        \
-     weights, out, u_out, stream, max_blocks))                                                \
-  X(lincomb_step,                                                                             \
-    (FK_LAUNCH_COMMON, FK_D x, FK_D p1, FK_D p2, FK_D p3, FK_D p4, const double* weights,     \
-     double noise_std, uint64_t seed, fk_cuda::i64 offset, FK_D seeds, FK_D out, FK_TAIL),    \
-    (dtype, rows, inner, x, p1, p2, p3, p4, weights, noise_std, seed, offset, seeds, out,     \
-     stream, max_blocks))
+  X(step,                                                                                     \
+    (int op, FK_LAUNCH_COMMON, const FK_D* ins, int nin, const fk::CoefArg& coef,             \
+     const fk::StepParams& p, const FK_D* outs, int nout, uint64_t seed, fk_cuda::i64 offset, \
+     FK_D seeds, FK_TAIL),                                                                    \
+    (op, dtype, rows, inner, ins, nin, coef, p, outs, nout, seed, offset, seeds, stream,      \
+     max_blocks))
 
 // Flow-map loss (flowmap.cu; functors of flowkern/flowmap.h): the squared
 // error of the EI map a x + b pred against `target`, (a, b) from the step

@@ -538,7 +538,7 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
                t, s, schedule, table, backend, t_prev=t_prev)
     code = _pred(prediction)
     V.nonzero("t", "sigma_t", st.table[:, SIGMA_T], "the data form divides by it")
-    # alpha_t = 0 is the first-order limit (csrc/cpu/step_args.h StepChecks::dpmpp_2m)
+    # alpha_t = 0 is the first-order limit (csrc/cpu/step_ops.h dpmpp_2m_step)
     V.nonzero("t", "each of alpha_t, alpha_s",
               st.table[:, ALPHA_T].abs() + st.table[:, ALPHA_S].abs(),
               "the step between two pure-noise levels (lambda = -inf) is undefined")

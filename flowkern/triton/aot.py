@@ -24,48 +24,13 @@ ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 def _ops():
     """(name, row function, NI, NO, NOISE, P0, P1, P2[, KIND]) of every shipped
     kernel (NOISE "per_sample": noise with per-sample seeds; KIND: -1, a
-    table, unless given: a built-in schedule kind evaluated in the kernel)."""
+    table, unless given: a built-in schedule kind evaluated in the kernel):
+    each family's module lists its own, next to its row functions (AOT_KERNELS)."""
     from . import flowmap as FM
     from . import steps as S
     from . import training as T
 
-    # interpolate with each built-in schedule evaluated in the kernel (schedules.py)
-    kinds = ("linear", "cosine", "poly", "vp", "ve", "edm")
-    return [("interpolate", T.interpolate_rows, 2, 2, False, 0, 0, 0),
-            *((f"interpolate_{name}", T.interpolate_rows, 2, 2, False, 0, 0, 0, kind)
-              for kind, name in enumerate(kinds)),
-            ("loss_bwd_edm", T.loss_bwd_rows, 3, 3, False, 3, 0, 0, 5),
-            ("convert_score2v_vp", T.convert_rows, 2, 1, False, 3, 0, 0, 3),
-            ("heun_cfg_x1_vp", S.heun_rows, 6, 1, False, 1, 0, 1, 3),
-            ("dpmpp_2m_cfg_x1_edm", S.dpmpp_2m_rows, 4, 2, False, 1, 1, 1, 5),
-            ("em_cfg_score_cosine", S.em_rows, 3, 1, True, 3, 0, 1, 1),
-            ("lms_cfg_eps_3_ve", S.lms_rows, 6, 2, False, 2, 3, 1, 4),
-            ("churn_poly", S.churn_rows, 1, 1, True, 0, 0, 0, 2),
-            ("interpolate_bwd", T.interpolate_bwd_rows, 2, 2, False, 0, 0, 0),
-            ("convert_v2x1", T.convert_rows, 2, 1, False, 0, 1, 0),
-            ("convert_score2v", T.convert_rows, 2, 1, False, 3, 0, 0),
-            ("convert_bwd", T.convert_bwd_rows, 1, 2, False, 1, 2, 0),
-            ("loss_bwd", T.loss_bwd_rows, 3, 3, False, 3, 0, 0),
-            ("loss_bwd_pred", T.loss_bwd_rows, 3, 1, False, 3, 1, 0),
-            ("euler_x1", S.euler_rows, 2, 1, False, 1, 0, 0),
-            ("euler_cfg_v", S.euler_rows, 3, 1, False, 0, 0, 1),
-            ("heun_cfg_x1", S.heun_rows, 6, 1, False, 1, 0, 1),
-            ("ei_data_eps", S.ei_rows, 2, 1, False, 2, 0, 0),
-            ("ei_noise_cfg_v", S.ei_rows, 3, 1, False, 0, 1, 1),
-            ("ei_bwd_cfg", S.ei_bwd_rows, 1, 3, False, 1, 0, 1),
-            ("dpmpp_2m_cfg_x1", S.dpmpp_2m_rows, 4, 2, False, 1, 1, 1),
-            ("em_cfg_score", S.em_rows, 3, 1, True, 3, 0, 1),
-            ("em_cfg_score_per_sample", S.em_rows, 3, 1, "per_sample", 3, 0, 1),
-            ("churn", S.churn_rows, 1, 1, True, 0, 0, 0),
-            ("lms_v_1", S.lms_rows, 3, 2, False, 0, 1, 0),
-            ("lms_x1_3", S.lms_rows, 5, 2, False, 1, 3, 0),
-            ("lms_cfg_eps_3", S.lms_rows, 6, 2, False, 2, 3, 1),
-            ("lincomb_3", S.lincomb_step_rows, 4, 1, False, 3, 0, 0),
-            ("lincomb_4", S.lincomb_step_rows, 5, 1, False, 4, 0, 0),
-            ("lincomb_noise_3", S.lincomb_step_rows, 4, 1, True, 3, 1, 0),
-            ("lincomb_noise_3_per_sample", S.lincomb_step_rows, 4, 1, "per_sample", 3, 1, 0),
-            ("flowmap_bwd_v", FM.flowmap_bwd_rows, 3, 3, False, 0, 0, 3),
-            ("flowmap_bwd_x1", FM.flowmap_bwd_rows, 3, 1, False, 1, 0, 0)]
+    return [*T.AOT_KERNELS, *S.AOT_KERNELS, *FM.AOT_KERNELS]
 
 
 def _rows_of(fn):
@@ -115,14 +80,12 @@ def _skip(fn, p1) -> int:
 
 
 def _rowsums():
-    """(name, row function, NI, P0, P1) of every shipped row-sum kernel."""
+    """(name, row function, NI, P0, P1[, KIND]) of every shipped row-sum kernel
+    (the modules' AOT_ROWSUMS)."""
     from . import flowmap as FM
     from . import training as T
 
-    return [("loss", T.loss_residual_rows, 3, 3, 0),
-            ("loss_ve", T.loss_residual_rows, 3, 3, 0, 4),
-            ("flowmap_score_noise", FM.flowmap_residual_rows, 3, 3, 1),
-            ("flowmap_v", FM.flowmap_residual_rows, 3, 0, 0)]
+    return [*T.AOT_ROWSUMS, *FM.AOT_ROWSUMS]
 
 
 QUICK = ("interpolate", "interpolate_cosine", "loss_bwd_edm", "dpmpp_2m_cfg_x1_edm",

@@ -327,3 +327,31 @@ def lincomb_step(x, terms, weights, noise_std, seed, offset, seeds, out):
     noise = (seed, offset, seeds) if noise_std else None
     launch_lincomb(lincomb_step_rows, nt, int(bool(noise_std)), (x, *terms), (out,), None,
                    aux=aux, noise=noise)
+
+# The shipped kernels of this family for the ahead-of-time report
+# (flowkern/triton/aot.py, which compiles each for sm_80/sm_90 and fails on
+# spills): (name, row function, NI, NO, NOISE, P0, P1, P2[, KIND]); NOISE
+# "per_sample": noise with per-sample seeds; KIND: a built-in schedule kind
+# evaluated in the kernel, else a table.
+AOT_KERNELS = [("heun_cfg_x1_vp", heun_rows, 6, 1, False, 1, 0, 1, 3),
+               ("dpmpp_2m_cfg_x1_edm", dpmpp_2m_rows, 4, 2, False, 1, 1, 1, 5),
+               ("em_cfg_score_cosine", em_rows, 3, 1, True, 3, 0, 1, 1),
+               ("lms_cfg_eps_3_ve", lms_rows, 6, 2, False, 2, 3, 1, 4),
+               ("churn_poly", churn_rows, 1, 1, True, 0, 0, 0, 2),
+               ("euler_x1", euler_rows, 2, 1, False, 1, 0, 0),
+               ("euler_cfg_v", euler_rows, 3, 1, False, 0, 0, 1),
+               ("heun_cfg_x1", heun_rows, 6, 1, False, 1, 0, 1),
+               ("ei_data_eps", ei_rows, 2, 1, False, 2, 0, 0),
+               ("ei_noise_cfg_v", ei_rows, 3, 1, False, 0, 1, 1),
+               ("ei_bwd_cfg", ei_bwd_rows, 1, 3, False, 1, 0, 1),
+               ("dpmpp_2m_cfg_x1", dpmpp_2m_rows, 4, 2, False, 1, 1, 1),
+               ("em_cfg_score", em_rows, 3, 1, True, 3, 0, 1),
+               ("em_cfg_score_per_sample", em_rows, 3, 1, "per_sample", 3, 0, 1),
+               ("churn", churn_rows, 1, 1, True, 0, 0, 0),
+               ("lms_v_1", lms_rows, 3, 2, False, 0, 1, 0),
+               ("lms_x1_3", lms_rows, 5, 2, False, 1, 3, 0),
+               ("lms_cfg_eps_3", lms_rows, 6, 2, False, 2, 3, 1),
+               ("lincomb_3", lincomb_step_rows, 4, 1, False, 3, 0, 0),
+               ("lincomb_4", lincomb_step_rows, 5, 1, False, 4, 0, 0),
+               ("lincomb_noise_3", lincomb_step_rows, 4, 1, True, 3, 1, 0),
+               ("lincomb_noise_3_per_sample", lincomb_step_rows, 4, 1, "per_sample", 3, 1, 0)]

@@ -14,6 +14,8 @@
 
 #include <math.h>
 
+#include <type_traits>
+
 #include "coeffs.h"
 #include "lincomb.h"
 
@@ -21,6 +23,25 @@ namespace fk {
 
 constexpr int STEP_COLS = 12;
 enum EIForm : int { EI_DATA = 0, EI_NOISE = 1 };
+constexpr int LMS_MAX_HISTORY = 3;          // lms_step's earlier velocities
+constexpr int LINCOMB_MAX_TERMS = 4;        // lincomb_step's terms
+constexpr int LINCOMB_MAX_NOISY_TERMS = 3;  // ... with its in-kernel noise (LincombStepFn)
+
+// The most host weights a step takes: lincomb_step's x and four terms.
+constexpr int STEP_MAX_WEIGHTS = LINCOMB_MAX_TERMS + 1;
+static_assert(STEP_MAX_WEIGHTS >= LMS_MAX_HISTORY + 1, "lms_step's weights must fit");
+
+// A step launch's scalar arguments, from which its functor is built
+// (step_launch.h with_step_fn; the CPU op, the CUDA launcher and the grid
+// simulator all build it from these).
+struct StepParams {
+  int pred;     // prediction type (Pred)
+  int variant;  // the functor's own (set() below): EI form, DPM order, history or term count
+  bool cfg;     // an unconditional prediction (or its gradient) follows: weight w
+  double w;     // guidance weight
+  double wts[STEP_MAX_WEIGHTS] = {};  // lms_step, lincomb_step: the host weights
+  double noise_std = 0;               // lincomb_step: nonzero selects the noise term
+};
 
 template <class A> struct StepRow {
   Sched<A> t, s;
@@ -48,9 +69,13 @@ template <class A> struct StepSrc {
   }
 };
 
-// Shared fields of every step functor.
+// Shared fields of every step functor. A functor with fields of its own
+// hides set() (filled from the launch's StepParams) and valid() (whether
+// those scalars are in range: the launchers refuse others).
 template <class A> struct StepBase {
   StepSrc<A> coef; int pred; A w;
+  void set(const StepParams&) {}
+  static bool valid(const StepParams&) { return true; }
 };
 
 // Puts coefficient c of the guided prediction at columns jc (p_c) and ju (p_u).
@@ -112,6 +137,8 @@ template <class A> FK_HD Lin2<A> ei_coeffs(int pred, int form, const StepRow<A>&
 template <class A, bool CFG> struct EIFn : StepBase<A> {
   static constexpr int NI = CFG ? 3 : 2, NO = 1;
   int form;
+  void set(const StepParams& p) { form = p.variant; }
+  static bool valid(const StepParams& p) { return p.variant == EI_DATA || p.variant == EI_NOISE; }
   FK_HD Mat<A, 1, NI> row(i64 r) const {
     const Lin2<A> e = ei_coeffs(this->pred, form, this->coef.at(r));
     Mat<A, 1, NI> M{};
@@ -125,6 +152,8 @@ template <class A, bool CFG> struct EIFn : StepBase<A> {
 template <class A, bool CFG> struct EIBwdFn : StepBase<A> {
   static constexpr int NI = 1, NO = CFG ? 3 : 2;
   int form;
+  void set(const StepParams& p) { form = p.variant; }
+  static bool valid(const StepParams& p) { return EIFn<A, CFG>::valid(p); }
   FK_HD Mat<A, NO, 1> row(i64 r) const {
     const Lin2<A> e = ei_coeffs(this->pred, form, this->coef.at(r));
     Mat<A, NO, 1> M{};
@@ -145,6 +174,8 @@ template <class A, bool CFG> struct DPMpp2MFn : StepBase<A> {
   static constexpr int NI = CFG ? 4 : 3, NO = 2;
   FK_HD static constexpr bool reads(int k, int j) { return !(k == 1 && j == 2); }
   bool second;
+  void set(const StepParams& p) { second = p.variant != 0; }
+  static bool valid(const StepParams& p) { return p.variant == 0 || p.variant == 1; }
   FK_HD Mat<A, 2, NI> row(i64 r) const {
     const StepRow<A> c = this->coef.at(r);
     const Lin2<A> d = convert_coeffs(this->pred, X1, c.t);
@@ -174,13 +205,15 @@ template <class A, bool CFG> struct DPMpp2MFn : StepBase<A> {
 // Lagrange basis over [t, s]) computed by the caller. Returns (x_s, u_t); u_t
 // is the next step's history. u_t does not read the history (reads()).
 // In (x, p, u_1 .. u_NH[, p_u]) -> (x_s, u_t).
-constexpr int LMS_MAX_HISTORY = 3;
 
 template <class A, bool CFG, int NH> struct LMSFn : StepBase<A> {
   static_assert(NH >= 0 && NH <= LMS_MAX_HISTORY, "lms_step keeps at most 3 earlier velocities");
   static constexpr int NI = 2 + NH + (CFG ? 1 : 0), NO = 2;
   FK_HD static constexpr bool reads(int k, int j) { return !(k == 1 && j >= 2 && j < 2 + NH); }
   A wts[LMS_MAX_HISTORY + 1];
+  void set(const StepParams& p) {
+    for (int j = 0; j <= LMS_MAX_HISTORY; ++j) wts[j] = A(p.wts[j]);
+  }
   FK_HD Mat<A, 2, NI> row(i64 r) const {
     const Lin2<A> u = convert_coeffs(this->pred, VELOCITY, this->coef.at(r).t);
     Mat<A, 2, NI> M{};
@@ -202,8 +235,6 @@ FK_UNROLL
 // noise at most 3 terms: 5 half-precision 128-bit packs and a Philox draw per
 // element spill at the engine's 64 registers (tests/test_cuda_build.py); a
 // caller's own noise tensor is a term.
-constexpr int LINCOMB_MAX_TERMS = 4;
-constexpr int LINCOMB_MAX_NOISY_TERMS = 3;
 
 template <class A, int NT, bool NZ> struct LincombStepFn : StepBase<A> {
   static_assert(NT >= 1 && NT <= (NZ ? LINCOMB_MAX_NOISY_TERMS : LINCOMB_MAX_TERMS),
@@ -212,6 +243,10 @@ template <class A, int NT, bool NZ> struct LincombStepFn : StepBase<A> {
   static constexpr bool NOISE = NZ;
   A wts[LINCOMB_MAX_TERMS + 1];
   A noise_std;
+  void set(const StepParams& p) {
+    for (int j = 0; j <= LINCOMB_MAX_TERMS; ++j) wts[j] = A(p.wts[j]);
+    noise_std = A(p.noise_std);
+  }
   FK_HD Mat<A, 1, NI> row(i64) const {
     Mat<A, 1, NI> M{};
 FK_UNROLL
@@ -256,5 +291,101 @@ template <class A> struct ChurnFn : StepBase<A> {
     return M;
   }
 };
+
+// ------------------------------------------------------------ the step ops
+
+// How a launch builds a step's functor from its StepParams (the makers of
+// FK_STEP_OPS): with(coef, p, f) returns f(fn), valid(p) says whether the
+// scalars are in range. Guided: a template <class A, bool CFG> functor, p.cfg
+// picking the instantiation; Unguided: a template <class A> one.
+template <class Fn, class A> Fn make_step(const StepSrc<A>& coef, const StepParams& p) {
+  Fn fn{};
+  fn.coef = coef;
+  fn.pred = p.pred;
+  fn.w = A(p.w);
+  fn.set(p);
+  return fn;
+}
+
+template <template <class, bool> class FnT> struct Guided {
+  template <class A, class F>
+  static decltype(auto) with(const StepSrc<A>& coef, const StepParams& p, F&& f) {
+    if (p.cfg) return f(make_step<FnT<A, true>>(coef, p));
+    return f(make_step<FnT<A, false>>(coef, p));
+  }
+  static bool valid(const StepParams& p) {
+    return FnT<float, false>::valid(p) && FnT<float, true>::valid(p);
+  }
+};
+
+template <template <class> class FnT> struct Unguided {
+  template <class A, class F>
+  static decltype(auto) with(const StepSrc<A>& coef, const StepParams& p, F&& f) {
+    return f(make_step<FnT<A>>(coef, p));
+  }
+  static bool valid(const StepParams& p) { return !p.cfg && FnT<float>::valid(p); }
+};
+
+// lms_step: the history length p.variant (0 .. LMS_MAX_HISTORY) is a template parameter.
+struct LMSMaker {
+  template <class A, class F>
+  static decltype(auto) with(const StepSrc<A>& coef, const StepParams& p, F&& f) {
+    const auto go = [&](auto cfg, auto nh) -> decltype(auto) {
+      return f(make_step<LMSFn<A, decltype(cfg)::value, decltype(nh)::value>>(coef, p));
+    };
+    const auto hist = [&](auto cfg) -> decltype(auto) {
+      switch (p.variant) {  // valid() refuses any other; 3 stands for it
+        case 0: return go(cfg, std::integral_constant<int, 0>{});
+        case 1: return go(cfg, std::integral_constant<int, 1>{});
+        case 2: return go(cfg, std::integral_constant<int, 2>{});
+        default: return go(cfg, std::integral_constant<int, 3>{});
+      }
+    };
+    if (p.cfg) return hist(std::true_type{});
+    return hist(std::false_type{});
+  }
+  static bool valid(const StepParams& p) { return p.variant >= 0 && p.variant <= LMS_MAX_HISTORY; }
+};
+
+// lincomb_step: the term count p.variant and the noise (p.noise_std != 0)
+// are template parameters; no guidance.
+struct LincombMaker {
+  template <class A, class F>
+  static decltype(auto) with(const StepSrc<A>& coef, const StepParams& p, F&& f) {
+    const auto go = [&](auto nt, auto nz) -> decltype(auto) {
+      return f(make_step<LincombStepFn<A, decltype(nt)::value, decltype(nz)::value>>(coef, p));
+    };
+    const auto terms = [&](auto nz) -> decltype(auto) {
+      // valid() refuses any other count; the largest stands for it
+      constexpr int kMax = decltype(nz)::value ? LINCOMB_MAX_NOISY_TERMS : LINCOMB_MAX_TERMS;
+      switch (p.variant) {
+        case 1: return go(std::integral_constant<int, 1>{}, nz);
+        case 2: return go(std::integral_constant<int, 2>{}, nz);
+        case 3: return go(std::integral_constant<int, 3>{}, nz);
+        default: return go(std::integral_constant<int, kMax>{}, nz);
+      }
+    };
+    if (p.noise_std != 0) return terms(std::true_type{});
+    return terms(std::false_type{});
+  }
+  static bool valid(const StepParams& p) {
+    return !p.cfg && p.variant >= 1 &&
+           p.variant <= (p.noise_std != 0 ? LINCOMB_MAX_NOISY_TERMS : LINCOMB_MAX_TERMS);
+  }
+};
+
+// Every step op, once: (enum id, op name, maker). The enum fk::StepOp, the
+// names, fk::with_step_fn and the launchers' dispatch (step_launch.h) come
+// from this list; a new step adds its functor above and one line here.
+#define FK_STEP_OPS(X)                                   \
+  X(EULER_STEP, euler_step, Guided<EulerFn>)             \
+  X(HEUN_STEP, heun_step, Guided<HeunFn>)                \
+  X(EI_STEP, ei_step, Guided<EIFn>)                      \
+  X(EI_STEP_BACKWARD, ei_step_backward, Guided<EIBwdFn>) \
+  X(DPMPP_2M_STEP, dpmpp_2m_step, Guided<DPMpp2MFn>)     \
+  X(EM_STEP, em_step, Guided<EMFn>)                      \
+  X(CHURN, churn, Unguided<ChurnFn>)                     \
+  X(LMS_STEP, lms_step, LMSMaker)                        \
+  X(LINCOMB_STEP, lincomb_step, LincombMaker)
 
 }  // namespace fk

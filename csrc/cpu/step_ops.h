@@ -1,0 +1,244 @@
+// The sampler-step ops of flowkern/ops/schemas.inc, written once for every
+// device: each op checks its arguments (step_args.h), states its value checks
+// and builds the launch's scalars (fk::StepParams), then hands the launch to
+// the device's runner R:
+//   R::run<OP>(in, outs, coef, check, p, noise, checks)  one launch of step
+//       op OP (fk::StepOp, flowkern/steps.h FK_STEP_OPS) over the dense inputs
+//       `in` (x first) and the outputs; `coef` the step's coefficient
+//       arguments (nullptr: none); checks(StepCoef) the op's value checks,
+//       run where the coefficient values are on the host
+//   R::values_read(check)   whether values in the tensors' memory are read
+//                           for checks (CPU: always; CUDA: FLOWKERN_DEBUG=1)
+//   R::empty(x)             a fresh output like x
+// The CPU runner is in steps.cpp, the CUDA glue's (on the GPU launchers and
+// on the grid simulator's) in csrc/cuda/glue.h. Steps write into
+// caller-provided outputs (samplers reuse their buffers; `out` may alias `x`,
+// since every element is read before it is written).
+//
+// Step coefficients, in every schema: `Tensor? table, float[] times, int
+// kind, float[] params` (FK_STEP_ARGS). A table (flowkern.step_table: (12,),
+// (1, 12) or (B, 12)) is used as given; without one, times = [t, s, t_prev,
+// g] (t_prev NaN when absent) and the built-in schedule (kind, params) give
+// the single row, in double precision (step_coef, step_args.h).
+#pragma once
+
+#include <torch/library.h>
+
+#include <vector>
+
+#include "flowkern/step_launch.h"
+#include "step_args.h"
+
+namespace flowkern_cpu {
+
+// A step's coefficient arguments, as the schemas pass them.
+struct StepTimes {
+  const OptT& table;
+  at::ArrayRef<double> times;
+  int64_t kind;
+  at::ArrayRef<double> params;
+};
+
+// A noisy step's stream: seed, offset and the per-sample seeds (step_seeds).
+struct StepNoise {
+  int64_t seed = 0, offset = 0;
+  at::Tensor seeds;
+};
+
+// The launch scalars of a step with a prediction type and guidance.
+inline fk::StepParams guided(int64_t prediction, int variant, const OptT& pred_uncond,
+                             double guidance) {
+  return {int(prediction), variant, pred_uncond.has_value(), guidance};
+}
+
+template <class R> struct StepOps {
+  using Outs = std::vector<at::Tensor*>;
+
+  static void euler_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
+                         FK_STEP_ARGS, int64_t prediction, double guidance, bool check,
+                         at::Tensor& out) {
+    const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
+                                {{"out", &out}});
+    const StepTimes coef{FK_STEP_PASS};
+    R::template run<fk::EULER_STEP>(in, Outs{&out}, &coef, check,
+                                    guided(prediction, 0, pred_uncond, guidance), {},
+                                    [&](const auto& c) {
+                                      check_conversion(c, prediction, fk::VELOCITY);
+                                    });
+  }
+
+  static void heun_step(const at::Tensor& x, const at::Tensor& pred, const at::Tensor& x_euler,
+                        const at::Tensor& pred_euler, const OptT& pred_uncond,
+                        const OptT& pred_euler_uncond, FK_STEP_ARGS, int64_t prediction,
+                        double guidance, bool check, at::Tensor& out) {
+    TORCH_CHECK_VALUE(pred_uncond.has_value() == pred_euler_uncond.has_value(),
+                      "pred_euler_uncond: give both unconditional predictions or neither");
+    check_batch("x_euler", x_euler);
+    const auto in = step_inputs(x, {{"pred", &pred}, {"x_euler", &x_euler},
+                                    {"pred_euler", &pred_euler},
+                                    {"pred_uncond", opt(pred_uncond)},
+                                    {"pred_euler_uncond", opt(pred_euler_uncond)}},
+                                {{"out", &out}});
+    const StepTimes coef{FK_STEP_PASS};
+    R::template run<fk::HEUN_STEP>(in, Outs{&out}, &coef, check,
+                                   guided(prediction, 0, pred_uncond, guidance), {},
+                                   [&](const auto& c) {
+                                     check_conversion(c, prediction, fk::VELOCITY);
+                                     check_conversion(c, prediction, fk::VELOCITY, true);
+                                   });
+  }
+
+  // Exponential integrator: the data form divides by sigma_t, the noise form by alpha_t.
+  template <class A> static void ei_checks(const StepCoef<A>& c, int64_t pred, int64_t form) {
+    if (form == fk::EI_DATA) {
+      check_sigma_t(c, "the data form divides by it");
+      check_conversion(c, pred, fk::X1);
+    } else {
+      check_alpha_t(c, "the noise form divides by it");
+      check_conversion(c, pred, fk::EPS);
+    }
+  }
+
+  static void ei_step_out(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
+                          FK_STEP_ARGS, int64_t prediction, int64_t form, double guidance,
+                          bool check, at::Tensor& out) {
+    check_form(form);
+    const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
+                                {{"out", &out}});
+    const StepTimes coef{FK_STEP_PASS};
+    R::template run<fk::EI_STEP>(in, Outs{&out}, &coef, check,
+                                 guided(prediction, int(form), pred_uncond, guidance), {},
+                                 [&](const auto& c) { ei_checks(c, prediction, form); });
+  }
+
+  static at::Tensor ei_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
+                            FK_STEP_ARGS, int64_t prediction, int64_t form, double guidance,
+                            bool check) {
+    check_batch("x", x);
+    auto out = R::empty(x);
+    ei_step_out(x, pred, pred_uncond, FK_STEP_PASS, prediction, form, guidance, check, out);
+    return out;
+  }
+
+  // Gradients (g_x, g_pred[, g_pred_uncond]) of ei_step.
+  static std::vector<at::Tensor> ei_step_backward(const at::Tensor& grad, FK_STEP_ARGS,
+                                                  int64_t prediction, int64_t form,
+                                                  double guidance, bool cfg) {
+    check_form(form);
+    check_batch("grad", grad);
+    const std::vector<at::Tensor> in{grad.contiguous()};
+    std::vector<at::Tensor> g;
+    for (int k = 0; k < (cfg ? 3 : 2); ++k) g.push_back(R::empty(in[0]));
+    Outs outs;
+    for (auto& t : g) outs.push_back(&t);
+    const StepTimes coef{FK_STEP_PASS};
+    R::template run<fk::EI_STEP_BACKWARD>(in, outs, &coef, false,
+                                          {int(prediction), int(form), cfg, guidance}, {},
+                                          [](const auto&) {});
+    return g;
+  }
+
+  static void dpmpp_2m_step(const at::Tensor& x, const at::Tensor& pred, const OptT& d_prev,
+                            const OptT& pred_uncond, FK_STEP_ARGS, int64_t prediction,
+                            double guidance, bool check, at::Tensor& out, at::Tensor& d_out) {
+    // Without d_prev the first-order step ignores the third input: x stands there.
+    const auto in = step_inputs(
+        x, {{"pred", &pred}, {"d_prev", d_prev.has_value() ? &*d_prev : &x},
+            {"pred_uncond", opt(pred_uncond)}},
+        {{"out", &out}, {"d_out", &d_out}});
+    const StepTimes coef{FK_STEP_PASS};
+    R::template run<fk::DPMPP_2M_STEP>(
+        in, Outs{&out, &d_out}, &coef, check,
+        guided(prediction, d_prev.has_value(), pred_uncond, guidance), {},
+        [&](const auto& c) {
+          check_sigma_t(c, "the data form divides by it");
+          // alpha_t = 0 (pure noise, lambda_t = -inf) is the first-order limit the
+          // kernel takes (h = inf: E = alpha_s, x_s = (sigma_s/sigma_t) x + alpha_s d,
+          // DDIM from zero SNR); between two pure-noise levels the step is undefined
+          using A = typename std::decay_t<decltype(c)>::value_type;
+          check_rows(c, "t", "each of alpha_t, alpha_s",
+                     "the step between two pure-noise levels (lambda = -inf) is undefined",
+                     [](const fk::StepRow<A>& r) {
+                       return r.t.alpha != A(0) || r.s.alpha != A(0) ? A(1) : A(0);
+                     });
+          check_conversion(c, prediction, fk::X1);
+        });
+  }
+
+  static void em_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
+                      FK_STEP_ARGS, int64_t prediction, double guidance, int64_t seed,
+                      int64_t offset, const OptT& per_sample_seeds, bool check, at::Tensor& out) {
+    const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
+                                {{"out", &out}});
+    const StepNoise noise{seed, offset, step_seeds(per_sample_seeds, x, R::values_read(check))};
+    const StepTimes coef{FK_STEP_PASS};
+    R::template run<fk::EM_STEP>(in, Outs{&out}, &coef, check,
+                                 guided(prediction, 0, pred_uncond, guidance), noise,
+                                 [&](const auto& c) {
+                                   check_conversion(c, prediction, fk::VELOCITY);
+                                   check_conversion(c, prediction, fk::SCORE);
+                                   check_step_direction(c, true);
+                                 });
+  }
+
+  static void churn(const at::Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset,
+                    const OptT& per_sample_seeds, bool check, at::Tensor& out) {
+    const auto in = step_inputs(x, {}, {{"out", &out}});
+    const StepNoise noise{seed, offset, step_seeds(per_sample_seeds, x, R::values_read(check))};
+    const StepTimes coef{FK_STEP_PASS};
+    R::template run<fk::CHURN>(in, Outs{&out}, &coef, check, {fk::VELOCITY, 0, false, 1.0},
+                               noise, [](const auto& c) {
+                                 check_alpha_t(c, "churn divides by it");
+                                 check_step_direction(c, false);
+                               });
+  }
+
+  static void lms_step(const at::Tensor& x, const at::Tensor& pred, const OptT& u1,
+                       const OptT& u2, const OptT& u3, const OptT& pred_uncond,
+                       at::ArrayRef<double> weights, FK_STEP_ARGS, int64_t prediction,
+                       double guidance, bool check, at::Tensor& out, at::Tensor& u_out) {
+    const int nh = lms_history(u1, u2, u3, weights);
+    const auto in = step_inputs(x, {{"pred", &pred}, {"u1", opt(u1)}, {"u2", opt(u2)},
+                                    {"u3", opt(u3)}, {"pred_uncond", opt(pred_uncond)}},
+                                {{"out", &out}, {"u_out", &u_out}});
+    fk::StepParams p = guided(prediction, nh, pred_uncond, guidance);
+    for (int j = 0; j <= nh; ++j) p.wts[j] = weights[size_t(j)];
+    const StepTimes coef{FK_STEP_PASS};
+    R::template run<fk::LMS_STEP>(in, Outs{&out, &u_out}, &coef, check, p, {},
+                                  [&](const auto& c) {
+                                    check_conversion(c, prediction, fk::VELOCITY);
+                                  });
+  }
+
+  // No coefficient table: the caller's weights are the matrix.
+  static void lincomb_step(const at::Tensor& x, at::TensorList terms,
+                           at::ArrayRef<double> weights, double noise_std, int64_t seed,
+                           int64_t offset, const OptT& per_sample_seeds, bool check,
+                           at::Tensor& out) {
+    const int nt = lincomb_terms(terms, weights, noise_std);
+    const auto in = lincomb_inputs(x, terms, out);
+    const StepNoise noise{seed, offset, step_seeds(per_sample_seeds, x, R::values_read(check))};
+    fk::StepParams p{fk::VELOCITY, nt, false, 1.0};
+    for (int j = 0; j <= nt; ++j) p.wts[j] = weights[size_t(j)];
+    p.noise_std = noise_std;
+    R::template run<fk::LINCOMB_STEP>(in, Outs{&out}, nullptr, check, p, noise,
+                                      [](const auto&) {});
+  }
+
+  // Every op above as the kernel of its schema in library m.
+  static void register_all(torch::Library& m) {
+    m.impl("euler_step", &euler_step);
+    m.impl("heun_step", &heun_step);
+    m.impl("ei_step", &ei_step);
+    m.impl("ei_step.nograd", &ei_step);
+    m.impl("ei_step_out", &ei_step_out);
+    m.impl("ei_step_backward", &ei_step_backward);
+    m.impl("dpmpp_2m_step", &dpmpp_2m_step);
+    m.impl("em_step", &em_step);
+    m.impl("churn", &churn);
+    m.impl("lms_step", &lms_step);
+    m.impl("lincomb_step", &lincomb_step);
+  }
+};
+
+}  // namespace flowkern_cpu
