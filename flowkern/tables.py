@@ -39,3 +39,13 @@ def step_row(t, s, prev=(1.0, 1.0), h=0.0, g=0.0) -> list[float]:
         raise ValueError(f"step_row: expected t and s of {SCHED_COLS} values and prev of 2, "
                          f"got {len(t)}, {len(s)}, {len(prev)}")
     return [float(v) for v in (*t, *s, *prev, h, g)]
+
+
+def ve_row(sigma_t, sigma_s, d_sigma_t=0.0, d_sigma_s=0.0, sigma_p=1.0, h=0.0,
+           g=0.0) -> list[float]:
+    """One step row from noise levels (the variance-exploding state of
+    k-diffusion and diffusers' sigma schedulers: alpha = 1, d_alpha = 0):
+    sigma and d_sigma at t and s, sigma at the previous time, h and g."""
+    return step_row((1.0, sigma_t, 0.0, d_sigma_t), (1.0, sigma_s, 0.0, d_sigma_s),
+                    (1.0, sigma_p), h, g)
+

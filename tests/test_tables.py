@@ -81,3 +81,25 @@ def test_step_row():
     assert T.step_row((1, 2, 3, 4), (5, 6, 7, 8))[T.PREV] == [1.0, 1.0]
     with pytest.raises(ValueError, match="step_row: expected t and s of 4 values"):
         T.step_row((1, 2, 3), (5, 6, 7, 8))
+
+
+def test_ve_row():
+    """A row from noise levels: alpha 1 and d_alpha 0 at t, s and the previous time."""
+    row = T.ve_row(2.0, 0.5, -2.0, -0.5, sigma_p=3.0, h=0.75, g=0.1)
+    assert row[T.AT_T] == [1.0, 2.0, 0.0, -2.0] and row[T.AT_S] == [1.0, 0.5, 0.0, -0.5]
+    assert row[T.PREV] == [1.0, 3.0] and (row[T.H], row[T.G]) == (0.75, 0.1)
+
+
+def test_step_table_with_a_step_size():
+    """h= replaces the default s - t (an adapter's own time unit), nothing else;
+    a non-finite h is refused by name."""
+    t, s = torch.tensor([0.1, 0.4]), torch.tensor([0.3, 0.5])
+    plain = fk.step_table("cosine", t, s)
+    given = fk.step_table("cosine", t, s, h=torch.tensor([-2.0, 0.25]))
+    torch.testing.assert_close(plain[:, T.H], s - t)
+    assert given[:, T.H].tolist() == [-2.0, 0.25]
+    keep = [c for c in range(T.STEP_COLS) if c != T.H]
+    assert torch.equal(given[:, keep], plain[:, keep])
+    assert fk.step_table("cosine", 0.1, 0.3, h=0.5)[0, T.H].item() == 0.5
+    with pytest.raises(ValueError, match="h: expected finite"):
+        fk.step_table("cosine", t, s, h=torch.tensor([1.0, float("nan")]))

@@ -47,7 +47,6 @@ except ImportError as e:  # pragma: no cover - exercised without the peer
                       "schedulers and need diffusers installed (pip install diffusers)") from e
 
 from ..ops.steps import dpmpp_2m_step, euler_step, lincomb_step, step_table
-from ..tables import H
 
 __all__ = ["FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler",
@@ -218,10 +217,8 @@ class FlowMatchEulerDiscreteScheduler(_Base):
         # One table for all steps: t = 1 - sigma (our time), and h = sigma_next -
         # sigma so that the model's -u is used as is (see the module docstring).
         sig, nxt = sigmas[:-1], sigmas[1:]
-        table = step_table("linear", (1 - sig).clamp(0, 1), (1 - nxt).clamp(0, 1),
-                           dtype=torch.float32, device=sigmas.device)
-        table[:, H] = nxt - sig
-        self._table = table
+        self._table = step_table("linear", (1 - sig).clamp(0, 1), (1 - nxt).clamp(0, 1),
+                                 h=nxt - sig, dtype=torch.float32, device=sigmas.device)
 
     def index_for_timestep(self, timestep, schedule_timesteps=None):
         if schedule_timesteps is None:

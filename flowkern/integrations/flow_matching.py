@@ -27,7 +27,6 @@ from .._validate import acc_dtype
 from ..ops.steps import euler_step, heun_step, step_table
 from ..ops.training import convert, interpolate
 from ..schedules import Schedule, get_schedule
-from ..tables import H
 
 try:  # use flow_matching's own output class when it is installed
     from flow_matching.path.path_sample import PathSample
@@ -243,15 +242,15 @@ class ODESolver:
         # needs no schedule coefficients, so any schedule serves for the rows.
         t0, t1 = grid[:-1], grid[1:]
         dtype = acc_dtype(x_init.dtype)
-        table = step_table("linear", t0, t1, dtype=dtype, device=x_init.device,
-                           check=False)  # only h = t1 - t0 is read: any times serve
-        table[:, H] = (t1 - t0).to(dtype)
+        # only h is read: any times serve (check=False)
+        table = step_table("linear", t0, t1, h=t1 - t0, dtype=dtype, device=x_init.device,
+                           check=False)
         dt = (t1 - t0).to(x_init.dtype)  # the log-det's steps (a (B,) vector each)
         if method == "midpoint":
             half = 0.5 * (t1 - t0)
             tmid = t0 + half
-            half_table = table.clone()
-            half_table[:, H] = half.to(dtype)
+            half_table = step_table("linear", t0, t1, h=half, dtype=dtype,
+                                    device=x_init.device, check=False)
         n_out = out_t.numel()
         sol = (torch.empty((n_out,) + tuple(x_init.shape), dtype=x_init.dtype,
                            device=x_init.device) if return_intermediates else None)

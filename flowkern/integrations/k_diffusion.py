@@ -63,7 +63,8 @@ from .._progress import progress_bar, progress_iter
 from ..ops.steps import churn as _churn
 from ..ops.steps import (dpmpp_2m_step, euler_step, heun_step, lincomb_step, lms_step,
                          noise_stream)
-from ..tables import AT_S, AT_T, D_SIGMA, SIGMA, step_row
+from ..tables import AT_S, AT_T, D_SIGMA, SIGMA
+from ..tables import ve_row as _ve  # one row in k-diffusion's VE state
 
 __all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral",
            "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
@@ -94,12 +95,6 @@ def _host(sigmas, x):
     V.tensor("x", x)
     state = torch.promote_types(x.dtype, sigmas.dtype) if sigmas.is_floating_point() else x.dtype
     return sigmas, sigmas.detach().to("cpu", torch.float64).tolist(), state   # one copy
-
-
-def _ve(s_t, s_s, ds_t=0.0, ds_s=0.0, s_p=1.0, h=0.0, g=0.0):
-    """One step-table row in k-diffusion's VE state: alpha = 1, d_alpha = 0,
-    sigma s_t at t and s_s at s, d_sigma ds_t and ds_s, sigma_p, h, g."""
-    return step_row((1.0, s_t, 0.0, ds_t), (1.0, s_s, 0.0, ds_s), (1.0, s_p), h, g)
 
 
 def _rows(rows, x, state):
@@ -297,7 +292,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     state = x.dtype  # k-diffusion's dpmpp_2m keeps x's dtype (_host)
     s_in = x.new_ones([x.shape[0]])
     n = len(sig) - 1
-    table = _rows([_ve(sig[i], sig[i + 1], -sig[i], -sig[i], s_p=sig[i - 1] if i else 1.0)
+    table = _rows([_ve(sig[i], sig[i + 1], -sig[i], -sig[i], sigma_p=sig[i - 1] if i else 1.0)
                    for i in range(n)], x, state)
     d = [torch.empty_like(x, dtype=state, memory_format=torch.contiguous_format)
          for _ in range(2)]

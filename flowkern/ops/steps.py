@@ -180,31 +180,37 @@ def _as_times(name, v, device, dtype):
 
 
 def step_table(schedule, t, s, t_prev=None, g=None, dtype=torch.float32,
-               device=None, check: bool = True) -> torch.Tensor:
+               device=None, check: bool = True, h=None) -> torch.Tensor:
     """The coefficient table the step kernels read, shape (R, 12):
     [alpha_t, sigma_t, d_alpha_t, d_sigma_t, alpha_s, sigma_s, d_alpha_s, d_sigma_s,
-     alpha_prev, sigma_prev, h = s - t, g]. t, s (and t_prev, g) are floats or
-    tensors of shape (R,); R = 1 serves a whole batch. Samplers build one table
-    for all steps up front and pass ``table=table[i]`` to each step."""
+     alpha_prev, sigma_prev, h, g] (column names: flowkern.tables). t, s (and
+    t_prev, g, h) are floats or tensors of shape (R,); R = 1 serves a whole
+    batch. h is the step size the kernels multiply by: s - t unless given (an
+    adapter that counts time in other units, e.g. diffusers' sigma_next -
+    sigma). Samplers build one table for all steps up front and pass
+    ``table=table[i]`` to each step."""
     device = device or (t.device if isinstance(t, torch.Tensor) else "cpu")
     sched = get_schedule(schedule)
     vals = [_as_times(n, v, device, dtype) for n, v in (("t", t), ("s", s))]
     tp = _as_times("t_prev", t_prev, device, dtype) if t_prev is not None else None
     gg = _as_times("g", g, device, dtype) if g is not None else torch.zeros(1, device=device,
                                                                          dtype=dtype)
+    hh = _as_times("h", h, device, dtype) if h is not None else vals[1] - vals[0]
     for name, v in (("t", vals[0]), ("s", vals[1]), ("t_prev", tp)):
         # a table the steps trust: its times are checked here, unless the caller
         # checked them already (check=False: the samplers validate their grid)
         if check and v is not None and V.values_checked(v):
             V.check_unit_interval(name, v)
-    sizes = [v.numel() for v in vals + [gg] + ([tp] if tp is not None else [])]
+    if check and h is not None and V.values_checked(hh) and not bool(hh.isfinite().all()):
+        raise ValueError("h: expected finite step sizes")
+    sizes = [v.numel() for v in vals + [gg, hh] + ([tp] if tp is not None else [])]
     rows = 0 if 0 in sizes else max(sizes)  # an empty batch broadcasts the scalars to 0 rows
     cols = [*evaluate(sched, vals[0], dtype), *evaluate(sched, vals[1], dtype)]
     if tp is not None:
         cols += evaluate(sched, tp, dtype)[:2]
     else:
         cols += [torch.ones_like(vals[0]), torch.ones_like(vals[0])]
-    cols += [vals[1] - vals[0], gg]
+    cols += [hh, gg]
     return torch.stack([c.to(dtype).expand(rows) for c in cols], dim=1).contiguous()
 
 
