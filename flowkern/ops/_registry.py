@@ -335,12 +335,14 @@ class DiffOp:
         def backward_or_none(ctx, *grads):
             if all(g is None for g in grads):
                 return (None,) * ctx.n_inputs
-            if torch.is_grad_enabled() and reference is not None:
+            if not torch.is_grad_enabled():  # a plain backward: nothing to guard
+                return backward(ctx, *grads)
+            if reference is not None:
                 # create_graph=True (or torch.func.grad): the backward must be
                 # differentiable itself, which the fused backward kernels are
                 # not; differentiate the op's torch formula instead.
                 return _reference_backward(ctx, grads, reference, saved_at)
-            return fused(ctx, *grads)
+            return fused(ctx, *grads)  # raises if its result is differentiated
         bwd = staticmethod(backward_or_none)
 
         class Eager(torch.autograd.Function):
