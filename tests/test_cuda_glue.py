@@ -19,6 +19,7 @@ import torch
 
 import flowkern
 from cuda_sim_helpers import assert_within_fp32_ulp
+from helpers import STEP_EXAMPLES
 from flowkern.backend import cuda_built
 
 pytestmark = pytest.mark.skipif(not flowkern.backend.cpu_built(), reason="needs flowkern._C")
@@ -216,6 +217,61 @@ def test_step_glue_matches_cpu_ops(dtype, shape):
                  lambda o: CPU.lincomb_step(xn, terms[:nt], wts, std, 2 ** 40 + 3, 77, ps,
                                             False, o),
                  x, noisy=bool(std))
+
+
+class _Replay(torch.utils._python_dispatch.TorchDispatchMode):
+    """Runs every flowkern:: op a public call makes on the CPU kernel and, on
+    clones of its arguments taken before, on the simulated CUDA glue
+    (flowkern_sim::, the same schema), recording both."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace != "flowkern" or func._opname == "empty_output":
+            return func(*args, **kwargs)
+
+        def clone(a):
+            if isinstance(a, torch.Tensor):
+                return a.clone()
+            return [clone(b) for b in a] if isinstance(a, (list, tuple)) else a
+        sim_args = [clone(a) for a in args]
+        out = func(*args, **kwargs)
+        sim = getattr(getattr(SIM, func._opname), func._overloadname)
+        self.calls.append((func._opname, args, out, sim_args, sim(*sim_args, **kwargs)))
+        return out
+
+
+def _tensors_of(v):
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [t for a in v for t in _tensors_of(a)]
+    return []
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", list(STEP_EXAMPLES))
+def test_every_public_step_is_the_same_on_the_glue(op, dtype):
+    """Each public step (helpers.STEP_EXAMPLES, no per-op code here): the
+    flowkern:: calls it makes on the cpu backend, replayed on the simulated
+    CUDA glue, write the same outputs (the noisy ones to an fp32 ulp, as the
+    device's Philox transcendentals are its own)."""
+    g = torch.Generator().manual_seed(3)
+    x, p = (torch.randn(5, 33, generator=g).to(dtype) for _ in range(2))
+    with _Replay() as replay:
+        STEP_EXAMPLES[op](x, p, backend="cpu")
+    assert replay.calls, f"{op}: no flowkern:: op was called"
+    for name, args, out, sim_args, sim_out in replay.calls:
+        got, want = _tensors_of([sim_args, sim_out]), _tensors_of([args, out])
+        assert len(got) == len(want), name
+        for k, (a, b) in enumerate(zip(got, want)):
+            if name in ("em_step", "churn", "lincomb_step") and a.is_floating_point():
+                assert_within_fp32_ulp(a, b, f"{name} tensor {k}")
+            else:
+                assert torch.equal(a, b), f"{op} -> {name}: tensor {k} differs on the glue"
 
 
 def test_steps_write_in_place():
