@@ -4,6 +4,8 @@ PyTorch itself makes when it evaluates the same formula eagerly in the
 input dtype."""
 import torch
 
+import flowkern as fk
+
 EPS = {torch.float64: 2.0 ** -52, torch.float32: 2.0 ** -23,
        torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
@@ -43,34 +45,23 @@ def assert_nan_only_at(out, clean, idx):
 
 # One call of each public sampler step, (x, p, out=None, backend=None) ->
 # its result: the tests that hold every step to a property (one dispatcher
-# call, out= under autograd, fake tensors) read this table; a new step adds
-# its line here. The key is the public function's name.
-def _step_examples():
-    import flowkern as fk
-
-    return {
-        "euler_step": lambda x, p, out=None, backend=None: fk.euler_step(
-            x, p, 0.2, 0.4, out=out, backend=backend),
-        "heun_step": lambda x, p, out=None, backend=None: fk.heun_step(
-            x, p, x, p, 0.2, 0.4, out=out, backend=backend),
-        "ei_step": lambda x, p, out=None, backend=None: fk.ei_step(
-            x, p, 0.2, 0.4, "cosine", out=out, backend=backend),
-        "dpmpp_2m_step": lambda x, p, out=None, backend=None: fk.dpmpp_2m_step(
-            x, p, 0.2, 0.4, prediction="x1", out=out, backend=backend),
-        "em_step": lambda x, p, out=None, backend=None: fk.em_step(
-            x, p, 0.2, 0.4, seed=1, out=out, backend=backend),
-        "churn": lambda x, p, out=None, backend=None: fk.churn(
-            x, 0.4, 0.2, "edm", seed=1, out=out, backend=backend),
-        "lms_step": lambda x, p, out=None, backend=None: fk.lms_step(
-            x, p, [0.1, 0.2], [p * 2], 0.2, "cosine", out=out, backend=backend),
-        "lincomb_step": lambda x, p, out=None, backend=None: fk.lincomb_step(
-            x, [p, p * 2], [0.9, 0.1, 0.05], noise_std=0.2, seed=4, out=out, backend=backend),
-    }
-
-
-STEP_EXAMPLES = _step_examples()
-
-
-def first(result):
-    """The state x_s of a step's result (dpmpp_2m_step and lms_step return a pair)."""
-    return result[0] if isinstance(result, tuple) else result
+# call, out= under autograd, fake tensors, the simulated CUDA glue) read this
+# table; a new step adds its line here. The key is the public function's name.
+STEP_EXAMPLES = {
+    "euler_step": lambda x, p, out=None, backend=None: fk.euler_step(
+        x, p, 0.2, 0.4, out=out, backend=backend),
+    "heun_step": lambda x, p, out=None, backend=None: fk.heun_step(
+        x, p, x, p, 0.2, 0.4, out=out, backend=backend),
+    "ei_step": lambda x, p, out=None, backend=None: fk.ei_step(
+        x, p, 0.2, 0.4, "cosine", out=out, backend=backend),
+    "dpmpp_2m_step": lambda x, p, out=None, backend=None: fk.dpmpp_2m_step(
+        x, p, 0.2, 0.4, prediction="x1", out=out, backend=backend),
+    "em_step": lambda x, p, out=None, backend=None: fk.em_step(
+        x, p, 0.2, 0.4, seed=1, out=out, backend=backend),
+    "churn": lambda x, p, out=None, backend=None: fk.churn(
+        x, 0.4, 0.2, "edm", seed=1, out=out, backend=backend),
+    "lms_step": lambda x, p, out=None, backend=None: fk.lms_step(
+        x, p, [0.1, 0.2], [p * 2], 0.2, "cosine", out=out, backend=backend),
+    "lincomb_step": lambda x, p, out=None, backend=None: fk.lincomb_step(
+        x, [p, p * 2], [0.9, 0.1, 0.05], noise_std=0.2, seed=4, out=out, backend=backend),
+}

@@ -21,6 +21,7 @@ import flowkern
 from cuda_sim_helpers import assert_within_fp32_ulp
 from helpers import STEP_EXAMPLES
 from flowkern.backend import cuda_built
+from flowkern.ops._registry import SCHEMA_LINES
 
 pytestmark = pytest.mark.skipif(not flowkern.backend.cpu_built(), reason="needs flowkern._C")
 
@@ -458,18 +459,8 @@ def test_one_op_no_table_construction():
 
 # -- registration -------------------------------------------------------------------
 
-def _schema_names():
-    """Every op and overload of flowkern/ops/schemas.inc, the one schema list."""
-    import re
-
-    import flowkern.ops
-
-    path = os.path.join(os.path.dirname(flowkern.ops.__file__), "schemas.inc")
-    with open(path) as f:
-        return re.findall(r'^FK_SCHEMA\("([\w.]+)\(', f.read(), re.M)
-
-
-GLUE_OPS = _schema_names()
+# Every op and overload of flowkern/ops/schemas.inc, the one schema list.
+GLUE_OPS = [name for name, _ in SCHEMA_LINES]
 
 
 def _op(ns, qual):

@@ -1,7 +1,8 @@
 // The sampler-step ops of flowkern/ops/schemas.inc, written once for every
 // device: each op checks its arguments (step_args.h), states its value checks
 // and builds the launch's scalars (fk::StepParams), then hands the launch to
-// the device's runner R:
+// the device's runner R (through launch(), which checks the prediction code
+// first, for every runner):
 //   R::run<OP>(in, outs, coef, check, p, noise, checks)  one launch of step
 //       op OP (fk::StepOp, flowkern/steps.h FK_STEP_OPS) over the dense inputs
 //       `in` (x first) and the outputs; `coef` the step's coefficient
@@ -54,17 +55,26 @@ inline fk::StepParams guided(int64_t prediction, int variant, const OptT& pred_u
 template <class R> struct StepOps {
   using Outs = std::vector<at::Tensor*>;
 
+  // One launch of step op OP on the runner, after the prediction code check.
+  template <int OP, class Checks>
+  static void launch(const std::vector<at::Tensor>& in, const Outs& outs, const StepTimes* coef,
+                     bool check, const fk::StepParams& p, const StepNoise& noise,
+                     Checks&& checks) {
+    check_code("prediction", p.pred, kPreds);
+    R::template run<OP>(in, outs, coef, check, p, noise, checks);
+  }
+
   static void euler_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
                          FK_STEP_ARGS, int64_t prediction, double guidance, bool check,
                          at::Tensor& out) {
     const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
                                 {{"out", &out}});
     const StepTimes coef{FK_STEP_PASS};
-    R::template run<fk::EULER_STEP>(in, Outs{&out}, &coef, check,
-                                    guided(prediction, 0, pred_uncond, guidance), {},
-                                    [&](const auto& c) {
-                                      check_conversion(c, prediction, fk::VELOCITY);
-                                    });
+    launch<fk::EULER_STEP>(in, Outs{&out}, &coef, check,
+                           guided(prediction, 0, pred_uncond, guidance), {},
+                           [&](const auto& c) {
+                             check_conversion(c, prediction, fk::VELOCITY);
+                           });
   }
 
   static void heun_step(const at::Tensor& x, const at::Tensor& pred, const at::Tensor& x_euler,
@@ -80,12 +90,12 @@ template <class R> struct StepOps {
                                     {"pred_euler_uncond", opt(pred_euler_uncond)}},
                                 {{"out", &out}});
     const StepTimes coef{FK_STEP_PASS};
-    R::template run<fk::HEUN_STEP>(in, Outs{&out}, &coef, check,
-                                   guided(prediction, 0, pred_uncond, guidance), {},
-                                   [&](const auto& c) {
-                                     check_conversion(c, prediction, fk::VELOCITY);
-                                     check_conversion(c, prediction, fk::VELOCITY, true);
-                                   });
+    launch<fk::HEUN_STEP>(in, Outs{&out}, &coef, check,
+                          guided(prediction, 0, pred_uncond, guidance), {},
+                          [&](const auto& c) {
+                            check_conversion(c, prediction, fk::VELOCITY);
+                            check_conversion(c, prediction, fk::VELOCITY, true);
+                          });
   }
 
   // Exponential integrator: the data form divides by sigma_t, the noise form by alpha_t.
@@ -106,9 +116,9 @@ template <class R> struct StepOps {
     const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
                                 {{"out", &out}});
     const StepTimes coef{FK_STEP_PASS};
-    R::template run<fk::EI_STEP>(in, Outs{&out}, &coef, check,
-                                 guided(prediction, int(form), pred_uncond, guidance), {},
-                                 [&](const auto& c) { ei_checks(c, prediction, form); });
+    launch<fk::EI_STEP>(in, Outs{&out}, &coef, check,
+                        guided(prediction, int(form), pred_uncond, guidance), {},
+                        [&](const auto& c) { ei_checks(c, prediction, form); });
   }
 
   static at::Tensor ei_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
@@ -132,9 +142,9 @@ template <class R> struct StepOps {
     Outs outs;
     for (auto& t : g) outs.push_back(&t);
     const StepTimes coef{FK_STEP_PASS};
-    R::template run<fk::EI_STEP_BACKWARD>(in, outs, &coef, false,
-                                          {int(prediction), int(form), cfg, guidance}, {},
-                                          [](const auto&) {});
+    launch<fk::EI_STEP_BACKWARD>(in, outs, &coef, false,
+                                 {int(prediction), int(form), cfg, guidance}, {},
+                                 [](const auto&) {});
     return g;
   }
 
@@ -147,7 +157,7 @@ template <class R> struct StepOps {
             {"pred_uncond", opt(pred_uncond)}},
         {{"out", &out}, {"d_out", &d_out}});
     const StepTimes coef{FK_STEP_PASS};
-    R::template run<fk::DPMPP_2M_STEP>(
+    launch<fk::DPMPP_2M_STEP>(
         in, Outs{&out, &d_out}, &coef, check,
         guided(prediction, d_prev.has_value(), pred_uncond, guidance), {},
         [&](const auto& c) {
@@ -172,13 +182,13 @@ template <class R> struct StepOps {
                                 {{"out", &out}});
     const StepNoise noise{seed, offset, step_seeds(per_sample_seeds, x, R::values_read(check))};
     const StepTimes coef{FK_STEP_PASS};
-    R::template run<fk::EM_STEP>(in, Outs{&out}, &coef, check,
-                                 guided(prediction, 0, pred_uncond, guidance), noise,
-                                 [&](const auto& c) {
-                                   check_conversion(c, prediction, fk::VELOCITY);
-                                   check_conversion(c, prediction, fk::SCORE);
-                                   check_step_direction(c, true);
-                                 });
+    launch<fk::EM_STEP>(in, Outs{&out}, &coef, check,
+                        guided(prediction, 0, pred_uncond, guidance), noise,
+                        [&](const auto& c) {
+                          check_conversion(c, prediction, fk::VELOCITY);
+                          check_conversion(c, prediction, fk::SCORE);
+                          check_step_direction(c, true);
+                        });
   }
 
   static void churn(const at::Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset,
@@ -186,11 +196,11 @@ template <class R> struct StepOps {
     const auto in = step_inputs(x, {}, {{"out", &out}});
     const StepNoise noise{seed, offset, step_seeds(per_sample_seeds, x, R::values_read(check))};
     const StepTimes coef{FK_STEP_PASS};
-    R::template run<fk::CHURN>(in, Outs{&out}, &coef, check, {fk::VELOCITY, 0, false, 1.0},
-                               noise, [](const auto& c) {
-                                 check_alpha_t(c, "churn divides by it");
-                                 check_step_direction(c, false);
-                               });
+    launch<fk::CHURN>(in, Outs{&out}, &coef, check, {fk::VELOCITY, 0, false, 1.0},
+                      noise, [](const auto& c) {
+                        check_alpha_t(c, "churn divides by it");
+                        check_step_direction(c, false);
+                      });
   }
 
   static void lms_step(const at::Tensor& x, const at::Tensor& pred, const OptT& u1,
@@ -204,10 +214,10 @@ template <class R> struct StepOps {
     fk::StepParams p = guided(prediction, nh, pred_uncond, guidance);
     for (int j = 0; j <= nh; ++j) p.wts[j] = weights[size_t(j)];
     const StepTimes coef{FK_STEP_PASS};
-    R::template run<fk::LMS_STEP>(in, Outs{&out, &u_out}, &coef, check, p, {},
-                                  [&](const auto& c) {
-                                    check_conversion(c, prediction, fk::VELOCITY);
-                                  });
+    launch<fk::LMS_STEP>(in, Outs{&out, &u_out}, &coef, check, p, {},
+                         [&](const auto& c) {
+                           check_conversion(c, prediction, fk::VELOCITY);
+                         });
   }
 
   // No coefficient table: the caller's weights are the matrix.
@@ -221,8 +231,8 @@ template <class R> struct StepOps {
     fk::StepParams p{fk::VELOCITY, nt, false, 1.0};
     for (int j = 0; j <= nt; ++j) p.wts[j] = weights[size_t(j)];
     p.noise_std = noise_std;
-    R::template run<fk::LINCOMB_STEP>(in, Outs{&out}, nullptr, check, p, noise,
-                                      [](const auto&) {});
+    launch<fk::LINCOMB_STEP>(in, Outs{&out}, nullptr, check, p, noise,
+                             [](const auto&) {});
   }
 
   // Every op above as the kernel of its schema in library m.

@@ -344,7 +344,6 @@ template <class D, class L> struct Glue {
     static void run(const std::vector<at::Tensor>& in, const std::vector<at::Tensor*>& outs,
                     const StepTimes* coef, bool check, const fk::StepParams& p,
                     const StepNoise& noise, Checks&& checks) {
-      check_code("prediction", p.pred, kPreds);
       const at::Tensor& x = in[0];
       const Launch l(x);
       with_acc(x, [&](auto acc) {

@@ -27,11 +27,11 @@ NATIVE_NS = "flowkern"
 TORCH = "torch"  # the reference backend: each op's torch formula (TorchOp)
 
 
-def _read_schemas() -> dict[str, str]:
-    """{op name: "(args) -> returns"} of the FK_SCHEMA lines of schemas.inc,
-    the one list of schemas (C++ compiles it in: csrc/cpu/schemas.h).
-    `.nograd` overloads are native only and left out."""
-    schemas = {}
+def _read_schemas() -> list[tuple[str, str]]:
+    """(op or op.overload, "(args) -> returns") of each FK_SCHEMA line of
+    schemas.inc, in order: the one list of schemas (C++ compiles it in:
+    csrc/cpu/schemas.h)."""
+    lines = []
     with open(os.path.join(os.path.dirname(__file__), "schemas.inc")) as f:
         for line in f:
             if line.startswith("//") or not line.strip():
@@ -39,12 +39,14 @@ def _read_schemas() -> dict[str, str]:
             m = re.fullmatch(r'FK_SCHEMA\("([\w.]+)(\(.*)"\)\s*', line)
             if m is None:
                 raise RuntimeError(f"flowkern/ops/schemas.inc: cannot read {line!r}")
-            if "." not in m.group(1):
-                schemas[m.group(1)] = m.group(2)
-    return schemas
+            lines.append((m.group(1), m.group(2)))
+    return lines
 
 
-SCHEMAS = _read_schemas()
+SCHEMA_LINES = _read_schemas()
+# {op name: schema} of the ops flowkern_triton:: defines: `.nograd` overloads
+# are native only.
+SCHEMAS = {name: schema for name, schema in SCHEMA_LINES if "." not in name}
 
 
 def triton_op(name: str):

@@ -54,13 +54,9 @@ def flowmap_loss_backward(grad_rows, x, pred, target, coef, prediction, form, gr
                    p2=int(grad_x) | (int(grad_target) << 1))
     return outs
 
-# The shipped kernels of this family for the ahead-of-time report
-# (flowkern/triton/aot.py, which compiles each for sm_80/sm_90 and fails on
-# spills): (name, row function, NI, NO, NOISE, P0, P1, P2[, KIND]); NOISE
-# "per_sample": noise with per-sample seeds; KIND: a built-in schedule kind
-# evaluated in the kernel, else a table.
+# This family's kernels in the ahead-of-time report (flowkern/triton/aot.py
+# _ops and _rowsums, which give the tuples' layout).
 AOT_KERNELS = [("flowmap_bwd_v", flowmap_bwd_rows, 3, 3, False, 0, 0, 3),
                ("flowmap_bwd_x1", flowmap_bwd_rows, 3, 1, False, 1, 0, 0)]
-# Row sums: (name, row function, NI, P0, P1[, KIND]).
 AOT_ROWSUMS = [("flowmap_score_noise", flowmap_residual_rows, 3, 3, 1),
                ("flowmap_v", flowmap_residual_rows, 3, 0, 0)]

@@ -328,11 +328,8 @@ def lincomb_step(x, terms, weights, noise_std, seed, offset, seeds, out):
     launch_lincomb(lincomb_step_rows, nt, int(bool(noise_std)), (x, *terms), (out,), None,
                    aux=aux, noise=noise)
 
-# The shipped kernels of this family for the ahead-of-time report
-# (flowkern/triton/aot.py, which compiles each for sm_80/sm_90 and fails on
-# spills): (name, row function, NI, NO, NOISE, P0, P1, P2[, KIND]); NOISE
-# "per_sample": noise with per-sample seeds; KIND: a built-in schedule kind
-# evaluated in the kernel, else a table.
+# This family's kernels in the ahead-of-time report (flowkern/triton/aot.py
+# _ops and _rowsums, which give the tuples' layout).
 AOT_KERNELS = [("heun_cfg_x1_vp", heun_rows, 6, 1, False, 1, 0, 1, 3),
                ("dpmpp_2m_cfg_x1_edm", dpmpp_2m_rows, 4, 2, False, 1, 1, 1, 5),
                ("em_cfg_score_cosine", em_rows, 3, 1, True, 3, 0, 1, 1),

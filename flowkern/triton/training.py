@@ -104,11 +104,8 @@ def fm_loss_backward_pred(grad_rows, pred, x0, x1, sched, target):
                    sched_rows(*sched), aux=grad_rows.contiguous())
     return gp
 
-# The shipped kernels of this family for the ahead-of-time report
-# (flowkern/triton/aot.py, which compiles each for sm_80/sm_90 and fails on
-# spills): (name, row function, NI, NO, NOISE, P0, P1, P2[, KIND]); NOISE
-# "per_sample": noise with per-sample seeds; KIND: a built-in schedule kind
-# evaluated in the kernel, else a table.
+# This family's kernels in the ahead-of-time report (flowkern/triton/aot.py
+# _ops and _rowsums, which give the tuples' layout).
 AOT_KERNELS = [("interpolate", interpolate_rows, 2, 2, False, 0, 0, 0),
                # each built-in schedule evaluated in the kernel (schedules.py)
                *((f"interpolate_{name}", interpolate_rows, 2, 2, False, 0, 0, 0,
@@ -122,6 +119,5 @@ AOT_KERNELS = [("interpolate", interpolate_rows, 2, 2, False, 0, 0, 0),
                ("convert_bwd", convert_bwd_rows, 1, 2, False, 1, 2, 0),
                ("loss_bwd", loss_bwd_rows, 3, 3, False, 3, 0, 0),
                ("loss_bwd_pred", loss_bwd_rows, 3, 1, False, 3, 1, 0)]
-# Row sums: (name, row function, NI, P0, P1[, KIND]).
 AOT_ROWSUMS = [("loss", loss_residual_rows, 3, 3, 0),
                ("loss_ve", loss_residual_rows, 3, 3, 0, 4)]
