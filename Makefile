@@ -15,7 +15,7 @@ BUILT := $(VENV)/.flowkern-built
 SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc') \
            flowkern/ops/schemas.inc setup.py
 
-.PHONY: demo test test-full bench gpu-check build wheel clean aot test-cpu-torch
+.PHONY: demo test test-full bench gpu-check build wheel clean aot test-cpu-torch test-compat
 
 # The main job: train a small flow on built-in 2-D data with the fused ops,
 # sample it with every fused sampler, print quality vs NFE, write plots.
@@ -73,6 +73,13 @@ gpu-check: $(BUILT)
 # in-place build alone.
 test-cpu-torch:
 	bash tools/check_cpu_torch.sh
+
+# One wheel across torch versions: the cp310-abi3 wheel built once against
+# .venv's torch (CUDA 13, nvcc), installed into a fresh venv per torch version
+# (tools/check_compat.sh: 2.10.0, 2.13.0+cpu, 2.14.1, 2.15.0) with a smoke suite
+# in each; prints the matrix README.md states.
+test-compat: $(BUILT)
+	bash tools/check_compat.sh
 
 wheel: $(STAMP)
 	$(PY) -m pip wheel . --no-deps --no-build-isolation -w dist

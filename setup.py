@@ -1,6 +1,9 @@
-"""Builds flowkern's native module, flowkern._C.
+"""Builds flowkern's native modules (docs/build.md).
 
-- Always: the CPU kernels and the TORCH_LIBRARY schemas (g++, OpenMP, -O3),
+flowkern._C, on torch's stable ABI (TORCH_TARGET_VERSION below) and CPython's
+limited API, so that one cp310-abi3 wheel serves every torch and CPython from
+those versions up:
+- Always: the CPU kernels and the op schemas (g++, OpenMP, -O3),
   and the CUDA glue on the grid simulator (the flowkern_sim:: test ops).
 - When the torch it builds against has CUDA and nvcc is found: the CUDA
   kernels (csrc/cuda/*.cu, nvcc for sm_80, sm_90 and compute_90 PTX, cudart
@@ -9,6 +12,10 @@
   and the stream as integers, and the g++-compiled glue (csrc/cuda/glue.h)
   calls them. Against a CPU-only torch, without nvcc, or with
   FLOWKERN_SKIP_CUDA=1, the module has the CPU kernels only.
+
+flowkern._nograd, on torch's regular C++ API: the Autograd-key kernel of the
+no-derivative ops, which the stable ABI cannot express. It is bound to the
+torch it is built against and loaded only there (flowkern/_native.py).
 """
 import glob
 import os
@@ -62,6 +69,19 @@ class Build(BuildExtension):
         if getattr(ext, "cu_sources", None):
             self._compile_cuda_objects(ext)
         super().build_extension(ext)
+        if self.inplace:
+            self._remove_stale_modules(ext)
+
+    def _remove_stale_modules(self, ext):
+        """An in-place build leaves an older build's module of another ABI tag
+        (flowkern/_C.cpython-311-*.so beside the new _C.abi3.so), which Python
+        would import first: remove it."""
+        built = os.path.realpath(self.get_ext_fullpath(ext.name))
+        stem = os.path.join(os.path.dirname(built), ext.name.rpartition(".")[2])
+        for path in glob.glob(stem + ".*.so"):
+            if os.path.realpath(path) != built:
+                print(f"flowkern: removing the stale {os.path.relpath(path, ROOT)}")
+                os.remove(path)
 
     def _compile_cuda_objects(self, ext):
         """nvcc on every .cu, two at a time; an object newer than its source and
@@ -127,12 +147,27 @@ def find_cudart_dir(nvcc):
 
 # no-math-errno / no-trapping-math: lets g++ vectorise sqrt and selects
 # (csrc/include/flowkern/noise_block.h); flowkern reads neither errno nor
-# floating-point exception flags.
+# floating-point exception flags. -fvisibility=hidden: nothing but the
+# module's init function is exported (torch's stable headers are hidden too).
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-strict-aliasing", "-fno-math-errno",
-             "-fno-trapping-math"]
+             "-fno-trapping-math", "-fvisibility=hidden"]
+
+# The oldest torch whose stable ABI flowkern._C needs (docs/build.md): 2.10,
+# as TORCH_TARGET_VERSION's 0xMMmmpp...; the shim calls of a newer torch are
+# compiled out, and the module loads into every torch from this one up.
+TORCH_TARGET = (2, 10)
+TORCH_TARGET_VERSION = "0x%02x%02x000000000000" % TORCH_TARGET
+# CPython's limited API from 3.10: one abi3 module for every later CPython.
+PY_LIMITED_API = "0x030A0000"
+
+
+def build_torch_version():
+    import torch
+    return torch.__version__
 
 
 def native_extension():
+    """flowkern._C: the kernels, on torch's stable ABI and CPython's limited API."""
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     ext_kwargs = {}
     nvcc = find_nvcc()
@@ -141,12 +176,25 @@ def native_extension():
         sources += ["csrc/cuda/register.cpp"]
         ext_kwargs = dict(library_dirs=[cudart_dir],
                           libraries=["cudart_static", "rt", "dl", "pthread"])
+    macros = [("TORCH_TARGET_VERSION", TORCH_TARGET_VERSION),
+              ("FK_BUILD_TORCH_VERSION", '"%s"' % build_torch_version())]
     ext = CppExtension("flowkern._C", sources=sources, include_dirs=[INCLUDE],
+                       define_macros=macros, py_limited_api=True,
                        extra_compile_args=CXX_FLAGS, extra_link_args=["-fopenmp"], **ext_kwargs)
     if cudart_dir is not None:
         ext.nvcc = nvcc
         ext.cu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     return ext
+
+
+def nograd_extension():
+    """flowkern._nograd: the one piece the stable ABI cannot express (the
+    Autograd-key kernel of the no-derivative ops, csrc/autograd), on torch's
+    regular C++ API and bound to the torch it is built against; flowkern
+    loads it only into that torch (flowkern/_native.py)."""
+    return CppExtension("flowkern._nograd",
+                        sources=rel(glob.glob(os.path.join(ROOT, "csrc", "autograd", "*.cpp"))),
+                        py_limited_api=True, extra_compile_args=CXX_FLAGS)
 
 
 setup(
@@ -156,10 +204,12 @@ setup(
     packages=find_packages(include=["flowkern", "flowkern.*"]),
     # the op schemas (csrc/cpu/schemas.h compiles them in; Python reads them at import)
     package_data={"flowkern.ops": ["schemas.inc"]},
-    ext_modules=[native_extension()],
+    ext_modules=[native_extension(), nograd_extension()],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    # both modules use CPython's limited API only: one cp310-abi3 wheel
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    install_requires=["torch>=%d.%d" % TORCH_TARGET],
     extras_require={"triton": ["triton"], "progress": ["tqdm"],
                     # python -m flowkern demo: plots, exact W2, the digits section
                     "demo": ["matplotlib", "pot", "scikit-learn", "tqdm"]},

@@ -56,26 +56,48 @@ def use_backend(name: str):
         _current.reset(token)
 
 
-def _import_cpu() -> bool:
+def _import_native() -> tuple[bool, bool]:
+    """(whether flowkern._C loaded, whether flowkern._nograd did).
+
+    _C is built on torch's stable ABI and loads into every torch from its
+    target version up; _nograd (the C++ Autograd-key kernel of the
+    no-derivative ops) is bound to the torch it was built against, so it is
+    imported only into that torch (_C.TORCH_VERSION), and not at all with
+    FLOWKERN_NOGRAD=python. Elsewhere flowkern/ops/_nograd.py registers the
+    same rules in Python (docs/build.md)."""
     try:
-        import flowkern._C  # noqa: F401  (registers torch.ops.flowkern.*)
+        import flowkern._C as native  # registers torch.ops.flowkern.*
     except ImportError:
-        return False
-    return True
+        return False, False
+    if (getattr(native, "TORCH_VERSION", None) != torch.__version__
+            or os.environ.get("FLOWKERN_NOGRAD") == "python"):
+        return True, False
+    try:
+        import flowkern._nograd  # noqa: F401  (registers the Autograd-key kernels)
+    except ImportError:
+        return True, False
+    return True, True
 
 
 # Looked up once at import (cheap: _C is small, the others are find_spec), so
 # that torch.compile traces constants instead of cached calls.
-_CPU_BUILT = _import_cpu()
+_CPU_BUILT, _NOGRAD_NATIVE = _import_native()
 # The CUDA kernels are part of flowkern._C when it was built against a CUDA
-# torch with nvcc (setup.py): registered for the CUDA dispatch key.
-_CUDA_BUILT = _CPU_BUILT and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "flowkern::interpolate", "CUDA")
+# torch with nvcc (setup.py): registered for the CUDA dispatch key, usable
+# only where torch itself has CUDA.
+_CUDA_BUILT = _CPU_BUILT and torch.version.cuda is not None and \
+    torch._C._dispatch_has_kernel_for_dispatch_key("flowkern::interpolate", "CUDA")
 _TRITON = importlib.util.find_spec("triton") is not None
 
 
 def cpu_built() -> bool:
     return _CPU_BUILT
+
+
+def nograd_native() -> bool:
+    """Whether the no-derivative ops' Autograd-key kernel is the C++ one
+    (flowkern._nograd) rather than its Python twin (flowkern/ops/_nograd.py)."""
+    return _NOGRAD_NATIVE
 
 
 def cuda_built() -> bool:

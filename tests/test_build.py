@@ -57,6 +57,8 @@ def _fresh_venv_smoke(tmp, wheel, extra=""):
 def test_wheel_installs_in_fresh_venv(tmp_path):
     env = dict(os.environ, FLOWKERN_SKIP_CUDA="1")
     wheel = _build_wheel(tmp_path, env)
+    # one wheel for every CPython >= 3.10 (the limited API; docs/build.md)
+    assert "-cp310-abi3-" in wheel.name, wheel.name
     _fresh_venv_smoke(tmp_path, wheel)
 
 

@@ -203,6 +203,41 @@ def test_forward_mode_ad_takes_the_differentiable_call():
             torch.ops.flowkern.convert.nograd(d, x, tt, 0.0, 0, [], 1, 0, True)
 
 
+def test_the_no_derivative_kernel_in_use():
+    """flowkern._nograd (C++) where it was built for this torch, the Python
+    twin (flowkern/ops/_nograd.py) with FLOWKERN_NOGRAD=python or another
+    torch (docs/build.md)."""
+    import os
+
+    from flowkern.backend import nograd_native
+    assert nograd_native() is (os.environ.get("FLOWKERN_NOGRAD") != "python")
+
+
+_NOGRAD_RULES = ("test_in_place_steps_refuse_inputs_that_need_a_gradient or "
+                 "test_in_place_writes_bump_the_version_counter or "
+                 "test_interpolate_out_refuses_inputs_that_need_a_gradient or "
+                 "test_forward_mode_ad_takes_the_differentiable_call or "
+                 "test_the_no_derivative_kernel_in_use")
+
+
+@pytest.mark.skipif(__import__("os").environ.get("FLOWKERN_NOGRAD") == "python",
+                    reason="this is the run it starts")
+def test_the_python_no_derivative_kernel_keeps_the_rules():
+    """The tests above, in a process whose no-derivative ops run the Python
+    twin of csrc/autograd/nograd.cpp, as under a torch the wheel was not
+    built for: the same errors, messages and version bumps."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FLOWKERN_NOGRAD="python")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          __file__, "-k", _NOGRAD_RULES], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout
+
+
 # -- aliasing: exact in-place writes work, partial overlaps are errors ------------
 
 

@@ -1,20 +1,28 @@
-"""Smoke test of an *installed* flowkern wheel against a CPU-only torch.
+"""Smoke test of an *installed* flowkern wheel in another torch.
 
-Run by tools/check_cpu_torch.sh (`make test-cpu-torch`) from a directory
-outside the repository, in the .venv-cputorch virtualenv (torch==2.13.0+cpu).
+Run from a directory outside the repository by
+- tools/check_cpu_torch.sh (`make test-cpu-torch`): a wheel built against a
+  CPU-only torch (torch==2.13.0+cpu), installed there;
+- tools/check_compat.sh (`make test-compat`): the one abi3 wheel built against
+  the main .venv's torch (CUDA 13, with the CUDA kernels), installed into
+  fresh venvs with other torch versions (docs/build.md).
 It lives outside tests/ so that `make test` (pytest tests) never collects it:
-several checks below only hold for a wheel installed into a CPU-only torch.
+several checks below only hold for an installed wheel.
 
-Environment (set by the script):
+Environment (set by the scripts):
   FLOWKERN_COMPAT_REPO        the repository root: flowkern must NOT be imported
                               from under it (the wheel, not the in-place build).
   FLOWKERN_COMPAT_EXPECT_CPU  "1": torch must be a CPU-only build.
+  FLOWKERN_COMPAT_CUDA_KERNELS "1": the wheel holds the CUDA kernels (built
+                              against a CUDA torch), so every op has a kernel
+                              for the CUDA key; else none has.
 
 Checks: flowkern and flowkern._C import, the flowkern:: ops exist; every public
 op on backend='cpu' (the C++ kernels) matches backend='torch' (the pure-PyTorch
 reference) on small fp32/fp64 inputs, forward and, where differentiable,
 backward; flowkern.sample runs on cpu with a trivial model for every method;
-no CUDA kernel is registered for the flowkern:: ops.
+the CUDA kernels are registered for the CUDA key exactly when the wheel holds
+them; the no-derivative ops refuse a gradient (either Autograd-key kernel).
 """
 import glob
 import importlib.util
@@ -30,6 +38,7 @@ import flowkern as fk
 
 REPO = os.environ.get("FLOWKERN_COMPAT_REPO")
 EXPECT_CPU = os.environ.get("FLOWKERN_COMPAT_EXPECT_CPU") == "1"
+CUDA_KERNELS = os.environ.get("FLOWKERN_COMPAT_CUDA_KERNELS") == "1"
 
 DTYPES = [torch.float32, torch.float64]
 # cpu vs torch backend: both evaluate the same formulas, the reference in the
@@ -87,7 +96,7 @@ def test_native_module_loads_and_registers_ops():
     import flowkern._C  # noqa: F401
 
     assert fk.available()["cpu"], fk.available()
-    assert fk.available()["cuda"] is False
+    assert fk.available()["cuda"] is (CUDA_KERNELS and torch.version.cuda is not None)
     for name in ("interpolate", "interpolate_out", "fm_loss", "convert", "euler_step",
                  "heun_step", "ei_step", "ei_step_out", "dpmpp_2m_step", "em_step", "churn",
                  "lms_step", "lincomb_step"):
@@ -111,9 +120,10 @@ _WITH_KERNEL = ("import torch; h = torch._C._dispatch_has_kernel_for_dispatch_ke
                 "print(len(ops), [n for n in ops if h(n, '{key}')])")
 
 
-def test_native_module_registers_no_cuda_kernel():
-    """flowkern._C alone (the C++ TORCH_LIBRARY code, loaded in a fresh process
-    without the Python package) registers CPU kernels only."""
+def test_native_module_registers_cuda_kernels_iff_built():
+    """flowkern._C alone (the C++ library code, loaded in a fresh process
+    without the Python package) registers CUDA kernels for every flowkern::
+    op exactly when the wheel holds them."""
     code = ("import sys, torch; torch.ops.load_library(sys.argv[1]); "
             + _WITH_KERNEL.format(key="CUDA"))
     res = subprocess.run([sys.executable, "-c", code, _native_so()], capture_output=True,
@@ -121,15 +131,44 @@ def test_native_module_registers_no_cuda_kernel():
     assert res.returncode == 0, res.stderr
     count, _, cuda = res.stdout.strip().partition(" ")
     assert int(count) > 10, f"flowkern._C defined only {count} flowkern:: ops: {res.stdout}"
-    assert cuda == "[]", f"flowkern._C registers CUDA kernels on a CPU torch: {cuda}"
+    if CUDA_KERNELS:
+        for name in ("flowkern::interpolate", "flowkern::euler_step", "flowkern::field_mean"):
+            assert name in cuda, f"{name} has no CUDA kernel: {cuda}"
+    else:
+        assert cuda == "[]", f"flowkern._C registers CUDA kernels: {cuda}"
 
 
-def test_no_cuda_kernel_registered_after_import():
-    """Nor does the Python package register one (e.g. a lazy CUDA glue) on import."""
-    assert not torch._C._dispatch_has_kernel_for_dispatch_key("flowkern::interpolate", "CUDA")
-    ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("flowkern::"))
-    cuda = [n for n in ops if torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
-    assert cuda == [], f"CUDA kernels registered on a CPU torch: {cuda}"
+def test_cuda_kernels_after_import():
+    """The Python package registers no CUDA kernel of its own (e.g. a lazy glue)."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key("flowkern::interpolate", "CUDA")
+    assert has is CUDA_KERNELS
+
+
+def test_no_derivative_ops_refuse_a_gradient():
+    """The Autograd-key kernel of the no-derivative ops: flowkern._nograd where
+    it was built for this torch, its Python twin elsewhere; the same rules."""
+    import flowkern.backend as backend
+
+    print(f"Autograd-key kernel of the no-derivative ops: "
+          f"{'C++' if backend.nograd_native() else 'Python'}")
+    x = torch.randn(SHAPE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="argument 'x0' requires grad"):
+        torch.ops.flowkern.interpolate.nograd(x, x.detach(), None, 0.5, 0, [], 0, True)
+    out = torch.zeros(SHAPE)
+    version = out._version
+    fk.euler_step(out, torch.ones(SHAPE), t=0.25, s=0.5, out=out, backend="cpu")
+    assert out._version > version, "the written buffer's version counter was not bumped"
+    torch.testing.assert_close(out, torch.full(SHAPE, 0.25))
+
+
+def test_type_errors_stay_type_errors():
+    """No TypeError crosses the stable ABI: the public functions re-raise the
+    op's marked ValueError as one (flowkern/ops/_registry.py retyped)."""
+    x = torch.randn(SHAPE)
+    with pytest.raises(TypeError, match="x1: dtype torch.int64 is not supported"):
+        fk.interpolate(x, x.long(), 0.5, backend="cpu")
+    with pytest.raises(ValueError, match="times must lie in"):
+        fk.interpolate(x, x, 1.5, backend="cpu")
 
 
 # ---------------------------------------------------------------------------

@@ -7,15 +7,12 @@
 // tensor op runs: the table lives in host memory for the kernel's call.
 #pragma once
 
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Optional.h>
 
 #include <cmath>
 #include <vector>
 
 #include "args.h"
+#include "flowkern/hd.h"
 #include "flowkern/coeffs.h"
 #include "flowkern/schedules.h"
 
@@ -38,38 +35,57 @@ template <class A> struct HostCoef {
 };
 
 // A small host tensor's values as doubles (any real dtype, any stride).
-inline std::vector<double> read_doubles(const at::Tensor& x) {
+inline std::vector<double> read_doubles(const Tensor& x) {
   std::vector<double> v(size_t(x.numel()));
   if (v.empty()) return v;
   const int64_t stride = x.dim() == 0 ? 0 : x.stride(0);
-  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "read", [&] {
-    const scalar_t* p = x.const_data_ptr<scalar_t>();
-    for (size_t i = 0; i < v.size(); ++i) v[i] = double(p[int64_t(i) * stride]);
-  });
+  const auto read = [&](auto tag) {
+    using S = decltype(tag);
+    const S* p = static_cast<const S*>(x.const_data_ptr());
+    for (size_t i = 0; i < v.size(); ++i) {
+      if constexpr (std::is_same_v<S, fk::f16> || std::is_same_v<S, fk::bf16>)
+        v[i] = double(fk::to_float(p[int64_t(i) * stride]));
+      else
+        v[i] = double(p[int64_t(i) * stride]);
+    }
+  };
+  switch (x.scalar_type()) {
+    case kFloat: read(float{}); break;
+    case kDouble: read(double{}); break;
+    case kHalf: read(fk::f16{}); break;
+    case kBFloat16: read(fk::bf16{}); break;
+    case kLong: read(int64_t{}); break;
+    case kInt: read(int32_t{}); break;
+    case ScalarType::Short: read(int16_t{}); break;
+    case ScalarType::Char: read(int8_t{}); break;
+    case ScalarType::Byte: read(uint8_t{}); break;
+    case kBool: read(bool{}); break;
+    default: FK_CHECK_TYPE(false, "expected a real tensor, got ", py_dtype(x.scalar_type()));
+  }
   return v;
 }
 
 // A times tensor: floating, on the data's device, shape (), (1,) or (rows,).
-inline void check_times(const at::Tensor& tt, int64_t rows, const at::Tensor& like,
+inline void check_times(const Tensor& tt, int64_t rows, const Tensor& like,
                         const char* name) {
-  TORCH_CHECK_TYPE(tt.is_floating_point(), name, ": expected a floating tensor, got ",
-                   py_dtype(tt.scalar_type()));
-  TORCH_CHECK_VALUE(tt.device() == like.device(), name, ": on ", tt.device(),
-                    " but the data is on ", like.device());
+  FK_CHECK_TYPE(is_floating(tt.scalar_type()), name, ": expected a floating tensor, got ",
+                py_dtype(tt.scalar_type()));
+  FK_CHECK_VALUE(tt.device() == like.device(), name, ": on ", py_device(tt.device()),
+                 " but the data is on ", py_device(like.device()));
   const int64_t n = tt.numel();
-  TORCH_CHECK_VALUE(tt.dim() == 0 || (tt.dim() == 1 && (n == 1 || n == rows)), name,
-                    ": expected shape () or (", rows, ",) for a batch of ", rows, ", got ",
-                    py_shape(tt.sizes()));
+  FK_CHECK_VALUE(tt.dim() == 0 || (tt.dim() == 1 && (n == 1 || n == rows)), name,
+                 ": expected shape () or (", rows, ",) for a batch of ", rows, ", got ",
+                 py_shape(tt.sizes()));
 }
 
 // The times as doubles: n of them (1 for t_value or a one-element t).
-inline std::vector<double> read_times(const c10::optional<at::Tensor>& t, double t_value,
-                                      int64_t rows, const at::Tensor& like, const char* name) {
+inline std::vector<double> read_times(const OptT& t, double t_value,
+                                      int64_t rows, const Tensor& like, const char* name) {
   if (!t.has_value()) return {t_value};
-  const at::Tensor& tt = *t;
+  const Tensor& tt = *t;
   check_times(tt, rows, like, name);
-  TORCH_CHECK(tt.numel() == 0 || tt.device().is_cpu(), name,
-              ": the host table path needs CPU times");
+  FK_CHECK(tt.numel() == 0 || tt.is_cpu(), name,
+           ": the host table path needs CPU times");
   return read_doubles(tt);
 }
 
@@ -84,34 +100,34 @@ inline void check_unit_interval(const char* name, const std::vector<double>& ts)
     hi = v > hi ? v : hi;
   }
   if (nan) lo = hi = NAN;  // torch.aminmax propagates NaN
-  TORCH_CHECK_VALUE(ts.empty() || (!nan && lo >= 0 && hi <= 1), name,
-                    ": times must lie in [0, 1] (0 = noise, 1 = data); got values in [", lo,
-                    ", ", hi, "] (NaN included)");
+  FK_CHECK_VALUE(ts.empty() || (!nan && lo >= 0 && hi <= 1), name,
+                 ": times must lie in [0, 1] (0 = noise, 1 = data); got values in [", lo,
+                 ", ", hi, "] (NaN included)");
 }
 
-inline void check_schedule(int64_t kind, at::ArrayRef<double> params) {
-  TORCH_CHECK_VALUE(kind == kTableKind || (kind >= fk::LINEAR && kind <= fk::EDM),
-                    "schedule: unknown kind ", kind);
-  TORCH_CHECK_VALUE(params.size() <= size_t(fk::kSchedParams), "schedule: too many params");
+inline void check_schedule(int64_t kind, const std::vector<double>& params) {
+  FK_CHECK_VALUE(kind == kTableKind || (kind >= fk::LINEAR && kind <= fk::EDM),
+                 "schedule: unknown kind ", kind);
+  FK_CHECK_VALUE(params.size() <= size_t(fk::kSchedParams), "schedule: too many params");
 }
 
 // check: whether to check the times' range (flowkern._validate: always on
 // CPU tensors unless the caller checked them already, e.g. a sampler).
 template <class A>
-HostCoef<A> host_coef(const c10::optional<at::Tensor>& t, double t_value, int64_t kind,
-                      at::ArrayRef<double> params, int64_t rows, const at::Tensor& like,
+HostCoef<A> host_coef(const OptT& t, double t_value, int64_t kind,
+                      const std::vector<double>& params, int64_t rows, const Tensor& like,
                       bool check, const char* name = "t") {
   check_schedule(kind, params);
   HostCoef<A> c;
   if (kind == kTableKind) {
-    TORCH_CHECK(t.has_value(), name, ": a custom schedule's table is missing");
-    const at::Tensor& tab = *t;
-    TORCH_CHECK(tab.dim() == 2 && tab.size(1) == 4 && (tab.size(0) == 1 || tab.size(0) == rows) &&
-                    tab.scalar_type() == c10::CppTypeToScalarType<A>::value &&
-                    tab.is_contiguous() && tab.device() == like.device(),
-                name, ": a coefficient table must be a contiguous (1 or B, 4) tensor in the "
-                      "accumulation dtype on the data's device");
-    c.table = tab.template const_data_ptr<A>();
+    FK_CHECK(t.has_value(), name, ": a custom schedule's table is missing");
+    const Tensor& tab = *t;
+    FK_CHECK(tab.dim() == 2 && tab.size(1) == 4 && (tab.size(0) == 1 || tab.size(0) == rows) &&
+                 tab.scalar_type() == torch::headeronly::CppTypeToScalarType<A>::value &&
+                 tab.is_contiguous() && tab.device() == like.device(),
+             name, ": a coefficient table must be a contiguous (1 or B, 4) tensor in the "
+                   "accumulation dtype on the data's device");
+    c.table = static_cast<const A*>(tab.const_data_ptr());
     c.n = tab.size(0);
     return c;
   }
@@ -136,8 +152,8 @@ template <class A, class F>
 void check_nonzero(const HostCoef<A>& c, const char* name, const char* what, const char* why,
                    F&& value) {
   for (int64_t i = 0; i < c.n; ++i)
-    TORCH_CHECK_VALUE(value(c.at(i)) != A(0), name, ": ", what, " is 0 at some sample, and ",
-                      why);
+    FK_CHECK_VALUE(value(c.at(i)) != A(0), name, ": ", what, " is 0 at some sample, and ",
+                   why);
 }
 
 }  // namespace flowkern_cpu

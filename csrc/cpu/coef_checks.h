@@ -13,11 +13,10 @@
 
 namespace flowkern_cpu {
 
-using OptT = c10::optional<at::Tensor>;
 constexpr int64_t kPreds = 4;  // flowkern/_rules.py PREDICTIONS
 enum Reduction : int64_t { MEAN = 0, SUM = 1, NONE = 2 };  // flowkern/_validate.py REDUCTIONS
 
-#define FK_COEF_ARGS const OptT &t, double t_value, int64_t kind, at::ArrayRef<double> params
+#define FK_COEF_ARGS const OptT &t, double t_value, int64_t kind, const std::vector<double>& params
 #define FK_COEF_PASS t, t_value, kind, params
 
 // A velocity (target or conversion) reads the rates d_alpha, d_sigma: vp's
@@ -26,9 +25,9 @@ enum Reduction : int64_t { MEAN = 0, SUM = 1, NONE = 2 };  // flowkern/_validate
 template <class A> inline void check_rates(const HostCoef<A>& c, const char* why) {
   for (int64_t i = 0; i < c.n; ++i) {
     const fk::Sched<A> s = c.at(i);
-    TORCH_CHECK_VALUE(std::isfinite(double(s.d_alpha)) && std::isfinite(double(s.d_sigma)),
-                      "t: d_alpha_t or d_sigma_t is not finite at some sample (vp's d_sigma "
-                      "at t = 1), and ", why);
+    FK_CHECK_VALUE(std::isfinite(double(s.d_alpha)) && std::isfinite(double(s.d_sigma)),
+                   "t: d_alpha_t or d_sigma_t is not finite at some sample (vp's d_sigma "
+                   "at t = 1), and ", why);
   }
 }
 
@@ -71,19 +70,19 @@ template <class A> inline void check_convert(const HostCoef<A>& c, int64_t src, 
 
 // The loss's optional per-sample weight: (rows,) or one value, real, on the
 // data's device.
-inline void check_weight(const at::Tensor& w, int64_t rows, const at::Tensor& like) {
-  TORCH_CHECK_VALUE(w.device() == like.device(), "weight: on ", w.device(),
-                    " but the data is on ", like.device());
-  TORCH_CHECK_VALUE(w.dim() <= 1 && (w.numel() == 1 || w.numel() == rows),
-                    "weight: expected shape (", rows, ",) or a scalar, got ",
-                    py_shape(w.sizes()));
-  TORCH_CHECK_TYPE(!w.is_complex(), "weight: expected a real tensor, got ",
-                   py_dtype(w.scalar_type()));
+inline void check_weight(const Tensor& w, int64_t rows, const Tensor& like) {
+  FK_CHECK_VALUE(w.device() == like.device(), "weight: on ", py_device(w.device()),
+                 " but the data is on ", py_device(like.device()));
+  FK_CHECK_VALUE(w.dim() <= 1 && (w.numel() == 1 || w.numel() == rows),
+                 "weight: expected shape (", rows, ",) or a scalar, got ",
+                 py_shape(w.sizes()));
+  FK_CHECK_TYPE(!is_complex(w.scalar_type()), "weight: expected a real tensor, got ",
+                py_dtype(w.scalar_type()));
 }
 
 // Dense (pred, x0, x1) of one broadcast shape.
-inline std::array<at::Tensor, 3> loss_inputs(const at::Tensor& pred, const at::Tensor& x0,
-                                             const at::Tensor& x1, at::DimVector& shape) {
+inline std::array<Tensor, 3> loss_inputs(const Tensor& pred, const Tensor& x0,
+                                             const Tensor& x1, Shape& shape) {
   shape = common_shape({{"pred", &pred}, {"x0", &x0}, {"x1", &x1}});
   return {dense(pred, shape), dense(x0, shape), dense(x1, shape)};
 }

@@ -7,7 +7,6 @@
 // exercises the grid-stride loop. The sampler steps' and flow-map loss's
 // simulators are cuda_sim_steps.cpp and cuda_sim_flowmap.cpp; the sweeps
 // themselves are shared (cuda_sim.h).
-#include <torch/library.h>
 
 #include <string>
 #include <tuple>
@@ -23,16 +22,16 @@ namespace {
 
 using sim::Plan;
 
-void check_inputs(const std::vector<at::Tensor>& in, const at::Tensor& coef, const char* op) {
+void check_inputs(const std::vector<Tensor>& in, const Tensor& coef, const char* op) {
   sim::check_same(in, op);
-  const auto acc = in[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(coef.scalar_type() == acc && coef.is_contiguous() && coef.dim() == 2 &&
-                  coef.size(0) == rows_of(in[0]) && coef.size(1) == 4,
-              op, ": coef must be contiguous (B, 4) in the accumulation dtype");
+  const auto acc = in[0].scalar_type() == kDouble ? kDouble : kFloat;
+  FK_CHECK(coef.scalar_type() == acc && coef.is_contiguous() && coef.dim() == 2 &&
+               coef.size(0) == rows_of(in[0]) && coef.size(1) == 4,
+           op, ": coef must be contiguous (B, 4) in the accumulation dtype");
 }
 
 // The functors' view of a (B, 4) table, one row per sample.
-template <class A> fk::SchedSrc<A> table_src(const at::Tensor& coef) {
+template <class A> fk::SchedSrc<A> table_src(const Tensor& coef) {
   fk::SchedSrc<A> s;
   s.table = cptr<A>(coef);
   s.row_step = 1;
@@ -41,12 +40,12 @@ template <class A> fk::SchedSrc<A> table_src(const at::Tensor& coef) {
 
 // Calls f(functor) for the op name, as the launcher of that op builds it.
 template <class T, class F>
-void with_functor(const std::string& op, const at::Tensor& coef,
-                  const std::optional<at::Tensor>& grad_rows, at::IntArrayRef params, F&& f) {
+void with_functor(const std::string& op, const Tensor& coef,
+                  const std::optional<Tensor>& grad_rows, IntArrayRef params, F&& f) {
   using A = fk::acc_t<T>;
   const auto c = table_src<A>(coef);
   const auto param = [&](size_t k) {
-    TORCH_CHECK(params.size() > k, "_sim_lincomb(", op, "): missing params[", k, "]");
+    FK_CHECK(params.size() > k, "_sim_lincomb(", op, "): missing params[", k, "]");
     return int(params[k]);
   };
   if (op == "interpolate") return f(fk::InterpolateFn<A>{c, param(0)});
@@ -54,23 +53,23 @@ void with_functor(const std::string& op, const at::Tensor& coef,
   if (op == "convert") return f(fk::ConvertFn<A>{c, param(0), param(1)});
   if (op == "convert_backward") return f(fk::ConvertBwdFn<A>{c, param(0), param(1)});
   if (op == "fm_loss_backward" || op == "fm_loss_backward_pred") {
-    TORCH_CHECK(grad_rows && grad_rows->is_contiguous() &&
-                    grad_rows->scalar_type() == coef.scalar_type() &&
-                    grad_rows->numel() == coef.size(0),
-                "_sim_lincomb(", op, "): grad_rows must be (B,) in the coef dtype");
+    FK_CHECK(grad_rows && grad_rows->is_contiguous() &&
+                 grad_rows->scalar_type() == coef.scalar_type() &&
+                 grad_rows->numel() == coef.size(0),
+             "_sim_lincomb(", op, "): grad_rows must be (B,) in the coef dtype");
     if (op == "fm_loss_backward_pred")
       return f(fk::LossBwdFn<A, 1>{c, cptr<A>(*grad_rows), param(0)});
     return f(fk::LossBwdFn<A, 3>{c, cptr<A>(*grad_rows), param(0)});
   }
-  TORCH_CHECK(false, "_sim_lincomb: unknown op '", op, "'");
+  FK_CHECK(false, "_sim_lincomb: unknown op '", op, "'");
 }
 
-std::tuple<std::vector<at::Tensor>, Plan> sim_lincomb(
-    const std::string& op, const std::vector<at::Tensor>& inputs, const at::Tensor& coef,
-    const std::optional<at::Tensor>& grad_rows, at::IntArrayRef params, int64_t max_blocks,
+std::tuple<std::vector<Tensor>, Plan> sim_lincomb(
+    const std::string& op, const std::vector<Tensor>& inputs, const Tensor& coef,
+    const std::optional<Tensor>& grad_rows, IntArrayRef params, int64_t max_blocks,
     int64_t out_offset) {
   check_inputs(inputs, coef, "_sim_lincomb");
-  std::vector<at::Tensor> outs;
+  std::vector<Tensor> outs;
   Plan plan;
   dispatch_dtype(inputs[0], "_sim_lincomb", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -83,8 +82,8 @@ std::tuple<std::vector<at::Tensor>, Plan> sim_lincomb(
 }
 
 // The row-sum grid (sim::sweep_rowsum) of fm_loss_partial.
-std::tuple<at::Tensor, Plan> sim_fm_loss_partial(const at::Tensor& pred, const at::Tensor& x0,
-                                                 const at::Tensor& x1, const at::Tensor& coef,
+std::tuple<Tensor, Plan> sim_fm_loss_partial(const Tensor& pred, const Tensor& x0,
+                                                 const Tensor& x1, const Tensor& coef,
                                                  int64_t target, int64_t chunk_len) {
   check_inputs({pred, x0, x1}, coef, "_sim_fm_loss_partial");
   const i64 rows = rows_of(pred), inner = inner_of(pred);
@@ -116,7 +115,7 @@ Plan sim_plan_rowsum(int64_t rows, int64_t inner, int64_t chunk_len) {
 // Debug ops for tests, in the test-only flowkern_sim:: namespace (with the
 // simulated CUDA glue, cuda_sim_glue.cpp), not the public flowkern::. Plans are returned so a
 // test can assert which path (vec, grid-stride) it exercised.
-TORCH_LIBRARY_FRAGMENT(flowkern_sim, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(flowkern_sim, m) {
   m.def(
       "_sim_lincomb(str op, Tensor[] inputs, Tensor coef, Tensor? grad_rows, int[] params, "
       "int max_blocks=0, int out_offset=0) -> (Tensor[], int[])");
@@ -126,14 +125,18 @@ TORCH_LIBRARY_FRAGMENT(flowkern_sim, m) {
   // No tensor arguments, hence nothing to dispatch on: one kernel for all keys.
   m.def(
       "_sim_plan_lincomb(int rows, int inner, int elem_size, bool aligned, int max_blocks=0) "
-      "-> int[]",
-      &sim_plan_lincomb);
-  m.def("_sim_plan_rowsum(int rows, int inner, int chunk_len=0) -> int[]", &sim_plan_rowsum);
+      "-> int[]");
+  m.def("_sim_plan_rowsum(int rows, int inner, int chunk_len=0) -> int[]");
 }
 
-TORCH_LIBRARY_IMPL(flowkern_sim, CPU, m) {
-  m.impl("_sim_lincomb", &sim_lincomb);
-  m.impl("_sim_fm_loss_partial", &sim_fm_loss_partial);
+STABLE_TORCH_LIBRARY_IMPL(flowkern_sim, CompositeExplicitAutograd, m) {
+  m.impl("_sim_plan_lincomb", TORCH_BOX(&sim_plan_lincomb));
+  m.impl("_sim_plan_rowsum", TORCH_BOX(&sim_plan_rowsum));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(flowkern_sim, CPU, m) {
+  m.impl("_sim_lincomb", TORCH_BOX(&sim_lincomb));
+  m.impl("_sim_fm_loss_partial", TORCH_BOX(&sim_fm_loss_partial));
 }
 
 }  // namespace flowkern_cpu

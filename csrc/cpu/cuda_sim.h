@@ -5,7 +5,6 @@
 // and thread of the grid the launchers would launch (same plan, launch.h).
 #pragma once
 
-#include <ATen/ops/full.h>
 
 #include <limits>
 #include <string>
@@ -22,11 +21,11 @@ using Plan = std::vector<int64_t>;
 
 // An output of `like`'s shape whose data starts `offset` elements into its
 // storage, filled with NaN so that an element the grid skips is caught.
-inline at::Tensor nan_output(const at::Tensor& like, int64_t offset) {
+inline Tensor nan_output(const Tensor& like, int64_t offset) {
   const int64_t n = like.numel();
-  return at::full({n + offset}, std::numeric_limits<double>::quiet_NaN(), like.options())
-      .narrow(0, offset, n)
-      .view(like.sizes());
+  Tensor buf =
+      filled({n + offset}, std::numeric_limits<double>::quiet_NaN(), like.scalar_type(), like.device());
+  return torch::stable::view(torch::stable::narrow(buf, 0, offset, n), like.sizes());
 }
 
 // Every thread of every block runs lincomb_thread; the kernel is race-free
@@ -37,7 +36,7 @@ Plan sweep_lincomb(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
   const fk::LincombPlan plan = fk::plan_lincomb_for(rows, inner, in, out, max_blocks);
   const i64 nthreads = plan.blocks * plan.threads;
   fk::with_vec<T>(plan.vec, [&](auto vec) {
-    at::parallel_for(0, plan.blocks, 1, [&](i64 b0, i64 b1) {
+    torch::stable::parallel_for(0, plan.blocks, 1, [&](i64 b0, i64 b1) {
       for (i64 b = b0; b < b1; ++b)
         for (int t = 0; t < plan.threads; ++t)
           fk::lincomb_thread<decltype(vec)::value>(fn, b * plan.threads + t, nthreads, rows,
@@ -50,13 +49,13 @@ Plan sweep_lincomb(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
 // Runs fn's grid over `inputs` (Fn::NI contiguous tensors of one shape and
 // storage type T) into Fn::NO fresh NaN outputs; returns them and the plan.
 template <class T, class Fn>
-Plan sweep_into(const Fn& fn, const std::string& op, const std::vector<at::Tensor>& inputs,
-                int64_t max_blocks, int64_t out_offset, std::vector<at::Tensor>& outs,
+Plan sweep_into(const Fn& fn, const std::string& op, const std::vector<Tensor>& inputs,
+                int64_t max_blocks, int64_t out_offset, std::vector<Tensor>& outs,
                 fk::NoiseKey key = {}) {
-  TORCH_CHECK(inputs.size() == size_t(Fn::NI), op, ": expected ", Fn::NI, " inputs, got ",
-              inputs.size());
-  TORCH_CHECK(out_offset >= 0, op, ": out_offset must be >= 0");
-  const at::Tensor& x = inputs[0];
+  FK_CHECK(inputs.size() == size_t(Fn::NI), op, ": expected ", Fn::NI, " inputs, got ",
+           inputs.size());
+  FK_CHECK(out_offset >= 0, op, ": out_offset must be >= 0");
+  const Tensor& x = inputs[0];
   fk::Ptrs<T, Fn::NI> in;
   for (int j = 0; j < Fn::NI; ++j) in.p[j] = cptr<T>(inputs[j]);
   fk::OutPtrs<T, Fn::NO> out;
@@ -78,7 +77,7 @@ Plan sweep_rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
                   fk::acc_t<T>* partial, i64 chunk_len) {
   using A = fk::acc_t<T>;
   const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, chunk_len);
-  at::parallel_for(0, plan.blocks, 1, [&](i64 b0, i64 b1) {
+  torch::stable::parallel_for(0, plan.blocks, 1, [&](i64 b0, i64 b1) {
     std::vector<A> smem(plan.threads);
     for (i64 b = b0; b < b1; ++b) {
       for (int t = 0; t < plan.threads; ++t)
@@ -94,18 +93,18 @@ Plan sweep_rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
 
 // A (rows, nchunks) partials tensor of the row-sum plan, NaN-filled so that a
 // block the grid skips is caught.
-inline at::Tensor nan_partial(i64 rows, i64 inner, i64 chunk_len, const at::Tensor& coef) {
-  return at::full({rows, fk::plan_rowsum(rows, inner, chunk_len).nchunks},
-                  std::numeric_limits<double>::quiet_NaN(), coef.options());
+inline Tensor nan_partial(i64 rows, i64 inner, i64 chunk_len, const Tensor& coef) {
+  return filled({rows, fk::plan_rowsum(rows, inner, chunk_len).nchunks},
+                std::numeric_limits<double>::quiet_NaN(), coef.scalar_type(), coef.device());
 }
 
 // Inputs must be contiguous with one shape and dtype.
-inline void check_same(const std::vector<at::Tensor>& in, const char* op) {
-  TORCH_CHECK(!in.empty(), op, ": no inputs");
+inline void check_same(const std::vector<Tensor>& in, const char* op) {
+  FK_CHECK(!in.empty(), op, ": no inputs");
   for (const auto& t : in) {
-    TORCH_CHECK(t.is_contiguous() && t.sizes() == in[0].sizes() &&
-                    t.scalar_type() == in[0].scalar_type(),
-                op, ": inputs must be contiguous with one shape and dtype");
+    FK_CHECK(t.is_contiguous() && t.sizes() == in[0].sizes() &&
+                 t.scalar_type() == in[0].scalar_type(),
+             op, ": inputs must be contiguous with one shape and dtype");
   }
 }
 

@@ -3,7 +3,6 @@
 // backward's through fk::with_flowmap_bwd_fn) and sweep the row-sum and
 // elementwise kernel bodies over every block and thread of the launch plan
 // (cuda_sim.h). Outputs start as NaN.
-#include <torch/library.h>
 
 #include <string>
 #include <tuple>
@@ -20,23 +19,23 @@ namespace {
 // Inputs (x, pred, target) contiguous with one shape and dtype, the step
 // table contiguous (1 or B, STEP_COLS) in the accumulation dtype, the codes
 // those the launchers accept; returns the table's row stride.
-i64 check_flowmap(const std::vector<at::Tensor>& in, const at::Tensor& coef, int64_t prediction,
+i64 check_flowmap(const std::vector<Tensor>& in, const Tensor& coef, int64_t prediction,
                   int64_t form, const char* op) {
   sim::check_same(in, op);
-  const auto acc = in[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = in[0].scalar_type() == kDouble ? kDouble : kFloat;
   const i64 stride = coef.dim() == 2 ? fk::step_stride(coef.size(0), rows_of(in[0])) : -1;
-  TORCH_CHECK(coef.scalar_type() == acc && coef.is_contiguous() && coef.dim() == 2 &&
-                  coef.size(1) == fk::STEP_COLS && stride >= 0,
-              op, ": coef must be a contiguous (1 or B, ", fk::STEP_COLS,
-              ") step table in the accumulation dtype");
-  TORCH_CHECK(prediction >= fk::VELOCITY && prediction <= fk::SCORE, op,
-              ": unknown prediction ", prediction);
-  TORCH_CHECK(form == fk::EI_DATA || form == fk::EI_NOISE, op, ": unknown form ", form);
+  FK_CHECK(coef.scalar_type() == acc && coef.is_contiguous() && coef.dim() == 2 &&
+               coef.size(1) == fk::STEP_COLS && stride >= 0,
+           op, ": coef must be a contiguous (1 or B, ", fk::STEP_COLS,
+           ") step table in the accumulation dtype");
+  FK_CHECK(prediction >= fk::VELOCITY && prediction <= fk::SCORE, op,
+           ": unknown prediction ", prediction);
+  FK_CHECK(form == fk::EI_DATA || form == fk::EI_NOISE, op, ": unknown form ", form);
   return stride;
 }
 
-std::tuple<at::Tensor, sim::Plan> sim_flowmap_loss_partial(
-    const at::Tensor& x, const at::Tensor& pred, const at::Tensor& target, const at::Tensor& coef,
+std::tuple<Tensor, sim::Plan> sim_flowmap_loss_partial(
+    const Tensor& x, const Tensor& pred, const Tensor& target, const Tensor& coef,
     int64_t prediction, int64_t form, int64_t chunk_len) {
   const char* op = "_sim_flowmap_loss_partial";
   const i64 stride = check_flowmap({x, pred, target}, coef, prediction, form, op);
@@ -54,17 +53,17 @@ std::tuple<at::Tensor, sim::Plan> sim_flowmap_loss_partial(
 }
 
 // Outputs (g_pred[, g_x][, g_target]) as the launcher writes them.
-std::tuple<std::vector<at::Tensor>, sim::Plan> sim_flowmap_loss_backward(
-    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& pred,
-    const at::Tensor& target, const at::Tensor& coef, int64_t prediction, int64_t form,
+std::tuple<std::vector<Tensor>, sim::Plan> sim_flowmap_loss_backward(
+    const Tensor& grad_rows, const Tensor& x, const Tensor& pred,
+    const Tensor& target, const Tensor& coef, int64_t prediction, int64_t form,
     bool grad_x, bool grad_target, int64_t max_blocks, int64_t out_offset) {
   const std::string op = "_sim_flowmap_loss_backward";
-  const std::vector<at::Tensor> inputs{x, pred, target};
+  const std::vector<Tensor> inputs{x, pred, target};
   const i64 stride = check_flowmap(inputs, coef, prediction, form, op.c_str());
-  TORCH_CHECK(grad_rows.is_contiguous() && grad_rows.scalar_type() == coef.scalar_type() &&
-                  grad_rows.numel() == rows_of(x),
-              op, ": grad_rows must be contiguous (B,) in the coef dtype");
-  std::vector<at::Tensor> outs;
+  FK_CHECK(grad_rows.is_contiguous() && grad_rows.scalar_type() == coef.scalar_type() &&
+               grad_rows.numel() == rows_of(x),
+           op, ": grad_rows must be contiguous (B,) in the coef dtype");
+  std::vector<Tensor> outs;
   sim::Plan plan;
   dispatch_dtype(x, op.c_str(), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -84,7 +83,7 @@ std::tuple<std::vector<at::Tensor>, sim::Plan> sim_flowmap_loss_backward(
 // simulated CUDA glue, cuda_sim_glue.cpp), not the public flowkern::. The plans are returned so
 // a test can assert which path it exercised: (threads, chunk_len, nchunks,
 // blocks) for the row sum, (vec, threads, blocks) for the backward.
-TORCH_LIBRARY_FRAGMENT(flowkern_sim, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(flowkern_sim, m) {
   m.def(
       "_sim_flowmap_loss_partial(Tensor x, Tensor pred, Tensor target, Tensor coef, "
       "int prediction, int form, int chunk_len=0) -> (Tensor, int[])");
@@ -94,9 +93,9 @@ TORCH_LIBRARY_FRAGMENT(flowkern_sim, m) {
       "int max_blocks=0, int out_offset=0) -> (Tensor[], int[])");
 }
 
-TORCH_LIBRARY_IMPL(flowkern_sim, CPU, m) {
-  m.impl("_sim_flowmap_loss_partial", &sim_flowmap_loss_partial);
-  m.impl("_sim_flowmap_loss_backward", &sim_flowmap_loss_backward);
+STABLE_TORCH_LIBRARY_IMPL(flowkern_sim, CPU, m) {
+  m.impl("_sim_flowmap_loss_partial", TORCH_BOX(&sim_flowmap_loss_partial));
+  m.impl("_sim_flowmap_loss_backward", TORCH_BOX(&sim_flowmap_loss_backward));
 }
 
 }  // namespace flowkern_cpu

@@ -6,7 +6,6 @@
 // tests/test_cuda_glue.py compares with the reference. The guard and stream
 // are no-ops; the grid is capped at 3 blocks so that every grid-stride loop
 // runs more than once. Not public API.
-#include <torch/library.h>
 
 #include "../cuda/glue.h"
 #include "../cuda/launch_ops.h"
@@ -17,10 +16,10 @@ namespace {
 
 struct SimDevice {
   struct Guard {
-    explicit Guard(const at::Device&) {}
+    explicit Guard(const Device&) {}
   };
-  static uintptr_t stream(const at::Device&) { return 0; }
-  static i64 max_blocks(const at::Device&) { return 3; }
+  static uintptr_t stream(const Device&) { return 0; }
+  static i64 max_blocks(const Device&) { return 3; }
   // As on a GPU: values in "device" memory are checked only with FLOWKERN_DEBUG=1.
   static bool values_on_device_checked() { return debug_checks(); }
 };
@@ -37,8 +36,8 @@ struct SimLaunchers {
 
 }  // namespace
 
-TORCH_LIBRARY(flowkern_sim, m) { flowkern_cpu::define_schemas(m); }
+STABLE_TORCH_LIBRARY(flowkern_sim, m) { flowkern_cpu::define_schemas(m); }
 
-TORCH_LIBRARY_IMPL(flowkern_sim, CPU, m) { Glue<SimDevice, SimLaunchers>::register_all(m); }
+STABLE_TORCH_LIBRARY_IMPL(flowkern_sim, CPU, m) { Glue<SimDevice, SimLaunchers>::register_all(m); }
 
 }  // namespace flowkern_glue

@@ -1,11 +1,7 @@
-// Bridges ATen tensors to the torch-free kernels: storage-type dispatch and
+// Bridges torch tensors to the torch-free kernels: storage-type dispatch and
 // the parallel loops that call the engines' row segments.
 #pragma once
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/Exception.h>
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -16,6 +12,7 @@
 
 #include "flowkern/lincomb.h"
 #include "flowkern/rowsum.h"
+#include "tensor.h"
 
 namespace flowkern_cpu {
 
@@ -25,20 +22,20 @@ template <class T> struct Tag { using type = T; };
 
 // Storage type of each supported dtype; 16-bit floats are reinterpreted as
 // the header's bit-compatible fk::f16 / fk::bf16.
-template <class F> void dispatch_dtype(const at::Tensor& t, const char* op, F&& f) {
+template <class F> void dispatch_dtype(const Tensor& t, const char* op, F&& f) {
   switch (t.scalar_type()) {
-    case at::kFloat: return f(Tag<float>{});
-    case at::kDouble: return f(Tag<double>{});
-    case at::kHalf: return f(Tag<fk::f16>{});
-    case at::kBFloat16: return f(Tag<fk::bf16>{});
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", t.scalar_type());
+    case kFloat: return f(Tag<float>{});
+    case kDouble: return f(Tag<double>{});
+    case kHalf: return f(Tag<fk::f16>{});
+    case kBFloat16: return f(Tag<fk::bf16>{});
+    default: FK_CHECK(false, op, ": unsupported dtype ", t.scalar_type());
   }
 }
 
-template <class T> const T* cptr(const at::Tensor& t) {
+template <class T> const T* cptr(const Tensor& t) {
   return reinterpret_cast<const T*>(t.const_data_ptr());
 }
-template <class T> T* mptr(at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()); }
+template <class T> T* mptr(Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()); }
 
 // A fresh output shaped like `like`. Large ones ask the kernel for
 // transparent huge pages before the first touch: a fresh allocation this big
@@ -48,9 +45,9 @@ template <class T> T* mptr(at::Tensor& t) { return reinterpret_cast<T*>(t.mutabl
 // Only where THP is "madvise" or "always"; elsewhere madvise fails harmlessly.
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kHugeOutputBytes = 4 * kHugePage;  // flowkern/ops/_registry.py gates on it too
-inline at::Tensor empty_output(const at::Tensor& like, at::IntArrayRef shape) {
-  auto out = at::empty(shape, like.options());
-  const size_t bytes = out.nbytes();
+inline Tensor empty_output(const Tensor& like, IntArrayRef shape) {
+  auto out = empty_like_shape(like, shape);
+  const size_t bytes = nbytes(out);
   if (bytes >= kHugeOutputBytes) {
     const uintptr_t p = reinterpret_cast<uintptr_t>(out.mutable_data_ptr());
     const uintptr_t lo = (p + kHugePage - 1) & ~(kHugePage - 1);
@@ -59,11 +56,11 @@ inline at::Tensor empty_output(const at::Tensor& like, at::IntArrayRef shape) {
   }
   return out;
 }
-inline at::Tensor empty_output(const at::Tensor& like) { return empty_output(like, like.sizes()); }
+inline Tensor empty_output(const Tensor& like) { return empty_output(like, like.sizes()); }
 
 // Rows of a (B, ...) tensor and their length.
-inline i64 rows_of(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
-inline i64 inner_of(const at::Tensor& t) {
+inline i64 rows_of(const Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
+inline i64 inner_of(const Tensor& t) {
   const i64 r = rows_of(t);
   return r == 0 ? 0 : t.numel() / r;
 }
@@ -79,12 +76,12 @@ template <class Body> void for_each_segment(i64 rows, i64 inner, Body&& body) {
   const i64 nseg = (inner + seg - 1) / seg;
   const i64 grain = std::max<i64>(1, kSegment / seg);
   if (nseg == 1) {  // whole rows: no 64-bit division per row (~10 ns a row on 2-wide rows)
-    at::parallel_for(0, rows, grain, [&](i64 b, i64 e) {
+    torch::stable::parallel_for(0, rows, grain, [&](i64 b, i64 e) {
       for (i64 r = b; r < e; ++r) body(r, i64(0), inner);
     });
     return;
   }
-  at::parallel_for(0, rows * nseg, grain, [&](i64 b, i64 e) {
+  torch::stable::parallel_for(0, rows * nseg, grain, [&](i64 b, i64 e) {
     for (i64 k = b; k < e; ++k) {
       const i64 r = k / nseg, s = k - r * nseg;
       body(r, s * seg, std::min(inner, (s + 1) * seg));

@@ -13,15 +13,11 @@
 //
 // One kernel for every kind: the score is a template parameter. Work is split
 // into units of QB queries x a range of references, in parallel
-// (at::parallel_for); the reference range is split as well when there are
+// (torch::stable::parallel_for); the reference range is split as well when there are
 // fewer query blocks than threads, and the split states are merged here.
 // Memory: O((B + R) N) (a zero-padded copy of the inputs in the accumulation
 // dtype when they are 16-bit or N is not a multiple of the vector chunk),
 // never B x R.
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -67,7 +63,7 @@ bool use_avx2() {
 // Rows of `t` (contiguous (rows, N), storage type T) as accumulation-dtype
 // rows of stride Np, zero padded; no copy when they already are.
 template <class T, class A>
-const A* as_padded(const at::Tensor& t, i64 N, i64 Np, std::vector<A>& buf) {
+const A* as_padded(const Tensor& t, i64 N, i64 Np, std::vector<A>& buf) {
   const i64 rows = t.size(0);
   if constexpr (std::is_same_v<T, A>) {
     if (N == Np) return cptr<A>(t);
@@ -75,7 +71,7 @@ const A* as_padded(const at::Tensor& t, i64 N, i64 Np, std::vector<A>& buf) {
   buf.assign(size_t(rows) * size_t(Np), A(0));
   const T* src = cptr<T>(t);
   A* dst = buf.data();
-  at::parallel_for(0, rows, std::max<i64>(1, 65536 / std::max<i64>(Np, 1)), [&](i64 b, i64 e) {
+  torch::stable::parallel_for(0, rows, std::max<i64>(1, 65536 / std::max<i64>(Np, 1)), [&](i64 b, i64 e) {
     for (i64 r = b; r < e; ++r)
       for (i64 k = 0; k < N; ++k) dst[r * Np + k] = fk::load(src, r * N + k);
   });
@@ -83,8 +79,8 @@ const A* as_padded(const at::Tensor& t, i64 N, i64 Np, std::vector<A>& buf) {
 }
 
 template <class T, template <class> class ScoreT>
-void field_mean_impl(const at::Tensor& x, const at::Tensor& ref, const at::Tensor& qp, double p0,
-                     double p1, at::Tensor& mean, at::Tensor& best, at::Tensor& sumexp) {
+void field_mean_impl(const Tensor& x, const Tensor& ref, const Tensor& qp, double p0,
+                     double p1, Tensor& mean, Tensor& best, Tensor& sumexp) {
   using A = fk::acc_t<T>;
   using S = ScoreT<A>;
   constexpr int W = fields_base::VT<A>::W;
@@ -98,7 +94,7 @@ void field_mean_impl(const at::Tensor& x, const at::Tensor& ref, const at::Tenso
   // References per tile: ~256 KB of them (with the query block, L2-resident).
   const int RB = int(std::clamp<i64>((256 << 10) / (Np * i64(sizeof(A))), 32, 512) / 2 * 2);
   const i64 nqb = (B + QB - 1) / QB;
-  const i64 threads = at::get_num_threads();
+  const i64 threads = int64_t(torch::stable::get_num_threads());
   i64 splits = 1;
   if (nqb < threads) splits = std::clamp<i64>((2 * threads + nqb - 1) / nqb, 1, std::max<i64>(1, R / (2 * RB)));
   const i64 rchunk = (R + splits - 1) / splits;
@@ -114,7 +110,7 @@ void field_mean_impl(const at::Tensor& x, const at::Tensor& ref, const at::Tenso
   }
   const bool avx2 = use_avx2();
   const A a0 = A(p0), a1 = A(p1);
-  at::parallel_for(0, nqb * splits, 1, [&](i64 b, i64 e) {
+  torch::stable::parallel_for(0, nqb * splits, 1, [&](i64 b, i64 e) {
     for (i64 u = b; u < e; ++u) {
       const i64 qb = u / splits, s = u - qb * splits;
       const i64 q0 = qb * QB;
@@ -133,7 +129,7 @@ void field_mean_impl(const at::Tensor& x, const at::Tensor& ref, const at::Tenso
   });
   if (splits == 1) return;
   // Merge the split states of each query (fields.h field_merge_states).
-  at::parallel_for(0, B, 1, [&](i64 b, i64 e) {
+  torch::stable::parallel_for(0, B, 1, [&](i64 b, i64 e) {
     std::vector<A> f(splits);
     for (i64 i = b; i < e; ++i) {
       const S sc = S::make(q, i, a0, a1);
@@ -149,17 +145,16 @@ void field_mean_impl(const at::Tensor& x, const at::Tensor& ref, const at::Tenso
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> field_mean(const at::Tensor& x_,
-                                                          const at::Tensor& ref_,
-                                                          const at::Tensor& qp_, int64_t kind,
+std::tuple<Tensor, Tensor, Tensor> field_mean(const Tensor& x_,
+                                                          const Tensor& ref_,
+                                                          const Tensor& qp_, int64_t kind,
                                                           double p0, double p1) {
   check_field_args(x_, ref_, qp_, kind);
-  const auto acc = x_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto x = x_.contiguous(), ref = ref_.contiguous(), qp = qp_.contiguous();
-  const auto opts = x.options().dtype(acc);
-  auto mean = at::empty({x.size(0), x.size(1)}, opts);
-  auto best = at::empty({x.size(0)}, opts);
-  auto sumexp = at::empty({x.size(0)}, opts);
+  const auto acc = x_.scalar_type() == kDouble ? kDouble : kFloat;
+  const auto x = contig(x_), ref = contig(ref_), qp = contig(qp_);
+  auto mean = empty({x.size(0), x.size(1)}, acc, x.device());
+  auto best = empty({x.size(0)}, acc, x.device());
+  auto sumexp = empty({x.size(0)}, acc, x.device());
   dispatch_dtype(x, "field_mean", [&](auto tag) {
     using T = typename decltype(tag)::type;
     switch (kind) {
@@ -176,6 +171,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> field_mean(const at::Tensor& x_,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flowkern, CPU, m) { m.impl("field_mean", &field_mean); }
+STABLE_TORCH_LIBRARY_IMPL(flowkern, CPU, m) { m.impl("field_mean", TORCH_BOX(&field_mean)); }
 
 }  // namespace flowkern_cpu

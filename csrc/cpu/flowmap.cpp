@@ -3,9 +3,6 @@
 // g(t, s, x)) against a target, and its fused backward. User-facing
 // validation is in flowkern/ops/flowmap.py; the TORCH_CHECKs here guard
 // direct callers of torch.ops.flowkern.*.
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <vector>
 
@@ -17,14 +14,14 @@ namespace flowkern_cpu {
 namespace {
 
 // Per-row sum of (a x + b pred - target)^2 in the accumulation dtype, shape (B,).
-at::Tensor flowmap_loss_rows(const at::Tensor& x_, const at::Tensor& pred_,
-                             const at::Tensor& target_, const at::Tensor& coef_,
+Tensor flowmap_loss_rows(const Tensor& x_, const Tensor& pred_,
+                             const Tensor& target_, const Tensor& coef_,
                              int64_t prediction, int64_t form) {
   const FlowmapArgs a = flowmap_args("flowmap_loss_rows", x_, pred_, target_, coef_);
   const i64 rows = rows_of(a.x), inner = inner_of(a.x);
   const i64 seg = std::max<i64>(1, std::min(inner, kSegment));
   const i64 nseg = inner == 0 ? 1 : (inner + seg - 1) / seg;
-  auto partial = at::zeros({rows, nseg}, a.coef.options());
+  auto partial = filled({rows, nseg}, 0.0, a.coef.scalar_type(), a.coef.device());
   dispatch_dtype(a.x, "flowmap_loss_rows", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
@@ -35,22 +32,22 @@ at::Tensor flowmap_loss_rows(const at::Tensor& x_, const at::Tensor& pred_,
       out[r * nseg + e0 / seg] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
     });
   });
-  return partial.sum(1);
+  return row_sums(partial);
 }
 
 // Gradients [g_pred, g_x (if grad_x), g_target (if grad_target)] from the
 // per-row gradient of flowmap_loss_rows, in one pass over (x, pred, target).
-std::vector<at::Tensor> flowmap_loss_backward(const at::Tensor& grad_rows_, const at::Tensor& x_,
-                                              const at::Tensor& pred_,
-                                              const at::Tensor& target_,
-                                              const at::Tensor& coef_, int64_t prediction,
+std::vector<Tensor> flowmap_loss_backward(const Tensor& grad_rows_, const Tensor& x_,
+                                              const Tensor& pred_,
+                                              const Tensor& target_,
+                                              const Tensor& coef_, int64_t prediction,
                                               int64_t form, bool grad_x, bool grad_target) {
   const FlowmapArgs a = flowmap_args("flowmap_loss_backward", x_, pred_, target_, coef_);
-  TORCH_CHECK(grad_rows_.numel() == rows_of(a.x) &&
-                  grad_rows_.scalar_type() == a.coef.scalar_type(),
-              "flowmap_loss_backward: grad_rows must be (B,) in the coefficient dtype");
-  const auto grad_rows = grad_rows_.contiguous();
-  std::vector<at::Tensor> g;
+  FK_CHECK(grad_rows_.numel() == rows_of(a.x) &&
+               grad_rows_.scalar_type() == a.coef.scalar_type(),
+           "flowmap_loss_backward: grad_rows must be (B,) in the coefficient dtype");
+  const auto grad_rows = contig(grad_rows_);
+  std::vector<Tensor> g;
   const int n = 1 + int(grad_x) + int(grad_target);
   for (int k = 0; k < n; ++k) g.push_back(empty_output(a.x));
   dispatch_dtype(a.x, "flowmap_loss_backward", [&](auto tag) {
@@ -71,9 +68,9 @@ std::vector<at::Tensor> flowmap_loss_backward(const at::Tensor& grad_rows_, cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
-  m.impl("flowmap_loss_rows", &flowmap_loss_rows);
-  m.impl("flowmap_loss_backward", &flowmap_loss_backward);
+STABLE_TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
+  m.impl("flowmap_loss_rows", TORCH_BOX(&flowmap_loss_rows));
+  m.impl("flowmap_loss_backward", TORCH_BOX(&flowmap_loss_backward));
 }
 
 }  // namespace flowkern_cpu

@@ -2,8 +2,8 @@
 // schemas.h). The families' files register their kernels for it
 // (training.cpp, steps.cpp, flowmap.cpp, fields.cpp; the CUDA kernels in
 // csrc/cuda/register.cpp).
-#include <torch/library.h>
 
 #include "schemas.h"
+#include "tensor.h"
 
-TORCH_LIBRARY_FRAGMENT(flowkern, m) { flowkern_cpu::define_schemas(m); }
+STABLE_TORCH_LIBRARY_FRAGMENT(flowkern, m) { flowkern_cpu::define_schemas(m); }

@@ -17,7 +17,7 @@
 namespace flowkern_cpu {
 
 #define FK_STEP_ARGS \
-  const OptT &table, at::ArrayRef<double> times, int64_t kind, at::ArrayRef<double> params
+  const OptT &table, const std::vector<double>& times, int64_t kind, const std::vector<double>& params
 #define FK_STEP_PASS table, times, kind, params
 
 
@@ -26,34 +26,34 @@ namespace flowkern_cpu {
 // "Per-sample seeds"): a (B,) int64 tensor on x's device, each in [0, 2^63)
 // like `seed` (values read when `check_values`: always for CPU tensors, with
 // FLOWKERN_DEBUG=1 on a GPU). Returns it contiguous, or an undefined tensor.
-inline at::Tensor step_seeds(const OptT& seeds, const at::Tensor& x, bool check_values) {
+inline Tensor step_seeds(const OptT& seeds, const Tensor& x, bool check_values) {
   if (!seeds.has_value()) return {};
-  const at::Tensor& s = *seeds;
-  TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, "per_sample_seeds: expected dtype torch.int64, "
-                   "got ", py_dtype(s.scalar_type()));
-  TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == rows_of(x), "per_sample_seeds: expected shape (",
-                    rows_of(x), ",) (one seed per sample of x), got ", py_shape(s.sizes()));
-  TORCH_CHECK_VALUE(s.device() == x.device(), "per_sample_seeds: on ", s.device(),
-                    " but x is on ", x.device(), "; move them to one device");
-  at::Tensor c = s.contiguous();
+  const Tensor& s = *seeds;
+  FK_CHECK_TYPE(s.scalar_type() == kLong, "per_sample_seeds: expected dtype torch.int64, "
+                "got ", py_dtype(s.scalar_type()));
+  FK_CHECK_VALUE(s.dim() == 1 && s.size(0) == rows_of(x), "per_sample_seeds: expected shape (",
+                 rows_of(x), ",) (one seed per sample of x), got ", py_shape(s.sizes()));
+  FK_CHECK_VALUE(s.device() == x.device(), "per_sample_seeds: on ", py_device(s.device()),
+                 " but x is on ", py_device(x.device()), "; move them to one device");
+  Tensor c = contig(s);
   if (check_values) {
-    const at::Tensor h = c.is_cpu() ? c : c.cpu();
-    const int64_t* p = h.const_data_ptr<int64_t>();
+    const Tensor h = c.is_cpu() ? c : to_cpu(c);
+    const int64_t* p = static_cast<const int64_t*>(h.const_data_ptr());
     for (i64 i = 0; i < h.numel(); ++i)
-      TORCH_CHECK_VALUE(p[i] >= 0, "per_sample_seeds: expected ints in [0, 2^63), got ", p[i],
-                        " at sample ", i);
+      FK_CHECK_VALUE(p[i] >= 0, "per_sample_seeds: expected ints in [0, 2^63), got ", p[i],
+                     " at sample ", i);
   }
   return c;
 }
 
-inline fk::NoiseKey noise_key(int64_t seed, int64_t offset, const at::Tensor& seeds) {
-  return {uint64_t(seed), offset, seeds.defined() ? seeds.const_data_ptr<int64_t>() : nullptr};
+inline fk::NoiseKey noise_key(int64_t seed, int64_t offset, const Tensor& seeds) {
+  return {uint64_t(seed), offset, seeds.defined() ? static_cast<const int64_t*>(seeds.const_data_ptr()) : nullptr};
 }
 
 // A step's coefficient rows: a (1 or B, STEP_COLS) table in the accumulation type.
 template <class A> struct StepCoef {
   using value_type = A;
-  at::Tensor keep;     // the table tensor, when given
+  Tensor keep;     // the table tensor, when given
   std::vector<A> own;  // the row built here
   const A* ptr;
   i64 n;               // rows: 1 (shared by the batch) or B
@@ -62,30 +62,31 @@ template <class A> struct StepCoef {
 };
 
 template <class A>
-inline StepCoef<A> step_coef(FK_STEP_ARGS, const at::Tensor& x, bool check) {
+inline StepCoef<A> step_coef(FK_STEP_ARGS, const Tensor& x, bool check) {
   StepCoef<A> c;
   const i64 rows = rows_of(x);
-  const auto acc = c10::CppTypeToScalarType<A>::value;
+  const auto acc = torch::headeronly::CppTypeToScalarType<A>::value;
   if (table.has_value()) {
-    at::Tensor tab = *table;
-    TORCH_CHECK_VALUE(tab.dim() == 1 || tab.dim() == 2, "table: expected shape (",
-                      fk::STEP_COLS, ",), (1, ", fk::STEP_COLS, ") or (", rows, ", ",
-                      fk::STEP_COLS, "), got ", py_shape(tab.sizes()));
+    Tensor tab = *table;
+    FK_CHECK_VALUE(tab.dim() == 1 || tab.dim() == 2, "table: expected shape (",
+                   fk::STEP_COLS, ",), (1, ", fk::STEP_COLS, ") or (", rows, ", ",
+                   fk::STEP_COLS, "), got ", py_shape(tab.sizes()));
     if (tab.dim() == 1 && tab.numel() % fk::STEP_COLS == 0)
-      tab = tab.view({-1, fk::STEP_COLS});
-    TORCH_CHECK_VALUE(tab.dim() == 2 && tab.size(1) == fk::STEP_COLS &&
-                          (tab.size(0) == 1 || tab.size(0) == rows),
-                      "table: expected shape (", fk::STEP_COLS, ",), (1, ", fk::STEP_COLS,
-                      ") or (", rows, ", ", fk::STEP_COLS, "), got ",
-                      py_shape(table->sizes()));
-    if (tab.scalar_type() != acc || tab.device() != x.device()) tab = tab.to(x.device(), acc);
-    c.keep = tab.contiguous();
-    c.ptr = c.keep.template const_data_ptr<A>();
+      tab = torch::stable::view(tab, {-1, fk::STEP_COLS});
+    FK_CHECK_VALUE(tab.dim() == 2 && tab.size(1) == fk::STEP_COLS &&
+                       (tab.size(0) == 1 || tab.size(0) == rows),
+                   "table: expected shape (", fk::STEP_COLS, ",), (1, ", fk::STEP_COLS,
+                   ") or (", rows, ", ", fk::STEP_COLS, "), got ",
+                   py_shape(table->sizes()));
+    if (tab.scalar_type() != acc || tab.device() != x.device())
+      tab = torch::stable::to(tab, acc, std::nullopt, x.device());
+    c.keep = contig(tab);
+    c.ptr = static_cast<const A*>(c.keep.const_data_ptr());
     c.n = c.keep.size(0);
     return c;
   }
   check_schedule(kind, params);
-  TORCH_CHECK(times.size() == 4, "times: expected [t, s, t_prev, g]");
+  FK_CHECK(times.size() == 4, "times: expected [t, s, t_prev, g]");
   const double t = times[0], s = times[1], tp = times[2], g = times[3];
   if (check) {
     check_unit_interval("t", {t});
@@ -114,8 +115,8 @@ template <class A, class F>
 inline void check_rows(const StepCoef<A>& c, const std::string& name, const std::string& what,
                 const std::string& why, F&& value) {
   for (i64 i = 0; i < c.n; ++i)
-    TORCH_CHECK_VALUE(value(c.row(i)) != A(0), name, ": ", what, " is 0 at some sample, and ",
-                      why);
+    FK_CHECK_VALUE(value(c.row(i)) != A(0), name, ": ", what, " is 0 at some sample, and ",
+                   why);
 }
 
 // The divisions converting `pred` to `dst` needs at time t or s: kDivides
@@ -135,10 +136,10 @@ inline void check_conversion(const StepCoef<A>& c, int64_t pred, int dst, bool a
   if (pred == fk::VELOCITY || dst == fk::VELOCITY)
     for (i64 i = 0; i < c.n; ++i) {
       const auto q = sched(c.row(i));
-      TORCH_CHECK_VALUE(std::isfinite(double(q.d_alpha)) && std::isfinite(double(q.d_sigma)),
-                        at, ": d_alpha_", at, " or d_sigma_", at, " is not finite at some "
-                        "sample (vp's d_sigma at t = 1), and converting ", names[pred], " -> ",
-                        names[dst], " reads them");
+      FK_CHECK_VALUE(std::isfinite(double(q.d_alpha)) && std::isfinite(double(q.d_sigma)),
+                     at, ": d_alpha_", at, " or d_sigma_", at, " is not finite at some "
+                     "sample (vp's d_sigma at t = 1), and converting ", names[pred], " -> ",
+                     names[dst], " reads them");
     }
   const int need = kDivides[pred][dst];
   if (need & BY_SIGMA)
@@ -167,34 +168,34 @@ template <class A> inline void check_step_direction(const StepCoef<A>& c, bool f
   for (i64 i = 0; i < c.n; ++i) {
     const A h = c.row(i).h;
     if (forward) {
-      TORCH_CHECK_VALUE(h >= A(0), "s: em_step integrates forward in time and needs s >= t; "
-                        "got s - t = ", double(h));
+      FK_CHECK_VALUE(h >= A(0), "s: em_step integrates forward in time and needs s >= t; "
+                     "got s - t = ", double(h));
     } else {
-      TORCH_CHECK_VALUE(h <= A(0), "t_hat: churn renoises to an earlier time and needs "
-                        "t_hat <= t; got t_hat - t = ", double(h));
+      FK_CHECK_VALUE(h <= A(0), "t_hat: churn renoises to an earlier time and needs "
+                     "t_hat <= t; got t_hat - t = ", double(h));
     }
   }
 }
 
 // A step's host weights (lms_step, lincomb_step): finite, checked always.
-inline void check_finite_weights(at::ArrayRef<double> weights) {
+inline void check_finite_weights(const std::vector<double>& weights) {
   for (size_t j = 0; j < weights.size(); ++j)
-    TORCH_CHECK_VALUE(std::isfinite(weights[j]), "weights: expected finite weights, got ",
-                      weights[j], " at ", j);
+    FK_CHECK_VALUE(std::isfinite(weights[j]), "weights: expected finite weights, got ",
+                   weights[j], " at ", j);
 }
 
 // lms_step's history u1 (newest), u2, u3: none after an absent one; and its
 // weights, one for u_t and one per earlier velocity, finite (host floats:
 // checked always). Returns the history's length.
 inline int lms_history(const OptT& u1, const OptT& u2, const OptT& u3,
-                       at::ArrayRef<double> weights) {
-  TORCH_CHECK_VALUE(u1.has_value() || !u2.has_value(), "u2: give u1 (the newest earlier "
-                    "velocity) before u2");
-  TORCH_CHECK_VALUE(u2.has_value() || !u3.has_value(), "u3: give u2 before u3");
+                       const std::vector<double>& weights) {
+  FK_CHECK_VALUE(u1.has_value() || !u2.has_value(), "u2: give u1 (the newest earlier "
+                 "velocity) before u2");
+  FK_CHECK_VALUE(u2.has_value() || !u3.has_value(), "u3: give u2 before u3");
   const int nh = int(u1.has_value()) + int(u2.has_value()) + int(u3.has_value());
-  TORCH_CHECK_VALUE(weights.size() == size_t(nh + 1), "weights: expected ", nh + 1,
-                    " weights (one for u_t and one per earlier velocity), got ",
-                    weights.size());
+  FK_CHECK_VALUE(weights.size() == size_t(nh + 1), "weights: expected ", nh + 1,
+                 " weights (one for u_t and one per earlier velocity), got ",
+                 weights.size());
   check_finite_weights(weights);
   return nh;
 }
@@ -202,18 +203,18 @@ inline int lms_history(const OptT& u1, const OptT& u2, const OptT& u3,
 // lincomb_step's terms (1 .. LINCOMB_MAX_TERMS tensors), its weights (one for
 // x and one per term) and noise_std, finite (host floats: checked always).
 // Returns the number of terms.
-inline int lincomb_terms(at::TensorList terms, at::ArrayRef<double> weights, double noise_std) {
+inline int lincomb_terms(const std::vector<Tensor>& terms, const std::vector<double>& weights, double noise_std) {
   const int nt = int(terms.size());
-  TORCH_CHECK_VALUE(nt >= 1 && nt <= fk::LINCOMB_MAX_TERMS, "terms: expected 1 to ",
-                    fk::LINCOMB_MAX_TERMS, " tensors, got ", nt);
-  TORCH_CHECK_VALUE(weights.size() == size_t(nt + 1), "weights: expected ", nt + 1,
-                    " weights (one for x and one per term), got ", weights.size());
+  FK_CHECK_VALUE(nt >= 1 && nt <= fk::LINCOMB_MAX_TERMS, "terms: expected 1 to ",
+                 fk::LINCOMB_MAX_TERMS, " tensors, got ", nt);
+  FK_CHECK_VALUE(weights.size() == size_t(nt + 1), "weights: expected ", nt + 1,
+                 " weights (one for x and one per term), got ", weights.size());
   check_finite_weights(weights);
-  TORCH_CHECK_VALUE(std::isfinite(noise_std) && noise_std >= 0, "noise_std: expected a finite "
-                    "value >= 0, got ", noise_std);
-  TORCH_CHECK_VALUE(noise_std == 0 || nt <= fk::LINCOMB_MAX_NOISY_TERMS, "terms: at most ",
-                    fk::LINCOMB_MAX_NOISY_TERMS, " with the in-kernel noise (noise_std > 0), got ",
-                    nt, "; a noise tensor of your own can be a term");
+  FK_CHECK_VALUE(std::isfinite(noise_std) && noise_std >= 0, "noise_std: expected a finite "
+                 "value >= 0, got ", noise_std);
+  FK_CHECK_VALUE(noise_std == 0 || nt <= fk::LINCOMB_MAX_NOISY_TERMS, "terms: at most ",
+                 fk::LINCOMB_MAX_NOISY_TERMS, " with the in-kernel noise (noise_std > 0), got ",
+                 nt, "; a noise tensor of your own can be a term");
   return nt;
 }
 
@@ -223,40 +224,40 @@ inline const char* term_name(int k) {
   return names[k];
 }
 
-inline void check_like_x(const char* name, const at::Tensor& p, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(p.sizes().equals(x.sizes()) && p.scalar_type() == x.scalar_type() &&
-                        p.device() == x.device(),
-                    name, ": the model output must match the state x in shape, dtype and "
-                          "device; got ", py_shape(p.sizes()), " ", py_dtype(p.scalar_type()), " ",
-                    p.device(), ", x is ", py_shape(x.sizes()), " ", py_dtype(x.scalar_type()),
-                    " ", x.device());
+inline void check_like_x(const char* name, const Tensor& p, const Tensor& x) {
+  FK_CHECK_VALUE(p.sizes().equals(x.sizes()) && p.scalar_type() == x.scalar_type() &&
+                     p.device() == x.device(),
+                 name, ": the model output must match the state x in shape, dtype and "
+                       "device; got ", py_shape(p.sizes()), " ", py_dtype(p.scalar_type()), " ",
+                 py_device(p.device()), ", x is ", py_shape(x.sizes()), " ", py_dtype(x.scalar_type()),
+                 " ", py_device(x.device()));
 }
 
-inline void check_step_out(const char* name, const at::Tensor& o, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(o.sizes().equals(x.sizes()) && o.scalar_type() == x.scalar_type() &&
-                        o.device() == x.device(),
-                    name, ": must match x in shape, dtype and device");
-  TORCH_CHECK_VALUE(o.is_contiguous(), name, ": must be contiguous");
+inline void check_step_out(const char* name, const Tensor& o, const Tensor& x) {
+  FK_CHECK_VALUE(o.sizes().equals(x.sizes()) && o.scalar_type() == x.scalar_type() &&
+                     o.device() == x.device(),
+                 name, ": must match x in shape, dtype and device");
+  FK_CHECK_VALUE(o.is_contiguous(), name, ": must be contiguous");
 }
 
 inline void check_form(int64_t form) {
-  TORCH_CHECK_VALUE(form == fk::EI_DATA || form == fk::EI_NOISE, "form: code ", form,
-                    " is out of range [0, 2)");
+  FK_CHECK_VALUE(form == fk::EI_DATA || form == fk::EI_NOISE, "form: code ", form,
+                 " is out of range [0, 2)");
 }
 
-inline const at::Tensor* opt(const OptT& t) { return t.has_value() ? &*t : nullptr; }
+inline const Tensor* opt(const OptT& t) { return t.has_value() ? &*t : nullptr; }
 
 // The dense inputs of a step: x then the named others (absent ones, nullptr,
 // dropped), after checking them and the outputs against x.
-inline std::vector<at::Tensor> step_inputs(
-    const at::Tensor& x, std::initializer_list<std::pair<const char*, const at::Tensor*>> others,
-    std::initializer_list<std::pair<const char*, const at::Tensor*>> outs) {
+inline std::vector<Tensor> step_inputs(
+    const Tensor& x, std::initializer_list<std::pair<const char*, const Tensor*>> others,
+    std::initializer_list<std::pair<const char*, const Tensor*>> outs) {
   check_batch("x", x);
-  std::vector<at::Tensor> in{x.contiguous()};
+  std::vector<Tensor> in{contig(x)};
   for (const auto& [name, t] : others) {
     if (t == nullptr) continue;
     check_like_x(name, *t, x);
-    in.push_back(t->contiguous());
+    in.push_back(contig(*t));
   }
   for (const auto& [name, o] : outs) check_step_out(name, *o, x);
   std::vector<Named> inputs{{"x", &x}};
@@ -269,8 +270,8 @@ inline std::vector<at::Tensor> step_inputs(
 }
 
 // lincomb_step's dense inputs (x, then the terms) after the checks of step_inputs.
-inline std::vector<at::Tensor> lincomb_inputs(const at::Tensor& x, at::TensorList terms,
-                                              const at::Tensor& out) {
+inline std::vector<Tensor> lincomb_inputs(const Tensor& x, const std::vector<Tensor>& terms,
+                                              const Tensor& out) {
   static_assert(fk::LINCOMB_MAX_TERMS == 4, "one entry per term below");
   const auto term = [&](size_t k) { return k < terms.size() ? &terms[k] : nullptr; };
   return step_inputs(x, {{term_name(0), term(0)}, {term_name(1), term(1)},

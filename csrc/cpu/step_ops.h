@@ -23,7 +23,6 @@
 // the single row, in double precision (step_coef, step_args.h).
 #pragma once
 
-#include <torch/library.h>
 
 #include <vector>
 
@@ -35,15 +34,15 @@ namespace flowkern_cpu {
 // A step's coefficient arguments, as the schemas pass them.
 struct StepTimes {
   const OptT& table;
-  at::ArrayRef<double> times;
+  const std::vector<double>& times;
   int64_t kind;
-  at::ArrayRef<double> params;
+  const std::vector<double>& params;
 };
 
 // A noisy step's stream: seed, offset and the per-sample seeds (step_seeds).
 struct StepNoise {
   int64_t seed = 0, offset = 0;
-  at::Tensor seeds;
+  Tensor seeds;
 };
 
 // The launch scalars of a step with a prediction type and guidance.
@@ -53,20 +52,20 @@ inline fk::StepParams guided(int64_t prediction, int variant, const OptT& pred_u
 }
 
 template <class R> struct StepOps {
-  using Outs = std::vector<at::Tensor*>;
+  using Outs = std::vector<Tensor*>;
 
   // One launch of step op OP on the runner, after the prediction code check.
   template <int OP, class Checks>
-  static void launch(const std::vector<at::Tensor>& in, const Outs& outs, const StepTimes* coef,
+  static void launch(const std::vector<Tensor>& in, const Outs& outs, const StepTimes* coef,
                      bool check, const fk::StepParams& p, const StepNoise& noise,
                      Checks&& checks) {
     check_code("prediction", p.pred, kPreds);
     R::template run<OP>(in, outs, coef, check, p, noise, checks);
   }
 
-  static void euler_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
+  static void euler_step(const Tensor& x, const Tensor& pred, const OptT& pred_uncond,
                          FK_STEP_ARGS, int64_t prediction, double guidance, bool check,
-                         at::Tensor& out) {
+                         Tensor& out) {
     const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
                                 {{"out", &out}});
     const StepTimes coef{FK_STEP_PASS};
@@ -77,12 +76,12 @@ template <class R> struct StepOps {
                            });
   }
 
-  static void heun_step(const at::Tensor& x, const at::Tensor& pred, const at::Tensor& x_euler,
-                        const at::Tensor& pred_euler, const OptT& pred_uncond,
+  static void heun_step(const Tensor& x, const Tensor& pred, const Tensor& x_euler,
+                        const Tensor& pred_euler, const OptT& pred_uncond,
                         const OptT& pred_euler_uncond, FK_STEP_ARGS, int64_t prediction,
-                        double guidance, bool check, at::Tensor& out) {
-    TORCH_CHECK_VALUE(pred_uncond.has_value() == pred_euler_uncond.has_value(),
-                      "pred_euler_uncond: give both unconditional predictions or neither");
+                        double guidance, bool check, Tensor& out) {
+    FK_CHECK_VALUE(pred_uncond.has_value() == pred_euler_uncond.has_value(),
+                   "pred_euler_uncond: give both unconditional predictions or neither");
     check_batch("x_euler", x_euler);
     const auto in = step_inputs(x, {{"pred", &pred}, {"x_euler", &x_euler},
                                     {"pred_euler", &pred_euler},
@@ -109,9 +108,9 @@ template <class R> struct StepOps {
     }
   }
 
-  static void ei_step_out(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
+  static void ei_step_out(const Tensor& x, const Tensor& pred, const OptT& pred_uncond,
                           FK_STEP_ARGS, int64_t prediction, int64_t form, double guidance,
-                          bool check, at::Tensor& out) {
+                          bool check, Tensor& out) {
     check_form(form);
     const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
                                 {{"out", &out}});
@@ -121,7 +120,7 @@ template <class R> struct StepOps {
                         [&](const auto& c) { ei_checks(c, prediction, form); });
   }
 
-  static at::Tensor ei_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
+  static Tensor ei_step(const Tensor& x, const Tensor& pred, const OptT& pred_uncond,
                             FK_STEP_ARGS, int64_t prediction, int64_t form, double guidance,
                             bool check) {
     check_batch("x", x);
@@ -131,13 +130,13 @@ template <class R> struct StepOps {
   }
 
   // Gradients (g_x, g_pred[, g_pred_uncond]) of ei_step.
-  static std::vector<at::Tensor> ei_step_backward(const at::Tensor& grad, FK_STEP_ARGS,
+  static std::vector<Tensor> ei_step_backward(const Tensor& grad, FK_STEP_ARGS,
                                                   int64_t prediction, int64_t form,
                                                   double guidance, bool cfg) {
     check_form(form);
     check_batch("grad", grad);
-    const std::vector<at::Tensor> in{grad.contiguous()};
-    std::vector<at::Tensor> g;
+    const std::vector<Tensor> in{contig(grad)};
+    std::vector<Tensor> g;
     for (int k = 0; k < (cfg ? 3 : 2); ++k) g.push_back(R::empty(in[0]));
     Outs outs;
     for (auto& t : g) outs.push_back(&t);
@@ -148,9 +147,9 @@ template <class R> struct StepOps {
     return g;
   }
 
-  static void dpmpp_2m_step(const at::Tensor& x, const at::Tensor& pred, const OptT& d_prev,
+  static void dpmpp_2m_step(const Tensor& x, const Tensor& pred, const OptT& d_prev,
                             const OptT& pred_uncond, FK_STEP_ARGS, int64_t prediction,
-                            double guidance, bool check, at::Tensor& out, at::Tensor& d_out) {
+                            double guidance, bool check, Tensor& out, Tensor& d_out) {
     // Without d_prev the first-order step ignores the third input: x stands there.
     const auto in = step_inputs(
         x, {{"pred", &pred}, {"d_prev", d_prev.has_value() ? &*d_prev : &x},
@@ -175,9 +174,9 @@ template <class R> struct StepOps {
         });
   }
 
-  static void em_step(const at::Tensor& x, const at::Tensor& pred, const OptT& pred_uncond,
+  static void em_step(const Tensor& x, const Tensor& pred, const OptT& pred_uncond,
                       FK_STEP_ARGS, int64_t prediction, double guidance, int64_t seed,
-                      int64_t offset, const OptT& per_sample_seeds, bool check, at::Tensor& out) {
+                      int64_t offset, const OptT& per_sample_seeds, bool check, Tensor& out) {
     const auto in = step_inputs(x, {{"pred", &pred}, {"pred_uncond", opt(pred_uncond)}},
                                 {{"out", &out}});
     const StepNoise noise{seed, offset, step_seeds(per_sample_seeds, x, R::values_read(check))};
@@ -191,8 +190,8 @@ template <class R> struct StepOps {
                         });
   }
 
-  static void churn(const at::Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset,
-                    const OptT& per_sample_seeds, bool check, at::Tensor& out) {
+  static void churn(const Tensor& x, FK_STEP_ARGS, int64_t seed, int64_t offset,
+                    const OptT& per_sample_seeds, bool check, Tensor& out) {
     const auto in = step_inputs(x, {}, {{"out", &out}});
     const StepNoise noise{seed, offset, step_seeds(per_sample_seeds, x, R::values_read(check))};
     const StepTimes coef{FK_STEP_PASS};
@@ -203,10 +202,10 @@ template <class R> struct StepOps {
                       });
   }
 
-  static void lms_step(const at::Tensor& x, const at::Tensor& pred, const OptT& u1,
+  static void lms_step(const Tensor& x, const Tensor& pred, const OptT& u1,
                        const OptT& u2, const OptT& u3, const OptT& pred_uncond,
-                       at::ArrayRef<double> weights, FK_STEP_ARGS, int64_t prediction,
-                       double guidance, bool check, at::Tensor& out, at::Tensor& u_out) {
+                       const std::vector<double>& weights, FK_STEP_ARGS, int64_t prediction,
+                       double guidance, bool check, Tensor& out, Tensor& u_out) {
     const int nh = lms_history(u1, u2, u3, weights);
     const auto in = step_inputs(x, {{"pred", &pred}, {"u1", opt(u1)}, {"u2", opt(u2)},
                                     {"u3", opt(u3)}, {"pred_uncond", opt(pred_uncond)}},
@@ -221,10 +220,10 @@ template <class R> struct StepOps {
   }
 
   // No coefficient table: the caller's weights are the matrix.
-  static void lincomb_step(const at::Tensor& x, at::TensorList terms,
-                           at::ArrayRef<double> weights, double noise_std, int64_t seed,
+  static void lincomb_step(const Tensor& x, const std::vector<Tensor>& terms,
+                           const std::vector<double>& weights, double noise_std, int64_t seed,
                            int64_t offset, const OptT& per_sample_seeds, bool check,
-                           at::Tensor& out) {
+                           Tensor& out) {
     const int nt = lincomb_terms(terms, weights, noise_std);
     const auto in = lincomb_inputs(x, terms, out);
     const StepNoise noise{seed, offset, step_seeds(per_sample_seeds, x, R::values_read(check))};
@@ -236,18 +235,18 @@ template <class R> struct StepOps {
   }
 
   // Every op above as the kernel of its schema in library m.
-  static void register_all(torch::Library& m) {
-    m.impl("euler_step", &euler_step);
-    m.impl("heun_step", &heun_step);
-    m.impl("ei_step", &ei_step);
-    m.impl("ei_step.nograd", &ei_step);
-    m.impl("ei_step_out", &ei_step_out);
-    m.impl("ei_step_backward", &ei_step_backward);
-    m.impl("dpmpp_2m_step", &dpmpp_2m_step);
-    m.impl("em_step", &em_step);
-    m.impl("churn", &churn);
-    m.impl("lms_step", &lms_step);
-    m.impl("lincomb_step", &lincomb_step);
+  static void register_all(torch::stable::detail::StableLibrary& m) {
+    m.impl("euler_step", TORCH_BOX(&euler_step));
+    m.impl("heun_step", TORCH_BOX(&heun_step));
+    m.impl("ei_step", TORCH_BOX(&ei_step));
+    m.impl("ei_step.nograd", TORCH_BOX(&ei_step));
+    m.impl("ei_step_out", TORCH_BOX(&ei_step_out));
+    m.impl("ei_step_backward", TORCH_BOX(&ei_step_backward));
+    m.impl("dpmpp_2m_step", TORCH_BOX(&dpmpp_2m_step));
+    m.impl("em_step", TORCH_BOX(&em_step));
+    m.impl("churn", TORCH_BOX(&churn));
+    m.impl("lms_step", TORCH_BOX(&lms_step));
+    m.impl("lincomb_step", TORCH_BOX(&lincomb_step));
   }
 };
 

@@ -3,7 +3,6 @@
 // (step_coef), runs the op's value checks on them, and runs the functor of
 // fk::with_step_fn (the one the CUDA launcher and its simulator build) on
 // the CPU lincomb engine (dispatch.h run_lincomb).
-#include <torch/library.h>
 
 #include <vector>
 
@@ -13,13 +12,13 @@
 namespace flowkern_cpu {
 namespace {
 
-template <class T, int N> fk::Ptrs<T, N> in_ptrs(const std::vector<at::Tensor>& v) {
+template <class T, int N> fk::Ptrs<T, N> in_ptrs(const std::vector<Tensor>& v) {
   fk::Ptrs<T, N> p;
   for (int j = 0; j < N; ++j) p.p[j] = cptr<T>(v[size_t(j)]);
   return p;
 }
 
-template <class T, int N> fk::OutPtrs<T, N> out_ptrs(const std::vector<at::Tensor*>& v) {
+template <class T, int N> fk::OutPtrs<T, N> out_ptrs(const std::vector<Tensor*>& v) {
   fk::OutPtrs<T, N> p;
   for (int j = 0; j < N; ++j) p.p[j] = mptr<T>(*v[size_t(j)]);
   return p;
@@ -27,13 +26,13 @@ template <class T, int N> fk::OutPtrs<T, N> out_ptrs(const std::vector<at::Tenso
 
 struct CpuSteps {
   static bool values_read(bool check) { return check; }
-  static at::Tensor empty(const at::Tensor& x) { return empty_output(x); }
+  static Tensor empty(const Tensor& x) { return empty_output(x); }
 
   template <int OP, class Checks>
-  static void run(const std::vector<at::Tensor>& in, const std::vector<at::Tensor*>& outs,
+  static void run(const std::vector<Tensor>& in, const std::vector<Tensor*>& outs,
                   const StepTimes* coef, bool check, const fk::StepParams& p,
                   const StepNoise& noise, Checks&& checks) {
-    const at::Tensor& x = in[0];
+    const Tensor& x = in[0];
     dispatch_dtype(x, fk::step_name(OP), [&](auto tag) {
       using T = typename decltype(tag)::type;
       using A = fk::acc_t<T>;
@@ -46,7 +45,8 @@ struct CpuSteps {
       }
       fk::with_step_fn<OP>(src, p, [&](auto fn) {
         using Fn = decltype(fn);
-        TORCH_INTERNAL_ASSERT(in.size() == size_t(Fn::NI) && outs.size() == size_t(Fn::NO));
+        FK_CHECK(in.size() == size_t(Fn::NI) && outs.size() == size_t(Fn::NO),
+                 "step op: wrong number of inputs or outputs for its functor");
         run_lincomb<T>(fn, rows_of(x), inner_of(x), in_ptrs<T, Fn::NI>(in),
                        out_ptrs<T, Fn::NO>(outs), noise_key(noise.seed, noise.offset, noise.seeds));
       });
@@ -56,6 +56,6 @@ struct CpuSteps {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flowkern, CPU, m) { StepOps<CpuSteps>::register_all(m); }
+STABLE_TORCH_LIBRARY_IMPL(flowkern, CPU, m) { StepOps<CpuSteps>::register_all(m); }
 
 }  // namespace flowkern_cpu

@@ -9,8 +9,6 @@
 // caller has checked them already). Ops with a `.nograd` overload run the
 // same kernel without the Python autograd kernel of the default overload:
 // the public function calls it when no input needs a gradient.
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <array>
 #include <vector>
@@ -31,8 +29,8 @@ FnT<A> make_fn(const HostCoef<A>& c, Extra... extra) {
   return FnT<A>{c.src(), extra...};
 }
 
-void interpolate_into(const at::Tensor& x0, const at::Tensor& x1, FK_COEF_ARGS, int64_t target,
-                      bool check, at::Tensor& xt, at::Tensor& y, at::IntArrayRef shape) {
+void interpolate_into(const Tensor& x0, const Tensor& x1, FK_COEF_ARGS, int64_t target,
+                      bool check, Tensor& xt, Tensor& y, IntArrayRef shape) {
   check_code("target", target, kPreds);
   const auto a = dense(x0, shape), b = dense(x1, shape);
   dispatch_dtype(a, "interpolate", [&](auto tag) {
@@ -45,7 +43,7 @@ void interpolate_into(const at::Tensor& x0, const at::Tensor& x1, FK_COEF_ARGS, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> interpolate(const at::Tensor& x0, const at::Tensor& x1,
+std::tuple<Tensor, Tensor> interpolate(const Tensor& x0, const Tensor& x1,
                                                FK_COEF_ARGS, int64_t target, bool check) {
   const auto shape = common_shape({{"x0", &x0}, {"x1", &x1}});
   auto xt = empty_output(x0, shape);
@@ -54,8 +52,8 @@ std::tuple<at::Tensor, at::Tensor> interpolate(const at::Tensor& x0, const at::T
   return {xt, y};
 }
 
-void interpolate_out(const at::Tensor& x0, const at::Tensor& x1, FK_COEF_ARGS, int64_t target,
-                     bool check, at::Tensor& xt, at::Tensor& y) {
+void interpolate_out(const Tensor& x0, const Tensor& x1, FK_COEF_ARGS, int64_t target,
+                     bool check, Tensor& xt, Tensor& y) {
   const auto shape = common_shape({{"x0", &x0}, {"x1", &x1}});
   check_out("out[0]", xt, shape, x0);
   check_out("out[1]", y, shape, x0);
@@ -63,8 +61,8 @@ void interpolate_out(const at::Tensor& x0, const at::Tensor& x1, FK_COEF_ARGS, i
   interpolate_into(x0, x1, FK_COEF_PASS, target, check, xt, y, shape);
 }
 
-std::tuple<at::Tensor, at::Tensor> interpolate_backward(const at::Tensor& gxt_,
-                                                        const at::Tensor& gy_, FK_COEF_ARGS,
+std::tuple<Tensor, Tensor> interpolate_backward(const Tensor& gxt_,
+                                                        const Tensor& gy_, FK_COEF_ARGS,
                                                         int64_t target) {
   check_code("target", target, kPreds);
   const auto shape = common_shape({{"grad_xt", &gxt_}, {"grad_y", &gy_}});
@@ -81,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> interpolate_backward(const at::Tensor& gxt_,
   return {gx0, gx1};
 }
 
-at::Tensor convert(const at::Tensor& pred_, const at::Tensor& x_, FK_COEF_ARGS, int64_t src,
+Tensor convert(const Tensor& pred_, const Tensor& x_, FK_COEF_ARGS, int64_t src,
                    int64_t dst, bool check) {
   check_code("src", src, kPreds);
   check_code("dst", dst, kPreds);
@@ -100,12 +98,12 @@ at::Tensor convert(const at::Tensor& pred_, const at::Tensor& x_, FK_COEF_ARGS, 
 }
 
 // Gradients (g_pred, g_x) of convert.
-std::tuple<at::Tensor, at::Tensor> convert_backward(const at::Tensor& g_, FK_COEF_ARGS,
+std::tuple<Tensor, Tensor> convert_backward(const Tensor& g_, FK_COEF_ARGS,
                                                     int64_t src, int64_t dst) {
   check_code("src", src, kPreds);
   check_code("dst", dst, kPreds);
   check_batch("grad", g_);
-  const auto g = g_.contiguous();
+  const auto g = contig(g_);
   auto gx = empty_output(g, g.sizes());
   auto gp = empty_output(g, g.sizes());
   dispatch_dtype(g, "convert_backward", [&](auto tag) {
@@ -119,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> convert_backward(const at::Tensor& g_, FK_COE
 }
 
 // The optional per-sample weight (1 or rows values; empty: none).
-std::vector<double> read_weight(const OptT& weight, int64_t rows, const at::Tensor& like) {
+std::vector<double> read_weight(const OptT& weight, int64_t rows, const Tensor& like) {
   if (!weight.has_value()) return {};
   check_weight(*weight, rows, like);
   return read_doubles(*weight);
@@ -128,13 +126,13 @@ std::vector<double> read_weight(const OptT& weight, int64_t rows, const at::Tens
 // flow_matching_loss: mean / sum over all elements of w_b (pred - y)^2, or the
 // per-sample mean over the features (reduction NONE, shape (B,)); in pred's
 // dtype. Row sums are per-segment partials summed in double on the host.
-at::Tensor fm_loss(const at::Tensor& pred_, const at::Tensor& x0_, const at::Tensor& x1_,
+Tensor fm_loss(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_,
                    FK_COEF_ARGS, int64_t target, const OptT& weight, int64_t reduction,
                    bool check) {
   check_code("target", target, kPreds);
-  TORCH_CHECK_VALUE(reduction >= MEAN && reduction <= NONE,
-                    "reduction: expected 'mean', 'sum' or 'none', got code ", reduction);
-  at::DimVector shape;
+  FK_CHECK_VALUE(reduction >= MEAN && reduction <= NONE,
+                 "reduction: expected 'mean', 'sum' or 'none', got code ", reduction);
+  Shape shape;
   const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
   const i64 rows = rows_of(pred), inner = inner_of(pred);
   const auto w = read_weight(weight, rows, pred);
@@ -159,7 +157,7 @@ at::Tensor fm_loss(const at::Tensor& pred_, const at::Tensor& x0_, const at::Ten
     for (i64 r = 0; r < rows; ++r) sums[size_t(r)] *= w[w.size() == 1 ? 0 : size_t(r)];
   const double denom = double(std::max<i64>(inner, 1));
   if (reduction == NONE) {
-    at::Tensor out = at::empty({rows}, pred.options());
+    Tensor out = empty_like_shape(pred, {rows});
     dispatch_dtype(pred, "flow_matching_loss", [&](auto tag) {
       using T = typename decltype(tag)::type;
       T* o = mptr<T>(out);
@@ -170,7 +168,7 @@ at::Tensor fm_loss(const at::Tensor& pred_, const at::Tensor& x0_, const at::Ten
   double total = 0;
   for (double s : sums) total += s;
   if (reduction == MEAN) total /= double(std::max<i64>(rows * inner, 1));
-  at::Tensor out = at::empty({}, pred.options());
+  Tensor out = empty_like_shape(pred, {});
   dispatch_dtype(pred, "flow_matching_loss", [&](auto tag) {
     using T = typename decltype(tag)::type;
     fk::store(mptr<T>(out), 0, fk::acc_t<T>(total));
@@ -181,25 +179,25 @@ at::Tensor fm_loss(const at::Tensor& pred_, const at::Tensor& x0_, const at::Ten
 // Gradients of fm_loss from that of its output `grad` (a scalar, or (B,) for
 // NONE): (g_pred) when nout = 1, (g_pred, g_x0, g_x1) when nout = 3, each of
 // the broadcast shape (the autograd formula reduces them to the inputs').
-std::vector<at::Tensor> fm_loss_backward(const at::Tensor& grad, const at::Tensor& pred_,
-                                         const at::Tensor& x0_, const at::Tensor& x1_,
+std::vector<Tensor> fm_loss_backward(const Tensor& grad, const Tensor& pred_,
+                                         const Tensor& x0_, const Tensor& x1_,
                                          FK_COEF_ARGS, int64_t target, const OptT& weight,
                                          int64_t reduction, int64_t nout) {
   check_code("target", target, kPreds);
-  TORCH_CHECK(nout == 1 || nout == 3, "fm_loss_backward: nout must be 1 or 3");
-  at::DimVector shape;
+  FK_CHECK(nout == 1 || nout == 3, "fm_loss_backward: nout must be 1 or 3");
+  Shape shape;
   const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
   const i64 rows = rows_of(pred), inner = inner_of(pred);
   const auto w = read_weight(weight, rows, pred);
-  TORCH_CHECK(grad.device() == pred.device() &&
-                  (reduction == NONE ? grad.numel() == rows : grad.numel() == 1),
-              "fm_loss_backward: grad must be a scalar, or (B,) for reduction 'none'");
+  FK_CHECK(grad.device() == pred.device() &&
+               (reduction == NONE ? grad.numel() == rows : grad.numel() == 1),
+           "fm_loss_backward: grad must be a scalar, or (B,) for reduction 'none'");
   const std::vector<double> gv = read_doubles(grad);
   const double* gp = gv.data();
   const double scale = reduction == MEAN ? 1.0 / double(std::max<i64>(rows * inner, 1))
                        : reduction == NONE ? 1.0 / double(std::max<i64>(inner, 1))
                                            : 1.0;
-  std::vector<at::Tensor> g(static_cast<size_t>(nout));
+  std::vector<Tensor> g(static_cast<size_t>(nout));
   for (auto& gk : g) gk = empty_output(pred, shape);
   dispatch_dtype(pred, "fm_loss_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -225,17 +223,17 @@ std::vector<at::Tensor> fm_loss_backward(const at::Tensor& grad, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
-  m.impl("interpolate", &interpolate);
-  m.impl("interpolate.nograd", &interpolate);
-  m.impl("interpolate_out", &interpolate_out);
-  m.impl("interpolate_backward", &interpolate_backward);
-  m.impl("convert", &convert);
-  m.impl("convert.nograd", &convert);
-  m.impl("convert_backward", &convert_backward);
-  m.impl("fm_loss", &fm_loss);
-  m.impl("fm_loss.nograd", &fm_loss);
-  m.impl("fm_loss_backward", &fm_loss_backward);
+STABLE_TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
+  m.impl("interpolate", TORCH_BOX(&interpolate));
+  m.impl("interpolate.nograd", TORCH_BOX(&interpolate));
+  m.impl("interpolate_out", TORCH_BOX(&interpolate_out));
+  m.impl("interpolate_backward", TORCH_BOX(&interpolate_backward));
+  m.impl("convert", TORCH_BOX(&convert));
+  m.impl("convert.nograd", TORCH_BOX(&convert));
+  m.impl("convert_backward", TORCH_BOX(&convert_backward));
+  m.impl("fm_loss", TORCH_BOX(&fm_loss));
+  m.impl("fm_loss.nograd", TORCH_BOX(&fm_loss));
+  m.impl("fm_loss_backward", TORCH_BOX(&fm_loss_backward));
 }
 
 }  // namespace flowkern_cpu

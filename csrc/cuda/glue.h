@@ -21,8 +21,6 @@
 // this very code without a GPU.
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
@@ -51,30 +49,30 @@ inline bool debug_checks() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
-inline int dtype_code(const at::Tensor& x) {
+inline int dtype_code(const Tensor& x) {
   switch (x.scalar_type()) {
-    case at::kFloat: return 0;
-    case at::kDouble: return 1;
-    case at::kHalf: return 2;
-    case at::kBFloat16: return 3;
-    default: TORCH_CHECK_TYPE(false, "dtype ", py_dtype(x.scalar_type()), " is not supported");
+    case kFloat: return 0;
+    case kDouble: return 1;
+    case kHalf: return 2;
+    case kBFloat16: return 3;
+    default: FK_CHECK_TYPE(false, "dtype ", py_dtype(x.scalar_type()), " is not supported");
   }
 }
 
-inline uintptr_t ptr(const at::Tensor& t) {
+inline uintptr_t ptr(const Tensor& t) {
   return t.defined() ? reinterpret_cast<uintptr_t>(t.const_data_ptr()) : 0;
 }
 
 // Calls f(A{}) with A the accumulation type of x's dtype (docs/design.md §6).
-template <class F> decltype(auto) with_acc(const at::Tensor& x, F&& f) {
-  if (x.scalar_type() == at::kDouble) return f(double{});
+template <class F> decltype(auto) with_acc(const Tensor& x, F&& f) {
+  if (x.scalar_type() == kDouble) return f(double{});
   return f(float{});
 }
 
 template <class D, class L> struct Glue {
   static void ok(int code, const char* op) {
-    TORCH_CHECK(code == 0, op, ": the CUDA launch failed with error ", code, " (",
-                L::error_string(code), ")");
+    FK_CHECK(code == 0, op, ": the CUDA launch failed with error ", code, " (",
+             L::error_string(code), ")");
   }
 
   // One launch's device, stream and grid cap.
@@ -82,7 +80,7 @@ template <class D, class L> struct Glue {
     typename D::Guard guard;
     uintptr_t stream;
     i64 max_blocks;
-    explicit Launch(const at::Tensor& x)
+    explicit Launch(const Tensor& x)
         : guard(x.device()), stream(D::stream(x.device())), max_blocks(D::max_blocks(x.device())) {}
   };
 
@@ -92,19 +90,19 @@ template <class D, class L> struct Glue {
   // holds a converted times tensor alive for the launch. checks(HostCoef)
   // runs the op's value checks where the values are on the host.
   template <class A, class Checks>
-  static fk::CoefArg train_coef(FK_COEF_ARGS, i64 rows, const at::Tensor& like, bool check,
-                                at::Tensor& keep, Checks&& checks) {
+  static fk::CoefArg train_coef(FK_COEF_ARGS, i64 rows, const Tensor& like, bool check,
+                                Tensor& keep, Checks&& checks) {
     check_schedule(kind, params);
     fk::CoefArg c;
     if (kind == kTableKind) {
-      const auto acc = c10::CppTypeToScalarType<A>::value;
-      TORCH_CHECK(t.has_value(), "t: a custom schedule's table is missing");
-      const at::Tensor& tab = *t;
-      TORCH_CHECK(tab.dim() == 2 && tab.size(1) == 4 && (tab.size(0) == 1 || tab.size(0) == rows) &&
-                      tab.scalar_type() == acc && tab.is_contiguous() &&
-                      tab.device() == like.device(),
-                  "t: a coefficient table must be a contiguous (1 or B, 4) tensor in the "
-                  "accumulation dtype on the data's device");
+      const auto acc = torch::headeronly::CppTypeToScalarType<A>::value;
+      FK_CHECK(t.has_value(), "t: a custom schedule's table is missing");
+      const Tensor& tab = *t;
+      FK_CHECK(tab.dim() == 2 && tab.size(1) == 4 && (tab.size(0) == 1 || tab.size(0) == rows) &&
+                   tab.scalar_type() == acc && tab.is_contiguous() &&
+                   tab.device() == like.device(),
+               "t: a coefficient table must be a contiguous (1 or B, 4) tensor in the "
+               "accumulation dtype on the data's device");
       c.table = ptr(tab);
       c.table_rows = tab.size(0);
       return c;
@@ -120,27 +118,27 @@ template <class D, class L> struct Glue {
     check_times(*t, rows, like, "t");
     // The kernel reads float32 or float64 times as given (as the CPU op reads
     // any dtype exactly); 16-bit ones are widened to float32, exactly.
-    keep = t->dim() == 1 ? *t : t->reshape({-1});
-    if (keep.scalar_type() != at::kDouble && keep.scalar_type() != at::kFloat)
-      keep = keep.to(at::kFloat);
-    keep = keep.contiguous();
+    keep = t->dim() == 1 ? *t : torch::stable::reshape(*t, {-1});
+    if (keep.scalar_type() != kDouble && keep.scalar_type() != kFloat)
+      keep = to_dtype(keep, kFloat);
+    keep = contig(keep);
     c.t = ptr(keep);
     c.t_rows = keep.numel();
-    c.t_f64 = keep.scalar_type() == at::kDouble;
+    c.t_f64 = keep.scalar_type() == kDouble;
     if (check && D::values_on_device_checked()) {
-      const at::Tensor host = keep.cpu();
+      const Tensor host = to_cpu(keep);
       checks(host_coef<A>(host, 0.0, kind, params, rows, host, true));
     }
     return c;
   }
 
-  static void run_interpolate(const at::Tensor& a, const at::Tensor& b, FK_COEF_ARGS,
-                              int64_t target, bool check, const at::Tensor& xt,
-                              const at::Tensor& y) {
+  static void run_interpolate(const Tensor& a, const Tensor& b, FK_COEF_ARGS,
+                              int64_t target, bool check, const Tensor& xt,
+                              const Tensor& y) {
     const Launch l(a);
     with_acc(a, [&](auto acc) {
       using A = decltype(acc);
-      at::Tensor keep;
+      Tensor keep;
       const auto c = train_coef<A>(FK_COEF_PASS, rows_of(a), a, check, keep,
                                    [&](const HostCoef<A>& h) { check_target(h, target); });
       ok(L::interpolate(dtype_code(a), rows_of(a), inner_of(a), ptr(a), ptr(b), c, int(target),
@@ -149,19 +147,19 @@ template <class D, class L> struct Glue {
     });
   }
 
-  static std::tuple<at::Tensor, at::Tensor> interpolate(const at::Tensor& x0,
-                                                        const at::Tensor& x1, FK_COEF_ARGS,
+  static std::tuple<Tensor, Tensor> interpolate(const Tensor& x0,
+                                                        const Tensor& x1, FK_COEF_ARGS,
                                                         int64_t target, bool check) {
     check_code("target", target, kPreds);
     const auto shape = common_shape({{"x0", &x0}, {"x1", &x1}});
     const auto a = dense(x0, shape), b = dense(x1, shape);
-    auto xt = at::empty(shape, a.options()), y = at::empty(shape, a.options());
+    auto xt = empty_like_shape(a, shape), y = empty_like_shape(a, shape);
     run_interpolate(a, b, FK_COEF_PASS, target, check, xt, y);
     return {xt, y};
   }
 
-  static void interpolate_out(const at::Tensor& x0, const at::Tensor& x1, FK_COEF_ARGS,
-                              int64_t target, bool check, at::Tensor& xt, at::Tensor& y) {
+  static void interpolate_out(const Tensor& x0, const Tensor& x1, FK_COEF_ARGS,
+                              int64_t target, bool check, Tensor& xt, Tensor& y) {
     check_code("target", target, kPreds);
     const auto shape = common_shape({{"x0", &x0}, {"x1", &x1}});
     check_out("out[0]", xt, shape, x0);
@@ -170,17 +168,17 @@ template <class D, class L> struct Glue {
     run_interpolate(dense(x0, shape), dense(x1, shape), FK_COEF_PASS, target, check, xt, y);
   }
 
-  static std::tuple<at::Tensor, at::Tensor> interpolate_backward(const at::Tensor& gxt_,
-                                                                 const at::Tensor& gy_,
+  static std::tuple<Tensor, Tensor> interpolate_backward(const Tensor& gxt_,
+                                                                 const Tensor& gy_,
                                                                  FK_COEF_ARGS, int64_t target) {
     check_code("target", target, kPreds);
     const auto shape = common_shape({{"grad_xt", &gxt_}, {"grad_y", &gy_}});
     const auto gxt = dense(gxt_, shape), gy = dense(gy_, shape);
-    auto gx0 = at::empty(shape, gxt.options()), gx1 = at::empty(shape, gxt.options());
+    auto gx0 = empty_like_shape(gxt, shape), gx1 = empty_like_shape(gxt, shape);
     const Launch l(gxt);
     with_acc(gxt, [&](auto acc) {
       using A = decltype(acc);
-      at::Tensor keep;
+      Tensor keep;
       const auto c = train_coef<A>(FK_COEF_PASS, rows_of(gxt), gxt, false, keep,
                                    [](const HostCoef<A>&) {});
       ok(L::interpolate_backward(dtype_code(gxt), rows_of(gxt), inner_of(gxt), ptr(gxt),
@@ -191,17 +189,17 @@ template <class D, class L> struct Glue {
     return {gx0, gx1};
   }
 
-  static at::Tensor convert(const at::Tensor& pred_, const at::Tensor& x_, FK_COEF_ARGS,
+  static Tensor convert(const Tensor& pred_, const Tensor& x_, FK_COEF_ARGS,
                             int64_t src, int64_t dst, bool check) {
     check_code("src", src, kPreds);
     check_code("dst", dst, kPreds);
     const auto shape = common_shape({{"pred", &pred_}, {"x_t", &x_}});
     const auto x = dense(x_, shape), pred = dense(pred_, shape);
-    auto out = at::empty(shape, x.options());
+    auto out = empty_like_shape(x, shape);
     const Launch l(x);
     with_acc(x, [&](auto acc) {
       using A = decltype(acc);
-      at::Tensor keep;
+      Tensor keep;
       const auto c = train_coef<A>(FK_COEF_PASS, rows_of(x), x, check, keep,
                                    [&](const HostCoef<A>& h) { check_convert(h, src, dst); });
       ok(L::convert(dtype_code(x), rows_of(x), inner_of(x), ptr(x), ptr(pred), c, int(src),
@@ -211,17 +209,17 @@ template <class D, class L> struct Glue {
     return out;
   }
 
-  static std::tuple<at::Tensor, at::Tensor> convert_backward(const at::Tensor& g_, FK_COEF_ARGS,
+  static std::tuple<Tensor, Tensor> convert_backward(const Tensor& g_, FK_COEF_ARGS,
                                                              int64_t src, int64_t dst) {
     check_code("src", src, kPreds);
     check_code("dst", dst, kPreds);
     check_batch("grad", g_);
-    const auto g = g_.contiguous();
-    auto gx = at::empty(g.sizes(), g.options()), gp = at::empty(g.sizes(), g.options());
+    const auto g = contig(g_);
+    auto gx = empty_like_shape(g, g.sizes()), gp = empty_like_shape(g, g.sizes());
     const Launch l(g);
     with_acc(g, [&](auto acc) {
       using A = decltype(acc);
-      at::Tensor keep;
+      Tensor keep;
       const auto c =
           train_coef<A>(FK_COEF_PASS, rows_of(g), g, false, keep, [](const HostCoef<A>&) {});
       ok(L::convert_backward(dtype_code(g), rows_of(g), inner_of(g), ptr(g), c, int(src),
@@ -234,23 +232,23 @@ template <class D, class L> struct Glue {
   // flow_matching_loss: per-(row, chunk) partial sums in one launch, then
   // torch's reductions of the (B, chunks) partials in double (the order of
   // flowkern/_validate.py reduce_rows).
-  static at::Tensor fm_loss(const at::Tensor& pred_, const at::Tensor& x0_, const at::Tensor& x1_,
+  static Tensor fm_loss(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_,
                             FK_COEF_ARGS, int64_t target, const OptT& weight, int64_t reduction,
                             bool check) {
     check_code("target", target, kPreds);
-    TORCH_CHECK_VALUE(reduction >= MEAN && reduction <= NONE,
-                      "reduction: expected 'mean', 'sum' or 'none', got code ", reduction);
-    at::DimVector shape;
+    FK_CHECK_VALUE(reduction >= MEAN && reduction <= NONE,
+                   "reduction: expected 'mean', 'sum' or 'none', got code ", reduction);
+    Shape shape;
     const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
     const i64 rows = rows_of(pred), inner = inner_of(pred);
     if (weight.has_value()) check_weight(*weight, rows, pred);
-    const auto acc_type = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const auto acc_type = pred.scalar_type() == kDouble ? kDouble : kFloat;
     const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, 0);
-    auto partial = at::empty({rows, plan.nchunks}, pred.options().dtype(acc_type));
+    auto partial = empty({rows, plan.nchunks}, acc_type, pred.device());
     const Launch l(pred);
     with_acc(pred, [&](auto acc) {
       using A = decltype(acc);
-      at::Tensor keep;
+      Tensor keep;
       const auto c = train_coef<A>(FK_COEF_PASS, rows, pred, check, keep,
                                    [&](const HostCoef<A>& h) { check_target(h, target); });
       ok(L::fm_loss_partial(dtype_code(pred), rows, inner, ptr(pred), ptr(x0), ptr(x1), c,
@@ -258,44 +256,48 @@ template <class D, class L> struct Glue {
          "flow_matching_loss");
     });
     // In double, as the CPU op sums its partials.
-    at::Tensor sums = at::sum(partial, {1}, false, at::kDouble);
-    if (weight.has_value()) sums = sums * weight->to(at::kDouble).reshape({-1});
-    at::Tensor out;
-    if (reduction == NONE) out = sums / double(std::max<i64>(inner, 1));
-    else if (reduction == SUM) out = sums.sum();
-    else out = sums.sum() / double(std::max<i64>(rows * inner, 1));
-    return out.to(pred.scalar_type());
+    // (torch ops on (B,) vectors; the shim passes no Scalar, so a constant
+    // factor is a 0-dim host tensor.)
+    Tensor sums = row_sums(partial, kDouble);
+    if (weight.has_value()) sums = mul(sums, torch::stable::reshape(to_dtype(*weight, kDouble), {-1}));
+    Tensor out;
+    if (reduction == NONE) out = mul(sums, host_scalar(1.0 / double(std::max<i64>(inner, 1))));
+    else if (reduction == SUM) out = torch::stable::sum(sums);
+    else out = mul(torch::stable::sum(sums), host_scalar(1.0 / double(std::max<i64>(rows * inner, 1))));
+    return to_dtype(out, pred.scalar_type());
   }
 
-  static std::vector<at::Tensor> fm_loss_backward(const at::Tensor& grad, const at::Tensor& pred_,
-                                                  const at::Tensor& x0_, const at::Tensor& x1_,
+  static std::vector<Tensor> fm_loss_backward(const Tensor& grad, const Tensor& pred_,
+                                                  const Tensor& x0_, const Tensor& x1_,
                                                   FK_COEF_ARGS, int64_t target,
                                                   const OptT& weight, int64_t reduction,
                                                   int64_t nout) {
     check_code("target", target, kPreds);
-    TORCH_CHECK(nout == 1 || nout == 3, "fm_loss_backward: nout must be 1 or 3");
-    at::DimVector shape;
+    FK_CHECK(nout == 1 || nout == 3, "fm_loss_backward: nout must be 1 or 3");
+    Shape shape;
     const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
     const i64 rows = rows_of(pred), inner = inner_of(pred);
     if (weight.has_value()) check_weight(*weight, rows, pred);
-    TORCH_CHECK(grad.device() == pred.device() &&
-                    (reduction == NONE ? grad.numel() == rows : grad.numel() == 1),
-                "fm_loss_backward: grad must be a scalar, or (B,) for reduction 'none'");
-    const auto acc_type = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    FK_CHECK(grad.device() == pred.device() &&
+                 (reduction == NONE ? grad.numel() == rows : grad.numel() == 1),
+             "fm_loss_backward: grad must be a scalar, or (B,) for reduction 'none'");
+    const auto acc_type = pred.scalar_type() == kDouble ? kDouble : kFloat;
     const double scale = reduction == MEAN ? 1.0 / double(std::max<i64>(rows * inner, 1))
                          : reduction == NONE ? 1.0 / double(std::max<i64>(inner, 1))
                                              : 1.0;
     // d loss / d (row sum of squares), (B,): in double, then the accumulation
     // dtype, as the CPU op rounds it.
-    at::Tensor grad_rows = grad.to(at::kDouble).reshape({-1}).expand({rows}) * scale;
-    if (weight.has_value()) grad_rows = grad_rows * weight->to(at::kDouble).reshape({-1});
-    grad_rows = grad_rows.to(acc_type).contiguous();
-    std::vector<at::Tensor> g;
-    for (int64_t k = 0; k < nout; ++k) g.push_back(at::empty(shape, pred.options()));
+    Tensor grad_rows = mul(expand(torch::stable::reshape(to_dtype(grad, kDouble), {-1}), {rows}),
+                           host_scalar(scale));
+    if (weight.has_value())
+      grad_rows = mul(grad_rows, torch::stable::reshape(to_dtype(*weight, kDouble), {-1}));
+    grad_rows = contig(to_dtype(grad_rows, acc_type));
+    std::vector<Tensor> g;
+    for (int64_t k = 0; k < nout; ++k) g.push_back(empty_like_shape(pred, shape));
     const Launch l(pred);
     with_acc(pred, [&](auto acc) {
       using A = decltype(acc);
-      at::Tensor keep;
+      Tensor keep;
       const auto c =
           train_coef<A>(FK_COEF_PASS, rows, pred, false, keep, [](const HostCoef<A>&) {});
       ok(L::fm_loss_backward(dtype_code(pred), rows, inner, ptr(grad_rows), ptr(pred), ptr(x0),
@@ -311,8 +313,8 @@ template <class D, class L> struct Glue {
   // The coefficients of a step (step_args.h's arguments); `keep` holds the
   // table as the kernel reads it. checks(StepCoef) as in train_coef.
   template <class A, class Checks>
-  static fk::CoefArg step_coef_arg(FK_STEP_ARGS, const at::Tensor& x, bool check,
-                                   at::Tensor& keep, Checks&& checks) {
+  static fk::CoefArg step_coef_arg(FK_STEP_ARGS, const Tensor& x, bool check,
+                                   Tensor& keep, Checks&& checks) {
     fk::CoefArg c;
     if (table.has_value()) {
       const StepCoef<A> s = step_coef<A>(FK_STEP_PASS, x, false);  // shape, dtype, device
@@ -321,8 +323,8 @@ template <class D, class L> struct Glue {
       c.table_rows = s.n;
       if (check && D::values_on_device_checked()) {
         StepCoef<A> h;
-        h.keep = keep.cpu();
-        h.ptr = h.keep.template const_data_ptr<A>();
+        h.keep = to_cpu(keep);
+        h.ptr = static_cast<const A*>(h.keep.const_data_ptr());
         h.n = s.n;
         checks(h);
       }
@@ -338,23 +340,23 @@ template <class D, class L> struct Glue {
   // coefficient argument (step_coef_arg) and one launch of the step launcher.
   struct Steps {
     static bool values_read(bool check) { return check && D::values_on_device_checked(); }
-    static at::Tensor empty(const at::Tensor& x) { return at::empty(x.sizes(), x.options()); }
+    static Tensor empty(const Tensor& x) { return empty_like_shape(x, x.sizes()); }
 
     template <int OP, class Checks>
-    static void run(const std::vector<at::Tensor>& in, const std::vector<at::Tensor*>& outs,
+    static void run(const std::vector<Tensor>& in, const std::vector<Tensor*>& outs,
                     const StepTimes* coef, bool check, const fk::StepParams& p,
                     const StepNoise& noise, Checks&& checks) {
-      const at::Tensor& x = in[0];
+      const Tensor& x = in[0];
       const Launch l(x);
       with_acc(x, [&](auto acc) {
         using A = decltype(acc);
-        at::Tensor keep;
+        Tensor keep;
         const fk::CoefArg c =
             coef == nullptr ? fk::CoefArg{}
                             : step_coef_arg<A>(coef->table, coef->times, coef->kind,
                                                coef->params, x, check, keep, checks);
         uintptr_t ins[8], outp[4];
-        TORCH_INTERNAL_ASSERT(in.size() <= 8 && outs.size() <= 4);
+        FK_CHECK(in.size() <= 8 && outs.size() <= 4);
         for (size_t j = 0; j < in.size(); ++j) ins[j] = ptr(in[j]);
         for (size_t k = 0; k < outs.size(); ++k) outp[k] = ptr(*outs[k]);
         ok(L::step(OP, dtype_code(x), rows_of(x), inner_of(x), ins, int(in.size()), c, p, outp,
@@ -367,44 +369,44 @@ template <class D, class L> struct Glue {
 
   // ------------------------------------------------------------- flow map
 
-  static fk::CoefArg table_arg(const at::Tensor& coef) {
+  static fk::CoefArg table_arg(const Tensor& coef) {
     fk::CoefArg c;
     c.table = ptr(coef);
     c.table_rows = coef.size(0);
     return c;
   }
 
-  static at::Tensor flowmap_loss_rows(const at::Tensor& x_, const at::Tensor& pred_,
-                                      const at::Tensor& target_, const at::Tensor& coef_,
+  static Tensor flowmap_loss_rows(const Tensor& x_, const Tensor& pred_,
+                                      const Tensor& target_, const Tensor& coef_,
                                       int64_t prediction, int64_t form) {
     const FlowmapArgs a = flowmap_args("flowmap_loss_rows", x_, pred_, target_, coef_);
     const i64 rows = rows_of(a.x), inner = inner_of(a.x);
     const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, 0);
-    auto partial = at::empty({rows, plan.nchunks}, a.coef.options());
+    auto partial = flowkern_cpu::empty({rows, plan.nchunks}, a.coef.scalar_type(), a.coef.device());
     const Launch l(a.x);
     ok(L::flowmap_loss_partial(dtype_code(a.x), rows, inner, ptr(a.x), ptr(a.pred),
                                ptr(a.target), table_arg(a.coef), int(prediction), int(form),
                                ptr(partial), plan.chunk_len, l.stream),
        "flowmap_loss_rows");
-    return partial.sum(1);
+    return row_sums(partial);
   }
 
-  static std::vector<at::Tensor> flowmap_loss_backward(const at::Tensor& grad_rows_,
-                                                       const at::Tensor& x_,
-                                                       const at::Tensor& pred_,
-                                                       const at::Tensor& target_,
-                                                       const at::Tensor& coef_,
+  static std::vector<Tensor> flowmap_loss_backward(const Tensor& grad_rows_,
+                                                       const Tensor& x_,
+                                                       const Tensor& pred_,
+                                                       const Tensor& target_,
+                                                       const Tensor& coef_,
                                                        int64_t prediction, int64_t form,
                                                        bool grad_x, bool grad_target) {
     const FlowmapArgs a = flowmap_args("flowmap_loss_backward", x_, pred_, target_, coef_);
-    TORCH_CHECK(grad_rows_.numel() == rows_of(a.x) &&
-                    grad_rows_.scalar_type() == a.coef.scalar_type() &&
-                    grad_rows_.device() == a.x.device(),
-                "flowmap_loss_backward: grad_rows must be (B,) in the coefficient dtype");
-    const auto grad_rows = grad_rows_.contiguous();
-    std::vector<at::Tensor> g;
+    FK_CHECK(grad_rows_.numel() == rows_of(a.x) &&
+                 grad_rows_.scalar_type() == a.coef.scalar_type() &&
+                 grad_rows_.device() == a.x.device(),
+             "flowmap_loss_backward: grad_rows must be (B,) in the coefficient dtype");
+    const auto grad_rows = contig(grad_rows_);
+    std::vector<Tensor> g;
     const int n = 1 + int(grad_x) + int(grad_target);
-    for (int k = 0; k < n; ++k) g.push_back(at::empty(a.x.sizes(), a.x.options()));
+    for (int k = 0; k < n; ++k) g.push_back(empty_like_shape(a.x, a.x.sizes()));
     const uintptr_t g_x = grad_x ? ptr(g[1]) : 0;
     const uintptr_t g_target = grad_target ? ptr(g[size_t(n - 1)]) : 0;
     const Launch l(a.x);
@@ -418,25 +420,26 @@ template <class D, class L> struct Glue {
 
   // --------------------------------------------------------------- fields
 
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> field_mean(const at::Tensor& x_,
-                                                                   const at::Tensor& ref_,
-                                                                   const at::Tensor& qp_,
+  static std::tuple<Tensor, Tensor, Tensor> field_mean(const Tensor& x_,
+                                                                   const Tensor& ref_,
+                                                                   const Tensor& qp_,
                                                                    int64_t kind, double p0,
                                                                    double p1) {
     check_field_args(x_, ref_, qp_, kind);
-    TORCH_CHECK(ref_.device() == x_.device() && qp_.device() == x_.device(),
-                "field_mean: ref and qp must be on x's device");
-    const auto x = x_.contiguous(), ref = ref_.contiguous(), qp = qp_.contiguous();
+    FK_CHECK(ref_.device() == x_.device() && qp_.device() == x_.device(),
+             "field_mean: ref and qp must be on x's device");
+    const auto x = contig(x_), ref = contig(ref_), qp = contig(qp_);
     const i64 B = x.size(0), N = x.size(1), R = ref.size(0);
-    const auto opts = x.options().dtype(qp.scalar_type());
-    auto mean = at::empty({B, N}, opts), best = at::empty({B}, opts),
-         sumexp = at::empty({B}, opts);
+    const ScalarType acc = qp.scalar_type();
+    auto mean = flowkern_cpu::empty({B, N}, acc, x.device()),
+         best = flowkern_cpu::empty({B}, acc, x.device()),
+         sumexp = flowkern_cpu::empty({B}, acc, x.device());
     if (B == 0) return {mean, best, sumexp};
     const Launch l(x);
     const fk::FieldPlan plan = with_acc(x, [&](auto acc) {
       return fk::plan_fields<decltype(acc)>(B, R, N, 0, l.max_blocks);
     });
-    at::Tensor ws = plan.workspace > 0 ? at::empty({plan.workspace}, opts) : at::Tensor();
+    Tensor ws = plan.workspace > 0 ? flowkern_cpu::empty({plan.workspace}, acc, x.device()) : Tensor();
     ok(L::field_mean(dtype_code(x), B, N, R, ptr(x), ptr(ref), ptr(qp), int(kind), p0, p1,
                      ptr(mean), ptr(best), ptr(sumexp), ptr(ws), plan.workspace, plan.splits,
                      l.stream),
@@ -445,21 +448,21 @@ template <class D, class L> struct Glue {
   }
 
   // Every op above as the kernel of its schema (schemas.h) in library m.
-  static void register_all(torch::Library& m) {
-    m.impl("interpolate", &interpolate);
-    m.impl("interpolate.nograd", &interpolate);
-    m.impl("interpolate_out", &interpolate_out);
-    m.impl("interpolate_backward", &interpolate_backward);
-    m.impl("convert", &convert);
-    m.impl("convert.nograd", &convert);
-    m.impl("convert_backward", &convert_backward);
-    m.impl("fm_loss", &fm_loss);
-    m.impl("fm_loss.nograd", &fm_loss);
-    m.impl("fm_loss_backward", &fm_loss_backward);
+  static void register_all(torch::stable::detail::StableLibrary& m) {
+    m.impl("interpolate", TORCH_BOX(&interpolate));
+    m.impl("interpolate.nograd", TORCH_BOX(&interpolate));
+    m.impl("interpolate_out", TORCH_BOX(&interpolate_out));
+    m.impl("interpolate_backward", TORCH_BOX(&interpolate_backward));
+    m.impl("convert", TORCH_BOX(&convert));
+    m.impl("convert.nograd", TORCH_BOX(&convert));
+    m.impl("convert_backward", TORCH_BOX(&convert_backward));
+    m.impl("fm_loss", TORCH_BOX(&fm_loss));
+    m.impl("fm_loss.nograd", TORCH_BOX(&fm_loss));
+    m.impl("fm_loss_backward", TORCH_BOX(&fm_loss_backward));
     StepOps<Steps>::register_all(m);
-    m.impl("flowmap_loss_rows", &flowmap_loss_rows);
-    m.impl("flowmap_loss_backward", &flowmap_loss_backward);
-    m.impl("field_mean", &field_mean);
+    m.impl("flowmap_loss_rows", TORCH_BOX(&flowmap_loss_rows));
+    m.impl("flowmap_loss_backward", TORCH_BOX(&flowmap_loss_backward));
+    m.impl("field_mean", TORCH_BOX(&field_mean));
   }
 };
 

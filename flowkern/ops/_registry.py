@@ -1,7 +1,7 @@
 """One registration path for every op family.
 
 Kernel-level ops live in two torch.library namespaces with identical schemas:
-- ``flowkern::`` defined in C++ (csrc/cpu, TORCH_LIBRARY) with its CPU kernels
+- ``flowkern::`` defined in C++ (csrc/cpu, STABLE_TORCH_LIBRARY) with its CPU kernels
   and, when built against a CUDA torch, its CUDA kernels (csrc/cuda/register.cpp);
 - ``flowkern_triton::`` defined here with ``torch.library.custom_op``; its
   implementation launches the Triton kernel on whatever device the tensors
@@ -20,7 +20,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch.autograd.function import once_differentiable
 
-from ..backend import cpu_built
+from ..backend import cpu_built, nograd_native
 
 TRITON_NS = "flowkern_triton"
 NATIVE_NS = "flowkern"
@@ -44,9 +44,28 @@ def _read_schemas() -> list[tuple[str, str]]:
 
 
 SCHEMA_LINES = _read_schemas()
+if cpu_built() and not nograd_native():
+    from . import _nograd
+    _nograd.register(SCHEMA_LINES)
 # {op name: schema} of the ops flowkern_triton:: defines: `.nograd` overloads
 # are native only.
 SCHEMAS = {name: schema for name, schema in SCHEMA_LINES if "." not in name}
+
+
+# The prefix of a type error's message from the C++ ops (csrc/cpu/errors.h):
+# no TypeError crosses torch's stable ABI, so it arrives as a ValueError.
+TYPE_ERROR_PREFIX = "TypeError: "
+
+
+def retyped(e: ValueError) -> Exception:
+    """The exception a public function raises for the C++ op's ValueError `e`:
+    a TypeError when `e` carries TYPE_ERROR_PREFIX (the message without it),
+    else `e` itself. Public functions call it in `except ValueError` around
+    their native branch, which costs nothing until something raises."""
+    msg = str(e)
+    if msg.startswith(TYPE_ERROR_PREFIX):
+        return TypeError(msg[len(TYPE_ERROR_PREFIX):])
+    return e
 
 
 def triton_op(name: str):
@@ -216,7 +235,7 @@ _WRITES = ("this op writes into a buffer and has no forward-mode derivative; ei_
 def no_forward_mode(op: str, *tensors, reason: str = _WRITES) -> None:
     """An op that writes into a buffer (the steps, ei_step and interpolate with
     out=) has no forward-mode formula: a tangent reaching it is an error, not
-    a dropped one. The native ops raise this from C++ (csrc/cpu/nograd.cpp);
+    a dropped one. The native ops raise this from C++ (csrc/autograd/nograd.cpp);
     this is the check of the triton path. Under torch.func.jvp, whose wrapped
     tensors do not say whether they carry a tangent, every call raises."""
     if not transforms_active():
@@ -231,7 +250,7 @@ def no_forward_mode(op: str, *tensors, reason: str = _WRITES) -> None:
 
 
 def refuse_grad(op: str, why: str, **tensors) -> None:
-    """csrc/cpu/nograd.cpp's rule for the Python backends: with grad mode on,
+    """csrc/autograd/nograd.cpp's rule for the Python backends: with grad mode on,
     a tensor argument that requires grad where the op has no derivative is a
     RuntimeError naming it ("{op}: argument '{name}' requires grad, and
     {why}"), not a silently detached result."""

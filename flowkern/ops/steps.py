@@ -25,7 +25,7 @@ from ..schedules import coefficients, evaluate, from_native, get_schedule, nativ
 from ..tables import ALPHA_S, ALPHA_T, AT_S, AT_T, G, H, PREV, SIGMA_T, STEP_COLS, step_row
 from ._registry import (CALLS, NATIVE_NS, NativeOps, calls_for, empty_output, lazy,
                         no_forward_mode, no_time_tangent, ops_for, refuse_grad, register,
-                        transforms_active, triton_op)
+                        retyped, transforms_active, triton_op)
 from .training import check_conversion, check_tensors, fill_tangents
 
 _T = "flowkern.triton.steps"
@@ -310,7 +310,7 @@ def _guidance(pred_uncond, guidance):
 
 def _out(name, out, x, st=None):
     """The output buffer `name` (a new one when None). With st (the Python
-    backends' plan), the rule csrc/cpu/nograd.cpp applies to the native ops:
+    backends' plan), the rule csrc/autograd/nograd.cpp applies to the native ops:
     on triton, a buffer that requires grad is an error (the kernel's write is
     invisible to autograd); the torch backend's copy_ differentiates."""
     if out is None:
@@ -429,12 +429,15 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
     """
     w = _guidance(pred_uncond, guidance)
     if _native(x, backend):
-        check_tensors(pred=pred, pred_uncond=pred_uncond)
-        code = _pred(prediction)
-        coef = _native_coef("euler_step", x, t, s, schedule, table)
-        out = _native_out("out", out, x)
-        _NATIVE.now().euler_step(x, pred, pred_uncond, *coef, code, w, V.check_flag(), out)
-        return out
+        try:
+            check_tensors(pred=pred, pred_uncond=pred_uncond)
+            code = _pred(prediction)
+            coef = _native_coef("euler_step", x, t, s, schedule, table)
+            out = _native_out("out", out, x)
+            _NATIVE.now().euler_step(x, pred, pred_uncond, *coef, code, w, V.check_flag(), out)
+            return out
+        except ValueError as e:  # a C++ type error (_registry.retyped)
+            raise retyped(e) from None
     st = _Step("euler_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
                table, backend)
     code = _pred(prediction)
@@ -456,14 +459,17 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
     if (pred_uncond is None) != (pred_euler_uncond is None):
         raise ValueError("pred_euler_uncond: give both unconditional predictions or neither")
     if _native(x, backend):
-        check_tensors(pred=pred, x_euler=x_euler, pred_euler=pred_euler,
-                      pred_uncond=pred_uncond, pred_euler_uncond=pred_euler_uncond)
-        code = _pred(prediction)
-        coef = _native_coef("heun_step", x, t, s, schedule, table)
-        out = _native_out("out", out, x)
-        _NATIVE.now().heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond,
-                                *coef, code, w, V.check_flag(), out)
-        return out
+        try:
+            check_tensors(pred=pred, x_euler=x_euler, pred_euler=pred_euler,
+                          pred_uncond=pred_uncond, pred_euler_uncond=pred_euler_uncond)
+            code = _pred(prediction)
+            coef = _native_coef("heun_step", x, t, s, schedule, table)
+            out = _native_out("out", out, x)
+            _NATIVE.now().heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond,
+                                    *coef, code, w, V.check_flag(), out)
+            return out
+        except ValueError as e:  # a C++ type error (_registry.retyped)
+            raise retyped(e) from None
     V.tensor("x_euler", x_euler)
     st = _Step("heun_step", x, {"pred": pred, "x_euler": x_euler, "pred_euler": pred_euler,
                                 "pred_uncond": pred_uncond,
@@ -491,17 +497,20 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
     w = _guidance(pred_uncond, guidance)
     fcode = V.form(form)
     if _native(x, backend):
-        check_tensors(pred=pred, pred_uncond=pred_uncond)
-        code = _pred(prediction)
-        args = (x, pred, pred_uncond, *_native_coef("ei_step", x, t, s, schedule, table), code,
-                fcode, w, V.check_flag())
-        if out is None:
-            grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
-                pred_uncond is not None and pred_uncond.requires_grad)) or transforms_active()
-            return _EI_DIFF.ei_step(*args) if grad else _NATIVE.now().ei_step_nograd(*args)
-        out = _native_out("out", out, x)
-        _NATIVE.now().ei_step_out(*args, out)
-        return out
+        try:
+            check_tensors(pred=pred, pred_uncond=pred_uncond)
+            code = _pred(prediction)
+            args = (x, pred, pred_uncond, *_native_coef("ei_step", x, t, s, schedule, table), code,
+                    fcode, w, V.check_flag())
+            if out is None:
+                grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
+                    pred_uncond is not None and pred_uncond.requires_grad)) or transforms_active()
+                return _EI_DIFF.ei_step(*args) if grad else _NATIVE.now().ei_step_nograd(*args)
+            out = _native_out("out", out, x)
+            _NATIVE.now().ei_step_out(*args, out)
+            return out
+        except ValueError as e:  # a C++ type error (_registry.retyped)
+            raise retyped(e) from None
     st = _Step("ei_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
                table, backend, writes=out is not None)
     code = _pred(prediction)
@@ -533,13 +542,16 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
     if (d_prev is None) != (t_prev is None) and table is None:
         raise ValueError("t_prev: give d_prev and t_prev together (both None for the first step)")
     if _native(x, backend):
-        check_tensors(pred=pred, pred_uncond=pred_uncond, d_prev=d_prev)
-        code = _pred(prediction)
-        coef = _native_coef("dpmpp_2m_step", x, t, s, schedule, table, t_prev=t_prev)
-        out, d_out = _native_out("out", out, x), _native_out("d_out", d_out, x)
-        _NATIVE.now().dpmpp_2m_step(x, pred, d_prev, pred_uncond, *coef, code, w,
-                                    V.check_flag(), out, d_out)
-        return out, d_out
+        try:
+            check_tensors(pred=pred, pred_uncond=pred_uncond, d_prev=d_prev)
+            code = _pred(prediction)
+            coef = _native_coef("dpmpp_2m_step", x, t, s, schedule, table, t_prev=t_prev)
+            out, d_out = _native_out("out", out, x), _native_out("d_out", d_out, x)
+            _NATIVE.now().dpmpp_2m_step(x, pred, d_prev, pred_uncond, *coef, code, w,
+                                        V.check_flag(), out, d_out)
+            return out, d_out
+        except ValueError as e:  # a C++ type error (_registry.retyped)
+            raise retyped(e) from None
     st = _Step("dpmpp_2m_step", x, {"pred": pred, "pred_uncond": pred_uncond, "d_prev": d_prev},
                t, s, schedule, table, backend, t_prev=t_prev)
     code = _pred(prediction)
@@ -574,13 +586,16 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     w = _guidance(pred_uncond, guidance)
     seed = _seed_offset(seed, offset, per_sample_seeds)
     if _native(x, backend):
-        check_tensors(pred=pred, pred_uncond=pred_uncond)
-        code = _pred(prediction)
-        coef = _native_coef("em_step", x, t, s, schedule, table, g=g)
-        out = _native_out("out", out, x)
-        _NATIVE.now().em_step(x, pred, pred_uncond, *coef, code, w, seed, offset,
-                              per_sample_seeds, V.check_flag(), out)
-        return out
+        try:
+            check_tensors(pred=pred, pred_uncond=pred_uncond)
+            code = _pred(prediction)
+            coef = _native_coef("em_step", x, t, s, schedule, table, g=g)
+            out = _native_out("out", out, x)
+            _NATIVE.now().em_step(x, pred, pred_uncond, *coef, code, w, seed, offset,
+                                  per_sample_seeds, V.check_flag(), out)
+            return out
+        except ValueError as e:  # a C++ type error (_registry.retyped)
+            raise retyped(e) from None
     st = _Step("em_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule, table,
                backend, g=g)
     code = _pred(prediction)
@@ -604,10 +619,13 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
     with per_sample_seeds as :func:`em_step`."""
     seed = _seed_offset(seed, offset, per_sample_seeds)
     if _native(x, backend):
-        coef = _native_coef("churn", x, t, t_hat, schedule, table)
-        out = _native_out("out", out, x)
-        _NATIVE.now().churn(x, *coef, seed, offset, per_sample_seeds, V.check_flag(), out)
-        return out
+        try:
+            coef = _native_coef("churn", x, t, t_hat, schedule, table)
+            out = _native_out("out", out, x)
+            _NATIVE.now().churn(x, *coef, seed, offset, per_sample_seeds, V.check_flag(), out)
+            return out
+        except ValueError as e:  # a C++ type error (_registry.retyped)
+            raise retyped(e) from None
     st = _Step("churn", x, {}, t, t_hat, schedule, table, backend)
     V.nonzero("t", "alpha_t", st.table[:, ALPHA_T], "churn divides by it")
     _direction(st.table, forward=False)
@@ -640,13 +658,16 @@ def lms_step(x, pred, weights, history=(), t=None, schedule="linear", prediction
     w = _guidance(pred_uncond, guidance)
     hist = _lms_history(history)
     if _native(x, backend):
-        check_tensors(pred=pred, pred_uncond=pred_uncond)
-        code = _pred(prediction)
-        coef = _native_coef("lms_step", x, t, t, schedule, table)
-        out, u_out = _native_out("out", out, x), _native_out("u_out", u_out, x)
-        _NATIVE.now().lms_step(x, pred, *hist, pred_uncond, _floats("weights", weights), *coef,
-                               code, w, V.check_flag(), out, u_out)
-        return out, u_out
+        try:
+            check_tensors(pred=pred, pred_uncond=pred_uncond)
+            code = _pred(prediction)
+            coef = _native_coef("lms_step", x, t, t, schedule, table)
+            out, u_out = _native_out("out", out, x), _native_out("u_out", u_out, x)
+            _NATIVE.now().lms_step(x, pred, *hist, pred_uncond, _floats("weights", weights), *coef,
+                                   code, w, V.check_flag(), out, u_out)
+            return out, u_out
+        except ValueError as e:  # a C++ type error (_registry.retyped)
+            raise retyped(e) from None
     wts = _lms_weights(weights, hist)
     named = {"pred": pred, "u1": hist[0], "u2": hist[1], "u3": hist[2],
              "pred_uncond": pred_uncond}
@@ -683,11 +704,14 @@ def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_samp
     Returns out (a new tensor unless given; ``out=x`` updates in place)."""
     seed = _seed_offset(seed, offset, per_sample_seeds)
     if _native(x, backend):
-        out = _native_out("out", out, x)
-        _NATIVE.now().lincomb_step(x, _terms(terms), _floats("weights", weights),
-                                   _float("noise_std", noise_std), seed, offset, per_sample_seeds,
-                                   V.check_flag(), out)
-        return out
+        try:
+            out = _native_out("out", out, x)
+            _NATIVE.now().lincomb_step(x, _terms(terms), _floats("weights", weights),
+                                       _float("noise_std", noise_std), seed, offset, per_sample_seeds,
+                                       V.check_flag(), out)
+            return out
+        except ValueError as e:  # a C++ type error (_registry.retyped)
+            raise retyped(e) from None
     V.tensor("x", x)
     terms = _terms(terms)
     named = {f"terms[{k}]": V.tensor(f"terms[{k}]", p) for k, p in enumerate(terms)}

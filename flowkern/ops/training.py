@@ -26,8 +26,8 @@ from ..backend import cpu_built, resolve
 from ..schedules import coefficients, from_native, native_spec
 from ..tables import SIGMA
 from ._registry import (CALLS, NATIVE_NS, NativeOps, calls_for, lazy, no_forward_mode,
-                        no_time_tangent, ops_for, refuse_grad, register, transforms_active,
-                        triton_op)
+                        no_time_tangent, ops_for, refuse_grad, register, retyped,
+                        transforms_active, triton_op)
 
 _T = "flowkern.triton.training"
 
@@ -471,13 +471,16 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
     if out is not None:
         out = _check_out(out)
     if be in ("cpu", "cuda"):
-        args = (x0, x1, *_native_coef(schedule, t, x0), code, V.check_flag())
-        if out is not None:
-            _NATIVE.now().interpolate_out(*args, *out)
-            return out
-        if _need_grad2(x0, x1):
-            return _DIFF.interpolate(*args)
-        return _NATIVE.now().interpolate(*args)
+        try:
+            args = (x0, x1, *_native_coef(schedule, t, x0), code, V.check_flag())
+            if out is not None:
+                _NATIVE.now().interpolate_out(*args, *out)
+                return out
+            if _need_grad2(x0, x1):
+                return _DIFF.interpolate(*args)
+            return _NATIVE.now().interpolate(*args)
+        except ValueError as e:  # a C++ type error (_registry.retyped)
+            raise retyped(e) from None
     (x0, x1), shape = _validated(["x0", "x1"], [x0, x1])
     coef = _kernel_coef(schedule, t, shape[0], x1, lambda c: check_target(c, code))
     x0, x1 = V.dense(x0, shape), V.dense(x1, shape)
@@ -543,13 +546,16 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
     if weight is not None and not isinstance(weight, torch.Tensor):
         weight = torch.as_tensor(weight, device=pred.device)
     if be in ("cpu", "cuda"):
-        coef = _native_coef(schedule, t, pred)
-        check = V.check_flag()
-        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-            rows = _DIFF.fm_loss(pred, x0, x1, *coef, code, None, 2, check)
-            return _weigh_rows(rows, pred, weight, reduction)
-        op = _DIFF.fm_loss if _need_grad3(pred, x0, x1) else _NATIVE.now().fm_loss
-        return op(pred, x0, x1, *coef, code, weight, red, check)
+        try:
+            coef = _native_coef(schedule, t, pred)
+            check = V.check_flag()
+            if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+                rows = _DIFF.fm_loss(pred, x0, x1, *coef, code, None, 2, check)
+                return _weigh_rows(rows, pred, weight, reduction)
+            op = _DIFF.fm_loss if _need_grad3(pred, x0, x1) else _NATIVE.now().fm_loss
+            return op(pred, x0, x1, *coef, code, weight, red, check)
+        except ValueError as e:  # a C++ type error (_registry.retyped)
+            raise retyped(e) from None
     (pred, x0, x1), shape = _validated(["pred", "x0", "x1"], [pred, x0, x1])
     coef = _kernel_coef(schedule, t, shape[0], pred, lambda c: check_target(c, code))
     weight = V.sample_weight(weight, shape[0], pred)
@@ -583,10 +589,13 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
     s, d = _code("src", src), _code("dst", dst)
     be = resolve(backend, x_t.device)
     if be in ("cpu", "cuda"):
-        args = (pred, x_t, *_native_coef(schedule, t, x_t), s, d, V.check_flag())
-        if _need_grad2(pred, x_t):
-            return _DIFF.convert(*args)
-        return _NATIVE.now().convert(*args)
+        try:
+            args = (pred, x_t, *_native_coef(schedule, t, x_t), s, d, V.check_flag())
+            if _need_grad2(pred, x_t):
+                return _DIFF.convert(*args)
+            return _NATIVE.now().convert(*args)
+        except ValueError as e:  # a C++ type error (_registry.retyped)
+            raise retyped(e) from None
     (pred, x_t), shape = _validated(["pred", "x_t"], [pred, x_t])
     coef = _kernel_coef(schedule, t, shape[0], x_t, lambda c: check_conversion(c, src, dst))
     return calls_for(be).convert.call(V.dense(pred, shape), V.dense(x_t, shape), *coef, s, d, False)

@@ -16,7 +16,7 @@
 #include <string>
 #include <string_view>
 
-#include "schemas.h"
+#include "../cpu/schemas.h"
 
 namespace flowkern_cpu {
 namespace {

@@ -1,0 +1,176 @@
+// flowkern's whole view of torch in C++: PyTorch's stable ABI
+// (torch/csrc/stable, docs/build.md "One wheel across torch versions"). The
+// kernels (csrc/include) include no torch header at all; the op bodies and
+// the CUDA glue see tensors only through this file, so the compiled module
+// loads into every torch from TORCH_TARGET_VERSION (setup.py) up.
+//
+// Only shim calls that exist at the target version: the tensor's own
+// metadata calls, aoti_torch_empty_strided for outputs (a direct call, not
+// a boxed dispatch), and the dispatcher by name for the few view/copy ops.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "errors.h"
+
+namespace flowkern_cpu {
+
+using Tensor = torch::stable::Tensor;
+using OptT = std::optional<Tensor>;
+using ScalarType = torch::headeronly::ScalarType;
+using Device = torch::stable::Device;
+using DeviceType = torch::headeronly::DeviceType;
+using IntArrayRef = torch::headeronly::IntHeaderOnlyArrayRef;
+using DoubleArrayRef = torch::headeronly::HeaderOnlyArrayRef<double>;
+using Shape = std::vector<int64_t>;  // an owned shape (at::DimVector's role)
+
+inline constexpr ScalarType kFloat = ScalarType::Float;
+inline constexpr ScalarType kDouble = ScalarType::Double;
+inline constexpr ScalarType kHalf = ScalarType::Half;
+inline constexpr ScalarType kBFloat16 = ScalarType::BFloat16;
+inline constexpr ScalarType kLong = ScalarType::Long;
+inline constexpr ScalarType kInt = ScalarType::Int;
+inline constexpr ScalarType kBool = ScalarType::Bool;
+
+inline Shape to_shape(IntArrayRef s) { return Shape(s.begin(), s.end()); }
+
+// "cpu", "cuda:0": as Python prints a device.
+inline std::string py_device(const Device& d) {
+  std::string s = d.type() == DeviceType::CPU    ? "cpu"
+                  : d.type() == DeviceType::CUDA ? "cuda"
+                  : d.type() == DeviceType::Meta ? "meta"
+                                                 : "device" + std::to_string(int(d.type()));
+  if (d.has_index() && d.type() != DeviceType::CPU) s += ":" + std::to_string(int(d.index()));
+  return s;
+}
+
+inline bool is_floating(ScalarType t) {
+  return t == kFloat || t == kDouble || t == kHalf || t == kBFloat16 ||
+         t == ScalarType::Float8_e4m3fn || t == ScalarType::Float8_e5m2 ||
+         t == ScalarType::Float8_e4m3fnuz || t == ScalarType::Float8_e5m2fnuz;
+}
+
+inline bool is_complex(ScalarType t) {
+  return t == ScalarType::ComplexHalf || t == ScalarType::ComplexFloat ||
+         t == ScalarType::ComplexDouble;
+}
+
+// The shim's integer codes of a dtype and a device type.
+inline int32_t shim_dtype(ScalarType t) {
+  return torch::stable::detail::to<int32_t>(torch::stable::detail::from(t));
+}
+inline int32_t shim_device_type(DeviceType t) {
+  return torch::stable::detail::to<int32_t>(torch::stable::detail::from(t));
+}
+
+// Row-major strides of a shape.
+inline Shape contiguous_strides(IntArrayRef shape) {
+  Shape strides(shape.size());
+  int64_t s = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    strides[i] = s;
+    s *= shape[i] > 1 ? shape[i] : 1;
+  }
+  return strides;
+}
+
+// A fresh contiguous tensor.
+inline Tensor empty(IntArrayRef shape, ScalarType dtype, const Device& device) {
+  const Shape strides = contiguous_strides(shape);
+  AtenTensorHandle h = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      int64_t(shape.size()), shape.data(), strides.data(), shim_dtype(dtype),
+      shim_device_type(device.type()), device.has_index() ? device.index() : 0, &h));
+  return Tensor(h);
+}
+inline Tensor empty_like_shape(const Tensor& like, IntArrayRef shape) {
+  return empty(shape, like.scalar_type(), like.device());
+}
+
+// x itself when contiguous, else a contiguous copy.
+inline Tensor contig(const Tensor& x) {
+  return x.is_contiguous() ? x : torch::stable::contiguous(x);
+}
+
+// An aten op by name through the dispatcher, for the few this file needs
+// that have no stable wrapper. Arguments of the types the shim converts
+// (tensors, ints, floats, bools, int lists; no Scalar).
+template <class... Args>
+Tensor aten_op(const char* name, const char* overload, const Args&... args) {
+  std::array<StableIValue, sizeof...(Args)> stack{torch::stable::detail::from(args)...};
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// aten::expand: a broadcast view.
+inline Tensor expand(const Tensor& x, IntArrayRef shape) {
+  return aten_op("aten::expand", "", x, shape, false);
+}
+inline Tensor mul(const Tensor& a, const Tensor& b) { return aten_op("aten::mul", "Tensor", a, b); }
+
+inline Tensor to_dtype(const Tensor& x, ScalarType t) {
+  return x.scalar_type() == t ? x : torch::stable::to(x, t);
+}
+inline Tensor to_cpu(const Tensor& x) {
+  return x.is_cpu() ? x : torch::stable::to(x, Device(DeviceType::CPU));
+}
+inline Tensor filled(IntArrayRef shape, double value, ScalarType t, const Device& d) {
+  return torch::stable::full(shape, value, t, std::nullopt, d);
+}
+
+// A 0-dim float64 CPU tensor: a factor any device's tensor can be
+// multiplied by (the shim passes no Scalar), with no device allocation.
+inline Tensor host_scalar(double v) { return filled({}, v, kDouble, Device(DeviceType::CPU)); }
+
+// Sums over dimension 1 of a (rows, k) tensor: (rows,), in `dtype` if given.
+inline Tensor row_sums(const Tensor& x, std::optional<ScalarType> dtype = std::nullopt) {
+  const int64_t dim[] = {1};
+  return torch::stable::sum(x, IntArrayRef(dim), false, dtype);
+}
+
+inline size_t nbytes(const Tensor& x) { return size_t(x.numel()) * x.element_size(); }
+
+// Whether a and b may share memory, and whether exactly (same first
+// element, sizes and strides: an in-place write, element for element).
+// Decided on the address ranges the two views span: distinct allocations
+// never intersect, and two views of one allocation that intersect without
+// being the same view (interleaved, shifted, broadcast) count as a partial
+// overlap, since no kernel here can write such an output safely.
+enum class Overlap { No, Full, Partial };
+inline Overlap overlap(const Tensor& a, const Tensor& b) {
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return Overlap::No;
+  auto span = [](const Tensor& x, uintptr_t& lo, uintptr_t& hi) {
+    int64_t first = 0, last = 0;
+    for (int64_t d = 0; d < x.dim(); ++d) {
+      const int64_t ext = (x.size(d) - 1) * x.stride(d);
+      (ext < 0 ? first : last) += ext;
+    }
+    const auto p = reinterpret_cast<uintptr_t>(x.const_data_ptr());
+    const auto es = int64_t(x.element_size());
+    lo = p + first * es;
+    hi = p + (last + 1) * es;  // one past the last byte
+  };
+  uintptr_t alo, ahi, blo, bhi;
+  span(a, alo, ahi);
+  span(b, blo, bhi);
+  if (ahi <= blo || bhi <= alo) return Overlap::No;
+  const bool same = a.const_data_ptr() == b.const_data_ptr() && a.dim() == b.dim() &&
+                    a.element_size() == b.element_size() && a.sizes().equals(b.sizes()) &&
+                    a.strides().equals(b.strides());
+  // The same view is an exact alias only when no two of its elements share
+  // memory (a contiguous view: what every output buffer here must be).
+  return same && a.is_contiguous() ? Overlap::Full : Overlap::Partial;
+}
+
+}  // namespace flowkern_cpu
