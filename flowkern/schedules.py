@@ -17,7 +17,7 @@ import torch
 
 from ._validate import check_unit_interval
 from .backend import cpu_built
-from .ops._registry import transforms_active
+from .ops._registry import retyped, transforms_active
 
 __all__ = [
     "Schedule", "Linear", "Cosine", "Polynomial", "VP", "VE", "EDM",
@@ -269,7 +269,10 @@ def coefficients(schedule, t: torch.Tensor, rows: int, dtype: torch.dtype,
     sched = get_schedule(schedule)
     t = t.reshape(-1)
     if _native_table(sched, t):
-        return torch.ops.flowkern.schedule_table(t, *native_args(sched), rows, dtype, check)
+        try:
+            return torch.ops.flowkern.schedule_table(t, *native_args(sched), rows, dtype, check)
+        except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
+            raise retyped(e) from None
     if check:
         check_unit_interval(check, t)
     t = t.to(dtype)

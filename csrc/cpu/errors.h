@@ -1,13 +1,17 @@
 // The argument errors of the native ops (docs/design.md §8), on the stable
-// ABI: no c10 exception type crosses it, so the Python exception type rides
-// on a standard one that torch's operator binding (pybind11) translates:
+// ABI. No c10 exception type crosses it, and what a standard exception
+// becomes in Python depends on the torch that runs the kernel: torch 2.14's
+// operator binding (pybind11) turns std::invalid_argument into ValueError,
+// torch 2.15 turns every exception of a stable kernel into RuntimeError. So
+// the Python type rides in the message, as a prefix:
 //
-//   FK_CHECK_VALUE  std::invalid_argument                  -> ValueError
-//   FK_CHECK_TYPE   std::invalid_argument, "TypeError: ..." -> ValueError, which
-//                   the public functions re-raise as TypeError without the
-//                   prefix (flowkern/ops/_registry.py native_errors)
-//   FK_CHECK        std::runtime_error                     -> RuntimeError
+//   FK_CHECK_VALUE  std::invalid_argument("ValueError: ...")
+//   FK_CHECK_TYPE   std::invalid_argument("TypeError: ...")
+//   FK_CHECK        std::runtime_error("...")           (an internal error)
 //
+// and the public functions re-raise a prefixed ValueError or RuntimeError as
+// the type it names, without the prefix (flowkern/ops/_registry.py retyped):
+// the same exception types and messages under every torch (docs/build.md).
 // The message is built only when the check fails, as with TORCH_CHECK.
 #pragma once
 
@@ -17,8 +21,8 @@
 
 namespace flowkern_cpu {
 
-// The prefix a type error's message carries through the op boundary; the
-// Python side reads the same string (_registry.TYPE_ERROR_PREFIX).
+// The prefixes; the Python side reads the same strings (_registry.ERROR_PREFIXES).
+inline constexpr const char* kValueErrorPrefix = "ValueError: ";
 inline constexpr const char* kTypeErrorPrefix = "TypeError: ";
 
 template <class... Parts> std::string cat(const Parts&... parts) {
@@ -27,7 +31,9 @@ template <class... Parts> std::string cat(const Parts&... parts) {
   return o.str();
 }
 
-[[noreturn]] inline void throw_value_error(const std::string& m) { throw std::invalid_argument(m); }
+[[noreturn]] inline void throw_value_error(const std::string& m) {
+  throw std::invalid_argument(kValueErrorPrefix + m);
+}
 [[noreturn]] inline void throw_type_error(const std::string& m) {
   throw std::invalid_argument(kTypeErrorPrefix + m);
 }

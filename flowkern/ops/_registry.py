@@ -52,19 +52,22 @@ if cpu_built() and not nograd_native():
 SCHEMAS = {name: schema for name, schema in SCHEMA_LINES if "." not in name}
 
 
-# The prefix of a type error's message from the C++ ops (csrc/cpu/errors.h):
-# no TypeError crosses torch's stable ABI, so it arrives as a ValueError.
-TYPE_ERROR_PREFIX = "TypeError: "
+# The C++ ops' argument errors carry their Python type as a message prefix
+# (csrc/cpu/errors.h): no exception type crosses torch's stable ABI, and torch
+# 2.14 raises them as ValueError, torch 2.15 as RuntimeError.
+ERROR_PREFIXES = (("ValueError: ", ValueError), ("TypeError: ", TypeError))
 
 
-def retyped(e: ValueError) -> Exception:
-    """The exception a public function raises for the C++ op's ValueError `e`:
-    a TypeError when `e` carries TYPE_ERROR_PREFIX (the message without it),
-    else `e` itself. Public functions call it in `except ValueError` around
-    their native branch, which costs nothing until something raises."""
+def retyped(e: Exception) -> Exception:
+    """The exception a public function raises for the C++ op's exception `e`
+    (a ValueError or RuntimeError): the type its message's prefix names, with
+    the message after the prefix; `e` itself when it has none. Public
+    functions call it in `except (ValueError, RuntimeError)` around their
+    native branch, which costs nothing until something raises."""
     msg = str(e)
-    if msg.startswith(TYPE_ERROR_PREFIX):
-        return TypeError(msg[len(TYPE_ERROR_PREFIX):])
+    for prefix, kind in ERROR_PREFIXES:
+        if msg.startswith(prefix):
+            return kind(msg[len(prefix):])
     return e
 
 

@@ -436,7 +436,7 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
             out = _native_out("out", out, x)
             _NATIVE.now().euler_step(x, pred, pred_uncond, *coef, code, w, V.check_flag(), out)
             return out
-        except ValueError as e:  # a C++ type error (_registry.retyped)
+        except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     st = _Step("euler_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
                table, backend)
@@ -468,7 +468,7 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
             _NATIVE.now().heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond,
                                     *coef, code, w, V.check_flag(), out)
             return out
-        except ValueError as e:  # a C++ type error (_registry.retyped)
+        except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     V.tensor("x_euler", x_euler)
     st = _Step("heun_step", x, {"pred": pred, "x_euler": x_euler, "pred_euler": pred_euler,
@@ -509,7 +509,7 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
             out = _native_out("out", out, x)
             _NATIVE.now().ei_step_out(*args, out)
             return out
-        except ValueError as e:  # a C++ type error (_registry.retyped)
+        except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     st = _Step("ei_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule,
                table, backend, writes=out is not None)
@@ -550,7 +550,7 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
             _NATIVE.now().dpmpp_2m_step(x, pred, d_prev, pred_uncond, *coef, code, w,
                                         V.check_flag(), out, d_out)
             return out, d_out
-        except ValueError as e:  # a C++ type error (_registry.retyped)
+        except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     st = _Step("dpmpp_2m_step", x, {"pred": pred, "pred_uncond": pred_uncond, "d_prev": d_prev},
                t, s, schedule, table, backend, t_prev=t_prev)
@@ -594,7 +594,7 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
             _NATIVE.now().em_step(x, pred, pred_uncond, *coef, code, w, seed, offset,
                                   per_sample_seeds, V.check_flag(), out)
             return out
-        except ValueError as e:  # a C++ type error (_registry.retyped)
+        except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     st = _Step("em_step", x, {"pred": pred, "pred_uncond": pred_uncond}, t, s, schedule, table,
                backend, g=g)
@@ -624,7 +624,7 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
             out = _native_out("out", out, x)
             _NATIVE.now().churn(x, *coef, seed, offset, per_sample_seeds, V.check_flag(), out)
             return out
-        except ValueError as e:  # a C++ type error (_registry.retyped)
+        except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     st = _Step("churn", x, {}, t, t_hat, schedule, table, backend)
     V.nonzero("t", "alpha_t", st.table[:, ALPHA_T], "churn divides by it")
@@ -666,7 +666,7 @@ def lms_step(x, pred, weights, history=(), t=None, schedule="linear", prediction
             _NATIVE.now().lms_step(x, pred, *hist, pred_uncond, _floats("weights", weights), *coef,
                                    code, w, V.check_flag(), out, u_out)
             return out, u_out
-        except ValueError as e:  # a C++ type error (_registry.retyped)
+        except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     wts = _lms_weights(weights, hist)
     named = {"pred": pred, "u1": hist[0], "u2": hist[1], "u3": hist[2],
@@ -710,7 +710,7 @@ def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_samp
                                        _float("noise_std", noise_std), seed, offset, per_sample_seeds,
                                        V.check_flag(), out)
             return out
-        except ValueError as e:  # a C++ type error (_registry.retyped)
+        except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     V.tensor("x", x)
     terms = _terms(terms)

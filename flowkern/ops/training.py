@@ -479,7 +479,7 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
             if _need_grad2(x0, x1):
                 return _DIFF.interpolate(*args)
             return _NATIVE.now().interpolate(*args)
-        except ValueError as e:  # a C++ type error (_registry.retyped)
+        except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     (x0, x1), shape = _validated(["x0", "x1"], [x0, x1])
     coef = _kernel_coef(schedule, t, shape[0], x1, lambda c: check_target(c, code))
@@ -554,7 +554,7 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
                 return _weigh_rows(rows, pred, weight, reduction)
             op = _DIFF.fm_loss if _need_grad3(pred, x0, x1) else _NATIVE.now().fm_loss
             return op(pred, x0, x1, *coef, code, weight, red, check)
-        except ValueError as e:  # a C++ type error (_registry.retyped)
+        except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     (pred, x0, x1), shape = _validated(["pred", "x0", "x1"], [pred, x0, x1])
     coef = _kernel_coef(schedule, t, shape[0], pred, lambda c: check_target(c, code))
@@ -594,7 +594,7 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
             if _need_grad2(pred, x_t):
                 return _DIFF.convert(*args)
             return _NATIVE.now().convert(*args)
-        except ValueError as e:  # a C++ type error (_registry.retyped)
+        except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     (pred, x_t), shape = _validated(["pred", "x_t"], [pred, x_t])
     coef = _kernel_coef(schedule, t, shape[0], x_t, lambda c: check_conversion(c, src, dst))
