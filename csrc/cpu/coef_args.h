@@ -7,7 +7,6 @@
 // tensor op runs: the table lives in host memory for the kernel's call.
 #pragma once
 
-
 #include <cmath>
 #include <vector>
 

@@ -5,7 +5,6 @@
 // and thread of the grid the launchers would launch (same plan, launch.h).
 #pragma once
 
-
 #include <limits>
 #include <string>
 #include <vector>

@@ -2,7 +2,6 @@
 // the parallel loops that call the engines' row segments.
 #pragma once
 
-
 #include <sys/mman.h>
 #include <unistd.h>
 

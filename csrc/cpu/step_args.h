@@ -37,7 +37,7 @@ inline Tensor step_seeds(const OptT& seeds, const Tensor& x, bool check_values) 
                  " but x is on ", py_device(x.device()), "; move them to one device");
   Tensor c = contig(s);
   if (check_values) {
-    const Tensor h = c.is_cpu() ? c : to_cpu(c);
+    const Tensor h = to_cpu(c);
     const int64_t* p = static_cast<const int64_t*>(h.const_data_ptr());
     for (i64 i = 0; i < h.numel(); ++i)
       FK_CHECK_VALUE(p[i] >= 0, "per_sample_seeds: expected ints in [0, 2^63), got ", p[i],
@@ -47,7 +47,8 @@ inline Tensor step_seeds(const OptT& seeds, const Tensor& x, bool check_values) 
 }
 
 inline fk::NoiseKey noise_key(int64_t seed, int64_t offset, const Tensor& seeds) {
-  return {uint64_t(seed), offset, seeds.defined() ? static_cast<const int64_t*>(seeds.const_data_ptr()) : nullptr};
+  return {uint64_t(seed), offset,
+          seeds.defined() ? static_cast<const int64_t*>(seeds.const_data_ptr()) : nullptr};
 }
 
 // A step's coefficient rows: a (1 or B, STEP_COLS) table in the accumulation type.

@@ -23,7 +23,6 @@
 // the single row, in double precision (step_coef, step_args.h).
 #pragma once
 
-
 #include <vector>
 
 #include "flowkern/step_launch.h"

@@ -42,7 +42,7 @@ def _has_tangent(t: torch.Tensor) -> bool:
 
 def _kernel(op: torch._ops.OpOverload):
     schema = op._schema
-    qualified = f"{schema.name}"
+    qualified = schema.name
     nograd = schema.overload_name == "nograd"
     suffix = ".nograd" if nograd else ""
     args = list(schema.arguments)
