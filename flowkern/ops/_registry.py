@@ -94,6 +94,14 @@ def ops_for(backend: str):
     return getattr(torch.ops, TRITON_NS if backend == "triton" else NATIVE_NS)
 
 
+def direct(op):
+    """The C++ function an OpOverload's __call__ runs, where that is all it
+    runs: the same dispatcher call without the Python frame. torch < 2.14 has
+    no _pyobj_dispatcher and its __call__ is `_op` alone; with a Python
+    dispatcher object __call__ does more: keep the overload then."""
+    return op._op if getattr(op, "_pyobj_dispatcher", None) is None else op
+
+
 class NativeOps:
     """The flowkern:: overloads a family's public functions call, looked up
     once, as two namespaces with the same names: `traced` holds the
@@ -107,11 +115,8 @@ class NativeOps:
 
     def __init__(self, **overloads):
         self.traced = types.SimpleNamespace(**overloads)
-        # torch < 2.14 has no _pyobj_dispatcher and its __call__ is `_op` alone;
-        # with a Python dispatcher object __call__ does more: keep the overload
         self.direct = types.SimpleNamespace(**{
-            name: op._op if getattr(op, "_pyobj_dispatcher", None) is None else op
-            for name, op in overloads.items()})
+            name: direct(op) for name, op in overloads.items()})
 
     def now(self) -> types.SimpleNamespace:
         return self.traced if torch.compiler.is_compiling() else self.direct
@@ -282,20 +287,21 @@ def no_time_tangent(op: str, name: str, tangent) -> None:
             f"in t (docs/design.md §10)")
 
 
-def _reference_backward(ctx, grads, reference, saved_at):
+def _reference_backward(ctx, grads, reference, diff, saved_at):
     """The gradients of an op's inputs as a differentiable function of the
     output gradients (and of the saved inputs, for the ops that are not linear
     in them): torch.autograd.grad of the op's torch formula with create_graph.
     A linear op's Jacobian does not depend on its inputs, so zeros of their
-    shape stand in for them."""
+    shape (ctx.meta) stand in for them."""
     args = list(ctx.static)
     if saved_at is not None:
         for pos, t in zip(saved_at, ctx.saved_tensors):
             args[pos] = t
     wrt = []
     with torch.enable_grad():
-        for i, (shape, dtype, device) in ctx.meta.items():
-            if args[i] is None:
+        for i in diff:
+            if i in ctx.meta and args[i] is None:
+                shape, dtype, device = ctx.meta[i]
                 args[i] = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
             if ctx.needs_input_grad[i]:
                 wrt.append(i)
@@ -342,37 +348,55 @@ class DiffOp:
                                     "coef" if "coef" in names else "t")
         diff = tuple(diff)
 
+        # For the differentiable backward, which re-runs `reference` on the
+        # arguments: ctx keeps the arguments without the differentiable
+        # tensors (no input stays alive for it) and, for those setup_context
+        # does not save (the linear ops), each one's (shape, dtype, device).
+        unsaved = tuple(i for i in diff if saved_at is None or i not in saved_at)
+        no_meta = {}
+
         def setup(ctx, inputs, output):
             # A missing tangent (of t, say) or output gradient stays None,
             # not zeros: jvp then tells "no tangent" from a zero one.
             ctx.set_materialize_grads(False)
             ctx.n_inputs = len(inputs)
-            # for the differentiable backward: the arguments without the
-            # differentiable tensors, and those tensors' metadata
-            ctx.static = tuple(None if i in diff else a for i, a in enumerate(inputs))
-            ctx.meta = {i: (inputs[i].shape, inputs[i].dtype, inputs[i].device) for i in diff
-                        if isinstance(inputs[i], torch.Tensor)}
+            static = list(inputs)
+            for i in diff:
+                static[i] = None
+            meta = no_meta
+            if unsaved:
+                meta = {}
+                for i in unsaved:
+                    x = inputs[i]
+                    if isinstance(x, torch.Tensor):
+                        meta[i] = (x.shape, x.dtype, x.device)
+            ctx.static, ctx.meta = static, meta
             setup_context(ctx, inputs, output)
 
         fused = once_differentiable(backward)
 
         def backward_or_none(ctx, *grads):
+            plain = not torch.is_grad_enabled()  # a plain backward: nothing to guard
+            if plain and grads[0] is not None:  # the usual case, decided first
+                return backward(ctx, *grads)
             if all(g is None for g in grads):
                 return (None,) * ctx.n_inputs
-            if not torch.is_grad_enabled():  # a plain backward: nothing to guard
+            if plain:
                 return backward(ctx, *grads)
             if reference is not None:
                 # create_graph=True (or torch.func.grad): the backward must be
                 # differentiable itself, which the fused backward kernels are
                 # not; differentiate the op's torch formula instead.
-                return _reference_backward(ctx, grads, reference, saved_at)
+                return _reference_backward(ctx, grads, reference, diff, saved_at)
             return fused(ctx, *grads)  # raises if its result is differentiated
         bwd = staticmethod(backward_or_none)
+
+        run = direct(op)
 
         class Eager(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *args):
-                out = op(*args)
+                out = run(*args)
                 setup(ctx, args, out)
                 return out
 

@@ -218,8 +218,9 @@ def _loss_jvp(calls):
 def _loss_backward(ops):
     def backward(ctx, grad):
         pred, x0, x1, t, weight = ctx.saved_tensors
-        need_pred, need_x0, need_x1 = ctx.needs_input_grad[:3]
-        if ctx.needs_input_grad[8]:
+        need = ctx.needs_input_grad
+        need_pred, need_x0, need_x1 = need[0], need[1], need[2]
+        if need[8]:
             raise RuntimeError("weight: the fused flow-matching loss does not differentiate "
                                "its weight; flowkern.flow_matching_loss does (it reduces "
                                "the per-sample losses with torch ops then)")
