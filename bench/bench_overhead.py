@@ -31,7 +31,8 @@ divides every time by the torch.add row):
       lincomb_step            3 terms + in-kernel noise, out= | the same combination
                               eager, noise from randn_like (k-diffusion's 3M SDE update)
   overhead · sample euler (per step)   20 steps, trivial model (x * 0):
-      flowkern.sample(method="euler", grid="karras") | the k-diffusion adapter
+      flowkern.sample(method="euler", grid="karras") (repeated calls reuse the
+      plan; a second row rebuilds it every call) | the k-diffusion adapter
       flowkern.integrations.k_diffusion.sample_euler | k-diffusion's own
       sample_euler on the same denoiser and get_sigmas_karras(20, 0.002, 80);
       the whole loop is timed, extra_info["per_step_us"] = median / 20.
@@ -469,6 +470,20 @@ def _loop_fk(d):
                              progress=False, backend=BACKEND)
 
 
+def _loop_fk_cold(d):
+    """fk.sample with its plan (grid, step tables) rebuilt: the first call
+    with these arguments; repeated calls reuse the plan (_loop_fk)."""
+    need_cpu_kernels()
+    from flowkern.sampling import clear_plan_cache
+    x = d.x
+
+    def fn():
+        clear_plan_cache()
+        return fk.sample(_zero_model, x, "linear", "euler", steps=STEPS, grid="karras",
+                         progress=False, backend=BACKEND)
+    return fn
+
+
 def _loop_adapter(d):
     need_cpu_kernels()
     from flowkern.integrations import k_diffusion as adapter
@@ -487,6 +502,7 @@ def _loop_kd(d):
 SAMPLE_OP = "sample euler (per step)"
 LOOPS = [  # (role, name, factory): one group, k-diffusion's loop timed once
     ("flowkern", 'fk.sample(model, x, "linear", "euler", steps=20, grid="karras")', _loop_fk),
+    ("plan rebuilt", 'the same, after flowkern.sampling.clear_plan_cache()', _loop_fk_cold),
     ("adapter", "flowkern.integrations.k_diffusion.sample_euler", _loop_adapter),
     ("peer", "k-diffusion sample_euler", _loop_kd),
 ]

@@ -624,3 +624,113 @@ def test_per_method_functions_are_what_sample_dispatches_to(method):
             fn(model, x, "vp", g=0.3, **kw)
     with pytest.raises(TypeError, match="unexpected keyword argument 'stepz'"):
         fn(model, x, "vp", stepz=3)
+
+
+# -- the plan cache: a repeated call reuses the grid part of its plan ---------
+
+
+def _plans():
+    from flowkern.sampling import plan
+    return plan._PLANS
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_repeated_call_reuses_its_plan_and_gives_the_same_samples(method):
+    from flowkern.sampling import clear_plan_cache
+
+    clear_plan_cache()
+    model = lambda x, t: GMM.velocity(x, t)  # noqa: E731
+    x = _x((4, 6))
+    kw = dict(steps=6, grid="karras", churn=1.0, seed=3, t_start=0.02, progress=False)
+    first = sample(model, x, "vp", method, **kw)
+    assert len(_plans()) == 1
+    (shared,) = _plans().values()
+    again = sample(model, x, "vp", method, **kw)
+    assert len(_plans()) == 1 and next(iter(_plans().values())) is shared
+    assert torch.equal(again, first)
+    clear_plan_cache()
+    assert torch.equal(sample(model, x, "vp", method, **kw), first)  # rebuilt: the same
+
+
+@pytest.mark.parametrize("change", [
+    dict(steps=7), dict(grid="uniform"), dict(churn=0.5), dict(t_start=0.03), dict(t_end=0.9),
+    dict(schedule=flowkern.schedules.VP(beta_max=19.0)), dict(schedule="cosine"),
+    dict(prediction="x1"), dict(guidance=2.0), dict(dtype=torch.float32), dict(backend="torch"),
+])
+def test_another_argument_gets_its_own_plan(change):
+    """Each argument the plan depends on is in its key: changing one gives the
+    result of a fresh build, not the cached plan of the first call."""
+    from flowkern.sampling import clear_plan_cache
+
+    change = dict(change)
+    dtype = change.pop("dtype", torch.float64)
+    base = dict(schedule="vp", steps=6, grid="karras", churn=1.0, seed=3, t_start=0.02,
+                t_end=1.0, prediction="velocity", guidance=None, progress=False)
+    x = _x((4, 6), dtype)
+
+    def model(x, t):
+        v = GMM.velocity(x.double(), t.double()).to(x.dtype)
+        return (v, 0.5 * v) if kw["guidance"] is not None else v
+
+    kw = dict(base)
+    sample(model, x, **kw)                     # caches the first plan
+    kw = {**base, **change}
+    got = sample(model, x, **kw)
+    assert len(_plans()) >= 2
+    clear_plan_cache()
+    want = sample(model, x, **kw)              # built from scratch
+    assert torch.equal(got, want)
+
+
+def test_a_model_writing_into_its_times_does_not_change_the_next_run():
+    """The model's time vectors are per run: a model that scales its t in
+    place (t *= 1000, as some diffusion models do) leaves the cached plan
+    alone."""
+    x = _x((4, 6))
+
+    def scaling(x, t):
+        t.mul_(1000)
+        return GMM.velocity(x, t / 1000)
+
+    kw = dict(steps=5, grid="uniform", t_start=0.02, progress=False)
+    first = sample(scaling, x, "linear", "euler", **kw)
+    second = sample(scaling, x, "linear", "euler", **kw)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("kind", ["tensor grid", "custom schedule", "callable g", "tensor g"])
+def test_arguments_that_may_change_in_place_are_not_cached(kind):
+    from flowkern.sampling import clear_plan_cache
+
+    class Mine(flowkern.schedules.Linear):
+        pass
+
+    clear_plan_cache()
+    model = lambda x, t: GMM.velocity(x, t)  # noqa: E731
+    x = _x((4, 6))
+    kw = dict(schedule="linear", method="euler", steps=5, grid="uniform", t_start=0.02,
+              progress=False)
+    if kind == "tensor grid":
+        kw.update(grid=torch.linspace(0.02, 1.0, 6, dtype=torch.float64), steps=None)
+    elif kind == "custom schedule":
+        kw.update(schedule=Mine())
+    else:
+        kw.update(method="em", seed=1, g=(lambda t: 0.2 + 0 * t) if kind == "callable g"
+                  else torch.full((5,), 0.2, dtype=torch.float64))
+    sample(model, x, **kw)
+    assert len(_plans()) == 0
+
+
+def test_a_failed_plan_is_not_cached_and_the_cache_is_bounded():
+    from flowkern.sampling import clear_plan_cache, plan
+
+    clear_plan_cache()
+    x = _x((2, 3))
+    model = lambda x, t: x  # noqa: E731
+    with pytest.raises(ValueError, match="undefined at t=0"):
+        sample(model, x, "linear", "euler", steps=3, prediction="eps", progress=False)
+    assert len(_plans()) == 0
+    for steps in range(1, plan._MAX_PLANS + 6):
+        sample(model, x, "linear", "euler", steps=steps, t_start=0.1, progress=False)
+    assert len(_plans()) == plan._MAX_PLANS
+    clear_plan_cache()

@@ -20,11 +20,11 @@ from .. import _validate as V
 from .._progress import progress_bar
 from ..ops.steps import dpmpp_2m_step, ei_step, em_step, euler_step, heun_step
 from .graphs import clear_graph_cache, run_graphed
-from .plan import METHODS, Plan
+from .plan import METHODS, Plan, clear_plan_cache
 from .run import Run, checks_on, has_nan
 
 __all__ = ["sample", "sample_euler", "sample_heun", "sample_ei", "sample_dpmpp_2m", "sample_em",
-           "METHODS", "clear_graph_cache"]
+           "METHODS", "clear_graph_cache", "clear_plan_cache"]
 
 
 def _euler(run, x):
