@@ -13,6 +13,7 @@ import os
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 # the rule book's validators, called as V.prediction, V.seed, ... by the ops
 from ._rules import form, prediction, reduction, seed  # noqa: F401
@@ -119,9 +120,10 @@ def check_flag() -> bool:
 
 
 def _fake(x: torch.Tensor) -> bool:
-    """A FakeTensor (FakeTensorMode, torch.export, meta tracing) or a meta
-    tensor: no values to read, as under torch.compile."""
-    return isinstance(x, FakeTensor) or x.device.type == "meta"
+    """A FakeTensor (FakeTensorMode, torch.export, meta tracing), a meta
+    tensor, or AOTAutograd's FunctionalTensor wrapper (around a fake one when
+    it traces): no values or memory to read, as under torch.compile."""
+    return isinstance(x, (FakeTensor, FunctionalTensor)) or x.device.type == "meta"
 
 
 def _under_vmap() -> bool:

@@ -112,6 +112,17 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# FLOWKERN_TRITON_OP=1 (read at import; experimental): the flowkern_triton::
+# ops are torch.library.triton_ops launching through wrap_triton, which
+# torch.compile traces into (docs/design.md §5). Not under the interpreter,
+# whose kernels cannot run on the fake tensors tracing uses.
+_TRITON_OPS_TRACED = os.environ.get("FLOWKERN_TRITON_OP") == "1" and not triton_interpreted()
+
+
+def triton_ops_traced() -> bool:
+    return _TRITON_OPS_TRACED
+
+
 def available() -> dict[str, bool]:
     """Which backends can run here, for ``python -m flowkern info``."""
     return {"torch": True, "cpu": cpu_built(),

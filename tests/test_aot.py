@@ -43,3 +43,16 @@ def test_aot_quick():
 @pytest.mark.slow
 def test_aot_full():
     _check(*_run())
+
+
+def test_kernels_survive_inductors_regeneration():
+    """torch.compile's Inductor rebuilds a user Triton kernel from its source
+    with its constexprs written as Python literals: every shipped
+    configuration (the quick set) compiles that way to the same PTX
+    (flowkern/triton/inductor_check.py; docs/design.md §5)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "flowkern.triton.inductor_check", "--quick"],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "configurations, 0 differ" in proc.stdout

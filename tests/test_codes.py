@@ -130,3 +130,22 @@ def test_schemas_are_written_once():
             if f.endswith(".py") and "custom_op(" in open(os.path.join(root, f)).read():
                 declared.append(f)
     assert declared == ["_registry.py"]
+
+
+def test_row_function_codes_match_row_matrix():
+    """flowkern/triton/kernels.py: row_matrix's branch for code n calls
+    ROW_FNS[n], for every row function the launchers pass (a row function
+    missing from the table would fail at its first launch, a swapped line
+    would silently run another step)."""
+    import inspect
+
+    import pytest
+
+    pytest.importorskip("triton")
+    from flowkern.triton import kernels
+
+    src = inspect.getsource(kernels.row_matrix.fn)
+    calls = re.findall(r"ROW == (\d+)[^\n]*\n(?:[^\n]*\n)?\s+return (\w+)\(", src)
+    assert [(int(code), name) for code, name in calls] == [
+        (code, fn.fn.__name__) for code, fn in enumerate(kernels.ROW_FNS)]
+    assert len(set(kernels.ROW_FNS)) == len(kernels.ROW_FNS)

@@ -238,6 +238,26 @@ def test_the_python_no_derivative_kernel_keeps_the_rules():
     assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout
 
 
+def test_triton_ops_trace_into_their_kernels():
+    """tests/test_triton_traced.py in a process with FLOWKERN_TRITON_OP=1 and
+    compiled Triton kernels: torch.compile's AOTAutograd sees each Triton
+    launch of every op, and only the outputs written (docs/design.md §5)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(FLOWKERN_TRITON_OP="1", TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          os.path.join(root, "tests", "test_triton_traced.py")], env=env,
+                         capture_output=True, text=True, timeout=900, cwd=root)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    last = res.stdout.strip().splitlines()[-1]
+    assert " passed" in last and "skipped" not in last and "failed" not in last, last
+
+
 # -- aliasing: exact in-place writes work, partial overlaps are errors ------------
 
 

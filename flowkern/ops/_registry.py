@@ -17,10 +17,11 @@ import re
 import types
 
 import torch
+import torch._library.triton as _torch_triton
 import torch.autograd.forward_ad as _fwad
 from torch.autograd.function import once_differentiable
 
-from ..backend import cpu_built, nograd_native
+from ..backend import cpu_built, nograd_native, triton_ops_traced
 
 TRITON_NS = "flowkern_triton"
 NATIVE_NS = "flowkern"
@@ -78,7 +79,27 @@ def triton_op(name: str):
     writes are the schema's Tensor(a!) ones."""
     schema = SCHEMAS[name]
     writes = tuple(re.findall(r"Tensor\(\w!\) (\w+)", schema))
-    return torch.library.custom_op(f"{TRITON_NS}::{name}", mutates_args=writes, schema=schema)
+    qual = f"{TRITON_NS}::{name}"
+    if not triton_ops_traced():
+        # an opaque op: torch.compile calls it and does not see its kernel
+        return torch.library.custom_op(qual, mutates_args=writes, schema=schema)
+
+    def define(fn):
+        # torch.library.triton_op (FLOWKERN_TRITON_OP=1): torch.compile traces
+        # into the body, where each launch goes through wrap_triton, and
+        # Inductor schedules the kernels themselves. Its scan of the body's
+        # source for kernels (kept for AOTInductor) is skipped: it would
+        # import triton and Inductor at `import flowkern` (~1.2 s here) and
+        # finds none, since the bodies reach the kernels through `lazy`.
+        scan = getattr(_torch_triton, "get_inner_triton_kernels", None)
+        if scan is not None:
+            _torch_triton.get_inner_triton_kernels = lambda fn: []
+        try:
+            return torch.library.triton_op(qual, mutates_args=writes, schema=schema)(fn)
+        finally:
+            if scan is not None:
+                _torch_triton.get_inner_triton_kernels = scan
+    return define
 
 
 def namespaces() -> list[str]:

@@ -60,14 +60,12 @@ def _sched(fn, kind, acc_t, idx_t):
                      ACC=tl.float64 if acc_t == "fp64" else tl.float32)
 
 
-def _aux_type(fn, acc_t):
-    """The `aux` argument's type: lms_step's and lincomb_step's weights are
-    scalars (steps.weight_args), the others' a pointer (or coef standing in)."""
+def _weights(fn) -> bool:
+    """The WEIGHTS constexpr: lms_step's and lincomb_step's row functions
+    read host weights (the scalars wt0 .. wt11, steps.weight_args)."""
     from . import steps as S
 
-    if fn is S.lms_rows:
-        return ("fp32",) * 8
-    return ("fp32",) * 12 if fn is S.lincomb_step_rows else f"*{acc_t}"
+    return fn in (S.lms_rows, S.lincomb_step_rows)
 
 
 def _skip(fn, p1) -> int:
@@ -99,6 +97,7 @@ def configs(full: bool = True, sizes=None):
     each op and dtype, the tile shapes tile_config picks from tiny rows (2-D
     data) to long rows, with a 64-bit `inner` (and 32-bit for fp32).
     full=False is the quick set: the widest tiles of both kinds, the heaviest ops."""
+    from . import kernels as K
     from . import lincomb as L
 
     ops = _ops()
@@ -120,28 +119,30 @@ def configs(full: bool = True, sizes=None):
                         continue
                     ssig, sconst = _sched(fn, kind[0] if kind else -1, acc_t, idx_t)
                     sig = {**ins, **{f"o{k}": f"*{io_t}" for k in range(L.MAX_OUT)},
-                           "coef": f"*{acc_t}", "stride": "i32", "aux": _aux_type(fn, acc_t),
+                           "coef": f"*{acc_t}", "stride": "i32", "aux": f"*{acc_t}",
+                           **{f"wt{k}": "fp32" for k in range(L.MAX_WEIGHTS)},
                            "w": "fp32", "seed": "i64", "offset": "i64",
                            # without per-sample seeds the launcher passes coef there
                            "seeds": "*i64" if noise == "per_sample" else f"*{acc_t}",
                            **ssig, **tail}
-                    const = dict(P0=p0, P1=p1, P2=p2, ROW_FN=fn, NI=ni, NO=no,
+                    const = dict(P0=p0, P1=p1, P2=p2, ROW=K.ROW_CODE[fn], NI=ni, NO=no,
                                  NOISE=bool(noise), PER_SAMPLE=noise == "per_sample",
-                                 SKIP=_skip(fn, p1), ROWS=rows_per, BLOCK_N=block_n, **sconst)
+                                 SKIP=_skip(fn, p1), ROWS=rows_per, BLOCK_N=block_n,
+                                 WEIGHTS=_weights(fn), **sconst)
                     sig.update({k: "constexpr" for k in const})
                     out.append((f"lincomb/{name}/{dname}/{rows_per}x{block_n}/{idx_t}",
-                                L.lincomb_kernel, sig, const))
+                                K.lincomb_kernel, sig, const))
                 if heavy:
                     continue
                 for name, fn, ni, p0, p1, *kind in rowsums:
                     ssig, sconst = _sched(fn, kind[0] if kind else -1, acc_t, idx_t)
                     sig = {**ins, "partial": f"*{acc_t}", "coef": f"*{acc_t}", "stride": "i32",
                            "aux": f"*{acc_t}", "w": "fp32", **ssig, **tail}
-                    const = dict(P0=p0, P1=p1, P2=0, ROW_FN=fn, NI=ni,
+                    const = dict(P0=p0, P1=p1, P2=0, ROW=K.ROW_CODE[fn], NI=ni,
                                  ROWS=rows_per, BLOCK_N=block_n, **sconst)
                     sig.update({k: "constexpr" for k in const})
                     out.append((f"rowsum/{name}/{dname}/{rows_per}x{block_n}/{idx_t}",
-                                L.rowsum_kernel, sig, const))
+                                K.rowsum_kernel, sig, const))
     return out
 
 

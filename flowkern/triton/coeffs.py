@@ -3,8 +3,6 @@ line for line (same pairs, same direct formulas), and the rows the kernels
 read, named as in C++: Sched (coeffs.h) and StepRow (steps.h), whose fields
 are [ROWS, 1] tensors in the accumulation dtype. Prediction codes are
 flowkern._rules; the tables' column order is flowkern/tables.py."""
-from typing import NamedTuple
-
 import triton
 import triton.language as tl
 
@@ -14,24 +12,23 @@ EPS: tl.constexpr = tl.constexpr(2)
 SCORE: tl.constexpr = tl.constexpr(3)
 
 
-class Sched(NamedTuple):
-    """A schedule row (coeffs.h Sched)."""
-    alpha: tl.tensor
-    sigma: tl.tensor
-    d_alpha: tl.tensor
-    d_sigma: tl.tensor
-
-
-class StepRow(NamedTuple):
-    """A step row (steps.h StepRow): the schedule at t and at s, (alpha,
-    sigma) at the previous time (DPM-Solver++(2M)), the step size h and
-    Euler-Maruyama's g."""
-    t: Sched
-    s: Sched
-    alpha_p: tl.tensor
-    sigma_p: tl.tensor
-    h: tl.tensor
-    g: tl.tensor
+# A Sched (coeffs.h Sched) is the tuple (alpha, sigma, d_alpha, d_sigma), a
+# StepRow (steps.h StepRow) the tuple (t, s, alpha_p, sigma_p, h, g): the
+# schedule at t and at s, (alpha, sigma) at the previous time (DPM-Solver++(2M)),
+# the step size h and Euler-Maruyama's g; their entries are [ROWS, 1] tensors.
+# Plain tuples read at these positions, not NamedTuples: Inductor regenerates a
+# kernel from its source and emits only the JIT functions and constexprs it
+# uses (docs/design.md §5).
+ALPHA: tl.constexpr = tl.constexpr(0)
+SIGMA: tl.constexpr = tl.constexpr(1)
+D_ALPHA: tl.constexpr = tl.constexpr(2)
+D_SIGMA: tl.constexpr = tl.constexpr(3)
+ROW_T: tl.constexpr = tl.constexpr(0)
+ROW_S: tl.constexpr = tl.constexpr(1)
+ROW_ALPHA_P: tl.constexpr = tl.constexpr(2)
+ROW_SIGMA_P: tl.constexpr = tl.constexpr(3)
+ROW_H: tl.constexpr = tl.constexpr(4)
+ROW_G: tl.constexpr = tl.constexpr(5)
 
 
 @triton.jit
@@ -40,8 +37,8 @@ def load_sched(coef, r, rmask):
     base = coef + r.to(tl.int64)[:, None] * 4
     m = rmask[:, None]
     # Masked rows get (1, 1, 0, 1): every denominator of coeffs.py is then nonzero.
-    return Sched(tl.load(base, mask=m, other=1.0), tl.load(base + 1, mask=m, other=1.0),
-                 tl.load(base + 2, mask=m, other=0.0), tl.load(base + 3, mask=m, other=1.0))
+    return (tl.load(base, mask=m, other=1.0), tl.load(base + 1, mask=m, other=1.0),
+            tl.load(base + 2, mask=m, other=0.0), tl.load(base + 3, mask=m, other=1.0))
 
 
 @triton.jit
@@ -51,37 +48,33 @@ def load_step(coef, stride, r, rmask):
     m = rmask[:, None]
     # Masked rows read a harmless table (t: (1, 1, 0, 1), s: (1, 0.5, 0, 1),
     # prev: (1, 2)): no division by zero, and h = r = log(2) in DPM-Solver++.
-    return StepRow(Sched(tl.load(base + 0, mask=m, other=1.0),
-                         tl.load(base + 1, mask=m, other=1.0),
-                         tl.load(base + 2, mask=m, other=0.0),
-                         tl.load(base + 3, mask=m, other=1.0)),
-                   Sched(tl.load(base + 4, mask=m, other=1.0),
-                         tl.load(base + 5, mask=m, other=0.5),
-                         tl.load(base + 6, mask=m, other=0.0),
-                         tl.load(base + 7, mask=m, other=1.0)),
-                   tl.load(base + 8, mask=m, other=1.0), tl.load(base + 9, mask=m, other=2.0),
-                   tl.load(base + 10, mask=m, other=0.0), tl.load(base + 11, mask=m, other=0.0))
+    return ((tl.load(base + 0, mask=m, other=1.0), tl.load(base + 1, mask=m, other=1.0),
+             tl.load(base + 2, mask=m, other=0.0), tl.load(base + 3, mask=m, other=1.0)),
+            (tl.load(base + 4, mask=m, other=1.0), tl.load(base + 5, mask=m, other=0.5),
+             tl.load(base + 6, mask=m, other=0.0), tl.load(base + 7, mask=m, other=1.0)),
+            tl.load(base + 8, mask=m, other=1.0), tl.load(base + 9, mask=m, other=2.0),
+            tl.load(base + 10, mask=m, other=0.0), tl.load(base + 11, mask=m, other=0.0))
 
 
 @triton.jit
 def target_coeffs(target: tl.constexpr, c):
     """y = a*x1 + b*x0 for a training target, c a Sched (coeffs.h target_coeffs)."""
-    one = tl.full(c.alpha.shape, 1.0, c.alpha.dtype)
-    zero = tl.zeros(c.alpha.shape, c.alpha.dtype)
+    one = tl.full(c[ALPHA].shape, 1.0, c[ALPHA].dtype)
+    zero = tl.zeros(c[ALPHA].shape, c[ALPHA].dtype)
     if target == VELOCITY:
-        return c.d_alpha, c.d_sigma
+        return c[D_ALPHA], c[D_SIGMA]
     elif target == X1:
         return one, zero
     elif target == EPS:
         return zero, one
     else:
-        return zero, -one / c.sigma
+        return zero, -one / c[SIGMA]
 
 
 @triton.jit
 def _convert_plain(src: tl.constexpr, dst: tl.constexpr, c):
     """Pairs among velocity, x1, eps (no score): dst = a*x + b*pred."""
-    al, sg, da, ds = c.alpha, c.sigma, c.d_alpha, c.d_sigma
+    al, sg, da, ds = c[ALPHA], c[SIGMA], c[D_ALPHA], c[D_SIGMA]
     if src == X1:
         if dst == EPS:
             return 1.0 / sg, -al / sg
@@ -103,7 +96,7 @@ def _convert_plain(src: tl.constexpr, dst: tl.constexpr, c):
 @triton.jit
 def convert_coeffs(src: tl.constexpr, dst: tl.constexpr, c):
     """dst = a*x + b*pred, c a Sched (coeffs.h convert_coeffs)."""
-    sg = c.sigma
+    sg = c[SIGMA]
     zero = tl.zeros(sg.shape, sg.dtype)
     if src == dst:
         return zero, zero + 1.0

@@ -22,6 +22,8 @@ O((B + R) N).
 import triton
 import triton.language as tl
 
+from .lincomb import launchable
+
 POISSON: tl.constexpr = tl.constexpr(0)
 GAUSSIAN: tl.constexpr = tl.constexpr(1)
 UNIFORM: tl.constexpr = tl.constexpr(2)
@@ -158,7 +160,7 @@ def field_mean(x, ref, qp, kind, p0, p1):
     if R == 0:
         raise ValueError("field_mean: the reference set is empty")
     bq, br, bk, bn, warps = TILES["fp64" if acc == torch.float64 else "fp32"]
-    field_kernel[(triton.cdiv(B, bq),)](
+    launchable(field_kernel)[(triton.cdiv(B, bq),)](
         x, ref, qp, mean, best, sumexp, B, R, N, float(p0), float(p1),
         KIND=int(kind), BQ=bq, BR=br, BK=bk, BN=bn, USE_DOT=acc == torch.float32,
         num_warps=warps)

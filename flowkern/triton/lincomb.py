@@ -1,16 +1,18 @@
-"""The Triton elementwise and row-sum engines (mirror of lincomb.h/rowsum.h).
+"""The Triton elementwise and row-sum engines (mirror of lincomb.h/rowsum.h):
+their helpers and launchers; the two kernels are in kernels.py.
 
 A (B, ...) tensor is a (rows, inner) matrix; a program owns a [ROWS, BLOCK_N]
 tile (a 1-D grid, so neither grid-axis limit binds) and writes
-out_k = sum_j M[k][j] in_j, where
-ROW_FN(P0, P1, P2, coef, stride, aux, w, r, rmask) returns the per-row matrix
+out_k = sum_j M[k][j] in_j, where a row function
+fn(P0, P1, P2, coef, stride, aux, w, r, rmask) returns the per-row matrix
 M as a tuple of NO tuples of NI [ROWS, 1] tensors (NI + 1 with NOISE: the
 last entry multiplies the in-kernel Gaussian xi, philox.py). Each op family
-passes its own ROW_FN (a @triton.jit function, as a constexpr), so the loops
-live here once. Offsets are 64-bit; the coefficient table's row stride is 0
-when one row serves the whole batch.
+writes its own row functions (@triton.jit) and passes one to the launcher,
+which hands the kernel its code (kernels.ROW_CODE), so the loops live here
+once. Offsets are 64-bit; the coefficient table's row stride is 0 when one
+row serves the whole batch.
 
-What ROW_FN gets as `coef` is named by the ROWS_OF constexpr (_row_coef):
+What a row function gets as `coef` is named by the ROWS_OF constexpr (_row_coef):
 SCHED_ROWS, a coeffs.Sched (the training ops); STEP_ROWS, a coeffs.StepRow
 (the steps, the flow map); NO_ROWS, zeros of the accumulation dtype
 (lincomb_step: host weights only). KIND = TABLE reads them from a table in
@@ -23,10 +25,11 @@ the accumulation dtype (float64 for float64 data, float32 otherwise).
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .._validate import acc_dtype
-from .coeffs import Sched, StepRow, load_sched, load_step
-from .philox import normal
+from ..backend import triton_ops_traced
+from .coeffs import ALPHA, SIGMA, load_sched, load_step
 from .schedules import schedule_at
 
 TILE = 2048          # elements per program: 16 per thread at 4 warps
@@ -39,6 +42,7 @@ NUM_WARPS = 4
 # flowkern.triton.aot compiles with the same option.
 MAX_NREG = 128
 MAX_IN, MAX_OUT = 6, 3
+MAX_WEIGHTS = 12     # host weight scalars of lincomb_kernel (steps.weight_args: 6 pairs)
 TABLE = -1  # the KIND of a table (flowkern/ops/training.py TABLE_KIND)
 SCHED_ROWS, STEP_ROWS, NO_ROWS = 0, 1, 2  # ROWS_OF: what the row functions read
 _TABLE = tl.constexpr(TABLE)
@@ -84,14 +88,14 @@ def _tile(rows, inner, n_col_blocks, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _sched_at(KIND: tl.constexpr, t, sp0, sp1, sp2, ACC: tl.constexpr):
     al, sg, da, ds = schedule_at(KIND, t, sp0, sp1, sp2)
-    return Sched(al.to(ACC), sg.to(ACC), da.to(ACC), ds.to(ACC))
+    return al.to(ACC), sg.to(ACC), da.to(ACC), ds.to(ACC)
 
 
 @triton.jit
 def _row_coef(coef, stride, tptr, t_step, t_value, s_value, tp_value, g_value, sp0, sp1, sp2,
               r, rmask, ROWS_OF: tl.constexpr, KIND: tl.constexpr, T_TENSOR: tl.constexpr,
               ACC: tl.constexpr):
-    """What ROW_FN receives as `coef` (see the module docstring). Times of
+    """What the row function receives as `coef` (see the module docstring). Times of
     masked rows read as 0.5, where every built-in's values are finite."""
     zero = tl.zeros([r.shape[0], 1], ACC)
     if ROWS_OF == _SCHED_ROWS:
@@ -112,11 +116,11 @@ def _row_coef(coef, stride, tptr, t_step, t_value, s_value, tp_value, g_value, s
             t, s, tp = z64 + t_value, z64 + s_value, z64 + tp_value
             prev = _sched_at(KIND, tl.where(tp == tp, tp, 0.5), sp0, sp1, sp2, ACC)
             no_prev = tp != tp
-            return StepRow(_sched_at(KIND, t, sp0, sp1, sp2, ACC),
-                           _sched_at(KIND, s, sp0, sp1, sp2, ACC),
-                           tl.where(no_prev, 1.0, prev.alpha).to(ACC),
-                           tl.where(no_prev, 1.0, prev.sigma).to(ACC),
-                           (s - t).to(ACC), (z64 + g_value).to(ACC))
+            return (_sched_at(KIND, t, sp0, sp1, sp2, ACC),
+                    _sched_at(KIND, s, sp0, sp1, sp2, ACC),
+                    tl.where(no_prev, 1.0, prev[ALPHA]).to(ACC),
+                    tl.where(no_prev, 1.0, prev[SIGMA]).to(ACC),
+                    (s - t).to(ACC), (z64 + g_value).to(ACC))
     else:
         return zero
 
@@ -167,53 +171,20 @@ def _out(m, xs, xi, NI: tl.constexpr, NOISE: tl.constexpr, SKIP: tl.constexpr):
     return y
 
 
-@triton.jit
-def lincomb_kernel(i0, i1, i2, i3, i4, i5, o0, o1, o2, coef, stride, aux, w, seed, offset,
-                   seeds, tptr, t_step, t_value: tl.float64, s_value: tl.float64,
-                   tp_value: tl.float64, g_value: tl.float64, sp0: tl.float64,
-                   sp1: tl.float64, sp2: tl.float64, rows, inner, n_col_blocks,
-                   P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, ROW_FN: tl.constexpr,
-                   NI: tl.constexpr, NO: tl.constexpr, NOISE: tl.constexpr,
-                   PER_SAMPLE: tl.constexpr, SKIP: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, ROWS_OF: tl.constexpr, KIND: tl.constexpr,
-                   T_TENSOR: tl.constexpr, ACC: tl.constexpr):
-    OUT: tl.constexpr = o0.dtype.element_ty
-    r, rmask, offs, mask, _ = _tile(rows, inner, n_col_blocks, ROWS, BLOCK_N)
-    rc = _row_coef(coef, stride, tptr, t_step, t_value, s_value, tp_value, g_value, sp0, sp1,
-                   sp2, r, rmask, ROWS_OF, KIND, T_TENSOR, ACC)
-    M = ROW_FN(P0, P1, P2, rc, stride, aux, w, r, rmask)
-    xs = _load_inputs(i0, i1, i2, i3, i4, i5, offs, mask, ACC, NI)
-    xi = 0.0
-    if NOISE:
-        if PER_SAMPLE:  # row r: seed seeds[r], counter offset + its index in the row (philox.h)
-            row_seed = tl.load(seeds + r, mask=rmask, other=0)
-            xi = normal(row_seed[:, None], offset + (offs - r.to(tl.int64)[:, None] * inner))
-        else:
-            xi = normal(seed, offset + offs)
-        xi = xi.to(ACC)
-    tl.store(o0 + offs, _out(M[0], xs, xi, NI, NOISE, SKIP & 63).to(OUT), mask=mask)
-    if NO > 1:
-        tl.store(o1 + offs, _out(M[1], xs, xi, NI, NOISE, (SKIP >> 6) & 63).to(OUT), mask=mask)
-    if NO > 2:
-        tl.store(o2 + offs, _out(M[2], xs, xi, NI, NOISE, (SKIP >> 12) & 63).to(OUT), mask=mask)
+def _kernels():
+    """flowkern.triton.kernels (the two kernels and the row-function codes),
+    imported at the first launch: it imports every family's row functions,
+    and the families import this module."""
+    from . import kernels
+    return kernels
 
 
-@triton.jit
-def rowsum_kernel(i0, i1, i2, i3, i4, i5, partial, coef, stride, aux, w, tptr, t_step,
-                  t_value: tl.float64, s_value: tl.float64, tp_value: tl.float64,
-                  g_value: tl.float64, sp0: tl.float64, sp1: tl.float64, sp2: tl.float64,
-                  rows, inner, n_col_blocks, P0: tl.constexpr, P1: tl.constexpr,
-                  P2: tl.constexpr, ROW_FN: tl.constexpr, NI: tl.constexpr,
-                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_OF: tl.constexpr,
-                  KIND: tl.constexpr, T_TENSOR: tl.constexpr, ACC: tl.constexpr):
-    """partial[r, pid_c] = sum over the tile's columns of (M_row[0] . in)^2."""
-    r, rmask, offs, mask, pid_c = _tile(rows, inner, n_col_blocks, ROWS, BLOCK_N)
-    rc = _row_coef(coef, stride, tptr, t_step, t_value, s_value, tp_value, g_value, sp0, sp1,
-                   sp2, r, rmask, ROWS_OF, KIND, T_TENSOR, ACC)
-    M = ROW_FN(P0, P1, P2, rc, stride, aux, w, r, rmask)
-    xs = _load_inputs(i0, i1, i2, i3, i4, i5, offs, mask, ACC, NI)
-    y = tl.where(mask, _dot(M[0], xs, NI, 0), 0.0)
-    tl.store(partial + r.to(tl.int64) * n_col_blocks + pid_c, tl.sum(y * y, axis=1), mask=rmask)
+def launchable(kernel):
+    """What a launch calls: the kernel, or where the flowkern_triton ops are
+    triton_ops (backend.triton_ops_traced) wrap_triton(kernel), which a
+    tracing torch.compile records as the kernel's call (outside tracing it
+    is the kernel itself)."""
+    return wrap_triton(kernel) if triton_ops_traced() else kernel
 
 
 def _grid(x, heavy=False):
@@ -281,7 +252,9 @@ def launch_lincomb(row_fn, p0, p1, inputs, outputs, src, aux=None, p2=0, w=1.0,
     tensors; src: the coefficient source (_coef_args); noise=(seed,
     offset, seeds) draws xi per element (philox.py; seeds: None or the (rows,)
     int64 per-sample seeds; without them a tensor stands in for the pointer,
-    never read, as for `aux`); skip: the terms no output reads (skip_mask)."""
+    never read, as for `aux`); skip: the terms no output reads (skip_mask);
+    aux: a tensor the row function reads, or steps.weight_args's floats (the
+    kernel's scalars wt0 .. wt11)."""
     assert 1 <= len(inputs) <= MAX_IN and 1 <= len(outputs) <= MAX_OUT
     if inputs[0].numel() == 0:
         return
@@ -289,13 +262,16 @@ def launch_lincomb(row_fn, p0, p1, inputs, outputs, src, aux=None, p2=0, w=1.0,
         inputs[0], is_heavy(len(inputs), noise is not None, len(outputs)))
     seed, offset, seeds = noise if noise is not None else (0, 0, None)
     (c, stride, *times), const = _coef_args(src, inputs[0])
-    lincomb_kernel[grid](*_pad(inputs, MAX_IN), *_pad(outputs, MAX_OUT), c, stride,
-                         c if aux is None else aux, float(w),
-                         seed, offset, c if seeds is None else seeds, *times, rows, inner, n_col,
-                         P0=p0, P1=p1, P2=p2, ROW_FN=row_fn, NI=len(inputs), NO=len(outputs),
-                         NOISE=noise is not None, PER_SAMPLE=seeds is not None, SKIP=skip,
-                         ROWS=rows_per, BLOCK_N=block_n, **const,
-                         num_warps=NUM_WARPS, maxnreg=MAX_NREG)
+    weights = isinstance(aux, tuple)  # steps.weight_args's scalars, else a pointer or None
+    wts = (aux + (0.0,) * (MAX_WEIGHTS - len(aux))) if weights else (0.0,) * MAX_WEIGHTS
+    K = _kernels()
+    launchable(K.lincomb_kernel)[grid](
+        *_pad(inputs, MAX_IN), *_pad(outputs, MAX_OUT), c, stride,
+        c if aux is None or weights else aux, *wts, float(w),
+        seed, offset, c if seeds is None else seeds, *times, rows, inner, n_col,
+        P0=p0, P1=p1, P2=p2, ROW=K.ROW_CODE[row_fn], NI=len(inputs), NO=len(outputs),
+        NOISE=noise is not None, PER_SAMPLE=seeds is not None, SKIP=skip, ROWS=rows_per,
+        BLOCK_N=block_n, WEIGHTS=weights, **const, num_warps=NUM_WARPS, maxnreg=MAX_NREG)
 
 
 def launch_rowsum(row_fn, p0, p1, inputs, src, aux=None, p2=0, w=1.0):
@@ -307,9 +283,10 @@ def launch_rowsum(row_fn, p0, p1, inputs, src, aux=None, p2=0, w=1.0):
         return x.new_zeros(x.shape[0], dtype=acc)
     grid, rows, inner, rows_per, block_n, n_col = _grid(x)
     partial = x.new_empty(rows, n_col, dtype=acc)
-    rowsum_kernel[grid](*_pad(inputs, MAX_IN), partial, c, stride,
-                        c if aux is None else aux, float(w), *times, rows, inner, n_col,
-                        P0=p0, P1=p1, P2=p2, ROW_FN=row_fn, NI=len(inputs),
-                        ROWS=rows_per, BLOCK_N=block_n, **const, num_warps=NUM_WARPS,
-                        maxnreg=MAX_NREG)
+    K = _kernels()
+    launchable(K.rowsum_kernel)[grid](
+        *_pad(inputs, MAX_IN), partial, c, stride, c if aux is None else aux, float(w),
+        *times, rows, inner, n_col, P0=p0, P1=p1, P2=p2, ROW=K.ROW_CODE[row_fn],
+        NI=len(inputs), ROWS=rows_per, BLOCK_N=block_n, **const, num_warps=NUM_WARPS,
+        maxnreg=MAX_NREG)
     return partial.sum(1)

@@ -11,7 +11,8 @@ import struct
 import triton
 import triton.language as tl
 
-from .coeffs import EPS, SCORE, VELOCITY, X1, convert_coeffs  # noqa: F401 (the codes, once)
+from .coeffs import (ALPHA, EPS, ROW_ALPHA_P, ROW_G, ROW_H, ROW_S, ROW_SIGMA_P,  # noqa: F401
+                     ROW_T, SCORE, SIGMA, VELOCITY, X1, convert_coeffs)  # (the codes, once)
 from .lincomb import launch_lincomb, skip_mask, step_rows
 
 
@@ -28,8 +29,8 @@ def _guided(c, w, CFG: tl.constexpr):
 def euler_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, stride, aux,
                w, r, rmask):
     """(x, p[, p_u]) -> x + h u_t."""
-    h = coef.h
-    ua, ub = convert_coeffs(PRED, VELOCITY, coef.t)
+    h = coef[ROW_H]
+    ua, ub = convert_coeffs(PRED, VELOCITY, coef[ROW_T])
     pc, pu = _guided(h * ub, w, CFG)
     if CFG:
         return ((1.0 + h * ua, pc, pu),)
@@ -41,9 +42,9 @@ def euler_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, s
 def heun_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, stride, aux,
               w, r, rmask):
     """(x, p, x_e, p_e[, p_u, p_e_u]) -> x + h/2 (u_t + u_s)."""
-    ta, tb = convert_coeffs(PRED, VELOCITY, coef.t)
-    sa, sb = convert_coeffs(PRED, VELOCITY, coef.s)
-    hh = 0.5 * coef.h
+    ta, tb = convert_coeffs(PRED, VELOCITY, coef[ROW_T])
+    sa, sb = convert_coeffs(PRED, VELOCITY, coef[ROW_S])
+    hh = 0.5 * coef[ROW_H]
     tc, tu = _guided(hh * tb, w, CFG)
     sc, su = _guided(hh * sb, w, CFG)
     if CFG:
@@ -56,14 +57,14 @@ def heun_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, st
 def _ei(PRED: tl.constexpr, FORM: tl.constexpr, c):
     """x_s = a x + b p (steps.h ei_coeffs): data form (FORM 0) or noise form;
     c the StepRow."""
-    at, st, as_, ss = c.t.alpha, c.t.sigma, c.s.alpha, c.s.sigma
+    at, st, as_, ss = c[ROW_T][ALPHA], c[ROW_T][SIGMA], c[ROW_S][ALPHA], c[ROW_S][SIGMA]
     if FORM == 0:
-        da, db = convert_coeffs(PRED, X1, c.t)
+        da, db = convert_coeffs(PRED, X1, c[ROW_T])
         q = ss / st
         B = as_ - q * at
         return q + B * da, B * db
     else:
-        ea, eb = convert_coeffs(PRED, EPS, c.t)
+        ea, eb = convert_coeffs(PRED, EPS, c[ROW_T])
         q = as_ / at
         C = ss - q * st
         return q + C * ea, C * eb
@@ -101,9 +102,9 @@ DPMPP_2M_SKIP = skip_mask((1, 2))
 def dpmpp_2m_rows(PRED: tl.constexpr, SECOND: tl.constexpr, CFG: tl.constexpr, coef, stride,
                   aux, w, r, rmask):
     """(x, p, d_prev[, p_u]) -> (x_s, d_t), DPM-Solver++(2M) (steps.h DPMpp2MFn)."""
-    at, st, as_, ss = coef.t.alpha, coef.t.sigma, coef.s.alpha, coef.s.sigma
-    ap, sp = coef.alpha_p, coef.sigma_p
-    da, db = convert_coeffs(PRED, X1, coef.t)
+    at, st, as_, ss = coef[ROW_T][ALPHA], coef[ROW_T][SIGMA], coef[ROW_S][ALPHA], coef[ROW_S][SIGMA]
+    ap, sp = coef[ROW_ALPHA_P], coef[ROW_SIGMA_P]
+    da, db = convert_coeffs(PRED, X1, coef[ROW_T])
     lt = tl.log(at / st)
     h = tl.log(as_ / ss) - lt
     c1 = tl.full(at.shape, 1.0, at.dtype)
@@ -128,9 +129,9 @@ def dpmpp_2m_rows(PRED: tl.constexpr, SECOND: tl.constexpr, CFG: tl.constexpr, c
 def em_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, stride, aux, w,
             r, rmask):
     """(x, p[, p_u]) -> x + h (u + g^2/2 score) + g sqrt(h) xi."""
-    h, g = coef.h, coef.g
-    ua, ub = convert_coeffs(PRED, VELOCITY, coef.t)
-    sa, sb = convert_coeffs(PRED, SCORE, coef.t)
+    h, g = coef[ROW_H], coef[ROW_G]
+    ua, ub = convert_coeffs(PRED, VELOCITY, coef[ROW_T])
+    sa, sb = convert_coeffs(PRED, SCORE, coef[ROW_T])
     k = 0.5 * g * g
     pc, pu = _guided(h * (ub + k * sb), w, CFG)
     nz = g * tl.sqrt(h)
@@ -144,9 +145,9 @@ def em_rows(PRED: tl.constexpr, _P1: tl.constexpr, CFG: tl.constexpr, coef, stri
 def churn_rows(_P0: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, stride, aux, w,
                r, rmask):
     """(x,) -> (alpha_that/alpha_t) x + sqrt(sigma_that^2 - (alpha_that sigma_t/alpha_t)^2) xi."""
-    q = coef.s.alpha / coef.t.alpha
-    base = q * coef.t.sigma
-    var = tl.maximum(coef.s.sigma * coef.s.sigma - base * base, 0.0)
+    q = coef[ROW_S][ALPHA] / coef[ROW_T][ALPHA]
+    base = q * coef[ROW_T][SIGMA]
+    var = tl.maximum(coef[ROW_S][SIGMA] * coef[ROW_S][SIGMA] - base * base, 0.0)
     return ((q, tl.sqrt(var)),)
 
 
@@ -163,8 +164,8 @@ def lms_rows(PRED: tl.constexpr, NH: tl.constexpr, CFG: tl.constexpr, coef, stri
     weights wts in `aux`: kernel scalars, each as a float32 pair (hi, lo),
     wts_j = hi + lo in the accumulation dtype (weight_args; steps.h
     LMSFn). u_t's history entries are never read (lms_skip)."""
-    at = coef.t.alpha
-    ua, ub = convert_coeffs(PRED, VELOCITY, coef.t)
+    at = coef[ROW_T][ALPHA]
+    ua, ub = convert_coeffs(PRED, VELOCITY, coef[ROW_T])
     w0 = _weight(aux, 0, at)
     xc, xu = _guided(w0 * ub, w, CFG)
     uc, uu = _guided(ub, w, CFG)

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ..schedules import native_spec
-from .coeffs import convert_coeffs, target_coeffs
+from .coeffs import ALPHA, SIGMA, convert_coeffs, target_coeffs
 from .lincomb import launch_lincomb, launch_rowsum, sched_rows
 
 
@@ -15,14 +15,14 @@ from .lincomb import launch_lincomb, launch_rowsum, sched_rows
 def interpolate_rows(TARGET: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(x0, x1) -> (x_t, y)."""
     ya, yb = target_coeffs(TARGET, coef)
-    return (coef.sigma, coef.alpha), (yb, ya)
+    return (coef[SIGMA], coef[ALPHA]), (yb, ya)
 
 
 @triton.jit
 def interpolate_bwd_rows(TARGET: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(g_xt, g_y) -> (g_x0, g_x1)."""
     ya, yb = target_coeffs(TARGET, coef)
-    return (coef.sigma, yb), (coef.alpha, ya)
+    return (coef[SIGMA], yb), (coef[ALPHA], ya)
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def convert_bwd_rows(SRC: tl.constexpr, DST: tl.constexpr, _P2: tl.constexpr, co
 def loss_residual_rows(TARGET: tl.constexpr, _P1: tl.constexpr, _P2: tl.constexpr, coef, _stride, aux, _w, r, rmask):
     """(pred, x0, x1) -> pred - y."""
     ya, yb = target_coeffs(TARGET, coef)
-    return ((coef.alpha * 0.0 + 1.0, -yb, -ya),)
+    return ((coef[ALPHA] * 0.0 + 1.0, -yb, -ya),)
 
 
 @triton.jit
