@@ -41,17 +41,24 @@ def test_cpp_layout():
 
 
 def test_triton_layout():
-    """Triton's rows are named tuples with C++'s fields in C++'s order, read
-    from the tables in the tables' column order."""
-    from flowkern.triton import coeffs
-    assert coeffs.Sched._fields == ("alpha", "sigma", "d_alpha", "d_sigma")
-    assert coeffs.StepRow._fields == ("t", "s", "alpha_p", "sigma_p", "h", "g")
-    src = inspect.getsource(coeffs.load_step.fn)
+    """Triton's rows are tuples with C++'s fields in C++'s order, read by the
+    position constants of flowkern/triton/coeffs.py, and loaded from the
+    tables in the tables' column order (flowkern/tables.py)."""
+    from flowkern.triton import coeffs as C
+    sched = [C.ALPHA, C.SIGMA, C.D_ALPHA, C.D_SIGMA]
+    assert [c.value for c in sched] == [0, 1, 2, 3]
+    assert [T.ALPHA_T, T.SIGMA_T] == [T.AT_T.start + C.ALPHA.value, T.AT_T.start + C.SIGMA.value]
+    row = [C.ROW_T, C.ROW_S, C.ROW_ALPHA_P, C.ROW_SIGMA_P, C.ROW_H, C.ROW_G]
+    assert [c.value for c in row] == [0, 1, 2, 3, 4, 5]
+    src = inspect.getsource(C.load_step.fn)
     assert [int(k) for k in re.findall(r"tl\.load\(base \+ (\d+)", src)] == list(range(12))
-    assert re.search(r"return StepRow\(Sched\(.*\),\s*Sched\(.*\),\s*tl\.load\(base \+ 8",
-                     src, re.S)
-    src = inspect.getsource(coeffs.load_sched.fn)
-    assert re.search(r"return Sched\(tl\.load\(base,.*tl\.load\(base \+ 1,.*tl\.load\(base \+ 2,"
+    # ((schedule at t: columns 0-3), (at s: 4-7), prev alpha, prev sigma, h, g)
+    assert re.search(r"return \(\(tl\.load\(base \+ 0,.*\),\s*\(tl\.load\(base \+ 4,.*\),"
+                     r"\s*tl\.load\(base \+ 8,.*tl\.load\(base \+ 9,.*\s*tl\.load\(base \+ 10,"
+                     r".*tl\.load\(base \+ 11,", src, re.S)
+    assert (T.PREV.start, T.H, T.G) == (8, 10, 11)
+    src = inspect.getsource(C.load_sched.fn)
+    assert re.search(r"return \(tl\.load\(base,.*tl\.load\(base \+ 1,.*tl\.load\(base \+ 2,"
                      r".*tl\.load\(base \+ 3,", src, re.S)
 
 
