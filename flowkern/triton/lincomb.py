@@ -13,7 +13,7 @@ once. Offsets are 64-bit; the coefficient table's row stride is 0 when one
 row serves the whole batch.
 
 What a row function gets as `coef` is named by the ROWS_OF constexpr (_row_coef):
-SCHED_ROWS, a coeffs.Sched (the training ops); STEP_ROWS, a coeffs.StepRow
+SCHED_ROWS, a Sched tuple (coeffs.py; the training ops); STEP_ROWS, a StepRow
 (the steps, the flow map); NO_ROWS, zeros of the accumulation dtype
 (lincomb_step: host weights only). KIND = TABLE reads them from a table in
 `coef`; KIND >= 0 is a built-in schedule evaluated here (schedules.py): at
