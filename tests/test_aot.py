@@ -47,8 +47,8 @@ def test_aot_full():
 
 def test_kernels_survive_inductors_regeneration():
     """torch.compile's Inductor rebuilds a user Triton kernel from its source
-    with its constexprs written as Python literals: every shipped
-    configuration (the quick set) compiles that way to the same PTX
+    with its constexprs written as Python literals: every op's kernel, in
+    every dtype (one tile shape each), compiles that way to the same PTX
     (flowkern/triton/inductor_check.py; docs/design.md §5)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "flowkern.triton.inductor_check", "--quick"],

@@ -1,6 +1,7 @@
 """Do the shipped Triton kernels survive Inductor's regeneration? Without a GPU.
 
     python -m flowkern.triton.inductor_check [--quick]   # exit 1 on any difference
+                                  (--quick: one tile shape per op and dtype)
 
 When torch.compile (Inductor) meets a user Triton kernel it does not launch
 the kernel object: it writes the kernel's source, and that of every JIT
@@ -57,13 +58,21 @@ def ptx(kernel, signature, constexprs, num_warps: int, arch: int = 90) -> str:
 
 
 def check(full: bool = True) -> list[tuple[str, str]]:
-    """[(configuration, what differs)] over the shipped configurations."""
+    """[(configuration, what differs)] over the shipped configurations; not
+    full: one tile shape of each op and dtype (every row function, every
+    accumulation type: the regenerated source is one per kernel, and each
+    configuration compiles its own branch of it)."""
     import triton
 
     from . import aot
     from .lincomb import NUM_WARPS
 
-    configs = [(*c, NUM_WARPS) for c in aot.configs(full)] + aot.family_configs(full)
+    configs = [(*c, NUM_WARPS) for c in aot.configs(True)] + aot.family_configs(True)
+    if not full:
+        one = {}
+        for c in configs:
+            one.setdefault(tuple(c[0].split("/")[:3]), c)  # kernel / op / dtype
+        configs = list(one.values())
     literal_env = {"triton": triton, "tl": triton.language}
     bad, seen = [], {}
     with tempfile.TemporaryDirectory() as folder:
