@@ -473,14 +473,12 @@ def _loop_fk(d):
 def _loop_fk_cold(d):
     """fk.sample with its plan (grid, step tables) rebuilt: the first call
     with these arguments; repeated calls reuse the plan (_loop_fk)."""
-    need_cpu_kernels()
     from flowkern.sampling import clear_plan_cache
-    x = d.x
+    warm = _loop_fk(d)
 
     def fn():
         clear_plan_cache()
-        return fk.sample(_zero_model, x, "linear", "euler", steps=STEPS, grid="karras",
-                         progress=False, backend=BACKEND)
+        return warm()
     return fn
 
 

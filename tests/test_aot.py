@@ -12,10 +12,14 @@ import pytest
 pytest.importorskip("triton")
 
 
+def _compiling_env():
+    """This process's environment without TRITON_INTERPRET (set by conftest)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def _run(*flags):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "flowkern.triton.aot", "--json", *flags],
-                          capture_output=True, text=True, env=env, timeout=1200)
+                          capture_output=True, text=True, env=_compiling_env(), timeout=1200)
     table = [line for line in proc.stdout.splitlines() if not line.startswith("JSON:")]
     print("\n".join(table))  # the register/spill report, shown with -s or on failure
     rows = json.loads(next(line[5:] for line in proc.stdout.splitlines() if line.startswith("JSON:")))
@@ -50,9 +54,8 @@ def test_kernels_survive_inductors_regeneration():
     with its constexprs written as Python literals: every op's kernel, in
     every dtype (one tile shape each), compiles that way to the same PTX
     (flowkern/triton/inductor_check.py; docs/design.md §5)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "flowkern.triton.inductor_check", "--quick"],
-                          capture_output=True, text=True, env=env, timeout=1200)
+                          capture_output=True, text=True, env=_compiling_env(), timeout=1200)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "configurations, 0 differ" in proc.stdout

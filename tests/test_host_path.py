@@ -213,6 +213,20 @@ def test_the_no_derivative_kernel_in_use():
     assert nograd_native() is (os.environ.get("FLOWKERN_NOGRAD") != "python")
 
 
+def _pytest_in_a_process(env, *args, timeout):
+    """pytest on `args` in a fresh process with environment `env`, from the
+    repository root; the finished process, which must have passed."""
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+                         env=env, capture_output=True, text=True, timeout=timeout,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    return res
+
+
 _NOGRAD_RULES = ("test_in_place_steps_refuse_inputs_that_need_a_gradient or "
                  "test_in_place_writes_bump_the_version_counter or "
                  "test_interpolate_out_refuses_inputs_that_need_a_gradient or "
@@ -227,14 +241,9 @@ def test_the_python_no_derivative_kernel_keeps_the_rules():
     twin of csrc/autograd/nograd.cpp, as under a torch the wheel was not
     built for: the same errors, messages and version bumps."""
     import os
-    import subprocess
-    import sys
 
-    env = dict(os.environ, FLOWKERN_NOGRAD="python")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          __file__, "-k", _NOGRAD_RULES], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    res = _pytest_in_a_process(dict(os.environ, FLOWKERN_NOGRAD="python"), __file__,
+                               "-k", _NOGRAD_RULES, timeout=600)
     assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout
 
 
@@ -243,17 +252,11 @@ def test_triton_ops_trace_into_their_kernels():
     compiled Triton kernels: torch.compile's AOTAutograd sees each Triton
     launch of every op, and only the outputs written (docs/design.md §5)."""
     import os
-    import subprocess
-    import sys
 
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(__file__))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(FLOWKERN_TRITON_OP="1", TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          os.path.join(root, "tests", "test_triton_traced.py")], env=env,
-                         capture_output=True, text=True, timeout=900, cwd=root)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    env = dict(os.environ, FLOWKERN_TRITON_OP="1", TRITON_INTERPRET="0")
+    res = _pytest_in_a_process(env, os.path.join(os.path.dirname(__file__),
+                                                 "test_triton_traced.py"), timeout=900)
     last = res.stdout.strip().splitlines()[-1]
     assert " passed" in last and "skipped" not in last and "failed" not in last, last
 

@@ -85,8 +85,6 @@ def _assert_traced_into(gm):
     assert _kernels(gm), gm.code
 
 
-T = fk.backend.use_backend
-
 
 @pytest.mark.parametrize("name,fn,writes", [
     ("interpolate", lambda x0, x1, t: fk.interpolate(x0, x1, t, "cosine"),
@@ -97,7 +95,7 @@ T = fk.backend.use_backend
      [("rowsum_kernel", ["partial"])]),
 ])
 def test_training_ops_trace_into_their_kernels(name, fn, writes):
-    with T("triton"):
+    with fk.use_backend("triton"):
         fw = _trace(fn, SHAPE, SHAPE, SHAPE[:1])
     _assert_traced_into(fw)
     assert _kernels(fw) == writes
@@ -112,7 +110,7 @@ def test_the_loss_backward_traces_into_its_kernel():
     def backward(g, p, x1, t):
         return torch.ops.flowkern_triton.fm_loss_backward(g, p, p * 0.5, x1, t, 0.0, spec[0],
                                                           spec[1], 0, None, 0, 1)
-    with T("triton"):
+    with fk.use_backend("triton"):
         fw = _trace(backward, (), SHAPE, SHAPE, SHAPE[:1])
     _assert_traced_into(fw)
     assert _kernels(fw) == [("lincomb_kernel", ["o0"])]
@@ -128,7 +126,7 @@ def test_steps_in_place_write_only_their_outputs(name):
         STEP_EXAMPLES[name](x, p, out=x)
         return x
 
-    with T("triton"):
+    with fk.use_backend("triton"):
         fw = _trace(step, SHAPE, SHAPE)
     _assert_traced_into(fw)
     for kernel, written in _kernels(fw):
@@ -141,14 +139,14 @@ def test_steps_in_place_write_only_their_outputs(name):
     ("empirical_denoiser", lambda x, r, ref: fk.empirical_denoiser(x, r * 0.5, ref)),
 ])
 def test_fields_trace_into_their_kernel(name, fn):
-    with T("triton"):
+    with fk.use_backend("triton"):
         fw = _trace(fn, (8, 3), (8,), (16, 3))
     _assert_traced_into(fw)
     assert [k for k, _ in _kernels(fw)] == ["field_kernel"]
 
 
 def test_flowmap_loss_traces_into_its_kernel():
-    with T("triton"):
+    with fk.use_backend("triton"):
         # tensor times: a float becomes torch.tensor(...) on the device, which
         # a fake CUDA tensor cannot stand in for without a driver
         fw = _trace(lambda x, p, t: fk.flowmap_loss(x, p, p * 0.5, t * 0.2, t * 0.6),

@@ -87,14 +87,10 @@ def _cache_key(schedule, method, steps, grid, prediction, guidance, churn, g, t_
         g = float(g)
     else:
         g = None  # only em reads it
-    if isinstance(schedule, str):
-        sched = schedule
-    else:
-        spec = native_spec(schedule)  # kind and parameters determine a built-in
-        if spec is None:
-            return None
-        sched = (type(schedule).__name__, spec[0], tuple(spec[1]))
-    return (sched, method, steps, grid, prediction, guidance, float(churn), g, float(t_start),
+    spec = native_spec(schedule)  # a built-in's kind and parameters determine it
+    if spec is None:
+        return None
+    return ((spec[0], tuple(spec[1])), method, steps, grid, prediction, guidance, float(churn), g, float(t_start),
             float(t_end), backend, acc, device)
 
 
@@ -216,7 +212,7 @@ class Plan:
                 g_col = torch.as_tensor(g(t_hat.clone()), dtype=torch.float64).reshape(-1)
             elif isinstance(g, torch.Tensor):
                 g_col = g.detach().to("cpu", torch.float64).reshape(-1)
-            elif isinstance(g, (int, float)) and not isinstance(g, bool):
+            elif _number(g):
                 g_col = torch.full((n,), float(g), dtype=torch.float64)
             else:
                 raise TypeError(f"g: expected a float, a tensor of shape ({n},) or a callable "
