@@ -734,3 +734,20 @@ def test_a_failed_plan_is_not_cached_and_the_cache_is_bounded():
         sample(model, x, "linear", "euler", steps=steps, t_start=0.1, progress=False)
     assert len(_plans()) == plan._MAX_PLANS
     clear_plan_cache()
+
+
+def test_a_schedule_changed_in_place_gets_a_fresh_plan():
+    """The key holds a built-in schedule's parameters, not its identity: the
+    same object with a parameter changed between calls is planned anew."""
+    from flowkern.sampling import clear_plan_cache
+
+    x = _x((3, 4))
+    model = lambda x, t: -x  # noqa: E731
+    kw = dict(steps=5, t_start=0.02, t_end=0.9, prediction="eps", progress=False)
+    sched = flowkern.schedules.VP()
+    before = sample(model, x, sched, "euler", **kw)
+    sched.beta_max = 5.0
+    after = sample(model, x, sched, "euler", **kw)
+    clear_plan_cache()
+    assert torch.equal(after, sample(model, x, sched, "euler", **kw))
+    assert not torch.equal(after, before)
