@@ -197,6 +197,17 @@ def nograd_extension():
                         py_limited_api=True, extra_compile_args=CXX_FLAGS)
 
 
+def fastcall_extension():
+    """flowkern._fastcall: the public functions' fast caller of the flowkern::
+    ops (csrc/fastcall), on torch's C++ and Python API and CPython's full
+    API: bound to the torch and the CPython it is built for, imported only
+    there (flowkern/backend.py); elsewhere the ops' own binding serves."""
+    return CppExtension("flowkern._fastcall",
+                        sources=rel(glob.glob(os.path.join(ROOT, "csrc", "fastcall", "*.cpp"))),
+                        define_macros=[("FK_BUILD_TORCH_VERSION", '"%s"' % build_torch_version())],
+                        extra_compile_args=CXX_FLAGS)
+
+
 setup(
     name="flowkern",
     version="0.1.0",
@@ -204,7 +215,7 @@ setup(
     packages=find_packages(include=["flowkern", "flowkern.*"]),
     # the op schemas (csrc/cpu/schemas.h compiles them in; Python reads them at import)
     package_data={"flowkern.ops": ["schemas.inc"]},
-    ext_modules=[native_extension(), nograd_extension()],
+    ext_modules=[native_extension(), nograd_extension(), fastcall_extension()],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
     python_requires=">=3.10",
     # both modules use CPython's limited API only: one cp310-abi3 wheel

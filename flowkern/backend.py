@@ -79,9 +79,27 @@ def _import_native() -> tuple[bool, bool]:
     return True, True
 
 
+def _import_fastcall():
+    """flowkern._fastcall (csrc/fastcall), or None: bound to the torch and the
+    CPython it was built for, so imported only into that torch (the file name
+    already limits it to its CPython); FLOWKERN_FASTCALL=0 turns it off (the
+    ops' own binding then serves every call, as on any other torch)."""
+    if not _CPU_BUILT or os.environ.get("FLOWKERN_FASTCALL") == "0":
+        return None
+    import flowkern._C as native  # built with _fastcall: its torch is _fastcall's
+    if getattr(native, "TORCH_VERSION", None) != torch.__version__:
+        return None
+    try:
+        import flowkern._fastcall as fastcall
+    except ImportError:
+        return None
+    return fastcall
+
+
 # Looked up once at import (cheap: _C is small, the others are find_spec), so
 # that torch.compile traces constants instead of cached calls.
 _CPU_BUILT, _NOGRAD_NATIVE = _import_native()
+_FASTCALL = _import_fastcall()
 # The CUDA kernels are part of flowkern._C when it was built against a CUDA
 # torch with nvcc (setup.py): registered for the CUDA dispatch key, usable
 # only where torch itself has CUDA.
@@ -92,6 +110,11 @@ _TRITON = importlib.util.find_spec("triton") is not None
 
 def cpu_built() -> bool:
     return _CPU_BUILT
+
+
+def fastcall():
+    """The flowkern._fastcall module where it serves this torch, else None."""
+    return _FASTCALL
 
 
 def nograd_native() -> bool:
@@ -130,6 +153,10 @@ def available() -> dict[str, bool]:
             "triton": triton_available() and (torch.cuda.is_available() or triton_interpreted())}
 
 
+# what _auto gives a CUDA tensor (fixed at import, as the modules it reads)
+_AUTO_CUDA = "cuda" if _CUDA_BUILT else "triton" if _TRITON else "torch"
+
+
 def _auto(device: torch.device) -> str:
     if device.type == "cuda":
         if cuda_built():
@@ -138,6 +165,19 @@ def _auto(device: torch.device) -> str:
     if device.type == "cpu" and cpu_built():
         return "cpu"
     return "torch"
+
+
+def resolve_for(backend: str | None, x: torch.Tensor) -> str:
+    """resolve(backend, x.device) for a tensor x, without reading x.device on
+    the usual call (no backend chosen anywhere, a CPU or CUDA tensor): a
+    torch.device's .type costs ~0.25 us, a public call's whole budget is a
+    few us (docs/design.md §8)."""
+    if backend is None and _current.get() is None and _env_backend() is None:
+        if x.is_cpu:
+            return "cpu" if _CPU_BUILT else "torch"
+        if x.is_cuda:
+            return _AUTO_CUDA
+    return resolve(backend, x.device)
 
 
 def resolve(backend: str | None, device: torch.device) -> str:

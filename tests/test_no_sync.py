@@ -359,12 +359,16 @@ def cuda_glue_on_cpu(monkeypatch):
     trap sees. Returns the list of the glue ops called."""
     from flowkern import backend as B
     from flowkern.ops import steps as ops_steps
-    resolve = ops_steps.resolve
+    resolve, resolve_for = ops_steps.resolve, ops_steps.resolve_for
     calls = []
 
     def resolve_cuda(backend, device):
         name = backend if backend is not None else B._current.get()
         return "cuda" if name == "cuda" else resolve(backend, device)
+
+    def resolve_for_cuda(backend, x):
+        name = backend if backend is not None else B._current.get()
+        return "cuda" if name == "cuda" else resolve_for(backend, x)
 
     def counted(name):
         op = getattr(torch.ops.flowkern_sim, name).default
@@ -375,9 +379,11 @@ def cuda_glue_on_cpu(monkeypatch):
         return call
     sim = types.SimpleNamespace(**{n: counted(n) for n in _STEP_OPS})
     monkeypatch.setattr(ops_steps, "resolve", resolve_cuda)
+    monkeypatch.setattr(ops_steps, "resolve_for", resolve_for_cuda)
     monkeypatch.setattr(S, "resolve", resolve_cuda)
-    # ops/_registry.py NativeOps: the public steps call _NATIVE.now().<op>
-    monkeypatch.setattr(ops_steps, "_NATIVE", types.SimpleNamespace(now=lambda: sim, direct=sim))
+    # ops/_registry.py NativeOps: the public steps call _NATIVE.now_checked()
+    monkeypatch.setattr(ops_steps, "_NATIVE", types.SimpleNamespace(
+        now=lambda: sim, now_checked=lambda: (sim, _validate.check_flag()), direct=sim))
     return calls
 
 

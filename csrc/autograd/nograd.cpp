@@ -24,7 +24,9 @@ namespace {
 // Whether a tensor argument carries a forward-mode tangent (torch.func.jvp,
 // torch.autograd.forward_ad) at any of the first dual levels.
 bool has_tangent(const at::Tensor& t) {
-  if (!t.defined()) return false;
+  // a tensor without autograd metadata has no tangent at any level (and this
+  // is every plain tensor: the check costs a pointer test on the usual call)
+  if (!t.defined() || t.unsafeGetTensorImpl()->autograd_meta() == nullptr) return false;
   for (uint64_t level = 0; level < 8; ++level)
     if (t._fw_grad(level).defined()) return true;
   return false;

@@ -21,7 +21,8 @@ import torch._library.triton as _torch_triton
 import torch.autograd.forward_ad as _fwad
 from torch.autograd.function import once_differentiable
 
-from ..backend import cpu_built, nograd_native, triton_ops_traced
+from .._validate import _PRECHECKED  # check_flag's ContextVar (now_checked)
+from ..backend import cpu_built, fastcall, nograd_native, triton_ops_traced
 
 TRITON_NS = "flowkern_triton"
 NATIVE_NS = "flowkern"
@@ -119,8 +120,19 @@ def direct(op):
     """The C++ function an OpOverload's __call__ runs, where that is all it
     runs: the same dispatcher call without the Python frame. torch < 2.14 has
     no _pyobj_dispatcher and its __call__ is `_op` alone; with a Python
-    dispatcher object __call__ does more: keep the overload then."""
-    return op._op if getattr(op, "_pyobj_dispatcher", None) is None else op
+    dispatcher object __call__ does more: keep the overload then.
+
+    Where flowkern._fastcall serves this torch, `_op` is wrapped in its fast
+    caller: the same dispatcher call for positional arguments of the schema's
+    exact types and plain tensors (what the public functions pass), `_op`
+    itself for anything else (docs/build.md "flowkern._fastcall")."""
+    if getattr(op, "_pyobj_dispatcher", None) is not None:
+        return op
+    fast = fastcall()
+    if fast is None:
+        return op._op
+    schema = op._schema
+    return fast.op(schema.name, schema.overload_name, op._op)
 
 
 class NativeOps:
@@ -141,6 +153,12 @@ class NativeOps:
 
     def now(self) -> types.SimpleNamespace:
         return self.traced if torch.compiler.is_compiling() else self.direct
+
+    def now_checked(self) -> tuple[types.SimpleNamespace, bool]:
+        """(now(), _validate.check_flag()) for one is_compiling() (~0.1 us)."""
+        if torch.compiler.is_compiling():
+            return self.traced, True
+        return self.direct, not _PRECHECKED.get()
 
 
 def lazy(module: str, name: str):

@@ -19,7 +19,7 @@ import torch
 
 from .. import _validate as V
 from .._rules import FORM_NAMES, PREDICTIONS, TABLE_KIND
-from ..backend import cpu_built, resolve
+from ..backend import cpu_built, resolve, resolve_for
 from ..reference import steps as ref
 from ..schedules import coefficients, evaluate, from_native, get_schedule, native_spec
 from ..tables import ALPHA_S, ALPHA_T, AT_S, AT_T, G, H, PREV, SIGMA_T, STEP_COLS, step_row
@@ -365,6 +365,8 @@ def _nonzero_for(st, prediction, dst, at="t"):
 # ---------------------------------------------------------------------------
 # the native (cpu) fast path: one op call, arguments checked in C++
 
+Tensor = torch.Tensor
+_NATIVE_BACKENDS = ("cpu", "cuda")
 _NOTHING: list = []
 _NAN = float("nan")
 # The overloads the native path calls, looked up once (an OpOverloadPacket
@@ -381,7 +383,7 @@ _EI_DIFF = CALLS[NATIVE_NS]  # .ei_step: its DiffOp
 def _native(x, backend) -> bool:
     """Whether this step is one call of its flowkern:: op (CPU kernel, or the
     CUDA glue of csrc/cuda/glue.h); triton and torch read a Python-built table."""
-    return isinstance(x, torch.Tensor) and resolve(backend, x.device) in ("cpu", "cuda")
+    return isinstance(x, torch.Tensor) and resolve_for(backend, x) in _NATIVE_BACKENDS
 
 
 def _number(v) -> bool:
@@ -430,11 +432,13 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
     w = _guidance(pred_uncond, guidance)
     if _native(x, backend):
         try:
-            check_tensors(pred=pred, pred_uncond=pred_uncond)
+            if not (isinstance(pred, Tensor) and (pred_uncond is None or isinstance(pred_uncond, Tensor))):
+                check_tensors(pred=pred, pred_uncond=pred_uncond)
             code = _pred(prediction)
             coef = _native_coef("euler_step", x, t, s, schedule, table)
             out = _native_out("out", out, x)
-            _NATIVE.now().euler_step(x, pred, pred_uncond, *coef, code, w, V.check_flag(), out)
+            ops, check = _NATIVE.now_checked()
+            ops.euler_step(x, pred, pred_uncond, *coef, code, w, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -460,13 +464,18 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
         raise ValueError("pred_euler_uncond: give both unconditional predictions or neither")
     if _native(x, backend):
         try:
-            check_tensors(pred=pred, x_euler=x_euler, pred_euler=pred_euler,
-                          pred_uncond=pred_uncond, pred_euler_uncond=pred_euler_uncond)
+            if not (isinstance(pred, Tensor) and isinstance(x_euler, Tensor)
+                    and isinstance(pred_euler, Tensor)
+                    and (pred_uncond is None or isinstance(pred_uncond, Tensor))
+                    and (pred_euler_uncond is None or isinstance(pred_euler_uncond, Tensor))):
+                check_tensors(pred=pred, x_euler=x_euler, pred_euler=pred_euler,
+                              pred_uncond=pred_uncond, pred_euler_uncond=pred_euler_uncond)
             code = _pred(prediction)
             coef = _native_coef("heun_step", x, t, s, schedule, table)
             out = _native_out("out", out, x)
-            _NATIVE.now().heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond,
-                                    *coef, code, w, V.check_flag(), out)
+            ops, check = _NATIVE.now_checked()
+            ops.heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, *coef,
+                          code, w, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -498,16 +507,18 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
     fcode = V.form(form)
     if _native(x, backend):
         try:
-            check_tensors(pred=pred, pred_uncond=pred_uncond)
+            if not (isinstance(pred, Tensor) and (pred_uncond is None or isinstance(pred_uncond, Tensor))):
+                check_tensors(pred=pred, pred_uncond=pred_uncond)
             code = _pred(prediction)
+            ops, check = _NATIVE.now_checked()
             args = (x, pred, pred_uncond, *_native_coef("ei_step", x, t, s, schedule, table), code,
-                    fcode, w, V.check_flag())
+                    fcode, w, check)
             if out is None:
                 grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
                     pred_uncond is not None and pred_uncond.requires_grad)) or transforms_active()
-                return _EI_DIFF.ei_step(*args) if grad else _NATIVE.now().ei_step_nograd(*args)
+                return _EI_DIFF.ei_step(*args) if grad else ops.ei_step_nograd(*args)
             out = _native_out("out", out, x)
-            _NATIVE.now().ei_step_out(*args, out)
+            ops.ei_step_out(*args, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -543,12 +554,14 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
         raise ValueError("t_prev: give d_prev and t_prev together (both None for the first step)")
     if _native(x, backend):
         try:
-            check_tensors(pred=pred, pred_uncond=pred_uncond, d_prev=d_prev)
+            if not (isinstance(pred, Tensor) and (pred_uncond is None or isinstance(pred_uncond, Tensor))
+                    and (d_prev is None or isinstance(d_prev, Tensor))):
+                check_tensors(pred=pred, pred_uncond=pred_uncond, d_prev=d_prev)
             code = _pred(prediction)
             coef = _native_coef("dpmpp_2m_step", x, t, s, schedule, table, t_prev=t_prev)
             out, d_out = _native_out("out", out, x), _native_out("d_out", d_out, x)
-            _NATIVE.now().dpmpp_2m_step(x, pred, d_prev, pred_uncond, *coef, code, w,
-                                        V.check_flag(), out, d_out)
+            ops, check = _NATIVE.now_checked()
+            ops.dpmpp_2m_step(x, pred, d_prev, pred_uncond, *coef, code, w, check, out, d_out)
             return out, d_out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -587,12 +600,14 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     seed = _seed_offset(seed, offset, per_sample_seeds)
     if _native(x, backend):
         try:
-            check_tensors(pred=pred, pred_uncond=pred_uncond)
+            if not (isinstance(pred, Tensor) and (pred_uncond is None or isinstance(pred_uncond, Tensor))):
+                check_tensors(pred=pred, pred_uncond=pred_uncond)
             code = _pred(prediction)
             coef = _native_coef("em_step", x, t, s, schedule, table, g=g)
             out = _native_out("out", out, x)
-            _NATIVE.now().em_step(x, pred, pred_uncond, *coef, code, w, seed, offset,
-                                  per_sample_seeds, V.check_flag(), out)
+            ops, check = _NATIVE.now_checked()
+            ops.em_step(x, pred, pred_uncond, *coef, code, w, seed, offset, per_sample_seeds,
+                        check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -622,7 +637,8 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
         try:
             coef = _native_coef("churn", x, t, t_hat, schedule, table)
             out = _native_out("out", out, x)
-            _NATIVE.now().churn(x, *coef, seed, offset, per_sample_seeds, V.check_flag(), out)
+            ops, check = _NATIVE.now_checked()
+            ops.churn(x, *coef, seed, offset, per_sample_seeds, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -659,12 +675,14 @@ def lms_step(x, pred, weights, history=(), t=None, schedule="linear", prediction
     hist = _lms_history(history)
     if _native(x, backend):
         try:
-            check_tensors(pred=pred, pred_uncond=pred_uncond)
+            if not (isinstance(pred, Tensor) and (pred_uncond is None or isinstance(pred_uncond, Tensor))):
+                check_tensors(pred=pred, pred_uncond=pred_uncond)
             code = _pred(prediction)
             coef = _native_coef("lms_step", x, t, t, schedule, table)
             out, u_out = _native_out("out", out, x), _native_out("u_out", u_out, x)
-            _NATIVE.now().lms_step(x, pred, *hist, pred_uncond, _floats("weights", weights), *coef,
-                                   code, w, V.check_flag(), out, u_out)
+            ops, check = _NATIVE.now_checked()
+            ops.lms_step(x, pred, *hist, pred_uncond, _floats("weights", weights), *coef, code, w,
+                         check, out, u_out)
             return out, u_out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -706,9 +724,10 @@ def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_samp
     if _native(x, backend):
         try:
             out = _native_out("out", out, x)
-            _NATIVE.now().lincomb_step(x, _terms(terms), _floats("weights", weights),
-                                       _float("noise_std", noise_std), seed, offset, per_sample_seeds,
-                                       V.check_flag(), out)
+            ops, check = _NATIVE.now_checked()
+            ops.lincomb_step(x, _terms(terms), _floats("weights", weights),
+                             _float("noise_std", noise_std), seed, offset, per_sample_seeds,
+                             check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None

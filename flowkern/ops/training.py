@@ -22,7 +22,7 @@ import torch
 from .. import _validate as V
 from .. import reference as ref
 from .._rules import DIVIDES, PRED_CODE, PREDICTIONS, REDUCTION_CODE, TABLE_KIND
-from ..backend import cpu_built, resolve
+from ..backend import cpu_built, resolve_for
 from ..schedules import coefficients, from_native, native_spec
 from ..tables import SIGMA
 from ._registry import (CALLS, NATIVE_NS, NativeOps, calls_for, lazy, no_forward_mode,
@@ -468,18 +468,19 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
     if not (isinstance(x0, torch.Tensor) and isinstance(x1, torch.Tensor)):
         check_tensors(x0=x0, x1=x1)
     code = _code("target", target)
-    be = resolve(backend, x1.device)
+    be = resolve_for(backend, x1)
     if out is not None:
         out = _check_out(out)
     if be in ("cpu", "cuda"):
         try:
-            args = (x0, x1, *_native_coef(schedule, t, x0), code, V.check_flag())
+            ops, check = _NATIVE.now_checked()
+            args = (x0, x1, *_native_coef(schedule, t, x0), code, check)
             if out is not None:
-                _NATIVE.now().interpolate_out(*args, *out)
+                ops.interpolate_out(*args, *out)
                 return out
             if _need_grad2(x0, x1):
                 return _DIFF.interpolate(*args)
-            return _NATIVE.now().interpolate(*args)
+            return ops.interpolate(*args)
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     (x0, x1), shape = _validated(["x0", "x1"], [x0, x1])
@@ -543,17 +544,17 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
     red = REDUCTION_CODE.get(reduction) if isinstance(reduction, str) else None
     if red is None:
         V.reduction(reduction)
-    be = resolve(backend, pred.device)
+    be = resolve_for(backend, pred)
     if weight is not None and not isinstance(weight, torch.Tensor):
         weight = torch.as_tensor(weight, device=pred.device)
     if be in ("cpu", "cuda"):
         try:
             coef = _native_coef(schedule, t, pred)
-            check = V.check_flag()
+            ops, check = _NATIVE.now_checked()
             if weight is not None and weight.requires_grad and torch.is_grad_enabled():
                 rows = _DIFF.fm_loss(pred, x0, x1, *coef, code, None, 2, check)
                 return _weigh_rows(rows, pred, weight, reduction)
-            op = _DIFF.fm_loss if _need_grad3(pred, x0, x1) else _NATIVE.now().fm_loss
+            op = _DIFF.fm_loss if _need_grad3(pred, x0, x1) else ops.fm_loss
             return op(pred, x0, x1, *coef, code, weight, red, check)
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -588,13 +589,14 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
     if not (isinstance(pred, torch.Tensor) and isinstance(x_t, torch.Tensor)):
         check_tensors(pred=pred, x_t=x_t)
     s, d = _code("src", src), _code("dst", dst)
-    be = resolve(backend, x_t.device)
+    be = resolve_for(backend, x_t)
     if be in ("cpu", "cuda"):
         try:
-            args = (pred, x_t, *_native_coef(schedule, t, x_t), s, d, V.check_flag())
+            ops, check = _NATIVE.now_checked()
+            args = (pred, x_t, *_native_coef(schedule, t, x_t), s, d, check)
             if _need_grad2(pred, x_t):
                 return _DIFF.convert(*args)
-            return _NATIVE.now().convert(*args)
+            return ops.convert(*args)
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     (pred, x_t), shape = _validated(["pred", "x_t"], [pred, x_t])

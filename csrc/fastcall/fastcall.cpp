@@ -1,0 +1,299 @@
+// flowkern._fastcall: a Python callable per flowkern:: overload that does
+// what torch's own operator binding (OpOverload._op) does for the calls the
+// public functions make, in a fraction of its host time (docs/build.md
+// "flowkern._fastcall").
+//
+// torch's binding parses every argument against the schema in a generic way
+// (torch::jit::createStackForSchema: type inference, __torch_function__
+// collection, kwargs) before the boxed dispatcher call; on the 11-argument
+// steps that is ~2 us of the ~4 us a call costs on 8x64 tensors. The public
+// functions always call with positional arguments of the exact schema
+// types, so the conversion here is one switch per argument, and then the
+// same Dispatcher::callBoxed (profiler, Autograd key, every backend key), with
+// the GIL released as torch's binding does.
+//
+// Anything else — a keyword, a tensor subclass (FakeTensor, a subclass with
+// __torch_function__), an active TorchFunctionMode, an int where a float is
+// expected, a Python scalar of an unexpected type — goes to the fallback
+// (the overload's own `_op`) with the same arguments: the result and the
+// errors are torch's binding's. Built on torch's regular C++ and Python API
+// and CPython's full API, so it serves exactly the torch and CPython it was
+// built for; flowkern imports it only there (flowkern/backend.py).
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
+
+#include <structmember.h>
+
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#ifndef FK_BUILD_TORCH_VERSION
+#error "setup.py defines FK_BUILD_TORCH_VERSION"
+#endif
+
+namespace {
+
+enum class Arg : uint8_t { Tensor, OptionalTensor, TensorList, FloatList, Int, Float, Bool };
+enum class Ret : uint8_t { None, Tensor, Tensors, TensorList };
+
+// The argument kinds of a schema, or false when one is not a kind above.
+bool argument_kinds(const c10::FunctionSchema& schema, std::vector<Arg>& kinds) {
+  for (const c10::Argument& a : schema.arguments()) {
+    const c10::TypePtr& ty = a.real_type();
+    switch (ty->kind()) {
+      case c10::TypeKind::TensorType: kinds.push_back(Arg::Tensor); break;
+      case c10::TypeKind::IntType: kinds.push_back(Arg::Int); break;
+      case c10::TypeKind::FloatType: kinds.push_back(Arg::Float); break;
+      case c10::TypeKind::BoolType: kinds.push_back(Arg::Bool); break;
+      case c10::TypeKind::OptionalType:
+        if (ty->expectRef<c10::OptionalType>().getElementType()->kind() !=
+            c10::TypeKind::TensorType)
+          return false;
+        kinds.push_back(Arg::OptionalTensor);
+        break;
+      case c10::TypeKind::ListType: {
+        const auto elem = ty->expectRef<c10::ListType>().getElementType()->kind();
+        if (elem == c10::TypeKind::TensorType) kinds.push_back(Arg::TensorList);
+        else if (elem == c10::TypeKind::FloatType) kinds.push_back(Arg::FloatList);
+        else return false;
+        break;
+      }
+      default: return false;
+    }
+  }
+  return true;
+}
+
+// How the schema's returns come back: nothing, one tensor, a tuple of
+// tensors, or a list (Tensor[]); false for anything else.
+bool return_kind(const c10::FunctionSchema& schema, Ret& ret) {
+  const auto& returns = schema.returns();
+  if (returns.empty()) { ret = Ret::None; return true; }
+  for (const c10::Argument& r : returns)
+    if (r.real_type()->kind() != c10::TypeKind::TensorType &&
+        !(returns.size() == 1 && r.real_type()->kind() == c10::TypeKind::ListType &&
+          r.real_type()->expectRef<c10::ListType>().getElementType()->kind() ==
+              c10::TypeKind::TensorType))
+      return false;
+  if (returns.size() > 1) ret = Ret::Tensors;
+  else ret = returns[0].real_type()->kind() == c10::TypeKind::ListType ? Ret::TensorList
+                                                                      : Ret::Tensor;
+  return true;
+}
+
+struct FastOp {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  c10::OperatorHandle* op;
+  std::vector<Arg>* kinds;
+  Ret ret;
+  PyObject* fallback;  // the overload's _op: every call this one does not take
+  PyObject* name;
+  Py_ssize_t fallbacks;  // calls sent to the fallback (tests: the public calls take none)
+};
+
+// A plain torch.Tensor (no subclass, so no __torch_function__ of its own).
+inline bool plain_tensor(PyObject* o) { return THPVariable_CheckExact(o); }
+
+// One argument onto the stack; false sends the whole call to the fallback.
+bool push(Arg kind, PyObject* o, torch::jit::Stack& stack) {
+  switch (kind) {
+    case Arg::OptionalTensor:
+      if (o == Py_None) { stack.emplace_back(); return true; }
+      [[fallthrough]];
+    case Arg::Tensor:
+      if (!plain_tensor(o)) return false;
+      stack.emplace_back(THPVariable_Unpack(o));
+      return true;
+    case Arg::TensorList: {
+      if (!PyList_CheckExact(o) && !PyTuple_CheckExact(o)) return false;
+      const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+      PyObject** items = PySequence_Fast_ITEMS(o);
+      c10::List<at::Tensor> list;
+      list.reserve(n);
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        if (!plain_tensor(items[i])) return false;
+        list.push_back(THPVariable_Unpack(items[i]));
+      }
+      stack.emplace_back(std::move(list));
+      return true;
+    }
+    case Arg::FloatList: {
+      if (!PyList_CheckExact(o) && !PyTuple_CheckExact(o)) return false;
+      const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+      PyObject** items = PySequence_Fast_ITEMS(o);
+      c10::List<double> list;
+      list.reserve(n);
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        if (!PyFloat_CheckExact(items[i])) return false;
+        list.push_back(PyFloat_AS_DOUBLE(items[i]));
+      }
+      stack.emplace_back(std::move(list));
+      return true;
+    }
+    case Arg::Int: {
+      if (!PyLong_CheckExact(o)) return false;  // bool is a subclass: not taken
+      int overflow = 0;
+      const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+      if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return false;
+      }
+      stack.emplace_back(static_cast<int64_t>(v));
+      return true;
+    }
+    case Arg::Float:
+      if (!PyFloat_CheckExact(o)) return false;
+      stack.emplace_back(PyFloat_AS_DOUBLE(o));
+      return true;
+    case Arg::Bool:
+      if (o != Py_True && o != Py_False) return false;
+      stack.emplace_back(o == Py_True);
+      return true;
+  }
+  return false;
+}
+
+PyObject* wrap_returns(Ret ret, torch::jit::Stack& stack) {
+  switch (ret) {
+    case Ret::None: Py_RETURN_NONE;
+    case Ret::Tensor: return THPVariable_Wrap(std::move(stack[0]).toTensor());
+    case Ret::Tensors: {
+      PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(stack.size()));
+      if (tuple == nullptr) return nullptr;
+      for (size_t i = 0; i < stack.size(); ++i) {
+        PyObject* t = THPVariable_Wrap(std::move(stack[i]).toTensor());
+        if (t == nullptr) { Py_DECREF(tuple); return nullptr; }
+        PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), t);
+      }
+      return tuple;
+    }
+    case Ret::TensorList: {
+      const c10::List<at::Tensor> tensors = std::move(stack[0]).toTensorList();
+      PyObject* list = PyList_New(static_cast<Py_ssize_t>(tensors.size()));
+      if (list == nullptr) return nullptr;
+      for (size_t i = 0; i < tensors.size(); ++i) {
+        PyObject* t = THPVariable_Wrap(tensors.get(i));
+        if (t == nullptr) { Py_DECREF(list); return nullptr; }
+        PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), t);
+      }
+      return list;
+    }
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* fast_call(PyObject* self_, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+  auto* self = reinterpret_cast<FastOp*>(self_);
+  const std::vector<Arg>& kinds = *self->kinds;
+  const Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+  // A TorchFunctionMode sees the call through torch's binding only.
+  if (kwnames == nullptr && static_cast<size_t>(n) == kinds.size() &&
+      !at::impl::torch_function_mode_enabled()) {
+    torch::jit::Stack stack;
+    stack.reserve(kinds.size());
+    bool taken = true;
+    for (Py_ssize_t i = 0; i < n && taken; ++i) taken = push(kinds[i], args[i], stack);
+    if (taken) {
+      HANDLE_TH_ERRORS
+      try {
+        pybind11::gil_scoped_release no_gil;
+        self->op->callBoxed(stack);
+      } catch (const std::invalid_argument& e) {
+        // what pybind11 makes of it under torch's binding (<= 2.14): ValueError
+        PyErr_SetString(PyExc_ValueError, e.what());
+        return nullptr;
+      }
+      return wrap_returns(self->ret, stack);
+      END_HANDLE_TH_ERRORS
+    }
+  }
+  ++self->fallbacks;
+  return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+void fast_dealloc(PyObject* s) {
+  auto* self = reinterpret_cast<FastOp*>(s);
+  delete self->op;
+  delete self->kinds;
+  Py_XDECREF(self->fallback);
+  Py_XDECREF(self->name);
+  Py_TYPE(s)->tp_free(s);
+}
+
+PyObject* fast_repr(PyObject* s) {
+  return PyUnicode_FromFormat("<flowkern._fastcall %U>", reinterpret_cast<FastOp*>(s)->name);
+}
+
+PyMemberDef fast_members[] = {
+    {"fallbacks", T_PYSSIZET, offsetof(FastOp, fallbacks), READONLY,
+     "how many calls went to the fallback (torch's own binding)"},
+    {"fallback", T_OBJECT, offsetof(FastOp, fallback), READONLY, "the overload's _op"},
+    {nullptr, 0, 0, 0, nullptr}};
+
+PyTypeObject FastOpType = {PyVarObject_HEAD_INIT(nullptr, 0) "flowkern._fastcall.FastOp"};
+
+// op(qualified_name, overload_name, fallback) -> a FastOp, or `fallback`
+// itself when a schema argument or return is of a kind the switch above
+// does not convert.
+PyObject* make_op(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  const char* overload = nullptr;
+  PyObject* fallback = nullptr;
+  if (!PyArg_ParseTuple(args, "ssO:op", &name, &overload, &fallback)) return nullptr;
+  HANDLE_TH_ERRORS
+  const c10::OperatorHandle handle =
+      c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+  auto kinds = std::make_unique<std::vector<Arg>>();
+  Ret ret = Ret::None;
+  if (!argument_kinds(handle.schema(), *kinds) || !return_kind(handle.schema(), ret)) {
+    Py_INCREF(fallback);
+    return fallback;
+  }
+  FastOp* self = PyObject_New(FastOp, &FastOpType);
+  if (self == nullptr) return nullptr;
+  self->vectorcall = fast_call;
+  self->op = new c10::OperatorHandle(handle);
+  self->kinds = kinds.release();
+  self->ret = ret;
+  Py_INCREF(fallback);
+  self->fallback = fallback;
+  self->fallbacks = 0;
+  self->name = *overload ? PyUnicode_FromFormat("%s.%s", name, overload)
+                         : PyUnicode_FromString(name);
+  return reinterpret_cast<PyObject*>(self);
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"op", make_op, METH_VARARGS,
+     "op(qualified_name, overload_name, fallback): the fast caller of one overload"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastcall", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__fastcall() {
+  FastOpType.tp_basicsize = sizeof(FastOp);
+  FastOpType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+  FastOpType.tp_vectorcall_offset = offsetof(FastOp, vectorcall);
+  FastOpType.tp_call = PyVectorcall_Call;
+  FastOpType.tp_dealloc = fast_dealloc;
+  FastOpType.tp_repr = fast_repr;
+  FastOpType.tp_members = fast_members;
+  FastOpType.tp_doc = "A flowkern:: overload's fast Python caller (csrc/fastcall/fastcall.cpp)";
+  if (PyType_Ready(&FastOpType) < 0) return nullptr;
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  // the torch it is bound to: flowkern imports it only into that one
+  if (PyModule_AddStringConstant(m, "TORCH_VERSION", FK_BUILD_TORCH_VERSION) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
