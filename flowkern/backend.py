@@ -169,14 +169,20 @@ def _auto(device: torch.device) -> str:
 
 def resolve_for(backend: str | None, x: torch.Tensor) -> str:
     """resolve(backend, x.device) for a tensor x, without reading x.device on
-    the usual call (no backend chosen anywhere, a CPU or CUDA tensor): a
+    the usual calls (no backend chosen, or the native one of x's device): a
     torch.device's .type costs ~0.25 us, a public call's whole budget is a
     few us (docs/design.md §8)."""
-    if backend is None and _current.get() is None and _env_backend() is None:
-        if x.is_cpu:
-            return "cpu" if _CPU_BUILT else "torch"
-        if x.is_cuda:
-            return _AUTO_CUDA
+    if backend is None:
+        if _current.get() is None and _env_backend() is None:
+            if x.is_cpu:
+                return "cpu" if _CPU_BUILT else "torch"
+            if x.is_cuda:
+                return _AUTO_CUDA
+    elif backend == "cpu":
+        if x.is_cpu and _CPU_BUILT:
+            return backend
+    elif backend == "cuda" and x.is_cuda and _CUDA_BUILT:
+        return backend
     return resolve(backend, x.device)
 
 
