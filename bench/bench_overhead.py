@@ -11,8 +11,9 @@ torch ops with t of shape (8, 1) broadcast), kept in this file.
 Groups (one row each in the report's "Host overhead" table; the report
 divides every time by the torch.add row):
 
-  overhead-floor      torch.add(a, b) | torch.ops.flowkern.interpolate.nograd (the
-                      bare C++ op as a public call makes it: no Python around it)
+  overhead-floor      torch.add(a, b) | flowkern::interpolate.nograd (the bare C++ op
+                      as a public call makes it, through the same caller: no Python
+                      around it)
   overhead · <op>     flowkern vs eager, per call:
       interpolate             fresh outputs | eager xt = t*x1 + (1-t)*x0, u = x1 - x0
       interpolate out=        into (x_t, y) buffers | the same eager (the peers allocate)
@@ -126,13 +127,18 @@ def test_floor_torch_add(benchmark, measure):
 
 
 def test_floor_raw_op(benchmark, measure):
-    label(benchmark, "torch.ops.flowkern.interpolate.nograd", "raw op", "floor", 1,
-          "torch.ops.flowkern.interpolate.nograd (t, linear schedule)",
+    need_cpu_kernels()
+    from flowkern.backend import fastcall
+    from flowkern.ops.training import _NATIVE
+    # the caller the public functions use: flowkern._fastcall's where it
+    # serves this torch, else the overload's _op (docs/build.md)
+    via = "flowkern._fastcall" if fastcall() is not None else "OpOverload._op"
+    label(benchmark, "flowkern::interpolate.nograd", "raw op", "floor", 1,
+          f"flowkern::interpolate.nograd via {via} (t, linear schedule)",
           note="the C++ op alone, as the public call makes it: checks, coefficients, "
                "kernel and allocation in C++; no Python wrapper, no autograd kernel")
-    need_cpu_kernels()
     d = data()
-    op = torch.ops.flowkern.interpolate.nograd
+    op = _NATIVE.direct.interpolate
     fn = lambda: op(d.x0, d.x1, d.t, 0.0, 0, [], 0, True)  # noqa: E731
     close(fn()[0], d.t_col * d.x1 + (1 - d.t_col) * d.x0)
     measure(fn)

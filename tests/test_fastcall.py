@@ -141,6 +141,7 @@ def test_errors_equal_torchs_binding():
     x, p = torch.randn(3, 5), torch.randn(3, 5)
     tab = fk.step_table("linear", 0.2, 0.5)
     fast, slow = _ops("euler_step")
+    before = fast.fallbacks  # other tests' unusual calls (fake tensors, ...) count too
     bad = [
         _euler_args(x, torch.randn(3, 4), tab, torch.empty_like(x)),       # shape
         _euler_args(x, p, tab, torch.empty(3, 5, dtype=torch.float64)),    # out dtype
@@ -157,7 +158,7 @@ def test_errors_equal_torchs_binding():
     xg = torch.randn(3, 5, requires_grad=True)
     with pytest.raises(RuntimeError, match="argument 'x' requires grad"):
         fast(*_euler_args(xg, p, tab, torch.empty_like(x)))
-    assert fast.fallbacks == 0
+    assert fast.fallbacks == before
 
 
 class _Sub(torch.Tensor):

@@ -198,6 +198,21 @@ def calls_for(backend: str) -> types.SimpleNamespace:
     return CALLS[TRITON_NS if backend == "triton" else NATIVE_NS]
 
 
+class _Direct:
+    """A torch.ops namespace as DiffOp's eager backward calls it: each op's
+    default overload through direct() (the fast caller), looked up once per
+    name. The backward registered with register_autograd, which torch.compile
+    traces, keeps the torch.ops namespace."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def __getattr__(self, name):
+        fn = direct(getattr(self._ops, name).default)
+        setattr(self, name, fn)  # __getattr__ runs once per name
+        return fn
+
+
 def register(name: str, fake, backward=None, setup_context=None, nograd=False, jvp=None,
              reference=None, diff=(), saved_at=None):
     """Fake + autograd for `name` in every namespace.
@@ -221,9 +236,10 @@ def register(name: str, fake, backward=None, setup_context=None, nograd=False, j
         if jvp is not None:
             packet = getattr(ops, name)
             op = packet.nograd if (nograd and ns == NATIVE_NS) else packet.default
+            eager_ops = _Direct(ops) if ns == NATIVE_NS else ops
             setattr(CALLS[ns], name, DiffOp(f"{ns}::{name}", op, packet.default, setup_context,
-                                            backward(ops), jvp(CALLS[ns]), reference, diff,
-                                            saved_at))
+                                            backward(eager_ops), jvp(CALLS[ns]), reference,
+                                            diff, saved_at))
     if not cpu_built():
         return
     if nograd:
