@@ -165,6 +165,22 @@ def test_no_derivative_ops_refuse_a_gradient():
     torch.testing.assert_close(out, torch.full(SHAPE, 0.25))
 
 
+def test_fast_caller_only_where_built():
+    """flowkern._fastcall serves exactly the torch (and the CPython, by its file
+    name) the wheel was built for; elsewhere the ops' own binding serves the
+    public calls (docs/build.md)."""
+    import flowkern._C as native
+    import flowkern.backend as backend
+
+    expected = (native.TORCH_VERSION == torch.__version__
+                and importlib.util.find_spec("flowkern._fastcall") is not None)
+    print(f"public functions' op caller: "
+          f"{'flowkern._fastcall' if backend.fastcall() else 'OpOverload._op'}")
+    assert (backend.fastcall() is not None) is expected
+    x, v = torch.randn(SHAPE), torch.randn(SHAPE)
+    torch.testing.assert_close(fk.euler_step(x, v, t=0.25, s=0.5, backend="cpu"), x + 0.25 * v)
+
+
 def test_type_errors_stay_type_errors():
     """No TypeError crosses the stable ABI: the public functions re-raise the
     op's marked ValueError as one (flowkern/ops/_registry.py retyped)."""
