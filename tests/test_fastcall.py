@@ -86,15 +86,20 @@ def test_public_calls_take_the_fast_path():
 
 
 def test_the_differentiable_call_takes_the_fast_path():
-    """DiffOp's forward runs the .nograd kernel through the fast caller too."""
+    """DiffOp's eager forward runs the .nograd kernel, and its eager backward
+    the backward op, through fast callers; neither falls back."""
+    from flowkern.ops._registry import CALLS, NATIVE_NS
+    diff = getattr(CALLS[NATIVE_NS], "fm_loss")
+    back = diff.backward_ops.fm_loss_backward  # what that backward calls
+    assert type(diff.run).__name__ == "FastOp", diff.run
+    assert type(back).__name__ == "FastOp", back
+    before = diff.run.fallbacks, back.fallbacks  # other tests' fake tensors count too
     x0 = torch.randn(4, 6, requires_grad=True)
-    x1 = torch.randn(4, 6)
-    op = _fast_ops()["fm_loss"]
-    before = op.fallbacks
-    loss = fk.flow_matching_loss(torch.randn(4, 6), x0, x1, torch.rand(4))
+    pred = torch.randn(4, 6, requires_grad=True)
+    loss = fk.flow_matching_loss(pred, x0, torch.randn(4, 6), torch.rand(4))
     loss.backward()
-    assert op.fallbacks == before
-    assert x0.grad is not None and torch.isfinite(x0.grad).all()
+    assert (diff.run.fallbacks, back.fallbacks) == before
+    assert torch.isfinite(x0.grad).all() and torch.isfinite(pred.grad).all()
 
 
 def _euler_args(x, p, tab, out):

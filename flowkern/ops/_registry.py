@@ -237,9 +237,10 @@ def register(name: str, fake, backward=None, setup_context=None, nograd=False, j
             packet = getattr(ops, name)
             op = packet.nograd if (nograd and ns == NATIVE_NS) else packet.default
             eager_ops = _Direct(ops) if ns == NATIVE_NS else ops
-            setattr(CALLS[ns], name, DiffOp(f"{ns}::{name}", op, packet.default, setup_context,
-                                            backward(eager_ops), jvp(CALLS[ns]), reference,
-                                            diff, saved_at))
+            diff_op = DiffOp(f"{ns}::{name}", op, packet.default, setup_context,
+                             backward(eager_ops), jvp(CALLS[ns]), reference, diff, saved_at)
+            diff_op.backward_ops = eager_ops  # what its eager backward calls (tests read it)
+            setattr(CALLS[ns], name, diff_op)
     if not cpu_built():
         return
     if nograd:
@@ -446,7 +447,7 @@ class DiffOp:
             return fused(ctx, *grads)  # raises if its result is differentiated
         bwd = staticmethod(backward_or_none)
 
-        run = direct(op)
+        run = self.run = direct(op)  # what the eager forward calls
 
         class Eager(torch.autograd.Function):
             @staticmethod
