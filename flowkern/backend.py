@@ -153,17 +153,18 @@ def available() -> dict[str, bool]:
             "triton": triton_available() and (torch.cuda.is_available() or triton_interpreted())}
 
 
-# what _auto gives a CUDA tensor (fixed at import, as the modules it reads)
+# the auto backend of a CPU and of a CUDA tensor (fixed at import, as the
+# modules they depend on): _auto's answers, which resolve_for gives without
+# reading a device
+_AUTO_CPU = "cpu" if _CPU_BUILT else "torch"
 _AUTO_CUDA = "cuda" if _CUDA_BUILT else "triton" if _TRITON else "torch"
 
 
 def _auto(device: torch.device) -> str:
     if device.type == "cuda":
-        if cuda_built():
-            return "cuda"
-        return "triton" if triton_available() else "torch"
-    if device.type == "cpu" and cpu_built():
-        return "cpu"
+        return _AUTO_CUDA
+    if device.type == "cpu":
+        return _AUTO_CPU
     return "torch"
 
 
@@ -175,7 +176,7 @@ def resolve_for(backend: str | None, x: torch.Tensor) -> str:
     if backend is None:
         if _current.get() is None and _env_backend() is None:
             if x.is_cpu:
-                return "cpu" if _CPU_BUILT else "torch"
+                return _AUTO_CPU
             if x.is_cuda:
                 return _AUTO_CUDA
     elif backend == "cpu":
@@ -191,8 +192,6 @@ def resolve(backend: str | None, device: torch.device) -> str:
     if backend is None:
         backend = _current.get() or _env_backend()
         if backend is None:
-            if device.type == "cpu":
-                return "cpu" if _CPU_BUILT else "torch"
             return _auto(device)
         _check_name(backend, "backend (from use_backend/FLOWKERN_BACKEND)")
     else:
