@@ -101,7 +101,7 @@ inline Tensor nan_partial(i64 rows, i64 inner, i64 chunk_len, const Tensor& coef
 inline void check_same(const std::vector<Tensor>& in, const char* op) {
   FK_CHECK(!in.empty(), op, ": no inputs");
   for (const auto& t : in) {
-    FK_CHECK(t.is_contiguous() && t.sizes() == in[0].sizes() &&
+    FK_CHECK(t.is_contiguous() && same_sizes(t.sizes(), in[0].sizes()) &&
                  t.scalar_type() == in[0].scalar_type(),
              op, ": inputs must be contiguous with one shape and dtype");
   }

@@ -23,7 +23,7 @@ inline FlowmapArgs flowmap_args(const char* op, const Tensor& x, const Tensor& p
   for (const Tensor* t : {&pred, &target, &coef})
     FK_CHECK(t->device() == x.device(), op, ": pred, target and coef must be on x's device");
   for (const Tensor* t : {&pred, &target})
-    FK_CHECK(t->sizes() == x.sizes() && t->scalar_type() == x.scalar_type(), op,
+    FK_CHECK(same_sizes(t->sizes(), x.sizes()) && t->scalar_type() == x.scalar_type(), op,
              ": pred and target must match x in shape and dtype");
   return {contig(x), contig(pred), contig(target), contig(coef),
           coef.size(0) == 1 ? 0 : fk::STEP_COLS};

@@ -84,11 +84,29 @@ inline Shape contiguous_strides(IntArrayRef shape) {
   return strides;
 }
 
+// A shim call's error code to an exception. torch >= 2.12's headers carry
+// STABLE_TORCH_ERROR_CODE_CHECK, which adds the shim's own message (e.g. the
+// allocator's); a build against older headers (a GPU machine's torch 2.11,
+// docs/build.md) has the header-only check, which names the call alone.
+#ifdef STABLE_TORCH_ERROR_CODE_CHECK
+#define FK_SHIM_CHECK(call) STABLE_TORCH_ERROR_CODE_CHECK(call)
+#else
+#define FK_SHIM_CHECK(call) TORCH_ERROR_CODE_CHECK(call)
+#endif
+
+// Whether two shapes are equal (torch < 2.12's IntArrayRef has no ==).
+inline bool same_sizes(IntArrayRef a, IntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
 // A fresh contiguous tensor.
 inline Tensor empty(IntArrayRef shape, ScalarType dtype, const Device& device) {
   const Shape strides = contiguous_strides(shape);
   AtenTensorHandle h = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+  FK_SHIM_CHECK(aoti_torch_empty_strided(
       int64_t(shape.size()), shape.data(), strides.data(), shim_dtype(dtype),
       shim_device_type(device.type()), device.has_index() ? device.index() : 0, &h));
   return Tensor(h);
@@ -108,7 +126,7 @@ inline Tensor contig(const Tensor& x) {
 template <class... Args>
 Tensor aten_op(const char* name, const char* overload, const Args&... args) {
   std::array<StableIValue, sizeof...(Args)> stack{torch::stable::detail::from(args)...};
-  STABLE_TORCH_ERROR_CODE_CHECK(
+  FK_SHIM_CHECK(
       torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
   return torch::stable::detail::to<Tensor>(stack[0]);
 }

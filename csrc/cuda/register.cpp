@@ -34,7 +34,7 @@ struct CudaDevice {
     }();
     FK_CHECK(get != nullptr, "flowkern: this torch exports no CUDA stream (a CPU-only build?)");
     void* s = nullptr;
-    STABLE_TORCH_ERROR_CODE_CHECK(get(int32_t(d.index()), &s));
+    FK_SHIM_CHECK(get(int32_t(d.index()), &s));
     return reinterpret_cast<uintptr_t>(s);
   }
   // Two waves of 256-thread blocks at full occupancy (fk::kDefaultMaxBlocks's reasoning).
