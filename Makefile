@@ -58,12 +58,16 @@ bench: $(BUILT)
 
 # On a machine with a CUDA GPU: the suite on the real cuda and triton kernels
 # (no interpreter; the wheel test is left to CI), then the device bandwidth
-# benchmark of every fused op, with a summary.
+# benchmark of every fused op, the sync and CUDA-graph check, and the host time
+# per call of each GPU backend, with a summary. On a GPU machine without
+# network (no .venv), tools/gpu_check_bare.sh does the same with its python3.
 gpu-check: $(BUILT)
 	FLOWKERN_TEST_DEVICE=cuda $(PY) -m pytest tests -q --durations=10 \
 	    -k "not test_build" 2>&1 | tee gpu-check.log
 	$(PY) bench/device_bench.py --device cuda 2>&1 | tee -a gpu-check.log
 	$(PY) bench/gpu_sync_check.py 2>&1 | tee -a gpu-check.log
+	$(PY) bench/gpu_overhead.py --backend cuda 2>&1 | tee -a gpu-check.log
+	$(PY) bench/gpu_overhead.py --backend triton 2>&1 | tee -a gpu-check.log
 	@echo "=== gpu-check summary ==="; grep -E "passed|failed|error" gpu-check.log | tail -3; \
 	    grep -A40 "^device cuda" gpu-check.log
 

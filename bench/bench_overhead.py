@@ -63,6 +63,7 @@ T, S, TP = 0.4, 0.45, 0.35      # step from t to s; t_prev for DPM-Solver++(2M)
 G = 0.5                         # em_step's diffusion coefficient
 T_HAT = 0.4                     # churn from S back to T_HAT
 BACKEND = "cpu"
+DEVICE = "cpu"                  # bench/gpu_overhead.py runs these cases on "cuda"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,8 +83,8 @@ def need_cpu_kernels():
 def data():
     """Fresh inputs per benchmark (the in-place steps update their state)."""
     g = torch.Generator().manual_seed(0)
-    mk = lambda: torch.randn(ROWS, COLS, generator=g)  # noqa: E731
-    t = torch.rand(ROWS, generator=g) * 0.8 + 0.1
+    mk = lambda: torch.randn(ROWS, COLS, generator=g).to(DEVICE)  # noqa: E731
+    t = (torch.rand(ROWS, generator=g) * 0.8 + 0.1).to(DEVICE)
     return SimpleNamespace(x0=mk(), x1=mk(), pred=mk(), x=mk(), v=mk(), xe=mk(), ve=mk(),
                            dp=mk(), out=mk(), out2=mk(), t=t, t_col=t.reshape(-1, 1).clone())
 
@@ -273,14 +274,14 @@ def _convert_eager(d):
 
 def _tables():
     """Step tables precomputed the way a sampler does: one table for the grid,
-    row i per step."""
+    row i per step (on DEVICE, where the sampler keeps them)."""
+    def v(*xs):
+        return torch.tensor(xs, device=DEVICE)
     return SimpleNamespace(
-        plain=fk.step_table("linear", torch.tensor([T, S]), torch.tensor([S, 0.5]))[0],
-        prev=fk.step_table("linear", torch.tensor([T, S]), torch.tensor([S, 0.5]),
-                           t_prev=torch.tensor([TP, T]))[0],
-        em=fk.step_table("linear", torch.tensor([T, S]), torch.tensor([S, 0.5]),
-                         g=torch.tensor([G, G]))[0],
-        churn=fk.step_table("linear", torch.tensor([S, 0.5]), torch.tensor([T_HAT, S]))[0])
+        plain=fk.step_table("linear", v(T, S), v(S, 0.5))[0],
+        prev=fk.step_table("linear", v(T, S), v(S, 0.5), t_prev=v(TP, T))[0],
+        em=fk.step_table("linear", v(T, S), v(S, 0.5), g=v(G, G))[0],
+        churn=fk.step_table("linear", v(S, 0.5), v(T_HAT, S))[0])
 
 
 def _euler_fk_table(d):
@@ -491,14 +492,14 @@ def _loop_fk_cold(d):
 def _loop_adapter(d):
     need_cpu_kernels()
     from flowkern.integrations import k_diffusion as adapter
-    sigmas = _kdiff().get_sigmas_karras(STEPS, 0.002, 80.0)
+    sigmas = _kdiff().get_sigmas_karras(STEPS, 0.002, 80.0, device=DEVICE)
     x = d.x * 80
     return lambda: adapter.sample_euler(_zero_model, x, sigmas, disable=True, backend=BACKEND)
 
 
 def _loop_kd(d):
     kd = _kdiff()
-    sigmas = kd.get_sigmas_karras(STEPS, 0.002, 80.0)
+    sigmas = kd.get_sigmas_karras(STEPS, 0.002, 80.0, device=DEVICE)
     x = d.x * 80
     return lambda: kd.sample_euler(_zero_model, x, sigmas, disable=True)
 

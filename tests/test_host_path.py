@@ -299,3 +299,28 @@ def test_partial_overlaps_are_errors(backend):
     with pytest.raises(ValueError):
         fk.euler_step(x, pred, 0.2, 0.3, out=shifted, backend=backend)
     assert torch.equal(buf, snapshot)  # nothing written before the error
+
+
+def test_gpu_overhead_script_runs_its_cpu_dry_run():
+    """bench/gpu_overhead.py (what `make gpu-check` times on a GPU) stays
+    runnable: on CPU tensors with the cpu backend every case runs, passes its
+    check against the eager formulation, and is reported; so does --profile."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "bench"))
+    try:
+        import bench_overhead as bo
+    finally:
+        sys.path.pop(0)
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_overhead.py"),
+                        "--device", "cpu", "--backend", "cpu", "--n", "3", "--reps", "1",
+                        "--shape", "5x37", "--profile", "euler_step (table)"],
+                       cwd=root, capture_output=True, text=True, timeout=600)
+    out = r.stdout
+    assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
+    cases = 2 + 2 * len(bo.OPS) + len(bo.LOOPS)  # torch.add, the bare op, every pair, the loops
+    assert f"gpu_overhead: {cases} cases, 0 failed" in out, out[-3000:]
+    assert "cProfile of 3 calls of fk.euler_step" in out
+    assert "FAIL" not in out and "SKIP" not in out, out[-3000:]
