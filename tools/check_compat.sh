@@ -4,7 +4,9 @@
 # CUDA kernels included), then installs that same file into a fresh venv per
 # torch version and runs tests_compat/test_smoke.py there, from outside the
 # repository: import, every op on `cpu` against the torch reference, the CUDA
-# kernels registered for the CUDA key, the no-derivative ops' rules.
+# kernels registered for the CUDA key, the no-derivative ops' rules. In each
+# venv tools/compile_check.py also compiles every C++ source against that
+# torch's headers (g++ -fsyntax-only): a source install must build there too.
 #
 #   1. the wheel: `pip wheel` of a copy of the working tree (uncommitted
 #      changes included; what git ignores left out), with the main .venv's
@@ -29,7 +31,7 @@ BUILD_PY="$ROOT/.venv/bin/python"
 # the lowest torch the stable ABI target allows (setup.py TORCH_TARGET), a
 # CPU-only build, the build's own torch, and the newest on PyPI
 COMPAT_TORCH="${COMPAT_TORCH:-torch==2.10.0 torch==2.13.0+cpu torch==2.14.1 torch==2.15.0}"
-DEPS="pytest numpy"
+DEPS="pytest numpy setuptools"
 START=$(date +%s)
 
 [[ -x "$BUILD_PY" ]] || { echo "no $BUILD_PY: run make build first"; exit 1; }
@@ -85,7 +87,7 @@ for SPEC in $COMPAT_TORCH; do
         # shellcheck disable=SC2086  (DEPS is a list)
         if ! "$VENV/bin/python" -m pip install -q "$SPEC" $DEPS > "$TMP/pip-$VERSION.log" 2>&1; then
             tail -5 "$TMP/pip-$VERSION.log"
-            ROWS+=("| $VERSION | - | - | pip could not install $SPEC |"); FAILED=1; continue
+            ROWS+=("| $VERSION | - | - | pip could not install $SPEC | - |"); FAILED=1; continue
         fi
         echo "$SPEC $DEPS" > "$STAMP"
     fi
@@ -100,23 +102,27 @@ for SPEC in $COMPAT_TORCH; do
         FLOWKERN_COMPAT_CUDA_KERNELS="$CUDA_KERNELS" \
         "$VPY" -m pytest -q -s -p no:cacheprovider -ra test_smoke.py) > "$LOG" 2>&1
     RC=$?
+    (cd "$ROOT" && env -u PYTHONPATH "$VPY" tools/compile_check.py) > "$TMP/compile-$VERSION.log" 2>&1
+    CRC=$?
     set -e
+    if [[ $CRC -eq 0 ]]; then SOURCES="yes"; else
+        SOURCES="FAIL"; FAILED=1; grep -A8 "^FAIL" "$TMP/compile-$VERSION.log" | head -20; fi
     SUMMARY="$(grep -E '^(=+ )?[0-9]+ (passed|failed|error)' "$LOG" | tail -1 | tr -d '=' | xargs)"
     KERNEL="$(grep -o 'Autograd-key kernel of the no-derivative ops: [^ ]*' "$LOG" | head -1 | awk '{print $NF}')"
     if [[ $RC -ne 0 ]]; then
         FAILED=1
         grep -E "^(FAILED|ERROR)" "$LOG" | head -10
-        ROWS+=("| $VERSION | $CUDA | ${KERNEL:-?} | FAIL: ${SUMMARY:-pytest exit $RC} |")
+        ROWS+=("| $VERSION | $CUDA | ${KERNEL:-?} | FAIL: ${SUMMARY:-pytest exit $RC} | $SOURCES |")
     else
-        ROWS+=("| $VERSION | $CUDA | ${KERNEL:-?} | $SUMMARY |")
+        ROWS+=("| $VERSION | $CUDA | ${KERNEL:-?} | $SUMMARY | $SOURCES |")
     fi
 done
 
 # -- 3. the matrix -------------------------------------------------------------------
 echo
 echo "wheel $(basename "$WHEEL"), built against torch $BUILD_TORCH, $(( $(date +%s) - START ))s:"
-echo "| torch | torch.version.cuda | no-derivative kernel | smoke suite |"
-echo "|---|---|---|---|"
+echo "| torch | torch.version.cuda | no-derivative kernel | smoke suite | sources compile |"
+echo "|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
 if [[ $FAILED -ne 0 ]]; then
     echo "=== test-compat: FAIL ==="
