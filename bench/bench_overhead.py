@@ -13,7 +13,9 @@ divides every time by the torch.add row):
 
   overhead-floor      torch.add(a, b) | flowkern::interpolate.nograd (the bare C++ op
                       as a public call makes it, through the same caller: no Python
-                      around it)
+                      around it) | the triton ops' custom-op layer (euler_step's
+                      schema, no-op body) through the dispatcher and through
+                      flowkern._fastcall's direct caller
   overhead · <op>     flowkern vs eager, per call:
       interpolate             fresh outputs | eager xt = t*x1 + (1-t)*x0, u = x1 - x0
       interpolate out=        into (x_t, y) buffers | the same eager (the peers allocate)
@@ -143,6 +145,45 @@ def test_floor_raw_op(benchmark, measure):
     fn = lambda: op(d.x0, d.x1, d.t, 0.0, 0, [], 0, True)  # noqa: E731
     close(fn()[0], d.t_col * d.x1 + (1 - d.t_col) * d.x0)
     measure(fn)
+    per_call(benchmark)
+
+
+# The triton backend's op layer: each flowkern_triton:: op is a torch.library
+# custom op whose kernel is a Python function (the Triton launch). A custom op
+# of euler_step's schema with a body that does nothing times that layer alone
+# (the Triton launch needs a GPU): through the dispatcher, and through
+# flowkern._fastcall's direct caller, which eager triton calls take where the
+# custom op's wrappers would only pass the call on (docs/build.md).
+
+def _noop(*args):
+    return None
+
+
+def _layer_probe():
+    ops = getattr(torch.ops, "flowkern_bench", None)
+    if ops is None or not hasattr(ops, "layer_probe"):
+        from flowkern.ops._registry import SCHEMAS
+        torch.library.custom_op("flowkern_bench::layer_probe", mutates_args=("out",),
+                                schema=SCHEMAS["euler_step"])(_noop)
+    return torch.ops.flowkern_bench.layer_probe.default
+
+
+@pytest.mark.parametrize("via", ["dispatcher", "direct"])
+def test_floor_triton_layer(benchmark, measure, via):
+    from flowkern.backend import fastcall
+    op = _layer_probe()
+    if via == "direct":
+        if fastcall() is None:
+            pytest.skip("flowkern._fastcall does not serve this torch")
+        op = fastcall().impl(op._schema.name, "", op, _noop)
+    label(benchmark, "custom op layer", f"layer {via}", "floor", 2 if via == "dispatcher" else 3,
+          f"custom op of euler_step's schema, no-op body, via {via}",
+          note="the layer every triton call crosses, without the Triton launch")
+    d = data()
+    args = (d.x, d.v, None, None, [T, S, 0.0, 0.0], 0, [], 0, 1.0, False, d.out)
+    measure(lambda: op(*args))
+    if via == "direct":
+        assert op.fallbacks == 0 and op.taken > 0
     per_call(benchmark)
 
 

@@ -367,6 +367,7 @@ OVH_NO_TARGET = ("plan rebuilt",)
 OVH_PEER_ROLES = ("eager", "peer")
 OVH_MAX_VS_ADD = 2.5              # every single-call op and step: flowkern <= 2.5x torch.add
 OVH_FWD_BWD = "flow_matching_loss fwd+bwd"
+OVH_LAYER = ("layer dispatcher", "layer direct")  # the triton ops' custom-op layer
 OVH_ROW_NAMES = {"adapter": "k-diffusion adapter sample_euler (per step)",
                  "plan rebuilt": "fk.sample, plan rebuilt every call (per step)"}
 
@@ -496,6 +497,19 @@ def overhead_table(rows, limit):
                       f"({fmt_time(_per(raw, 'median'))}) = {_ratio_cell(raw, add)} torch.add")
         else:
             floor += "; the bare C++ op row is missing (skipped: flowkern._C not built)"
+        layer = {b["extra_info"]["overhead_role"]: b for b in rows
+                 if b["extra_info"]["overhead_role"] in OVH_LAYER}
+        if layer.get(OVH_LAYER[0]) is not None:
+            via = layer[OVH_LAYER[0]]
+            floor += (f". The triton backend's op layer (a torch.library custom op of "
+                      f"euler_step's schema with a no-op body; the Triton launch needs a GPU): "
+                      f"{fmt_time(_per(via, 'min'))} ({fmt_time(_per(via, 'median'))}) "
+                      f"through the dispatcher")
+            if layer.get(OVH_LAYER[1]) is not None:
+                d = layer[OVH_LAYER[1]]
+                floor += (f", {fmt_time(_per(d, 'min'))} ({fmt_time(_per(d, 'median'))}) "
+                          f"through flowkern._fastcall's direct caller, which the eager "
+                          f"triton calls take")
         lines += [floor + ".", ""]
     else:
         lines += ["No `torch.add` floor row in this JSON: the ratios to it are omitted.", ""]

@@ -21,6 +21,10 @@
 // built for; flowkern imports it only there (flowkern/backend.py).
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -269,9 +273,209 @@ PyObject* make_op(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// ---------------------------------------------------------------------------
+// ImplOp: the eager call of a flowkern_triton:: op (a torch.library custom op
+// whose kernel is a Python function: the Triton launch). Through the
+// dispatcher such a call runs three Python kernels (the custom op's Autograd,
+// ADInplaceOrView and backend wrappers) around the function; for a call
+// where none of them does anything but pass it on, this calls the function
+// itself, after what the ADInplaceOrView wrapper does: bump the version of
+// every argument the schema writes (Tensor(a!)).
+//
+// "Nothing to do" is decided here, conservatively: positional arguments of
+// the schema's kinds; every tensor a plain torch.Tensor on CPU or CUDA (no
+// subclass, functorch wrapper, meta, sparse, conj/neg view, ...) that needs
+// no gradient (grad mode on and requires_grad) and carries no forward-mode
+// tangent; a written inference tensor only in inference mode; no
+// TorchFunctionMode, no TorchDispatchMode or functorch transform (the
+// thread's included dispatch keys are the default ones), and no profiler or
+// other RecordFunction observer, which would expect the op's record. Every
+// other call goes to the fallback (the overload's own caller), unchanged.
+
+struct ImplOp {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  std::vector<Arg>* kinds;
+  std::vector<bool>* writes;  // per argument: the schema writes it (Tensor(a!))
+  PyObject* impl;             // the op's Python function
+  PyObject* fallback;
+  PyObject* name;
+  Py_ssize_t fallbacks;
+  Py_ssize_t taken;  // calls that ran the function itself (tests: the public calls' path)
+};
+
+// Whether the custom op's Python kernels would only pass tensor `o` on.
+bool plain_arg(PyObject* o, bool written, bool grad_mode, bool inference_mode) {
+  if (!THPVariable_CheckExact(o)) return false;
+  const at::Tensor& t = THPVariable_Unpack(o);
+  static const c10::DispatchKeySet allowed = [] {
+    c10::DispatchKeySet ks;
+    for (auto k : {c10::DispatchKey::CPU, c10::DispatchKey::CUDA}) {
+      const auto b = c10::toBackendComponent(k);
+      ks = ks | c10::DispatchKeySet(k) | c10::getAutogradRelatedKeySetFromBackend(b) |
+           c10::getAutocastRelatedKeySetFromBackend(b);
+    }
+    return ks;
+  }();
+  // a subset of `allowed` (DispatchKeySet's `-` keeps the backend bits)
+  if ((t.key_set() | allowed) != allowed) return false;
+  if (written && t.is_inference() && !inference_mode) return false;
+  c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (impl->autograd_meta() == nullptr) return true;  // every plain tensor: no grad, no tangent
+  if (grad_mode && t.requires_grad()) return false;
+  for (uint64_t level = 0; level < 8; ++level)
+    if (t._fw_grad(level).defined()) return false;
+  return true;
+}
+
+bool plain_call(const ImplOp* self, PyObject* const* args) {
+  const std::vector<Arg>& kinds = *self->kinds;
+  const bool grad_mode = c10::GradMode::is_enabled();
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    PyObject* o = args[i];
+    const bool written = (*self->writes)[i];
+    switch (kinds[i]) {
+      case Arg::OptionalTensor:
+        if (o == Py_None) break;
+        [[fallthrough]];
+      case Arg::Tensor:
+        if (!plain_arg(o, written, grad_mode, inference_mode)) return false;
+        break;
+      case Arg::TensorList: {
+        if (!PyList_CheckExact(o) && !PyTuple_CheckExact(o)) return false;
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+        PyObject** items = PySequence_Fast_ITEMS(o);
+        for (Py_ssize_t j = 0; j < n; ++j)
+          if (!plain_arg(items[j], written, grad_mode, inference_mode)) return false;
+        break;
+      }
+      case Arg::FloatList: {
+        if (!PyList_CheckExact(o) && !PyTuple_CheckExact(o)) return false;
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+        PyObject** items = PySequence_Fast_ITEMS(o);
+        for (Py_ssize_t j = 0; j < n; ++j)
+          if (!PyFloat_CheckExact(items[j])) return false;
+        break;
+      }
+      case Arg::Int:
+        if (!PyLong_CheckExact(o)) return false;
+        break;
+      case Arg::Float:
+        if (!PyFloat_CheckExact(o)) return false;
+        break;
+      case Arg::Bool:
+        if (o != Py_True && o != Py_False) return false;
+        break;
+    }
+  }
+  return true;
+}
+
+// The ADInplaceOrView wrapper's version bump of every written tensor.
+void bump_written(const ImplOp* self, PyObject* const* args) {
+  const std::vector<Arg>& kinds = *self->kinds;
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    if (!(*self->writes)[i] || args[i] == Py_None) continue;
+    auto bump = [](PyObject* o) {
+      const at::Tensor& t = THPVariable_Unpack(o);
+      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    };
+    if (kinds[i] == Arg::TensorList) {
+      const Py_ssize_t n = PySequence_Fast_GET_SIZE(args[i]);
+      PyObject** items = PySequence_Fast_ITEMS(args[i]);
+      for (Py_ssize_t j = 0; j < n; ++j) bump(items[j]);
+    } else if (kinds[i] == Arg::Tensor || kinds[i] == Arg::OptionalTensor) {
+      bump(args[i]);
+    }
+  }
+}
+
+PyObject* impl_call(PyObject* self_, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+  auto* self = reinterpret_cast<ImplOp*>(self_);
+  const Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+  if (kwnames == nullptr && static_cast<size_t>(n) == self->kinds->size() &&
+      !at::impl::torch_function_mode_enabled() &&
+      (c10::impl::tls_local_dispatch_key_set().included_ - c10::default_included_set).empty() &&
+      !at::hasCallbacks() && plain_call(self, args)) {
+    HANDLE_TH_ERRORS
+    bump_written(self, args);
+    END_HANDLE_TH_ERRORS
+    ++self->taken;
+    return PyObject_Vectorcall(self->impl, args, nargsf, nullptr);
+  }
+  ++self->fallbacks;
+  return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+void impl_dealloc(PyObject* s) {
+  auto* self = reinterpret_cast<ImplOp*>(s);
+  delete self->kinds;
+  delete self->writes;
+  Py_XDECREF(self->impl);
+  Py_XDECREF(self->fallback);
+  Py_XDECREF(self->name);
+  Py_TYPE(s)->tp_free(s);
+}
+
+PyObject* impl_repr(PyObject* s) {
+  return PyUnicode_FromFormat("<flowkern._fastcall impl %U>", reinterpret_cast<ImplOp*>(s)->name);
+}
+
+PyMemberDef impl_members[] = {
+    {"fallbacks", T_PYSSIZET, offsetof(ImplOp, fallbacks), READONLY,
+     "how many calls went to the fallback (the op through the dispatcher)"},
+    {"taken", T_PYSSIZET, offsetof(ImplOp, taken), READONLY,
+     "how many calls ran the function itself"},
+    {"fallback", T_OBJECT, offsetof(ImplOp, fallback), READONLY, "the overload's caller"},
+    {"impl", T_OBJECT, offsetof(ImplOp, impl), READONLY, "the op's Python function"},
+    {nullptr, 0, 0, 0, nullptr}};
+
+PyTypeObject ImplOpType = {PyVarObject_HEAD_INIT(nullptr, 0) "flowkern._fastcall.ImplOp"};
+
+// impl(qualified_name, overload_name, fallback, impl) -> an ImplOp, or
+// `fallback` itself when a schema argument is of a kind plain_call does not
+// check.
+PyObject* make_impl(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  const char* overload = nullptr;
+  PyObject* fallback = nullptr;
+  PyObject* fn = nullptr;
+  if (!PyArg_ParseTuple(args, "ssOO:impl", &name, &overload, &fallback, &fn)) return nullptr;
+  HANDLE_TH_ERRORS
+  const c10::OperatorHandle handle =
+      c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+  auto kinds = std::make_unique<std::vector<Arg>>();
+  if (!argument_kinds(handle.schema(), *kinds)) {
+    Py_INCREF(fallback);
+    return fallback;
+  }
+  auto writes = std::make_unique<std::vector<bool>>();
+  for (const c10::Argument& a : handle.schema().arguments())
+    writes->push_back(a.alias_info() != nullptr && a.alias_info()->isWrite());
+  ImplOp* self = PyObject_New(ImplOp, &ImplOpType);
+  if (self == nullptr) return nullptr;
+  self->vectorcall = impl_call;
+  self->kinds = kinds.release();
+  self->writes = writes.release();
+  Py_INCREF(fn);
+  self->impl = fn;
+  Py_INCREF(fallback);
+  self->fallback = fallback;
+  self->fallbacks = 0;
+  self->taken = 0;
+  self->name = *overload ? PyUnicode_FromFormat("%s.%s", name, overload)
+                         : PyUnicode_FromString(name);
+  return reinterpret_cast<PyObject*>(self);
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"op", make_op, METH_VARARGS,
      "op(qualified_name, overload_name, fallback): the fast caller of one overload"},
+    {"impl", make_impl, METH_VARARGS,
+     "impl(qualified_name, overload_name, fallback, impl): the direct caller of a custom "
+     "op's Python function, for the calls its dispatcher wrappers would only pass on"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastcall", nullptr, -1, methods};
@@ -288,6 +492,15 @@ PyMODINIT_FUNC PyInit__fastcall() {
   FastOpType.tp_members = fast_members;
   FastOpType.tp_doc = "A flowkern:: overload's fast Python caller (csrc/fastcall/fastcall.cpp)";
   if (PyType_Ready(&FastOpType) < 0) return nullptr;
+  ImplOpType.tp_basicsize = sizeof(ImplOp);
+  ImplOpType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+  ImplOpType.tp_vectorcall_offset = offsetof(ImplOp, vectorcall);
+  ImplOpType.tp_call = PyVectorcall_Call;
+  ImplOpType.tp_dealloc = impl_dealloc;
+  ImplOpType.tp_repr = impl_repr;
+  ImplOpType.tp_members = impl_members;
+  ImplOpType.tp_doc = "A flowkern_triton:: op's direct Python caller (csrc/fastcall/fastcall.cpp)";
+  if (PyType_Ready(&ImplOpType) < 0) return nullptr;
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
   // the torch it is bound to: flowkern imports it only into that one

@@ -73,6 +73,12 @@ def retyped(e: Exception) -> Exception:
     return e
 
 
+# The Python function of each flowkern_triton:: op (the Triton launch), by
+# qualified name: what direct() lets an eager call run without the custom
+# op's dispatcher wrappers.
+TRITON_IMPLS: dict = {}
+
+
 def triton_op(name: str):
     """Decorator: the flowkern_triton:: op `name`, with its schema from
     schemas.inc and the decorated function (the Triton launch, or the
@@ -83,9 +89,20 @@ def triton_op(name: str):
     qual = f"{TRITON_NS}::{name}"
     if not triton_ops_traced():
         # an opaque op: torch.compile calls it and does not see its kernel
-        return torch.library.custom_op(qual, mutates_args=writes, schema=schema)
+        def opaque(fn):
+            TRITON_IMPLS[qual] = fn
+            return torch.library.custom_op(qual, mutates_args=writes, schema=schema)(fn)
+        return opaque
 
     def define(fn):
+        # as triton_op's own backend kernel runs it: the launches inside go
+        # straight to Triton, not through the wrap_triton HOP
+        no_hop = getattr(_torch_triton, "set_wrap_triton_enabled", None)
+
+        def eager(*args):
+            with no_hop(False):
+                return fn(*args)
+        TRITON_IMPLS[qual] = fn if no_hop is None else eager
         # torch.library.triton_op (FLOWKERN_TRITON_OP=1): torch.compile traces
         # into the body, where each launch goes through wrap_triton, and
         # Inductor schedules the kernels themselves. Its scan of the body's
@@ -110,10 +127,13 @@ def namespaces() -> list[str]:
 
 def ops_for(backend: str):
     """The kernel-level ops that run `backend`: a torch.ops namespace (cpu and
-    cuda share flowkern::), or for `torch` the ops' torch formulas (TorchOp)."""
+    cuda share flowkern::), or for `torch` the ops' torch formulas (TorchOp).
+    For triton outside torch.compile: the ops through direct() (_TRITON_DIRECT)."""
     if backend == TORCH:
         return CALLS[TORCH]
-    return getattr(torch.ops, TRITON_NS if backend == "triton" else NATIVE_NS)
+    if backend == "triton":
+        return torch.ops.flowkern_triton if torch.compiler.is_compiling() else _TRITON_DIRECT
+    return torch.ops.flowkern
 
 
 def direct(op):
@@ -125,13 +145,22 @@ def direct(op):
     Where flowkern._fastcall serves this torch, `_op` is wrapped in its fast
     caller: the same dispatcher call for positional arguments of the schema's
     exact types and plain tensors (what the public functions pass), `_op`
-    itself for anything else (docs/build.md "flowkern._fastcall")."""
+    itself for anything else (docs/build.md "flowkern._fastcall"). A
+    flowkern_triton:: op (a custom op whose kernel is a Python function) gets
+    its direct caller: the function itself, for the calls the custom op's
+    dispatcher wrappers would only pass on."""
+    fast = fastcall()
+    schema = op._schema
+    impl = TRITON_IMPLS.get(schema.name) if fast is not None else None
+    if impl is not None:
+        # a flowkern_triton:: op: its Python function itself where the custom
+        # op's dispatcher wrappers would only pass the call on (_fastcall
+        # ImplOp), else the OpOverload
+        return fast.impl(schema.name, schema.overload_name, op, impl)
     if getattr(op, "_pyobj_dispatcher", None) is not None:
         return op
-    fast = fastcall()
     if fast is None:
         return op._op
-    schema = op._schema
     return fast.op(schema.name, schema.overload_name, op._op)
 
 
@@ -199,10 +228,11 @@ def calls_for(backend: str) -> types.SimpleNamespace:
 
 
 class _Direct:
-    """A torch.ops namespace as DiffOp's eager backward calls it: each op's
-    default overload through direct() (the fast caller), looked up once per
-    name. The backward registered with register_autograd, which torch.compile
-    traces, keeps the torch.ops namespace."""
+    """A torch.ops namespace as the eager calls make them (DiffOp's backward,
+    the triton ops of ops_for): each op's default overload through direct(),
+    looked up once per name. What torch.compile traces keeps the torch.ops
+    namespace (the backward registered with register_autograd, ops_for while
+    compiling)."""
 
     def __init__(self, ops):
         self._ops = ops
@@ -211,6 +241,9 @@ class _Direct:
         fn = direct(getattr(self._ops, name).default)
         setattr(self, name, fn)  # __getattr__ runs once per name
         return fn
+
+
+_TRITON_DIRECT = _Direct(torch.ops.flowkern_triton)
 
 
 def register(name: str, fake, backward=None, setup_context=None, nograd=False, jvp=None,
@@ -236,7 +269,7 @@ def register(name: str, fake, backward=None, setup_context=None, nograd=False, j
         if jvp is not None:
             packet = getattr(ops, name)
             op = packet.nograd if (nograd and ns == NATIVE_NS) else packet.default
-            eager_ops = _Direct(ops) if ns == NATIVE_NS else ops
+            eager_ops = _Direct(ops)
             diff_op = DiffOp(f"{ns}::{name}", op, packet.default, setup_context,
                              backward(eager_ops), jvp(CALLS[ns]), reference, diff, saved_at)
             diff_op.backward_ops = eager_ops  # what its eager backward calls (tests read it)
@@ -483,11 +516,12 @@ class DiffOp:
 
     def call(self, *args):
         """The differentiable call when an argument needs a gradient or a
-        transform is active, the bare op otherwise (what jvp formulas use)."""
+        transform is active, the bare op otherwise (what jvp formulas use):
+        its overload while torch.compile traces, else its eager caller (run)."""
         if transforms_active() or (torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
             return self(*args)
-        return self.op(*args)
+        return self.op(*args) if torch.compiler.is_compiling() else self.run(*args)
 
 
 # Fresh outputs of at least this many bytes come from flowkern::empty_output

@@ -1027,17 +1027,19 @@ for _name, _formula in {"euler_step": _torch_euler, "heun_step": _torch_heun,
 def _steps_for(backend):
     """The step implementations of a Python backend, with the ops' signatures:
     ops_for(backend) (the triton ops, or the torch formulas), ei_step without
-    out= its differentiable call."""
-    steps = _STEPS.get(backend)
-    if steps is None:
-        ops = ops_for(backend)
-        impls = {n: getattr(ops, n) for n in _STEP_OPS}
-        impls["ei_step"] = calls_for(backend).ei_step.call
-        steps = _STEPS[backend] = types.SimpleNamespace(**impls)
-    return steps
+    out= its differentiable call. Built at import for eager calls and for
+    torch.compile (ops_for differs there), so Dynamo only reads them."""
+    return _STEPS[backend, torch.compiler.is_compiling()]
 
 
-_STEPS: dict = {}
+def _step_impls(backend, compiling):
+    ops = torch.ops.flowkern_triton if (backend == "triton" and compiling) else ops_for(backend)
+    impls = {n: getattr(ops, n) for n in _STEP_OPS}
+    impls["ei_step"] = calls_for(backend).ei_step.call
+    return types.SimpleNamespace(**impls)
+
+
+_STEPS = {(b, c): _step_impls(b, c) for b in ("torch", "triton") for c in (False, True)}
 
 
 __all__ = ["euler_step", "heun_step", "ei_step", "dpmpp_2m_step", "em_step", "churn",
