@@ -160,17 +160,20 @@ def test_in_place_steps_refuse_inputs_that_need_a_gradient(op):
         call(torch.randn(4, 5), torch.randn(4, 5, requires_grad=True), None)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 @pytest.mark.parametrize("op", list(STEP_EXAMPLES))
-def test_in_place_writes_bump_the_version_counter(op):
+def test_in_place_writes_bump_the_version_counter(op, mode):
     """A buffer autograd saved and a step overwrote makes backward raise (the
-    version counter), as PyTorch's own in-place ops do."""
+    version counter, bumped once per call), as PyTorch's own in-place ops do:
+    under no_grad, and in inference mode too, where the Autograd key is
+    skipped (the ADInplaceOrView kernel bumps then)."""
     a = torch.randn(4, 5, requires_grad=True)
     b = a * 1.0
     y = (b * b).sum()  # saves b
     v0 = b._version
-    with torch.no_grad():
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
         STEP_EXAMPLES[op](torch.randn(4, 5), torch.randn(4, 5), b)
-    assert b._version > v0
+    assert b._version == v0 + 1
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
 
@@ -182,7 +185,10 @@ def test_interpolate_out_refuses_inputs_that_need_a_gradient():
     v = out[0]._version
     with torch.no_grad():
         fk.interpolate(torch.randn(4, 5, requires_grad=True), torch.randn(4, 5), 0.3, out=out)
-    assert out[0]._version > v and out[1]._version > 0
+    assert out[0]._version == v + 1 and out[1]._version > 0
+    with torch.inference_mode():
+        fk.interpolate(torch.randn(4, 5), torch.randn(4, 5), 0.3, out=out)
+    assert out[0]._version == v + 2
 
 
 def test_forward_mode_ad_takes_the_differentiable_call():

@@ -236,6 +236,15 @@ def test_a_saved_tensor_overwritten_by_a_triton_step_fails_backward():
     fk.euler_step(x, v, 0.2, 0.3, out=x, backend="triton")
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+    # in inference mode too (the custom op's ADInplaceOrView wrapper bumps a
+    # normal tensor there, so the direct call does)
+    y = (w * x).sum()
+    v0 = x._version
+    with torch.inference_mode():
+        fk.euler_step(x, v, 0.2, 0.3, out=x, backend="triton")
+    assert x._version == v0 + 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
 
 
 @pytest.mark.skipif(not fk.available()["triton"], reason="triton is not available")

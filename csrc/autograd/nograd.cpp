@@ -8,7 +8,8 @@
 //   of the default overload (~10 us a call) and goes straight to the kernel.
 // - Every buffer the op writes gets its version counter bumped, as PyTorch's
 //   own in-place ops do: a tensor autograd saved and an op overwrote then
-//   makes backward raise instead of returning a wrong gradient.
+//   makes backward raise instead of returning a wrong gradient. Here, and in
+//   inference mode (no Autograd key) at the ADInplaceOrView key, as PyTorch.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
@@ -44,6 +45,21 @@ bool needs_grad(const c10::IValue& v) {
   if (v.isTensorList())
     for (const at::Tensor& t : v.toTensorList()) if (t.requires_grad()) return true;
   return false;
+}
+
+// Every buffer the op writes (Tensor(a!)) gets its version counter bumped,
+// once per call, as PyTorch's in-place ops do.
+void bump_written(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t n = args.size(), base = stack->size() - n;
+  for (size_t i = 0; i < n; ++i) {
+    const auto* alias = args[i].alias_info();
+    const c10::IValue& v = (*stack)[base + i];
+    if (alias != nullptr && alias->isWrite() && v.isTensor()) {
+      const at::Tensor& t = v.toTensor();
+      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    }
+  }
 }
 
 void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
@@ -82,15 +98,20 @@ void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
                        : "this op writes into a buffer and has no forward-mode derivative; "
                          "ei_step without out= is the differentiable step");
   }
-  for (size_t i = 0; i < n; ++i) {
-    const auto* alias = args[i].alias_info();
-    const c10::IValue& v = (*stack)[base + i];
-    if (alias != nullptr && alias->isWrite() && v.isTensor()) {
-      const at::Tensor& t = v.toTensor();
-      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-    }
-  }
-  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+  bump_written(op, stack);
+  // past ADInplaceOrView too: its kernel (below) would bump a second time
+  op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+// In inference mode the Autograd key is excluded, so the kernel above never
+// runs; a normal (non-inference) tensor still carries ADInplaceOrView, which
+// is where PyTorch's own in-place ops bump it then (c10/core/InferenceMode.h):
+// a tensor autograd saved before inference mode and a step overwrote inside
+// it must still make backward raise. Inference tensors have no version.
+void inplace_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                    torch::jit::Stack* stack) {
+  bump_written(op, stack);
+  op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
 }
 
 }  // namespace
@@ -103,6 +124,15 @@ TORCH_LIBRARY_IMPL(flowkern, Autograd, m) {
     if (name.ends_with(".nograd") || std::string_view(schema).find("!)") != std::string_view::npos)
       m.impl(std::string(name).c_str(),  // parsed into the op's name before the call returns
              torch::CppFunction::makeFromBoxedFunction<&no_autograd_kernel>());
+  }
+}
+
+// The ops with a written argument: their bump in inference mode.
+TORCH_LIBRARY_IMPL(flowkern, ADInplaceOrView, m) {
+  for (const char* schema : kSchemas) {
+    if (std::string_view(schema).find("!)") != std::string_view::npos)
+      m.impl(std::string(schema_name(schema)).c_str(),
+             torch::CppFunction::makeFromBoxedFunction<&inplace_kernel>());
   }
 }
 

@@ -8,7 +8,8 @@ covers every ``.nograd`` overload and every op that writes a caller's buffer
 
 - an argument that requires grad (grad mode on) is a RuntimeError naming it;
 - an argument that carries a forward-mode tangent is a RuntimeError naming it;
-- every written buffer gets its version counter bumped;
+- every written buffer gets its version counter bumped (in inference mode,
+  where the Autograd key is skipped, at the ADInplaceOrView key);
 - then the call goes on below autograd (the backend kernel).
 
 It costs a Python call (~10 us) where the C++ kernel costs well under 1 us;
@@ -20,6 +21,8 @@ import torch
 
 # Dual levels checked for a tangent, as nograd.cpp does.
 _LEVELS = range(8)
+_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+_AFTER_INPLACE = torch._C._after_ADInplaceOrView_keyset
 
 
 def _tensors(v):
@@ -47,7 +50,6 @@ def _kernel(op: torch._ops.OpOverload):
     suffix = ".nograd" if nograd else ""
     args = list(schema.arguments)
     written = [i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write]
-    after_autograd = torch._C._after_autograd_keyset
 
     def kernel(keyset, *call_args, **call_kwargs):
         values = list(call_args) + [call_kwargs[a.name] for a in args[len(call_args):]
@@ -78,11 +80,35 @@ def _kernel(op: torch._ops.OpOverload):
                      if nograd else
                      "this op writes into a buffer and has no forward-mode derivative; ei_step "
                      "without out= is the differentiable step"))
-        for i in written:
-            if i < len(values) and isinstance(values[i], torch.Tensor) \
-                    and not values[i].is_inference():
-                torch.autograd.graph.increment_version(values[i])
-        return op.redispatch(keyset & after_autograd, *call_args, **call_kwargs)
+        if not written:
+            return op.redispatch(keyset & _AFTER_AUTOGRAD, *call_args, **call_kwargs)
+        _bump(written, values)
+        # past ADInplaceOrView too: its kernel (_inplace_kernel) would bump again
+        return op.redispatch(keyset & _AFTER_INPLACE, *call_args, **call_kwargs)
+
+    return kernel
+
+
+def _bump(written, values):
+    """The version bump of every written buffer (once per call)."""
+    for i in written:
+        if i < len(values) and isinstance(values[i], torch.Tensor) \
+                and not values[i].is_inference():
+            torch.autograd.graph.increment_version(values[i])
+
+
+def _inplace_kernel(op: torch._ops.OpOverload):
+    """nograd.cpp's ADInplaceOrView kernel: the bump in inference mode, where
+    the Autograd key (and so the kernel above) is skipped but a normal tensor
+    still carries ADInplaceOrView, as for PyTorch's own in-place ops."""
+    args = list(op._schema.arguments)
+    written = [i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write]
+
+    def kernel(keyset, *call_args, **call_kwargs):
+        values = list(call_args) + [call_kwargs[a.name] for a in args[len(call_args):]
+                                    if a.name in call_kwargs]
+        _bump(written, values)
+        return op.redispatch(keyset & _AFTER_INPLACE, *call_args, **call_kwargs)
 
     return kernel
 
@@ -101,3 +127,5 @@ def register(schema_lines) -> None:
             base, _, overload = name.partition(".")
             op = getattr(getattr(torch.ops.flowkern, base), overload or "default")
             _LIB.impl(name, _kernel(op), "Autograd", with_keyset=True)
+            if "!)" in schema:
+                _LIB.impl(name, _inplace_kernel(op), "ADInplaceOrView", with_keyset=True)
