@@ -153,3 +153,21 @@ def test_flowmap_loss_traces_into_its_kernel():
                        SHAPE, SHAPE, SHAPE[:1])
     _assert_traced_into(fw)
     assert [k for k, _ in _kernels(fw)] == ["rowsum_kernel"]
+
+
+def test_eager_calls_launch_without_the_wrap_triton_hop(monkeypatch):
+    """An eager call's direct caller (flowkern._fastcall ImplOp) runs the op's
+    function as triton_op's own backend kernel does: with wrap_triton off, so
+    its launches go straight to Triton, not through the tracing HOP."""
+    import importlib
+
+    from torch._library.triton import is_wrap_triton_enabled
+
+    from flowkern.ops import _registry as R
+    seen = []
+    launcher = importlib.import_module("flowkern.triton.steps")
+    monkeypatch.setattr(launcher, "euler_step", lambda *a: seen.append(is_wrap_triton_enabled()))
+    x = torch.randn(2, 3)
+    R.TRITON_IMPLS["flowkern_triton::euler_step"](x, x, None, None, [0.2, 0.3, 0.0, 0.0], 0,
+                                                    [], 0, 1.0, False, torch.empty(2, 3))
+    assert seen == [False] and is_wrap_triton_enabled()
