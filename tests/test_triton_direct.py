@@ -106,6 +106,10 @@ def test_anything_the_wrappers_act_on_goes_through_the_dispatcher():
     assert not _taken(kop, [torch.randn(2), 0.5], {"buf": torch.empty(2)})
     assert not _taken(op, list(_args(guidance=1).values()))
     before = op.fallbacks
+    with pytest.raises(RuntimeError, match="argument 'kind'"):  # beyond int64: torch's error
+        op(*_args(kind=2 ** 70).values())
+    assert op.fallbacks == before + 1
+    before = op.fallbacks
     with pytest.raises(RuntimeError, match="missing value for argument 'out'"):
         op(*plain[:-1])  # torch's binding's error
     assert op.fallbacks == before + 1

@@ -358,9 +358,16 @@ bool plain_call(const ImplOp* self, PyObject* const* args) {
           if (!PyFloat_CheckExact(items[j])) return false;
         break;
       }
-      case Arg::Int:
+      case Arg::Int: {
         if (!PyLong_CheckExact(o)) return false;
+        int overflow = 0;  // beyond int64: the dispatcher's error, not the function's
+        const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+        if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+          PyErr_Clear();
+          return false;
+        }
         break;
+      }
       case Arg::Float:
         if (!PyFloat_CheckExact(o)) return false;
         break;
