@@ -103,6 +103,34 @@ struct FastOp {
 // A plain torch.Tensor (no subclass, so no __torch_function__ of its own).
 inline bool plain_tensor(PyObject* o) { return THPVariable_CheckExact(o); }
 
+// The items of an exact list or tuple (a schema list's Python value); false
+// for anything else. (An empty list's item array may be null: not a test.)
+bool items_of(PyObject* o, PyObject**& items, Py_ssize_t& n) {
+  if (!PyList_CheckExact(o) && !PyTuple_CheckExact(o)) return false;
+  n = PySequence_Fast_GET_SIZE(o);
+  items = PySequence_Fast_ITEMS(o);
+  return true;
+}
+
+// An exact int (bool, a subclass, is not one) within int64; false otherwise,
+// which leaves the value and its error to torch's binding.
+bool int64_of(PyObject* o, int64_t& v) {
+  if (!PyLong_CheckExact(o)) return false;
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(o, &overflow);
+  if (overflow != 0 || (x == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return false;
+  }
+  v = static_cast<int64_t>(x);
+  return true;
+}
+
+// "name.overload", or "name" for the default overload: a caller's repr.
+PyObject* op_name(const char* name, const char* overload) {
+  return *overload ? PyUnicode_FromFormat("%s.%s", name, overload) : PyUnicode_FromString(name);
+}
+
 // One argument onto the stack; false sends the whole call to the fallback.
 bool push(Arg kind, PyObject* o, torch::jit::Stack& stack) {
   switch (kind) {
@@ -114,9 +142,9 @@ bool push(Arg kind, PyObject* o, torch::jit::Stack& stack) {
       stack.emplace_back(THPVariable_Unpack(o));
       return true;
     case Arg::TensorList: {
-      if (!PyList_CheckExact(o) && !PyTuple_CheckExact(o)) return false;
-      const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-      PyObject** items = PySequence_Fast_ITEMS(o);
+      PyObject** items = nullptr;
+      Py_ssize_t n = 0;
+      if (!items_of(o, items, n)) return false;
       c10::List<at::Tensor> list;
       list.reserve(n);
       for (Py_ssize_t i = 0; i < n; ++i) {
@@ -127,9 +155,9 @@ bool push(Arg kind, PyObject* o, torch::jit::Stack& stack) {
       return true;
     }
     case Arg::FloatList: {
-      if (!PyList_CheckExact(o) && !PyTuple_CheckExact(o)) return false;
-      const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-      PyObject** items = PySequence_Fast_ITEMS(o);
+      PyObject** items = nullptr;
+      Py_ssize_t n = 0;
+      if (!items_of(o, items, n)) return false;
       c10::List<double> list;
       list.reserve(n);
       for (Py_ssize_t i = 0; i < n; ++i) {
@@ -140,14 +168,9 @@ bool push(Arg kind, PyObject* o, torch::jit::Stack& stack) {
       return true;
     }
     case Arg::Int: {
-      if (!PyLong_CheckExact(o)) return false;  // bool is a subclass: not taken
-      int overflow = 0;
-      const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
-      if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
-        PyErr_Clear();
-        return false;
-      }
-      stack.emplace_back(static_cast<int64_t>(v));
+      int64_t v = 0;
+      if (!int64_of(o, v)) return false;
+      stack.emplace_back(v);
       return true;
     }
     case Arg::Float:
@@ -267,8 +290,7 @@ PyObject* make_op(PyObject*, PyObject* args) {
   Py_INCREF(fallback);
   self->fallback = fallback;
   self->fallbacks = 0;
-  self->name = *overload ? PyUnicode_FromFormat("%s.%s", name, overload)
-                         : PyUnicode_FromString(name);
+  self->name = op_name(name, overload);
   return reinterpret_cast<PyObject*>(self);
   END_HANDLE_TH_ERRORS
 }
@@ -343,29 +365,24 @@ bool plain_call(const ImplOp* self, PyObject* const* args) {
         if (!plain_arg(o, written, grad_mode, inference_mode)) return false;
         break;
       case Arg::TensorList: {
-        if (!PyList_CheckExact(o) && !PyTuple_CheckExact(o)) return false;
-        const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-        PyObject** items = PySequence_Fast_ITEMS(o);
+        PyObject** items = nullptr;
+        Py_ssize_t n = 0;
+        if (!items_of(o, items, n)) return false;
         for (Py_ssize_t j = 0; j < n; ++j)
           if (!plain_arg(items[j], written, grad_mode, inference_mode)) return false;
         break;
       }
       case Arg::FloatList: {
-        if (!PyList_CheckExact(o) && !PyTuple_CheckExact(o)) return false;
-        const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-        PyObject** items = PySequence_Fast_ITEMS(o);
+        PyObject** items = nullptr;
+        Py_ssize_t n = 0;
+        if (!items_of(o, items, n)) return false;
         for (Py_ssize_t j = 0; j < n; ++j)
           if (!PyFloat_CheckExact(items[j])) return false;
         break;
       }
       case Arg::Int: {
-        if (!PyLong_CheckExact(o)) return false;
-        int overflow = 0;  // beyond int64: the dispatcher's error, not the function's
-        const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
-        if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
-          PyErr_Clear();
-          return false;
-        }
+        int64_t v = 0;  // beyond int64: the dispatcher's error, not the function's
+        if (!int64_of(o, v)) return false;
         break;
       }
       case Arg::Float:
@@ -389,8 +406,9 @@ void bump_written(const ImplOp* self, PyObject* const* args) {
       if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
     };
     if (kinds[i] == Arg::TensorList) {
-      const Py_ssize_t n = PySequence_Fast_GET_SIZE(args[i]);
-      PyObject** items = PySequence_Fast_ITEMS(args[i]);
+      PyObject** items = nullptr;
+      Py_ssize_t n = 0;
+      items_of(args[i], items, n);  // a list or tuple: plain_call checked it
       for (Py_ssize_t j = 0; j < n; ++j) bump(items[j]);
     } else if (kinds[i] == Arg::Tensor || kinds[i] == Arg::OptionalTensor) {
       bump(args[i]);
@@ -471,8 +489,7 @@ PyObject* make_impl(PyObject*, PyObject* args) {
   self->fallback = fallback;
   self->fallbacks = 0;
   self->taken = 0;
-  self->name = *overload ? PyUnicode_FromFormat("%s.%s", name, overload)
-                         : PyUnicode_FromString(name);
+  self->name = op_name(name, overload);
   return reinterpret_cast<PyObject*>(self);
   END_HANDLE_TH_ERRORS
 }
