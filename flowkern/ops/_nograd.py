@@ -21,7 +21,8 @@ import torch
 
 # Dual levels checked for a tangent, as nograd.cpp does.
 _LEVELS = range(8)
-_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+# below autograd and ADInplaceOrView: the kernels here bump the written
+# buffers themselves (for an op that writes none ADInplaceOrView is a no-op)
 _AFTER_INPLACE = torch._C._after_ADInplaceOrView_keyset
 
 
@@ -49,11 +50,10 @@ def _kernel(op: torch._ops.OpOverload):
     nograd = schema.overload_name == "nograd"
     suffix = ".nograd" if nograd else ""
     args = list(schema.arguments)
-    written = [i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write]
+    written = _written(args)
 
     def kernel(keyset, *call_args, **call_kwargs):
-        values = list(call_args) + [call_kwargs[a.name] for a in args[len(call_args):]
-                                    if a.name in call_kwargs]
+        values = _values(args, call_args, call_kwargs)
         if torch.is_grad_enabled():
             for a, v in zip(args, values):
                 if not any(t.requires_grad for t in _tensors(v)):
@@ -80,13 +80,22 @@ def _kernel(op: torch._ops.OpOverload):
                      if nograd else
                      "this op writes into a buffer and has no forward-mode derivative; ei_step "
                      "without out= is the differentiable step"))
-        if not written:
-            return op.redispatch(keyset & _AFTER_AUTOGRAD, *call_args, **call_kwargs)
         _bump(written, values)
         # past ADInplaceOrView too: its kernel (_inplace_kernel) would bump again
         return op.redispatch(keyset & _AFTER_INPLACE, *call_args, **call_kwargs)
 
     return kernel
+
+
+def _written(args):
+    """The positions of the schema arguments the op writes (Tensor(a!))."""
+    return [i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write]
+
+
+def _values(args, call_args, call_kwargs):
+    """The call's argument values in schema order."""
+    return list(call_args) + [call_kwargs[a.name] for a in args[len(call_args):]
+                              if a.name in call_kwargs]
 
 
 def _bump(written, values):
@@ -102,12 +111,10 @@ def _inplace_kernel(op: torch._ops.OpOverload):
     the Autograd key (and so the kernel above) is skipped but a normal tensor
     still carries ADInplaceOrView, as for PyTorch's own in-place ops."""
     args = list(op._schema.arguments)
-    written = [i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write]
+    written = _written(args)
 
     def kernel(keyset, *call_args, **call_kwargs):
-        values = list(call_args) + [call_kwargs[a.name] for a in args[len(call_args):]
-                                    if a.name in call_kwargs]
-        _bump(written, values)
+        _bump(written, _values(args, call_args, call_kwargs))
         return op.redispatch(keyset & _AFTER_INPLACE, *call_args, **call_kwargs)
 
     return kernel
