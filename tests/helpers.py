@@ -65,3 +65,38 @@ STEP_EXAMPLES = {
     "lincomb_step": lambda x, p, out=None, backend=None: fk.lincomb_step(
         x, [p, p * 2], [0.9, 0.1, 0.05], noise_std=0.2, seed=4, out=out, backend=backend),
 }
+
+
+def public_calls():
+    """The usual calls of every public op (tests/test_fastcall.py on the native
+    backends, tests/test_triton_direct.py under use_backend("triton")): tables
+    and float times, guidance, noise, the outputs given or not, no gradient
+    anywhere."""
+    g = torch.Generator().manual_seed(0)
+    x, p, pu, x1 = (torch.randn(5, 7, generator=g) for _ in range(4))
+    t = torch.rand(5, generator=g) * 0.8 + 0.1
+    tab = fk.step_table("linear", 0.3, 0.4)
+    out = torch.empty_like(x)
+    yield lambda: fk.interpolate(x, x1, t)
+    yield lambda: fk.interpolate(x, x1, 0.5, schedule="cosine")
+    yield lambda: fk.interpolate(x, x1, t, out=(torch.empty_like(x), torch.empty_like(x)))
+    yield lambda: fk.flow_matching_loss(p, x, x1, t)
+    yield lambda: fk.flow_matching_loss(p, x, x1, t, weight=t, reduction="none")
+    yield lambda: fk.convert(p, x, t, src="x1", dst="velocity")
+    yield lambda: fk.euler_step(x, p, table=tab, out=out)
+    yield lambda: fk.euler_step(x, p, 0.3, 0.4, pred_uncond=pu, guidance=2.0)
+    yield lambda: fk.heun_step(x, p, x1, pu, 0.3, 0.4)
+    yield lambda: fk.ei_step(x, p, 0.3, 0.4)
+    yield lambda: fk.ei_step(x, p, table=fk.step_table("vp", 0.3, 0.4), out=out)
+    yield lambda: fk.dpmpp_2m_step(x, p, 0.3, 0.4)
+    yield lambda: fk.dpmpp_2m_step(x, p, 0.35, 0.4, d_prev=pu, t_prev=0.3)
+    yield lambda: fk.em_step(x, p, 0.3, 0.4, g=0.5, seed=3, offset=10)
+    yield lambda: fk.em_step(x, p, 0.3, 0.4, per_sample_seeds=torch.arange(5))
+    yield lambda: fk.churn(x, 0.5, 0.4, seed=1)
+    yield lambda: fk.lms_step(x, p, [0.1, 0.05], history=[pu], t=0.3)
+    yield lambda: fk.lincomb_step(x, [p, pu], [1.0, 0.5, -0.25], noise_std=0.1, seed=2)
+    yield lambda: fk.sample(lambda x, t: -x, x, steps=3, progress=False)
+    yield lambda: fk.sample(lambda x, t: -x, x, steps=3, method="heun", progress=False)
+    yield lambda: fk.sample(lambda x, t: -x, x, steps=3, method="dpmpp_2m", progress=False)
+    yield lambda: fk.sample(lambda x, t: -x, x, steps=3, method="em", g=0.5,
+                            progress=False, seed=1)

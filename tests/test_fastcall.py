@@ -16,6 +16,7 @@ import flowkern as fk
 from flowkern import backend as B
 from flowkern.ops import steps as ops_steps
 from flowkern.ops import training as ops_training
+from helpers import public_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = B.fastcall()
@@ -39,45 +40,12 @@ def test_the_build_serves_this_torch():
         assert type(op).__name__ == "FastOp", (name, op)
 
 
-def _public_calls():
-    """The usual calls of every public native op: tables and float times,
-    guidance, noise, the outputs given or not, no gradient anywhere."""
-    g = torch.Generator().manual_seed(0)
-    x, p, pu, x1 = (torch.randn(5, 7, generator=g) for _ in range(4))
-    t = torch.rand(5, generator=g) * 0.8 + 0.1
-    tab = fk.step_table("linear", 0.3, 0.4)
-    out = torch.empty_like(x)
-    yield lambda: fk.interpolate(x, x1, t)
-    yield lambda: fk.interpolate(x, x1, 0.5, schedule="cosine")
-    yield lambda: fk.interpolate(x, x1, t, out=(torch.empty_like(x), torch.empty_like(x)))
-    yield lambda: fk.flow_matching_loss(p, x, x1, t)
-    yield lambda: fk.flow_matching_loss(p, x, x1, t, weight=t, reduction="none")
-    yield lambda: fk.convert(p, x, t, src="x1", dst="velocity")
-    yield lambda: fk.euler_step(x, p, table=tab, out=out)
-    yield lambda: fk.euler_step(x, p, 0.3, 0.4, pred_uncond=pu, guidance=2.0)
-    yield lambda: fk.heun_step(x, p, x1, pu, 0.3, 0.4)
-    yield lambda: fk.ei_step(x, p, 0.3, 0.4)
-    yield lambda: fk.ei_step(x, p, table=fk.step_table("vp", 0.3, 0.4), out=out)
-    yield lambda: fk.dpmpp_2m_step(x, p, 0.3, 0.4)
-    yield lambda: fk.dpmpp_2m_step(x, p, 0.35, 0.4, d_prev=pu, t_prev=0.3)
-    yield lambda: fk.em_step(x, p, 0.3, 0.4, g=0.5, seed=3, offset=10)
-    yield lambda: fk.em_step(x, p, 0.3, 0.4, per_sample_seeds=torch.arange(5))
-    yield lambda: fk.churn(x, 0.5, 0.4, seed=1)
-    yield lambda: fk.lms_step(x, p, [0.1, 0.05], history=[pu], t=0.3)
-    yield lambda: fk.lincomb_step(x, [p, pu], [1.0, 0.5, -0.25], noise_std=0.1, seed=2)
-    yield lambda: fk.sample(lambda x, t: -x, x, steps=3, progress=False)
-    yield lambda: fk.sample(lambda x, t: -x, x, steps=3, method="heun", progress=False)
-    yield lambda: fk.sample(lambda x, t: -x, x, steps=3, method="dpmpp_2m", progress=False)
-    yield lambda: fk.sample(lambda x, t: -x, x, steps=3, method="em", g=0.5,
-                            progress=False, seed=1)
-
-
 def test_public_calls_take_the_fast_path():
     """No public call's usual path falls back to torch's binding (an int
     where the schema has a float, a tuple of ints as params, ... would)."""
     before = {n: op.fallbacks for n, op in _fast_ops().items()}
     calls = 0
-    for call in _public_calls():
+    for call in public_calls():
         call()
         calls += 1
     after = {n: op.fallbacks for n, op in _fast_ops().items()}

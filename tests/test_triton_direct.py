@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import flowkern as fk
 from flowkern import backend as B
 from flowkern.ops import _registry as R
+from helpers import public_calls
 
 FAST = B.fastcall()
 pytestmark = pytest.mark.skipif(FAST is None, reason="flowkern._fastcall does not serve this torch")
@@ -184,36 +185,13 @@ def test_every_triton_op_has_its_direct_caller():
         assert type(diff.run).__name__ == "ImplOp", name
 
 
-def _public_triton_calls():
-    g = torch.Generator().manual_seed(0)
-    x, p, pu, x1 = (torch.randn(5, 7, generator=g) for _ in range(4))
-    t = torch.rand(5, generator=g) * 0.8 + 0.1
-    tab = fk.step_table("linear", 0.3, 0.4)
-    out = torch.empty_like(x)
-    yield lambda: fk.interpolate(x, x1, t)
-    yield lambda: fk.interpolate(x, x1, t, out=(torch.empty_like(x), torch.empty_like(x)))
-    yield lambda: fk.flow_matching_loss(p, x, x1, t)
-    yield lambda: fk.convert(p, x, t, src="x1", dst="velocity")
-    yield lambda: fk.euler_step(x, p, table=tab, out=out)
-    yield lambda: fk.euler_step(x, p, 0.3, 0.4, pred_uncond=pu, guidance=2.0)
-    yield lambda: fk.heun_step(x, p, x1, pu, 0.3, 0.4)
-    yield lambda: fk.ei_step(x, p, 0.3, 0.4)
-    yield lambda: fk.dpmpp_2m_step(x, p, 0.35, 0.4, d_prev=pu, t_prev=0.3)
-    yield lambda: fk.em_step(x, p, 0.3, 0.4, g=0.5, seed=3)
-    yield lambda: fk.churn(x, 0.5, 0.4, seed=1)
-    yield lambda: fk.lms_step(x, p, [0.1, 0.05], history=[pu], t=0.3)
-    yield lambda: fk.lincomb_step(x, [p, pu], [1.0, 0.5, -0.25], noise_std=0.1, seed=2)
-    yield lambda: fk.sample(lambda x, t: -x, x, steps=3, progress=False)
-    yield lambda: fk.sample(lambda x, t: -x, x, steps=3, method="dpmpp_2m", progress=False)
-
-
 @pytest.mark.skipif(not fk.available()["triton"], reason="triton is not available")
 def test_public_triton_calls_take_the_direct_path():
     """The usual call of every public triton op (and a training step's
     backward) runs the op's function itself: no fallback anywhere."""
     def run():
         with fk.use_backend("triton"):
-            for call in _public_triton_calls():
+            for call in public_calls():
                 call()
             p = torch.randn(5, 7, requires_grad=True)
             fk.flow_matching_loss(p, torch.randn(5, 7), torch.randn(5, 7),
