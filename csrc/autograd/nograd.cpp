@@ -12,6 +12,7 @@
 //   inference mode (no Autograd key) at the ADInplaceOrView key, as PyTorch.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <string>
@@ -26,23 +27,29 @@ namespace {
 // torch.autograd.forward_ad) at any of the first dual levels.
 bool has_tangent(const at::Tensor& t) {
   // a tensor without autograd metadata has no tangent at any level (and this
-  // is every plain tensor: the check costs a pointer test on the usual call)
-  if (!t.defined() || t.unsafeGetTensorImpl()->autograd_meta() == nullptr) return false;
+  // is every plain tensor: the check costs a pointer test on the usual call);
+  // nor has one whose metadata holds no forward grad and that is no view (a
+  // view's tangent may live on its base). _fw_grad takes a mutex per level.
+  if (!t.defined()) return false;
+  const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(
+      t.unsafeGetTensorImpl()->autograd_meta());
+  if (meta == nullptr || (meta->fw_grad_ == nullptr && !meta->is_view_)) return false;
   for (uint64_t level = 0; level < 8; ++level)
     if (t._fw_grad(level).defined()) return true;
   return false;
 }
 
+// (isList, an inline tag test, before isTensorList, a call into libtorch)
 bool carries_tangent(const c10::IValue& v) {
   if (v.isTensor()) return has_tangent(v.toTensor());
-  if (v.isTensorList())
+  if (v.isList() && v.isTensorList())
     for (const at::Tensor& t : v.toTensorList()) if (has_tangent(t)) return true;
   return false;
 }
 
 bool needs_grad(const c10::IValue& v) {
   if (v.isTensor()) return v.toTensor().requires_grad();
-  if (v.isTensorList())
+  if (v.isList() && v.isTensorList())
     for (const at::Tensor& t : v.toTensorList()) if (t.requires_grad()) return true;
   return false;
 }
@@ -69,12 +76,13 @@ void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
   const bool nograd = op.schema().overload_name() == "nograd";
   if (c10::GradMode::is_enabled()) {
     for (size_t i = 0; i < n; ++i) {
+      if (!needs_grad((*stack)[base + i])) continue;
       const std::string& name = args[i].name();
-      TORCH_CHECK(!(needs_grad((*stack)[base + i]) && (name == "t" || name == "table")),
+      TORCH_CHECK(name != "t" && name != "table",
                   op.schema().name(), ": argument '", name, "' requires grad, and the fused "
                   "ops do not differentiate in the times; detach it, or use backend='torch' "
                   "for derivatives in t");
-      TORCH_CHECK(!needs_grad((*stack)[base + i]), op.schema().name(),
+      TORCH_CHECK(false, op.schema().name(),
                   nograd ? ".nograd" : "", ": argument '", args[i].name(),
                   "' requires grad, and ",
                   nograd ? "this overload does not differentiate; call the default overload, "

@@ -10,6 +10,7 @@
 #include <sstream>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "tensor.h"
 
@@ -113,23 +114,32 @@ inline void check_out(const char* name, const Tensor& o, IntArrayRef shape,
 }
 
 using Named = std::pair<const char*, const Tensor*>;
+using NamedMeta = std::pair<const char*, Meta>;
 
 // ValueError unless the outputs are pairwise disjoint and each output either
 // is an input exactly (an in-place write, e.g. out=x: every element is read
 // before the same thread writes it) or shares no memory with any input. A
-// partial overlap would silently mix old and new values.
-inline void check_no_overlap(std::initializer_list<Named> outs, std::initializer_list<Named> ins) {
-  for (auto o = outs.begin(); o != outs.end(); ++o) {
-    for (auto p = outs.begin(); p != o; ++p)
-      FK_CHECK_VALUE(overlap(*o->second, *p->second) == Overlap::No, o->first,
-                     ": shares memory with ", p->first, "; give separate output buffers");
-    for (const auto& [name, in] : ins)
-      FK_CHECK_VALUE(in == nullptr ||
-                         overlap(*o->second, *in) != Overlap::Partial,
-                     o->first, ": overlaps ", name, " without being it; write in place only "
-                     "as ", o->first, "=", name, " exactly (same memory and layout), or give "
-                     "a separate buffer");
+// partial overlap would silently mix old and new values. Undefined inputs
+// (absent optional ones) are skipped.
+inline void check_no_overlap(const NamedMeta* outs, size_t n_outs, const NamedMeta* ins,
+                             size_t n_ins) {
+  for (size_t o = 0; o < n_outs; ++o) {
+    for (size_t p = 0; p < o; ++p)
+      FK_CHECK_VALUE(overlap(outs[o].second, outs[p].second) == Overlap::No, outs[o].first,
+                     ": shares memory with ", outs[p].first, "; give separate output buffers");
+    for (size_t i = 0; i < n_ins; ++i)
+      FK_CHECK_VALUE(overlap(outs[o].second, ins[i].second) != Overlap::Partial,
+                     outs[o].first, ": overlaps ", ins[i].first, " without being it; write in "
+                     "place only as ", outs[o].first, "=", ins[i].first, " exactly (same memory "
+                     "and layout), or give a separate buffer");
   }
+}
+inline void check_no_overlap(std::initializer_list<Named> outs, std::initializer_list<Named> ins) {
+  std::vector<NamedMeta> o, i;
+  for (const auto& [name, t] : outs) o.emplace_back(name, meta_of(*t));
+  for (const auto& [name, t] : ins)
+    if (t != nullptr) i.emplace_back(name, meta_of(*t));
+  check_no_overlap(o.data(), o.size(), i.data(), i.size());
 }
 
 // Prediction / target codes of flowkern/_rules.py.

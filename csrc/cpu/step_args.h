@@ -5,6 +5,7 @@
 // model outputs and output buffers against x.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -228,20 +229,18 @@ inline const char* term_name(int k) {
   return names[k];
 }
 
-inline void check_like_x(const char* name, const Tensor& p, const Tensor& x) {
-  FK_CHECK_VALUE(p.sizes().equals(x.sizes()) && p.scalar_type() == x.scalar_type() &&
-                     p.device() == x.device(),
+inline void check_like_x(const char* name, const Meta& p, const Meta& x) {
+  FK_CHECK_VALUE(same_sizes(p.sizes, x.sizes) && p.same_place(x),
                  name, ": the model output must match the state x in shape, dtype and "
-                       "device; got ", py_shape(p.sizes()), " ", py_dtype(p.scalar_type()), " ",
-                 py_device(p.device()), ", x is ", py_shape(x.sizes()), " ", py_dtype(x.scalar_type()),
-                 " ", py_device(x.device()));
+                       "device; got ", py_shape(p.sizes), " ", py_dtype(p.t->scalar_type()), " ",
+                 py_device(p.t->device()), ", x is ", py_shape(x.sizes), " ",
+                 py_dtype(x.t->scalar_type()), " ", py_device(x.t->device()));
 }
 
-inline void check_step_out(const char* name, const Tensor& o, const Tensor& x) {
-  FK_CHECK_VALUE(o.sizes().equals(x.sizes()) && o.scalar_type() == x.scalar_type() &&
-                     o.device() == x.device(),
+inline void check_step_out(const char* name, const Meta& o, const Meta& x) {
+  FK_CHECK_VALUE(same_sizes(o.sizes, x.sizes) && o.same_place(x),
                  name, ": must match x in shape, dtype and device");
-  FK_CHECK_VALUE(o.is_contiguous(), name, ": must be contiguous");
+  FK_CHECK_VALUE(o.contiguous, name, ": must be contiguous");
 }
 
 inline void check_form(int64_t form) {
@@ -252,24 +251,33 @@ inline void check_form(int64_t form) {
 inline const Tensor* opt(const OptT& t) { return t.has_value() ? &*t : nullptr; }
 
 // The dense inputs of a step: x then the named others (absent ones, nullptr,
-// dropped), after checking them and the outputs against x.
+// dropped), after checking them and the outputs against x. Each tensor's
+// metadata is read once (Meta).
 inline std::vector<Tensor> step_inputs(
     const Tensor& x, std::initializer_list<std::pair<const char*, const Tensor*>> others,
     std::initializer_list<std::pair<const char*, const Tensor*>> outs) {
+  constexpr size_t kMaxIn = 8, kMaxOut = 2;  // lms_step: x + 5 others; 2 outputs
+  FK_CHECK(others.size() < kMaxIn && outs.size() <= kMaxOut, "step_inputs: too many tensors");
   check_batch("x", x);
-  std::vector<Tensor> in{contig(x)};
+  std::array<NamedMeta, kMaxIn> ins;
+  std::array<NamedMeta, kMaxOut> out_metas;
+  size_t n_in = 0, n_out = 0;
+  ins[n_in++] = {"x", meta_of(x)};
+  const Meta& mx = ins[0].second;
+  std::vector<Tensor> in{mx.contiguous ? x : torch::stable::contiguous(x)};
   for (const auto& [name, t] : others) {
     if (t == nullptr) continue;
-    check_like_x(name, *t, x);
-    in.push_back(contig(*t));
+    ins[n_in] = {name, meta_of(*t)};
+    check_like_x(name, ins[n_in].second, mx);
+    in.push_back(ins[n_in].second.contiguous ? *t : torch::stable::contiguous(*t));
+    ++n_in;
   }
-  for (const auto& [name, o] : outs) check_step_out(name, *o, x);
-  std::vector<Named> inputs{{"x", &x}};
-  for (const auto& named : others) inputs.push_back(named);
-  for (auto o = outs.begin(); o != outs.end(); ++o) {
-    for (auto p = outs.begin(); p != o; ++p) check_no_overlap({*p, *o}, {});
-    for (const auto& named : inputs) check_no_overlap({*o}, {named});
+  for (const auto& [name, o] : outs) {
+    out_metas[n_out] = {name, meta_of(*o)};
+    check_step_out(name, out_metas[n_out].second, mx);
+    ++n_out;
   }
+  check_no_overlap(out_metas.data(), n_out, ins.data(), n_in);
   return in;
 }
 

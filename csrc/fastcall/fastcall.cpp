@@ -227,6 +227,17 @@ PyObject* fast_call(PyObject* self_, PyObject* const* args, size_t nargsf, PyObj
     for (Py_ssize_t i = 0; i < n && taken; ++i) taken = push(kinds[i], args[i], stack);
     if (taken) {
       HANDLE_TH_ERRORS
+      // A reference to every tensor argument until the GIL is back. The
+      // stable ABI's boxed kernel moves each argument off the stack into a
+      // handle of its own and drops it inside the call; a tensor whose last
+      // C++ reference goes there releases its Python object (TensorImpl's
+      // PyObject slot), which takes the GIL: one GIL round trip per tensor
+      // argument, ~0.05 us each (docs/build.md "flowkern._fastcall"). With
+      // these references the last one goes below, under the GIL, as in
+      // torch's own binding, whose parsed arguments outlive the call.
+      c10::SmallVector<c10::IValue, 16> keep;
+      for (const c10::IValue& v : stack)
+        if (v.isTensor() || v.isTensorList()) keep.push_back(v);
       try {
         pybind11::gil_scoped_release no_gil;
         self->op->callBoxed(stack);
