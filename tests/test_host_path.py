@@ -207,6 +207,18 @@ def test_forward_mode_ad_takes_the_differentiable_call():
         assert fwad.unpack_dual(out).tangent is not None
         with pytest.raises(RuntimeError, match="argument 'pred' carries a forward-mode tangent"):
             torch.ops.flowkern.convert.nograd(d, x, tt, 0.0, 0, [], 1, 0, True)
+        # a view's tangent lives on its base (the kernel's pointer test must
+        # not take a view without one of its own for a plain tensor): a view
+        # of a dual, a view of a view, and a view taken before its base
+        # became dual by an in-place copy
+        base = fwad.make_dual(torch.randn(8, 3), torch.ones(8, 3))
+        early = torch.randn(8, 3)
+        early_view = early[:4]
+        early.copy_(base)
+        for view in (base[:4], base[:6][2:], early_view):
+            assert fwad.unpack_dual(view).tangent is not None
+            with pytest.raises(RuntimeError, match="'pred' carries a forward-mode tangent"):
+                torch.ops.flowkern.convert.nograd(view, x, tt, 0.0, 0, [], 1, 0, True)
 
 
 def test_the_no_derivative_kernel_in_use():

@@ -23,17 +23,28 @@
 namespace flowkern_cpu {
 namespace {
 
+// Whether a tensor's autograd metadata can hold a forward-mode tangent: a
+// forward grad of its own, or, for a view (a sampler's table row), one on
+// its base, from which _fw_grad would make the view's. Plain tensors have no
+// metadata at all. Decided on pointers: _fw_grad takes a mutex per level.
+bool may_have_tangent(const at::Tensor& t) {
+  using torch::autograd::AutogradMeta;
+  const auto* meta = static_cast<const AutogradMeta*>(t.unsafeGetTensorImpl()->autograd_meta());
+  if (meta == nullptr) return false;
+  if (meta->fw_grad_ != nullptr) return true;
+  if (!meta->is_view_) return false;
+  const auto* view = static_cast<const torch::autograd::DifferentiableViewMeta*>(meta);
+  if (!view->has_fw_view()) return false;
+  const at::Tensor& base = view->get_forward_view().base_;
+  const auto* base_meta =
+      static_cast<const AutogradMeta*>(base.unsafeGetTensorImpl()->autograd_meta());
+  return base_meta != nullptr && base_meta->fw_grad_ != nullptr;
+}
+
 // Whether a tensor argument carries a forward-mode tangent (torch.func.jvp,
 // torch.autograd.forward_ad) at any of the first dual levels.
 bool has_tangent(const at::Tensor& t) {
-  // a tensor without autograd metadata has no tangent at any level (and this
-  // is every plain tensor: the check costs a pointer test on the usual call);
-  // nor has one whose metadata holds no forward grad and that is no view (a
-  // view's tangent may live on its base). _fw_grad takes a mutex per level.
-  if (!t.defined()) return false;
-  const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(
-      t.unsafeGetTensorImpl()->autograd_meta());
-  if (meta == nullptr || (meta->fw_grad_ == nullptr && !meta->is_view_)) return false;
+  if (!t.defined() || !may_have_tangent(t)) return false;
   for (uint64_t level = 0; level < 8; ++level)
     if (t._fw_grad(level).defined()) return true;
   return false;

@@ -163,9 +163,10 @@ inline size_t nbytes(const Tensor& x) { return size_t(x.numel()) * x.element_siz
 // compare many tensors with each other (a step's model outputs and buffers
 // against x, every output against every input: step_args.h step_inputs):
 // ~10 shim calls per tensor instead of ~10 per comparison, which on a
-// lms_step of 8 tensors was ~0.4 us of its ~3.6 us (docs/build.md "Host
-// time"). Dtype and device as the shim's codes (equal codes, equal dtypes
-// and devices); sizes and strides point into the tensor, which outlives this.
+// lms_step of 8 tensors was ~0.4 us of its ~3.6 us (see docs/build.md,
+// "Host time"). Dtype and device as the shim's codes (equal codes, equal
+// dtypes and devices); sizes and strides point into the tensor, which
+// outlives this.
 struct Meta {
   const Tensor* t = nullptr;
   bool defined = false, contiguous = false;

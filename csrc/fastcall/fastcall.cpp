@@ -232,7 +232,7 @@ PyObject* fast_call(PyObject* self_, PyObject* const* args, size_t nargsf, PyObj
       // handle of its own and drops it inside the call; a tensor whose last
       // C++ reference goes there releases its Python object (TensorImpl's
       // PyObject slot), which takes the GIL: one GIL round trip per tensor
-      // argument, ~0.05 us each (docs/build.md "flowkern._fastcall"). With
+      // argument, ~0.05 us each (docs/build.md "Host time"). With
       // these references the last one goes below, under the GIL, as in
       // torch's own binding, whose parsed arguments outlive the call.
       c10::SmallVector<c10::IValue, 16> keep;

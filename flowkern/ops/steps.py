@@ -388,10 +388,20 @@ def _check_preds(pred, pred_uncond):
         check_tensors(pred=pred, pred_uncond=pred_uncond)
 
 
-def _native(x, backend) -> bool:
-    """Whether this step is one call of its flowkern:: op (CPU kernel, or the
-    CUDA glue of csrc/cuda/glue.h); triton and torch read a Python-built table."""
-    return isinstance(x, torch.Tensor) and resolve_for(backend, x) in _NATIVE_BACKENDS
+def _pred_code(pred, pred_uncond, prediction):
+    """A native step's prediction code after _check_preds: one call of the
+    few a step's Python makes (~0.05 us each, of a ~2.5 us call)."""
+    _check_preds(pred, pred_uncond)
+    return V.prediction("prediction", prediction)
+
+
+def _native_ops(x, backend):
+    """(ops, check) (_NATIVE.now_checked) when this step is one call of its
+    flowkern:: op (CPU kernel, or the CUDA glue of csrc/cuda/glue.h); None
+    when it runs on triton or torch, which read a Python-built table."""
+    if isinstance(x, torch.Tensor) and resolve_for(backend, x) in _NATIVE_BACKENDS:
+        return _NATIVE.now_checked()
+    return None
 
 
 def _number(v) -> bool:
@@ -437,14 +447,14 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
         out: output buffer (may be x itself).
     Returns: x_s, shape of x.
     """
-    w = _guidance(pred_uncond, guidance)
-    if _native(x, backend):
+    w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
+    native = _native_ops(x, backend)
+    if native is not None:
         try:
-            _check_preds(pred, pred_uncond)
-            code = _pred(prediction)
+            code = _pred_code(pred, pred_uncond, prediction)
             coef = _native_coef("euler_step", x, t, s, schedule, table)
-            out = _native_out("out", out, x)
-            ops, check = _NATIVE.now_checked()
+            out = out if type(out) is Tensor else _native_out("out", out, x)
+            ops, check = native
             ops.euler_step(x, pred, pred_uncond, *coef, code, w, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
@@ -466,10 +476,11 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
     """Second stage of Heun's method: x_s = x_t + (s - t)/2 (u_t + u_s), with
     u_t from (x, pred) at t and u_s from the Euler predictor (x_euler,
     pred_euler) at s. Shapes as :func:`euler_step`."""
-    w = _guidance(pred_uncond, guidance)
+    w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
     if (pred_uncond is None) != (pred_euler_uncond is None):
         raise ValueError("pred_euler_uncond: give both unconditional predictions or neither")
-    if _native(x, backend):
+    native = _native_ops(x, backend)
+    if native is not None:
         try:
             if not (isinstance(pred, Tensor) and isinstance(x_euler, Tensor)
                     and isinstance(pred_euler, Tensor)
@@ -479,8 +490,8 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
                               pred_uncond=pred_uncond, pred_euler_uncond=pred_euler_uncond)
             code = _pred(prediction)
             coef = _native_coef("heun_step", x, t, s, schedule, table)
-            out = _native_out("out", out, x)
-            ops, check = _NATIVE.now_checked()
+            out = out if type(out) is Tensor else _native_out("out", out, x)
+            ops, check = native
             ops.heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, *coef,
                           code, w, check, out)
             return out
@@ -510,20 +521,20 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
     noise form x_s = (alpha_s/alpha_t) x_t + (sigma_s - alpha_s sigma_t/alpha_t) eps.
     Differentiable in x and pred (without out=): it is also the one-step
     flow-map parametrisation g(t, s, x). Shapes as :func:`euler_step`."""
-    w = _guidance(pred_uncond, guidance)
+    w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
     fcode = V.form(form)
-    if _native(x, backend):
+    native = _native_ops(x, backend)
+    if native is not None:
         try:
-            _check_preds(pred, pred_uncond)
-            code = _pred(prediction)
-            ops, check = _NATIVE.now_checked()
+            code = _pred_code(pred, pred_uncond, prediction)
+            ops, check = native
             args = (x, pred, pred_uncond, *_native_coef("ei_step", x, t, s, schedule, table), code,
                     fcode, w, check)
             if out is None:
                 grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
                     pred_uncond is not None and pred_uncond.requires_grad)) or transforms_active()
                 return _EI_DIFF.ei_step(*args) if grad else ops.ei_step_nograd(*args)
-            out = _native_out("out", out, x)
+            out = out if type(out) is Tensor else _native_out("out", out, x)
             ops.ei_step_out(*args, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
@@ -555,18 +566,20 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
     where d_t (the guided x1-prediction at t) is what the next step passes as
     d_prev, with t_prev = t. Without d_prev (the first step) or when sigma_s = 0
     the step is first order. Shapes as :func:`euler_step`."""
-    w = _guidance(pred_uncond, guidance)
+    w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
     if (d_prev is None) != (t_prev is None) and table is None:
         raise ValueError("t_prev: give d_prev and t_prev together (both None for the first step)")
-    if _native(x, backend):
+    native = _native_ops(x, backend)
+    if native is not None:
         try:
             _check_preds(pred, pred_uncond)
             if not (d_prev is None or isinstance(d_prev, Tensor)):
                 check_tensors(d_prev=d_prev)
             code = _pred(prediction)
             coef = _native_coef("dpmpp_2m_step", x, t, s, schedule, table, t_prev=t_prev)
-            out, d_out = _native_out("out", out, x), _native_out("d_out", d_out, x)
-            ops, check = _NATIVE.now_checked()
+            out = out if type(out) is Tensor else _native_out("out", out, x)
+            d_out = d_out if type(d_out) is Tensor else _native_out("d_out", d_out, x)
+            ops, check = native
             ops.dpmpp_2m_step(x, pred, d_prev, pred_uncond, *coef, code, w, check, out, d_out)
             return out, d_out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
@@ -602,15 +615,15 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     seed per_sample_seeds[b] (counter offset + its element index), so its noise
     does not depend on the batch; advance `offset` by x[0].numel() per step.
     Shapes as :func:`euler_step`; g a float or (B,) tensor."""
-    w = _guidance(pred_uncond, guidance)
+    w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
     seed = _seed_offset(seed, offset, per_sample_seeds)
-    if _native(x, backend):
+    native = _native_ops(x, backend)
+    if native is not None:
         try:
-            _check_preds(pred, pred_uncond)
-            code = _pred(prediction)
+            code = _pred_code(pred, pred_uncond, prediction)
             coef = _native_coef("em_step", x, t, s, schedule, table, g=g)
-            out = _native_out("out", out, x)
-            ops, check = _NATIVE.now_checked()
+            out = out if type(out) is Tensor else _native_out("out", out, x)
+            ops, check = native
             ops.em_step(x, pred, pred_uncond, *coef, code, w, seed, offset, per_sample_seeds,
                         check, out)
             return out
@@ -638,11 +651,12 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
     (alpha_that sigma_t/alpha_t)^2) xi, xi from Philox(seed, offset + e), or
     with per_sample_seeds as :func:`em_step`."""
     seed = _seed_offset(seed, offset, per_sample_seeds)
-    if _native(x, backend):
+    native = _native_ops(x, backend)
+    if native is not None:
         try:
             coef = _native_coef("churn", x, t, t_hat, schedule, table)
-            out = _native_out("out", out, x)
-            ops, check = _NATIVE.now_checked()
+            out = out if type(out) is Tensor else _native_out("out", out, x)
+            ops, check = native
             ops.churn(x, *coef, seed, offset, per_sample_seeds, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
@@ -676,15 +690,16 @@ def lms_step(x, pred, weights, history=(), t=None, schedule="linear", prediction
             are read). u_out: output buffer for u_t (not a history entry).
     Other arguments as :func:`euler_step`.
     """
-    w = _guidance(pred_uncond, guidance)
+    w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
     hist = _lms_history(history)
-    if _native(x, backend):
+    native = _native_ops(x, backend)
+    if native is not None:
         try:
-            _check_preds(pred, pred_uncond)
-            code = _pred(prediction)
+            code = _pred_code(pred, pred_uncond, prediction)
             coef = _native_coef("lms_step", x, t, t, schedule, table)
-            out, u_out = _native_out("out", out, x), _native_out("u_out", u_out, x)
-            ops, check = _NATIVE.now_checked()
+            out = out if type(out) is Tensor else _native_out("out", out, x)
+            u_out = u_out if type(u_out) is Tensor else _native_out("u_out", u_out, x)
+            ops, check = native
             ops.lms_step(x, pred, *hist, pred_uncond, _floats("weights", weights), *coef, code, w,
                          check, out, u_out)
             return out, u_out
@@ -725,10 +740,11 @@ def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_samp
             :func:`em_step` from Philox(seed, offset + e), or per_sample_seeds.
     Returns out (a new tensor unless given; ``out=x`` updates in place)."""
     seed = _seed_offset(seed, offset, per_sample_seeds)
-    if _native(x, backend):
+    native = _native_ops(x, backend)
+    if native is not None:
         try:
-            out = _native_out("out", out, x)
-            ops, check = _NATIVE.now_checked()
+            out = out if type(out) is Tensor else _native_out("out", out, x)
+            ops, check = native
             ops.lincomb_step(x, _terms(terms), _floats("weights", weights),
                              _float("noise_std", noise_std), seed, offset, per_sample_seeds,
                              check, out)
@@ -757,6 +773,12 @@ def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_samp
 def _terms(terms):
     """lincomb_step's terms as a list of tensors (each named in errors; their
     dtypes and shapes are checked by the op, or by lincomb_step's Python path)."""
+    if type(terms) is list:  # the usual call, passed on as it is
+        for p in terms:
+            if not isinstance(p, torch.Tensor):
+                break
+        else:
+            return terms
     if isinstance(terms, torch.Tensor) or not isinstance(terms, (list, tuple)):
         raise TypeError(f"terms: expected a list or tuple of tensors, got "
                         f"{type(terms).__name__}")
@@ -796,8 +818,19 @@ LINCOMB_MAX_TERMS, LINCOMB_MAX_NOISY_TERMS = 4, 3  # csrc/include/flowkern/steps
 _StepPlan = collections.namedtuple("_StepPlan", "op backend acc")
 
 
+# history padded to (u1, u2, u3), by its length
+_LMS_PAD = tuple((None,) * (LMS_MAX_HISTORY - n) for n in range(LMS_MAX_HISTORY + 1))
+
+
 def _lms_history(history):
     """(u1, u2, u3) with None for the absent ones."""
+    if type(history) is list or type(history) is tuple:  # the usual call, first (~0.1 us)
+        if len(history) <= LMS_MAX_HISTORY:
+            for h in history:
+                if not isinstance(h, torch.Tensor):
+                    break
+            else:
+                return (*history, *_LMS_PAD[len(history)])
     if isinstance(history, torch.Tensor) or not isinstance(history, (list, tuple)):
         raise TypeError(f"history: expected a list or tuple of tensors (newest first), got "
                         f"{type(history).__name__}")
@@ -811,6 +844,12 @@ def _lms_history(history):
 
 
 def _floats(name, v):
+    if type(v) is list:  # the usual call: a list of floats, passed on as it is (~0.1 us)
+        for f in v:
+            if type(f) is not float:
+                break
+        else:
+            return v
     if isinstance(v, torch.Tensor) or not isinstance(v, (list, tuple)):
         raise TypeError(f"{name}: expected a list or tuple of floats, got {type(v).__name__}")
     for f in v:
