@@ -102,17 +102,41 @@ inline bool same_sizes(IntArrayRef a, IntArrayRef b) {
   return true;
 }
 
-// A fresh contiguous tensor.
-inline Tensor empty(IntArrayRef shape, ScalarType dtype, const Device& device) {
-  const Shape strides = contiguous_strides(shape);
+// A fresh contiguous tensor, of the shim's dtype and device codes. The
+// strides live on the stack up to 8 dims (an output's allocation is most of a
+// small op's own host time: no second heap allocation for them).
+inline Tensor empty_codes(IntArrayRef shape, int32_t dtype, int32_t device_type,
+                          int32_t device_index) {
+  constexpr size_t kDims = 8;
+  int64_t small[kDims];
+  Shape large;
+  int64_t* strides = small;
+  if (shape.size() > kDims) {
+    large.resize(shape.size());
+    strides = large.data();
+  }
+  int64_t st = 1;
+  for (size_t i = shape.size(); i-- > 0;) {  // contiguous_strides, in place
+    strides[i] = st;
+    st *= shape[i] > 1 ? shape[i] : 1;
+  }
   AtenTensorHandle h = nullptr;
-  FK_SHIM_CHECK(aoti_torch_empty_strided(
-      int64_t(shape.size()), shape.data(), strides.data(), shim_dtype(dtype),
-      shim_device_type(device.type()), device.has_index() ? device.index() : 0, &h));
+  FK_SHIM_CHECK(aoti_torch_empty_strided(int64_t(shape.size()), shape.data(), strides, dtype,
+                                         device_type, device_index, &h));
   return Tensor(h);
 }
+inline Tensor empty(IntArrayRef shape, ScalarType dtype, const Device& device) {
+  return empty_codes(shape, shim_dtype(dtype), shim_device_type(device.type()),
+                     device.has_index() ? device.index() : 0);
+}
+// Like `like`'s dtype and device, read as the shim's codes (no ScalarType or
+// Device conversion: a chain of shim calls each).
 inline Tensor empty_like_shape(const Tensor& like, IntArrayRef shape) {
-  return empty(shape, like.scalar_type(), like.device());
+  int32_t dtype = 0, device_type = 0, device_index = 0;
+  FK_SHIM_CHECK(aoti_torch_get_dtype(like.get(), &dtype));
+  FK_SHIM_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  FK_SHIM_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
+  return empty_codes(shape, dtype, device_type, device_index);
 }
 
 // x itself when contiguous, else a contiguous copy.

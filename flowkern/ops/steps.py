@@ -452,10 +452,10 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
     if native is not None:
         try:
             code = _pred_code(pred, pred_uncond, prediction)
-            coef = _native_coef("euler_step", x, t, s, schedule, table)
+            tab, times, kind, params = _native_coef("euler_step", x, t, s, schedule, table)
             out = out if type(out) is Tensor else _native_out("out", out, x)
             ops, check = native
-            ops.euler_step(x, pred, pred_uncond, *coef, code, w, check, out)
+            ops.euler_step(x, pred, pred_uncond, tab, times, kind, params, code, w, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -489,11 +489,11 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
                 check_tensors(pred=pred, x_euler=x_euler, pred_euler=pred_euler,
                               pred_uncond=pred_uncond, pred_euler_uncond=pred_euler_uncond)
             code = _pred(prediction)
-            coef = _native_coef("heun_step", x, t, s, schedule, table)
+            tab, times, kind, params = _native_coef("heun_step", x, t, s, schedule, table)
             out = out if type(out) is Tensor else _native_out("out", out, x)
             ops, check = native
-            ops.heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, *coef,
-                          code, w, check, out)
+            ops.heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, tab, times,
+                          kind, params, code, w, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -528,14 +528,15 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
         try:
             code = _pred_code(pred, pred_uncond, prediction)
             ops, check = native
-            args = (x, pred, pred_uncond, *_native_coef("ei_step", x, t, s, schedule, table), code,
-                    fcode, w, check)
+            tab, times, kind, params = _native_coef("ei_step", x, t, s, schedule, table)
             if out is None:
+                args = (x, pred, pred_uncond, tab, times, kind, params, code, fcode, w, check)
                 grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
                     pred_uncond is not None and pred_uncond.requires_grad)) or transforms_active()
                 return _EI_DIFF.ei_step(*args) if grad else ops.ei_step_nograd(*args)
             out = out if type(out) is Tensor else _native_out("out", out, x)
-            ops.ei_step_out(*args, out)
+            ops.ei_step_out(x, pred, pred_uncond, tab, times, kind, params, code, fcode, w, check,
+                            out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -576,11 +577,13 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
             if not (d_prev is None or isinstance(d_prev, Tensor)):
                 check_tensors(d_prev=d_prev)
             code = _pred(prediction)
-            coef = _native_coef("dpmpp_2m_step", x, t, s, schedule, table, t_prev=t_prev)
+            tab, times, kind, params = _native_coef("dpmpp_2m_step", x, t, s, schedule, table,
+                                                    t_prev=t_prev)
             out = out if type(out) is Tensor else _native_out("out", out, x)
             d_out = d_out if type(d_out) is Tensor else _native_out("d_out", d_out, x)
             ops, check = native
-            ops.dpmpp_2m_step(x, pred, d_prev, pred_uncond, *coef, code, w, check, out, d_out)
+            ops.dpmpp_2m_step(x, pred, d_prev, pred_uncond, tab, times, kind, params, code, w, check,
+                              out, d_out)
             return out, d_out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -621,11 +624,11 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     if native is not None:
         try:
             code = _pred_code(pred, pred_uncond, prediction)
-            coef = _native_coef("em_step", x, t, s, schedule, table, g=g)
+            tab, times, kind, params = _native_coef("em_step", x, t, s, schedule, table, g=g)
             out = out if type(out) is Tensor else _native_out("out", out, x)
             ops, check = native
-            ops.em_step(x, pred, pred_uncond, *coef, code, w, seed, offset, per_sample_seeds,
-                        check, out)
+            ops.em_step(x, pred, pred_uncond, tab, times, kind, params, code, w, seed, offset,
+                        per_sample_seeds, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -654,10 +657,10 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
     native = _native_ops(x, backend)
     if native is not None:
         try:
-            coef = _native_coef("churn", x, t, t_hat, schedule, table)
+            tab, times, kind, params = _native_coef("churn", x, t, t_hat, schedule, table)
             out = out if type(out) is Tensor else _native_out("out", out, x)
             ops, check = native
-            ops.churn(x, *coef, seed, offset, per_sample_seeds, check, out)
+            ops.churn(x, tab, times, kind, params, seed, offset, per_sample_seeds, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -696,12 +699,13 @@ def lms_step(x, pred, weights, history=(), t=None, schedule="linear", prediction
     if native is not None:
         try:
             code = _pred_code(pred, pred_uncond, prediction)
-            coef = _native_coef("lms_step", x, t, t, schedule, table)
+            tab, times, kind, params = _native_coef("lms_step", x, t, t, schedule, table)
             out = out if type(out) is Tensor else _native_out("out", out, x)
             u_out = u_out if type(u_out) is Tensor else _native_out("u_out", u_out, x)
             ops, check = native
-            ops.lms_step(x, pred, *hist, pred_uncond, _floats("weights", weights), *coef, code, w,
-                         check, out, u_out)
+            u1, u2, u3 = hist
+            ops.lms_step(x, pred, u1, u2, u3, pred_uncond, _floats("weights", weights), tab, times,
+                         kind, params, code, w, check, out, u_out)
             return out, u_out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
