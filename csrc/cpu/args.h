@@ -40,19 +40,16 @@ inline std::string py_dtype(ScalarType t) {
   }
 }
 
-inline bool is_float_dtype(ScalarType t) {
-  return t == kFloat || t == kDouble || t == kHalf || t == kBFloat16;
-}
-
-// flowkern._validate.tensor: a floating batch (B, ...).
-// (on the shim's dtype code: Tensor::scalar_type converts it through a chain
-// of shim calls, ~5% of a small op's host time where every check used it)
+// Whether a shim dtype code is one the kernels take: float32, float64,
+// float16, bfloat16. On the code: Tensor::scalar_type converts it through a
+// chain of shim calls, ~5% of a small op's host time where every check used it.
 inline bool is_float_code(int32_t dtype) {
-  static const int32_t f32 = aoti_torch_dtype_float32(), f64 = aoti_torch_dtype_float64(),
-                       f16 = aoti_torch_dtype_float16(), bf16 = aoti_torch_dtype_bfloat16();
+  static const int32_t f32 = shim_dtype(kFloat), f64 = shim_dtype(kDouble),
+                       f16 = shim_dtype(kHalf), bf16 = shim_dtype(kBFloat16);
   return dtype == f32 || dtype == f64 || dtype == f16 || dtype == bf16;
 }
 
+// flowkern._validate.tensor: a floating batch (B, ...).
 inline void check_batch(const char* name, const Tensor& x) {
   int32_t dtype = 0;
   FK_SHIM_CHECK(aoti_torch_get_dtype(x.get(), &dtype));
@@ -75,7 +72,7 @@ inline Shape common_shape(std::initializer_list<std::pair<const char*, const Ten
     FK_CHECK_TYPE(m.dtype == m0.dtype, name, ": dtype ",
                   py_dtype(x->scalar_type()), " differs from ", name0, "'s ",
                   py_dtype(x0->scalar_type()), "; cast one of them");
-    FK_CHECK_VALUE(m.device_type == m0.device_type && m.device_index == m0.device_index, name,
+    FK_CHECK_VALUE(m.same_device(m0), name,
                    ": on ", py_device(x->device()), " but ", name0, " is on ",
                    py_device(x0->device()), "; move them to one device");
     equal = equal && same_sizes(m.sizes, m0.sizes);

@@ -73,14 +73,17 @@ inline int32_t shim_device_type(DeviceType t) {
   return torch::stable::detail::to<int32_t>(torch::stable::detail::from(t));
 }
 
-// Row-major strides of a shape.
-inline Shape contiguous_strides(IntArrayRef shape) {
-  Shape strides(shape.size());
+// Row-major strides of a shape, into out[0 .. shape.size()).
+inline void fill_contiguous_strides(IntArrayRef shape, int64_t* out) {
   int64_t s = 1;
   for (size_t i = shape.size(); i-- > 0;) {
-    strides[i] = s;
+    out[i] = s;
     s *= shape[i] > 1 ? shape[i] : 1;
   }
+}
+inline Shape contiguous_strides(IntArrayRef shape) {
+  Shape strides(shape.size());
+  fill_contiguous_strides(shape, strides.data());
   return strides;
 }
 
@@ -115,11 +118,7 @@ inline Tensor empty_codes(IntArrayRef shape, int32_t dtype, int32_t device_type,
     large.resize(shape.size());
     strides = large.data();
   }
-  int64_t st = 1;
-  for (size_t i = shape.size(); i-- > 0;) {  // contiguous_strides, in place
-    strides[i] = st;
-    st *= shape[i] > 1 ? shape[i] : 1;
-  }
+  fill_contiguous_strides(shape, strides);
   AtenTensorHandle h = nullptr;
   FK_SHIM_CHECK(aoti_torch_empty_strided(int64_t(shape.size()), shape.data(), strides, dtype,
                                          device_type, device_index, &h));
@@ -129,13 +128,19 @@ inline Tensor empty(IntArrayRef shape, ScalarType dtype, const Device& device) {
   return empty_codes(shape, shim_dtype(dtype), shim_device_type(device.type()),
                      device.has_index() ? device.index() : 0);
 }
-// Like `like`'s dtype and device, read as the shim's codes (no ScalarType or
-// Device conversion: a chain of shim calls each).
+// A tensor's dtype and device as the shim's codes: equal codes, equal dtypes
+// and devices, without Tensor::scalar_type's and device()'s conversions (a
+// chain of shim calls each).
+inline void shim_codes(const Tensor& t, int32_t& dtype, int32_t& device_type,
+                       int32_t& device_index) {
+  FK_SHIM_CHECK(aoti_torch_get_dtype(t.get(), &dtype));
+  FK_SHIM_CHECK(aoti_torch_get_device_type(t.get(), &device_type));
+  FK_SHIM_CHECK(aoti_torch_get_device_index(t.get(), &device_index));
+}
+// Like `like`'s dtype and device (shim_codes).
 inline Tensor empty_like_shape(const Tensor& like, IntArrayRef shape) {
   int32_t dtype = 0, device_type = 0, device_index = 0;
-  FK_SHIM_CHECK(aoti_torch_get_dtype(like.get(), &dtype));
-  FK_SHIM_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
-  FK_SHIM_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
+  shim_codes(like, dtype, device_type, device_index);
   return empty_codes(shape, dtype, device_type, device_index);
 }
 
@@ -198,9 +203,10 @@ struct Meta {
   int32_t dtype = 0, device_type = 0, device_index = 0;
   const void* data = nullptr;
   int64_t numel = 0, element_size = 0;
-  bool same_place(const Meta& o) const {  // dtype and device
-    return dtype == o.dtype && device_type == o.device_type && device_index == o.device_index;
+  bool same_device(const Meta& o) const {
+    return device_type == o.device_type && device_index == o.device_index;
   }
+  bool same_place(const Meta& o) const { return dtype == o.dtype && same_device(o); }
 };
 inline Meta meta_of(const Tensor& t) {
   Meta m;
@@ -209,9 +215,7 @@ inline Meta meta_of(const Tensor& t) {
   if (!m.defined) return m;
   m.sizes = t.sizes();
   m.strides = t.strides();
-  FK_SHIM_CHECK(aoti_torch_get_dtype(t.get(), &m.dtype));
-  FK_SHIM_CHECK(aoti_torch_get_device_type(t.get(), &m.device_type));
-  FK_SHIM_CHECK(aoti_torch_get_device_index(t.get(), &m.device_index));
+  shim_codes(t, m.dtype, m.device_type, m.device_index);
   m.numel = 1;
   for (const int64_t n : m.sizes) m.numel *= n;
   m.contiguous = t.is_contiguous();
