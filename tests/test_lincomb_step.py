@@ -109,6 +109,14 @@ def test_in_place_and_out(backend):
     out = torch.empty_like(x)
     assert fk.lincomb_step(x, [a, b], WEIGHTS[:3], out=out, backend=backend) is out
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+    # out= a term exactly (the CPU element loop is compiled as independent
+    # iterations, FK_IVDEP in hd.h): 3 x 131 crosses the vectorised body and its tail
+    x, a, b, c = _inputs((3, 131), torch.float32, 4)
+    want = fk.lincomb_step(x, [a, b, c], WEIGHTS[:4], backend=backend)
+    for k in range(3):
+        terms = [u.clone() for u in (a, b, c)]
+        assert fk.lincomb_step(x, terms, WEIGHTS[:4], out=terms[k], backend=backend) is terms[k]
+        torch.testing.assert_close(terms[k], want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

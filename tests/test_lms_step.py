@@ -120,6 +120,27 @@ def test_in_place_and_float_time(backend):
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("outs", [(0, 1), (2, 1), (4, 3), (1, 0), (3, 4)])
+def test_outputs_alias_inputs(backend, outs):
+    """out= and u_out= may each be an input exactly (the CPU engine's element
+    loop runs as independent iterations, FK_IVDEP in hd.h): a 5-input step
+    across the vectorised body and its tail equals separate buffers."""
+    args = _inputs((3, 131), torch.float32, 5)
+    tab = fk.step_table("cosine", 0.3, 0.3, device=DEVICE)
+
+    def step(x, p, h1, h2, h3, **kw):
+        return fk.lms_step(x, p, WEIGHTS, [h1, h2, h3], table=tab, prediction="eps",
+                           backend=backend, **kw)
+    want = step(*args)
+    mine = [a.clone() for a in args]
+    got = step(*mine, out=mine[outs[0]], u_out=mine[outs[1]])
+    assert got[0].data_ptr() == mine[outs[0]].data_ptr()
+    assert got[1].data_ptr() == mine[outs[1]].data_ptr()
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])
 def test_nan_in_history_stays_out_of_u_t(backend, cfg):

@@ -87,6 +87,7 @@ inline void lincomb_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
   key = for_row(key, r, inner);
   // Elements [b, b + n) into dst[k][0, n).
   const auto block = [&](i64 b, i64 n, T* const (&dst)[NO], const float* xi) {
+    FK_IVDEP
     for (i64 i = 0; i < n; ++i) {
       A x[Fn::NI], y[NO];
       for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], b + i);
