@@ -35,6 +35,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "entries.h"
+
 #ifndef FK_BUILD_TORCH_VERSION
 #error "setup.py defines FK_BUILD_TORCH_VERSION"
 #endif
@@ -539,7 +541,8 @@ PyMODINIT_FUNC PyInit__fastcall() {
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
   // the torch it is bound to: flowkern imports it only into that one
-  if (PyModule_AddStringConstant(m, "TORCH_VERSION", FK_BUILD_TORCH_VERSION) < 0) {
+  if (PyModule_AddStringConstant(m, "TORCH_VERSION", FK_BUILD_TORCH_VERSION) < 0 ||
+      fk_add_entries(m) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -23,6 +23,7 @@ from ..backend import cpu_built, resolve, resolve_for
 from ..reference import steps as ref
 from ..schedules import coefficients, evaluate, from_native, get_schedule, native_spec
 from ..tables import ALPHA_S, ALPHA_T, AT_S, AT_T, G, H, PREV, SIGMA_T, STEP_COLS, step_row
+from ._entries import ENTRIES, compiling
 from ._registry import (CALLS, NATIVE_NS, NativeOps, calls_for, empty_output, lazy,
                         no_forward_mode, no_time_tangent, ops_for, refuse_grad, register,
                         retyped, transforms_active, triton_op)
@@ -447,6 +448,14 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
         out: output buffer (may be x itself).
     Returns: x_s, shape of x.
     """
+    if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
+        try:
+            r = ENTRIES.euler_step(x, pred, t, s, schedule, prediction, pred_uncond, guidance, out,
+                                   table, backend)
+        except (ValueError, RuntimeError) as e:  # the op's errors: _registry.retyped
+            raise retyped(e) from None
+        if r is not None:
+            return r
     w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
     native = _native_ops(x, backend)
     if native is not None:
@@ -476,6 +485,14 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
     """Second stage of Heun's method: x_s = x_t + (s - t)/2 (u_t + u_s), with
     u_t from (x, pred) at t and u_s from the Euler predictor (x_euler,
     pred_euler) at s. Shapes as :func:`euler_step`."""
+    if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
+        try:
+            r = ENTRIES.heun_step(x, pred, x_euler, pred_euler, t, s, schedule, prediction,
+                                  pred_uncond, pred_euler_uncond, guidance, out, table, backend)
+        except (ValueError, RuntimeError) as e:  # the op's errors: _registry.retyped
+            raise retyped(e) from None
+        if r is not None:
+            return r
     w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
     if (pred_uncond is None) != (pred_euler_uncond is None):
         raise ValueError("pred_euler_uncond: give both unconditional predictions or neither")
@@ -521,6 +538,14 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
     noise form x_s = (alpha_s/alpha_t) x_t + (sigma_s - alpha_s sigma_t/alpha_t) eps.
     Differentiable in x and pred (without out=): it is also the one-step
     flow-map parametrisation g(t, s, x). Shapes as :func:`euler_step`."""
+    if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
+        try:
+            r = ENTRIES.ei_step(x, pred, t, s, schedule, prediction, form, pred_uncond, guidance,
+                                out, table, backend)
+        except (ValueError, RuntimeError) as e:  # the op's errors: _registry.retyped
+            raise retyped(e) from None
+        if r is not None:
+            return r
     w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
     fcode = V.form(form)
     native = _native_ops(x, backend)
@@ -567,6 +592,14 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
     where d_t (the guided x1-prediction at t) is what the next step passes as
     d_prev, with t_prev = t. Without d_prev (the first step) or when sigma_s = 0
     the step is first order. Shapes as :func:`euler_step`."""
+    if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
+        try:
+            r = ENTRIES.dpmpp_2m_step(x, pred, t, s, schedule, prediction, d_prev, t_prev,
+                                      pred_uncond, guidance, out, d_out, table, backend)
+        except (ValueError, RuntimeError) as e:  # the op's errors: _registry.retyped
+            raise retyped(e) from None
+        if r is not None:
+            return r
     w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
     if (d_prev is None) != (t_prev is None) and table is None:
         raise ValueError("t_prev: give d_prev and t_prev together (both None for the first step)")
@@ -618,6 +651,14 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     seed per_sample_seeds[b] (counter offset + its element index), so its noise
     does not depend on the batch; advance `offset` by x[0].numel() per step.
     Shapes as :func:`euler_step`; g a float or (B,) tensor."""
+    if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
+        try:
+            r = ENTRIES.em_step(x, pred, t, s, schedule, prediction, g, seed, offset, pred_uncond,
+                                guidance, out, table, backend, per_sample_seeds)
+        except (ValueError, RuntimeError) as e:  # the op's errors: _registry.retyped
+            raise retyped(e) from None
+        if r is not None:
+            return r
     w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
     seed = _seed_offset(seed, offset, per_sample_seeds)
     native = _native_ops(x, backend)
@@ -653,6 +694,14 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
     t_hat <= t, x_hat = (alpha_that/alpha_t) x + sqrt(sigma_that^2 -
     (alpha_that sigma_t/alpha_t)^2) xi, xi from Philox(seed, offset + e), or
     with per_sample_seeds as :func:`em_step`."""
+    if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
+        try:
+            r = ENTRIES.churn(x, t, t_hat, schedule, seed, offset, out, table, backend,
+                              per_sample_seeds)
+        except (ValueError, RuntimeError) as e:  # the op's errors: _registry.retyped
+            raise retyped(e) from None
+        if r is not None:
+            return r
     seed = _seed_offset(seed, offset, per_sample_seeds)
     native = _native_ops(x, backend)
     if native is not None:
@@ -693,6 +742,14 @@ def lms_step(x, pred, weights, history=(), t=None, schedule="linear", prediction
             are read). u_out: output buffer for u_t (not a history entry).
     Other arguments as :func:`euler_step`.
     """
+    if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
+        try:
+            r = ENTRIES.lms_step(x, pred, weights, history, t, schedule, prediction, pred_uncond,
+                                 guidance, out, u_out, table, backend)
+        except (ValueError, RuntimeError) as e:  # the op's errors: _registry.retyped
+            raise retyped(e) from None
+        if r is not None:
+            return r
     w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
     hist = _lms_history(history)
     native = _native_ops(x, backend)
@@ -743,6 +800,14 @@ def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_samp
         noise_std: std of the in-kernel Gaussian xi (0: none); xi is drawn as in
             :func:`em_step` from Philox(seed, offset + e), or per_sample_seeds.
     Returns out (a new tensor unless given; ``out=x`` updates in place)."""
+    if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
+        try:
+            r = ENTRIES.lincomb_step(x, terms, weights, noise_std, seed, offset, per_sample_seeds,
+                                     out, backend)
+        except (ValueError, RuntimeError) as e:  # the op's errors: _registry.retyped
+            raise retyped(e) from None
+        if r is not None:
+            return r
     seed = _seed_offset(seed, offset, per_sample_seeds)
     native = _native_ops(x, backend)
     if native is not None:

@@ -25,6 +25,7 @@ from .._rules import DIVIDES, PRED_CODE, PREDICTIONS, REDUCTION_CODE, TABLE_KIND
 from ..backend import cpu_built, resolve_for
 from ..schedules import coefficients, from_native, native_spec
 from ..tables import SIGMA
+from ._entries import ENTRIES, compiling
 from ._registry import (CALLS, NATIVE_NS, NativeOps, calls_for, lazy, no_forward_mode,
                         no_time_tangent, ops_for, refuse_grad, register, retyped,
                         transforms_active, triton_op)
@@ -465,6 +466,13 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
         (x_t, y), each of shape (B, ...) and the input dtype. Gradients flow
         to x0 and x1 (not to t).
     """
+    if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
+        try:
+            r = ENTRIES.interpolate(x0, x1, t, schedule, target, out, backend)
+        except (ValueError, RuntimeError) as e:  # the op's errors: _registry.retyped
+            raise retyped(e) from None
+        if r is not None:
+            return r
     if not (isinstance(x0, torch.Tensor) and isinstance(x1, torch.Tensor)):
         check_tensors(x0=x0, x1=x1)
     code = _code("target", target)
@@ -537,6 +545,14 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
         The loss in pred's dtype. Backward gives pred, x0 and x1 gradients in
         one pass; no full-size temporary besides them.
     """
+    if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
+        try:
+            r = ENTRIES.flow_matching_loss(pred, x0, x1, t, schedule, target, weight, reduction,
+                                           backend)
+        except (ValueError, RuntimeError) as e:  # the op's errors: _registry.retyped
+            raise retyped(e) from None
+        if r is not None:
+            return r
     if not (isinstance(pred, torch.Tensor) and isinstance(x0, torch.Tensor)
             and isinstance(x1, torch.Tensor)):
         check_tensors(pred=pred, x0=x0, x1=x1)
@@ -586,6 +602,13 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
     Shapes: pred and x_t (B, ...); t (B,), (1,), () or a float. Gradients
     flow to pred and x_t.
     """
+    if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
+        try:
+            r = ENTRIES.convert(pred, x_t, t, schedule, src, dst, backend)
+        except (ValueError, RuntimeError) as e:  # the op's errors: _registry.retyped
+            raise retyped(e) from None
+        if r is not None:
+            return r
     if not (isinstance(pred, torch.Tensor) and isinstance(x_t, torch.Tensor)):
         check_tensors(pred=pred, x_t=x_t)
     s, d = _code("src", src), _code("dst", dst)
