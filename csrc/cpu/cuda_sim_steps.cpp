@@ -50,7 +50,7 @@ std::tuple<std::vector<Tensor>, sim::Plan> sim_step(
            fk::STEP_MAX_WEIGHTS, " weights");
   for (size_t j = 0; j < weights.size(); ++j) p.wts[j] = weights[j];
   p.noise_std = noise_std;
-  const Tensor seeds_c = step_seeds(seeds, x, true);
+  const OptT seeds_c = step_seeds(seeds, x, true);
   const fk::NoiseKey key = noise_key(seed, offset, seeds_c);
   std::vector<Tensor> outs;
   sim::Plan plan;

@@ -27,8 +27,8 @@ namespace flowkern_cpu {
 // "Per-sample seeds"): a (B,) int64 tensor on x's device, each in [0, 2^63)
 // like `seed` (values read when `check_values`: always for CPU tensors, with
 // FLOWKERN_DEBUG=1 on a GPU). Returns it contiguous, or an undefined tensor.
-inline Tensor step_seeds(const OptT& seeds, const Tensor& x, bool check_values) {
-  if (!seeds.has_value()) return {};
+inline OptT step_seeds(const OptT& seeds, const Tensor& x, bool check_values) {
+  if (!seeds.has_value()) return std::nullopt;
   const Tensor& s = *seeds;
   FK_CHECK_TYPE(s.scalar_type() == kLong, "per_sample_seeds: expected dtype torch.int64, "
                 "got ", py_dtype(s.scalar_type()));
@@ -47,15 +47,17 @@ inline Tensor step_seeds(const OptT& seeds, const Tensor& x, bool check_values) 
   return c;
 }
 
-inline fk::NoiseKey noise_key(int64_t seed, int64_t offset, const Tensor& seeds) {
+inline fk::NoiseKey noise_key(int64_t seed, int64_t offset, const OptT& seeds) {
   return {uint64_t(seed), offset,
-          seeds.defined() ? static_cast<const int64_t*>(seeds.const_data_ptr()) : nullptr};
+          seeds ? static_cast<const int64_t*>(seeds->const_data_ptr()) : nullptr};
 }
 
 // A step's coefficient rows: a (1 or B, STEP_COLS) table in the accumulation type.
 template <class A> struct StepCoef {
   using value_type = A;
-  Tensor keep;     // the table tensor, when given
+  // The table tensor, when given. (Optional: a default-constructed stable
+  // Tensor is a shim call and two heap objects, on every step call.)
+  OptT keep;
   std::vector<A> own;  // the row built here
   const A* ptr;
   i64 n;               // rows: 1 (shared by the batch) or B
@@ -86,7 +88,7 @@ inline StepCoef<A> step_coef(FK_STEP_ARGS, const Tensor& x, bool check) {
     if (tab.scalar_type() != acc || tab.device() != x.device())
       tab = torch::stable::to(tab, acc, std::nullopt, x.device());
     c.keep = contig(tab);
-    c.ptr = static_cast<const A*>(c.keep.const_data_ptr());
+    c.ptr = static_cast<const A*>(c.keep->const_data_ptr());
     c.n = n;
     return c;
   }

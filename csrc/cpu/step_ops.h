@@ -41,7 +41,7 @@ struct StepTimes {
 // A noisy step's stream: seed, offset and the per-sample seeds (step_seeds).
 struct StepNoise {
   int64_t seed = 0, offset = 0;
-  Tensor seeds;
+  OptT seeds;  // optional: a default stable Tensor costs a shim call and two heap objects
 };
 
 // The launch scalars of a step with a prediction type and guidance.

@@ -62,6 +62,7 @@ inline int dtype_code(const Tensor& x) {
 inline uintptr_t ptr(const Tensor& t) {
   return t.defined() ? reinterpret_cast<uintptr_t>(t.const_data_ptr()) : 0;
 }
+inline uintptr_t ptr(const OptT& t) { return t ? ptr(*t) : 0; }
 
 // Calls f(A{}) with A the accumulation type of x's dtype (docs/design.md §6).
 template <class F> decltype(auto) with_acc(const Tensor& x, F&& f) {
@@ -91,7 +92,7 @@ template <class D, class L> struct Glue {
   // runs the op's value checks where the values are on the host.
   template <class A, class Checks>
   static fk::CoefArg train_coef(FK_COEF_ARGS, i64 rows, const Tensor& like, bool check,
-                                Tensor& keep, Checks&& checks) {
+                                OptT& keep, Checks&& checks) {
     check_schedule(kind, params);
     fk::CoefArg c;
     if (kind == kTableKind) {
@@ -118,15 +119,15 @@ template <class D, class L> struct Glue {
     check_times(*t, rows, like, "t");
     // The kernel reads float32 or float64 times as given (as the CPU op reads
     // any dtype exactly); 16-bit ones are widened to float32, exactly.
-    keep = t->dim() == 1 ? *t : torch::stable::reshape(*t, {-1});
-    if (keep.scalar_type() != kDouble && keep.scalar_type() != kFloat)
-      keep = to_dtype(keep, kFloat);
-    keep = contig(keep);
-    c.t = ptr(keep);
-    c.t_rows = keep.numel();
-    c.t_f64 = keep.scalar_type() == kDouble;
+    Tensor times = t->dim() == 1 ? *t : torch::stable::reshape(*t, {-1});
+    if (times.scalar_type() != kDouble && times.scalar_type() != kFloat)
+      times = to_dtype(times, kFloat);
+    keep = contig(times);
+    c.t = ptr(*keep);
+    c.t_rows = keep->numel();
+    c.t_f64 = keep->scalar_type() == kDouble;
     if (check && D::values_on_device_checked()) {
-      const Tensor host = to_cpu(keep);
+      const Tensor host = to_cpu(*keep);
       checks(host_coef<A>(host, 0.0, kind, params, rows, host, true));
     }
     return c;
@@ -138,7 +139,7 @@ template <class D, class L> struct Glue {
     const Launch l(a);
     with_acc(a, [&](auto acc) {
       using A = decltype(acc);
-      Tensor keep;
+      OptT keep;
       const auto c = train_coef<A>(FK_COEF_PASS, rows_of(a), a, check, keep,
                                    [&](const HostCoef<A>& h) { check_target(h, target); });
       ok(L::interpolate(dtype_code(a), rows_of(a), inner_of(a), ptr(a), ptr(b), c, int(target),
@@ -178,7 +179,7 @@ template <class D, class L> struct Glue {
     const Launch l(gxt);
     with_acc(gxt, [&](auto acc) {
       using A = decltype(acc);
-      Tensor keep;
+      OptT keep;
       const auto c = train_coef<A>(FK_COEF_PASS, rows_of(gxt), gxt, false, keep,
                                    [](const HostCoef<A>&) {});
       ok(L::interpolate_backward(dtype_code(gxt), rows_of(gxt), inner_of(gxt), ptr(gxt),
@@ -199,7 +200,7 @@ template <class D, class L> struct Glue {
     const Launch l(x);
     with_acc(x, [&](auto acc) {
       using A = decltype(acc);
-      Tensor keep;
+      OptT keep;
       const auto c = train_coef<A>(FK_COEF_PASS, rows_of(x), x, check, keep,
                                    [&](const HostCoef<A>& h) { check_convert(h, src, dst); });
       ok(L::convert(dtype_code(x), rows_of(x), inner_of(x), ptr(x), ptr(pred), c, int(src),
@@ -219,7 +220,7 @@ template <class D, class L> struct Glue {
     const Launch l(g);
     with_acc(g, [&](auto acc) {
       using A = decltype(acc);
-      Tensor keep;
+      OptT keep;
       const auto c =
           train_coef<A>(FK_COEF_PASS, rows_of(g), g, false, keep, [](const HostCoef<A>&) {});
       ok(L::convert_backward(dtype_code(g), rows_of(g), inner_of(g), ptr(g), c, int(src),
@@ -248,7 +249,7 @@ template <class D, class L> struct Glue {
     const Launch l(pred);
     with_acc(pred, [&](auto acc) {
       using A = decltype(acc);
-      Tensor keep;
+      OptT keep;
       const auto c = train_coef<A>(FK_COEF_PASS, rows, pred, check, keep,
                                    [&](const HostCoef<A>& h) { check_target(h, target); });
       ok(L::fm_loss_partial(dtype_code(pred), rows, inner, ptr(pred), ptr(x0), ptr(x1), c,
@@ -260,10 +261,11 @@ template <class D, class L> struct Glue {
     // factor is a 0-dim host tensor.)
     Tensor sums = row_sums(partial, kDouble);
     if (weight.has_value()) sums = mul(sums, torch::stable::reshape(to_dtype(*weight, kDouble), {-1}));
-    Tensor out;
-    if (reduction == NONE) out = mul(sums, host_scalar(1.0 / double(std::max<i64>(inner, 1))));
-    else if (reduction == SUM) out = torch::stable::sum(sums);
-    else out = mul(torch::stable::sum(sums), host_scalar(1.0 / double(std::max<i64>(rows * inner, 1))));
+    const Tensor out =
+        reduction == NONE ? mul(sums, host_scalar(1.0 / double(std::max<i64>(inner, 1))))
+        : reduction == SUM
+            ? torch::stable::sum(sums)
+            : mul(torch::stable::sum(sums), host_scalar(1.0 / double(std::max<i64>(rows * inner, 1))));
     return to_dtype(out, pred.scalar_type());
   }
 
@@ -297,7 +299,7 @@ template <class D, class L> struct Glue {
     const Launch l(pred);
     with_acc(pred, [&](auto acc) {
       using A = decltype(acc);
-      Tensor keep;
+      OptT keep;
       const auto c =
           train_coef<A>(FK_COEF_PASS, rows, pred, false, keep, [](const HostCoef<A>&) {});
       ok(L::fm_loss_backward(dtype_code(pred), rows, inner, ptr(grad_rows), ptr(pred), ptr(x0),
@@ -314,7 +316,7 @@ template <class D, class L> struct Glue {
   // table as the kernel reads it. checks(StepCoef) as in train_coef.
   template <class A, class Checks>
   static fk::CoefArg step_coef_arg(FK_STEP_ARGS, const Tensor& x, bool check,
-                                   Tensor& keep, Checks&& checks) {
+                                   OptT& keep, Checks&& checks) {
     fk::CoefArg c;
     if (table.has_value()) {
       const StepCoef<A> s = step_coef<A>(FK_STEP_PASS, x, false);  // shape, dtype, device
@@ -323,8 +325,8 @@ template <class D, class L> struct Glue {
       c.table_rows = s.n;
       if (check && D::values_on_device_checked()) {
         StepCoef<A> h;
-        h.keep = to_cpu(keep);
-        h.ptr = static_cast<const A*>(h.keep.const_data_ptr());
+        h.keep = to_cpu(*keep);
+        h.ptr = static_cast<const A*>(h.keep->const_data_ptr());
         h.n = s.n;
         checks(h);
       }
@@ -350,7 +352,7 @@ template <class D, class L> struct Glue {
       const Launch l(x);
       with_acc(x, [&](auto acc) {
         using A = decltype(acc);
-        Tensor keep;
+        OptT keep;
         const fk::CoefArg c =
             coef == nullptr ? fk::CoefArg{}
                             : step_coef_arg<A>(coef->table, coef->times, coef->kind,

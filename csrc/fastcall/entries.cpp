@@ -32,6 +32,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "call.h"
 #include "entries.h"
 
 namespace {
@@ -289,22 +290,11 @@ struct Call {
     st.emplace_back(check_flag());
     return true;
   }
-  // The op, with the GIL released as torch's binding does; false with the
+  // The op (call.h: the GIL released, the tensors kept); false with the
   // Python error set.
   bool run(Op op) {
-    // every tensor argument outlives the call (fastcall.cpp fast_call: the
-    // last reference must not go inside it, without the GIL)
-    c10::SmallVector<IValue, 16> keep;
-    for (const IValue& v : st)
-      if (v.isTensor() || v.isTensorList()) keep.push_back(v);
-    try {
-      pybind11::gil_scoped_release no_gil;
-      cfg.ops[op].callBoxed(st);
-      ++cfg.taken[op];
-    } catch (const std::invalid_argument& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());  // as fast_call
-      return false;
-    }
+    if (!fk_fastcall::call_boxed(cfg.ops[op], st)) return false;
+    ++cfg.taken[op];
     return true;
   }
 };

@@ -35,6 +35,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "call.h"
 #include "entries.h"
 
 #ifndef FK_BUILD_TORCH_VERSION
@@ -229,25 +230,7 @@ PyObject* fast_call(PyObject* self_, PyObject* const* args, size_t nargsf, PyObj
     for (Py_ssize_t i = 0; i < n && taken; ++i) taken = push(kinds[i], args[i], stack);
     if (taken) {
       HANDLE_TH_ERRORS
-      // A reference to every tensor argument until the GIL is back. The
-      // stable ABI's boxed kernel moves each argument off the stack into a
-      // handle of its own and drops it inside the call; a tensor whose last
-      // C++ reference goes there releases its Python object (TensorImpl's
-      // PyObject slot), which takes the GIL: one GIL round trip per tensor
-      // argument, ~0.05 us each (docs/build.md "Host time"). With
-      // these references the last one goes below, under the GIL, as in
-      // torch's own binding, whose parsed arguments outlive the call.
-      c10::SmallVector<c10::IValue, 16> keep;
-      for (const c10::IValue& v : stack)
-        if (v.isTensor() || v.isTensorList()) keep.push_back(v);
-      try {
-        pybind11::gil_scoped_release no_gil;
-        self->op->callBoxed(stack);
-      } catch (const std::invalid_argument& e) {
-        // what pybind11 makes of it under torch's binding (<= 2.14): ValueError
-        PyErr_SetString(PyExc_ValueError, e.what());
-        return nullptr;
-      }
+      if (!fk_fastcall::call_boxed(*self->op, stack)) return nullptr;
       return wrap_returns(self->ret, stack);
       END_HANDLE_TH_ERRORS
     }
