@@ -250,3 +250,20 @@ def test_errors_equal_the_python(k, python_path):
             call()
     assert type(a.value) is type(b.value), (a.value, b.value)
     assert str(a.value) == str(b.value)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode, torch.enable_grad])
+def test_grad_modes_take_the_entries(mode):
+    """no_grad, inference_mode and grad mode with nothing requiring grad are
+    usual calls (inference mode changes the thread's keys, not the included
+    ones); the results equal the Python path's."""
+    x, p, pu, x1, h, t = _data()
+    with mode():
+        before = _taken()
+        xt, y = fk.interpolate(x, x1, t)
+        out = fk.euler_step(x, p, 0.3, 0.4)
+        buf = torch.randn(5, 7)
+        fk.euler_step(buf, p, table=fk.step_table("linear", 0.3, 0.4), out=buf)
+        assert _taken() == before + 3
+    torch.testing.assert_close(out, x + 0.1 * p, rtol=0, atol=1e-6)
+    torch.testing.assert_close(xt, t[:, None] * x1 + (1 - t[:, None]) * x, rtol=0, atol=1e-6)
