@@ -267,3 +267,24 @@ def test_grad_modes_take_the_entries(mode):
         assert _taken() == before + 3
     torch.testing.assert_close(out, x + 0.1 * p, rtol=0, atol=1e-6)
     torch.testing.assert_close(xt, t[:, None] * x1 + (1 - t[:, None]) * x, rtol=0, atol=1e-6)
+
+
+def test_each_function_passes_its_own_parameters_in_order():
+    """An entry reads its arguments by position (entries.cpp lists each
+    signature): every public function hands over exactly its parameters, in
+    signature order, so a new or reordered parameter cannot be misread."""
+    import ast
+    import inspect
+    import textwrap
+    names = ["interpolate", "flow_matching_loss", "convert", "euler_step", "heun_step", "ei_step",
+             "dpmpp_2m_step", "em_step", "churn", "lms_step", "lincomb_step"]
+    for name in names:
+        fn = getattr(fk, name)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Attribute) and n.func.attr == name
+                 and isinstance(n.func.value, ast.Name) and n.func.value.id == "ENTRIES"]
+        assert len(calls) == 1, name
+        passed = [a.id for a in calls[0].args]
+        assert passed == list(inspect.signature(fn).parameters), name
+        assert not calls[0].keywords, name
