@@ -309,6 +309,14 @@ PyObject* ret(PyObject* o) {
 // A step's returned buffer: the caller's, or the fresh one.
 PyObject* buffer(PyObject* given, PyObject* fresh) { return fresh != nullptr ? fresh : ret(given); }
 
+// The tuple (a, b) of two new references, which it takes (null if either is).
+PyObject* pair(PyObject* a, PyObject* b) {
+  PyObject* r = a != nullptr && b != nullptr ? PyTuple_Pack(2, a, b) : nullptr;
+  Py_XDECREF(a);
+  Py_XDECREF(b);
+  return r;
+}
+
 // Fresh outputs that a missed call leaves behind are dropped.
 struct Fresh {
   PyObject* p[2] = {nullptr, nullptr};
@@ -397,12 +405,7 @@ PyObject* dpmpp_2m_step(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
         c.out(a[11], x, f.p[1])))
     return miss();
   if (!c.run(kDpmpp)) return nullptr;
-  PyObject* o = buffer(a[10], f.take(0));
-  PyObject* d = buffer(a[11], f.take(1));
-  PyObject* r = PyTuple_Pack(2, o, d);
-  Py_DECREF(o);
-  Py_DECREF(d);
-  return r;
+  return pair(buffer(a[10], f.take(0)), buffer(a[11], f.take(1)));
   FK_END
 }
 
@@ -462,12 +465,7 @@ PyObject* lms_step(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
         c.out(a[9], x, f.p[0]) && c.out(a[10], x, f.p[1])))
     return miss();
   if (!c.run(kLms)) return nullptr;
-  PyObject* o = buffer(a[9], f.take(0));
-  PyObject* u = buffer(a[10], f.take(1));
-  PyObject* r = PyTuple_Pack(2, o, u);
-  Py_DECREF(o);
-  Py_DECREF(u);
-  return r;
+  return pair(buffer(a[9], f.take(0)), buffer(a[10], f.take(1)));
   FK_END
 }
 
@@ -513,14 +511,8 @@ PyObject* interpolate(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
   if (out == Py_None) {
     if (needs_grad({&c.st[0].toTensor(), &c.st[1].toTensor()})) return miss();
     if (!c.run(kInterpolate)) return nullptr;
-    PyObject* xt = THPVariable_Wrap(std::move(c.st[0]).toTensor());
-    if (xt == nullptr) return nullptr;
-    PyObject* y = THPVariable_Wrap(std::move(c.st[1]).toTensor());
-    if (y == nullptr) { Py_DECREF(xt); return nullptr; }
-    PyObject* r = PyTuple_Pack(2, xt, y);
-    Py_DECREF(xt);
-    Py_DECREF(y);
-    return r;
+    return pair(THPVariable_Wrap(std::move(c.st[0]).toTensor()),
+                THPVariable_Wrap(std::move(c.st[1]).toTensor()));
   }
   // _check_out: a pair of tensors, neither needing a gradient
   if (!(PyTuple_CheckExact(out) || PyList_CheckExact(out)) || PySequence_Fast_GET_SIZE(out) != 2)
