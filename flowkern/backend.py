@@ -22,6 +22,9 @@ import os
 import torch
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
+# The backends whose public calls are one call of a flowkern:: op (the CPU
+# kernels, the CUDA glue); triton and torch run their Python path.
+NATIVE_BACKENDS = ("cpu", "cuda")
 # The innermost use_backend() of this thread / task (a ContextVar: another
 # thread's context never changes which backend a call runs on).
 _current: contextvars.ContextVar = contextvars.ContextVar("flowkern_backend", default=None)

@@ -26,7 +26,7 @@ namespace flowkern_cpu {
 // Per-sample seeds of a noisy step (em_step, churn; docs/design.md §4
 // "Per-sample seeds"): a (B,) int64 tensor on x's device, each in [0, 2^63)
 // like `seed` (values read when `check_values`: always for CPU tensors, with
-// FLOWKERN_DEBUG=1 on a GPU). Returns it contiguous, or an undefined tensor.
+// FLOWKERN_DEBUG=1 on a GPU). Returns it contiguous, or nullopt without seeds.
 inline OptT step_seeds(const OptT& seeds, const Tensor& x, bool check_values) {
   if (!seeds.has_value()) return std::nullopt;
   const Tensor& s = *seeds;

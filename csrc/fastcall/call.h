@@ -9,6 +9,20 @@
 
 namespace fk_fastcall {
 
+// An exact int (bool, a subclass, is not one) within int64; false otherwise,
+// which leaves the value and its error to the caller's fallback.
+inline bool int64_of(PyObject* o, int64_t& v) {
+  if (!PyLong_CheckExact(o)) return false;
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(o, &overflow);
+  if (overflow != 0 || (x == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return false;
+  }
+  v = static_cast<int64_t>(x);
+  return true;
+}
+
 // op.callBoxed(stack) with the GIL released, as torch's binding calls; false
 // with the Python error set for what pybind11 would make a ValueError of
 // (torch's binding <= 2.14); other C++ errors propagate to the caller's
@@ -28,7 +42,8 @@ inline bool call_boxed(const c10::OperatorHandle& op, torch::jit::Stack& stack) 
     if (v.isTensor()) {
       keep.push_back(v);
     } else if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorList().vec()) keep.emplace_back(t);
+      const c10::List<at::Tensor> list = v.toTensorList();
+      for (size_t i = 0; i < list.size(); ++i) keep.emplace_back(list.get(i));
     }
   }
   try {

@@ -40,8 +40,6 @@ namespace {
 using c10::IValue;
 using Stack = torch::jit::Stack;
 
-constexpr int64_t kTableKind = -1;  // flowkern/_rules.py TABLE_KIND
-
 struct Spec {
   int64_t kind;
   c10::List<double> params;
@@ -65,6 +63,7 @@ struct Config {
   bool auto_cuda_native = false;  // ... and a CUDA tensor
   bool cuda_native = false;       // backend="cuda" runs on flowkern:: (the CUDA glue built)
   int64_t huge_bytes = 0;         // empty_output's huge-page threshold
+  int64_t table_kind = 0;         // TABLE_KIND: the kind of a caller's coefficient table
   std::vector<c10::OperatorHandle> ops;
   std::vector<Py_ssize_t> taken;  // calls each op took here (tests: the public calls' path)
 };
@@ -101,14 +100,7 @@ bool number(PyObject* o, double& v) {
 }
 
 // A seed or offset the rule book accepts: an exact int in [0, 2^63).
-bool seed_of(PyObject* o, int64_t& v) {
-  if (!PyLong_CheckExact(o)) return false;
-  int overflow = 0;
-  const long long x = PyLong_AsLongLongAndOverflow(o, &overflow);
-  if (overflow != 0 || x < 0 || (x == -1 && PyErr_Occurred())) { PyErr_Clear(); return false; }
-  v = x;
-  return true;
-}
+bool seed_of(PyObject* o, int64_t& v) { return fk_fastcall::int64_of(o, v) && v >= 0; }
 
 // The code of an exact str in one of the rule book's dicts.
 bool code_of(PyObject* codes, PyObject* o, int64_t& c) {
@@ -240,7 +232,7 @@ struct Call {
     if (table != Py_None) {
       if (!tensor(table)) return false;
       st.emplace_back(no_floats());
-      st.emplace_back(kTableKind);
+      st.emplace_back(cfg.table_kind);
       st.emplace_back(no_floats());
       return true;
     }
@@ -301,13 +293,15 @@ struct Call {
 
 PyObject* miss() { Py_RETURN_NONE; }
 
-PyObject* ret(PyObject* o) {
+PyObject* new_ref(PyObject* o) {
   Py_INCREF(o);
   return o;
 }
 
 // A step's returned buffer: the caller's, or the fresh one.
-PyObject* buffer(PyObject* given, PyObject* fresh) { return fresh != nullptr ? fresh : ret(given); }
+PyObject* buffer(PyObject* given, PyObject* fresh) {
+  return fresh != nullptr ? fresh : new_ref(given);
+}
 
 // The tuple (a, b) of two new references, which it takes (null if either is).
 PyObject* pair(PyObject* a, PyObject* b) {
@@ -386,7 +380,7 @@ PyObject* ei_step(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
   }
   if (!c.tensor(a[9])) return miss();
   if (!c.run(kEiOut)) return nullptr;
-  return ret(a[9]);
+  return new_ref(a[9]);
   FK_END
 }
 
@@ -524,7 +518,7 @@ PyObject* interpolate(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
       (c.st[c.st.size() - 2].toTensor().requires_grad() || c.top().requires_grad()))
     return miss();
   if (!c.run(kInterpolateOut)) return nullptr;
-  return PyTuple_CheckExact(out) ? ret(out) : PyTuple_Pack(2, o0, o1);
+  return PyTuple_CheckExact(out) ? new_ref(out) : PyTuple_Pack(2, o0, o1);
   FK_END
 }
 
@@ -560,11 +554,6 @@ PyObject* convert(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
   FK_END
 }
 
-PyObject* own(PyObject* o) {
-  Py_INCREF(o);
-  return o;
-}
-
 // configure(dict): the rule book's names and codes, and the context the
 // entries read (flowkern/ops/_entries.py).
 PyObject* configure(PyObject*, PyObject* d) {
@@ -580,24 +569,26 @@ PyObject* configure(PyObject*, PyObject* d) {
   HANDLE_TH_ERRORS
   const char* objs[] = {"backend_var", "prechecked_var", "env_data", "env_key", "fwad_dict",
                         "pred_codes", "form_codes", "reduction_codes", "schedules",
-                        "auto_cpu_native", "auto_cuda_native", "cuda_native", "huge_bytes"};
+                        "auto_cpu_native", "auto_cuda_native", "cuda_native", "huge_bytes",
+                        "table_kind"};
   for (const char* k : objs)
     if (item(k) == nullptr) return nullptr;
   cfg.ready = false;
-  cfg.backend_var = own(item("backend_var"));
-  cfg.prechecked_var = own(item("prechecked_var"));
-  cfg.env_data = own(item("env_data"));
-  cfg.env_key = own(item("env_key"));
-  cfg.fwad_dict = own(item("fwad_dict"));
+  cfg.backend_var = new_ref(item("backend_var"));
+  cfg.prechecked_var = new_ref(item("prechecked_var"));
+  cfg.env_data = new_ref(item("env_data"));
+  cfg.env_key = new_ref(item("env_key"));
+  cfg.fwad_dict = new_ref(item("fwad_dict"));
   cfg.level_key = PyUnicode_InternFromString("_current_level");
-  cfg.pred_codes = own(item("pred_codes"));
-  cfg.form_codes = own(item("form_codes"));
-  cfg.reduction_codes = own(item("reduction_codes"));
+  cfg.pred_codes = new_ref(item("pred_codes"));
+  cfg.form_codes = new_ref(item("form_codes"));
+  cfg.reduction_codes = new_ref(item("reduction_codes"));
   cfg.auto_cpu_native = PyObject_IsTrue(item("auto_cpu_native")) == 1;
   cfg.auto_cuda_native = PyObject_IsTrue(item("auto_cuda_native")) == 1;
   cfg.cuda_native = PyObject_IsTrue(item("cuda_native")) == 1;
   cfg.huge_bytes = PyLong_AsLongLong(item("huge_bytes"));
-  // schedules: {name: (kind, [params])}
+  cfg.table_kind = PyLong_AsLongLong(item("table_kind"));
+  // schedules: {name: (kind, params)}
   PyObject* scheds = item("schedules");
   cfg.schedule_index = PyDict_New();
   cfg.specs.clear();

@@ -44,6 +44,8 @@
 
 namespace {
 
+using fk_fastcall::int64_of;
+
 enum class Arg : uint8_t { Tensor, OptionalTensor, TensorList, FloatList, Int, Float, Bool };
 enum class Ret : uint8_t { None, Tensor, Tensors, TensorList };
 
@@ -112,20 +114,6 @@ bool items_of(PyObject* o, PyObject**& items, Py_ssize_t& n) {
   if (!PyList_CheckExact(o) && !PyTuple_CheckExact(o)) return false;
   n = PySequence_Fast_GET_SIZE(o);
   items = PySequence_Fast_ITEMS(o);
-  return true;
-}
-
-// An exact int (bool, a subclass, is not one) within int64; false otherwise,
-// which leaves the value and its error to torch's binding.
-bool int64_of(PyObject* o, int64_t& v) {
-  if (!PyLong_CheckExact(o)) return false;
-  int overflow = 0;
-  const long long x = PyLong_AsLongLongAndOverflow(o, &overflow);
-  if (overflow != 0 || (x == -1 && PyErr_Occurred())) {
-    PyErr_Clear();
-    return false;
-  }
-  v = static_cast<int64_t>(x);
   return true;
 }
 

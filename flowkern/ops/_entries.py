@@ -18,7 +18,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from .. import backend as _backend
-from .._rules import FORMS, PRED_CODE, REDUCTION_CODE
+from .._rules import FORMS, PRED_CODE, REDUCTION_CODE, TABLE_KIND
 from .._validate import _PRECHECKED
 from ..schedules import _NATIVE_BY_NAME
 from ._registry import HUGE_OUTPUT_BYTES
@@ -30,7 +30,6 @@ def _configure():
     fast = _backend.fastcall()
     if fast is None or not _backend.cpu_built():
         return None
-    native = ("cpu", "cuda")
     fast.configure({
         "backend_var": _backend._current,
         "prechecked_var": _PRECHECKED,
@@ -40,10 +39,10 @@ def _configure():
         "pred_codes": PRED_CODE,
         "form_codes": FORMS,
         "reduction_codes": REDUCTION_CODE,
-        "schedules": {name: (kind, [float(p) for p in params])
-                      for name, (kind, params) in _NATIVE_BY_NAME.items()},
-        "auto_cpu_native": _backend._AUTO_CPU in native,
-        "auto_cuda_native": _backend._AUTO_CUDA in native,
+        "schedules": _NATIVE_BY_NAME,
+        "table_kind": TABLE_KIND,
+        "auto_cpu_native": _backend._AUTO_CPU in _backend.NATIVE_BACKENDS,
+        "auto_cuda_native": _backend._AUTO_CUDA in _backend.NATIVE_BACKENDS,
         "cuda_native": _backend.cuda_built(),
         "huge_bytes": HUGE_OUTPUT_BYTES,
     })

@@ -19,7 +19,7 @@ import torch
 
 from .. import _validate as V
 from .._rules import FORM_NAMES, PREDICTIONS, TABLE_KIND
-from ..backend import cpu_built, resolve, resolve_for
+from ..backend import NATIVE_BACKENDS, cpu_built, resolve, resolve_for
 from ..reference import steps as ref
 from ..schedules import coefficients, evaluate, from_native, get_schedule, native_spec
 from ..tables import ALPHA_S, ALPHA_T, AT_S, AT_T, G, H, PREV, SIGMA_T, STEP_COLS, step_row
@@ -367,7 +367,6 @@ def _nonzero_for(st, prediction, dst, at="t"):
 # the native (cpu) fast path: one op call, arguments checked in C++
 
 Tensor = torch.Tensor
-_NATIVE_BACKENDS = ("cpu", "cuda")
 _NOTHING: list = []
 _NAN = float("nan")
 # The overloads the native path calls, looked up once (an OpOverloadPacket
@@ -400,7 +399,7 @@ def _native_ops(x, backend):
     """(ops, check) (_NATIVE.now_checked) when this step is one call of its
     flowkern:: op (CPU kernel, or the CUDA glue of csrc/cuda/glue.h); None
     when it runs on triton or torch, which read a Python-built table."""
-    if isinstance(x, torch.Tensor) and resolve_for(backend, x) in _NATIVE_BACKENDS:
+    if isinstance(x, torch.Tensor) and resolve_for(backend, x) in NATIVE_BACKENDS:
         return _NATIVE.now_checked()
     return None
 

@@ -22,7 +22,7 @@ import torch
 from .. import _validate as V
 from .. import reference as ref
 from .._rules import DIVIDES, PRED_CODE, PREDICTIONS, REDUCTION_CODE, TABLE_KIND
-from ..backend import cpu_built, resolve_for
+from ..backend import NATIVE_BACKENDS, cpu_built, resolve_for
 from ..schedules import coefficients, from_native, native_spec
 from ..tables import SIGMA
 from ._entries import ENTRIES, compiling
@@ -479,7 +479,7 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t, schedule="linear",
     be = resolve_for(backend, x1)
     if out is not None:
         out = _check_out(out)
-    if be in ("cpu", "cuda"):
+    if be in NATIVE_BACKENDS:
         try:
             ops, check = _NATIVE.now_checked()
             args = (x0, x1, *_native_coef(schedule, t, x0), code, check)
@@ -563,7 +563,7 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
     be = resolve_for(backend, pred)
     if weight is not None and not isinstance(weight, torch.Tensor):
         weight = torch.as_tensor(weight, device=pred.device)
-    if be in ("cpu", "cuda"):
+    if be in NATIVE_BACKENDS:
         try:
             coef = _native_coef(schedule, t, pred)
             ops, check = _NATIVE.now_checked()
@@ -613,7 +613,7 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, schedule="linear", src: st
         check_tensors(pred=pred, x_t=x_t)
     s, d = _code("src", src), _code("dst", dst)
     be = resolve_for(backend, x_t)
-    if be in ("cpu", "cuda"):
+    if be in NATIVE_BACKENDS:
         try:
             ops, check = _NATIVE.now_checked()
             args = (pred, x_t, *_native_coef(schedule, t, x_t), s, d, check)

@@ -23,7 +23,8 @@
 // the ops check before any kernel runs (check_no_overlap). The compiler
 // cannot know that, and with more than ~10 pointer pairs to compare at run
 // time (g++'s vect-max-version-for-alias-checks) it keeps the loop scalar:
-// the 5-input, 2-output lms_step ran 4x slower than it vectorised.
+// a 5-input, 2-output lms_step on 4M elements took 2.05-2.22 ms scalar,
+// 1.71-1.75 ms vectorised (docs/build.md "Vectorised element loops").
 #if defined(__CUDACC__)
 #define FK_IVDEP
 #elif defined(__clang__)
