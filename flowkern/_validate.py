@@ -172,7 +172,7 @@ def check_unit_interval(name: str, t: torch.Tensor) -> None:
     csrc/cpu/schedules.cpp raises the same message."""
     if t.numel() and not _within_unit(t):
         raise ValueError(f"{name}: times must lie in [0, 1] (0 = noise, 1 = data); got values "
-                         f"in [{t.min().item():g}, {t.max().item():g}] (NaN included)")
+                         f"in [{t.min().item():g}, {t.max().item():g}]")
 
 
 def _within_unit(t: torch.Tensor) -> bool:

@@ -189,7 +189,7 @@ def make_grid(grid, schedule="linear", steps=None, t_start: float = 0.0,
                          f"({g.numel() - 1} steps); leave steps=None with a tensor grid")
     if not bool(((g >= 0) & (g <= 1)).all()):
         raise ValueError(f"grid: times must lie in [0, 1] (0 = noise, 1 = data); got values "
-                         f"in [{g.min().item():g}, {g.max().item():g}] (NaN included)")
+                         f"in [{g.min().item():g}, {g.max().item():g}]")
     if not bool((g[1:] > g[:-1]).all()):
         i = int(torch.nonzero(~(g[1:] > g[:-1]))[0])
         raise ValueError(f"grid: times must be strictly increasing (noise -> data); "

@@ -164,6 +164,28 @@ def test_native_table_range_check(bad):
 
 
 @native
+@pytest.mark.parametrize("bad,shown", [(-0.25, "[-0.25, 0.5]"), (1.5, "[0.25, 1.5]"),
+                                       (float("inf"), "[0.25, inf]"),
+                                       (float("nan"), "[nan, nan]")])
+def test_range_message_shows_the_range(bad, shown):
+    # every path that checks times reports the same range: NaN shows as [nan,
+    # nan] (torch.aminmax's answer), an infinite time as inf, not as a NaN
+    t = torch.tensor([0.5, bad, 0.25])
+    want = "t: times must lie in [0, 1] (0 = noise, 1 = data); got values in " + shown
+    x = torch.zeros(3, 2)
+    calls = [lambda: coefficients("linear", t, 3, torch.float32, check="t"),
+             lambda: fk.interpolate(x, x, t),
+             lambda: fk.interpolate(x, x, t, backend="torch")]
+    for call in calls:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == want
+    with pytest.raises(ValueError) as e:  # the step ops' float times (coef_args.h)
+        fk.euler_step(x, x, t=bad, s=0.5)
+    assert str(e.value).endswith(f"got values in [{bad:g}, {bad:g}]"), str(e.value)
+
+
+@native
 def test_native_table_opcheck():
     t = torch.rand(7, dtype=torch.float64)
     torch.library.opcheck(torch.ops.flowkern.schedule_table.default,

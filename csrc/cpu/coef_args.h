@@ -101,7 +101,7 @@ inline void check_unit_interval(const char* name, const std::vector<double>& ts)
   if (nan) lo = hi = NAN;  // torch.aminmax propagates NaN
   FK_CHECK_VALUE(ts.empty() || (!nan && lo >= 0 && hi <= 1), name,
                  ": times must lie in [0, 1] (0 = noise, 1 = data); got values in [", lo,
-                 ", ", hi, "] (NaN included)");
+                 ", ", hi, "]");
 }
 
 inline void check_schedule(int64_t kind, const std::vector<double>& params) {

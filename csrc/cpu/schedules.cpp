@@ -58,10 +58,11 @@ Tensor schedule_table(const Tensor& t_, int64_t kind, const std::vector<double>&
     go(static_cast<const float*>(t.const_data_ptr()));
   else
     go(static_cast<const double*>(t.const_data_ptr()));
+  if (nan) lo = hi = NAN;  // torch.aminmax propagates NaN
   // The message of flowkern._validate.check_unit_interval, word for word.
   FK_CHECK_VALUE(check.empty() || nt == 0 || (!nan && lo >= 0 && hi <= 1), check,
                  ": times must lie in [0, 1] (0 = noise, 1 = data); got values in [", lo,
-                 ", ", hi, "] (NaN included)");
+                 ", ", hi, "]");
   return out;
 }
 
