@@ -570,3 +570,95 @@ def test_cuda_is_the_gpu_default_when_built():
     want = "cuda" if cuda_built() else ("triton" if triton_available() else "torch")
     assert _auto(torch.device("cuda")) == want
     assert _auto(torch.device("cpu")) == "cpu"
+
+
+# ---------------------------------------------------------------------------
+# the loss on the GPU launches its two kernels and no torch op
+
+
+def _glue_recorded(fn):
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith(("aten::", "flowkern_sim::"))]
+
+
+@pytest.mark.parametrize("red", [0, 1, 2], ids=["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_loss_glue_makes_no_torch_op(red, weighted):
+    """fm_loss is the row-sum kernel and one finishing block (weight,
+    reduction and the cast in the kernel), fm_loss_backward one kernel that
+    reads the loss's gradient and the weight itself: besides allocations, no
+    aten op (each would be a launch and a host round trip on a GPU)."""
+    rows = 6
+    x0, x1, pred = tensors(3, (rows, 40), torch.float32)
+    w = times(rows, seed=5) if weighted else None
+    t = times(rows)
+    grad = torch.ones(rows) if red == 2 else torch.ones(())
+    allowed = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::view"}
+    for call, op in ((lambda: SIM.fm_loss(pred, x0, x1, t, 0.0, 1, [], 0, w, red, False),
+                      "flowkern_sim::fm_loss"),
+                     (lambda: SIM.fm_loss_backward(grad, pred, x0, x1, t, 0.0, 1, [], 0, w, red, 1),
+                      "flowkern_sim::fm_loss_backward")):
+        names = _glue_recorded(call)
+        assert names[0] == op and op not in names[1:], names
+        assert not [n for n in names[1:] if n not in allowed], names
+
+
+LOSS_WEIGHTS = {  # weight and loss-gradient storage the kernels read as they lie
+    "float32": lambda w: w.float(), "float64": lambda w: w.double(),
+    "float16": lambda w: w.half(), "bfloat16": lambda w: w.bfloat16(),
+    "int64 (converted)": lambda w: (w * 4).round().long(),
+    "strided": lambda w: torch.stack([w, -w], 1)[:, 0],
+    "one value": lambda w: w[:1],
+    "0-dim": lambda w: w[0],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", list(LOSS_WEIGHTS))
+def test_loss_glue_weight_and_grad_storage(dtype, kind):
+    """The weight and the loss's gradient in every storage the glue passes
+    through fk::Reals: the CPU op's result (it reads them the same way),
+    and the loss against its float64 formula (linear schedule: the
+    velocity target is x1 - x0)."""
+    rows = 5
+    x0, x1, pred = tensors(3, (rows, 2, 33), dtype)
+    t = times(rows)
+    make = LOSS_WEIGHTS[kind]
+    w = make(times(rows, seed=5))
+    for red in range(3):
+        got = SIM.fm_loss(pred, x0, x1, t, 0.0, 0, [], 0, w, red, False)
+        want = CPU.fm_loss(pred, x0, x1, t, 0.0, 0, [], 0, w, red, False)
+        torch.testing.assert_close(got, want, rtol=2e-7 if dtype != torch.float64 else 1e-15,
+                                   atol=0)
+        # the float64 formula: w_b * mean over the row of (pred - (x1 - x0))^2
+        err = (pred.double() - (x1.double() - x0.double())).reshape(rows, -1)
+        per = (err * err).mean(1) * w.double().reshape(-1).expand(rows)
+        ref = per if red == 2 else per.sum() * (1.0 / rows if red == 0 else err.shape[1])
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=0)
+        g0 = make(times(rows, seed=7) + 0.5)
+        grad = g0.reshape(-1).expand(rows).contiguous() if red == 2 else g0.reshape(-1)[0]
+        if red == 2 and kind == "strided":
+            grad = torch.stack([grad, -grad], 1)[:, 0]
+        if red == 2 and kind == "one value":
+            grad = grad.reshape(1, rows)  # (1, B): read as B values
+        for nout in (1, 3):
+            equal(SIM.fm_loss_backward(grad, pred, x0, x1, t, 0.0, 0, [], 0, w, red, nout),
+                  CPU.fm_loss_backward(grad, pred, x0, x1, t, 0.0, 0, [], 0, w, red, nout))
+
+
+def test_loss_glue_finishes_many_rows():
+    """More rows than the finishing block's threads: each thread sums several
+    rows; and rows of several chunks (the row-sum plan's partials)."""
+    from flowkern.ops._registry import SCHEMA_LINES  # noqa: F401  (the sim is loaded)
+    for shape in [(1000, 3), (3, 20000)]:
+        x0, x1, pred = tensors(3, shape, torch.float64)
+        t = times(shape[0], dtype=torch.float64)
+        w = times(shape[0], seed=5, dtype=torch.float64)
+        for red in range(3):
+            got = SIM.fm_loss(pred, x0, x1, t, 0.0, 2, [1.7], 1, w, red, False)
+            want = CPU.fm_loss(pred, x0, x1, t, 0.0, 2, [1.7], 1, w, red, False)
+            torch.testing.assert_close(got, want, rtol=1e-14, atol=0)

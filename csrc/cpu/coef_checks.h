@@ -80,6 +80,55 @@ inline void check_weight(const Tensor& w, int64_t rows, const Tensor& like) {
                 py_dtype(w.scalar_type()));
 }
 
+// A weight or a loss gradient (one value, or one per row) as the fk::Reals a
+// kernel reads: where it lies when its dtype is a float one (its stride is the
+// step), else (an int or bool weight) converted to double into `keep` first.
+inline fk::Reals reals_of(const Tensor& t, OptT& keep) {
+  int code = -1;
+  switch (t.scalar_type()) {
+    case kFloat: code = 0; break;
+    case kDouble: code = 1; break;
+    case kHalf: code = 2; break;
+    case kBFloat16: code = 3; break;
+    default: break;
+  }
+  if (code < 0 || t.dim() > 1) {
+    keep = contig(torch::stable::reshape(to_dtype(t, code < 0 ? kDouble : t.scalar_type()), {-1}));
+    code = code < 0 ? 1 : code;
+  }
+  const Tensor& v = keep ? *keep : t;
+  return {v.const_data_ptr(), code, v.numel() == 1 || v.dim() == 0 ? 0 : v.stride(0)};
+}
+
+// The optional per-sample weight (1 or rows values), checked, as the kernels
+// read it (none: fk::Reals reads 1).
+inline fk::Reals weight_of(const OptT& weight, int64_t rows, const Tensor& like, OptT& keep) {
+  if (!weight.has_value()) return {};
+  check_weight(*weight, rows, like);
+  return reals_of(*weight, keep);
+}
+
+// What the loss divides a row's weighted sum of squares by: the elements of
+// a row for reduction NONE (a per-sample mean), all elements for MEAN, 1 for
+// SUM (an empty loss divides by 1).
+inline double loss_denom(int64_t reduction, int64_t rows, int64_t inner) {
+  return reduction == NONE ? double(std::max<int64_t>(inner, 1))
+         : reduction == MEAN ? double(std::max<int64_t>(rows * inner, 1))
+                             : 1.0;
+}
+
+// fm_loss_backward's `grad` (the loss's gradient: a scalar, or (B,) for
+// NONE), checked, as LossRowGrad reads it.
+inline fk::Reals loss_grad_of(const Tensor& grad, int64_t rows, const Tensor& pred,
+                              int64_t reduction, OptT& keep) {
+  FK_CHECK(grad.device() == pred.device() &&
+               (reduction == NONE ? grad.numel() == rows : grad.numel() == 1),
+           "fm_loss_backward: grad must be a scalar, or (B,) for reduction 'none'");
+  fk::Reals g = reals_of(grad, keep);
+  if (reduction != NONE) g.step = 0;
+  return g;
+}
+
 // Dense (pred, x0, x1) of one broadcast shape.
 inline std::array<Tensor, 3> loss_inputs(const Tensor& pred, const Tensor& x0,
                                              const Tensor& x1, Shape& shape) {

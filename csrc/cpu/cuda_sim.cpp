@@ -57,9 +57,10 @@ void with_functor(const std::string& op, const Tensor& coef,
                  grad_rows->scalar_type() == coef.scalar_type() &&
                  grad_rows->numel() == coef.size(0),
              "_sim_lincomb(", op, "): grad_rows must be (B,) in the coef dtype");
-    if (op == "fm_loss_backward_pred")
-      return f(fk::LossBwdFn<A, 1>{c, cptr<A>(*grad_rows), param(0)});
-    return f(fk::LossBwdFn<A, 3>{c, cptr<A>(*grad_rows), param(0)});
+    // the row gradients as they are (scale 1, no weight)
+    const fk::LossRowGrad g{{cptr<A>(*grad_rows), sizeof(A) == 8 ? 1 : 0, 1}, {}, 1.0};
+    if (op == "fm_loss_backward_pred") return f(fk::LossBwdFn<A, 1>{c, g, param(0)});
+    return f(fk::LossBwdFn<A, 3>{c, g, param(0)});
   }
   FK_CHECK(false, "_sim_lincomb: unknown op '", op, "'");
 }

@@ -90,6 +90,16 @@ Plan sweep_rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
   return {plan.threads, plan.chunk_len, plan.nchunks, plan.blocks};
 }
 
+// The loss-finishing kernel (rowsum_kernel.cuh, loss_finish_kernel): its one
+// block of kThreads threads, phase by phase.
+template <class T> void sweep_finish(const fk::LossFinish<T>& f) {
+  std::vector<double> smem(fk::kThreads);
+  for (int t = 0; t < fk::kThreads; ++t) smem[t] = fk::finish_thread<T>(f, t, fk::kThreads);
+  for (int stride = fk::kThreads / 2; stride > 0; stride /= 2)
+    for (int t = 0; t < fk::kThreads; ++t) fk::tree_step(smem.data(), t, stride);
+  fk::finish_total<T>(f, smem[0]);
+}
+
 // A (rows, nchunks) partials tensor of the row-sum plan, NaN-filled so that a
 // block the grid skips is caught.
 inline Tensor nan_partial(i64 rows, i64 inner, i64 chunk_len, const Tensor& coef) {

@@ -27,6 +27,10 @@ struct SimEngine {
     flowkern_cpu::sim::sweep_rowsum<T>(fn, rows, inner, in, partial, chunk_len);
     return 0;
   }
+  template <class T> static int finish(const fk::LossFinish<T>& f, uintptr_t) {
+    flowkern_cpu::sim::sweep_finish<T>(f);
+    return 0;
+  }
 };
 
 }  // namespace

@@ -116,16 +116,10 @@ std::tuple<Tensor, Tensor> convert_backward(const Tensor& g_, FK_COEF_ARGS,
   return {gp, gx};
 }
 
-// The optional per-sample weight (1 or rows values; empty: none).
-std::vector<double> read_weight(const OptT& weight, int64_t rows, const Tensor& like) {
-  if (!weight.has_value()) return {};
-  check_weight(*weight, rows, like);
-  return read_doubles(*weight);
-}
-
 // flow_matching_loss: mean / sum over all elements of w_b (pred - y)^2, or the
 // per-sample mean over the features (reduction NONE, shape (B,)); in pred's
-// dtype. Row sums are per-segment partials summed in double on the host.
+// dtype. Row sums are per-segment partials, summed in double by
+// fk::finish_thread (rowsum.h), as the CUDA glue's finishing block does.
 Tensor fm_loss(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_,
                    FK_COEF_ARGS, int64_t target, const OptT& weight, int64_t reduction,
                    bool check) {
@@ -135,10 +129,11 @@ Tensor fm_loss(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_,
   Shape shape;
   const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
   const i64 rows = rows_of(pred), inner = inner_of(pred);
-  const auto w = read_weight(weight, rows, pred);
+  OptT keep;
+  const fk::Reals w = weight_of(weight, rows, pred, keep);
   const i64 seg = std::max<i64>(1, std::min(inner, kSegment));
   const i64 nseg = inner == 0 ? 1 : (inner + seg - 1) / seg;
-  std::vector<double> sums(size_t(rows), 0.0);
+  Tensor out = empty_like_shape(pred, reduction == NONE ? Shape{rows} : Shape{});
   dispatch_dtype(pred, "flow_matching_loss", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
@@ -150,28 +145,9 @@ Tensor fm_loss(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_,
     for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
       partial[size_t(r * nseg + e0 / seg)] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
     });
-    for (i64 r = 0; r < rows; ++r)
-      for (i64 k = 0; k < nseg; ++k) sums[size_t(r)] += double(partial[size_t(r * nseg + k)]);
-  });
-  if (!w.empty())
-    for (i64 r = 0; r < rows; ++r) sums[size_t(r)] *= w[w.size() == 1 ? 0 : size_t(r)];
-  const double denom = double(std::max<i64>(inner, 1));
-  if (reduction == NONE) {
-    Tensor out = empty_like_shape(pred, {rows});
-    dispatch_dtype(pred, "flow_matching_loss", [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      T* o = mptr<T>(out);
-      for (i64 r = 0; r < rows; ++r) fk::store(o, r, fk::acc_t<T>(sums[size_t(r)] / denom));
-    });
-    return out;
-  }
-  double total = 0;
-  for (double s : sums) total += s;
-  if (reduction == MEAN) total /= double(std::max<i64>(rows * inner, 1));
-  Tensor out = empty_like_shape(pred, {});
-  dispatch_dtype(pred, "flow_matching_loss", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    fk::store(mptr<T>(out), 0, fk::acc_t<T>(total));
+    const fk::LossFinish<T> f{partial.data(), rows, nseg, w, reduction == NONE,
+                              loss_denom(reduction, rows, inner), mptr<T>(out)};
+    fk::finish_total(f, fk::finish_thread(f, 0, 1));
   });
   return out;
 }
@@ -188,26 +164,16 @@ std::vector<Tensor> fm_loss_backward(const Tensor& grad, const Tensor& pred_,
   Shape shape;
   const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
   const i64 rows = rows_of(pred), inner = inner_of(pred);
-  const auto w = read_weight(weight, rows, pred);
-  FK_CHECK(grad.device() == pred.device() &&
-               (reduction == NONE ? grad.numel() == rows : grad.numel() == 1),
-           "fm_loss_backward: grad must be a scalar, or (B,) for reduction 'none'");
-  const std::vector<double> gv = read_doubles(grad);
-  const double* gp = gv.data();
-  const double scale = reduction == MEAN ? 1.0 / double(std::max<i64>(rows * inner, 1))
-                       : reduction == NONE ? 1.0 / double(std::max<i64>(inner, 1))
-                                           : 1.0;
+  OptT keep_w, keep_g;
+  const fk::Reals w = weight_of(weight, rows, pred, keep_w);
+  const fk::LossRowGrad rg{loss_grad_of(grad, rows, pred, reduction, keep_g), w,
+                           1.0 / loss_denom(reduction, rows, inner)};
   std::vector<Tensor> g(static_cast<size_t>(nout));
   for (auto& gk : g) gk = empty_output(pred, shape);
   dispatch_dtype(pred, "fm_loss_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     const auto c = host_coef<A>(FK_COEF_PASS, rows, pred, false);
-    std::vector<A> grad_rows(static_cast<size_t>(rows));
-    for (i64 r = 0; r < rows; ++r) {
-      const double wr = w.empty() ? 1.0 : w[w.size() == 1 ? 0 : size_t(r)];
-      grad_rows[size_t(r)] = A(gp[reduction == NONE ? r : 0] * scale * wr);
-    }
     const fk::Ptrs<T, 3> in{{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}};
     const auto go = [&](auto fn) {
       using Fn = decltype(fn);
@@ -215,8 +181,8 @@ std::vector<Tensor> fm_loss_backward(const Tensor& grad, const Tensor& pred_,
       for (int k = 0; k < Fn::NO; ++k) out.p[k] = mptr<T>(g[size_t(k)]);
       run_lincomb<T>(fn, rows, inner, in, out);
     };
-    if (nout == 1) go(fk::LossBwdFn<A, 1>{c.src(), grad_rows.data(), int(target)});
-    else go(fk::LossBwdFn<A, 3>{c.src(), grad_rows.data(), int(target)});
+    if (nout == 1) go(fk::LossBwdFn<A, 1>{c.src(), rg, int(target)});
+    else go(fk::LossBwdFn<A, 3>{c.src(), rg, int(target)});
   });
   return g;
 }

@@ -230,9 +230,9 @@ template <class D, class L> struct Glue {
     return {gp, gx};
   }
 
-  // flow_matching_loss: per-(row, chunk) partial sums in one launch, then
-  // torch's reductions of the (B, chunks) partials in double (the order of
-  // flowkern/_validate.py reduce_rows).
+  // flow_matching_loss: per-(row, chunk) partial sums, then one block that
+  // weighs and reduces them in double into the loss (launch_ops.h fm_loss):
+  // two launches, no torch op. The weight is read where it lies.
   static Tensor fm_loss(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_,
                             FK_COEF_ARGS, int64_t target, const OptT& weight, int64_t reduction,
                             bool check) {
@@ -242,33 +242,28 @@ template <class D, class L> struct Glue {
     Shape shape;
     const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
     const i64 rows = rows_of(pred), inner = inner_of(pred);
-    if (weight.has_value()) check_weight(*weight, rows, pred);
+    OptT keep_w;
+    const fk::Reals w = weight_of(weight, rows, pred, keep_w);
     const auto acc_type = pred.scalar_type() == kDouble ? kDouble : kFloat;
     const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, 0);
     auto partial = empty({rows, plan.nchunks}, acc_type, pred.device());
+    Tensor out = empty_like_shape(pred, reduction == NONE ? Shape{rows} : Shape{});
     const Launch l(pred);
     with_acc(pred, [&](auto acc) {
       using A = decltype(acc);
       OptT keep;
       const auto c = train_coef<A>(FK_COEF_PASS, rows, pred, check, keep,
                                    [&](const HostCoef<A>& h) { check_target(h, target); });
-      ok(L::fm_loss_partial(dtype_code(pred), rows, inner, ptr(pred), ptr(x0), ptr(x1), c,
-                            int(target), ptr(partial), plan.chunk_len, l.stream),
+      ok(L::fm_loss(dtype_code(pred), rows, inner, ptr(pred), ptr(x0), ptr(x1), c, int(target),
+                    ptr(partial), plan.chunk_len, w, reduction == NONE,
+                    loss_denom(reduction, rows, inner), ptr(out), l.stream),
          "flow_matching_loss");
     });
-    // In double, as the CPU op sums its partials.
-    // (torch ops on (B,) vectors; the shim passes no Scalar, so a constant
-    // factor is a 0-dim host tensor.)
-    Tensor sums = row_sums(partial, kDouble);
-    if (weight.has_value()) sums = mul(sums, torch::stable::reshape(to_dtype(*weight, kDouble), {-1}));
-    const Tensor out =
-        reduction == NONE ? mul(sums, host_scalar(1.0 / double(std::max<i64>(inner, 1))))
-        : reduction == SUM
-            ? torch::stable::sum(sums)
-            : mul(torch::stable::sum(sums), host_scalar(1.0 / double(std::max<i64>(rows * inner, 1))));
-    return to_dtype(out, pred.scalar_type());
+    return out;
   }
 
+  // Its gradients: one launch, which reads the loss's gradient and the
+  // weight where they lie (fk::LossRowGrad).
   static std::vector<Tensor> fm_loss_backward(const Tensor& grad, const Tensor& pred_,
                                                   const Tensor& x0_, const Tensor& x1_,
                                                   FK_COEF_ARGS, int64_t target,
@@ -279,21 +274,10 @@ template <class D, class L> struct Glue {
     Shape shape;
     const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
     const i64 rows = rows_of(pred), inner = inner_of(pred);
-    if (weight.has_value()) check_weight(*weight, rows, pred);
-    FK_CHECK(grad.device() == pred.device() &&
-                 (reduction == NONE ? grad.numel() == rows : grad.numel() == 1),
-             "fm_loss_backward: grad must be a scalar, or (B,) for reduction 'none'");
-    const auto acc_type = pred.scalar_type() == kDouble ? kDouble : kFloat;
-    const double scale = reduction == MEAN ? 1.0 / double(std::max<i64>(rows * inner, 1))
-                         : reduction == NONE ? 1.0 / double(std::max<i64>(inner, 1))
-                                             : 1.0;
-    // d loss / d (row sum of squares), (B,): in double, then the accumulation
-    // dtype, as the CPU op rounds it.
-    Tensor grad_rows = mul(expand(torch::stable::reshape(to_dtype(grad, kDouble), {-1}), {rows}),
-                           host_scalar(scale));
-    if (weight.has_value())
-      grad_rows = mul(grad_rows, torch::stable::reshape(to_dtype(*weight, kDouble), {-1}));
-    grad_rows = contig(to_dtype(grad_rows, acc_type));
+    OptT keep_w, keep_g;
+    const fk::Reals w = weight_of(weight, rows, pred, keep_w);
+    const fk::LossRowGrad rg{loss_grad_of(grad, rows, pred, reduction, keep_g), w,
+                             1.0 / loss_denom(reduction, rows, inner)};
     std::vector<Tensor> g;
     for (int64_t k = 0; k < nout; ++k) g.push_back(empty_like_shape(pred, shape));
     const Launch l(pred);
@@ -302,8 +286,8 @@ template <class D, class L> struct Glue {
       OptT keep;
       const auto c =
           train_coef<A>(FK_COEF_PASS, rows, pred, false, keep, [](const HostCoef<A>&) {});
-      ok(L::fm_loss_backward(dtype_code(pred), rows, inner, ptr(grad_rows), ptr(pred), ptr(x0),
-                             ptr(x1), c, int(target), ptr(g[0]), nout == 3 ? ptr(g[1]) : 0,
+      ok(L::fm_loss_backward(dtype_code(pred), rows, inner, rg, ptr(pred), ptr(x0), ptr(x1), c,
+                             int(target), ptr(g[0]), nout == 3 ? ptr(g[1]) : 0,
                              nout == 3 ? ptr(g[2]) : 0, l.stream, l.max_blocks),
          "flow_matching_loss backward");
     });

@@ -1,4 +1,4 @@
-// The GPU engine of launch_ops.h: its two grids on the CUDA kernels of
+// The GPU engine of launch_ops.h: its three grids on the CUDA kernels of
 // lincomb_kernel.cuh and rowsum_kernel.cuh. Each .cu that includes it gets
 // its own kernel instantiations (internal linkage, see lincomb_kernel.cuh).
 #pragma once
@@ -20,6 +20,9 @@ struct GpuEngine {
   static int rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
                     fk::acc_t<T>* partial, i64 chunk_len, uintptr_t stream) {
     return launch_rowsum<T>(fn, rows, inner, in, partial, chunk_len, stream);
+  }
+  template <class T> static int finish(const fk::LossFinish<T>& f, uintptr_t stream) {
+    return launch_loss_finish<T>(f, stream);
   }
 };
 

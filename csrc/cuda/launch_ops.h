@@ -2,6 +2,7 @@
 // engine E that runs the two kinds of grid:
 //   E::lincomb<T>(fn, rows, inner, in, out, stream, max_blocks, key)  elementwise
 //   E::rowsum<T>(fn, rows, inner, in, partial, chunk_len, stream)      row sums
+//   E::finish<T>(fk::LossFinish<T>, stream)        the loss from those (one block)
 // The GPU launchers (training.cu, steps.cu, flowmap.cu) run them on the CUDA
 // kernels, the simulator's (csrc/cpu/cuda_sim_launchers.cpp) on sweeps of
 // the same thread bodies over the same plans: the glue test then runs the
@@ -16,6 +17,7 @@
 #include "flowkern/coef_arg.h"
 #include "flowkern/flowmap.h"
 #include "flowkern/step_launch.h"
+#include "flowkern/rowsum.h"
 #include "flowkern/training.h"
 #include "launchers.h"
 
@@ -120,25 +122,32 @@ int convert_backward(int dtype, i64 rows, i64 inner, dptr g, const fk::CoefArg& 
 }
 
 template <class E>
-int fm_loss_partial(int dtype, i64 rows, i64 inner, dptr pred, dptr x0, dptr x1,
-                    const fk::CoefArg& coef, int target, dptr partial, i64 chunk_len,
-                    uintptr_t stream) {
+int fm_loss(int dtype, i64 rows, i64 inner, dptr pred, dptr x0, dptr x1, const fk::CoefArg& coef,
+            int target, dptr partial, i64 chunk_len, const fk::Reals& weight, bool per_row,
+            double denom, dptr out, uintptr_t stream) {
   if (!is_pred(target)) return kBadPred;
   return dispatch_dtype(dtype, [&](auto tag) -> int {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     fk::SchedSrc<A> src;
     if (!fk::sched_src(coef, rows, src)) return kBadTable;
-    return E::template rowsum<T>(fk::LossResidualFn<A>{src, target}, rows, inner,
-                                 fk::Ptrs<T, 3>{{in_ptr<T>(pred), in_ptr<T>(x0), in_ptr<T>(x1)}},
-                                 out_ptr<A>(partial), chunk_len, stream);
+    const int rc = E::template rowsum<T>(
+        fk::LossResidualFn<A>{src, target}, rows, inner,
+        fk::Ptrs<T, 3>{{in_ptr<T>(pred), in_ptr<T>(x0), in_ptr<T>(x1)}}, out_ptr<A>(partial),
+        chunk_len, stream);
+    if (rc != 0) return rc;
+    const i64 nchunks = fk::plan_rowsum(rows, inner, chunk_len).nchunks;
+    return E::template finish<T>(
+        fk::LossFinish<T>{in_ptr<A>(partial), rows, nchunks, weight, per_row, denom,
+                          out_ptr<T>(out)},
+        stream);
   });
 }
 
 template <class E>
-int fm_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, dptr x0,
-                     dptr x1, const fk::CoefArg& coef, int target, dptr g_pred, dptr g_x0,
-                     dptr g_x1, uintptr_t stream, i64 max_blocks) {
+int fm_loss_backward(int dtype, i64 rows, i64 inner, const fk::LossRowGrad& grad, dptr pred,
+                     dptr x0, dptr x1, const fk::CoefArg& coef, int target, dptr g_pred,
+                     dptr g_x0, dptr g_x1, uintptr_t stream, i64 max_blocks) {
   if (!is_pred(target)) return kBadPred;
   if ((g_x0 == 0) != (g_x1 == 0)) return kBadTensors;
   return dispatch_dtype(dtype, [&](auto tag) -> int {
@@ -147,13 +156,12 @@ int fm_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr pred, 
     fk::SchedSrc<A> src;
     if (!fk::sched_src(coef, rows, src)) return kBadTable;
     const fk::Ptrs<T, 3> in{{in_ptr<T>(pred), in_ptr<T>(x0), in_ptr<T>(x1)}};
-    const A* g = in_ptr<A>(grad_rows);
     if (g_x0 == 0)  // the usual backward: x0 and x1 are noise and data
-      return E::template lincomb<T>(fk::LossBwdFn<A, 1>{src, g, target}, rows, inner, in,
+      return E::template lincomb<T>(fk::LossBwdFn<A, 1>{src, grad, target}, rows, inner, in,
                                     fk::OutPtrs<T, 1>{{out_ptr<T>(g_pred)}}, stream,
                                     max_blocks, fk::NoiseKey{});
     return E::template lincomb<T>(
-        fk::LossBwdFn<A, 3>{src, g, target}, rows, inner, in,
+        fk::LossBwdFn<A, 3>{src, grad, target}, rows, inner, in,
         fk::OutPtrs<T, 3>{{out_ptr<T>(g_pred), out_ptr<T>(g_x0), out_ptr<T>(g_x1)}}, stream,
         max_blocks, fk::NoiseKey{});
   });

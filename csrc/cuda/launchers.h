@@ -21,6 +21,7 @@
 #include "flowkern/coef_arg.h"
 #include "flowkern/launch.h"
 #include "flowkern/steps.h"
+#include "flowkern/training.h"
 
 namespace fk_cuda {
 
@@ -53,11 +54,15 @@ enum : int {
 //   interpolate_backward   (g_xt, g_y) -> (g_x0, g_x1)
 //   convert                (x, pred of type src) -> pred as type dst
 //   convert_backward       g -> (g_x, g_pred)
-//   fm_loss_partial        per (row, chunk) sums of (pred - y)^2 into `partial`,
+//   fm_loss                per (row, chunk) sums of (pred - y)^2 into `partial`,
 //                          (rows, nchunks) of fk::plan_rowsum(rows, inner,
-//                          chunk_len) in the accumulation dtype
-//   fm_loss_backward       grad_rows (rows,) in the accumulation dtype ->
-//                          (g_pred, g_x0, g_x1); g_x0 = g_x1 = 0 (absent): g_pred alone
+//                          chunk_len) in the accumulation dtype, then one block
+//                          (fk::LossFinish) weighs and reduces them into `out`:
+//                          (rows,) with per_row, else one value; in pred's dtype
+//   fm_loss_backward       (pred, x0, x1) -> (g_pred, g_x0, g_x1), each row
+//                          scaled by grad.at(r) (fk::LossRowGrad: the loss's
+//                          gradient, scale and weight, read in the kernel);
+//                          g_x0 = g_x1 = 0 (absent): g_pred alone
 #define FK_TRAINING_LAUNCHERS(X)                                                              \
   X(interpolate,                                                                              \
     (FK_LAUNCH_COMMON, FK_D x0, FK_D x1, const fk::CoefArg& coef, int target, FK_D xt,        \
@@ -75,14 +80,16 @@ enum : int {
     (FK_LAUNCH_COMMON, FK_D g, const fk::CoefArg& coef, int src, int dst, FK_D g_x,           \
      FK_D g_pred, FK_TAIL),                                                                   \
     (dtype, rows, inner, g, coef, src, dst, g_x, g_pred, stream, max_blocks))                 \
-  X(fm_loss_partial,                                                                          \
+  X(fm_loss,                                                                                  \
     (FK_LAUNCH_COMMON, FK_D pred, FK_D x0, FK_D x1, const fk::CoefArg& coef, int target,      \
-     FK_D partial, fk_cuda::i64 chunk_len, uintptr_t stream),                                 \
-    (dtype, rows, inner, pred, x0, x1, coef, target, partial, chunk_len, stream))             \
+     FK_D partial, fk_cuda::i64 chunk_len, const fk::Reals& weight, bool per_row,             \
+     double denom, FK_D out, uintptr_t stream),                                               \
+    (dtype, rows, inner, pred, x0, x1, coef, target, partial, chunk_len, weight, per_row,     \
+     denom, out, stream))                                                                     \
   X(fm_loss_backward,                                                                         \
-    (FK_LAUNCH_COMMON, FK_D grad_rows, FK_D pred, FK_D x0, FK_D x1, const fk::CoefArg& coef,  \
-     int target, FK_D g_pred, FK_D g_x0, FK_D g_x1, FK_TAIL),                                 \
-    (dtype, rows, inner, grad_rows, pred, x0, x1, coef, target, g_pred, g_x0, g_x1, stream,   \
+    (FK_LAUNCH_COMMON, const fk::LossRowGrad& grad, FK_D pred, FK_D x0, FK_D x1,              \
+     const fk::CoefArg& coef, int target, FK_D g_pred, FK_D g_x0, FK_D g_x1, FK_TAIL),        \
+    (dtype, rows, inner, grad, pred, x0, x1, coef, target, g_pred, g_x0, g_x1, stream,        \
      max_blocks))
 
 // Sampler steps (steps.cu; the ops of FK_STEP_OPS, flowkern/steps.h): one

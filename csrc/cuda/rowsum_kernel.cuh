@@ -46,5 +46,30 @@ int launch_rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
   return int(cudaGetLastError());
 }
 
+// The loss from the row-sum kernel's partials (fk::LossFinish, rowsum.h), by
+// one block on the same stream right after it: each thread sums its rows in
+// double (fk::finish_thread), the block's tree adds the threads' parts in a
+// fixed order (deterministic), thread 0 stores the total. Replaces the
+// torch reductions, casts and scalings the glue made of it before (five
+// launches and host round trips through the shim). One block suffices
+// while rows are few per thread (kThreads rows in one pass).
+template <class T>
+__global__ void __launch_bounds__(fk::kThreads) loss_finish_kernel(fk::LossFinish<T> f) {
+  __shared__ double smem[fk::kThreads];
+  const int tid = threadIdx.x;
+  smem[tid] = fk::finish_thread<T>(f, tid, fk::kThreads);
+  __syncthreads();
+  for (int stride = fk::kThreads / 2; stride > 0; stride /= 2) {
+    fk::tree_step(smem, tid, stride);
+    __syncthreads();
+  }
+  if (tid == 0) fk::finish_total<T>(f, smem[0]);
+}
+
+template <class T> int launch_loss_finish(const fk::LossFinish<T>& f, uintptr_t stream) {
+  loss_finish_kernel<T><<<1, fk::kThreads, 0, as_stream(stream)>>>(f);
+  return int(cudaGetLastError());
+}
+
 }  // namespace
 }  // namespace fk_cuda

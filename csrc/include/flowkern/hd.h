@@ -115,4 +115,25 @@ template <> FK_HD bf16 from_acc<bf16>(float v) { return bf16_from_float(v); }
 
 template <class T> FK_HD void store(T* p, i64 i, acc_t<T> v) { p[i] = from_acc<T>(v); }
 
+// Real numbers the host hands a kernel by pointer in any float storage type
+// (code: 0 float, 1 double, 2 f16, 3 bf16, the launchers' dtype codes), read
+// as double: value i is p[i * step] (step 0: one value for every i). A null p
+// reads 1 (a missing weight). The loss kernels read the caller's weight and
+// the loss's gradient this way, where they lie: no conversion launch first.
+struct Reals {
+  const void* p = nullptr;
+  int code = 1;
+  i64 step = 0;
+  FK_HD double at(i64 i) const {
+    if (p == nullptr) return 1.0;
+    const i64 k = i * step;
+    switch (code) {
+      case 0: return double(static_cast<const float*>(p)[k]);
+      case 2: return double(to_float(static_cast<const f16*>(p)[k]));
+      case 3: return double(to_float(static_cast<const bf16*>(p)[k]));
+      default: return static_cast<const double*>(p)[k];
+    }
+  }
+};
+
 }  // namespace fk

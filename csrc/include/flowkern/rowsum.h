@@ -60,4 +60,38 @@ template <class A> FK_HD void tree_step(A* smem, int tid, int stride) {
   if (tid < stride) smem[tid] += smem[tid + stride];
 }
 
+// The loss from the row sums' (rows, nchunks) partials: row r's sum (its
+// chunks in order, in double) times its weight; per_row (reduction 'none')
+// stores each row's / denom, otherwise the rows' total / denom goes to out[0].
+// The CPU op runs it as one thread; the CUDA glue as one block after the
+// row-sum kernel (rowsum_kernel.cuh), so a loss is two launches and no torch
+// op.
+template <class T> struct LossFinish {
+  const acc_t<T>* partial;
+  i64 rows, nchunks;
+  Reals weight;
+  bool per_row;
+  double denom;
+  T* out;
+};
+
+// Phase 1 of the finishing block: thread tid of nthr takes rows tid, tid +
+// nthr, ...; returns its part of the total (0 when per_row). Phase 2 is
+// tree_step on doubles, then finish_total by thread 0.
+template <class T> FK_HD double finish_thread(const LossFinish<T>& f, int tid, int nthr) {
+  double total = 0;
+  for (i64 r = tid; r < f.rows; r += nthr) {
+    double s = 0;
+    for (i64 k = 0; k < f.nchunks; ++k) s += double(f.partial[r * f.nchunks + k]);
+    s *= f.weight.at(r);
+    if (f.per_row) store(f.out, r, acc_t<T>(s / f.denom));
+    else total += s;
+  }
+  return total;
+}
+
+template <class T> FK_HD void finish_total(const LossFinish<T>& f, double total) {
+  if (!f.per_row) store(f.out, 0, acc_t<T>(total / f.denom));
+}
+
 }  // namespace fk
