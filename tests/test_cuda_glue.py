@@ -662,3 +662,66 @@ def test_loss_glue_finishes_many_rows():
             got = SIM.fm_loss(pred, x0, x1, t, 0.0, 2, [1.7], 1, w, red, False)
             want = CPU.fm_loss(pred, x0, x1, t, 0.0, 2, [1.7], 1, w, red, False)
             torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+
+
+class _Record(torch.utils._python_dispatch.TorchDispatchMode):
+    """The flowkern:: calls a public call makes (clones of their arguments)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "flowkern" and func._opname != "empty_output":
+            def clone(a):
+                if isinstance(a, torch.Tensor):
+                    return a.detach().clone()
+                return [clone(b) for b in a] if isinstance(a, (list, tuple)) else a
+            self.calls.append((func, [clone(a) for a in args], dict(kwargs)))
+        return func(*args, **kwargs)
+
+
+def _with_backward():
+    """Public training calls whose backward runs too (its fused kernels)."""
+    g = torch.Generator().manual_seed(1)
+    x, x1, p = (torch.randn(5, 7, generator=g) for _ in range(3))
+    t = torch.rand(5, generator=g) * 0.8 + 0.1
+
+    def grad_of(make):
+        def call():
+            leaves = [v.clone().requires_grad_(True) for v in (x, x1, p)]
+            out = make(*leaves)
+            outs = out if isinstance(out, tuple) else (out,)
+            torch.autograd.grad(sum(o.sum() for o in outs), leaves, allow_unused=True)
+        return call
+    yield grad_of(lambda a, b, c: flowkern.interpolate(a, b, t))
+    yield grad_of(lambda a, b, c: flowkern.convert(c, a, t, src="x1", dst="velocity"))
+    yield grad_of(lambda a, b, c: flowkern.flow_matching_loss(c, a, b, t, weight=t))
+    yield grad_of(lambda a, b, c: flowkern.flow_matching_loss(c, a.detach(), b.detach(), t,
+                                                              reduction="none"))
+
+
+def test_every_public_call_is_kernels_alone_on_the_glue():
+    """Each flowkern:: op that a public call (helpers.public_calls, and the
+    training ops' backward) makes, run on the simulated CUDA glue, records no
+    aten op besides allocations and views: on a GPU a call is its kernel
+    launches, with no torch op (a launch and a host round trip each) around
+    them."""
+    from helpers import public_calls
+    allowed = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::view",
+               "aten::alias", "aten::as_strided", "aten::select"}
+    seen = set()
+    for call in list(public_calls()) + list(_with_backward()):
+        with _Record() as rec:
+            call()
+        for func, args, kwargs in rec.calls:
+            sim = getattr(getattr(SIM, func._opname), func._overloadname)
+            names = _glue_recorded(lambda: sim(*args, **kwargs))
+            op = f"flowkern_sim::{func._opname}"
+            assert names and names[0].startswith(op), names
+            extra = [n for n in names[1:] if n not in allowed]
+            assert not extra, f"{func._opname}: torch ops on the glue: {extra}"
+            seen.add(func._opname)
+    assert {"interpolate", "fm_loss", "fm_loss_backward", "convert_backward",
+            "interpolate_backward", "euler_step", "em_step", "lms_step"} <= seen, seen
