@@ -651,10 +651,10 @@ def test_loss_glue_weight_and_grad_storage(dtype, kind):
 
 
 def test_loss_glue_finishes_many_rows():
-    """More rows than the finishing block's threads: each thread sums several
-    rows; and rows of several chunks (the row-sum plan's partials)."""
-    from flowkern.ops._registry import SCHEMA_LINES  # noqa: F401  (the sim is loaded)
-    for shape in [(1000, 3), (3, 20000)]:
+    """More rows than the finishing block's threads (fk::kFinishThreads =
+    1024): each thread sums several rows; and rows of several chunks (the
+    row-sum plan's partials)."""
+    for shape in [(3000, 3), (3, 20000)]:
         x0, x1, pred = tensors(3, shape, torch.float64)
         t = times(shape[0], dtype=torch.float64)
         w = times(shape[0], seed=5, dtype=torch.float64)

@@ -51,15 +51,15 @@ int launch_rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
 // double (fk::finish_thread), the block's tree adds the threads' parts in a
 // fixed order (deterministic), thread 0 stores the total. Replaces the
 // torch reductions, casts and scalings the glue made of it before (five
-// launches and host round trips through the shim). One block suffices
-// while rows are few per thread (kThreads rows in one pass).
+// launches and host round trips through the shim). One block of
+// kFinishThreads: even a 2-D toy batch of 65536 samples is 64 rows a thread.
 template <class T>
-__global__ void __launch_bounds__(fk::kThreads) loss_finish_kernel(fk::LossFinish<T> f) {
-  __shared__ double smem[fk::kThreads];
+__global__ void __launch_bounds__(fk::kFinishThreads) loss_finish_kernel(fk::LossFinish<T> f) {
+  __shared__ double smem[fk::kFinishThreads];
   const int tid = threadIdx.x;
-  smem[tid] = fk::finish_thread<T>(f, tid, fk::kThreads);
+  smem[tid] = fk::finish_thread<T>(f, tid, fk::kFinishThreads);
   __syncthreads();
-  for (int stride = fk::kThreads / 2; stride > 0; stride /= 2) {
+  for (int stride = fk::kFinishThreads / 2; stride > 0; stride /= 2) {
     fk::tree_step(smem, tid, stride);
     __syncthreads();
   }
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(fk::kThreads) loss_finish_kernel(fk::LossFinis
 }
 
 template <class T> int launch_loss_finish(const fk::LossFinish<T>& f, uintptr_t stream) {
-  loss_finish_kernel<T><<<1, fk::kThreads, 0, as_stream(stream)>>>(f);
+  loss_finish_kernel<T><<<1, fk::kFinishThreads, 0, as_stream(stream)>>>(f);
   return int(cudaGetLastError());
 }
 

@@ -19,6 +19,10 @@ constexpr int kThreads = 256;
 // Elements one row-sum block reduces: 16 per thread, enough to hide latency
 // while a batch of few large samples still spreads over many blocks.
 constexpr i64 kRowsumChunk = 16 * kThreads;
+// Threads of the loss's one finishing block (rowsum.h LossFinish): the most a
+// block may have, so that a batch of many small samples (a 2-D toy's 65536
+// rows) is 64 rows per thread.
+constexpr int kFinishThreads = 1024;
 // gridDim.x limit of sm_30 and later.
 constexpr i64 kMaxGridX = 2147483647;
 
