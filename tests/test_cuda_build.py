@@ -21,8 +21,9 @@ KERNELS_PER_ARCH = {
     # and without guidance + lincomb_step's 4 term counts without noise and 3 with,
     # x 4 dtypes x 2 vector widths.
     "steps.cu": 6 * 2 * 4 * 2 + 4 * 2 + 4 * 2 * 4 * 2 + 7 * 4 * 2,
-    # The backward with each set of optional outputs (4) + the loss row-sum x 4 dtypes.
-    "flowmap.cu": 4 * 4 * 2 + 4,
+    # The backward with each set of optional outputs (4) x 4 dtypes x 2 vector widths
+    # + the loss row-sum x 4 dtypes + the rows' finishing block x 2 accumulation dtypes.
+    "flowmap.cu": 4 * 4 * 2 + 4 + 2,
     # The tile kernel per score kind x 4 dtypes, the merge kernel per kind x 2
     # accumulation dtypes.
     "fields.cu": 3 * 4 + 3 * 2,

@@ -683,7 +683,8 @@ class _Record(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _with_backward():
-    """Public training calls whose backward runs too (its fused kernels)."""
+    """Public training calls (the flow-map loss too) whose backward runs as
+    well (its fused kernels)."""
     g = torch.Generator().manual_seed(1)
     x, x1, p = (torch.randn(5, 7, generator=g) for _ in range(3))
     t = torch.rand(5, generator=g) * 0.8 + 0.1
@@ -700,6 +701,7 @@ def _with_backward():
     yield grad_of(lambda a, b, c: flowkern.flow_matching_loss(c, a, b, t, weight=t))
     yield grad_of(lambda a, b, c: flowkern.flow_matching_loss(c, a.detach(), b.detach(), t,
                                                               reduction="none"))
+    yield grad_of(lambda a, b, c: flowkern.flowmap_loss(a, c, b, t * 0.5, t))
 
 
 def test_every_public_call_is_kernels_alone_on_the_glue():
@@ -724,4 +726,5 @@ def test_every_public_call_is_kernels_alone_on_the_glue():
             assert not extra, f"{func._opname}: torch ops on the glue: {extra}"
             seen.add(func._opname)
     assert {"interpolate", "fm_loss", "fm_loss_backward", "convert_backward",
-            "interpolate_backward", "euler_step", "em_step", "lms_step"} <= seen, seen
+            "interpolate_backward", "euler_step", "em_step", "lms_step",
+            "flowmap_loss_rows", "flowmap_loss_backward"} <= seen, seen

@@ -21,18 +21,21 @@ Tensor flowmap_loss_rows(const Tensor& x_, const Tensor& pred_,
   const i64 rows = rows_of(a.x), inner = inner_of(a.x);
   const i64 seg = std::max<i64>(1, std::min(inner, kSegment));
   const i64 nseg = inner == 0 ? 1 : (inner + seg - 1) / seg;
-  auto partial = filled({rows, nseg}, 0.0, a.coef.scalar_type(), a.coef.device());
+  Tensor out = empty({rows}, a.coef.scalar_type(), a.coef.device());
   dispatch_dtype(a.x, "flowmap_loss_rows", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     const fk::FlowMapResidualFn<A> fn{cptr<A>(a.coef), a.stride, int(prediction), int(form)};
-    A* out = mptr<A>(partial);
+    std::vector<A> partial(size_t(rows * nseg), A(0));
     const fk::Ptrs<T, 3> in{{cptr<T>(a.x), cptr<T>(a.pred), cptr<T>(a.target)}};
     for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
-      out[r * nseg + e0 / seg] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
+      partial[size_t(r * nseg + e0 / seg)] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
     });
+    // each row's segments summed in double (as the CUDA glue's finishing block)
+    const fk::LossFinish<A> f{partial.data(), rows, nseg, {}, true, 1.0, mptr<A>(out)};
+    fk::finish_thread(f, 0, 1);
   });
-  return row_sums(partial);
+  return out;
 }
 
 // Gradients [g_pred, g_x (if grad_x), g_target (if grad_target)] from the

@@ -369,12 +369,13 @@ template <class D, class L> struct Glue {
     const i64 rows = rows_of(a.x), inner = inner_of(a.x);
     const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, 0);
     auto partial = flowkern_cpu::empty({rows, plan.nchunks}, a.coef.scalar_type(), a.coef.device());
+    Tensor out = flowkern_cpu::empty({rows}, a.coef.scalar_type(), a.coef.device());
     const Launch l(a.x);
-    ok(L::flowmap_loss_partial(dtype_code(a.x), rows, inner, ptr(a.x), ptr(a.pred),
-                               ptr(a.target), table_arg(a.coef), int(prediction), int(form),
-                               ptr(partial), plan.chunk_len, l.stream),
+    ok(L::flowmap_loss_rows(dtype_code(a.x), rows, inner, ptr(a.x), ptr(a.pred), ptr(a.target),
+                            table_arg(a.coef), int(prediction), int(form), ptr(partial),
+                            plan.chunk_len, ptr(out), l.stream),
        "flowmap_loss_rows");
-    return row_sums(partial);
+    return out;
   }
 
   static std::vector<Tensor> flowmap_loss_backward(const Tensor& grad_rows_,

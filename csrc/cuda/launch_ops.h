@@ -213,9 +213,9 @@ template <class A> bool flowmap_table(const fk::CoefArg& coef, i64 rows, fk::Ste
 }
 
 template <class E>
-int flowmap_loss_partial(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr target,
-                         const fk::CoefArg& coef, int prediction, int form, dptr partial,
-                         i64 chunk_len, uintptr_t stream) {
+int flowmap_loss_rows(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr target,
+                      const fk::CoefArg& coef, int prediction, int form, dptr partial,
+                      i64 chunk_len, dptr out, uintptr_t stream) {
   if (!is_pred(prediction)) return kBadPred;
   if (!is_form(form)) return kBadForm;
   return dispatch_dtype(dtype, [&](auto tag) -> int {
@@ -225,12 +225,18 @@ int flowmap_loss_partial(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr
     fk::StepSrc<A> src;
     if (!flowmap_table(coef, rows, src)) return kBadTable;
     // With inner == 0 the kernel reads no element and writes each row's 0.
-    if (partial == 0 || (inner > 0 && (x == 0 || pred == 0 || target == 0)))
+    if (partial == 0 || out == 0 || (inner > 0 && (x == 0 || pred == 0 || target == 0)))
       return kBadTensors;
-    return E::template rowsum<T>(
+    const int rc = E::template rowsum<T>(
         fk::FlowMapResidualFn<A>{src.table, src.stride, prediction, form}, rows, inner,
         fk::Ptrs<T, 3>{{in_ptr<T>(x), in_ptr<T>(pred), in_ptr<T>(target)}}, out_ptr<A>(partial),
         chunk_len, stream);
+    if (rc != 0) return rc;
+    // each row's chunks summed in double, stored in the accumulation dtype
+    const i64 nchunks = fk::plan_rowsum(rows, inner, chunk_len).nchunks;
+    return E::template finish<A>(
+        fk::LossFinish<A>{in_ptr<A>(partial), rows, nchunks, {}, true, 1.0, out_ptr<A>(out)},
+        stream);
   });
 }
 

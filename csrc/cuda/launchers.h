@@ -114,14 +114,18 @@ enum : int {
 // Flow-map loss (flowmap.cu; functors of flowkern/flowmap.h): the squared
 // error of the EI map a x + b pred against `target`, (a, b) from the step
 // table in `coef` as in ei_step.
-//   flowmap_loss_partial   per (row, chunk) sums into `partial` as fm_loss_partial
+//   flowmap_loss_rows      per (row, chunk) sums into `partial` as fm_loss's,
+//                          then each row's sum into `out`, (rows,) in the
+//                          accumulation dtype
 //   flowmap_loss_backward  grad_rows -> (g_pred[, g_x][, g_target]); an output
 //                          given as 0 is not computed
 #define FK_FLOWMAP_LAUNCHERS(X)                                                               \
-  X(flowmap_loss_partial,                                                                     \
+  X(flowmap_loss_rows,                                                                        \
     (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D target, const fk::CoefArg& coef,               \
-     int prediction, int form, FK_D partial, fk_cuda::i64 chunk_len, uintptr_t stream),       \
-    (dtype, rows, inner, x, pred, target, coef, prediction, form, partial, chunk_len, stream)) \
+     int prediction, int form, FK_D partial, fk_cuda::i64 chunk_len, FK_D out,                \
+     uintptr_t stream),                                                                       \
+    (dtype, rows, inner, x, pred, target, coef, prediction, form, partial, chunk_len, out,    \
+     stream))                                                                                 \
   X(flowmap_loss_backward,                                                                    \
     (FK_LAUNCH_COMMON, FK_D grad_rows, FK_D x, FK_D pred, FK_D target,                        \
      const fk::CoefArg& coef, int prediction, int form, FK_D g_pred, FK_D g_x,                \
