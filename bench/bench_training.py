@@ -37,7 +37,8 @@ Groups (one table each in the report): "<op> · <size> · <pass>".
   roofline bytes: 16 B/elem = read pred, x0, x1 + write grad_pred, the
   single-pass lower bound. Any forward-then-backward scheme moves more: 28
   B/elem if the backward re-reads the three inputs, 24 if the forward saves
-  the residual.
+  the residual or, as flowkern does here, the gradient itself (written by
+  the forward's pass, scaled in place by the backward: docs/design.md).
 
 Only the op is timed: inputs (and out= buffers) are made outside the timed
 function, torch.set_num_threads is left at its default (unless

@@ -14,9 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ("sm_80", "sm_90")
 # Kernels per arch of each source (x 4 dtypes x 2 vector widths per elementwise functor):
 KERNELS_PER_ARCH = {
-    # 6 elementwise ops x 4 dtypes x 2 vector widths + the loss's row-sum and
-    # finishing block x 4 dtypes.
-    "training.cu": 6 * 4 * 2 + 4 + 4,
+    # 6 elementwise ops x 4 dtypes x 2 vector widths + the loss's row-sum (with
+    # and without the stored gradient) and finishing block x 4 dtypes.
+    "training.cu": 6 * 4 * 2 + 2 * 4 + 4,
     # 6 steps with and without guidance + churn + lms_step's 4 history lengths with
     # and without guidance + lincomb_step's 4 term counts without noise and 3 with,
     # x 4 dtypes x 2 vector widths.

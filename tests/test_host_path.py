@@ -62,12 +62,19 @@ def test_differentiable_calls_are_one_call():
     """With inputs that need a gradient: the default overload (one autograd
     node), still one op forward and one op backward."""
     p = pred.clone().requires_grad_()
-    assert_one_op(lambda: fk.flow_matching_loss(p, x0, x1, t), "flowkern::fm_loss")
+    # pred alone needs a gradient (training): the forward's pass also writes
+    # d loss / d pred, the backward scales it in place (one aten::mul_)
+    assert_one_op(lambda: fk.flow_matching_loss(p, x0, x1, t), "flowkern::fm_loss_with_grad")
     loss = fk.flow_matching_loss(p, x0, x1, t)
     names = recorded(lambda: torch.autograd.grad(fk.flow_matching_loss(p, x0, x1, t), p))
-    assert names.count("flowkern::fm_loss_backward") == 1, names
+    assert [n for n in names if n.startswith("flowkern::")] == ["flowkern::fm_loss_with_grad"]
+    assert names.count("aten::mul_") == 1, names
     assert loss.grad_fn is not None
     a = x0.clone().requires_grad_()
+    # x0 too: fm_loss's own node, whose backward is one fused op
+    assert_one_op(lambda: fk.flow_matching_loss(p, a, x1, t), "flowkern::fm_loss")
+    names = recorded(lambda: torch.autograd.grad(fk.flow_matching_loss(p, a, x1, t), (p, a)))
+    assert names.count("flowkern::fm_loss_backward") == 1, names
     assert_one_op(lambda: fk.interpolate(a, x1, t), "flowkern::interpolate")
     assert_one_op(lambda: fk.ei_step(a, pred, 0.3, 0.5, "cosine"), "flowkern::ei_step")
 

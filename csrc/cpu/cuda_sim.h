@@ -71,17 +71,17 @@ Plan sweep_into(const Fn& fn, const std::string& op, const std::vector<Tensor>& 
 // step reads only slots >= stride, which no thread of the same step writes, so
 // thread order within a step is free). Writes `partial`, (rows, nchunks) of
 // the plan, which it returns as (threads, chunk_len, nchunks, blocks).
-template <class T, class Fn>
+template <class T, class Fn, bool STORE = false>
 Plan sweep_rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
-                  fk::acc_t<T>* partial, i64 chunk_len) {
+                  fk::acc_t<T>* partial, i64 chunk_len, fk::RowStore<T> st = {}) {
   using A = fk::acc_t<T>;
   const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, chunk_len);
   torch::stable::parallel_for(0, plan.blocks, 1, [&](i64 b0, i64 b1) {
     std::vector<A> smem(plan.threads);
     for (i64 b = b0; b < b1; ++b) {
       for (int t = 0; t < plan.threads; ++t)
-        smem[t] = fk::rowsum_thread<T>(fn, b, t, plan.threads, inner, plan.nchunks,
-                                       plan.chunk_len, in);
+        smem[t] = fk::rowsum_thread<T, Fn, STORE>(fn, b, t, plan.threads, inner, plan.nchunks,
+                                                  plan.chunk_len, in, st);
       for (int stride = plan.threads / 2; stride > 0; stride /= 2)
         for (int t = 0; t < plan.threads; ++t) fk::tree_step(smem.data(), t, stride);
       partial[b] = smem[0];

@@ -19,12 +19,12 @@ struct SimEngine {
     flowkern_cpu::sim::sweep_lincomb<T>(fn, rows, inner, in, out, max_blocks, key);
     return 0;
   }
-  template <class T, class Fn>
+  template <class T, bool STORE = false, class Fn>
   static int rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
-                    fk::acc_t<T>* partial, i64 chunk_len, uintptr_t) {
+                    fk::acc_t<T>* partial, i64 chunk_len, uintptr_t, fk::RowStore<T> st = {}) {
     if (fk::plan_rowsum(rows, inner, chunk_len).blocks > fk::kMaxGridX)
       return fk_cuda::kGridTooLarge;
-    flowkern_cpu::sim::sweep_rowsum<T>(fn, rows, inner, in, partial, chunk_len);
+    flowkern_cpu::sim::sweep_rowsum<T, Fn, STORE>(fn, rows, inner, in, partial, chunk_len, st);
     return 0;
   }
   template <class T> static int finish(const fk::LossFinish<T>& f, uintptr_t) {

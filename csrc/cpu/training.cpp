@@ -120,9 +120,11 @@ std::tuple<Tensor, Tensor> convert_backward(const Tensor& g_, FK_COEF_ARGS,
 // per-sample mean over the features (reduction NONE, shape (B,)); in pred's
 // dtype. Row sums are per-segment partials, summed in double by
 // fk::finish_thread (rowsum.h), as the CUDA glue's finishing block does.
-Tensor fm_loss(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_,
-                   FK_COEF_ARGS, int64_t target, const OptT& weight, int64_t reduction,
-                   bool check) {
+// With g_pred (fm_loss_with_grad) the same pass also stores d loss / d pred
+// for a loss gradient of 1 (fk::RowStore).
+Tensor loss_pass(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_, FK_COEF_ARGS,
+                 int64_t target, const OptT& weight, int64_t reduction, bool check,
+                 OptT* g_pred) {
   check_code("target", target, kPreds);
   FK_CHECK_VALUE(reduction >= MEAN && reduction <= NONE,
                  "reduction: expected 'mean', 'sum' or 'none', got code ", reduction);
@@ -131,9 +133,11 @@ Tensor fm_loss(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_,
   const i64 rows = rows_of(pred), inner = inner_of(pred);
   OptT keep;
   const fk::Reals w = weight_of(weight, rows, pred, keep);
+  const double denom = loss_denom(reduction, rows, inner);
   const i64 seg = std::max<i64>(1, std::min(inner, kSegment));
   const i64 nseg = inner == 0 ? 1 : (inner + seg - 1) / seg;
   Tensor out = empty_like_shape(pred, reduction == NONE ? Shape{rows} : Shape{});
+  if (g_pred != nullptr) *g_pred = empty_output(pred, shape);
   dispatch_dtype(pred, "flow_matching_loss", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
@@ -142,14 +146,35 @@ Tensor fm_loss(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_,
     const auto fn = make_fn<fk::LossResidualFn>(c, int(target));
     std::vector<A> partial(size_t(rows * nseg), A(0));
     const fk::Ptrs<T, 3> in{{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}};
-    for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
-      partial[size_t(r * nseg + e0 / seg)] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
-    });
-    const fk::LossFinish<T> f{partial.data(), rows, nseg, w, reduction == NONE,
-                              loss_denom(reduction, rows, inner), mptr<T>(out)};
+    if (g_pred == nullptr) {
+      for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
+        partial[size_t(r * nseg + e0 / seg)] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
+      });
+    } else {
+      const fk::RowStore<T> st{mptr<T>(**g_pred), w, 1.0 / denom};
+      for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
+        partial[size_t(r * nseg + e0 / seg)] =
+            fk::rowsum_segment<T, decltype(fn), true>(fn, r, inner, e0, e1, in, st);
+      });
+    }
+    const fk::LossFinish<T> f{partial.data(), rows, nseg, w, reduction == NONE, denom,
+                              mptr<T>(out)};
     fk::finish_total(f, fk::finish_thread(f, 0, 1));
   });
   return out;
+}
+
+Tensor fm_loss(const Tensor& pred, const Tensor& x0, const Tensor& x1, FK_COEF_ARGS,
+               int64_t target, const OptT& weight, int64_t reduction, bool check) {
+  return loss_pass(pred, x0, x1, FK_COEF_PASS, target, weight, reduction, check, nullptr);
+}
+
+std::tuple<Tensor, Tensor> fm_loss_with_grad(const Tensor& pred, const Tensor& x0,
+                                             const Tensor& x1, FK_COEF_ARGS, int64_t target,
+                                             const OptT& weight, int64_t reduction, bool check) {
+  OptT g;
+  Tensor loss = loss_pass(pred, x0, x1, FK_COEF_PASS, target, weight, reduction, check, &g);
+  return {loss, *g};
 }
 
 // Gradients of fm_loss from that of its output `grad` (a scalar, or (B,) for
@@ -199,6 +224,7 @@ STABLE_TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("convert_backward", TORCH_BOX(&convert_backward));
   m.impl("fm_loss", TORCH_BOX(&fm_loss));
   m.impl("fm_loss.nograd", TORCH_BOX(&fm_loss));
+  m.impl("fm_loss_with_grad.nograd", TORCH_BOX(&fm_loss_with_grad));
   m.impl("fm_loss_backward", TORCH_BOX(&fm_loss_backward));
 }
 

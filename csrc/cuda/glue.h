@@ -232,10 +232,12 @@ template <class D, class L> struct Glue {
 
   // flow_matching_loss: per-(row, chunk) partial sums, then one block that
   // weighs and reduces them in double into the loss (launch_ops.h fm_loss):
-  // two launches, no torch op. The weight is read where it lies.
-  static Tensor fm_loss(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_,
-                            FK_COEF_ARGS, int64_t target, const OptT& weight, int64_t reduction,
-                            bool check) {
+  // two launches, no torch op. The weight is read where it lies. With g_pred
+  // (fm_loss_with_grad) the row-sum pass also stores d loss / d pred for a
+  // loss gradient of 1.
+  static Tensor loss_pass(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_,
+                          FK_COEF_ARGS, int64_t target, const OptT& weight, int64_t reduction,
+                          bool check, OptT* g_pred) {
     check_code("target", target, kPreds);
     FK_CHECK_VALUE(reduction >= MEAN && reduction <= NONE,
                    "reduction: expected 'mean', 'sum' or 'none', got code ", reduction);
@@ -248,6 +250,7 @@ template <class D, class L> struct Glue {
     const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, 0);
     auto partial = empty({rows, plan.nchunks}, acc_type, pred.device());
     Tensor out = empty_like_shape(pred, reduction == NONE ? Shape{rows} : Shape{});
+    if (g_pred != nullptr) *g_pred = empty_like_shape(pred, shape);
     const Launch l(pred);
     with_acc(pred, [&](auto acc) {
       using A = decltype(acc);
@@ -256,10 +259,25 @@ template <class D, class L> struct Glue {
                                    [&](const HostCoef<A>& h) { check_target(h, target); });
       ok(L::fm_loss(dtype_code(pred), rows, inner, ptr(pred), ptr(x0), ptr(x1), c, int(target),
                     ptr(partial), plan.chunk_len, w, reduction == NONE,
-                    loss_denom(reduction, rows, inner), ptr(out), l.stream),
+                    loss_denom(reduction, rows, inner), ptr(out),
+                    g_pred != nullptr ? ptr(*g_pred) : 0, l.stream),
          "flow_matching_loss");
     });
     return out;
+  }
+
+  static Tensor fm_loss(const Tensor& pred, const Tensor& x0, const Tensor& x1, FK_COEF_ARGS,
+                        int64_t target, const OptT& weight, int64_t reduction, bool check) {
+    return loss_pass(pred, x0, x1, FK_COEF_PASS, target, weight, reduction, check, nullptr);
+  }
+
+  static std::tuple<Tensor, Tensor> fm_loss_with_grad(const Tensor& pred, const Tensor& x0,
+                                                      const Tensor& x1, FK_COEF_ARGS,
+                                                      int64_t target, const OptT& weight,
+                                                      int64_t reduction, bool check) {
+    OptT g;
+    Tensor loss = loss_pass(pred, x0, x1, FK_COEF_PASS, target, weight, reduction, check, &g);
+    return {loss, *g};
   }
 
   // Its gradients: one launch, which reads the loss's gradient and the
@@ -445,6 +463,7 @@ template <class D, class L> struct Glue {
     m.impl("convert_backward", TORCH_BOX(&convert_backward));
     m.impl("fm_loss", TORCH_BOX(&fm_loss));
     m.impl("fm_loss.nograd", TORCH_BOX(&fm_loss));
+    m.impl("fm_loss_with_grad.nograd", TORCH_BOX(&fm_loss_with_grad));
     m.impl("fm_loss_backward", TORCH_BOX(&fm_loss_backward));
     StepOps<Steps>::register_all(m);
     m.impl("flowmap_loss_rows", TORCH_BOX(&flowmap_loss_rows));

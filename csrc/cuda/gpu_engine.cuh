@@ -16,10 +16,11 @@ struct GpuEngine {
                      fk::NoiseKey key) {
     return launch_lincomb<T>(fn, rows, inner, in, out, stream, max_blocks, key);
   }
-  template <class T, class Fn>
+  template <class T, bool STORE = false, class Fn>
   static int rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
-                    fk::acc_t<T>* partial, i64 chunk_len, uintptr_t stream) {
-    return launch_rowsum<T>(fn, rows, inner, in, partial, chunk_len, stream);
+                    fk::acc_t<T>* partial, i64 chunk_len, uintptr_t stream,
+                    fk::RowStore<T> st = {}) {
+    return launch_rowsum<T, STORE>(fn, rows, inner, in, partial, chunk_len, stream, st);
   }
   template <class T> static int finish(const fk::LossFinish<T>& f, uintptr_t stream) {
     return launch_loss_finish<T>(f, stream);

@@ -1,7 +1,8 @@
 // The bodies of the launchers of launchers.h, once, as templates over an
 // engine E that runs the two kinds of grid:
 //   E::lincomb<T>(fn, rows, inner, in, out, stream, max_blocks, key)  elementwise
-//   E::rowsum<T>(fn, rows, inner, in, partial, chunk_len, stream)      row sums
+//   E::rowsum<T[, STORE]>(fn, rows, inner, in, partial, chunk_len, stream[, store])
+//                                                   row sums (STORE: and c_r y, RowStore)
 //   E::finish<T>(fk::LossFinish<T>, stream)        the loss from those (one block)
 // The GPU launchers (training.cu, steps.cu, flowmap.cu) run them on the CUDA
 // kernels, the simulator's (csrc/cpu/cuda_sim_launchers.cpp) on sweeps of
@@ -124,17 +125,21 @@ int convert_backward(int dtype, i64 rows, i64 inner, dptr g, const fk::CoefArg& 
 template <class E>
 int fm_loss(int dtype, i64 rows, i64 inner, dptr pred, dptr x0, dptr x1, const fk::CoefArg& coef,
             int target, dptr partial, i64 chunk_len, const fk::Reals& weight, bool per_row,
-            double denom, dptr out, uintptr_t stream) {
+            double denom, dptr out, dptr g_pred, uintptr_t stream) {
   if (!is_pred(target)) return kBadPred;
   return dispatch_dtype(dtype, [&](auto tag) -> int {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     fk::SchedSrc<A> src;
     if (!fk::sched_src(coef, rows, src)) return kBadTable;
-    const int rc = E::template rowsum<T>(
-        fk::LossResidualFn<A>{src, target}, rows, inner,
-        fk::Ptrs<T, 3>{{in_ptr<T>(pred), in_ptr<T>(x0), in_ptr<T>(x1)}}, out_ptr<A>(partial),
-        chunk_len, stream);
+    const fk::LossResidualFn<A> fn{src, target};
+    const fk::Ptrs<T, 3> in{{in_ptr<T>(pred), in_ptr<T>(x0), in_ptr<T>(x1)}};
+    const int rc =
+        g_pred == 0
+            ? E::template rowsum<T>(fn, rows, inner, in, out_ptr<A>(partial), chunk_len, stream)
+            : E::template rowsum<T, true>(fn, rows, inner, in, out_ptr<A>(partial), chunk_len,
+                                          stream,
+                                          fk::RowStore<T>{out_ptr<T>(g_pred), weight, 1.0 / denom});
     if (rc != 0) return rc;
     const i64 nchunks = fk::plan_rowsum(rows, inner, chunk_len).nchunks;
     return E::template finish<T>(

@@ -58,7 +58,9 @@ enum : int {
 //                          (rows, nchunks) of fk::plan_rowsum(rows, inner,
 //                          chunk_len) in the accumulation dtype, then one block
 //                          (fk::LossFinish) weighs and reduces them into `out`:
-//                          (rows,) with per_row, else one value; in pred's dtype
+//                          (rows,) with per_row, else one value; in pred's dtype.
+//                          With g_pred (else 0) the row-sum pass also stores d
+//                          loss / d pred for a loss gradient of 1 (fk::RowStore)
 //   fm_loss_backward       (pred, x0, x1) -> (g_pred, g_x0, g_x1), each row
 //                          scaled by grad.at(r) (fk::LossRowGrad: the loss's
 //                          gradient, scale and weight, read in the kernel);
@@ -83,9 +85,9 @@ enum : int {
   X(fm_loss,                                                                                  \
     (FK_LAUNCH_COMMON, FK_D pred, FK_D x0, FK_D x1, const fk::CoefArg& coef, int target,      \
      FK_D partial, fk_cuda::i64 chunk_len, const fk::Reals& weight, bool per_row,             \
-     double denom, FK_D out, uintptr_t stream),                                               \
+     double denom, FK_D out, FK_D g_pred, uintptr_t stream),                                  \
     (dtype, rows, inner, pred, x0, x1, coef, target, partial, chunk_len, weight, per_row,     \
-     denom, out, stream))                                                                     \
+     denom, out, g_pred, stream))                                                             \
   X(fm_loss_backward,                                                                         \
     (FK_LAUNCH_COMMON, const fk::LossRowGrad& grad, FK_D pred, FK_D x0, FK_D x1,              \
      const fk::CoefArg& coef, int target, FK_D g_pred, FK_D g_x0, FK_D g_x1, FK_TAIL),        \

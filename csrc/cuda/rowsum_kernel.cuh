@@ -17,14 +17,14 @@ namespace {
 // Per-thread partials, then a shared-memory tree with a barrier after each
 // halving; thread 0 writes the block's sum. blockDim.x is kThreads
 // (plan_rowsum), a compile-time size for smem.
-template <class T, class Fn>
+template <class T, bool STORE, class Fn>
 __global__ void __launch_bounds__(fk::kThreads)
     rowsum_kernel(Fn fn, i64 inner, i64 nchunks, i64 chunk_len, fk::Ptrs<T, Fn::NI> in,
-                  fk::acc_t<T>* partial) {
+                  fk::acc_t<T>* partial, fk::RowStore<T> st) {
   __shared__ fk::acc_t<T> smem[fk::kThreads];
   const int tid = threadIdx.x;
-  smem[tid] = fk::rowsum_thread<T>(fn, blockIdx.x, tid, fk::kThreads, inner, nchunks,
-                                   chunk_len, in);
+  smem[tid] = fk::rowsum_thread<T, Fn, STORE>(fn, blockIdx.x, tid, fk::kThreads, inner,
+                                              nchunks, chunk_len, in, st);
   __syncthreads();
   for (int stride = fk::kThreads / 2; stride > 0; stride /= 2) {
     fk::tree_step(smem, tid, stride);
@@ -35,14 +35,15 @@ __global__ void __launch_bounds__(fk::kThreads)
 
 // Per (row, chunk) sums into `partial`, (rows, nchunks) of
 // fk::plan_rowsum(rows, inner, chunk_len); asynchronous on `stream`.
-template <class T, class Fn>
+// With STORE, each element's c_r y goes to st.p as well (fk::RowStore).
+template <class T, bool STORE, class Fn>
 int launch_rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
-                  fk::acc_t<T>* partial, i64 chunk_len, uintptr_t stream) {
+                  fk::acc_t<T>* partial, i64 chunk_len, uintptr_t stream, fk::RowStore<T> st) {
   const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, chunk_len);
   if (plan.blocks == 0) return cudaSuccess;
   if (plan.blocks > fk::kMaxGridX) return kGridTooLarge;
-  rowsum_kernel<T><<<unsigned(plan.blocks), plan.threads, 0, as_stream(stream)>>>(
-      fn, inner, plan.nchunks, plan.chunk_len, in, partial);
+  rowsum_kernel<T, STORE><<<unsigned(plan.blocks), plan.threads, 0, as_stream(stream)>>>(
+      fn, inner, plan.nchunks, plan.chunk_len, in, partial, st);
   return int(cudaGetLastError());
 }
 

@@ -479,6 +479,9 @@ class DiffOp:
                 return _reference_backward(ctx, grads, reference, diff, saved_at)
             return fused(ctx, *grads)  # raises if its result is differentiated
         bwd = staticmethod(backward_or_none)
+        # for an autograd node of the op's own (training.py _LossAndGrad): the
+        # same saved state and backward
+        self.setup, self.backward_or_none = setup, backward_or_none
 
         run = self.run = direct(op)  # what the eager forward calls
 

@@ -26,7 +26,7 @@ from ..backend import NATIVE_BACKENDS, cpu_built, resolve_for
 from ..schedules import coefficients, from_native, native_spec
 from ..tables import SIGMA
 from ._entries import ENTRIES, compiling
-from ._registry import (CALLS, NATIVE_NS, NativeOps, calls_for, lazy, no_forward_mode,
+from ._registry import (CALLS, NATIVE_NS, NativeOps, calls_for, direct, lazy, no_forward_mode,
                         no_time_tangent, ops_for, refuse_grad, register, retyped,
                         transforms_active, triton_op)
 
@@ -292,6 +292,56 @@ if cpu_built():
         lambda t, kind, params, rows, dtype, check: t.new_empty((rows, 4), dtype=dtype))
 
 _DIFF = CALLS[NATIVE_NS]  # DiffOp of each native op
+
+if cpu_built():
+    torch.library.register_fake("flowkern::fm_loss_with_grad.nograd")(
+        lambda pred, x0, x1, *args: (_loss_fake(pred, x0, x1, *args),
+                                     pred.new_empty(_broadcast(pred, x0, x1))))
+
+
+class _LossAndGrad(torch.autograd.Function):
+    """flow_matching_loss on a native backend when pred alone needs a gradient:
+    the forward's one pass over (pred, x0, x1) also writes d loss / d pred for
+    a loss gradient of 1 (flowkern::fm_loss_with_grad, fk::RowStore), and the
+    backward scales that buffer in place by the loss's gradient and returns
+    it: 24 bytes an element for forward and backward instead of 28, and no
+    second pass over the three inputs -- what Liger-Kernel does with its
+    losses. It saves what fm_loss's own node saves (DiffOp.setup), so a
+    differentiable backward (create_graph), a second one (retain_graph) and
+    jvp take fm_loss's formulas instead."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        loss, ctx.g = _LOSS_WITH_GRAD(*args)
+        _DIFF.fm_loss.setup(ctx, args, loss)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = ctx.g
+        if g is not None and grad is not None and not torch.is_grad_enabled():
+            ctx.g = None  # scaled once; another backward recomputes it
+            if grad.dim():  # reduction 'none': one gradient per sample
+                grad = grad.reshape(grad.shape + (1,) * (g.dim() - 1))
+            return (g.mul_(grad),) + (None,) * (ctx.n_inputs - 1)
+        ctx.g = None
+        return _DIFF.fm_loss.backward_or_none(ctx, grad)
+
+
+_LOSS_WITH_GRAD = direct(torch.ops.flowkern.fm_loss_with_grad.nograd) if cpu_built() else None
+_FUSED_GRAD_DTYPES = (torch.float32, torch.float64)
+
+
+def _loss_grad_in_forward(pred, x0, x1, t) -> bool:
+    """Whether _LossAndGrad serves a differentiable native loss call: pred
+    alone needs a gradient (not x0, x1 or t), no transform or dual level, the
+    broadcast shape is pred's own, and pred is float32/64 (a float16 d loss /
+    d pred for a unit loss gradient, ~1/N, would lose the precision that the
+    loss scale brings to the usual backward)."""
+    return (pred.requires_grad and not x0.requires_grad and not x1.requires_grad
+            and pred.dtype in _FUSED_GRAD_DTYPES and x0.shape == pred.shape
+            and x1.shape == pred.shape and not (t is not None and t.requires_grad)
+            and not transforms_active() and not compiling())
 # the overloads the public functions call when nothing needs a gradient
 _NATIVE = NativeOps(
     interpolate=torch.ops.flowkern.interpolate.nograd,
@@ -570,8 +620,11 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t
             if weight is not None and weight.requires_grad and torch.is_grad_enabled():
                 rows = _DIFF.fm_loss(pred, x0, x1, *coef, code, None, 2, check)
                 return _weigh_rows(rows, pred, weight, reduction)
-            op = _DIFF.fm_loss if _need_grad3(pred, x0, x1) else ops.fm_loss
-            return op(pred, x0, x1, *coef, code, weight, red, check)
+            if not _need_grad3(pred, x0, x1):
+                return ops.fm_loss(pred, x0, x1, *coef, code, weight, red, check)
+            if _loss_grad_in_forward(pred, x0, x1, coef[0]):
+                return _LossAndGrad.apply(pred, x0, x1, *coef, code, weight, red, check)
+            return _DIFF.fm_loss(pred, x0, x1, *coef, code, weight, red, check)
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
     (pred, x0, x1), shape = _validated(["pred", "x0", "x1"], [pred, x0, x1])

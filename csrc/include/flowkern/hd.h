@@ -127,12 +127,10 @@ struct Reals {
   FK_HD double at(i64 i) const {
     if (p == nullptr) return 1.0;
     const i64 k = i * step;
-    switch (code) {
-      case 0: return double(static_cast<const float*>(p)[k]);
-      case 2: return double(to_float(static_cast<const f16*>(p)[k]));
-      case 3: return double(to_float(static_cast<const bf16*>(p)[k]));
-      default: return static_cast<const double*>(p)[k];
-    }
+    if (code == 0) return double(static_cast<const float*>(p)[k]);
+    if (code == 2) return double(to_float(static_cast<const f16*>(p)[k]));
+    if (code == 3) return double(to_float(static_cast<const bf16*>(p)[k]));
+    return static_cast<const double*>(p)[k];
   }
 };
 

@@ -9,14 +9,38 @@
 
 namespace fk {
 
-template <class T, class Fn>
+// What a fused loss forward also stores (STORE): at each element, the
+// residual's row scaled by c_r = 2 scale w_r, applied to the inputs -- the
+// gradient of the weighted, reduced sum of squares for a loss gradient of 1.
+// c_r and the scaled row are LossBwdFn's g and matrix for grad = 1 (training.h),
+// so the stored value is fm_loss_backward's g_pred for grad = 1 bit for bit.
+// `p` is laid out as the inputs, (rows, inner).
+template <class T> struct RowStore {
+  T* p = nullptr;
+  Reals weight;
+  double scale = 1.0;
+  FK_HD acc_t<T> coef(i64 r) const {
+    return acc_t<T>(2) * acc_t<T>(1.0 * scale * weight.at(r));
+  }
+};
+
+// The one-output row M with its entries times c.
+template <class M, class A> FK_HD M scaled_row(M row, A c) {
+FK_UNROLL
+  for (auto& v : row.m[0]) v = c * v;
+  return row;
+}
+
+template <class T, class Fn, bool STORE = false>
 inline acc_t<T> rowsum_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
-                               Ptrs<T, Fn::NI> in) {
+                               Ptrs<T, Fn::NI> in, RowStore<T> st = {}) {
   static_assert(Fn::NO == 1, "rowsum reduces a single output");
   using A = acc_t<T>;
   const auto M = fn.row(r);
   const T* p[Fn::NI];
   for (int j = 0; j < Fn::NI; ++j) p[j] = in.p[j] + r * inner;
+  T* g = STORE ? st.p + r * inner : nullptr;
+  const auto Mg = STORE ? scaled_row(M, st.coef(r)) : M;
   A s = A(0);
   // An OpenMP simd reduction lets g++ keep one partial sum per vector lane
   // (reassociation it may not do on its own without -ffast-math): packed
@@ -27,6 +51,11 @@ inline acc_t<T> rowsum_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
     for (int j = 0; j < Fn::NI; ++j) x[j] = load(p[j], e);
     apply<Fn>(M, x, y);
     s += y[0] * y[0];
+    if constexpr (STORE) {
+      A yg[1];
+      apply<Fn>(Mg, x, yg);
+      store(g, e, yg[0]);
+    }
   }
   return s;
 }
@@ -34,23 +63,32 @@ inline acc_t<T> rowsum_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
 // Phase 1 of the CUDA row-sum kernel: block `blk` covers elements
 // [chunk*chunk_len, (chunk+1)*chunk_len) of row blk / nchunks; thread `tid`
 // of `nthr` sums its strided elements. Returns the thread's partial.
-template <class T, class Fn>
+template <class T, class Fn, bool STORE = false>
 FK_HD acc_t<T> rowsum_thread(const Fn& fn, i64 blk, int tid, int nthr, i64 inner,
-                             i64 nchunks, i64 chunk_len, Ptrs<T, Fn::NI> in) {
+                             i64 nchunks, i64 chunk_len, Ptrs<T, Fn::NI> in,
+                             RowStore<T> st = {}) {
   using A = acc_t<T>;
   const i64 r = blk / nchunks;
-  const i64 c = blk - r * nchunks;
-  const i64 e0 = c * chunk_len;
+  const i64 chunk = blk - r * nchunks;
+  const i64 e0 = chunk * chunk_len;
   i64 e1 = e0 + chunk_len;
   if (e1 > inner) e1 = inner;
+  const A c = STORE ? st.coef(r) : A(0);  // first: ptxas spills when it comes later
   const auto M = fn.row(r);
+  const auto Mg = STORE ? scaled_row(M, c) : M;
+  const i64 base = r * inner;
   A s = A(0);
   for (i64 e = e0 + tid; e < e1; e += nthr) {
     A x[Fn::NI], y[1];
 FK_UNROLL
-    for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], r * inner + e);
+    for (int j = 0; j < Fn::NI; ++j) x[j] = load(in.p[j], base + e);
     apply<Fn>(M, x, y);
     s += y[0] * y[0];
+    if (STORE) {
+      A yg[1];
+      apply<Fn>(Mg, x, yg);
+      store(st.p, base + e, yg[0]);
+    }
   }
   return s;
 }
