@@ -320,9 +320,14 @@ class _LossAndGrad(torch.autograd.Function):
     def backward(ctx, grad):
         g = ctx.g
         if g is not None and grad is not None and not torch.is_grad_enabled():
-            ctx.g = None  # scaled once; another backward recomputes it
+            ctx.g = None  # handed out once; another backward recomputes it
             if grad.dim():  # reduction 'none': one gradient per sample
                 grad = grad.reshape(grad.shape + (1,) * (g.dim() - 1))
+            elif grad.device.type == "cpu" and grad.item() == 1.0:
+                # loss.backward(): g is the answer as it is (g * 1, bit for
+                # bit). Reading the value is free on CPU only; on CUDA it
+                # would synchronise, so there the multiply always runs.
+                return (g,) + (None,) * (ctx.n_inputs - 1)
             return (g.mul_(grad),) + (None,) * (ctx.n_inputs - 1)
         ctx.g = None
         return _DIFF.fm_loss.backward_or_none(ctx, grad)
