@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "coef_checks.h"
 #include "cuda_sim.h"
 #include "dispatch.h"
 #include "flowkern/launch.h"
@@ -58,7 +59,8 @@ void with_functor(const std::string& op, const Tensor& coef,
                  grad_rows->numel() == coef.size(0),
              "_sim_lincomb(", op, "): grad_rows must be (B,) in the coef dtype");
     // the row gradients as they are (scale 1, no weight)
-    const fk::LossRowGrad g{{cptr<A>(*grad_rows), sizeof(A) == 8 ? 1 : 0, 1}, {}, 1.0};
+    OptT keep;
+    const fk::LossRowGrad g{reals_of(*grad_rows, keep), {}, 1.0};
     if (op == "fm_loss_backward_pred") return f(fk::LossBwdFn<A, 1>{c, g, param(0)});
     return f(fk::LossBwdFn<A, 3>{c, g, param(0)});
   }

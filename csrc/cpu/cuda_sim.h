@@ -91,12 +91,13 @@ Plan sweep_rowsum(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
 }
 
 // The loss-finishing kernel (rowsum_kernel.cuh, loss_finish_kernel): its one
-// block of kThreads threads, phase by phase.
+// block of kFinishThreads threads, phase by phase.
 template <class T> void sweep_finish(const fk::LossFinish<T>& f) {
-  std::vector<double> smem(fk::kFinishThreads);
-  for (int t = 0; t < fk::kFinishThreads; ++t) smem[t] = fk::finish_thread<T>(f, t, fk::kFinishThreads);
-  for (int stride = fk::kFinishThreads / 2; stride > 0; stride /= 2)
-    for (int t = 0; t < fk::kFinishThreads; ++t) fk::tree_step(smem.data(), t, stride);
+  constexpr int n = fk::kFinishThreads;
+  std::vector<double> smem(n);
+  for (int t = 0; t < n; ++t) smem[t] = fk::finish_thread<T>(f, t, n);
+  for (int stride = n / 2; stride > 0; stride /= 2)
+    for (int t = 0; t < n; ++t) fk::tree_step(smem.data(), t, stride);
   fk::finish_total<T>(f, smem[0]);
 }
 

@@ -151,7 +151,7 @@ Tensor loss_pass(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_, FK_C
         partial[size_t(r * nseg + e0 / seg)] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
       });
     } else {
-      const fk::RowStore<T> st{mptr<T>(**g_pred), w, 1.0 / denom};
+      const fk::RowStore<T> st{mptr<T>(**g_pred), {{}, w, 1.0 / denom}};
       for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
         partial[size_t(r * nseg + e0 / seg)] =
             fk::rowsum_segment<T, decltype(fn), true>(fn, r, inner, e0, e1, in, st);

@@ -134,12 +134,12 @@ int fm_loss(int dtype, i64 rows, i64 inner, dptr pred, dptr x0, dptr x1, const f
     if (!fk::sched_src(coef, rows, src)) return kBadTable;
     const fk::LossResidualFn<A> fn{src, target};
     const fk::Ptrs<T, 3> in{{in_ptr<T>(pred), in_ptr<T>(x0), in_ptr<T>(x1)}};
+    const fk::RowStore<T> st{out_ptr<T>(g_pred), {{}, weight, 1.0 / denom}};
     const int rc =
         g_pred == 0
             ? E::template rowsum<T>(fn, rows, inner, in, out_ptr<A>(partial), chunk_len, stream)
             : E::template rowsum<T, true>(fn, rows, inner, in, out_ptr<A>(partial), chunk_len,
-                                          stream,
-                                          fk::RowStore<T>{out_ptr<T>(g_pred), weight, 1.0 / denom});
+                                          stream, st);
     if (rc != 0) return rc;
     const i64 nchunks = fk::plan_rowsum(rows, inner, chunk_len).nchunks;
     return E::template finish<T>(

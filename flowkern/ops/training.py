@@ -292,6 +292,12 @@ if cpu_built():
         lambda t, kind, params, rows, dtype, check: t.new_empty((rows, 4), dtype=dtype))
 
 _DIFF = CALLS[NATIVE_NS]  # DiffOp of each native op
+# the overloads the public functions call when nothing needs a gradient
+_NATIVE = NativeOps(
+    interpolate=torch.ops.flowkern.interpolate.nograd,
+    interpolate_out=torch.ops.flowkern.interpolate_out.default,
+    convert=torch.ops.flowkern.convert.nograd,
+    fm_loss=torch.ops.flowkern.fm_loss.nograd) if cpu_built() else None
 
 if cpu_built():
     torch.library.register_fake("flowkern::fm_loss_with_grad.nograd")(
@@ -347,12 +353,6 @@ def _loss_grad_in_forward(pred, x0, x1, t) -> bool:
             and pred.dtype in _FUSED_GRAD_DTYPES and x0.shape == pred.shape
             and x1.shape == pred.shape and not (t is not None and t.requires_grad)
             and not transforms_active() and not compiling())
-# the overloads the public functions call when nothing needs a gradient
-_NATIVE = NativeOps(
-    interpolate=torch.ops.flowkern.interpolate.nograd,
-    interpolate_out=torch.ops.flowkern.interpolate_out.default,
-    convert=torch.ops.flowkern.convert.nograd,
-    fm_loss=torch.ops.flowkern.fm_loss.nograd) if cpu_built() else None
 
 
 # ---------------------------------------------------------------------------

@@ -9,19 +9,31 @@
 
 namespace fk {
 
+// d loss / d (row r's sum of squares): the loss's gradient (one value, or
+// one per row for reduction 'none'; a null `grad` reads 1) times the
+// reduction's scale (1 / (B n) for 'mean', 1 / n for 'none', 1 for 'sum'; n
+// the elements of a row) times the row's weight, in double, rounded once to
+// the accumulation type. twice(r), 2 at(r), is what the residual's row is
+// scaled by to give d loss / d (the residual's inputs): LossBwdFn's g
+// (training.h) and RowStore's.
+struct LossRowGrad {
+  Reals grad, weight;
+  double scale;
+  template <class A> FK_HD A at(i64 r) const {
+    return A(grad.at(r) * scale * weight.at(r));
+  }
+  template <class A> FK_HD A twice(i64 r) const { return A(2) * at<A>(r); }
+};
+
 // What a fused loss forward also stores (STORE): at each element, the
-// residual's row scaled by c_r = 2 scale w_r, applied to the inputs -- the
-// gradient of the weighted, reduced sum of squares for a loss gradient of 1.
-// c_r and the scaled row are LossBwdFn's g and matrix for grad = 1 (training.h),
-// so the stored value is fm_loss_backward's g_pred for grad = 1 bit for bit.
-// `p` is laid out as the inputs, (rows, inner).
+// residual's row scaled by grad.twice(r) applied to the inputs -- the
+// gradient of the weighted, reduced sum of squares for a loss gradient of 1
+// (`grad` holds no gradient: it reads 1). That is LossBwdFn's g and matrix
+// for grad = 1, so the stored value is fm_loss_backward's g_pred for grad = 1
+// bit for bit. `p` is laid out as the inputs, (rows, inner).
 template <class T> struct RowStore {
   T* p = nullptr;
-  Reals weight;
-  double scale = 1.0;
-  FK_HD acc_t<T> coef(i64 r) const {
-    return acc_t<T>(2) * acc_t<T>(1.0 * scale * weight.at(r));
-  }
+  LossRowGrad grad{};
 };
 
 // The one-output row M with its entries times c.
@@ -40,7 +52,7 @@ inline acc_t<T> rowsum_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
   const T* p[Fn::NI];
   for (int j = 0; j < Fn::NI; ++j) p[j] = in.p[j] + r * inner;
   T* g = STORE ? st.p + r * inner : nullptr;
-  const auto Mg = STORE ? scaled_row(M, st.coef(r)) : M;
+  const auto Mg = STORE ? scaled_row(M, st.grad.template twice<A>(r)) : M;
   A s = A(0);
   // An OpenMP simd reduction lets g++ keep one partial sum per vector lane
   // (reassociation it may not do on its own without -ffast-math): packed
@@ -73,7 +85,7 @@ FK_HD acc_t<T> rowsum_thread(const Fn& fn, i64 blk, int tid, int nthr, i64 inner
   const i64 e0 = chunk * chunk_len;
   i64 e1 = e0 + chunk_len;
   if (e1 > inner) e1 = inner;
-  const A c = STORE ? st.coef(r) : A(0);  // first: ptxas spills when it comes later
+  const A c = STORE ? st.grad.template twice<A>(r) : A(0);  // first: ptxas spills when later
   const auto M = fn.row(r);
   const auto Mg = STORE ? scaled_row(M, c) : M;
   const i64 base = r * inner;

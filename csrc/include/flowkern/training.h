@@ -6,6 +6,7 @@
 
 #include "coeffs.h"
 #include "lincomb.h"
+#include "rowsum.h"
 #include "schedules.h"
 
 namespace fk {
@@ -63,20 +64,8 @@ template <class A> struct LossResidualFn {
   }
 };
 
-// d loss / d (row r's sum of squares): the loss's gradient (one value, or
-// one per row for reduction 'none') times the reduction's scale (1 / (B n)
-// for 'mean', 1 / n for 'none', 1 for 'sum'; n the elements of a row) times
-// the row's weight, in double, rounded once to the accumulation type.
-struct LossRowGrad {
-  Reals grad, weight;
-  double scale;
-  template <class A> FK_HD A at(i64 r) const {
-    return A(grad.at(r) * scale * weight.at(r));
-  }
-};
-
-// d(row loss)/d(pred, x0, x1) scaled by the row's g = grad.at(r):
-// with rho = pred - a x1 - b x0, g_pred = 2 g rho, g_x0 = -b g_pred,
+// d(row loss)/d(pred, x0, x1) scaled by the row's g = grad.at(r) (LossRowGrad,
+// rowsum.h): with rho = pred - a x1 - b x0, g_pred = 2 g rho, g_x0 = -b g_pred,
 // g_x1 = -a g_pred; in (pred, x0, x1) -> out (g_pred, g_x0, g_x1), or with
 // NO = 1 g_pred alone (x0 and x1 are noise and data: the usual backward
 // writes one tensor instead of three).
@@ -86,7 +75,7 @@ template <class A, int NOUT = 3> struct LossBwdFn {
   SchedSrc<A> coef; LossRowGrad grad; int target;
   FK_HD Mat<A, NO, 3> row(i64 r) const {
     const Lin2<A> y = target_coeffs(target, coef.at(r));
-    const A g = A(2) * grad.template at<A>(r);
+    const A g = grad.template twice<A>(r);  // 2 g
     const A p[3] = {A(1), -y.b, -y.a};  // d rho / d(pred, x0, x1)
     Mat<A, NO, 3> M;
     for (int k = 0; k < NO; ++k)
