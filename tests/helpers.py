@@ -83,6 +83,9 @@ def public_calls():
     yield lambda: fk.flow_matching_loss(p, x, x1, t)
     yield lambda: fk.flow_matching_loss(p, x, x1, t, weight=t, reduction="none")
     yield lambda: fk.convert(p, x, t, src="x1", dst="velocity")
+    yield lambda: fk.flowmap_loss(x, p, x1, t / 2, 0.9, "cosine", "velocity")
+    yield lambda: fk.flowmap_loss(x, p, x1, table=fk.step_table("vp", t / 2, 0.8), weight=t,
+                                  reduction="none")
     yield lambda: fk.euler_step(x, p, table=tab, out=out)
     yield lambda: fk.euler_step(x, p, 0.3, 0.4, pred_uncond=pu, guidance=2.0)
     yield lambda: fk.heun_step(x, p, x1, pu, 0.3, 0.4)

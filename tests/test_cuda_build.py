@@ -22,8 +22,8 @@ KERNELS_PER_ARCH = {
     # x 4 dtypes x 2 vector widths.
     "steps.cu": 6 * 2 * 4 * 2 + 4 * 2 + 4 * 2 * 4 * 2 + 7 * 4 * 2,
     # The backward with each set of optional outputs (4) x 4 dtypes x 2 vector widths
-    # + the loss row-sum x 4 dtypes + the rows' finishing block x 2 accumulation dtypes.
-    "flowmap.cu": 4 * 4 * 2 + 4 + 2,
+    # + the loss's row-sum and finishing block x 4 dtypes.
+    "flowmap.cu": 4 * 4 * 2 + 4 + 4,
     # The tile kernel per score kind x 4 dtypes, the merge kernel per kind x 2
     # accumulation dtypes.
     "fields.cu": 3 * 4 + 3 * 2,

@@ -284,24 +284,65 @@ def test_steps_write_in_place():
     assert torch.equal(x, want)
 
 
+def map_coefs(rows):
+    """(t, t_value, s, s_value, kind, params) of flowmap_loss: a step table
+    (one row, one per sample; float64, which the glue converts), per-sample
+    times of a built-in schedule (float32 and float64, evaluated in the
+    kernel), float times (by value), and one of each."""
+    out = [(step_table(rows, False), 0.0, None, 0.0, -1, [])]
+    if rows:
+        out.append((step_table(rows, True), 0.0, None, 0.0, -1, []))
+    t, s = times(rows) * 0.8, times(rows, seed=2) * 0.5 + 0.45
+    kind, params = SCHEDULES["vp"]
+    out += [(t, 0.0, s, 0.0, kind, params),
+            (t.double(), 0.0, s.double(), 0.0, *SCHEDULES["cosine"]),
+            (None, 0.3, None, 0.7, *SCHEDULES["edm"]),
+            (t, 0.0, None, 0.7, kind, params),
+            (times(1)[0], 0.0, s, 0.0, *SCHEDULES["polynomial"])]
+    return out
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(5, 3, 8), (3, 1023), (0, 4), (4, 0)], ids=str)
 def test_flowmap_glue_matches_cpu_ops(dtype, shape):
+    """flowmap_loss on the simulated glue (row-sum grid, finishing block)
+    against the CPU op, for every coefficient source, prediction, form and
+    reduction, a weight, a target that broadcasts; its backward bit for bit."""
     rows = shape[0]
     x, pred, target = tensors(3, shape, dtype)
-    for per_sample in (False, True):
-        coef = step_table(rows, per_sample).to(acc(dtype))
+    w = times(rows, seed=5)
+    for c in map_coefs(rows):
         for k in range(4):
             for form in (0, 1):
+                red = (k + form) % 3
+                y = target[:1] if k == 1 else target  # target broadcasts over the batch
+                args = (noncontig(x), pred, y, *c, k, form, w, red, False)
                 torch.testing.assert_close(
-                    SIM.flowmap_loss_rows(noncontig(x), pred, target, coef, k, form),
-                    CPU.flowmap_loss_rows(noncontig(x), pred, target, coef, k, form),
+                    SIM.flowmap_loss(*args), CPU.flowmap_loss(*args),
                     rtol=1e-5 if dtype in (torch.float32, torch.float64) else 1e-2, atol=1e-6)
-                g = times(rows, seed=3).to(acc(dtype))
+                g = times(rows, seed=3).to(dtype) if red == 2 else torch.tensor(1.5)
                 for gx in (False, True):
                     for gt in (False, True):
-                        equal(SIM.flowmap_loss_backward(g, x, pred, target, coef, k, form, gx, gt),
-                              CPU.flowmap_loss_backward(g, x, pred, target, coef, k, form, gx, gt))
+                        bwd = (g, x, pred, y, *c, k, form, w, red, gx, gt)
+                        equal(SIM.flowmap_loss_backward(*bwd), CPU.flowmap_loss_backward(*bwd))
+
+
+@pytest.mark.parametrize("red", range(3))
+def test_flowmap_glue_makes_no_torch_op(red):
+    """flowmap_loss is the row-sum kernel and one finishing block, its
+    backward one kernel, with the times evaluated in the kernel: besides
+    allocations, no aten op."""
+    rows = 6
+    x, pred, target = tensors(3, (rows, 40), torch.float32)
+    t, s, w = times(rows) * 0.5, times(rows, seed=2) * 0.5 + 0.5, times(rows, seed=5)
+    grad = torch.ones(rows) if red == 2 else torch.ones(())
+    for c in ((t, 0.0, s, 0.0, 1, []), (None, 0.2, None, 0.6, 1, [])):
+        assert_kernels_alone(lambda: SIM.flowmap_loss(x, pred, target, *c, 2, 0, w, red, False),
+                             "flowkern_sim::flowmap_loss")
+        assert_kernels_alone(
+            lambda: SIM.flowmap_loss_backward(grad, x, pred, target, *c, 2, 0, w, red, True,
+                                              True),
+            "flowkern_sim::flowmap_loss_backward")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -387,7 +428,20 @@ def _bad_calls():
         "lincomb term shape": lambda ops: ops.lincomb_step(x, [x1[:1]], [0.1, 0.2], 0.0, 0, 0,
                                                            None, True, o),
         "field ref": lambda ops: ops.field_mean(x, x[:, :3], torch.ones(4, 2), 0, 1.0, 0.5),
-        "flowmap coef": lambda ops: ops.flowmap_loss_rows(x, x1, x1, torch.ones(3, 12), 0, 0),
+        "flowmap table": lambda ops: ops.flowmap_loss(x, x1, x1, torch.ones(3, 12), 0.0, None, 0.0,
+                                                      -1, [], 0, 0, None, 0, True),
+        "flowmap s shape": lambda ops: ops.flowmap_loss(x, x1, x1, None, 0.2, torch.ones(3) / 2,
+                                                        0.0, 0, [], 0, 0, None, 0, True),
+        "flowmap s range": lambda ops: ops.flowmap_loss(x, x1, x1, None, 0.2, None, 1.5, 0, [],
+                                                        0, 0, None, 0, True),
+        "flowmap sigma_t": lambda ops: ops.flowmap_loss(x, x1, x1, None, 1.0, None, 1.0, 0, [],
+                                                        1, 0, None, 0, True),
+        "flowmap target": lambda ops: ops.flowmap_loss(x, x1, x1[:, :2], None, 0.2, None, 0.5,
+                                                       0, [], 1, 0, None, 0, True),
+        "flowmap reduction": lambda ops: ops.flowmap_loss(x, x1, x1, None, 0.2, None, 0.5, 0,
+                                                          [], 1, 0, None, 3, True),
+        "flowmap grad": lambda ops: ops.flowmap_loss_backward(
+            torch.ones(2), x, x1, x1, None, 0.2, None, 0.5, 0, [], 1, 0, None, 0, True, False),
     }
 
 
@@ -723,4 +777,4 @@ def test_every_public_call_is_kernels_alone_on_the_glue():
             seen.add(func._opname)
     assert {"interpolate", "fm_loss", "fm_loss_backward", "convert_backward",
             "interpolate_backward", "euler_step", "em_step", "lms_step",
-            "flowmap_loss_rows", "flowmap_loss_backward"} <= seen, seen
+            "flowmap_loss", "flowmap_loss_backward"} <= seen, seen

@@ -3,12 +3,14 @@
 torch.ops.flowkern_sim._sim_flowmap_loss_partial / _sim_flowmap_loss_backward
 build the launchers' functors (flowkern/flowmap.h) and run the row-sum and
 elementwise kernel bodies over every block and thread of the grids
-csrc/cuda/flowmap.cu launches (same plans, same pointers). The backward must
+csrc/cuda/flowmap.cu launches (same plans, same pointers), over a step table
+(the whole ops, with the times evaluated in the kernel and the finishing
+block, run on the simulated glue: tests/test_cuda_glue.py). The backward must
 equal the CPU op (csrc/cpu/flowmap.cpp: same functor and per-element code);
-the row sums, reduced in another order, must match the CPU op and the float64
-reference (flowkern/reference/flowmap.py) within a bound relative to the
-summed squared magnitudes. Outputs start as NaN, so an element or partial
-the grid never writes fails.
+the row sums, reduced in another order, must match the float64 reference
+(flowkern/reference/flowmap.py) within a bound relative to the summed
+squared magnitudes. Outputs start as NaN, so an element or partial the grid
+never writes fails.
 """
 import math
 
@@ -79,25 +81,27 @@ def check_rows(dtype, shape, pred, form, per_sample, offset, chunk_len, seed=0):
     eps = torch.finfo(acc(dtype)).eps
     want, scale = reference_rows(inputs, table, pred, form)
     bound = 64 * eps * scale
-    cpu = OPS.flowmap_loss_rows(*inputs, table, pred, form)
-    for name, other in (("CPU op", cpu.double()), ("float64 reference", want)):
-        err = (got.double() - other).abs()
-        assert (err <= bound).all(), (f"{what}: differs from the {name} by "
-                                      f"{(err / bound.clamp(min=1e-300)).max().item():.3g} "
-                                      f"x the bound")
+    err = (got.double() - want).abs()
+    assert (err <= bound).all(), (f"{what}: differs from the float64 reference by "
+                                  f"{(err / bound.clamp(min=1e-300)).max().item():.3g} "
+                                  f"x the bound")
     return plan
 
 
 def check_backward(dtype, shape, pred, form, per_sample, flags, offset, max_blocks, seed=0):
-    """Simulates the backward grid; equal to the CPU op; returns its plan."""
+    """Simulates the backward grid; equal to the CPU op; returns its plan. The
+    loss's gradient: one per row (reduction 'none') with a per-sample table,
+    else one value (reduction 'mean')."""
     gen = torch.Generator().manual_seed(seed)
     rows = shape[0]
     inputs = make_inputs(3, shape, dtype, gen, offset)
     table = make_table(rows, per_sample, dtype, gen)
-    g = torch.randn(rows, generator=gen, dtype=torch.float64).to(acc(dtype))
-    outs, plan = SIM._sim_flowmap_loss_backward(g, *inputs, table, pred, form, *flags,
+    reduction = 2 if per_sample else 0
+    g = torch.randn(rows if per_sample else (), generator=gen, dtype=torch.float64).to(dtype)
+    outs, plan = SIM._sim_flowmap_loss_backward(g, *inputs, table, pred, form, reduction, *flags,
                                                 max_blocks, offset)
-    want = OPS.flowmap_loss_backward(g, *inputs, table, pred, form, *flags)
+    want = OPS.flowmap_loss_backward(g, *inputs, table, 0.0, None, 0.0, -1, [], pred, form, None,
+                                     reduction, *flags)
     what = (f"{dtype} {shape} pred={pred} form={form} "
             f"table={'per-sample' if per_sample else 'shared'} grad_x/target={flags} "
             f"offset={offset} max_blocks={max_blocks}")
@@ -174,8 +178,10 @@ def test_bad_arguments():
     with pytest.raises(RuntimeError, match="unknown form 2"):
         SIM._sim_flowmap_loss_partial(x, x, x, table, 1, 2)
     with pytest.raises(RuntimeError, match="unknown prediction 4"):
-        SIM._sim_flowmap_loss_backward(torch.zeros(2), x, x, x, table, 4, 0, True, True)
+        SIM._sim_flowmap_loss_backward(torch.zeros(2), x, x, x, table, 4, 0, 2, True, True)
     with pytest.raises(RuntimeError, match="one shape and dtype"):
-        SIM._sim_flowmap_loss_backward(torch.zeros(2), x, x, x[:, :4], table, 1, 0, True, True)
-    with pytest.raises(RuntimeError, match="grad_rows"):
-        SIM._sim_flowmap_loss_backward(torch.zeros(3), x, x, x, table, 1, 0, True, True)
+        SIM._sim_flowmap_loss_backward(torch.zeros(2), x, x, x[:, :4], table, 1, 0, 2, True, True)
+    with pytest.raises(RuntimeError, match="grad must be a scalar, or"):
+        SIM._sim_flowmap_loss_backward(torch.zeros(3), x, x, x, table, 1, 0, 2, True, True)
+    with pytest.raises((ValueError, RuntimeError), match="reduction: expected"):
+        SIM._sim_flowmap_loss_backward(torch.zeros(2), x, x, x, table, 1, 0, 3, True, True)

@@ -56,6 +56,13 @@ def test_training_ops_are_one_call(schedule, time):
                       "flowkern::fm_loss")
     assert_one_op(lambda: fk.convert(pred, x0, tt, schedule, "x1", "velocity"),
                   "flowkern::convert")
+    ss = {"tensor": (t + 1) / 2, "float": 0.81, "one": (t[:1] + 1) / 2}[time]
+    for reduction in ("mean", "sum", "none"):
+        assert_one_op(lambda: fk.flowmap_loss(x0, pred, x1, tt, ss, schedule, "velocity",
+                                              weight=w, reduction=reduction),
+                      "flowkern::flowmap_loss")
+    tab = fk.step_table(schedule, tt, ss)
+    assert_one_op(lambda: fk.flowmap_loss(x0, pred, x1, table=tab), "flowkern::flowmap_loss")
 
 
 def test_differentiable_calls_are_one_call():
@@ -79,6 +86,13 @@ def test_differentiable_calls_are_one_call():
     assert names.count("flowkern::fm_loss_backward") == 1, names
     assert_one_op(lambda: fk.interpolate(a, x1, t), "flowkern::interpolate")
     assert_one_op(lambda: fk.ei_step(a, pred, 0.3, 0.5, "cosine"), "flowkern::ei_step")
+    # the flow map's loss: one node, its backward one fused op
+    half = t / 2
+    assert_one_op(lambda: fk.flowmap_loss(a, p, x1, half, 0.8, "cosine"), "flowkern::flowmap_loss")
+    names = recorded(lambda: torch.autograd.grad(
+        fk.flowmap_loss(a, p, x1, half, 0.8, "cosine"), (a, p)))
+    assert [n for n in names if n.startswith("flowkern::")] == [
+        "flowkern::flowmap_loss", "flowkern::flowmap_loss_backward"], names
 
 
 def test_nograd_overloads_refuse_inputs_that_need_a_gradient():

@@ -182,23 +182,41 @@ def _namespaces():
 
 @pytest.mark.parametrize("ns", _namespaces())
 def test_opcheck(ns):
+    """flowmap_loss and its backward on each way of giving the coefficients (a
+    per-sample or shared step table, per-sample tensor times, float times,
+    one time of each), every prediction and form, every reduction with and
+    without a weight, and each set of optional gradients."""
     ops = getattr(torch.ops, ns)
     x, p, y = (torch.randn(3, 7, device=DEVICE) for _ in range(3))
-    tab = fk.step_table("vp", torch.tensor([0.2, 0.4, 0.5]), torch.tensor([0.3, 0.5, 0.9]),
-                        device=DEVICE)
-    g = torch.rand(3, device=DEVICE)
-    for c in (tab, tab[:1].contiguous()):
+    t, s = torch.tensor([0.2, 0.4, 0.5], device=DEVICE), torch.tensor([0.3, 0.5, 0.9],
+                                                                      device=DEVICE)
+    tab = fk.step_table("vp", t, s, device=DEVICE)
+    kind, params = fk.schedules.native_spec("vp")
+    w = torch.rand(3, device=DEVICE) + 0.5
+    coefs = [(tab, 0.0, None, 0.0, -1, []), (tab[:1].contiguous(), 0.0, None, 0.0, -1, []),
+             (t, 0.0, s, 0.0, kind, params), (None, 0.3, None, 0.6, kind, params),
+             (t, 0.0, None, 0.6, kind, params)]
+    for c in coefs:
         for pred, form in itertools.product(range(4), range(2)):
             xg, pg, yg = (v.clone().requires_grad_() for v in (x, p, y))
-            torch.library.opcheck(ops.flowmap_loss_rows, (xg, pg, yg, c, pred, form))
-            torch.library.opcheck(ops.flowmap_loss_rows, (x, pg, y, c, pred, form))
+            red = (pred + form) % 3
+            torch.library.opcheck(ops.flowmap_loss.default,
+                                  (xg, pg, yg, *c, pred, form, w, red, True))
+            torch.library.opcheck(ops.flowmap_loss.default,
+                                  (x, pg, y, *c, pred, form, None, red, True))
+            if ns == "flowkern":
+                torch.library.opcheck(ops.flowmap_loss.nograd,
+                                      (x, p, y, *c, pred, form, w, red, True))
             if (pred, form) in ((0, 0), (3, 1)):  # the flags are independent of the coefficients
-                for gx, gt in itertools.product([False, True], repeat=2):
+                for red, (gx, gt) in itertools.product(range(3),
+                                                       itertools.product([False, True], repeat=2)):
+                    g = torch.rand((3,) if red == 2 else (), device=DEVICE)
                     torch.library.opcheck(ops.flowmap_loss_backward,
-                                          (g, x, p, y, c, pred, form, gx, gt))
+                                          (g, x, p, y, *c, pred, form, w, red, gx, gt))
     xd = torch.randn(2, 3, 5, device=DEVICE, dtype=torch.float64)
-    torch.library.opcheck(ops.flowmap_loss_rows,
-                          (xd, xd.clone().requires_grad_(), xd, tab[:1].double(), 1, 0))
+    torch.library.opcheck(ops.flowmap_loss.default, (xd, xd.clone().requires_grad_(), xd[:1, :1],
+                                             tab[:1].double(), 0.0, None, 0.0, -1, [], 1, 0,
+                                             None, 0, True))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -246,6 +264,12 @@ BAD = [
     (lambda: fk.flowmap_loss(x, p, p.long(), 0.1, 0.2), TypeError, "target"),
     (lambda: fk.flowmap_loss(x, p, p), TypeError, "t and s"),
     (lambda: fk.flowmap_loss(x, p, p, torch.rand(3), 0.5), ValueError, "t"),
+    (lambda: fk.flowmap_loss(x, p, p, 0.5, torch.rand(3)), ValueError, "s"),
+    (lambda: fk.flowmap_loss(x, p, p, 0.5, "0.7"), TypeError, "s"),
+    (lambda: fk.flowmap_loss(x, p, p, 0.5, torch.tensor([1, 1, 1, 1])), TypeError, "s"),
+    (lambda: fk.flowmap_loss(x, p, p, 0.5, torch.rand(4) + 1.0), ValueError, r"s: .*\[0, 1\]"),
+    (lambda: fk.flowmap_loss(x, p, p, 1.0, 1.0, "vp", "velocity", "noise"), ValueError,
+     "d_sigma_t is not finite"),
     (lambda: fk.flowmap_loss(x, p, p, 0.1, 1.5), ValueError, r"\[0, 1\]"),
     (lambda: fk.flowmap_loss(x, p, p, 1.0, 1.0), ValueError, "sigma_t"),
     (lambda: fk.flowmap_loss(x, p, p, 0.0, 0.5, form="noise"), ValueError, "alpha_t"),
@@ -278,9 +302,31 @@ BAD = [
 
 
 @pytest.mark.parametrize("fn,exc,pattern", BAD, ids=[f"{i}-{c[2]}" for i, c in enumerate(BAD)])
-def test_bad_inputs(fn, exc, pattern):
-    with pytest.raises(exc, match=pattern):
+@pytest.mark.parametrize("default", ["auto", "torch"])
+def test_bad_inputs(fn, exc, pattern, default):
+    """The same error on the native op's checks (C++) and the Python path's
+    (the torch backend, as the triton backend validates)."""
+    if default == "auto":
+        with pytest.raises(exc, match=pattern):
+            fn()
+        return
+    with fk.use_backend("torch"), pytest.raises(exc, match=pattern):
         fn()
+
+
+def test_times_that_need_a_gradient_are_refused():
+    """The fused op does not differentiate in t or s: either one requiring a
+    gradient is an error naming it (the torch backend differentiates both)."""
+    x, p, y = (torch.randn(3, 4, device=DEVICE) for _ in range(3))
+    for name in ("t", "s"):
+        t = torch.tensor([0.2, 0.3, 0.4], device=DEVICE, requires_grad=name == "t")
+        s = torch.tensor([0.5, 0.6, 0.7], device=DEVICE, requires_grad=name == "s")
+        for backend in KERNEL_BACKENDS:
+            with pytest.raises(RuntimeError, match=f"argument '{name}' requires grad"):
+                fk.flowmap_loss(x, p, y, t, s, "cosine", backend=backend)
+        loss = fk.flowmap_loss(x, p, y, t, s, "cosine", backend="torch")
+        g, = torch.autograd.grad(loss, t if name == "t" else s)
+        assert g.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------- rectified flow

@@ -110,6 +110,25 @@ inline void check_schedule(int64_t kind, const std::vector<double>& params) {
   FK_CHECK_VALUE(params.size() <= size_t(fk::kSchedParams), "schedule: too many params");
 }
 
+// The built-in schedule (kind, params) at the times ts, in double, rounded
+// to A: one row per time.
+template <class A>
+HostCoef<A> host_coef_at(const std::vector<double>& ts, int64_t kind,
+                         const std::vector<double>& params) {
+  HostCoef<A> c;
+  double p[fk::kSchedParams] = {0, 0, 0};
+  for (size_t i = 0; i < params.size(); ++i) p[i] = params[i];
+  c.n = int64_t(ts.size());
+  c.own.resize(4 * ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const fk::Sched<double> s = fk::schedule_at(int(kind), p, ts[i]);
+    A* o = c.own.data() + 4 * i;
+    o[0] = A(s.alpha), o[1] = A(s.sigma), o[2] = A(s.d_alpha), o[3] = A(s.d_sigma);
+  }
+  c.table = c.own.data();
+  return c;
+}
+
 // check: whether to check the times' range (flowkern._validate: always on
 // CPU tensors unless the caller checked them already, e.g. a sampler).
 template <class A>
@@ -132,17 +151,7 @@ HostCoef<A> host_coef(const OptT& t, double t_value, int64_t kind,
   }
   const std::vector<double> ts = read_times(t, t_value, rows, like, name);
   if (check) check_unit_interval(name, ts);
-  double p[fk::kSchedParams] = {0, 0, 0};
-  for (size_t i = 0; i < params.size(); ++i) p[i] = params[i];
-  c.n = int64_t(ts.size());
-  c.own.resize(4 * ts.size());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const fk::Sched<double> s = fk::schedule_at(int(kind), p, ts[i]);
-    A* o = c.own.data() + 4 * i;
-    o[0] = A(s.alpha), o[1] = A(s.sigma), o[2] = A(s.d_alpha), o[3] = A(s.d_sigma);
-  }
-  c.table = c.own.data();
-  return c;
+  return host_coef_at<A>(ts, kind, params);
 }
 
 // ValueError when the value `what` (a function of a row's schedule) is 0 at

@@ -9,7 +9,9 @@
 #include <string>
 
 #include "coef_args.h"
+#include "dispatch.h"
 #include "flowkern/coeffs.h"
+#include "flowkern/rowsum.h"
 
 namespace flowkern_cpu {
 
@@ -68,6 +70,12 @@ template <class A> inline void check_convert(const HostCoef<A>& c, int64_t src, 
                   [](fk::Sched<A> s) { return s.alpha * s.d_sigma - s.sigma * s.d_alpha; });
 }
 
+// A loss's reduction code (flowkern/_validate.py REDUCTIONS).
+inline void check_reduction(int64_t reduction) {
+  FK_CHECK_VALUE(reduction >= MEAN && reduction <= NONE,
+                 "reduction: expected 'mean', 'sum' or 'none', got code ", reduction);
+}
+
 // The loss's optional per-sample weight: (rows,) or one value, real, on the
 // data's device.
 inline void check_weight(const Tensor& w, int64_t rows, const Tensor& like) {
@@ -120,13 +128,26 @@ inline double loss_denom(int64_t reduction, int64_t rows, int64_t inner) {
 // fm_loss_backward's `grad` (the loss's gradient: a scalar, or (B,) for
 // NONE), checked, as LossRowGrad reads it.
 inline fk::Reals loss_grad_of(const Tensor& grad, int64_t rows, const Tensor& pred,
-                              int64_t reduction, OptT& keep) {
+                              int64_t reduction, OptT& keep, const char* op) {
   FK_CHECK(grad.device() == pred.device() &&
                (reduction == NONE ? grad.numel() == rows : grad.numel() == 1),
-           "fm_loss_backward: grad must be a scalar, or (B,) for reduction 'none'");
+           op, ": grad must be a scalar, or (B,) for reduction 'none'");
   fk::Reals g = reals_of(grad, keep);
   if (reduction != NONE) g.step = 0;
   return g;
+}
+
+// What a loss's backward scales each row's gradient by (fk::LossRowGrad):
+// the loss's gradient `grad`, the reduction's scale and the weight, read
+// where they lie (`keep_*` hold converted copies); `like` the dense data
+// (rows, inner).
+inline fk::LossRowGrad loss_row_grad(const Tensor& grad, const OptT& weight, int64_t reduction,
+                                     const Tensor& like, OptT& keep_w, OptT& keep_g,
+                                     const char* op) {
+  const int64_t rows = rows_of(like), inner = inner_of(like);
+  const fk::Reals w = weight_of(weight, rows, like, keep_w);
+  return {loss_grad_of(grad, rows, like, reduction, keep_g, op), w,
+          1.0 / loss_denom(reduction, rows, inner)};
 }
 
 // Dense (pred, x0, x1) of one broadcast shape.

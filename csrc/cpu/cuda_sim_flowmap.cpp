@@ -1,14 +1,17 @@
 // CPU grid simulator of the CUDA flow-map loss kernels (csrc/cuda/flowmap.cu):
 // debug ops that build the launchers' functors (flowkern/flowmap.h; the
-// backward's through fk::with_flowmap_bwd_fn) and sweep the row-sum and
-// elementwise kernel bodies over every block and thread of the launch plan
-// (cuda_sim.h). Outputs start as NaN.
+// backward's through fk::with_flowmap_bwd_fn) over a step table and sweep
+// the row-sum and elementwise kernel bodies over every block and thread of
+// the launch plan (cuda_sim.h). Outputs start as NaN. (The whole ops, with
+// times evaluated in the kernel and the finishing block, run on the
+// simulated glue: cuda_sim_glue.cpp.)
 
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "cuda_sim.h"
+#include "coef_checks.h"
 #include "dispatch.h"
 #include "flowkern/flowmap.h"
 #include "flowkern/step_launch.h"
@@ -18,7 +21,7 @@ namespace {
 
 // Inputs (x, pred, target) contiguous with one shape and dtype, the step
 // table contiguous (1 or B, STEP_COLS) in the accumulation dtype, the codes
-// those the launchers accept; returns the table's row stride.
+// those the launchers accept; returns the table's row step (0 or 1).
 i64 check_flowmap(const std::vector<Tensor>& in, const Tensor& coef, int64_t prediction,
                   int64_t form, const char* op) {
   sim::check_same(in, op);
@@ -31,14 +34,14 @@ i64 check_flowmap(const std::vector<Tensor>& in, const Tensor& coef, int64_t pre
   FK_CHECK(prediction >= fk::VELOCITY && prediction <= fk::SCORE, op,
            ": unknown prediction ", prediction);
   FK_CHECK(form == fk::EI_DATA || form == fk::EI_NOISE, op, ": unknown form ", form);
-  return stride;
+  return stride == 0 ? 0 : 1;
 }
 
 std::tuple<Tensor, sim::Plan> sim_flowmap_loss_partial(
     const Tensor& x, const Tensor& pred, const Tensor& target, const Tensor& coef,
     int64_t prediction, int64_t form, int64_t chunk_len) {
   const char* op = "_sim_flowmap_loss_partial";
-  const i64 stride = check_flowmap({x, pred, target}, coef, prediction, form, op);
+  const i64 step = check_flowmap({x, pred, target}, coef, prediction, form, op);
   const i64 rows = rows_of(x), inner = inner_of(x);
   auto partial = sim::nan_partial(rows, inner, chunk_len, coef);
   sim::Plan plan;
@@ -46,30 +49,34 @@ std::tuple<Tensor, sim::Plan> sim_flowmap_loss_partial(
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     plan = sim::sweep_rowsum<T>(
-        fk::FlowMapResidualFn<A>{cptr<A>(coef), stride, int(prediction), int(form)}, rows,
-        inner, {{cptr<T>(x), cptr<T>(pred), cptr<T>(target)}}, mptr<A>(partial), chunk_len);
+        fk::FlowMapResidualFn<A>{fk::step_table_src(cptr<A>(coef), step), int(prediction),
+                                 int(form)},
+        rows, inner, {{cptr<T>(x), cptr<T>(pred), cptr<T>(target)}}, mptr<A>(partial), chunk_len);
   });
   return {partial, plan};
 }
 
-// Outputs (g_pred[, g_x][, g_target]) as the launcher writes them.
+// Outputs (g_pred[, g_x][, g_target]) as the launcher writes them, for the
+// loss's gradient `grad` (a scalar, or (B,) for reduction NONE) without a
+// weight (fk::LossRowGrad as the ops build it).
 std::tuple<std::vector<Tensor>, sim::Plan> sim_flowmap_loss_backward(
-    const Tensor& grad_rows, const Tensor& x, const Tensor& pred,
-    const Tensor& target, const Tensor& coef, int64_t prediction, int64_t form,
-    bool grad_x, bool grad_target, int64_t max_blocks, int64_t out_offset) {
+    const Tensor& grad, const Tensor& x, const Tensor& pred, const Tensor& target,
+    const Tensor& coef, int64_t prediction, int64_t form, int64_t reduction, bool grad_x,
+    bool grad_target, int64_t max_blocks, int64_t out_offset) {
   const std::string op = "_sim_flowmap_loss_backward";
   const std::vector<Tensor> inputs{x, pred, target};
-  const i64 stride = check_flowmap(inputs, coef, prediction, form, op.c_str());
-  FK_CHECK(grad_rows.is_contiguous() && grad_rows.scalar_type() == coef.scalar_type() &&
-               grad_rows.numel() == rows_of(x),
-           op, ": grad_rows must be contiguous (B,) in the coef dtype");
+  const i64 step = check_flowmap(inputs, coef, prediction, form, op.c_str());
+  check_reduction(reduction);
+  OptT keep;
+  const fk::LossRowGrad rg{loss_grad_of(grad, rows_of(x), x, reduction, keep, op.c_str()), {},
+                           1.0 / loss_denom(reduction, rows_of(x), inner_of(x))};
   std::vector<Tensor> outs;
   sim::Plan plan;
   dispatch_dtype(x, op.c_str(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
-    fk::with_flowmap_bwd_fn(cptr<A>(coef), stride, int(prediction), int(form),
-                            cptr<A>(grad_rows), grad_x, grad_target, [&](auto fn) {
+    fk::with_flowmap_bwd_fn(fk::step_table_src(cptr<A>(coef), step), int(prediction),
+                            int(form), rg, grad_x, grad_target, [&](auto fn) {
                               plan = sim::sweep_into<T>(fn, op, inputs, max_blocks, out_offset,
                                                         outs);
                             });
@@ -88,8 +95,8 @@ STABLE_TORCH_LIBRARY_FRAGMENT(flowkern_sim, m) {
       "_sim_flowmap_loss_partial(Tensor x, Tensor pred, Tensor target, Tensor coef, "
       "int prediction, int form, int chunk_len=0) -> (Tensor, int[])");
   m.def(
-      "_sim_flowmap_loss_backward(Tensor grad_rows, Tensor x, Tensor pred, Tensor target, "
-      "Tensor coef, int prediction, int form, bool grad_x, bool grad_target, "
+      "_sim_flowmap_loss_backward(Tensor grad, Tensor x, Tensor pred, Tensor target, "
+      "Tensor coef, int prediction, int form, int reduction, bool grad_x, bool grad_target, "
       "int max_blocks=0, int out_offset=0) -> (Tensor[], int[])");
 }
 

@@ -1,8 +1,10 @@
 // CPU kernels of the flow-map op family and the flowkern:: schemas they
-// implement: the per-row squared error of the EI map (the one-step flow map
-// g(t, s, x)) against a target, and its fused backward. User-facing
-// validation is in flowkern/ops/flowmap.py; the TORCH_CHECKs here guard
-// direct callers of torch.ops.flowkern.*.
+// implement: the loss of the EI map (the one-step flow map g(t, s, x))
+// against a target, mean / sum over all elements of w_b (g - target)^2 or
+// the per-sample mean (reduction NONE), and its fused backward. A public
+// call (flowkern/ops/flowmap.py) is one call of one of these ops: the
+// argument checks (flowmap_args.h), the coefficients at t and s, the
+// kernel and the reduction all happen here, as in training.cpp's loss.
 
 #include <vector>
 
@@ -13,58 +15,68 @@
 namespace flowkern_cpu {
 namespace {
 
-// Per-row sum of (a x + b pred - target)^2 in the accumulation dtype, shape (B,).
-Tensor flowmap_loss_rows(const Tensor& x_, const Tensor& pred_,
-                             const Tensor& target_, const Tensor& coef_,
-                             int64_t prediction, int64_t form) {
-  const FlowmapArgs a = flowmap_args("flowmap_loss_rows", x_, pred_, target_, coef_);
-  const i64 rows = rows_of(a.x), inner = inner_of(a.x);
+Tensor flowmap_loss(const Tensor& x_, const Tensor& pred_, const Tensor& target_, FK_MAP_ARGS,
+                    int64_t prediction, int64_t form, const OptT& weight, int64_t reduction,
+                    bool check) {
+  check_map_codes(prediction, form, reduction);
+  const auto [x, pred, target] = map_inputs(x_, pred_, target_);
+  const i64 rows = rows_of(x), inner = inner_of(x);
+  OptT keep;
+  const fk::Reals w = weight_of(weight, rows, x, keep);
+  const double denom = loss_denom(reduction, rows, inner);
   const i64 seg = std::max<i64>(1, std::min(inner, kSegment));
   const i64 nseg = inner == 0 ? 1 : (inner + seg - 1) / seg;
-  Tensor out = empty({rows}, a.coef.scalar_type(), a.coef.device());
-  dispatch_dtype(a.x, "flowmap_loss_rows", [&](auto tag) {
+  Tensor out = empty_like_shape(x, reduction == NONE ? Shape{rows} : Shape{});
+  dispatch_dtype(x, "flowmap_loss", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
-    const fk::FlowMapResidualFn<A> fn{cptr<A>(a.coef), a.stride, int(prediction), int(form)};
+    const auto c = map_coef<A>(FK_MAP_PASS, x, check);
+    if (check) check_map(c, prediction, form);
+    const fk::FlowMapResidualFn<A> fn{c.src(), int(prediction), int(form)};
     std::vector<A> partial(size_t(rows * nseg), A(0));
-    const fk::Ptrs<T, 3> in{{cptr<T>(a.x), cptr<T>(a.pred), cptr<T>(a.target)}};
+    const fk::Ptrs<T, 3> in{{cptr<T>(x), cptr<T>(pred), cptr<T>(target)}};
     for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
       partial[size_t(r * nseg + e0 / seg)] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
     });
-    // each row's segments summed in double (as the CUDA glue's finishing block)
-    const fk::LossFinish<A> f{partial.data(), rows, nseg, {}, true, 1.0, mptr<A>(out)};
-    fk::finish_thread(f, 0, 1);
+    // each row's segments summed in double, weighed and reduced (as the CUDA
+    // glue's finishing block does)
+    const fk::LossFinish<T> f{partial.data(), rows, nseg, w, reduction == NONE, denom,
+                              mptr<T>(out)};
+    fk::finish_total(f, fk::finish_thread(f, 0, 1));
   });
   return out;
 }
 
-// Gradients [g_pred, g_x (if grad_x), g_target (if grad_target)] from the
-// per-row gradient of flowmap_loss_rows, in one pass over (x, pred, target).
-std::vector<Tensor> flowmap_loss_backward(const Tensor& grad_rows_, const Tensor& x_,
-                                              const Tensor& pred_,
-                                              const Tensor& target_,
-                                              const Tensor& coef_, int64_t prediction,
-                                              int64_t form, bool grad_x, bool grad_target) {
-  const FlowmapArgs a = flowmap_args("flowmap_loss_backward", x_, pred_, target_, coef_);
-  FK_CHECK(grad_rows_.numel() == rows_of(a.x) &&
-               grad_rows_.scalar_type() == a.coef.scalar_type(),
-           "flowmap_loss_backward: grad_rows must be (B,) in the coefficient dtype");
-  const auto grad_rows = contig(grad_rows_);
+// Gradients [g_pred, g_x (if grad_x), g_target (if grad_target)] of
+// flowmap_loss from that of its output `grad` (a scalar, or (B,) for NONE),
+// in one pass over (x, pred, target); each of x's shape (the autograd
+// formula reduces g_target to target's).
+std::vector<Tensor> flowmap_loss_backward(const Tensor& grad, const Tensor& x_,
+                                          const Tensor& pred_, const Tensor& target_,
+                                          FK_MAP_ARGS, int64_t prediction, int64_t form,
+                                          const OptT& weight, int64_t reduction, bool grad_x,
+                                          bool grad_target) {
+  check_map_codes(prediction, form, reduction);
+  const auto [x, pred, target] = map_inputs(x_, pred_, target_);
+  const i64 rows = rows_of(x), inner = inner_of(x);
+  OptT keep_w, keep_g;
+  const fk::LossRowGrad rg =
+      loss_row_grad(grad, weight, reduction, x, keep_w, keep_g, "flowmap_loss_backward");
   std::vector<Tensor> g;
   const int n = 1 + int(grad_x) + int(grad_target);
-  for (int k = 0; k < n; ++k) g.push_back(empty_output(a.x));
-  dispatch_dtype(a.x, "flowmap_loss_backward", [&](auto tag) {
+  for (int k = 0; k < n; ++k) g.push_back(empty_output(x));
+  dispatch_dtype(x, "flowmap_loss_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
-    const fk::Ptrs<T, 3> in{{cptr<T>(a.x), cptr<T>(a.pred), cptr<T>(a.target)}};
+    const auto c = map_coef<A>(FK_MAP_PASS, x, false);
+    const fk::Ptrs<T, 3> in{{cptr<T>(x), cptr<T>(pred), cptr<T>(target)}};
     const auto run = [&](auto fn) {
       using Fn = decltype(fn);
       fk::OutPtrs<T, Fn::NO> out;
-      for (int k = 0; k < Fn::NO; ++k) out.p[k] = mptr<T>(g[k]);
-      run_lincomb<T>(fn, rows_of(a.x), inner_of(a.x), in, out);
+      for (int k = 0; k < Fn::NO; ++k) out.p[k] = mptr<T>(g[size_t(k)]);
+      run_lincomb<T>(fn, rows, inner, in, out);
     };
-    fk::with_flowmap_bwd_fn(cptr<A>(a.coef), a.stride, int(prediction), int(form),
-                            cptr<A>(grad_rows), grad_x, grad_target, run);
+    fk::with_flowmap_bwd_fn(c.src(), int(prediction), int(form), rg, grad_x, grad_target, run);
   });
   return g;
 }
@@ -72,7 +84,8 @@ std::vector<Tensor> flowmap_loss_backward(const Tensor& grad_rows_, const Tensor
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
-  m.impl("flowmap_loss_rows", TORCH_BOX(&flowmap_loss_rows));
+  m.impl("flowmap_loss", TORCH_BOX(&flowmap_loss));
+  m.impl("flowmap_loss.nograd", TORCH_BOX(&flowmap_loss));
   m.impl("flowmap_loss_backward", TORCH_BOX(&flowmap_loss_backward));
 }
 

@@ -1,32 +1,137 @@
-// The argument checks of the flow-map ops, shared by the CPU ops
-// (flowmap.cpp) and the CUDA glue (csrc/glue/glue.h). User-facing validation
-// is in flowkern/ops/flowmap.py; these guard direct callers of
-// torch.ops.flowkern.*.
+// The rules of the flow-map ops (flowkern::flowmap_loss and its backward),
+// shared by the CPU ops (flowmap.cpp) and the CUDA glue (csrc/cuda/glue.h):
+// the tensors' checks with the messages of flowkern/ops/flowmap.py, the
+// coefficients at t and s on the host, and their value checks.
+//
+// Coefficient arguments, in both schemas: `Tensor? t, float t_value, Tensor?
+// s, float s_value, int kind, float[] params` -- each time a (B,), (1,) or ()
+// tensor or, absent, the float; a built-in schedule (kind, params) evaluated
+// at both (coef_args.h); or kind = kTableKind and a step table in `t` (the
+// public `table=`, flowkern.step_table: a custom schedule's, or the caller's).
 #pragma once
 
+#include <array>
+#include <vector>
+
+#include "args.h"
+#include "coef_args.h"
+#include "coef_checks.h"
 #include "dispatch.h"
-#include "flowkern/steps.h"
+#include "step_args.h"
+#include "flowkern/flowmap.h"
 
 namespace flowkern_cpu {
 
-struct FlowmapArgs {
-  Tensor x, pred, target, coef;
-  i64 stride;
+#define FK_MAP_ARGS                                                                     \
+  const OptT &t, double t_value, const OptT &s, double s_value, int64_t kind, \
+      const std::vector<double>&params
+#define FK_MAP_PASS t, t_value, s, s_value, kind, params
+
+// x a floating batch; pred (the model's output at x) of x's shape, dtype and
+// device; target of x's dtype and device, broadcasting to x's shape. Returns
+// the three dense, target expanded to x's shape.
+inline std::array<Tensor, 3> map_inputs(const Tensor& x, const Tensor& pred,
+                                        const Tensor& target) {
+  check_batch("x", x);
+  check_batch("pred", pred);
+  check_batch("target", target);
+  const Meta mx = meta_of(x), mp = meta_of(pred), mt = meta_of(target);
+  check_like_x("pred", mp, mx);
+  FK_CHECK_VALUE(mt.same_place(mx), "target: must match x in dtype and device; got ",
+                 py_dtype(target.scalar_type()), " ", py_device(target.device()), ", x is ",
+                 py_dtype(x.scalar_type()), " ", py_device(x.device()));
+  bool fits = mt.sizes.size() <= mx.sizes.size();
+  for (size_t i = 1; fits && i <= mt.sizes.size(); ++i) {
+    const int64_t d = mt.sizes[mt.sizes.size() - i];
+    fits = d == 1 || d == mx.sizes[mx.sizes.size() - i];
+  }
+  FK_CHECK_VALUE(fits, "target: shape ", py_shape(mt.sizes), " does not broadcast to x's ",
+                 py_shape(mx.sizes));
+  return {contig(x), contig(pred), dense(target, mx.sizes)};
+}
+
+// A caller's step table (`t` with kind = kTableKind): its shape checked,
+// converted to the accumulation dtype on x's device where it is not
+// (step_args.h step_coef).
+template <class A> StepCoef<A> map_table(const OptT& t, int64_t kind, const Tensor& x) {
+  FK_CHECK(t.has_value(), "table: the step table is missing");
+  return step_coef<A>(t, {}, kind, {}, x, false);
+}
+
+// The flow map's coefficients on the host: the caller's step table, or the
+// built-in schedule and the times t and s (each one, or one per row; read
+// and shape-checked by coef_args.h read_times, range-checked when `check`)
+// as the kernels read them (src: fk::MapSrc evaluates the schedule per row).
+template <class A> struct MapCoef {
+  bool is_table = false;
+  StepCoef<A> table;             // is_table
+  std::vector<double> tt, ts;    // otherwise: the times
+  int64_t kind = 0;
+  std::vector<double> params;
+  fk::MapSrc<A> src() const {
+    if (is_table) return fk::step_table_src(table.ptr, table.n == 1 ? 0 : 1);
+    fk::MapSrc<A> m;
+    m.t = {tt.data(), true, tt.size() == 1 ? 0 : 1, 0.0};  // row r of n = 1 or B
+    m.s = {ts.data(), true, ts.size() == 1 ? 0 : 1, 0.0};
+    m.kind = int(kind);
+    for (size_t i = 0; i < params.size(); ++i) m.p[i] = params[i];
+    return m;
+  }
 };
 
-inline FlowmapArgs flowmap_args(const char* op, const Tensor& x, const Tensor& pred,
-                                 const Tensor& target, const Tensor& coef) {
-  const auto want = x.scalar_type() == kDouble ? kDouble : kFloat;
-  FK_CHECK(coef.scalar_type() == want && coef.dim() == 2 && coef.size(1) == fk::STEP_COLS &&
-               (coef.size(0) == 1 || coef.size(0) == rows_of(x)),
-           op, ": coef must be a (1 or B, ", fk::STEP_COLS, ") step table of dtype ", want);
-  for (const Tensor* t : {&pred, &target, &coef})
-    FK_CHECK(t->device() == x.device(), op, ": pred, target and coef must be on x's device");
-  for (const Tensor* t : {&pred, &target})
-    FK_CHECK(same_sizes(t->sizes(), x.sizes()) && t->scalar_type() == x.scalar_type(), op,
-             ": pred and target must match x in shape and dtype");
-  return {contig(x), contig(pred), contig(target), contig(coef),
-          coef.size(0) == 1 ? 0 : fk::STEP_COLS};
+template <class A> MapCoef<A> map_coef(FK_MAP_ARGS, const Tensor& x, bool check) {
+  check_schedule(kind, params);
+  MapCoef<A> c;
+  if (kind == kTableKind) {
+    c.is_table = true;
+    c.table = map_table<A>(t, kind, x);
+    return c;
+  }
+  c.tt = read_times(t, t_value, rows_of(x), x, "t");
+  c.ts = read_times(s, s_value, rows_of(x), x, "s");
+  if (check) {
+    check_unit_interval("t", c.tt);
+    check_unit_interval("s", c.ts);
+  }
+  c.kind = kind;
+  c.params = params;
+  return c;
+}
+
+// The flow map's value checks, at t (flowkern/ops/flowmap.py): the division
+// of its form (sigma_t in the data form, alpha_t in the noise form), then
+// the conversion of the prediction to what that form reads (x1, eps). On a
+// caller's step table, or on the schedule's rows at t.
+inline const char* map_form_divides(int64_t form) {
+  return form == fk::EI_DATA ? "the data form divides by it" : "the noise form divides by it";
+}
+
+template <class A> void check_map(const StepCoef<A>& c, int64_t prediction, int64_t form) {
+  if (form == fk::EI_DATA) check_sigma_t(c, map_form_divides(form));
+  else check_alpha_t(c, map_form_divides(form));
+  check_conversion(c, prediction, form == fk::EI_DATA ? fk::X1 : fk::EPS);
+}
+
+template <class A> void check_map(const HostCoef<A>& c, int64_t prediction, int64_t form) {
+  if (form == fk::EI_DATA)
+    check_nonzero(c, "t", "sigma_t", map_form_divides(form),
+                  [](fk::Sched<A> r) { return r.sigma; });
+  else
+    check_nonzero(c, "t", "alpha_t", map_form_divides(form),
+                  [](fk::Sched<A> r) { return r.alpha; });
+  check_convert(c, prediction, form == fk::EI_DATA ? fk::X1 : fk::EPS);
+}
+
+template <class A> void check_map(const MapCoef<A>& c, int64_t prediction, int64_t form) {
+  if (c.is_table) check_map(c.table, prediction, form);
+  else check_map(host_coef_at<A>(c.tt, c.kind, c.params), prediction, form);
+}
+
+// The codes both ops take.
+inline void check_map_codes(int64_t prediction, int64_t form, int64_t reduction) {
+  check_code("prediction", prediction, kPreds);
+  check_form(form);
+  check_reduction(reduction);
 }
 
 }  // namespace flowkern_cpu

@@ -126,8 +126,7 @@ Tensor loss_pass(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_, FK_C
                  int64_t target, const OptT& weight, int64_t reduction, bool check,
                  OptT* g_pred) {
   check_code("target", target, kPreds);
-  FK_CHECK_VALUE(reduction >= MEAN && reduction <= NONE,
-                 "reduction: expected 'mean', 'sum' or 'none', got code ", reduction);
+  check_reduction(reduction);
   Shape shape;
   const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
   const i64 rows = rows_of(pred), inner = inner_of(pred);
@@ -186,13 +185,13 @@ std::vector<Tensor> fm_loss_backward(const Tensor& grad, const Tensor& pred_,
                                          int64_t reduction, int64_t nout) {
   check_code("target", target, kPreds);
   FK_CHECK(nout == 1 || nout == 3, "fm_loss_backward: nout must be 1 or 3");
+  check_reduction(reduction);
   Shape shape;
   const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
   const i64 rows = rows_of(pred), inner = inner_of(pred);
   OptT keep_w, keep_g;
-  const fk::Reals w = weight_of(weight, rows, pred, keep_w);
-  const fk::LossRowGrad rg{loss_grad_of(grad, rows, pred, reduction, keep_g), w,
-                           1.0 / loss_denom(reduction, rows, inner)};
+  const fk::LossRowGrad rg =
+      loss_row_grad(grad, weight, reduction, pred, keep_w, keep_g, "fm_loss_backward");
   std::vector<Tensor> g(static_cast<size_t>(nout));
   for (auto& gk : g) gk = empty_output(pred, shape);
   dispatch_dtype(pred, "fm_loss_backward", [&](auto tag) {

@@ -11,8 +11,8 @@
 // device are evaluated in the kernel, and their values are checked only with
 // FLOWKERN_DEBUG=1 (a copy to the host, the rule of flowkern/_validate.py);
 // a custom schedule's table or a caller's step table is read where it lies.
-// No coefficient table is built and nothing else is launched, except the
-// loss's small reductions (torch ops on (B,) vectors).
+// No coefficient table is built and nothing else is launched: a loss is its
+// row-sum kernel and one finishing block.
 //
 // Templated over the device policy D (guard, stream, grid cap, value-check
 // rule) and the launcher set L: register_cuda.cpp instantiates it on the GPU
@@ -92,7 +92,7 @@ template <class D, class L> struct Glue {
   // runs the op's value checks where the values are on the host.
   template <class A, class Checks>
   static fk::CoefArg train_coef(FK_COEF_ARGS, i64 rows, const Tensor& like, bool check,
-                                OptT& keep, Checks&& checks) {
+                                OptT& keep, Checks&& checks, const char* name = "t") {
     check_schedule(kind, params);
     fk::CoefArg c;
     if (kind == kTableKind) {
@@ -111,12 +111,12 @@ template <class D, class L> struct Glue {
     c.kind = int(kind);
     for (size_t i = 0; i < params.size(); ++i) c.p[i] = params[i];
     if (!t.has_value()) {
-      const HostCoef<A> h = host_coef<A>(t, t_value, kind, params, rows, like, check);
+      const HostCoef<A> h = host_coef<A>(t, t_value, kind, params, rows, like, check, name);
       if (check) checks(h);
       for (int i = 0; i < 4; ++i) c.one[i] = double(h.table[i]);
       return c;
     }
-    check_times(*t, rows, like, "t");
+    check_times(*t, rows, like, name);
     // The kernel reads float32 or float64 times as given (as the CPU op reads
     // any dtype exactly); 16-bit ones are widened to float32, exactly.
     Tensor times = t->dim() == 1 ? *t : torch::stable::reshape(*t, {-1});
@@ -128,7 +128,7 @@ template <class D, class L> struct Glue {
     c.t_f64 = keep->scalar_type() == kDouble;
     if (check && D::values_on_device_checked()) {
       const Tensor host = to_cpu(*keep);
-      checks(host_coef<A>(host, 0.0, kind, params, rows, host, true));
+      checks(host_coef<A>(host, 0.0, kind, params, rows, host, true, name));
     }
     return c;
   }
@@ -239,8 +239,7 @@ template <class D, class L> struct Glue {
                           FK_COEF_ARGS, int64_t target, const OptT& weight, int64_t reduction,
                           bool check, OptT* g_pred) {
     check_code("target", target, kPreds);
-    FK_CHECK_VALUE(reduction >= MEAN && reduction <= NONE,
-                   "reduction: expected 'mean', 'sum' or 'none', got code ", reduction);
+    check_reduction(reduction);
     Shape shape;
     const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
     const i64 rows = rows_of(pred), inner = inner_of(pred);
@@ -289,13 +288,13 @@ template <class D, class L> struct Glue {
                                                   int64_t nout) {
     check_code("target", target, kPreds);
     FK_CHECK(nout == 1 || nout == 3, "fm_loss_backward: nout must be 1 or 3");
+    check_reduction(reduction);
     Shape shape;
     const auto [pred, x0, x1] = loss_inputs(pred_, x0_, x1_, shape);
     const i64 rows = rows_of(pred), inner = inner_of(pred);
     OptT keep_w, keep_g;
-    const fk::Reals w = weight_of(weight, rows, pred, keep_w);
-    const fk::LossRowGrad rg{loss_grad_of(grad, rows, pred, reduction, keep_g), w,
-                             1.0 / loss_denom(reduction, rows, inner)};
+    const fk::LossRowGrad rg = loss_row_grad(grad, weight, reduction, pred, keep_w, keep_g,
+                                             "fm_loss_backward");
     std::vector<Tensor> g;
     for (int64_t k = 0; k < nout; ++k) g.push_back(empty_like_shape(pred, shape));
     const Launch l(pred);
@@ -373,53 +372,91 @@ template <class D, class L> struct Glue {
 
   // ------------------------------------------------------------- flow map
 
-  static fk::CoefArg table_arg(const Tensor& coef) {
-    fk::CoefArg c;
-    c.table = ptr(coef);
-    c.table_rows = coef.size(0);
-    return c;
+  // The flow map's coefficients (flowmap_args.h's arguments) as the
+  // launchers read them (fk::map_src): a caller's step table where it lies
+  // (step_coef_arg), or t and s each as train_coef checks it, a time the host
+  // knows by value; the value checks at t as the CPU op's, where values are
+  // read.
+  struct MapArgs {
+    OptT keep_t, keep_s;  // times tensors converted for the kernel, alive for the launch
+    fk::CoefArg t, s;
+  };
+
+  template <class A>
+  static MapArgs map_args(FK_MAP_ARGS, const Tensor& x, int64_t prediction, int64_t form,
+                          bool check) {
+    check_schedule(kind, params);
+    MapArgs m;
+    if (kind == kTableKind) {
+      FK_CHECK(t.has_value(), "table: the step table is missing");
+      m.t = step_coef_arg<A>(t, {}, kind, {}, x, check, m.keep_t,
+                             [&](const StepCoef<A>& h) { check_map(h, prediction, form); });
+      return m;
+    }
+    m.t = train_coef<A>(t, t_value, kind, params, rows_of(x), x, check, m.keep_t,
+                        [&](const HostCoef<A>& h) { check_map(h, prediction, form); }, "t");
+    m.s = train_coef<A>(s, s_value, kind, params, rows_of(x), x, check, m.keep_s,
+                        [](const HostCoef<A>&) {}, "s");
+    m.t.time = t_value;  // the kernels evaluate the schedule at a time the host knows
+    m.s.time = s_value;
+    return m;
   }
 
-  static Tensor flowmap_loss_rows(const Tensor& x_, const Tensor& pred_,
-                                      const Tensor& target_, const Tensor& coef_,
-                                      int64_t prediction, int64_t form) {
-    const FlowmapArgs a = flowmap_args("flowmap_loss_rows", x_, pred_, target_, coef_);
-    const i64 rows = rows_of(a.x), inner = inner_of(a.x);
+  // flowmap_loss: per-(row, chunk) partial sums, then one block that weighs
+  // and reduces them (launch_ops.h flowmap_loss): two launches, no torch op.
+  static Tensor flowmap_loss(const Tensor& x_, const Tensor& pred_, const Tensor& target_,
+                             FK_MAP_ARGS, int64_t prediction, int64_t form,
+                             const OptT& weight, int64_t reduction, bool check) {
+    check_map_codes(prediction, form, reduction);
+    const auto [x, pred, target] = map_inputs(x_, pred_, target_);
+    const i64 rows = rows_of(x), inner = inner_of(x);
+    OptT keep_w;
+    const fk::Reals w = weight_of(weight, rows, x, keep_w);
+    const auto acc_type = x.scalar_type() == kDouble ? kDouble : kFloat;
     const fk::RowsumPlan plan = fk::plan_rowsum(rows, inner, 0);
-    auto partial = flowkern_cpu::empty({rows, plan.nchunks}, a.coef.scalar_type(), a.coef.device());
-    Tensor out = flowkern_cpu::empty({rows}, a.coef.scalar_type(), a.coef.device());
-    const Launch l(a.x);
-    ok(L::flowmap_loss_rows(dtype_code(a.x), rows, inner, ptr(a.x), ptr(a.pred), ptr(a.target),
-                            table_arg(a.coef), int(prediction), int(form), ptr(partial),
-                            plan.chunk_len, ptr(out), l.stream),
-       "flowmap_loss_rows");
+    auto partial = flowkern_cpu::empty({rows, plan.nchunks}, acc_type, x.device());
+    Tensor out = empty_like_shape(x, reduction == NONE ? Shape{rows} : Shape{});
+    const Launch l(x);
+    with_acc(x, [&](auto acc) {
+      using A = decltype(acc);
+      const MapArgs c = map_args<A>(FK_MAP_PASS, x, prediction, form, check);
+      ok(L::flowmap_loss(dtype_code(x), rows, inner, ptr(x), ptr(pred), ptr(target), c.t, c.s,
+                         int(prediction), int(form), ptr(partial), plan.chunk_len, w,
+                         reduction == NONE, loss_denom(reduction, rows, inner), ptr(out),
+                         l.stream),
+         "flowmap_loss");
+    });
     return out;
   }
 
-  static std::vector<Tensor> flowmap_loss_backward(const Tensor& grad_rows_,
-                                                       const Tensor& x_,
-                                                       const Tensor& pred_,
-                                                       const Tensor& target_,
-                                                       const Tensor& coef_,
-                                                       int64_t prediction, int64_t form,
-                                                       bool grad_x, bool grad_target) {
-    const FlowmapArgs a = flowmap_args("flowmap_loss_backward", x_, pred_, target_, coef_);
-    FK_CHECK(grad_rows_.numel() == rows_of(a.x) &&
-                 grad_rows_.scalar_type() == a.coef.scalar_type() &&
-                 grad_rows_.device() == a.x.device(),
-             "flowmap_loss_backward: grad_rows must be (B,) in the coefficient dtype");
-    const auto grad_rows = contig(grad_rows_);
+  // Its gradients: one launch, which reads the loss's gradient and the
+  // weight where they lie (fk::LossRowGrad).
+  static std::vector<Tensor> flowmap_loss_backward(const Tensor& grad, const Tensor& x_,
+                                                   const Tensor& pred_, const Tensor& target_,
+                                                   FK_MAP_ARGS, int64_t prediction,
+                                                   int64_t form, const OptT& weight,
+                                                   int64_t reduction, bool grad_x,
+                                                   bool grad_target) {
+    check_map_codes(prediction, form, reduction);
+    const auto [x, pred, target] = map_inputs(x_, pred_, target_);
+    const i64 rows = rows_of(x), inner = inner_of(x);
+    OptT keep_w, keep_g;
+    const fk::LossRowGrad rg = loss_row_grad(grad, weight, reduction, x, keep_w, keep_g,
+                                             "flowmap_loss_backward");
     std::vector<Tensor> g;
     const int n = 1 + int(grad_x) + int(grad_target);
-    for (int k = 0; k < n; ++k) g.push_back(empty_like_shape(a.x, a.x.sizes()));
+    for (int k = 0; k < n; ++k) g.push_back(empty_like_shape(x, x.sizes()));
     const uintptr_t g_x = grad_x ? ptr(g[1]) : 0;
     const uintptr_t g_target = grad_target ? ptr(g[size_t(n - 1)]) : 0;
-    const Launch l(a.x);
-    ok(L::flowmap_loss_backward(dtype_code(a.x), rows_of(a.x), inner_of(a.x), ptr(grad_rows),
-                                ptr(a.x), ptr(a.pred), ptr(a.target), table_arg(a.coef),
-                                int(prediction), int(form), ptr(g[0]), g_x, g_target, l.stream,
-                                l.max_blocks),
-       "flowmap_loss_backward");
+    const Launch l(x);
+    with_acc(x, [&](auto acc) {
+      using A = decltype(acc);
+      const MapArgs c = map_args<A>(FK_MAP_PASS, x, prediction, form, false);
+      ok(L::flowmap_loss_backward(dtype_code(x), rows, inner, rg, ptr(x), ptr(pred),
+                                  ptr(target), c.t, c.s, int(prediction), int(form), ptr(g[0]),
+                                  g_x, g_target, l.stream, l.max_blocks),
+         "flowmap_loss_backward");
+    });
     return g;
   }
 
@@ -466,7 +503,8 @@ template <class D, class L> struct Glue {
     m.impl("fm_loss_with_grad.nograd", TORCH_BOX(&fm_loss_with_grad));
     m.impl("fm_loss_backward", TORCH_BOX(&fm_loss_backward));
     StepOps<Steps>::register_all(m);
-    m.impl("flowmap_loss_rows", TORCH_BOX(&flowmap_loss_rows));
+    m.impl("flowmap_loss", TORCH_BOX(&flowmap_loss));
+    m.impl("flowmap_loss.nograd", TORCH_BOX(&flowmap_loss));
     m.impl("flowmap_loss_backward", TORCH_BOX(&flowmap_loss_backward));
     m.impl("field_mean", TORCH_BOX(&field_mean));
   }

@@ -212,58 +212,48 @@ int step(int op, int dtype, i64 rows, i64 inner, const dptr* ins, int nin,
 
 // ---------------------------------------------------------------- flow map
 
-// The step table of a flow-map launch (the flow map always reads one).
-template <class A> bool flowmap_table(const fk::CoefArg& coef, i64 rows, fk::StepSrc<A>& src) {
-  return coef.table != 0 && fk::step_src(coef, rows, src);
-}
-
 template <class E>
-int flowmap_loss_rows(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr target,
-                      const fk::CoefArg& coef, int prediction, int form, dptr partial,
-                      i64 chunk_len, dptr out, uintptr_t stream) {
+int flowmap_loss(int dtype, i64 rows, i64 inner, dptr x, dptr pred, dptr target,
+                 const fk::CoefArg& t, const fk::CoefArg& s, int prediction, int form,
+                 dptr partial, i64 chunk_len, const fk::Reals& weight, bool per_row,
+                 double denom, dptr out, uintptr_t stream) {
   if (!is_pred(prediction)) return kBadPred;
   if (!is_form(form)) return kBadForm;
   return dispatch_dtype(dtype, [&](auto tag) -> int {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
-    if (rows == 0) return 0;  // nothing to write; empty tensors have null pointers
-    fk::StepSrc<A> src;
-    if (!flowmap_table(coef, rows, src)) return kBadTable;
-    // With inner == 0 the kernel reads no element and writes each row's 0.
-    if (partial == 0 || out == 0 || (inner > 0 && (x == 0 || pred == 0 || target == 0)))
-      return kBadTensors;
+    fk::MapSrc<A> src;
+    if (!fk::map_src(t, s, rows, src)) return kBadTable;
     const int rc = E::template rowsum<T>(
-        fk::FlowMapResidualFn<A>{src.table, src.stride, prediction, form}, rows, inner,
+        fk::FlowMapResidualFn<A>{src, prediction, form}, rows, inner,
         fk::Ptrs<T, 3>{{in_ptr<T>(x), in_ptr<T>(pred), in_ptr<T>(target)}}, out_ptr<A>(partial),
         chunk_len, stream);
     if (rc != 0) return rc;
-    // each row's chunks summed in double, stored in the accumulation dtype
     const i64 nchunks = fk::plan_rowsum(rows, inner, chunk_len).nchunks;
-    return E::template finish<A>(
-        fk::LossFinish<A>{in_ptr<A>(partial), rows, nchunks, {}, true, 1.0, out_ptr<A>(out)},
+    return E::template finish<T>(
+        fk::LossFinish<T>{in_ptr<A>(partial), rows, nchunks, weight, per_row, denom,
+                          out_ptr<T>(out)},
         stream);
   });
 }
 
 template <class E>
-int flowmap_loss_backward(int dtype, i64 rows, i64 inner, dptr grad_rows, dptr x, dptr pred,
-                          dptr target, const fk::CoefArg& coef, int prediction, int form,
-                          dptr g_pred, dptr g_x, dptr g_target, uintptr_t stream,
-                          i64 max_blocks) {
+int flowmap_loss_backward(int dtype, i64 rows, i64 inner, const fk::LossRowGrad& grad, dptr x,
+                          dptr pred, dptr target, const fk::CoefArg& t, const fk::CoefArg& s,
+                          int prediction, int form, dptr g_pred, dptr g_x, dptr g_target,
+                          uintptr_t stream, i64 max_blocks) {
   if (!is_pred(prediction)) return kBadPred;
   if (!is_form(form)) return kBadForm;
   return dispatch_dtype(dtype, [&](auto tag) -> int {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     if (rows * inner == 0) return 0;  // empty tensors have null pointers
-    fk::StepSrc<A> src;
-    if (!flowmap_table(coef, rows, src)) return kBadTable;
-    if (grad_rows == 0 || x == 0 || pred == 0 || target == 0 || g_pred == 0)
-      return kBadTensors;
+    fk::MapSrc<A> src;
+    if (!fk::map_src(t, s, rows, src)) return kBadTable;
+    if (x == 0 || pred == 0 || target == 0 || g_pred == 0) return kBadTensors;
     const dptr outs[3] = {g_pred, g_x, g_target};  // the functor's output order, absent 0
     return fk::with_flowmap_bwd_fn(
-        src.table, src.stride, prediction, form, in_ptr<A>(grad_rows), g_x != 0, g_target != 0,
-        [&](auto fn) -> int {
+        src, prediction, form, grad, g_x != 0, g_target != 0, [&](auto fn) -> int {
           using Fn = decltype(fn);
           fk::OutPtrs<T, Fn::NO> out;
           for (int j = 0, k = 0; j < 3; ++j)

@@ -114,25 +114,28 @@ enum : int {
      max_blocks))
 
 // Flow-map loss (flowmap.cu; functors of flowkern/flowmap.h): the squared
-// error of the EI map a x + b pred against `target`, (a, b) from the step
-// table in `coef` as in ei_step.
-//   flowmap_loss_rows      per (row, chunk) sums into `partial` as fm_loss's,
-//                          then each row's sum into `out`, (rows,) in the
-//                          accumulation dtype
-//   flowmap_loss_backward  grad_rows -> (g_pred[, g_x][, g_target]); an output
-//                          given as 0 is not computed
+// error of the EI map a x + b pred against `target` (x's shape), (a, b) at
+// the coefficients of t and s (fk::map_src: a step table in `t`, or each
+// time a CoefArg of its own) as in ei_step.
+//   flowmap_loss           per (row, chunk) sums into `partial` as fm_loss's,
+//                          then one block (fk::LossFinish) weighs and reduces
+//                          them into `out`: (rows,) with per_row, else one
+//                          value; in x's dtype
+//   flowmap_loss_backward  (x, pred, target) -> (g_pred[, g_x][, g_target]),
+//                          each row scaled by grad.at(r) (fk::LossRowGrad);
+//                          an output given as 0 is not computed
 #define FK_FLOWMAP_LAUNCHERS(X)                                                               \
-  X(flowmap_loss_rows,                                                                        \
-    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D target, const fk::CoefArg& coef,               \
-     int prediction, int form, FK_D partial, fk_cuda::i64 chunk_len, FK_D out,                \
-     uintptr_t stream),                                                                       \
-    (dtype, rows, inner, x, pred, target, coef, prediction, form, partial, chunk_len, out,    \
-     stream))                                                                                 \
+  X(flowmap_loss,                                                                             \
+    (FK_LAUNCH_COMMON, FK_D x, FK_D pred, FK_D target, const fk::CoefArg& t,                  \
+     const fk::CoefArg& s, int prediction, int form, FK_D partial, fk_cuda::i64 chunk_len,    \
+     const fk::Reals& weight, bool per_row, double denom, FK_D out, uintptr_t stream),        \
+    (dtype, rows, inner, x, pred, target, t, s, prediction, form, partial, chunk_len, weight, \
+     per_row, denom, out, stream))                                                            \
   X(flowmap_loss_backward,                                                                    \
-    (FK_LAUNCH_COMMON, FK_D grad_rows, FK_D x, FK_D pred, FK_D target,                        \
-     const fk::CoefArg& coef, int prediction, int form, FK_D g_pred, FK_D g_x,                \
-     FK_D g_target, FK_TAIL),                                                                 \
-    (dtype, rows, inner, grad_rows, x, pred, target, coef, prediction, form, g_pred, g_x,     \
+    (FK_LAUNCH_COMMON, const fk::LossRowGrad& grad, FK_D x, FK_D pred, FK_D target,           \
+     const fk::CoefArg& t, const fk::CoefArg& s, int prediction, int form, FK_D g_pred,       \
+     FK_D g_x, FK_D g_target, FK_TAIL),                                                       \
+    (dtype, rows, inner, grad, x, pred, target, t, s, prediction, form, g_pred, g_x,          \
      g_target, stream, max_blocks))
 
 // Empirical fields (fields.cu; flowkern/fields_block.h): (mean, best, sumexp)

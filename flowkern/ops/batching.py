@@ -18,7 +18,7 @@ import torch
 from ._registry import NATIVE_NS, namespaces
 
 # Row-indexed arguments that are not states: shape (B, ...), (1, ...) or ().
-_ROW_ARGS = {"t", "table", "coef", "weight", "grad_rows"}
+_ROW_ARGS = {"t", "s", "table", "coef", "weight", "grad_rows"}
 _NONE = 2  # REDUCTION_CODE["none"] (ops/training.py)
 
 
@@ -84,7 +84,8 @@ def _rule(op, row_args=_ROW_ARGS):
 
 
 def _loss_rule(op):
-    """fm_loss: per-row losses ("none") of the N*B rows, reduced per sample."""
+    """fm_loss, flowmap_loss: per-row losses ("none") of the N*B rows, reduced
+    per sample."""
     rows_rule = _rule(op)
     red_at = [a.name for a in op._schema.arguments].index("reduction")
 
@@ -106,7 +107,8 @@ def _loss_rule(op):
 
 
 def _loss_backward_rule(op):
-    """fm_loss_backward: the reduced loss's gradient as per-row ("none") ones."""
+    """fm_loss_backward, flowmap_loss_backward: the reduced loss's gradient as
+    per-row ("none") ones."""
     rows_rule = _rule(op, _ROW_ARGS | {"grad"})
     names = [a.name for a in op._schema.arguments]
     red_at = names.index("reduction")
@@ -131,9 +133,10 @@ def _loss_backward_rule(op):
     return rule
 
 
-_ROW_OPS = ("interpolate", "convert", "ei_step", "flowmap_loss_rows", "interpolate_backward",
-            "convert_backward", "ei_step_backward", "flowmap_loss_backward")
-_SPECIAL = {"fm_loss": _loss_rule, "fm_loss_backward": _loss_backward_rule}
+_ROW_OPS = ("interpolate", "convert", "ei_step", "interpolate_backward", "convert_backward",
+            "ei_step_backward")
+_SPECIAL = {"fm_loss": _loss_rule, "fm_loss_backward": _loss_backward_rule,
+            "flowmap_loss": _loss_rule, "flowmap_loss_backward": _loss_backward_rule}
 
 
 def _register():

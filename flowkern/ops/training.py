@@ -194,10 +194,7 @@ def _loss_jvp(calls):
         coef = (t, t_value, kind, params)
         acc = V.acc_dtype(pred.dtype)
         err = pred.to(acc) - calls.interpolate.call(x0, x1, *coef, target, False)[1].to(acc)
-        rows = err.shape[0] if err.dim() else 1
-        reduction = list(REDUCTION_CODE)[ctx.reduction]
-        inner = err.numel() // rows if rows else 0
-        tangent = None
+        d_err = None
         if d_pred is not None or d_x0 is not None or d_x1 is not None:
             d_err = 0
             if d_pred is not None:
@@ -207,13 +204,24 @@ def _loss_jvp(calls):
                                            d_x1)
                 d_err = d_err - calls.interpolate.call(d_x0, d_x1, *coef, target,
                                                        False)[1].to(acc)
-            per_row = (2 * err * d_err).reshape(rows, -1).sum(1)
-            tangent = V.reduce_rows(per_row, weight, reduction, inner)
-        if d_w is not None:
-            by_w = V.reduce_rows((err * err).reshape(rows, -1).sum(1), d_w, reduction, inner)
-            tangent = by_w if tangent is None else tangent + by_w
-        return tangent.to(pred.dtype)
+        return loss_tangent(err, d_err, weight, d_w, ctx.reduction).to(pred.dtype)
     return jvp
+
+
+def loss_tangent(err, d_err, weight, d_w, reduction: int):
+    """The tangent of a fused loss, sum_b w_b |e_b|^2 reduced (code
+    `reduction`), for the tangent d_err of its residual e = err (None: none)
+    and d_w of its weights (None: none): 2 e . d_e weighed, plus |e_b|^2 d_w_b."""
+    rows = err.shape[0] if err.dim() else 1
+    inner = err.numel() // rows if rows else 0
+    name = list(REDUCTION_CODE)[reduction]
+    tangent = None
+    if d_err is not None:
+        tangent = V.reduce_rows((2 * err * d_err).reshape(rows, -1).sum(1), weight, name, inner)
+    if d_w is not None:
+        by_w = V.reduce_rows((err * err).reshape(rows, -1).sum(1), d_w, name, inner)
+        tangent = by_w if tangent is None else tangent + by_w
+    return tangent
 
 
 def _loss_backward(ops):

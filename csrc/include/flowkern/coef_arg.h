@@ -6,13 +6,16 @@
 //     dtype; 1 row for the batch or one per row): a custom schedule, or a
 //     step table the caller built;
 //   - `t` (device memory, t_rows times, float32 or float64 as t_f64 says)
-//     with the built-in schedule (kind, p): training ops with per-sample times;
+//     with the built-in schedule (kind, p): training ops and the flow map
+//     (one CoefArg for t, one for s) with per-sample times;
 //   - `one`, one row by value (its first 4 values for a training op): a time
-//     or step the host knows, evaluated there in double.
+//     or step the host knows, evaluated there in double; or, for the flow
+//     map, `time` itself, which its kernels evaluate (map_src).
 #pragma once
 
 #include <stdint.h>
 
+#include "flowmap.h"
 #include "schedules.h"
 #include "steps.h"
 
@@ -27,6 +30,7 @@ struct CoefArg {
   int kind = 0;
   double p[kSchedParams] = {0, 0, 0};
   double one[STEP_COLS] = {};
+  double time = 0;  // the flow map: a time the host knows (map_src)
 };
 
 // 0 when n rows of coefficients serve `rows` rows by broadcasting one row,
@@ -67,6 +71,36 @@ template <class A> bool step_src(const CoefArg& c, i64 rows, StepSrc<A>& s) {
   }
   for (int i = 0; i < STEP_COLS; ++i) s.one[i] = A(c.one[i]);
   return true;
+}
+
+// The flow map's source (flowmap.h MapSrc): a caller's step table in
+// `t.table` (1 or rows rows of STEP_COLS), or the schedule of `t` (kind, p)
+// at t's and s's times, each its `t` pointer or, without one, its `time`.
+// False when a table or times fit neither 1 nor `rows` rows.
+template <class A> bool map_src(const CoefArg& t, const CoefArg& s, i64 rows, MapSrc<A>& m) {
+  m = MapSrc<A>{};
+  if (t.table != 0) {
+    const i64 step = row_step_of(t.table_rows, rows);
+    m = step_table_src(reinterpret_cast<const A*>(t.table), step);
+    return step >= 0;
+  }
+  bool ok = t.kind >= LINEAR && t.kind <= EDM;
+  TimeSrc* dst[2] = {&m.t, &m.s};
+  const CoefArg* src[2] = {&t, &s};
+  for (int i = 0; i < 2; ++i) {
+    const CoefArg& c = *src[i];
+    TimeSrc& d = *dst[i];
+    d.value = c.time;
+    if (c.t != 0) {
+      d.p = reinterpret_cast<const void*>(c.t);
+      d.f64 = c.t_f64;
+      d.step = row_step_of(c.t_rows, rows);
+      ok = ok && d.step >= 0;
+    }
+  }
+  m.kind = t.kind;
+  for (int i = 0; i < kSchedParams; ++i) m.p[i] = t.p[i];
+  return ok;
 }
 
 }  // namespace fk
