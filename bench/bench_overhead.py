@@ -303,6 +303,22 @@ _loss_fk_bwd = _fwd_bwd(lambda p, x0, x1, t: fk.flow_matching_loss(p, x0, x1, t,
 _loss_eager_bwd = _fwd_bwd(eager_loss, lambda d: d.t_col)
 
 
+def eager_flowmap_loss(x, d, y, t_col):
+    # the one-step flow map of the linear schedule (data form, x1 prediction)
+    # from each row's t to S, against y: g = (s_s/s_t) x + (a_s - s_s a_t/s_t) d
+    q = (1 - S) / (1 - t_col)
+    return ((q * x + (S - q * t_col) * d - y) ** 2).mean()
+
+
+def _flowmap_fk(d):
+    fn = lambda: fk.flowmap_loss(d.x, d.pred, d.x1, d.t, S, backend=BACKEND)  # noqa: E731
+    return fn, lambda: close(fn(), eager_flowmap_loss(d.x, d.pred, d.x1, d.t_col), 1e-4)
+
+
+def _flowmap_eager(d):
+    return (lambda: eager_flowmap_loss(d.x, d.pred, d.x1, d.t_col)), None
+
+
 def _convert_fk(d):
     fn = lambda: fk.convert(d.pred, d.x, d.t, src="x1", dst="velocity",  # noqa: E731
                             backend=BACKEND)
@@ -432,6 +448,9 @@ OPS = [  # (op, kind, note, flowkern candidate, eager candidate)
      "pred.grad = None; loss.backward(), graph rebuilt every call",
      ("fk.flow_matching_loss + backward", _loss_fk_bwd),
      ("eager ((pred - (x1-x0))**2).mean().backward()", _loss_eager_bwd)),
+    ("flowmap_loss fwd", "training", "per-sample t, float s, linear schedule, x1 prediction",
+     ("fk.flowmap_loss", _flowmap_fk), ("eager ((q x + (s - q t) d - y)**2).mean()",
+                                        _flowmap_eager)),
     ("convert x1->velocity", "training", "",
      ("fk.convert", _convert_fk), ("eager (pred - x_t) / (1 - t)", _convert_eager)),
     ("euler_step (table)", "step", "fk: table=step_table(...)[i], out=x",

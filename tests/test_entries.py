@@ -10,6 +10,7 @@ import torch
 
 import flowkern as fk
 from flowkern.ops import _entries
+from flowkern.ops import flowmap as ops_flowmap
 from flowkern.ops import steps as ops_steps
 from flowkern.ops import training as ops_training
 
@@ -27,12 +28,12 @@ def python_path(monkeypatch):
     """A context in which the public functions skip their entries."""
     class Off:
         def __enter__(self):
-            monkeypatch.setattr(ops_steps, "ENTRIES", None)
-            monkeypatch.setattr(ops_training, "ENTRIES", None)
+            for module in (ops_steps, ops_training, ops_flowmap):
+                monkeypatch.setattr(module, "ENTRIES", None)
 
         def __exit__(self, *exc):
-            monkeypatch.setattr(ops_steps, "ENTRIES", ENTRIES)
-            monkeypatch.setattr(ops_training, "ENTRIES", ENTRIES)
+            for module in (ops_steps, ops_training, ops_flowmap):
+                monkeypatch.setattr(module, "ENTRIES", ENTRIES)
     return Off()
 
 
@@ -91,6 +92,11 @@ def _usual_calls():
         ("lincomb", lambda d: fk.lincomb_step(d.x, [d.p, d.pu], [1.0, 0.5, -0.25])),
         ("lincomb noise", lambda d: fk.lincomb_step(d.x, (d.p,), [1, 0.5], noise_std=0.1,
                                                     seed=2, out=d.x)),
+        ("flowmap", lambda d: fk.flowmap_loss(d.x, d.p, d.x1, d.t / 2, 0.9)),
+        ("flowmap floats", lambda d: fk.flowmap_loss(d.x, d.p, d.x1, 0.2, 1, "vp", "eps",
+                                                     "noise", reduction="sum")),
+        ("flowmap table", lambda d: fk.flowmap_loss(d.x, d.p, d.x1[:1], table=vp, weight=d.t,
+                                                    reduction="none", prediction="velocity")),
     ]
 
 
@@ -192,6 +198,13 @@ def _unusual(monkeypatch):
         ("function mode", under(_Mode, lambda: fk.euler_step(x, p, table=tab))),
         ("vmap", lambda: torch.vmap(lambda a, b: fk.interpolate(a, b, 0.3))(x, x1)),
         ("weight not a tensor", lambda: fk.flow_matching_loss(p, x, x1, t, weight=2.0)),
+        ("flowmap schedule object", lambda: fk.flowmap_loss(x, p, x1, t / 2, 0.9,
+                                                            fk.schedules.Cosine())),
+        ("flowmap requires grad", lambda: fk.flowmap_loss(x, p.clone().requires_grad_(), x1,
+                                                          0.2, 0.4)),
+        ("flowmap s requires grad", lambda: fk.flowmap_loss(
+            x, p, x1, 0.2, torch.full((5,), 0.4, requires_grad=True), backend="torch")),
+        ("flowmap bool time", lambda: fk.flowmap_loss(x, p, x1, False, 0.4)),
         ("huge fresh output", lambda: fk.euler_step(torch.zeros(1, 2 ** 21), torch.zeros(1, 2 ** 21),
                                                     table=tab)),
     ]
@@ -235,6 +248,13 @@ def _bad_calls():
         lambda: fk.flow_matching_loss(p[:, :3], x, x1, t),
         lambda: fk.convert(p, x, t, src="x1", dst="nope"),
         lambda: fk.convert(p, x, torch.rand(3), src="x1"),
+        lambda: fk.flowmap_loss(x, p, x1, 0.2, 1.5),                             # s > 1: the op
+        lambda: fk.flowmap_loss(x, p, x1, 1.0, 1.0),                             # sigma_t = 0
+        lambda: fk.flowmap_loss(x, p, x1[:, :3], 0.2, 0.5),
+        lambda: fk.flowmap_loss(x, p, x1, torch.rand(3), 0.5),
+        lambda: fk.flowmap_loss(x, p, x1, 0.2, 0.5, form="ode"),
+        lambda: fk.flowmap_loss(x, p, x1, table=torch.zeros(3, 12)),
+        lambda: fk.flowmap_loss(x, p, x1, 0.2, 0.5, weight=torch.ones(3)),
     ]
 
 
@@ -277,7 +297,7 @@ def test_each_function_passes_its_own_parameters_in_order():
     import inspect
     import textwrap
     names = ["interpolate", "flow_matching_loss", "convert", "euler_step", "heun_step", "ei_step",
-             "dpmpp_2m_step", "em_step", "churn", "lms_step", "lincomb_step"]
+             "dpmpp_2m_step", "em_step", "churn", "lms_step", "lincomb_step", "flowmap_loss"]
     for name in names:
         fn = getattr(fk, name)
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))

@@ -65,6 +65,13 @@ def _cases(t):
         ("flowmap_loss-none-velocity", 3, lambda be, x, p, y: fk.flowmap_loss(
             x, p, y, t * 0.5, t * 0.5 + 0.3, "cosine", "velocity", reduction="none",
             backend=be)),
+        ("flowmap_loss-weight-tangent", 4, lambda be, x, p, y, ww: fk.flowmap_loss(
+            x, p, y[:1], t * 0.5, 0.8, "vp", "eps", "noise", weight=ww[:, 0].abs(),
+            reduction="sum", backend=be)),
+        ("flowmap_loss-table", 3, lambda be, x, p, y: fk.flowmap_loss(
+            x, p, y, table=fk.step_table("edm", t * 0.5, t * 0.5 + 0.2, dtype=x.dtype,
+                                         device=x.device), prediction="velocity",
+            backend=be)),
     ]
 
 
@@ -178,11 +185,14 @@ def _vmapped(backend):
                                              backend=backend)),
         ("flowmap_loss", lambda z: fk.flowmap_loss(a, z, c, 0.2, 0.6, reduction="none",
                                                    backend=backend)),
+        ("flowmap_loss-times", lambda z: fk.flowmap_loss(z, a, c[:1], t * 0.5, t * 0.5 + 0.3,
+                                                         "cosine", "velocity", weight=t,
+                                                         backend=backend)),
     ]
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("index", range(8), ids=lambda i: _vmapped("torch")[i][0])
+@pytest.mark.parametrize("index", range(9), ids=lambda i: _vmapped("torch")[i][0])
 def test_vmap_runs_one_kernel(backend, index):
     """vmap over N batches equals the loop over them and runs the batching
     rule (one op call on N*B rows), not torch's per-sample fallback."""

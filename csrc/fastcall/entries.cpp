@@ -71,7 +71,7 @@ Config cfg;
 
 enum Op {
   kInterpolate, kInterpolateOut, kConvert, kFmLoss, kEuler, kHeun, kEiNograd, kEiOut, kDpmpp,
-  kEm, kChurn, kLms, kLincomb, kNumOps
+  kEm, kChurn, kLms, kLincomb, kFlowmapLoss, kNumOps
 };
 const char* const kOpNames[kNumOps][2] = {
     {"flowkern::interpolate", "nograd"}, {"flowkern::interpolate_out", ""},
@@ -80,7 +80,7 @@ const char* const kOpNames[kNumOps][2] = {
     {"flowkern::ei_step", "nograd"},     {"flowkern::ei_step_out", ""},
     {"flowkern::dpmpp_2m_step", ""},     {"flowkern::em_step", ""},
     {"flowkern::churn", ""},             {"flowkern::lms_step", ""},
-    {"flowkern::lincomb_step", ""}};
+    {"flowkern::lincomb_step", ""},      {"flowkern::flowmap_loss", "nograd"}};
 
 const c10::List<double>& no_floats() {
   static const c10::List<double> empty;
@@ -248,10 +248,8 @@ struct Call {
     st.emplace_back(spec->params);
     return true;
   }
-  // training.py _native_coef: (t, t_value, kind, params) for a built-in schedule.
-  bool time_coef(PyObject* t, PyObject* schedule) {
-    const Spec* spec = spec_of(schedule);
-    if (spec == nullptr) return false;
+  // A time as (Tensor? t, float t_value): a plain tensor, or a number.
+  bool time(PyObject* t) {
     double tv = 0;
     if (plain(t)) {
       st.emplace_back(THPVariable_Unpack(t));
@@ -261,6 +259,30 @@ struct Call {
       return false;
     }
     st.emplace_back(tv);
+    return true;
+  }
+  // training.py _native_coef: (t, t_value, kind, params) for a built-in schedule.
+  bool time_coef(PyObject* t, PyObject* schedule) {
+    const Spec* spec = spec_of(schedule);
+    if (spec == nullptr || !time(t)) return false;
+    st.emplace_back(spec->kind);
+    st.emplace_back(spec->params);
+    return true;
+  }
+  // flowmap.py _native_coef: (t, t_value, s, s_value, kind, params): the
+  // caller's table (in t), or the two times and a built-in schedule by name.
+  bool map_coef(PyObject* t, PyObject* s, PyObject* schedule, PyObject* table) {
+    if (table != Py_None) {
+      if (!tensor(table)) return false;
+      st.emplace_back(0.0);
+      st.emplace_back();
+      st.emplace_back(0.0);
+      st.emplace_back(cfg.table_kind);
+      st.emplace_back(no_floats());
+      return true;
+    }
+    const Spec* spec = spec_of(schedule);
+    if (spec == nullptr || !time(t) || !time(s)) return false;
     st.emplace_back(spec->kind);
     st.emplace_back(spec->params);
     return true;
@@ -540,6 +562,29 @@ PyObject* flow_matching_loss(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
   FK_END
 }
 
+// flowmap_loss(x, pred, target, t, s, schedule, prediction, form, weight, reduction, table,
+//              backend)
+PyObject* flowmap_loss(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
+  FK_ARGS(12)
+  Call c;
+  if (!plain(a[0]) || !native_backend(a[11], THPVariable_Unpack(a[0]))) return miss();
+  if (!(c.tensor(a[0]) && c.tensor(a[1]) && c.tensor(a[2]) && c.map_coef(a[3], a[4], a[5], a[10]) &&
+        c.code(cfg.pred_codes, a[6]) && c.code(cfg.form_codes, a[7]) && c.opt_tensor(a[8]) &&
+        c.code(cfg.reduction_codes, a[9]) && c.flag()))
+    return miss();
+  const IValue& w = c.st[c.st.size() - 3];
+  const IValue& t = c.st[3];
+  const IValue& s = c.st[5];
+  // the times too: the Python refuses one that requires grad (flowmap.py _no_time_grad)
+  if (needs_grad({&c.st[0].toTensor(), &c.st[1].toTensor(), &c.st[2].toTensor(),
+                  w.isTensor() ? &w.toTensor() : nullptr, t.isTensor() ? &t.toTensor() : nullptr,
+                  s.isTensor() ? &s.toTensor() : nullptr}))
+    return miss();
+  if (!c.run(kFlowmapLoss)) return nullptr;
+  return THPVariable_Wrap(std::move(c.st[0]).toTensor());
+  FK_END
+}
+
 // convert(pred, x_t, t, schedule, src, dst, backend)
 PyObject* convert(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
   FK_ARGS(7)
@@ -643,6 +688,7 @@ PyMethodDef entry_methods[] = {
     FK_ENTRY(interpolate, "interpolate's usual call, or None"),
     FK_ENTRY(flow_matching_loss, "flow_matching_loss's usual call, or None"),
     FK_ENTRY(convert, "convert's usual call, or None"),
+    FK_ENTRY(flowmap_loss, "flowmap_loss's usual call, or None"),
     FK_ENTRY(euler_step, "euler_step's usual call, or None"),
     FK_ENTRY(heun_step, "heun_step's usual call, or None"),
     FK_ENTRY(ei_step, "ei_step's usual call, or None"),

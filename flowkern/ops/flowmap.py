@@ -31,6 +31,7 @@ from ..backend import NATIVE_BACKENDS, cpu_built, resolve_for
 from ..reference import flowmap as ref
 from ..schedules import from_native, native_spec
 from ..tables import ALPHA_T, AT_S, AT_T, SIGMA_T, STEP_COLS
+from ._entries import ENTRIES, compiling
 from ._registry import (CALLS, NATIVE_NS, NativeOps, calls_for, lazy, no_time_tangent, register,
                         retyped, transforms_active, triton_op)
 from .steps import _as_times, _nonzero_for, check_table, step_table
@@ -206,6 +207,14 @@ def flowmap_loss(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, t=No
         The loss in x's dtype. Backward: the gradient of pred, and of x and
         target when they require one, in one pass (no full-size temporary).
     """
+    if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
+        try:
+            r = ENTRIES.flowmap_loss(x, pred, target, t, s, schedule, prediction, form, weight,
+                                     reduction, table, backend)
+        except (ValueError, RuntimeError) as e:  # the op's errors: _registry.retyped
+            raise retyped(e) from None
+        if r is not None:
+            return r
     if not (isinstance(x, torch.Tensor) and isinstance(pred, torch.Tensor)
             and isinstance(target, torch.Tensor)):
         check_tensors(x=x, pred=pred, target=target)
@@ -281,7 +290,7 @@ def _time_arg(name, v):
     """(tensor, 0.0) or (None, float): a time as the native op takes it."""
     if isinstance(v, torch.Tensor):
         return v, 0.0
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
+    if isinstance(v, (int, float)):
         return None, float(v)
     raise TypeError(f"{name}: expected a float or a floating tensor of shape (B,), "
                     f"got {type(v).__name__}")
