@@ -298,7 +298,8 @@ def map_coefs(rows):
             (t.double(), 0.0, s.double(), 0.0, *SCHEDULES["cosine"]),
             (None, 0.3, None, 0.7, *SCHEDULES["edm"]),
             (t, 0.0, None, 0.7, kind, params),
-            (times(1)[0], 0.0, s, 0.0, *SCHEDULES["polynomial"])]
+            (times(1)[0], 0.0, s, 0.0, *SCHEDULES["polynomial"]),
+            (t.half(), 0.0, s.bfloat16(), 0.0, *SCHEDULES["ve"])]  # 16-bit: widened exactly
     return out
 
 
