@@ -240,8 +240,11 @@ def test_compile_with_times(backend):
         loss = fn(a, b)
         loss.backward()
         grads.append((loss.detach(), a.grad, b.grad))
+    # the triton path's step table is float32 torch ops, which Inductor fuses
+    # and rounds its own way (the native ops evaluate in double, exactly alike)
+    tol = dict(rtol=2e-5, atol=1e-4) if backend == "triton" else {}
     for got, want in zip(*grads):
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
