@@ -355,6 +355,12 @@ def test_times_that_need_a_gradient_are_refused():
         loss = fk.flowmap_loss(x, p, y, t, s, "cosine", backend="torch")
         g, = torch.autograd.grad(loss, t if name == "t" else s)
         assert g.abs().sum() > 0
+    tab = fk.step_table("cosine", t.detach().requires_grad_(), 0.7)
+    for backend in KERNEL_BACKENDS:
+        with pytest.raises(RuntimeError, match="argument 'table' requires grad"):
+            fk.flowmap_loss(x, p, y, table=tab, backend=backend)
+    assert torch.autograd.grad(fk.flowmap_loss(x, p, y, table=tab, backend="torch"),
+                               tab)[0].abs().sum() > 0
 
 
 # ---------------------------------------------------------------------- rectified flow

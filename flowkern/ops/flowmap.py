@@ -225,7 +225,7 @@ def flowmap_loss(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, t=No
     if weight is not None and not isinstance(weight, torch.Tensor):
         weight = torch.as_tensor(weight, device=x.device)
     if be != "torch":
-        _no_time_grad(t, s)
+        _no_time_grad(t, s, table)
     if be in NATIVE_BACKENDS:
         try:
             coef = _native_coef(x, t, s, schedule, table)
@@ -272,13 +272,13 @@ def flowmap_loss(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, t=No
     return loss(*args, weight, red, False)
 
 
-def _no_time_grad(t, s):
-    """The fused ops do not differentiate in the times: a time that requires
-    grad is an error naming it (DiffOp's rule for t, here for s as well), not
-    a gradient silently left out."""
+def _no_time_grad(t, s, table):
+    """The fused ops do not differentiate in the times: a time (or a step
+    table) that requires grad is an error naming it (DiffOp's rule for its
+    `t`, here for each public argument), not a gradient silently left out."""
     if not torch.is_grad_enabled():
         return
-    for name, v in (("t", t), ("s", s)):
+    for name, v in (("t", t), ("s", s), ("table", table)):
         if isinstance(v, torch.Tensor) and v.requires_grad:
             raise RuntimeError(
                 f"flowmap_loss: argument '{name}' requires grad, and the fused op does not "
