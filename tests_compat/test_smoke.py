@@ -269,6 +269,30 @@ def test_convert_fwd_bwd(dtype, src, dst):
         _close(a, b, dtype, f"convert {src}->{dst} {name}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("times", ["tensors", "floats", "table"])
+def test_flowmap_loss_fwd_bwd(dtype, prediction, times):
+    form = "data" if prediction in ("velocity", "x1") else "noise"
+    t = _times(dtype) * 0.8
+    s = t + 0.15
+    coef = {"tensors": dict(t=t, s=s), "floats": dict(t=0.3, s=0.55),
+            "table": dict(table=fk.step_table("cosine", t, s, dtype=dtype))}[times]
+    res = {}
+    for be in ("cpu", "torch"):
+        x = _randn(*SHAPE, dtype=dtype, seed=0).requires_grad_()
+        pred = _randn(*SHAPE, dtype=dtype, seed=2).requires_grad_()
+        target = _randn(*SHAPE, dtype=dtype, seed=1).requires_grad_()
+        loss = fk.flowmap_loss(x, pred, target, schedule="cosine", prediction=prediction,
+                               form=form, weight=0.5 + _times(dtype, seed=9), backend=be,
+                               **coef)
+        loss.backward()
+        res[be] = (loss.detach(), x.grad, pred.grad, target.grad)
+    for name, a, b in zip(("loss", "grad x", "grad pred", "grad target"), res["cpu"],
+                          res["torch"]):
+        _close(a, b, dtype, f"flowmap_loss {name} {prediction} {form} {times}")
+
+
 # ---------------------------------------------------------------------------
 # sampler steps: cpu kernels vs the torch reference
 
