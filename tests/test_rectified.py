@@ -196,6 +196,8 @@ def test_opcheck(ns):
     coefs = [(tab, 0.0, None, 0.0, -1, []), (tab[:1].contiguous(), 0.0, None, 0.0, -1, []),
              (t, 0.0, s, 0.0, kind, params), (None, 0.3, None, 0.6, kind, params),
              (t, 0.0, None, 0.6, kind, params)]
+    if ns == "flowkern_triton":  # one table path behind every form: two forms suffice
+        coefs = coefs[1:3]       # (~4 s an interpreted form)
     for c in coefs:
         for pred, form in itertools.product(range(4), range(2)):
             xg, pg, yg = (v.clone().requires_grad_() for v in (x, p, y))
