@@ -8,6 +8,7 @@
 #include <cstdio>
 
 #include <algorithm>
+#include <vector>
 
 #include "flowkern/lincomb.h"
 #include "flowkern/rowsum.h"
@@ -118,6 +119,25 @@ void run_lincomb(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
   for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
     fk::lincomb_segment<T>(fn, r, inner, e0, e1, in, out, key, stream);
   });
+}
+
+// A loss over whole tensors (the row-sum engine, rowsum.h): each row's
+// segments summed by fk::rowsum_segment into partials, then summed per row
+// in double, weighed and reduced by fk::finish_thread as one thread, as the
+// CUDA glue's finishing block does: into out[0], or out[r] when per_row.
+// STORE: the same pass also writes st's gradient (fk::RowStore).
+template <class T, bool STORE = false, class Fn>
+void run_loss(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in, const fk::Reals& weight,
+              bool per_row, double denom, T* out, fk::RowStore<T> st = {}) {
+  const i64 seg = std::max<i64>(1, std::min(inner, kSegment));  // as for_each_segment
+  const i64 nseg = inner == 0 ? 1 : (inner + seg - 1) / seg;
+  std::vector<fk::acc_t<T>> partial(size_t(rows * nseg), fk::acc_t<T>(0));
+  for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
+    partial[size_t(r * nseg + e0 / seg)] =
+        fk::rowsum_segment<T, Fn, STORE>(fn, r, inner, e0, e1, in, st);
+  });
+  const fk::LossFinish<T> f{partial.data(), rows, nseg, weight, per_row, denom, out};
+  fk::finish_total(f, fk::finish_thread(f, 0, 1));
 }
 
 }  // namespace flowkern_cpu

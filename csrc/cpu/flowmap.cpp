@@ -24,25 +24,15 @@ Tensor flowmap_loss(const Tensor& x_, const Tensor& pred_, const Tensor& target_
   OptT keep;
   const fk::Reals w = weight_of(weight, rows, x, keep);
   const double denom = loss_denom(reduction, rows, inner);
-  const i64 seg = std::max<i64>(1, std::min(inner, kSegment));
-  const i64 nseg = inner == 0 ? 1 : (inner + seg - 1) / seg;
   Tensor out = empty_like_shape(x, reduction == NONE ? Shape{rows} : Shape{});
   dispatch_dtype(x, "flowmap_loss", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = fk::acc_t<T>;
     const auto c = map_coef<A>(FK_MAP_PASS, x, check);
     if (check) check_map(c, prediction, form);
-    const fk::FlowMapResidualFn<A> fn{c.src(), int(prediction), int(form)};
-    std::vector<A> partial(size_t(rows * nseg), A(0));
-    const fk::Ptrs<T, 3> in{{cptr<T>(x), cptr<T>(pred), cptr<T>(target)}};
-    for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
-      partial[size_t(r * nseg + e0 / seg)] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
-    });
-    // each row's segments summed in double, weighed and reduced (as the CUDA
-    // glue's finishing block does)
-    const fk::LossFinish<T> f{partial.data(), rows, nseg, w, reduction == NONE, denom,
-                              mptr<T>(out)};
-    fk::finish_total(f, fk::finish_thread(f, 0, 1));
+    run_loss<T>(fk::FlowMapResidualFn<A>{c.src(), int(prediction), int(form)}, rows, inner,
+                {{cptr<T>(x), cptr<T>(pred), cptr<T>(target)}}, w, reduction == NONE, denom,
+                mptr<T>(out));
   });
   return out;
 }

@@ -50,12 +50,16 @@ inline std::array<Tensor, 3> map_inputs(const Tensor& x, const Tensor& pred,
   return {contig(x), contig(pred), dense(target, mx.sizes)};
 }
 
-// A caller's step table (`t` with kind = kTableKind): its shape checked,
-// converted to the accumulation dtype on x's device where it is not
-// (step_args.h step_coef).
-template <class A> StepCoef<A> map_table(const OptT& t, int64_t kind, const Tensor& x) {
+// A caller's step table (`t` with kind = kTableKind), which must be given.
+inline const OptT& map_table_arg(const OptT& t) {
   FK_CHECK(t.has_value(), "table: the step table is missing");
-  return step_coef<A>(t, {}, kind, {}, x, false);
+  return t;
+}
+
+// That table with its shape checked, converted to the accumulation dtype on
+// x's device where it is not (step_args.h step_coef).
+template <class A> StepCoef<A> map_table(const OptT& t, const Tensor& x) {
+  return step_coef<A>(map_table_arg(t), {}, kTableKind, {}, x, false);
 }
 
 // The flow map's coefficients on the host: the caller's step table, or the
@@ -84,7 +88,7 @@ template <class A> MapCoef<A> map_coef(FK_MAP_ARGS, const Tensor& x, bool check)
   MapCoef<A> c;
   if (kind == kTableKind) {
     c.is_table = true;
-    c.table = map_table<A>(t, kind, x);
+    c.table = map_table<A>(t, x);
     return c;
   }
   c.tt = read_times(t, t_value, rows_of(x), x, "t");

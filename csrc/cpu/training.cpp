@@ -118,8 +118,8 @@ std::tuple<Tensor, Tensor> convert_backward(const Tensor& g_, FK_COEF_ARGS,
 
 // flow_matching_loss: mean / sum over all elements of w_b (pred - y)^2, or the
 // per-sample mean over the features (reduction NONE, shape (B,)); in pred's
-// dtype. Row sums are per-segment partials, summed in double by
-// fk::finish_thread (rowsum.h), as the CUDA glue's finishing block does.
+// dtype (dispatch.h run_loss: row sums per segment, then fk::finish_thread in
+// double, as the CUDA glue's finishing block does).
 // With g_pred (fm_loss_with_grad) the same pass also stores d loss / d pred
 // for a loss gradient of 1 (fk::RowStore).
 Tensor loss_pass(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_, FK_COEF_ARGS,
@@ -133,8 +133,6 @@ Tensor loss_pass(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_, FK_C
   OptT keep;
   const fk::Reals w = weight_of(weight, rows, pred, keep);
   const double denom = loss_denom(reduction, rows, inner);
-  const i64 seg = std::max<i64>(1, std::min(inner, kSegment));
-  const i64 nseg = inner == 0 ? 1 : (inner + seg - 1) / seg;
   Tensor out = empty_like_shape(pred, reduction == NONE ? Shape{rows} : Shape{});
   if (g_pred != nullptr) *g_pred = empty_output(pred, shape);
   dispatch_dtype(pred, "flow_matching_loss", [&](auto tag) {
@@ -143,22 +141,12 @@ Tensor loss_pass(const Tensor& pred_, const Tensor& x0_, const Tensor& x1_, FK_C
     const auto c = host_coef<A>(FK_COEF_PASS, rows, pred, check);
     if (check) check_target(c, target);
     const auto fn = make_fn<fk::LossResidualFn>(c, int(target));
-    std::vector<A> partial(size_t(rows * nseg), A(0));
     const fk::Ptrs<T, 3> in{{cptr<T>(pred), cptr<T>(x0), cptr<T>(x1)}};
-    if (g_pred == nullptr) {
-      for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
-        partial[size_t(r * nseg + e0 / seg)] = fk::rowsum_segment<T>(fn, r, inner, e0, e1, in);
-      });
-    } else {
-      const fk::RowStore<T> st{mptr<T>(**g_pred), {{}, w, 1.0 / denom}};
-      for_each_segment(rows, inner, [&](i64 r, i64 e0, i64 e1) {
-        partial[size_t(r * nseg + e0 / seg)] =
-            fk::rowsum_segment<T, decltype(fn), true>(fn, r, inner, e0, e1, in, st);
-      });
-    }
-    const fk::LossFinish<T> f{partial.data(), rows, nseg, w, reduction == NONE, denom,
-                              mptr<T>(out)};
-    fk::finish_total(f, fk::finish_thread(f, 0, 1));
+    if (g_pred == nullptr)
+      run_loss<T>(fn, rows, inner, in, w, reduction == NONE, denom, mptr<T>(out));
+    else
+      run_loss<T, true>(fn, rows, inner, in, w, reduction == NONE, denom, mptr<T>(out),
+                        {mptr<T>(**g_pred), {{}, w, 1.0 / denom}});
   });
   return out;
 }

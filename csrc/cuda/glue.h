@@ -385,11 +385,9 @@ template <class D, class L> struct Glue {
   template <class A>
   static MapArgs map_args(FK_MAP_ARGS, const Tensor& x, int64_t prediction, int64_t form,
                           bool check) {
-    check_schedule(kind, params);
     MapArgs m;
-    if (kind == kTableKind) {
-      FK_CHECK(t.has_value(), "table: the step table is missing");
-      m.t = step_coef_arg<A>(t, {}, kind, {}, x, check, m.keep_t,
+    if (kind == kTableKind) {  // otherwise train_coef checks the schedule
+      m.t = step_coef_arg<A>(map_table_arg(t), {}, kind, {}, x, check, m.keep_t,
                              [&](const StepCoef<A>& h) { check_map(h, prediction, form); });
       return m;
     }
