@@ -59,7 +59,7 @@ inline const OptT& map_table_arg(const OptT& t) {
 // That table with its shape checked, converted to the accumulation dtype on
 // x's device where it is not (step_args.h step_coef).
 template <class A> StepCoef<A> map_table(const OptT& t, const Tensor& x) {
-  return step_coef<A>(map_table_arg(t), {}, kTableKind, {}, x, false);
+  return step_coef<A>(map_table_arg(t), {}, {}, {}, {}, kTableKind, {}, x, false);
 }
 
 // The flow map's coefficients on the host: the caller's step table, or the

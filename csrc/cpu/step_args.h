@@ -17,9 +17,10 @@
 
 namespace flowkern_cpu {
 
-#define FK_STEP_ARGS \
-  const OptT &table, const std::vector<double>& times, int64_t kind, const std::vector<double>& params
-#define FK_STEP_PASS table, times, kind, params
+#define FK_STEP_ARGS                                                                  \
+  const OptT &table, const OptT &t, const OptT &s, const OptT &t_prev,                     \
+      const std::vector<double>&times, int64_t kind, const std::vector<double>&params
+#define FK_STEP_PASS table, t, s, t_prev, times, kind, params
 
 
 
@@ -65,12 +66,57 @@ template <class A> struct StepCoef {
   fk::StepRow<A> row(i64 i) const { return fk::load_step(ptr, stride(), i); }
 };
 
+// The times tensors of a step, t, s and t_prev (names in errors).
+inline std::array<const OptT*, 3> step_time_tensors(const OptT& t, const OptT& s,
+                                                    const OptT& t_prev) {
+  return {&t, &s, &t_prev};
+}
+constexpr const char* kStepTimeNames[3] = {"t", "s", "t_prev"};
+
+// Whether a step's times come as tensors (per-sample times), with no table.
+inline bool step_by_time(const OptT& t, const OptT& s, const OptT& t_prev) {
+  return t.has_value() || s.has_value() || t_prev.has_value();
+}
+
+// A step's schedule without a table: built in, and its four float times.
+inline void check_step_schedule(int64_t kind, const std::vector<double>& params,
+                                const std::vector<double>& times) {
+  check_schedule(kind, params);
+  FK_CHECK_VALUE(kind != kTableKind, "table: a custom schedule's step table is missing");
+  FK_CHECK(times.size() == 4, "times: expected [t, s, t_prev, g]");
+}
+
+// The row of a built-in schedule (kind, p) at times t, s, t_prev (NaN:
+// absent) with g, in double: fk::StepSrc::timed's row, before its rounding.
+inline std::array<double, fk::STEP_COLS> step_row_at(int kind, const double* p, double t,
+                                                     double s, double tp, double g) {
+  const auto st = fk::schedule_at(kind, p, t), ss = fk::schedule_at(kind, p, s);
+  double ap = 1, sp = 1;
+  if (!std::isnan(tp)) {
+    const auto sc = fk::schedule_at(kind, p, tp);
+    ap = sc.alpha, sp = sc.sigma;
+  }
+  return {st.alpha, st.sigma, st.d_alpha, st.d_sigma, ss.alpha, ss.sigma, ss.d_alpha,
+          ss.d_sigma, ap, sp, s - t, g};
+}
+
+// A step's coefficient rows on the host: the caller's table; or the
+// built-in schedule at the times, in double, rounded to A — one row when
+// every time is a float (times = [t, s, t_prev, g]), else one per row of
+// the times tensors t, s, t_prev (each (), (1,) or (B,), floating, on x's
+// device, on the host here: the CUDA glue passes host copies or none).
+// check: range-check the times (flowkern._validate's rule).
+// times_like: the device the times tensors must be on, when not x's (the
+// CUDA glue's host copies).
 template <class A>
-inline StepCoef<A> step_coef(FK_STEP_ARGS, const Tensor& x, bool check) {
+inline StepCoef<A> step_coef(FK_STEP_ARGS, const Tensor& x, bool check,
+                             const Tensor* times_like = nullptr) {
   StepCoef<A> c;
   const i64 rows = rows_of(x);
   const auto acc = torch::headeronly::CppTypeToScalarType<A>::value;
   if (table.has_value()) {
+    FK_CHECK_VALUE(!step_by_time(t, s, t_prev), "table: give a step table or the times "
+                   "t, s, t_prev as tensors, not both");
     Tensor tab = *table;
     FK_CHECK_VALUE(tab.dim() == 1 || tab.dim() == 2, "table: expected shape (",
                    fk::STEP_COLS, ",), (1, ", fk::STEP_COLS, ") or (", rows, ", ",
@@ -92,28 +138,32 @@ inline StepCoef<A> step_coef(FK_STEP_ARGS, const Tensor& x, bool check) {
     c.n = n;
     return c;
   }
-  check_schedule(kind, params);
-  FK_CHECK(times.size() == 4, "times: expected [t, s, t_prev, g]");
-  const double t = times[0], s = times[1], tp = times[2], g = times[3];
-  if (check) {
-    check_unit_interval("t", {t});
-    check_unit_interval("s", {s});
-    if (!std::isnan(tp)) check_unit_interval("t_prev", {tp});
-  }
+  check_step_schedule(kind, params, times);
   double p[fk::kSchedParams] = {0, 0, 0};
   for (size_t i = 0; i < params.size(); ++i) p[i] = params[i];
-  const auto st = fk::schedule_at(int(kind), p, t), ss = fk::schedule_at(int(kind), p, s);
-  double ap = 1, sp = 1;
-  if (!std::isnan(tp)) {
-    const auto sc = fk::schedule_at(int(kind), p, tp);
-    ap = sc.alpha, sp = sc.sigma;
+  // each time's values: the float, or the tensor's (1 or rows of them)
+  std::array<std::vector<double>, 3> tv;
+  i64 n = 1;
+  const auto tensors = step_time_tensors(t, s, t_prev);
+  for (int i = 0; i < 3; ++i) {
+    tv[size_t(i)] = read_times(*tensors[size_t(i)], times[size_t(i)], rows,
+                               times_like ? *times_like : x, kStepTimeNames[i]);
+    if (tv[size_t(i)].size() != 1) n = i64(tv[size_t(i)].size());
   }
-  const double row[fk::STEP_COLS] = {st.alpha, st.sigma, st.d_alpha, st.d_sigma,
-                                     ss.alpha, ss.sigma, ss.d_alpha, ss.d_sigma,
-                                     ap,       sp,       s - t,      g};
-  c.own.assign(row, row + fk::STEP_COLS);
+  if (check) {
+    check_unit_interval("t", tv[0]);
+    check_unit_interval("s", tv[1]);
+    if (t_prev.has_value() || !std::isnan(times[2])) check_unit_interval("t_prev", tv[2]);
+  }
+  c.own.resize(size_t(n * fk::STEP_COLS));
+  const auto at = [&](int i, i64 r) { return tv[size_t(i)].size() == 1 ? tv[size_t(i)][0]
+                                                                       : tv[size_t(i)][size_t(r)]; };
+  for (i64 r = 0; r < n; ++r) {
+    const auto row = step_row_at(int(kind), p, at(0, r), at(1, r), at(2, r), times[3]);
+    for (int j = 0; j < fk::STEP_COLS; ++j) c.own[size_t(r * fk::STEP_COLS + j)] = A(row[size_t(j)]);
+  }
   c.ptr = c.own.data();
-  c.n = 1;
+  c.n = n;
   return c;
 }
 
