@@ -182,7 +182,7 @@ def test_floor_triton_layer(benchmark, measure, via):
           f"custom op of euler_step's schema, no-op body, via {via}",
           note="the layer every triton call crosses, without the Triton launch")
     d = data()
-    args = (d.x, d.v, None, None, [T, S, 0.0, 0.0], 0, [], 0, 1.0, False, d.out)
+    args = (d.x, d.v, None, None, None, None, None, [T, S, 0.0, 0.0], 0, [], 0, 1.0, False, d.out)
     measure(lambda: op(*args))
     if via == "direct":
         assert op.fallbacks == 0 and op.taken > 0

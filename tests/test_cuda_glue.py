@@ -63,13 +63,15 @@ def coef_args(mode, rows, dtype, kind, params):
         return times(1)[0], 0.0, kind, params
     if mode == "t_float64":  # times in another dtype than the accumulation's
         return times(rows, dtype=torch.float64), 0.0, kind, params
+    if mode == "t_expanded":  # one time expanded to the batch (stride 0): read once, no copy
+        return times(1).expand(rows), 0.0, kind, params
     # a custom schedule's (B, 4) table
     t = times(rows, dtype=torch.float64)
     tab = torch.stack([t, 1 - t, torch.ones_like(t), -torch.ones_like(t)], 1).to(acc(dtype))
     return tab, 0.0, -1, []
 
 
-MODES = ["t_value", "t_tensor", "t_one", "t_float64", "table"]
+MODES = ["t_value", "t_tensor", "t_one", "t_float64", "t_expanded", "table"]
 
 
 def equal(got, want):
@@ -157,7 +159,9 @@ def step_coefs(rows):
             (None, step_times(rows, 2, torch.float64), None, None, [0.0, 0.9, NAN, 0.0], 3,
              [0.1, 20.0]),
             (None, None, step_times(rows, 3, torch.bfloat16, 0.25), step_times(1, 4, torch.float16),
-             [0.2, 0.0, 0.0, 0.3], 5, [0.002, 80.0, 7.0])]
+             [0.2, 0.0, 0.0, 0.3], 5, [0.002, 80.0, 7.0]),
+            (None, None, step_times(1, 6, torch.float32).expand(rows), None,
+             [0.05, 0.0, NAN, 0.0], 0, [])]
     return out
 
 
@@ -444,6 +448,13 @@ def _bad_calls():
         "step table and times": lambda ops: ops.euler_step(x, x1, None, torch.rand(1, 12),
                                                            torch.rand(4), None, None, [], -1, [],
                                                            0, 1.0, True, o),
+        # a float time beside a times tensor: known on the host, checked always
+        "step float s range": lambda ops: ops.euler_step(
+            x, x1, None, None, torch.full((4,), 0.2), None, None, [0.0, 1.5, NAN, 0.0], 0, [],
+            0, 1.0, True, o),
+        "step float t_prev range": lambda ops: ops.dpmpp_2m_step(
+            x, x1, x1, None, None, torch.full((4,), 0.2), None, None, [0.0, 0.3, -0.5, 0.0], 0,
+            [], 1, 1.0, True, o, torch.empty_like(x)),
         "step custom kind without table": lambda ops: ops.euler_step(
             x, x1, None, None, torch.rand(4), None, None, row, -1, [], 0, 1.0, True, o),
         "lincomb terms": lambda ops: ops.lincomb_step(x, [], [0.1], 0.0, 0, 0, None, True, o),
@@ -545,6 +556,7 @@ def test_one_op_no_table_construction():
     x0, x1 = tensors(2, (8, 64), torch.float32)
     t = times(8)
     s, half_t, t64 = t.clamp(max=0.9) + 0.1, 0.5 * t, t.double()
+    one = t[:1].expand(8)
     o, d = torch.empty_like(x0), torch.empty_like(x0)
     calls = [lambda: SIM.interpolate(x0, x1, None, 0.3, 1, [], 0, True),
              lambda: SIM.interpolate(x0, x1, t, 0.0, 3, [0.1, 20.0], 0, False),
@@ -560,7 +572,11 @@ def test_one_op_no_table_construction():
                                        [0.0, 0.0, 0.0, 0.0], 3, [0.1, 20.0], 1, 1.0, False, o,
                                        d),
              lambda: SIM.ei_step(x0, x1, None, None, t, None, None, [0.0, 0.95, NAN, 0.0], 5,
-                                 [0.002, 80.0, 7.0], 1, 0, 1.0, False)]
+                                 [0.002, 80.0, 7.0], 1, 0, 1.0, False),
+             # one time expanded to the batch (stride 0): read as its one value, no copy
+             lambda: SIM.interpolate(x0, x1, one, 0.0, 1, [], 0, False),
+             lambda: SIM.euler_step(x0, x1, None, None, one, s, None, [0.0, 0.0, NAN, 0.0], 1,
+                                    [], 0, 1.0, False, o)]
     for call in calls:
         assert_kernels_alone(call)
 

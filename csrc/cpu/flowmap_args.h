@@ -73,7 +73,7 @@ template <class A> struct MapCoef {
   int64_t kind = 0;
   std::vector<double> params;
   fk::MapSrc<A> src() const {
-    if (is_table) return fk::step_table_src(table.ptr, table.n == 1 ? 0 : 1);
+    if (is_table) return fk::step_table_src(table.src.table, table.n == 1 ? 0 : 1);
     fk::MapSrc<A> m;
     m.t = {tt.data(), true, tt.size() == 1 ? 0 : 1, 0.0};  // row r of n = 1 or B
     m.s = {ts.data(), true, ts.size() == 1 ? 0 : 1, 0.0};

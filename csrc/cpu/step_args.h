@@ -53,17 +53,31 @@ inline fk::NoiseKey noise_key(int64_t seed, int64_t offset, const OptT& seeds) {
           seeds ? static_cast<const int64_t*>(seeds->const_data_ptr()) : nullptr};
 }
 
-// A step's coefficient rows: a (1 or B, STEP_COLS) table in the accumulation type.
+// A step's coefficient rows as the kernels read them (`src`): a (1 or B,
+// STEP_COLS) table in the accumulation type, or per-sample times evaluated
+// at each row (fk::StepSrc::by_time). Move-only: `src` points into its own
+// buffers.
 template <class A> struct StepCoef {
   using value_type = A;
   // The table tensor, when given. (Optional: a default-constructed stable
   // Tensor is a shim call and two heap objects, on every step call.)
   OptT keep;
-  std::vector<A> own;  // the row built here
-  const A* ptr;
-  i64 n;               // rows: 1 (shared by the batch) or B
-  i64 stride() const { return n == 1 ? 0 : fk::STEP_COLS; }
-  fk::StepRow<A> row(i64 i) const { return fk::load_step(ptr, stride(), i); }
+  std::vector<A> own;                        // the one row built here from float times
+  std::array<std::vector<double>, 3> times;  // per-sample t, s, t_prev read here
+  fk::StepSrc<A> src;
+  i64 n = 1;  // rows: 1 (shared by the batch) or B
+  StepCoef() = default;
+  StepCoef(StepCoef&&) = default;
+  StepCoef& operator=(StepCoef&&) = default;
+  StepCoef(const StepCoef&) = delete;
+  fk::StepRow<A> row(i64 i) const { return src.at(i); }
+  // rows read from a table at `ptr` (n of them)
+  void read_table(const A* ptr, i64 rows) {
+    n = rows;
+    src = fk::StepSrc<A>{};
+    src.table = ptr;
+    src.stride = rows == 1 ? 0 : fk::STEP_COLS;
+  }
 };
 
 // The times tensors of a step, t, s and t_prev (names in errors).
@@ -86,25 +100,27 @@ inline void check_step_schedule(int64_t kind, const std::vector<double>& params,
   FK_CHECK(times.size() == 4, "times: expected [t, s, t_prev, g]");
 }
 
-// The row of a built-in schedule (kind, p) at times t, s, t_prev (NaN:
-// absent) with g, in double: fk::StepSrc::timed's row, before its rounding.
-inline std::array<double, fk::STEP_COLS> step_row_at(int kind, const double* p, double t,
-                                                     double s, double tp, double g) {
-  const auto st = fk::schedule_at(kind, p, t), ss = fk::schedule_at(kind, p, s);
-  double ap = 1, sp = 1;
-  if (!std::isnan(tp)) {
-    const auto sc = fk::schedule_at(kind, p, tp);
-    ap = sc.alpha, sp = sc.sigma;
+// The range check of a step's times (flowkern._validate's rule): the floats
+// in `times` always (t_prev unless NaN, absent); the tensors' values where
+// `values` holds them (null: not read here, as on the device).
+inline void check_step_times(const std::array<const OptT*, 3>& tensors,
+                             const std::vector<double>& times,
+                             const std::array<std::vector<double>, 3>* values) {
+  for (size_t i = 0; i < 3; ++i) {
+    if (tensors[i]->has_value()) {
+      if (values != nullptr) check_unit_interval(kStepTimeNames[i], (*values)[i]);
+    } else if (i < 2 || !std::isnan(times[2])) {
+      check_unit_interval(kStepTimeNames[i], {times[i]});
+    }
   }
-  return {st.alpha, st.sigma, st.d_alpha, st.d_sigma, ss.alpha, ss.sigma, ss.d_alpha,
-          ss.d_sigma, ap, sp, s - t, g};
 }
 
 // A step's coefficient rows on the host: the caller's table; or the
-// built-in schedule at the times, in double, rounded to A — one row when
-// every time is a float (times = [t, s, t_prev, g]), else one per row of
-// the times tensors t, s, t_prev (each (), (1,) or (B,), floating, on x's
-// device, on the host here: the CUDA glue passes host copies or none).
+// built-in schedule at the times, in double, rounded to A — the one row,
+// built here, when every time is a float (times = [t, s, t_prev, g]), else
+// evaluated at each row of the times tensors t, s, t_prev (each (), (1,) or
+// (B,), floating, on x's device, on the host here: the CUDA glue passes host
+// copies or none) where the row is read.
 // check: range-check the times (flowkern._validate's rule).
 // times_like: the device the times tensors must be on, when not x's (the
 // CUDA glue's host copies).
@@ -134,36 +150,37 @@ inline StepCoef<A> step_coef(FK_STEP_ARGS, const Tensor& x, bool check,
     if (tab.scalar_type() != acc || tab.device() != x.device())
       tab = torch::stable::to(tab, acc, std::nullopt, x.device());
     c.keep = contig(tab);
-    c.ptr = static_cast<const A*>(c.keep->const_data_ptr());
-    c.n = n;
+    c.read_table(static_cast<const A*>(c.keep->const_data_ptr()), n);
     return c;
   }
   check_step_schedule(kind, params, times);
-  double p[fk::kSchedParams] = {0, 0, 0};
-  for (size_t i = 0; i < params.size(); ++i) p[i] = params[i];
-  // each time's values: the float, or the tensor's (1 or rows of them)
-  std::array<std::vector<double>, 3> tv;
-  i64 n = 1;
+  // the times: each a tensor's values (1 or rows of them, as doubles) or its
+  // float; the schedule is evaluated at a row where the row is read
+  // (fk::StepSrc::timed: per row in the kernel, no table)
+  fk::StepSrc<A>& src = c.src;
+  src.by_time = true;
+  src.kind = int(kind);
+  for (size_t i = 0; i < params.size(); ++i) src.p[i] = params[i];
+  src.g = times[3];
   const auto tensors = step_time_tensors(t, s, t_prev);
-  for (int i = 0; i < 3; ++i) {
-    tv[size_t(i)] = read_times(*tensors[size_t(i)], times[size_t(i)], rows,
-                               times_like ? *times_like : x, kStepTimeNames[i]);
-    if (tv[size_t(i)].size() != 1) n = i64(tv[size_t(i)].size());
+  fk::TimeSrc* dst[3] = {&src.t, &src.s, &src.t_prev};
+  for (size_t i = 0; i < 3; ++i) {
+    dst[i]->value = times[i];
+    const OptT& ti = *tensors[i];
+    if (!ti.has_value()) continue;
+    std::vector<double>& v = c.times[i];
+    v = read_times(ti, 0.0, rows, times_like ? *times_like : x, kStepTimeNames[i]);
+    dst[i]->p = v.data();
+    dst[i]->f64 = true;
+    dst[i]->step = v.size() == 1 ? 0 : 1;
+    if (v.size() != 1) c.n = i64(v.size());
   }
-  if (check) {
-    check_unit_interval("t", tv[0]);
-    check_unit_interval("s", tv[1]);
-    if (t_prev.has_value() || !std::isnan(times[2])) check_unit_interval("t_prev", tv[2]);
+  if (check) check_step_times(tensors, times, &c.times);
+  if (!step_by_time(t, s, t_prev)) {  // float times: the one row, evaluated here once
+    c.own.resize(fk::STEP_COLS);
+    fk::store_step(src.timed(0), c.own.data());
+    c.read_table(c.own.data(), 1);
   }
-  c.own.resize(size_t(n * fk::STEP_COLS));
-  const auto at = [&](int i, i64 r) { return tv[size_t(i)].size() == 1 ? tv[size_t(i)][0]
-                                                                       : tv[size_t(i)][size_t(r)]; };
-  for (i64 r = 0; r < n; ++r) {
-    const auto row = step_row_at(int(kind), p, at(0, r), at(1, r), at(2, r), times[3]);
-    for (int j = 0; j < fk::STEP_COLS; ++j) c.own[size_t(r * fk::STEP_COLS + j)] = A(row[size_t(j)]);
-  }
-  c.ptr = c.own.data();
-  c.n = n;
   return c;
 }
 

@@ -42,7 +42,7 @@ struct CpuSteps {
         c = step_coef<A>(coef->table, coef->t, coef->s, coef->t_prev, coef->times, coef->kind,
                           coef->params, x, check);
         if (check) checks(c);
-        src = fk::StepSrc<A>{c.ptr, c.stride()};
+        src = c.src;
       }
       fk::with_step_fn<OP>(src, p, [&](auto fn) {
         using Fn = decltype(fn);

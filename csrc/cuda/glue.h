@@ -87,6 +87,19 @@ template <class D, class L> struct Glue {
 
   // ------------------------------------------------------------ training
 
+  // A checked times tensor as a kernel reads it (fk::TimeSrc, SchedSrc): as
+  // given in float32 or float64 (as the CPU op reads any dtype exactly),
+  // 16-bit ones widened to float32, exactly; a time broadcast to the batch
+  // (stride 0, as expand() makes it) as its one value, with no copy. `keep`
+  // holds what the kernel reads, alive for the launch.
+  static fk::TimeArg time_arg(const Tensor& t, OptT& keep) {
+    Tensor v = t.dim() == 1 ? t : torch::stable::reshape(t, {-1});
+    if (v.scalar_type() != kDouble && v.scalar_type() != kFloat) v = to_dtype(v, kFloat);
+    const bool one = v.numel() > 1 && v.stride(0) == 0;
+    keep = one ? v : contig(v);
+    return {ptr(*keep), one ? 1 : keep->numel(), keep->scalar_type() == kDouble};
+  }
+
   // The coefficients of a training op (coef_args.h's arguments); `keep`
   // holds a converted times tensor alive for the launch. checks(HostCoef)
   // runs the op's value checks where the values are on the host.
@@ -117,15 +130,10 @@ template <class D, class L> struct Glue {
       return c;
     }
     check_times(*t, rows, like, name);
-    // The kernel reads float32 or float64 times as given (as the CPU op reads
-    // any dtype exactly); 16-bit ones are widened to float32, exactly.
-    Tensor times = t->dim() == 1 ? *t : torch::stable::reshape(*t, {-1});
-    if (times.scalar_type() != kDouble && times.scalar_type() != kFloat)
-      times = to_dtype(times, kFloat);
-    keep = contig(times);
-    c.t = ptr(*keep);
-    c.t_rows = keep->numel();
-    c.t_f64 = keep->scalar_type() == kDouble;
+    const fk::TimeArg a = time_arg(*t, keep);
+    c.t = a.p;
+    c.t_rows = a.rows;
+    c.t_f64 = a.f64;
     if (check && D::values_on_device_checked()) {
       const Tensor host = to_cpu(*keep);
       checks(host_coef<A>(host, 0.0, kind, params, rows, host, true, name));
@@ -337,8 +345,7 @@ template <class D, class L> struct Glue {
       if (check && D::values_on_device_checked()) {
         StepCoef<A> h;
         h.keep = to_cpu(*keep.table);
-        h.ptr = static_cast<const A*>(h.keep->const_data_ptr());
-        h.n = given.n;
+        h.read_table(static_cast<const A*>(h.keep->const_data_ptr()), given.n);
         checks(h);
       }
       return c;
@@ -352,20 +359,17 @@ template <class D, class L> struct Glue {
     check_step_schedule(kind, params, times);
     const i64 rows = rows_of(x);
     c.by_time = true;
+    const auto tensors = step_time_tensors(t, s, t_prev);
+    if (check) check_step_times(tensors, times, nullptr);  // the floats, always
     c.kind = int(kind);
     for (size_t i = 0; i < params.size(); ++i) c.p[i] = params[i];
     for (int i = 0; i < 4; ++i) c.times[i] = times[size_t(i)];
-    const auto tensors = step_time_tensors(t, s, t_prev);
     OptT host[3];
     for (int i = 0; i < 3; ++i) {
       const OptT& ti = *tensors[size_t(i)];
       if (!ti.has_value()) continue;
       check_times(*ti, rows, x, kStepTimeNames[i]);
-      Tensor v = ti->dim() == 1 ? *ti : torch::stable::reshape(*ti, {-1});
-      if (v.scalar_type() != kDouble && v.scalar_type() != kFloat) v = to_dtype(v, kFloat);
-      keep.times[i] = contig(v);
-      c.step_t[i] = {ptr(*keep.times[i]), keep.times[i]->numel(),
-                     keep.times[i]->scalar_type() == kDouble};
+      c.step_t[i] = time_arg(*ti, keep.times[i]);
       if (check && D::values_on_device_checked()) host[i] = to_cpu(*keep.times[i]);
     }
     if (check && D::values_on_device_checked()) {
