@@ -55,8 +55,7 @@ def cpu_step(op, ins, table, pred, variant, cfg, w, seed, offset, seeds=None):
     x = ins[0]
     out, d_out = torch.empty_like(x), torch.empty_like(x)
     pu = ins[-1] if cfg else None
-    # the schemas' coefficient arguments: a table as given
-    tab = (table, None, None, None, [], -1, [])
+    tab = (table, [], -1, [])  # the schemas' coefficient arguments: a table as given
     if op == "euler_step":
         OPS.euler_step(x, ins[1], pu, *tab, pred, w, False, out)
     elif op == "heun_step":

@@ -71,7 +71,7 @@ def test_the_differentiable_call_takes_the_fast_path():
 
 
 def _euler_args(x, p, tab, out):
-    return (x, p, None, tab, None, None, None, [], -1, [], 0, 1.0, True, out)
+    return (x, p, None, tab, [], -1, [], 0, 1.0, True, out)
 
 
 def _ops(name):
@@ -118,10 +118,8 @@ def test_errors_equal_torchs_binding():
     bad = [
         _euler_args(x, torch.randn(3, 4), tab, torch.empty_like(x)),       # shape
         _euler_args(x, p, tab, torch.empty(3, 5, dtype=torch.float64)),    # out dtype
-        # a prediction code out of range
-        (x, p, None, tab, None, None, None, [], -1, [], 9, 1.0, True, torch.empty_like(x)),
-        (x, p, None, None, None, None, None, [0.3, 1.5, float("nan"), 0.0], 0, [], 0, 1.0, True,
-         x.clone()),
+        (x, p, None, tab, [], -1, [], 9, 1.0, True, torch.empty_like(x)),  # prediction code
+        (x, p, None, None, [0.3, 1.5, float("nan"), 0.0], 0, [], 0, 1.0, True, x.clone()),
     ]
     for args in bad:
         with pytest.raises(Exception) as a:
@@ -171,7 +169,7 @@ def test_anything_unusual_goes_to_torchs_binding():
 
     out = torch.empty_like(x)
     args = list(_euler_args(x, p, tab, out))
-    args[11] = 1  # int guidance: the fallback converts it
+    args[8] = 1  # int guidance: the fallback converts it
     assert torch.equal(run(args), expected)
     out = torch.empty_like(x)
     assert torch.equal(run(_euler_args(x.as_subclass(_Sub), p, tab, out)), expected)

@@ -177,12 +177,9 @@ def test_opcheck(ns):
     x, p, pu, h1, h2, h3 = (torch.randn(3, 7, device=DEVICE) for _ in range(6))
     tab = fk.step_table("vp", torch.tensor([0.2, 0.4, 0.5]), torch.tensor([0.2, 0.4, 0.5]),
                         device=DEVICE)
-    ts = torch.tensor([0.2, 0.4, 0.5], device=DEVICE)  # per-sample times as a tensor
-    coefs = [(tab, None, None, None, [], -1, []),
-             (tab[:1].contiguous(), None, None, None, [], -1, []),
-             (None, ts, ts, None, [0.0, 0.0, float("nan"), 0.0], 3, [0.1, 20.0])]
+    coefs = [(tab, [], -1, []), (tab[:1].contiguous(), [], -1, [])]
     if ns == "flowkern":
-        coefs += [(None, None, None, None, [0.2, 0.2, float("nan"), 0.0], 3, [0.1, 20.0])]
+        coefs += [(None, [0.2, 0.2, float("nan"), 0.0], 3, [0.1, 20.0])]
     o, o2 = torch.empty_like(x), torch.empty_like(x)
     for c in coefs:
         for pred in range(4):

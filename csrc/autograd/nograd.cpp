@@ -89,7 +89,7 @@ void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
     for (size_t i = 0; i < n; ++i) {
       if (!needs_grad((*stack)[base + i])) continue;
       const std::string& name = args[i].name();
-      TORCH_CHECK(name != "t" && name != "s" && name != "t_prev" && name != "table",
+      TORCH_CHECK(name != "t" && name != "table",
                   op.schema().name(), ": argument '", name, "' requires grad, and the fused "
                   "ops do not differentiate in the times; detach it, or use backend='torch' "
                   "for derivatives in t");

@@ -16,14 +16,11 @@
 // caller-provided outputs (samplers reuse their buffers; `out` may alias `x`,
 // since every element is read before it is written).
 //
-// Step coefficients, in every schema: `Tensor? table, Tensor? t, Tensor? s,
-// Tensor? t_prev, float[] times, int kind, float[] params` (FK_STEP_ARGS). A
-// table (flowkern.step_table: (12,), (1, 12) or (B, 12)) is used as given;
-// without one, times = [t, s, t_prev, g] (t_prev NaN when absent) and the
-// built-in schedule (kind, params) give the row, in double precision; a time
-// given as a tensor (per-sample times: (), (1,) or (B,)) replaces its float,
-// and the schedule is evaluated at each row's times (step_coef, step_args.h;
-// on CUDA in the kernel, fk::StepSrc).
+// Step coefficients, in every schema: `Tensor? table, float[] times, int
+// kind, float[] params` (FK_STEP_ARGS). A table (flowkern.step_table: (12,),
+// (1, 12) or (B, 12)) is used as given; without one, times = [t, s, t_prev,
+// g] (t_prev NaN when absent) and the built-in schedule (kind, params) give
+// the single row, in double precision (step_coef, step_args.h).
 #pragma once
 
 #include <vector>
@@ -36,7 +33,6 @@ namespace flowkern_cpu {
 // A step's coefficient arguments, as the schemas pass them.
 struct StepTimes {
   const OptT& table;
-  const OptT &t, &s, &t_prev;
   const std::vector<double>& times;
   int64_t kind;
   const std::vector<double>& params;

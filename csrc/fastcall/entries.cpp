@@ -5,8 +5,8 @@
 // hands all its arguments, positionally, to its entry here. The entry takes
 // the call only when every argument is of the usual kind: plain tensors, a
 // native backend for x's device with no use_backend()/FLOWKERN_BACKEND
-// override, prediction and schedule given by name, float or tensor times or a
-// step table, given output buffers (or small fresh ones), nothing that needs a
+// override, prediction and schedule given by name, float times or a step
+// table, given output buffers (or small fresh ones), nothing that needs a
 // gradient. It then pushes the op's arguments, calls the flowkern:: overload
 // the Python would call (Dispatcher::callBoxed: profiler, the Autograd-key
 // kernel, every backend key) and returns what the Python returns. For any
@@ -225,41 +225,25 @@ struct Call {
     st.emplace_back(v);
     return true;
   }
-  // steps.py _native_coef: (table, t, s, t_prev, times, kind, params): the
-  // caller's table; or the times, each a number or a plain tensor (0 in
-  // `times` then), with g a number, and a built-in schedule by name
-  // (t_prev, g: may be null or None).
+  // steps.py _native_coef: (table, times, kind, params): the caller's table,
+  // or number times and a built-in schedule by name (t_prev, g: may be null).
   bool step_coef(PyObject* t, PyObject* s, PyObject* schedule, PyObject* table,
                  PyObject* t_prev = nullptr, PyObject* g = nullptr) {
     if (table != Py_None) {
       if (!tensor(table)) return false;
-      for (int i = 0; i < 3; ++i) st.emplace_back();
       st.emplace_back(no_floats());
       st.emplace_back(cfg.table_kind);
       st.emplace_back(no_floats());
       return true;
     }
+    double tv = 0, sv = 0, pv = std::nan(""), gv = 0;
+    if (!number(t, tv) || !number(s, sv)) return false;
+    if (t_prev != nullptr && t_prev != Py_None && !number(t_prev, pv)) return false;
+    if (g != nullptr && g != Py_None && !number(g, gv)) return false;
     const Spec* spec = spec_of(schedule);
     if (spec == nullptr) return false;
-    double gv = 0;
-    if (g != nullptr && g != Py_None && !number(g, gv)) return false;
-    st.emplace_back();  // no table
-    PyObject* given[3] = {t, s, t_prev == nullptr ? Py_None : t_prev};
-    double v[3] = {0, 0, std::nan("")};
-    for (int i = 0; i < 3; ++i) {
-      PyObject* o = given[i];
-      if (i == 2 && o == Py_None) {
-        st.emplace_back();
-      } else if (plain(o)) {
-        st.emplace_back(THPVariable_Unpack(o));
-        v[i] = 0;
-      } else if (number(o, v[i])) {
-        st.emplace_back();
-      } else {
-        return false;
-      }
-    }
-    st.emplace_back(c10::List<double>({v[0], v[1], v[2], gv}));
+    st.emplace_back();
+    st.emplace_back(c10::List<double>({tv, sv, pv, gv}));
     st.emplace_back(spec->kind);
     st.emplace_back(spec->params);
     return true;

@@ -433,10 +433,8 @@ class DiffOp:
         self.op, self.default = op, default
         self.name = name.split("::")[-1]
         names = [a.name for a in default._schema.arguments]
-        # the time arguments (a table, a custom schedule's coef, the times),
-        # which the fused kernels do not differentiate in
-        self.times_at = tuple((i, n) for i, n in enumerate(names)
-                              if n in ("table", "coef", "t", "s", "t_prev"))
+        self.times_at = names.index("table" if "table" in names else
+                                    "coef" if "coef" in names else "t")
         diff = tuple(diff)
 
         # For the differentiable backward, which re-runs `reference` on the
@@ -511,15 +509,12 @@ class DiffOp:
         """The differentiable call."""
         if torch.compiler.is_compiling():
             return self.default(*args)
-        if torch.is_grad_enabled():
-            for i, name in self.times_at:
-                times = args[i]
-                if isinstance(times, torch.Tensor) and times.requires_grad:
-                    name = "t" if name in ("table", "coef") else name
-                    raise RuntimeError(
-                        f"{self.name}: argument '{name}' requires grad, and the fused op does "
-                        f"not differentiate in the times; detach {name}, or use "
-                        f"backend='torch' for derivatives in t (docs/design.md §10)")
+        times = args[self.times_at]
+        if isinstance(times, torch.Tensor) and times.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{self.name}: argument 't' requires grad, and the fused op does not "
+                f"differentiate in the times; detach t, or use backend='torch' for "
+                f"derivatives in t (docs/design.md §10)")
         return (self.transformable if _functorch_active() else self.eager).apply(*args)
 
     def call(self, *args):

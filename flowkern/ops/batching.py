@@ -18,7 +18,7 @@ import torch
 from ._registry import NATIVE_NS, namespaces
 
 # Row-indexed arguments that are not states: shape (B, ...), (1, ...) or ().
-_ROW_ARGS = {"t", "s", "t_prev", "table", "coef", "weight", "grad_rows"}
+_ROW_ARGS = {"t", "s", "table", "coef", "weight", "grad_rows"}
 _NONE = 2  # REDUCTION_CODE["none"] (ops/training.py)
 
 
