@@ -24,6 +24,8 @@ divides every time by the torch.add row):
       convert x1->velocity    | (pred - x_t) / (1 - t)
       euler_step (table)      table=step_table(...)[i], out=x | x.add_(v, alpha=dt)
       euler_step (float t, s) t=, s= floats, out=x | x.add_(v, alpha=dt)
+      euler_step (per-sample t, s)  t=, s= (B,) tensors, out=x |
+                              x.addcmul_((s - t)[:, None], v)
       heun_step               table, out= buffer | x + dt/2 (v + v_e)
       ei_step                 table, x1 prediction, data form | its formula in floats
       dpmpp_2m_step           table with t_prev, x1 prediction | k-diffusion's formula
@@ -180,7 +182,7 @@ def test_floor_triton_layer(benchmark, measure, via):
           f"custom op of euler_step's schema, no-op body, via {via}",
           note="the layer every triton call crosses, without the Triton launch")
     d = data()
-    args = (d.x, d.v, None, None, [T, S, 0.0, 0.0], 0, [], 0, 1.0, False, d.out)
+    args = (d.x, d.v, None, None, None, None, None, [T, S, 0.0, 0.0], 0, [], 0, 1.0, False, d.out)
     measure(lambda: op(*args))
     if via == "direct":
         assert op.fallbacks == 0 and op.taken > 0
@@ -363,6 +365,27 @@ def _euler_eager(d):
     return (lambda: x.add_(v, alpha=dt)), None
 
 
+def _per_sample_times(d):
+    """Per-sample times: row b steps from t_b to t_b + (S - T)."""
+    return d.t * 0.5, d.t * 0.5 + (S - T)
+
+
+def _euler_fk_tensor(d):
+    x, v = d.x, d.v
+    ts, ss = _per_sample_times(d)
+
+    def check():
+        close(fk.euler_step(x, v, t=ts, s=ss, out=d.out, backend=BACKEND),
+              x + (ss - ts)[:, None] * v)
+    return (lambda: fk.euler_step(x, v, t=ts, s=ss, out=x, backend=BACKEND)), check
+
+
+def _euler_eager_tensor(d):
+    x, v = d.x, d.v
+    ts, ss = _per_sample_times(d)
+    return (lambda: x.addcmul_((ss - ts)[:, None], v)), None
+
+
 def _heun_fk(d):
     tab = _tables().plain
     fn = lambda: fk.heun_step(d.x, d.v, d.xe, d.ve, table=tab, out=d.out,  # noqa: E731
@@ -455,8 +478,12 @@ OPS = [  # (op, kind, note, flowkern candidate, eager candidate)
      ("fk.convert", _convert_fk), ("eager (pred - x_t) / (1 - t)", _convert_eager)),
     ("euler_step (table)", "step", "fk: table=step_table(...)[i], out=x",
      ("fk.euler_step(table=, out=x)", _euler_fk_table), ("x.add_(v, alpha=dt)", _euler_eager)),
-    ("euler_step (float t, s)", "step", "fk: t=, s= floats (table built per call), out=x",
+    ("euler_step (float t, s)", "step", "fk: t=, s= floats (the op evaluates the row), out=x",
      ("fk.euler_step(t=, s=, out=x)", _euler_fk_float), ("x.add_(v, alpha=dt)", _euler_eager)),
+    ("euler_step (per-sample t, s)", "step",
+     "fk: t=, s= (B,) tensors (the op evaluates each row), out=x",
+     ("fk.euler_step(t=tensor, s=tensor, out=x)", _euler_fk_tensor),
+     ("x.addcmul_((s - t)[:, None], v)", _euler_eager_tensor)),
     ("heun_step", "step", "second stage only",
      ("fk.heun_step(table=, out=)", _heun_fk), ("eager x + dt/2 (v + v_e)", _heun_eager)),
     ("ei_step", "step", "x1 prediction, data form",

@@ -38,6 +38,7 @@ from ._rules import default_form
 from .ops.flowmap import flowmap_loss
 from .ops.steps import ei_step, step_table
 from .ops.training import convert, flow_matching_loss, interpolate
+from .schedules import native_spec
 
 __all__ = ["FlowMap", "local_loss", "semigroup_loss", "flowmap_loss"]
 
@@ -112,7 +113,7 @@ class FlowMap(torch.nn.Module):
     def forward(self, x, t, s):
         """g(t, s, x): one fused EI pass after the network."""
         tt, ss = _time_vec("t", t, x), _time_vec("s", s, x)
-        return self.jump(x, self.net(x, tt, ss), self.table(x, tt, ss))
+        return self.jump(x, self.net(x, tt, ss), **self.coef(x, tt, ss))
 
     def table(self, x, t, s):
         """The step table of the jumps t -> s ((B,) tensors of validated times)."""
@@ -120,10 +121,18 @@ class FlowMap(torch.nn.Module):
             t = s = 0.5
         return step_table(self.schedule, t, s, dtype=V.acc_dtype(x.dtype), device=x.device)
 
-    def jump(self, x, pred, table):
-        """g = ei_step(x, pred) with a precomputed table (no second validation)."""
-        return ei_step(x, pred, table=table, prediction=self.prediction, form=self.form,
-                       backend=self.backend)
+    def coef(self, x, t, s):
+        """The jumps t -> s ((B,) tensors) as the ops take them: the times, for a
+        built-in schedule (the op evaluates it at each row: no table is
+        built), else the step table."""
+        if native_spec(self.schedule) is not None:
+            return dict(t=t, s=s)
+        return dict(table=self.table(x, t, s))
+
+    def jump(self, x, pred, t=None, s=None, table=None):
+        """g = ei_step(x, pred) from t to s, or with a step table (coef)."""
+        return ei_step(x, pred, t, s, self.schedule, prediction=self.prediction, form=self.form,
+                       table=table, backend=self.backend)
 
     @torch.no_grad()
     def sample(self, x0, steps: int = 1, t_start: float = 0.0, t_end: float = 1.0):
@@ -185,13 +194,18 @@ def semigroup_loss(fm: FlowMap, x: torch.Tensor, t, s, u=None,
         uu = tt + r * (ss - tt)
     else:
         uu = _time_vec("u", u, x)
-    # the three jumps' coefficients in one table: t -> u, u -> s, t -> s
-    rows = x.shape[0]
-    tab = fm.table(x, torch.cat([tt, uu, tt]), torch.cat([uu, ss, ss]))
-    t_u, u_s, t_s = (tab[k * rows:(k + 1) * rows] for k in range(3)) if rows else (tab,) * 3
+    # the three jumps t -> u, u -> s, t -> s: their times (a built-in schedule,
+    # evaluated in the ops), or their coefficients in one step table
+    if native_spec(fm.schedule) is not None:
+        t_u, u_s, t_s = dict(t=tt, s=uu), dict(t=uu, s=ss), dict(t=tt, s=ss)
+    else:
+        rows = x.shape[0]
+        tab = fm.table(x, torch.cat([tt, uu, tt]), torch.cat([uu, ss, ss]))
+        t_u, u_s, t_s = (dict(table=tab[k * rows:(k + 1) * rows] if rows else tab)
+                         for k in range(3))
     with torch.no_grad():
-        mid = fm.jump(x, fm.net(x, tt, uu), t_u)
-        target = fm.jump(mid, fm.net(mid, uu, ss), u_s)
+        mid = fm.jump(x, fm.net(x, tt, uu), **t_u)
+        target = fm.jump(mid, fm.net(mid, uu, ss), **u_s)
     p = fm.net(x, tt, ss)
-    return flowmap_loss(x, p, target, table=t_s, prediction=fm.prediction, form=fm.form,
-                        weight=weight, backend=fm.backend)
+    return flowmap_loss(x, p, target, **t_s, schedule=fm.schedule, prediction=fm.prediction,
+                        form=fm.form, weight=weight, backend=fm.backend)

@@ -98,8 +98,30 @@ def public_calls():
     yield lambda: fk.churn(x, 0.5, 0.4, seed=1)
     yield lambda: fk.lms_step(x, p, [0.1, 0.05], history=[pu], t=0.3)
     yield lambda: fk.lincomb_step(x, [p, pu], [1.0, 0.5, -0.25], noise_std=0.1, seed=2)
+    # per-sample times as tensors (the op evaluates the schedule at each row)
+    yield lambda: fk.euler_step(x, p, t / 2, t / 2 + 0.3, "cosine", out=out)
+    yield lambda: fk.heun_step(x, p, x1, pu, t / 2, 0.95, "vp")
+    yield lambda: fk.ei_step(x, p, t / 2, t)
+    yield lambda: fk.dpmpp_2m_step(x, p, t / 2, t, "edm", d_prev=pu, t_prev=t / 4)
+    yield lambda: fk.em_step(x, p, t / 2, t, g=0.5, seed=3)
+    yield lambda: fk.churn(x, t, t / 2, seed=1)
+    yield lambda: fk.lms_step(x, p, [0.1, 0.05], history=[pu], t=t)
     yield lambda: fk.sample(lambda x, t: -x, x, steps=3, progress=False)
     yield lambda: fk.sample(lambda x, t: -x, x, steps=3, method="heun", progress=False)
     yield lambda: fk.sample(lambda x, t: -x, x, steps=3, method="dpmpp_2m", progress=False)
     yield lambda: fk.sample(lambda x, t: -x, x, steps=3, method="em", g=0.5,
                             progress=False, seed=1)
+
+
+def step_overloads(ns, c):
+    """(overload name, coefficient args) pairs that run a step's coefficients
+    c = (table, t, s, t_prev, times, kind, params): flowkern_triton:: has one
+    op of this full signature; a native step has its `.times` overload (every
+    form) and its default one without the time tensors (schemas.inc), which
+    the public calls use when no time is a tensor."""
+    if ns != "flowkern":
+        return [("default", c)]
+    pairs = [("times", c)]
+    if c[1] is None and c[2] is None and c[3] is None:
+        pairs.append(("default", (c[0], *c[4:])))
+    return pairs

@@ -138,20 +138,38 @@ def step_table(rows, per_sample, churn=False):
     return flowkern.step_table("cosine", t, s, t_prev=t - 0.07, g=0.7, dtype=torch.float64)
 
 
+def step_times(rows, seed, dtype, lo=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    return (lo + 0.7 * torch.rand(rows, generator=gen, dtype=torch.float64)).to(dtype)
+
+
 def step_coefs(rows):
-    """(table, times, kind, params) of a step: a given table (one row, one per
-    sample), or the times with a built-in schedule (the row by value)."""
-    out = [(step_table(rows, False), [], -1, [])]
+    """(table, t, s, t_prev, times, kind, params) of a step: a given table
+    (one row, one per sample), the times with a built-in schedule (the row by
+    value), or per-sample times as tensors (float32, float64 and 16-bit
+    ones; one per row or one for the batch), which the kernel evaluates."""
+    out = [(step_table(rows, False), None, None, None, [], -1, [])]
     if rows:
-        out.append((step_table(rows, True), [], -1, []))
-    out += [(None, [0.3, 0.45, 0.2, 0.7], 1, []), (None, [0.4, 0.5, NAN, 0.0], 3, [0.1, 20.0]),
-            (None, [0.2, 0.6, 0.1, 0.3], 5, [0.002, 80.0, 7.0])]
+        out.append((step_table(rows, True), None, None, None, [], -1, []))
+    out += [(None, None, None, None, [0.3, 0.45, 0.2, 0.7], 1, []),
+            (None, None, None, None, [0.4, 0.5, NAN, 0.0], 3, [0.1, 20.0]),
+            (None, None, None, None, [0.2, 0.6, 0.1, 0.3], 5, [0.002, 80.0, 7.0])]
+    t = step_times(rows, 1, torch.float32)
+    out += [(None, t, t + 0.1, t - 0.05, [0.0, 0.0, 0.0, 0.7], 1, []),
+            (None, step_times(rows, 2, torch.float64), None, None, [0.0, 0.9, NAN, 0.0], 3,
+             [0.1, 20.0]),
+            (None, None, step_times(rows, 3, torch.bfloat16, 0.25), step_times(1, 4, torch.float16),
+             [0.2, 0.0, 0.0, 0.3], 5, [0.002, 80.0, 7.0]),
+            (None, None, step_times(1, 6, torch.float32).expand(rows), None,
+             [0.05, 0.0, NAN, 0.0], 0, [])]
     return out
 
 
 def churn_coefs(rows):
-    return [(step_table(rows, False, churn=True), [], -1, []),
-            (None, [0.5, 0.4, NAN, 0.0], 1, [])]
+    t = step_times(rows, 5, torch.float32, 0.2)
+    return [(step_table(rows, False, churn=True), None, None, None, [], -1, []),
+            (None, None, None, None, [0.5, 0.4, NAN, 0.0], 1, []),
+            (None, t, t - 0.1, None, [0.0, 0.0, NAN, 0.0], 1, [])]
 
 
 def same(sim, cpu, like, n_out=1, noisy=False):
@@ -281,8 +299,8 @@ def test_steps_write_in_place():
     """out=x updates the state (samplers do this)."""
     x, pred = tensors(2, (4, 16), torch.float32)
     want = torch.empty_like(x)
-    CPU.euler_step(x, pred, None, None, [0.2, 0.3, NAN, 0.0], 0, [], 0, 1.0, True, want)
-    SIM.euler_step(x, pred, None, None, [0.2, 0.3, NAN, 0.0], 0, [], 0, 1.0, True, x)
+    CPU.euler_step(x, pred, None, None, None, None, None, [0.2, 0.3, NAN, 0.0], 0, [], 0, 1.0, True, want)
+    SIM.euler_step(x, pred, None, None, None, None, None, [0.2, 0.3, NAN, 0.0], 0, [], 0, 1.0, True, x)
     assert torch.equal(x, want)
 
 
@@ -392,36 +410,53 @@ def _bad_calls():
         "reduction": lambda ops: ops.fm_loss(x0, x0, x1, None, 0.3, 0, [], 0, None, 7, True),
         "weight shape": lambda ops: ops.fm_loss(x0, x0, x1, None, 0.3, 0, [], 0, torch.ones(3),
                                                 0, True),
-        "pred shape": lambda ops: ops.euler_step(x, x1[:, :8], None, None, row, 0, [], 0, 1.0,
+        "pred shape": lambda ops: ops.euler_step(x, x1[:, :8], None, None, None, None, None, row, 0, [], 0, 1.0,
                                                  True, o),
-        "step out": lambda ops: ops.euler_step(x, x1, None, None, row, 0, [], 0, 1.0, True,
+        "step out": lambda ops: ops.euler_step(x, x1, None, None, None, None, None, row, 0, [], 0, 1.0, True,
                                                torch.empty(4, 8)),
-        "prediction": lambda ops: ops.euler_step(x, x1, None, None, row, 0, [], 5, 1.0, True, o),
-        "step table": lambda ops: ops.euler_step(x, x1, None, torch.rand(3, 12), [], -1, [], 0,
+        "prediction": lambda ops: ops.euler_step(x, x1, None, None, None, None, None, row, 0, [], 5, 1.0, True, o),
+        "step table": lambda ops: ops.euler_step(x, x1, None, torch.rand(3, 12), None, None, None, [], -1, [], 0,
                                                  1.0, True, o),
-        "s range": lambda ops: ops.euler_step(x, x1, None, None, [0.2, 1.3, NAN, 0.0], 0, [], 0,
+        "s range": lambda ops: ops.euler_step(x, x1, None, None, None, None, None, [0.2, 1.3, NAN, 0.0], 0, [], 0,
                                               1.0, True, o),
-        "ei sigma 0": lambda ops: ops.ei_step(x, x1, None, None, [1.0, 0.5, NAN, 0.0], 0, [], 1,
+        "ei sigma 0": lambda ops: ops.ei_step(x, x1, None, None, None, None, None, [1.0, 0.5, NAN, 0.0], 0, [], 1,
                                               0, 1.0, True),
-        "form": lambda ops: ops.ei_step(x, x1, None, None, row, 0, [], 1, 4, 1.0, True),
-        "heun uncond": lambda ops: ops.heun_step(x, x1, x, x1, x1, None, None, row, 0, [], 0,
+        "form": lambda ops: ops.ei_step(x, x1, None, None, None, None, None, row, 0, [], 1, 4, 1.0, True),
+        "heun uncond": lambda ops: ops.heun_step(x, x1, x, x1, x1, None, None, None, None, None, row, 0, [], 0,
                                                  1.0, True, o),
-        "churn alpha 0": lambda ops: ops.churn(x, None, [0.0, 0.1, NAN, 0.0], 0, [], 1, 2, None,
+        "churn alpha 0": lambda ops: ops.churn(x, None, None, None, None, [0.0, 0.1, NAN, 0.0], 0, [], 1, 2, None,
                                                True, o),
-        "seeds dtype": lambda ops: ops.churn(x, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2,
+        "seeds dtype": lambda ops: ops.churn(x, None, None, None, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2,
                                              torch.zeros(x.shape[0]), True, o),
-        "seeds shape": lambda ops: ops.churn(x, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2,
+        "seeds shape": lambda ops: ops.churn(x, None, None, None, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2,
                                              torch.zeros(x.shape[0] + 1, dtype=torch.int64),
                                              True, o),
-        "lms gap": lambda ops: ops.lms_step(x, x1, None, x1, None, None, [0.1, 0.2], None, row,
+        "lms gap": lambda ops: ops.lms_step(x, x1, None, x1, None, None, [0.1, 0.2], None, None, None, None, row,
                                             0, [], 0, 1.0, True, o, torch.empty_like(x)),
-        "lms weights": lambda ops: ops.lms_step(x, x1, x1, None, None, None, [0.1], None, row, 0,
+        "lms weights": lambda ops: ops.lms_step(x, x1, x1, None, None, None, [0.1], None, None, None, None, row, 0,
                                                 [], 0, 1.0, True, o, torch.empty_like(x)),
         "lms weight nan": lambda ops: ops.lms_step(x, x1, None, None, None, None, [NAN], None,
-                                                   row, 0, [], 0, 1.0, True, o,
+                                                   None, None, None, row, 0, [], 0, 1.0, True, o,
                                                    torch.empty_like(x)),
         "lms u_out overlap": lambda ops: ops.lms_step(x, x1, None, None, None, None, [0.1], None,
-                                                      row, 0, [], 0, 1.0, True, o, o),
+                                                      None, None, None, row, 0, [], 0, 1.0, True,
+                                                      o, o),
+        "step t shape": lambda ops: ops.euler_step(x, x1, None, None, torch.rand(3), None, None,
+                                                   row, 0, [], 0, 1.0, True, o),
+        "step s int": lambda ops: ops.euler_step(x, x1, None, None, None, torch.ones(4, dtype=torch.int64),
+                                                 None, row, 0, [], 0, 1.0, True, o),
+        "step table and times": lambda ops: ops.euler_step(x, x1, None, torch.rand(1, 12),
+                                                           torch.rand(4), None, None, [], -1, [],
+                                                           0, 1.0, True, o),
+        # a float time beside a times tensor: known on the host, checked always
+        "step float s range": lambda ops: ops.euler_step(
+            x, x1, None, None, torch.full((4,), 0.2), None, None, [0.0, 1.5, NAN, 0.0], 0, [],
+            0, 1.0, True, o),
+        "step float t_prev range": lambda ops: ops.dpmpp_2m_step(
+            x, x1, x1, None, None, torch.full((4,), 0.2), None, None, [0.0, 0.3, -0.5, 0.0], 0,
+            [], 1, 1.0, True, o, torch.empty_like(x)),
+        "step custom kind without table": lambda ops: ops.euler_step(
+            x, x1, None, None, torch.rand(4), None, None, row, -1, [], 0, 1.0, True, o),
         "lincomb terms": lambda ops: ops.lincomb_step(x, [], [0.1], 0.0, 0, 0, None, True, o),
         "lincomb weights": lambda ops: ops.lincomb_step(x, [x1], [0.1], 0.0, 0, 0, None, True, o),
         "lincomb noise_std": lambda ops: ops.lincomb_step(x, [x1], [0.1, 0.2], -1.0, 0, 0, None,
@@ -469,10 +504,10 @@ def test_values_on_the_device_are_checked_with_flowkern_debug(monkeypatch):
     SIM.interpolate(x0, x1, t, 0.0, 0, [], 0, True)  # unchecked on the "device"
     o = torch.empty_like(x0)
     bad_seeds = torch.tensor([1, -3, 2, 4])
-    SIM.churn(x0, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2, bad_seeds, True, o)
+    SIM.churn(x0, None, None, None, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2, bad_seeds, True, o)
     with pytest.raises(ValueError, match=r"per_sample_seeds: expected ints in \[0, 2\^63\), "
                                          r"got -3 at sample 1"):
-        CPU.churn(x0, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2, bad_seeds, True, o)
+        CPU.churn(x0, None, None, None, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2, bad_seeds, True, o)
     with pytest.raises(ValueError, match=r"t: times must lie in \[0, 1\]"):
         SIM.interpolate(x0, x1, None, 1.5, 0, [], 0, True)
     monkeypatch.setenv("FLOWKERN_DEBUG", "1")
@@ -480,13 +515,38 @@ def test_values_on_the_device_are_checked_with_flowkern_debug(monkeypatch):
         SIM.interpolate(x0, x1, t, 0.0, 0, [], 0, True)
     with pytest.raises(ValueError, match=r"per_sample_seeds: expected ints in \[0, 2\^63\), "
                                          r"got -3 at sample 1"):
-        SIM.churn(x0, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2, bad_seeds, True, o)
+        SIM.churn(x0, None, None, None, None, [0.5, 0.1, NAN, 0.0], 0, [], 1, 2, bad_seeds, True, o)
     with pytest.raises(ValueError, match="sigma_t is 0 at some sample"):
         SIM.fm_loss(x0, x0, x1, torch.tensor([0.2, 1.0, 0.3, 0.4]), 0.0, 0, [], 3, None, 0, True)
     tab = flowkern.step_table("linear", torch.tensor([0.2, 1.0, 0.3, 0.4]), 0.5)
     with pytest.raises(ValueError, match="sigma_t is 0 at some sample"):
-        SIM.ei_step(x0, x1, None, tab, [], -1, [], 1, 0, 1.0, True)
-    SIM.ei_step(x0, x1, None, tab, [], -1, [], 1, 0, 1.0, False)  # check=False: the caller did
+        SIM.ei_step(x0, x1, None, tab, None, None, None, [], -1, [], 1, 0, 1.0, True)
+    SIM.ei_step(x0, x1, None, tab, None, None, None, [], -1, [], 1, 0, 1.0, False)  # check=False: the caller did
+    # a step's per-sample times given as tensors: the same, each value rule at a row
+    half, row = torch.full((4,), 0.5), [0.0, 0.0, NAN, 0.0]
+    step_cases = {
+        "t_prev: times must lie in": lambda ops, check: ops.dpmpp_2m_step(
+            x0, x1, x1, None, None, None, None, torch.tensor([0.1, 1.5, 0.2, 0.2]),
+            [0.2, 0.3, 0.0, 0.0], 0, [], 1, 1.0, check, o, torch.empty_like(x0)),
+        "sigma_t is 0 at some sample": lambda ops, check: ops.ei_step(
+            x0, x1, None, None, torch.tensor([0.5, 1.0, 0.2, 0.3]), half, None, row, 0, [], 1, 0,
+            1.0, check),
+        "churn renoises to an earlier time": lambda ops, check: ops.churn(
+            x0, None, half, torch.tensor([0.4, 0.6, 0.1, 0.2]), None, row, 0, [], 1, 2, None,
+            check, o),
+        "em_step integrates forward": lambda ops, check: ops.em_step(
+            x0, x1, None, None, half, torch.tensor([0.6, 0.4, 0.7, 0.8]), None, [0.0, 0.0, NAN, 1.0],
+            0, [], 0, 1.0, 1, 2, None, check, o),
+    }
+    for message, call in step_cases.items():
+        with pytest.raises(ValueError, match=message):
+            call(CPU, True)
+        with pytest.raises(ValueError, match=message):
+            call(SIM, True)
+        call(SIM, False)  # check=False: the caller did
+    monkeypatch.delenv("FLOWKERN_DEBUG")
+    for call in step_cases.values():
+        call(SIM, True)  # unchecked on the "device"
 
 
 def test_one_op_no_table_construction():
@@ -495,16 +555,28 @@ def test_one_op_no_table_construction():
     conversion (docs/design.md §8)."""
     x0, x1 = tensors(2, (8, 64), torch.float32)
     t = times(8)
-    one = t[:1].expand(8)  # one time expanded to the batch: read as its one value, no copy
-    o = torch.empty_like(x0)
+    s, half_t, t64 = t.clamp(max=0.9) + 0.1, 0.5 * t, t.double()
+    one = t[:1].expand(8)
+    o, d = torch.empty_like(x0), torch.empty_like(x0)
     calls = [lambda: SIM.interpolate(x0, x1, None, 0.3, 1, [], 0, True),
-             lambda: SIM.interpolate(x0, x1, one, 0.0, 1, [], 0, False),
              lambda: SIM.interpolate(x0, x1, t, 0.0, 3, [0.1, 20.0], 0, False),
              lambda: SIM.convert(x0, x1, t, 0.0, 5, [0.002, 80.0, 7.0], 0, 2, False),
-             lambda: SIM.euler_step(x0, x1, None, None, [0.2, 0.3, NAN, 0.0], 1, [], 0, 1.0,
+             lambda: SIM.euler_step(x0, x1, None, None, None, None, None, [0.2, 0.3, NAN, 0.0], 1, [], 0, 1.0,
                                     True, o),
-             lambda: SIM.em_step(x0, x1, None, None, [0.2, 0.3, NAN, 0.5], 1, [], 0, 1.0, 3, 4,
-                                 None, True, o)]
+             lambda: SIM.em_step(x0, x1, None, None, None, None, None, [0.2, 0.3, NAN, 0.5], 1,
+                                 [], 0, 1.0, 3, 4, None, True, o),
+             # per-sample times as tensors: evaluated in the kernel, no table
+             lambda: SIM.euler_step(x0, x1, None, None, t, s, None,
+                                    [0.0, 0.0, NAN, 0.0], 1, [], 0, 1.0, False, o),
+             lambda: SIM.dpmpp_2m_step(x0, x1, x1, None, None, t, half_t, t64,
+                                       [0.0, 0.0, 0.0, 0.0], 3, [0.1, 20.0], 1, 1.0, False, o,
+                                       d),
+             lambda: SIM.ei_step(x0, x1, None, None, t, None, None, [0.0, 0.95, NAN, 0.0], 5,
+                                 [0.002, 80.0, 7.0], 1, 0, 1.0, False),
+             # one time expanded to the batch (stride 0): read as its one value, no copy
+             lambda: SIM.interpolate(x0, x1, one, 0.0, 1, [], 0, False),
+             lambda: SIM.euler_step(x0, x1, None, None, one, s, None, [0.0, 0.0, NAN, 0.0], 1,
+                                    [], 0, 1.0, False, o)]
     for call in calls:
         assert_kernels_alone(call)
 

@@ -55,7 +55,8 @@ def cpu_step(op, ins, table, pred, variant, cfg, w, seed, offset, seeds=None):
     x = ins[0]
     out, d_out = torch.empty_like(x), torch.empty_like(x)
     pu = ins[-1] if cfg else None
-    tab = (table, [], -1, [])  # the schemas' coefficient arguments: a table as given
+    # the schemas' coefficient arguments: a table as given
+    tab = (table, None, None, None, [], -1, [])
     if op == "euler_step":
         OPS.euler_step(x, ins[1], pu, *tab, pred, w, False, out)
     elif op == "heun_step":

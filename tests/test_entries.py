@@ -89,6 +89,17 @@ def _usual_calls():
         ("lms", lambda d: fk.lms_step(d.x, d.p, [0.1, 0.05], history=[d.pu], t=0.3)),
         ("lms full", lambda d: fk.lms_step(d.x, d.p, (0.1, -0.05, 0.02, 1), (d.pu, d.h, d.x1),
                                            table=tab, prediction="eps", out=d.o1, u_out=d.o2)),
+        # per-sample times as tensors (mixed with floats; a () tensor; a float64 one)
+        ("euler tensor times", lambda d: fk.euler_step(d.x, d.p, d.t / 2, d.t, "cosine",
+                                                       out=d.x)),
+        ("heun tensor s", lambda d: fk.heun_step(d.x, d.p, d.x1, d.pu, 0.05, d.t, "vp", "eps")),
+        ("ei tensor t", lambda d: fk.ei_step(d.x, d.p, d.t / 2, 0.95, "edm")),
+        ("dpmpp tensor times", lambda d: fk.dpmpp_2m_step(d.x, d.p, d.t / 2, d.t.double(),
+                                                          d_prev=d.pu, t_prev=d.t / 4)),
+        ("em tensor times", lambda d: fk.em_step(d.x, d.p, torch.tensor(0.2), d.t + 0.1, g=0.5,
+                                                 seed=3)),
+        ("churn tensor times", lambda d: fk.churn(d.x, d.t, d.t / 2, seed=1, out=d.o1)),
+        ("lms tensor t", lambda d: fk.lms_step(d.x, d.p, [0.1, 0.05], history=[d.pu], t=d.t)),
         ("lincomb", lambda d: fk.lincomb_step(d.x, [d.p, d.pu], [1.0, 0.5, -0.25])),
         ("lincomb noise", lambda d: fk.lincomb_step(d.x, (d.p,), [1, 0.5], noise_std=0.1,
                                                     seed=2, out=d.x)),
@@ -115,9 +126,13 @@ def test_usual_calls_take_their_entry_and_equal_the_python(name, call, python_pa
     """One op call made by the entry; the same tensors, bit for bit, and the
     same buffers returned as the Python path (which calls the same op)."""
     a = _State()
-    before = _taken()
+    before, by_op = _taken(), ENTRIES.taken()
     got = call(a)
     assert _taken() == before + 1, name
+    # a step given a time tensor calls its `.times` overload, any other its
+    # default one (or .nograd), whose schema lacks the time tensors (schemas.inc)
+    (op,) = [k for k, n in ENTRIES.taken().items() if n != by_op[k]]
+    assert op.endswith((".times", ".times_nograd")) == ("tensor" in name), (name, op)
     b = _State()
     with python_path:
         want = call(b)
@@ -186,7 +201,8 @@ def _unusual(monkeypatch):
         ("FLOWKERN_BACKEND", env(lambda: fk.euler_step(x, p, table=tab))),
         ("backend=torch", lambda: fk.interpolate(x, x1, t, backend="torch")),
         ("schedule object", lambda: fk.interpolate(x, x1, t, schedule=fk.schedules.Cosine())),
-        ("tensor times", lambda: fk.euler_step(x, p, t, t + 0.05)),
+        ("tensor times, schedule object", lambda: fk.euler_step(x, p, t, t + 0.05,
+                                                                fk.schedules.Cosine())),
         ("tensor g", lambda: fk.em_step(x, p, 0.3, 0.4, g=torch.full((5,), 0.5))),
         ("bool time", lambda: fk.euler_step(x, p, False, 0.5)),
         ("subclass", lambda: fk.euler_step(x.as_subclass(_Sub), p, table=tab)),

@@ -28,7 +28,10 @@ def _fast_ops():
     ops = {}
     for family in (ops_steps._NATIVE, ops_training._NATIVE):
         for name, op in vars(family.direct).items():
-            ops[name] = op
+            if hasattr(op, "timed"):  # a step's TimedOp: its two overloads' callers
+                ops[name], ops[name + "_times"] = op.plain, op.timed
+            else:
+                ops[name] = op
     return ops
 
 
@@ -89,6 +92,15 @@ def test_results_equal_torchs_binding():
     assert fast(*_euler_args(x, p, tab, a)) is None
     slow(*_euler_args(x, p, tab, b))
     assert torch.equal(a, b)
+    # a step's `.times` overload: per-sample time tensors
+    fast, slow = _ops("euler_step_times")
+    ts = torch.tensor([0.1, 0.2, 0.3])
+    args = (x, p, None, None, ts, ts + 0.25, None, [0.0, 0.0, float("nan"), 0.0], 0, [], 0, 1.0,
+            True)
+    fast(*args, a)
+    slow(*args, b)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, x + 0.25 * p)
     fast, slow = _ops("interpolate")
     args = (x, x1, torch.rand(3, generator=g), 0.0, 0, [], 0, True)
     ra, rb = fast(*args), slow(*args)
@@ -118,7 +130,8 @@ def test_errors_equal_torchs_binding():
     bad = [
         _euler_args(x, torch.randn(3, 4), tab, torch.empty_like(x)),       # shape
         _euler_args(x, p, tab, torch.empty(3, 5, dtype=torch.float64)),    # out dtype
-        (x, p, None, tab, [], -1, [], 9, 1.0, True, torch.empty_like(x)),  # prediction code
+        # a prediction code out of range
+        (x, p, None, tab, [], -1, [], 9, 1.0, True, torch.empty_like(x)),
         (x, p, None, None, [0.3, 1.5, float("nan"), 0.0], 0, [], 0, 1.0, True, x.clone()),
     ]
     for args in bad:

@@ -105,12 +105,17 @@ def test_nograd_overloads_refuse_inputs_that_need_a_gradient():
         torch.ops.flowkern.interpolate.nograd(a, x1, t, 0.0, 0, [], 0, True)
 
 
-@pytest.mark.parametrize("times", ["float", "table"])
+@pytest.mark.parametrize("times", ["float", "table", "tensor"])
 def test_steps_are_one_call(times):
+    """float times, a step table, or per-sample times as tensors (which the
+    op evaluates at each row: no table built)."""
     grid = torch.linspace(0.1, 0.9, 5)
     tables = fk.step_table("cosine", grid[:-1], grid[1:], t_prev=grid[:-1] - 0.05, g=0.3)
     row = tables[1]  # the caller's view, made before the call
-    kw = dict(t=0.3, s=0.5, schedule="cosine") if times == "float" else dict(table=row)
+    ts = 0.2 + 0.3 * torch.rand(B)
+    ss, ps, hats = ts + 0.2, ts - 0.1, (ts - 0.1).double()
+    kw = {"float": dict(t=0.3, s=0.5, schedule="cosine"), "table": dict(table=row),
+          "tensor": dict(t=ts, s=ss, schedule="cosine")}[times]
     x = torch.randn(B, D)
     out, d_out = torch.empty(B, D), torch.empty(B, D)
     assert_one_op(lambda: fk.euler_step(x, pred, out=out, **kw), "flowkern::euler_step")
@@ -120,21 +125,23 @@ def test_steps_are_one_call(times):
     assert_one_op(lambda: fk.heun_step(x, pred, x1, x0, out=out, **kw), "flowkern::heun_step")
     assert_one_op(lambda: fk.ei_step(x, pred, **kw), "flowkern::ei_step")
     assert_one_op(lambda: fk.ei_step(x, pred, out=out, **kw), "flowkern::ei_step_out")
-    prev = dict(t_prev=0.25) if times == "float" else {}
+    prev = {"float": dict(t_prev=0.25), "table": {}, "tensor": dict(t_prev=ps)}[times]
     assert_one_op(lambda: fk.dpmpp_2m_step(x, pred, d_prev=x1, out=out, d_out=d_out, **kw,
                                            **prev),
                   "flowkern::dpmpp_2m_step")
     g = dict(g=0.3) if times == "float" else {}
     assert_one_op(lambda: fk.em_step(x, pred, seed=3, offset=8, out=out, **kw, **g),
                   "flowkern::em_step")
-    lms = dict(t=0.3, schedule="cosine") if times == "float" else dict(table=row)
+    lms = {"float": dict(t=0.3, schedule="cosine"), "table": dict(table=row),
+           "tensor": dict(t=ts, schedule="cosine")}[times]
     assert_one_op(lambda: fk.lms_step(x, pred, [0.1, 0.2, 0.3], [x1, x0], out=out, u_out=d_out,
                                       **lms), "flowkern::lms_step")
     assert_one_op(lambda: fk.lincomb_step(x, [pred, x1, x0], [0.9, 0.1, 0.2, -0.05],
                                           noise_std=0.3, seed=2, out=out),
                   "flowkern::lincomb_step")
     back = fk.step_table("cosine", grid[2:3], grid[1:2])[0]  # churn goes back: t_hat <= t
-    ch = dict(t=0.5, t_hat=0.3, schedule="cosine") if times == "float" else dict(table=back)
+    ch = {"float": dict(t=0.5, t_hat=0.3, schedule="cosine"), "table": dict(table=back),
+          "tensor": dict(t=ts, t_hat=hats, schedule="cosine")}[times]
     assert_one_op(lambda: fk.churn(x, seed=1, out=out, **ch), "flowkern::churn")
 
 

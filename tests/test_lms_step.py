@@ -12,7 +12,7 @@ import flowkern as fk
 from flowkern._rules import PREDICTIONS
 
 from conftest import DEVICE, backends_under_test, dtypes_for
-from helpers import assert_close, assert_nan_only_at
+from helpers import assert_close, assert_nan_only_at, step_overloads
 
 BACKENDS = backends_under_test()
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
@@ -173,21 +173,29 @@ def _namespaces():
 
 @pytest.mark.parametrize("ns", _namespaces())
 def test_opcheck(ns):
-    op = getattr(torch.ops, ns).lms_step
+    packet = getattr(torch.ops, ns).lms_step
     x, p, pu, h1, h2, h3 = (torch.randn(3, 7, device=DEVICE) for _ in range(6))
     tab = fk.step_table("vp", torch.tensor([0.2, 0.4, 0.5]), torch.tensor([0.2, 0.4, 0.5]),
                         device=DEVICE)
-    coefs = [(tab, [], -1, []), (tab[:1].contiguous(), [], -1, [])]
+    ts = torch.tensor([0.2, 0.4, 0.5], device=DEVICE)  # per-sample times as a tensor
+    coefs = [(tab, None, None, None, [], -1, []),
+             (tab[:1].contiguous(), None, None, None, [], -1, []),
+             (None, ts, ts, None, [0.0, 0.0, float("nan"), 0.0], 3, [0.1, 20.0])]
     if ns == "flowkern":
-        coefs += [(None, [0.2, 0.2, float("nan"), 0.0], 3, [0.1, 20.0])]
+        coefs += [(None, None, None, None, [0.2, 0.2, float("nan"), 0.0], 3, [0.1, 20.0])]
     o, o2 = torch.empty_like(x), torch.empty_like(x)
-    for c in coefs:
-        for pred in range(4):
-            torch.library.opcheck(op, (x, p, h1, h2, h3, pu, WEIGHTS, *c, pred, 2.0, True, o, o2))
-            torch.library.opcheck(op, (x, p, h1, None, None, None, WEIGHTS[:2], *c, pred, 1.0,
-                                       True, o, o2))
-            torch.library.opcheck(op, (x, p, None, None, None, None, WEIGHTS[:1], *c, pred, 1.0,
-                                       True, o, o2))
+    for c0 in coefs:
+        for ov, c in step_overloads(ns, c0):
+            _opcheck(getattr(packet, ov), c, x, p, pu, h1, h2, h3, o, o2)
+
+
+def _opcheck(op, c, x, p, pu, h1, h2, h3, o, o2):
+    for pred in range(4):
+        torch.library.opcheck(op, (x, p, h1, h2, h3, pu, WEIGHTS, *c, pred, 2.0, True, o, o2))
+        torch.library.opcheck(op, (x, p, h1, None, None, None, WEIGHTS[:2], *c, pred, 1.0,
+                                   True, o, o2))
+        torch.library.opcheck(op, (x, p, None, None, None, None, WEIGHTS[:1], *c, pred, 1.0,
+                                   True, o, o2))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

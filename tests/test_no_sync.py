@@ -359,6 +359,7 @@ def cuda_glue_on_cpu(monkeypatch):
     trap sees. Returns the list of the glue ops called."""
     from flowkern import backend as B
     from flowkern.ops import steps as ops_steps
+    from flowkern.ops._registry import TimedOp
     resolve, resolve_for = ops_steps.resolve, ops_steps.resolve_for
     calls = []
 
@@ -371,7 +372,10 @@ def cuda_glue_on_cpu(monkeypatch):
         return "cuda" if name == "cuda" else resolve_for(backend, x)
 
     def counted(name):
-        op = getattr(torch.ops.flowkern_sim, name).default
+        # the full signature the public steps pass, as ops/steps.py _NATIVE's
+        packet = getattr(torch.ops.flowkern_sim, name)
+        op = TimedOp(packet.default, packet.times) if "times" in packet.overloads() \
+            else packet.default
 
         def call(*args):
             calls.append(name)

@@ -10,7 +10,7 @@ from flowkern._rules import PREDICTIONS
 from flowkern.reference import steps as R
 
 from conftest import DEVICE, backends_under_test, dtypes_for
-from helpers import assert_close, assert_nan_only_at
+from helpers import assert_close, assert_nan_only_at, step_overloads
 
 BACKENDS = backends_under_test()
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
@@ -124,6 +124,111 @@ def test_public_times_match_table(backend):
     d = fk.euler_step(x, p, torch.full((3,), 0.3, device=DEVICE), torch.full((3,), 0.35, device=DEVICE),
                       "vp", "eps", backend=backend)
     torch.testing.assert_close(c, d)
+
+
+def _per_sample_calls(x, p, q, T, S, P, backend, rows=None):
+    """Every public step at the times T, S, P (tensors, or one row's floats);
+    em_step's noise per sample (its seed), so a row alone draws the same."""
+    seeds = torch.tensor([5, 9, 2 ** 40, 7, 1], device=DEVICE)
+    seeds = seeds if rows is None else seeds[rows]
+    kw = dict(backend=backend)
+    return {
+        "euler": lambda: fk.euler_step(x, p, T, S, "cosine", "eps", **kw),
+        "heun": lambda: fk.heun_step(x, p, q, p, T, S, "vp", "x1", **kw),
+        "ei_data": lambda: fk.ei_step(x, p, T, S, "edm", "x1", **kw),
+        "ei_noise": lambda: fk.ei_step(x, p, T, S, "linear", "eps", "noise", **kw),
+        "dpmpp_2m": lambda: fk.dpmpp_2m_step(x, p, T, S, "cosine", d_prev=q, t_prev=P,
+                                             **kw)[0],
+        "em": lambda: fk.em_step(x, p, T, S, "vp", "velocity", g=0.5, per_sample_seeds=seeds,
+                                 offset=3, **kw),
+        "churn": lambda: fk.churn(x, S, T, "edm", per_sample_seeds=seeds, **kw),
+        "lms": lambda: fk.lms_step(x, p, [0.1, 0.05], [q], T, "cosine", "x1", **kw)[0],
+    }
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_per_sample_times_are_each_rows_float_times(backend, dtype):
+    """Per-sample times given as tensors (float32 t, float64 s, 16-bit t_prev),
+    which the native ops evaluate at each row with no table: row b equals the
+    same step at row b's times as floats, bit for bit (both evaluate the
+    schedule in double); triton builds a table (step_table) and agrees to
+    rounding. Also against the torch backend at the same tensors."""
+    if dtype == torch.float64 and backend not in ("cpu", "triton"):
+        pytest.skip("float64 on the cpu and triton backends")
+    x, p, q = (a.to(dtype) for a in _inputs((5, 3, 7), torch.float64, seed=4)[:3])
+    T = torch.tensor([0.2, 0.35, 0.5, 0.05, 0.7], device=DEVICE)
+    S = (T.double() + torch.tensor([0.1, 0.3, 0.05, 0.2, 0.25], device=DEVICE,
+                                   dtype=torch.float64))
+    P = (T - 0.04).to(torch.float16)
+    whole = _per_sample_calls(x, p, q, T, S, P, backend)
+    ref = _per_sample_calls(x, p, q, T, S, P, "torch")
+    for name, call in whole.items():
+        got = call()
+        for b in range(x.shape[0]):
+            one = _per_sample_calls(x[b:b + 1], p[b:b + 1], q[b:b + 1], float(T[b]), float(S[b]),
+                                    float(P[b]), backend, rows=[b])[name]()
+            if backend == "triton":
+                torch.testing.assert_close(got[b:b + 1], one, msg=lambda m: f"{name} row {b}: {m}")
+            else:
+                assert torch.equal(got[b:b + 1], one), f"{name}: row {b} differs"
+        want = ref[name]()
+        # the torch backend's table is step_table's, computed in x's accumulation dtype
+        tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+        if name in ("em", "churn"):
+            tol = max(tol, 1e-6)  # the kernels draw the noise in float32 (docs/design.md §4)
+        err = (got.double() - want.double()).abs().max().item()
+        assert err <= tol * max(1.0, want.double().abs().max().item()), f"{name}: {err}"
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
+def test_per_sample_times_broadcast_and_errors():
+    """A () or (1,) times tensor serves the batch as its float does; bad
+    times tensors raise naming the argument; times that need a gradient are
+    refused (the fused ops do not differentiate in t)."""
+    x, p = _inputs((4, 9), torch.float32)[:2]
+    a = fk.dpmpp_2m_step(x, p, torch.tensor(0.3), torch.tensor([0.5]), d_prev=p, t_prev=0.2)[0]
+    b = fk.dpmpp_2m_step(x, p, 0.3, 0.5, d_prev=p, t_prev=0.2)[0]
+    assert torch.equal(a, b)
+    bad = [
+        (lambda: fk.euler_step(x, p, torch.rand(3), 0.5), ValueError,
+         r"t: expected shape \(\) or \(4,\)"),
+        (lambda: fk.euler_step(x, p, 0.2, torch.ones(4, dtype=torch.int64)), TypeError,
+         "s: expected a floating tensor"),
+        (lambda: fk.euler_step(x, p, torch.full((4,), 0.2), torch.tensor([0.3, 0.4, 1.2, 0.5])),
+         ValueError, r"s: times must lie in \[0, 1\]"),
+        (lambda: fk.dpmpp_2m_step(x, p, 0.3, 0.5, d_prev=p, t_prev=torch.full((4,), -0.1)),
+         ValueError, r"t_prev: times must lie in \[0, 1\]"),
+        (lambda: fk.ei_step(x, p, torch.tensor([0.5, 1.0, 0.2, 0.3]), 0.6, prediction="x1"),
+         ValueError, "sigma_t is 0 at some sample"),
+        (lambda: fk.em_step(x, p, torch.full((4,), 0.5), torch.tensor([0.6, 0.4, 0.7, 0.8]),
+                            seed=1), ValueError, "s >= t"),
+        (lambda: fk.euler_step(x, p, torch.full((4,), 0.2, requires_grad=True), 0.5),
+         RuntimeError, "argument 't' requires grad"),
+        (lambda: fk.ei_step(x, p, 0.2, torch.full((4,), 0.5, requires_grad=True)),
+         RuntimeError, "argument 's' requires grad"),
+        (lambda: fk.ei_step(x.requires_grad_(), p, 0.2, torch.full((4,), 0.5,
+                                                                     requires_grad=True)),
+         RuntimeError, "argument 's' requires grad"),
+        (lambda: fk.dpmpp_2m_step(x.detach(), p, 0.3, 0.5, d_prev=p,
+                                  t_prev=torch.full((4,), 0.2, requires_grad=True)),
+         RuntimeError, "argument 't_prev' requires grad"),
+    ]
+    for k, (fn, exc, pattern) in enumerate(bad):
+        with pytest.raises(exc, match=pattern):
+            fn()
+    # under torch.compile: the same op call, no graph break
+    torch._dynamo.reset()
+    T, S = torch.rand(4) * 0.5, torch.rand(4) * 0.4 + 0.5
+    step = torch.compile(lambda a, b, t, s: fk.dpmpp_2m_step(a, b, t, s, "vp", d_prev=b,
+                                                             t_prev=t * 0.5)[0],
+                         fullgraph=True)
+    torch.testing.assert_close(step(x.detach(), p, T, S),
+                               fk.dpmpp_2m_step(x.detach(), p, T, S, "vp", d_prev=p,
+                                                t_prev=T * 0.5)[0])
+    # g as a tensor: the step table path, same numbers as the float g
+    g = fk.em_step(x.detach(), p, 0.3, 0.5, g=torch.full((4,), 0.5), seed=2)
+    torch.testing.assert_close(g, fk.em_step(x.detach(), p, 0.3, 0.5, g=0.5, seed=2))
 
 
 def test_noise_is_the_same_on_every_backend():
@@ -306,33 +411,46 @@ def test_opcheck(ns):
     shared = tab[:1].contiguous()
     o, o2 = torch.empty_like(x), torch.empty_like(x)
     seeds = torch.tensor([3, 2 ** 40, 0], device=DEVICE)  # per-sample seeds
-    # the coefficient arguments (table, times, kind, params): a per-sample and a
-    # shared table; on the native ops also float times + a built-in schedule
-    coefs = [(tab, [], -1, []), (shared, [], -1, [])]
+    # the coefficient arguments (table, t, s, t_prev, times, kind, params): a
+    # per-sample and a shared table; per-sample times as tensors; on the
+    # native ops also float times + a built-in schedule
+    ts = torch.tensor([0.2, 0.4, 0.5], device=DEVICE)
+    coefs = [(tab, None, None, None, [], -1, []), (shared, None, None, None, [], -1, []),
+             (None, ts, ts + 0.1, (ts - 0.1).double(), [0.0, 0.0, 0.0, 0.5], 3, [0.1, 20.0])]
     if ns == "flowkern":
-        coefs += [(None, [0.2, 0.3, 0.1, 0.5], 3, [0.1, 20.0]),
-                  (None, [0.4, 0.45, float("nan"), 0.0], 1, [])]
+        coefs += [(None, None, None, None, [0.2, 0.3, 0.1, 0.5], 3, [0.1, 20.0]),
+                  (None, None, None, None, [0.4, 0.45, float("nan"), 0.0], 1, []),
+                  (None, None, ts[:1], None, [0.1, 0.0, float("nan"), 0.0], 5,
+                   [0.002, 80.0, 7.0])]
     for c in coefs:
-        for pred in range(4):
-            torch.library.opcheck(ops.euler_step, (x, p, pu, *c, pred, 2.0, True, o))
-            torch.library.opcheck(ops.euler_step, (x, p, None, *c, pred, 1.0, True, o))
-            torch.library.opcheck(ops.heun_step, (x, p, xe, pe, pu, pe, *c, pred, 2.0, True, o))
-            torch.library.opcheck(ops.ei_step_out, (x, p, None, *c, pred, 1, 1.0, True, o))
-            torch.library.opcheck(ops.dpmpp_2m_step, (x, p, dp, pu, *c, pred, 1.5, True, o, o2))
-            torch.library.opcheck(ops.dpmpp_2m_step,
-                                  (x, p, None, None, *c, pred, 1.0, True, o, o2))
-            torch.library.opcheck(ops.em_step, (x, p, pu, *c, pred, 2.0, 3, 5, None, True, o))
-            torch.library.opcheck(ops.em_step, (x, p, None, *c, pred, 1.0, 0, 5, seeds, True, o))
-            torch.library.opcheck(ops.ei_step_backward, (x, *c, pred, 0, 1.5, True))
-        xg, pg, pug = (v.clone().requires_grad_() for v in (x, p, pu))
-        torch.library.opcheck(ops.ei_step.default, (xg, pg, pug, *c, 1, 0, 1.5, True))
-        torch.library.opcheck(ops.ei_step.default, (xg, pg, None, *c, 2, 1, 1.0, True))
-        if ns == "flowkern":
-            torch.library.opcheck(ops.ei_step.nograd, (x, p, pu, *c, 1, 0, 1.5, True))
-        # these coefficients step forward (t < s): churn's direction check
-        # (t_hat <= t) would refuse them, so it runs with check=False here
-        torch.library.opcheck(ops.churn, (x, *c, 11, 0, None, False, o))
-        torch.library.opcheck(ops.churn, (x, *c, 0, 7, seeds, False, o))
+        for ov, c in step_overloads(ns, c):
+            _opcheck_steps(ops, ov, c, x, p, pu, xe, pe, dp, o, o2, seeds)
+
+
+def _opcheck_steps(ops, ov, c, x, p, pu, xe, pe, dp, o, o2, seeds):
+    def op(name):
+        return getattr(getattr(ops, name), ov)
+    for pred in range(4):
+        torch.library.opcheck(op("euler_step"), (x, p, pu, *c, pred, 2.0, True, o))
+        torch.library.opcheck(op("euler_step"), (x, p, None, *c, pred, 1.0, True, o))
+        torch.library.opcheck(op("heun_step"), (x, p, xe, pe, pu, pe, *c, pred, 2.0, True, o))
+        torch.library.opcheck(op("ei_step_out"), (x, p, None, *c, pred, 1, 1.0, True, o))
+        torch.library.opcheck(op("dpmpp_2m_step"), (x, p, dp, pu, *c, pred, 1.5, True, o, o2))
+        torch.library.opcheck(op("dpmpp_2m_step"), (x, p, None, None, *c, pred, 1.0, True, o, o2))
+        torch.library.opcheck(op("em_step"), (x, p, pu, *c, pred, 2.0, 3, 5, None, True, o))
+        torch.library.opcheck(op("em_step"), (x, p, None, *c, pred, 1.0, 0, 5, seeds, True, o))
+        if ov != "default" or len(c) == 7:  # ei_step_backward: the full signature only
+            torch.library.opcheck(ops.ei_step_backward.default, (x, *c, pred, 0, 1.5, True))
+    xg, pg, pug = (v.clone().requires_grad_() for v in (x, p, pu))
+    torch.library.opcheck(op("ei_step"), (xg, pg, pug, *c, 1, 0, 1.5, True))
+    torch.library.opcheck(op("ei_step"), (xg, pg, None, *c, 2, 1, 1.0, True))
+    if hasattr(ops.ei_step, "nograd"):
+        nograd = ops.ei_step.nograd if ov == "default" else ops.ei_step.times_nograd
+        torch.library.opcheck(nograd, (x, p, pu, *c, 1, 0, 1.5, True))
+    # these coefficients step forward (t < s): churn's direction check
+    # (t_hat <= t) would refuse them, so it runs with check=False here
+    torch.library.opcheck(op("churn"), (x, *c, 11, 0, None, False, o))
+    torch.library.opcheck(op("churn"), (x, *c, 0, 7, seeds, False, o))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -183,6 +183,8 @@ def _vmapped(backend):
         ("ei_step", lambda z: fk.ei_step(z, a, 0.2, 0.5, "cosine", backend=backend)),
         ("ei_step-cfg", lambda z: fk.ei_step(a, z, 0.2, 0.5, pred_uncond=b, guidance=1.5,
                                              backend=backend)),
+        ("ei_step-times", lambda z: fk.ei_step(z, a, t * 0.5, t * 0.5 + 0.3, "vp", "eps",
+                                               "noise", backend=backend)),
         ("flowmap_loss", lambda z: fk.flowmap_loss(a, z, c, 0.2, 0.6, reduction="none",
                                                    backend=backend)),
         ("flowmap_loss-times", lambda z: fk.flowmap_loss(z, a, c[:1], t * 0.5, t * 0.5 + 0.3,
@@ -192,7 +194,7 @@ def _vmapped(backend):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("index", range(9), ids=lambda i: _vmapped("torch")[i][0])
+@pytest.mark.parametrize("index", range(10), ids=lambda i: _vmapped("torch")[i][0])
 def test_vmap_runs_one_kernel(backend, index):
     """vmap over N batches equals the loop over them and runs the batching
     rule (one op call on N*B rows), not torch's per-sample fallback."""
@@ -222,6 +224,11 @@ def test_a_tangent_in_the_times_is_an_error(backend):
                        (torch.ones_like(t),))
     with pytest.raises(RuntimeError, match="argument 't' carries a forward-mode tangent"):
         torch.func.jvp(lambda tt: fk.ei_step(x, v, tt * 0.5, 0.7, backend=backend), (t,),
+                       (torch.ones_like(t),))
+    # (triton's times become a table first, whose tangent is named t)
+    s_named = "s" if backend != "triton" else "t"
+    with pytest.raises(RuntimeError, match=f"argument '{s_named}' carries a forward-mode tangent"):
+        torch.func.jvp(lambda ss: fk.ei_step(x, v, 0.1, ss * 0.5 + 0.2, backend=backend), (t,),
                        (torch.ones_like(t),))
     # and the torch backend does differentiate in t
     _, tan = torch.func.jvp(lambda tt: fk.interpolate(x, v, tt, backend="torch")[0], (t,),

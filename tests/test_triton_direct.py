@@ -49,7 +49,8 @@ def _probe(name="euler_step"):
 
 def _args(**kw):
     x, p, out = torch.randn(3, 5), torch.randn(3, 5), torch.empty(3, 5)
-    a = dict(x=x, pred=p, pred_uncond=None, table=None, times=[0.2, 0.3, 0.0, 0.0], kind=0,
+    a = dict(x=x, pred=p, pred_uncond=None, table=None, t=None, s=None, t_prev=None,
+             times=[0.2, 0.3, 0.0, 0.0], kind=0,
              params=[], prediction=0, guidance=1.0, check=False, out=out)
     a.update(kw)
     return a
@@ -234,7 +235,8 @@ def test_results_equal_the_dispatcher_path():
     """The same step through the ImplOp and through the custom op: equal."""
     x, v, pu = torch.randn(6, 9), torch.randn(6, 9), torch.randn(6, 9)
     op = R.ops_for("triton").euler_step
-    args = lambda out: (x, v, pu, None, [0.2, 0.3, 0.0, 0.0], 0, [], 1, 1.5, False, out)  # noqa: E731
+    args = lambda out: (x, v, pu, None, None, None, None, [0.2, 0.3, 0.0, 0.0], 0, [], 1,  # noqa: E731
+                        1.5, False, out)
     a, b = torch.empty_like(x), torch.empty_like(x)
     taken = op.taken
     op(*args(a))

@@ -168,6 +168,7 @@ def test_eager_calls_launch_without_the_wrap_triton_hop(monkeypatch):
     launcher = importlib.import_module("flowkern.triton.steps")
     monkeypatch.setattr(launcher, "euler_step", lambda *a: seen.append(is_wrap_triton_enabled()))
     x = torch.randn(2, 3)
-    R.TRITON_IMPLS["flowkern_triton::euler_step"](x, x, None, None, [0.2, 0.3, 0.0, 0.0], 0,
-                                                    [], 0, 1.0, False, torch.empty(2, 3))
+    R.TRITON_IMPLS["flowkern_triton::euler_step"](x, x, None, None, None, None, None,
+                                                    [0.2, 0.3, 0.0, 0.0], 0, [], 0, 1.0, False,
+                                                    torch.empty(2, 3))
     assert seen == [False] and is_wrap_triton_enabled()

@@ -1,5 +1,5 @@
 // The Autograd-key kernel of the ops that have no derivative: every `.nograd`
-// overload (flowkern/ops/_registry.py register(nograd=True)) and every op that
+// (and `.times_nograd`) overload (flowkern/ops/_registry.py register(nograd=True)) and every op that
 // writes into a caller's buffer (interpolate_out and the in-place steps).
 //
 // - An argument that needs a gradient (grad mode on) is a clear error naming
@@ -84,20 +84,24 @@ void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
                         torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
   const size_t n = args.size(), base = stack->size() - n;
-  const bool nograd = op.schema().overload_name() == "nograd";
+  // a `.nograd` or `.times_nograd` overload (printed with its name), or an op
+  // that writes a buffer
+  const std::string& overload = op.schema().overload_name();
+  const bool nograd = overload.ends_with("nograd");
+  const auto suffix = [&] { return nograd ? "." + overload : std::string(); };  // errors only
   if (c10::GradMode::is_enabled()) {
     for (size_t i = 0; i < n; ++i) {
       if (!needs_grad((*stack)[base + i])) continue;
       const std::string& name = args[i].name();
-      TORCH_CHECK(name != "t" && name != "table",
+      TORCH_CHECK(name != "t" && name != "s" && name != "t_prev" && name != "table",
                   op.schema().name(), ": argument '", name, "' requires grad, and the fused "
                   "ops do not differentiate in the times; detach it, or use backend='torch' "
                   "for derivatives in t");
       TORCH_CHECK(false, op.schema().name(),
-                  nograd ? ".nograd" : "", ": argument '", args[i].name(),
+                  suffix(), ": argument '", args[i].name(),
                   "' requires grad, and ",
-                  nograd ? "this overload does not differentiate; call the default overload, "
-                           "which does"
+                  nograd ? "this overload does not differentiate; call the one without "
+                           "'nograd' (ei_step: default or .times), which does"
                          : "this op writes into a buffer and has no derivative; call it under "
                            "torch.no_grad() or on detached tensors (ei_step without out= is "
                            "the differentiable step)");
@@ -110,7 +114,7 @@ void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
   for (size_t i = 0; i < n; ++i) {
     const c10::IValue& v = (*stack)[base + i];
     TORCH_CHECK(!carries_tangent(v), op.schema().name(),
-                nograd ? ".nograd" : "", ": argument '", args[i].name(),
+                suffix(), ": argument '", args[i].name(),
                 "' carries a forward-mode tangent (torch.func.jvp / forward_ad), and ",
                 nograd ? "this overload has no forward-mode formula; call the public function "
                          "(flowkern.interpolate, convert, flow_matching_loss, ei_step), which has one"
@@ -136,11 +140,11 @@ void inplace_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
 }  // namespace
 
 // The ops of the schema list (schemas.h) without a derivative: every
-// `.nograd` overload and every op with a written argument (Tensor(a!)).
+// `.nograd` and `.times_nograd` overload and every op with a written argument (Tensor(a!)).
 TORCH_LIBRARY_IMPL(flowkern, Autograd, m) {
   for (const char* schema : kSchemas) {
     const std::string_view name = schema_name(schema);
-    if (name.ends_with(".nograd") || std::string_view(schema).find("!)") != std::string_view::npos)
+    if (name.ends_with("nograd") || std::string_view(schema).find("!)") != std::string_view::npos)
       m.impl(std::string(name).c_str(),  // parsed into the op's name before the call returns
              torch::CppFunction::makeFromBoxedFunction<&no_autograd_kernel>());
   }

@@ -30,7 +30,7 @@ Tensor flowmap_loss(const Tensor& x_, const Tensor& pred_, const Tensor& target_
     using A = fk::acc_t<T>;
     const auto c = map_coef<A>(FK_MAP_PASS, x, check);
     if (check) check_map(c, prediction, form);
-    run_loss<T>(fk::FlowMapResidualFn<A>{c.src(), int(prediction), int(form)}, rows, inner,
+    run_loss<T>(fk::FlowMapResidualFn<A>{map_src_of(c), int(prediction), int(form)}, rows, inner,
                 {{cptr<T>(x), cptr<T>(pred), cptr<T>(target)}}, w, reduction == NONE, denom,
                 mptr<T>(out));
   });
@@ -66,7 +66,7 @@ std::vector<Tensor> flowmap_loss_backward(const Tensor& grad, const Tensor& x_,
       for (int k = 0; k < Fn::NO; ++k) out.p[k] = mptr<T>(g[size_t(k)]);
       run_lincomb<T>(fn, rows, inner, in, out);
     };
-    fk::with_flowmap_bwd_fn(c.src(), int(prediction), int(form), rg, grad_x, grad_target, run);
+    fk::with_flowmap_bwd_fn(map_src_of(c), int(prediction), int(form), rg, grad_x, grad_target, run);
   });
   return g;
 }

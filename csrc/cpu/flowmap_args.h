@@ -59,47 +59,31 @@ inline const OptT& map_table_arg(const OptT& t) {
 // That table with its shape checked, converted to the accumulation dtype on
 // x's device where it is not (step_args.h step_coef).
 template <class A> StepCoef<A> map_table(const OptT& t, const Tensor& x) {
-  return step_coef<A>(map_table_arg(t), {}, kTableKind, {}, x, false);
+  return step_coef<A>(map_table_arg(t), {}, {}, {}, {}, kTableKind, {}, x, false);
 }
 
-// The flow map's coefficients on the host: the caller's step table, or the
-// built-in schedule and the times t and s (each one, or one per row; read
-// and shape-checked by coef_args.h read_times, range-checked when `check`)
-// as the kernels read them (src: fk::MapSrc evaluates the schedule per row).
-template <class A> struct MapCoef {
-  bool is_table = false;
-  StepCoef<A> table;             // is_table
-  std::vector<double> tt, ts;    // otherwise: the times
-  int64_t kind = 0;
-  std::vector<double> params;
-  fk::MapSrc<A> src() const {
-    if (is_table) return fk::step_table_src(table.ptr, table.n == 1 ? 0 : 1);
-    fk::MapSrc<A> m;
-    m.t = {tt.data(), true, tt.size() == 1 ? 0 : 1, 0.0};  // row r of n = 1 or B
-    m.s = {ts.data(), true, ts.size() == 1 ? 0 : 1, 0.0};
-    m.kind = int(kind);
-    for (size_t i = 0; i < params.size(); ++i) m.p[i] = params[i];
-    return m;
-  }
-};
-
-template <class A> MapCoef<A> map_coef(FK_MAP_ARGS, const Tensor& x, bool check) {
+// The flow map's coefficients on the host (step_args.h step_coef): the
+// caller's step table; or the built-in schedule at the times t and s (each
+// one, or one per row; read and shape-checked by coef_args.h read_times,
+// range-checked when `check`): one row built here when both are floats, else
+// evaluated at each row where it is read.
+template <class A> StepCoef<A> map_coef(FK_MAP_ARGS, const Tensor& x, bool check) {
   check_schedule(kind, params);
-  MapCoef<A> c;
-  if (kind == kTableKind) {
-    c.is_table = true;
-    c.table = map_table<A>(t, x);
-    return c;
-  }
-  c.tt = read_times(t, t_value, rows_of(x), x, "t");
-  c.ts = read_times(s, s_value, rows_of(x), x, "s");
-  if (check) {
-    check_unit_interval("t", c.tt);
-    check_unit_interval("s", c.ts);
-  }
-  c.kind = kind;
-  c.params = params;
-  return c;
+  if (kind == kTableKind) return map_table<A>(t, x);
+  return step_coef<A>(std::nullopt, t, s, std::nullopt, {t_value, s_value, NAN, 0.0}, kind,
+                      params, x, check);
+}
+
+// The flow map kernels' view of those rows (fk::MapSrc): a table, or the
+// schedule at each row's two times.
+template <class A> fk::MapSrc<A> map_src_of(const StepCoef<A>& c) {
+  if (c.src.table != nullptr) return fk::step_table_src(c.src.table, c.n == 1 ? 0 : 1);
+  fk::MapSrc<A> m;
+  m.t = c.src.t;
+  m.s = c.src.s;
+  m.kind = c.src.kind;
+  for (int i = 0; i < fk::kSchedParams; ++i) m.p[i] = c.src.p[i];
+  return m;
 }
 
 // The flow map's value checks, at t (flowkern/ops/flowmap.py): the division
@@ -124,11 +108,6 @@ template <class A> void check_map(const HostCoef<A>& c, int64_t prediction, int6
     check_nonzero(c, "t", "alpha_t", map_form_divides(form),
                   [](fk::Sched<A> r) { return r.alpha; });
   check_convert(c, prediction, form == fk::EI_DATA ? fk::X1 : fk::EPS);
-}
-
-template <class A> void check_map(const MapCoef<A>& c, int64_t prediction, int64_t form) {
-  if (c.is_table) check_map(c.table, prediction, form);
-  else check_map(host_coef_at<A>(c.tt, c.kind, c.params), prediction, form);
 }
 
 // The codes both ops take.

@@ -17,9 +17,10 @@
 
 namespace flowkern_cpu {
 
-#define FK_STEP_ARGS \
-  const OptT &table, const std::vector<double>& times, int64_t kind, const std::vector<double>& params
-#define FK_STEP_PASS table, times, kind, params
+#define FK_STEP_ARGS                                                                  \
+  const OptT &table, const OptT &t, const OptT &s, const OptT &t_prev,                     \
+      const std::vector<double>&times, int64_t kind, const std::vector<double>&params
+#define FK_STEP_PASS table, t, s, t_prev, times, kind, params
 
 
 
@@ -52,25 +53,86 @@ inline fk::NoiseKey noise_key(int64_t seed, int64_t offset, const OptT& seeds) {
           seeds ? static_cast<const int64_t*>(seeds->const_data_ptr()) : nullptr};
 }
 
-// A step's coefficient rows: a (1 or B, STEP_COLS) table in the accumulation type.
+// A step's coefficient rows as the kernels read them (`src`): a (1 or B,
+// STEP_COLS) table in the accumulation type, or per-sample times evaluated
+// at each row (fk::StepSrc::by_time). Move-only: `src` points into its own
+// buffers.
 template <class A> struct StepCoef {
   using value_type = A;
   // The table tensor, when given. (Optional: a default-constructed stable
   // Tensor is a shim call and two heap objects, on every step call.)
   OptT keep;
-  std::vector<A> own;  // the row built here
-  const A* ptr;
-  i64 n;               // rows: 1 (shared by the batch) or B
-  i64 stride() const { return n == 1 ? 0 : fk::STEP_COLS; }
-  fk::StepRow<A> row(i64 i) const { return fk::load_step(ptr, stride(), i); }
+  std::vector<A> own;                        // the one row built here from float times
+  std::array<std::vector<double>, 3> times;  // per-sample t, s, t_prev read here
+  fk::StepSrc<A> src;
+  i64 n = 1;  // rows: 1 (shared by the batch) or B
+  StepCoef() = default;
+  StepCoef(StepCoef&&) = default;
+  StepCoef& operator=(StepCoef&&) = default;
+  StepCoef(const StepCoef&) = delete;
+  fk::StepRow<A> row(i64 i) const { return src.at(i); }
+  // rows read from a table at `ptr` (n of them)
+  void read_table(const A* ptr, i64 rows) {
+    n = rows;
+    src = fk::StepSrc<A>{};
+    src.table = ptr;
+    src.stride = rows == 1 ? 0 : fk::STEP_COLS;
+  }
 };
 
+// The times tensors of a step, t, s and t_prev (names in errors).
+inline std::array<const OptT*, 3> step_time_tensors(const OptT& t, const OptT& s,
+                                                    const OptT& t_prev) {
+  return {&t, &s, &t_prev};
+}
+constexpr const char* kStepTimeNames[3] = {"t", "s", "t_prev"};
+
+// Whether a step's times come as tensors (per-sample times), with no table.
+inline bool step_by_time(const OptT& t, const OptT& s, const OptT& t_prev) {
+  return t.has_value() || s.has_value() || t_prev.has_value();
+}
+
+// A step's schedule without a table: built in, and its four float times.
+inline void check_step_schedule(int64_t kind, const std::vector<double>& params,
+                                const std::vector<double>& times) {
+  check_schedule(kind, params);
+  FK_CHECK_VALUE(kind != kTableKind, "table: a custom schedule's step table is missing");
+  FK_CHECK(times.size() == 4, "times: expected [t, s, t_prev, g]");
+}
+
+// The range check of a step's times (flowkern._validate's rule): the floats
+// in `times` always (t_prev unless NaN, absent); the tensors' values where
+// `values` holds them (null: not read here, as on the device).
+inline void check_step_times(const std::array<const OptT*, 3>& tensors,
+                             const std::vector<double>& times,
+                             const std::array<std::vector<double>, 3>* values) {
+  for (size_t i = 0; i < 3; ++i) {
+    if (tensors[i]->has_value()) {
+      if (values != nullptr) check_unit_interval(kStepTimeNames[i], (*values)[i]);
+    } else if (i < 2 || !std::isnan(times[2])) {
+      check_unit_interval(kStepTimeNames[i], {times[i]});
+    }
+  }
+}
+
+// A step's coefficient rows on the host: the caller's table; or the
+// built-in schedule at the times, in double, rounded to A — the one row,
+// built here, when every time is a float (times = [t, s, t_prev, g]), else
+// evaluated at each row of the times tensors t, s, t_prev (each (), (1,) or
+// (B,), floating, on x's device, on the host here: the CUDA glue passes host
+// copies or none) where the row is read.
+// check: range-check the times (flowkern._validate's rule).
+// times_like: the device the times tensors must be on, when not x's (the
+// CUDA glue's host copies).
 template <class A>
-inline StepCoef<A> step_coef(FK_STEP_ARGS, const Tensor& x, bool check) {
+inline StepCoef<A> step_coef(FK_STEP_ARGS, const Tensor& x, bool check,
+                             const Tensor* times_like = nullptr) {
   StepCoef<A> c;
   const i64 rows = rows_of(x);
   const auto acc = torch::headeronly::CppTypeToScalarType<A>::value;
   if (table.has_value()) {
+    FK_CHECK_VALUE(!step_by_time(t, s, t_prev), "table: give a step table or the times "
+                   "t, s, t_prev as tensors, not both");
     Tensor tab = *table;
     FK_CHECK_VALUE(tab.dim() == 1 || tab.dim() == 2, "table: expected shape (",
                    fk::STEP_COLS, ",), (1, ", fk::STEP_COLS, ") or (", rows, ", ",
@@ -88,32 +150,37 @@ inline StepCoef<A> step_coef(FK_STEP_ARGS, const Tensor& x, bool check) {
     if (tab.scalar_type() != acc || tab.device() != x.device())
       tab = torch::stable::to(tab, acc, std::nullopt, x.device());
     c.keep = contig(tab);
-    c.ptr = static_cast<const A*>(c.keep->const_data_ptr());
-    c.n = n;
+    c.read_table(static_cast<const A*>(c.keep->const_data_ptr()), n);
     return c;
   }
-  check_schedule(kind, params);
-  FK_CHECK(times.size() == 4, "times: expected [t, s, t_prev, g]");
-  const double t = times[0], s = times[1], tp = times[2], g = times[3];
-  if (check) {
-    check_unit_interval("t", {t});
-    check_unit_interval("s", {s});
-    if (!std::isnan(tp)) check_unit_interval("t_prev", {tp});
+  check_step_schedule(kind, params, times);
+  // the times: each a tensor's values (1 or rows of them, as doubles) or its
+  // float; the schedule is evaluated at a row where the row is read
+  // (fk::StepSrc::timed: per row in the kernel, no table)
+  fk::StepSrc<A>& src = c.src;
+  src.by_time = true;
+  src.kind = int(kind);
+  for (size_t i = 0; i < params.size(); ++i) src.p[i] = params[i];
+  src.g = times[3];
+  const auto tensors = step_time_tensors(t, s, t_prev);
+  fk::TimeSrc* dst[3] = {&src.t, &src.s, &src.t_prev};
+  for (size_t i = 0; i < 3; ++i) {
+    dst[i]->value = times[i];
+    const OptT& ti = *tensors[i];
+    if (!ti.has_value()) continue;
+    std::vector<double>& v = c.times[i];
+    v = read_times(ti, 0.0, rows, times_like ? *times_like : x, kStepTimeNames[i]);
+    dst[i]->p = v.data();
+    dst[i]->f64 = true;
+    dst[i]->step = v.size() == 1 ? 0 : 1;
+    if (v.size() != 1) c.n = i64(v.size());
   }
-  double p[fk::kSchedParams] = {0, 0, 0};
-  for (size_t i = 0; i < params.size(); ++i) p[i] = params[i];
-  const auto st = fk::schedule_at(int(kind), p, t), ss = fk::schedule_at(int(kind), p, s);
-  double ap = 1, sp = 1;
-  if (!std::isnan(tp)) {
-    const auto sc = fk::schedule_at(int(kind), p, tp);
-    ap = sc.alpha, sp = sc.sigma;
+  if (check) check_step_times(tensors, times, &c.times);
+  if (!step_by_time(t, s, t_prev)) {  // float times: the one row, evaluated here once
+    c.own.resize(fk::STEP_COLS);
+    fk::store_step(src.timed(0), c.own.data());
+    c.read_table(c.own.data(), 1);
   }
-  const double row[fk::STEP_COLS] = {st.alpha, st.sigma, st.d_alpha, st.d_sigma,
-                                     ss.alpha, ss.sigma, ss.d_alpha, ss.d_sigma,
-                                     ap,       sp,       s - t,      g};
-  c.own.assign(row, row + fk::STEP_COLS);
-  c.ptr = c.own.data();
-  c.n = 1;
   return c;
 }
 

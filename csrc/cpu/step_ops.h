@@ -16,11 +16,15 @@
 // caller-provided outputs (samplers reuse their buffers; `out` may alias `x`,
 // since every element is read before it is written).
 //
-// Step coefficients, in every schema: `Tensor? table, float[] times, int
-// kind, float[] params` (FK_STEP_ARGS). A table (flowkern.step_table: (12,),
-// (1, 12) or (B, 12)) is used as given; without one, times = [t, s, t_prev,
-// g] (t_prev NaN when absent) and the built-in schedule (kind, params) give
-// the single row, in double precision (step_coef, step_args.h).
+// Step coefficients, in every `.times` schema: `Tensor? table, Tensor? t, Tensor? s,
+// Tensor? t_prev, float[] times, int kind, float[] params` (FK_STEP_ARGS; the
+// default overloads lack t, s, t_prev: Plain below). A
+// table (flowkern.step_table: (12,), (1, 12) or (B, 12)) is used as given;
+// without one, times = [t, s, t_prev, g] (t_prev NaN when absent) and the
+// built-in schedule (kind, params) give the row, in double precision; a time
+// given as a tensor (per-sample times: (), (1,) or (B,)) replaces its float,
+// and the schedule is evaluated at each row's times (step_coef, step_args.h;
+// on CUDA in the kernel, fk::StepSrc).
 #pragma once
 
 #include <vector>
@@ -33,6 +37,7 @@ namespace flowkern_cpu {
 // A step's coefficient arguments, as the schemas pass them.
 struct StepTimes {
   const OptT& table;
+  const OptT &t, &s, &t_prev;
   const std::vector<double>& times;
   int64_t kind;
   const std::vector<double>& params;
@@ -233,18 +238,88 @@ template <class R> struct StepOps {
                              [](const auto&) {});
   }
 
-  // Every op above as the kernel of its schema in library m.
+  // The default overloads: float times or a table, no per-sample time
+  // tensors (their schemas lack t, s, t_prev: schemas.inc), each the op above
+  // with none of them.
+  struct Plain {
+    static inline const OptT none{};
+#define FK_PLAIN_ARGS \
+  const OptT &table, const std::vector<double>&times, int64_t kind, const std::vector<double>&params
+#define FK_PLAIN_PASS table, none, none, none, times, kind, params
+    static void euler_step(const Tensor& x, const Tensor& pred, const OptT& pred_uncond,
+                           FK_PLAIN_ARGS, int64_t prediction, double guidance, bool check,
+                           Tensor& out) {
+      StepOps::euler_step(x, pred, pred_uncond, FK_PLAIN_PASS, prediction, guidance, check,
+                          out);
+    }
+    static void heun_step(const Tensor& x, const Tensor& pred, const Tensor& x_euler,
+                          const Tensor& pred_euler, const OptT& pred_uncond,
+                          const OptT& pred_euler_uncond, FK_PLAIN_ARGS, int64_t prediction,
+                          double guidance, bool check, Tensor& out) {
+      StepOps::heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond,
+                         FK_PLAIN_PASS, prediction, guidance, check, out);
+    }
+    static Tensor ei_step(const Tensor& x, const Tensor& pred, const OptT& pred_uncond,
+                          FK_PLAIN_ARGS, int64_t prediction, int64_t form, double guidance,
+                          bool check) {
+      return StepOps::ei_step(x, pred, pred_uncond, FK_PLAIN_PASS, prediction, form, guidance,
+                              check);
+    }
+    static void ei_step_out(const Tensor& x, const Tensor& pred, const OptT& pred_uncond,
+                            FK_PLAIN_ARGS, int64_t prediction, int64_t form, double guidance,
+                            bool check, Tensor& out) {
+      StepOps::ei_step_out(x, pred, pred_uncond, FK_PLAIN_PASS, prediction, form, guidance,
+                           check, out);
+    }
+    static void dpmpp_2m_step(const Tensor& x, const Tensor& pred, const OptT& d_prev,
+                              const OptT& pred_uncond, FK_PLAIN_ARGS, int64_t prediction,
+                              double guidance, bool check, Tensor& out, Tensor& d_out) {
+      StepOps::dpmpp_2m_step(x, pred, d_prev, pred_uncond, FK_PLAIN_PASS, prediction, guidance,
+                             check, out, d_out);
+    }
+    static void em_step(const Tensor& x, const Tensor& pred, const OptT& pred_uncond,
+                        FK_PLAIN_ARGS, int64_t prediction, double guidance, int64_t seed,
+                        int64_t offset, const OptT& per_sample_seeds, bool check, Tensor& out) {
+      StepOps::em_step(x, pred, pred_uncond, FK_PLAIN_PASS, prediction, guidance, seed, offset,
+                       per_sample_seeds, check, out);
+    }
+    static void churn(const Tensor& x, FK_PLAIN_ARGS, int64_t seed, int64_t offset,
+                      const OptT& per_sample_seeds, bool check, Tensor& out) {
+      StepOps::churn(x, FK_PLAIN_PASS, seed, offset, per_sample_seeds, check, out);
+    }
+    static void lms_step(const Tensor& x, const Tensor& pred, const OptT& u1, const OptT& u2,
+                         const OptT& u3, const OptT& pred_uncond,
+                         const std::vector<double>& weights, FK_PLAIN_ARGS, int64_t prediction,
+                         double guidance, bool check, Tensor& out, Tensor& u_out) {
+      StepOps::lms_step(x, pred, u1, u2, u3, pred_uncond, weights, FK_PLAIN_PASS, prediction,
+                        guidance, check, out, u_out);
+    }
+#undef FK_PLAIN_ARGS
+#undef FK_PLAIN_PASS
+  };
+
+  // Every op above as the kernel of its schema in library m: the default
+  // overloads (and ei_step.nograd) Plain's, the `.times` ones the full ops.
   static void register_all(torch::stable::detail::StableLibrary& m) {
-    m.impl("euler_step", TORCH_BOX(&euler_step));
-    m.impl("heun_step", TORCH_BOX(&heun_step));
-    m.impl("ei_step", TORCH_BOX(&ei_step));
-    m.impl("ei_step.nograd", TORCH_BOX(&ei_step));
-    m.impl("ei_step_out", TORCH_BOX(&ei_step_out));
+    m.impl("euler_step", TORCH_BOX(&Plain::euler_step));
+    m.impl("euler_step.times", TORCH_BOX(&euler_step));
+    m.impl("heun_step", TORCH_BOX(&Plain::heun_step));
+    m.impl("heun_step.times", TORCH_BOX(&heun_step));
+    m.impl("ei_step", TORCH_BOX(&Plain::ei_step));
+    m.impl("ei_step.nograd", TORCH_BOX(&Plain::ei_step));
+    m.impl("ei_step.times", TORCH_BOX(&ei_step));
+    m.impl("ei_step.times_nograd", TORCH_BOX(&ei_step));
+    m.impl("ei_step_out", TORCH_BOX(&Plain::ei_step_out));
+    m.impl("ei_step_out.times", TORCH_BOX(&ei_step_out));
     m.impl("ei_step_backward", TORCH_BOX(&ei_step_backward));
-    m.impl("dpmpp_2m_step", TORCH_BOX(&dpmpp_2m_step));
-    m.impl("em_step", TORCH_BOX(&em_step));
-    m.impl("churn", TORCH_BOX(&churn));
-    m.impl("lms_step", TORCH_BOX(&lms_step));
+    m.impl("dpmpp_2m_step", TORCH_BOX(&Plain::dpmpp_2m_step));
+    m.impl("dpmpp_2m_step.times", TORCH_BOX(&dpmpp_2m_step));
+    m.impl("em_step", TORCH_BOX(&Plain::em_step));
+    m.impl("em_step.times", TORCH_BOX(&em_step));
+    m.impl("churn", TORCH_BOX(&Plain::churn));
+    m.impl("churn.times", TORCH_BOX(&churn));
+    m.impl("lms_step", TORCH_BOX(&Plain::lms_step));
+    m.impl("lms_step.times", TORCH_BOX(&lms_step));
     m.impl("lincomb_step", TORCH_BOX(&lincomb_step));
   }
 };

@@ -39,9 +39,10 @@ struct CpuSteps {
       fk::StepSrc<A> src;
       StepCoef<A> c;
       if (coef != nullptr) {
-        c = step_coef<A>(coef->table, coef->times, coef->kind, coef->params, x, check);
+        c = step_coef<A>(coef->table, coef->t, coef->s, coef->t_prev, coef->times, coef->kind,
+                          coef->params, x, check);
         if (check) checks(c);
-        src = fk::StepSrc<A>{c.ptr, c.stride()};
+        src = c.src;
       }
       fk::with_step_fn<OP>(src, p, [&](auto fn) {
         using Fn = decltype(fn);

@@ -87,6 +87,19 @@ template <class D, class L> struct Glue {
 
   // ------------------------------------------------------------ training
 
+  // A checked times tensor as a kernel reads it (fk::TimeSrc, SchedSrc): as
+  // given in float32 or float64 (as the CPU op reads any dtype exactly),
+  // 16-bit ones widened to float32, exactly; a time broadcast to the batch
+  // (stride 0, as expand() makes it) as its one value, with no copy. `keep`
+  // holds what the kernel reads, alive for the launch.
+  static fk::TimeArg time_arg(const Tensor& t, OptT& keep) {
+    Tensor v = t.dim() == 1 ? t : torch::stable::reshape(t, {-1});
+    if (v.scalar_type() != kDouble && v.scalar_type() != kFloat) v = to_dtype(v, kFloat);
+    const bool one = v.numel() > 1 && v.stride(0) == 0;
+    keep = one ? v : contig(v);
+    return {ptr(*keep), one ? 1 : keep->numel(), keep->scalar_type() == kDouble};
+  }
+
   // The coefficients of a training op (coef_args.h's arguments); `keep`
   // holds a converted times tensor alive for the launch. checks(HostCoef)
   // runs the op's value checks where the values are on the host.
@@ -117,18 +130,10 @@ template <class D, class L> struct Glue {
       return c;
     }
     check_times(*t, rows, like, name);
-    // The kernel reads float32 or float64 times as given (as the CPU op reads
-    // any dtype exactly); 16-bit ones are widened to float32, exactly; a time
-    // broadcast to the batch (stride 0, as expand() makes it) is read as its
-    // one value, with no copy.
-    Tensor times = t->dim() == 1 ? *t : torch::stable::reshape(*t, {-1});
-    if (times.scalar_type() != kDouble && times.scalar_type() != kFloat)
-      times = to_dtype(times, kFloat);
-    const bool one = times.numel() > 1 && times.stride(0) == 0;
-    keep = one ? times : contig(times);
-    c.t = ptr(*keep);
-    c.t_rows = one ? 1 : keep->numel();
-    c.t_f64 = keep->scalar_type() == kDouble;
+    const fk::TimeArg a = time_arg(*t, keep);
+    c.t = a.p;
+    c.t_rows = a.rows;
+    c.t_f64 = a.f64;
     if (check && D::values_on_device_checked()) {
       const Tensor host = to_cpu(*keep);
       checks(host_coef<A>(host, 0.0, kind, params, rows, host, true, name));
@@ -316,29 +321,62 @@ template <class D, class L> struct Glue {
 
   // --------------------------------------------------------------- steps
 
-  // The coefficients of a step (step_args.h's arguments); `keep` holds the
-  // table as the kernel reads it. checks(StepCoef) as in train_coef.
+  // What a step's coefficient argument points into, alive for the launch:
+  // the table as the kernel reads it, the times tensors as float32/float64.
+  struct StepKeep {
+    OptT table, times[3];
+  };
+
+  // The coefficients of a step (step_args.h's arguments): a caller's table
+  // where it lies; per-sample times tensors where they lie (16-bit ones
+  // widened to float32, exactly), which the kernel evaluates (fk::StepSrc);
+  // or float times, evaluated here in double. checks(StepCoef) as in
+  // train_coef: always for host values, with FLOWKERN_DEBUG=1 for values on
+  // the device (a copy to the host).
   template <class A, class Checks>
   static fk::CoefArg step_coef_arg(FK_STEP_ARGS, const Tensor& x, bool check,
-                                   OptT& keep, Checks&& checks) {
+                                   StepKeep& keep, Checks&& checks) {
     fk::CoefArg c;
     if (table.has_value()) {
-      const StepCoef<A> s = step_coef<A>(FK_STEP_PASS, x, false);  // shape, dtype, device
-      keep = s.keep;
-      c.table = ptr(keep);
-      c.table_rows = s.n;
+      const StepCoef<A> given = step_coef<A>(FK_STEP_PASS, x, false);  // shape, dtype, device
+      keep.table = given.keep;
+      c.table = ptr(keep.table);
+      c.table_rows = given.n;
       if (check && D::values_on_device_checked()) {
         StepCoef<A> h;
-        h.keep = to_cpu(*keep);
-        h.ptr = static_cast<const A*>(h.keep->const_data_ptr());
-        h.n = s.n;
+        h.keep = to_cpu(*keep.table);
+        h.read_table(static_cast<const A*>(h.keep->const_data_ptr()), given.n);
         checks(h);
       }
       return c;
     }
-    const StepCoef<A> s = step_coef<A>(FK_STEP_PASS, x, check);  // the row, in double
-    if (check) checks(s);
-    for (int i = 0; i < fk::STEP_COLS; ++i) c.one[i] = double(s.own[size_t(i)]);
+    if (!step_by_time(t, s, t_prev)) {
+      const StepCoef<A> h = step_coef<A>(FK_STEP_PASS, x, check);  // the row, in double
+      if (check) checks(h);
+      for (int i = 0; i < fk::STEP_COLS; ++i) c.one[i] = double(h.own[size_t(i)]);
+      return c;
+    }
+    check_step_schedule(kind, params, times);
+    const i64 rows = rows_of(x);
+    c.by_time = true;
+    const auto tensors = step_time_tensors(t, s, t_prev);
+    if (check) check_step_times(tensors, times, nullptr);  // the floats, always
+    c.kind = int(kind);
+    for (size_t i = 0; i < params.size(); ++i) c.p[i] = params[i];
+    for (int i = 0; i < 4; ++i) c.times[i] = times[size_t(i)];
+    OptT host[3];
+    for (int i = 0; i < 3; ++i) {
+      const OptT& ti = *tensors[size_t(i)];
+      if (!ti.has_value()) continue;
+      check_times(*ti, rows, x, kStepTimeNames[i]);
+      c.step_t[i] = time_arg(*ti, keep.times[i]);
+      if (check && D::values_on_device_checked()) host[i] = to_cpu(*keep.times[i]);
+    }
+    if (check && D::values_on_device_checked()) {
+      const Tensor& like = host[0] ? *host[0] : host[1] ? *host[1] : *host[2];
+      checks(step_coef<A>(std::nullopt, host[0], host[1], host[2], times, kind, params, x,
+                          true, &like));
+    }
     return c;
   }
 
@@ -356,11 +394,12 @@ template <class D, class L> struct Glue {
       const Launch l(x);
       with_acc(x, [&](auto acc) {
         using A = decltype(acc);
-        OptT keep;
+        StepKeep keep;
         const fk::CoefArg c =
             coef == nullptr ? fk::CoefArg{}
-                            : step_coef_arg<A>(coef->table, coef->times, coef->kind,
-                                               coef->params, x, check, keep, checks);
+                            : step_coef_arg<A>(coef->table, coef->t, coef->s, coef->t_prev,
+                                               coef->times, coef->kind, coef->params, x,
+                                               check, keep, checks);
         uintptr_t ins[8], outp[4];
         FK_CHECK(in.size() <= 8 && outs.size() <= 4);
         for (size_t j = 0; j < in.size(); ++j) ins[j] = ptr(in[j]);
@@ -382,6 +421,7 @@ template <class D, class L> struct Glue {
   // read.
   struct MapArgs {
     OptT keep_t, keep_s;  // times tensors converted for the kernel, alive for the launch
+    StepKeep keep_table;  // a caller's step table
     fk::CoefArg t, s;
   };
 
@@ -390,7 +430,7 @@ template <class D, class L> struct Glue {
                           bool check) {
     MapArgs m;
     if (kind == kTableKind) {  // otherwise train_coef checks the schedule
-      m.t = step_coef_arg<A>(map_table_arg(t), {}, kind, {}, x, check, m.keep_t,
+      m.t = step_coef_arg<A>(map_table_arg(t), {}, {}, {}, {}, kind, {}, x, check, m.keep_table,
                              [&](const StepCoef<A>& h) { check_map(h, prediction, form); });
       return m;
     }

@@ -5,8 +5,8 @@
 // hands all its arguments, positionally, to its entry here. The entry takes
 // the call only when every argument is of the usual kind: plain tensors, a
 // native backend for x's device with no use_backend()/FLOWKERN_BACKEND
-// override, prediction and schedule given by name, float times or a step
-// table, given output buffers (or small fresh ones), nothing that needs a
+// override, prediction and schedule given by name, float or tensor times or a
+// step table, given output buffers (or small fresh ones), nothing that needs a
 // gradient. It then pushes the op's arguments, calls the flowkern:: overload
 // the Python would call (Dispatcher::callBoxed: profiler, the Autograd-key
 // kernel, every backend key) and returns what the Python returns. For any
@@ -71,7 +71,10 @@ Config cfg;
 
 enum Op {
   kInterpolate, kInterpolateOut, kConvert, kFmLoss, kEuler, kHeun, kEiNograd, kEiOut, kDpmpp,
-  kEm, kChurn, kLms, kLincomb, kFlowmapLoss, kNumOps
+  kEm, kChurn, kLms, kLincomb, kFlowmapLoss,
+  // the steps' `.times` overloads (per-sample time tensors: schemas.inc)
+  kEulerTimes, kHeunTimes, kEiNogradTimes, kEiOutTimes, kDpmppTimes, kEmTimes, kChurnTimes,
+  kLmsTimes, kNumOps
 };
 const char* const kOpNames[kNumOps][2] = {
     {"flowkern::interpolate", "nograd"}, {"flowkern::interpolate_out", ""},
@@ -80,7 +83,26 @@ const char* const kOpNames[kNumOps][2] = {
     {"flowkern::ei_step", "nograd"},     {"flowkern::ei_step_out", ""},
     {"flowkern::dpmpp_2m_step", ""},     {"flowkern::em_step", ""},
     {"flowkern::churn", ""},             {"flowkern::lms_step", ""},
-    {"flowkern::lincomb_step", ""},      {"flowkern::flowmap_loss", "nograd"}};
+    {"flowkern::lincomb_step", ""},      {"flowkern::flowmap_loss", "nograd"},
+    {"flowkern::euler_step", "times"},   {"flowkern::heun_step", "times"},
+    {"flowkern::ei_step", "times_nograd"}, {"flowkern::ei_step_out", "times"},
+    {"flowkern::dpmpp_2m_step", "times"}, {"flowkern::em_step", "times"},
+    {"flowkern::churn", "times"},        {"flowkern::lms_step", "times"}};
+
+// A step op's `.times` overload.
+Op timed_of(Op op) {
+  switch (op) {
+    case kEuler: return kEulerTimes;
+    case kHeun: return kHeunTimes;
+    case kEiNograd: return kEiNogradTimes;
+    case kEiOut: return kEiOutTimes;
+    case kDpmpp: return kDpmppTimes;
+    case kEm: return kEmTimes;
+    case kChurn: return kChurnTimes;
+    case kLms: return kLmsTimes;
+    default: return op;
+  }
+}
 
 const c10::List<double>& no_floats() {
   static const c10::List<double> empty;
@@ -181,6 +203,7 @@ bool needs_grad(std::initializer_list<const at::Tensor*> ts) {
 
 struct Call {
   Stack st;
+  bool timed = false;  // a step's times include a tensor: its `.times` overload
   Call() { st.reserve(16); }
   const at::Tensor& top() const { return st.back().toTensor(); }
   bool tensor(PyObject* o) {
@@ -226,7 +249,10 @@ struct Call {
     return true;
   }
   // steps.py _native_coef: (table, times, kind, params): the caller's table,
-  // or number times and a built-in schedule by name (t_prev, g: may be null).
+  // or the times, each a number, with g a number, and a built-in schedule by
+  // name (t_prev, g: may be null or None); with a time given as a plain
+  // tensor, (table, t, s, t_prev, times, kind, params) of the op's `.times`
+  // overload (0 in `times` for each tensor), which run() then calls.
   bool step_coef(PyObject* t, PyObject* s, PyObject* schedule, PyObject* table,
                  PyObject* t_prev = nullptr, PyObject* g = nullptr) {
     if (table != Py_None) {
@@ -236,19 +262,32 @@ struct Call {
       st.emplace_back(no_floats());
       return true;
     }
-    double tv = 0, sv = 0, pv = std::nan(""), gv = 0;
-    if (!number(t, tv) || !number(s, sv)) return false;
-    if (t_prev != nullptr && t_prev != Py_None && !number(t_prev, pv)) return false;
-    if (g != nullptr && g != Py_None && !number(g, gv)) return false;
     const Spec* spec = spec_of(schedule);
     if (spec == nullptr) return false;
-    st.emplace_back();
-    st.emplace_back(c10::List<double>({tv, sv, pv, gv}));
+    double gv = 0;
+    if (g != nullptr && g != Py_None && !number(g, gv)) return false;
+    st.emplace_back();  // no table
+    PyObject* given[3] = {t, s, t_prev == nullptr ? Py_None : t_prev};
+    double v[3] = {0, 0, std::nan("")};
+    for (int i = 0; i < 3; ++i) {
+      PyObject* o = given[i];
+      if (i == 2 && o == Py_None) continue;
+      if (plain(o)) {
+        timed = true;
+      } else if (!number(o, v[i])) {
+        return false;
+      }
+    }
+    if (timed)
+      for (int i = 0; i < 3; ++i) {
+        if (plain(given[i])) st.emplace_back(THPVariable_Unpack(given[i]));
+        else st.emplace_back();
+      }
+    st.emplace_back(c10::List<double>({v[0], v[1], v[2], gv}));
     st.emplace_back(spec->kind);
     st.emplace_back(spec->params);
     return true;
   }
-  // A time as (Tensor? t, float t_value): a plain tensor, or a number.
   bool time(PyObject* t) {
     double tv = 0;
     if (plain(t)) {
@@ -307,6 +346,7 @@ struct Call {
   // The op (call.h: the GIL released, the tensors kept); false with the
   // Python error set.
   bool run(Op op) {
+    if (timed) op = timed_of(op);
     if (!fk_fastcall::call_boxed(cfg.ops[op], st)) return false;
     ++cfg.taken[op];
     return true;

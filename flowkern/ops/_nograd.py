@@ -47,8 +47,8 @@ def _has_tangent(t: torch.Tensor) -> bool:
 def _kernel(op: torch._ops.OpOverload):
     schema = op._schema
     qualified = schema.name
-    nograd = schema.overload_name == "nograd"
-    suffix = ".nograd" if nograd else ""
+    nograd = schema.overload_name.endswith("nograd")  # .nograd, .times_nograd
+    suffix = "." + schema.overload_name if nograd else ""
     args = list(schema.arguments)
     written = _written(args)
 
@@ -58,15 +58,15 @@ def _kernel(op: torch._ops.OpOverload):
             for a, v in zip(args, values):
                 if not any(t.requires_grad for t in _tensors(v)):
                     continue
-                if a.name in ("t", "table"):
+                if a.name in ("t", "s", "t_prev", "table"):
                     raise RuntimeError(
                         f"{qualified}: argument '{a.name}' requires grad, and the fused ops do "
                         "not differentiate in the times; detach it, or use backend='torch' for "
                         "derivatives in t")
                 raise RuntimeError(
                     f"{qualified}{suffix}: argument '{a.name}' requires grad, and " +
-                    ("this overload does not differentiate; call the default overload, which "
-                     "does" if nograd else
+                    ("this overload does not differentiate; call the one without 'nograd' "
+                     "(ei_step: default or .times), which does" if nograd else
                      "this op writes into a buffer and has no derivative; call it under "
                      "torch.no_grad() or on detached tensors (ei_step without out= is the "
                      "differentiable step)"))
@@ -125,12 +125,12 @@ _LIB = None
 
 def register(schema_lines) -> None:
     """Registers the kernel for every op of `schema_lines` (_registry.SCHEMA_LINES)
-    without a derivative: each ``.nograd`` overload and each op with a written
+    without a derivative: each ``.nograd`` (``.times_nograd``) overload and each op with a written
     argument."""
     global _LIB
     _LIB = torch.library.Library("flowkern", "IMPL")
     for name, schema in schema_lines:
-        if name.endswith(".nograd") or "!)" in schema:
+        if name.endswith("nograd") or "!)" in schema:
             base, _, overload = name.partition(".")
             op = getattr(getattr(torch.ops.flowkern, base), overload or "default")
             _LIB.impl(name, _kernel(op), "Autograd", with_keyset=True)

@@ -49,9 +49,14 @@ SCHEMA_LINES = _read_schemas()
 if cpu_built() and not nograd_native():
     from . import _nograd
     _nograd.register(SCHEMA_LINES)
-# {op name: schema} of the ops flowkern_triton:: defines: `.nograd` overloads
-# are native only.
+# {op name: schema} of the ops flowkern_triton:: defines: each op once, with
+# its `.times` schema where it has one (a step's per-sample time tensors: the
+# Python backends take every coefficient form through one op); the other
+# overloads are native only.
 SCHEMAS = {name: schema for name, schema in SCHEMA_LINES if "." not in name}
+SCHEMAS.update({name.partition(".")[0]: schema for name, schema in SCHEMA_LINES
+                if name.endswith(".times")})
+TIMES = "times"  # the steps' overload with per-sample time tensors (schemas.inc)
 
 
 # The C++ ops' argument errors carry their Python type as a message prefix
@@ -178,7 +183,8 @@ class NativeOps:
     def __init__(self, **overloads):
         self.traced = types.SimpleNamespace(**overloads)
         self.direct = types.SimpleNamespace(**{
-            name: direct(op) for name, op in overloads.items()})
+            name: op.direct() if isinstance(op, TimedOp) else direct(op)
+            for name, op in overloads.items()})
 
     def now(self) -> types.SimpleNamespace:
         return self.traced if torch.compiler.is_compiling() else self.direct
@@ -257,29 +263,126 @@ def register(name: str, fake, backward=None, setup_context=None, nograd=False, j
     op's torch formula with the op's signature, the positions of its
     differentiable tensors, and where the tensors setup_context saves go (None:
     the op is linear in them): DiffOp's differentiable backward and the torch
-    backend's implementation of the op (TorchOp)."""
+    backend's implementation of the op (TorchOp).
+
+    Every formula takes the op's fullest signature: a step's `.times` one
+    (schemas.inc), which flowkern_triton:: and the torch backend use. A native
+    step's default overloads, without t, s, t_prev, get them widened
+    (Widened); its DiffOp takes the full signature and calls the overload the
+    times need (TimedOp)."""
     if reference is not None:
         setattr(CALLS[TORCH], name, TorchOp(reference))
     for ns in namespaces():
-        qual = f"{ns}::{name}"
-        ops = getattr(torch.ops, ns)
-        torch.library.register_fake(qual)(_one_device(qual, getattr(ops, name).default, fake))
-        if backward is not None:
-            torch.library.register_autograd(qual, backward(ops), setup_context=setup_context)
+        packet = getattr(getattr(torch.ops, ns), name)
+        timed = ns == NATIVE_NS and TIMES in packet.overloads()
+        full = getattr(packet, TIMES) if timed else packet.default
+        for overload in packet.overloads():
+            op = getattr(packet, overload)
+            widen = Widened.of(op, full)
+            qual = f"{ns}::{name}" + ("" if overload == "default" else f".{overload}")
+            torch.library.register_fake(qual)(_one_device(qual, op, widen.call(fake)))
+            if backward is not None and not overload.endswith("nograd"):
+                torch.library.register_autograd(
+                    qual, widen.backward(backward(getattr(torch.ops, ns))),
+                    setup_context=widen.setup(setup_context))
         if jvp is not None:
-            packet = getattr(ops, name)
+            ops = getattr(torch.ops, ns)
             op = packet.nograd if (nograd and ns == NATIVE_NS) else packet.default
+            if timed:
+                op = TimedOp(op, getattr(packet, TIMES + "_nograd" if nograd else TIMES))
             eager_ops = _Direct(ops)
-            diff_op = DiffOp(f"{ns}::{name}", op, packet.default, setup_context,
+            diff_op = DiffOp(f"{ns}::{name}", op, full, setup_context,
                              backward(eager_ops), jvp(CALLS[ns]), reference, diff, saved_at)
             diff_op.backward_ops = eager_ops  # what its eager backward calls (tests read it)
             setattr(CALLS[ns], name, diff_op)
-    if not cpu_built():
-        return
-    if nograd:
-        qual = f"{NATIVE_NS}::{name}.nograd"
-        torch.library.register_fake(qual)(
-            _one_device(qual, getattr(getattr(torch.ops, NATIVE_NS), name).nograd, fake))
+
+
+class Widened:
+    """A formula written for an op's full signature (a step's `.times`
+    overload), adapted to an overload without the per-sample times t, s,
+    t_prev: None is inserted for them after `table` on the way in, and
+    their gradient slots are dropped on the way out."""
+
+    def __init__(self, at: int):
+        self.at = at  # the position of t in the full signature
+
+    @staticmethod
+    def of(op, full) -> "Widened | _Same":
+        names = [a.name for a in op._schema.arguments]
+        full_names = [a.name for a in full._schema.arguments]
+        if names == full_names:
+            return _SAME
+        at = full_names.index("t")
+        assert full_names[at:at + 3] == ["t", "s", "t_prev"] and \
+            names == full_names[:at] + full_names[at + 3:], (names, full_names)
+        return Widened(at)
+
+    def args(self, args):
+        at = self.at
+        return (*args[:at], None, None, None, *args[at:])
+
+    def call(self, fn):
+        return lambda *args, **kw: fn(*self.args(args), **kw)
+
+    def setup(self, fn):
+        if fn is None:
+            return None
+        return lambda ctx, inputs, output: fn(ctx, self.args(inputs), output)
+
+    def backward(self, fn):
+        at = self.at
+
+        def backward(ctx, *grads):
+            g = fn(ctx, *grads)
+            return (*g[:at], *g[at + 3:])
+        return backward
+
+
+class _Same:
+    """Widened.of for an overload with the full signature: formulas as they are."""
+
+    @staticmethod
+    def call(fn):
+        return fn
+
+    setup = backward = call
+
+
+_SAME = _Same()
+
+
+class TimedOp:
+    """A native step op's call with the full signature (`.times`: table, t, s,
+    t_prev, ...): its `.times` overload when a time is a tensor, else its
+    default (or `.nograd`) overload without them, whose boxed call is ~0.15
+    us cheaper (schemas.inc). What DiffOp runs for a native step."""
+
+    def __init__(self, plain, timed):
+        self.plain, self.timed = plain, timed
+        names = [a.name for a in timed._schema.arguments]
+        self.at = names.index("t")
+        self._schema = timed._schema  # DiffOp and direct() read the op's schema
+
+    def pick(self, args):
+        at = self.at
+        if args[at] is None and args[at + 1] is None and args[at + 2] is None:
+            return self.plain, (*args[:at], *args[at + 3:])
+        return self.timed, args
+
+    def __call__(self, *args):
+        op, args = self.pick(args)
+        return op(*args)
+
+    def direct(self):
+        """The same choice between the two overloads' direct() callers."""
+        plain, timed, at = direct(self.plain), direct(self.timed), self.at
+
+        def call(*args):
+            if args[at] is None and args[at + 1] is None and args[at + 2] is None:
+                return plain(*args[:at], *args[at + 3:])
+            return timed(*args)
+        call.plain, call.timed = plain, timed  # the two callers (tests read them)
+        return call
 
 
 def _one_device(qual: str, overload, fake):
@@ -433,8 +536,10 @@ class DiffOp:
         self.op, self.default = op, default
         self.name = name.split("::")[-1]
         names = [a.name for a in default._schema.arguments]
-        self.times_at = names.index("table" if "table" in names else
-                                    "coef" if "coef" in names else "t")
+        # the time arguments (a table, a custom schedule's coef, the times),
+        # which the fused kernels do not differentiate in
+        self.times_at = tuple((i, n) for i, n in enumerate(names)
+                              if n in ("table", "coef", "t", "s", "t_prev"))
         diff = tuple(diff)
 
         # For the differentiable backward, which re-runs `reference` on the
@@ -483,7 +588,7 @@ class DiffOp:
         # same saved state and backward
         self.setup, self.backward_or_none = setup, backward_or_none
 
-        run = self.run = direct(op)  # what the eager forward calls
+        run = self.run = op.direct() if isinstance(op, TimedOp) else direct(op)  # eager forward
 
         class Eager(torch.autograd.Function):
             @staticmethod
@@ -509,12 +614,15 @@ class DiffOp:
         """The differentiable call."""
         if torch.compiler.is_compiling():
             return self.default(*args)
-        times = args[self.times_at]
-        if isinstance(times, torch.Tensor) and times.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{self.name}: argument 't' requires grad, and the fused op does not "
-                f"differentiate in the times; detach t, or use backend='torch' for "
-                f"derivatives in t (docs/design.md §10)")
+        if torch.is_grad_enabled():
+            for i, name in self.times_at:
+                times = args[i]
+                if isinstance(times, torch.Tensor) and times.requires_grad:
+                    name = "t" if name in ("table", "coef") else name
+                    raise RuntimeError(
+                        f"{self.name}: argument '{name}' requires grad, and the fused op does "
+                        f"not differentiate in the times; detach {name}, or use "
+                        f"backend='torch' for derivatives in t (docs/design.md §10)")
         return (self.transformable if _functorch_active() else self.eager).apply(*args)
 
     def call(self, *args):

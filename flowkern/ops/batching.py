@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import NATIVE_NS, namespaces
+from ._registry import namespaces
 
 # Row-indexed arguments that are not states: shape (B, ...), (1, ...) or ().
-_ROW_ARGS = {"t", "s", "table", "coef", "weight", "grad_rows"}
+_ROW_ARGS = {"t", "s", "t_prev", "table", "coef", "weight", "grad_rows"}
 _NONE = 2  # REDUCTION_CODE["none"] (ops/training.py)
 
 
@@ -144,9 +144,8 @@ def _register():
         ops = getattr(torch.ops, ns)
         for name in _ROW_OPS + tuple(_SPECIAL):
             packet = getattr(ops, name)
-            overloads = ["default"] + (["nograd"] if ns == NATIVE_NS and
-                                       "nograd" in packet.overloads() else [])
-            for overload in overloads:
+            # every overload (native: .nograd, a step's .times and .times_nograd)
+            for overload in packet.overloads():
                 op = getattr(packet, overload)
                 torch.library.register_vmap(op, _SPECIAL.get(name, _rule)(op))
 

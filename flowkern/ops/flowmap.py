@@ -116,7 +116,7 @@ def _jvp(calls):
         t_value, s_value, kind, params, prediction, form, reduction = ctx.args
         table = map_table(t, t_value, s, s_value, kind, params, x)
         acc = table.dtype
-        step = (None, table, [], TABLE_KIND, [], prediction, form, 1.0, False)
+        step = (None, table, None, None, None, [], TABLE_KIND, [], prediction, form, 1.0, False)
         err = calls.ei_step.call(x.to(acc), pred.to(acc), *step) - target.to(acc)
         d_err = None
         if d_x is not None or d_pred is not None or d_target is not None:

@@ -24,7 +24,7 @@ from ..reference import steps as ref
 from ..schedules import coefficients, evaluate, from_native, get_schedule, native_spec
 from ..tables import ALPHA_S, ALPHA_T, AT_S, AT_T, G, H, PREV, SIGMA_T, STEP_COLS, step_row
 from ._entries import ENTRIES, compiling
-from ._registry import (CALLS, NATIVE_NS, NativeOps, calls_for, empty_output, lazy,
+from ._registry import (CALLS, NATIVE_NS, NativeOps, TimedOp, calls_for, empty_output, lazy,
                         no_forward_mode, no_time_tangent, ops_for, refuse_grad, register,
                         retyped, transforms_active, triton_op)
 from .training import check_conversion, check_tensors, fill_tangents
@@ -33,71 +33,99 @@ _T = "flowkern.triton.steps"
 
 # ---------------------------------------------------------------------------
 # flowkern_triton:: implementations (schemas: flowkern/ops/schemas.inc; every
-# step takes its coefficients as `table, times, kind, params`, a caller's
-# table or float times and a built-in schedule for the kernel to evaluate)
+# step takes its coefficients as `table, t, s, t_prev, times, kind, params`: a
+# caller's table, or float times and a built-in schedule for the kernel to
+# evaluate; times given as tensors become a table here, _py_coef)
+
+
+def _py_coef(x, table, t, s, t_prev, times, kind, params):
+    """(table, times, kind, params), the coefficients as the Python backends'
+    kernels take them: a step's times given as tensors (per-sample times,
+    which the native ops evaluate in their kernels) become the table
+    step_table builds from them in x's accumulation dtype."""
+    if t is None and s is None and t_prev is None:
+        return table, times, kind, params
+    if table is not None:
+        raise ValueError("table: give a step table or the times t, s, t_prev as tensors, "
+                         "not both")
+    if kind == TABLE_KIND:
+        raise ValueError("table: a custom schedule's step table is missing")
+    tp = t_prev if t_prev is not None else (None if math.isnan(times[2]) else times[2])
+    table = step_table(from_native(kind, params), times[0] if t is None else t,
+                       times[1] if s is None else s, tp, times[3],
+                       dtype=V.acc_dtype(x.dtype), device=x.device, check=False)
+    return table, _NOTHING, TABLE_KIND, _NOTHING
+
 
 
 @triton_op("euler_step")
-def _t_euler(x, pred, pred_uncond, table, times, kind, params, prediction, guidance, check, out):
-    lazy(_T, "euler_step")(x, pred, pred_uncond, (table, times, kind, params), prediction,
-                           guidance, out)
+def _t_euler(x, pred, pred_uncond, table, t, s, t_prev, times, kind, params, prediction, guidance,
+             check, out):
+    lazy(_T, "euler_step")(x, pred, pred_uncond, _py_coef(x, table, t, s, t_prev, times, kind,
+                                                          params), prediction, guidance, out)
 
 
 @triton_op("heun_step")
-def _t_heun(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, table, times, kind,
-            params, prediction, guidance, check, out):
+def _t_heun(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, table, t, s, t_prev,
+            times, kind, params, prediction, guidance, check, out):
     lazy(_T, "heun_step")(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond,
-                          (table, times, kind, params), prediction, guidance, out)
+                          _py_coef(x, table, t, s, t_prev, times, kind, params), prediction,
+                          guidance, out)
 
 
 @triton_op("ei_step")
-def _t_ei(x, pred, pred_uncond, table, times, kind, params, prediction, form, guidance, check):
+def _t_ei(x, pred, pred_uncond, table, t, s, t_prev, times, kind, params, prediction, form,
+          guidance, check):
     out = torch.empty_like(x)
-    lazy(_T, "ei_step")(x, pred, pred_uncond, (table, times, kind, params), prediction, form,
-                        guidance, out)
+    lazy(_T, "ei_step")(x, pred, pred_uncond, _py_coef(x, table, t, s, t_prev, times, kind, params),
+                        prediction, form, guidance, out)
     return out
 
 
 @triton_op("ei_step_out")
-def _t_ei_out(x, pred, pred_uncond, table, times, kind, params, prediction, form, guidance, check,
-              out):
-    lazy(_T, "ei_step")(x, pred, pred_uncond, (table, times, kind, params), prediction, form,
-                        guidance, out)
+def _t_ei_out(x, pred, pred_uncond, table, t, s, t_prev, times, kind, params, prediction, form,
+              guidance, check, out):
+    lazy(_T, "ei_step")(x, pred, pred_uncond, _py_coef(x, table, t, s, t_prev, times, kind, params),
+                        prediction, form, guidance, out)
 
 
 @triton_op("ei_step_backward")
-def _t_ei_bwd(grad, table, times, kind, params, prediction, form, guidance, cfg):
+def _t_ei_bwd(grad, table, t, s, t_prev, times, kind, params, prediction, form, guidance, cfg):
     grad = grad.contiguous()
     outs = [torch.empty_like(grad) for _ in range(3 if cfg else 2)]
-    lazy(_T, "ei_step_backward")(grad, (table, times, kind, params), prediction, form,
-                                 guidance, cfg, outs)
+    lazy(_T, "ei_step_backward")(grad, _py_coef(grad, table, t, s, t_prev, times, kind, params),
+                                 prediction, form, guidance, cfg, outs)
     return outs
 
 
 @triton_op("dpmpp_2m_step")
-def _t_dpmpp(x, pred, d_prev, pred_uncond, table, times, kind, params, prediction, guidance, check,
-             out, d_out):
-    lazy(_T, "dpmpp_2m_step")(x, pred, d_prev, pred_uncond, (table, times, kind, params),
-                              prediction, guidance, out, d_out)
+def _t_dpmpp(x, pred, d_prev, pred_uncond, table, t, s, t_prev, times, kind, params, prediction,
+             guidance, check, out, d_out):
+    lazy(_T, "dpmpp_2m_step")(x, pred, d_prev, pred_uncond,
+                              _py_coef(x, table, t, s, t_prev, times, kind, params), prediction,
+                              guidance, out, d_out)
 
 
 @triton_op("em_step")
-def _t_em(x, pred, pred_uncond, table, times, kind, params, prediction, guidance, seed, offset,
-          per_sample_seeds, check, out):
-    lazy(_T, "em_step")(x, pred, pred_uncond, (table, times, kind, params), prediction,
-                        guidance, seed, offset, per_sample_seeds, out)
+def _t_em(x, pred, pred_uncond, table, t, s, t_prev, times, kind, params, prediction, guidance,
+          seed, offset, per_sample_seeds, check, out):
+    lazy(_T, "em_step")(x, pred, pred_uncond, _py_coef(x, table, t, s, t_prev, times, kind, params),
+                        prediction, guidance, seed, offset, per_sample_seeds, out)
 
 
 @triton_op("churn")
-def _t_churn(x, table, times, kind, params, seed, offset, per_sample_seeds, check, out):
-    lazy(_T, "churn")(x, (table, times, kind, params), seed, offset, per_sample_seeds, out)
+def _t_churn(x, table, t, s, t_prev, times, kind, params, seed, offset, per_sample_seeds, check,
+             out):
+    lazy(_T, "churn")(x, _py_coef(x, table, t, s, t_prev, times, kind, params), seed, offset,
+                      per_sample_seeds, out)
 
 
 @triton_op("lms_step")
-def _t_lms(x, pred, u1, u2, u3, pred_uncond, weights, table, times, kind, params, prediction,
-           guidance, check, out, u_out):
-    lazy(_T, "lms_step")(x, pred, u1, u2, u3, pred_uncond, weights, (table, times, kind, params),
-                         prediction, guidance, out, u_out)
+def _t_lms(x, pred, u1, u2, u3, pred_uncond, weights, table, t, s, t_prev, times, kind, params,
+           prediction, guidance, check, out, u_out):
+    lazy(_T, "lms_step")(x, pred, u1, u2, u3, pred_uncond, weights,
+                         _py_coef(x, table, t, s, t_prev, times, kind, params), prediction,
+                         guidance, out, u_out)
 
 
 @triton_op("lincomb_step")
@@ -115,8 +143,9 @@ def _none(*_):
 
 
 def _ei_setup(ctx, inputs, output):
-    _, _, pred_uncond, table, times, kind, params, prediction, form, guidance, _ = inputs
-    ctx.coef = (table, times, kind, params)
+    _, _, pred_uncond, table, t, s, t_prev, times, kind, params, prediction, form, guidance, _ = \
+        inputs
+    ctx.coef = (table, t, s, t_prev, times, kind, params)
     ctx.prediction, ctx.form, ctx.guidance = prediction, form, guidance
     ctx.cfg = pred_uncond is not None
     ctx.shape = output.shape
@@ -124,8 +153,10 @@ def _ei_setup(ctx, inputs, output):
 
 def _ei_jvp(calls):
     # x_s is linear in (x, pred, pred_uncond): the tangent is the step of the tangents.
-    def jvp(ctx, d_x, d_pred, d_uncond, d_table, *_):
-        no_time_tangent("ei_step", "t", d_table)
+    def jvp(ctx, d_x, d_pred, d_uncond, d_table, d_t, d_s, d_t_prev, *_):
+        # a table is made of the times (on triton, the public times' table)
+        for name, d in (("t", d_table), ("t", d_t), ("s", d_s), ("t_prev", d_t_prev)):
+            no_time_tangent("ei_step", name, d)
         if ctx.cfg:
             d_x, d_pred, d_uncond = fill_tangents(ctx.shape, d_x, d_pred, d_uncond)
         else:
@@ -139,21 +170,18 @@ def _ei_backward(ops):
     def backward(ctx, g):
         grads = ops.ei_step_backward(g.contiguous(), *ctx.coef, ctx.prediction, ctx.form,
                                      ctx.guidance, ctx.cfg)
-        return (grads[0], grads[1], grads[2] if ctx.cfg else None) + (None,) * 8
+        return (grads[0], grads[1], grads[2] if ctx.cfg else None) + (None,) * 11
     return backward
 
 
-def _ei_bwd_fake(grad, table, times, kind, params, prediction, form, guidance, cfg):
+def _ei_bwd_fake(grad, table, t, s, t_prev, times, kind, params, prediction, form, guidance, cfg):
     return [torch.empty_like(grad) for _ in range(3 if cfg else 2)]
 
-def _ei_reference(x, pred, pred_uncond, table, times, kind, params, prediction, form, guidance,
-                  check):
+def _ei_reference(x, pred, pred_uncond, table, t, s, t_prev, times, kind, params, prediction,
+                  form, guidance, check):
     """ei_step's torch formula with the op's signature (DiffOp's double backward)."""
     acc = V.acc_dtype(x.dtype)
-    if kind != TABLE_KIND:
-        table = step_table(from_native(kind, params), times[0], times[1], dtype=acc,
-                           device=x.device, check=False)
-    table = table.to(acc)
+    table = _ref_table(x, table, t, s, t_prev, times, kind, params)
     cfg = pred_uncond is not None
     return ref.ei_step(x.to(acc), pred.to(acc), table[:, AT_T], table[:, AT_S],
                        PREDICTIONS[prediction], FORM_NAMES[form],
@@ -251,8 +279,9 @@ class _Step:
         if kernel_row:
             table = _host_row(schedule, t, s, t_prev, g, self.acc, check_times)
             kind, params = native_spec(schedule)
-            self.coef = (None, [float(t), float(s), _NAN if t_prev is None else float(t_prev),
-                                0.0 if g is None else float(g)], kind, params)
+            self.coef = (None, None, None, None,
+                         [float(t), float(s), _NAN if t_prev is None else float(t_prev),
+                          0.0 if g is None else float(g)], kind, params)
         elif table is None:
             if t is None or s is None:
                 raise TypeError(f"{op}: give the times t and s (or a precomputed table=)")
@@ -270,7 +299,7 @@ class _Step:
             table = check_table(table, rows, x.device, self.acc)
         self.table = table
         if not kernel_row:
-            self.coef = (table, _NOTHING, TABLE_KIND, _NOTHING)
+            self.coef = (table, None, None, None, _NOTHING, TABLE_KIND, _NOTHING)
         if writes and self.backend == "triton":  # the torch backend differentiates steps
             no_forward_mode(op, x, *preds.values())
             refuse_grad(op, "this op writes into a buffer and has no derivative; call it under "
@@ -373,10 +402,19 @@ _NAN = float("nan")
 # call costs an extra Python frame on every step; NativeOps: and the OpOverload's).
 _STEP_OPS = ("euler_step", "heun_step", "ei_step", "ei_step_out", "dpmpp_2m_step", "em_step",
              "churn", "lms_step", "lincomb_step")
-_NATIVE = NativeOps(ei_step_nograd=torch.ops.flowkern.ei_step.nograd, **{
-    name: getattr(torch.ops.flowkern, name).default
-    for name in _STEP_OPS
-}) if cpu_built() else None
+# Each takes the full (`.times`) signature and calls the overload its times need
+# (TimedOp: the default one, ~0.15 us cheaper, without per-sample time tensors).
+
+
+def _native_steps():
+    ops = torch.ops.flowkern
+    steps = {name: TimedOp(getattr(ops, name).default, getattr(ops, name).times)
+             for name in _STEP_OPS if name != "lincomb_step"}
+    return NativeOps(ei_step_nograd=TimedOp(ops.ei_step.nograd, ops.ei_step.times_nograd),
+                     lincomb_step=ops.lincomb_step.default, **steps)
+
+
+_NATIVE = _native_steps() if cpu_built() else None
 _EI_DIFF = CALLS[NATIVE_NS]  # .ei_step: its DiffOp
 
 
@@ -408,27 +446,37 @@ def _number(v) -> bool:
     return isinstance(v, (int, float))
 
 
+def _time_arg(v) -> bool:
+    return isinstance(v, (int, float, Tensor))
+
+
 def _native_coef(op, x, t, s, schedule, table, t_prev=None, g=None):
-    """(table, times, kind, params) of a native step: the caller's table; or,
-    for float times and a built-in schedule, [t, s, t_prev, g] and the
-    schedule's kind and parameters (the op builds the row); otherwise the
-    table step_table builds from the times here."""
+    """(table, t, s, t_prev, times, kind, params) of a native step: the
+    caller's table; or, for a built-in schedule and a float g, the times,
+    each a float or a tensor (per-sample times: the op evaluates the schedule
+    at each row's times, on CUDA in its kernel, and builds no table), as
+    times = [t, s, t_prev, g] (0 where a tensor is given, t_prev NaN when
+    absent) with the schedule's kind and parameters; otherwise (a custom
+    schedule, or g as a tensor) the table step_table builds here."""
     if table is not None:
         if not isinstance(table, torch.Tensor):
             raise TypeError(f"table: expected a tensor from flowkern.step_table, "
                             f"got {type(table).__name__}")
-        return table, _NOTHING, TABLE_KIND, _NOTHING
+        return table, None, None, None, _NOTHING, TABLE_KIND, _NOTHING
     if t is None or s is None:
         raise TypeError(f"{op}: give the times t and s (or a precomputed table=)")
-    if (_number(t) and _number(s) and (t_prev is None or _number(t_prev))
+    if (_time_arg(t) and _time_arg(s) and (t_prev is None or _time_arg(t_prev))
             and (g is None or _number(g))):
         spec = native_spec(schedule)
         if spec is not None:
-            times = [float(t), float(s), _NAN if t_prev is None else float(t_prev),
+            tensors = [v if isinstance(v, Tensor) else None for v in (t, s, t_prev)]
+            times = [0.0 if tensors[0] is not None else float(t),
+                     0.0 if tensors[1] is not None else float(s),
+                     _NAN if t_prev is None else 0.0 if tensors[2] is not None else float(t_prev),
                      0.0 if g is None else float(g)]
-            return None, times, spec[0], spec[1]
+            return (None, *tensors, times, spec[0], spec[1])
     st = _Step(op, x, {}, t, s, schedule, None, x.device.type, t_prev=t_prev, g=g)
-    return st.table, _NOTHING, TABLE_KIND, _NOTHING
+    return st.table, None, None, None, _NOTHING, TABLE_KIND, _NOTHING
 
 
 # ---------------------------------------------------------------------------
@@ -460,10 +508,10 @@ def euler_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity"
     if native is not None:
         try:
             code = _pred_code(pred, pred_uncond, prediction)
-            tab, times, kind, params = _native_coef("euler_step", x, t, s, schedule, table)
+            coef = _native_coef("euler_step", x, t, s, schedule, table)
             out = out if type(out) is Tensor else _native_out("out", out, x)
             ops, check = native
-            ops.euler_step(x, pred, pred_uncond, tab, times, kind, params, code, w, check, out)
+            ops.euler_step(x, pred, pred_uncond, *coef, code, w, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -505,11 +553,11 @@ def heun_step(x, pred, x_euler, pred_euler, t=None, s=None, schedule="linear",
                 check_tensors(pred=pred, x_euler=x_euler, pred_euler=pred_euler,
                               pred_uncond=pred_uncond, pred_euler_uncond=pred_euler_uncond)
             code = _pred(prediction)
-            tab, times, kind, params = _native_coef("heun_step", x, t, s, schedule, table)
+            coef = _native_coef("heun_step", x, t, s, schedule, table)
             out = out if type(out) is Tensor else _native_out("out", out, x)
             ops, check = native
-            ops.heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, tab, times,
-                          kind, params, code, w, check, out)
+            ops.heun_step(x, pred, x_euler, pred_euler, pred_uncond, pred_euler_uncond, *coef,
+                          code, w, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -552,15 +600,14 @@ def ei_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", form="d
         try:
             code = _pred_code(pred, pred_uncond, prediction)
             ops, check = native
-            tab, times, kind, params = _native_coef("ei_step", x, t, s, schedule, table)
+            coef = _native_coef("ei_step", x, t, s, schedule, table)
             if out is None:
-                args = (x, pred, pred_uncond, tab, times, kind, params, code, fcode, w, check)
+                args = (x, pred, pred_uncond, *coef, code, fcode, w, check)
                 grad = torch.is_grad_enabled() and (x.requires_grad or pred.requires_grad or (
                     pred_uncond is not None and pred_uncond.requires_grad)) or transforms_active()
                 return _EI_DIFF.ei_step(*args) if grad else ops.ei_step_nograd(*args)
             out = out if type(out) is Tensor else _native_out("out", out, x)
-            ops.ei_step_out(x, pred, pred_uncond, tab, times, kind, params, code, fcode, w, check,
-                            out)
+            ops.ei_step_out(x, pred, pred_uncond, *coef, code, fcode, w, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -609,13 +656,11 @@ def dpmpp_2m_step(x, pred, t=None, s=None, schedule="linear", prediction="x1", d
             if not (d_prev is None or isinstance(d_prev, Tensor)):
                 check_tensors(d_prev=d_prev)
             code = _pred(prediction)
-            tab, times, kind, params = _native_coef("dpmpp_2m_step", x, t, s, schedule, table,
-                                                    t_prev=t_prev)
+            coef = _native_coef("dpmpp_2m_step", x, t, s, schedule, table, t_prev=t_prev)
             out = out if type(out) is Tensor else _native_out("out", out, x)
             d_out = d_out if type(d_out) is Tensor else _native_out("d_out", d_out, x)
             ops, check = native
-            ops.dpmpp_2m_step(x, pred, d_prev, pred_uncond, tab, times, kind, params, code, w, check,
-                              out, d_out)
+            ops.dpmpp_2m_step(x, pred, d_prev, pred_uncond, *coef, code, w, check, out, d_out)
             return out, d_out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -664,11 +709,11 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     if native is not None:
         try:
             code = _pred_code(pred, pred_uncond, prediction)
-            tab, times, kind, params = _native_coef("em_step", x, t, s, schedule, table, g=g)
+            coef = _native_coef("em_step", x, t, s, schedule, table, g=g)
             out = out if type(out) is Tensor else _native_out("out", out, x)
             ops, check = native
-            ops.em_step(x, pred, pred_uncond, tab, times, kind, params, code, w, seed, offset,
-                        per_sample_seeds, check, out)
+            ops.em_step(x, pred, pred_uncond, *coef, code, w, seed, offset, per_sample_seeds,
+                        check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -705,10 +750,10 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
     native = _native_ops(x, backend)
     if native is not None:
         try:
-            tab, times, kind, params = _native_coef("churn", x, t, t_hat, schedule, table)
+            coef = _native_coef("churn", x, t, t_hat, schedule, table)
             out = out if type(out) is Tensor else _native_out("out", out, x)
             ops, check = native
-            ops.churn(x, tab, times, kind, params, seed, offset, per_sample_seeds, check, out)
+            ops.churn(x, *coef, seed, offset, per_sample_seeds, check, out)
             return out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -755,13 +800,13 @@ def lms_step(x, pred, weights, history=(), t=None, schedule="linear", prediction
     if native is not None:
         try:
             code = _pred_code(pred, pred_uncond, prediction)
-            tab, times, kind, params = _native_coef("lms_step", x, t, t, schedule, table)
+            coef = _native_coef("lms_step", x, t, t, schedule, table)
             out = out if type(out) is Tensor else _native_out("out", out, x)
             u_out = u_out if type(u_out) is Tensor else _native_out("u_out", u_out, x)
             ops, check = native
             u1, u2, u3 = hist
-            ops.lms_step(x, pred, u1, u2, u3, pred_uncond, _floats("weights", weights), tab, times,
-                         kind, params, code, w, check, out, u_out)
+            ops.lms_step(x, pred, u1, u2, u3, pred_uncond, _floats("weights", weights), *coef,
+                         code, w, check, out, u_out)
             return out, u_out
         except (ValueError, RuntimeError) as e:  # the C++ op's errors: _registry.retyped
             raise retyped(e) from None
@@ -1070,45 +1115,68 @@ def _noise(seed, offset, seeds, x, acc):
     return ref.philox_normal(seed if seeds is None else seeds, offset, x.shape, acc, x.device)
 
 
-def _torch_euler(x, pred, pu, table, times, kind, params, code, w, check, out):
+def _ref_table(x, table, t, s, t_prev, times, kind, params):
+    """A step's coefficient arguments as the (R, STEP_COLS) table of the torch
+    formulas, in x's accumulation dtype: the caller's, or step_table's at
+    the times (floats or tensors)."""
+    table, times, kind, params = _py_coef(x, table, t, s, t_prev, times, kind, params)
+    acc = V.acc_dtype(x.dtype)
+    if kind != TABLE_KIND:
+        table = step_table(from_native(kind, params), times[0], times[1],
+                           None if math.isnan(times[2]) else times[2], times[3], dtype=acc,
+                           device=x.device, check=False)
+    return table.to(acc).reshape(-1, STEP_COLS)
+
+
+def _torch_euler(x, pred, pu, table, t, s, t_prev, times, kind, params, code, w, check, out):
+    table = _ref_table(x, table, t, s, t_prev, times, kind, params)
     a = table.dtype
     out.copy_(ref.euler_step(x.to(a), pred.to(a), table[:, AT_T], table[:, H],
                              PREDICTIONS[code], _acc(pu, a), w))
 
 
-def _torch_heun(x, pred, xe, pe, pu, peu, table, times, kind, params, code, w, check, out):
+def _torch_heun(x, pred, xe, pe, pu, peu, table, t, s, t_prev, times, kind, params, code, w,
+                check, out):
+    table = _ref_table(x, table, t, s, t_prev, times, kind, params)
     a = table.dtype
     out.copy_(ref.heun_step(x.to(a), pred.to(a), xe.to(a), pe.to(a), table[:, AT_T],
                             table[:, AT_S], table[:, H], PREDICTIONS[code], _acc(pu, a),
                             _acc(peu, a), w))
 
 
-def _torch_ei_out(x, pred, pu, table, times, kind, params, code, form, w, check, out):
-    out.copy_(_ei_reference(x, pred, pu, table, times, kind, params, code, form, w, check))
+def _torch_ei_out(x, pred, pu, table, t, s, t_prev, times, kind, params, code, form, w, check,
+                  out):
+    out.copy_(_ei_reference(x, pred, pu, table, t, s, t_prev, times, kind, params, code, form, w,
+                            check))
 
 
-def _torch_dpmpp_2m(x, pred, dp, pu, table, times, kind, params, code, w, check, out, d_out):
+def _torch_dpmpp_2m(x, pred, dp, pu, table, t, s, t_prev, times, kind, params, code, w, check,
+                    out, d_out):
+    table = _ref_table(x, table, t, s, t_prev, times, kind, params)
     a = table.dtype
     xs, d = ref.dpmpp_2m_step(x.to(a), pred.to(a), table[:, AT_T], table[:, AT_S],
                               PREDICTIONS[code], _acc(dp, a), _pad_prev(table), _acc(pu, a), w)
     out.copy_(xs), d_out.copy_(d)
 
 
-def _torch_em(x, pred, pu, table, times, kind, params, code, w, seed, offset, seeds, check,
-              out):
+def _torch_em(x, pred, pu, table, t, s, t_prev, times, kind, params, code, w, seed, offset, seeds,
+              check, out):
+    table = _ref_table(x, table, t, s, t_prev, times, kind, params)
     a = table.dtype
     out.copy_(ref.em_step(x.to(a), pred.to(a), table[:, AT_T], table[:, H], table[:, G],
                           _noise(seed, offset, seeds, x, a), PREDICTIONS[code], _acc(pu, a), w))
 
 
-def _torch_churn(x, table, times, kind, params, seed, offset, seeds, check, out):
+def _torch_churn(x, table, t, s, t_prev, times, kind, params, seed, offset, seeds, check, out):
+    table = _ref_table(x, table, t, s, t_prev, times, kind, params)
     a = table.dtype
     out.copy_(ref.churn(x.to(a), table[:, AT_T], table[:, AT_S],
                         _noise(seed, offset, seeds, x, a)))
 
 
-def _torch_lms(x, pred, u1, u2, u3, pu, wts, table, times, kind, params, code, w, check, out,
-               u_out):
+def _torch_lms(x, pred, u1, u2, u3, pu, wts, table, t, s, t_prev, times, kind, params, code, w,
+               check, out, u_out):
+    table = _ref_table(x, table, t, s, t_prev, times, kind, params)
     a = table.dtype
     given = [h.to(a) for h in (u1, u2, u3) if h is not None]
     xs, u = ref.lms_step(x.to(a), pred.to(a), table[:, AT_T], wts, given, PREDICTIONS[code],

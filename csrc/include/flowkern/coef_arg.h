@@ -8,6 +8,10 @@
 //   - `t` (device memory, t_rows times, float32 or float64 as t_f64 says)
 //     with the built-in schedule (kind, p): training ops and the flow map
 //     (one CoefArg for t, one for s) with per-sample times;
+//   - `by_time`: a step's times t, s, t_prev (`step_t`: device memory, 1 or
+//     rows times, float32 or float64; or, without a pointer, the value in
+//     `times`) with g (`times[3]`) and the built-in schedule (kind, p),
+//     evaluated in the kernel (step_src): per-sample times given as tensors;
 //   - `one`, one row by value (its first 4 values for a training op): a time
 //     or step the host knows, evaluated there in double; or, for the flow
 //     map, `time` itself, which its kernels evaluate (map_src).
@@ -21,6 +25,13 @@
 
 namespace fk {
 
+// One time argument of a step in device memory (CoefArg::step_t).
+struct TimeArg {
+  uintptr_t p = 0;
+  i64 rows = 0;
+  bool f64 = false;
+};
+
 struct CoefArg {
   uintptr_t table = 0;
   i64 table_rows = 0;
@@ -31,6 +42,9 @@ struct CoefArg {
   double p[kSchedParams] = {0, 0, 0};
   double one[STEP_COLS] = {};
   double time = 0;  // the flow map: a time the host knows (map_src)
+  bool by_time = false;     // a step's per-row times (step_src)
+  TimeArg step_t[3];        // ... t, s, t_prev where given as tensors
+  double times[4] = {};     // ... [t, s, t_prev, g] by value (t_prev NaN: absent)
 };
 
 // 0 when n rows of coefficients serve `rows` rows by broadcasting one row,
@@ -59,7 +73,8 @@ template <class A> bool sched_src(const CoefArg& c, i64 rows, SchedSrc<A>& s) {
 }
 
 // The step functors' source (STEP_COLS coefficients a row); false when a
-// table fits neither 1 nor `rows` rows. Steps take no times tensor.
+// table or a times tensor fits neither 1 nor `rows` rows, or the schedule
+// kind is unknown.
 template <class A> bool step_src(const CoefArg& c, i64 rows, StepSrc<A>& s) {
   s = StepSrc<A>{};
   if (c.t != 0) return false;
@@ -68,6 +83,25 @@ template <class A> bool step_src(const CoefArg& c, i64 rows, StepSrc<A>& s) {
     const i64 step = row_step_of(c.table_rows, rows);
     s.stride = step * STEP_COLS;
     return step >= 0;
+  }
+  if (c.by_time) {
+    s.by_time = true;
+    s.kind = c.kind;
+    for (int i = 0; i < kSchedParams; ++i) s.p[i] = c.p[i];
+    s.g = c.times[3];
+    bool ok = c.kind >= LINEAR && c.kind <= EDM;
+    TimeSrc* dst[3] = {&s.t, &s.s, &s.t_prev};
+    for (int i = 0; i < 3; ++i) {
+      TimeSrc& d = *dst[i];
+      d.value = c.times[i];
+      if (c.step_t[i].p != 0) {
+        d.p = reinterpret_cast<const void*>(c.step_t[i].p);
+        d.f64 = c.step_t[i].f64;
+        d.step = row_step_of(c.step_t[i].rows, rows);
+        ok = ok && d.step >= 0;
+      }
+    }
+    return ok;
   }
   for (int i = 0; i < STEP_COLS; ++i) s.one[i] = A(c.one[i]);
   return true;

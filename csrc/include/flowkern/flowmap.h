@@ -19,20 +19,6 @@
 
 namespace fk {
 
-// A time per row: `p` (float32, or float64 when f64) at r * step, or,
-// without p, `value` for every row.
-struct TimeSrc {
-  const void* p = nullptr;
-  bool f64 = false;
-  i64 step = 0;
-  double value = 0;
-  FK_HD double at(i64 r) const {
-    if (p == nullptr) return value;
-    return f64 ? static_cast<const double*>(p)[r * step]
-               : double(static_cast<const float*>(p)[r * step]);
-  }
-};
-
 // Where a flow-map kernel reads a row's coefficients at t and at s: a step
 // table (row r at table + r * stride; stride 0 when one row serves the
 // batch), or the built-in schedule (kind, p; schedules.h) evaluated here in

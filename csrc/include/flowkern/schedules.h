@@ -96,6 +96,20 @@ FK_HD Sched<double> schedule_at(int kind, const double* p, double t) {
   }
 }
 
+// A time per row: `p` (float32, or float64 when f64) at r * step, or,
+// without p, `value` for every row.
+struct TimeSrc {
+  const void* p = nullptr;
+  bool f64 = false;
+  i64 step = 0;
+  double value = 0;
+  FK_HD double at(i64 r) const {
+    if (p == nullptr) return value;
+    return f64 ? static_cast<const double*>(p)[r * step]
+               : double(static_cast<const float*>(p)[r * step]);
+  }
+};
+
 // Where a training kernel reads a row's schedule values (the functors of
 // training.h): a (n, 4) table in memory (row r at r * row_step, row_step 0
 // when one row serves the batch); else per-row times `t` (t_step 0 or 1;

@@ -18,6 +18,7 @@
 
 #include "coeffs.h"
 #include "lincomb.h"
+#include "schedules.h"
 
 namespace fk {
 
@@ -53,19 +54,51 @@ template <class A> FK_HD StepRow<A> load_step(const A* coef, i64 stride, i64 r) 
   return {{c[0], c[1], c[2], c[3]}, {c[4], c[5], c[6], c[7]}, c[8], c[9], c[10], c[11]};
 }
 
+// The inverse of load_step: a row's STEP_COLS values at out.
+template <class A> FK_HD void store_step(const StepRow<A>& r, A* out) {
+  const A v[STEP_COLS] = {r.t.alpha, r.t.sigma, r.t.d_alpha, r.t.d_sigma, r.s.alpha, r.s.sigma,
+                          r.s.d_alpha, r.s.d_sigma, r.alpha_p, r.sigma_p, r.h, r.g};
+  for (int i = 0; i < STEP_COLS; ++i) out[i] = v[i];
+}
+
 // Where a step kernel reads a row's step coefficients: a table in memory
-// (row r at table + r * stride; stride 0 when one row serves the batch), or,
-// without a table, the one row `one` held by value (a sampler step at one
-// time for the whole batch: no table tensor, no copy to the device). Read
-// with constant indices only (see SchedSrc in schedules.h).
+// (row r at table + r * stride; stride 0 when one row serves the batch);
+// or, with `by_time`, the built-in schedule (kind, p; schedules.h) evaluated
+// here in double at the row's times t, s and t_prev (each a pointer or a
+// value; t_prev absent when NaN by value), with h = s - t and g by value:
+// per-sample times a caller gives as tensors, with no table built; or else
+// the one row `one` held by value (a sampler step at one time for the whole
+// batch: no table tensor, no copy to the device). Read with constant
+// indices only (see SchedSrc in schedules.h).
 template <class A> struct StepSrc {
   const A* table = nullptr;
   i64 stride = 0;
   A one[STEP_COLS] = {};
+  bool by_time = false;
+  TimeSrc t, s, t_prev;
+  double g = 0;
+  int kind = 0;
+  double p[kSchedParams] = {0, 0, 0};
   FK_HD StepRow<A> at(i64 r) const {
     if (table != nullptr) return load_step(table, stride, r);
+    if (by_time) return timed(r);
     return {{one[0], one[1], one[2], one[3]}, {one[4], one[5], one[6], one[7]},
             one[8], one[9], one[10], one[11]};
+  }
+  // The built-in schedule at row r's times: each value in double, then
+  // rounded to A (also the one row the host builds from float times,
+  // csrc/cpu/step_args.h step_coef).
+  FK_HD StepRow<A> timed(i64 r) const {
+    const double tr = t.at(r), sr = s.at(r), pr = t_prev.at(r);
+    const Sched<double> a = schedule_at(kind, p, tr), b = schedule_at(kind, p, sr);
+    double ap = 1, sp = 1;
+    if (!isnan(pr)) {
+      const Sched<double> c = schedule_at(kind, p, pr);
+      ap = c.alpha, sp = c.sigma;
+    }
+    return {{A(a.alpha), A(a.sigma), A(a.d_alpha), A(a.d_sigma)},
+            {A(b.alpha), A(b.sigma), A(b.d_alpha), A(b.d_sigma)},
+            A(ap), A(sp), A(sr - tr), A(g)};
   }
 };
 
