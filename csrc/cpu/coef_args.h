@@ -41,6 +41,12 @@ inline std::vector<double> read_doubles(const Tensor& x) {
   const auto read = [&](auto tag) {
     using S = decltype(tag);
     const S* p = static_cast<const S*>(x.const_data_ptr());
+    if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
+      if (stride == 1) {  // the usual (B,) times: a loop the compiler vectorises
+        for (size_t i = 0; i < v.size(); ++i) v[i] = double(p[i]);
+        return;
+      }
+    }
     for (size_t i = 0; i < v.size(); ++i) {
       if constexpr (std::is_same_v<S, fk::f16> || std::is_same_v<S, fk::bf16>)
         v[i] = double(fk::to_float(p[int64_t(i) * stride]));
@@ -91,6 +97,11 @@ inline std::vector<double> read_times(const OptT& t, double t_value,
 // ValueError unless every time lies in [0, 1]; NaN fails. The message of
 // flowkern._validate.check_unit_interval, word for word.
 inline void check_unit_interval(const char* name, const std::vector<double>& ts) {
+  // one branch-free pass that vectorises (NaN fails both comparisons); the
+  // range for the message only when it fails
+  bool ok = true;
+  for (double v : ts) ok &= (v >= 0) & (v <= 1);
+  if (ok) return;
   double lo = INFINITY, hi = -INFINITY;
   bool nan = false;
   for (double v : ts) {
@@ -99,9 +110,8 @@ inline void check_unit_interval(const char* name, const std::vector<double>& ts)
     hi = v > hi ? v : hi;
   }
   if (nan) lo = hi = NAN;  // torch.aminmax propagates NaN
-  FK_CHECK_VALUE(ts.empty() || (!nan && lo >= 0 && hi <= 1), name,
-                 ": times must lie in [0, 1] (0 = noise, 1 = data); got values in [", lo,
-                 ", ", hi, "]");
+  FK_CHECK_VALUE(false, name, ": times must lie in [0, 1] (0 = noise, 1 = data); got values in [",
+                 lo, ", ", hi, "]");
 }
 
 inline void check_schedule(int64_t kind, const std::vector<double>& params) {

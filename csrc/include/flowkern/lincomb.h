@@ -12,6 +12,7 @@
 #include "hd.h"
 #include "philox.h"
 #if !defined(__CUDACC__)
+#include <algorithm>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -158,6 +159,58 @@ inline void lincomb_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
   if (stream) _mm_sfence();  // the streamed lines are visible before the caller's join
 #endif
 }
+
+// Rows shorter than this take lincomb_rows when the op's working set stays
+// in cache (dispatch.h run_lincomb): lincomb_segment's per-call set-up (noise
+// key, blocks, streaming) costs more than a short row's elements. Measured
+// here, float32, 1 thread, euler_step with a per-sample table: (4096, 2)
+// 24.2 -> 7.8 us (eager 9.4), (1024, 64) 12.6 -> 7.7 us; no row length up to
+// 128 was slower (em_step, interpolate, docs/build.md "Short rows").
+constexpr i64 kShortRow = 129;
+static_assert(kShortRow <= kNoiseChunk, "a short row's noise fits one buffer");
+
+// Whole rows [r0, r1) of `inner` < kShortRow elements: each row's
+// coefficients, then its elements (no blocks, no streaming). The noise of
+// consecutive rows is one stream (for_row changes nothing without
+// per-sample seeds), drawn for as many whole rows as fill a chunk at once;
+// with per-sample seeds, row by row.
+template <class T, class Fn>
+inline void lincomb_rows(const Fn& fn, i64 r0, i64 r1, i64 inner, Ptrs<T, Fn::NI> in,
+                         OutPtrs<T, Fn::NO> out, NoiseKey key = {}) {
+  using A = acc_t<T>;
+  constexpr int NI = Fn::NI, NO = Fn::NO;
+  constexpr bool noisy = has_noise<Fn>::value;
+  alignas(64) float xi[noisy ? kNoiseChunk : 1];
+  i64 xi_lo = 0, xi_hi = 0;  // the flat elements whose noise xi holds
+  for (i64 r = r0; r < r1; ++r) {
+    const auto M = fn.row(r);
+    const i64 b = r * inner;
+    const float* nz = xi;
+    if constexpr (noisy) {
+      if (key.seeds != nullptr) {
+        fill_normals(for_row(key, r, inner), b, inner, xi);
+      } else {
+        if (b + inner > xi_hi) {
+          const i64 n = std::min<i64>((r1 - r) * inner, kNoiseChunk / inner * inner);
+          fill_normals(key, b, n, xi);
+          xi_lo = b;
+          xi_hi = b + n;
+        }
+        nz = xi + (b - xi_lo);
+      }
+    }
+    FK_IVDEP
+    for (i64 i = 0; i < inner; ++i) {
+      A x[NI], y[NO];
+      for (int j = 0; j < NI; ++j) x[j] = load(in.p[j], b + i);
+      apply<Fn>(M, x, y);
+      if constexpr (noisy)
+        for (int k = 0; k < NO; ++k) y[k] += M.noise[k] * A(nz[i]);
+      for (int k = 0; k < NO; ++k) store(out.p[k], b + i, y[k]);
+    }
+  }
+}
+
 #endif  // !__CUDACC__ (the GPU runs lincomb_thread)
 
 // Aligned pack of VEC elements: one 128-bit load or store on the GPU.

@@ -43,7 +43,13 @@ FK_UNROLL
   return row;
 }
 
-template <class T, class Fn, bool STORE = false>
+// Rows shorter than this take a plain loop (SIMD = false): the vector
+// reduction's set-up costs more than such a row (fm_loss on (32768, 2),
+// 1 thread: most of the loss's time); from 32 elements on it pays (measured).
+constexpr i64 kShortRowSum = 24;
+
+// SIMD = false: the plain loop, for rows shorter than kShortRowSum.
+template <class T, class Fn, bool STORE = false, bool SIMD = true>
 inline acc_t<T> rowsum_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
                                Ptrs<T, Fn::NI> in, RowStore<T> st = {}) {
   static_assert(Fn::NO == 1, "rowsum reduces a single output");
@@ -54,20 +60,25 @@ inline acc_t<T> rowsum_segment(const Fn& fn, i64 r, i64 inner, i64 e0, i64 e1,
   T* g = STORE ? st.p + r * inner : nullptr;
   const auto Mg = STORE ? scaled_row(M, st.grad.template twice<A>(r)) : M;
   A s = A(0);
-  // An OpenMP simd reduction lets g++ keep one partial sum per vector lane
-  // (reassociation it may not do on its own without -ffast-math): packed
-  // loads, multiplies and adds, and a lane-wise, pairwise-like error.
-#pragma omp simd reduction(+ : s)
-  for (i64 e = e0; e < e1; ++e) {
+  const auto element = [&](i64 e) {
     A x[Fn::NI], y[1];
     for (int j = 0; j < Fn::NI; ++j) x[j] = load(p[j], e);
     apply<Fn>(M, x, y);
-    s += y[0] * y[0];
     if constexpr (STORE) {
       A yg[1];
       apply<Fn>(Mg, x, yg);
       store(g, e, yg[0]);
     }
+    return y[0] * y[0];
+  };
+  if constexpr (SIMD) {
+    // An OpenMP simd reduction lets g++ keep one partial sum per vector lane
+    // (reassociation it may not do on its own without -ffast-math): packed
+    // loads, multiplies and adds, and a lane-wise, pairwise-like error.
+#pragma omp simd reduction(+ : s)
+    for (i64 e = e0; e < e1; ++e) s += element(e);
+  } else {
+    for (i64 e = e0; e < e1; ++e) s += element(e);
   }
   return s;
 }
