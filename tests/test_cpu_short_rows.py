@@ -1,13 +1,15 @@
-"""The CPU engine runs rows shorter than fk::kShortRow (129 elements) through
-lincomb_rows, one plain loop over whole rows, and longer ones through
-lincomb_segment (csrc/include/flowkern/lincomb.h, decided in
-csrc/cpu/dispatch.h run_lincomb). The element math is the same, so a batch
-of short rows must equal, bit for bit, the same elements run as one long
-row when every row has the same coefficients (a shared table row), noise
+"""The CPU engine's three ways over a (rows, inner) tensor (decided in
+csrc/cpu/dispatch.h run_lincomb): rows whose coefficients are all the same
+(a step at one time, one table row, a scalar t: lincomb.h uniform_rows) run
+as one row of rows * inner elements; otherwise rows shorter than fk::kShortRow
+(129 elements) go through lincomb_rows, one plain loop over whole rows, and
+longer ones through lincomb_segment. The element math is the same, so the
+three must agree bit for bit on rows that share their coefficients, noise
 included: without per-sample seeds the noise of element e is the stream's
-counter offset + e on both paths, drawn a chunk of rows at a time on the
-short-row path. With per-sample seeds, row r of a batch equals a long row
-with seed seeds[r] (its noise at counters offset + i).
+counter offset + e on every path. A table of B equal rows (one per sample)
+takes the per-row paths; its one row shared takes the uniform path. With
+per-sample seeds, row r of a batch equals a long row with seed seeds[r] (its
+noise at counters offset + i).
 """
 import pytest
 import torch
@@ -31,21 +33,27 @@ def _long(t):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHORT)
-def test_steps_short_rows_equal_one_long_row(shape, dtype):
+@pytest.mark.parametrize("shape", SHORT + [(3, 200), (2, 20000)])
+def test_steps_rows_equal_one_long_row(shape, dtype):
+    """Per-row (short rows, or segments from 129 on), uniform and one long row."""
     x, v, h = _data(shape, dtype)
     row = fk.step_table("vp", 0.3, 0.4, t_prev=0.2, g=0.7)  # one row: every row's
+    rows = row.expand(shape[0], -1).contiguous()  # the same values, one row per sample
     for call in (
-        lambda x, v, h: fk.euler_step(x, v, table=row, backend="cpu"),
-        lambda x, v, h: fk.dpmpp_2m_step(x, v, table=row, d_prev=h, prediction="x1",
-                                         backend="cpu")[0],
-        lambda x, v, h: fk.em_step(x, v, table=row, seed=11, offset=3, backend="cpu"),
-        lambda x, v, h: fk.lincomb_step(x, [v, h], [1.0, 0.25, -0.5], noise_std=0.3, seed=5,
-                                        offset=1, backend="cpu"),
+        lambda x, v, h, tab: fk.euler_step(x, v, table=tab, backend="cpu"),
+        lambda x, v, h, tab: fk.dpmpp_2m_step(x, v, table=tab, d_prev=h, prediction="x1",
+                                              backend="cpu")[0],
+        lambda x, v, h, tab: fk.em_step(x, v, table=tab, seed=11, offset=3, backend="cpu"),
     ):
-        short = call(x, v, h)
-        long = call(_long(x), _long(v), _long(h))
-        assert torch.equal(short, long.view(shape)), (shape, dtype)
+        per_row = call(x, v, h, rows)
+        uniform = call(x, v, h, row)
+        long = call(_long(x), _long(v), _long(h), row)
+        assert torch.equal(per_row, long.view(shape)), (shape, dtype)
+        assert torch.equal(uniform, long.view(shape)), (shape, dtype)
+    # lincomb_step's coefficients are always one row: uniform against one long row
+    comb = lambda x, v, h: fk.lincomb_step(x, [v, h], [1.0, 0.25, -0.5], noise_std=0.3,  # noqa: E731
+                                           seed=5, offset=1, backend="cpu")
+    assert torch.equal(comb(x, v, h), comb(_long(x), _long(v), _long(h)).view(shape))
 
 
 @pytest.mark.parametrize("shape", SHORT)
@@ -64,11 +72,22 @@ def test_per_sample_seeds_short_rows(shape):
         assert torch.equal(got[r], want[0, :inner]), r
 
 
-def test_training_short_rows_equal_one_long_row():
-    x0, x1, _ = _data((257, 2), torch.float32, seed=2)
-    xt, u = fk.interpolate(x0, x1, 0.37, schedule="cosine", backend="cpu")
-    xt2, u2 = fk.interpolate(_long(x0), _long(x1), 0.37, schedule="cosine", backend="cpu")
-    assert torch.equal(xt, xt2.view_as(xt)) and torch.equal(u, u2.view_as(u))
+@pytest.mark.parametrize("shape", [(257, 2), (300, 1), (3, 200)])
+def test_training_rows_equal_one_long_row(shape):
+    """One time for the batch (a float, or a 0-dim t: uniform), the same time
+    per row (t of shape (B,): per row) and one long row agree bit for bit."""
+    x0, x1, _ = _data(shape, torch.float32, seed=2)
+    want = fk.interpolate(_long(x0), _long(x1), 0.37, schedule="cosine", backend="cpu")
+    for t in (0.37, torch.tensor(0.37, dtype=torch.float64),
+              torch.full((shape[0],), 0.37, dtype=torch.float64)):
+        got = fk.interpolate(x0, x1, t, schedule="cosine", backend="cpu")
+        for g, w in zip(got, want):
+            assert torch.equal(g, w.view(shape)), (shape, t)
+    t = torch.full((shape[0],), 0.37, dtype=torch.float64)
+    for dst in ("eps", "x1"):
+        got = fk.convert(x0, x1, t, "cosine", src="velocity", dst=dst, backend="cpu")
+        want = fk.convert(x0, x1, 0.37, "cosine", src="velocity", dst=dst, backend="cpu")
+        assert torch.equal(got, want), dst
 
 
 def test_short_rows_match_the_reference():

@@ -7,6 +7,7 @@
 // tensor op runs: the table lives in host memory for the kernel's call.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -97,12 +98,20 @@ inline std::vector<double> read_times(const OptT& t, double t_value,
 // ValueError unless every time lies in [0, 1]; NaN fails. The message of
 // flowkern._validate.check_unit_interval, word for word.
 inline void check_unit_interval(const char* name, const std::vector<double>& ts) {
-  // one branch-free pass that vectorises (NaN fails both comparisons); the
-  // range for the message only when it fails
-  bool ok = true;
-  for (double v : ts) ok &= (v >= 0) & (v <= 1);
-  if (ok) return;
-  double lo = INFINITY, hi = -INFINITY;
+  // one pass of vector min, max and sum reductions (a comparison's mask
+  // per element does not vectorise here): v * 0 sums to NaN when some v is
+  // NaN or infinite, else to 0; the range for the message only when it fails
+  double lo = 0, hi = 1, z = 0;
+  const double* p = ts.data();
+  const size_t n = ts.size();
+#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(+ : z)
+  for (size_t i = 0; i < n; ++i) {
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
+    z += p[i] * 0.0;
+  }
+  if (lo >= 0 && hi <= 1 && z == 0) return;
+  lo = INFINITY, hi = -INFINITY;
   bool nan = false;
   for (double v : ts) {
     nan |= std::isnan(v);
@@ -130,11 +139,14 @@ HostCoef<A> host_coef_at(const std::vector<double>& ts, int64_t kind,
   for (size_t i = 0; i < params.size(); ++i) p[i] = params[i];
   c.n = int64_t(ts.size());
   c.own.resize(4 * ts.size());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const fk::Sched<double> s = fk::schedule_at(int(kind), p, ts[i]);
-    A* o = c.own.data() + 4 * i;
-    o[0] = A(s.alpha), o[1] = A(s.sigma), o[2] = A(s.d_alpha), o[3] = A(s.d_sigma);
-  }
+  // the kind's switch out of the loop; local pointers the loop keeps in registers
+  fk::with_sched_kind(int(kind), [&, t = ts.data(), n = ts.size(), own = c.own.data()](auto k) {
+    for (size_t i = 0; i < n; ++i) {
+      const fk::Sched<double> s = fk::schedule_of<decltype(k)::value>(p, t[i]);
+      A* o = own + 4 * i;
+      o[0] = A(s.alpha), o[1] = A(s.sigma), o[2] = A(s.d_alpha), o[3] = A(s.d_sigma);
+    }
+  });
   c.table = c.own.data();
   return c;
 }

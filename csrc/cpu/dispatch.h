@@ -69,12 +69,16 @@ inline i64 inner_of(const Tensor& t) {
 // that a large single row still splits across threads.
 constexpr i64 kSegment = 16384;
 
+// parallel_for's grain over rows (or row segments) of `len` elements: about
+// kSegment elements a task.
+inline i64 grain_of(i64 len) { return std::max<i64>(1, kSegment / std::max<i64>(1, len)); }
+
 // Calls body(r, e0, e1) on every row segment, in parallel.
 template <class Body> void for_each_segment(i64 rows, i64 inner, Body&& body) {
   if (rows == 0 || inner == 0) return;
   const i64 seg = std::min(inner, kSegment);
   const i64 nseg = (inner + seg - 1) / seg;
-  const i64 grain = std::max<i64>(1, kSegment / seg);
+  const i64 grain = grain_of(seg);
   if (nseg == 1) {  // whole rows: no 64-bit division per row (~10 ns a row on 2-wide rows)
     torch::stable::parallel_for(0, rows, grain, [&](i64 b, i64 e) {
       for (i64 r = b; r < e; ++r) body(r, i64(0), inner);
@@ -114,17 +118,34 @@ template <class T, class Fn>
 [[gnu::noinline]] void run_lincomb_rows(const Fn& fn, i64 rows, i64 inner,
                                         fk::Ptrs<T, Fn::NI> in, fk::OutPtrs<T, Fn::NO> out,
                                         fk::NoiseKey key) {
-  torch::stable::parallel_for(0, rows, std::max<i64>(1, kSegment / inner), [&](i64 b, i64 e) {
+  torch::stable::parallel_for(0, rows, grain_of(inner), [&](i64 b, i64 e) {
     fk::lincomb_rows<T>(fn, b, e, inner, in, out, key);
   });
 }
 
-// out_k = M_row * in over whole tensors (all contiguous, same shape). The
-// outputs are streamed past the cache when the op's working set could not
-// stay in it anyway (lincomb.h).
 template <class T, class Fn>
 void run_lincomb(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
-                 fk::OutPtrs<T, Fn::NO> out, fk::NoiseKey key = {}) {
+                 fk::OutPtrs<T, Fn::NO> out, fk::NoiseKey key = {});
+
+// run_lincomb's uniform rows as one row of n elements. Not inlined, as
+// run_lincomb_rows.
+template <class T, class Fn>
+[[gnu::noinline]] void run_lincomb_flat(const Fn& fn, i64 n, fk::Ptrs<T, Fn::NI> in,
+                                        fk::OutPtrs<T, Fn::NO> out, fk::NoiseKey key) {
+  run_lincomb<T>(fn, 1, n, in, out, key);
+}
+
+// out_k = M_row * in over whole tensors (all contiguous, same shape). The
+// outputs are streamed past the cache when the op's working set could not
+// stay in it anyway (lincomb.h). Uniform rows (lincomb.h uniform_rows) run as
+// one row of rows * inner elements: the same values bit for bit (noise is
+// keyed by the flat element index unless seeds are per sample), one
+// coefficient evaluation instead of one a row.
+template <class T, class Fn>
+void run_lincomb(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in,
+                 fk::OutPtrs<T, Fn::NO> out, fk::NoiseKey key) {
+  if (rows > 1 && key.seeds == nullptr && fk::uniform_rows(fn))
+    return run_lincomb_flat<T>(fn, rows * inner, in, out, key);
   const bool stream =
       rows * inner * i64(sizeof(T)) * (Fn::NI + Fn::NO) > last_level_cache_bytes();
   if constexpr (fk::has_noise<Fn>::value) fk::refresh_noise_isa();
@@ -146,8 +167,11 @@ void run_loss(const Fn& fn, i64 rows, i64 inner, fk::Ptrs<T, Fn::NI> in, const f
   const i64 seg = std::max<i64>(1, std::min(inner, kSegment));  // as for_each_segment
   const i64 nseg = inner == 0 ? 1 : (inner + seg - 1) / seg;
   std::vector<fk::acc_t<T>> partial(size_t(rows * nseg), fk::acc_t<T>(0));
-  if (inner > 0 && inner < fk::kShortRowSum) {  // many short rows: one plain loop over them
-    torch::stable::parallel_for(0, rows, std::max<i64>(1, kSegment / inner), [&](i64 b, i64 e) {
+  // Many short rows: one plain loop over them (rowsum.h kShortRowSum). Not
+  // folded into for_each_segment's lambda as a choice per row: that cost the
+  // short rows 3x here (fm_loss (32768, 2), 1 thread: 194 -> 639 us, A/B).
+  if (inner > 0 && inner < fk::kShortRowSum) {
+    torch::stable::parallel_for(0, rows, grain_of(inner), [&](i64 b, i64 e) {
       for (i64 r = b; r < e; ++r)
         partial[size_t(r)] = fk::rowsum_segment<T, Fn, STORE, false>(fn, r, inner, 0, inner, in, st);
     });

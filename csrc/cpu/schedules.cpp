@@ -15,15 +15,17 @@ namespace {
 template <class S, class D>
 void fill(const S* t, int64_t nt, int64_t rows, int64_t kind, const double* p, D* out,
           double& lo, double& hi, bool& nan) {
-  for (int64_t i = 0; i < nt; ++i) {
-    const double ti = double(t[i]);
-    nan |= std::isnan(ti);
-    lo = ti < lo ? ti : lo;
-    hi = ti > hi ? ti : hi;
-    const auto c = fk::schedule_at(int(kind), p, ti);
-    D* o = out + 4 * i;
-    o[0] = D(c.alpha), o[1] = D(c.sigma), o[2] = D(c.d_alpha), o[3] = D(c.d_sigma);
-  }
+  fk::with_sched_kind(int(kind), [&](auto k) {  // the kind's switch out of the loop
+    for (int64_t i = 0; i < nt; ++i) {
+      const double ti = double(t[i]);
+      nan |= std::isnan(ti);
+      lo = ti < lo ? ti : lo;
+      hi = ti > hi ? ti : hi;
+      const auto c = fk::schedule_of<decltype(k)::value>(p, ti);
+      D* o = out + 4 * i;
+      o[0] = D(c.alpha), o[1] = D(c.sigma), o[2] = D(c.d_alpha), o[3] = D(c.d_sigma);
+    }
+  });
   for (int64_t i = nt; i < rows; ++i)  // a single time broadcast to every row
     for (int k = 0; k < 4; ++k) out[4 * i + k] = out[k];
 }

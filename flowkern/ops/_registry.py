@@ -363,14 +363,8 @@ class TimedOp:
         self.at = names.index("t")
         self._schema = timed._schema  # DiffOp and direct() read the op's schema
 
-    def pick(self, args):
-        at = self.at
-        if args[at] is None and args[at + 1] is None and args[at + 2] is None:
-            return self.plain, (*args[:at], *args[at + 3:])
-        return self.timed, args
-
     def __call__(self, *args):
-        op, args = self.pick(args)
+        op, args = _pick_overload(self.plain, self.timed, self.at, args)
         return op(*args)
 
     def direct(self):
@@ -378,11 +372,19 @@ class TimedOp:
         plain, timed, at = direct(self.plain), direct(self.timed), self.at
 
         def call(*args):
-            if args[at] is None and args[at + 1] is None and args[at + 2] is None:
-                return plain(*args[:at], *args[at + 3:])
-            return timed(*args)
+            op, args = _pick_overload(plain, timed, at, args)
+            return op(*args)
         call.plain, call.timed = plain, timed  # the two callers (tests read them)
         return call
+
+
+def _pick_overload(plain, timed, at, args):
+    """(callee, its args): `plain` without the three time arguments at `at`
+    (t, s, t_prev) when all are None, else `timed` with every argument. The
+    one place TimedOp's two forms decide between the overloads."""
+    if args[at] is None and args[at + 1] is None and args[at + 2] is None:
+        return plain, (*args[:at], *args[at + 3:])
+    return timed, args
 
 
 def _one_device(qual: str, overload, fake):

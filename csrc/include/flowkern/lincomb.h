@@ -9,6 +9,8 @@
 // the loops live here once, for the CPU kernels and for the CUDA kernels.
 #pragma once
 
+#include <utility>
+
 #include "hd.h"
 #include "philox.h"
 #if !defined(__CUDACC__)
@@ -30,6 +32,20 @@ template <class Fn, class = void> struct has_noise { static constexpr bool value
 template <class Fn> struct has_noise<Fn, decltype(void(Fn::NOISE))> {
   static constexpr bool value = Fn::NOISE;
 };
+
+// Uniform rows: a functor may declare `bool uniform() const`, true when
+// row(r) is the same for every r and the functor reads nothing else per row
+// (a step at one time for the batch; a training op at one t). The CPU engine
+// then runs the tensor as one row (dispatch.h run_lincomb): one coefficient
+// evaluation and one vectorised loop instead of one per row. Default: false.
+template <class Fn, class = void> struct has_uniform { static constexpr bool value = false; };
+template <class Fn> struct has_uniform<Fn, decltype(void(std::declval<const Fn&>().uniform()))> {
+  static constexpr bool value = true;
+};
+template <class Fn> bool uniform_rows(const Fn& fn) {
+  if constexpr (has_uniform<Fn>::value) return fn.uniform();
+  else return false;
+}
 
 template <class T, int N> struct Ptrs { const T* p[N]; };
 template <class T, int N> struct OutPtrs { T* p[N]; };

@@ -8,6 +8,8 @@
 
 #include <math.h>
 
+#include <type_traits>
+
 #include "coeffs.h"
 #include "hd.h"
 
@@ -58,43 +60,69 @@ FK_HD double pow_d(double x, double y) {
 
 // p: the schedule's parameters, in the order of the Python constructor:
 // polynomial (n), vp (beta_min, beta_max), ve (sigma_min, sigma_max),
-// edm (sigma_min, sigma_max, rho).
-FK_HD Sched<double> schedule_at(int kind, const double* p, double t) {
-  switch (kind) {
-    case LINEAR: return {t, 1 - t, 1, -1};
-    case COSINE: {
-      // sigma = cos(pi t / 2) written sin(pi (1 - t) / 2): exactly 0 at t = 1
-      // (cos(fl(pi/2)) is 6.1e-17), accurate near it (flowkern/schedules.py).
-      const double h = 0.5 * M_PI;
-      double a, s, unused;
-      sincos_half_pi(t, &a, &unused);
-      sincos_half_pi(1 - t, &s, &unused);
-      return {a, s, h * s, -h * a};
-    }
-    case POLYNOMIAL: {
-      const double n = p[0], a = pow_d(t, n), d = n * pow_d(t, n - 1);
-      return {a, 1 - a, d, -d};
-    }
-    case VP: {
-      // s = 1 - t; log alpha = -s^2 (b_max - b_min)/4 - s b_min/2;
-      // sigma^2 = -expm1(2 log alpha), accurate near t = 1.
-      const double bmin = p[0], bmax = p[1], s = 1 - t;
-      const double la = -0.25 * s * s * (bmax - bmin) - 0.5 * s * bmin;
-      const double dla = 0.5 * s * (bmax - bmin) + 0.5 * bmin;
-      const double alpha = exp(la), sigma = sqrt(-expm1(2 * la));
-      return {alpha, sigma, alpha * dla, -alpha * alpha * dla / sigma};
-    }
-    case VE: {
-      const double smin = p[0], r = log(p[1] / smin), sigma = smin * exp(r * (1 - t));
-      return {1, sigma, 0, -r * sigma};
-    }
-    default: {  // EDM: sigma = (hi + t (lo - hi))^rho, lo/hi = sigma_min/max^(1/rho)
-      const double rho = p[2], lo = pow_d(p[0], 1 / rho), hi = pow_d(p[1], 1 / rho);
-      const double b = hi + t * (lo - hi);
-      return {1, pow_d(b, rho), 0, rho * pow_d(b, rho - 1) * (lo - hi)};
-    }
+// edm (sigma_min, sigma_max, rho). KIND known at compile time: loops over
+// many times take the kind's switch out of the loop (with_sched_kind).
+template <int KIND> FK_HD Sched<double> schedule_of(const double* p, double t) {
+  if constexpr (KIND == LINEAR) {
+    return {t, 1 - t, 1, -1};
+  } else if constexpr (KIND == COSINE) {
+    // sigma = cos(pi t / 2) written sin(pi (1 - t) / 2): exactly 0 at t = 1
+    // (cos(fl(pi/2)) is 6.1e-17), accurate near it (flowkern/schedules.py).
+    const double h = 0.5 * M_PI;
+    double a, s, unused;
+    sincos_half_pi(t, &a, &unused);
+    sincos_half_pi(1 - t, &s, &unused);
+    return {a, s, h * s, -h * a};
+  } else if constexpr (KIND == POLYNOMIAL) {
+    const double n = p[0], a = pow_d(t, n), d = n * pow_d(t, n - 1);
+    return {a, 1 - a, d, -d};
+  } else if constexpr (KIND == VP) {
+    // s = 1 - t; log alpha = -s^2 (b_max - b_min)/4 - s b_min/2;
+    // sigma^2 = -expm1(2 log alpha), accurate near t = 1.
+    const double bmin = p[0], bmax = p[1], s = 1 - t;
+    const double la = -0.25 * s * s * (bmax - bmin) - 0.5 * s * bmin;
+    const double dla = 0.5 * s * (bmax - bmin) + 0.5 * bmin;
+    const double alpha = exp(la), sigma = sqrt(-expm1(2 * la));
+    return {alpha, sigma, alpha * dla, -alpha * alpha * dla / sigma};
+  } else if constexpr (KIND == VE) {
+    const double smin = p[0], r = log(p[1] / smin), sigma = smin * exp(r * (1 - t));
+    return {1, sigma, 0, -r * sigma};
+  } else {  // EDM: sigma = (hi + t (lo - hi))^rho, lo/hi = sigma_min/max^(1/rho)
+    const double rho = p[2], lo = pow_d(p[0], 1 / rho), hi = pow_d(p[1], 1 / rho);
+    const double b = hi + t * (lo - hi);
+    return {1, pow_d(b, rho), 0, rho * pow_d(b, rho - 1) * (lo - hi)};
   }
 }
+
+// The same with the kind at run time (an unknown kind reads as EDM; the ops
+// check kinds first).
+FK_HD Sched<double> schedule_at(int kind, const double* p, double t) {
+  switch (kind) {
+    case LINEAR: return schedule_of<LINEAR>(p, t);
+    case COSINE: return schedule_of<COSINE>(p, t);
+    case POLYNOMIAL: return schedule_of<POLYNOMIAL>(p, t);
+    case VP: return schedule_of<VP>(p, t);
+    case VE: return schedule_of<VE>(p, t);
+    default: return schedule_of<EDM>(p, t);
+  }
+}
+
+#if !defined(__CUDACC__)
+// f(std::integral_constant<int, KIND>{}) for a kind known at run time: a host
+// loop over many rows switches once, and its body inlines the kind's
+// formula (the training ops' host table, coef_args.h; the schedule_table
+// op, schedules.cpp).
+template <class F> decltype(auto) with_sched_kind(int kind, F&& f) {
+  switch (kind) {
+    case LINEAR: return f(std::integral_constant<int, LINEAR>{});
+    case COSINE: return f(std::integral_constant<int, COSINE>{});
+    case POLYNOMIAL: return f(std::integral_constant<int, POLYNOMIAL>{});
+    case VP: return f(std::integral_constant<int, VP>{});
+    case VE: return f(std::integral_constant<int, VE>{});
+    default: return f(std::integral_constant<int, EDM>{});
+  }
+}
+#endif
 
 // A time per row: `p` (float32, or float64 when f64) at r * step, or,
 // without p, `value` for every row.
@@ -108,6 +136,7 @@ struct TimeSrc {
     return f64 ? static_cast<const double*>(p)[r * step]
                : double(static_cast<const float*>(p)[r * step]);
   }
+  FK_HD bool uniform() const { return p == nullptr || step == 0; }  // one time for every row
 };
 
 // Where a training kernel reads a row's schedule values (the functors of
@@ -136,6 +165,10 @@ template <class A> struct SchedSrc {
       return {A(s.alpha), A(s.sigma), A(s.d_alpha), A(s.d_sigma)};
     }
     return one;
+  }
+  // at(r) is the same row for every r (lincomb.h uniform_rows).
+  FK_HD bool uniform() const {
+    return table != nullptr ? row_step == 0 : (t == nullptr || t_step == 0);
   }
 };
 

@@ -100,6 +100,11 @@ template <class A> struct StepSrc {
             {A(b.alpha), A(b.sigma), A(b.d_alpha), A(b.d_sigma)},
             A(ap), A(sp), A(sr - tr), A(g)};
   }
+  // at(r) is the same row for every r (lincomb.h uniform_rows).
+  FK_HD bool uniform() const {
+    if (table != nullptr) return stride == 0;
+    return !by_time || (t.uniform() && s.uniform() && t_prev.uniform());
+  }
 };
 
 // Shared fields of every step functor. A functor with fields of its own
@@ -107,6 +112,7 @@ template <class A> struct StepSrc {
 // those scalars are in range: the launchers refuse others).
 template <class A> struct StepBase {
   StepSrc<A> coef; int pred; A w;
+  bool uniform() const { return coef.uniform(); }  // every step's row reads only coef
   void set(const StepParams&) {}
   static bool valid(const StepParams&) { return true; }
 };

@@ -15,6 +15,7 @@ namespace fk {
 template <class A> struct InterpolateFn {
   static constexpr int NI = 2, NO = 2;
   SchedSrc<A> coef; int target;
+  bool uniform() const { return coef.uniform(); }  // lincomb.h uniform_rows
   FK_HD Mat<A, 2, 2> row(i64 r) const {
     const Sched<A> s = coef.at(r);
     const Lin2<A> y = target_coeffs(target, s);
@@ -26,6 +27,7 @@ template <class A> struct InterpolateFn {
 template <class A> struct InterpolateBwdFn {
   static constexpr int NI = 2, NO = 2;
   SchedSrc<A> coef; int target;
+  bool uniform() const { return coef.uniform(); }  // lincomb.h uniform_rows
   FK_HD Mat<A, 2, 2> row(i64 r) const {
     const Sched<A> s = coef.at(r);
     const Lin2<A> y = target_coeffs(target, s);
@@ -37,6 +39,7 @@ template <class A> struct InterpolateBwdFn {
 template <class A> struct ConvertFn {
   static constexpr int NI = 2, NO = 1;
   SchedSrc<A> coef; int src, dst;
+  bool uniform() const { return coef.uniform(); }  // lincomb.h uniform_rows
   FK_HD Mat<A, 1, 2> row(i64 r) const {
     const Lin2<A> c = convert_coeffs(src, dst, coef.at(r));
     return {{{c.a, c.b}}};
@@ -47,6 +50,7 @@ template <class A> struct ConvertFn {
 template <class A> struct ConvertBwdFn {
   static constexpr int NI = 1, NO = 2;
   SchedSrc<A> coef; int src, dst;
+  bool uniform() const { return coef.uniform(); }  // lincomb.h uniform_rows
   FK_HD Mat<A, 2, 1> row(i64 r) const {
     const Lin2<A> c = convert_coeffs(src, dst, coef.at(r));
     return {{{c.a}, {c.b}}};
