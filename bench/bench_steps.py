@@ -32,8 +32,11 @@ Groups "loop · <size> · per step" (trivial model, 20 steps, per step):
   flowkern.sample(method) | diffusers scheduler loop | k-diffusion sample_* |
   the sum of the fused steps alone (the loop's floor) | flowkern's k-diffusion
   adapter against k-diffusion for dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral,
-  dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde, lms and dpm_fast (n = 20 model calls,
-  sigma 80 -> 0.02: six DPM-Solver-3 steps and one DPM-Solver-2) | flowkern's
+  dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde, lms, dpm_fast (n = 20 model calls,
+  sigma 80 -> 0.02: six DPM-Solver-3 steps and one DPM-Solver-2) and
+  dpm_adaptive (the same range, order 3, the same rtol/atol on both sides: the
+  trivial model's error estimate is 0, so both accept every step, h growing
+  from h_init, and take the same 6 steps, 18 model calls) | flowkern's
   diffusers schedulers (Euler, EulerAncestral, DDIM, UniPC, DPM-Solver++ order 3,
   FlowMatchHeun) against diffusers' own, each a plain loop of set_timesteps and
   step(); EulerAncestral with a generator (both draw diffusers' randn) and
@@ -343,6 +346,12 @@ LOOP_CASES = [
 ]
 # sample_dpm_fast's (sigma_min, sigma_max, n): LOOP_STEPS model calls on its own grid
 DPM_FAST_GRID = (0.02, 80.0, LOOP_STEPS)
+# sample_dpm_adaptive's (sigma_min, sigma_max) and step-size control. Its step count
+# is adaptive: both sides get the same rtol/atol (and h_init, order) so that they
+# take the same steps; with the trivial model (denoised = x) the error estimate is
+# 0 and every step is accepted: 6 DPM-Solver-3 steps, 18 model calls, both sides
+DPM_ADAPTIVE_GRID = DPM_FAST_GRID[:2]
+DPM_ADAPTIVE_KW = dict(order=3, rtol=0.05, atol=0.0078, h_init=0.05)
 # the k-diffusion samplers flowkern's adapter builds from the fused steps
 # (two fused passes per step where k-diffusion makes 6-15), adapter vs peer;
 # the SDE samplers draw their noise in the kernels, the peer gets its
@@ -360,7 +369,7 @@ for _m in D_LOOPS:
     LOOP_CASES += [(f"flowkern {_m} loop", "fk_dloop", _m), (f"diffusers {_m} loop", "dloop", _m)]
 for _m in ("sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
            "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lms",
-           "sample_dpm_fast"):
+           "sample_dpm_fast", "sample_dpm_adaptive"):
     LOOP_CASES += [(f"flowkern adapter {_m}", "kda", _m), (f"k-diffusion {_m}", "kd", _m)]
 
 
@@ -397,6 +406,9 @@ def test_loop(benchmark, measure, roofline, size, n, order):
             # its own grid; with eta = 0 it still adds 0 * noise_sampler(...) per step:
             # a zero sampler, not its default randn_like (its cheapest noise)
             grid, kw = DPM_FAST_GRID, {"noise_sampler": lambda s, sn: 0.0}
+        if method == "sample_dpm_adaptive":  # as dpm_fast; the same steps as the adapter's
+            grid = DPM_ADAPTIVE_GRID
+            kw = {"noise_sampler": lambda s, sn: 0.0, **DPM_ADAPTIVE_KW}
         fn = lambda: getattr(kd, method)(lambda x, s: x, d.x, *grid, disable=True,  # noqa: E731
                                          **kw)
     elif kind in ("dloop", "fk_dloop"):
@@ -421,6 +433,8 @@ def test_loop(benchmark, measure, roofline, size, n, order):
         sigmas = torch.cat([torch.linspace(80, 0.02, LOOP_STEPS), torch.zeros(1)])
         kw = {} if method == "sample_lms" else {"seed": 0}
         grid = DPM_FAST_GRID if method == "sample_dpm_fast" else (sigmas,)
+        if method == "sample_dpm_adaptive":  # the peer's rtol/atol: the same steps
+            grid, kw = DPM_ADAPTIVE_GRID, {**kw, **DPM_ADAPTIVE_KW}
         fn = lambda: getattr(adapter, method)(lambda x, s: x, d.x, *grid,  # noqa: E731
                                               disable=True, **kw)
     else:

@@ -259,7 +259,7 @@ def step_targets(groups):
             # issue 10: the adapter's DPM-Solver samplers vs k-diffusion's (>= 3x
             # wherever the peer makes more than two passes per step: all of these)
             for method in ("dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-                           "dpmpp_2m_sde", "dpmpp_3m_sde", "lms", "dpm_fast"):
+                           "dpmpp_2m_sde", "dpmpp_3m_sde", "lms", "dpm_fast", "dpm_adaptive"):
                 fk, peer = median(bs, f"flowkern adapter sample_{method}"), median(
                     bs, f"k-diffusion sample_{method}")
                 if fk is not None and peer is not None:

@@ -2,6 +2,8 @@
 error against a float64 reference must be within a small multiple of what
 PyTorch itself makes when it evaluates the same formula eagerly in the
 input dtype."""
+import contextlib
+
 import torch
 
 import flowkern as fk
@@ -125,3 +127,15 @@ def step_overloads(ns, c):
     if c[1] is None and c[2] is None and c[3] is None:
         pairs.append(("default", (c[0], *c[4:])))
     return pairs
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """torch's default dtype set to `dtype` inside the block (k-diffusion's
+    DPMSolver builds its times in it)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)

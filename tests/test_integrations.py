@@ -224,15 +224,77 @@ def test_diffusers_from_config_and_pipeline_surface():
     assert fm.shift == 3.0 and fm.config.get("base_image_seq_len", 0) == 256
 
 
+DPM_ANY_CONFIG = [
+    (True, {"use_exponential_sigmas": True}), (True, {"use_beta_sigmas": True}),
+    (True, {"use_lu_lambdas": True}),
+    (True, {"solver_type": "heun", "use_lu_lambdas": True, "prediction_type": "v_prediction"}),
+    (True, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_beta_sigmas": True}),
+    (True, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+            "use_dynamic_shifting": True, "mu": 0.7}),
+    (False, {"thresholding": True, "prediction_type": "sample"}),
+    (False, {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    (False, {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}),
+    (False, {"solver_order": 4})]
+
+
+@pytest.mark.parametrize("fused,config", DPM_ANY_CONFIG,
+                         ids=["-".join(f"{k}={v}" for k, v in c.items()) for _, c in DPM_ANY_CONFIG])
+def test_diffusers_dpmsolver_any_config(fused, config):
+    """Every configuration diffusers' DPMSolverMultistepScheduler takes works
+    in flowkern's (its subclass): the sigma grids (exponential, beta, Lu
+    lambdas, flow sigmas with dynamic shifting) through the fused step, the
+    others (thresholding, the non-++ algorithms, order 4) through diffusers'
+    own step; from_config of such a config (the standard swap line) too."""
+    d = _diffusers()
+    x = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(6))
+    model = _diffusers_model(_toy(seed=4))
+    config = dict(config)
+    mu = config.pop("mu", None)
+
+    def run(sched):
+        sched.set_timesteps(12, **({} if mu is None else {"mu": mu}))
+        g, xs = torch.Generator().manual_seed(3), x
+        for t in sched.timesteps:
+            xs = sched.step(model(xs, t.expand(xs.shape[0])), t, xs, generator=g).prev_sample
+        return xs
+
+    ours = fk_diffusers.DPMSolverMultistepScheduler.from_config(
+        d.DPMSolverMultistepScheduler(**config).config)
+    assert ours.fused == fused
+    ref, out = run(d.DPMSolverMultistepScheduler(**config)), run(ours)
+    tol = 3 * TOL if config.get("solver_order") == 3 else TOL  # test_..._third_order
+    assert _rel(out, ref) <= (tol if fused else 0.0), _rel(out, ref)
+
+
+@pytest.mark.parametrize("config,kw", [
+    ({"use_beta_sigmas": True}, {}), ({"invert_sigmas": True}, {}),
+    ({"use_exponential_sigmas": True, "shift": 3.0}, {}),
+    ({"use_dynamic_shifting": True, "time_shift_type": "linear", "shift_terminal": 0.1},
+     {"mu": 1.3}),
+    ({"stochastic_sampling": True}, {})])
+def test_diffusers_flow_match_euler_any_config(config, kw):
+    """The schedule options the fused step had not covered (beta sigmas,
+    inverted sigmas, ...) and stochastic_sampling (diffusers' own step, its
+    generator's noise) match diffusers' FlowMatchEulerDiscreteScheduler."""
+    d = _diffusers()
+    x = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(1))
+    model = _diffusers_model(_toy())
+
+    def run(sched):
+        sched.set_timesteps(9, **kw)
+        g, xs = torch.Generator().manual_seed(2), x
+        for t in sched.timesteps:
+            xs = sched.step(model(xs, t.expand(3)), t, xs, generator=g).prev_sample
+        return xs
+
+    theirs = d.FlowMatchEulerDiscreteScheduler(**config)
+    ours = fk_diffusers.FlowMatchEulerDiscreteScheduler.from_config(theirs.config)
+    ref, out = run(theirs), run(ours)
+    assert torch.equal(ours.sigmas, theirs.sigmas)
+    assert _rel(out, ref) <= (0.0 if config.get("stochastic_sampling") else TOL)
+
+
 def test_diffusers_adapter_errors():
-    with pytest.raises(NotImplementedError, match="solver_order=4"):
-        fk_diffusers.DPMSolverMultistepScheduler(solver_order=4)
-    with pytest.raises(NotImplementedError, match="algorithm_type='dpmsolver'"):
-        fk_diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver")
-    with pytest.raises(NotImplementedError, match="thresholding"):
-        fk_diffusers.DPMSolverMultistepScheduler(thresholding=True)
-    with pytest.raises(NotImplementedError, match="stochastic_sampling"):
-        fk_diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
     s = fk_diffusers.FlowMatchEulerDiscreteScheduler()
     with pytest.raises(ValueError, match="set_timesteps"):
         s.step(torch.zeros(1, 2), torch.tensor(1000.0), torch.zeros(1, 2))
@@ -575,15 +637,29 @@ def test_k_diffusion_half_state_has_the_peers_accuracy(backend, name, dtype):
     assert err_ours <= 2 * err_peer + 1e-6, (err_ours, err_peer)
 
 
-def _philox_sampler(seed, x):
+def _philox_sampler(seed, x, brownian=False, dtype=None):
     """k-diffusion noise_sampler returning flowkern's in-kernel noise: call k
-    gets Philox(seed, k x.numel()), as the fused samplers draw it."""
-    calls = [0]
+    gets Philox(seed, k x.numel()), as the fused samplers draw it (float32
+    draws in `dtype`: what the kernels add to a float64 x). With `brownian`,
+    sample_dpmpp_sde's law (k-diffusion's default Brownian tree in sigma):
+    a step's second call, over [sigma_next, sigma] after the first's [sigma_s,
+    sigma], is rho z_1 + sqrt(1 - rho^2) z_2, rho^2 = (sigma - sigma_s) /
+    (sigma - sigma_next), as flowkern's fused sample_dpmpp_sde draws it."""
+    calls, first = [0], {}
 
     def noise_sampler(sigma, sigma_next):
-        z = philox_normal(seed, calls[0] * x.numel(), x.shape, x.dtype)
+        k = calls[0]
         calls[0] += 1
-        return z
+        z = philox_normal(seed, k * x.numel(), x.shape, torch.float32 if dtype else x.dtype)
+        z = z.to(dtype or x.dtype)
+        if not brownian:
+            return z
+        if k % 2 == 0:
+            first.update(z=z, sigma_s=float(sigma_next))
+            return z
+        s_t, s_s, s_n = float(sigma), first["sigma_s"], float(sigma_next)
+        rho2 = (s_t - s_s) / (s_t - s_n)
+        return math.sqrt(rho2) * first["z"] + math.sqrt(1 - rho2) * z
     return noise_sampler
 
 
@@ -668,29 +744,35 @@ SDE_SAMPLERS = [("sample_dpm_2_ancestral", {}), ("sample_dpmpp_2s_ancestral", {}
 def test_k_diffusion_sde_samplers_same_noise(backend, name, extra, eta, s_noise):
     """Each stochastic sampler against k-diffusion's, flowkern's Philox noise
     fed to it as a noise_sampler. float64 with the noise_sampler: equal to
-    rounding. float32, the fused path (noise drawn in the kernels) and the
+    rounding; the fused path (its float32 draws) equal to rounding to
+    k-diffusion given the same draws (sample_dpmpp_sde: correlated as its
+    default Brownian tree correlates them, _philox_sampler). float32, the
+    fused path (noise drawn in the kernels) and the
     noise_sampler path: error against the float64 run within 2x k-diffusion's
     own float32 error (its eta = 1 dpm_2_ancestral is only good to 4e-5)."""
     kw = dict(eta=eta, s_noise=s_noise, disable=True, **extra)
     seed = 5
+    brownian = name == "sample_dpmpp_sde"
     ks, x, sigmas, model = _k_setup(10, torch.float64)
     ref = getattr(ks, name)(model, x, sigmas, noise_sampler=_philox_sampler(seed, x), **kw)
     got = getattr(fk_k, name)(model, x, sigmas, noise_sampler=_philox_sampler(seed, x),
                               backend=backend, **kw)
     assert _rel(got, ref) <= 1e-10
+    ref = getattr(ks, name)(model, x, sigmas, **kw, noise_sampler=_philox_sampler(
+        seed, x, brownian, torch.float64))
+    fused = getattr(fk_k, name)(model, x, sigmas, seed=seed, backend=backend, **kw)
+    assert _rel(fused, ref) <= 1e-6  # the backends' float32 draws differ by ~2 ulp
     ks, x, sigmas, model = _k_setup(10, torch.float32)
     x64, s64 = x.double(), sigmas.double()
     m64 = _k_model(_toy(seed=3).double())
 
-    def sampler32_as64():  # the float32 noise, in float64 (what the kernels add)
-        inner = _philox_sampler(seed, x)
-        return lambda a, b: inner(a, b).double()
-
-    exact = getattr(ks, name)(m64, x64, s64, noise_sampler=sampler32_as64(), **kw)
-    ref = getattr(ks, name)(model, x, sigmas, noise_sampler=_philox_sampler(seed, x), **kw)
+    exact = getattr(ks, name)(m64, x64, s64, **kw, noise_sampler=_philox_sampler(
+        seed, x, brownian, torch.float64))
+    ref = getattr(ks, name)(model, x, sigmas, **kw,
+                            noise_sampler=_philox_sampler(seed, x, brownian))
     fused = getattr(fk_k, name)(model, x, sigmas, seed=seed, backend=backend, **kw)
-    given = getattr(fk_k, name)(model, x, sigmas, noise_sampler=_philox_sampler(seed, x),
-                                backend=backend, **kw)
+    given = getattr(fk_k, name)(model, x, sigmas, backend=backend, **kw,
+                                noise_sampler=_philox_sampler(seed, x, brownian))
     peer = _rel(ref, exact)
     # 3M: the fused kernels weight d, d_1, d_2 separately (coefficients up to ~4x
     # the step's 1 - e^{-h}), where k-diffusion first takes their differences:

@@ -9,28 +9,18 @@ times alone put a float64 run 2e-5 to 2e-4 off here). Its float32 runs keep
 the default: there the adapter's error against the float64 run must be within
 a small multiple of k-diffusion's own.
 """
-import contextlib
 import math
 
 import pytest
 import torch
 
 from flowkern.integrations import k_diffusion as fk_k
+from helpers import default_dtype as _default_dtype
 from test_integrations import BACKENDS, _k_model, _k_sampling, _philox_sampler, _rel, _toy
 
 SIG_MIN, SIG_MAX = 0.002, 80.0
 FAST_N = [1, 2, 3, 4, 5, 7, 10]  # orders [1], [2], [2, 1], [3, 1], [3, 2], [3, 3, 1], [3, 3, 3, 1]
 NOISE = [(0.0, 1.0), (1.0, 1.0), (0.5, 0.8)]  # (eta, s_noise)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def _setup(dtype):

@@ -320,6 +320,14 @@ def test_per_sample_seeds(dtype):
             assert torch.equal(alone[0], em[b]), (be, b)
             assert torch.equal(fk.churn(x[b:b + 1], 0.6, 0.4, "cosine", offset=9,
                                         seed=int(seeds[b]), backend=be)[0], ch[b]), (be, b)
+        as_list = seeds.tolist()  # B ints: the same as the tensor on every op
+        assert torch.equal(fk.em_step(x, v, 0.2, 0.35, g=0.8, offset=2 ** 33 - 50,
+                                      per_sample_seeds=as_list, backend=be), em), be
+        assert torch.equal(fk.churn(x, 0.6, 0.4, "cosine", offset=9,
+                                    per_sample_seeds=tuple(as_list), backend=be), ch), be
+        comb = [fk.lincomb_step(x, [v], [1.0, 0.5], noise_std=0.3, offset=4,
+                                per_sample_seeds=ps, backend=be) for ps in (seeds, as_list)]
+        assert torch.equal(*comb), be
         perm = torch.tensor([3, 0, 4], device=DEVICE)  # another batch, other positions
         sub = fk.churn(x[perm], 0.6, 0.4, "cosine", offset=9, per_sample_seeds=seeds[perm],
                        backend=be)
@@ -345,7 +353,13 @@ def test_per_sample_seeds(dtype):
                  "per_sample_seeds: (is )?on meta"),
                 (dict(per_sample_seeds=seeds.index_fill(0, torch.tensor([4], device=DEVICE), -8)),
                  ValueError, r"per_sample_seeds: expected ints in \[0, 2\^63\), got -8 at "
-                 r"sample 4")):
+                 r"sample 4"),
+                (dict(per_sample_seeds=[1, 2, -3, 4, 5]), ValueError,
+                 r"per_sample_seeds: expected ints in \[0, 2\^63\), got -3 at sample 2"),
+                (dict(per_sample_seeds=[1, 2, 3]), ValueError, r"per_sample_seeds: expected "
+                 r"shape \(5,\)"),
+                (dict(per_sample_seeds=[1, 2.5, 3, 4, 5]), ValueError,
+                 r"per_sample_seeds: expected ints in \[0, 2\^63\), got 2.5 at sample 1")):
             with pytest.raises(err, match=msg):
                 fk.churn(x, 0.6, 0.4, **kw, backend=be)
             with pytest.raises(err, match=msg):

@@ -40,8 +40,11 @@ Philox4x32-10 in the kernel, so with churn (``s_churn > 0``) or ancestral
 noise the samples differ from k-diffusion's draw for draw but have the same
 distribution. The noise of step i is Philox(seed, i * x.numel()), seed given
 by the extra ``seed=`` argument (None: one draw from torch's generator;
-sample_dpmpp_sde's two stages use 2i and 2i + 1, sample_dpm_adaptive's k-th
-accepted step k). ``per_sample_seeds=`` (B ints or a (B,) int64 tensor)
+sample_dpmpp_sde's two stages use 2i and 2i + 1, the second's draw
+correlated with the first's as the increments of k-diffusion's default
+Brownian tree are (over [sigma_s, sigma] and [sigma_next, sigma]), so that
+its law is k-diffusion's default's; sample_dpm_adaptive's k-th accepted
+step k). ``per_sample_seeds=`` (B ints or a (B,) int64 tensor)
 instead of ``seed=`` gives each sample its own stream, Philox(seed_b, i n_1)
 with n_1 one sample's size: a sample's noise then does not depend on its
 batch (flowkern.em_step). Or pass ``noise_sampler=``
@@ -467,10 +470,14 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
                      per_sample_seeds=None):
     """DPM-Solver++ (stochastic, k-diffusion's): two ancestral DDIM stages per
     step, each one fused lincomb_step pass, the second over x, d and d_2
-    ((1 - 1/(2r)) d + 1/(2r) d_2). Noise: Philox(seed, (2i + k) x.numel())
-    for stage k of step i, or the caller's noise_sampler draw read as a term
-    (k-diffusion's default is a torchsde Brownian tree: pass
-    k_diffusion.sampling.BrownianTreeNoiseSampler for its noise)."""
+    ((1 - 1/(2r)) d + 1/(2r) d_2). Noise: the caller's noise_sampler draw read
+    as a term, or in the kernel with the law of k-diffusion's default, a
+    Brownian tree in sigma: its two draws of a step, over [sigma_s, sigma_t]
+    and [sigma_next, sigma_t], share the first interval's increment, so the
+    second is n2 = rho n1 + sqrt(1 - rho^2) z with rho^2 = (sigma_t -
+    sigma_s)/(sigma_t - sigma_next) (_correlated_stage). n1 is
+    Philox(seed, 2i x.numel()) and z Philox(seed, (2i + 1) x.numel()) for
+    step i (the stream's draws 2i and 2i + 1)."""
     extra_args = {} if extra_args is None else extra_args
     sigmas, sig, state = _host(sigmas, x)
     promoted = state
@@ -489,8 +496,11 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
         s_mid = math.exp(-(t + (t_next - t) * r))
         d1, u1 = get_ancestral_step(sig[i], s_mid, eta)
         d2, u2 = get_ancestral_step(sig[i], sig[i + 1], eta)
-        plan.append(((_ddim(sig[i], d1), s_noise * u1),
-                     (_ddim(sig[i], d2, (1 - fac, fac)), s_noise * u2)))
+        stage1 = (_ddim(sig[i], d1), s_noise * u1)
+        stage2 = (_ddim(sig[i], d2, (1 - fac, fac)), s_noise * u2)
+        if noise_sampler is None:
+            stage2 = _correlated_stage(stage1, stage2, sig[i], s_mid, sig[i + 1])
+        plan.append((stage1, stage2))
         mids.append(s_mid)
     host_mids, mids = mids, torch.tensor(mids, dtype=sigmas.dtype).to(sigmas.device)
     xe = None
@@ -508,8 +518,28 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
         xe = _affine(x, [denoised], w1, g1, key.at(2 * i), noise, backend, out=_buffer(xe, x))
         denoised_2 = _denoise(model, xe, mids[i], s_in, extra_args, state)
         noise = None if noise_sampler is None else noise_sampler(sigmas[i], sigmas[i + 1])
-        x = _affine(x, [denoised, denoised_2], w2, g2, key.at(2 * i + 1), noise, backend)
+        terms = [denoised, denoised_2] if len(w2) == 3 else [denoised, denoised_2, xe]
+        x = _affine(x, terms, w2, g2, key.at(2 * i + 1), noise, backend)
     return x
+
+
+def _correlated_stage(stage1, stage2, s_t, s_mid, s_next):
+    """Stage 2 of sample_dpmpp_sde with Brownian-tree noise from in-kernel
+    draws. Its noise g2 n2, n2 = rho n1 + sqrt(1 - rho^2) z, reads stage 1's
+    draw n1 back from stage 1's output x_e = a1 x + b1 d + g1 n1: g2 rho n1 =
+    k (x_e - a1 x - b1 d) with k = g2 rho / g1. So stage 2 is one fused pass
+    over (x, d, d_2, x_e) with the fresh draw z at std g2 sqrt(1 - rho^2);
+    k <= ~1 on k-diffusion's grids (the midpoint's u1 is not much smaller
+    than u2), so reading n1 back costs a rounding of x's size, as the step's
+    own. Without stage 1 noise (g1 = 0: eta = 0 or s_noise = 0) the stage is
+    unchanged."""
+    (a1, b1), g1 = stage1
+    (wx, wd, wd2), g2 = stage2
+    if g1 == 0 or g2 == 0:
+        return stage2
+    rho2 = (s_t - s_mid) / (s_t - s_next)
+    k = g2 * math.sqrt(rho2) / g1
+    return [wx - k * a1, wd - k * b1, wd2, k], g2 * math.sqrt(max(0.0, 1.0 - rho2))
 
 
 def _multistep_sde_setup(x, sigmas, extra_args, eta, noise_sampler, seed, per_sample_seeds):

@@ -690,8 +690,8 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
 
     xi is drawn in the kernel: element e uses Philox4x32-10(seed, offset + e)
     (seed None: 0), identical on every backend. Advance `offset` by x.numel()
-    per step (the samplers do). per_sample_seeds (instead of seed): a (B,)
-    int64 tensor on x's device; sample b then draws as a batch of one with
+    per step (the samplers do). per_sample_seeds (instead of seed): B ints,
+    or a (B,) int64 tensor on x's device; sample b then draws as a batch of one with
     seed per_sample_seeds[b] (counter offset + its element index), so its noise
     does not depend on the batch; advance `offset` by x[0].numel() per step.
     Shapes as :func:`euler_step`; g a float or (B,) tensor."""
@@ -705,6 +705,7 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
             return r
     w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
     seed = _seed_offset(seed, offset, per_sample_seeds)
+    per_sample_seeds = _seeds_arg(per_sample_seeds, x)
     native = _native_ops(x, backend)
     if native is not None:
         try:
@@ -747,6 +748,7 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
         if r is not None:
             return r
     seed = _seed_offset(seed, offset, per_sample_seeds)
+    per_sample_seeds = _seeds_arg(per_sample_seeds, x)
     native = _native_ops(x, backend)
     if native is not None:
         try:
@@ -853,6 +855,7 @@ def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_samp
         if r is not None:
             return r
     seed = _seed_offset(seed, offset, per_sample_seeds)
+    per_sample_seeds = _seeds_arg(per_sample_seeds, x)
     native = _native_ops(x, backend)
     if native is not None:
         try:
@@ -1049,6 +1052,15 @@ def _per_sample_seeds(seeds, x):
         i = int((seeds < 0).nonzero()[0, 0])
         V.seed("per_sample_seeds", int(seeds[i]), at=i)
     return seeds.contiguous()
+
+
+def _seeds_arg(per_sample_seeds, x):
+    """An op's per_sample_seeds as its kernels take them: B ints (a list or
+    tuple) become a (B,) int64 tensor on x's device (per_sample_seed_tensor);
+    a tensor or None is passed on, checked by the op."""
+    if isinstance(per_sample_seeds, (list, tuple)) and isinstance(x, torch.Tensor):
+        return per_sample_seed_tensor(per_sample_seeds, x)
+    return per_sample_seeds
 
 
 def per_sample_seed_tensor(per_sample_seeds, x):
