@@ -689,7 +689,8 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
     marginals of the flow for any g):  x_s = x + h (u + g^2/2 score) + g sqrt(h) xi.
 
     xi is drawn in the kernel: element e uses Philox4x32-10(seed, offset + e)
-    (seed None: 0), identical on every backend. Advance `offset` by x.numel()
+    (seed None: 0): the same Philox bits on every backend, the normals
+    within ~2 float32 ulps of each other (README "Sampling steps"). Advance `offset` by x.numel()
     per step (the samplers do). per_sample_seeds (instead of seed): B ints,
     or a (B,) int64 tensor on x's device; sample b then draws as a batch of one with
     seed per_sample_seeds[b] (counter offset + its element index), so its noise
