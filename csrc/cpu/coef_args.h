@@ -7,7 +7,6 @@
 // tensor op runs: the table lives in host memory for the kernel's call.
 #pragma once
 
-#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -105,9 +104,9 @@ inline void check_unit_interval(const char* name, const std::vector<double>& ts)
   const double* p = ts.data();
   const size_t n = ts.size();
 #pragma omp simd reduction(min : lo) reduction(max : hi) reduction(+ : z)
-  for (size_t i = 0; i < n; ++i) {
-    lo = std::min(lo, p[i]);
-    hi = std::max(hi, p[i]);
+  for (size_t i = 0; i < n; ++i) {  // (std::min's form stays scalar: g++ -fopt-info-vec)
+    lo = p[i] < lo ? p[i] : lo;
+    hi = p[i] > hi ? p[i] : hi;
     z += p[i] * 0.0;
   }
   if (lo >= 0 && hi <= 1 && z == 0) return;
