@@ -690,11 +690,12 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
 
     xi is drawn in the kernel: element e uses Philox4x32-10(seed, offset + e)
     (seed None: 0): the same Philox bits on every backend, the normals
-    within ~2 float32 ulps of each other (README "Sampling steps"). Advance `offset` by x.numel()
-    per step (the samplers do). per_sample_seeds (instead of seed): B ints,
-    or a (B,) int64 tensor on x's device; sample b then draws as a batch of one with
-    seed per_sample_seeds[b] (counter offset + its element index), so its noise
-    does not depend on the batch; advance `offset` by x[0].numel() per step.
+    within ~2 float32 ulps of each other (README "Sampling steps"). Advance
+    `offset` by x.numel() per step (the samplers do). per_sample_seeds
+    (instead of seed): B ints, or a (B,) int64 tensor on x's device; sample b
+    then draws as a batch of one with seed per_sample_seeds[b] (counter
+    offset + its element index), so its noise does not depend on the batch;
+    advance `offset` by x[0].numel() per step.
     Shapes as :func:`euler_step`; g a float or (B,) tensor."""
     if ENTRIES is not None and not compiling():  # the usual call, in C (_entries.py)
         try:
@@ -705,8 +706,7 @@ def em_step(x, pred, t=None, s=None, schedule="linear", prediction="velocity", g
         if r is not None:
             return r
     w = 1.0 if pred_uncond is None and guidance is None else _guidance(pred_uncond, guidance)
-    seed = _seed_offset(seed, offset, per_sample_seeds)
-    per_sample_seeds = _seeds_arg(per_sample_seeds, x)
+    seed, per_sample_seeds = _noise_args(seed, offset, per_sample_seeds, x)
     native = _native_ops(x, backend)
     if native is not None:
         try:
@@ -748,8 +748,7 @@ def churn(x, t=None, t_hat=None, schedule="linear", seed=None, offset=0, out=Non
             raise retyped(e) from None
         if r is not None:
             return r
-    seed = _seed_offset(seed, offset, per_sample_seeds)
-    per_sample_seeds = _seeds_arg(per_sample_seeds, x)
+    seed, per_sample_seeds = _noise_args(seed, offset, per_sample_seeds, x)
     native = _native_ops(x, backend)
     if native is not None:
         try:
@@ -855,8 +854,7 @@ def lincomb_step(x, terms, weights, noise_std=0.0, seed=None, offset=0, per_samp
             raise retyped(e) from None
         if r is not None:
             return r
-    seed = _seed_offset(seed, offset, per_sample_seeds)
-    per_sample_seeds = _seeds_arg(per_sample_seeds, x)
+    seed, per_sample_seeds = _noise_args(seed, offset, per_sample_seeds, x)
     native = _native_ops(x, backend)
     if native is not None:
         try:
@@ -1026,12 +1024,17 @@ def _kernel_times(t, s, t_prev, g, schedule) -> bool:
             and (g is None or _number(g)) and native_spec(schedule) is not None)
 
 
-def _seed_offset(seed, offset, per_sample_seeds):
-    """The int seed the ops pass (0 with per-sample seeds, which replace it)."""
+def _noise_args(seed, offset, per_sample_seeds, x):
+    """(the int seed the ops pass, their per_sample_seeds): seed 0 with
+    per-sample seeds, which replace it; B ints (a list or tuple) as a (B,)
+    int64 tensor on x's device (per_sample_seed_tensor); a tensor or None
+    passed on, checked by the op."""
     if seed is not None and per_sample_seeds is not None:
         raise ValueError("per_sample_seeds: give seed or per_sample_seeds, not both")
     V.seed("offset", offset)
-    return 0 if seed is None else V.seed("seed", seed)
+    if isinstance(per_sample_seeds, (list, tuple)) and isinstance(x, torch.Tensor):
+        per_sample_seeds = per_sample_seed_tensor(per_sample_seeds, x)
+    return (0 if seed is None else V.seed("seed", seed)), per_sample_seeds
 
 
 def _per_sample_seeds(seeds, x):
@@ -1053,15 +1056,6 @@ def _per_sample_seeds(seeds, x):
         i = int((seeds < 0).nonzero()[0, 0])
         V.seed("per_sample_seeds", int(seeds[i]), at=i)
     return seeds.contiguous()
-
-
-def _seeds_arg(per_sample_seeds, x):
-    """An op's per_sample_seeds as its kernels take them: B ints (a list or
-    tuple) become a (B,) int64 tensor on x's device (per_sample_seed_tensor);
-    a tensor or None is passed on, checked by the op."""
-    if isinstance(per_sample_seeds, (list, tuple)) and isinstance(x, torch.Tensor):
-        return per_sample_seed_tensor(per_sample_seeds, x)
-    return per_sample_seeds
 
 
 def per_sample_seed_tensor(per_sample_seeds, x):
